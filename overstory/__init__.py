@@ -1,0 +1,84 @@
+"""overstory: LLM agent conversations served on Ray the way OTP serves processes.
+
+    import overstory
+
+    agent = overstory.Agent("helper", instructions="Be brief.", model="offline:echo",
+                            tools=[add])
+    rt = overstory.connect(agent, store="sqlite:///chat.db")
+    conv = rt.conversation("alice")
+    print(conv.send("hello").text)
+"""
+
+from .agent import Agent
+from .exceptions import (
+    AllModelsFailed,
+    ConfigError,
+    ConversationUnavailable,
+    InvalidMessage,
+    InvalidUserId,
+    MaxRoundTripsExceeded,
+    ModelError,
+    OverstoryError,
+    RuntimeFailure,
+    SequenceConflict,
+    StoreError,
+    StoreUnavailable,
+    StoreURLError,
+    ToolDefinitionError,
+    TurnFailed,
+    UsageError,
+)
+from .messages import (
+    AssistantMessage,
+    Message,
+    ModelResponse,
+    Reply,
+    ToolCall,
+    ToolReturn,
+    Usage,
+    UserMessage,
+)
+from .providers import FallbackModel, Model, OfflineModel, Rule
+from .runtime import Config, Conversation, Runtime, connect, load_config
+from .tools import Tool, ToolDefinition
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Agent",
+    "AllModelsFailed",
+    "AssistantMessage",
+    "Config",
+    "ConfigError",
+    "Conversation",
+    "ConversationUnavailable",
+    "FallbackModel",
+    "InvalidMessage",
+    "InvalidUserId",
+    "MaxRoundTripsExceeded",
+    "Message",
+    "Model",
+    "ModelError",
+    "ModelResponse",
+    "OfflineModel",
+    "OverstoryError",
+    "Reply",
+    "Rule",
+    "Runtime",
+    "RuntimeFailure",
+    "SequenceConflict",
+    "StoreError",
+    "StoreURLError",
+    "StoreUnavailable",
+    "Tool",
+    "ToolCall",
+    "ToolDefinition",
+    "ToolDefinitionError",
+    "ToolReturn",
+    "TurnFailed",
+    "Usage",
+    "UsageError",
+    "UserMessage",
+    "connect",
+    "load_config",
+]

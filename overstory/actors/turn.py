@@ -1,0 +1,111 @@
+"""One conversation turn, as pure logic over a history list and a store.
+
+No Ray here: the conversation actor is a thin shell that serialises turns and calls
+:func:`run_turn`. Every message is stored *before* the turn goes on: the user's message
+before the first model call, each model reply and tool return before the next step.
+
+A turn is identified by its ``turn_id`` (chosen by the caller). Sending the same
+turn again is safe: a completed turn returns its stored reply, and a turn interrupted
+part-way (the actor died) resumes from its last stored message instead of storing the
+user's message twice.
+"""
+
+from __future__ import annotations
+
+from ..agent import Agent
+from ..exceptions import InvalidMessage, MaxRoundTripsExceeded, ModelError, TurnFailed
+from ..messages import (
+    AssistantMessage,
+    Message,
+    Reply,
+    ToolReturn,
+    Usage,
+    UserMessage,
+    placed,
+)
+from ..store import HistoryStore
+
+__all__ = ["is_complete", "run_turn"]
+
+
+def is_complete(turn: list[Message]) -> bool:
+    """A turn is complete when its last message is a reply asking for no tools."""
+    return bool(turn) and isinstance(turn[-1], AssistantMessage) and not turn[-1].tool_calls
+
+
+def _reply(turn_id: str, turn: list[Message]) -> Reply:
+    last = turn[-1]
+    assert isinstance(last, AssistantMessage)
+    usage = sum((m.usage for m in turn if isinstance(m, AssistantMessage)), Usage())
+    return Reply(text=last.content, turn_id=turn_id, messages=tuple(turn), usage=usage)
+
+
+async def run_turn(
+    agent: Agent,
+    store: HistoryStore,
+    conversation_id: str,
+    history: list[Message],
+    turn_id: str,
+    text: str,
+) -> Reply:
+    """Run (or resume, or replay) turn ``turn_id``; ``history`` is extended in place.
+
+    Raises :class:`TurnFailed` when the model fails or the round-trip limit is hit; the
+    messages stored so far stay stored.
+    """
+    turn = [m for m in history if m.turn_id == turn_id]
+
+    async def commit(message: Message) -> Message:
+        stored = placed(message, seq=len(history), turn_id=turn_id)
+        await store.append(conversation_id, stored)
+        history.append(stored)
+        turn.append(stored)
+        return stored
+
+    if turn:
+        first = turn[0]
+        if not isinstance(first, UserMessage) or first.content != text:
+            raise InvalidMessage(
+                f"turn id {turn_id!r} was already used for a different message in "
+                f"conversation {conversation_id!r}"
+            )
+        if is_complete(turn):
+            return _reply(turn_id, turn)
+        if history[-1] is not turn[-1]:
+            raise TurnFailed(
+                conversation_id,
+                turn_id,
+                "the turn was interrupted and later turns have run since; send the message again",
+            )
+    else:
+        await commit(UserMessage(content=text))
+
+    round_trips = sum(isinstance(m, AssistantMessage) for m in turn)
+    while True:
+        last = turn[-1]
+        if isinstance(last, AssistantMessage) and last.tool_calls:
+            done = {m.tool_call_id for m in turn if isinstance(m, ToolReturn)}
+            for call in last.tool_calls:
+                if call.id not in done:
+                    await commit(await agent.run_tool(call))
+        if round_trips >= agent.max_round_trips:
+            reason = MaxRoundTripsExceeded(
+                f"the model asked for tools on all {agent.max_round_trips} round trips "
+                f"allowed by agent {agent.name!r}"
+            )
+            raise TurnFailed(conversation_id, turn_id, str(reason)) from reason
+        try:
+            response = await agent.model.request(agent.instructions, history, agent.tool_definitions)
+        except ModelError as exc:
+            raise TurnFailed(conversation_id, turn_id, f"model error: {exc}") from exc
+        round_trips += 1
+        await commit(
+            AssistantMessage(
+                content=response.content,
+                tool_calls=response.tool_calls,
+                usage=response.usage,
+                model=response.model,
+            )
+        )
+        if is_complete(turn):
+            return _reply(turn_id, turn)

@@ -1,0 +1,69 @@
+"""Agent: instructions, a model (chain) and typed tools.
+
+An :class:`Agent` is a plain value: it is pickled into every conversation actor that
+serves it, so its tools must be importable there (define them in a module, or in
+``__main__`` for a script — Ray ships those by value).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .exceptions import ConfigError
+from .messages import ToolCall, ToolReturn
+from .providers import Model, ModelSpec, resolve_model
+from .tools import Tool, ToolDefinition, unknown_tool
+
+__all__ = ["DEFAULT_MAX_ROUND_TRIPS", "Agent"]
+
+DEFAULT_MAX_ROUND_TRIPS = 8
+
+
+class Agent:
+    """What answers a conversation.
+
+    ``model`` is a :class:`Model`, a ``provider:model`` string, or a list of them tried in
+    fallback order. ``tools`` are functions (or :class:`Tool` s) the model may call.
+    ``max_round_trips`` bounds the model calls of one turn.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        instructions: str = "",
+        model: ModelSpec = "offline:echo",
+        tools: Iterable[Callable[..., Any] | Tool] = (),
+        max_round_trips: int = DEFAULT_MAX_ROUND_TRIPS,
+    ) -> None:
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"an agent needs a non-empty name, got {name!r}")
+        if not isinstance(max_round_trips, int) or max_round_trips < 1:
+            raise ConfigError(f"max_round_trips must be an int >= 1, got {max_round_trips!r}")
+        self.name = name
+        self.instructions = instructions
+        self.model: Model = resolve_model(model)
+        self.max_round_trips = max_round_trips
+        self.tools: dict[str, Tool] = {}
+        for item in tools:
+            tool = item if isinstance(item, Tool) else Tool(item)
+            if tool.name in self.tools:
+                raise ConfigError(f"agent {name!r} has two tools named {tool.name!r}")
+            self.tools[tool.name] = tool
+        self.tool_definitions: tuple[ToolDefinition, ...] = tuple(
+            t.definition for t in self.tools.values()
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Agent({self.name!r}, model={self.model.name!r}, tools={list(self.tools)}, "
+            f"max_round_trips={self.max_round_trips})"
+        )
+
+    async def run_tool(self, call: ToolCall) -> ToolReturn:
+        """Run one tool call; an unknown tool is an error return, never an exception."""
+        tool = self.tools.get(call.name)
+        if tool is None:
+            return unknown_tool(call, list(self.tools))
+        return await tool.run(call)

@@ -1,0 +1,167 @@
+"""Every error overstory raises, in one place.
+
+User mistakes (bad configuration, bad input) are distinct from runtime failures, and
+both sides subclass the stdlib exceptions users already catch::
+
+    OverstoryError
+    ├── UsageError (ValueError)             the caller got something wrong; retrying won't help
+    │   ├── ConfigError                     unknown key, wrong type, bad value in a config
+    │   ├── StoreURLError                   a store URL overstory cannot parse or does not support
+    │   ├── InvalidUserId                   empty, too long, or control characters
+    │   ├── InvalidMessage                  empty, oversized, or not text
+    │   └── ToolDefinitionError             a tool function that cannot be described to a model
+    └── RuntimeFailure (RuntimeError)       something failed while running; may be retried
+        ├── StoreError                      the history store failed
+        │   ├── StoreUnavailable            cannot reach / open the store
+        │   └── SequenceConflict            a (conversation, seq) record already exists
+        ├── ModelError                      a model / provider call failed
+        │   └── AllModelsFailed             every model in a chain failed; lists each failure
+        ├── MaxRoundTripsExceeded           a turn needed more model round trips than allowed
+        ├── TurnFailed                      a turn did not complete; the user message is stored
+        └── ConversationUnavailable         the conversation actor cannot be reached/started
+
+Errors from Ray, PyMongo and sqlite3 are translated into this tree where they enter
+(``store/``, ``registry/``, ``actors/``); none of them leak out of the public API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = [
+    "AllModelsFailed",
+    "ConfigError",
+    "ConversationUnavailable",
+    "InvalidMessage",
+    "InvalidUserId",
+    "MaxRoundTripsExceeded",
+    "ModelError",
+    "OverstoryError",
+    "RuntimeFailure",
+    "SequenceConflict",
+    "StoreError",
+    "StoreURLError",
+    "StoreUnavailable",
+    "ToolDefinitionError",
+    "TurnFailed",
+    "UsageError",
+]
+
+
+class OverstoryError(Exception):
+    """Base class of every error overstory raises."""
+
+
+# --- the caller's mistakes ---------------------------------------------------------------
+
+
+class UsageError(OverstoryError, ValueError):
+    """The caller passed something overstory cannot accept."""
+
+
+class ConfigError(UsageError):
+    """A configuration value or key is not valid."""
+
+
+class StoreURLError(ConfigError):
+    """A store URL that cannot be parsed or names an unsupported store."""
+
+
+class InvalidUserId(UsageError):
+    """A user id that cannot name a conversation."""
+
+
+class InvalidMessage(UsageError):
+    """A message that cannot be sent to a conversation."""
+
+
+class ToolDefinitionError(UsageError):
+    """A tool function that cannot be turned into a model-callable tool."""
+
+
+# --- failures while running --------------------------------------------------------------
+
+
+class RuntimeFailure(OverstoryError, RuntimeError):
+    """Something failed while running; the same call may succeed later."""
+
+
+class StoreError(RuntimeFailure):
+    """The history store failed."""
+
+
+class StoreUnavailable(StoreError):
+    """The history store cannot be reached or opened."""
+
+
+class SequenceConflict(StoreError):
+    """A message with this (conversation id, sequence number) is already stored.
+
+    Raised instead of overwriting: stored history is never altered.
+    """
+
+    def __init__(self, conversation_id: str, seq: int) -> None:
+        super().__init__(
+            f"conversation {conversation_id!r} already has a message with seq {seq}; "
+            "nothing was overwritten"
+        )
+        self.conversation_id = conversation_id
+        self.seq = seq
+
+    def __reduce__(self) -> tuple[type[SequenceConflict], tuple[str, int]]:
+        return (type(self), (self.conversation_id, self.seq))
+
+
+class ModelError(RuntimeFailure):
+    """A model call failed. ``retryable`` says whether the same call may succeed later."""
+
+    def __init__(self, message: str, *, model: str = "", retryable: bool = True) -> None:
+        super().__init__(message)
+        self.model = model
+        self.retryable = retryable
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_model_error, (type(self), str(self), self.model, self.retryable))
+
+
+def _rebuild_model_error(
+    cls: type[ModelError], message: str, model: str, retryable: bool
+) -> ModelError:
+    return cls(message, model=model, retryable=retryable)
+
+
+class AllModelsFailed(ModelError):
+    """Every model of a chain failed; ``failures`` holds each one's error, in chain order."""
+
+    def __init__(self, failures: Sequence[ModelError]) -> None:
+        lines = "; ".join(f"{f.model or '?'}: {f}" for f in failures)
+        super().__init__(f"all {len(failures)} model(s) failed: {lines}", retryable=True)
+        self.failures = list(failures)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.failures,))
+
+
+class MaxRoundTripsExceeded(RuntimeFailure):
+    """The model kept calling tools past the agent's ``max_round_trips``."""
+
+
+class TurnFailed(RuntimeFailure):
+    """A turn did not complete.
+
+    The user's message is stored (it was written before the model was called); the turn
+    may be retried with a new message.
+    """
+
+    def __init__(self, conversation_id: str, turn_id: str, reason: str) -> None:
+        super().__init__(f"turn {turn_id} of conversation {conversation_id!r} failed: {reason}")
+        self.conversation_id = conversation_id
+        self.turn_id = turn_id
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[TurnFailed], tuple[str, str, str]]:
+        return (type(self), (self.conversation_id, self.turn_id, self.reason))
+
+
+class ConversationUnavailable(RuntimeFailure):
+    """The conversation actor could not be reached or started."""

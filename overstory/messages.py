@@ -1,0 +1,194 @@
+"""The messages of a conversation, as small immutable values.
+
+A conversation's history is a sequence of :data:`Message`: the user's messages, the
+model's replies (which may ask for tool calls) and the tools' returns. Each message
+carries where it sits in its conversation (``seq``, dense from 0) and the turn it belongs
+to (``turn_id``); the store keys records by ``(conversation id, seq)``.
+
+These classes are stdlib dataclasses on purpose: conversation actors build thousands of
+them and pickle them across Ray, and they are the store's record format via
+:func:`to_record` / :func:`from_record`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, TypeAlias
+
+__all__ = [
+    "AssistantMessage",
+    "Message",
+    "MessageKind",
+    "ModelResponse",
+    "Reply",
+    "ToolCall",
+    "ToolReturn",
+    "Usage",
+    "UserMessage",
+    "from_record",
+    "to_record",
+]
+
+MessageKind: TypeAlias = Literal["user", "assistant", "tool"]
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens one model call (or a whole turn, when summed) consumed."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """The model asking for one tool to be run with ``arguments`` (a JSON object)."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelResponse:
+    """What a model returns for one request; becomes an :class:`AssistantMessage`."""
+
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    usage: Usage = Usage()
+    model: str = ""
+    finish_reason: str = "stop"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Stored:
+    seq: int = -1
+    turn_id: str = ""
+    created_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class UserMessage(_Stored):
+    """A message from the user."""
+
+    content: str
+    kind: Literal["user"] = "user"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AssistantMessage(_Stored):
+    """A reply from the model: text, tool calls, or both."""
+
+    content: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    usage: Usage = Usage()
+    model: str = ""
+    kind: Literal["assistant"] = "assistant"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ToolReturn(_Stored):
+    """A tool's result (or its error, with ``is_error``) for the call ``tool_call_id``."""
+
+    tool_call_id: str
+    tool_name: str
+    content: str
+    is_error: bool = False
+    kind: Literal["tool"] = "tool"
+
+
+Message: TypeAlias = UserMessage | AssistantMessage | ToolReturn
+
+
+def placed(message: Message, *, seq: int, turn_id: str) -> Message:
+    """The same message, placed at ``seq`` of turn ``turn_id``."""
+    return replace(message, seq=seq, turn_id=turn_id)
+
+
+def to_record(message: Message) -> dict[str, Any]:
+    """A JSON-safe dict for the store: ``seq``, ``turn_id``, ``kind``, ``created_at``, ``body``."""
+    if isinstance(message, UserMessage):
+        body: dict[str, Any] = {"content": message.content}
+    elif isinstance(message, AssistantMessage):
+        body = {
+            "content": message.content,
+            "tool_calls": [
+                {"id": c.id, "name": c.name, "arguments": c.arguments} for c in message.tool_calls
+            ],
+            "usage": [message.usage.input_tokens, message.usage.output_tokens],
+            "model": message.model,
+        }
+    else:
+        body = {
+            "tool_call_id": message.tool_call_id,
+            "tool_name": message.tool_name,
+            "content": message.content,
+            "is_error": message.is_error,
+        }
+    return {
+        "seq": message.seq,
+        "turn_id": message.turn_id,
+        "kind": message.kind,
+        "created_at": message.created_at,
+        "body": json.dumps(body, ensure_ascii=False, separators=(",", ":")),
+    }
+
+
+def from_record(record: dict[str, Any]) -> Message:
+    """Rebuild a message from :func:`to_record`'s dict (as read back from a store)."""
+    body = json.loads(record["body"])
+    meta: dict[str, Any] = {
+        "seq": int(record["seq"]),
+        "turn_id": str(record["turn_id"]),
+        "created_at": float(record["created_at"]),
+    }
+    kind = record["kind"]
+    if kind == "user":
+        return UserMessage(content=body["content"], **meta)
+    if kind == "assistant":
+        return AssistantMessage(
+            content=body["content"],
+            tool_calls=tuple(
+                ToolCall(id=c["id"], name=c["name"], arguments=c["arguments"])
+                for c in body["tool_calls"]
+            ),
+            usage=Usage(*body["usage"]),
+            model=body["model"],
+            **meta,
+        )
+    if kind == "tool":
+        return ToolReturn(
+            tool_call_id=body["tool_call_id"],
+            tool_name=body["tool_name"],
+            content=body["content"],
+            is_error=body["is_error"],
+            **meta,
+        )
+    raise ValueError(f"unknown message kind {kind!r} in stored record seq={record.get('seq')}")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The result of one turn: the final text, every message the turn stored, its usage."""
+
+    text: str
+    turn_id: str
+    messages: tuple[Message, ...]
+    usage: Usage
+
+    def __str__(self) -> str:
+        return self.text
+
+    @property
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        """Every tool call the model made during the turn, in order."""
+        return tuple(
+            c for m in self.messages if isinstance(m, AssistantMessage) for c in m.tool_calls
+        )

@@ -1,0 +1,186 @@
+"""A scripted, deterministic model that needs no key and no network.
+
+It ships with the package so the demo and the tests run anywhere. Given the same
+history it always gives the same answer:
+
+* after tool returns, it summarises them (``add returned 7``);
+* a user message matching one of its :class:`Rule` s becomes a tool call whose
+  arguments are the pattern's named groups (pydantic coerces ``"3"`` to ``3``);
+* directives at the start of a user message script the model for tests and demos:
+  ``!sleep 0.5`` (delay, then go on with the rest), ``!fail why`` (a retryable
+  :class:`ModelError`), ``!fatal why`` (a non-retryable one),
+  ``!tool NAME {"json": "args"}`` (call a tool once), ``!loop NAME {...}`` (call it on
+  every round trip, to hit the agent's ``max_round_trips``);
+* anything else is echoed back with its position in the conversation.
+
+Token usage is counted as characters / 4, so it is deterministic too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..exceptions import ConfigError, ModelError
+from ..messages import (
+    AssistantMessage,
+    Message,
+    ModelResponse,
+    ToolCall,
+    ToolReturn,
+    Usage,
+    UserMessage,
+)
+from ..tools import ToolDefinition
+from .base import Model
+
+__all__ = ["OfflineModel", "Rule"]
+
+_DIRECTIVE = re.compile(r"^!(?P<verb>sleep|fail|fatal|tool|loop)\b[ \t]*(?P<rest>.*)", re.S)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """When a user message matches ``pattern`` (``re.search``), call ``tool``.
+
+    The tool's arguments are the pattern's named groups.
+    """
+
+    pattern: str
+    tool: str
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.pattern)
+        except re.error as exc:
+            raise ConfigError(f"rule pattern {self.pattern!r} is not a regex: {exc}") from exc
+
+
+class OfflineModel(Model):
+    """The scripted offline model. ``latency_s`` delays every answer; ``fail_first``
+    makes the first N requests fail (to exercise fallback and error paths)."""
+
+    def __init__(
+        self,
+        model: str = "echo",
+        *,
+        rules: Sequence[Rule] = (),
+        latency_s: float = 0.0,
+        fail_first: int = 0,
+    ) -> None:
+        if latency_s < 0:
+            raise ConfigError(f"latency_s must be >= 0, got {latency_s}")
+        if fail_first < 0:
+            raise ConfigError(f"fail_first must be >= 0, got {fail_first}")
+        self.model = model
+        self.rules = tuple(rules)
+        self.latency_s = latency_s
+        self.fail_first = fail_first
+        self.requests = 0
+
+    @property
+    def name(self) -> str:
+        return f"offline:{self.model}"
+
+    async def request(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> ModelResponse:
+        self.requests += 1
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        if self.requests <= self.fail_first:
+            raise ModelError(f"scripted failure {self.requests}/{self.fail_first}", model=self.name)
+        user_index = max(
+            (i for i, m in enumerate(messages) if isinstance(m, UserMessage)), default=-1
+        )
+        if user_index < 0:
+            raise ModelError("no user message to answer", model=self.name, retryable=False)
+        user = messages[user_index]
+        assert isinstance(user, UserMessage)
+        text = user.content
+        match = _DIRECTIVE.match(text)
+        while match and match["verb"] == "sleep":
+            delay, _, text = match["rest"].partition(" ")
+            await asyncio.sleep(_seconds(delay, self.name))
+            match = _DIRECTIVE.match(text)
+        since_user = messages[user_index + 1 :]
+        last = messages[-1]
+        n_user = sum(isinstance(m, UserMessage) for m in messages)
+        prompt_chars = len(instructions) + sum(_chars(m) for m in messages)
+
+        if isinstance(last, ToolReturn) and not (match and match["verb"] == "loop"):
+            return self._text(_summarise(since_user), prompt_chars)
+        if match and match["verb"] in ("fail", "fatal"):
+            raise ModelError(
+                f"scripted {match['verb']}: {match['rest'].strip() or 'no reason given'}",
+                model=self.name,
+                retryable=match["verb"] == "fail",
+            )
+        if match and match["verb"] in ("tool", "loop"):
+            name, _, raw = match["rest"].strip().partition(" ")
+            try:
+                arguments = json.loads(raw) if raw.strip() else {}
+            except json.JSONDecodeError as exc:
+                raise ModelError(
+                    f"!{match['verb']} arguments are not JSON: {exc}",
+                    model=self.name,
+                    retryable=False,
+                ) from exc
+            return self._call(name, arguments, last.seq, prompt_chars)
+        for rule in self.rules:
+            found = re.search(rule.pattern, text)
+            if found:
+                return self._call(rule.tool, found.groupdict(), last.seq, prompt_chars)
+        return self._text(f"echo #{n_user}: {text}", prompt_chars)
+
+    def _text(self, content: str, prompt_chars: int) -> ModelResponse:
+        return ModelResponse(
+            content=content,
+            usage=Usage(prompt_chars // 4 + 1, len(content) // 4 + 1),
+            model=self.name,
+        )
+
+    def _call(self, tool: str, arguments: object, seq: int, prompt_chars: int) -> ModelResponse:
+        call = ToolCall(
+            id=f"call_{seq + 1}_0",
+            name=tool,
+            arguments=arguments if isinstance(arguments, dict) else {"value": arguments},
+        )
+        return ModelResponse(
+            tool_calls=(call,),
+            usage=Usage(prompt_chars // 4 + 1, 8),
+            model=self.name,
+            finish_reason="tool_calls",
+        )
+
+
+def _seconds(raw: str, model: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ModelError(f"!sleep needs seconds, got {raw!r}", model=model, retryable=False) from None
+    if not 0 <= value <= 600:
+        raise ModelError(f"!sleep seconds must be in [0, 600], got {value}", model=model, retryable=False)
+    return value
+
+
+def _summarise(turn: Sequence[Message]) -> str:
+    start = max((i for i, m in enumerate(turn) if isinstance(m, AssistantMessage)), default=-1)
+    parts = []
+    for m in turn[start + 1 :]:
+        if isinstance(m, ToolReturn):
+            verb = "failed" if m.is_error else "returned"
+            parts.append(f"{m.tool_name} {verb} {m.content}")
+    return "; ".join(parts) or "done"
+
+
+def _chars(message: Message) -> int:
+    if isinstance(message, AssistantMessage):
+        return len(message.content) + sum(len(json.dumps(c.arguments)) for c in message.tool_calls)
+    return len(message.content)

@@ -1,0 +1,166 @@
+"""The ``overstory`` command: ``demo`` and ``chat``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..exceptions import OverstoryError, TurnFailed, UsageError
+from .client import Runtime, connect
+from .config import Config, load_config
+from .demo import demo_agent, run_demo
+
+__all__ = ["main"]
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML config file (keys of overstory.Config)")
+    parser.add_argument("--store", help="store URL: sqlite:///path.db or mongodb://host/db")
+    parser.add_argument("--namespace", help="Ray namespace of the app (default: overstory)")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    parser.add_argument("--dashboard", action="store_true", help="start the Ray dashboard "
+                        "when a local Ray is started")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="overstory", description="LLM agent conversations served on Ray."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="simulate users talking to their conversations")
+    _common(demo)
+    demo.add_argument("--users", type=_positive, default=10, help="simulated users (10)")
+    demo.add_argument("--turns", type=_positive, default=3, help="turns per user (3)")
+    demo.add_argument("--latency-ms", type=float, default=0.0,
+                      help="offline model latency per call in ms (0)")
+    demo.add_argument("--json", action="store_true",
+                      help="print the summary as one JSON object on the last line")
+    chat = sub.add_parser("chat", help="talk to one user's conversation")
+    _common(chat)
+    chat.add_argument("--user", required=True, help="the user id")
+    return parser
+
+
+def _positive(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {raw!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _config(args: argparse.Namespace, default_store: str | None = None) -> Config:
+    overrides: dict[str, Any] = {
+        "store": args.store or default_store,
+        "namespace": args.namespace,
+        "ray_address": args.address,
+    }
+    if args.config is not None:
+        return load_config(args.config, **overrides)
+    return Config.from_mapping(
+        {k: v for k, v in overrides.items() if v is not None}, source="command line"
+    )
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.latency_ms < 0:
+        raise UsageError(f"--latency-ms must be >= 0, got {args.latency_ms}")
+    scratch = None
+    default_store = None
+    if args.store is None and (args.config is None or "store" not in args.config.read_text()):
+        scratch = tempfile.mkdtemp(prefix="overstory-demo-")
+        default_store = f"sqlite:///{scratch}/demo.db"
+    try:
+        config = _config(args, default_store)
+        runtime = connect(
+            demo_agent(args.latency_ms / 1000), config=config, dashboard=args.dashboard
+        )
+        try:
+            print(
+                f"overstory demo: {args.users} users x {args.turns} turns, store {config.store}"
+                f"{' (local Ray started for this demo)' if runtime.started_ray else ''}",
+                file=sys.stderr,
+            )
+            result = run_demo(runtime, users=args.users, turns=args.turns)
+        finally:
+            runtime.close()
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    summary = result.summary()
+    print(
+        f"turns completed {summary['turns_completed']}/{summary['turns_requested']}, "
+        f"errors {summary['errors']}, tool calls {summary['tool_calls']}, "
+        f"messages stored {summary['messages_stored']}, "
+        f"p50 {summary['p50_turn_ms']} ms, p99 {summary['p99_turn_ms']} ms, "
+        f"wall {summary['wall_s']} s"
+    )
+    for sample in summary["error_samples"]:
+        print(f"  error: {sample}")
+    if args.json:
+        print(json.dumps(summary))
+    return 1 if summary["errors"] else 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    runtime: Runtime = connect(demo_agent(), config=_config(args), dashboard=args.dashboard)
+    try:
+        conv = runtime.conversation(args.user)
+        stored = conv.history()
+        print(f"conversation of {args.user!r}: {len(stored)} stored messages. "
+              "/history shows them, /quit (or end of input) leaves.")
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                print()
+                break
+            if line.strip() in ("/quit", "/exit"):
+                break
+            if line.strip() == "/history":
+                for m in conv.history():
+                    print(f"  [{m.seq}] {m.kind}: {_render(m)}")
+                continue
+            if not line.strip():
+                continue
+            try:
+                reply = conv.send(line)
+            except (UsageError, TurnFailed) as exc:
+                print(f"error: {exc}")
+                continue
+            print(f"assistant> {reply.text}")
+    finally:
+        runtime.close()
+    return 0
+
+
+def _render(message: Any) -> str:
+    if message.kind == "assistant" and message.tool_calls:
+        calls = ", ".join(f"{c.name}({json.dumps(c.arguments)})" for c in message.tool_calls)
+        return f"{message.content} [calls {calls}]".strip()
+    return str(message.content)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            return _demo(args)
+        return _chat(args)
+    except OverstoryError as exc:
+        print(f"overstory {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

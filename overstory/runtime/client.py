@@ -1,0 +1,261 @@
+"""The client API: :func:`connect` -> :class:`Runtime` -> :class:`Conversation`.
+
+A :class:`Conversation` is the public handle in front of a private conversation actor.
+It hides ``.remote()`` and ``ray.get``, offers sync and async forms, validates input at
+the boundary, and never hands out a dead actor: when the actor has died it asks the
+registry for the user's conversation again (which restarts it from the store) and
+re-sends the *same* turn id, which the actor treats idempotently — a turn that had
+completed returns its stored reply, an interrupted one resumes; neither is duplicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from ..agent import Agent
+from ..messages import Message, Reply
+from ..registry import ActorOptions, Registry, actor_name
+from ..registry.registry import unwrap_task_error
+from ..store import open_store
+from ..validation import validate_message, validate_user_id
+from .cluster import attach, detach
+from .config import Config
+
+__all__ = ["Conversation", "Runtime", "connect"]
+
+T = TypeVar("T")
+
+#: How many times a call is re-sent to a replacement actor after the actor died.
+_RESEND_ATTEMPTS = 2
+
+
+def _default_agent() -> Agent:
+    return Agent("assistant", instructions="You are a helpful assistant.", model="offline:echo")
+
+
+class Conversation:
+    """One user's conversation. Get it with :meth:`Runtime.conversation`."""
+
+    def __init__(self, runtime: Runtime, user_id: str, handle: Any) -> None:
+        self._runtime = runtime
+        self.user_id = user_id
+        self._handle = handle
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Conversation(user_id={self.user_id!r}, actor={actor_name(self.user_id)!r})"
+
+    @property
+    def actor_name(self) -> str:
+        """The Ray actor's name (as the Ray dashboard shows it)."""
+        return actor_name(self.user_id)
+
+    def _replace_handle(self, dead: Any) -> Any:
+        with self._lock:
+            if self._handle is dead:
+                self._handle = self._runtime.registry.get_or_start(self.user_id)
+            return self._handle
+
+    async def _replace_handle_async(self, dead: Any) -> Any:
+        if self._handle is dead:
+            self._handle = await self._runtime.registry.get_or_start_async(self.user_id)
+        return self._handle
+
+    def _call(self, method: str, *args: Any) -> Any:
+        handle = self._handle
+        for attempt in range(_RESEND_ATTEMPTS + 1):
+            try:
+                return ray.get(getattr(handle, method).remote(*args))
+            except RayTaskError as exc:
+                raise unwrap_task_error(exc) from None
+            except RayActorError:
+                if attempt == _RESEND_ATTEMPTS:
+                    raise
+                handle = self._replace_handle(handle)
+        raise AssertionError("unreachable")
+
+    async def _call_async(self, method: str, *args: Any) -> Any:
+        handle = self._handle
+        for attempt in range(_RESEND_ATTEMPTS + 1):
+            try:
+                return await getattr(handle, method).remote(*args)
+            except RayTaskError as exc:
+                raise unwrap_task_error(exc) from None
+            except RayActorError:
+                if attempt == _RESEND_ATTEMPTS:
+                    raise
+                handle = await self._replace_handle_async(handle)
+        raise AssertionError("unreachable")
+
+    def _check(self, text: str, turn_id: str | None) -> str:
+        validate_message(text, max_chars=self._runtime.config.max_message_chars)
+        return turn_id or uuid.uuid4().hex
+
+    def send(self, text: str, *, turn_id: str | None = None) -> Reply:
+        """Send ``text``; returns the assistant's reply once it is stored.
+
+        ``turn_id`` makes a retry safe: sending the same id again never stores the message
+        twice. Raises :class:`~overstory.exceptions.InvalidMessage` for bad input and
+        :class:`~overstory.exceptions.TurnFailed` when the model could not answer.
+        """
+        turn_id = self._check(text, turn_id)
+        reply: Reply = self._call("send", turn_id, text)
+        return reply
+
+    async def send_async(self, text: str, *, turn_id: str | None = None) -> Reply:
+        """Async form of :meth:`send`."""
+        turn_id = self._check(text, turn_id)
+        reply: Reply = await self._call_async("send", turn_id, text)
+        return reply
+
+    def history(self) -> list[Message]:
+        """Every stored message of the conversation, in order."""
+        messages: list[Message] = self._call("history")
+        return messages
+
+    async def history_async(self) -> list[Message]:
+        """Async form of :meth:`history`."""
+        messages: list[Message] = await self._call_async("history")
+        return messages
+
+    def info(self) -> dict[str, Any]:
+        """The actor's pid, message count and turns served (for operators and tests)."""
+        info: dict[str, Any] = self._call("ready")
+        return info
+
+
+class Runtime:
+    """A connection to overstory on a Ray cluster. Get one with :func:`connect`."""
+
+    def __init__(self, config: Config, agent: Agent, *, started_ray: bool) -> None:
+        self.config = config
+        self.agent = agent
+        self.started_ray = started_ray
+        self.registry = Registry(
+            namespace=config.namespace,
+            agent=agent,
+            store_url=config.store,
+            max_message_chars=config.max_message_chars,
+            options=ActorOptions(
+                max_restarts=config.actor_max_restarts,
+                activation_timeout_s=config.activation_timeout_s,
+            ),
+        )
+        self._conversations: dict[str, Conversation] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def conversation(self, user_id: str) -> Conversation:
+        """Get-or-start ``user_id``'s conversation; exactly one actor per user id."""
+        validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
+        with self._lock:
+            conv = self._conversations.get(user_id)
+        if conv is not None:
+            return conv
+        handle = self.registry.get_or_start(user_id)
+        with self._lock:
+            return self._conversations.setdefault(user_id, Conversation(self, user_id, handle))
+
+    async def conversation_async(self, user_id: str) -> Conversation:
+        """Async form of :meth:`conversation`."""
+        validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
+        conv = self._conversations.get(user_id)
+        if conv is not None:
+            return conv
+        handle = await self.registry.get_or_start_async(user_id)
+        return self._conversations.setdefault(user_id, Conversation(self, user_id, handle))
+
+    def stop_conversation(self, user_id: str) -> None:
+        """Stop ``user_id``'s actor (its history stays stored; the next call restarts it)."""
+        validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
+        with self._lock:
+            self._conversations.pop(user_id, None)
+        try:
+            ray.kill(ray.get_actor(actor_name(user_id), namespace=self.config.namespace))
+        except ValueError:
+            pass
+
+    def count_stored(self, user_id: str | None = None) -> int:
+        """Messages stored for ``user_id`` (or in all), read back from the store itself."""
+        if user_id is not None:
+            validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
+        return _run_store(self.config.store, lambda s: s.count(user_id))
+
+    def stored_counts(self, user_ids: list[str]) -> dict[str, int]:
+        """Messages stored for each user id, read back from the store in one connection."""
+        for uid in user_ids:
+            validate_user_id(uid, max_chars=self.config.max_user_id_chars)
+
+        async def counts(store: Any) -> dict[str, int]:
+            return {uid: await store.count(uid) for uid in user_ids}
+
+        result: dict[str, int] = _run_store(self.config.store, counts)
+        return result
+
+    def stored_history(self, user_id: str) -> list[Message]:
+        """``user_id``'s messages read straight from the store (no actor involved)."""
+        validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
+        return _run_store(self.config.store, lambda s: s.load(user_id))
+
+    def close(self) -> None:
+        """Forget cached handles; stop Ray if :func:`connect` started it (actors included)."""
+        self._conversations.clear()
+        if self.started_ray:
+            detach()
+            self.started_ray = False
+
+
+def _run_store(url: str, fn: Callable[[Any], Any]) -> Any:
+    """Run one store operation from sync code (in a thread when a loop is running)."""
+
+    async def go() -> Any:
+        store = open_store(url)
+        await store.open()
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(go())
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, go()).result()
+
+
+def connect(
+    agent: Agent | None = None,
+    *,
+    config: Config | None = None,
+    dashboard: bool = False,
+    **settings: Any,
+) -> Runtime:
+    """Attach to Ray (starting a local instance if none is found) and return a Runtime.
+
+    ``settings`` are :class:`Config` keys (``store="sqlite:///chat.db"``,
+    ``namespace=...``, ``ray_address=...``); unknown keys raise ``ConfigError``. The store
+    is opened once here, so a wrong or unreachable store fails now, not on first use.
+    """
+    if config is None:
+        config = Config.from_mapping(settings, source="connect() arguments")
+    elif settings:
+        config = Config.from_mapping(
+            {**config.model_dump(), **settings}, source="connect() arguments"
+        )
+    _run_store(config.store, lambda s: s.count("\x00probe"))
+    started = attach(config.ray_address, config.namespace, dashboard=dashboard)
+    return Runtime(config, agent or _default_agent(), started_ray=started)

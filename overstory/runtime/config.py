@@ -1,0 +1,91 @@
+"""Runtime configuration: one validated value, from keyword arguments or a TOML file.
+
+Every key is known in advance; an unknown key, a wrong type or a bad value is a
+:class:`~overstory.exceptions.ConfigError` naming the key — when the config is built,
+not when it is first used.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pydantic
+
+from ..exceptions import ConfigError
+from ..store.url import resolve_store_url
+from ..validation import MAX_MESSAGE_CHARS, MAX_USER_ID_CHARS
+
+__all__ = ["DEFAULT_NAMESPACE", "DEFAULT_STORE", "Config", "load_config"]
+
+DEFAULT_STORE = "sqlite:///overstory.db"
+DEFAULT_NAMESPACE = "overstory"
+_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class Config(pydantic.BaseModel):
+    """Where history lives, which Ray cluster and namespace, and the input limits."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    store: str = DEFAULT_STORE
+    """``sqlite:///path.db`` (one machine) or ``mongodb://host/db`` (a cluster)."""
+    namespace: str = DEFAULT_NAMESPACE
+    """Ray namespace holding this app's named actors."""
+    ray_address: str | None = None
+    """Ray cluster to attach to; ``None`` uses ``RAY_ADDRESS`` or starts a local Ray."""
+    max_message_chars: int = pydantic.Field(MAX_MESSAGE_CHARS, ge=1, le=10_000_000)
+    max_user_id_chars: int = pydantic.Field(MAX_USER_ID_CHARS, ge=1, le=4096)
+    actor_max_restarts: int = pydantic.Field(-1, ge=-1)
+    """How often Ray restarts a crashed conversation actor in place (-1: always)."""
+    activation_timeout_s: float = pydantic.Field(60.0, gt=0, le=3600)
+    """How long get-or-start waits for a conversation actor to load its history."""
+
+    @pydantic.field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        if not _NAMESPACE.match(value):
+            raise ValueError("must be 1-63 letters, digits, '_', '.' or '-', starting alphanumeric")
+        return value
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], *, source: str = "config") -> Config:
+        """Build and validate; raises :class:`ConfigError` naming every bad key."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source} must be a table of keys, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls.model_fields))
+        if unknown:
+            raise ConfigError(
+                f"unknown key(s) in {source}: {', '.join(map(repr, unknown))}; "
+                f"known keys: {', '.join(cls.model_fields)}"
+            )
+        try:
+            config = cls.model_validate(dict(data))
+        except pydantic.ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
+                for e in exc.errors(include_url=False)
+            )
+            raise ConfigError(f"invalid {source}: {problems}") from None
+        # Resolve here so a relative SQLite path means the caller's directory, not a worker's.
+        return config.model_copy(update={"store": resolve_store_url(config.store)})
+
+
+def load_config(path: str | Path, **overrides: Any) -> Config:
+    """Read a TOML file (keys at top level or under ``[overstory]``); ``overrides`` win."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    if set(data) == {"overstory"} and isinstance(data["overstory"], dict):
+        data = data["overstory"]
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return Config.from_mapping(data, source=f"config file {str(path)!r}")

@@ -1,0 +1,6 @@
+"""Durable history: the :class:`HistoryStore` protocol, SQLite and MongoDB."""
+
+from .base import HistoryStore
+from .url import open_store, redact_url, resolve_store_url
+
+__all__ = ["HistoryStore", "open_store", "redact_url", "resolve_store_url"]

@@ -1,0 +1,170 @@
+"""SQLite history store: the embedded default for one machine.
+
+stdlib ``sqlite3`` in WAL mode with ``synchronous=FULL``, so a message is on disk when
+:meth:`append` returns. Every conversation actor opens its own connection to the same
+file; WAL lets them read while one writes, and ``busy_timeout`` queues writers. The
+blocking sqlite3 calls run on one dedicated thread per store so the actor's event loop
+keeps serving while the disk syncs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from ..exceptions import SequenceConflict, StoreError, StoreUnavailable
+from ..messages import Message, from_record, to_record
+from .base import HistoryStore
+
+__all__ = ["SQLiteStore"]
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    conversation_id TEXT NOT NULL,
+    seq             INTEGER NOT NULL CHECK (seq >= 0),
+    turn_id         TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    created_at      REAL NOT NULL,
+    body            TEXT NOT NULL,
+    PRIMARY KEY (conversation_id, seq)
+) WITHOUT ROWID;
+"""
+
+
+class SQLiteStore(HistoryStore):
+    """History in one SQLite file at ``path``."""
+
+    def __init__(self, path: str, *, busy_timeout_s: float = 30.0) -> None:
+        self.path = os.path.abspath(path)
+        self._busy_timeout_ms = int(busy_timeout_s * 1000)
+        self._conn: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def url(self) -> str:
+        return f"sqlite:///{self.path}"
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is None or self._executor is None:
+            raise StoreError(f"store {self.url} is not open; call open() first")
+        conn = self._conn
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, conn)
+
+    async def open(self) -> None:
+        if self._conn is not None:
+            return
+        directory = os.path.dirname(self.path)
+        if not os.path.isdir(directory):
+            raise StoreUnavailable(
+                f"cannot open SQLite store {self.url}: directory {directory!r} does not exist"
+            )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="overstory-sqlite")
+        loop = asyncio.get_running_loop()
+        try:
+            self._conn = await loop.run_in_executor(self._executor, self._connect)
+        except sqlite3.Error as exc:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise StoreUnavailable(f"cannot open SQLite store {self.url}: {exc}") from exc
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise sqlite3.OperationalError(f"WAL mode refused (journal_mode={mode})")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.executescript(_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def append(self, conversation_id: str, message: Message) -> None:
+        record = to_record(message)
+
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO messages (conversation_id, seq, turn_id, kind, created_at, body)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    conversation_id,
+                    record["seq"],
+                    record["turn_id"],
+                    record["kind"],
+                    record["created_at"],
+                    record["body"],
+                ),
+            )
+
+        try:
+            await self._run(insert)
+        except sqlite3.IntegrityError as exc:
+            if "UNIQUE" in str(exc) or "PRIMARY KEY" in str(exc):
+                raise SequenceConflict(conversation_id, message.seq) from exc
+            raise StoreError(f"cannot store message seq={message.seq}: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot store message in {self.url}: {exc}") from exc
+
+    async def load(self, conversation_id: str) -> list[Message]:
+        def select(conn: sqlite3.Connection) -> list[Any]:
+            return conn.execute(
+                "SELECT seq, turn_id, kind, created_at, body FROM messages"
+                " WHERE conversation_id = ? ORDER BY seq",
+                (conversation_id,),
+            ).fetchall()
+
+        try:
+            rows = await self._run(select)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read history from {self.url}: {exc}") from exc
+        return [
+            from_record(
+                {"seq": r[0], "turn_id": r[1], "kind": r[2], "created_at": r[3], "body": r[4]}
+            )
+            for r in rows
+        ]
+
+    async def count(self, conversation_id: str | None = None) -> int:
+        def select(conn: sqlite3.Connection) -> int:
+            if conversation_id is None:
+                row = conn.execute("SELECT COUNT(*) FROM messages").fetchone()
+            else:
+                row = conn.execute(
+                    "SELECT COUNT(*) FROM messages WHERE conversation_id = ?", (conversation_id,)
+                ).fetchone()
+            return int(row[0])
+
+        try:
+            return await self._run(select)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot count messages in {self.url}: {exc}") from exc
+
+    async def conversation_ids(self) -> list[str]:
+        def select(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT DISTINCT conversation_id FROM messages ORDER BY conversation_id"
+            )
+            return [r[0] for r in rows]
+
+        try:
+            return await self._run(select)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot list conversations in {self.url}: {exc}") from exc
+
+    async def close(self) -> None:
+        conn, executor = self._conn, self._executor
+        self._conn = self._executor = None
+        if conn is not None and executor is not None:
+            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
+            executor.shutdown(wait=False)
