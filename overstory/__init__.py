@@ -1,12 +1,12 @@
 """overstory: LLM agent conversations served on Ray the way OTP serves processes.
 
-    import overstory
+import overstory
 
-    agent = overstory.Agent("helper", instructions="Be brief.", model="offline:echo",
-                            tools=[add])
-    rt = overstory.connect(agent, store="sqlite:///chat.db")
-    conv = rt.conversation("alice")
-    print(conv.send("hello").text)
+agent = overstory.Agent("helper", instructions="Be brief.", model="offline:echo",
+                        tools=[add])
+rt = overstory.connect(agent, store="sqlite:///chat.db")
+conv = rt.conversation("alice")
+print(conv.send("hello").text)
 """
 
 from .agent import Agent

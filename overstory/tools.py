@@ -52,7 +52,7 @@ class Tool:
         if not callable(function):
             raise ToolDefinitionError(f"a tool must be a function, got {function!r}")
         self.function = function
-        self.name = name or getattr(function, "__name__", "")
+        self.name: str = name or str(getattr(function, "__name__", ""))
         if not self.name.isidentifier():
             raise ToolDefinitionError(
                 f"tool name {self.name!r} must be a Python identifier "
@@ -115,7 +115,9 @@ def _error(call: ToolCall, text: str) -> ToolReturn:
 
 def unknown_tool(call: ToolCall, known: list[str]) -> ToolReturn:
     """The error return for a call to a tool the agent does not have."""
-    return _error(call, f"unknown tool {call.name!r}; available tools: {', '.join(known) or 'none'}")
+    return _error(
+        call, f"unknown tool {call.name!r}; available tools: {', '.join(known) or 'none'}"
+    )
 
 
 def _render(result: Any) -> str:
@@ -138,9 +140,7 @@ def _args_model(name: str, function: Callable[..., Any]) -> type[pydantic.BaseMo
                 "tools need named, typed parameters"
             )
         if param.name not in hints:
-            raise ToolDefinitionError(
-                f"parameter {param.name!r} of tool {name!r} has no type hint"
-            )
+            raise ToolDefinitionError(f"parameter {param.name!r} of tool {name!r} has no type hint")
         default = ... if param.default is param.empty else param.default
         fields[param.name] = (hints[param.name], default)
     try:
@@ -150,7 +150,9 @@ def _args_model(name: str, function: Callable[..., Any]) -> type[pydantic.BaseMo
             **fields,
         )
     except (pydantic.PydanticSchemaGenerationError, TypeError) as exc:
-        raise ToolDefinitionError(f"tool {name!r} has a parameter type pydantic cannot validate: {exc}") from exc
+        raise ToolDefinitionError(
+            f"tool {name!r} has a parameter type pydantic cannot validate: {exc}"
+        ) from exc
 
 
 def _schema(model: type[pydantic.BaseModel]) -> dict[str, Any]:

@@ -67,7 +67,6 @@ def validate_message(text: object, *, max_chars: int = MAX_MESSAGE_CHARS) -> str
     bad = _control_chars(text, ("Cc", "Cs"), allow="\n\r\t")
     if bad:
         raise InvalidMessage(
-            f"message contains control or invalid characters ({', '.join(bad[:5])}): "
-            f"{_show(text)}"
+            f"message contains control or invalid characters ({', '.join(bad[:5])}): {_show(text)}"
         )
     return text

@@ -95,7 +95,9 @@ async def run_turn(
             )
             raise TurnFailed(conversation_id, turn_id, str(reason)) from reason
         try:
-            response = await agent.model.request(agent.instructions, history, agent.tool_definitions)
+            response = await agent.model.request(
+                agent.instructions, history, agent.tool_definitions
+            )
         except ModelError as exc:
             raise TurnFailed(conversation_id, turn_id, f"model error: {exc}") from exc
         round_trips += 1

@@ -164,9 +164,13 @@ def _seconds(raw: str, model: str) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ModelError(f"!sleep needs seconds, got {raw!r}", model=model, retryable=False) from None
+        raise ModelError(
+            f"!sleep needs seconds, got {raw!r}", model=model, retryable=False
+        ) from None
     if not 0 <= value <= 600:
-        raise ModelError(f"!sleep seconds must be in [0, 600], got {value}", model=model, retryable=False)
+        raise ModelError(
+            f"!sleep seconds must be in [0, 600], got {value}", model=model, retryable=False
+        )
     return value
 
 

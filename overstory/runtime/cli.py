@@ -24,8 +24,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", help="store URL: sqlite:///path.db or mongodb://host/db")
     parser.add_argument("--namespace", help="Ray namespace of the app (default: overstory)")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
-    parser.add_argument("--dashboard", action="store_true", help="start the Ray dashboard "
-                        "when a local Ray is started")
+    parser.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="start the Ray dashboard when a local Ray is started",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,10 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     _common(demo)
     demo.add_argument("--users", type=_positive, default=10, help="simulated users (10)")
     demo.add_argument("--turns", type=_positive, default=3, help="turns per user (3)")
-    demo.add_argument("--latency-ms", type=float, default=0.0,
-                      help="offline model latency per call in ms (0)")
-    demo.add_argument("--json", action="store_true",
-                      help="print the summary as one JSON object on the last line")
+    demo.add_argument(
+        "--latency-ms", type=float, default=0.0, help="offline model latency per call in ms (0)"
+    )
+    demo.add_argument(
+        "--json", action="store_true", help="print the summary as one JSON object on the last line"
+    )
     chat = sub.add_parser("chat", help="talk to one user's conversation")
     _common(chat)
     chat.add_argument("--user", required=True, help="the user id")
@@ -115,8 +120,10 @@ def _chat(args: argparse.Namespace) -> int:
     try:
         conv = runtime.conversation(args.user)
         stored = conv.history()
-        print(f"conversation of {args.user!r}: {len(stored)} stored messages. "
-              "/history shows them, /quit (or end of input) leaves.")
+        print(
+            f"conversation of {args.user!r}: {len(stored)} stored messages. "
+            "/history shows them, /quit (or end of input) leaves."
+        )
         while True:
             try:
                 line = input("you> ")

@@ -11,6 +11,7 @@ completed returns its stored reply, an interrupted one resumes; neither is dupli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import uuid
 from collections.abc import Callable
@@ -183,16 +184,15 @@ class Runtime:
         validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
         with self._lock:
             self._conversations.pop(user_id, None)
-        try:
+        with contextlib.suppress(ValueError):
             ray.kill(ray.get_actor(actor_name(user_id), namespace=self.config.namespace))
-        except ValueError:
-            pass
 
     def count_stored(self, user_id: str | None = None) -> int:
         """Messages stored for ``user_id`` (or in all), read back from the store itself."""
         if user_id is not None:
             validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
-        return _run_store(self.config.store, lambda s: s.count(user_id))
+        count: int = _run_store(self.config.store, lambda s: s.count(user_id))
+        return count
 
     def stored_counts(self, user_ids: list[str]) -> dict[str, int]:
         """Messages stored for each user id, read back from the store in one connection."""
@@ -208,7 +208,8 @@ class Runtime:
     def stored_history(self, user_id: str) -> list[Message]:
         """``user_id``'s messages read straight from the store (no actor involved)."""
         validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
-        return _run_store(self.config.store, lambda s: s.load(user_id))
+        messages: list[Message] = _run_store(self.config.store, lambda s: s.load(user_id))
+        return messages
 
     def close(self) -> None:
         """Forget cached handles; stop Ray if :func:`connect` started it (actors included)."""

@@ -102,7 +102,9 @@ class _Progress:
         self.done += 1
         if self.enabled:
             filled = int(30 * self.done / max(self.total, 1))
-            self.out.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} turns")
+            self.out.write(
+                f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} turns"
+            )
             self.out.flush()
 
     def close(self) -> None:

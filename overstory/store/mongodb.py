@@ -80,7 +80,9 @@ class MongoStore(HistoryStore):
         except DuplicateKeyError as exc:
             raise SequenceConflict(conversation_id, message.seq) from exc
         except PyMongoError as exc:
-            raise StoreError(f"cannot store message seq={message.seq} in {self.url}: {exc}") from exc
+            raise StoreError(
+                f"cannot store message seq={message.seq} in {self.url}: {exc}"
+            ) from exc
 
     async def load(self, conversation_id: str) -> list[Message]:
         try:

@@ -60,11 +60,6 @@ class SQLiteStore(HistoryStore):
     async def open(self) -> None:
         if self._conn is not None:
             return
-        directory = os.path.dirname(self.path)
-        if not os.path.isdir(directory):
-            raise StoreUnavailable(
-                f"cannot open SQLite store {self.url}: directory {directory!r} does not exist"
-            )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="overstory-sqlite")
         loop = asyncio.get_running_loop()
         try:
@@ -75,6 +70,9 @@ class SQLiteStore(HistoryStore):
             raise StoreUnavailable(f"cannot open SQLite store {self.url}: {exc}") from exc
 
     def _connect(self) -> sqlite3.Connection:
+        directory = os.path.dirname(self.path)
+        if not os.path.isdir(directory):
+            raise sqlite3.OperationalError(f"directory {directory!r} does not exist")
         conn = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=30.0
         )

@@ -1,0 +1,116 @@
+"""Shared fixtures: one Ray instance per session, one MongoDB-wire server per session.
+
+Ray starts once (``include_dashboard=False``, token auth disabled — for tests only).
+MongoDB: ``MONGO_URI`` when set, else a ``secantusdb`` server (a test dependency that
+speaks the MongoDB wire protocol) started on a free loopback port and stopped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Before anything imports ray: the tests' Ray instance runs without token auth.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A MongoDB URI (without database): ``MONGO_URI`` or a fresh secantusdb server."""
+    from pymongo import MongoClient
+
+    uri = os.environ.get("MONGO_URI")
+    proc = None
+    if not uri:
+        port = _free_port()
+        exe = Path(sys.executable).parent / "secantusd-py"
+        if not exe.exists():
+            pytest.fail(f"secantusdb is not installed ({exe}); pip install -e '.[test]'")
+        log = open(tmp_path_factory.mktemp("mongo") / "secantusd.log", "w")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [
+                str(exe),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--storage-path",
+                str(tmp_path_factory.mktemp("mongo-data")),
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        uri = f"mongodb://127.0.0.1:{port}"
+    # Server selection blocks until the server answers or 30 s pass: no polling loop.
+    client: MongoClient[dict[str, object]] = MongoClient(uri, serverSelectionTimeoutMS=30_000)
+    try:
+        client.admin.command("ping")
+    finally:
+        client.close()
+    yield uri.rstrip("/")
+    if proc is not None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def mongo_url(mongo_server: str) -> str:
+    """A MongoDB store URL with a database of its own for this test."""
+    return f"{mongo_server}/t_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path}/history.db"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """The session's Ray instance; yields its GCS address for subprocess drivers."""
+    import ray
+
+    ray.init(
+        include_dashboard=False,
+        num_cpus=2,
+        namespace="overstory-tests",
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A Ray namespace of its own for each test, so tests never share actors."""
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+def driver_env(gcs_address: str) -> dict[str, str]:
+    """Environment for a subprocess driver attached to the session's Ray."""
+    env = dict(os.environ)
+    env["RAY_ADDRESS"] = gcs_address
+    env["RAY_AUTH_MODE"] = "disabled"
+    return env

@@ -1,0 +1,219 @@
+"""One contract, run against both stores: SQLite and MongoDB (secantusdb or MONGO_URI)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from overstory.exceptions import SequenceConflict, StoreUnavailable
+from overstory.messages import (
+    AssistantMessage,
+    Message,
+    ToolCall,
+    ToolReturn,
+    Usage,
+    UserMessage,
+)
+from overstory.store import HistoryStore, open_store
+
+
+def run(coro: Awaitable[Any]) -> Any:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["sqlite", "mongodb"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    fixture = "sqlite_url" if request.param == "sqlite" else "mongo_url"
+    url: str = request.getfixturevalue(fixture)
+    return url
+
+
+def with_store(url: str, body: Callable[[HistoryStore], Awaitable[Any]]) -> Any:
+    async def go() -> Any:
+        store = open_store(url)
+        await store.open()
+        try:
+            return await body(store)
+        finally:
+            await store.close()
+
+    return run(go())
+
+
+def sample_turn(turn_id: str, start: int) -> list[Message]:
+    return [
+        UserMessage(content="what is 2 + 3? ünïcödé 🌲", seq=start, turn_id=turn_id),
+        AssistantMessage(
+            tool_calls=(ToolCall(id="c1", name="add", arguments={"a": 2, "b": 3}),),
+            usage=Usage(10, 2),
+            model="offline:demo",
+            seq=start + 1,
+            turn_id=turn_id,
+        ),
+        ToolReturn(tool_call_id="c1", tool_name="add", content="5", seq=start + 2, turn_id=turn_id),
+        AssistantMessage(content="5", usage=Usage(12, 1), seq=start + 3, turn_id=turn_id),
+    ]
+
+
+def test_round_trip_every_message_kind_in_order(store_url: str) -> None:
+    messages = sample_turn("t1", 0) + sample_turn("t2", 4)
+
+    async def body(store: HistoryStore) -> list[Message]:
+        for m in reversed(messages):  # insertion order must not matter: seq orders
+            await store.append("alice", m)
+        return await store.load("alice")
+
+    assert with_store(store_url, body) == messages
+
+
+def test_duplicate_seq_is_rejected_and_nothing_is_overwritten(store_url: str) -> None:
+    original = UserMessage(content="first", seq=0, turn_id="t1")
+    intruder = UserMessage(content="second", seq=0, turn_id="t2")
+
+    async def body(store: HistoryStore) -> tuple[SequenceConflict, list[Message]]:
+        await store.append("alice", original)
+        with pytest.raises(SequenceConflict) as info:
+            await store.append("alice", intruder)
+        return info.value, await store.load("alice")
+
+    error, stored = with_store(store_url, body)
+    assert (error.conversation_id, error.seq) == ("alice", 0)
+    assert stored == [original]
+
+
+def test_conversations_are_isolated_and_counted(store_url: str) -> None:
+    async def body(store: HistoryStore) -> tuple[Any, ...]:
+        for i in range(3):
+            await store.append("alice", UserMessage(content=f"a{i}", seq=i, turn_id=f"a{i}"))
+        await store.append("bob", UserMessage(content="b0", seq=0, turn_id="b0"))
+        return (
+            await store.count("alice"),
+            await store.count("bob"),
+            await store.count("nobody"),
+            await store.count(),
+            await store.conversation_ids(),
+            await store.load("nobody"),
+            [m.content for m in await store.load("bob")],
+        )
+
+    assert with_store(store_url, body) == (3, 1, 0, 4, ["alice", "bob"], [], ["b0"])
+
+
+def test_history_survives_reopening_the_store(store_url: str) -> None:
+    messages = sample_turn("t1", 0)
+
+    async def write(store: HistoryStore) -> None:
+        for m in messages:
+            await store.append("alice", m)
+
+    with_store(store_url, write)
+    assert with_store(store_url, lambda s: s.load("alice")) == messages
+
+
+def test_concurrent_appends_to_one_seq_store_exactly_one(store_url: str) -> None:
+    async def body(store: HistoryStore) -> tuple[int, list[Message]]:
+        others = [open_store(store_url) for _ in range(3)]
+        for other in others:
+            await other.open()
+        try:
+            attempts = [
+                s.append("race", UserMessage(content=f"writer {i}", seq=0, turn_id=f"w{i}"))
+                for i, s in enumerate([store, *others])
+            ]
+            results = await asyncio.gather(*attempts, return_exceptions=True)
+        finally:
+            for other in others:
+                await other.close()
+        conflicts = sum(isinstance(r, SequenceConflict) for r in results)
+        return conflicts, await store.load("race")
+
+    conflicts, stored = with_store(store_url, body)
+    assert conflicts == 3
+    assert len(stored) == 1
+
+
+def test_open_is_idempotent_and_close_twice_is_harmless(store_url: str) -> None:
+    async def go() -> int:
+        store = open_store(store_url)
+        await store.open()
+        await store.open()
+        await store.append("x", UserMessage(content="hi", seq=0, turn_id="t"))
+        n = await store.count("x")
+        await store.close()
+        await store.close()
+        return n
+
+    assert run(go()) == 1
+
+
+def test_url_in_repr_hides_the_password() -> None:
+    store = open_store("mongodb://app:s3cret@127.0.0.1:1/db")
+    assert "s3cret" not in repr(store)
+    assert "***" in store.url
+
+
+# --- store-specific failures ------------------------------------------------------------
+
+
+def test_sqlite_uses_wal_and_a_unique_key(sqlite_url: str) -> None:
+    with_store(sqlite_url, lambda s: s.count())
+    path = sqlite_url.removeprefix("sqlite:///")
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        pk = [r[1] for r in conn.execute("PRAGMA table_info(messages)") if r[5]]
+        assert pk == ["conversation_id", "seq"]
+    finally:
+        conn.close()
+
+
+def test_sqlite_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/no/such/dir/h.db"
+    with pytest.raises(StoreUnavailable, match="does not exist"):
+        with_store(url, lambda s: s.count())
+
+
+def test_sqlite_file_that_is_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "junk.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreUnavailable, match=r"junk\.db"):
+        with_store(f"sqlite:///{path}", lambda s: s.count())
+    assert path.read_bytes() == b"this is not sqlite" * 100
+
+
+def test_mongodb_unreachable_is_a_clear_error() -> None:
+    from overstory.store.mongodb import MongoStore
+
+    async def go() -> None:
+        store = MongoStore("mongodb://127.0.0.1:9/overstory", timeout_s=0.5)
+        await store.open()
+
+    with pytest.raises(
+        StoreUnavailable, match=r"cannot reach MongoDB store mongodb://127\.0\.0\.1:9"
+    ):
+        run(go())
+
+
+def test_mongodb_records_one_document_per_message_with_unique_index(mongo_url: str) -> None:
+    from pymongo import MongoClient
+
+    async def write(store: HistoryStore) -> None:
+        for m in sample_turn("t1", 0):
+            await store.append("alice", m)
+
+    with_store(mongo_url, write)
+    base, db = mongo_url.rsplit("/", 1)
+    client: MongoClient[dict[str, Any]] = MongoClient(base)
+    try:
+        coll = client[db]["messages"]
+        assert coll.count_documents({"conversation_id": "alice"}) == 4
+        index = coll.index_information()["conversation_seq_unique"]
+        assert index["unique"] is True
+        assert index["key"] == [("conversation_id", 1), ("seq", 1)]
+    finally:
+        client.close()
