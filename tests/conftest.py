@@ -7,6 +7,7 @@ speaks the MongoDB wire protocol) started on a free loopback port and stopped at
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -108,9 +109,20 @@ def namespace() -> str:
     return f"t-{uuid.uuid4().hex[:12]}"
 
 
-def driver_env(gcs_address: str) -> dict[str, str]:
+@pytest.fixture
+def driver_env(ray_cluster: str) -> dict[str, str]:
     """Environment for a subprocess driver attached to the session's Ray."""
     env = dict(os.environ)
-    env["RAY_ADDRESS"] = gcs_address
+    env["RAY_ADDRESS"] = ray_cluster
     env["RAY_AUTH_MODE"] = "disabled"
     return env
+
+
+def kill_namespace(namespace: str) -> None:
+    """Detached actors outlive tests: kill every named actor in ``namespace``."""
+    import ray
+
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == namespace:
+            with contextlib.suppress(ValueError):  # already gone
+                ray.kill(ray.get_actor(entry["name"], namespace=namespace), no_restart=True)

@@ -1,9 +1,9 @@
 """ConversationActor: one user's conversation as a named, detached Ray actor.
 
 A thin shell around :func:`~overstory.actors.turn.run_turn`: it loads the history from the
-store when it starts (so a new incarnation rebuilds itself), serialises turns with a FIFO
-lock so concurrent sends are processed one at a time in arrival order, and answers
-history reads between turns. Users never see this class; they hold a
+store when it starts (so a new incarnation rebuilds itself), runs turns one at a time
+through a :class:`~overstory.actors.gate.TurnGate` (each caller's in the order it sent
+them), and answers history reads at any time. Users never see this class; they hold a
 :class:`~overstory.runtime.client.Conversation`.
 """
 
@@ -19,6 +19,7 @@ from ..exceptions import SequenceConflict
 from ..messages import Message, Reply
 from ..store import HistoryStore, open_store
 from ..validation import MAX_MESSAGE_CHARS, validate_message
+from .gate import TurnGate
 from .turn import run_turn
 
 __all__ = ["ConversationActor"]
@@ -40,20 +41,23 @@ class ConversationActor:
         self._store: HistoryStore = open_store(store_url)
         self._history: list[Message] = []
         self._loaded = False
-        self._lock = asyncio.Lock()
+        self._load_lock = asyncio.Lock()
+        self._gate = TurnGate()
         self._started_at = time.time()
         self._turns = 0
 
     async def _load(self) -> None:
-        if not self._loaded:
-            await self._store.open()
-            self._history = await self._store.load(self.conversation_id)
-            self._loaded = True
+        if self._loaded:
+            return
+        async with self._load_lock:
+            if not self._loaded:
+                await self._store.open()
+                self._history = await self._store.load(self.conversation_id)
+                self._loaded = True
 
     async def ready(self) -> dict[str, Any]:
         """Loads the history if needed; returns when the actor can serve (activation)."""
-        async with self._lock:
-            await self._load()
+        await self._load()
         return self.info()
 
     def info(self) -> dict[str, Any]:
@@ -66,10 +70,11 @@ class ConversationActor:
             "agent": self.agent.name,
         }
 
-    async def send(self, turn_id: str, text: str) -> Reply:
+    async def send(self, turn_id: str, text: str, caller: str | None = None, n: int = 0) -> Reply:
+        """Run turn ``turn_id``; ``caller``/``n`` order one client's sends (see TurnGate)."""
         validate_message(text, max_chars=self.max_message_chars)
-        async with self._lock:
-            await self._load()
+        await self._load()
+        async with self._gate.turn(caller, n):
             try:
                 return await run_turn(
                     self.agent, self._store, self.conversation_id, self._history, turn_id, text
@@ -84,7 +89,5 @@ class ConversationActor:
 
     async def history(self) -> list[Message]:
         """The stored messages; during a turn, those of the turn stored so far."""
-        if not self._loaded:
-            async with self._lock:
-                await self._load()
+        await self._load()
         return list(self._history)

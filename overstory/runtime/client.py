@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import threading
 import uuid
 from collections.abc import Callable
@@ -50,6 +51,9 @@ class Conversation:
         self.user_id = user_id
         self._handle = handle
         self._lock = threading.Lock()
+        # Numbers this handle's sends so the actor runs them in the order they were made.
+        self._caller = uuid.uuid4().hex
+        self._numbers = itertools.count()
 
     def __repr__(self) -> str:
         return f"Conversation(user_id={self.user_id!r}, actor={actor_name(self.user_id)!r})"
@@ -108,13 +112,15 @@ class Conversation:
         :class:`~overstory.exceptions.TurnFailed` when the model could not answer.
         """
         turn_id = self._check(text, turn_id)
-        reply: Reply = self._call("send", turn_id, text)
+        reply: Reply = self._call("send", turn_id, text, self._caller, next(self._numbers))
         return reply
 
     async def send_async(self, text: str, *, turn_id: str | None = None) -> Reply:
         """Async form of :meth:`send`."""
         turn_id = self._check(text, turn_id)
-        reply: Reply = await self._call_async("send", turn_id, text)
+        reply: Reply = await self._call_async(
+            "send", turn_id, text, self._caller, next(self._numbers)
+        )
         return reply
 
     def history(self) -> list[Message]:

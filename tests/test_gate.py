@@ -1,0 +1,60 @@
+"""TurnGate without Ray: one turn at a time, each caller's turns in its own order."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from overstory.actors.gate import TurnGate
+
+
+async def _run(
+    gate: TurnGate, log: list[tuple[str, int]], caller: str, n: int, active: list[int]
+) -> None:
+    async with gate.turn(caller, n):
+        active.append(1)
+        assert len(active) == 1, "two turns inside the gate at once"
+        log.append((caller, n))
+        await asyncio.sleep(0)
+        active.pop()
+
+
+def test_each_callers_turns_run_in_its_order_whatever_the_arrival_order() -> None:
+    rng = random.Random(7)
+    arrivals = [(c, n) for c in ("a", "b", "c") for n in range(20)]
+
+    async def go() -> list[tuple[str, int]]:
+        gate, log, active = TurnGate(), [], []
+        order = arrivals[:]
+        rng.shuffle(order)
+        # Each caller's first number arrives first (a fresh gate takes the first it sees
+        # as the caller's start); the rest arrive shuffled.
+        firsts = [(c, 0) for c in ("a", "b", "c")]
+        rest = [x for x in order if x[1] != 0]
+        await asyncio.gather(*(_run(gate, log, c, n, active) for c, n in firsts + rest))
+        return log
+
+    log = asyncio.run(go())
+    assert len(log) == 60
+    for caller in ("a", "b", "c"):
+        assert [n for c, n in log if c == caller] == list(range(20))
+
+
+def test_a_missing_number_does_not_block_later_turns_forever() -> None:
+    async def go() -> list[tuple[str, int]]:
+        gate, log, active = TurnGate(gap_timeout_s=0.05), [], []
+        await _run(gate, log, "a", 0, active)
+        await _run(gate, log, "a", 2, active)  # 1 never arrives
+        await _run(gate, log, "a", 3, active)
+        return log
+
+    assert asyncio.run(go()) == [("a", 0), ("a", 2), ("a", 3)]
+
+
+def test_anonymous_turns_are_still_one_at_a_time() -> None:
+    async def go() -> int:
+        gate, log, active = TurnGate(), [], []
+        await asyncio.gather(*(_run(gate, log, None, 0, active) for _ in range(10)))  # type: ignore[arg-type]
+        return len(log)
+
+    assert asyncio.run(go()) == 10
