@@ -96,8 +96,8 @@ class OfflineModel(Model):
             await asyncio.sleep(self.latency_s)
         if self.requests <= self.fail_first:
             raise ModelError(f"scripted failure {self.requests}/{self.fail_first}", model=self.name)
-        user_index = max(
-            (i for i, m in enumerate(messages) if isinstance(m, UserMessage)), default=-1
+        user_index = next(
+            (i for i in range(len(messages) - 1, -1, -1) if messages[i].kind == "user"), -1
         )
         if user_index < 0:
             raise ModelError("no user message to answer", model=self.name, retryable=False)
@@ -111,8 +111,8 @@ class OfflineModel(Model):
             match = _DIRECTIVE.match(text)
         since_user = messages[user_index + 1 :]
         last = messages[-1]
-        n_user = sum(isinstance(m, UserMessage) for m in messages)
-        prompt_chars = len(instructions) + sum(_chars(m) for m in messages)
+        n_user = [m.kind for m in messages].count("user")
+        prompt_chars = len(instructions) + sum(map(len, [m.content for m in messages]))
 
         if isinstance(last, ToolReturn) and not (match and match["verb"] == "loop"):
             return self._text(_summarise(since_user), prompt_chars)
@@ -182,9 +182,3 @@ def _summarise(turn: Sequence[Message]) -> str:
             verb = "failed" if m.is_error else "returned"
             parts.append(f"{m.tool_name} {verb} {m.content}")
     return "; ".join(parts) or "done"
-
-
-def _chars(message: Message) -> int:
-    if isinstance(message, AssistantMessage):
-        return len(message.content) + sum(len(json.dumps(c.arguments)) for c in message.tool_calls)
-    return len(message.content)

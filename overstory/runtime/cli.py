@@ -62,9 +62,9 @@ def _positive(raw: str) -> int:
     return value
 
 
-def _config(args: argparse.Namespace, default_store: str | None = None) -> Config:
+def _config(args: argparse.Namespace) -> Config:
     overrides: dict[str, Any] = {
-        "store": args.store or default_store,
+        "store": args.store,
         "namespace": args.namespace,
         "ray_address": args.address,
     }
@@ -78,13 +78,13 @@ def _config(args: argparse.Namespace, default_store: str | None = None) -> Confi
 def _demo(args: argparse.Namespace) -> int:
     if args.latency_ms < 0:
         raise UsageError(f"--latency-ms must be >= 0, got {args.latency_ms}")
+    config = _config(args)
     scratch = None
-    default_store = None
-    if args.store is None and (args.config is None or "store" not in args.config.read_text()):
+    if "store" not in config.model_fields_set:
+        # No store chosen: a scratch database for this run, removed afterwards.
         scratch = tempfile.mkdtemp(prefix="overstory-demo-")
-        default_store = f"sqlite:///{scratch}/demo.db"
+        config = config.model_copy(update={"store": f"sqlite:///{scratch}/demo.db"})
     try:
-        config = _config(args, default_store)
         runtime = connect(
             demo_agent(args.latency_ms / 1000), config=config, dashboard=args.dashboard
         )

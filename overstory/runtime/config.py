@@ -71,7 +71,10 @@ class Config(pydantic.BaseModel):
             )
             raise ConfigError(f"invalid {source}: {problems}") from None
         # Resolve here so a relative SQLite path means the caller's directory, not a worker's.
-        return config.model_copy(update={"store": resolve_store_url(config.store)})
+        resolved = resolve_store_url(config.store)
+        if resolved == config.store:
+            return config
+        return cls.model_validate({**config.model_dump(exclude_unset=True), "store": resolved})
 
 
 def load_config(path: str | Path, **overrides: Any) -> Config:

@@ -1,0 +1,13 @@
+# Sourced by scripts/demo and scripts/test: make ./.venv with overstory installed.
+# Needs only python3 (3.11+) with venv; everything else comes from PyPI.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY="${PYTHON:-python3}"
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "overstory needs Python 3.11+ (found $("$PY" --version))" >&2; exit 1; }
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
+.venv/bin/python -m pip install --quiet -e ".[${EXTRAS:-}]" 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -c 'import overstory' # fail here, not later, if the install did not work

@@ -1,0 +1,176 @@
+"""The ``overstory`` command: demo (attached and self-started), chat, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import kill_namespace
+
+from overstory.runtime.demo import user_message
+
+pytestmark = pytest.mark.ray
+
+CLI = [sys.executable, "-m", "overstory.runtime.cli"]
+
+
+def expected_messages(users: int, turns: int) -> int:
+    """user + reply, plus a tool call and its return on arithmetic/counting questions."""
+    total = 0
+    for u in range(users):
+        for t in range(turns):
+            text = user_message(u, t)
+            total += 4 if text.startswith(("what is", "how many words")) else 2
+    return total
+
+
+def test_demo_json_summary_counts_from_the_store(
+    driver_env: dict[str, str], sqlite_url: str
+) -> None:
+    proc = subprocess.run(
+        [
+            *CLI,
+            "demo",
+            "--users",
+            "5",
+            "--turns",
+            "3",
+            "--json",
+            "--store",
+            sqlite_url,
+            "--namespace",
+            "cli-demo",
+        ],
+        env=driver_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["users"] == 5
+    assert summary["turns_requested"] == summary["turns_completed"] == 15
+    assert summary["errors"] == 0
+    assert summary["tool_calls"] > 0
+    assert summary["messages_stored"] == expected_messages(5, 3)
+    assert 0 < summary["p50_turn_ms"] <= summary["p99_turn_ms"]
+
+
+def test_demo_exits_non_zero_when_turns_fail(driver_env: dict[str, str], sqlite_url: str) -> None:
+    # a store the actors cannot open (the directory is removed after connect) fails turns
+    proc = subprocess.run(
+        [
+            *CLI,
+            "demo",
+            "--users",
+            "1",
+            "--turns",
+            "1",
+            "--json",
+            "--store",
+            "mongodb://127.0.0.1:9/x?serverSelectionTimeoutMS=300",
+        ],
+        env=driver_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "cannot reach MongoDB store mongodb://127.0.0.1:9/x" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["--store", "ftp://x/y"], "unsupported store scheme 'ftp'"),
+        (["--namespace", "bad space"], "namespace"),
+        (["--config", "/nonexistent/overstory.toml"], "does not exist"),
+    ],
+)
+def test_bad_settings_exit_2_with_the_reason(args: list[str], problem: str) -> None:
+    proc = subprocess.run(
+        [*CLI, "demo", "--users", "1", "--turns", "1", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert problem in proc.stderr
+
+
+def test_config_file_with_unknown_key(tmp_path: Path) -> None:
+    config = tmp_path / "o.toml"
+    config.write_text('store = "sqlite:///x.db"\nworkers = 3\n')
+    proc = subprocess.run(
+        [*CLI, "chat", "--user", "u", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "unknown key(s)" in proc.stderr
+    assert "'workers'" in proc.stderr
+
+
+def test_chat_session(driver_env: dict[str, str], sqlite_url: str) -> None:
+    lines = "hello there\nwhat is 2 + 2?\n/history\n\x00bad\n/quit\n"
+    proc = subprocess.run(
+        [*CLI, "chat", "--user", "zoe", "--store", sqlite_url, "--namespace", "cli-chat"],
+        input=lines,
+        env=driver_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "assistant> echo #1: hello there" in out
+    assert "assistant> add returned 4" in out
+    assert '[3] assistant: [calls add({"a": "2", "b": "2"})]' in out
+    assert "error: message contains control or invalid characters (U+0000)" in out
+    # a second chat session continues the same stored conversation
+    again = subprocess.run(
+        [*CLI, "chat", "--user", "zoe", "--store", sqlite_url, "--namespace", "cli-chat"],
+        input="and again\n",
+        env=driver_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    kill_namespace("cli-chat")
+    assert "6 stored messages" in again.stdout
+    assert "assistant> echo #3: and again" in again.stdout
+
+
+@pytest.mark.slow
+def test_demo_started_ray_leaves_no_process_behind() -> None:
+    # A Ray of its own, not the session's (a short path: Ray's sockets live under it).
+    ray_tmp = tempfile.mkdtemp(prefix="ovs-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = ray_tmp
+    env["RAY_AUTH_MODE"] = "disabled"
+    proc = subprocess.run(
+        [*CLI, "demo", "--users", "3", "--turns", "2", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "local Ray started for this demo" in proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["turns_completed"] == 6
+    marker = ray_tmp
+    left = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if marker in cmdline:
+            left.append((p.info["pid"], cmdline[:200]))
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert left == []
