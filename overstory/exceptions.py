@@ -13,12 +13,14 @@ both sides subclass the stdlib exceptions users already catch::
     └── RuntimeFailure (RuntimeError)       something failed while running; may be retried
         ├── StoreError                      the history store failed
         │   ├── StoreUnavailable            cannot reach / open the store
-        │   └── SequenceConflict            a (conversation, seq) record already exists
+        │   ├── SequenceConflict            a (conversation, seq) record already exists
+        │   └── Fenced                      a newer incarnation owns the conversation
         ├── ModelError                      a model / provider call failed
         │   └── AllModelsFailed             every model in a chain failed; lists each failure
         ├── MaxRoundTripsExceeded           a turn needed more model round trips than allowed
         ├── TurnFailed                      a turn did not complete; the user message is stored
         └── ConversationUnavailable         the conversation actor cannot be reached/started
+            └── Passivated                  the actor is shutting down; ask the registry again
 
 Errors from Ray, PyMongo and sqlite3 are translated into this tree where they enter
 (``store/``, ``registry/``, ``actors/``); none of them leak out of the public API.
@@ -32,11 +34,13 @@ __all__ = [
     "AllModelsFailed",
     "ConfigError",
     "ConversationUnavailable",
+    "Fenced",
     "InvalidMessage",
     "InvalidUserId",
     "MaxRoundTripsExceeded",
     "ModelError",
     "OverstoryError",
+    "Passivated",
     "RuntimeFailure",
     "SequenceConflict",
     "StoreError",
@@ -112,6 +116,27 @@ class SequenceConflict(StoreError):
         return (type(self), (self.conversation_id, self.seq))
 
 
+class Fenced(StoreError):
+    """A newer incarnation of the conversation took it over; this one may not write.
+
+    Every conversation actor takes a new epoch from the store when it activates, and
+    every write carries it: a zombie (an old incarnation still running after its
+    replacement started) has its writes rejected instead of corrupting history.
+    """
+
+    def __init__(self, conversation_id: str, epoch: int, current: int) -> None:
+        super().__init__(
+            f"conversation {conversation_id!r} is owned by incarnation {current}; "
+            f"incarnation {epoch} may no longer write to it"
+        )
+        self.conversation_id = conversation_id
+        self.epoch = epoch
+        self.current = current
+
+    def __reduce__(self) -> tuple[type[Fenced], tuple[str, int, int]]:
+        return (type(self), (self.conversation_id, self.epoch, self.current))
+
+
 class ModelError(RuntimeFailure):
     """A model call failed. ``retryable`` says whether the same call may succeed later."""
 
@@ -165,3 +190,11 @@ class TurnFailed(RuntimeFailure):
 
 class ConversationUnavailable(RuntimeFailure):
     """The conversation actor could not be reached or started."""
+
+
+class Passivated(ConversationUnavailable):
+    """This conversation actor is passivating (idle or evicted) and takes no new turns.
+
+    Client handles never show it to users: they get the conversation from the registry
+    again, which starts a fresh actor from the store, and re-send.
+    """

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from overstory.exceptions import SequenceConflict, StoreUnavailable
+from overstory.exceptions import Fenced, SequenceConflict, StoreUnavailable
 from overstory.messages import (
     AssistantMessage,
     Message,
@@ -217,3 +217,87 @@ def test_mongodb_records_one_document_per_message_with_unique_index(mongo_url: s
         assert index["key"] == [("conversation_id", 1), ("seq", 1)]
     finally:
         client.close()
+
+
+# --- fencing ---------------------------------------------------------------------------
+
+
+def test_acquire_gives_each_incarnation_a_higher_epoch(store_url: str) -> None:
+    async def body(store: HistoryStore) -> list[int]:
+        return [
+            await store.acquire("alice"),
+            await store.acquire("alice"),
+            await store.acquire("bob"),
+            await store.acquire("alice"),
+        ]
+
+    assert with_store(store_url, body) == [1, 2, 1, 3]
+
+
+def test_a_zombie_cannot_write_after_its_replacement_took_over(store_url: str) -> None:
+    async def body(store: HistoryStore) -> tuple[Fenced, list[Message]]:
+        old = await store.acquire("alice")
+        await store.append("alice", UserMessage(content="old 0", seq=0, turn_id="a"), epoch=old)
+        new = await store.acquire("alice")  # the replacement starts
+        with pytest.raises(Fenced) as info:
+            await store.append(
+                "alice", UserMessage(content="zombie 1", seq=1, turn_id="z"), epoch=old
+            )
+        await store.append("alice", UserMessage(content="new 1", seq=1, turn_id="b"), epoch=new)
+        return info.value, await store.load("alice")
+
+    error, stored = with_store(store_url, body)
+    assert (error.epoch, error.current) == (1, 2)
+    assert "incarnation 1 may no longer write" in str(error)
+    assert [m.content for m in stored] == ["old 0", "new 1"]
+
+
+def test_fencing_a_conversation_never_taken_over(store_url: str) -> None:
+    async def body(store: HistoryStore) -> int:
+        with pytest.raises(Fenced):
+            await store.append("ghost", UserMessage(content="x", seq=0, turn_id="t"), epoch=5)
+        return await store.count("ghost")
+
+    assert with_store(store_url, body) == 0
+
+
+def test_zombie_and_replacement_racing_on_separate_connections(store_url: str) -> None:
+    """Many writes of an old incarnation race a takeover: none lands after it."""
+
+    async def body(store: HistoryStore) -> tuple[list[Message], int]:
+        zombie = open_store(store_url)
+        await zombie.open()
+        try:
+            old = await zombie.acquire("race")
+            taken = asyncio.Event()
+            outcomes: list[tuple[int, bool]] = []
+
+            async def zombie_writes() -> None:
+                for seq in range(30):
+                    started_after_takeover = taken.is_set()
+                    try:
+                        await zombie.append(
+                            "race", UserMessage(content=f"z{seq}", seq=seq, turn_id="z"), epoch=old
+                        )
+                        outcomes.append((seq, started_after_takeover))
+                    except Fenced:
+                        return
+                    await asyncio.sleep(0)
+
+            async def takeover() -> int:
+                await asyncio.sleep(0.005)
+                epoch = await store.acquire("race")
+                taken.set()
+                return epoch
+
+            _, new = await asyncio.gather(zombie_writes(), takeover())
+            # a zombie write begun after the takeover returned, yet stored, is a breach
+            assert not [seq for seq, after in outcomes if after]
+            return await store.load("race"), new
+        finally:
+            await zombie.close()
+
+    stored, new = with_store(store_url, body)
+    assert new == 2
+    assert 0 < len(stored) < 30  # the takeover landed mid-stream and stopped the zombie
+    assert [m.seq for m in stored] == list(range(len(stored)))

@@ -1,9 +1,16 @@
 """ConversationActor: one user's conversation as a named, detached Ray actor.
 
-A thin shell around :func:`~overstory.actors.turn.run_turn`: it loads the history from the
-store when it starts (so a new incarnation rebuilds itself), runs turns one at a time
-through a :class:`~overstory.actors.gate.TurnGate` (each caller's in the order it sent
-them), and answers history reads at any time. Users never see this class; they hold a
+A thin shell around :func:`~overstory.actors.turn.run_turn`. When it activates it takes a
+new epoch from the store (fencing out any older incarnation still running) and loads the
+history, so a restarted or re-activated actor rebuilds itself. Turns run one at a time
+through a :class:`~overstory.actors.gate.TurnGate`, each caller's in the order it sent
+them; history reads are answered at any time.
+
+Lifecycle (virtual actor): after ``idle_timeout_s`` without a turn the actor asks its
+supervisor to passivate it; the supervisor calls :meth:`passivate` (which waits for a
+running turn to finish and then refuses new ones with
+:class:`~overstory.exceptions.Passivated`) and kills it. Everything is already stored,
+so nothing is lost. Users never see this class; they hold a
 :class:`~overstory.runtime.client.Conversation`.
 """
 
@@ -14,8 +21,10 @@ import os
 import time
 from typing import Any
 
+import ray
+
 from ..agent import Agent
-from ..exceptions import SequenceConflict
+from ..exceptions import Fenced, Passivated, SequenceConflict
 from ..messages import Message, Reply
 from ..store import HistoryStore, open_store
 from ..validation import MAX_MESSAGE_CHARS, validate_message
@@ -26,7 +35,7 @@ __all__ = ["ConversationActor"]
 
 
 class ConversationActor:
-    """Holds one conversation's history; the Ray actor class is built by ``remote_class``."""
+    """Holds one conversation's history (the Ray actor class is built by the supervisor)."""
 
     def __init__(
         self,
@@ -34,17 +43,27 @@ class ConversationActor:
         agent: Agent,
         store_url: str,
         max_message_chars: int = MAX_MESSAGE_CHARS,
+        idle_timeout_s: float | None = None,
+        supervisor: Any = None,
     ) -> None:
         self.conversation_id = conversation_id
         self.agent = agent
         self.max_message_chars = max_message_chars
+        self.idle_timeout_s = idle_timeout_s
+        self._supervisor = supervisor
         self._store: HistoryStore = open_store(store_url)
         self._history: list[Message] = []
+        self._epoch = 0
         self._loaded = False
         self._load_lock = asyncio.Lock()
         self._gate = TurnGate()
         self._started_at = time.time()
+        self._last_active = time.monotonic()
         self._turns = 0
+        self._in_turn = 0
+        self._closing = False
+        self._stopped: asyncio.Event | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     async def _load(self) -> None:
         if self._loaded:
@@ -52,11 +71,28 @@ class ConversationActor:
         async with self._load_lock:
             if not self._loaded:
                 await self._store.open()
+                self._epoch = await self._store.acquire(self.conversation_id)
                 self._history = await self._store.load(self.conversation_id)
                 self._loaded = True
+                self._arm_idle_timer()
+
+    def _arm_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        if self.idle_timeout_s is not None and self._supervisor is not None:
+            loop = asyncio.get_running_loop()
+            self._idle_timer = loop.call_later(self.idle_timeout_s, self._on_idle)
+
+    def _on_idle(self) -> None:
+        if self._in_turn or self._closing:
+            return
+        # Ask, don't act: the supervisor owns the lifecycle and may have raced a new send.
+        self._supervisor.passivate.remote(self.conversation_id, "idle")
 
     async def ready(self) -> dict[str, Any]:
         """Loads the history if needed; returns when the actor can serve (activation)."""
+        if self._closing:
+            raise Passivated(f"conversation {self.conversation_id!r} is passivating")
         await self._load()
         return self.info()
 
@@ -64,30 +100,84 @@ class ConversationActor:
         return {
             "conversation_id": self.conversation_id,
             "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "epoch": self._epoch,
             "messages": len(self._history),
             "turns_served": self._turns,
             "started_at": self._started_at,
+            "idle_s": time.monotonic() - self._last_active,
+            "busy": self._in_turn > 0,
             "agent": self.agent.name,
         }
 
     async def send(self, turn_id: str, text: str, caller: str | None = None, n: int = 0) -> Reply:
         """Run turn ``turn_id``; ``caller``/``n`` order one client's sends (see TurnGate)."""
         validate_message(text, max_chars=self.max_message_chars)
-        await self._load()
-        async with self._gate.turn(caller, n):
-            try:
-                return await run_turn(
-                    self.agent, self._store, self.conversation_id, self._history, turn_id, text
-                )
-            except SequenceConflict:
-                # Someone else wrote this conversation: our copy is stale. Reload so the
-                # next turn starts from what is stored, and let the caller know.
-                self._history = await self._store.load(self.conversation_id)
-                raise
-            finally:
-                self._turns += 1
+        if self._closing:
+            raise Passivated(f"conversation {self.conversation_id!r} is passivating")
+        self._in_turn += 1
+        try:
+            await self._load()
+            async with self._gate.turn(caller, n):
+                if self._closing:
+                    raise Passivated(f"conversation {self.conversation_id!r} is passivating")
+                try:
+                    return await run_turn(
+                        self.agent,
+                        self._store,
+                        self.conversation_id,
+                        self._history,
+                        turn_id,
+                        text,
+                        epoch=self._epoch,
+                    )
+                except SequenceConflict:
+                    # Someone else wrote this conversation: our copy is stale. Reload so
+                    # the next turn starts from what is stored, and let the caller know.
+                    self._history = await self._store.load(self.conversation_id)
+                    raise
+                except Fenced:
+                    # A newer incarnation owns the conversation: this one is a zombie.
+                    self._closing = True
+                    raise
+                finally:
+                    self._turns += 1
+        finally:
+            self._in_turn -= 1
+            self._last_active = time.monotonic()
+            if not self._closing:
+                self._arm_idle_timer()
 
     async def history(self) -> list[Message]:
         """The stored messages; during a turn, those of the turn stored so far."""
         await self._load()
         return list(self._history)
+
+    async def passivate(self) -> bool:
+        """Stop taking turns once the running one (if any) ends; ``False`` if busy again.
+
+        Called by the supervisor before it kills this actor. A turn that is already
+        waiting is let through first: passivation never strands a caller.
+        """
+        if self._in_turn:
+            return False
+        self._closing = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        await self._store.close()
+        if self._stopped is not None:
+            self._stopped.set()
+        return True
+
+    async def watch(self) -> str:
+        """Pending until this actor passivates ("passivated"); fails promptly if it dies.
+
+        The supervisor keeps one such call in flight per child: that is how it notices
+        a death within about a second, without polling.
+        """
+        if self._stopped is None:
+            self._stopped = asyncio.Event()
+        if self._closing:
+            return "passivated"
+        await self._stopped.wait()
+        return "passivated"

@@ -47,17 +47,21 @@ async def run_turn(
     history: list[Message],
     turn_id: str,
     text: str,
+    *,
+    epoch: int | None = None,
 ) -> Reply:
     """Run (or resume, or replay) turn ``turn_id``; ``history`` is extended in place.
 
-    Raises :class:`TurnFailed` when the model fails or the round-trip limit is hit; the
+    Every write carries ``epoch`` (see :meth:`HistoryStore.acquire`), so a superseded
+    incarnation gets :class:`~overstory.exceptions.Fenced` instead of writing. Raises
+    :class:`TurnFailed` when the model fails or the round-trip limit is hit; the
     messages stored so far stay stored.
     """
     turn = [m for m in history if m.turn_id == turn_id]
 
     async def commit(message: Message) -> Message:
         stored = placed(message, seq=len(history), turn_id=turn_id)
-        await store.append(conversation_id, stored)
+        await store.append(conversation_id, stored, epoch=epoch)
         history.append(stored)
         turn.append(stored)
         return stored

@@ -1,5 +1,6 @@
-"""User id -> conversation actor handle (get-or-start)."""
+"""User id -> conversation actor handle (get-or-start through the supervision tree)."""
 
-from .registry import ActorOptions, Registry, actor_name
+from ..actors.names import NAME_PREFIX, actor_name
+from .registry import Registry
 
-__all__ = ["ActorOptions", "Registry", "actor_name"]
+__all__ = ["NAME_PREFIX", "Registry", "actor_name"]

@@ -1,67 +1,35 @@
-"""User id -> conversation actor: get-or-start, exactly one actor per user.
+"""User id -> conversation actor handle (the client side of the registry).
 
-Ray's GCS is the registry's storage: a conversation actor is *named* after its user id
-(a hash, so the name is fixed-length and reveals nothing) in the app's namespace, and
-name registration in the GCS is atomic. Get-or-start therefore is:
-
-1. look the name up; if absent, create the actor under that name — when two drivers
-   race, exactly one creation wins and the others get ``ActorAlreadyExistsError`` and
-   look the name up again;
-2. wait until the actor is ready (its history loaded). A handle that turns out dead
-   (ray#44083: ``get_if_exists`` can return an actor that is dying) is dropped and the
-   loop goes round again, so callers are never handed a dead actor.
-
-The loop is bounded by ``attempts`` and by a deadline; between attempts it backs off
-briefly because the GCS frees a dead actor's name asynchronously and offers nothing to
-await.
+The registry's state — which conversations are live, on which node, since when — lives
+in the :class:`~overstory.supervisors.conversations.ConversationSupervisor` of the app's
+supervision tree: it is the one actor that starts and stops conversations, so it is the
+one place that cannot disagree with reality. This class finds that supervisor (booting
+the tree if there is none) and asks it for a user's conversation; concurrent requests
+for one user are serialised there and yield exactly one actor.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import time
-from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import (
-    ActorAlreadyExistsError,
-    GetTimeoutError,
-    RayActorError,
-    RayTaskError,
-)
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from ..actors.conversation import ConversationActor
+from ..actors.names import actor_name
 from ..agent import Agent
 from ..exceptions import ConversationUnavailable
+from ..supervisors import ChildSpec, SupervisorSpec
+from ..supervisors.conversations import ConversationSupervisor, Lifecycle
+from ..supervisors.named import unwrap_task_error
+from ..supervisors.tree import CONVERSATIONS, NamedChild, boot
 
-__all__ = ["ActorOptions", "Registry", "actor_name", "unwrap_task_error"]
+__all__ = ["Registry", "actor_name"]
 
-NAME_PREFIX = "conversation-"
+_RemoteConversations: Any = ray.remote(ConversationSupervisor)
 
-_RemoteConversation: Any = ray.remote(ConversationActor)
-
-
-def unwrap_task_error(exc: RayTaskError) -> BaseException:
-    """The exception an actor method raised, as its own type (not Ray's wrapper)."""
-    cause = exc.cause
-    return cause if isinstance(cause, BaseException) else exc
-
-
-def actor_name(user_id: str) -> str:
-    """The Ray actor name of ``user_id``'s conversation (the user id is not readable in it)."""
-    return NAME_PREFIX + hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:32]
-
-
-@dataclass(frozen=True, slots=True)
-class ActorOptions:
-    """How conversation actors are started."""
-
-    max_restarts: int = -1
-    activation_timeout_s: float = 60.0
-    attempts: int = 6
-    num_cpus: float = 0.0
+#: How often a request is re-sent after the supervisor itself died under it.
+_ATTEMPTS = 3
 
 
 class Registry:
@@ -74,73 +42,90 @@ class Registry:
         agent: Agent,
         store_url: str,
         max_message_chars: int,
-        options: ActorOptions = ActorOptions(),
+        lifecycle: Lifecycle,
+        send_agent: bool = True,
     ) -> None:
         self.namespace = namespace
         self.agent = agent
         self.store_url = store_url
         self.max_message_chars = max_message_chars
-        self.options = options
+        self.lifecycle = lifecycle
+        self._send_agent = send_agent
+        self._supervisor: Any = None
 
-    def _lookup_or_create(self, user_id: str) -> Any:
-        name = actor_name(user_id)
-        try:
-            return ray.get_actor(name, namespace=self.namespace)
-        except ValueError:
-            pass
-        try:
-            return _RemoteConversation.options(
-                name=name,
-                namespace=self.namespace,
-                lifetime="detached",
-                max_restarts=self.options.max_restarts,
-                max_task_retries=0,
-                num_cpus=self.options.num_cpus,
-            ).remote(user_id, self.agent, self.store_url, self.max_message_chars)
-        except ActorAlreadyExistsError:
-            return ray.get_actor(name, namespace=self.namespace)
+    def tree_spec(self) -> SupervisorSpec:
+        conversations = NamedChild(
+            _RemoteConversations,
+            CONVERSATIONS,
+            (self.namespace, self.agent, self.store_url, self.max_message_chars, self.lifecycle),
+            {"lifetime": "detached", "max_restarts": -1, "max_task_retries": 0, "num_cpus": 0},
+        )
+        return SupervisorSpec(
+            strategy="one_for_one",
+            children=(ChildSpec("conversations", start=conversations, restart="permanent"),),
+        )
+
+    def supervisor(self) -> Any:
+        """The conversation supervisor's handle, booting the tree when it is missing."""
+        if self._supervisor is None:
+            root = boot(
+                self.namespace, self.tree_spec(), timeout_s=self.lifecycle.activation_timeout_s
+            )
+            try:
+                ray.get(root.ready.remote(), timeout=self.lifecycle.activation_timeout_s)
+                self._supervisor = ray.get_actor(CONVERSATIONS, namespace=self.namespace)
+            except (RayActorError, ValueError, GetTimeoutError) as exc:
+                raise ConversationUnavailable(
+                    f"the supervision tree in namespace {self.namespace!r} is not available: {exc}"
+                ) from exc
+        return self._supervisor
 
     def get_or_start(self, user_id: str) -> Any:
         """A live handle to ``user_id``'s conversation actor, started if needed."""
-        deadline = time.monotonic() + self.options.activation_timeout_s
         last: BaseException | None = None
-        for attempt in range(self.options.attempts):
+        for _ in range(_ATTEMPTS):
+            supervisor = self.supervisor()
+            agent = self.agent if self._send_agent else None
             try:
-                handle = self._lookup_or_create(user_id)
-                ray.get(handle.ready.remote(), timeout=max(0.0, deadline - time.monotonic()))
-                return handle
-            except RayTaskError as exc:  # ready() itself failed, e.g. the store is down
+                return ray.get(
+                    supervisor.start_child.remote(user_id, agent),
+                    timeout=self.lifecycle.activation_timeout_s,
+                )
+            except RayTaskError as exc:
                 raise unwrap_task_error(exc) from None
-            except (RayActorError, ValueError) as exc:
-                last = exc
+            except RayActorError as exc:  # the supervisor died: its parent restarts it
+                self._supervisor, last = None, exc
             except GetTimeoutError as exc:
                 raise self._unavailable(user_id, "it did not become ready in time") from exc
-            if time.monotonic() >= deadline:
-                break
-            time.sleep(min(0.05 * 2**attempt, 1.0))
         raise self._unavailable(user_id, f"{type(last).__name__}: {last}") from last
 
     async def get_or_start_async(self, user_id: str) -> Any:
         """Async form of :meth:`get_or_start`."""
-        deadline = time.monotonic() + self.options.activation_timeout_s
         last: BaseException | None = None
-        for attempt in range(self.options.attempts):
+        for _ in range(_ATTEMPTS):
+            supervisor = self._supervisor or await asyncio.to_thread(self.supervisor)
+            agent = self.agent if self._send_agent else None
             try:
-                handle = self._lookup_or_create(user_id)
-                await asyncio.wait_for(
-                    handle.ready.remote(), timeout=max(0.0, deadline - time.monotonic())
+                return await asyncio.wait_for(
+                    supervisor.start_child.remote(user_id, agent),
+                    timeout=self.lifecycle.activation_timeout_s,
                 )
-                return handle
-            except RayTaskError as exc:  # ready() itself failed, e.g. the store is down
+            except RayTaskError as exc:
                 raise unwrap_task_error(exc) from None
-            except (RayActorError, ValueError) as exc:
-                last = exc
+            except RayActorError as exc:
+                self._supervisor, last = None, exc
             except TimeoutError as exc:
                 raise self._unavailable(user_id, "it did not become ready in time") from exc
-            if time.monotonic() >= deadline:
-                break
-            await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
         raise self._unavailable(user_id, f"{type(last).__name__}: {last}") from last
+
+    def passivate(self, user_id: str, reason: str = "stopped") -> bool:
+        """Ask the supervisor to passivate ``user_id``'s conversation (history stays)."""
+        return bool(ray.get(self.supervisor().passivate.remote(user_id, reason)))
+
+    def status(self) -> dict[str, Any]:
+        """Live conversations, per node, and activation/passivation/restart counters."""
+        status: dict[str, Any] = ray.get(self.supervisor().status.remote())
+        return status
 
     def _unavailable(self, user_id: str, why: str) -> ConversationUnavailable:
         return ConversationUnavailable(

@@ -11,7 +11,6 @@ completed returns its stored reply, an interrupted one resumes; neither is dupli
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import threading
 import uuid
@@ -23,10 +22,12 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from ..agent import Agent
+from ..exceptions import ConversationUnavailable, Fenced, Passivated
 from ..messages import Message, Reply
-from ..registry import ActorOptions, Registry, actor_name
-from ..registry.registry import unwrap_task_error
+from ..registry import Registry, actor_name
 from ..store import open_store
+from ..supervisors.conversations import Lifecycle
+from ..supervisors.named import unwrap_task_error
 from ..validation import validate_message, validate_user_id
 from .cluster import attach, detach
 from .config import Config
@@ -35,8 +36,9 @@ __all__ = ["Conversation", "Runtime", "connect"]
 
 T = TypeVar("T")
 
-#: How many times a call is re-sent to a replacement actor after the actor died.
-_RESEND_ATTEMPTS = 2
+#: How many times a call is re-sent to a replacement actor after the actor died (or was
+#: passivated, or fenced out) under it. Re-sending is safe: turns are idempotent by id.
+_RESEND_ATTEMPTS = 6
 
 
 def _default_agent() -> Agent:
@@ -80,11 +82,13 @@ class Conversation:
             try:
                 return ray.get(getattr(handle, method).remote(*args))
             except RayTaskError as exc:
-                raise unwrap_task_error(exc) from None
-            except RayActorError:
+                cause = unwrap_task_error(exc)
+                if not isinstance(cause, Passivated | Fenced) or attempt == _RESEND_ATTEMPTS:
+                    raise cause from None
+            except RayActorError as exc:
                 if attempt == _RESEND_ATTEMPTS:
-                    raise
-                handle = self._replace_handle(handle)
+                    raise self._gave_up(method, exc) from exc
+            handle = self._replace_handle(handle)
         raise AssertionError("unreachable")
 
     async def _call_async(self, method: str, *args: Any) -> Any:
@@ -93,12 +97,21 @@ class Conversation:
             try:
                 return await getattr(handle, method).remote(*args)
             except RayTaskError as exc:
-                raise unwrap_task_error(exc) from None
-            except RayActorError:
+                cause = unwrap_task_error(exc)
+                if not isinstance(cause, Passivated | Fenced) or attempt == _RESEND_ATTEMPTS:
+                    raise cause from None
+            except RayActorError as exc:
                 if attempt == _RESEND_ATTEMPTS:
-                    raise
-                handle = await self._replace_handle_async(handle)
+                    raise self._gave_up(method, exc) from exc
+            handle = await self._replace_handle_async(handle)
         raise AssertionError("unreachable")
+
+    def _gave_up(self, method: str, exc: BaseException) -> ConversationUnavailable:
+        return ConversationUnavailable(
+            f"{method} on the conversation of {self.user_id!r} failed: its actor died "
+            f"{_RESEND_ATTEMPTS + 1} times in a row ({type(exc).__name__}). A send may be "
+            "retried with the same turn_id: it is never stored twice."
+        )
 
     def _check(self, text: str, turn_id: str | None) -> str:
         validate_message(text, max_chars=self._runtime.config.max_message_chars)
@@ -142,7 +155,9 @@ class Conversation:
 class Runtime:
     """A connection to overstory on a Ray cluster. Get one with :func:`connect`."""
 
-    def __init__(self, config: Config, agent: Agent, *, started_ray: bool) -> None:
+    def __init__(
+        self, config: Config, agent: Agent, *, started_ray: bool, send_agent: bool = True
+    ) -> None:
         self.config = config
         self.agent = agent
         self.started_ray = started_ray
@@ -151,10 +166,16 @@ class Runtime:
             agent=agent,
             store_url=config.store,
             max_message_chars=config.max_message_chars,
-            options=ActorOptions(
-                max_restarts=config.actor_max_restarts,
+            lifecycle=Lifecycle(
+                idle_timeout_s=config.idle_timeout_s,
+                max_live_per_node=config.max_live_per_node,
+                max_restarts=config.restart_intensity,
+                period_s=config.restart_period_s,
+                actor_max_restarts=config.actor_max_restarts,
                 activation_timeout_s=config.activation_timeout_s,
+                resources=dict(config.actor_resources),
             ),
+            send_agent=send_agent,
         )
         self._conversations: dict[str, Conversation] = {}
         self._lock = threading.Lock()
@@ -185,13 +206,17 @@ class Runtime:
         handle = await self.registry.get_or_start_async(user_id)
         return self._conversations.setdefault(user_id, Conversation(self, user_id, handle))
 
-    def stop_conversation(self, user_id: str) -> None:
-        """Stop ``user_id``'s actor (its history stays stored; the next call restarts it)."""
+    def stop_conversation(self, user_id: str) -> bool:
+        """Passivate ``user_id``'s actor now (history stays stored; the next call re-activates).
+
+        ``False`` when it was not live or is in the middle of a turn.
+        """
         validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
-        with self._lock:
-            self._conversations.pop(user_id, None)
-        with contextlib.suppress(ValueError):
-            ray.kill(ray.get_actor(actor_name(user_id), namespace=self.config.namespace))
+        return self.registry.passivate(user_id, "stopped")
+
+    def status(self) -> dict[str, Any]:
+        """Live conversations (total and per node) and activation/passivation/restart counts."""
+        return self.registry.status()
 
     def count_stored(self, user_id: str | None = None) -> int:
         """Messages stored for ``user_id`` (or in all), read back from the store itself."""
@@ -265,4 +290,12 @@ def connect(
         )
     _run_store(config.store, lambda s: s.count("\x00probe"))
     started = attach(config.ray_address, config.namespace, dashboard=dashboard)
-    return Runtime(config, agent or _default_agent(), started_ray=started)
+    runtime = Runtime(
+        config, agent or _default_agent(), started_ray=started, send_agent=agent is not None
+    )
+    try:
+        runtime.registry.supervisor()  # boot the supervision tree, or attach to it
+    except BaseException:
+        runtime.close()
+        raise
+    return runtime

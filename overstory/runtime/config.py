@@ -43,6 +43,16 @@ class Config(pydantic.BaseModel):
     """How often Ray restarts a crashed conversation actor in place (-1: always)."""
     activation_timeout_s: float = pydantic.Field(60.0, gt=0, le=3600)
     """How long get-or-start waits for a conversation actor to load its history."""
+    idle_timeout_s: float | None = pydantic.Field(None, gt=0)
+    """Passivate a conversation after this long without a turn (``None``: never)."""
+    max_live_per_node: int | None = pydantic.Field(None, ge=1)
+    """Cap on live conversation actors per node; the least recently used idle ones go."""
+    restart_intensity: int = pydantic.Field(100, ge=0)
+    """Conversation restarts allowed within ``restart_period_s`` before the conversation
+    supervisor gives up, shuts its children down and escalates to the root."""
+    restart_period_s: float = pydantic.Field(10.0, gt=0)
+    actor_resources: dict[str, float] = pydantic.Field(default_factory=dict)
+    """Ray custom resources each conversation actor requires (pins them to such nodes)."""
 
     @pydantic.field_validator("namespace")
     @classmethod

@@ -3,6 +3,12 @@
 Records are keyed by ``(conversation id, seq)`` with a unique index: appending a
 message whose seq is taken raises :class:`~overstory.exceptions.SequenceConflict` and
 changes nothing. Stores never update or delete a message record.
+
+Fencing: :meth:`HistoryStore.acquire` gives each new incarnation of a conversation a
+higher epoch; an append that carries an older epoch raises
+:class:`~overstory.exceptions.Fenced` and stores nothing. The check and the insert are
+one atomic step (a SQLite transaction; a MongoDB transaction that also writes the
+conversation's epoch document, so a concurrent takeover conflicts with it).
 """
 
 from __future__ import annotations
@@ -27,10 +33,18 @@ class HistoryStore(ABC):
         """Connect and create the schema/indexes. Raises ``StoreUnavailable``. Idempotent."""
 
     @abstractmethod
-    async def append(self, conversation_id: str, message: Message) -> None:
+    async def acquire(self, conversation_id: str) -> int:
+        """Take the conversation over: a new epoch, higher than every earlier one."""
+
+    @abstractmethod
+    async def append(
+        self, conversation_id: str, message: Message, *, epoch: int | None = None
+    ) -> None:
         """Durably store ``message`` at ``message.seq``; returns once it is durable.
 
-        Raises ``SequenceConflict`` when that seq is taken, ``StoreError`` otherwise.
+        With ``epoch``, only if it is still the conversation's current epoch (else
+        ``Fenced``). Raises ``SequenceConflict`` when that seq is taken, ``StoreError``
+        otherwise.
         """
 
     @abstractmethod

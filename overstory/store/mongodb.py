@@ -5,6 +5,15 @@ official successor. One document per message in the ``messages`` collection, wit
 unique index on ``(conversation_id, seq)`` — never one growing document per
 conversation, which would hit MongoDB's 16 MB document limit. Writes use majority write
 concern with journaling, so a message is durable when :meth:`append` returns.
+
+Fencing keeps one document per conversation in ``conversations`` holding its epoch. A
+fenced append runs in a transaction that first updates that document *conditioned on
+the epoch* and then inserts the message: a concurrent takeover (``$inc`` of the epoch)
+write-conflicts with it, so a zombie's write either lands before the takeover or not at
+all. Transactions need a replica set or a sharded cluster (every production deployment
+and Atlas); on a standalone server the check and the insert are two steps and a write
+racing a takeover by milliseconds can still land — :attr:`MongoStore.atomic_fencing`
+says which one you have.
 """
 
 from __future__ import annotations
@@ -12,10 +21,10 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-from pymongo import ASCENDING, AsyncMongoClient, WriteConcern
+from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, WriteConcern
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from ..exceptions import SequenceConflict, StoreError, StoreUnavailable
+from ..exceptions import Fenced, SequenceConflict, StoreError, StoreUnavailable
 from ..messages import Message, from_record, to_record
 from .base import HistoryStore
 from .url import redact_url
@@ -33,18 +42,26 @@ class MongoStore(HistoryStore):
         self._timeout_ms = int(timeout_s * 1000)
         self.database = urlsplit(url).path.lstrip("/") or DEFAULT_DATABASE
         self._client: AsyncMongoClient[dict[str, Any]] | None = None
+        self.atomic_fencing = False
 
     @property
     def url(self) -> str:
         return redact_url(self._url)
 
-    @property
-    def _messages(self) -> Any:
+    def _collection(self, name: str) -> Any:
         if self._client is None:
             raise StoreError(f"store {self.url} is not open; call open() first")
         return self._client[self.database].get_collection(
-            "messages", write_concern=WriteConcern(w="majority", j=True)
+            name, write_concern=WriteConcern(w="majority", j=True)
         )
+
+    @property
+    def _messages(self) -> Any:
+        return self._collection("messages")
+
+    @property
+    def _conversations(self) -> Any:
+        return self._collection("conversations")
 
     async def open(self) -> None:
         if self._client is not None:
@@ -59,7 +76,8 @@ class MongoStore(HistoryStore):
         except (PyMongoError, ValueError, TypeError) as exc:
             raise StoreUnavailable(f"cannot use MongoDB store {self.url}: {exc}") from exc
         try:
-            await client.admin.command("ping")
+            hello = await client.admin.command("hello")
+            self.atomic_fencing = bool(hello.get("setName") or hello.get("msg") == "isdbgrid")
             await client[self.database]["messages"].create_index(
                 [("conversation_id", ASCENDING), ("seq", ASCENDING)],
                 unique=True,
@@ -73,10 +91,49 @@ class MongoStore(HistoryStore):
             ) from exc
         self._client = client
 
-    async def append(self, conversation_id: str, message: Message) -> None:
+    async def acquire(self, conversation_id: str) -> int:
+        try:
+            doc = await self._conversations.find_one_and_update(
+                {"_id": conversation_id},
+                {"$inc": {"epoch": 1}},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+            )
+        except PyMongoError as exc:
+            raise StoreError(f"cannot take over conversation in {self.url}: {exc}") from exc
+        return int(doc["epoch"])
+
+    async def _fence(self, conversation_id: str, epoch: int, session: Any = None) -> None:
+        claimed = await self._conversations.find_one_and_update(
+            {"_id": conversation_id, "epoch": epoch},
+            {"$set": {"written_at": epoch}},
+            session=session,
+        )
+        if claimed is None:
+            doc = await self._conversations.find_one({"_id": conversation_id}, session=session)
+            raise Fenced(conversation_id, epoch, int(doc["epoch"]) if doc else 0)
+
+    async def append(
+        self, conversation_id: str, message: Message, *, epoch: int | None = None
+    ) -> None:
         doc = {"conversation_id": conversation_id, **to_record(message)}
         try:
-            await self._messages.insert_one(doc)
+            if epoch is None:
+                await self._messages.insert_one(doc)
+            elif not self.atomic_fencing:
+                await self._fence(conversation_id, epoch)
+                await self._messages.insert_one(doc)
+            else:
+                assert self._client is not None
+
+                async def fenced_insert(session: Any) -> None:
+                    await self._fence(conversation_id, epoch, session)
+                    await self._messages.insert_one(doc, session=session)
+
+                # with_transaction retries a write conflict with a concurrent takeover;
+                # the retry then sees the new epoch and raises Fenced.
+                async with self._client.start_session() as session:
+                    await session.with_transaction(fenced_insert)
         except DuplicateKeyError as exc:
             raise SequenceConflict(conversation_id, message.seq) from exc
         except PyMongoError as exc:

@@ -18,7 +18,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..exceptions import SequenceConflict, StoreError, StoreUnavailable
+from ..exceptions import Fenced, SequenceConflict, StoreError, StoreUnavailable
 from ..messages import Message, from_record, to_record
 from .base import HistoryStore
 
@@ -35,6 +35,10 @@ CREATE TABLE IF NOT EXISTS messages (
     created_at      REAL NOT NULL,
     body            TEXT NOT NULL,
     PRIMARY KEY (conversation_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS conversations (
+    conversation_id TEXT PRIMARY KEY,
+    epoch           INTEGER NOT NULL
 ) WITHOUT ROWID;
 """
 
@@ -81,10 +85,46 @@ class SQLiteStore(HistoryStore):
             raise
         return conn
 
-    async def append(self, conversation_id: str, message: Message) -> None:
+    async def acquire(self, conversation_id: str) -> int:
+        def bump(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "INSERT INTO conversations (conversation_id, epoch) VALUES (?, 1)"
+                " ON CONFLICT (conversation_id) DO UPDATE SET epoch = epoch + 1"
+                " RETURNING epoch",
+                (conversation_id,),
+            ).fetchone()
+            return int(row[0])
+
+        try:
+            return await self._run(bump)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot take over conversation in {self.url}: {exc}") from exc
+
+    async def append(
+        self, conversation_id: str, message: Message, *, epoch: int | None = None
+    ) -> None:
         record = to_record(message)
 
         def insert(conn: sqlite3.Connection) -> None:
+            if epoch is None:
+                write(conn)
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute(
+                    "SELECT epoch FROM conversations WHERE conversation_id = ?",
+                    (conversation_id,),
+                ).fetchone()
+                current = int(row[0]) if row else 0
+                if current != epoch:
+                    raise Fenced(conversation_id, epoch, current)
+                write(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+        def write(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO messages (conversation_id, seq, turn_id, kind, created_at, body)"
                 " VALUES (?, ?, ?, ?, ?, ?)",

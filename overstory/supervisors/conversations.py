@@ -1,0 +1,277 @@
+"""ConversationSupervisor: a dynamic supervisor (one_for_one, transient children) that
+is also the registry's single source of truth for which conversations are live.
+
+* ``start_child(user_id)`` gets or starts the user's conversation actor. Calls for one
+  user are serialised here, so concurrent activations from many drivers yield one actor.
+* Each child has one pending ``watch`` call: it returns when the child passivates (a
+  normal exit: transient, not restarted) and fails within about a second when the child
+  dies (a crash). Ray restarts a crashed child in place (``ActorUnavailableError``: same
+  name, same handles) and the supervisor waits for it to serve again; a child killed for
+  good (``ActorDiedError``) is started again by the supervisor. Either way the restart
+  counts against the restart intensity; exceeding it shuts every child down in reverse
+  start order and escalates: this supervisor exits and its parent decides.
+* Lifecycle: a child idle for ``idle_timeout_s`` asks to be passivated; with
+  ``max_live_per_node`` set, activating one more conversation on a full node passivates
+  the least recently used idle ones there. Passivation waits for a running turn.
+
+Which children to restart and when to give up are the pure functions of
+:mod:`overstory.supervisors.core`; this class only does the I/O around them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+
+from ..actors.conversation import ConversationActor
+from ..actors.names import NAME_PREFIX, actor_name
+from ..agent import Agent
+from ..exceptions import OverstoryError
+from .core import restart_intensity, should_restart
+from .named import get_or_create
+
+__all__ = ["ConversationSupervisor", "Lifecycle"]
+
+log = logging.getLogger(__name__)
+
+_RemoteConversation: Any = ray.remote(ConversationActor)
+
+
+@dataclass(frozen=True, slots=True)
+class Lifecycle:
+    """How conversation actors live and die (validated by the runtime's Config)."""
+
+    idle_timeout_s: float | None = None
+    max_live_per_node: int | None = None
+    max_restarts: int = 100
+    period_s: float = 10.0
+    actor_max_restarts: int = -1
+    activation_timeout_s: float = 60.0
+    resources: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Child:
+    user_id: str
+    handle: Any
+    node_id: str
+    started_at: float
+    watcher: asyncio.Task[None] | None = None
+    stopping: bool = False
+
+
+class ConversationSupervisor:
+    """Starts, watches, restarts and passivates conversation actors."""
+
+    def __init__(
+        self,
+        namespace: str,
+        agent: Agent,
+        store_url: str,
+        max_message_chars: int,
+        lifecycle: Lifecycle,
+    ) -> None:
+        self.namespace = namespace
+        self.agent = agent
+        self.store_url = store_url
+        self.max_message_chars = max_message_chars
+        self.lifecycle = lifecycle
+        self._children: dict[str, _Child] = {}
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._restarts: tuple[float, ...] = ()
+        self.counters = {"activations": 0, "passivations": 0, "restarts": 0, "evictions": 0}
+        self._stopped: asyncio.Event | None = None
+        self._adopted = False
+
+    # --- supervision protocol (used by the root supervisor) ---------------------------
+
+    async def ready(self) -> dict[str, Any]:
+        if not self._adopted:
+            self._adopted = True
+            await self._adopt_orphans()
+        return self.status()
+
+    async def watch(self) -> str:
+        if self._stopped is None:
+            self._stopped = asyncio.Event()
+        await self._stopped.wait()
+        return "shutdown"
+
+    def status(self) -> dict[str, Any]:
+        per_node: defaultdict[str, int] = defaultdict(int)
+        for child in self._children.values():
+            per_node[child.node_id] += 1
+        return {"live": len(self._children), "per_node": dict(per_node), **self.counters}
+
+    def children(self) -> list[dict[str, Any]]:
+        return [
+            {"user_id": c.user_id, "node_id": c.node_id, "started_at": c.started_at}
+            for c in self._children.values()
+        ]
+
+    # --- registry ---------------------------------------------------------------------
+
+    async def start_child(self, user_id: str, agent: Agent | None = None) -> Any:
+        """The live actor of ``user_id``, started (and its history loaded) if needed."""
+        async with self._locks[user_id]:
+            child = self._children.get(user_id)
+            if child is None or child.stopping:
+                child = await self._spawn(user_id, agent)
+            handle = child.handle
+        if self.lifecycle.max_live_per_node is not None:
+            await self._enforce_cap(child.node_id, keep=user_id)
+        return handle
+
+    async def _spawn(self, user_id: str, agent: Agent | None) -> _Child:
+        options: dict[str, Any] = {
+            "lifetime": "detached",
+            "max_restarts": self.lifecycle.actor_max_restarts,
+            "max_task_retries": 0,
+            "num_cpus": 0,
+        }
+        if self.lifecycle.resources:
+            options["resources"] = dict(self.lifecycle.resources)
+        me = ray.get_runtime_context().current_actor
+        handle, info = await get_or_create(
+            _RemoteConversation,
+            actor_name(user_id),
+            self.namespace,
+            (
+                user_id,
+                agent or self.agent,
+                self.store_url,
+                self.max_message_chars,
+                self.lifecycle.idle_timeout_s,
+                me,
+            ),
+            options,
+            timeout_s=self.lifecycle.activation_timeout_s,
+        )
+        child = _Child(user_id, handle, info["node_id"], time.time())
+        self._children[user_id] = child
+        child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
+        self.counters["activations"] += 1
+        return child
+
+    async def _adopt_orphans(self) -> None:
+        """After a restart of this supervisor: watch the conversations still running."""
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry["namespace"] != self.namespace or not entry["name"].startswith(NAME_PREFIX):
+                continue
+            try:
+                handle = ray.get_actor(entry["name"], namespace=self.namespace)
+                info: dict[str, Any] = await asyncio.wait_for(handle.ready.remote(), timeout=10)
+            except (RayActorError, RayTaskError, ValueError, TimeoutError):
+                continue
+            user_id = info["conversation_id"]
+            if user_id not in self._children:
+                child = _Child(user_id, handle, info["node_id"], time.time())
+                self._children[user_id] = child
+                child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
+
+    # --- watching and restarting ----------------------------------------------------------
+
+    async def _watch(self, child: _Child) -> None:
+        while True:
+            try:
+                await child.handle.watch.remote()
+                return  # passivated: a normal exit of a transient child, not restarted
+            except RayTaskError:
+                return
+            except RayActorError as exc:
+                if child.stopping:
+                    return
+                if not should_restart("transient", "crash"):  # pragma: no cover - fixed policy
+                    return
+                if not self._count_restart():
+                    await self._escalate()
+                    return
+                if isinstance(exc, ActorDiedError):
+                    # Dead for good: start it again under the same name.
+                    await self._restart_dead(child)
+                    return
+                # Ray is restarting it in place; wait until it serves again, keep watching.
+                try:
+                    await child.handle.ready.remote()
+                except (RayActorError, RayTaskError):
+                    await self._restart_dead(child)
+                    return
+
+    def _count_restart(self) -> bool:
+        """Record a restart; ``False`` when the restart intensity is exceeded."""
+        self.counters["restarts"] += 1
+        self._restarts, exceeded = restart_intensity(
+            self._restarts, time.monotonic(), self.lifecycle.max_restarts, self.lifecycle.period_s
+        )
+        return not exceeded
+
+    async def _restart_dead(self, child: _Child) -> None:
+        async with self._locks[child.user_id]:
+            if self._children.get(child.user_id) is child:
+                del self._children[child.user_id]
+                try:
+                    await self._spawn(child.user_id, None)
+                except (OverstoryError, RayActorError) as exc:
+                    # Not fatal: the next start_child for this user tries again, from the store.
+                    log.warning("restart of conversation %r failed: %s", child.user_id, exc)
+
+    async def _escalate(self) -> None:
+        """Too many restarts: shut every child down (reverse start order) and exit."""
+        for child in sorted(self._children.values(), key=lambda c: c.started_at, reverse=True):
+            child.stopping = True
+            ray.kill(child.handle, no_restart=True)
+        self._children.clear()
+        ray.actor.exit_actor()  # type: ignore[no-untyped-call]
+
+    # --- passivation ------------------------------------------------------------------
+
+    async def passivate(self, user_id: str, reason: str = "idle") -> bool:
+        """Passivate ``user_id``'s conversation unless a turn is running or waiting."""
+        async with self._locks[user_id]:
+            child = self._children.get(user_id)
+            if child is None or child.stopping:
+                return False
+            try:
+                if not await child.handle.passivate.remote():
+                    return False
+            except (RayActorError, RayTaskError):
+                return False  # it died meanwhile; the watcher deals with that
+            child.stopping = True
+            ray.kill(child.handle, no_restart=True)
+            if child.watcher is not None:
+                # The pending watch call fails within ~30 ms of the kill: the name is free.
+                await asyncio.wait({child.watcher}, timeout=10)
+            del self._children[user_id]
+            self.counters["passivations"] += 1
+            if reason == "evicted":
+                self.counters["evictions"] += 1
+            return True
+
+    async def _enforce_cap(self, node_id: str, keep: str) -> None:
+        cap = self.lifecycle.max_live_per_node
+        assert cap is not None
+        on_node = [c for c in self._children.values() if c.node_id == node_id and c.user_id != keep]
+        excess = len(on_node) + 1 - cap
+        if excess <= 0:
+            return
+        infos = await asyncio.gather(
+            *(c.handle.ready.remote() for c in on_node), return_exceptions=True
+        )
+        # least recently used first: the longest idle, among those not in a turn
+        idle = sorted(
+            (
+                (info["idle_s"], c.user_id)
+                for c, info in zip(on_node, infos, strict=True)
+                if isinstance(info, dict) and not info["busy"]
+            ),
+            reverse=True,
+        )
+        for _, user_id in idle[:excess]:
+            await self.passivate(user_id, "evicted")

@@ -1,0 +1,135 @@
+"""The supervision tree: one detached, named root supervisor per app namespace.
+
+    root (one_for_one, permanent children)
+    └── conversations   ConversationSupervisor: dynamic, one_for_one, transient children;
+                        also the registry's record of which conversations are live
+    (the provider pool joins here with its issue)
+
+:func:`boot` gets or creates the root by name — booting twice attaches to the running
+tree, never a second one — and the root gets or creates its children the same way, so
+after a restart of any of them the running actors are adopted, not duplicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from .core import Remove, Restart, Shutdown, SupervisorState, initial_state, on_exit
+from .named import get_or_create, get_or_create_sync
+from .spec import ChildSpec, ExitReason, SupervisorSpec
+
+__all__ = ["CONVERSATIONS", "ROOT", "NamedChild", "RootSupervisor", "boot"]
+
+ROOT = "overstory.root"
+CONVERSATIONS = "overstory.conversations"
+
+
+@dataclass(frozen=True)
+class NamedChild:
+    """How the root starts a child: a Ray actor class, its name, args and options."""
+
+    remote_cls: Any
+    name: str
+    args: tuple[Any, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class RootSupervisor:
+    """Thin shell around :mod:`overstory.supervisors.core` for named, static children."""
+
+    def __init__(self, namespace: str, spec: SupervisorSpec) -> None:
+        self.namespace = namespace
+        self.spec = spec
+        self._state: SupervisorState | None = None
+        self._handles: dict[str, Any] = {}
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._stopping: set[str] = set()
+        self._lock = asyncio.Lock()
+        self._stopped: asyncio.Event | None = None
+        self.restarts = 0
+
+    async def ready(self) -> dict[str, Any]:
+        async with self._lock:
+            if self._state is None:
+                self._state = initial_state(self.spec)
+                for child in self._state.children:
+                    await self._start(child)
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        children = [c.id for c in self._state.children] if self._state else []
+        return {"children": children, "restarts": self.restarts}
+
+    async def watch(self) -> str:
+        if self._stopped is None:
+            self._stopped = asyncio.Event()
+        await self._stopped.wait()
+        return "shutdown"
+
+    async def _start(self, child: ChildSpec, *, restarting_in_place: bool = False) -> None:
+        named: NamedChild = child.start
+        if restarting_in_place:
+            handle = self._handles[child.id]
+            await handle.ready.remote()
+        else:
+            handle, _ = await get_or_create(
+                named.remote_cls, named.name, self.namespace, named.args, named.options
+            )
+        self._handles[child.id] = handle
+        self._stopping.discard(child.id)
+        self._watchers[child.id] = asyncio.get_running_loop().create_task(
+            self._watch(child.id, handle)
+        )
+
+    async def _watch(self, child_id: str, handle: Any) -> None:
+        reason: ExitReason = "normal"
+        in_place = False
+        try:
+            await handle.watch.remote()
+        except RayActorError as exc:
+            if child_id in self._stopping:
+                return
+            reason = "crash"
+            in_place = isinstance(exc, ActorUnavailableError)
+        async with self._lock:
+            assert self._state is not None
+            self._state, decision = on_exit(self._state, child_id, reason, time.monotonic())
+            if isinstance(decision, Remove):
+                self._handles.pop(child_id, None)
+                return
+            self.restarts += 1
+            for other in decision.terminate:
+                self._stopping.add(other)
+                ray.kill(self._handles.pop(other), no_restart=True)
+            if isinstance(decision, Shutdown):
+                # Give up: the children are down; there is no parent above the root, so the
+                # tree stops and the next boot() starts a fresh one.
+                ray.actor.exit_actor()  # type: ignore[no-untyped-call]
+            assert isinstance(decision, Restart)
+            specs = {c.id: c for c in self._state.children}
+            for started in decision.start:
+                await self._start(
+                    specs[started], restarting_in_place=in_place and started == child_id
+                )
+
+
+_RemoteRoot: Any = ray.remote(RootSupervisor)
+
+
+def boot(namespace: str, spec: SupervisorSpec, *, timeout_s: float = 60.0) -> Any:
+    """The running tree's root in ``namespace``, started (with its children) if absent."""
+    root, _ = get_or_create_sync(
+        _RemoteRoot,
+        ROOT,
+        namespace,
+        (namespace, spec),
+        {"lifetime": "detached", "max_restarts": -1, "max_task_retries": 0, "num_cpus": 0},
+        timeout_s=timeout_s,
+    )
+    return root
