@@ -9,9 +9,14 @@ from overstory.actors.gate import TurnGate
 
 
 async def _run(
-    gate: TurnGate, log: list[tuple[str, int]], caller: str, n: int, active: list[int]
+    gate: TurnGate,
+    log: list[tuple[str, int]],
+    caller: str,
+    n: int,
+    active: list[int],
+    low: int = 0,
 ) -> None:
-    async with gate.turn(caller, n):
+    async with gate.turn(caller, n, low):
         active.append(1)
         assert len(active) == 1, "two turns inside the gate at once"
         log.append((caller, n))
@@ -27,11 +32,8 @@ def test_each_callers_turns_run_in_its_order_whatever_the_arrival_order() -> Non
         gate, log, active = TurnGate(), [], []
         order = arrivals[:]
         rng.shuffle(order)
-        # Each caller's first number arrives first (a fresh gate takes the first it sees
-        # as the caller's start); the rest arrive shuffled.
-        firsts = [(c, 0) for c in ("a", "b", "c")]
-        rest = [x for x in order if x[1] != 0]
-        await asyncio.gather(*(_run(gate, log, c, n, active) for c, n in firsts + rest))
+        # every send says 0 is still in flight, as a client that sent them all at once does
+        await asyncio.gather(*(_run(gate, log, c, n, active) for c, n in order))
         return log
 
     log = asyncio.run(go())
@@ -44,8 +46,8 @@ def test_a_missing_number_does_not_block_later_turns_forever() -> None:
     async def go() -> list[tuple[str, int]]:
         gate, log, active = TurnGate(gap_timeout_s=0.05), [], []
         await _run(gate, log, "a", 0, active)
-        await _run(gate, log, "a", 2, active)  # 1 never arrives
-        await _run(gate, log, "a", 3, active)
+        await _run(gate, log, "a", 2, active, low=1)  # 1 never arrives
+        await _run(gate, log, "a", 3, active, low=3)
         return log
 
     assert asyncio.run(go()) == [("a", 0), ("a", 2), ("a", 3)]
@@ -58,3 +60,17 @@ def test_anonymous_turns_are_still_one_at_a_time() -> None:
         return len(log)
 
     assert asyncio.run(go()) == 10
+
+
+def test_a_fresh_gate_starts_a_caller_at_its_lowest_in_flight_number() -> None:
+    # after an actor restart the caller is at 5; 6 arrives first and must wait for 5
+    async def go() -> list[tuple[str, int]]:
+        gate, log, active = TurnGate(), [], []
+        later = asyncio.ensure_future(_run(gate, log, "a", 6, active, low=5))
+        await asyncio.sleep(0.01)
+        assert log == []
+        await _run(gate, log, "a", 5, active, low=5)
+        await later
+        return log
+
+    assert asyncio.run(go()) == [("a", 5), ("a", 6)]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -32,9 +33,12 @@ from overstory.runtime.demo import demo_agent
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture
-def rt(ray_cluster: str, sqlite_url: str, namespace: str) -> Iterator[Runtime]:
-    runtime = overstory.connect(demo_agent(), store=sqlite_url, namespace=namespace)
+@pytest.fixture(scope="module")
+def rt(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    """One tree and one store for the module; every test uses user ids of its own."""
+    namespace = f"t-runtime-{uuid.uuid4().hex[:8]}"
+    store = f"sqlite:///{tmp_path_factory.mktemp('runtime')}/history.db"
+    runtime = overstory.connect(demo_agent(), store=store, namespace=namespace)
     yield runtime
     kill_namespace(namespace)
 
@@ -90,7 +94,7 @@ def test_the_actor_is_named_after_the_user_in_the_app_namespace(rt: Runtime) -> 
 
 
 def test_detached_actor_outlives_its_driver_and_a_second_driver_reaches_it(
-    rt: Runtime, driver_env: dict[str, str], sqlite_url: str
+    rt: Runtime, driver_env: dict[str, str]
 ) -> None:
     code = """
         import json, sys, overstory
@@ -100,7 +104,7 @@ def test_detached_actor_outlives_its_driver_and_a_second_driver_reaches_it(
         reply = conv.send("first message from driver one")
         print(json.dumps({"pid": conv.info()["pid"], "reply": reply.text}))
     """
-    first = run_driver(driver_env, code, sqlite_url, rt.config.namespace)
+    first = run_driver(driver_env, code, rt.config.store, rt.config.namespace)
     assert first["reply"] == "echo #1: first message from driver one"
     # driver one has exited; its actor lives on and this driver reaches the same one
     conv = rt.conversation("dora")
@@ -113,7 +117,7 @@ def test_detached_actor_outlives_its_driver_and_a_second_driver_reaches_it(
 
 
 def test_concurrent_get_or_start_yields_exactly_one_actor(
-    rt: Runtime, driver_env: dict[str, str], sqlite_url: str
+    rt: Runtime, driver_env: dict[str, str]
 ) -> None:
     code = """
         import json, sys, overstory
@@ -121,7 +125,7 @@ def test_concurrent_get_or_start_yields_exactly_one_actor(
         rt = overstory.connect(demo_agent(), store=sys.argv[1], namespace=sys.argv[2])
         print(json.dumps({"pid": rt.conversation("erin").info()["pid"]}))
     """
-    env_args = (sqlite_url, rt.config.namespace)
+    env_args = (rt.config.store, rt.config.namespace)
     drivers = [
         subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(code), *env_args],

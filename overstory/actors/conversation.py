@@ -110,15 +110,22 @@ class ConversationActor:
             "agent": self.agent.name,
         }
 
-    async def send(self, turn_id: str, text: str, caller: str | None = None, n: int = 0) -> Reply:
-        """Run turn ``turn_id``; ``caller``/``n`` order one client's sends (see TurnGate)."""
+    async def send(
+        self,
+        turn_id: str,
+        text: str,
+        caller: str | None = None,
+        n: int = 0,
+        low: int | None = None,
+    ) -> Reply:
+        """Run turn ``turn_id``; ``caller``/``n``/``low`` order one client's sends (TurnGate)."""
         validate_message(text, max_chars=self.max_message_chars)
         if self._closing:
             raise Passivated(f"conversation {self.conversation_id!r} is passivating")
         self._in_turn += 1
         try:
             await self._load()
-            async with self._gate.turn(caller, n):
+            async with self._gate.turn(caller, n, low):
                 if self._closing:
                     raise Passivated(f"conversation {self.conversation_id!r} is passivating")
                 try:
@@ -137,8 +144,12 @@ class ConversationActor:
                     self._history = await self._store.load(self.conversation_id)
                     raise
                 except Fenced:
-                    # A newer incarnation owns the conversation: this one is a zombie.
+                    # A newer incarnation took the conversation over: this one is a zombie
+                    # and must not serve again. It ends its own process (a crash, as far as
+                    # Ray and the supervisor are concerned) right after answering, so the
+                    # caller re-resolves the conversation and re-sends its turn.
                     self._closing = True
+                    asyncio.get_running_loop().call_later(0.2, os._exit, 70)
                     raise
                 finally:
                     self._turns += 1

@@ -6,10 +6,11 @@ first. Each client handle therefore numbers its sends (``caller``, ``n``) and th
 admits a caller's turn ``n`` only after its turn ``n - 1`` has started. Turns of
 different callers have no order between them and go in as they come.
 
-A number that never arrives (the caller died between numbering and sending) must not
-block the caller's later turns forever: after ``gap_timeout_s`` the gate admits the
-next one anyway. A fresh actor (after a restart) knows no caller and accepts whatever
-number it sees first.
+Each send also carries ``low``, the lowest number the caller still has in flight: a
+fresh actor (first contact, or after a restart) starts the caller at ``low``, so a
+caller's turn 1 that happens to arrive before its turn 0 still waits for it. A number
+that never arrives (the caller died between numbering and sending) must not block the
+caller's later turns forever: after ``gap_timeout_s`` the gate admits the next anyway.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ class TurnGate:
         self._busy = False
         self._next: OrderedDict[str, int] = OrderedDict()
 
-    def _may_enter(self, caller: str | None, n: int) -> bool:
+    def _may_enter(self, caller: str | None, n: int, low: int) -> bool:
         if self._busy:
             return False
-        expected = self._next.get(caller) if caller is not None else None
-        return expected is None or n <= expected
+        if caller is None:
+            return True
+        expected = max(self._next.get(caller, low), low)
+        return n <= expected
 
     def _entered(self, caller: str | None, n: int) -> None:
         self._busy = True
@@ -47,19 +50,23 @@ class TurnGate:
                 self._next.popitem(last=False)
 
     @contextlib.asynccontextmanager
-    async def turn(self, caller: str | None = None, n: int = 0) -> AsyncIterator[None]:
+    async def turn(
+        self, caller: str | None = None, n: int = 0, low: int | None = None
+    ) -> AsyncIterator[None]:
         """Hold the gate for one turn; waits for the caller's earlier turns to start."""
+        floor = n if low is None else low
         async with self._cond:
             try:
                 await asyncio.wait_for(
-                    self._cond.wait_for(lambda: self._may_enter(caller, n)),
+                    self._cond.wait_for(lambda: self._may_enter(caller, n, floor)),
                     timeout=self.gap_timeout_s,
                 )
             except TimeoutError:
                 # An earlier number never came: stop waiting for it, keep the one-at-a-time rule.
+                floor = n
                 if caller is not None:
                     self._next[caller] = n
-                await self._cond.wait_for(lambda: self._may_enter(caller, n))
+                await self._cond.wait_for(lambda: self._may_enter(caller, n, floor))
             self._entered(caller, n)
         try:
             yield

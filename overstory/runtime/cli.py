@@ -67,6 +67,8 @@ def _config(args: argparse.Namespace) -> Config:
         "store": args.store,
         "namespace": args.namespace,
         "ray_address": args.address,
+        "max_live_per_node": getattr(args, "max_live", None),
+        "idle_timeout_s": getattr(args, "idle_timeout", None),
     }
     if args.config is not None:
         return load_config(args.config, **overrides)
@@ -78,6 +80,8 @@ def _config(args: argparse.Namespace) -> Config:
 def _demo(args: argparse.Namespace) -> int:
     if args.latency_ms < 0:
         raise UsageError(f"--latency-ms must be >= 0, got {args.latency_ms}")
+    if not 0 <= args.chaos <= 100:
+        raise UsageError(f"--chaos must be a rate in [0, 100] kills per second, got {args.chaos}")
     config = _config(args)
     scratch = None
     if "store" not in config.model_fields_set:
@@ -94,7 +98,7 @@ def _demo(args: argparse.Namespace) -> int:
                 f"{' (local Ray started for this demo)' if runtime.started_ray else ''}",
                 file=sys.stderr,
             )
-            result = run_demo(runtime, users=args.users, turns=args.turns)
+            result = run_demo(runtime, users=args.users, turns=args.turns, chaos=args.chaos)
         finally:
             runtime.close()
     finally:
@@ -108,11 +112,17 @@ def _demo(args: argparse.Namespace) -> int:
         f"p50 {summary['p50_turn_ms']} ms, p99 {summary['p99_turn_ms']} ms, "
         f"wall {summary['wall_s']} s"
     )
+    print(
+        f"kills {summary['kills']}, restarts {summary['restarts']}, "
+        f"activations {summary['activations']}, passivations {summary['passivations']}, "
+        f"lost {summary['lost_messages']}, duplicated {summary['duplicate_messages']}"
+    )
     for sample in summary["error_samples"]:
         print(f"  error: {sample}")
     if args.json:
         print(json.dumps(summary))
-    return 1 if summary["errors"] else 0
+    failed = summary["errors"] or summary["lost_messages"] or summary["duplicate_messages"]
+    return 1 if failed else 0
 
 
 def _chat(args: argparse.Namespace) -> int:

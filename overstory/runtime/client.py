@@ -56,6 +56,7 @@ class Conversation:
         # Numbers this handle's sends so the actor runs them in the order they were made.
         self._caller = uuid.uuid4().hex
         self._numbers = itertools.count()
+        self._in_flight: set[int] = set()
 
     def __repr__(self) -> str:
         return f"Conversation(user_id={self.user_id!r}, actor={actor_name(self.user_id)!r})"
@@ -113,6 +114,17 @@ class Conversation:
             "retried with the same turn_id: it is never stored twice."
         )
 
+    def _number(self) -> tuple[int, int]:
+        """This send's number and the lowest number of this handle still in flight."""
+        with self._lock:
+            n = next(self._numbers)
+            self._in_flight.add(n)
+            return n, min(self._in_flight)
+
+    def _done(self, n: int) -> None:
+        with self._lock:
+            self._in_flight.discard(n)
+
     def _check(self, text: str, turn_id: str | None) -> str:
         validate_message(text, max_chars=self._runtime.config.max_message_chars)
         return turn_id or uuid.uuid4().hex
@@ -125,15 +137,21 @@ class Conversation:
         :class:`~overstory.exceptions.TurnFailed` when the model could not answer.
         """
         turn_id = self._check(text, turn_id)
-        reply: Reply = self._call("send", turn_id, text, self._caller, next(self._numbers))
+        n, low = self._number()
+        try:
+            reply: Reply = self._call("send", turn_id, text, self._caller, n, low)
+        finally:
+            self._done(n)
         return reply
 
     async def send_async(self, text: str, *, turn_id: str | None = None) -> Reply:
         """Async form of :meth:`send`."""
         turn_id = self._check(text, turn_id)
-        reply: Reply = await self._call_async(
-            "send", turn_id, text, self._caller, next(self._numbers)
-        )
+        n, low = self._number()
+        try:
+            reply: Reply = await self._call_async("send", turn_id, text, self._caller, n, low)
+        finally:
+            self._done(n)
         return reply
 
     def history(self) -> list[Message]:

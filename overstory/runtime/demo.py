@@ -8,6 +8,9 @@ questions into tool calls, so every demo run exercises tools end to end. The sum
 from __future__ import annotations
 
 import asyncio
+import os
+import random
+import signal
 import statistics
 import sys
 import time
@@ -17,6 +20,7 @@ from typing import Any, TextIO
 
 from ..agent import Agent
 from ..exceptions import OverstoryError
+from ..messages import AssistantMessage, Message, UserMessage
 from ..providers import OfflineModel, Rule
 from .client import Runtime
 
@@ -71,6 +75,13 @@ class DemoResult:
     latencies_ms: list[float] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    acknowledged: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    kills: int = 0
+    restarts: int = 0
+    activations: int = 0
+    passivations: int = 0
+    lost_messages: int = 0
+    duplicate_messages: int = 0
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies_ms)
@@ -84,6 +95,12 @@ class DemoResult:
             "p50_turn_ms": round(statistics.median(lat), 2) if lat else None,
             "p99_turn_ms": round(_quantile(lat, 0.99), 2) if lat else None,
             "wall_s": round(self.wall_s, 2),
+            "kills": self.kills,
+            "restarts": self.restarts,
+            "activations": self.activations,
+            "passivations": self.passivations,
+            "lost_messages": self.lost_messages,
+            "duplicate_messages": self.duplicate_messages,
             "error_samples": self.error_samples,
         }
 
@@ -124,10 +141,13 @@ async def _simulate(
         result.errors += turns
         result.error_samples.append(f"{user_id}: {exc}"[:300])
         return
+    acked = result.acknowledged.setdefault(user_id, [])
     for turn in range(turns):
         started = time.perf_counter()
+        turn_id = f"{user_id}-turn-{turn}"
+        text = user_message(index, turn)
         try:
-            reply = await conv.send_async(user_message(index, turn))
+            reply = await conv.send_async(text, turn_id=turn_id)
         except OverstoryError as exc:
             result.errors += 1
             if len(result.error_samples) < 5:
@@ -136,22 +156,80 @@ async def _simulate(
             result.latencies_ms.append((time.perf_counter() - started) * 1000)
             result.turns_completed += 1
             result.tool_calls += len(reply.tool_calls)
+            acked.append((turn_id, text))
         bar.tick()
 
 
+def audit(acked: list[tuple[str, str]], stored: list[Message]) -> tuple[int, int]:
+    """(lost, duplicated) acknowledged turns, judged from what the store holds.
+
+    Lost: an acknowledged turn whose user message or final reply is not stored.
+    Duplicated: a turn whose user message is stored more than once.
+    """
+    users: dict[str, int] = {}
+    finished: set[str] = set()
+    for m in stored:
+        if isinstance(m, UserMessage):
+            users[m.turn_id] = users.get(m.turn_id, 0) + 1
+        elif isinstance(m, AssistantMessage) and not m.tool_calls:
+            finished.add(m.turn_id)
+    lost = sum(1 for turn_id, _ in acked if turn_id not in users or turn_id not in finished)
+    duplicated = sum(1 for n in users.values() if n > 1)
+    return lost, duplicated
+
+
+async def _chaos(runtime: Runtime, rate: float, result: DemoResult, stop: asyncio.Event) -> None:
+    """Kill a random live conversation actor's process ``rate`` times a second."""
+    rng = random.Random(1234)
+    supervisor = await asyncio.to_thread(runtime.registry.supervisor)
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=rng.expovariate(rate))
+            return
+        except TimeoutError:
+            pass
+        try:
+            children = await supervisor.children.remote()
+        except Exception:  # the supervisor itself is restarting: skip this tick
+            continue
+        pids = [c["pid"] for c in children if c["pid"]]
+        if pids:
+            try:
+                os.kill(rng.choice(pids), signal.SIGKILL)
+                result.kills += 1
+            except ProcessLookupError:
+                pass
+
+
 def run_demo(
-    runtime: Runtime, *, users: int, turns: int, progress: TextIO = sys.stderr
+    runtime: Runtime,
+    *,
+    users: int,
+    turns: int,
+    chaos: float = 0.0,
+    progress: TextIO = sys.stderr,
 ) -> DemoResult:
-    """Run the simulated users against ``runtime``; stops the demo's actors afterwards."""
+    """Run the simulated users against ``runtime``; stops the demo's actors afterwards.
+
+    With ``chaos`` > 0, conversation actor processes are SIGKILLed at random at that
+    rate per second while the users talk (this needs the actors on this machine).
+    """
     run_id = uuid.uuid4().hex[:8]
     user_ids = [f"demo-{run_id}-user-{i}" for i in range(users)]
     result = DemoResult(users=users, turns_requested=users * turns)
     bar = _Progress(users * turns, progress)
 
     async def main() -> None:
-        await asyncio.gather(
-            *(_simulate(runtime, uid, i, turns, result, bar) for i, uid in enumerate(user_ids))
-        )
+        stop = asyncio.Event()
+        monkey = asyncio.create_task(_chaos(runtime, chaos, result, stop)) if chaos > 0 else None
+        try:
+            await asyncio.gather(
+                *(_simulate(runtime, uid, i, turns, result, bar) for i, uid in enumerate(user_ids))
+            )
+        finally:
+            stop.set()
+            if monkey is not None:
+                await monkey
 
     started = time.perf_counter()
     try:
@@ -159,7 +237,15 @@ def run_demo(
     finally:
         bar.close()
         result.wall_s = time.perf_counter() - started
+        status = runtime.status()
+        result.restarts = status["restarts"]
+        result.activations = status["activations"]
         for uid in user_ids:
             runtime.stop_conversation(uid)
+        result.passivations = runtime.status()["passivations"]
     result.messages_stored = sum(runtime.stored_counts(user_ids).values())
+    for uid in user_ids:
+        lost, duplicated = audit(result.acknowledged.get(uid, []), runtime.stored_history(uid))
+        result.lost_messages += lost
+        result.duplicate_messages += duplicated
     return result

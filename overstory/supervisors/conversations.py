@@ -63,6 +63,7 @@ class _Child:
     handle: Any
     node_id: str
     started_at: float
+    pid: int = 0
     watcher: asyncio.Task[None] | None = None
     stopping: bool = False
 
@@ -112,7 +113,7 @@ class ConversationSupervisor:
 
     def children(self) -> list[dict[str, Any]]:
         return [
-            {"user_id": c.user_id, "node_id": c.node_id, "started_at": c.started_at}
+            {"user_id": c.user_id, "node_id": c.node_id, "pid": c.pid, "started_at": c.started_at}
             for c in self._children.values()
         ]
 
@@ -122,12 +123,27 @@ class ConversationSupervisor:
         """The live actor of ``user_id``, started (and its history loaded) if needed."""
         async with self._locks[user_id]:
             child = self._children.get(user_id)
-            if child is None or child.stopping:
+            if child is not None and not await self._serving(child):
+                # Dying or fenced out: forget this incarnation; get_or_create below waits
+                # (with backoff) for the name to serve again or to be free.
+                del self._children[user_id]
+                child = None
+            if child is None:
                 child = await self._spawn(user_id, agent)
             handle = child.handle
         if self.lifecycle.max_live_per_node is not None:
             await self._enforce_cap(child.node_id, keep=user_id)
         return handle
+
+    async def _serving(self, child: _Child) -> bool:
+        """Whether ``child`` takes turns (waits for an in-place restart to finish)."""
+        if child.stopping:
+            return False
+        try:
+            await child.handle.ready.remote()
+        except (RayActorError, RayTaskError):
+            return False
+        return True
 
     async def _spawn(self, user_id: str, agent: Agent | None) -> _Child:
         options: dict[str, Any] = {
@@ -154,7 +170,7 @@ class ConversationSupervisor:
             options,
             timeout_s=self.lifecycle.activation_timeout_s,
         )
-        child = _Child(user_id, handle, info["node_id"], time.time())
+        child = _Child(user_id, handle, info["node_id"], time.time(), info["pid"])
         self._children[user_id] = child
         child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
         self.counters["activations"] += 1
@@ -172,14 +188,14 @@ class ConversationSupervisor:
                 continue
             user_id = info["conversation_id"]
             if user_id not in self._children:
-                child = _Child(user_id, handle, info["node_id"], time.time())
+                child = _Child(user_id, handle, info["node_id"], time.time(), info["pid"])
                 self._children[user_id] = child
                 child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
 
     # --- watching and restarting ----------------------------------------------------------
 
     async def _watch(self, child: _Child) -> None:
-        while True:
+        while self._children.get(child.user_id) is child:
             try:
                 await child.handle.watch.remote()
                 return  # passivated: a normal exit of a transient child, not restarted
@@ -199,7 +215,7 @@ class ConversationSupervisor:
                     return
                 # Ray is restarting it in place; wait until it serves again, keep watching.
                 try:
-                    await child.handle.ready.remote()
+                    child.pid = (await child.handle.ready.remote())["pid"]
                 except (RayActorError, RayTaskError):
                     await self._restart_dead(child)
                     return
@@ -228,7 +244,16 @@ class ConversationSupervisor:
             child.stopping = True
             ray.kill(child.handle, no_restart=True)
         self._children.clear()
-        ray.actor.exit_actor()  # type: ignore[no-untyped-call]
+        # Escalate: ask the parent to take this supervisor down for good. Its pending
+        # watch call on us then fails, and the parent's own policy decides what next.
+        from .tree import ROOT
+
+        try:
+            root = ray.get_actor(ROOT, namespace=self.namespace)
+        except ValueError:  # no parent: stop on our own
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+            return
+        await root.escalated.remote("conversations")
 
     # --- passivation ------------------------------------------------------------------
 

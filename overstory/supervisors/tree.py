@@ -66,6 +66,15 @@ class RootSupervisor:
         children = [c.id for c in self._state.children] if self._state else []
         return {"children": children, "restarts": self.restarts}
 
+    async def escalated(self, child_id: str) -> None:
+        """A child supervisor gave up (its restart intensity was exceeded): take it down.
+
+        Its pending watch call then fails and this supervisor's policy handles the exit.
+        """
+        handle = self._handles.get(child_id)
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
+
     async def watch(self) -> str:
         if self._stopped is None:
             self._stopped = asyncio.Event()
@@ -110,7 +119,8 @@ class RootSupervisor:
             if isinstance(decision, Shutdown):
                 # Give up: the children are down; there is no parent above the root, so the
                 # tree stops and the next boot() starts a fresh one.
-                ray.actor.exit_actor()  # type: ignore[no-untyped-call]
+                ray.get_runtime_context().current_actor.__ray_terminate__.remote()
+                return
             assert isinstance(decision, Restart)
             specs = {c.id: c for c in self._state.children}
             for started in decision.start:

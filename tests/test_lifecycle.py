@@ -1,0 +1,189 @@
+"""Conversations under supervision: crashes, zombies, passivation, the live cap, the tree."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import ray
+from conftest import kill_namespace
+from ray._common.test_utils import wait_for_condition
+
+import overstory
+from overstory import Reply, Runtime, UserMessage
+from overstory.runtime.demo import demo_agent
+from overstory.store import open_store
+from overstory.supervisors.tree import CONVERSATIONS, ROOT
+
+pytestmark = pytest.mark.ray
+
+
+def _runtime(tmp_path_factory: pytest.TempPathFactory, **settings: Any) -> Runtime:
+    namespace = f"t-life-{uuid.uuid4().hex[:8]}"
+    store = f"sqlite:///{tmp_path_factory.mktemp('life')}/history.db"
+    return overstory.connect(demo_agent(), store=store, namespace=namespace, **settings)
+
+
+@pytest.fixture(scope="module")
+def rt(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    runtime = _runtime(tmp_path_factory, idle_timeout_s=1.5)
+    yield runtime
+    kill_namespace(runtime.config.namespace)
+
+
+def user_texts(rt: Runtime, user: str) -> list[str]:
+    return [m.content for m in rt.stored_history(user) if isinstance(m, UserMessage)]
+
+
+def test_idle_conversations_passivate_and_come_back_transparently(rt: Runtime) -> None:
+    conv = rt.conversation("idle-ida")
+    conv.send("before the nap")
+    before = rt.status()["passivations"]
+    wait_for_condition(lambda: rt.status()["passivations"] > before, timeout=15)
+    assert "idle-ida" not in [
+        c["user_id"] for c in ray.get(rt.registry.supervisor().children.remote())
+    ]
+    # the same handle keeps working: the registry re-activates from the store
+    assert conv.send("after the nap").text == "echo #2: after the nap"
+    assert user_texts(rt, "idle-ida") == ["before the nap", "after the nap"]
+
+
+def test_the_live_cap_passivates_the_least_recently_used(
+    ray_cluster: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    rt = _runtime(tmp_path_factory, max_live_per_node=3)
+    try:
+        users = [f"cap-{i}" for i in range(6)]
+        convs = [rt.conversation(u) for u in users[:3]]
+        for conv in reversed(convs):  # cap-2 is now the least recently used, cap-0 the most
+            conv.send("hi")
+        for user in users[3:]:
+            rt.conversation(user).send("hi")
+            assert max(rt.status()["per_node"].values()) <= 3
+        live = {c["user_id"] for c in ray.get(rt.registry.supervisor().children.remote())}
+        assert live == {"cap-3", "cap-4", "cap-5"}
+        assert rt.status()["evictions"] == 3
+        # the evicted answer again, with their history
+        assert convs[0].send("again").text == "echo #2: again"
+    finally:
+        kill_namespace(rt.config.namespace)
+
+
+def test_a_turn_interrupted_by_a_crash_completes_exactly_once(rt: Runtime) -> None:
+    conv = rt.conversation("crash-cat")
+    conv.send("warm up")
+    pid = conv.info()["pid"]
+    restarts = rt.status()["restarts"]
+    result: list[Reply | BaseException] = []
+
+    def send() -> None:
+        try:
+            result.append(conv.send("!sleep 1.5 slow question", turn_id="slow-1"))
+        except BaseException as exc:
+            result.append(exc)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    # the user message is durable before the model is called: kill inside the model call
+    wait_for_condition(lambda: rt.count_stored("crash-cat") == 3, timeout=10)
+    os.kill(pid, signal.SIGKILL)
+    sender.join(timeout=60)
+    reply = result[0]
+    assert isinstance(reply, Reply), reply
+    assert reply.text == "echo #2: slow question"
+    assert user_texts(rt, "crash-cat") == ["warm up", "!sleep 1.5 slow question"]
+    assert [m.seq for m in rt.stored_history("crash-cat")] == [0, 1, 2, 3]
+    assert conv.info()["pid"] != pid
+    assert rt.status()["restarts"] > restarts
+
+
+def test_a_zombie_is_fenced_out_and_the_turn_lands_once(rt: Runtime) -> None:
+    conv = rt.conversation("zombie-zed")
+    conv.send("one")
+    old = conv.info()
+
+    async def take_over() -> int:  # what a replacement incarnation does first
+        store = open_store(rt.config.store)
+        await store.open()
+        try:
+            return await store.acquire("zombie-zed")
+        finally:
+            await store.close()
+
+    assert asyncio.run(take_over()) == old["epoch"] + 1
+    # the running actor is now a zombie: its write is refused, it ends itself, and the
+    # handle re-sends the turn to a fresh incarnation, which stores it once
+    assert conv.send("two").text == "echo #2: two"
+    assert user_texts(rt, "zombie-zed") == ["one", "two"]
+    assert conv.info()["epoch"] > old["epoch"] + 1
+
+
+def test_booting_twice_attaches_to_the_running_tree(rt: Runtime) -> None:
+    ns = rt.config.namespace
+    root = ray.get_actor(ROOT, namespace=ns)
+    again = overstory.connect(demo_agent(), store=rt.config.store, namespace=ns)
+    assert ray.get_actor(ROOT, namespace=ns)._actor_id == root._actor_id
+    names = [
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == ns
+    ]
+    assert names.count(ROOT) == 1
+    assert names.count(CONVERSATIONS) == 1
+    assert again.conversation("tree-tim").send("hi").text == "echo #1: hi"
+
+
+def test_a_crashed_conversation_supervisor_is_restarted_and_adopts_its_children(
+    rt: Runtime,
+) -> None:
+    conv = rt.conversation("orphan-olive")
+    conv.send("one")
+    pid = conv.info()["pid"]
+    supervisor = ray.get_actor(CONVERSATIONS, namespace=rt.config.namespace)
+    ray.kill(supervisor, no_restart=False)  # Ray restarts it in place; the root watches
+    wait_for_condition(
+        lambda: (
+            "orphan-olive"
+            in [c["user_id"] for c in ray.get(supervisor.children.remote(), timeout=5)]
+        ),
+        timeout=30,
+    )
+    assert conv.send("two").text == "echo #2: two"
+    assert conv.info()["pid"] == pid  # the conversation itself never stopped
+
+
+def test_exceeding_restart_intensity_escalates_to_the_root(
+    ray_cluster: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    rt = _runtime(tmp_path_factory, restart_intensity=1, restart_period_s=60)
+    try:
+        ns = rt.config.namespace
+        root = ray.get_actor(ROOT, namespace=ns)
+        supervisor = ray.get_actor(CONVERSATIONS, namespace=ns)
+        conv = rt.conversation("esc-eve")
+        conv.send("one")
+        # first crash: within the intensity (1 in 60 s), the supervisor restarts it
+        os.kill(conv.info()["pid"], signal.SIGKILL)
+        wait_for_condition(lambda: ray.get(supervisor.status.remote())["restarts"] == 1, timeout=30)
+        assert conv.send("two").text == "echo #2: two"
+        # second crash: intensity exceeded -> children shut down, escalated to the root,
+        # which restarts the conversation supervisor (a new actor)
+        os.kill(conv.info()["pid"], signal.SIGKILL)
+        wait_for_condition(lambda: ray.get(root.status.remote())["restarts"] == 1, timeout=60)
+        replacement = ray.get_actor(CONVERSATIONS, namespace=ns)
+        assert replacement._actor_id != supervisor._actor_id
+        # the tree serves again and the history is intact
+        assert conv.send("three").text == "echo #3: three"
+    finally:
+        kill_namespace(rt.config.namespace)
+
+
+def _pid_of(conv: overstory.Conversation) -> int | None:
+    try:
+        return int(conv.info()["pid"])
+    except Exception:
+        return None
