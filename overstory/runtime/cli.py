@@ -44,6 +44,22 @@ def _parser() -> argparse.ArgumentParser:
         "--latency-ms", type=float, default=0.0, help="offline model latency per call in ms (0)"
     )
     demo.add_argument(
+        "--chaos",
+        type=float,
+        default=0.0,
+        metavar="RATE",
+        help="SIGKILL random conversation actor processes RATE times a second",
+    )
+    demo.add_argument(
+        "--max-live",
+        type=_positive,
+        metavar="K",
+        help="cap on live conversation actors per node (least recently used are passivated)",
+    )
+    demo.add_argument(
+        "--idle-timeout", type=float, metavar="S", help="passivate conversations idle for S s"
+    )
+    demo.add_argument(
         "--json", action="store_true", help="print the summary as one JSON object on the last line"
     )
     chat = sub.add_parser("chat", help="talk to one user's conversation")
