@@ -86,6 +86,9 @@ def _config(args: argparse.Namespace) -> Config:
         "max_live_per_node": getattr(args, "max_live", None),
         "idle_timeout_s": getattr(args, "idle_timeout", None),
     }
+    if overrides["max_live_per_node"] is not None:
+        # With a cap, activations queue for room: give a queued user time to get in.
+        overrides["activation_timeout_s"] = 900.0
     if args.config is not None:
         return load_config(args.config, **overrides)
     return Config.from_mapping(

@@ -21,6 +21,7 @@ Which children to restart and when to give up are the pure functions of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -90,6 +91,11 @@ class ConversationSupervisor:
         self.counters = {"activations": 0, "passivations": 0, "restarts": 0, "evictions": 0}
         self._stopped: asyncio.Event | None = None
         self._adopted = False
+        # Activations in flight at once: creating a Ray actor is CPU-bound (~1 s here),
+        # and a burst of hundreds at once starves every one of them past its deadline.
+        self._spawning = asyncio.Semaphore(4)
+        self._in_flight = 0
+        self._room = asyncio.Event()
 
     # --- supervision protocol (used by the root supervisor) ---------------------------
 
@@ -129,7 +135,13 @@ class ConversationSupervisor:
                 del self._children[user_id]
                 child = None
             if child is None:
-                child = await self._spawn(user_id, agent)
+                await self._make_room()
+                self._in_flight += 1
+                try:
+                    async with self._spawning:
+                        child = await self._spawn(user_id, agent)
+                finally:
+                    self._in_flight -= 1
             handle = child.handle
         if self.lifecycle.max_live_per_node is not None:
             await self._enforce_cap(child.node_id, keep=user_id)
@@ -274,29 +286,58 @@ class ConversationSupervisor:
                 # The pending watch call fails within ~30 ms of the kill: the name is free.
                 await asyncio.wait({child.watcher}, timeout=10)
             del self._children[user_id]
+            self._room.set()
             self.counters["passivations"] += 1
             if reason == "evicted":
                 self.counters["evictions"] += 1
             return True
 
-    async def _enforce_cap(self, node_id: str, keep: str) -> None:
+    async def _make_room(self) -> None:
+        """With a cap, wait until one more conversation fits, evicting idle ones to make room.
+
+        The per-node cap can only be checked after Ray has placed an actor; before that,
+        the cluster-wide room is ``max_live_per_node`` times the number of alive nodes.
+        While every live conversation is in a turn nothing can be evicted: wait for one
+        to end (re-checked on every removal, and every half second).
+        """
         cap = self.lifecycle.max_live_per_node
-        assert cap is not None
-        on_node = [c for c in self._children.values() if c.node_id == node_id and c.user_id != keep]
-        excess = len(on_node) + 1 - cap
-        if excess <= 0:
+        if cap is None:
             return
+        nodes = ray.nodes()  # type: ignore[no-untyped-call]
+        room = cap * max(1, sum(1 for n in nodes if n.get("Alive")))
+        while len(self._children) + self._in_flight >= room:
+            if not await self._evict_one():
+                self._room.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._room.wait(), timeout=0.5)
+
+    async def _evict_one(self, node_id: str | None = None, keep: str = "") -> bool:
+        """Passivate the least recently used idle conversation (on ``node_id`` if given)."""
+        candidates = [
+            c
+            for c in self._children.values()
+            if c.user_id != keep and not c.stopping and (node_id is None or c.node_id == node_id)
+        ]
         infos = await asyncio.gather(
-            *(c.handle.ready.remote() for c in on_node), return_exceptions=True
+            *(c.handle.ready.remote() for c in candidates), return_exceptions=True
         )
-        # least recently used first: the longest idle, among those not in a turn
         idle = sorted(
             (
                 (info["idle_s"], c.user_id)
-                for c, info in zip(on_node, infos, strict=True)
+                for c, info in zip(candidates, infos, strict=True)
                 if isinstance(info, dict) and not info["busy"]
             ),
             reverse=True,
         )
-        for _, user_id in idle[:excess]:
-            await self.passivate(user_id, "evicted")
+        for _, user_id in idle:
+            if await self.passivate(user_id, "evicted"):
+                return True
+        return False
+
+    async def _enforce_cap(self, node_id: str, keep: str) -> None:
+        """After a placement: passivate LRU idle conversations on a node over its cap."""
+        cap = self.lifecycle.max_live_per_node
+        assert cap is not None
+        while sum(1 for c in self._children.values() if c.node_id == node_id) > cap:
+            if not await self._evict_one(node_id, keep):
+                return  # all busy: the cap is soft until one of them goes idle
