@@ -13,11 +13,9 @@ Run: .venv/bin/python bench/foundation.py [--turns 300] [--activations 7]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sqlite3
-import statistics
 import sys
 import tempfile
 import time
@@ -28,10 +26,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import psutil
 import ray
+from _common import median_ms, seed
 
 import overstory
-from overstory.messages import UserMessage
-from overstory.store import open_store
 
 
 def _sqlite(path: str) -> sqlite3.Connection:
@@ -77,10 +74,6 @@ class Bare:
         return os.getpid()
 
 
-def median_ms(samples: list[float]) -> float:
-    return statistics.median(samples) * 1000
-
-
 def time_turns(sends: dict[str, Any], turns: int) -> dict[str, list[float]]:
     """Time each ``send`` ``turns`` times, interleaved so that drift in the machine's
     speed (fsync times vary by 2x here from minute to minute) hits every contender alike."""
@@ -98,19 +91,6 @@ def time_turns(sends: dict[str, Any], turns: int) -> dict[str, list[float]]:
 
 def uss_mb(pid: int) -> float:
     return float(psutil.Process(pid).memory_full_info().uss) / 2**20
-
-
-def seed(url: str, user: str, n: int) -> None:
-    async def go() -> None:
-        store = open_store(url)
-        await store.open()
-        for i in range(n):
-            await store.append(
-                user, UserMessage(content=f"stored message {i}", seq=i, turn_id=f"t{i}")
-            )
-        await store.close()
-
-    asyncio.run(go())
 
 
 def main() -> None:

@@ -13,10 +13,8 @@ Run: .venv/bin/python bench/supervision.py [--rounds 7]
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
-import statistics
 import tempfile
 import time
 import uuid
@@ -25,11 +23,10 @@ from typing import Any
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray
+from _common import median_ms, seed
 from ray.exceptions import RayActorError
 
 import overstory
-from overstory.messages import UserMessage
-from overstory.store import open_store
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -54,19 +51,8 @@ def call_until_served(fn: Any) -> None:
             continue
 
 
-def seed(url: str, user: str, n: int) -> None:
-    async def go() -> None:
-        store = open_store(url)
-        await store.open()
-        for i in range(n):
-            await store.append(user, UserMessage(content=f"m{i}", seq=i, turn_id=f"t{i}"))
-        await store.close()
-
-    asyncio.run(go())
-
-
 def ms(samples: list[float]) -> float:
-    return round(statistics.median(samples) * 1000, 1)
+    return round(median_ms(samples), 1)
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from ..agent import Agent
 from ..exceptions import ConversationUnavailable
 from ..supervisors import ChildSpec, SupervisorSpec
 from ..supervisors.conversations import ConversationSupervisor, Lifecycle
-from ..supervisors.named import unwrap_task_error
+from ..supervisors.named import SUPERVISED, unwrap_task_error
 from ..supervisors.tree import CONVERSATIONS, NamedChild, boot
 
 __all__ = ["Registry", "actor_name"]
@@ -58,7 +58,7 @@ class Registry:
             _RemoteConversations,
             CONVERSATIONS,
             (self.namespace, self.agent, self.store_url, self.max_message_chars, self.lifecycle),
-            {"lifetime": "detached", "max_restarts": -1, "max_task_retries": 0, "num_cpus": 0},
+            SUPERVISED,
         )
         return SupervisorSpec(
             strategy="one_for_one",

@@ -243,15 +243,15 @@ class Runtime:
         count: int = _run_store(self.config.store, lambda s: s.count(user_id))
         return count
 
-    def stored_counts(self, user_ids: list[str]) -> dict[str, int]:
-        """Messages stored for each user id, read back from the store in one connection."""
+    def stored_histories(self, user_ids: list[str]) -> dict[str, list[Message]]:
+        """Each user's messages, read straight from the store over one connection."""
         for uid in user_ids:
             validate_user_id(uid, max_chars=self.config.max_user_id_chars)
 
-        async def counts(store: Any) -> dict[str, int]:
-            return {uid: await store.count(uid) for uid in user_ids}
+        async def load(store: Any) -> dict[str, list[Message]]:
+            return {uid: await store.load(uid) for uid in user_ids}
 
-        result: dict[str, int] = _run_store(self.config.store, counts)
+        result: dict[str, list[Message]] = _run_store(self.config.store, load)
         return result
 
     def stored_history(self, user_id: str) -> list[Message]:

@@ -243,9 +243,10 @@ def run_demo(
         for uid in user_ids:
             runtime.stop_conversation(uid)
         result.passivations = runtime.status()["passivations"]
-    result.messages_stored = sum(runtime.stored_counts(user_ids).values())
+    stored = runtime.stored_histories(user_ids)  # one read serves the count and the audit
+    result.messages_stored = sum(len(messages) for messages in stored.values())
     for uid in user_ids:
-        lost, duplicated = audit(result.acknowledged.get(uid, []), runtime.stored_history(uid))
+        lost, duplicated = audit(result.acknowledged.get(uid, []), stored[uid])
         result.lost_messages += lost
         result.duplicate_messages += duplicated
     return result

@@ -35,8 +35,9 @@ from ..actors.conversation import ConversationActor
 from ..actors.names import NAME_PREFIX, actor_name
 from ..agent import Agent
 from ..exceptions import OverstoryError
-from .core import restart_intensity, should_restart
-from .named import get_or_create
+from .core import restart_intensity
+from .named import SUPERVISED, get_or_create
+from .tree import ROOT
 
 __all__ = ["ConversationSupervisor", "Lifecycle"]
 
@@ -158,12 +159,7 @@ class ConversationSupervisor:
         return True
 
     async def _spawn(self, user_id: str, agent: Agent | None) -> _Child:
-        options: dict[str, Any] = {
-            "lifetime": "detached",
-            "max_restarts": self.lifecycle.actor_max_restarts,
-            "max_task_retries": 0,
-            "num_cpus": 0,
-        }
+        options = {**SUPERVISED, "max_restarts": self.lifecycle.actor_max_restarts}
         if self.lifecycle.resources:
             options["resources"] = dict(self.lifecycle.resources)
         me = ray.get_runtime_context().current_actor
@@ -216,8 +212,7 @@ class ConversationSupervisor:
             except RayActorError as exc:
                 if child.stopping:
                     return
-                if not should_restart("transient", "crash"):  # pragma: no cover - fixed policy
-                    return
+                # A transient child that crashed is restarted (core.should_restart).
                 if not self._count_restart():
                     await self._escalate()
                     return
@@ -258,8 +253,6 @@ class ConversationSupervisor:
         self._children.clear()
         # Escalate: ask the parent to take this supervisor down for good. Its pending
         # watch call on us then fails, and the parent's own policy decides what next.
-        from .tree import ROOT
-
         try:
             root = ray.get_actor(ROOT, namespace=self.namespace)
         except ValueError:  # no parent: stop on our own

@@ -18,13 +18,47 @@ from ray.exceptions import ActorAlreadyExistsError, GetTimeoutError, RayActorErr
 
 from ..exceptions import ConversationUnavailable, Passivated
 
-__all__ = ["get_or_create", "get_or_create_sync", "unwrap_task_error"]
+__all__ = ["SUPERVISED", "get_or_create", "get_or_create_sync", "unwrap_task_error"]
+
+#: Ray options of every actor in the tree: outlives its driver, restarted in place by Ray
+#: (the supervisor decides what a restart means), never retries a call on its own, and
+#: holds no CPU (they wait on I/O; a 2-core node would otherwise fit two of them).
+SUPERVISED: dict[str, Any] = {
+    "lifetime": "detached",
+    "max_restarts": -1,
+    "max_task_retries": 0,
+    "num_cpus": 0,
+}
 
 
 def unwrap_task_error(exc: RayTaskError) -> BaseException:
     """The exception an actor method raised, as its own type (not Ray's wrapper)."""
     cause = exc.cause
     return cause if isinstance(cause, BaseException) else exc
+
+
+def _retryable(exc: BaseException) -> BaseException:
+    """The failure of one attempt if another attempt may succeed; raises it otherwise.
+
+    A dead handle (or a name freed between lookup and use) and an actor that is
+    passivating (it still holds the name) are worth another attempt; an error the
+    actor's ``ready`` raised itself (e.g. its store is down) is not.
+    """
+    if isinstance(exc, RayTaskError):
+        cause = unwrap_task_error(exc)
+        if not isinstance(cause, Passivated):
+            raise cause from None
+        return cause
+    if isinstance(exc, RayActorError | ValueError):
+        return exc
+    raise exc
+
+
+def _gave_up(name: str, namespace: str, last: BaseException | None) -> ConversationUnavailable:
+    return ConversationUnavailable(
+        f"cannot reach or start actor {name!r} in namespace {namespace!r}: "
+        f"{type(last).__name__}: {last}"
+    )
 
 
 def _lookup_or_create(
@@ -60,22 +94,14 @@ async def get_or_create(
                 handle.ready.remote(), timeout=max(0.0, deadline - time.monotonic())
             )
             return handle, info
-        except RayTaskError as exc:
-            cause = unwrap_task_error(exc)
-            if not isinstance(cause, Passivated):  # a dying actor still holds the name
-                raise cause from None
-            last = cause
-        except (RayActorError, ValueError) as exc:
-            last = exc
         except TimeoutError as exc:
             raise ConversationUnavailable(f"actor {name!r} did not become ready in time") from exc
+        except (RayTaskError, RayActorError, ValueError) as exc:
+            last = _retryable(exc)
         if time.monotonic() >= deadline:
             break
         await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
-    raise ConversationUnavailable(
-        f"cannot reach or start actor {name!r} in namespace {namespace!r}: "
-        f"{type(last).__name__}: {last}"
-    ) from last
+    raise _gave_up(name, namespace, last) from last
 
 
 def get_or_create_sync(
@@ -96,19 +122,11 @@ def get_or_create_sync(
             handle = _lookup_or_create(remote_cls, name, namespace, args, options or {})
             info = ray.get(handle.ready.remote(), timeout=max(0.0, deadline - time.monotonic()))
             return handle, info
-        except RayTaskError as exc:
-            cause = unwrap_task_error(exc)
-            if not isinstance(cause, Passivated):
-                raise cause from None
-            last = cause
-        except (RayActorError, ValueError) as exc:
-            last = exc
         except GetTimeoutError as exc:
             raise ConversationUnavailable(f"actor {name!r} did not become ready in time") from exc
+        except (RayTaskError, RayActorError, ValueError) as exc:
+            last = _retryable(exc)
         if time.monotonic() >= deadline:
             break
         time.sleep(min(0.05 * 2**attempt, 1.0))
-    raise ConversationUnavailable(
-        f"cannot reach or start actor {name!r} in namespace {namespace!r}: "
-        f"{type(last).__name__}: {last}"
-    ) from last
+    raise _gave_up(name, namespace, last) from last

@@ -21,7 +21,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from .core import Remove, Restart, Shutdown, SupervisorState, initial_state, on_exit
-from .named import get_or_create, get_or_create_sync
+from .named import SUPERVISED, get_or_create, get_or_create_sync
 from .spec import ChildSpec, ExitReason, SupervisorSpec
 
 __all__ = ["CONVERSATIONS", "ROOT", "NamedChild", "RootSupervisor", "boot"]
@@ -139,7 +139,7 @@ def boot(namespace: str, spec: SupervisorSpec, *, timeout_s: float = 60.0) -> An
         ROOT,
         namespace,
         (namespace, spec),
-        {"lifetime": "detached", "max_restarts": -1, "max_task_retries": 0, "num_cpus": 0},
+        SUPERVISED,
         timeout_s=timeout_s,
     )
     return root
