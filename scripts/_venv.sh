@@ -9,5 +9,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
-.venv/bin/python -m pip install --quiet -e ".[${EXTRAS:-}]" 2>&1 | grep -v '^WARNING: Location' || true
+# ".[]" is not a valid requirement: name the extras only when there are some.
+spec="."
+if [ -n "${EXTRAS:-}" ]; then spec=".[${EXTRAS}]"; fi
+.venv/bin/python -m pip install --quiet -e "$spec"
 .venv/bin/python -c 'import overstory' # fail here, not later, if the install did not work
