@@ -7,12 +7,13 @@ serves it, so its tools must be importable there (define them in a module, or in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import copy
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .exceptions import ConfigError
 from .messages import ToolCall, ToolReturn
-from .providers import Model, ModelSpec, resolve_model
+from .providers import Model, ModelSpec, Secret, resolve_model
 from .tools import Tool, ToolDefinition, unknown_tool
 
 __all__ = ["DEFAULT_MAX_ROUND_TRIPS", "Agent"]
@@ -54,6 +55,18 @@ class Agent:
         self.tool_definitions: tuple[ToolDefinition, ...] = tuple(
             t.definition for t in self.tools.values()
         )
+
+    def with_api_keys(self, keys: Mapping[str, Secret]) -> Agent:
+        """This agent calling vendors with the user's own keys (bring-your-own-key).
+
+        Each (endpoint, key) pair gets its own provider actor, so one user's limits,
+        breaker state and bill never mix with another's.
+        """
+        if not keys:
+            return self
+        clone = copy.copy(self)
+        clone.model = self.model.with_api_keys(keys)
+        return clone
 
     def __repr__(self) -> str:
         return (

@@ -15,20 +15,22 @@ both sides subclass the stdlib exceptions users already catch::
         │   ├── StoreUnavailable            cannot reach / open the store
         │   ├── SequenceConflict            a (conversation, seq) record already exists
         │   └── Fenced                      a newer incarnation owns the conversation
-        ├── ModelError                      a model / provider call failed
+        ├── ModelError                      a model / provider call failed (``kind`` says why)
         │   └── AllModelsFailed             every model in a chain failed; lists each failure
         ├── MaxRoundTripsExceeded           a turn needed more model round trips than allowed
         ├── TurnFailed                      a turn did not complete; the user message is stored
         └── ConversationUnavailable         the conversation actor cannot be reached/started
             └── Passivated                  the actor is shutting down; ask the registry again
 
-Errors from Ray, PyMongo and sqlite3 are translated into this tree where they enter
-(``store/``, ``registry/``, ``actors/``); none of them leak out of the public API.
+Errors from Ray, PyMongo, sqlite3 and the vendor SDKs are translated into this tree where
+they enter (``store/``, ``registry/``, ``actors/``, ``providers/``); none of them leak out
+of the public API.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 __all__ = [
     "AllModelsFailed",
@@ -39,6 +41,7 @@ __all__ = [
     "InvalidUserId",
     "MaxRoundTripsExceeded",
     "ModelError",
+    "ModelErrorKind",
     "OverstoryError",
     "Passivated",
     "RuntimeFailure",
@@ -137,30 +140,77 @@ class Fenced(StoreError):
         return (type(self), (self.conversation_id, self.epoch, self.current))
 
 
-class ModelError(RuntimeFailure):
-    """A model call failed. ``retryable`` says whether the same call may succeed later."""
+#: Why a model call failed, as the fallback, retry and breaker policies see it
+#: (``providers/taxonomy.py`` holds what each policy does about each kind).
+ModelErrorKind = Literal[
+    "rate_limited",  # 429 from the provider
+    "overloaded",  # 529 / 503: the provider is shedding load
+    "server_error",  # other 5xx
+    "timeout",  # no answer in time
+    "connection",  # could not connect / connection dropped
+    "malformed",  # an answer that is not the vendor's format
+    "auth",  # 401 / 403: the key is wrong, revoked or not allowed
+    "bad_request",  # 400 / 404 / 422: this request will fail the same way again
+    "context_overflow",  # the prompt does not fit the model's context window
+    "circuit_open",  # the endpoint's circuit breaker refused the call (no request sent)
+    "limit_wait",  # the endpoint's rate limiter could not admit the call in time
+]
 
-    def __init__(self, message: str, *, model: str = "", retryable: bool = True) -> None:
+
+class ModelError(RuntimeFailure):
+    """A model call failed; ``kind`` says why (see :data:`ModelErrorKind`).
+
+    ``retry_after`` is the delay the provider asked for (``Retry-After``), when it did;
+    ``status`` the HTTP status, when there was one. ``retryable=False`` is shorthand for
+    ``kind="bad_request"``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str = "",
+        kind: ModelErrorKind | None = None,
+        retryable: bool = True,
+        retry_after: float | None = None,
+        status: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.model = model
-        self.retryable = retryable
+        self.kind: ModelErrorKind = kind or ("server_error" if retryable else "bad_request")
+        self.retry_after = retry_after
+        self.status = status
+
+    @property
+    def retryable(self) -> bool:
+        """Whether the same call to the same model may succeed later."""
+        return self.kind not in ("auth", "bad_request", "context_overflow")
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_model_error, (type(self), str(self), self.model, self.retryable))
+        return (
+            _rebuild_model_error,
+            (type(self), str(self), self.model, self.kind, self.retry_after, self.status),
+        )
 
 
 def _rebuild_model_error(
-    cls: type[ModelError], message: str, model: str, retryable: bool
+    cls: type[ModelError],
+    message: str,
+    model: str,
+    kind: ModelErrorKind,
+    retry_after: float | None,
+    status: int | None,
 ) -> ModelError:
-    return cls(message, model=model, retryable=retryable)
+    return cls(message, model=model, kind=kind, retry_after=retry_after, status=status)
 
 
 class AllModelsFailed(ModelError):
     """Every model of a chain failed; ``failures`` holds each one's error, in chain order."""
 
     def __init__(self, failures: Sequence[ModelError]) -> None:
-        lines = "; ".join(f"{f.model or '?'}: {f}" for f in failures)
-        super().__init__(f"all {len(failures)} model(s) failed: {lines}", retryable=True)
+        lines = "; ".join(f"{f.model or '?'}: [{f.kind}] {f}" for f in failures)
+        last = failures[-1].kind if failures else None
+        super().__init__(f"all {len(failures)} model(s) failed: {lines}", kind=last)
         self.failures = list(failures)
 
     def __reduce__(self) -> tuple[object, ...]:

@@ -101,7 +101,7 @@ def test_fallback_goes_down_the_chain_and_reports_every_failure() -> None:
     with pytest.raises(AllModelsFailed) as info:
         ask(dead, user("hi"))
     assert [f.model for f in info.value.failures] == ["offline:a", "offline:b"]
-    assert "offline:a: scripted failure 1/9" in str(info.value)
+    assert "offline:a: [server_error] scripted failure 1/9" in str(info.value)
 
 
 def test_resolve_model_from_strings_and_chains() -> None:
@@ -114,7 +114,7 @@ def test_resolve_model_from_strings_and_chains() -> None:
 @pytest.mark.parametrize(
     ("spec", "problem"),
     [
-        ("offline", "must be written 'provider:model'"),
+        ("offline", r"must be written 'provider:model\[@base_url\]'"),
         ("nosuch:model", "unknown provider 'nosuch'"),
         ([], "at least one model"),
         (42, "a model is a Model"),

@@ -110,6 +110,10 @@ class ConversationActor:
             "agent": self.agent.name,
         }
 
+    def own_agent(self) -> Agent:
+        """The agent this actor was started with (its supervisor keeps it for restarts)."""
+        return self.agent
+
     async def send(
         self,
         turn_id: str,

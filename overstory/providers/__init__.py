@@ -1,29 +1,68 @@
-"""Model providers: one module per vendor, policies as wrappers.
+"""Model providers: one module per vendor, policies as wrappers, one actor per endpoint.
 
-:func:`resolve_model` turns what users write (``"offline:demo"``, a :class:`Model`, or a
-list of either for a fallback chain) into one :class:`Model`.
+:func:`resolve_model` turns what users write — ``"offline:demo"``,
+``"openai:gpt-4.1-mini@http://127.0.0.1:8000/v1"``, an :class:`Endpoint`, a
+:class:`Model`, or a list of these for a fallback chain — into one :class:`Model`.
+Vendor endpoints become :class:`RemoteModel` s: calls go to the endpoint's provider
+actor, which owns the SDK client, the rate limiter and the circuit breaker.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from ..exceptions import ConfigError
 from .base import Model
+from .breaker import BreakerModel, CircuitBreaker
+from .endpoint import (
+    KEY_ENV,
+    BreakerPolicy,
+    Endpoint,
+    Limits,
+    RetryPolicy,
+    Secret,
+    parse_model,
+)
 from .fallback import FallbackModel
+from .limits import AsyncRateLimiter, LimitedModel, RateLimiter
 from .offline import OfflineModel, Rule
+from .pool import ProviderActor, RemoteModel
+from .retry import RetryingModel
 
-__all__ = ["FallbackModel", "Model", "ModelSpec", "OfflineModel", "Rule", "resolve_model"]
+__all__ = [
+    "KEY_ENV",
+    "AsyncRateLimiter",
+    "BreakerModel",
+    "BreakerPolicy",
+    "CircuitBreaker",
+    "Endpoint",
+    "FallbackModel",
+    "LimitedModel",
+    "Limits",
+    "Model",
+    "ModelSpec",
+    "OfflineModel",
+    "ProviderActor",
+    "RateLimiter",
+    "RemoteModel",
+    "RetryPolicy",
+    "RetryingModel",
+    "Rule",
+    "Secret",
+    "api_keys",
+    "resolve_model",
+]
 
-ModelSpec = Model | str | Sequence[Model | str]
-
-_KNOWN = ("offline",)
+ModelSpec = Model | Endpoint | str | Sequence[Model | Endpoint | str]
 
 
 def resolve_model(spec: ModelSpec) -> Model:
-    """One :class:`Model` from a model, a ``provider:model`` string or a chain of them."""
+    """One :class:`Model` from a model, an endpoint, a ``provider:model[@url]`` string,
+    or a list of them (a fallback chain, tried in order)."""
     if isinstance(spec, Model):
         return spec
+    if isinstance(spec, Endpoint):
+        return RemoteModel(spec if spec.key is not None else _env_key(spec))
     if isinstance(spec, str):
         return _from_string(spec)
     if isinstance(spec, Sequence):
@@ -31,15 +70,40 @@ def resolve_model(spec: ModelSpec) -> Model:
         if not models:
             raise ConfigError("a model chain needs at least one model, got an empty list")
         return models[0] if len(models) == 1 else FallbackModel(*models)
-    raise ConfigError(f"a model is a Model, a 'provider:model' string or a list; got {spec!r}")
+    raise ConfigError(
+        f"a model is a Model, an Endpoint, a 'provider:model[@base_url]' string or a list; "
+        f"got {spec!r}"
+    )
+
+
+def _env_key(endpoint: Endpoint) -> Endpoint:
+    """With the key from the vendor's environment variable, when one is set (read here,
+    on the client). Without one the endpoint works only with users' own keys."""
+    try:
+        return endpoint.resolved()
+    except ConfigError:
+        return endpoint
 
 
 def _from_string(spec: str) -> Model:
-    provider, sep, model = spec.partition(":")
-    if not sep or not provider or not model:
-        raise ConfigError(f"model {spec!r} must be written 'provider:model', e.g. 'offline:echo'")
-    if provider == "offline":
+    vendor, model, base_url = parse_model(spec)
+    if vendor == "offline":
+        if base_url is not None:
+            raise ConfigError(f"the offline model takes no base URL: {spec!r}")
         return OfflineModel(model)
-    raise ConfigError(
-        f"unknown provider {provider!r} in model {spec!r}; this build knows: {', '.join(_KNOWN)}"
-    )
+    assert vendor in KEY_ENV
+    return resolve_model(Endpoint(vendor, model, base_url))
+
+
+def api_keys(keys: Mapping[str, str]) -> dict[str, Secret]:
+    """Validate a user's own keys (``{"openai": "sk-...", "anthropic": "..."}``)."""
+    if not isinstance(keys, Mapping):
+        raise ConfigError(f"api_keys must map a vendor to a key, got {type(keys).__name__}")
+    out: dict[str, Secret] = {}
+    for vendor, key in keys.items():
+        if vendor not in KEY_ENV:
+            raise ConfigError(
+                f"api_keys has an unknown vendor {vendor!r}; known: {', '.join(KEY_ENV)}"
+            )
+        out[vendor] = key if isinstance(key, Secret) else Secret(key)
+    return out

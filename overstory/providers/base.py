@@ -12,10 +12,14 @@ own exception) so wrappers can decide what to do without knowing the vendor.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from ..messages import Message, ModelResponse
 from ..tools import ToolDefinition
+
+if TYPE_CHECKING:
+    from .endpoint import Secret
 
 __all__ = ["Model"]
 
@@ -36,6 +40,10 @@ class Model(ABC):
         tools: Sequence[ToolDefinition],
     ) -> ModelResponse:
         """One model call. Raises :class:`~overstory.exceptions.ModelError` on failure."""
+
+    def with_api_keys(self, keys: Mapping[str, Secret]) -> Model:
+        """This model using the user's own keys (vendor -> key) where it calls a vendor."""
+        return self
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from ..exceptions import AllModelsFailed, ConfigError, ModelError
 from ..messages import Message, ModelResponse
 from ..tools import ToolDefinition
 from .base import Model
+from .endpoint import Secret
 
 __all__ = ["FallbackModel"]
 
@@ -15,15 +16,25 @@ __all__ = ["FallbackModel"]
 class FallbackModel(Model):
     """Calls ``models[0]``; on a :class:`ModelError` falls through to the next one.
 
-    When every model fails, raises :class:`AllModelsFailed` listing each failure. The
-    error taxonomy (which failures fall through and which retry) grows with the provider
-    pool; here every ``ModelError`` falls through.
+    Retrying one endpoint is its provider actor's business (``providers/taxonomy.py``):
+    by the time an error reaches the chain, that endpoint has given up for this call, so
+    every kind falls through — a circuit that is open costs one actor round trip. When
+    every model fails, raises :class:`AllModelsFailed` listing each failure, in order.
+    ``on_fallback(failed, error, next_model)`` is told about each fall-through.
     """
 
-    def __init__(self, *models: Model) -> None:
+    def __init__(
+        self,
+        *models: Model,
+        on_fallback: Callable[[Model, ModelError, Model | None], None] | None = None,
+    ) -> None:
         if not models:
             raise ConfigError("a model chain needs at least one model")
         self.models = models
+        self.on_fallback = on_fallback
+
+    def with_api_keys(self, keys: Mapping[str, Secret]) -> Model:
+        return FallbackModel(*(m.with_api_keys(keys) for m in self.models))
 
     @property
     def name(self) -> str:
@@ -36,11 +47,14 @@ class FallbackModel(Model):
         tools: Sequence[ToolDefinition],
     ) -> ModelResponse:
         failures: list[ModelError] = []
-        for model in self.models:
+        for i, model in enumerate(self.models):
             try:
                 return await model.request(instructions, messages, tools)
             except ModelError as exc:
                 if not exc.model:
                     exc.model = model.name
                 failures.append(exc)
+                if self.on_fallback is not None:
+                    following = self.models[i + 1] if i + 1 < len(self.models) else None
+                    self.on_fallback(model, exc, following)
         raise AllModelsFailed(failures)

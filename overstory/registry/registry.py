@@ -11,6 +11,7 @@ for one user are serialised there and yield exactly one actor.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 import ray
@@ -19,6 +20,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ..actors.names import actor_name
 from ..agent import Agent
 from ..exceptions import ConversationUnavailable
+from ..providers import Secret
 from ..supervisors import ChildSpec, SupervisorSpec
 from ..supervisors.conversations import ConversationSupervisor, Lifecycle
 from ..supervisors.named import SUPERVISED, unwrap_task_error
@@ -80,15 +82,18 @@ class Registry:
                 ) from exc
         return self._supervisor
 
-    def get_or_start(self, user_id: str) -> Any:
-        """A live handle to ``user_id``'s conversation actor, started if needed."""
+    def get_or_start(self, user_id: str, api_keys: Mapping[str, Secret] | None = None) -> Any:
+        """A live handle to ``user_id``'s conversation actor, started if needed.
+
+        ``api_keys`` (vendor -> the user's own key) apply when the actor is started.
+        """
         last: BaseException | None = None
         for _ in range(_ATTEMPTS):
             supervisor = self.supervisor()
             agent = self.agent if self._send_agent else None
             try:
                 return ray.get(
-                    supervisor.start_child.remote(user_id, agent),
+                    supervisor.start_child.remote(user_id, agent, api_keys),
                     timeout=self.lifecycle.activation_timeout_s,
                 )
             except RayTaskError as exc:
@@ -99,7 +104,9 @@ class Registry:
                 raise self._unavailable(user_id, "it did not become ready in time") from exc
         raise self._unavailable(user_id, f"{type(last).__name__}: {last}") from last
 
-    async def get_or_start_async(self, user_id: str) -> Any:
+    async def get_or_start_async(
+        self, user_id: str, api_keys: Mapping[str, Secret] | None = None
+    ) -> Any:
         """Async form of :meth:`get_or_start`."""
         last: BaseException | None = None
         for _ in range(_ATTEMPTS):
@@ -107,7 +114,7 @@ class Registry:
             agent = self.agent if self._send_agent else None
             try:
                 return await asyncio.wait_for(
-                    supervisor.start_child.remote(user_id, agent),
+                    supervisor.start_child.remote(user_id, agent, api_keys),
                     timeout=self.lifecycle.activation_timeout_s,
                 )
             except RayTaskError as exc:

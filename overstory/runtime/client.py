@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -24,6 +24,8 @@ from ray.exceptions import RayActorError, RayTaskError
 from ..agent import Agent
 from ..exceptions import ConversationUnavailable, Fenced, Passivated
 from ..messages import Message, Reply
+from ..providers import Secret
+from ..providers import api_keys as api_key_map
 from ..registry import Registry, actor_name
 from ..store import open_store
 from ..supervisors.conversations import Lifecycle
@@ -48,10 +50,17 @@ def _default_agent() -> Agent:
 class Conversation:
     """One user's conversation. Get it with :meth:`Runtime.conversation`."""
 
-    def __init__(self, runtime: Runtime, user_id: str, handle: Any) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        user_id: str,
+        handle: Any,
+        api_keys: Mapping[str, Secret] | None = None,
+    ) -> None:
         self._runtime = runtime
         self.user_id = user_id
         self._handle = handle
+        self._api_keys = api_keys
         self._lock = threading.Lock()
         # Numbers this handle's sends so the actor runs them in the order they were made.
         self._caller = uuid.uuid4().hex
@@ -69,12 +78,14 @@ class Conversation:
     def _replace_handle(self, dead: Any) -> Any:
         with self._lock:
             if self._handle is dead:
-                self._handle = self._runtime.registry.get_or_start(self.user_id)
+                self._handle = self._runtime.registry.get_or_start(self.user_id, self._api_keys)
             return self._handle
 
     async def _replace_handle_async(self, dead: Any) -> Any:
         if self._handle is dead:
-            self._handle = await self._runtime.registry.get_or_start_async(self.user_id)
+            self._handle = await self._runtime.registry.get_or_start_async(
+                self.user_id, self._api_keys
+            )
         return self._handle
 
     def _call(self, method: str, *args: Any) -> Any:
@@ -204,25 +215,41 @@ class Runtime:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def conversation(self, user_id: str) -> Conversation:
-        """Get-or-start ``user_id``'s conversation; exactly one actor per user id."""
+    def conversation(
+        self, user_id: str, *, api_keys: Mapping[str, str] | None = None
+    ) -> Conversation:
+        """Get-or-start ``user_id``'s conversation; exactly one actor per user id.
+
+        ``api_keys`` (``{"openai": "sk-...", "anthropic": "..."}``) make this user's
+        conversation call those vendors with the user's own keys (bring-your-own-key),
+        through provider actors of their own. Keys bind when the conversation starts;
+        to change them, :meth:`stop_conversation` first.
+        """
         validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
+        keys = api_key_map(api_keys) if api_keys else None
         with self._lock:
             conv = self._conversations.get(user_id)
-        if conv is not None:
+        if conv is not None and conv._api_keys == keys:
             return conv
-        handle = self.registry.get_or_start(user_id)
+        handle = self.registry.get_or_start(user_id, keys)
         with self._lock:
-            return self._conversations.setdefault(user_id, Conversation(self, user_id, handle))
+            conv = Conversation(self, user_id, handle, keys)
+            self._conversations[user_id] = conv
+            return conv
 
-    async def conversation_async(self, user_id: str) -> Conversation:
+    async def conversation_async(
+        self, user_id: str, *, api_keys: Mapping[str, str] | None = None
+    ) -> Conversation:
         """Async form of :meth:`conversation`."""
         validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
+        keys = api_key_map(api_keys) if api_keys else None
         conv = self._conversations.get(user_id)
-        if conv is not None:
+        if conv is not None and conv._api_keys == keys:
             return conv
-        handle = await self.registry.get_or_start_async(user_id)
-        return self._conversations.setdefault(user_id, Conversation(self, user_id, handle))
+        handle = await self.registry.get_or_start_async(user_id, keys)
+        conv = Conversation(self, user_id, handle, keys)
+        self._conversations[user_id] = conv
+        return conv
 
     def stop_conversation(self, user_id: str) -> bool:
         """Passivate ``user_id``'s actor now (history stays stored; the next call re-activates).

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ from ..actors.conversation import ConversationActor
 from ..actors.names import NAME_PREFIX, actor_name
 from ..agent import Agent
 from ..exceptions import OverstoryError
+from ..providers import Secret
 from .core import restart_intensity
 from .named import SUPERVISED, get_or_create
 from .tree import ROOT
@@ -66,6 +68,7 @@ class _Child:
     node_id: str
     started_at: float
     pid: int = 0
+    agent: Agent | None = None  # None: the supervisor's agent
     watcher: asyncio.Task[None] | None = None
     stopping: bool = False
 
@@ -126,8 +129,20 @@ class ConversationSupervisor:
 
     # --- registry ---------------------------------------------------------------------
 
-    async def start_child(self, user_id: str, agent: Agent | None = None) -> Any:
-        """The live actor of ``user_id``, started (and its history loaded) if needed."""
+    async def start_child(
+        self,
+        user_id: str,
+        agent: Agent | None = None,
+        api_keys: Mapping[str, Secret] | None = None,
+    ) -> Any:
+        """The live actor of ``user_id``, started (and its history loaded) if needed.
+
+        ``agent`` replaces the supervisor's agent for this child, ``api_keys`` make it
+        call vendors with the user's own keys; both hold for the life of the actor
+        (restarts included) and are ignored when it is already live.
+        """
+        if api_keys:
+            agent = (agent or self.agent).with_api_keys(api_keys)
         async with self._locks[user_id]:
             child = self._children.get(user_id)
             if child is not None and not await self._serving(child):
@@ -178,7 +193,7 @@ class ConversationSupervisor:
             options,
             timeout_s=self.lifecycle.activation_timeout_s,
         )
-        child = _Child(user_id, handle, info["node_id"], time.time(), info["pid"])
+        child = _Child(user_id, handle, info["node_id"], time.time(), info["pid"], agent)
         self._children[user_id] = child
         child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
         self.counters["activations"] += 1
@@ -192,11 +207,13 @@ class ConversationSupervisor:
             try:
                 handle = ray.get_actor(entry["name"], namespace=self.namespace)
                 info: dict[str, Any] = await asyncio.wait_for(handle.ready.remote(), timeout=10)
+                # Its own agent (it may carry the user's keys): a restart must keep it.
+                agent = await asyncio.wait_for(handle.own_agent.remote(), timeout=10)
             except (RayActorError, RayTaskError, ValueError, TimeoutError):
                 continue
             user_id = info["conversation_id"]
             if user_id not in self._children:
-                child = _Child(user_id, handle, info["node_id"], time.time(), info["pid"])
+                child = _Child(user_id, handle, info["node_id"], time.time(), info["pid"], agent)
                 self._children[user_id] = child
                 child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
 
@@ -240,7 +257,7 @@ class ConversationSupervisor:
             if self._children.get(child.user_id) is child:
                 del self._children[child.user_id]
                 try:
-                    await self._spawn(child.user_id, None)
+                    await self._spawn(child.user_id, child.agent)
                 except (OverstoryError, RayActorError) as exc:
                     # Not fatal: the next start_child for this user tries again, from the store.
                     log.warning("restart of conversation %r failed: %s", child.user_id, exc)

@@ -1,0 +1,163 @@
+"""Circuit breaker: stop calling an endpoint that keeps failing, probe it again later.
+
+:class:`CircuitBreaker` is the pure state machine (time is passed in);
+:class:`BreakerModel` is the policy wrapper a provider actor puts around its model.
+
+    closed --K counted failures within window_s--> open
+    open --cooldown_s elapsed--> half_open (one probe call let through)
+    half_open --probe succeeds--> closed
+    half_open --probe fails--> open (cooldown again)
+    any --auth failure--> open for auth_cooldown_s ("unhealthy")
+
+While open, a call fails at once with ``kind="circuit_open"``: no request is sent, and
+the fallback chain moves on without waiting.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+from ..exceptions import ModelError
+from ..messages import Message, ModelResponse
+from ..tools import ToolDefinition
+from .base import Model
+from .endpoint import BreakerPolicy
+from .taxonomy import policy
+
+__all__ = ["BreakerModel", "CircuitBreaker", "CircuitState"]
+
+CircuitState = Literal["closed", "open", "half_open"]
+
+
+class CircuitBreaker:
+    """The breaker's state for one endpoint. Every method takes ``now`` (monotonic s)."""
+
+    def __init__(self, config: BreakerPolicy) -> None:
+        self.config = config
+        self._state: CircuitState = "closed"
+        self._failures: list[float] = []
+        self._opened_at = 0.0
+        self._cooldown = config.cooldown_s
+        self._probing = False
+        self.reason = ""
+        self.opened = 0  # how many times it opened (for status and tests)
+
+    def state(self, now: float) -> CircuitState:
+        if self._state == "open" and now - self._opened_at >= self._cooldown:
+            return "half_open"
+        return self._state
+
+    def allow(self, now: float) -> bool:
+        """Whether a call may go out now; in half-open, only one probe at a time."""
+        state = self.state(now)
+        if state == "closed":
+            return True
+        if state == "open" or self._probing:
+            return False
+        self._state, self._probing = "half_open", True
+        return True
+
+    def retry_in(self, now: float) -> float:
+        """Seconds until the next probe may go out (0 when calls are allowed)."""
+        if self._state != "open":
+            return 0.0
+        return max(0.0, self._opened_at + self._cooldown - now)
+
+    def success(self, now: float) -> None:
+        self._state, self._probing, self.reason = "closed", False, ""
+        self._failures.clear()
+
+    def failure(self, now: float, reason: str = "") -> None:
+        """A counted failure: opens after K of them within the window (or the probe's)."""
+        if self._probing or self._state == "half_open":
+            self._open(now, self.config.cooldown_s, reason or "half-open probe failed")
+            return
+        window = self.config.window_s
+        self._failures = [t for t in self._failures if now - t < window]
+        self._failures.append(now)
+        if len(self._failures) >= self.config.failures:
+            self._open(now, self.config.cooldown_s, reason or f"{len(self._failures)} failures")
+
+    def trip(self, now: float, reason: str) -> None:
+        """Open at once for the long (authentication) cooldown: the endpoint is unhealthy."""
+        self._open(now, self.config.auth_cooldown_s, reason)
+
+    def abandon_probe(self) -> None:
+        """The probe ended without telling anything about the endpoint (e.g. a 400)."""
+        self._probing = False
+
+    def _open(self, now: float, cooldown: float, reason: str) -> None:
+        self._state, self._probing = "open", False
+        self._opened_at, self._cooldown, self.reason = now, cooldown, reason
+        self._failures.clear()
+        self.opened += 1
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        return {
+            "state": self.state(now),
+            "reason": self.reason,
+            "recent_failures": len([t for t in self._failures if now - t < self.config.window_s]),
+            "retry_in_s": round(self.retry_in(now), 3),
+            "opened": self.opened,
+        }
+
+
+class BreakerModel(Model):
+    """Calls ``model`` through a :class:`CircuitBreaker`; refuses at once while open."""
+
+    def __init__(
+        self,
+        model: Model,
+        config: BreakerPolicy,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[CircuitState], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.breaker = CircuitBreaker(config)
+        self._clock = clock
+        self._on_change = on_change
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    async def request(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> ModelResponse:
+        breaker, now = self.breaker, self._clock()
+        before = breaker.state(now)
+        if not breaker.allow(now):
+            raise ModelError(
+                f"circuit open ({breaker.reason}); next probe in {breaker.retry_in(now):.1f} s",
+                model=self.name,
+                kind="circuit_open",
+            )
+        try:
+            response = await self.model.request(instructions, messages, tools)
+        except ModelError as exc:
+            rule = policy(exc.kind)
+            if rule.trip:
+                breaker.trip(self._clock(), f"{exc.kind}: {exc}")
+            elif rule.breaker:
+                breaker.failure(self._clock(), f"{exc.kind}: {exc}")
+            else:
+                breaker.abandon_probe()
+            self._changed(before)
+            raise
+        except BaseException:
+            breaker.abandon_probe()  # cancelled: the probe tells nothing
+            raise
+        breaker.success(self._clock())
+        self._changed(before)
+        return response
+
+    def _changed(self, before: CircuitState) -> None:
+        after = self.breaker.state(self._clock())
+        if after != before and self._on_change is not None:
+            self._on_change(after)

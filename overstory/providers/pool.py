@@ -1,0 +1,199 @@
+"""The provider actor pool: one Ray actor per endpoint, and the handle models use.
+
+A :class:`ProviderActor` owns one endpoint's SDK client, rate limiter and circuit
+breaker; it is named after the endpoint's id (vendor + model + base URL + a one-way
+fingerprint of the key), detached and restarted in place by Ray, so every conversation
+in the cluster that uses the endpoint goes through the same limiter and breaker:
+
+    conversation actor ── RemoteModel ──> ProviderActor  [Breaker(Retrying(Limited(vendor)))]
+                                          one per endpoint, cluster-wide
+
+:class:`RemoteModel` is the :class:`~overstory.providers.base.Model` the agent holds: a
+small picklable value (the endpoint) that finds or starts its provider actor on first
+use. The vendor SDKs are imported only inside provider actors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from ..exceptions import ConversationUnavailable, ModelError
+from ..messages import Message, ModelResponse
+from ..tools import ToolDefinition
+from .base import Model
+from .breaker import BreakerModel
+from .endpoint import KEY_ENV, Endpoint, Secret
+from .limits import LimitedModel
+from .retry import RetryingModel
+
+__all__ = ["PROVIDER_PREFIX", "ProviderActor", "RemoteModel", "provider_actor_name", "vendor_model"]
+
+#: Named actors of the provider pool start with this (the dashboard shows them so).
+PROVIDER_PREFIX = "provider:"
+
+_OPTIONS: dict[str, Any] = {
+    "lifetime": "detached",
+    "max_restarts": -1,
+    "max_task_retries": 0,
+    "num_cpus": 0,
+    # Many conversations wait on one endpoint at once (queued for the limiter, or on
+    # the vendor's answer): each waiting call is a coroutine, not a thread.
+    "max_concurrency": 10_000,
+}
+
+
+def provider_actor_name(endpoint: Endpoint) -> str:
+    """``provider:<vendor>:<model>:<id>`` — readable on the dashboard, no key in it."""
+    return f"{PROVIDER_PREFIX}{endpoint.vendor}:{endpoint.model}:{endpoint.id}"
+
+
+def vendor_model(endpoint: Endpoint) -> Model:
+    """The vendor's :class:`Model` for ``endpoint`` (imports that vendor's SDK)."""
+    if endpoint.vendor == "anthropic":
+        from .anthropic import AnthropicModel
+
+        return AnthropicModel(endpoint)
+    from .openai import OpenAIModel
+
+    return OpenAIModel(endpoint)
+
+
+class ProviderActor:
+    """One endpoint's client and policies (the Ray actor class is built below)."""
+
+    def __init__(self, endpoint: Endpoint, model: Model | None = None) -> None:
+        self.endpoint = endpoint
+        self.started_at = time.time()
+        self.calls = 0
+        self.failures: dict[str, int] = {}
+        base = model if model is not None else vendor_model(endpoint)
+        self.limited = LimitedModel(base, endpoint.limits)
+        self.retrying = RetryingModel(self.limited, endpoint.retry)
+        self.breaker = BreakerModel(self.retrying, endpoint.breaker)
+
+    def ready(self) -> dict[str, Any]:
+        return {"name": self.endpoint.name, "id": self.endpoint.id}
+
+    async def request(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> ModelResponse:
+        self.calls += 1
+        try:
+            return await self.breaker.request(instructions, messages, tools)
+        except ModelError as exc:
+            self.failures[exc.kind] = self.failures.get(exc.kind, 0) + 1
+            raise
+
+    def status(self) -> dict[str, Any]:
+        """Circuit state, limiter headroom and counters (for ``overstory status``)."""
+        now = time.monotonic()
+        return {
+            "endpoint": self.endpoint.name,
+            "id": self.endpoint.id,
+            "key": repr(self.endpoint.key),
+            "circuit": self.breaker.breaker.snapshot(now),
+            "limits": self.limited.limiter.snapshot(),
+            "calls": self.calls,
+            "retries": self.retrying.retries,
+            "failures": dict(self.failures),
+            "started_at": self.started_at,
+        }
+
+
+_RemoteProvider: Any = ray.remote(ProviderActor)
+
+
+class RemoteModel(Model):
+    """The model an agent holds for a vendor endpoint: calls the endpoint's provider actor.
+
+    Pickled into every conversation actor of the agent; the handle is looked up (or the
+    actor started) there, on first use, in the caller's Ray namespace.
+    """
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self._handle: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
+
+    def with_api_keys(self, keys: Mapping[str, Secret]) -> Model:
+        key = keys.get(self.endpoint.vendor)
+        return self if key is None else RemoteModel(self.endpoint.with_key(key))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"endpoint": self.endpoint}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.endpoint, self._handle = state["endpoint"], None
+
+    async def handle(self) -> Any:
+        """The provider actor's handle, started if it is not running."""
+        if self._handle is None:
+            from ..supervisors.named import get_or_create
+
+            namespace = ray.get_runtime_context().namespace
+            try:
+                self._handle, _ = await get_or_create(
+                    _RemoteProvider,
+                    provider_actor_name(self.endpoint),
+                    namespace,
+                    (self.endpoint,),
+                    _OPTIONS,
+                    timeout_s=60.0,
+                )
+            except ConversationUnavailable as exc:
+                raise ModelError(
+                    f"provider actor unavailable: {exc}", model=self.name, kind="connection"
+                ) from None
+        return self._handle
+
+    async def request(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> ModelResponse:
+        if self.endpoint.key is None:
+            raise ModelError(
+                f"no API key: set {KEY_ENV[self.endpoint.vendor]} where the runtime is "
+                "started, or give the user's own key (api_keys=...)",
+                model=self.name,
+                kind="auth",
+            )
+        for attempt in (1, 2):
+            handle = await self.handle()
+            try:
+                response: ModelResponse = await handle.request.remote(
+                    instructions, list(messages), list(tools)
+                )
+                return response
+            except RayTaskError as exc:
+                cause = exc.cause
+                if isinstance(cause, ModelError):
+                    raise cause from None
+                raise ModelError(
+                    f"provider actor failed: {type(cause).__name__}: {cause}",
+                    model=self.name,
+                    kind="server_error",
+                ) from None
+            except RayActorError as exc:
+                # The provider actor died under the call (Ray restarts it): look it up
+                # again once; the call may or may not have reached the vendor.
+                self._handle = None
+                if attempt == 2:
+                    raise ModelError(
+                        f"provider actor died during the call: {type(exc).__name__}",
+                        model=self.name,
+                        kind="connection",
+                    ) from None
+        raise AssertionError("unreachable")

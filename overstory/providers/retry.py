@@ -1,0 +1,88 @@
+"""The one retry loop: retry the same endpoint when the taxonomy says it may help.
+
+The vendor SDKs are built with ``max_retries=0``, so this is the only place a request is
+repeated. Server errors, timeouts, dropped connections and malformed answers are retried
+with exponential backoff and full jitter; a 429 or 529 waits for the provider's
+``Retry-After`` when that is short, and otherwise gives up at once so the fallback chain
+can try the next model. Authentication failures, bad requests and context overflows are
+never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Sequence
+
+from ..exceptions import ModelError
+from ..messages import Message, ModelResponse
+from ..tools import ToolDefinition
+from .base import Model
+from .endpoint import RetryPolicy
+from .taxonomy import policy
+
+__all__ = ["RetryingModel", "backoff_s"]
+
+
+def backoff_s(
+    config: RetryPolicy, attempt: int, error: ModelError, rng: random.Random
+) -> float | None:
+    """The delay before attempt ``attempt + 1`` after ``error``, or ``None``: do not retry.
+
+    ``attempt`` counts from 1 (the call that just failed).
+    """
+    rule = policy(error.kind)
+    if not rule.retry or attempt >= config.attempts:
+        return None
+    if rule.wait_for_retry_after and error.retry_after is not None:
+        if error.retry_after > config.max_retry_after_s:
+            return None  # the provider wants a long pause: fall through instead
+        return error.retry_after
+    if error.kind == "rate_limited":
+        return None  # a 429 without Retry-After: another model is the better bet
+    ceiling = min(config.max_backoff_s, config.base_s * 2 ** (attempt - 1))
+    return rng.uniform(0, ceiling)
+
+
+class RetryingModel(Model):
+    """Retries ``model`` per :func:`backoff_s`; ``on_retry(attempt, error, delay)`` reports."""
+
+    def __init__(
+        self,
+        model: Model,
+        config: RetryPolicy,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+        on_retry: Callable[[int, ModelError, float], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._on_retry = on_retry
+        self.retries = 0
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    async def request(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> ModelResponse:
+        attempt = 1
+        while True:
+            try:
+                return await self.model.request(instructions, messages, tools)
+            except ModelError as exc:
+                delay = backoff_s(self.config, attempt, exc, self._rng)
+                if delay is None:
+                    raise
+                self.retries += 1
+                if self._on_retry is not None:
+                    self._on_retry(attempt, exc, delay)
+                await self._sleep(delay)
+                attempt += 1
