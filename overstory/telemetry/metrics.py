@@ -1,0 +1,260 @@
+"""overstory's metrics, recorded through ``ray.util.metrics``.
+
+Ray exports them on each node's metrics port with a ``ray_`` prefix
+(``ray_overstory_turns_total``, ...), next to Ray's own, so the Ray dashboard's Grafana
+and any Prometheus scraping the cluster see them. Every metric is declared once, in
+:data:`METRICS`, with its fixed tag keys.
+
+:func:`metrics` returns the process's :class:`Metrics`. Its instruments are created on the
+first record in the process that records (a conversation or provider actor, or a driver
+with Ray initialized) — Ray metric objects belong to the process that made them. Without
+Ray initialized every method returns at once and records nothing (and never imports Ray).
+
+Tag values must stay bounded: agent, tool, provider, model, endpoint and supervisor names
+come from configuration; outcomes, reasons and error types from fixed vocabularies. Never
+tag with a user id, a conversation id or message text.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["METRICS", "CircuitState", "MetricSpec", "Metrics", "metrics"]
+
+CircuitState = Literal["closed", "half_open", "open"]
+
+#: The value ``overstory_circuit_state`` takes for each state.
+CIRCUIT_STATE_VALUES: dict[CircuitState, int] = {"closed": 0, "half_open": 1, "open": 2}
+
+_LATENCY_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0]
+_WAIT_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+_MAX_TAG_CHARS = 128
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """One metric: its Ray name (exported as ``ray_<name>``), type and tag keys."""
+
+    name: str
+    kind: Literal["counter", "histogram", "gauge"]
+    description: str
+    tag_keys: tuple[str, ...]
+    boundaries: tuple[float, ...] = ()
+
+
+#: Every metric overstory records, by the attribute :class:`Metrics` keeps it under.
+METRICS: dict[str, MetricSpec] = {
+    "turns": MetricSpec(
+        "overstory_turns_total",
+        "counter",
+        "Conversation turns finished, by agent and outcome.",
+        ("agent", "outcome"),
+    ),
+    "turn_latency": MetricSpec(
+        "overstory_turn_latency_seconds",
+        "histogram",
+        "Seconds from a turn's start to its reply (or failure).",
+        ("agent", "outcome"),
+        tuple(_LATENCY_BUCKETS),
+    ),
+    "tokens": MetricSpec(
+        "overstory_tokens_total",
+        "counter",
+        "Model tokens consumed, by provider, model and direction (input or output).",
+        ("provider", "model", "direction"),
+    ),
+    "model_calls": MetricSpec(
+        "overstory_model_calls_total",
+        "counter",
+        "Model calls made to a provider endpoint, by outcome (ok or the error type).",
+        ("provider", "model", "outcome"),
+    ),
+    "model_latency": MetricSpec(
+        "overstory_model_call_seconds",
+        "histogram",
+        "Seconds one model call took, retries included.",
+        ("provider", "model", "outcome"),
+        tuple(_LATENCY_BUCKETS),
+    ),
+    "tool_calls": MetricSpec(
+        "overstory_tool_calls_total",
+        "counter",
+        "Tool calls run, by tool and outcome (ok or error).",
+        ("tool", "outcome"),
+    ),
+    "restarts": MetricSpec(
+        "overstory_restarts_total",
+        "counter",
+        "Children restarted by a supervisor.",
+        ("supervisor",),
+    ),
+    "passivations": MetricSpec(
+        "overstory_passivations_total",
+        "counter",
+        "Conversation actors passivated, by reason (idle, evicted, ...).",
+        ("reason",),
+    ),
+    "live_conversations": MetricSpec(
+        "overstory_live_conversations",
+        "gauge",
+        "Conversation actors alive, as last reported by the process that tracks them.",
+        (),
+    ),
+    "fallbacks": MetricSpec(
+        "overstory_provider_fallbacks_total",
+        "counter",
+        "Times a model chain fell through from a model, by the error that caused it.",
+        ("from_model", "error_type"),
+    ),
+    "circuit_state": MetricSpec(
+        "overstory_circuit_state",
+        "gauge",
+        "Circuit breaker state per endpoint: 0 closed, 1 half open, 2 open.",
+        ("endpoint",),
+    ),
+    "rate_limit_wait": MetricSpec(
+        "overstory_rate_limit_wait_seconds",
+        "histogram",
+        "Seconds a request waited for its endpoint's rate limiter, by whether it was admitted.",
+        ("endpoint", "admitted"),
+        tuple(_WAIT_BUCKETS),
+    ),
+}
+
+
+def _ray_initialized() -> bool:
+    # A process that never imported Ray cannot have initialized it: don't import it here.
+    ray = sys.modules.get("ray")
+    return ray is not None and bool(ray.is_initialized())
+
+
+def _tag(value: str) -> str:
+    value = str(value)
+    return value[:_MAX_TAG_CHARS] if value else "unknown"
+
+
+class Metrics:
+    """Records overstory's metrics in this process; see :data:`METRICS` for each one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._instruments: dict[str, Any] | None = None
+
+    def _get(self) -> dict[str, Any] | None:
+        if not _ray_initialized():
+            return None
+        instruments = self._instruments
+        if instruments is None:
+            with self._lock:
+                if self._instruments is None:
+                    self._instruments = _create()
+                instruments = self._instruments
+        return instruments
+
+    def _inc(self, key: str, value: float, tags: dict[str, str]) -> None:
+        if value <= 0:  # Ray's counters refuse 0 and negatives
+            return
+        instruments = self._get()
+        if instruments is not None:
+            instruments[key].inc(value, tags=tags)
+
+    def _observe(self, key: str, value: float, tags: dict[str, str]) -> None:
+        instruments = self._get()
+        if instruments is not None:
+            instruments[key].observe(max(0.0, float(value)), tags=tags)
+
+    def _set(self, key: str, value: float, tags: dict[str, str]) -> None:
+        instruments = self._get()
+        if instruments is not None:
+            instruments[key].set(value, tags=tags)
+
+    # --- turns and model calls ---------------------------------------------------------
+
+    def turn(self, agent: str, outcome: str, seconds: float) -> None:
+        """A finished turn: ``outcome`` is ``ok`` or why it failed (a fixed vocabulary)."""
+        tags = {"agent": _tag(agent), "outcome": _tag(outcome)}
+        self._inc("turns", 1, tags)
+        self._observe("turn_latency", seconds, tags)
+
+    def tokens(self, provider: str, model: str, input_tokens: int, output_tokens: int) -> None:
+        """Tokens one model call consumed."""
+        base = {"provider": _tag(provider), "model": _tag(model)}
+        self._inc("tokens", input_tokens, {**base, "direction": "input"})
+        self._inc("tokens", output_tokens, {**base, "direction": "output"})
+
+    def model_call(self, provider: str, model: str, outcome: str, seconds: float) -> None:
+        """One model call to an endpoint: ``outcome`` is ``ok`` or the error type."""
+        tags = {"provider": _tag(provider), "model": _tag(model), "outcome": _tag(outcome)}
+        self._inc("model_calls", 1, tags)
+        self._observe("model_latency", seconds, tags)
+
+    def tool_call(self, tool: str, outcome: Literal["ok", "error"]) -> None:
+        """One tool call; failures are the ``error`` outcome."""
+        if outcome not in ("ok", "error"):
+            raise ValueError(f"tool call outcome must be 'ok' or 'error', not {outcome!r}")
+        self._inc("tool_calls", 1, {"tool": _tag(tool), "outcome": outcome})
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def restart(self, supervisor: str) -> None:
+        """A supervisor restarted one of its children."""
+        self._inc("restarts", 1, {"supervisor": _tag(supervisor)})
+
+    def passivation(self, reason: str) -> None:
+        """A conversation actor passivated (``idle``, ``evicted``, ...)."""
+        self._inc("passivations", 1, {"reason": _tag(reason)})
+
+    def live_conversations(self, n: int) -> None:
+        """How many conversation actors are alive. Set it from one process only: Ray keeps
+        a gauge's last value per reporting process."""
+        self._set("live_conversations", n, {})
+
+    # --- provider policies -------------------------------------------------------------
+
+    def fallback(self, from_model: str, error_type: str) -> None:
+        """A model chain fell through from ``from_model`` after ``error_type``."""
+        self._inc("fallbacks", 1, {"from_model": _tag(from_model), "error_type": _tag(error_type)})
+
+    def circuit_state(self, endpoint: str, state: CircuitState) -> None:
+        """An endpoint's circuit breaker is now ``state`` (0 closed, 1 half open, 2 open)."""
+        value = CIRCUIT_STATE_VALUES.get(state)
+        if value is None:
+            raise ValueError(
+                f"circuit state must be one of {', '.join(CIRCUIT_STATE_VALUES)}, not {state!r}"
+            )
+        self._set("circuit_state", value, {"endpoint": _tag(endpoint)})
+
+    def rate_limit_wait(self, endpoint: str, seconds: float, admitted: bool) -> None:
+        """A request waited ``seconds`` for the endpoint's limiter and was (not) admitted."""
+        tags = {"endpoint": _tag(endpoint), "admitted": "true" if admitted else "false"}
+        self._observe("rate_limit_wait", seconds, tags)
+
+
+def _create() -> dict[str, Any]:
+    from ray.util.metrics import Counter, Gauge, Histogram
+
+    instruments: dict[str, Any] = {}
+    for key, spec in METRICS.items():
+        if spec.kind == "counter":
+            instruments[key] = Counter(spec.name, spec.description, tag_keys=spec.tag_keys)
+        elif spec.kind == "histogram":
+            instruments[key] = Histogram(
+                spec.name,
+                spec.description,
+                boundaries=list(spec.boundaries),
+                tag_keys=spec.tag_keys,
+            )
+        else:
+            instruments[key] = Gauge(spec.name, spec.description, tag_keys=spec.tag_keys)
+    return instruments
+
+
+_metrics = Metrics()
+
+
+def metrics() -> Metrics:
+    """The process's :class:`Metrics`."""
+    return _metrics
