@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from typing import Any
 
@@ -27,6 +28,8 @@ from ..agent import Agent
 from ..exceptions import Fenced, Passivated, SequenceConflict
 from ..messages import Message, Reply
 from ..store import HistoryStore, open_store
+from ..telemetry import attached, setup_telemetry
+from ..telemetry import flush as flush_telemetry
 from ..validation import MAX_MESSAGE_CHARS, validate_message
 from .gate import TurnGate
 from .turn import run_turn
@@ -51,6 +54,7 @@ class ConversationActor:
         self.max_message_chars = max_message_chars
         self.idle_timeout_s = idle_timeout_s
         self._supervisor = supervisor
+        setup_telemetry()  # exports spans when the OTEL_* variables reached this process
         self._store: HistoryStore = open_store(store_url)
         self._history: list[Message] = []
         self._epoch = 0
@@ -108,6 +112,8 @@ class ConversationActor:
             "idle_s": time.monotonic() - self._last_active,
             "busy": self._in_turn > 0,
             "agent": self.agent.name,
+            # Vendor SDKs belong in provider actors; this shows none leaked in here.
+            "vendor_sdks": sorted(m for m in ("anthropic", "openai") if m in sys.modules),
         }
 
     def own_agent(self) -> Agent:
@@ -121,8 +127,12 @@ class ConversationActor:
         caller: str | None = None,
         n: int = 0,
         low: int | None = None,
+        carrier: dict[str, str] | None = None,
     ) -> Reply:
-        """Run turn ``turn_id``; ``caller``/``n``/``low`` order one client's sends (TurnGate)."""
+        """Run turn ``turn_id``; ``caller``/``n``/``low`` order one client's sends (TurnGate).
+
+        ``carrier`` is the client's trace context: the turn's spans become its children.
+        """
         validate_message(text, max_chars=self.max_message_chars)
         if self._closing:
             raise Passivated(f"conversation {self.conversation_id!r} is passivating")
@@ -133,15 +143,16 @@ class ConversationActor:
                 if self._closing:
                     raise Passivated(f"conversation {self.conversation_id!r} is passivating")
                 try:
-                    return await run_turn(
-                        self.agent,
-                        self._store,
-                        self.conversation_id,
-                        self._history,
-                        turn_id,
-                        text,
-                        epoch=self._epoch,
-                    )
+                    with attached(carrier):
+                        return await run_turn(
+                            self.agent,
+                            self._store,
+                            self.conversation_id,
+                            self._history,
+                            turn_id,
+                            text,
+                            epoch=self._epoch,
+                        )
                 except SequenceConflict:
                     # Someone else wrote this conversation: our copy is stale. Reload so
                     # the next turn starts from what is stored, and let the caller know.
@@ -180,6 +191,7 @@ class ConversationActor:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         await self._store.close()
+        flush_telemetry(2.0)  # the supervisor kills this process next
         if self._stopped is not None:
             self._stopped.set()
         return True

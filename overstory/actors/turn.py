@@ -12,18 +12,29 @@ user's message twice.
 
 from __future__ import annotations
 
+import time
+
 from ..agent import Agent
 from ..exceptions import InvalidMessage, MaxRoundTripsExceeded, ModelError, TurnFailed
 from ..messages import (
     AssistantMessage,
     Message,
     Reply,
+    ToolCall,
     ToolReturn,
     Usage,
     UserMessage,
     placed,
 )
 from ..store import HistoryStore
+from ..telemetry import (
+    execute_tool_span,
+    invoke_agent_span,
+    mark_error,
+    metrics,
+    record_tool_content,
+    set_turn_usage,
+)
 
 __all__ = ["is_complete", "run_turn"]
 
@@ -55,8 +66,43 @@ async def run_turn(
     Every write carries ``epoch`` (see :meth:`HistoryStore.acquire`), so a superseded
     incarnation gets :class:`~overstory.exceptions.Fenced` instead of writing. Raises
     :class:`TurnFailed` when the model fails or the round-trip limit is hit; the
-    messages stored so far stay stored.
+    messages stored so far stay stored. The turn is one ``invoke_agent {agent}`` span.
     """
+    started = time.monotonic()
+    outcome = "error"
+    try:
+        with invoke_agent_span(agent.name, conversation_id) as span:
+            reply = await _run_turn(agent, store, conversation_id, history, turn_id, text, epoch)
+            set_turn_usage(span, reply.usage.input_tokens, reply.usage.output_tokens)
+            outcome = "ok"
+            return reply
+    finally:
+        metrics().turn(agent.name, outcome, time.monotonic() - started)
+
+
+async def _run_tool(agent: Agent, call: ToolCall) -> ToolReturn:
+    """One tool call in an ``execute_tool {tool}`` span (an error return marks it failed)."""
+    with execute_tool_span(call.name, call.id) as span:
+        result = await agent.run_tool(call)
+        record_tool_content(span, arguments=call.arguments, result=result.content)
+        if result.is_error:
+            mark_error(span, "tool_error", result.content[:200])
+        metrics().tool_call(
+            call.name if call.name in agent.tools else "unknown",
+            "error" if result.is_error else "ok",
+        )
+        return result
+
+
+async def _run_turn(
+    agent: Agent,
+    store: HistoryStore,
+    conversation_id: str,
+    history: list[Message],
+    turn_id: str,
+    text: str,
+    epoch: int | None,
+) -> Reply:
     turn = [m for m in history if m.turn_id == turn_id]
 
     async def commit(message: Message) -> Message:
@@ -91,7 +137,7 @@ async def run_turn(
             done = {m.tool_call_id for m in turn if isinstance(m, ToolReturn)}
             for call in last.tool_calls:
                 if call.id not in done:
-                    await commit(await agent.run_tool(call))
+                    await commit(await _run_tool(agent, call))
         if round_trips >= agent.max_round_trips:
             reason = MaxRoundTripsExceeded(
                 f"the model asked for tools on all {agent.max_round_trips} round trips "
@@ -99,9 +145,7 @@ async def run_turn(
             )
             raise TurnFailed(conversation_id, turn_id, str(reason)) from reason
         try:
-            response = await agent.model.request(
-                agent.instructions, history, agent.tool_definitions
-            )
+            response = await agent.model.call(agent.instructions, history, agent.tool_definitions)
         except ModelError as exc:
             raise TurnFailed(conversation_id, turn_id, f"model error: {exc}") from exc
         round_trips += 1

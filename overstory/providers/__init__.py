@@ -50,6 +50,7 @@ __all__ = [
     "Rule",
     "Secret",
     "api_keys",
+    "parse_model",
     "resolve_model",
 ]
 

@@ -15,13 +15,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from opentelemetry.trace import Span
+
 from ..messages import Message, ModelResponse
+from ..telemetry import chat_span, metrics, record_chat_content, record_chat_response
 from ..tools import ToolDefinition
 
 if TYPE_CHECKING:
     from .endpoint import Secret
 
-__all__ = ["Model"]
+__all__ = ["Model", "record_response"]
 
 
 class Model(ABC):
@@ -41,9 +44,43 @@ class Model(ABC):
     ) -> ModelResponse:
         """One model call. Raises :class:`~overstory.exceptions.ModelError` on failure."""
 
+    async def call(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> ModelResponse:
+        """:meth:`request` inside a ``chat {model}`` span, with token metrics.
+
+        What the turn loop calls. Policies that delegate (fallback) or models whose
+        request goes out elsewhere (a provider actor) override it; a model only
+        implements :meth:`request`.
+        """
+        provider, _, model = self.name.partition(":")
+        with chat_span(provider, model) as span:
+            response = await self.request(instructions, messages, tools)
+            record_response(span, provider, model, response)
+            record_chat_content(
+                span, messages=messages, response=response, instructions=instructions
+            )
+            return response
+
     def with_api_keys(self, keys: Mapping[str, Secret]) -> Model:
         """This model using the user's own keys (vendor -> key) where it calls a vendor."""
         return self
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+def record_response(span: Span, provider: str, model: str, response: ModelResponse) -> None:
+    """A model's answer on its ``chat`` span and in the token metrics."""
+    usage = response.usage
+    record_chat_response(
+        span,
+        response_model=response.model or model,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        finish_reasons=[response.finish_reason],
+    )
+    metrics().tokens(provider, model, usage.input_tokens, usage.output_tokens)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
+from opentelemetry import trace
+
 from ..exceptions import AllModelsFailed, ConfigError, ModelError
 from ..messages import Message, ModelResponse
+from ..telemetry import metrics, record_fallback
 from ..tools import ToolDefinition
 from .base import Model
 from .endpoint import Secret
@@ -46,15 +49,44 @@ class FallbackModel(Model):
         messages: Sequence[Message],
         tools: Sequence[ToolDefinition],
     ) -> ModelResponse:
+        return await self._chain(False, instructions, messages, tools)
+
+    async def call(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> ModelResponse:
+        """Each model's own :meth:`~Model.call` (its ``chat`` span); a fall-through is an
+        ``overstory.fallback`` event on the current span and a metric."""
+        return await self._chain(True, instructions, messages, tools)
+
+    async def _chain(
+        self,
+        traced: bool,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> ModelResponse:
         failures: list[ModelError] = []
         for i, model in enumerate(self.models):
             try:
+                if traced:
+                    return await model.call(instructions, messages, tools)
                 return await model.request(instructions, messages, tools)
             except ModelError as exc:
                 if not exc.model:
                     exc.model = model.name
                 failures.append(exc)
+                following = self.models[i + 1] if i + 1 < len(self.models) else None
+                if traced:
+                    record_fallback(
+                        trace.get_current_span(),
+                        failed_model=model.name,
+                        error_type=exc.kind,
+                        next_model=following.name if following else None,
+                    )
+                    metrics().fallback(model.name, exc.kind)
                 if self.on_fallback is not None:
-                    following = self.models[i + 1] if i + 1 < len(self.models) else None
                     self.on_fallback(model, exc, following)
         raise AllModelsFailed(failures)

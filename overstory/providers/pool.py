@@ -20,18 +20,35 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
+from opentelemetry import trace
 from ray.exceptions import RayActorError, RayTaskError
 
 from ..exceptions import ConversationUnavailable, ModelError
 from ..messages import Message, ModelResponse
+from ..telemetry import (
+    attached,
+    chat_span,
+    inject,
+    metrics,
+    record_chat_content,
+    record_retry,
+    setup_telemetry,
+)
 from ..tools import ToolDefinition
-from .base import Model
+from .base import Model, record_response
 from .breaker import BreakerModel
 from .endpoint import KEY_ENV, Endpoint, Secret
 from .limits import LimitedModel
 from .retry import RetryingModel
 
-__all__ = ["PROVIDER_PREFIX", "ProviderActor", "RemoteModel", "provider_actor_name", "vendor_model"]
+__all__ = [
+    "PROVIDER_PREFIX",
+    "ProviderActor",
+    "RemoteModel",
+    "provider_actor_name",
+    "provider_statuses",
+    "vendor_model",
+]
 
 #: Named actors of the provider pool start with this (the dashboard shows them so).
 PROVIDER_PREFIX = "provider:"
@@ -71,10 +88,20 @@ class ProviderActor:
         self.started_at = time.time()
         self.calls = 0
         self.failures: dict[str, int] = {}
+        setup_telemetry()  # exports spans when the OTEL_* variables reached this process
         base = model if model is not None else vendor_model(endpoint)
-        self.limited = LimitedModel(base, endpoint.limits)
-        self.retrying = RetryingModel(self.limited, endpoint.retry)
-        self.breaker = BreakerModel(self.retrying, endpoint.breaker)
+        label = endpoint.name
+        self.limited = LimitedModel(
+            base,
+            endpoint.limits,
+            on_wait=lambda s, ok: metrics().rate_limit_wait(label, s, ok),
+        )
+        self.retrying = RetryingModel(self.limited, endpoint.retry, on_retry=_record_retry)
+        self.breaker = BreakerModel(
+            self.retrying,
+            endpoint.breaker,
+            on_change=lambda state: metrics().circuit_state(label, state),
+        )
 
     def ready(self) -> dict[str, Any]:
         return {"name": self.endpoint.name, "id": self.endpoint.id}
@@ -84,13 +111,24 @@ class ProviderActor:
         instructions: str,
         messages: Sequence[Message],
         tools: Sequence[ToolDefinition],
+        carrier: Mapping[str, str] | None = None,
     ) -> ModelResponse:
+        """One call through breaker, retries and limiter, in a ``chat {model}`` span
+        whose parent is the caller's span (``carrier``)."""
         self.calls += 1
-        try:
-            return await self.breaker.request(instructions, messages, tools)
-        except ModelError as exc:
-            self.failures[exc.kind] = self.failures.get(exc.kind, 0) + 1
-            raise
+        endpoint = self.endpoint
+        host, port = endpoint.server
+        with attached(carrier), chat_span(endpoint.vendor, endpoint.model, host, port) as span:
+            try:
+                response = await self.breaker.request(instructions, messages, tools)
+            except ModelError as exc:
+                self.failures[exc.kind] = self.failures.get(exc.kind, 0) + 1
+                raise
+            record_response(span, endpoint.vendor, endpoint.model, response)
+            record_chat_content(
+                span, messages=messages, response=response, instructions=instructions
+            )
+            return response
 
     def status(self) -> dict[str, Any]:
         """Circuit state, limiter headroom and counters (for ``overstory status``)."""
@@ -106,6 +144,10 @@ class ProviderActor:
             "failures": dict(self.failures),
             "started_at": self.started_at,
         }
+
+
+def _record_retry(attempt: int, error: ModelError, delay_s: float) -> None:
+    record_retry(trace.get_current_span(), attempt=attempt, error_type=error.kind, delay_s=delay_s)
 
 
 _RemoteProvider: Any = ray.remote(ProviderActor)
@@ -125,6 +167,15 @@ class RemoteModel(Model):
     @property
     def name(self) -> str:
         return self.endpoint.name
+
+    async def call(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> ModelResponse:
+        """The ``chat`` span is made where the request goes out: in the provider actor."""
+        return await self.request(instructions, messages, tools)
 
     def with_api_keys(self, keys: Mapping[str, Secret]) -> Model:
         key = keys.get(self.endpoint.vendor)
@@ -174,7 +225,7 @@ class RemoteModel(Model):
             handle = await self.handle()
             try:
                 response: ModelResponse = await handle.request.remote(
-                    instructions, list(messages), list(tools)
+                    instructions, list(messages), list(tools), inject()
                 )
                 return response
             except RayTaskError as exc:
@@ -197,3 +248,25 @@ class RemoteModel(Model):
                         kind="connection",
                     ) from None
         raise AssertionError("unreachable")
+
+
+def provider_statuses(namespace: str, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+    """Every provider actor's :meth:`ProviderActor.status` in ``namespace`` (driver side).
+
+    An actor that does not answer in time is listed with its ``error``.
+    """
+    names = sorted(
+        entry["name"]
+        for entry in ray.util.list_named_actors(all_namespaces=True)
+        if entry["namespace"] == namespace and entry["name"].startswith(PROVIDER_PREFIX)
+    )
+    out: list[dict[str, Any]] = []
+    for name in names:
+        try:
+            handle = ray.get_actor(name, namespace=namespace)
+            ref: Any = handle.status.remote()
+            status: dict[str, Any] = ray.get(ref, timeout=timeout_s)
+            out.append({"actor": name, **status})
+        except (RayActorError, RayTaskError, ValueError, ray.exceptions.GetTimeoutError) as exc:
+            out.append({"actor": name, "error": f"{type(exc).__name__}: {exc}"})
+    return out

@@ -29,6 +29,16 @@ def _common(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="start the Ray dashboard when a local Ray is started",
     )
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="PROVIDER:MODEL[@BASE_URL]",
+        help="a model of the chain, in fallback order; repeatable. Providers: offline, "
+        "openai, anthropic, or an OpenAI-compatible server by base URL (e.g. "
+        "openai:qwen2.5@http://127.0.0.1:8000/v1). Keys: OPENAI_API_KEY, ANTHROPIC_API_KEY. "
+        "Default: offline:demo (no key, no network)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,11 +119,15 @@ def _demo(args: argparse.Namespace) -> int:
         config = config.model_copy(update={"store": f"sqlite:///{scratch}/demo.db"})
     try:
         runtime = connect(
-            demo_agent(args.latency_ms / 1000), config=config, dashboard=args.dashboard
+            demo_agent(args.latency_ms / 1000, args.model),
+            config=config,
+            dashboard=args.dashboard,
+            telemetry=True,
         )
         try:
             print(
-                f"overstory demo: {args.users} users x {args.turns} turns, store {config.store}"
+                f"overstory demo: {args.users} users x {args.turns} turns, store {config.store}, "
+                f"model {runtime.agent.model.name}"
                 f"{' (local Ray started for this demo)' if runtime.started_ray else ''}",
                 file=sys.stderr,
             )
@@ -145,7 +159,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    runtime: Runtime = connect(demo_agent(), config=_config(args), dashboard=args.dashboard)
+    agent = demo_agent(models=args.model)
+    runtime: Runtime = connect(
+        agent, config=_config(args), dashboard=args.dashboard, telemetry=True
+    )
     try:
         conv = runtime.conversation(args.user)
         stored = conv.history()

@@ -16,9 +16,11 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 import ray
+from opentelemetry.trace import Span, SpanKind
 from ray.exceptions import RayActorError, RayTaskError
 
 from ..agent import Agent
@@ -30,6 +32,8 @@ from ..registry import Registry, actor_name
 from ..store import open_store
 from ..supervisors.conversations import Lifecycle
 from ..supervisors.named import unwrap_task_error
+from ..telemetry import flush as flush_telemetry
+from ..telemetry import inject, setup_telemetry, telemetry_env, tracer
 from ..validation import validate_message, validate_user_id
 from .cluster import attach, detach
 from .config import Config
@@ -150,7 +154,8 @@ class Conversation:
         turn_id = self._check(text, turn_id)
         n, low = self._number()
         try:
-            reply: Reply = self._call("send", turn_id, text, self._caller, n, low)
+            with self._span():
+                reply: Reply = self._call("send", turn_id, text, self._caller, n, low, inject())
         finally:
             self._done(n)
         return reply
@@ -160,10 +165,21 @@ class Conversation:
         turn_id = self._check(text, turn_id)
         n, low = self._number()
         try:
-            reply: Reply = await self._call_async("send", turn_id, text, self._caller, n, low)
+            with self._span():
+                reply: Reply = await self._call_async(
+                    "send", turn_id, text, self._caller, n, low, inject()
+                )
         finally:
             self._done(n)
         return reply
+
+    def _span(self) -> AbstractContextManager[Span]:
+        """The client's span of one send: the parent of the turn's spans in the actor."""
+        return tracer().start_as_current_span(
+            "overstory.send",
+            kind=SpanKind.CLIENT,
+            attributes={"gen_ai.conversation.id": self.user_id},
+        )
 
     def history(self) -> list[Message]:
         """Every stored message of the conversation, in order."""
@@ -288,8 +304,12 @@ class Runtime:
         return messages
 
     def close(self) -> None:
-        """Forget cached handles; stop Ray if :func:`connect` started it (actors included)."""
+        """Forget cached handles; stop Ray if :func:`connect` started it (actors included).
+
+        Spans this process still buffers are exported first (when telemetry is set up).
+        """
         self._conversations.clear()
+        flush_telemetry()
         if self.started_ray:
             detach()
             self.started_ray = False
@@ -319,6 +339,7 @@ def connect(
     *,
     config: Config | None = None,
     dashboard: bool = False,
+    telemetry: bool = False,
     **settings: Any,
 ) -> Runtime:
     """Attach to Ray (starting a local instance if none is found) and return a Runtime.
@@ -326,6 +347,10 @@ def connect(
     ``settings`` are :class:`Config` keys (``store="sqlite:///chat.db"``,
     ``namespace=...``, ``ray_address=...``); unknown keys raise ``ConfigError``. The store
     is opened once here, so a wrong or unreachable store fails now, not on first use.
+
+    ``telemetry=True`` sets OpenTelemetry up from the standard ``OTEL_*`` variables (in
+    this process, and — by forwarding them — in the actors this job starts); without it
+    overstory installs nothing global and its spans go to whatever provider you set.
     """
     if config is None:
         config = Config.from_mapping(settings, source="connect() arguments")
@@ -334,7 +359,10 @@ def connect(
             {**config.model_dump(), **settings}, source="connect() arguments"
         )
     _run_store(config.store, lambda s: s.count("\x00probe"))
-    started = attach(config.ray_address, config.namespace, dashboard=dashboard)
+    env_vars: dict[str, str] = {}
+    if telemetry and setup_telemetry():
+        env_vars = telemetry_env()
+    started = attach(config.ray_address, config.namespace, dashboard=dashboard, env_vars=env_vars)
     runtime = Runtime(
         config, agent or _default_agent(), started_ray=started, send_agent=agent is not None
     )

@@ -10,12 +10,19 @@ import ray
 __all__ = ["attach", "detach"]
 
 
-def attach(address: str | None, namespace: str, *, dashboard: bool = False) -> bool:
+def attach(
+    address: str | None,
+    namespace: str,
+    *,
+    dashboard: bool = False,
+    env_vars: dict[str, str] | None = None,
+) -> bool:
     """Make sure this process is connected to Ray; ``True`` if it started a local Ray.
 
     Uses ``address``, else ``RAY_ADDRESS``, else an instance started with ``ray start``
     on this machine, else starts a local one (which :func:`detach` stops again) — with
-    the dashboard only when ``dashboard`` is true.
+    the dashboard only when ``dashboard`` is true. ``env_vars`` reach every worker of
+    this job (and the actors it starts): the telemetry settings travel this way.
     """
     if ray.is_initialized():
         return False
@@ -26,6 +33,7 @@ def attach(address: str | None, namespace: str, *, dashboard: bool = False) -> b
         log_to_driver=False,
         configure_logging=False,
         include_dashboard=dashboard,
+        runtime_env={"env_vars": dict(env_vars)} if env_vars else None,
     )
     node = getattr(ray._private.worker, "_global_node", None)
     return bool(getattr(node, "head", False))

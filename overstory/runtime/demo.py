@@ -15,13 +15,14 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from ..agent import Agent
-from ..exceptions import OverstoryError
+from ..exceptions import ConfigError, OverstoryError
 from ..messages import AssistantMessage, Message, UserMessage
-from ..providers import OfflineModel, Rule
+from ..providers import Endpoint, Model, OfflineModel, Rule, parse_model, resolve_model
 from .client import Runtime
 
 __all__ = ["DemoResult", "add", "demo_agent", "run_demo", "word_count"]
@@ -37,19 +38,34 @@ def word_count(text: str) -> int:
     return len(text.split())
 
 
-def demo_agent(latency_s: float = 0.0) -> Agent:
-    """A small agent whose offline model calls its tools on arithmetic and counting."""
+#: The offline model's rules for the demo: arithmetic and counting become tool calls.
+DEMO_RULES = (
+    Rule(r"what is (?P<a>-?\d+) \+ (?P<b>-?\d+)", "add"),
+    Rule(r"how many words are in '(?P<text>[^']*)'", "word_count"),
+)
+
+
+def demo_agent(latency_s: float = 0.0, models: Sequence[str] = ()) -> Agent:
+    """The demo's agent: its tools, and ``models`` (``provider:model[@url]``, in fallback
+    order) or by default the offline model whose rules call the tools.
+
+    ``offline:NAME`` entries get the demo's rules and ``latency_s``. A vendor endpoint
+    needs its key in the environment (checked here, before anything starts).
+    """
+    chain: list[Model] = []
+    for spec in models or ("offline:demo",):
+        vendor, name, base_url = parse_model(spec)
+        if vendor == "offline":
+            if base_url is not None:
+                raise ConfigError(f"the offline model takes no base URL: {spec!r}")
+            chain.append(OfflineModel(name, latency_s=latency_s, rules=DEMO_RULES))
+        else:
+            endpoint = Endpoint(vendor, name, base_url).resolved()  # type: ignore[arg-type]
+            chain.append(resolve_model(endpoint))
     return Agent(
         "demo-assistant",
         instructions="Answer briefly. Use the tools for arithmetic and counting.",
-        model=OfflineModel(
-            "demo",
-            latency_s=latency_s,
-            rules=[
-                Rule(r"what is (?P<a>-?\d+) \+ (?P<b>-?\d+)", "add"),
-                Rule(r"how many words are in '(?P<text>[^']*)'", "word_count"),
-            ],
-        ),
+        model=chain,
         tools=[add, word_count],
     )
 

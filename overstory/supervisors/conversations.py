@@ -37,6 +37,7 @@ from ..actors.names import NAME_PREFIX, actor_name
 from ..agent import Agent
 from ..exceptions import OverstoryError
 from ..providers import Secret
+from ..telemetry import metrics
 from .core import restart_intensity
 from .named import SUPERVISED, get_or_create
 from .tree import ROOT
@@ -197,6 +198,7 @@ class ConversationSupervisor:
         self._children[user_id] = child
         child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
         self.counters["activations"] += 1
+        metrics().live_conversations(len(self._children))
         return child
 
     async def _adopt_orphans(self) -> None:
@@ -247,6 +249,7 @@ class ConversationSupervisor:
     def _count_restart(self) -> bool:
         """Record a restart; ``False`` when the restart intensity is exceeded."""
         self.counters["restarts"] += 1
+        metrics().restart("conversations")
         self._restarts, exceeded = restart_intensity(
             self._restarts, time.monotonic(), self.lifecycle.max_restarts, self.lifecycle.period_s
         )
@@ -298,6 +301,8 @@ class ConversationSupervisor:
             del self._children[user_id]
             self._room.set()
             self.counters["passivations"] += 1
+            metrics().passivation(reason)
+            metrics().live_conversations(len(self._children))
             if reason == "evicted":
                 self.counters["evictions"] += 1
             return True
