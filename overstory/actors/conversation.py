@@ -27,6 +27,7 @@ import ray
 from ..agent import Agent
 from ..exceptions import Fenced, Passivated, SequenceConflict
 from ..messages import Message, Reply
+from ..providers.pool import provider_namespace
 from ..store import HistoryStore, open_store
 from ..telemetry import attached, setup_telemetry
 from ..telemetry import flush as flush_telemetry
@@ -48,8 +49,11 @@ class ConversationActor:
         max_message_chars: int = MAX_MESSAGE_CHARS,
         idle_timeout_s: float | None = None,
         supervisor: Any = None,
+        namespace: str | None = None,
     ) -> None:
         self.conversation_id = conversation_id
+        # The app's namespace (the actor's, not its job's): provider actors live there.
+        self.namespace = namespace
         self.agent = agent
         self.max_message_chars = max_message_chars
         self.idle_timeout_s = idle_timeout_s
@@ -143,7 +147,7 @@ class ConversationActor:
                 if self._closing:
                     raise Passivated(f"conversation {self.conversation_id!r} is passivating")
                 try:
-                    with attached(carrier):
+                    with attached(carrier), provider_namespace(self.namespace):
                         return await run_turn(
                             self.agent,
                             self._store,

@@ -16,7 +16,9 @@ use. The vendor SDKs are imported only inside provider actors.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import ray
@@ -46,6 +48,7 @@ __all__ = [
     "ProviderActor",
     "RemoteModel",
     "provider_actor_name",
+    "provider_namespace",
     "provider_statuses",
     "vendor_model",
 ]
@@ -62,6 +65,20 @@ _OPTIONS: dict[str, Any] = {
     # the vendor's answer): each waiting call is a coroutine, not a thread.
     "max_concurrency": 10_000,
 }
+
+
+_NAMESPACE: ContextVar[str | None] = ContextVar("overstory_provider_namespace", default=None)
+
+
+@contextmanager
+def provider_namespace(namespace: str | None) -> Iterator[None]:
+    """Within the block, provider actors are found or started in ``namespace`` (the
+    app's; default: the caller's job namespace)."""
+    token = _NAMESPACE.set(namespace)
+    try:
+        yield
+    finally:
+        _NAMESPACE.reset(token)
 
 
 def provider_actor_name(endpoint: Endpoint) -> str:
@@ -192,7 +209,7 @@ class RemoteModel(Model):
         if self._handle is None:
             from ..supervisors.named import get_or_create
 
-            namespace = ray.get_runtime_context().namespace
+            namespace = _NAMESPACE.get() or ray.get_runtime_context().namespace
             try:
                 self._handle, _ = await get_or_create(
                     _RemoteProvider,

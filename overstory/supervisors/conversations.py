@@ -190,6 +190,7 @@ class ConversationSupervisor:
                 self.max_message_chars,
                 self.lifecycle.idle_timeout_s,
                 me,
+                self.namespace,
             ),
             options,
             timeout_s=self.lifecycle.activation_timeout_s,

@@ -1,0 +1,288 @@
+"""The provider actor pool on the session's Ray: fallback through provider actors, the
+breaker holding across conversations, BYOK isolation, limiter accuracy with callers in
+several actors, and the demo finishing on the backup when the primary fails mid-run.
+
+Vendors are loopback servers speaking the real wire formats (overstory.testing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+from conftest import kill_namespace
+from ray._private.test_utils import wait_for_condition
+
+import overstory
+from overstory import Agent, Runtime
+from overstory.messages import UserMessage
+from overstory.providers import (
+    BreakerPolicy,
+    Endpoint,
+    Limits,
+    RemoteModel,
+    RetryPolicy,
+    Secret,
+)
+from overstory.providers.pool import provider_actor_name, provider_namespace, provider_statuses
+from overstory.runtime.demo import add, word_count
+from overstory.testing import AnthropicServer, Fault, OpenAIServer
+
+pytestmark = pytest.mark.ray
+
+OPERATOR_KEY = "sk-operator-000000000001"
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[tuple[OpenAIServer, AnthropicServer]]:
+    with OpenAIServer() as primary, AnthropicServer() as backup:
+        yield primary, backup
+
+
+@pytest.fixture(scope="module")
+def chain(servers: tuple[OpenAIServer, AnthropicServer]) -> tuple[Endpoint, Endpoint]:
+    primary, backup = servers
+    fast = RetryPolicy(attempts=2, base_s=0.01, max_backoff_s=0.05)
+    return (
+        Endpoint(
+            "openai",
+            "primary-model",
+            primary.base_url,
+            key=Secret(OPERATOR_KEY),
+            retry=fast,
+            breaker=BreakerPolicy(failures=2, window_s=60, cooldown_s=600),
+        ),
+        Endpoint(
+            "anthropic", "backup-model", backup.base_url, key=Secret(OPERATOR_KEY), retry=fast
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def rt(
+    ray_cluster: str, tmp_path_factory: pytest.TempPathFactory, chain: tuple[Endpoint, Endpoint]
+) -> Iterator[Runtime]:
+    namespace = f"t-pool-{uuid.uuid4().hex[:8]}"
+    agent = Agent("pool-agent", model=list(chain), tools=[add, word_count])
+    store = f"sqlite:///{tmp_path_factory.mktemp('pool')}/history.db"
+    runtime = overstory.connect(agent, store=store, namespace=namespace)
+    yield runtime
+    kill_namespace(namespace)
+
+
+@pytest.fixture(autouse=True)
+def _healthy(servers: tuple[OpenAIServer, AnthropicServer]) -> Iterator[None]:
+    for server in servers:
+        server.reset()
+        server.fail_always(None)
+    return
+
+
+def test_a_turn_with_tools_goes_through_the_provider_actor(
+    rt: Runtime, servers: tuple[OpenAIServer, AnthropicServer]
+) -> None:
+    primary, backup = servers
+    conv = rt.conversation(f"tools-{uuid.uuid4().hex[:6]}")
+    reply = conv.send("what is 20 + 22?")
+    assert reply.text == "tool results: 42"
+    assert len(primary.requests) == 2
+    assert backup.requests == []
+    assert reply.usage.input_tokens > 0
+    # The conversation actor never loaded a vendor SDK: the provider actor did.
+    assert conv.info()["vendor_sdks"] == []
+    names = {s["actor"] for s in provider_statuses(rt.config.namespace)}
+    assert any(n.startswith("provider:openai:primary-model:") for n in names)
+    assert all(OPERATOR_KEY not in json.dumps(s) for s in provider_statuses(rt.config.namespace))
+
+
+def test_primary_failing_falls_through_to_the_backup_after_its_retries(
+    rt: Runtime, servers: tuple[OpenAIServer, AnthropicServer]
+) -> None:
+    primary, backup = servers
+    primary.script(Fault.server_error(), Fault.server_error())
+    reply = rt.conversation(f"fb-{uuid.uuid4().hex[:6]}").send("hello")
+    assert reply.text == "echo: hello"
+    assert reply.messages[-1].model == "backup-model"
+    assert len(primary.requests) == 2  # the retry loop's 2 attempts, then fall through
+    assert len(backup.requests) == 1
+
+
+def test_the_breaker_opens_once_for_every_conversation_then_calls_skip_the_primary(
+    rt: Runtime, servers: tuple[OpenAIServer, AnthropicServer], chain: tuple[Endpoint, Endpoint]
+) -> None:
+    primary, _backup = servers
+    # A separate endpoint (its own actor and breaker) so other tests keep theirs closed.
+    flaky = Endpoint(
+        "openai",
+        "flaky-model",
+        primary.base_url,
+        key=Secret(OPERATOR_KEY),
+        retry=RetryPolicy(attempts=1),
+        breaker=BreakerPolicy(failures=2, window_s=60, cooldown_s=600),
+    )
+    namespace = rt.config.namespace
+
+    async def one(model: RemoteModel) -> str:
+        with provider_namespace(namespace):
+            msgs = [UserMessage(content="x", seq=0)]
+            try:
+                await model.request("", msgs, [])
+                return "ok"
+            except overstory.ModelError as exc:
+                return exc.kind
+
+    primary.fail_always(Fault.server_error())
+    # Two different callers (two RemoteModels, as two conversations would hold).
+    kinds = [asyncio.run(one(RemoteModel(flaky))) for _ in range(4)]
+    assert kinds == ["server_error", "server_error", "circuit_open", "circuit_open"]
+    assert len(primary.requests) == 2  # while open, nothing reaches the server
+    (status,) = [
+        s for s in provider_statuses(namespace) if s["actor"] == provider_actor_name(flaky)
+    ]
+    assert status["circuit"]["state"] == "open"
+    assert status["failures"] == {"server_error": 2, "circuit_open": 2}
+
+
+def test_byok_users_reach_the_vendor_with_their_own_keys_through_their_own_actors(
+    rt: Runtime, servers: tuple[OpenAIServer, AnthropicServer], chain: tuple[Endpoint, Endpoint]
+) -> None:
+    primary, _ = servers
+    alice_key, bob_key = "sk-alice-00000000000001", "sk-bob-000000000000001"
+    tag = uuid.uuid4().hex[:6]
+    alice = rt.conversation(f"alice-{tag}", api_keys={"openai": alice_key})
+    bob = rt.conversation(f"bob-{tag}", api_keys={"openai": bob_key})
+    carol = rt.conversation(f"carol-{tag}")
+    for conv in (alice, bob, carol, alice):
+        primary.reset()
+        conv.send(f"hi from {conv.user_id}")
+        expected = {alice: alice_key, bob: bob_key, carol: OPERATOR_KEY}[conv]
+        assert [r.api_key for r in primary.requests] == [expected]
+    names = {s["actor"] for s in provider_statuses(rt.config.namespace)}
+    ids = {chain[0].id, chain[0].with_key(alice_key).id, chain[0].with_key(bob_key).id}
+    assert {provider_actor_name(chain[0].with_key(k)) for k in (alice_key, bob_key)} <= names
+    assert len(ids) == 3
+    # The keys survive a crash of alice's actor: the supervisor restarts it with them.
+    ray.kill(ray.get_actor(alice.actor_name, namespace=rt.config.namespace), no_restart=True)
+    primary.reset()
+    alice.send("after the crash")
+    assert [r.api_key for r in primary.requests] == [alice_key]
+
+
+@ray.remote(num_cpus=0)
+class Caller:
+    """Calls one endpoint from its own process, as a conversation actor would."""
+
+    async def burst(self, endpoint: Endpoint, namespace: str, n: int) -> list[float]:
+        model = RemoteModel(endpoint)
+        msgs = [UserMessage(content="count me", seq=0)]
+
+        async def one() -> float:
+            with provider_namespace(namespace):
+                await model.request("", msgs, [])
+            return time.time()
+
+        return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+def test_the_rpm_limit_holds_across_callers_in_several_actors(
+    rt: Runtime, servers: tuple[OpenAIServer, AnthropicServer]
+) -> None:
+    primary, _ = servers
+    limit, window = 8, 1.5
+    endpoint = Endpoint(
+        "openai",
+        "limited-model",
+        primary.base_url,
+        key=Secret(OPERATOR_KEY),
+        limits=Limits(rpm=limit, window_s=window, max_wait_s=30),
+    )
+    callers = [Caller.remote() for _ in range(4)]  # type: ignore[attr-defined]
+    try:
+        # Warm up (actor start, SDK client, first connection), then let the window empty:
+        # from here on a request's completion trails its admission by a few ms only.
+        ray.get([c.burst.remote(endpoint, rt.config.namespace, 1) for c in callers[:1]])
+        wait_for_condition(
+            lambda: _limits(rt, endpoint)["rpm_used"] == 0, timeout=10, retry_interval_ms=50
+        )
+        start = time.time()
+        done = ray.get([c.burst.remote(endpoint, rt.config.namespace, 6) for c in callers])
+    finally:
+        for c in callers:
+            ray.kill(c)
+    times = sorted(t - start for batch in done for t in batch)
+    assert len(times) == 24
+    # Any window of `window` seconds holds at most `limit` completions (admission + ~ms).
+    slack = 0.05
+    for i, t in enumerate(times):
+        inside = sum(1 for u in times[i:] if u < t + window - slack)
+        assert inside <= limit, " ".join(f"{x:.3f}" for x in times)
+    # 24 requests at 8 per window need 3 windows: the last ones start after 2 windows.
+    assert times[-1] >= 2 * window - slack
+    assert _limits(rt, endpoint)["admitted"] == 25
+
+
+def _limits(rt: Runtime, endpoint: Endpoint) -> dict[str, Any]:
+    (status,) = [
+        s
+        for s in provider_statuses(rt.config.namespace)
+        if s["actor"] == provider_actor_name(endpoint)
+    ]
+    limits: dict[str, Any] = status["limits"]
+    return limits
+
+
+def test_the_demo_finishes_on_the_backup_when_the_primary_fails_mid_run(
+    driver_env: dict[str, str],
+    servers: tuple[OpenAIServer, AnthropicServer],
+    tmp_path: Path,
+) -> None:
+    primary, backup = servers
+    namespace = f"t-demo-fb-{uuid.uuid4().hex[:6]}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "overstory.runtime.cli",
+        "demo",
+        "--users",
+        "4",
+        "--turns",
+        "4",
+        "--json",
+        "--namespace",
+        namespace,
+        "--store",
+        f"sqlite:///{tmp_path}/demo.db",
+        "--model",
+        f"openai:primary@{primary.base_url}",
+        "--model",
+        f"anthropic:backup@{backup.base_url}",
+    ]
+    proc = subprocess.Popen(
+        cmd, env=driver_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        # Mid-run: once the primary has answered a few turns, it starts failing.
+        wait_for_condition(lambda: len(primary.requests) >= 4, timeout=120, retry_interval_ms=20)
+        primary.fail_always(Fault.overloaded())
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill_namespace(namespace)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["turns_completed"] == summary["turns_requested"] == 16
+    assert summary["errors"] == 0
+    assert summary["lost_messages"] == 0
+    assert len(backup.requests) > 0
+    served = {r.body["model"] for r in backup.requests}
+    assert served == {"backup"}

@@ -1,0 +1,155 @@
+"""The vendor models through the official SDKs over real HTTP to loopback servers that
+speak the OpenAI Chat Completions and Anthropic Messages wire formats.
+
+No Ray here: the models are called in-process; what the provider actor adds (breaker,
+retries, limiter, one actor per endpoint) is tested in test_provider_pool.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from overstory import Agent
+from overstory.actors.turn import run_turn
+from overstory.exceptions import ModelError
+from overstory.messages import AssistantMessage, ToolReturn, UserMessage
+from overstory.providers import Endpoint, Model, Secret
+from overstory.providers.pool import vendor_model
+from overstory.store import open_store
+from overstory.testing import AnthropicServer, Fault, OpenAIServer, WireServer
+
+KEY = "sk-test-wire-0123456789"
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+@pytest.fixture(scope="module", params=["openai", "anthropic"])
+def server(request: pytest.FixtureRequest) -> Iterator[WireServer]:
+    cls = OpenAIServer if request.param == "openai" else AnthropicServer
+    with cls() as srv:
+        yield srv
+
+
+@pytest.fixture(autouse=True)
+def _clean(server: WireServer) -> None:
+    server.reset()
+
+
+def model_for(server: WireServer, **endpoint: Any) -> Model:
+    vendor = "openai" if isinstance(server, OpenAIServer) else "anthropic"
+    return vendor_model(
+        Endpoint(vendor, "test-model", server.base_url, key=Secret(KEY), **endpoint)
+    )
+
+
+def ask(model: Model, text: str = "hello") -> Any:
+    return asyncio.run(model.request("Be brief.", [UserMessage(content=text, seq=0)], []))
+
+
+def test_a_text_answer_with_usage_and_the_key_sent(server: WireServer) -> None:
+    response = ask(model_for(server), "hello there")
+    assert response.content == "echo: hello there"
+    assert response.finish_reason == "stop"
+    assert response.usage.input_tokens > 0
+    assert response.usage.output_tokens > 0
+    assert response.model == "test-model"
+    (recorded,) = server.requests
+    assert recorded.api_key == KEY
+
+
+def test_a_tool_round_trip_through_a_whole_turn(server: WireServer, tmp_path: Path) -> None:
+    agent = Agent("calc", model=model_for(server), tools=[add])
+
+    async def go() -> Any:
+        store = open_store(f"sqlite:///{tmp_path}/t.db")
+        await store.open()
+        try:
+            return await run_turn(agent, store, "c", [], "t1", "what is 2 + 3?")
+        finally:
+            await store.close()
+
+    reply = asyncio.run(go())
+    kinds = [type(m) for m in reply.messages]
+    assert kinds == [UserMessage, AssistantMessage, ToolReturn, AssistantMessage]
+    call = reply.messages[1].tool_calls[0]
+    assert (call.name, call.arguments) == ("add", {"a": "2", "b": "3"})
+    assert reply.messages[2].content == "5"
+    assert reply.text == "tool results: 5"
+    assert reply.usage.input_tokens > 0
+    # The agent's tool schema went out in the vendor's own format.
+    tools = server.requests[0].body["tools"]
+    if isinstance(server, OpenAIServer):
+        assert tools[0]["type"] == "function"
+        assert tools[0]["function"]["parameters"]["properties"]["a"]["type"] == "integer"
+    else:
+        assert tools[0]["input_schema"]["properties"]["a"]["type"] == "integer"
+
+
+@pytest.mark.parametrize(
+    ("fault", "kind"),
+    [
+        (Fault.rate_limited(retry_after=2), "rate_limited"),
+        (Fault.overloaded(), "overloaded"),
+        (Fault.server_error(), "server_error"),
+        (Fault.unauthorized(), "auth"),
+        (Fault.bad_request(), "bad_request"),
+        (Fault.context_overflow(), "context_overflow"),
+        (Fault.malformed_body(), "malformed"),
+    ],
+)
+def test_every_failure_becomes_its_kind(server: WireServer, fault: Fault, kind: str) -> None:
+    server.script(fault)
+    with pytest.raises(ModelError) as info:
+        ask(model_for(server))
+    assert info.value.kind == kind, info.value
+    assert info.value.model.endswith(server.base_url)
+    if kind == "rate_limited":
+        assert info.value.retry_after == 2.0
+    assert len(server.requests) == 1  # the SDK's own retries are off
+
+
+def test_a_stall_is_a_timeout(server: WireServer) -> None:
+    server.script(Fault.stall(3))
+    with pytest.raises(ModelError) as info:
+        ask(model_for(server, timeout_s=0.5))
+    assert info.value.kind == "timeout"
+
+
+def test_a_refused_connection_is_a_connection_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed when the block ends: nothing listens there
+    model = vendor_model(
+        Endpoint("openai", "m", f"http://127.0.0.1:{port}/v1", key=Secret(KEY), timeout_s=5)
+    )
+    with pytest.raises(ModelError) as info:
+        ask(model)
+    assert info.value.kind == "connection"
+
+
+def test_a_provider_echoing_the_key_never_shows_it(server: WireServer) -> None:
+    body = (
+        {
+            "error": {
+                "message": f"Incorrect API key provided: {KEY}",
+                "type": "invalid_request_error",
+            }
+        }
+        if isinstance(server, OpenAIServer)
+        else {"type": "error", "error": {"type": "authentication_error", "message": f"bad {KEY}"}}
+    )
+    server.script(Fault(status=401, body=body))
+    with pytest.raises(ModelError) as info:
+        ask(model_for(server))
+    assert info.value.kind == "auth"
+    assert KEY not in str(info.value)
+    assert "****" in str(info.value)
