@@ -131,6 +131,7 @@ FALLBACK_NEXT_MODEL = "overstory.fallback.next_model"
 _PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
 
 _override: TracerProvider | None = None
+_override_tracer: trace.Tracer | None = None
 _global_tracer: trace.Tracer | None = None
 
 
@@ -143,7 +144,8 @@ def tracer() -> trace.Tracer:
     provider installed later)."""
     global _global_tracer
     if _override is not None:
-        return _override.get_tracer(_SCOPE, _VERSION)
+        assert _override_tracer is not None
+        return _override_tracer
     if _global_tracer is None:
         _global_tracer = trace.get_tracer(_SCOPE, _VERSION)
     return _global_tracer
@@ -156,13 +158,14 @@ def use_tracer_provider(provider: TracerProvider | None) -> Iterator[None]:
     For tests and for applications that keep a provider of their own without making it
     global. Process-wide, not per task: do not nest it in concurrent code.
     """
-    global _override
-    previous = _override
+    global _override, _override_tracer
+    previous = _override, _override_tracer
     _override = provider
+    _override_tracer = None if provider is None else provider.get_tracer(_SCOPE, _VERSION)
     try:
         yield
     finally:
-        _override = previous
+        _override, _override_tracer = previous
 
 
 def capture_content() -> bool:
