@@ -92,14 +92,19 @@ def test_demo_exits_non_zero_when_turns_fail(driver_env: dict[str, str], sqlite_
         (["--store", "ftp://x/y"], "unsupported store scheme 'ftp'"),
         (["--namespace", "bad space"], "namespace"),
         (["--config", "/nonexistent/overstory.toml"], "does not exist"),
+        (["--model", "gemini:pro"], "unknown provider 'gemini'"),
+        (["--model", "openai:m@ftp://x"], "must be http(s)://"),
+        (["--model", "anthropic:claude-sonnet-4-5"], "set ANTHROPIC_API_KEY"),
     ],
 )
 def test_bad_settings_exit_2_with_the_reason(args: list[str], problem: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     proc = subprocess.run(
         [*CLI, "demo", "--users", "1", "--turns", "1", *args],
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
     assert proc.returncode == 2
     assert problem in proc.stderr

@@ -387,6 +387,7 @@ def test_parse_model_specs() -> None:
     )
     assert parse_model("ollama:llama3.1:8b@http://h:11434/v1")[1] == "llama3.1:8b"
     assert parse_model("offline:demo") == ("offline", "demo", None)
+    assert parse_model("anthropic:claude-3-5@20240620")[1:] == ("claude-3-5@20240620", None)
 
 
 @pytest.mark.parametrize(

@@ -257,8 +257,11 @@ def parse_model(spec: str) -> tuple[str, str, str | None]:
     if not isinstance(spec, str):
         raise ConfigError(f"a model is written 'provider:model[@base_url]', got {spec!r}")
     provider, sep, rest = spec.strip().partition(":")
-    at = rest.rfind("@http")
-    model, base_url = (rest[:at], rest[at + 1 :]) if at >= 0 else (rest, "")
+    # "@" may be part of a model name (claude-3-5@20240620): a URL follows it only if
+    # what comes after the last "@" has a scheme.
+    at = rest.rfind("@")
+    url_follows = at >= 0 and "://" in rest[at + 1 :]
+    model, base_url = (rest[:at], rest[at + 1 :]) if url_follows else (rest, "")
     if not sep or not provider or not model:
         raise ConfigError(
             f"model {spec!r} must be written 'provider:model[@base_url]', "
