@@ -34,7 +34,7 @@ from overstory.providers import (
     RetryPolicy,
     Secret,
 )
-from overstory.providers.pool import provider_namespace
+from overstory.providers.pool import provider_actor_name, provider_namespace, provider_statuses
 from overstory.testing import Fault, OpenAIServer
 
 MSGS = [UserMessage(content="ping", seq=0)]
@@ -47,10 +47,13 @@ class Caller:
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
 
-    async def timed(self, model: object, rounds: int) -> list[float]:
+    async def timed(self, model: object, rounds: int, forget_hint: bool = False) -> list[float]:
         samples = []
         with provider_namespace(self.namespace):
             for _ in range(rounds):
+                if forget_hint:  # ask the provider actor every time (a first contact)
+                    for m in getattr(model, "models", ()):
+                        m._open_until = 0.0
                 start = time.perf_counter()
                 await model.call("", MSGS, [])  # type: ignore[attr-defined]
                 samples.append(time.perf_counter() - start)
@@ -93,16 +96,19 @@ def p6a(server: OpenAIServer, failing: OpenAIServer, namespace: str, rounds: int
     ray.get(caller.timed.remote(alone, 3))
     seen = len(failing.requests)
     chained: list[float] = []
+    asking: list[float] = []
     direct: list[float] = []
     for _ in range(max(1, rounds // 20)):  # interleaved, so drift hits both alike
         chained += ray.get(caller.timed.remote(chain, 20))
+        asking += ray.get(caller.timed.remote(chain, 20, True))
         direct += ray.get(caller.timed.remote(alone, 20))
     assert len(failing.requests) == seen, "an open circuit must send nothing"
-    c, d = statistics.median(chained) * 1000, statistics.median(direct) * 1000
+    c, a, d = (statistics.median(x) * 1000 for x in (chained, asking, direct))
     print(
-        f"P6a fall-through past an open circuit: chain {c:.2f} ms vs backup alone {d:.2f} ms "
-        f"p50 -> added {c - d:.2f} ms (target <= 5 ms); "
-        f"p90 added {_p(chained, 0.9) - _p(direct, 0.9):.2f} ms; {len(chained)} calls each"
+        f"P6a fall-through past an open circuit (target added <= 5 ms), backup alone {d:.2f} ms "
+        f"p50: chain {c:.2f} ms -> added {c - d:.2f} ms (caller knows the circuit is open); "
+        f"asking the primary's actor each time {a:.2f} ms -> added {a - d:.2f} ms; "
+        f"{len(chained)} calls each"
     )
 
 
@@ -116,21 +122,32 @@ def p6b(server: OpenAIServer, namespace: str, rpm: int, minute: float) -> None:
     )
     model = RemoteModel(limited)
     callers = [Caller.remote(namespace) for _ in range(4)]  # type: ignore[attr-defined]
-    ray.get(
-        [
-            c.timed.remote(RemoteModel(Endpoint("openai", "warm", server.base_url)), 1)
-            for c in callers
-        ]
-    )
+    # Warm up (provider actor, SDK client, connections), then let the window empty, so
+    # that server arrival times trail admissions by about the same few ms for every call.
+    ray.get([c.timed.remote(model, 1) for c in callers])
+    while _rpm_used(namespace, limited) > 0:
+        time.sleep(1)
     server.reset()
     start = time.time()
-    answered = sum(ray.get([c.flood.remote(model, start + minute, 8) for c in callers]))
-    received = len(server.requests)
+    # Two minutes of demand: the first minute fills the window, the second must refill
+    # it exactly as the first minute's requests leave it.
+    answered = sum(ray.get([c.flood.remote(model, start + 2 * minute, 8) for c in callers]))
+    arrivals = sorted(r.at for r in server.requests)
+    # The busiest window of `minute` seconds anywhere in the run (a sliding check).
+    busiest = max(sum(1 for u in arrivals[i:] if u < t + minute) for i, t in enumerate(arrivals))
+    first = sum(1 for t in arrivals if t < start + minute)
     print(
-        f"P6b RPM limit {rpm} over {minute:g} s, 4 caller actors x 8 concurrent: "
-        f"server received {received}, answered {answered} -> {received / rpm:.3f} x L "
-        f"(target 1.00 +- 0.02)"
+        f"P6b RPM limit L={rpm}, window {minute:g} s, 4 caller actors x 8 concurrent for "
+        f"{2 * minute:g} s: first minute received {first} ({first / rpm:.3f} x L), busiest "
+        f"window anywhere {busiest} ({busiest / rpm:.3f} x L), {answered} answered in all "
+        f"(target within 1.00 +- 0.02 x L)"
     )
+
+
+def _rpm_used(namespace: str, endpoint: Endpoint) -> int:
+    name = provider_actor_name(endpoint)
+    (status,) = [s for s in provider_statuses(namespace) if s["actor"] == name]
+    return int(status["limits"]["rpm_used"])
 
 
 def _p(samples: list[float], q: float) -> float:

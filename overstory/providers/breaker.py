@@ -137,6 +137,7 @@ class BreakerModel(Model):
                 f"circuit open ({breaker.reason}); next probe in {breaker.retry_in(now):.1f} s",
                 model=self.name,
                 kind="circuit_open",
+                retry_after=breaker.retry_in(now),
             )
         try:
             response = await self.model.request(instructions, messages, tools)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -248,6 +249,9 @@ def _check_url(url: str) -> None:
         raise ConfigError(f"base URL {url!r} has a bad port: {exc}") from None
 
 
+_URL_START = re.compile(r"@(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
 def parse_model(spec: str) -> tuple[str, str, str | None]:
     """``PROVIDER:MODEL[@BASE_URL]`` -> (provider, model, base_url), validated.
 
@@ -257,11 +261,10 @@ def parse_model(spec: str) -> tuple[str, str, str | None]:
     if not isinstance(spec, str):
         raise ConfigError(f"a model is written 'provider:model[@base_url]', got {spec!r}")
     provider, sep, rest = spec.strip().partition(":")
-    # "@" may be part of a model name (claude-3-5@20240620): a URL follows it only if
-    # what comes after the last "@" has a scheme.
-    at = rest.rfind("@")
-    url_follows = at >= 0 and "://" in rest[at + 1 :]
-    model, base_url = (rest[:at], rest[at + 1 :]) if url_follows else (rest, "")
+    # "@" may be part of a model name (claude-3-5@20240620): the base URL starts at the
+    # first "@" followed by a scheme.
+    found = _URL_START.search(rest)
+    model, base_url = (rest[: found.start()], rest[found.end() :]) if found else (rest, "")
     if not sep or not provider or not model:
         raise ConfigError(
             f"model {spec!r} must be written 'provider:model[@base_url]', "

@@ -47,6 +47,7 @@ __all__ = [
     "PROVIDER_PREFIX",
     "ProviderActor",
     "RemoteModel",
+    "chain_of",
     "provider_actor_name",
     "provider_namespace",
     "provider_statuses",
@@ -84,6 +85,15 @@ def provider_namespace(namespace: str | None) -> Iterator[None]:
 def provider_actor_name(endpoint: Endpoint) -> str:
     """``provider:<vendor>:<model>:<id>`` — readable on the dashboard, no key in it."""
     return f"{PROVIDER_PREFIX}{endpoint.vendor}:{endpoint.model}:{endpoint.id}"
+
+
+def chain_of(model: Model) -> list[Model]:
+    """The models of a fallback chain, in order (a single model is a chain of one)."""
+    from .fallback import FallbackModel
+
+    if isinstance(model, FallbackModel):
+        return [m for inner in model.models for m in chain_of(inner)]
+    return [model]
 
 
 def vendor_model(endpoint: Endpoint) -> Model:
@@ -129,23 +139,28 @@ class ProviderActor:
         messages: Sequence[Message],
         tools: Sequence[ToolDefinition],
         carrier: Mapping[str, str] | None = None,
-    ) -> ModelResponse:
+    ) -> ModelResponse | ModelError:
         """One call through breaker, retries and limiter, in a ``chat {model}`` span
-        whose parent is the caller's span (``carrier``)."""
+        whose parent is the caller's span (``carrier``).
+
+        A failure is *returned*, not raised: a Ray task error costs milliseconds to
+        build and ship (a traceback per call), and a fall-through past an open circuit
+        should cost one actor round trip.
+        """
         self.calls += 1
         endpoint = self.endpoint
         host, port = endpoint.server
-        with attached(carrier), chat_span(endpoint.vendor, endpoint.model, host, port) as span:
-            try:
+        try:
+            with attached(carrier), chat_span(endpoint.vendor, endpoint.model, host, port) as span:
                 response = await self.breaker.request(instructions, messages, tools)
-            except ModelError as exc:
-                self.failures[exc.kind] = self.failures.get(exc.kind, 0) + 1
-                raise
-            record_response(span, endpoint.vendor, endpoint.model, response)
-            record_chat_content(
-                span, messages=messages, response=response, instructions=instructions
-            )
-            return response
+                record_response(span, endpoint.vendor, endpoint.model, response)
+                record_chat_content(
+                    span, messages=messages, response=response, instructions=instructions
+                )
+                return response
+        except ModelError as exc:
+            self.failures[exc.kind] = self.failures.get(exc.kind, 0) + 1
+            return exc
 
     def status(self) -> dict[str, Any]:
         """Circuit state, limiter headroom and counters (for ``overstory status``)."""
@@ -180,6 +195,9 @@ class RemoteModel(Model):
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self._handle: Any = None
+        # The provider actor owns the breaker; when it says "open for N s" this caller
+        # falls through locally until then instead of asking again.
+        self._open_until = 0.0
 
     @property
     def name(self) -> str:
@@ -202,7 +220,7 @@ class RemoteModel(Model):
         return {"endpoint": self.endpoint}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.endpoint, self._handle = state["endpoint"], None
+        self.endpoint, self._handle, self._open_until = state["endpoint"], None, 0.0
 
     async def handle(self) -> Any:
         """The provider actor's handle, started if it is not running."""
@@ -238,13 +256,23 @@ class RemoteModel(Model):
                 model=self.name,
                 kind="auth",
             )
+        if time.monotonic() < self._open_until:
+            raise ModelError(
+                f"circuit open; next probe in {self._open_until - time.monotonic():.1f} s",
+                model=self.name,
+                kind="circuit_open",
+            )
         for attempt in (1, 2):
             handle = await self.handle()
             try:
-                response: ModelResponse = await handle.request.remote(
+                result: ModelResponse | ModelError = await handle.request.remote(
                     instructions, list(messages), list(tools), inject()
                 )
-                return response
+                if isinstance(result, ModelError):
+                    if result.kind == "circuit_open" and result.retry_after:
+                        self._open_until = time.monotonic() + result.retry_after
+                    raise result
+                return result
             except RayTaskError as exc:
                 cause = exc.cause
                 if isinstance(cause, ModelError):

@@ -37,6 +37,7 @@ from ..actors.names import NAME_PREFIX, actor_name
 from ..agent import Agent
 from ..exceptions import OverstoryError
 from ..providers import Secret
+from ..providers.pool import RemoteModel, chain_of, provider_actor_name
 from ..telemetry import metrics
 from .core import restart_intensity
 from .named import SUPERVISED, get_or_create
@@ -121,6 +122,17 @@ class ConversationSupervisor:
         for child in self._children.values():
             per_node[child.node_id] += 1
         return {"live": len(self._children), "per_node": dict(per_node), **self.counters}
+
+    def models(self) -> list[dict[str, Any]]:
+        """The default agent's model chain, in fallback order: each model's name and, for
+        a vendor endpoint, its provider actor's name (for status and health checks)."""
+        return [
+            {
+                "model": m.name,
+                "actor": provider_actor_name(m.endpoint) if isinstance(m, RemoteModel) else None,
+            }
+            for m in chain_of(self.agent.model)
+        ]
 
     def children(self) -> list[dict[str, Any]]:
         return [
