@@ -147,7 +147,9 @@ RAY_UP_S=$(secs "$t0" "$(now)")
 say "ray up: ${RAY_UP_S} s"
 
 # --- a driver on the cluster: `ray submit` runs it on the head in a login shell --------
-out=$("$OPS_BIN/ray" submit "$YAML" scripts/e2e_driver.py alice "hello from the head" 2> "$RUN/submit.log" | tail -n 1)
+# (ssh -tt merges the remote output into stdout, with CRLF line ends)
+"$OPS_BIN/ray" submit "$YAML" scripts/e2e_driver.py alice hello from the head > "$RUN/submit.log" 2>&1
+out=$(tr -d '\r' < "$RUN/submit.log" | grep '^{' | tail -n 1)
 say "driver on the head: $out"
 echo "$out" | "$OPS_BIN/python" -c 'import json,sys; r=json.load(sys.stdin); assert r["reply"] == "echo #1: hello from the head", r; assert not r["client_mode"], r'
 
@@ -155,7 +157,7 @@ echo "$out" | "$OPS_BIN/python" -c 'import json,sys; r=json.load(sys.stdin); ass
 export RAY_AUTH_MODE=token # the operator's client side; the token is ~/.ray/auth_token
 "$OPS_BIN/ray" job submit --address "http://127.0.0.1:$DASH_PORT" --working-dir scripts \
   -- python e2e_driver.py alice "hello from a job" > "$RUN/job.log" 2>&1
-out=$(grep '^{' "$RUN/job.log" | tail -n 1)
+out=$(tr -d '\r' < "$RUN/job.log" | grep '^{' | tail -n 1)
 say "ray job submit: $out"
 echo "$out" | "$OPS_BIN/python" -c 'import json,sys; r=json.load(sys.stdin); assert r["reply"] == "echo #2: hello from a job", r'
 
@@ -178,12 +180,13 @@ except urllib.error.HTTPError as e:
     print(e.code)' "http://127.0.0.1:$DASH_PORT/api/version")
 say "dashboard without a token: HTTP $code"
 [ "$code" = 401 ] || [ "$code" = 403 ]
+t0=$(now)
 if RAY_AUTH_TOKEN=not-the-token timeout 120 "$OPS_BIN/overstory" health \
   --address "ray://127.0.0.1:$CLIENT_PORT" > "$RUN/health-bad-token.log" 2>&1; then
   echo "overstory health succeeded with a wrong token" >&2
   exit 1
 fi
-say "overstory health with a wrong token: refused ($(tail -n 1 "$RUN/health-bad-token.log" | cut -c1-120))"
+say "overstory health with a wrong token: refused after $(secs "$t0" "$(now)") s ($(tail -n 1 "$RUN/health-bad-token.log" | cut -c1-150))"
 
 # --- overstory health / status, from outside and on the head --------------------------
 "$OPS_BIN/overstory" health --address "ray://127.0.0.1:$CLIENT_PORT"
@@ -197,8 +200,10 @@ t0=$(now)
 CLUSTER_UP=0
 RAY_DOWN_S=$(secs "$t0" "$(now)")
 say "ray down: ${RAY_DOWN_S} s"
-left=$(pgrep -u "$NODE_USER" || true)
+# (ssh's ControlPersist keeps an idle session process of the node user for 10 s: not Ray)
+left=$(pgrep -a -u "$NODE_USER" | grep -v 'sshd: ' || true)
 [ -z "$left" ] || { echo "processes left on the node after ray down: $left" >&2; exit 1; }
+say "no Ray process of the node left after ray down"
 "$OPS_BIN/python" - <<'EOF'
 import asyncio, os
 from overstory.store import open_store
