@@ -45,6 +45,7 @@ YAML="$RUN/cluster.yaml"
 
 cleanup() {
   local status=$?
+  trap - EXIT INT TERM
   set +e
   if [ "$CLUSTER_UP" = 1 ]; then
     say "cleanup: ray down"

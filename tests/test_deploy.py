@@ -7,6 +7,7 @@ The end-to-end `ray up` on loopback is scripts/e2e_ray_up.sh (run by .ci/run).
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -200,7 +201,8 @@ def test_cli_health_and_status_against_a_served_tree(
     report = json.loads(status.stdout.strip().splitlines()[-1])
     assert report["tree"]["root"]["alive"] is True
     assert report["store"]["reachable"] is True
-    serve = subprocess.run([*CLI, "serve", *args], env=driver_env, capture_output=True, text=True)
+    env = {**driver_env, "OVERSTORY_STORE": config.store}  # the store serve opens
+    serve = subprocess.run([*CLI, "serve", *args], env=env, capture_output=True, text=True)
     assert serve.returncode == 0, serve.stderr
     assert "already running" in serve.stdout
 
@@ -212,11 +214,17 @@ def test_cli_health_and_status_against_a_served_tree(
 
 @pytest.mark.parametrize("command", ["health", "status", "serve"])
 def test_operator_commands_never_start_ray(command: str) -> None:
+    # An address where nothing listens ("auto" would find any Ray running on this machine).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ovs-", dir="/tmp")  # no Ray lives here
-    proc = subprocess.run([*CLI, command], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*CLI, command, "--address", address], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 1
-    assert "cannot attach to a running Ray cluster at 'auto'" in proc.stdout + proc.stderr
+    assert f"cannot attach to a running Ray cluster at {address!r}" in proc.stdout + proc.stderr
     assert not list(Path(env["RAY_TMPDIR"]).iterdir())  # no session directory was made
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +66,7 @@ def attach_existing(address: str | None, namespace: str) -> str:
     target = address or os.environ.get("RAY_ADDRESS") or "auto"
     if ray.is_initialized():
         return target
+    _check_listening(target)
     try:
         ray.init(
             address=target,
@@ -79,6 +81,22 @@ def attach_existing(address: str | None, namespace: str) -> str:
             f"({type(exc).__name__}: {exc}); overstory's operator commands never start one"
         ) from None
     return target
+
+
+def _check_listening(target: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when nothing listens at an explicit ``host:port``: Ray would wait minutes."""
+    if target == "auto" or ("://" in target and not target.startswith("ray://")):
+        return
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # let Ray judge an address of another form
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterUnavailable(
+            f"cannot attach to a running Ray cluster at {target!r}: nothing answers there "
+            f"({exc}); overstory's operator commands never start one"
+        ) from None
 
 
 # --- serve --------------------------------------------------------------------------------
@@ -193,10 +211,12 @@ def problems(report: dict[str, Any]) -> list[str]:
     """What makes a status report unhealthy, one sentence each (empty: healthy)."""
     found = []
     tree = report.get("tree", {})
-    for key, label in (("root", "root supervisor"), ("conversations_supervisor", None)):
+    for key, label in (
+        ("root", "root supervisor"),
+        ("conversations_supervisor", "conversation supervisor"),
+    ):
         part = tree.get(key, {})
         if not part.get("alive", False):
-            label = label or "conversation supervisor"
             found.append(f"{label} is not running: {part.get('error', 'unknown')}")
     store = report.get("store", {})
     if not store.get("reachable", False):
