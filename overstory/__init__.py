@@ -12,6 +12,7 @@ print(conv.send("hello").text)
 from .agent import Agent
 from .exceptions import (
     AllModelsFailed,
+    ClusterUnavailable,
     ConfigError,
     ConversationUnavailable,
     InvalidMessage,
@@ -48,6 +49,7 @@ __all__ = [
     "Agent",
     "AllModelsFailed",
     "AssistantMessage",
+    "ClusterUnavailable",
     "Config",
     "ConfigError",
     "Conversation",

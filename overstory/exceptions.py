@@ -19,8 +19,9 @@ both sides subclass the stdlib exceptions users already catch::
         │   └── AllModelsFailed             every model in a chain failed; lists each failure
         ├── MaxRoundTripsExceeded           a turn needed more model round trips than allowed
         ├── TurnFailed                      a turn did not complete; the user message is stored
-        └── ConversationUnavailable         the conversation actor cannot be reached/started
-            └── Passivated                  the actor is shutting down; ask the registry again
+        ├── ConversationUnavailable         the conversation actor cannot be reached/started
+        │   └── Passivated                  the actor is shutting down; ask the registry again
+        └── ClusterUnavailable              no running Ray cluster to attach to (serve/status/health)
 
 Errors from Ray, PyMongo, sqlite3 and the vendor SDKs are translated into this tree where
 they enter (``store/``, ``registry/``, ``actors/``, ``providers/``); none of them leak out
@@ -34,6 +35,7 @@ from typing import Literal
 
 __all__ = [
     "AllModelsFailed",
+    "ClusterUnavailable",
     "ConfigError",
     "ConversationUnavailable",
     "Fenced",
@@ -248,3 +250,7 @@ class Passivated(ConversationUnavailable):
     Client handles never show it to users: they get the conversation from the registry
     again, which starts a fresh actor from the store, and re-send.
     """
+
+
+class ClusterUnavailable(RuntimeFailure):
+    """There is no running Ray cluster to attach to (the operator commands never start one)."""

@@ -1,4 +1,4 @@
-"""The ``overstory`` command: ``demo`` and ``chat``."""
+"""The ``overstory`` command: ``demo`` and ``chat``; ``serve``, ``status``, ``health``."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..exceptions import OverstoryError, TurnFailed, UsageError
+from ..exceptions import OverstoryError, RuntimeFailure, TurnFailed, UsageError
+from . import ops
 from .client import Runtime, connect
-from .config import Config, load_config
+from .config import DEFAULT_NAMESPACE, Config, load_config
 from .demo import demo_agent, run_demo
 
 __all__ = ["main"]
@@ -75,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="talk to one user's conversation")
     _common(chat)
     chat.add_argument("--user", required=True, help="the user id")
+    _add_ops_commands(sub)
     return parser
 
 
@@ -202,15 +204,96 @@ def _render(message: Any) -> str:
     return str(message.content)
 
 
+# --- operator commands: serve / status / health (see overstory.runtime.ops) -------------
+
+
+def _add_ops_commands(sub: Any) -> None:
+    def attach_args(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--address", help="running Ray cluster (default: RAY_ADDRESS, else 'auto')"
+        )
+        parser.add_argument("--namespace", help="Ray namespace of the app (default: overstory)")
+
+    serve = sub.add_parser(
+        "serve", help="boot the supervision tree on a running cluster (once), or attach to it"
+    )
+    attach_args(serve)
+    serve.add_argument("--config", type=Path, help="TOML config file (keys of overstory.Config)")
+    serve.add_argument("--store", help="store URL (default: OVERSTORY_STORE, else sqlite)")
+    serve.add_argument("--max-live", type=_positive, metavar="K", help="live actors per node")
+    serve.add_argument("--idle-timeout", type=float, metavar="S", help="passivate after S s idle")
+    for name, helptext in (
+        ("status", "live conversations, supervisor counters, tree and store state"),
+        ("health", "exit 0 when the tree is alive and the store answers (liveness probe)"),
+    ):
+        cmd = sub.add_parser(name, help=helptext)
+        attach_args(cmd)
+        cmd.add_argument("--store", help="store to check if the tree cannot name its own")
+        cmd.add_argument(
+            "--timeout", type=float, default=10.0, metavar="S", help="per-check deadline (10)"
+        )
+        if name == "status":
+            cmd.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+
+def _probe(args: argparse.Namespace) -> ops.Probe:
+    namespace = args.namespace or DEFAULT_NAMESPACE
+    ops.attach_existing(args.address, namespace)
+    return ops.Probe(namespace, timeout_s=args.timeout, fallback_store=args.store)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    result = ops.serve(_config(args))
+    verb = "booted" if result["booted"] else "already running, attached to"
+    print(
+        f"overstory serve: {verb} the supervision tree in namespace {result['namespace']!r} "
+        f"(root {result['root_actor_id']}, store {result['store']})"
+    )
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    report = ops.status(_probe(args))
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+        return 0
+    for section, fields in report.items():
+        print(f"{section}:")
+        for key, value in fields.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+            print(f"  {key}: {value}")
+    return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    try:
+        found = ops.health(_probe(args))
+    except RuntimeFailure as exc:
+        print(f"unhealthy: {exc}")
+        return 1
+    for problem in found:
+        print(f"unhealthy: {problem}")
+    if not found:
+        print("healthy: root and conversation supervisors answer, the store answers")
+    return 1 if found else 0
+
+
+_OPS = {"serve": _serve, "status": _status, "health": _health}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command in _OPS:
+            return _OPS[args.command](args)
         if args.command == "demo":
             return _demo(args)
         return _chat(args)
     except OverstoryError as exc:
         print(f"overstory {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        # For the operator commands a failure (no cluster, store down) is 1, a mistake 2.
+        return 1 if args.command in _OPS and isinstance(exc, RuntimeFailure) else 2
     except KeyboardInterrupt:
         return 130
 

@@ -7,6 +7,7 @@ not when it is first used.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -19,9 +20,13 @@ from ..exceptions import ConfigError
 from ..store.url import resolve_store_url
 from ..validation import MAX_MESSAGE_CHARS, MAX_USER_ID_CHARS
 
-__all__ = ["DEFAULT_NAMESPACE", "DEFAULT_STORE", "Config", "load_config"]
+__all__ = ["DEFAULT_NAMESPACE", "DEFAULT_STORE", "STORE_ENV", "Config", "load_config"]
 
 DEFAULT_STORE = "sqlite:///overstory.db"
+#: Environment variable naming the store when no ``store`` is given: how a deployment
+#: hands every node (and the operator's clients) the same store URL without writing it
+#: into a file that is checked in.
+STORE_ENV = "OVERSTORY_STORE"
 DEFAULT_NAMESPACE = "overstory"
 _NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -31,8 +36,9 @@ class Config(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
-    store: str = DEFAULT_STORE
-    """``sqlite:///path.db`` (one machine) or ``mongodb://host/db`` (a cluster)."""
+    store: str = pydantic.Field(default_factory=lambda: os.environ.get(STORE_ENV) or DEFAULT_STORE)
+    """``sqlite:///path.db`` (one machine) or ``mongodb://host/db`` (a cluster); when not
+    given, ``$OVERSTORY_STORE``, else ``sqlite:///overstory.db``."""
     namespace: str = DEFAULT_NAMESPACE
     """Ray namespace holding this app's named actors."""
     ray_address: str | None = None

@@ -1,0 +1,14 @@
+# overstory node environment (shipped to ~/overstory/profile.sh by cluster.yaml).
+# Sourced by the start commands before `ray start`, so every Ray worker process and
+# every actor inherits it, and by ~/.bashrc, so `ray exec`/`ray down` see it too.
+# cluster.env holds OVERSTORY_STORE and the provider keys, from the operator's env.
+if [ -f "$HOME/overstory/cluster.env" ]; then
+  set -a
+  . "$HOME/overstory/cluster.env"
+  set +a
+fi
+export RAY_AUTH_MODE=token
+case ":$PATH:" in
+  *":$HOME/overstory/venv/bin:"*) ;;
+  *) export PATH="$HOME/overstory/venv/bin:$PATH" ;;
+esac

@@ -1,0 +1,286 @@
+"""Operating a deployed app: ``serve`` (boot the tree once), ``status`` and ``health``.
+
+None of these starts Ray. They attach to a running cluster — ``address``, else
+``RAY_ADDRESS``, else the instance ``ray start`` left on this machine (``"auto"``), or
+``ray://host:10001`` through Ray Client — and fail with
+:class:`~overstory.exceptions.ClusterUnavailable` naming the address when there is none.
+That makes ``overstory health`` usable as a liveness probe: it can never "repair" a
+dead cluster by quietly starting an empty one.
+
+:func:`status` is a dict assembled from sections, one small function each
+(:data:`SECTIONS`); a new concern (e.g. provider endpoints) is one more function in
+that list. :func:`health` reads the same sections and turns them into problems.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
+
+from ..exceptions import ClusterUnavailable
+from ..store import open_store, redact_url
+from ..supervisors.named import unwrap_task_error
+from ..supervisors.tree import CONVERSATIONS, ROOT
+from .client import connect
+from .config import Config
+
+__all__ = [
+    "SECTIONS",
+    "Probe",
+    "attach_existing",
+    "health",
+    "problems",
+    "serve",
+    "status",
+]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the status sections look at: the app's namespace, and how long to wait."""
+
+    namespace: str
+    timeout_s: float = 10.0
+    fallback_store: str | None = None
+    """Store URL to check when the running tree cannot say which one it uses."""
+
+
+StatusSection = Callable[[Probe], dict[str, Any]]
+
+
+def attach_existing(address: str | None, namespace: str) -> str:
+    """Connect this process to a *running* Ray cluster; returns the address it used.
+
+    Never starts Ray: with no ``address`` and no ``RAY_ADDRESS`` it looks for an
+    instance started with ``ray start`` on this machine and raises
+    :class:`ClusterUnavailable` when there is none.
+    """
+    target = address or os.environ.get("RAY_ADDRESS") or "auto"
+    if ray.is_initialized():
+        return target
+    _check_listening(target)
+    try:
+        ray.init(
+            address=target,
+            namespace=namespace,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    except (ConnectionError, RuntimeError, ValueError, RayError) as exc:
+        raise ClusterUnavailable(
+            f"cannot attach to a running Ray cluster at {target!r} "
+            f"({type(exc).__name__}: {exc}); overstory's operator commands never start one"
+        ) from None
+    return target
+
+
+def _check_listening(target: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when nothing listens at an explicit ``host:port``: Ray would wait minutes."""
+    if target == "auto" or ("://" in target and not target.startswith("ray://")):
+        return
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # let Ray judge an address of another form
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterUnavailable(
+            f"cannot attach to a running Ray cluster at {target!r}: nothing answers there "
+            f"({exc}); overstory's operator commands never start one"
+        ) from None
+
+
+# --- serve --------------------------------------------------------------------------------
+
+
+def serve(config: Config) -> dict[str, Any]:
+    """Boot the supervision tree on the running cluster, or attach to the one running.
+
+    Idempotent: the root is a named detached actor, created atomically by the GCS, so
+    running this twice (or on two machines at once) leaves exactly one tree. The
+    process may exit afterwards; the tree stays. Returns what it found and did.
+    """
+    attach_existing(config.ray_address, config.namespace)
+    existed = _named(ROOT, config.namespace) is not None
+    # ray is initialised now, so connect() attaches and never starts a local Ray; it
+    # also opens the store once, so an unreachable store fails here, on the head.
+    runtime = connect(config=config)
+    root = _named(ROOT, config.namespace)
+    result: dict[str, Any] = {
+        "namespace": config.namespace,
+        "booted": not existed,
+        "root_actor_id": root._actor_id.hex() if root is not None else None,
+        "store": redact_url(_tree_store(Probe(config.namespace)) or runtime.config.store),
+    }
+    runtime.close()
+    return result
+
+
+# --- status sections ----------------------------------------------------------------------
+
+
+def cluster_section(probe: Probe) -> dict[str, Any]:
+    """The Ray cluster: alive nodes (with their addresses) and the app's namespace."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+    return {
+        "namespace": probe.namespace,
+        "nodes_alive": len(nodes),
+        "node_addresses": sorted(str(n.get("NodeManagerAddress", "?")) for n in nodes),
+    }
+
+
+def tree_section(probe: Probe) -> dict[str, Any]:
+    """Whether the root supervisor and the conversation supervisor answer."""
+    root = _answer(ROOT, probe)
+    conversations = _answer(CONVERSATIONS, probe)
+    root_info = {"alive": root[0], **({"restarts": root[1].get("restarts")} if root[0] else {})}
+    if not root[0]:
+        root_info["error"] = root[1]
+    conv_info: dict[str, Any] = {"alive": conversations[0]}
+    if not conversations[0]:
+        conv_info["error"] = conversations[1]
+    return {"root": root_info, "conversations_supervisor": conv_info}
+
+
+def conversations_section(probe: Probe) -> dict[str, Any]:
+    """Live conversations (total and per node) and the supervisor's counters."""
+    alive, info = _answer(CONVERSATIONS, probe)
+    if not alive:
+        return {"error": info}
+    return {
+        "live": info.get("live", 0),
+        "per_node": info.get("per_node", {}),
+        **{k: info.get(k, 0) for k in ("activations", "passivations", "restarts", "evictions")},
+    }
+
+
+def store_section(probe: Probe) -> dict[str, Any]:
+    """Whether the tree's store answers, checked from inside the cluster."""
+    url = _tree_store(probe) or probe.fallback_store
+    if url is None:
+        return {"reachable": False, "error": "no running tree to ask for its store URL"}
+    result: dict[str, Any] = {"url": redact_url(url)}
+    ref = _probe_store.remote(url)
+    try:
+        ray.get(ref, timeout=probe.timeout_s)
+    except GetTimeoutError:
+        ray.cancel(ref, force=True)
+        return {**result, "reachable": False, "error": f"no answer within {probe.timeout_s} s"}
+    except RayTaskError as exc:
+        cause = unwrap_task_error(exc)
+        return {**result, "reachable": False, "error": f"{type(cause).__name__}: {cause}"}
+    except RayError as exc:
+        return {**result, "reachable": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {**result, "reachable": True}
+
+
+#: The sections of :func:`status`, in order. Add a concern by adding a function here.
+SECTIONS: list[tuple[str, StatusSection]] = [
+    ("cluster", cluster_section),
+    ("tree", tree_section),
+    ("conversations", conversations_section),
+    ("store", store_section),
+]
+
+
+def status(
+    probe: Probe, sections: Sequence[tuple[str, StatusSection]] | None = None
+) -> dict[str, Any]:
+    """Every section's report, keyed by section name (JSON-serialisable)."""
+    return {name: section(probe) for name, section in sections or SECTIONS}
+
+
+# --- health -------------------------------------------------------------------------------
+
+_HEALTH_SECTIONS: list[tuple[str, StatusSection]] = [
+    ("tree", tree_section),
+    ("store", store_section),
+]
+
+
+def problems(report: dict[str, Any]) -> list[str]:
+    """What makes a status report unhealthy, one sentence each (empty: healthy)."""
+    found = []
+    tree = report.get("tree", {})
+    for key, label in (
+        ("root", "root supervisor"),
+        ("conversations_supervisor", "conversation supervisor"),
+    ):
+        part = tree.get(key, {})
+        if not part.get("alive", False):
+            found.append(f"{label} is not running: {part.get('error', 'unknown')}")
+    store = report.get("store", {})
+    if not store.get("reachable", False):
+        found.append(
+            f"store {store.get('url', '?')} does not answer: {store.get('error', 'unknown')}"
+        )
+    return found
+
+
+def health(probe: Probe) -> list[str]:
+    """Problems of the tree and the store (empty: healthy). Attach first."""
+    return problems(status(probe, _HEALTH_SECTIONS))
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def _named(name: str, namespace: str) -> Any:
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return None
+
+
+def _answer(name: str, probe: Probe) -> tuple[bool, Any]:
+    """``(True, status dict)`` when the named supervisor answers, else ``(False, why)``."""
+    handle = _named(name, probe.namespace)
+    if handle is None:
+        return False, f"no actor {name!r} in namespace {probe.namespace!r}"
+    try:
+        return True, ray.get(handle.status.remote(), timeout=probe.timeout_s)
+    except GetTimeoutError:
+        return False, f"{name!r} did not answer within {probe.timeout_s} s"
+    except (RayActorError, RayTaskError) as exc:
+        return False, f"{name!r} is dead or restarting ({type(exc).__name__})"
+
+
+def _store_url_of(supervisor: Any) -> str:
+    return str(supervisor.store_url)
+
+
+def _tree_store(probe: Probe) -> str | None:
+    """The store URL the running conversation supervisor writes to (``None``: unknown)."""
+    handle = _named(CONVERSATIONS, probe.namespace)
+    if handle is None:
+        return None
+    try:
+        url: str = ray.get(handle.__ray_call__.remote(_store_url_of), timeout=probe.timeout_s)
+    except (RayError, AttributeError):
+        return None
+    return url
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _probe_store(url: str) -> bool:
+    """Open the store, read one count, close it — on a cluster node, as the actors do."""
+
+    async def go() -> bool:
+        store = open_store(url)
+        await store.open()
+        try:
+            await store.count("\x00probe")
+        finally:
+            await store.close()
+        return True
+
+    return asyncio.run(go())
