@@ -154,7 +154,11 @@ def test_status_reports_every_section(served: Any) -> None:
     runtime = __import__("overstory").connect(config=config)
     runtime.conversation("alice").send("hi")
     report = ops.status(ops.Probe(config.namespace))
-    assert list(report) == ["cluster", "tree", "conversations", "store"]
+    assert list(report) == ["cluster", "tree", "conversations", "store", "providers"]
+    assert report["providers"] == {
+        "chain": [{"model": "offline:echo", "state": "in-process"}],
+        "other_endpoints": [],
+    }
     assert report["cluster"]["nodes_alive"] >= 1
     assert report["tree"]["root"]["alive"] is True
     assert report["tree"]["conversations_supervisor"]["alive"] is True
@@ -170,9 +174,9 @@ def test_status_reports_every_section(served: Any) -> None:
 @pytest.mark.ray
 def test_status_is_extended_by_adding_a_section(served: Any) -> None:
     config, _ = served
-    sections = [*ops.SECTIONS, ("providers", lambda probe: {"endpoints": 0})]
+    sections = [*ops.SECTIONS, ("extra", lambda probe: {"endpoints": 0})]
     report = ops.status(ops.Probe(config.namespace), sections)
-    assert report["providers"] == {"endpoints": 0}
+    assert report["extra"] == {"endpoints": 0}
 
 
 @pytest.mark.ray

@@ -260,10 +260,19 @@ def _status(args: argparse.Namespace) -> int:
     for section, fields in report.items():
         print(f"{section}:")
         for key, value in fields.items():
-            if isinstance(value, dict):
-                value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
-            print(f"  {key}: {value}")
+            if isinstance(value, list):
+                print(f"  {key}:" + ("" if value else " -"))
+                for item in value:
+                    print(f"    - {_flat(item)}")
+                continue
+            print(f"  {key}: {_flat(value)}")
     return 0
+
+
+def _flat(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_flat(v)}" for k, v in value.items()) or "-"
+    return str(value)
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -275,7 +284,10 @@ def _health(args: argparse.Namespace) -> int:
     for problem in found:
         print(f"unhealthy: {problem}")
     if not found:
-        print("healthy: root and conversation supervisors answer, the store answers")
+        print(
+            "healthy: root and conversation supervisors answer, the store answers, "
+            "a model of the chain can answer"
+        )
     return 1 if found else 0
 
 

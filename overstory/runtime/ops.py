@@ -26,6 +26,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from ..exceptions import ClusterUnavailable
+from ..providers.pool import provider_statuses
 from ..store import open_store, redact_url
 from ..supervisors.named import unwrap_task_error
 from ..supervisors.tree import CONVERSATIONS, ROOT
@@ -38,6 +39,7 @@ __all__ = [
     "attach_existing",
     "health",
     "problems",
+    "providers_section",
     "serve",
     "status",
 ]
@@ -183,12 +185,58 @@ def store_section(probe: Probe) -> dict[str, Any]:
     return {**result, "reachable": True}
 
 
+def providers_section(probe: Probe) -> dict[str, Any]:
+    """The default chain in fallback order — each endpoint's circuit and limiter headroom
+    — and every other provider actor (users' own keys)."""
+    alive, chain = _call(CONVERSATIONS, "models", probe)
+    if not alive:
+        return {"error": chain}
+    endpoints = {s["actor"]: s for s in provider_statuses(probe.namespace, probe.timeout_s)}
+    rows = []
+    for entry in chain:
+        actor = entry["actor"]
+        row: dict[str, Any] = {"model": entry["model"]}
+        if actor is None:
+            row["state"] = "in-process"  # the offline model: no endpoint, always there
+        elif actor not in endpoints:
+            row["state"] = "not started"  # no call yet: its actor starts on the first one
+        else:
+            row.update(_endpoint_row(endpoints.pop(actor)))
+        rows.append(row)
+    return {"chain": rows, "other_endpoints": [_endpoint_row(s) for s in endpoints.values()]}
+
+
+def _endpoint_row(status: dict[str, Any]) -> dict[str, Any]:
+    if "error" in status:
+        return {"actor": status["actor"], "state": "unreachable", "error": status["error"]}
+    circuit, limits = status["circuit"], status["limits"]
+    headroom = {
+        "rpm_left": None
+        if limits["rpm_limit"] is None
+        else limits["rpm_limit"] - limits["rpm_used"],
+        "tpm_left": None
+        if limits["tpm_limit"] is None
+        else limits["tpm_limit"] - limits["tpm_used"],
+        "in_flight": limits["in_flight"],
+        "waiting": limits.get("waiting", 0),
+    }
+    return {
+        "endpoint": status["endpoint"],
+        "state": circuit["state"],
+        "reason": circuit["reason"],
+        "headroom": headroom,
+        "calls": status["calls"],
+        "failures": status["failures"],
+    }
+
+
 #: The sections of :func:`status`, in order. Add a concern by adding a function here.
 SECTIONS: list[tuple[str, StatusSection]] = [
     ("cluster", cluster_section),
     ("tree", tree_section),
     ("conversations", conversations_section),
     ("store", store_section),
+    ("providers", providers_section),
 ]
 
 
@@ -204,6 +252,7 @@ def status(
 _HEALTH_SECTIONS: list[tuple[str, StatusSection]] = [
     ("tree", tree_section),
     ("store", store_section),
+    ("providers", providers_section),
 ]
 
 
@@ -223,11 +272,19 @@ def problems(report: dict[str, Any]) -> list[str]:
         found.append(
             f"store {store.get('url', '?')} does not answer: {store.get('error', 'unknown')}"
         )
+    chain = report.get("providers", {}).get("chain")
+    usable = ("in-process", "not started", "closed", "half_open")
+    if chain is not None and not any(row["state"] in usable for row in chain):
+        states = "; ".join(
+            f"{row['model']}: {row['state']} {row.get('reason', '')}".strip() for row in chain
+        )
+        found.append(f"no model of the chain can answer: {states}")
     return found
 
 
 def health(probe: Probe) -> list[str]:
-    """Problems of the tree and the store (empty: healthy). Attach first."""
+    """Problems of the tree, the store and the model chain (empty: healthy): unhealthy
+    when no model of the default chain can answer. Attach first."""
     return problems(status(probe, _HEALTH_SECTIONS))
 
 
@@ -243,11 +300,16 @@ def _named(name: str, namespace: str) -> Any:
 
 def _answer(name: str, probe: Probe) -> tuple[bool, Any]:
     """``(True, status dict)`` when the named supervisor answers, else ``(False, why)``."""
+    return _call(name, "status", probe)
+
+
+def _call(name: str, method: str, probe: Probe) -> tuple[bool, Any]:
+    """``(True, result)`` of ``method`` on a named actor, else ``(False, why)``."""
     handle = _named(name, probe.namespace)
     if handle is None:
         return False, f"no actor {name!r} in namespace {probe.namespace!r}"
     try:
-        return True, ray.get(handle.status.remote(), timeout=probe.timeout_s)
+        return True, ray.get(getattr(handle, method).remote(), timeout=probe.timeout_s)
     except GetTimeoutError:
         return False, f"{name!r} did not answer within {probe.timeout_s} s"
     except (RayActorError, RayTaskError) as exc:
