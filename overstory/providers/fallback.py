@@ -37,7 +37,9 @@ class FallbackModel(Model):
         self.on_fallback = on_fallback
 
     def with_api_keys(self, keys: Mapping[str, Secret]) -> Model:
-        return FallbackModel(*(m.with_api_keys(keys) for m in self.models))
+        return FallbackModel(
+            *(m.with_api_keys(keys) for m in self.models), on_fallback=self.on_fallback
+        )
 
     @property
     def name(self) -> str:
