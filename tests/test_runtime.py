@@ -90,7 +90,11 @@ def test_the_actor_is_named_after_the_user_in_the_app_namespace(rt: Runtime) -> 
     conv = rt.conversation("carl")
     handle = ray.get_actor(actor_name("carl"), namespace=rt.config.namespace)
     assert ray.get(handle.ready.remote())["pid"] == conv.info()["pid"]
-    assert "carl" not in conv.actor_name  # the name reveals nothing about the user
+    assert conv.actor_name.startswith("conversation:carl:")  # readable on the dashboard
+    mail = rt.conversation("carl.smith@example.com")
+    assert mail.actor_name.startswith("conversation:ca***:")  # personal data is masked
+    assert "example" not in mail.actor_name
+    assert ray.get_actor(mail.actor_name, namespace=rt.config.namespace) is not None
 
 
 def test_detached_actor_outlives_its_driver_and_a_second_driver_reaches_it(

@@ -148,3 +148,24 @@ def test_config_file_errors_name_the_file_and_key(tmp_path: Path) -> None:
         load_config(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    ("user_id", "shown"),
+    [
+        ("u_18274", "u_18274"),
+        ("7f3a9c2e-1b2c-4d5e", "7f3a9c2e-1b2c-4d5e"),
+        ("john.doe@example.com", "jo***"),
+        ("Jöhn Doe", "Jh***"),
+        ("x" * 25, "xx***"),
+        ("日本", "***"),
+    ],
+)
+def test_actor_names_are_readable_without_leaking_personal_data(user_id: str, shown: str) -> None:
+    from overstory.actors.names import actor_name
+
+    name = actor_name(user_id)
+    prefix, label, digest = name.split(":")
+    assert (prefix, label) == ("conversation", shown)
+    assert len(digest) == 24
+    assert actor_name(user_id + " ") != name  # unique by digest, not by label
