@@ -340,12 +340,25 @@ def test_attached_without_a_carrier_changes_nothing(
     assert _one(exporter, "invoke_agent a").parent is None
 
 
+def _fresh_python(code: str) -> None:
+    """Run ``code`` in a new interpreter (no global provider, no Ray from other tests)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_the_helpers_never_install_a_global_provider() -> None:
-    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
-        pytest.skip("another test of this session installed a global provider")
-    with invoke_agent_span("a", "c") as span:
-        assert not span.is_recording()
-    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    _fresh_python(
+        """
+        from opentelemetry import trace
+        from overstory.telemetry import invoke_agent_span, chat_span, execute_tool_span
+        assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+        with invoke_agent_span("a", "c") as span, chat_span("p", "m"), execute_tool_span("t", "1"):
+            assert not span.is_recording()
+        assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+        """
+    )
 
 
 # --- setup from OTEL_* -------------------------------------------------------------------
@@ -593,12 +606,19 @@ def _record_everything(m: Metrics) -> None:
 
 
 def test_metrics_are_no_ops_without_ray() -> None:
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        pytest.skip("Ray is initialized in this session")
-    m = Metrics()
-    _record_everything(m)
-    assert m._instruments is None  # nothing was created, nothing recorded
+    _fresh_python(
+        """
+        import sys
+        sys.path.insert(0, "tests")
+        from overstory.telemetry import Metrics
+        from test_telemetry import _record_everything
+        m = Metrics()
+        _record_everything(m)
+        assert m._instruments is None  # nothing was created, nothing recorded
+        import ray
+        assert not ray.is_initialized()  # and recording did not start Ray either
+        """
+    )
 
 
 def test_metrics_validate_their_vocabularies() -> None:
