@@ -154,6 +154,42 @@ def test_chat_session(driver_env: dict[str, str], sqlite_url: str) -> None:
     assert "assistant> echo #3: and again" in again.stdout
 
 
+def test_chat_with_a_model_chain_of_local_endpoints(
+    driver_env: dict[str, str], sqlite_url: str
+) -> None:
+    from overstory.testing import AnthropicServer, Fault, OpenAIServer
+
+    namespace = "cli-chat-model"
+    with OpenAIServer() as primary, AnthropicServer() as backup:
+        primary.fail_always(Fault.unauthorized())
+        proc = subprocess.run(
+            [
+                *CLI,
+                "chat",
+                "--user",
+                "yan",
+                "--store",
+                sqlite_url,
+                "--namespace",
+                namespace,
+                "--model",
+                f"openai:gpt-local@{primary.base_url}",
+                "--model",
+                f"anthropic:claude-local@{backup.base_url}",
+            ],
+            input="what is 3 + 4?\n",
+            env=driver_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        kill_namespace(namespace)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "assistant> tool results: 7" in proc.stdout
+    assert len(primary.requests) == 1  # auth failure: not retried, the circuit opens
+    assert [r.body["model"] for r in backup.requests] == ["claude-local", "claude-local"]
+
+
 @pytest.mark.slow
 def test_demo_started_ray_leaves_no_process_behind() -> None:
     # A Ray of its own, not the session's (a short path: Ray's sockets live under it).
