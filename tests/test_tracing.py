@@ -162,6 +162,7 @@ def test_the_exact_span_tree_of_a_turn_with_a_fallback_and_two_tool_calls(
     assert tool_explode.attributes["error.type"] == "tool_error"
     assert tool_explode.attributes["gen_ai.tool.call.id"] == "call_b"
     assert tool_explode.status.status_code == StatusCode.ERROR
+    assert "boom" not in (tool_explode.status.description or "")  # content: opt-in only
 
     assert final.status.status_code != StatusCode.ERROR
     # Contents are not recorded unless the user opts in.

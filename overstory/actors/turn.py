@@ -28,6 +28,7 @@ from ..messages import (
 )
 from ..store import HistoryStore
 from ..telemetry import (
+    capture_content,
     execute_tool_span,
     invoke_agent_span,
     mark_error,
@@ -86,7 +87,9 @@ async def _run_tool(agent: Agent, call: ToolCall) -> ToolReturn:
         result = await agent.run_tool(call)
         record_tool_content(span, arguments=call.arguments, result=result.content)
         if result.is_error:
-            mark_error(span, "tool_error", result.content[:200])
+            # The error text may quote the user's data: it is content, recorded on opt-in.
+            detail = result.content[:200] if capture_content() else "the tool returned an error"
+            mark_error(span, "tool_error", detail)
         metrics().tool_call(
             call.name if call.name in agent.tools else "unknown",
             "error" if result.is_error else "ok",
