@@ -606,7 +606,7 @@ def test_cli_serves_until_interrupted(loop: asyncio.Runner) -> None:
             )
             assert answer.content[0].text == "echo: cli"
             proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=10) == 0
+            assert proc.wait(timeout=30) == 0  # generous: CI runs this on 2 busy cores
             assert "Warning" not in proc.stderr.read()
         finally:
             if proc.poll() is None:

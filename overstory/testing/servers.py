@@ -407,7 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     async def serve() -> None:
         stopped = asyncio.Event()
         with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopped.set)
+            # Both signals just end the wait, so shutdown always takes the same path.
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                asyncio.get_running_loop().add_signal_handler(signum, stopped.set)
         await server._open()
         print(f"{server.vendor} wire format at {server.base_url} (Ctrl-C stops)", flush=True)
         try:
