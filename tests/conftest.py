@@ -15,6 +15,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,3 +127,20 @@ def kill_namespace(namespace: str) -> None:
         if entry["namespace"] == namespace:
             with contextlib.suppress(ValueError):  # already gone
                 ray.kill(ray.get_actor(entry["name"], namespace=namespace), no_restart=True)
+
+
+@pytest.fixture
+def exporter() -> Iterator[Any]:
+    """Spans of the test, from a tracer provider of its own (the global one is untouched)."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from overstory.telemetry import use_tracer_provider
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    with use_tracer_provider(provider):
+        yield memory
+    provider.shutdown()

@@ -14,14 +14,12 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from otlp_receiver import OtlpReceiver, Span
@@ -60,17 +58,6 @@ from overstory.telemetry import (
 from overstory.telemetry.setup import _exporter
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def exporter() -> Iterator[InMemorySpanExporter]:
-    """Spans of the block, from a provider of the test's own (the global one is untouched)."""
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    with use_tracer_provider(provider):
-        yield memory
-    provider.shutdown()
 
 
 def _one(exporter: InMemorySpanExporter, name: str) -> ReadableSpan:

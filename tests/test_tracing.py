@@ -4,12 +4,11 @@ by an in-memory exporter on a provider of the test's own (no Ray, no global prov
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -26,7 +25,6 @@ from overstory.actors.turn import run_turn
 from overstory.messages import ToolCall, ToolReturn, Usage
 from overstory.providers import FallbackModel
 from overstory.store import open_store
-from overstory.telemetry import use_tracer_provider
 
 
 def add(a: int, b: int) -> int:
@@ -58,16 +56,6 @@ class TwoTools(Model):
         return ModelResponse(
             tool_calls=calls, usage=Usage(10, 4), model="two-tools-v1", finish_reason="tool_calls"
         )
-
-
-@pytest.fixture
-def exporter() -> Iterator[InMemorySpanExporter]:
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    with use_tracer_provider(provider):
-        yield memory
-    provider.shutdown()
 
 
 def _turn(tmp_path: Path, agent: Agent, text: str) -> None:

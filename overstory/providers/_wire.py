@@ -1,21 +1,118 @@
-"""What the vendor modules share: turning an HTTP failure into a :class:`ModelError`.
+"""What the vendor modules share: the SDK boundary and its error translation.
 
-Each vendor module catches its own SDK's exceptions and hands the status, headers and
-message here, so the taxonomy is applied the same way to every vendor.
+:class:`SDKModel` is the one place a vendor SDK's exceptions become
+:class:`ModelError` s (the official SDKs share their exception names), a key a provider
+echoes is masked, and an unreadable answer becomes ``kind="malformed"``. A vendor module
+only builds its client, sends the request and reads the answer.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
-from typing import Any
+from abc import abstractmethod
+from collections.abc import Mapping, Sequence
+from types import ModuleType
+from typing import Any, ClassVar
 
 from ..exceptions import ModelError
-from ..messages import ToolCall
+from ..messages import Message, ModelResponse, ToolCall
+from ..tools import ToolDefinition
+from .base import Model
+from .endpoint import Endpoint
 from .taxonomy import is_context_overflow, kind_of_status, parse_retry_after
 
-__all__ = ["http_error", "scrubbed", "tool_arguments", "tool_call"]
+__all__ = ["SDKModel", "http_error", "scrubbed", "tool_arguments", "tool_call"]
+
+
+class SDKModel(Model):
+    """One endpoint behind an official vendor SDK whose client never retries (the retry
+    loop is ours). Subclasses set :attr:`sdk` and implement the three hooks."""
+
+    #: The vendor's SDK module (``openai`` / ``anthropic``): its exception classes.
+    sdk: ClassVar[ModuleType]
+    #: What a well-formed answer is called, for the malformed-answer message.
+    answer_shape: ClassVar[str]
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        endpoint = endpoint.resolved()
+        assert endpoint.key is not None
+        self.endpoint = endpoint
+        self._key = endpoint.key.value
+        self._client = self._make_client(endpoint, self._key)
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
+
+    @abstractmethod
+    def _make_client(self, endpoint: Endpoint, key: str) -> Any:
+        """The SDK's async client, built with ``max_retries=0``."""
+
+    @abstractmethod
+    async def _send(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> Any:
+        """The request in the vendor's format; returns the SDK's answer object."""
+
+    @abstractmethod
+    def _read(self, answer: Any) -> ModelResponse:
+        """The SDK's answer as a :class:`ModelResponse` (may raise AttributeError & co)."""
+
+    async def request(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> ModelResponse:
+        try:
+            return self._parse(await self._call(instructions, messages, tools))
+        except ModelError as exc:
+            raise scrubbed(exc, self._key) from None
+
+    async def _call(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> Any:
+        sdk = self.sdk
+        try:
+            return await self._send(instructions, messages, tools)
+        except sdk.APIStatusError as exc:
+            code = getattr(exc, "code", None)
+            raise http_error(
+                self.name, exc.status_code, exc.response.headers, exc.message, code
+            ) from None
+        except sdk.APITimeoutError:
+            raise ModelError(
+                f"no answer within {self.endpoint.timeout_s:g} s", model=self.name, kind="timeout"
+            ) from None
+        except sdk.APIConnectionError as exc:
+            raise ModelError(
+                f"connection failed: {exc}", model=self.name, kind="connection"
+            ) from None
+        except (sdk.APIError, ValueError, TypeError) as exc:
+            # Includes a body that is not JSON: both SDKs let json.JSONDecodeError out.
+            raise ModelError(
+                f"unreadable answer: {type(exc).__name__}: {exc}", model=self.name, kind="malformed"
+            ) from None
+
+    def _parse(self, answer: Any) -> ModelResponse:
+        try:
+            return self._read(answer)
+        except ModelError:
+            raise
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+            raise ModelError(
+                f"answer is not {self.answer_shape}: {type(exc).__name__}: {exc}",
+                model=self.name,
+                kind="malformed",
+            ) from None
+
 
 #: Longest provider error text kept in an error message (they can echo whole prompts).
 _MAX_DETAIL = 300

@@ -8,56 +8,36 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from types import ModuleType
+from typing import Any, ClassVar
 
 import openai
 
-from ..exceptions import ModelError
 from ..messages import AssistantMessage, Message, ModelResponse, ToolReturn, Usage, UserMessage
 from ..tools import ToolDefinition
-from ._wire import http_error, scrubbed, tool_call
-from .base import Model
+from ._wire import SDKModel, tool_call
 from .endpoint import Endpoint
 
 __all__ = ["OpenAIModel"]
 
 
-class OpenAIModel(Model):
-    """One OpenAI-format endpoint. Its SDK client never retries: the retry loop is ours."""
+class OpenAIModel(SDKModel):
+    """One OpenAI-format endpoint."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
-        endpoint = endpoint.resolved()
-        assert endpoint.key is not None
-        self.endpoint = endpoint
-        self._client = openai.AsyncOpenAI(
-            api_key=endpoint.key.value,
-            base_url=endpoint.base_url,
-            max_retries=0,
-            timeout=endpoint.timeout_s,
+    sdk: ClassVar[ModuleType] = openai
+    answer_shape = "a chat completion"
+
+    def _make_client(self, endpoint: Endpoint, key: str) -> Any:
+        return openai.AsyncOpenAI(
+            api_key=key, base_url=endpoint.base_url, max_retries=0, timeout=endpoint.timeout_s
         )
 
-    @property
-    def name(self) -> str:
-        return self.endpoint.name
-
-    async def request(
+    async def _send(
         self,
         instructions: str,
         messages: Sequence[Message],
         tools: Sequence[ToolDefinition],
-    ) -> ModelResponse:
-        try:
-            return await self._request(instructions, messages, tools)
-        except ModelError as exc:
-            assert self.endpoint.key is not None
-            raise scrubbed(exc, self.endpoint.key.value) from None
-
-    async def _request(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> ModelResponse:
+    ) -> Any:
         kwargs: dict[str, Any] = {
             "model": self.endpoint.model,
             "messages": to_openai_messages(instructions, messages),
@@ -67,54 +47,26 @@ class OpenAIModel(Model):
         # OpenAI's own API wants max_completion_tokens; compatible servers know max_tokens.
         limit = "max_tokens" if self.endpoint.base_url else "max_completion_tokens"
         kwargs[limit] = self.endpoint.max_tokens
-        try:
-            completion = await self._client.chat.completions.create(**kwargs)
-        except openai.APIStatusError as exc:
-            code = getattr(exc, "code", None)
-            raise http_error(
-                self.name, exc.status_code, exc.response.headers, exc.message, code
-            ) from None
-        except openai.APITimeoutError:
-            raise ModelError(
-                f"no answer within {self.endpoint.timeout_s:g} s", model=self.name, kind="timeout"
-            ) from None
-        except openai.APIConnectionError as exc:
-            raise ModelError(
-                f"connection failed: {exc}", model=self.name, kind="connection"
-            ) from None
-        except (openai.APIError, ValueError, TypeError) as exc:
-            raise ModelError(
-                f"unreadable answer: {type(exc).__name__}: {exc}", model=self.name, kind="malformed"
-            ) from None
-        return self._response(completion)
+        return await self._client.chat.completions.create(**kwargs)
 
-    def _response(self, completion: Any) -> ModelResponse:
-        try:
-            choice = completion.choices[0]
-            message = choice.message
-            calls = tuple(
-                tool_call(self.name, c.id, c.function.name, c.function.arguments)
-                for c in (message.tool_calls or ())
-            )
-            usage = completion.usage
-            return ModelResponse(
-                content=message.content or "",
-                tool_calls=calls,
-                usage=Usage(
-                    int(usage.prompt_tokens) if usage else 0,
-                    int(usage.completion_tokens) if usage else 0,
-                ),
-                model=str(completion.model or self.endpoint.model),
-                finish_reason=str(choice.finish_reason or ("tool_calls" if calls else "stop")),
-            )
-        except ModelError:
-            raise
-        except (AttributeError, IndexError, TypeError, ValueError) as exc:
-            raise ModelError(
-                f"answer is not a chat completion: {type(exc).__name__}: {exc}",
-                model=self.name,
-                kind="malformed",
-            ) from None
+    def _read(self, completion: Any) -> ModelResponse:
+        choice = completion.choices[0]
+        message = choice.message
+        calls = tuple(
+            tool_call(self.name, c.id, c.function.name, c.function.arguments)
+            for c in (message.tool_calls or ())
+        )
+        usage = completion.usage
+        return ModelResponse(
+            content=message.content or "",
+            tool_calls=calls,
+            usage=Usage(
+                int(usage.prompt_tokens) if usage else 0,
+                int(usage.completion_tokens) if usage else 0,
+            ),
+            model=str(completion.model or self.endpoint.model),
+            finish_reason=str(choice.finish_reason or ("tool_calls" if calls else "stop")),
+        )
 
 
 def to_openai_tool(tool: ToolDefinition) -> dict[str, Any]:

@@ -57,15 +57,9 @@ __all__ = [
 #: Named actors of the provider pool start with this (the dashboard shows them so).
 PROVIDER_PREFIX = "provider:"
 
-_OPTIONS: dict[str, Any] = {
-    "lifetime": "detached",
-    "max_restarts": -1,
-    "max_task_retries": 0,
-    "num_cpus": 0,
-    # Many conversations wait on one endpoint at once (queued for the limiter, or on
-    # the vendor's answer): each waiting call is a coroutine, not a thread.
-    "max_concurrency": 10_000,
-}
+#: Many conversations wait on one endpoint at once (queued for the limiter, or on the
+#: vendor's answer): each waiting call is a coroutine, not a thread.
+_MAX_CONCURRENCY = 10_000
 
 
 _NAMESPACE: ContextVar[str | None] = ContextVar("overstory_provider_namespace", default=None)
@@ -225,7 +219,8 @@ class RemoteModel(Model):
     async def handle(self) -> Any:
         """The provider actor's handle, started if it is not running."""
         if self._handle is None:
-            from ..supervisors.named import get_or_create
+            # Imported here: the supervisors package imports this one.
+            from ..supervisors.named import SUPERVISED, get_or_create
 
             namespace = _NAMESPACE.get() or ray.get_runtime_context().namespace
             try:
@@ -234,7 +229,7 @@ class RemoteModel(Model):
                     provider_actor_name(self.endpoint),
                     namespace,
                     (self.endpoint,),
-                    _OPTIONS,
+                    {**SUPERVISED, "max_concurrency": _MAX_CONCURRENCY},
                     timeout_s=60.0,
                 )
             except ConversationUnavailable as exc:
@@ -305,13 +300,19 @@ def provider_statuses(namespace: str, timeout_s: float = 10.0) -> list[dict[str,
         for entry in ray.util.list_named_actors(all_namespaces=True)
         if entry["namespace"] == namespace and entry["name"].startswith(PROVIDER_PREFIX)
     )
+    # Ask every actor first, then collect: one deadline for all, not one per actor.
+    asked: dict[str, Any] = {}
     out: list[dict[str, Any]] = []
     for name in names:
         try:
-            handle = ray.get_actor(name, namespace=namespace)
-            ref: Any = handle.status.remote()
-            status: dict[str, Any] = ray.get(ref, timeout=timeout_s)
-            out.append({"actor": name, **status})
-        except (RayActorError, RayTaskError, ValueError, ray.exceptions.GetTimeoutError) as exc:
+            asked[name] = ray.get_actor(name, namespace=namespace).status.remote()
+        except ValueError as exc:  # gone since it was listed
             out.append({"actor": name, "error": f"{type(exc).__name__}: {exc}"})
-    return out
+    deadline = time.monotonic() + timeout_s
+    for name, ref in asked.items():
+        try:
+            status: dict[str, Any] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            out.append({"actor": name, **status})
+        except (RayActorError, RayTaskError, ray.exceptions.GetTimeoutError) as exc:
+            out.append({"actor": name, "error": f"{type(exc).__name__}: {exc}"})
+    return sorted(out, key=lambda s: str(s["actor"]))
