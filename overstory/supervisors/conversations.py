@@ -215,22 +215,32 @@ class ConversationSupervisor:
         return child
 
     async def _adopt_orphans(self) -> None:
-        """After a restart of this supervisor: watch the conversations still running."""
-        for entry in ray.util.list_named_actors(all_namespaces=True):
-            if entry["namespace"] != self.namespace or not entry["name"].startswith(NAME_PREFIX):
-                continue
-            try:
-                handle = ray.get_actor(entry["name"], namespace=self.namespace)
-                info: dict[str, Any] = await asyncio.wait_for(handle.ready.remote(), timeout=10)
-                # Its own agent (it may carry the user's keys): a restart must keep it.
-                agent = await asyncio.wait_for(handle.own_agent.remote(), timeout=10)
-            except (RayActorError, RayTaskError, ValueError, TimeoutError):
-                continue
-            user_id = info["conversation_id"]
-            if user_id not in self._children:
-                child = _Child(user_id, handle, info["node_id"], time.time(), info["pid"], agent)
-                self._children[user_id] = child
-                child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
+        """After a restart of this supervisor: watch the conversations still running.
+
+        All of them are asked at once: a restart must not take as long as the sum of every
+        orphan's answer (an orphan that is itself restarting can take seconds).
+        """
+        names = [
+            entry["name"]
+            for entry in ray.util.list_named_actors(all_namespaces=True)
+            if entry["namespace"] == self.namespace and entry["name"].startswith(NAME_PREFIX)
+        ]
+        await asyncio.gather(*(self._adopt(name) for name in names))
+
+    async def _adopt(self, name: str) -> None:
+        try:
+            handle = ray.get_actor(name, namespace=self.namespace)
+            # Its info, and its own agent (it may carry the user's keys): a restart of the
+            # conversation must keep that agent.
+            calls: list[Any] = [handle.ready.remote(), handle.own_agent.remote()]
+            info, agent = await asyncio.wait_for(asyncio.gather(*calls), timeout=10)
+        except (RayActorError, RayTaskError, ValueError, TimeoutError):
+            return
+        user_id = info["conversation_id"]
+        if user_id not in self._children:
+            child = _Child(user_id, handle, info["node_id"], time.time(), info["pid"], agent)
+            self._children[user_id] = child
+            child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
 
     # --- watching and restarting ----------------------------------------------------------
 
