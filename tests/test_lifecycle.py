@@ -17,6 +17,7 @@ from ray._common.test_utils import wait_for_condition
 
 import overstory
 from overstory import Reply, Runtime, UserMessage
+from overstory.actors.names import actor_name
 from overstory.runtime.demo import demo_agent
 from overstory.store import open_store
 from overstory.supervisors.tree import CONVERSATIONS, ROOT
@@ -138,22 +139,50 @@ def test_booting_twice_attaches_to_the_running_tree(rt: Runtime) -> None:
 
 
 def test_a_crashed_conversation_supervisor_is_restarted_and_adopts_its_children(
-    rt: Runtime,
+    ray_cluster: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    conv = rt.conversation("orphan-olive")
+    # No idle timeout here: an adopted orphan must stay, not be passivated meanwhile.
+    rt = _runtime(tmp_path_factory)
+    try:
+        conv = rt.conversation("orphan-olive")
+        conv.send("one")
+        pid = conv.info()["pid"]
+        supervisor = ray.get_actor(CONVERSATIONS, namespace=rt.config.namespace)
+        root = ray.get_actor(ROOT, namespace=rt.config.namespace)
+        ray.kill(supervisor, no_restart=False)  # Ray restarts it in place; the root watches
+        # The kill takes effect asynchronously: first see the root count the restart.
+        wait_for_condition(lambda: ray.get(root.status.remote())["restarts"] == 1, timeout=30)
+        wait_for_condition(
+            lambda: (
+                "orphan-olive"
+                in [c["user_id"] for c in ray.get(supervisor.children.remote(), timeout=5)]
+            ),
+            timeout=30,
+        )
+        assert conv.send("two").text == "echo #2: two"
+        assert conv.info()["pid"] == pid  # the conversation itself never stopped
+    finally:
+        kill_namespace(rt.config.namespace)
+
+
+def test_an_idle_orphan_is_still_passivated_after_its_supervisor_restarts(rt: Runtime) -> None:
+    conv = rt.conversation("nap-nora")
     conv.send("one")
     pid = conv.info()["pid"]
-    supervisor = ray.get_actor(CONVERSATIONS, namespace=rt.config.namespace)
-    ray.kill(supervisor, no_restart=False)  # Ray restarts it in place; the root watches
+    ns = rt.config.namespace
+    ray.kill(ray.get_actor(CONVERSATIONS, namespace=ns), no_restart=False)
+    # Its ask to passivate (1.5 s idle) may reach the restarting supervisor before the
+    # supervisor has adopted it, and be refused: the actor must ask again later.
     wait_for_condition(
         lambda: (
-            "orphan-olive"
-            in [c["user_id"] for c in ray.get(supervisor.children.remote(), timeout=5)]
+            (ns, actor_name("nap-nora"))
+            not in {(a["namespace"], a["name"]) for a in ray.util.list_named_actors(True)}
         ),
         timeout=30,
     )
     assert conv.send("two").text == "echo #2: two"
-    assert conv.info()["pid"] == pid  # the conversation itself never stopped
+    assert conv.info()["pid"] != pid
+    assert user_texts(rt, "nap-nora") == ["one", "two"]
 
 
 def test_exceeding_restart_intensity_escalates_to_the_root(

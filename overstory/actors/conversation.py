@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError, RayTaskError
 
 from ..agent import Agent
 from ..exceptions import Fenced, Passivated, SequenceConflict
@@ -72,6 +73,7 @@ class ConversationActor:
         self._closing = False
         self._stopped: asyncio.Event | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._asking: asyncio.Task[None] | None = None
 
     async def _load(self) -> None:
         if self._loaded:
@@ -94,8 +96,22 @@ class ConversationActor:
     def _on_idle(self) -> None:
         if self._in_turn or self._closing:
             return
-        # Ask, don't act: the supervisor owns the lifecycle and may have raced a new send.
-        self._supervisor.passivate.remote(self.conversation_id, "idle")
+        self._asking = asyncio.get_running_loop().create_task(self._ask_to_passivate())
+
+    async def _ask_to_passivate(self) -> None:
+        """Ask, don't act: the supervisor owns the lifecycle and may have raced a new send.
+
+        On success the supervisor kills this process before the answer arrives. A refusal
+        or a supervisor that is restarting (it has not adopted this actor yet, or the ask
+        was lost with its old process) arms the timer again, so an idle conversation is
+        passivated in the end; a turn that is running re-arms it when it ends.
+        """
+        try:
+            passivated = await self._supervisor.passivate.remote(self.conversation_id, "idle")
+        except (RayActorError, RayTaskError):
+            passivated = False
+        if not passivated and not self._closing and not self._in_turn:
+            self._arm_idle_timer()
 
     async def ready(self) -> dict[str, Any]:
         """Loads the history if needed; returns when the actor can serve (activation)."""

@@ -13,12 +13,13 @@ after a restart of any of them the running actors are adopted, not duplicated.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import RayActorError
 
 from .core import Remove, Restart, Shutdown, SupervisorState, initial_state, on_exit
 from .named import SUPERVISED, get_or_create, get_or_create_sync
@@ -28,6 +29,11 @@ __all__ = ["CONVERSATIONS", "ROOT", "NamedChild", "RootSupervisor", "boot"]
 
 ROOT = "overstory.root"
 CONVERSATIONS = "overstory.conversations"
+
+#: How long the root waits for a (re)started child to serve before counting a failure.
+START_TIMEOUT_S = 60.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,15 +87,20 @@ class RootSupervisor:
         await self._stopped.wait()
         return "shutdown"
 
-    async def _start(self, child: ChildSpec, *, restarting_in_place: bool = False) -> None:
+    async def _start(self, child: ChildSpec) -> None:
+        """Start ``child``, or attach to it: Ray may be restarting it in place, and a
+        call made while it restarts can fail (``ActorUnavailableError``); get-or-create
+        retries until it serves or the deadline passes."""
         named: NamedChild = child.start
-        if restarting_in_place:
-            handle = self._handles[child.id]
-            await handle.ready.remote()
-        else:
-            handle, _ = await get_or_create(
-                named.remote_cls, named.name, self.namespace, named.args, named.options
-            )
+        handle, _ = await get_or_create(
+            named.remote_cls,
+            named.name,
+            self.namespace,
+            named.args,
+            named.options,
+            timeout_s=START_TIMEOUT_S,
+            attempts=64,
+        )
         self._handles[child.id] = handle
         self._stopping.discard(child.id)
         self._watchers[child.id] = asyncio.get_running_loop().create_task(
@@ -98,14 +109,21 @@ class RootSupervisor:
 
     async def _watch(self, child_id: str, handle: Any) -> None:
         reason: ExitReason = "normal"
-        in_place = False
         try:
             await handle.watch.remote()
-        except RayActorError as exc:
+        except RayActorError:
             if child_id in self._stopping:
                 return
             reason = "crash"
-            in_place = isinstance(exc, ActorUnavailableError)
+        await self._on_exit(child_id, reason)
+
+    async def _on_exit(self, child_id: str, reason: ExitReason) -> None:
+        """Apply the restart policy to ``child_id``'s exit and carry the decision out.
+
+        A child that cannot be started again counts as another crash (as in OTP), so a
+        child that never comes back ends in escalation, not in a silently unwatched tree.
+        """
+        failed: str | None = None
         async with self._lock:
             assert self._state is not None
             self._state, decision = on_exit(self._state, child_id, reason, time.monotonic())
@@ -124,9 +142,14 @@ class RootSupervisor:
             assert isinstance(decision, Restart)
             specs = {c.id: c for c in self._state.children}
             for started in decision.start:
-                await self._start(
-                    specs[started], restarting_in_place=in_place and started == child_id
-                )
+                try:
+                    await self._start(specs[started])
+                except Exception as exc:  # any failure to start is the child's crash
+                    log.error("restart of %r failed: %s: %s", started, type(exc).__name__, exc)
+                    failed = started
+                    break
+        if failed is not None:
+            await self._on_exit(failed, "crash")
 
 
 _RemoteRoot: Any = ray.remote(RootSupervisor)
