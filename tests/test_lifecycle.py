@@ -20,7 +20,9 @@ from overstory import Reply, Runtime, UserMessage
 from overstory.actors.names import actor_name
 from overstory.runtime.demo import demo_agent
 from overstory.store import open_store
-from overstory.supervisors.tree import CONVERSATIONS, ROOT
+from overstory.supervisors import ChildSpec, SupervisorSpec
+from overstory.supervisors.named import SUPERVISED
+from overstory.supervisors.tree import CONVERSATIONS, ROOT, NamedChild, boot
 
 pytestmark = pytest.mark.ray
 
@@ -216,3 +218,51 @@ def _pid_of(conv: overstory.Conversation) -> int | None:
         return int(conv.info()["pid"])
     except Exception:
         return None
+
+
+def test_a_child_that_cannot_restart_counts_as_crashing_until_the_root_gives_up(
+    ray_cluster: str, tmp_path: Any
+) -> None:
+    class _Flaky:
+        """A permanent child whose start fails while ``marker`` exists (defined here:
+        Ray pickles a local class by value, a module-level one by its module)."""
+
+        def __init__(self, marker: str) -> None:
+            self.marker = marker
+
+        def ready(self) -> dict[str, Any]:
+            if os.path.exists(self.marker):
+                raise RuntimeError("cannot start: the marker file is present")
+            return {"pid": os.getpid()}
+
+        async def watch(self) -> str:
+            await asyncio.Event().wait()
+            return "shutdown"
+
+        def pid(self) -> int:
+            return os.getpid()
+
+    ns = f"t-root-{uuid.uuid4().hex[:8]}"
+    marker = tmp_path / "broken"
+    child = NamedChild(ray.remote(_Flaky), "flaky", (str(marker),), SUPERVISED)
+    spec = SupervisorSpec(max_restarts=2, period_s=60, children=(ChildSpec("flaky", start=child),))
+    try:
+        root = boot(ns, spec)
+        assert ray.get(root.ready.remote(), timeout=60)["children"] == ["flaky"]
+        flaky = ray.get_actor("flaky", namespace=ns)
+        marker.write_text("")
+        os.kill(ray.get(flaky.pid.remote()), signal.SIGKILL)
+
+        # Ray restarts the process, but its start fails: each failure is one more crash,
+        # and past 2 restarts in 60 s the root shuts the tree down instead of leaving a
+        # child nobody watches.
+        def root_is_gone() -> bool:
+            try:
+                ray.get(root.status.remote(), timeout=5)
+            except ray.exceptions.RayActorError:
+                return True
+            return False
+
+        wait_for_condition(root_is_gone, timeout=60)
+    finally:
+        kill_namespace(ns)
