@@ -1,9 +1,10 @@
-"""A small OTLP/HTTP trace receiver on loopback, for tests that prove real export.
+"""A small OTLP trace receiver on loopback, for tests that prove real export.
 
-It speaks the wire format a collector speaks: ``POST /v1/traces`` with an
-``application/x-protobuf`` body (gzip or deflate ``Content-Encoding`` allowed) holding an
-``ExportTraceServiceRequest``, answered ``200`` with an empty
-``ExportTraceServiceResponse``. Each span is kept flattened as a :class:`Span`; tests wait
+It speaks the wire formats a collector speaks. Over HTTP (``http/protobuf``):
+``POST /v1/traces`` with an ``application/x-protobuf`` body (gzip or deflate
+``Content-Encoding`` allowed) holding an ``ExportTraceServiceRequest``, answered ``200``
+with an empty ``ExportTraceServiceResponse``. Over gRPC (``grpc``): the
+``opentelemetry.proto.collector.trace.v1.TraceService/Export`` call, served by grpcio. Each span is kept flattened as a :class:`Span`; tests wait
 for the ones they expect with :meth:`OtlpReceiver.wait_for`, which blocks on a condition
 variable notified by every export (no polling)::
 
@@ -20,11 +21,14 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -115,14 +119,41 @@ def _decode_body(body: bytes, encoding: str) -> bytes:
     raise ValueError(f"unsupported Content-Encoding {encoding!r}")
 
 
-class OtlpReceiver:
-    """An OTLP/HTTP trace receiver on ``127.0.0.1`` and a free port, in a daemon thread."""
+class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+    def __init__(self, receiver: OtlpReceiver) -> None:
+        self.receiver = receiver
 
-    def __init__(self) -> None:
+    def Export(
+        self, request: ExportTraceServiceRequest, context: Any
+    ) -> ExportTraceServiceResponse:
+        # grpcio decompresses before this point and hides grpc-encoding: "" always
+        self.receiver._add(_flatten(request), "")
+        return ExportTraceServiceResponse()
+
+
+class OtlpReceiver:
+    """An OTLP trace receiver on ``127.0.0.1`` and a free port, in daemon threads.
+
+    ``protocol`` is what ``OTEL_EXPORTER_OTLP_PROTOCOL`` names: ``http/protobuf`` or
+    ``grpc``; :attr:`endpoint` is the address an exporter of that protocol is given.
+    """
+
+    def __init__(self, protocol: Literal["http/protobuf", "grpc"] = "http/protobuf") -> None:
+        self.protocol = protocol
         self._cond = threading.Condition()
         self._spans: list[Span] = []
         self.requests = 0
-        self.encodings: set[str] = set()  # Content-Encoding of each request ("" = none)
+        # Content-Encoding of each HTTP request ("" = none; always "" over gRPC)
+        self.encodings: set[str] = set()
+        self._grpc: grpc.Server | None = None
+        if protocol == "grpc":
+            self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+            trace_service_pb2_grpc.add_TraceServiceServicer_to_server(
+                _TraceService(self), self._grpc
+            )
+            self.port: int = self._grpc.add_insecure_port("127.0.0.1:0")
+            self._grpc.start()
+            return
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -159,7 +190,7 @@ class OtlpReceiver:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self.port: int = self._server.server_address[1]
+        self.port = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="otlp-receiver", daemon=True
         )
@@ -173,7 +204,7 @@ class OtlpReceiver:
     @property
     def traces_url(self) -> str:
         """The full traces URL, as ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` takes it."""
-        return self.endpoint + TRACES_PATH
+        return self.endpoint + (TRACES_PATH if self.protocol == "http/protobuf" else "")
 
     @property
     def spans(self) -> list[Span]:
@@ -202,6 +233,9 @@ class OtlpReceiver:
             return list(self._spans)
 
     def close(self) -> None:
+        if self._grpc is not None:
+            self._grpc.stop(grace=None).wait(5)
+            return
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)

@@ -518,11 +518,20 @@ def _client_span() -> tuple[dict[str, str], str, str]:
             },
             id="traces-endpoint-gzip",
         ),
+        pytest.param({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, id="grpc"),
+        pytest.param(
+            {
+                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "{traces_url}",
+            },
+            id="grpc-traces-endpoint",
+        ),
     ],
 )
 def test_setup_exports_spans_a_real_receiver_decodes(variables: dict[str, str]) -> None:
     carrier, trace_id, client_span_id = _client_span()
-    with OtlpReceiver() as receiver:
+    protocol = "grpc" if variables.get("OTEL_EXPORTER_OTLP_PROTOCOL") == "grpc" else "http/protobuf"
+    with OtlpReceiver(protocol) as receiver:
         env = {
             "OTEL_TRACES_EXPORTER": "otlp",
             "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
