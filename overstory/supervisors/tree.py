@@ -3,7 +3,10 @@
     root (one_for_one, permanent children)
     └── conversations   ConversationSupervisor: dynamic, one_for_one, transient children;
                         also the registry's record of which conversations are live
-    (the provider pool joins here with its issue)
+
+Provider actors (one per endpoint, :mod:`overstory.providers.pool`) live beside the
+tree, not in it: Ray restarts them in place and any caller starts one that is gone for
+good by name, so no supervisor has to know every user's own endpoints.
 
 :func:`boot` gets or creates the root by name — booting twice attaches to the running
 tree, never a second one — and the root gets or creates its children the same way, so
