@@ -118,5 +118,8 @@ def test_demo_with_chaos_and_a_live_cap_loses_nothing(
     assert summary["kills"] >= 1
     assert summary["restarts"] >= 1
     assert summary["lost_messages"] == summary["duplicate_messages"] == 0
-    assert summary["activations"] > 5  # evicted conversations came back
+    # 5 users under a cap of 3: at least 2 evictions to make room. Whether an evicted
+    # user comes back (a 6th activation) depends on timing: least recently used goes
+    # first, and that is usually a user who has finished. test_lifecycle pins the return.
+    assert summary["activations"] >= 5
     assert summary["passivations"] >= 2

@@ -264,5 +264,9 @@ def test_a_child_that_cannot_restart_counts_as_crashing_until_the_root_gives_up(
             return False
 
         wait_for_condition(root_is_gone, timeout=60)
+        # and the broken child was ended with it: nothing of the tree is left running
+        assert "flaky" not in {
+            a["name"] for a in ray.util.list_named_actors(True) if a["namespace"] == ns
+        }
     finally:
         kill_namespace(ns)

@@ -16,6 +16,7 @@ after a restart of any of them the running actors are adopted, not duplicated.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -136,7 +137,9 @@ class RootSupervisor:
             self.restarts += 1
             for other in decision.terminate:
                 self._stopping.add(other)
-                ray.kill(self._handles.pop(other), no_restart=True)
+                handle = self._handles.pop(other, None)  # None: its own start had failed
+                if handle is not None:
+                    ray.kill(handle, no_restart=True)
             if isinstance(decision, Shutdown):
                 # Give up: the children are down; there is no parent above the root, so the
                 # tree stops and the next boot() starts a fresh one.
@@ -149,10 +152,16 @@ class RootSupervisor:
                     await self._start(specs[started])
                 except Exception as exc:  # any failure to start is the child's crash
                     log.error("restart of %r failed: %s: %s", started, type(exc).__name__, exc)
+                    self._kill_by_name(specs[started].start.name)
                     failed = started
                     break
         if failed is not None:
             await self._on_exit(failed, "crash")
+
+    def _kill_by_name(self, name: str) -> None:
+        """End a child that failed to start, so the next attempt starts a fresh one."""
+        with contextlib.suppress(ValueError):  # no such actor (any more)
+            ray.kill(ray.get_actor(name, namespace=self.namespace), no_restart=True)
 
 
 _RemoteRoot: Any = ray.remote(RootSupervisor)
