@@ -74,3 +74,28 @@ def test_a_fresh_gate_starts_a_caller_at_its_lowest_in_flight_number() -> None:
         return log
 
     assert asyncio.run(go()) == [("a", 5), ("a", 6)]
+
+
+async def _slow(gate: TurnGate, log: list[int], n: int, low: int = 0) -> None:
+    async with gate.turn("a", n, low):
+        log.append(n)
+        await asyncio.sleep(0.12)  # longer than two gap timeouts
+
+
+def test_turns_queued_behind_slow_ones_keep_their_order_past_the_gap_timeout() -> None:
+    # every number has arrived: nothing is missing, so no wait is a gap, however long
+    async def go() -> list[int]:
+        gate, log = TurnGate(gap_timeout_s=0.05), []
+        await asyncio.gather(*(_slow(gate, log, n) for n in (0, 3, 2, 1)))
+        return log
+
+    assert asyncio.run(go()) == [0, 1, 2, 3]
+
+
+def test_a_gap_among_queued_turns_lets_the_lowest_waiting_one_go() -> None:
+    async def go() -> list[int]:
+        gate, log = TurnGate(gap_timeout_s=0.05), []
+        await asyncio.gather(*(_slow(gate, log, n) for n in (0, 4, 2, 3)))  # 1 never comes
+        return log
+
+    assert asyncio.run(go()) == [0, 2, 3, 4]

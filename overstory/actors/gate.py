@@ -10,7 +10,10 @@ Each send also carries ``low``, the lowest number the caller still has in flight
 fresh actor (first contact, or after a restart) starts the caller at ``low``, so a
 caller's turn 1 that happens to arrive before its turn 0 still waits for it. A number
 that never arrives (the caller died between numbering and sending) must not block the
-caller's later turns forever: after ``gap_timeout_s`` the gate admits the next anyway.
+caller's later turns forever: when a turn has waited ``gap_timeout_s`` and one of the
+numbers before it has still not arrived, the caller's lowest waiting turn goes next.
+Turns that are merely queued behind slow ones (every earlier number has arrived) wait as
+long as it takes: a model that needs a minute per turn never reorders a caller's turns.
 """
 
 from __future__ import annotations
@@ -32,14 +35,17 @@ class TurnGate:
         self._cond = asyncio.Condition()
         self._busy = False
         self._next: OrderedDict[str, int] = OrderedDict()
+        self._arrived: dict[str, set[int]] = {}  # per caller: numbers waiting to enter
+
+    def _expected(self, caller: str, low: int) -> int:
+        return max(self._next.get(caller, low), low)
 
     def _may_enter(self, caller: str | None, n: int, low: int) -> bool:
         if self._busy:
             return False
         if caller is None:
             return True
-        expected = max(self._next.get(caller, low), low)
-        return n <= expected
+        return n <= self._expected(caller, low)
 
     def _entered(self, caller: str | None, n: int) -> None:
         self._busy = True
@@ -49,6 +55,15 @@ class TurnGate:
             while len(self._next) > self.max_callers:
                 self._next.popitem(last=False)
 
+    def _skip_gap(self, caller: str, n: int, low: int) -> None:
+        """After a wait of ``gap_timeout_s``: if a number before ``n`` never arrived, let
+        the caller's lowest waiting turn go next; if all are here (queued), change nothing."""
+        expected = self._expected(caller, low)
+        waiting = self._arrived[caller]
+        if sum(1 for k in waiting if expected <= k < n) < n - expected:
+            self._next[caller] = min(waiting)
+            self._cond.notify_all()
+
     @contextlib.asynccontextmanager
     async def turn(
         self, caller: str | None = None, n: int = 0, low: int | None = None
@@ -56,18 +71,26 @@ class TurnGate:
         """Hold the gate for one turn; waits for the caller's earlier turns to start."""
         floor = n if low is None else low
         async with self._cond:
+            if caller is not None:
+                self._arrived.setdefault(caller, set()).add(n)
             try:
-                await asyncio.wait_for(
-                    self._cond.wait_for(lambda: self._may_enter(caller, n, floor)),
-                    timeout=self.gap_timeout_s,
-                )
-            except TimeoutError:
-                # An earlier number never came: stop waiting for it, keep the one-at-a-time rule.
-                floor = n
+                while True:
+                    try:
+                        await asyncio.wait_for(
+                            self._cond.wait_for(lambda: self._may_enter(caller, n, floor)),
+                            timeout=self.gap_timeout_s,
+                        )
+                        break
+                    except TimeoutError:
+                        if caller is not None:
+                            self._skip_gap(caller, n, floor)
+                self._entered(caller, n)
+            finally:
                 if caller is not None:
-                    self._next[caller] = n
-                await self._cond.wait_for(lambda: self._may_enter(caller, n, floor))
-            self._entered(caller, n)
+                    waiting = self._arrived[caller]
+                    waiting.discard(n)
+                    if not waiting:
+                        del self._arrived[caller]
         try:
             yield
         finally:
