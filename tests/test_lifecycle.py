@@ -40,15 +40,29 @@ def rt(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
     kill_namespace(runtime.config.namespace)
 
 
+@pytest.fixture(scope="module")
+def steady(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    """A runtime without idle timeout: crash tests must not race a passivation."""
+    runtime = _runtime(tmp_path_factory)
+    yield runtime
+    kill_namespace(runtime.config.namespace)
+
+
+def _live_names(ns: str) -> set[str]:
+    return {a["name"] for a in ray.util.list_named_actors(True) if a["namespace"] == ns}
+
+
 def user_texts(rt: Runtime, user: str) -> list[str]:
     return [m.content for m in rt.stored_history(user) if isinstance(m, UserMessage)]
 
 
 def test_idle_conversations_passivate_and_come_back_transparently(rt: Runtime) -> None:
+    ns = rt.config.namespace
+    before = rt.status()["passivations"]
     conv = rt.conversation("idle-ida")
     conv.send("before the nap")
-    before = rt.status()["passivations"]
-    wait_for_condition(lambda: rt.status()["passivations"] > before, timeout=15)
+    wait_for_condition(lambda: actor_name("idle-ida") not in _live_names(ns), timeout=15)
+    assert rt.status()["passivations"] > before
     assert "idle-ida" not in [
         c["user_id"] for c in ray.get(rt.registry.supervisor().children.remote())
     ]
@@ -78,7 +92,8 @@ def test_the_live_cap_passivates_the_least_recently_used(
         kill_namespace(rt.config.namespace)
 
 
-def test_a_turn_interrupted_by_a_crash_completes_exactly_once(rt: Runtime) -> None:
+def test_a_turn_interrupted_by_a_crash_completes_exactly_once(steady: Runtime) -> None:
+    rt = steady
     conv = rt.conversation("crash-cat")
     conv.send("warm up")
     pid = conv.info()["pid"]
@@ -106,7 +121,8 @@ def test_a_turn_interrupted_by_a_crash_completes_exactly_once(rt: Runtime) -> No
     assert rt.status()["restarts"] > restarts
 
 
-def test_a_zombie_is_fenced_out_and_the_turn_lands_once(rt: Runtime) -> None:
+def test_a_zombie_is_fenced_out_and_the_turn_lands_once(steady: Runtime) -> None:
+    rt = steady
     conv = rt.conversation("zombie-zed")
     conv.send("one")
     old = conv.info()
@@ -141,30 +157,51 @@ def test_booting_twice_attaches_to_the_running_tree(rt: Runtime) -> None:
 
 
 def test_a_crashed_conversation_supervisor_is_restarted_and_adopts_its_children(
-    ray_cluster: str, tmp_path_factory: pytest.TempPathFactory
+    steady: Runtime,
 ) -> None:
-    # No idle timeout here: an adopted orphan must stay, not be passivated meanwhile.
-    rt = _runtime(tmp_path_factory)
-    try:
-        conv = rt.conversation("orphan-olive")
-        conv.send("one")
-        pid = conv.info()["pid"]
-        supervisor = ray.get_actor(CONVERSATIONS, namespace=rt.config.namespace)
-        root = ray.get_actor(ROOT, namespace=rt.config.namespace)
-        ray.kill(supervisor, no_restart=False)  # Ray restarts it in place; the root watches
-        # The kill takes effect asynchronously: first see the root count the restart.
-        wait_for_condition(lambda: ray.get(root.status.remote())["restarts"] == 1, timeout=30)
-        wait_for_condition(
-            lambda: (
-                "orphan-olive"
-                in [c["user_id"] for c in ray.get(supervisor.children.remote(), timeout=5)]
-            ),
-            timeout=30,
-        )
-        assert conv.send("two").text == "echo #2: two"
-        assert conv.info()["pid"] == pid  # the conversation itself never stopped
-    finally:
-        kill_namespace(rt.config.namespace)
+    rt, ns = steady, steady.config.namespace
+    conv = rt.conversation("orphan-olive")
+    conv.send("one")
+    pid = conv.info()["pid"]
+    supervisor = ray.get_actor(CONVERSATIONS, namespace=ns)
+    root = ray.get_actor(ROOT, namespace=ns)
+    restarts = ray.get(root.status.remote())["restarts"]
+    ray.kill(supervisor, no_restart=False)  # Ray restarts it in place; the root watches
+    # The kill takes effect asynchronously: first see the root count the restart.
+    wait_for_condition(
+        lambda: ray.get(root.status.remote())["restarts"] == restarts + 1, timeout=30
+    )
+    wait_for_condition(
+        lambda: (
+            "orphan-olive"
+            in [c["user_id"] for c in ray.get(supervisor.children.remote(), timeout=5)]
+        ),
+        timeout=30,
+    )
+    assert conv.send("two").text == "echo #2: two"
+    assert conv.info()["pid"] == pid  # the conversation itself never stopped
+
+
+def test_a_conversation_left_half_passivated_by_a_crashed_supervisor_is_ended(
+    steady: Runtime,
+) -> None:
+    rt, ns = steady, steady.config.namespace
+    conv = rt.conversation("half-hal")
+    conv.send("one")
+    # what the supervisor does before it kills a passivating child: the actor now refuses
+    # turns. The supervisor dies before the kill.
+    actor = ray.get_actor(actor_name("half-hal"), namespace=ns)
+    assert ray.get(actor.passivate.remote()) is True
+    root = ray.get_actor(ROOT, namespace=ns)
+    restarts = ray.get(root.status.remote())["restarts"]
+    ray.kill(ray.get_actor(CONVERSATIONS, namespace=ns), no_restart=False)
+    wait_for_condition(
+        lambda: ray.get(root.status.remote())["restarts"] == restarts + 1, timeout=30
+    )
+    # the restarted supervisor finishes the passivation instead of leaving the name held
+    wait_for_condition(lambda: actor_name("half-hal") not in _live_names(ns), timeout=30)
+    assert conv.send("two").text == "echo #2: two"
+    assert user_texts(rt, "half-hal") == ["one", "two"]
 
 
 def test_an_idle_orphan_is_still_passivated_after_its_supervisor_restarts(rt: Runtime) -> None:
@@ -175,13 +212,7 @@ def test_an_idle_orphan_is_still_passivated_after_its_supervisor_restarts(rt: Ru
     ray.kill(ray.get_actor(CONVERSATIONS, namespace=ns), no_restart=False)
     # Its ask to passivate (1.5 s idle) may reach the restarting supervisor before the
     # supervisor has adopted it, and be refused: the actor must ask again later.
-    wait_for_condition(
-        lambda: (
-            (ns, actor_name("nap-nora"))
-            not in {(a["namespace"], a["name"]) for a in ray.util.list_named_actors(True)}
-        ),
-        timeout=30,
-    )
+    wait_for_condition(lambda: actor_name("nap-nora") not in _live_names(ns), timeout=30)
     assert conv.send("two").text == "echo #2: two"
     assert conv.info()["pid"] != pid
     assert user_texts(rt, "nap-nora") == ["one", "two"]
@@ -205,6 +236,7 @@ def test_exceeding_restart_intensity_escalates_to_the_root(
         # which restarts the conversation supervisor (a new actor)
         os.kill(conv.info()["pid"], signal.SIGKILL)
         wait_for_condition(lambda: ray.get(root.status.remote())["restarts"] == 1, timeout=60)
+        ray.get(root.ready.remote(), timeout=60)  # holds the root's lock: the restart is done
         replacement = ray.get_actor(CONVERSATIONS, namespace=ns)
         assert replacement._actor_id != supervisor._actor_id
         # the tree serves again and the history is intact
@@ -265,8 +297,6 @@ def test_a_child_that_cannot_restart_counts_as_crashing_until_the_root_gives_up(
 
         wait_for_condition(root_is_gone, timeout=60)
         # and the broken child was ended with it: nothing of the tree is left running
-        assert "flaky" not in {
-            a["name"] for a in ray.util.list_named_actors(True) if a["namespace"] == ns
-        }
+        assert "flaky" not in _live_names(ns)
     finally:
         kill_namespace(ns)

@@ -35,12 +35,12 @@ from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from ..actors.conversation import ConversationActor
 from ..actors.names import NAME_PREFIX, actor_name
 from ..agent import Agent
-from ..exceptions import OverstoryError
+from ..exceptions import OverstoryError, Passivated
 from ..providers import Secret
 from ..providers.pool import RemoteModel, chain_of, provider_actor_name
 from ..telemetry import metrics
 from .core import restart_intensity
-from .named import SUPERVISED, get_or_create
+from .named import SUPERVISED, get_or_create, unwrap_task_error
 from .tree import ROOT
 
 __all__ = ["ConversationSupervisor", "Lifecycle"]
@@ -230,12 +230,23 @@ class ConversationSupervisor:
     async def _adopt(self, name: str) -> None:
         try:
             handle = ray.get_actor(name, namespace=self.namespace)
+        except ValueError:
+            return  # gone meanwhile
+        try:
             # Its info, and its own agent (it may carry the user's keys): a restart of the
             # conversation must keep that agent.
             calls: list[Any] = [handle.ready.remote(), handle.own_agent.remote()]
-            info, agent = await asyncio.wait_for(asyncio.gather(*calls), timeout=10)
-        except (RayActorError, RayTaskError, ValueError, TimeoutError):
+            info, agent = await asyncio.wait_for(
+                asyncio.gather(*calls), timeout=self.lifecycle.activation_timeout_s
+            )
+        except RayTaskError as exc:
+            if isinstance(unwrap_task_error(exc), Passivated):
+                # This supervisor died between passivating it and killing it: finish the
+                # job (its history is stored), or it would hold the user's name forever.
+                ray.kill(handle, no_restart=True)
             return
+        except (RayActorError, TimeoutError):
+            return  # dead, or not answering: a later start_child takes it from there
         user_id = info["conversation_id"]
         if user_id not in self._children:
             child = _Child(user_id, handle, info["node_id"], time.time(), info["pid"], agent)
@@ -307,6 +318,10 @@ class ConversationSupervisor:
 
     async def passivate(self, user_id: str, reason: str = "idle") -> bool:
         """Passivate ``user_id``'s conversation unless a turn is running or waiting."""
+        if user_id not in self._children:
+            # An orphan this supervisor did not adopt when it restarted (it did not answer
+            # in time) asks to passivate: adopt it now, then treat it like any child.
+            await self._adopt(actor_name(user_id))
         async with self._locks[user_id]:
             child = self._children.get(user_id)
             if child is None or child.stopping:
