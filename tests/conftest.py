@@ -119,14 +119,40 @@ def driver_env(ray_cluster: str) -> dict[str, str]:
     return env
 
 
-def kill_namespace(namespace: str) -> None:
-    """Detached actors outlive tests: kill every named actor in ``namespace``."""
-    import ray
+def kill_namespace(namespace: str, timeout_s: float = 30.0) -> None:
+    """Detached actors outlive tests: kill every named actor in ``namespace``.
 
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["namespace"] == namespace:
+    Supervisors first, and dead before their children go: a live supervisor would start a
+    killed child again, and those restarts would load the tests that follow.
+    """
+    import time
+
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    from overstory.supervisors.tree import CONVERSATIONS, ROOT
+
+    for name in (ROOT, CONVERSATIONS):
+        try:
+            handle = ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            continue
+        ray.kill(handle, no_restart=True)
+        with contextlib.suppress(RayActorError, GetTimeoutError):
+            ray.get(handle.__ray_ready__.remote(), timeout=timeout_s)  # fails once it is dead
+    deadline = time.monotonic() + timeout_s
+    while True:
+        names = [
+            e["name"]
+            for e in ray.util.list_named_actors(all_namespaces=True)
+            if e["namespace"] == namespace
+        ]
+        if not names or time.monotonic() > deadline:
+            return
+        for name in names:
             with contextlib.suppress(ValueError):  # already gone
-                ray.kill(ray.get_actor(entry["name"], namespace=namespace), no_restart=True)
+                ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+        time.sleep(0.2)
 
 
 @pytest.fixture

@@ -109,7 +109,7 @@ def test_demo_with_chaos_and_a_live_cap_loses_nothing(
         env=driver_env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=240,
     )
     kill_namespace("cli-chaos")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -171,7 +171,10 @@ def test_byok_users_reach_the_vendor_with_their_own_keys_through_their_own_actor
     assert {provider_actor_name(chain[0].with_key(k)) for k in (alice_key, bob_key)} <= names
     assert len(ids) == 3
     # The keys survive a crash of alice's actor: the supervisor restarts it with them.
-    ray.kill(ray.get_actor(alice.actor_name, namespace=rt.config.namespace), no_restart=True)
+    old = ray.get_actor(alice.actor_name, namespace=rt.config.namespace)
+    ray.kill(old, no_restart=True)
+    with pytest.raises(ray.exceptions.RayActorError):  # the kill lands asynchronously
+        ray.get(old.__ray_ready__.remote(), timeout=30)
     primary.reset()
     alice.send("after the crash")
     assert [r.api_key for r in primary.requests] == [alice_key]
@@ -197,7 +200,7 @@ def test_the_rpm_limit_holds_across_callers_in_several_actors(
     rt: Runtime, servers: tuple[OpenAIServer, AnthropicServer]
 ) -> None:
     primary, _ = servers
-    limit, window = 8, 1.5
+    limit, window = 8, 3.0
     endpoint = Endpoint(
         "openai",
         "limited-model",
@@ -224,7 +227,7 @@ def test_the_rpm_limit_holds_across_callers_in_several_actors(
     # callers' completion times would add their own scheduling noise).
     times = sorted(r.at - start for r in primary.requests)
     assert len(times) == 24
-    slack = 0.15
+    slack = 0.5  # HTTP time between admission and arrival, on a loaded 2-core machine
     for i, t in enumerate(times):
         inside = sum(1 for u in times[i:] if u < t + window - slack)
         assert inside <= limit, " ".join(f"{x:.3f}" for x in times)
@@ -276,7 +279,7 @@ def test_the_demo_finishes_on_the_backup_when_the_primary_fails_mid_run(
         # Mid-run: once the primary has answered a few turns, it starts failing.
         wait_for_condition(lambda: len(primary.requests) >= 4, timeout=120, retry_interval_ms=20)
         primary.fail_always(Fault.overloaded())
-        out, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
             proc.kill()
