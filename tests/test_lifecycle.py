@@ -96,7 +96,7 @@ def test_a_turn_interrupted_by_a_crash_completes_exactly_once(steady: Runtime) -
     rt = steady
     conv = rt.conversation("crash-cat")
     conv.send("warm up")
-    pid = conv.info()["pid"]
+    pid, incarnation = conv.info()["pid"], conv.info()["incarnation"]
     restarts = rt.status()["restarts"]
     result: list[Reply | BaseException] = []
 
@@ -119,6 +119,11 @@ def test_a_turn_interrupted_by_a_crash_completes_exactly_once(steady: Runtime) -
     assert [m.seq for m in rt.stored_history("crash-cat")] == [0, 1, 2, 3]
     assert conv.info()["pid"] != pid
     assert rt.status()["restarts"] > restarts
+    # A watch meant for the process that died is answered at once: had the supervisor
+    # been between its ready and its watch call at the crash, it still counts it.
+    assert conv.info()["incarnation"] != incarnation
+    actor = ray.get_actor(conv.actor_name, namespace=rt.config.namespace)
+    assert ray.get(actor.watch.remote(incarnation), timeout=10) == "restarted"
 
 
 def test_a_zombie_is_fenced_out_and_the_turn_lands_once(steady: Runtime) -> None:
@@ -267,7 +272,7 @@ def test_a_child_that_cannot_restart_counts_as_crashing_until_the_root_gives_up(
                 raise RuntimeError("cannot start: the marker file is present")
             return {"pid": os.getpid()}
 
-        async def watch(self) -> str:
+        async def watch(self, incarnation: str | None = None) -> str:
             await asyncio.Event().wait()
             return "shutdown"
 

@@ -30,6 +30,7 @@ from ..exceptions import Fenced, Passivated, SequenceConflict
 from ..messages import Message, Reply
 from ..providers.pool import provider_namespace
 from ..store import HistoryStore, open_store
+from ..supervisors.watch import RESTARTED, new_incarnation, watched_elsewhere
 from ..telemetry import attached, setup_telemetry
 from ..telemetry import flush as flush_telemetry
 from ..validation import MAX_MESSAGE_CHARS, validate_message
@@ -59,6 +60,7 @@ class ConversationActor:
         self.max_message_chars = max_message_chars
         self.idle_timeout_s = idle_timeout_s
         self._supervisor = supervisor
+        self.incarnation = new_incarnation()  # a new one each time Ray restarts this actor
         setup_telemetry()  # exports spans when the OTEL_* variables reached this process
         self._store: HistoryStore = open_store(store_url)
         self._history: list[Message] = []
@@ -68,6 +70,7 @@ class ConversationActor:
         self._gate = TurnGate()
         self._started_at = time.time()
         self._last_active = time.monotonic()
+        self._last_active_at = time.time()  # comparable across actors (LRU eviction)
         self._turns = 0
         self._in_turn = 0
         self._closing = False
@@ -124,12 +127,14 @@ class ConversationActor:
         return {
             "conversation_id": self.conversation_id,
             "pid": os.getpid(),
+            "incarnation": self.incarnation,
             "node_id": ray.get_runtime_context().get_node_id(),
             "epoch": self._epoch,
             "messages": len(self._history),
             "turns_served": self._turns,
             "started_at": self._started_at,
             "idle_s": time.monotonic() - self._last_active,
+            "last_active_at": self._last_active_at,
             "busy": self._in_turn > 0,
             "agent": self.agent.name,
             # Vendor SDKs belong in provider actors; this shows none leaked in here.
@@ -191,6 +196,7 @@ class ConversationActor:
         finally:
             self._in_turn -= 1
             self._last_active = time.monotonic()
+            self._last_active_at = time.time()
             if not self._closing:
                 self._arm_idle_timer()
 
@@ -216,12 +222,16 @@ class ConversationActor:
             self._stopped.set()
         return True
 
-    async def watch(self) -> str:
+    async def watch(self, incarnation: str | None = None) -> str:
         """Pending until this actor passivates ("passivated"); fails promptly if it dies.
 
         The supervisor keeps one such call in flight per child: that is how it notices
-        a death within about a second, without polling.
+        a death within about a second, without polling. ``incarnation`` is the process
+        the supervisor means; if this is another one, a restart was missed ("restarted",
+        at once: :mod:`overstory.supervisors.watch`).
         """
+        if watched_elsewhere(incarnation, self.incarnation):
+            return RESTARTED
         if self._stopped is None:
             self._stopped = asyncio.Event()
         if self._closing:

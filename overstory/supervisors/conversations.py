@@ -42,6 +42,7 @@ from ..telemetry import metrics
 from .core import restart_intensity
 from .named import SUPERVISED, get_or_create, unwrap_task_error
 from .tree import ROOT
+from .watch import RESTARTED, new_incarnation, watched_elsewhere
 
 __all__ = ["ConversationSupervisor", "Lifecycle"]
 
@@ -71,6 +72,7 @@ class _Child:
     started_at: float
     pid: int = 0
     agent: Agent | None = None  # None: the supervisor's agent
+    incarnation: str | None = None  # the process last seen serving (watch.py)
     watcher: asyncio.Task[None] | None = None
     stopping: bool = False
 
@@ -97,6 +99,7 @@ class ConversationSupervisor:
         self.counters = {"activations": 0, "passivations": 0, "restarts": 0, "evictions": 0}
         self._stopped: asyncio.Event | None = None
         self._adopted = False
+        self.incarnation = new_incarnation()
         # Activations in flight at once: creating a Ray actor is CPU-bound (~1 s here),
         # and a burst of hundreds at once starves every one of them past its deadline.
         self._spawning = asyncio.Semaphore(4)
@@ -111,7 +114,9 @@ class ConversationSupervisor:
             await self._adopt_orphans()
         return self.status()
 
-    async def watch(self) -> str:
+    async def watch(self, incarnation: str | None = None) -> str:
+        if watched_elsewhere(incarnation, self.incarnation):
+            return RESTARTED
         if self._stopped is None:
             self._stopped = asyncio.Event()
         await self._stopped.wait()
@@ -121,7 +126,12 @@ class ConversationSupervisor:
         per_node: defaultdict[str, int] = defaultdict(int)
         for child in self._children.values():
             per_node[child.node_id] += 1
-        return {"live": len(self._children), "per_node": dict(per_node), **self.counters}
+        return {
+            "live": len(self._children),
+            "per_node": dict(per_node),
+            **self.counters,
+            "incarnation": self.incarnation,
+        }
 
     def models(self) -> list[dict[str, Any]]:
         """The default agent's model chain, in fallback order: each model's name and, for
@@ -208,6 +218,7 @@ class ConversationSupervisor:
             timeout_s=self.lifecycle.activation_timeout_s,
         )
         child = _Child(user_id, handle, info["node_id"], time.time(), info["pid"], agent)
+        child.incarnation = info["incarnation"]
         self._children[user_id] = child
         child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
         self.counters["activations"] += 1
@@ -250,6 +261,7 @@ class ConversationSupervisor:
         user_id = info["conversation_id"]
         if user_id not in self._children:
             child = _Child(user_id, handle, info["node_id"], time.time(), info["pid"], agent)
+            child.incarnation = info["incarnation"]
             self._children[user_id] = child
             child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
 
@@ -258,27 +270,30 @@ class ConversationSupervisor:
     async def _watch(self, child: _Child) -> None:
         while self._children.get(child.user_id) is child:
             try:
-                await child.handle.watch.remote()
-                return  # passivated: a normal exit of a transient child, not restarted
+                if await child.handle.watch.remote(child.incarnation) != RESTARTED:
+                    return  # passivated: a normal exit of a transient child, not restarted
+                died: RayActorError | None = None  # crashed and restarted before this call
             except RayTaskError:
                 return
             except RayActorError as exc:
-                if child.stopping:
-                    return
-                # A transient child that crashed is restarted (core.should_restart).
-                if not self._count_restart():
-                    await self._escalate()
-                    return
-                if isinstance(exc, ActorDiedError):
-                    # Dead for good: start it again under the same name.
-                    await self._restart_dead(child)
-                    return
-                # Ray is restarting it in place; wait until it serves again, keep watching.
-                try:
-                    child.pid = (await child.handle.ready.remote())["pid"]
-                except (RayActorError, RayTaskError):
-                    await self._restart_dead(child)
-                    return
+                died = exc
+            if child.stopping:
+                return
+            # A transient child that crashed is restarted (core.should_restart).
+            if not self._count_restart():
+                await self._escalate()
+                return
+            if isinstance(died, ActorDiedError):
+                # Dead for good: start it again under the same name.
+                await self._restart_dead(child)
+                return
+            # Ray restarts it in place; wait until it serves again, keep watching.
+            try:
+                info = await child.handle.ready.remote()
+            except (RayActorError, RayTaskError):
+                await self._restart_dead(child)
+                return
+            child.pid, child.incarnation = info["pid"], info["incarnation"]
 
     def _count_restart(self) -> bool:
         """Record a restart; ``False`` when the restart intensity is exceeded."""
@@ -374,13 +389,12 @@ class ConversationSupervisor:
         infos = await asyncio.gather(
             *(c.handle.ready.remote() for c in candidates), return_exceptions=True
         )
+        # By when each was last active (wall clock: the answers come at different moments,
+        # so "idle for N s" measured by each actor would skew the order under load).
         idle = sorted(
-            (
-                (info["idle_s"], c.user_id)
-                for c, info in zip(candidates, infos, strict=True)
-                if isinstance(info, dict) and not info["busy"]
-            ),
-            reverse=True,
+            (info["last_active_at"], c.user_id)
+            for c, info in zip(candidates, infos, strict=True)
+            if isinstance(info, dict) and not info["busy"]
         )
         for _, user_id in idle:
             if await self.passivate(user_id, "evicted"):

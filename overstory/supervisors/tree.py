@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from .core import Remove, Restart, Shutdown, SupervisorState, initial_state, on_exit
 from .named import SUPERVISED, get_or_create, get_or_create_sync
 from .spec import ChildSpec, ExitReason, SupervisorSpec
+from .watch import RESTARTED, new_incarnation, watched_elsewhere
 
 __all__ = ["CONVERSATIONS", "ROOT", "NamedChild", "RootSupervisor", "boot"]
 
@@ -63,6 +64,7 @@ class RootSupervisor:
         self._lock = asyncio.Lock()
         self._stopped: asyncio.Event | None = None
         self.restarts = 0
+        self.incarnation = new_incarnation()
 
     async def ready(self) -> dict[str, Any]:
         async with self._lock:
@@ -74,7 +76,7 @@ class RootSupervisor:
 
     def status(self) -> dict[str, Any]:
         children = [c.id for c in self._state.children] if self._state else []
-        return {"children": children, "restarts": self.restarts}
+        return {"children": children, "restarts": self.restarts, "incarnation": self.incarnation}
 
     async def escalated(self, child_id: str) -> None:
         """A child supervisor gave up (its restart intensity was exceeded): take it down.
@@ -85,7 +87,9 @@ class RootSupervisor:
         if handle is not None:
             ray.kill(handle, no_restart=True)
 
-    async def watch(self) -> str:
+    async def watch(self, incarnation: str | None = None) -> str:
+        if watched_elsewhere(incarnation, self.incarnation):
+            return RESTARTED
         if self._stopped is None:
             self._stopped = asyncio.Event()
         await self._stopped.wait()
@@ -96,7 +100,7 @@ class RootSupervisor:
         call made while it restarts can fail (``ActorUnavailableError``); get-or-create
         retries until it serves or the deadline passes."""
         named: NamedChild = child.start
-        handle, _ = await get_or_create(
+        handle, info = await get_or_create(
             named.remote_cls,
             named.name,
             self.namespace,
@@ -107,18 +111,22 @@ class RootSupervisor:
         )
         self._handles[child.id] = handle
         self._stopping.discard(child.id)
+        incarnation = info.get("incarnation") if isinstance(info, dict) else None
         self._watchers[child.id] = asyncio.get_running_loop().create_task(
-            self._watch(child.id, handle)
+            self._watch(child.id, handle, incarnation)
         )
 
-    async def _watch(self, child_id: str, handle: Any) -> None:
+    async def _watch(self, child_id: str, handle: Any, incarnation: str | None) -> None:
         reason: ExitReason = "normal"
         try:
-            await handle.watch.remote()
+            if await handle.watch.remote(incarnation) == RESTARTED:
+                reason = "crash"  # it crashed (and Ray restarted it) before this call
         except RayActorError:
             if child_id in self._stopping:
                 return
             reason = "crash"
+        except RayTaskError:
+            reason = "crash"  # its watch itself failed: never leave a child unwatched
         await self._on_exit(child_id, reason)
 
     async def _on_exit(self, child_id: str, reason: ExitReason) -> None:
