@@ -161,6 +161,17 @@ def test_booting_twice_attaches_to_the_running_tree(rt: Runtime) -> None:
     assert again.conversation("tree-tim").send("hi").text == "echo #1: hi"
 
 
+def _crash_conversation_supervisor(ns: str) -> None:
+    """Kill the conversation supervisor's process (Ray restarts it in place) and wait
+    until the root has counted the restart: the kill itself lands asynchronously."""
+    root = ray.get_actor(ROOT, namespace=ns)
+    restarts = ray.get(root.status.remote())["restarts"]
+    ray.kill(ray.get_actor(CONVERSATIONS, namespace=ns), no_restart=False)
+    wait_for_condition(
+        lambda: ray.get(root.status.remote())["restarts"] == restarts + 1, timeout=30
+    )
+
+
 def test_a_crashed_conversation_supervisor_is_restarted_and_adopts_its_children(
     steady: Runtime,
 ) -> None:
@@ -169,13 +180,7 @@ def test_a_crashed_conversation_supervisor_is_restarted_and_adopts_its_children(
     conv.send("one")
     pid = conv.info()["pid"]
     supervisor = ray.get_actor(CONVERSATIONS, namespace=ns)
-    root = ray.get_actor(ROOT, namespace=ns)
-    restarts = ray.get(root.status.remote())["restarts"]
-    ray.kill(supervisor, no_restart=False)  # Ray restarts it in place; the root watches
-    # The kill takes effect asynchronously: first see the root count the restart.
-    wait_for_condition(
-        lambda: ray.get(root.status.remote())["restarts"] == restarts + 1, timeout=30
-    )
+    _crash_conversation_supervisor(ns)
     wait_for_condition(
         lambda: (
             "orphan-olive"
@@ -197,12 +202,7 @@ def test_a_conversation_left_half_passivated_by_a_crashed_supervisor_is_ended(
     # turns. The supervisor dies before the kill.
     actor = ray.get_actor(actor_name("half-hal"), namespace=ns)
     assert ray.get(actor.passivate.remote()) is True
-    root = ray.get_actor(ROOT, namespace=ns)
-    restarts = ray.get(root.status.remote())["restarts"]
-    ray.kill(ray.get_actor(CONVERSATIONS, namespace=ns), no_restart=False)
-    wait_for_condition(
-        lambda: ray.get(root.status.remote())["restarts"] == restarts + 1, timeout=30
-    )
+    _crash_conversation_supervisor(ns)
     # the restarted supervisor finishes the passivation instead of leaving the name held
     wait_for_condition(lambda: actor_name("half-hal") not in _live_names(ns), timeout=30)
     assert conv.send("two").text == "echo #2: two"
