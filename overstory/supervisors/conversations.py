@@ -259,11 +259,12 @@ class ConversationSupervisor:
         except (RayActorError, TimeoutError):
             return  # dead, or not answering: a later start_child takes it from there
         user_id = info["conversation_id"]
-        if user_id not in self._children:
-            child = _Child(user_id, handle, info["node_id"], time.time(), info["pid"], agent)
-            child.incarnation = info["incarnation"]
-            self._children[user_id] = child
-            child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
+        async with self._locks[user_id]:  # start_child may be starting or adopting it too
+            if user_id not in self._children:
+                child = _Child(user_id, handle, info["node_id"], time.time(), info["pid"], agent)
+                child.incarnation = info["incarnation"]
+                self._children[user_id] = child
+                child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
 
     # --- watching and restarting ----------------------------------------------------------
 
@@ -277,8 +278,8 @@ class ConversationSupervisor:
                 return
             except RayActorError as exc:
                 died = exc
-            if child.stopping:
-                return
+            if child.stopping or self._children.get(child.user_id) is not child:
+                return  # stopped on purpose, or another incarnation is watched now
             # A transient child that crashed is restarted (core.should_restart).
             if not self._count_restart():
                 await self._escalate()

@@ -121,12 +121,11 @@ class RootSupervisor:
         try:
             if await handle.watch.remote(incarnation) == RESTARTED:
                 reason = "crash"  # it crashed (and Ray restarted it) before this call
-        except RayActorError:
-            if child_id in self._stopping:
-                return
+        except (RayActorError, RayTaskError):
+            # died, or its watch itself failed: either way never leave a child unwatched
             reason = "crash"
-        except RayTaskError:
-            reason = "crash"  # its watch itself failed: never leave a child unwatched
+        if child_id in self._stopping:
+            return  # taken down on purpose
         await self._on_exit(child_id, reason)
 
     async def _on_exit(self, child_id: str, reason: ExitReason) -> None:
