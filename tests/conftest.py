@@ -119,6 +119,26 @@ def driver_env(ray_cluster: str) -> dict[str, str]:
     return env
 
 
+def wait_dead(handle: Any, timeout_s: float = 30.0) -> None:
+    """Block until ``handle``'s actor is dead: ``ray.kill`` lands asynchronously, and a
+    call made just after it may still be served."""
+    import time
+
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(handle.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+        except RayActorError:
+            return
+        except GetTimeoutError:
+            break
+        time.sleep(0.05)
+    raise TimeoutError(f"actor {handle} still alive {timeout_s} s after it was killed")
+
+
 def kill_namespace(namespace: str, timeout_s: float = 30.0) -> None:
     """Detached actors outlive tests: kill every named actor in ``namespace``.
 
@@ -128,7 +148,6 @@ def kill_namespace(namespace: str, timeout_s: float = 30.0) -> None:
     import time
 
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError
 
     from overstory.supervisors.tree import CONVERSATIONS, ROOT
 
@@ -138,8 +157,7 @@ def kill_namespace(namespace: str, timeout_s: float = 30.0) -> None:
         except ValueError:
             continue
         ray.kill(handle, no_restart=True)
-        with contextlib.suppress(RayActorError, GetTimeoutError):
-            ray.get(handle.__ray_ready__.remote(), timeout=timeout_s)  # fails once it is dead
+        wait_dead(handle, timeout_s)
     deadline = time.monotonic() + timeout_s
     while True:
         names = [

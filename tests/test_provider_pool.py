@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import ray
-from conftest import kill_namespace
+from conftest import kill_namespace, wait_dead
 from ray._private.test_utils import wait_for_condition
 
 import overstory
@@ -173,8 +173,7 @@ def test_byok_users_reach_the_vendor_with_their_own_keys_through_their_own_actor
     # The keys survive a crash of alice's actor: the supervisor restarts it with them.
     old = ray.get_actor(alice.actor_name, namespace=rt.config.namespace)
     ray.kill(old, no_restart=True)
-    with pytest.raises(ray.exceptions.RayActorError):  # the kill lands asynchronously
-        ray.get(old.__ray_ready__.remote(), timeout=30)
+    wait_dead(old)
     primary.reset()
     alice.send("after the crash")
     assert [r.api_key for r in primary.requests] == [alice_key]
