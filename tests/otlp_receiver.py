@@ -4,9 +4,10 @@ It speaks the wire formats a collector speaks. Over HTTP (``http/protobuf``):
 ``POST /v1/traces`` with an ``application/x-protobuf`` body (gzip or deflate
 ``Content-Encoding`` allowed) holding an ``ExportTraceServiceRequest``, answered ``200``
 with an empty ``ExportTraceServiceResponse``. Over gRPC (``grpc``): the
-``opentelemetry.proto.collector.trace.v1.TraceService/Export`` call, served by grpcio. Each span is kept flattened as a :class:`Span`; tests wait
-for the ones they expect with :meth:`OtlpReceiver.wait_for`, which blocks on a condition
-variable notified by every export (no polling)::
+``opentelemetry.proto.collector.trace.v1.TraceService/Export`` call, served by grpcio.
+Each span is kept flattened as a :class:`Span`; tests wait for the ones they expect with
+:meth:`OtlpReceiver.wait_for`, which blocks on a condition variable notified by every
+export (no polling)::
 
     with OtlpReceiver() as receiver:
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, ...}
