@@ -12,7 +12,7 @@ own exception) so wrappers can decide what to do without knowing the vendor.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from opentelemetry.trace import Span
@@ -24,7 +24,7 @@ from ..tools import ToolDefinition
 if TYPE_CHECKING:
     from .endpoint import Secret
 
-__all__ = ["Model", "record_response"]
+__all__ = ["Model", "PolicyModel", "record_response", "traced_request"]
 
 
 class Model(ABC):
@@ -57,13 +57,7 @@ class Model(ABC):
         implements :meth:`request`.
         """
         provider, _, model = self.name.partition(":")
-        with chat_span(provider, model) as span:
-            response = await self.request(instructions, messages, tools)
-            record_response(span, provider, model, response)
-            record_chat_content(
-                span, messages=messages, response=response, instructions=instructions
-            )
-            return response
+        return await traced_request(self.request, provider, model, instructions, messages, tools)
 
     def with_api_keys(self, keys: Mapping[str, Secret]) -> Model:
         """This model using the user's own keys (vendor -> key) where it calls a vendor."""
@@ -71,6 +65,39 @@ class Model(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
+
+
+class PolicyModel(Model):
+    """A policy around one model (breaker, retries, limiter): it keeps that model's name."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+
+Request = Callable[[str, Sequence[Message], Sequence[ToolDefinition]], Awaitable[ModelResponse]]
+
+
+async def traced_request(
+    request: Request,
+    provider: str,
+    model: str,
+    instructions: str,
+    messages: Sequence[Message],
+    tools: Sequence[ToolDefinition],
+    server_address: str | None = None,
+    server_port: int | None = None,
+) -> ModelResponse:
+    """``request(...)`` inside a ``chat {model}`` span: its answer recorded on the span
+    (contents only with capture on) and in the token metrics."""
+    with chat_span(provider, model, server_address, server_port) as span:
+        response = await request(instructions, messages, tools)
+        record_response(span, provider, model, response)
+        record_chat_content(span, messages=messages, response=response, instructions=instructions)
+        return response
 
 
 def record_response(span: Span, provider: str, model: str, response: ModelResponse) -> None:

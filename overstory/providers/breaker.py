@@ -22,7 +22,7 @@ from typing import Any, Literal
 from ..exceptions import ModelError
 from ..messages import Message, ModelResponse
 from ..tools import ToolDefinition
-from .base import Model
+from .base import Model, PolicyModel
 from .endpoint import BreakerPolicy
 from .taxonomy import policy
 
@@ -104,7 +104,7 @@ class CircuitBreaker:
         }
 
 
-class BreakerModel(Model):
+class BreakerModel(PolicyModel):
     """Calls ``model`` through a :class:`CircuitBreaker`; refuses at once while open."""
 
     def __init__(
@@ -115,14 +115,10 @@ class BreakerModel(Model):
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[CircuitState], None] | None = None,
     ) -> None:
-        self.model = model
+        super().__init__(model)
         self.breaker = CircuitBreaker(config)
         self._clock = clock
         self._on_change = on_change
-
-    @property
-    def name(self) -> str:
-        return self.model.name
 
     async def request(
         self,

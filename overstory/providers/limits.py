@@ -25,7 +25,7 @@ from typing import Any
 from ..exceptions import ModelError
 from ..messages import Message, ModelResponse
 from ..tools import ToolDefinition
-from .base import Model
+from .base import Model, PolicyModel
 from .endpoint import Limits
 
 __all__ = ["AsyncRateLimiter", "LimitedModel", "RateLimiter", "estimate_tokens"]
@@ -204,7 +204,7 @@ class AsyncRateLimiter:
         return {**self.core.snapshot(self._clock()), "waiting": self.waiting}
 
 
-class LimitedModel(Model):
+class LimitedModel(PolicyModel):
     """Calls ``model`` once the endpoint's limiter admits the call."""
 
     def __init__(
@@ -215,12 +215,8 @@ class LimitedModel(Model):
         clock: Callable[[], float] = time.monotonic,
         on_wait: Callable[[float, bool], None] | None = None,
     ) -> None:
-        self.model = model
+        super().__init__(model)
         self.limiter = AsyncRateLimiter(limits, clock=clock, on_wait=on_wait)
-
-    @property
-    def name(self) -> str:
-        return self.model.name
 
     async def request(
         self,

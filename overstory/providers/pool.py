@@ -29,15 +29,13 @@ from ..exceptions import ConversationUnavailable, ModelError
 from ..messages import Message, ModelResponse
 from ..telemetry import (
     attached,
-    chat_span,
     inject,
     metrics,
-    record_chat_content,
     record_retry,
     setup_telemetry,
 )
 from ..tools import ToolDefinition
-from .base import Model, record_response
+from .base import Model, traced_request
 from .breaker import BreakerModel
 from .endpoint import KEY_ENV, Endpoint, Secret
 from .limits import LimitedModel
@@ -145,13 +143,17 @@ class ProviderActor:
         endpoint = self.endpoint
         host, port = endpoint.server
         try:
-            with attached(carrier), chat_span(endpoint.vendor, endpoint.model, host, port) as span:
-                response = await self.breaker.request(instructions, messages, tools)
-                record_response(span, endpoint.vendor, endpoint.model, response)
-                record_chat_content(
-                    span, messages=messages, response=response, instructions=instructions
+            with attached(carrier):
+                return await traced_request(
+                    self.breaker.request,
+                    endpoint.vendor,
+                    endpoint.model,
+                    instructions,
+                    messages,
+                    tools,
+                    host,
+                    port,
                 )
-                return response
         except ModelError as exc:
             self.failures[exc.kind] = self.failures.get(exc.kind, 0) + 1
             return exc

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from ..exceptions import ModelError
 from ..messages import Message, ModelResponse
 from ..tools import ToolDefinition
-from .base import Model
+from .base import Model, PolicyModel
 from .endpoint import RetryPolicy
 from .taxonomy import policy
 
@@ -44,7 +44,7 @@ def backoff_s(
     return rng.uniform(0, ceiling)
 
 
-class RetryingModel(Model):
+class RetryingModel(PolicyModel):
     """Retries ``model`` per :func:`backoff_s`; ``on_retry(attempt, error, delay)`` reports."""
 
     def __init__(
@@ -56,16 +56,12 @@ class RetryingModel(Model):
         rng: random.Random | None = None,
         on_retry: Callable[[int, ModelError, float], None] | None = None,
     ) -> None:
-        self.model = model
+        super().__init__(model)
         self.config = config
         self._sleep = sleep
         self._rng = rng or random.Random()
         self._on_retry = on_retry
         self.retries = 0
-
-    @property
-    def name(self) -> str:
-        return self.model.name
 
     async def request(
         self,
