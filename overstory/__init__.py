@@ -12,6 +12,7 @@ print(conv.send("hello").text)
 from .agent import Agent
 from .exceptions import (
     AllModelsFailed,
+    ClusterAuthRefused,
     ClusterUnavailable,
     ConfigError,
     ConversationUnavailable,
@@ -61,6 +62,7 @@ __all__ = [
     "AllModelsFailed",
     "AssistantMessage",
     "BreakerPolicy",
+    "ClusterAuthRefused",
     "ClusterUnavailable",
     "Config",
     "ConfigError",

@@ -21,7 +21,8 @@ both sides subclass the stdlib exceptions users already catch::
         ├── TurnFailed                      a turn did not complete; the user message is stored
         ├── ConversationUnavailable         the conversation actor cannot be reached/started
         │   └── Passivated                  the actor is shutting down; ask the registry again
-        └── ClusterUnavailable              no running Ray cluster to attach to (serve/status/health)
+        └── ClusterUnavailable              no Ray cluster to attach to, or none answers in time
+            └── ClusterAuthRefused          the cluster refused this client (token auth)
 
 Errors from Ray, PyMongo, sqlite3 and the vendor SDKs are translated into this tree where
 they enter (``store/``, ``registry/``, ``actors/``, ``providers/``); none of them leak out
@@ -35,6 +36,7 @@ from typing import Literal
 
 __all__ = [
     "AllModelsFailed",
+    "ClusterAuthRefused",
     "ClusterUnavailable",
     "ConfigError",
     "ConversationUnavailable",
@@ -254,3 +256,18 @@ class Passivated(ConversationUnavailable):
 
 class ClusterUnavailable(RuntimeFailure):
     """There is no running Ray cluster to attach to (the operator commands never start one)."""
+
+
+class ClusterAuthRefused(ClusterUnavailable):
+    """The cluster answered and refused this client: its token is missing or wrong.
+
+    The message names the address and what to set on this side; it never holds a token.
+    """
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"the Ray cluster at {address!r} refused this client: {reason}")
+        self.address = address
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[ClusterAuthRefused], tuple[str, str]]:
+        return (type(self), (self.address, self.reason))

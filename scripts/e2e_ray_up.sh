@@ -63,8 +63,13 @@ cleanup() {
   [ -n "$SSHD_PID" ] && kill "$SSHD_PID" 2> /dev/null && wait "$SSHD_PID" 2> /dev/null
   [ -n "$MONGO_PID" ] && kill "$MONGO_PID" 2> /dev/null && wait "$MONGO_PID" 2> /dev/null
   if [ "$status" -ne 0 ]; then
-    say "FAILED (exit $status); logs:"
-    tail -n 40 "$RUN"/*.log 2> /dev/null
+    say "FAILED (exit $status); the last line of each log, then the logs:"
+    for log in "$RUN"/*.log; do
+      printf '  %s: %s\n' "$(basename "$log")" "$(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-300)"
+    done
+    tail -n 25 "$RUN"/*.log 2> /dev/null
+    # the head's Ray Client server (proxy) and its per-client servers
+    [ -n "$NODE_HOME" ] && tail -n 15 "$NODE_HOME"/raytmp/ray/session_latest/logs/ray_client_server*.err 2> /dev/null
   fi
   rm -rf "$RUN" "$REPO/dist"
   exit "$status"
@@ -72,7 +77,24 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# A free port below the kernel's ephemeral range (32768+, where outgoing connections and
+# Ray's own randomly bound ports land) and above Ray's worker ports (10002-19999) and
+# Ray Client's per-client servers (23000-23999), so nothing else can take it meanwhile.
+free_port() {
+  python3 - <<'PY'
+import random, socket
+for port in random.sample(range(24000, 32000), 200):
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            continue
+        print(port)
+        break
+else:
+    raise SystemExit("no free port in 24000-31999")
+PY
+}
 
 # --- the node: a user of its own, reachable over ssh on 127.0.0.1 only -----------------
 if ! id "$NODE_USER" > /dev/null 2>&1; then
@@ -187,7 +209,10 @@ if RAY_AUTH_TOKEN=not-the-token timeout 120 "$OPS_BIN/overstory" health \
   echo "overstory health succeeded with a wrong token" >&2
   exit 1
 fi
-say "overstory health with a wrong token: refused after $(secs "$t0" "$(now)") s ($(tail -n 1 "$RUN/health-bad-token.log" | cut -c1-150))"
+say "overstory health with a wrong token: refused after $(secs "$t0" "$(now)") s ($(tail -n 1 "$RUN/health-bad-token.log" | cut -c1-200))"
+grep -q "did not accept this client's token" "$RUN/health-bad-token.log" \
+  || { echo "a wrong token was not reported as refused" >&2; exit 1; }
+grep -q not-the-token "$RUN/health-bad-token.log" && { echo "the token leaked into the output" >&2; exit 1; }
 
 # --- overstory health / status, from outside and on the head --------------------------
 "$OPS_BIN/overstory" health --address "ray://127.0.0.1:$CLIENT_PORT"

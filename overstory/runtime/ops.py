@@ -31,6 +31,7 @@ from ..store import open_store, redact_url
 from ..supervisors.named import unwrap_task_error
 from ..supervisors.tree import CONVERSATIONS, ROOT
 from .client import connect
+from .cluster import check_ray_client
 from .config import Config
 
 __all__ = [
@@ -69,6 +70,8 @@ def attach_existing(address: str | None, namespace: str) -> str:
     if ray.is_initialized():
         return target
     _check_listening(target)
+    if target.startswith("ray://"):
+        check_ray_client(target)
     try:
         ray.init(
             address=target,
