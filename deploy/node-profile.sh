@@ -8,6 +8,10 @@ if [ -f "$HOME/overstory/cluster.env" ]; then
   set +a
 fi
 export RAY_AUTH_MODE=token
+# gRPC's fork handlers crash the child that Ray Client's proxy forks for each new client
+# (SIGSEGV before exec, seen under CPU load: "Starting Ray client server failed"); Ray's
+# processes fork only to exec, so they need none.
+export GRPC_ENABLE_FORK_SUPPORT=0
 case ":$PATH:" in
   *":$HOME/overstory/venv/bin:"*) ;;
   *) export PATH="$HOME/overstory/venv/bin:$PATH" ;;

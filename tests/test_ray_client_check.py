@@ -144,3 +144,68 @@ def test_with_token_auth_the_ping_carries_rays_token(serve: Any, token: str, exp
     assert driver.calls[0][1]["authorization"] == f"Bearer {token}"
     # what the client is told names what to set, never the token itself
     assert token not in proc.stdout
+
+
+class FailingDataStreamer(ray_client_pb2_grpc.RayletDataStreamerServicer):  # type: ignore[misc]
+    """Answers every client's first data request as a proxy whose server start failed.
+
+    Ray's proxy closes the stream right after that answer, and the client then raises
+    either the answer (``ConnectionAbortedError``) or, when the close wins the race,
+    "already disconnected" (``ConnectionError``); ``close=False`` keeps the stream open
+    so the answer always arrives.
+    """
+
+    def __init__(self, close: bool) -> None:
+        self.close = close
+        self.inits = 0
+
+    def Datapath(self, request_iterator: Any, context: Any) -> Any:
+        init = next(request_iterator)
+        self.inits += 1
+        yield ray_client_pb2.DataResponse(
+            req_id=init.req_id,
+            init=ray_client_pb2.InitResponse(
+                ok=False, msg="RuntimeError: Starting Ray client server failed."
+            ),
+        )
+        if not self.close:
+            for _ in request_iterator:  # until the client hangs up
+                pass
+
+
+_ATTACH = """
+import sys
+from overstory import ClusterUnavailable
+from overstory.runtime.cluster import init_ray
+try:
+    init_ray(sys.argv[1], namespace="t")
+except ClusterUnavailable as exc:
+    print("unavailable:", exc)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("close", [True, False], ids=["as-ray-closes", "answer-arrives"])
+def test_a_failed_client_server_start_is_retried_then_named(close: bool) -> None:
+    """Ray's own client gives up on the first "Initialization failure from server"."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    ray_client_pb2_grpc.add_RayletDriverServicer_to_server(ScriptedDriver(["ok"]), server)
+    streamer = FailingDataStreamer(close)
+    ray_client_pb2_grpc.add_RayletDataStreamerServicer_to_server(streamer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _ATTACH, f"ray://127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+    finally:
+        server.stop(grace=None)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "failed to start a server for this client 3 times" in proc.stdout
+    if not close:
+        assert "Starting Ray client server failed" in proc.stdout  # the server's reason
+    assert streamer.inits == 3
+    assert proc.stderr.count("trying again") == 2  # the retries are logged

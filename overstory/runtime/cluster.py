@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from typing import Any
 
 import grpc
 import ray
 
 from ..exceptions import ClusterAuthRefused, ClusterUnavailable
 
-__all__ = ["RAY_CLIENT_TIMEOUT_S", "attach", "check_ray_client", "detach"]
+__all__ = [
+    "RAY_CLIENT_ATTEMPTS",
+    "RAY_CLIENT_TIMEOUT_S",
+    "attach",
+    "check_ray_client",
+    "detach",
+    "init_ray",
+]
+
+log = logging.getLogger(__name__)
 
 RAY_CLIENT_TIMEOUT_S = 60.0
 """How long a ``ray://`` address may take to answer before attaching gives up."""
+
+RAY_CLIENT_ATTEMPTS = 3
+"""How many times attaching to a ``ray://`` address tries Ray Client's connect."""
 
 _PING_TIMEOUT_S = 10.0
 
@@ -32,24 +46,65 @@ def attach(
     on this machine, else starts a local one (which :func:`detach` stops again) — with
     the dashboard only when ``dashboard`` is true. ``env_vars`` reach every worker of
     this job (and the actors it starts): the telemetry settings travel this way.
-    A ``ray://`` address is checked first (:func:`check_ray_client`).
+    A ``ray://`` address is checked first and retried (:func:`init_ray`).
     """
     if ray.is_initialized():
         return False
-    target = address or os.environ.get("RAY_ADDRESS") or None
-    if target and target.startswith("ray://"):
-        check_ray_client(target)
-    ray.init(
-        address=target,
+    init_ray(
+        address or os.environ.get("RAY_ADDRESS") or None,
         namespace=namespace,
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-        configure_logging=False,
         include_dashboard=dashboard,
         runtime_env={"env_vars": dict(env_vars)} if env_vars else None,
     )
     node = getattr(ray._private.worker, "_global_node", None)
     return bool(getattr(node, "head", False))
+
+
+def init_ray(address: str | None, **options: Any) -> None:
+    """``ray.init`` quietly; a ``ray://`` address is checked first and retried.
+
+    Ray Client's proxy forks a server process for each client; when that start fails
+    Ray raises ``ConnectionAbortedError`` ("Initialization failure from server") — or,
+    when the proxy's closing of the stream wins the race, ``ConnectionError`` ("already
+    been disconnected") — and does not try again, though the next start usually works.
+    The server has just answered :func:`check_ray_client`'s ping, so this tries up to
+    :data:`RAY_CLIENT_ATTEMPTS` times, then raises :class:`ClusterUnavailable` with the
+    last reason.
+    """
+    options = {
+        "logging_level": logging.WARNING,
+        "log_to_driver": False,
+        "configure_logging": False,
+        **options,
+    }
+    if not (address and address.startswith("ray://")):
+        ray.init(address=address, **options)
+        return
+    check_ray_client(address)
+    reason = ""
+    for attempt in range(1, RAY_CLIENT_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, **options)
+            return
+        except ConnectionError as exc:
+            with contextlib.suppress(Exception):
+                ray.shutdown()  # drop the half-made client so the next init starts clean
+            if isinstance(exc, ConnectionAbortedError) or not reason:
+                reason = str(exc).strip().splitlines()[-1]  # the server's own, if it said
+            if attempt == RAY_CLIENT_ATTEMPTS:
+                raise ClusterUnavailable(
+                    f"cannot attach to the Ray cluster at {address!r}: its Ray Client "
+                    f"server failed to start a server for this client {attempt} times "
+                    f"(last: {reason}); see ray_client_server*.err in the head's Ray logs"
+                ) from None
+            log.warning(
+                "Ray Client at %s failed to start a server for this client (%s); "
+                "trying again (%d of %d)",
+                address,
+                reason,
+                attempt + 1,
+                RAY_CLIENT_ATTEMPTS,
+            )
 
 
 def check_ray_client(address: str, timeout_s: float = RAY_CLIENT_TIMEOUT_S) -> None:

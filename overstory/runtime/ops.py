@@ -15,7 +15,6 @@ that list. :func:`health` reads the same sections and turns them into problems.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import socket
 from collections.abc import Callable, Sequence
@@ -31,7 +30,7 @@ from ..store import open_store, redact_url
 from ..supervisors.named import unwrap_task_error
 from ..supervisors.tree import CONVERSATIONS, ROOT
 from .client import connect
-from .cluster import check_ray_client
+from .cluster import init_ray
 from .config import Config
 
 __all__ = [
@@ -70,16 +69,10 @@ def attach_existing(address: str | None, namespace: str) -> str:
     if ray.is_initialized():
         return target
     _check_listening(target)
-    if target.startswith("ray://"):
-        check_ray_client(target)
     try:
-        ray.init(
-            address=target,
-            namespace=namespace,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        init_ray(target, namespace=namespace)
+    except ClusterUnavailable:
+        raise
     except (ConnectionError, RuntimeError, ValueError, RayError) as exc:
         raise ClusterUnavailable(
             f"cannot attach to a running Ray cluster at {target!r} "
