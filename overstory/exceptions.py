@@ -255,7 +255,10 @@ class Passivated(ConversationUnavailable):
 
 
 class ClusterUnavailable(RuntimeFailure):
-    """There is no running Ray cluster to attach to (the operator commands never start one)."""
+    """No running Ray cluster to attach to, or it did not answer or let this client in.
+
+    The operator commands never start a Ray of their own; the message names the address.
+    """
 
 
 class ClusterAuthRefused(ClusterUnavailable):
