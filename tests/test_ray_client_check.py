@@ -209,3 +209,10 @@ def test_a_failed_client_server_start_is_retried_then_named(close: bool) -> None
         assert "Starting Ray client server failed" in proc.stdout  # the server's reason
     assert streamer.inits == 3
     assert proc.stderr.count("trying again") == 2  # the retries are logged
+
+
+def test_importing_overstory_loads_no_grpc() -> None:
+    """Conversation actors import the package; gRPC's bindings cost each ~2 MB (P4)."""
+    code = "import sys, overstory, overstory.actors.conversation; print('grpc' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "False", proc.stdout + proc.stderr

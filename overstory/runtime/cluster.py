@@ -8,7 +8,6 @@ import os
 import time
 from typing import Any
 
-import grpc
 import ray
 
 from ..exceptions import ClusterAuthRefused, ClusterUnavailable
@@ -118,6 +117,9 @@ def check_ray_client(address: str, timeout_s: float = RAY_CLIENT_TIMEOUT_S) -> N
     that is still coming up is waited for, and one that never answers within
     ``timeout_s`` raises :class:`ClusterUnavailable` naming the last thing it said.
     """
+    # imported here, not at the top: conversation actors import this package, and a
+    # Ray worker does not load gRPC's Python bindings unless something asks for them
+    import grpc
     from ray._private.grpc_utils import init_grpc_channel
     from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
 
