@@ -217,10 +217,7 @@ class ConversationSupervisor:
             options,
             timeout_s=self.lifecycle.activation_timeout_s,
         )
-        child = _Child(user_id, handle, info["node_id"], time.time(), info["pid"], agent)
-        child.incarnation = info["incarnation"]
-        self._children[user_id] = child
-        child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
+        child = self._record(user_id, handle, info, agent)
         self.counters["activations"] += 1
         metrics().live_conversations(len(self._children))
         return child
@@ -261,10 +258,18 @@ class ConversationSupervisor:
         user_id = info["conversation_id"]
         async with self._locks[user_id]:  # start_child may be starting or adopting it too
             if user_id not in self._children:
-                child = _Child(user_id, handle, info["node_id"], time.time(), info["pid"], agent)
-                child.incarnation = info["incarnation"]
-                self._children[user_id] = child
-                child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
+                self._record(user_id, handle, info, agent)
+
+    def _record(
+        self, user_id: str, handle: Any, info: dict[str, Any], agent: Agent | None
+    ) -> _Child:
+        """Make a serving actor (its ``ready`` answer: ``info``) a watched child."""
+        child = _Child(
+            user_id, handle, info["node_id"], time.time(), info["pid"], agent, info["incarnation"]
+        )
+        self._children[user_id] = child
+        child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
+        return child
 
     # --- watching and restarting ----------------------------------------------------------
 
