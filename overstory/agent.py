@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from .exceptions import ConfigError
 from .messages import ToolCall, ToolReturn
 from .providers import Model, ModelSpec, Secret, resolve_model
 from .tools import Tool, ToolDefinition, unknown_tool
 
-__all__ = ["DEFAULT_MAX_ROUND_TRIPS", "Agent"]
+__all__ = ["DEFAULT_MAX_ROUND_TRIPS", "DEFAULT_PLACEMENT", "PLACEMENTS", "Agent", "Placement"]
 
 DEFAULT_MAX_ROUND_TRIPS = 8
+
+#: Where an agent's conversations live: ``hosted`` — as entities inside a few host actors
+#: per node (thousands per process, activation = a store read); ``dedicated`` — one Ray
+#: actor (a whole process) per conversation, for process isolation.
+Placement = Literal["hosted", "dedicated"]
+PLACEMENTS: tuple[Placement, ...] = ("hosted", "dedicated")
+DEFAULT_PLACEMENT: Placement = "hosted"
 
 
 class Agent:
@@ -26,7 +33,8 @@ class Agent:
 
     ``model`` is a :class:`Model`, a ``provider:model`` string, or a list of them tried in
     fallback order. ``tools`` are functions (or :class:`Tool` s) the model may call.
-    ``max_round_trips`` bounds the model calls of one turn.
+    ``max_round_trips`` bounds the model calls of one turn. ``placement`` says where its
+    conversations live (:data:`Placement`; the public API and guarantees are the same).
     """
 
     def __init__(
@@ -37,12 +45,19 @@ class Agent:
         model: ModelSpec = "offline:echo",
         tools: Iterable[Callable[..., Any] | Tool] = (),
         max_round_trips: int = DEFAULT_MAX_ROUND_TRIPS,
+        placement: Placement = DEFAULT_PLACEMENT,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"an agent needs a non-empty name, got {name!r}")
         if not isinstance(max_round_trips, int) or max_round_trips < 1:
             raise ConfigError(f"max_round_trips must be an int >= 1, got {max_round_trips!r}")
+        if placement not in PLACEMENTS:
+            raise ConfigError(
+                f"unknown placement {placement!r} for agent {name!r}; "
+                f"expected one of: {', '.join(PLACEMENTS)}"
+            )
         self.name = name
+        self.placement: Placement = placement
         self.instructions = instructions
         self.model: Model = resolve_model(model)
         self.max_round_trips = max_round_trips
@@ -71,7 +86,7 @@ class Agent:
     def __repr__(self) -> str:
         return (
             f"Agent({self.name!r}, model={self.model.name!r}, tools={list(self.tools)}, "
-            f"max_round_trips={self.max_round_trips})"
+            f"max_round_trips={self.max_round_trips}, placement={self.placement!r})"
         )
 
     async def run_tool(self, call: ToolCall) -> ToolReturn:

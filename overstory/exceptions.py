@@ -19,8 +19,10 @@ both sides subclass the stdlib exceptions users already catch::
         │   └── AllModelsFailed             every model in a chain failed; lists each failure
         ├── MaxRoundTripsExceeded           a turn needed more model round trips than allowed
         ├── TurnFailed                      a turn did not complete; the user message is stored
-        ├── ConversationUnavailable         the conversation actor cannot be reached/started
-        │   └── Passivated                  the actor is shutting down; ask the registry again
+        ├── ConversationUnavailable         the conversation cannot be reached/started
+        │   ├── Passivated                  it is shutting down; ask the registry again
+        │   ├── StaleShardTable             routed with an old shard table (carries the new one)
+        │   └── ConversationQuarantined     it kept crashing; its host refuses it for a while
         └── ClusterUnavailable              no Ray cluster to attach to, or none answers in time
             └── ClusterAuthRefused          the cluster refused this client (token auth)
 
@@ -31,6 +33,7 @@ of the public API.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Literal
 
@@ -39,6 +42,7 @@ __all__ = [
     "ClusterAuthRefused",
     "ClusterUnavailable",
     "ConfigError",
+    "ConversationQuarantined",
     "ConversationUnavailable",
     "Fenced",
     "InvalidMessage",
@@ -50,6 +54,7 @@ __all__ = [
     "Passivated",
     "RuntimeFailure",
     "SequenceConflict",
+    "StaleShardTable",
     "StoreError",
     "StoreURLError",
     "StoreUnavailable",
@@ -232,14 +237,27 @@ class TurnFailed(RuntimeFailure):
     may be retried with a new message.
     """
 
-    def __init__(self, conversation_id: str, turn_id: str, reason: str) -> None:
+    def __init__(
+        self,
+        conversation_id: str,
+        turn_id: str,
+        reason: str,
+        cause: BaseException | None = None,
+    ) -> None:
         super().__init__(f"turn {turn_id} of conversation {conversation_id!r} failed: {reason}")
         self.conversation_id = conversation_id
         self.turn_id = turn_id
         self.reason = reason
+        if cause is not None:
+            # Kept through pickling (below), so a client across Ray sees e.g. the
+            # ``AllModelsFailed.failures`` that ended the turn, not only their text.
+            self.__cause__ = cause
 
-    def __reduce__(self) -> tuple[type[TurnFailed], tuple[str, str, str]]:
-        return (type(self), (self.conversation_id, self.turn_id, self.reason))
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            type(self),
+            (self.conversation_id, self.turn_id, self.reason, self.__cause__),
+        )
 
 
 class ConversationUnavailable(RuntimeFailure):
@@ -252,6 +270,45 @@ class Passivated(ConversationUnavailable):
     Client handles never show it to users: they get the conversation from the registry
     again, which starts a fresh actor from the store, and re-send.
     """
+
+
+class StaleShardTable(ConversationUnavailable):
+    """A request reached a host with a shard table older (or other) than the host's.
+
+    Carries the host's table (``version``, ``shards``, ``hosts``) so the client updates
+    its cache and re-sends to the right host; users never see it.
+    """
+
+    def __init__(self, version: int, shards: int, hosts: Sequence[str]) -> None:
+        super().__init__(f"shard table version {version} ({len(hosts)} hosts) is current; re-route")
+        self.version = version
+        self.shards = shards
+        self.hosts = tuple(hosts)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.version, self.shards, self.hosts))
+
+
+class ConversationQuarantined(ConversationUnavailable):
+    """A conversation crashed its entity more often than its restart intensity allows.
+
+    Its host refuses it until ``until`` (a wall-clock time); the rest of the host and
+    its other conversations carry on. Its history is stored and unharmed.
+    """
+
+    def __init__(self, conversation_id: str, crashes: int, until: float, last: str) -> None:
+        super().__init__(
+            f"conversation {conversation_id!r} is quarantined: it crashed {crashes} times "
+            f"within its restart period (last: {last}); it is refused until "
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(until))}"
+        )
+        self.conversation_id = conversation_id
+        self.crashes = crashes
+        self.until = until
+        self.last = last
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.conversation_id, self.crashes, self.until, self.last))
 
 
 class ClusterUnavailable(RuntimeFailure):

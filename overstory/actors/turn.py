@@ -146,11 +146,11 @@ async def _run_turn(
                 f"the model asked for tools on all {agent.max_round_trips} round trips "
                 f"allowed by agent {agent.name!r}"
             )
-            raise TurnFailed(conversation_id, turn_id, str(reason)) from reason
+            raise TurnFailed(conversation_id, turn_id, str(reason), reason) from reason
         try:
             response = await agent.model.call(agent.instructions, history, agent.tool_definitions)
         except ModelError as exc:
-            raise TurnFailed(conversation_id, turn_id, f"model error: {exc}") from exc
+            raise TurnFailed(conversation_id, turn_id, f"model error: {exc}", exc) from exc
         round_trips += 1
         await commit(
             AssistantMessage(

@@ -1,11 +1,17 @@
-"""User id -> conversation actor handle (the client side of the registry).
+"""User id -> where the conversation lives (the client side of the registry).
 
-The registry's state — which conversations are live, on which node, since when — lives
-in the :class:`~overstory.supervisors.conversations.ConversationSupervisor` of the app's
-supervision tree: it is the one actor that starts and stops conversations, so it is the
-one place that cannot disagree with reality. This class finds that supervisor (booting
-the tree if there is none) and asks it for a user's conversation; concurrent requests
-for one user are serialised there and yield exactly one actor.
+Two placements (:data:`overstory.agent.Placement`):
+
+* ``hosted`` (default): the conversation is an entity in the host its shard maps to
+  (:mod:`.shards`, :mod:`.hosts`). The registry holds a :class:`~.hosts.HostRouter`;
+  there is nothing to start — the host activates the entity on its first call.
+* ``dedicated``: the conversation is a named actor of its own. The registry's state —
+  which are live, on which node, since when — lives in the
+  :class:`~overstory.supervisors.conversations.ConversationSupervisor`, the one actor that
+  starts and stops them; concurrent requests for one user are serialised there.
+
+Either way the registry boots the supervision tree when there is none (its shape
+follows the agent's placement) and refuses a tree of the other placement by name.
 """
 
 from __future__ import annotations
@@ -18,13 +24,15 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from ..actors.names import actor_name
-from ..agent import Agent
-from ..exceptions import ConversationUnavailable
+from ..agent import Agent, Placement
+from ..exceptions import ConfigError, ConversationUnavailable, StaleShardTable
 from ..providers import Secret
+from ..runtime.config import Config
 from ..supervisors import ChildSpec, SupervisorSpec
 from ..supervisors.conversations import ConversationSupervisor, Lifecycle
 from ..supervisors.named import SUPERVISED, unwrap_task_error
-from ..supervisors.tree import CONVERSATIONS, NamedChild, boot
+from ..supervisors.tree import CONVERSATIONS, HOSTS, NamedChild, boot
+from .hosts import HostRouter, hosts_child
 
 __all__ = ["Registry", "actor_name"]
 
@@ -34,51 +42,87 @@ _RemoteConversations: Any = ray.remote(ConversationSupervisor)
 _ATTEMPTS = 3
 
 
-class Registry:
-    """Finds or starts the conversation actor of a user id in ``namespace``."""
+def lifecycle_of(config: Config) -> Lifecycle:
+    """The dedicated supervisor's settings, taken from the one validated Config."""
+    return Lifecycle(
+        idle_timeout_s=config.idle_timeout_s,
+        max_live_per_node=config.max_live_per_node,
+        max_restarts=config.restart_intensity,
+        period_s=config.restart_period_s,
+        actor_max_restarts=config.actor_max_restarts,
+        activation_timeout_s=config.activation_timeout_s,
+        resources=dict(config.actor_resources),
+    )
 
-    def __init__(
-        self,
-        *,
-        namespace: str,
-        agent: Agent,
-        store_url: str,
-        max_message_chars: int,
-        lifecycle: Lifecycle,
-        send_agent: bool = True,
-    ) -> None:
-        self.namespace = namespace
+
+class Registry:
+    """Finds (and for dedicated placement starts) the conversation of a user id."""
+
+    def __init__(self, *, config: Config, agent: Agent, send_agent: bool = True) -> None:
+        self.config = config
+        self.namespace = config.namespace
         self.agent = agent
-        self.store_url = store_url
-        self.max_message_chars = max_message_chars
-        self.lifecycle = lifecycle
+        self.placement: Placement = agent.placement
+        self.store_url = config.store
+        self.max_message_chars = config.max_message_chars
+        self.lifecycle = lifecycle_of(config)
         self._send_agent = send_agent
         self._supervisor: Any = None
+        self._booted = False
+        self.hosts = HostRouter(self.namespace, config.activation_timeout_s)
 
     def tree_spec(self) -> SupervisorSpec:
-        conversations = NamedChild(
-            _RemoteConversations,
-            CONVERSATIONS,
-            (self.namespace, self.agent, self.store_url, self.max_message_chars, self.lifecycle),
-            SUPERVISED,
-        )
-        return SupervisorSpec(
-            strategy="one_for_one",
-            children=(ChildSpec("conversations", start=conversations, restart="permanent"),),
-        )
+        if self.placement == "hosted":
+            child = hosts_child(self.namespace, self.agent, self.config)
+        else:
+            conversations = NamedChild(
+                _RemoteConversations,
+                CONVERSATIONS,
+                (
+                    self.namespace,
+                    self.agent,
+                    self.store_url,
+                    self.max_message_chars,
+                    self.lifecycle,
+                ),
+                SUPERVISED,
+            )
+            child = ChildSpec("conversations", start=conversations, restart="permanent")
+        return SupervisorSpec(strategy="one_for_one", children=(child,))
+
+    def boot(self) -> None:
+        """Boot the supervision tree, or attach to the running one (of this placement)."""
+        if self._booted:
+            return
+        timeout = self.lifecycle.activation_timeout_s
+        root = boot(self.namespace, self.tree_spec(), timeout_s=timeout)
+        try:
+            ray.get(root.ready.remote(), timeout=timeout)
+        except (RayActorError, GetTimeoutError) as exc:
+            raise ConversationUnavailable(
+                f"the supervision tree in namespace {self.namespace!r} is not available: {exc}"
+            ) from exc
+        mine = HOSTS if self.placement == "hosted" else CONVERSATIONS
+        try:
+            ray.get_actor(mine, namespace=self.namespace)
+        except ValueError:
+            other = "dedicated" if self.placement == "hosted" else "hosted"
+            raise ConfigError(
+                f"the tree running in namespace {self.namespace!r} serves {other} placement; "
+                f"agent {self.agent.name!r} asks for {self.placement} (use another namespace, "
+                "or stop that tree first)"
+            ) from None
+        self._booted = True
 
     def supervisor(self) -> Any:
-        """The conversation supervisor's handle, booting the tree when it is missing."""
+        """The conversation supervisor's handle (dedicated placement), booting the tree."""
         if self._supervisor is None:
-            root = boot(
-                self.namespace, self.tree_spec(), timeout_s=self.lifecycle.activation_timeout_s
-            )
+            self.boot()
             try:
-                ray.get(root.ready.remote(), timeout=self.lifecycle.activation_timeout_s)
                 self._supervisor = ray.get_actor(CONVERSATIONS, namespace=self.namespace)
-            except (RayActorError, ValueError, GetTimeoutError) as exc:
+            except ValueError as exc:
                 raise ConversationUnavailable(
-                    f"the supervision tree in namespace {self.namespace!r} is not available: {exc}"
+                    f"no conversation supervisor in namespace {self.namespace!r}: {exc}"
                 ) from exc
         return self._supervisor
 
@@ -126,13 +170,74 @@ class Registry:
         raise self._unavailable(user_id, f"{type(last).__name__}: {last}") from last
 
     def passivate(self, user_id: str, reason: str = "stopped") -> bool:
-        """Ask the supervisor to passivate ``user_id``'s conversation (history stays)."""
+        """Passivate ``user_id``'s conversation (history stays)."""
+        if self.placement == "hosted":
+            return bool(self.call_host(user_id, "passivate", reason))
         return bool(ray.get(self.supervisor().passivate.remote(user_id, reason)))
 
+    def call_host(self, conversation_id: str, method: str, *args: Any) -> Any:
+        """One call to the host of ``conversation_id``, following a newer shard table."""
+        for _ in range(_ATTEMPTS):
+            version, _name, handle = self.hosts.route(conversation_id)
+            try:
+                return ray.get(
+                    getattr(handle, method).remote(version, conversation_id, *args),
+                    timeout=self.lifecycle.activation_timeout_s,
+                )
+            except RayTaskError as exc:
+                cause = unwrap_task_error(exc)
+                if not isinstance(cause, StaleShardTable):
+                    raise cause from None
+                self.hosts.update(cause)
+        raise ConversationUnavailable(
+            f"no host of namespace {self.namespace!r} takes {conversation_id!r}"
+        )
+
+    def host_statuses(self) -> list[dict[str, Any]]:
+        """Each host's status (an ``error`` entry for a host that does not answer)."""
+        handles = self.hosts.handles()
+        refs = {name: h.status.remote() for name, h in handles.items()}
+        out = []
+        for name, ref in refs.items():
+            try:
+                out.append(ray.get(ref, timeout=self.lifecycle.activation_timeout_s))
+            except (RayActorError, RayTaskError, GetTimeoutError) as exc:
+                out.append({"host": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        return out
+
     def status(self) -> dict[str, Any]:
-        """Live conversations, per node, and activation/passivation/restart counters."""
-        status: dict[str, Any] = ray.get(self.supervisor().status.remote())
-        return status
+        """Live conversations (total, per node, per host) and lifecycle counters."""
+        if self.placement == "dedicated":
+            status: dict[str, Any] = ray.get(self.supervisor().status.remote())
+            return {"placement": "dedicated", "live_conversations": status["live"], **status}
+        self.boot()
+        hosts = self.host_statuses()
+        per_node: dict[str, int] = {}
+        totals = dict.fromkeys(
+            ("activations", "passivations", "evictions", "restarts", "quarantined", "fenced"), 0
+        )
+        for host in hosts:
+            if "error" in host:
+                continue
+            per_node[host["node_id"]] = per_node.get(host["node_id"], 0) + host["live"]
+            for key in totals:
+                totals[key] += host.get(key, 0)
+        live = sum(h.get("live", 0) for h in hosts)
+        supervisor = ray.get_actor(HOSTS, namespace=self.namespace)
+        supervisor_status: Any = ray.get(supervisor.status.remote(), timeout=30)
+        host_restarts = int(supervisor_status["restarts"])
+        totals["entity_restarts"] = totals["restarts"]
+        totals["host_restarts"] = host_restarts
+        totals["restarts"] += host_restarts
+        return {
+            "placement": "hosted",
+            "live": live,
+            "live_conversations": live,
+            "per_node": per_node,
+            "shard_table_version": self.hosts.table.version,
+            "hosts": hosts,
+            **totals,
+        }
 
     def _unavailable(self, user_id: str, why: str) -> ConversationUnavailable:
         return ConversationUnavailable(

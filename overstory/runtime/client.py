@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -21,16 +22,15 @@ from typing import Any, TypeVar
 
 import ray
 from opentelemetry.trace import Span, SpanKind
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
-from ..agent import Agent
-from ..exceptions import ConversationUnavailable, Fenced, Passivated
+from ..agent import Agent, Placement
+from ..exceptions import ConversationUnavailable, Fenced, Passivated, StaleShardTable
 from ..messages import Message, Reply
 from ..providers import Secret
 from ..providers import api_keys as api_key_map
 from ..registry import Registry, actor_name
 from ..store import open_store
-from ..supervisors.conversations import Lifecycle
 from ..supervisors.named import unwrap_task_error
 from ..telemetry import flush as flush_telemetry
 from ..telemetry import inject, setup_telemetry, telemetry_env, tracer
@@ -42,9 +42,13 @@ __all__ = ["Conversation", "Runtime", "connect"]
 
 T = TypeVar("T")
 
-#: How many times a call is re-sent to a replacement actor after the actor died (or was
-#: passivated, or fenced out) under it. Re-sending is safe: turns are idempotent by id.
-_RESEND_ATTEMPTS = 6
+#: Back-off between re-sends while a host restarts in place (seconds, doubling, capped).
+_BACKOFF_S = (0.05, 1.0)
+
+
+def _backoff(attempt: int) -> float:
+    low, high = _BACKOFF_S
+    return float(min(low * 2**attempt, high))
 
 
 def _default_agent() -> Agent:
@@ -52,7 +56,12 @@ def _default_agent() -> Agent:
 
 
 class Conversation:
-    """One user's conversation. Get it with :meth:`Runtime.conversation`."""
+    """One user's conversation. Get it with :meth:`Runtime.conversation`.
+
+    Every call is retried under one deadline (``send_timeout_s``) when the process that
+    serves the conversation dies, is restarting, passivates it or is fenced out of it:
+    re-sending is safe because turns are idempotent by id.
+    """
 
     def __init__(
         self,
@@ -63,7 +72,7 @@ class Conversation:
     ) -> None:
         self._runtime = runtime
         self.user_id = user_id
-        self._handle = handle
+        self._handle = handle  # dedicated placement; None when hosted
         self._api_keys = api_keys
         self._lock = threading.Lock()
         # Numbers this handle's sends so the actor runs them in the order they were made.
@@ -72,61 +81,125 @@ class Conversation:
         self._in_flight: set[int] = set()
 
     def __repr__(self) -> str:
-        return f"Conversation(user_id={self.user_id!r}, actor={actor_name(self.user_id)!r})"
+        return f"Conversation(user_id={self.user_id!r}, placement={self.placement!r})"
+
+    @property
+    def placement(self) -> Placement:
+        return self._runtime.registry.placement
 
     @property
     def actor_name(self) -> str:
-        """The Ray actor's name (as the Ray dashboard shows it)."""
+        """The Ray actor serving it, as the Ray dashboard shows it (its host, if hosted)."""
+        if self._handle is None:
+            return self._runtime.registry.hosts.table.host_for(self.user_id)
         return actor_name(self.user_id)
 
-    def _replace_handle(self, dead: Any) -> Any:
-        with self._lock:
-            if self._handle is dead:
-                self._handle = self._runtime.registry.get_or_start(self.user_id, self._api_keys)
-            return self._handle
+    # --- one call, and what to do when it fails ------------------------------------------
 
-    async def _replace_handle_async(self, dead: Any) -> Any:
-        if self._handle is dead:
-            self._handle = await self._runtime.registry.get_or_start_async(
-                self.user_id, self._api_keys
-            )
+    def _invoke(self, target: Any, method: str, args: tuple[Any, ...]) -> Any:
+        """The ObjectRef of ``method`` on ``target`` (a dedicated handle, or a host route)."""
+        if self._handle is None:
+            version, _name, host = target
+            if method == "send":  # (turn_id, text, caller, n, low, carrier) + api_keys
+                return host.send.remote(version, self.user_id, *args, self._api_keys)
+            method = "info" if method == "ready" else method
+            return getattr(host, method).remote(version, self.user_id, self._api_keys)
+        return getattr(target, method).remote(*args)
+
+    def _failure(self, target: Any, exc: BaseException) -> tuple[BaseException, bool]:
+        """``(error, retry)``: whether a re-send may succeed, and the error if not."""
+        if isinstance(exc, RayTaskError):
+            cause = unwrap_task_error(exc)
+            if isinstance(cause, StaleShardTable):
+                self._runtime.registry.hosts.update(cause)
+                return cause, True
+            return cause, isinstance(cause, Passivated | Fenced)
+        if isinstance(exc, ActorDiedError) and self._handle is None and target is not None:
+            self._runtime.registry.hosts.forget(target[1])  # look the host up again
+        return exc, isinstance(exc, RayActorError | ConversationUnavailable)
+
+    @staticmethod
+    def _pause(attempt: int, error: BaseException, deadline: float) -> float:
+        """How long to wait before re-sending to a host: at once to a newer route or a
+        fresh entity; a host that died or restarts in place gets a doubling back-off."""
+        if isinstance(error, StaleShardTable | Passivated | Fenced):
+            return 0.0
+        return min(_backoff(attempt), max(0.0, deadline - time.monotonic()))
+
+    def _target(self) -> Any:
+        if self._handle is None:
+            return self._runtime.registry.hosts.route(self.user_id)
+        return self._handle
+
+    async def _target_async(self) -> Any:
+        if self._handle is None:
+            return await self._runtime.registry.hosts.route_async(self.user_id)
         return self._handle
 
     def _call(self, method: str, *args: Any) -> Any:
-        handle = self._handle
-        for attempt in range(_RESEND_ATTEMPTS + 1):
+        deadline = time.monotonic() + self._runtime.config.send_timeout_s
+        for attempt in itertools.count():
+            target = None
             try:
-                return ray.get(getattr(handle, method).remote(*args))
-            except RayTaskError as exc:
-                cause = unwrap_task_error(exc)
-                if not isinstance(cause, Passivated | Fenced) or attempt == _RESEND_ATTEMPTS:
-                    raise cause from None
-            except RayActorError as exc:
-                if attempt == _RESEND_ATTEMPTS:
-                    raise self._gave_up(method, exc) from exc
-            handle = self._replace_handle(handle)
+                target = self._target()
+                left = max(deadline - time.monotonic(), 0.001)
+                return ray.get(self._invoke(target, method, args), timeout=left)
+            except GetTimeoutError:
+                raise self._late(method) from None
+            except (RayTaskError, RayActorError, ConversationUnavailable) as exc:
+                error, retry = self._failure(target, exc)
+                if not retry:
+                    raise error from None
+            if time.monotonic() >= deadline:
+                raise self._gave_up(method, error)
+            if self._handle is not None:
+                with self._lock:  # the dedicated actor is gone: get (or start) it again
+                    if self._handle is target:
+                        self._handle = self._runtime.registry.get_or_start(
+                            self.user_id, self._api_keys
+                        )
+            else:
+                time.sleep(self._pause(attempt, error, deadline))
         raise AssertionError("unreachable")
 
     async def _call_async(self, method: str, *args: Any) -> Any:
-        handle = self._handle
-        for attempt in range(_RESEND_ATTEMPTS + 1):
+        deadline = time.monotonic() + self._runtime.config.send_timeout_s
+        for attempt in itertools.count():
+            target = None
             try:
-                return await getattr(handle, method).remote(*args)
-            except RayTaskError as exc:
-                cause = unwrap_task_error(exc)
-                if not isinstance(cause, Passivated | Fenced) or attempt == _RESEND_ATTEMPTS:
-                    raise cause from None
-            except RayActorError as exc:
-                if attempt == _RESEND_ATTEMPTS:
-                    raise self._gave_up(method, exc) from exc
-            handle = await self._replace_handle_async(handle)
+                target = await self._target_async()
+                left = max(deadline - time.monotonic(), 0.001)
+                return await asyncio.wait_for(self._invoke(target, method, args), timeout=left)
+            except TimeoutError:
+                raise self._late(method) from None
+            except (RayTaskError, RayActorError, ConversationUnavailable) as exc:
+                error, retry = self._failure(target, exc)
+                if not retry:
+                    raise error from None
+            if time.monotonic() >= deadline:
+                raise self._gave_up(method, error)
+            if self._handle is not None:
+                if self._handle is target:
+                    self._handle = await self._runtime.registry.get_or_start_async(
+                        self.user_id, self._api_keys
+                    )
+            else:
+                await asyncio.sleep(self._pause(attempt, error, deadline))
         raise AssertionError("unreachable")
+
+    def _late(self, method: str) -> ConversationUnavailable:
+        return ConversationUnavailable(
+            f"{method} on the conversation of {self.user_id!r} did not finish within "
+            f"send_timeout_s={self._runtime.config.send_timeout_s:g} s. A send may be retried "
+            "with the same turn_id: it is never stored twice."
+        )
 
     def _gave_up(self, method: str, exc: BaseException) -> ConversationUnavailable:
         return ConversationUnavailable(
-            f"{method} on the conversation of {self.user_id!r} failed: its actor died "
-            f"{_RESEND_ATTEMPTS + 1} times in a row ({type(exc).__name__}). A send may be "
-            "retried with the same turn_id: it is never stored twice."
+            f"{method} on the conversation of {self.user_id!r} failed: it could not be "
+            f"served within send_timeout_s={self._runtime.config.send_timeout_s:g} s "
+            f"(last: {type(exc).__name__}: {exc}). A send may be retried with the same "
+            "turn_id: it is never stored twice."
         )
 
     def _number(self) -> tuple[int, int]:
@@ -206,22 +279,7 @@ class Runtime:
         self.config = config
         self.agent = agent
         self.started_ray = started_ray
-        self.registry = Registry(
-            namespace=config.namespace,
-            agent=agent,
-            store_url=config.store,
-            max_message_chars=config.max_message_chars,
-            lifecycle=Lifecycle(
-                idle_timeout_s=config.idle_timeout_s,
-                max_live_per_node=config.max_live_per_node,
-                max_restarts=config.restart_intensity,
-                period_s=config.restart_period_s,
-                actor_max_restarts=config.actor_max_restarts,
-                activation_timeout_s=config.activation_timeout_s,
-                resources=dict(config.actor_resources),
-            ),
-            send_agent=send_agent,
-        )
+        self.registry = Registry(config=config, agent=agent, send_agent=send_agent)
         self._conversations: dict[str, Conversation] = {}
         self._lock = threading.Lock()
 
@@ -247,7 +305,9 @@ class Runtime:
             conv = self._conversations.get(user_id)
         if conv is not None and conv._api_keys == keys:
             return conv
-        handle = self.registry.get_or_start(user_id, keys)
+        handle = None
+        if self.registry.placement == "dedicated":
+            handle = self.registry.get_or_start(user_id, keys)
         with self._lock:
             conv = Conversation(self, user_id, handle, keys)
             self._conversations[user_id] = conv
@@ -262,7 +322,9 @@ class Runtime:
         conv = self._conversations.get(user_id)
         if conv is not None and conv._api_keys == keys:
             return conv
-        handle = await self.registry.get_or_start_async(user_id, keys)
+        handle = None
+        if self.registry.placement == "dedicated":
+            handle = await self.registry.get_or_start_async(user_id, keys)
         conv = Conversation(self, user_id, handle, keys)
         self._conversations[user_id] = conv
         return conv
@@ -367,7 +429,7 @@ def connect(
         config, agent or _default_agent(), started_ray=started, send_agent=agent is not None
     )
     try:
-        runtime.registry.supervisor()  # boot the supervision tree, or attach to it
+        runtime.registry.boot()  # boot the supervision tree, or attach to it
     except BaseException:
         runtime.close()
         raise

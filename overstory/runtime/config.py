@@ -49,10 +49,28 @@ class Config(pydantic.BaseModel):
     """How often Ray restarts a crashed conversation actor in place (-1: always)."""
     activation_timeout_s: float = pydantic.Field(60.0, gt=0, le=3600)
     """How long get-or-start waits for a conversation actor to load its history."""
-    idle_timeout_s: float | None = pydantic.Field(None, gt=0)
+    idle_timeout_s: float | None = pydantic.Field(600.0, gt=0)
     """Passivate a conversation after this long without a turn (``None``: never)."""
     max_live_per_node: int | None = pydantic.Field(None, ge=1)
-    """Cap on live conversation actors per node; the least recently used idle ones go."""
+    """Dedicated placement: cap on live conversation actors per node (LRU idle ones go)."""
+    hosts_per_node: int | None = pydantic.Field(None, ge=1, le=256)
+    """Hosted placement: host actors per node (``None``: the node's CPU count). The hosts
+    are counted over the nodes alive when the tree boots."""
+    shards: int = pydantic.Field(1024, ge=1, le=1_000_000)
+    """Hosted placement: shards conversation ids hash to (fixed for a namespace)."""
+    max_live_per_host: int = pydantic.Field(25_000, ge=1)
+    """Hosted placement: live conversations per host; the least recently used idle ones
+    are passivated beyond it, so memory stays bounded however many users there are."""
+    turn_timeout_s: float = pydantic.Field(300.0, gt=0, le=86_400)
+    """A turn running longer crashes its conversation (hosted: its entity only)."""
+    send_timeout_s: float = pydantic.Field(600.0, gt=0, le=86_400)
+    """Overall deadline of one ``send``, re-sends after crashes included."""
+    entity_max_restarts: int = pydantic.Field(3, ge=0)
+    """Hosted placement: crashes of one conversation allowed within
+    ``entity_restart_period_s`` before it is quarantined."""
+    entity_restart_period_s: float = pydantic.Field(60.0, gt=0)
+    quarantine_s: float = pydantic.Field(300.0, gt=0)
+    """How long a quarantined conversation is refused."""
     restart_intensity: int = pydantic.Field(100, ge=0)
     """Conversation restarts allowed within ``restart_period_s`` before the conversation
     supervisor gives up, shuts its children down and escalates to the root."""

@@ -1,8 +1,16 @@
 """The supervision tree: one detached, named root supervisor per app namespace.
 
-    root (one_for_one, permanent children)
-    └── conversations   ConversationSupervisor: dynamic, one_for_one, transient children;
-                        also the registry's record of which conversations are live
+    root (one_for_one, permanent children)              Supervisor
+    ├── hosts (hosted placement)                        Supervisor: one_for_one, permanent
+    │   ├── overstory:host:0                            HostActor: conversation entities,
+    │   └── overstory:host:1 ...                          each supervised inside its host
+    └── conversations (dedicated placement)             ConversationSupervisor: dynamic,
+                                                          one_for_one, transient children
+
+:class:`Supervisor` is the one shell for named, static children (the root and the host
+supervisor are two instances of it): it asks :func:`~overstory.supervisors.core.on_exit`
+what to do with each exit and carries the decision out; when the core says give up, it
+terminates its children and escalates to its parent (or, for the root, stops the tree).
 
 Provider actors (one per endpoint, :mod:`overstory.providers.pool`) live beside the
 tree, not in it: Ray restarts them in place and any caller starts one that is gone for
@@ -30,10 +38,11 @@ from .named import SUPERVISED, get_or_create, get_or_create_sync
 from .spec import ChildSpec, ExitReason, SupervisorSpec
 from .watch import RESTARTED, new_incarnation, watched_elsewhere
 
-__all__ = ["CONVERSATIONS", "ROOT", "NamedChild", "RootSupervisor", "boot"]
+__all__ = ["CONVERSATIONS", "HOSTS", "ROOT", "NamedChild", "RootSupervisor", "Supervisor", "boot"]
 
 ROOT = "overstory.root"
 CONVERSATIONS = "overstory.conversations"
+HOSTS = "overstory.hosts"
 
 #: How long the root waits for a (re)started child to serve before counting a failure.
 START_TIMEOUT_S = 60.0
@@ -51,12 +60,25 @@ class NamedChild:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-class RootSupervisor:
-    """Thin shell around :mod:`overstory.supervisors.core` for named, static children."""
+class Supervisor:
+    """Thin shell around :mod:`overstory.supervisors.core` for named, static children.
 
-    def __init__(self, namespace: str, spec: SupervisorSpec) -> None:
+    ``parent`` is ``(parent actor name, this supervisor's child id there)``: where to
+    escalate when the restart intensity is exceeded (``None``: this is the root).
+    ``meta`` is returned by :meth:`status` (the host supervisor carries the shard table).
+    """
+
+    def __init__(
+        self,
+        namespace: str,
+        spec: SupervisorSpec,
+        parent: tuple[str, str] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         self.namespace = namespace
         self.spec = spec
+        self.parent = parent
+        self.meta = dict(meta or {})
         self._state: SupervisorState | None = None
         self._handles: dict[str, Any] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
@@ -76,7 +98,16 @@ class RootSupervisor:
 
     def status(self) -> dict[str, Any]:
         children = [c.id for c in self._state.children] if self._state else []
-        return {"children": children, "restarts": self.restarts, "incarnation": self.incarnation}
+        return {
+            "children": children,
+            "restarts": self.restarts,
+            "incarnation": self.incarnation,
+            "meta": self.meta,
+        }
+
+    def handles(self) -> dict[str, Any]:
+        """The live children's actor handles, by child id."""
+        return dict(self._handles)
 
     async def escalated(self, child_id: str) -> None:
         """A child supervisor gave up (its restart intensity was exceeded): take it down.
@@ -148,9 +179,7 @@ class RootSupervisor:
                 if handle is not None:
                     ray.kill(handle, no_restart=True)
             if isinstance(decision, Shutdown):
-                # Give up: the children are down; there is no parent above the root, so the
-                # tree stops and the next boot() starts a fresh one.
-                ray.get_runtime_context().current_actor.__ray_terminate__.remote()
+                await self._give_up()
                 return
             assert isinstance(decision, Restart)
             specs = {c.id: c for c in self._state.children}
@@ -165,13 +194,30 @@ class RootSupervisor:
         if failed is not None:
             await self._on_exit(failed, "crash")
 
+    async def _give_up(self) -> None:
+        """The children are down: escalate to the parent, which takes this supervisor down
+        and applies its own policy; the root has none, so the tree stops and the next
+        :func:`boot` starts a fresh one."""
+        if self.parent is not None:
+            name, child_id = self.parent
+            try:
+                parent = ray.get_actor(name, namespace=self.namespace)
+                await parent.escalated.remote(child_id)
+                return
+            except (ValueError, RayActorError, RayTaskError) as exc:
+                log.error("cannot escalate to %r: %s; stopping", name, exc)
+        ray.get_runtime_context().current_actor.__ray_terminate__.remote()
+
     def _kill_by_name(self, name: str) -> None:
         """End a child that failed to start, so the next attempt starts a fresh one."""
         with contextlib.suppress(ValueError):  # no such actor (any more)
             ray.kill(ray.get_actor(name, namespace=self.namespace), no_restart=True)
 
 
-_RemoteRoot: Any = ray.remote(RootSupervisor)
+#: The root was the only instance before the host supervisor; the old name stays valid.
+RootSupervisor = Supervisor
+
+_RemoteRoot: Any = ray.remote(Supervisor)
 
 
 def boot(namespace: str, spec: SupervisorSpec, *, timeout_s: float = 60.0) -> Any:

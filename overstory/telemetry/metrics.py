@@ -100,8 +100,8 @@ METRICS: dict[str, MetricSpec] = {
     "live_conversations": MetricSpec(
         "overstory_live_conversations",
         "gauge",
-        "Conversation actors alive, as last reported by the process that tracks them.",
-        (),
+        "Live conversations, per host (hosted) or for the dedicated supervisor.",
+        ("host",),
     ),
     "fallbacks": MetricSpec(
         "overstory_provider_fallbacks_total",
@@ -207,10 +207,10 @@ class Metrics:
         """A conversation actor passivated (``idle``, ``evicted``, ...)."""
         self._inc("passivations", 1, {"reason": _tag(reason)})
 
-    def live_conversations(self, n: int) -> None:
-        """How many conversation actors are alive. Set it from one process only: Ray keeps
-        a gauge's last value per reporting process."""
-        self._set("live_conversations", n, {})
+    def live_conversations(self, n: int, host: str = "dedicated") -> None:
+        """How many conversations ``host`` holds live (``dedicated``: the conversation
+        supervisor's actors). Ray keeps a gauge's last value per reporting process."""
+        self._set("live_conversations", n, {"host": _tag(host)})
 
     # --- provider policies -------------------------------------------------------------
 

@@ -1,0 +1,474 @@
+"""HostActor: many conversations as entities inside one async Ray actor (hosted placement).
+
+A host (``overstory:host:<i>``, named, detached, restarted in place by Ray) serves the
+shards the :class:`~overstory.registry.shards.ShardTable` gives it. Each conversation is
+an :class:`_Entity` — its history, its epoch, its turn gate — activated on its first
+call by loading the history from the store (milliseconds; no process starts) and
+passivated when idle or when the host is over its cap (least recently used first).
+
+The guarantees are those of a dedicated conversation actor, per conversation:
+
+* one live entity per conversation cluster-wide: activation takes a new epoch from the
+  store and every append carries it, so an entity left behind (its host lost the shard,
+  or a zombie of a restarted host) is fenced and dropped, never written through;
+* turns of one conversation run one at a time, each caller's in order (its own
+  :class:`~overstory.actors.gate.TurnGate`, made only while turns are in flight);
+* every message is stored before the turn goes on (:func:`~overstory.actors.turn.run_turn`),
+  turn ids are idempotent, so a client re-sends a turn a host crash interrupted.
+
+Isolation: a turn runs under a deadline (``turn_timeout_s``); sync tools run in threads
+(:class:`~overstory.tools.Tool`). A turn past its deadline, or an exception that escapes
+the turn machinery, *crashes its entity only*: the host's per-conversation supervision
+(the pure OTP core, :func:`~overstory.supervisors.core.on_exit`, one transient child per
+conversation) restarts it from the store, and a conversation that exceeds its restart
+intensity is quarantined for ``quarantine_s`` — callers get
+:class:`~overstory.exceptions.ConversationQuarantined` naming it. The host and every
+other conversation carry on.
+
+One store client per host, shared by all its conversations; one sweeper task per host
+does idle passivation (no timer per conversation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from ..agent import Agent
+from ..exceptions import (
+    ConversationQuarantined,
+    Fenced,
+    InvalidMessage,
+    Passivated,
+    SequenceConflict,
+    StaleShardTable,
+    TurnFailed,
+)
+from ..messages import Message, Reply
+from ..providers import Secret
+from ..providers.pool import provider_namespace
+from ..store import HistoryStore, open_store
+from ..supervisors.core import Restart, SupervisorState, initial_state, on_exit
+from ..supervisors.spec import ChildSpec, SupervisorSpec
+from ..supervisors.watch import RESTARTED, new_incarnation, watched_elsewhere
+from ..telemetry import attached, metrics, setup_telemetry
+from ..telemetry import flush as flush_telemetry
+from ..validation import validate_message
+from .gate import TurnGate
+from .turn import run_turn
+
+if TYPE_CHECKING:  # imported for types only: registry and runtime import this module
+    from ..registry.shards import ShardTable
+    from ..runtime.config import Config
+
+__all__ = ["HostActor", "process_memory"]
+
+
+def process_memory() -> dict[str, int]:
+    """This process's memory in bytes: ``uss`` (what it alone holds) and ``rss``."""
+    try:
+        import psutil
+
+        info = psutil.Process().memory_full_info()
+        return {"uss": int(info.uss), "rss": int(info.rss)}
+    except Exception:  # psutil missing, or /proc not readable: report what we can
+        import resource
+
+        return {"uss": 0, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+class _Entity:
+    """One live conversation inside a host. Small on purpose: a host holds thousands."""
+
+    __slots__ = (
+        "agent",
+        "closing",
+        "conversation_id",
+        "epoch",
+        "gate",
+        "history",
+        "in_turn",
+        "last_active",
+        "turns",
+    )
+
+    def __init__(
+        self, conversation_id: str, agent: Agent, history: list[Message], epoch: int
+    ) -> None:
+        self.conversation_id = conversation_id
+        self.agent = agent
+        self.history = history
+        self.epoch = epoch
+        self.gate: TurnGate | None = None  # only while turns are in flight
+        self.in_turn = 0
+        self.closing = False
+        self.turns = 0
+        self.last_active = time.monotonic()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "conversation_id": self.conversation_id,
+            "epoch": self.epoch,
+            "messages": len(self.history),
+            "turns_served": self.turns,
+            "idle_s": time.monotonic() - self.last_active,
+            "busy": self.in_turn > 0,
+            "agent": self.agent.name,
+        }
+
+
+class HostActor:
+    """Hosts conversation entities (the Ray actor class is built in :mod:`..registry`)."""
+
+    def __init__(
+        self, namespace: str, name: str, table: ShardTable, agent: Agent, config: Config
+    ) -> None:
+        self.namespace = namespace
+        self.name = name
+        self.table = table
+        self.agent = agent
+        self.config = config
+        self.incarnation = new_incarnation()
+        setup_telemetry()
+        self._store: HistoryStore = open_store(config.store)
+        self._store_open = False
+        self._store_lock = asyncio.Lock()
+        self._entities: OrderedDict[str, _Entity] = OrderedDict()  # least recent first
+        self._activating: dict[str, asyncio.Future[_Entity]] = {}
+        self._crashes: dict[str, SupervisorState] = {}  # conversations with recent crashes
+        self._quarantined: dict[str, ConversationQuarantined] = {}
+        self._entity_spec = SupervisorSpec(
+            "one_for_one", config.entity_max_restarts, config.entity_restart_period_s
+        )
+        self.counters = {
+            "activations": 0,
+            "passivations": 0,
+            "evictions": 0,
+            "restarts": 0,
+            "quarantined": 0,
+            "fenced": 0,
+        }
+        self._started_at = time.time()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stopped: asyncio.Event | None = None
+
+    # --- supervision protocol (the host supervisor watches hosts) -------------------------
+
+    async def ready(self) -> dict[str, Any]:
+        self._start_sweeper()
+        return self.status()
+
+    async def watch(self, incarnation: str | None = None) -> str:
+        if watched_elsewhere(incarnation, self.incarnation):
+            return RESTARTED
+        if self._stopped is None:
+            self._stopped = asyncio.Event()
+        await self._stopped.wait()
+        return "shutdown"
+
+    def status(self) -> dict[str, Any]:
+        busy = sum(1 for e in self._entities.values() if e.in_turn)
+        return {
+            "host": self.name,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "incarnation": self.incarnation,
+            "started_at": self._started_at,
+            "live": len(self._entities),
+            "busy": busy,
+            "memory": process_memory(),
+            "shard_table_version": self.table.version,
+            **self.counters,
+        }
+
+    # --- conversations ----------------------------------------------------------------------
+
+    async def send(
+        self,
+        version: int,
+        conversation_id: str,
+        turn_id: str,
+        text: str,
+        caller: str | None = None,
+        n: int = 0,
+        low: int | None = None,
+        carrier: dict[str, str] | None = None,
+        api_keys: Mapping[str, Secret] | None = None,
+    ) -> Reply:
+        """Run turn ``turn_id`` of ``conversation_id`` (see ``ConversationActor.send``)."""
+        self._route(version, conversation_id)
+        validate_message(text, max_chars=self.config.max_message_chars)
+        entity = await self._activate(conversation_id, api_keys=api_keys)
+        entity.in_turn += 1
+        try:
+            if entity.gate is None:
+                entity.gate = TurnGate()
+            async with entity.gate.turn(caller, n, low):
+                if entity.closing:
+                    raise Passivated(f"conversation {conversation_id!r} is passivating")
+                return await self._turn(entity, turn_id, text, carrier)
+        finally:
+            entity.in_turn -= 1
+            entity.last_active = time.monotonic()
+            if not entity.in_turn:
+                entity.gate = None  # a fresh gate orders by each caller's ``low``: no loss
+            if self._entities.get(conversation_id) is entity:
+                self._entities.move_to_end(conversation_id)
+
+    async def _turn(
+        self, entity: _Entity, turn_id: str, text: str, carrier: dict[str, str] | None
+    ) -> Reply:
+        """One turn under the deadline; what escapes the turn machinery crashes the entity."""
+        cid = entity.conversation_id
+        try:
+            with attached(carrier), provider_namespace(self.namespace):
+                return await asyncio.wait_for(
+                    run_turn(
+                        entity.agent,
+                        self._store,
+                        cid,
+                        entity.history,
+                        turn_id,
+                        text,
+                        epoch=entity.epoch,
+                    ),
+                    timeout=self.config.turn_timeout_s,
+                )
+        except (TurnFailed, InvalidMessage):
+            raise  # the turn's own outcome: the entity is fine
+        except Fenced:
+            # Another entity took the conversation over (this host lost the shard, or this
+            # is a zombie): this one must never write again. Not a crash of ours.
+            self.counters["fenced"] += 1
+            self._drop(entity)
+            raise
+        except SequenceConflict:
+            entity.history[:] = await self._store.load(cid)
+            raise
+        except TimeoutError:
+            reason = f"the turn exceeded its deadline of {self.config.turn_timeout_s:g} s"
+            self._crash(entity, reason)
+            raise TurnFailed(cid, turn_id, reason) from None
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"[:300]
+            self._crash(entity, reason)
+            raise TurnFailed(cid, turn_id, f"the conversation crashed ({reason})", exc) from exc
+        finally:
+            entity.turns += 1
+
+    async def history(
+        self,
+        version: int,
+        conversation_id: str,
+        api_keys: Mapping[str, Secret] | None = None,
+    ) -> list[Message]:
+        """The stored messages; during a turn, those of the turn stored so far."""
+        self._route(version, conversation_id)
+        entity = await self._activate(conversation_id, api_keys=api_keys)
+        entity.last_active = time.monotonic()
+        return list(entity.history)
+
+    async def info(
+        self,
+        version: int,
+        conversation_id: str,
+        api_keys: Mapping[str, Secret] | None = None,
+    ) -> dict[str, Any]:
+        """One conversation's entity (activated if needed) and this host's process."""
+        self._route(version, conversation_id)
+        entity = await self._activate(conversation_id, api_keys=api_keys)
+        return {
+            **entity.info(),
+            "placement": "hosted",
+            "host": self.name,
+            "pid": os.getpid(),
+            "incarnation": self.incarnation,
+            "node_id": ray.get_runtime_context().get_node_id(),
+        }
+
+    async def passivate(self, version: int, conversation_id: str, reason: str = "stopped") -> bool:
+        """Passivate one conversation now; ``False`` when it is not live or mid-turn."""
+        self._route(version, conversation_id)
+        entity = self._entities.get(conversation_id)
+        if entity is None or entity.in_turn:
+            return False
+        self._remove(entity, reason)
+        return True
+
+    async def passivate_all(self) -> int:
+        """Passivate every idle conversation (operators, tests); returns how many."""
+        idle = [e for e in self._entities.values() if not e.in_turn]
+        for entity in idle:
+            self._remove(entity, "stopped")
+        return len(idle)
+
+    def live(self) -> list[str]:
+        """Ids of the conversations live here (for operators and tests)."""
+        return list(self._entities)
+
+    # --- activation, passivation -------------------------------------------------------------
+
+    def _route(self, version: int, conversation_id: str) -> None:
+        """Refuse a request routed with another table, or for a shard this host does not serve."""
+        table = self.table
+        if version != table.version or not table.owns(self.name, conversation_id):
+            raise StaleShardTable(table.version, table.shards, table.hosts)
+        quarantine = self._quarantined.get(conversation_id)
+        if quarantine is not None:
+            if time.time() < quarantine.until:
+                raise quarantine
+            del self._quarantined[conversation_id]
+
+    async def _open_store(self) -> None:
+        if not self._store_open:
+            async with self._store_lock:
+                if not self._store_open:
+                    await self._store.open()
+                    self._store_open = True
+
+    async def _activate(
+        self,
+        conversation_id: str,
+        *,
+        api_keys: Mapping[str, Secret] | None = None,
+        agent: Agent | None = None,
+    ) -> _Entity:
+        """The live entity of ``conversation_id``, loaded from the store if needed.
+
+        Concurrent calls for one conversation share one activation. ``api_keys`` bind
+        for the life of the entity (as for a dedicated actor); a restart passes the
+        crashed entity's ``agent`` so they survive it.
+        """
+        entity = self._entities.get(conversation_id)
+        if entity is not None and not entity.closing:
+            return entity
+        pending = self._activating.get(conversation_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[_Entity] = asyncio.get_running_loop().create_future()
+        self._activating[conversation_id] = future
+        try:
+            self._start_sweeper()
+            await self._open_store()
+            epoch = await self._store.acquire(conversation_id)
+            history = await self._store.load(conversation_id)
+            if agent is None:
+                agent = self.agent.with_api_keys(api_keys) if api_keys else self.agent
+            entity = _Entity(conversation_id, agent, history, epoch)
+            self._entities[conversation_id] = entity
+            self.counters["activations"] += 1
+            self._evict_over_cap()
+            self._report()
+            future.set_result(entity)
+            return entity
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            raise
+        finally:
+            del self._activating[conversation_id]
+
+    def _remove(self, entity: _Entity, reason: str) -> None:
+        """Passivate: forget the entity (everything it holds is stored)."""
+        self._drop(entity)
+        self.counters["passivations"] += 1
+        if reason == "evicted":
+            self.counters["evictions"] += 1
+        metrics().passivation(reason)
+        self._report()
+
+    def _drop(self, entity: _Entity) -> None:
+        entity.closing = True  # queued turns get Passivated: their clients re-send
+        if self._entities.get(entity.conversation_id) is entity:
+            del self._entities[entity.conversation_id]
+
+    def _evict_over_cap(self) -> None:
+        """Over ``max_live_per_host``: passivate the least recently used idle entities."""
+        over = len(self._entities) - self.config.max_live_per_host
+        if over <= 0:
+            return
+        for entity in [e for e in self._entities.values() if not e.in_turn][:over]:
+            self._remove(entity, "evicted")
+
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None and self.config.idle_timeout_s is not None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Passivate entities idle for ``idle_timeout_s`` (least recent first: stop early)."""
+        timeout = self.config.idle_timeout_s
+        assert timeout is not None
+        while True:
+            await asyncio.sleep(min(max(timeout / 4, 0.05), 30.0))
+            cutoff = time.monotonic() - timeout
+            expired = []
+            for entity in self._entities.values():
+                if entity.last_active > cutoff:
+                    break
+                if not entity.in_turn:
+                    expired.append(entity)
+            for entity in expired:
+                self._remove(entity, "idle")
+
+    def _report(self) -> None:
+        metrics().live_conversations(len(self._entities), self.name)
+
+    # --- per-conversation supervision ------------------------------------------------------
+
+    def _crash(self, entity: _Entity, reason: str) -> None:
+        """The entity crashed: the core decides restart (from the store) or quarantine."""
+        cid = entity.conversation_id
+        self._drop(entity)
+        now = time.monotonic()
+        state = self._crashes.get(cid)
+        if state is None:
+            spec = SupervisorSpec(
+                self._entity_spec.strategy,
+                self._entity_spec.max_restarts,
+                self._entity_spec.period_s,
+                (ChildSpec(cid, restart="transient"),),
+            )
+            state = initial_state(spec)
+        state, decision = on_exit(state, cid, "crash", now)
+        self._prune_crashes(now)
+        if isinstance(decision, Restart):
+            self._crashes[cid] = state
+            self.counters["restarts"] += 1
+            metrics().restart("entities")
+            # Restart = activate again from the store, now: queued callers find it serving.
+            restart = self._activate(cid, agent=entity.agent)
+            task = asyncio.get_running_loop().create_task(restart)
+            task.add_done_callback(_ignore_failure)
+            return
+        # Restart intensity exceeded: this conversation, not the host, gives up.
+        self._crashes.pop(cid, None)
+        self.counters["quarantined"] += 1
+        self._quarantined[cid] = ConversationQuarantined(
+            cid, len(state.restarts), time.time() + self.config.quarantine_s, reason
+        )
+
+    def _prune_crashes(self, now: float) -> None:
+        """Forget crash windows that have expired: per-conversation state must not grow."""
+        period = self._entity_spec.period_s
+        expired = [c for c, s in self._crashes.items() if now - s.restarts[-1] >= period]
+        for cid in expired:
+            del self._crashes[cid]
+        wall = time.time()
+        for cid in [c for c, q in self._quarantined.items() if q.until <= wall]:
+            del self._quarantined[cid]
+
+    async def flush(self) -> None:
+        """Export buffered spans (tests and operators before a kill)."""
+        flush_telemetry(2.0)
+
+
+def _ignore_failure(task: asyncio.Task[Any]) -> None:
+    """A background restart that fails leaves the next call to activate (and to report)."""
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,78 @@
+"""Conversation id -> shard -> host: the hosted placement's routing, as pure values.
+
+A conversation id hashes to one of a fixed number of shards (sha256, so every process
+and every Python agrees); a small, versioned :class:`ShardTable` maps shards to host
+actors. Clients cache the table and send straight to the host; a host checks that a
+request was routed with the table it serves (:meth:`ShardTable.owns`) and answers a
+stale one with :class:`~overstory.exceptions.StaleShardTable` carrying the current
+table, so a client never needs a round trip to a supervisor per conversation.
+
+The shard count is fixed for the life of a namespace (it is part of every id's
+address); the number of hosts is not: a table with more hosts reassigns shards
+(``shard % len(hosts)``), and the moved conversations re-activate from the store on
+their new host. Their old entities are fenced by epoch (see
+:meth:`overstory.store.HistoryStore.acquire`) and never write again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from ..exceptions import ConfigError
+
+__all__ = ["DEFAULT_SHARDS", "HOST_PREFIX", "ShardTable", "host_name", "shard_of"]
+
+#: Shards per namespace: many more than hosts, so a new host takes a fair share.
+DEFAULT_SHARDS = 1024
+HOST_PREFIX = "overstory:host:"
+
+
+def host_name(index: int) -> str:
+    """The Ray actor name of host ``index`` (as the Ray dashboard shows it)."""
+    return f"{HOST_PREFIX}{index}"
+
+
+def shard_of(conversation_id: str, shards: int) -> int:
+    """The shard of ``conversation_id``: stable across processes, machines and restarts."""
+    digest = hashlib.sha256(conversation_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % shards
+
+
+@dataclass(frozen=True, slots=True)
+class ShardTable:
+    """Which host serves which shard; ``version`` grows whenever the hosts change."""
+
+    version: int
+    shards: int
+    hosts: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.shards, bool) or not isinstance(self.shards, int) or self.shards < 1:
+            raise ConfigError(f"shards must be an int >= 1, got {self.shards!r}")
+        if not self.hosts:
+            raise ConfigError("a shard table needs at least one host")
+        if len(self.hosts) > self.shards:
+            raise ConfigError(
+                f"{len(self.hosts)} hosts for {self.shards} shards: some hosts would serve none"
+            )
+        if len(set(self.hosts)) != len(self.hosts):
+            raise ConfigError(f"duplicate host names in shard table: {self.hosts!r}")
+
+    @classmethod
+    def build(cls, hosts: int, *, shards: int = DEFAULT_SHARDS, version: int = 1) -> ShardTable:
+        """A table over hosts ``0 .. hosts-1``, named by :func:`host_name`."""
+        if isinstance(hosts, bool) or not isinstance(hosts, int) or hosts < 1:
+            raise ConfigError(f"the number of hosts must be an int >= 1, got {hosts!r}")
+        return cls(version, shards, tuple(host_name(i) for i in range(hosts)))
+
+    def host_of_shard(self, shard: int) -> str:
+        return self.hosts[shard % len(self.hosts)]
+
+    def host_for(self, conversation_id: str) -> str:
+        """The host that serves ``conversation_id`` under this table."""
+        return self.host_of_shard(shard_of(conversation_id, self.shards))
+
+    def owns(self, host: str, conversation_id: str) -> bool:
+        """Whether ``host`` serves ``conversation_id`` under this table."""
+        return self.host_for(conversation_id) == host
