@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -11,10 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..agent import DEFAULT_PLACEMENT, PLACEMENTS
 from ..exceptions import OverstoryError, RuntimeFailure, TurnFailed, UsageError
 from . import ops
 from .client import Runtime, connect
-from .config import DEFAULT_NAMESPACE, Config, load_config
+from .config import DEFAULT_NAMESPACE, STORE_ENV, Config, load_config
 from .demo import demo_agent, run_demo
 
 __all__ = ["main"]
@@ -52,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--users", type=_positive, default=10, help="simulated users (10)")
     demo.add_argument("--turns", type=_positive, default=3, help="turns per user (3)")
     demo.add_argument(
+        "--placement",
+        choices=PLACEMENTS,
+        default=DEFAULT_PLACEMENT,
+        help="hosted: conversations as entities in a few host actors per node (default); "
+        "dedicated: one Ray actor per conversation",
+    )
+    demo.add_argument(
         "--latency-ms", type=float, default=0.0, help="offline model latency per call in ms (0)"
     )
     demo.add_argument(
@@ -59,13 +68,15 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         metavar="RATE",
-        help="SIGKILL random conversation actor processes RATE times a second",
+        help="SIGKILL a random process serving conversations (a host, or a dedicated "
+        "conversation actor) RATE times a second",
     )
     demo.add_argument(
         "--max-live",
         type=_positive,
         metavar="K",
-        help="cap on live conversation actors per node (least recently used are passivated)",
+        help="cap on live conversations per host (hosted) or actors per node (dedicated); "
+        "the least recently used idle ones are passivated",
     )
     demo.add_argument(
         "--idle-timeout", type=float, metavar="S", help="passivate conversations idle for S s"
@@ -98,7 +109,10 @@ def _config(args: argparse.Namespace) -> Config:
         "max_live_per_node": getattr(args, "max_live", None),
         "idle_timeout_s": getattr(args, "idle_timeout", None),
     }
-    if overrides["max_live_per_node"] is not None:
+    if getattr(args, "placement", "dedicated") == "hosted":
+        # The same cap, where hosted conversations live: per host.
+        overrides["max_live_per_host"] = overrides.pop("max_live_per_node")
+    elif overrides["max_live_per_node"] is not None:
         # With a cap, activations queue for room: give a queued user time to get in.
         overrides["activation_timeout_s"] = 900.0
     if args.config is not None:
@@ -115,13 +129,16 @@ def _demo(args: argparse.Namespace) -> int:
         raise UsageError(f"--chaos must be a rate in [0, 100] kills per second, got {args.chaos}")
     config = _config(args)
     scratch = None
-    if "store" not in config.model_fields_set:
+    # Config resolves a relative default store to an absolute path, which marks it as set:
+    # decide from what the user gave instead.
+    chosen = args.store or os.environ.get(STORE_ENV) or args.config is not None
+    if not chosen:
         # No store chosen: a scratch database for this run, removed afterwards.
         scratch = tempfile.mkdtemp(prefix="overstory-demo-")
         config = config.model_copy(update={"store": f"sqlite:///{scratch}/demo.db"})
     try:
         runtime = connect(
-            demo_agent(args.latency_ms / 1000, args.model),
+            demo_agent(args.latency_ms / 1000, args.model, placement=args.placement),
             config=config,
             dashboard=args.dashboard,
             telemetry=True,

@@ -8,6 +8,7 @@ questions into tool calls, so every demo run exercises tools end to end. The sum
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -19,13 +20,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from ..agent import Agent
+import ray
+
+from ..agent import Agent, Placement
 from ..exceptions import ConfigError, OverstoryError
 from ..messages import AssistantMessage, Message, UserMessage
 from ..providers import Endpoint, Model, OfflineModel, Rule, parse_model, resolve_model
 from .client import Runtime
 
 __all__ = ["DemoResult", "add", "demo_agent", "run_demo", "word_count"]
+
+#: The summary keeps this many error messages: a run of 1000 users must not print 1000.
+MAX_ERROR_SAMPLES = 5
 
 
 def add(a: int, b: int) -> int:
@@ -45,9 +51,12 @@ DEMO_RULES = (
 )
 
 
-def demo_agent(latency_s: float = 0.0, models: Sequence[str] = ()) -> Agent:
+def demo_agent(
+    latency_s: float = 0.0, models: Sequence[str] = (), placement: Placement = "hosted"
+) -> Agent:
     """The demo's agent: its tools, and ``models`` (``provider:model[@url]``, in fallback
-    order) or by default the offline model whose rules call the tools.
+    order) or by default the offline model whose rules call the tools; its
+    conversations live as ``placement`` says.
 
     ``offline:NAME`` entries get the demo's rules and ``latency_s``. A vendor endpoint
     needs its key in the environment (checked here, before anything starts).
@@ -67,6 +76,7 @@ def demo_agent(latency_s: float = 0.0, models: Sequence[str] = ()) -> Agent:
         instructions="Answer briefly. Use the tools for arithmetic and counting.",
         model=chain,
         tools=[add, word_count],
+        placement=placement,
     )
 
 
@@ -155,7 +165,8 @@ async def _simulate(
         conv = await runtime.conversation_async(user_id)
     except OverstoryError as exc:
         result.errors += turns
-        result.error_samples.append(f"{user_id}: {exc}"[:300])
+        if len(result.error_samples) < MAX_ERROR_SAMPLES:
+            result.error_samples.append(f"{user_id}: {exc}"[:300])
         return
     acked = result.acknowledged.setdefault(user_id, [])
     for turn in range(turns):
@@ -166,7 +177,7 @@ async def _simulate(
             reply = await conv.send_async(text, turn_id=turn_id)
         except OverstoryError as exc:
             result.errors += 1
-            if len(result.error_samples) < 5:
+            if len(result.error_samples) < MAX_ERROR_SAMPLES:
                 result.error_samples.append(f"{user_id} turn {turn}: {exc}"[:300])
         else:
             result.latencies_ms.append((time.perf_counter() - started) * 1000)
@@ -195,9 +206,9 @@ def audit(acked: list[tuple[str, str]], stored: list[Message]) -> tuple[int, int
 
 
 async def _chaos(runtime: Runtime, rate: float, result: DemoResult, stop: asyncio.Event) -> None:
-    """Kill a random live conversation actor's process ``rate`` times a second."""
+    """Kill a random process serving conversations ``rate`` times a second: a host
+    (hosted placement) or a conversation actor (dedicated)."""
     rng = random.Random(1234)
-    supervisor = await asyncio.to_thread(runtime.registry.supervisor)
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), timeout=rng.expovariate(rate))
@@ -205,16 +216,24 @@ async def _chaos(runtime: Runtime, rate: float, result: DemoResult, stop: asynci
         except TimeoutError:
             pass
         try:
-            children = await supervisor.children.remote()
-        except Exception:  # the supervisor itself is restarting: skip this tick
+            pids = await asyncio.to_thread(_serving_pids, runtime)
+        except Exception:  # a supervisor or host is restarting: skip this tick
             continue
-        pids = [c["pid"] for c in children if c["pid"]]
         if pids:
             try:
                 os.kill(rng.choice(pids), signal.SIGKILL)
                 result.kills += 1
             except ProcessLookupError:
                 pass
+
+
+def _serving_pids(runtime: Runtime) -> list[int]:
+    """The processes that serve conversations now."""
+    registry = runtime.registry
+    if registry.placement == "hosted":
+        return [h["pid"] for h in registry.host_statuses() if h.get("pid")]
+    children = ray.get(registry.supervisor().children.remote(), timeout=10)
+    return [c["pid"] for c in children if c["pid"]]
 
 
 def run_demo(
@@ -257,7 +276,8 @@ def run_demo(
         result.restarts = status["restarts"]
         result.activations = status["activations"]
         for uid in user_ids:
-            runtime.stop_conversation(uid)
+            with contextlib.suppress(OverstoryError):  # a host killed last by the monkey
+                runtime.stop_conversation(uid)
         result.passivations = runtime.status()["passivations"]
     stored = runtime.stored_histories(user_ids)  # one read serves the count and the audit
     result.messages_stored = sum(len(messages) for messages in stored.values())
