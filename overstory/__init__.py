@@ -9,19 +9,22 @@ conv = rt.conversation("alice")
 print(conv.send("hello").text)
 """
 
-from .agent import Agent
+from .agent import Agent, Placement
 from .exceptions import (
     AllModelsFailed,
     ClusterAuthRefused,
     ClusterUnavailable,
     ConfigError,
+    ConversationQuarantined,
     ConversationUnavailable,
+    Fenced,
     InvalidMessage,
     InvalidUserId,
     MaxRoundTripsExceeded,
     ModelError,
     ModelErrorKind,
     OverstoryError,
+    Passivated,
     RuntimeFailure,
     SequenceConflict,
     StoreError,
@@ -67,9 +70,11 @@ __all__ = [
     "Config",
     "ConfigError",
     "Conversation",
+    "ConversationQuarantined",
     "ConversationUnavailable",
     "Endpoint",
     "FallbackModel",
+    "Fenced",
     "InvalidMessage",
     "InvalidUserId",
     "Limits",
@@ -81,6 +86,8 @@ __all__ = [
     "ModelResponse",
     "OfflineModel",
     "OverstoryError",
+    "Passivated",
+    "Placement",
     "Reply",
     "RetryPolicy",
     "Rule",

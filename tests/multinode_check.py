@@ -1,7 +1,7 @@
 """Run as a script by test_multinode.py: a 3-node Ray cluster on this machine.
 
-Conversations need the custom resource ``conversations`` that only the two worker nodes
-have. The node hosting a conversation is removed; the conversation must answer from the
+Conversations (dedicated actors, or the hosts that hold them) need the custom resource
+``conversations`` that only the two worker nodes have. The node hosting a conversation is removed; the conversation must answer from the
 other node with its history intact. Prints one JSON line.
 """
 
@@ -19,7 +19,7 @@ import overstory
 from overstory.runtime.demo import demo_agent
 
 
-def main() -> None:
+def main(placement: str) -> None:
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 1, "include_dashboard": False},
@@ -29,7 +29,10 @@ def main() -> None:
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
     store = f"sqlite:///{tempfile.mkdtemp(prefix='ovs-multi-')}/history.db"
     rt = overstory.connect(
-        demo_agent(), store=store, namespace="multinode", actor_resources={"conversations": 1}
+        demo_agent(placement=placement),  # type: ignore[arg-type]
+        store=store,
+        namespace="multinode",
+        actor_resources={"conversations": 1},
     )
     conv = rt.conversation("nina")
     conv.send("before the node goes")
@@ -41,6 +44,7 @@ def main() -> None:
     after = conv.info()
     result = {
         "moved": after["node_id"] != before["node_id"],
+        "placement": after.get("placement", "dedicated"),
         "reply": reply.text,
         "recovery_s": round(time.monotonic() - started, 2),
         "history": [m.content for m in conv.history() if m.kind == "user"],
@@ -52,4 +56,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "dedicated"))

@@ -25,11 +25,16 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 CLI = [sys.executable, "-m", "overstory.runtime.cli"]
 
 
-@pytest.fixture(scope="module")
-def rt(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
-    namespace = f"t-chaos-{uuid.uuid4().hex[:8]}"
+@pytest.fixture(scope="module", params=["hosted", "dedicated"])
+def rt(
+    ray_cluster: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Runtime]:
+    """Kills hit the process serving the conversation: its host, or its own actor."""
+    namespace = f"t-chaos-{request.param}-{uuid.uuid4().hex[:8]}"
     store = f"sqlite:///{tmp_path_factory.mktemp('chaos')}/history.db"
-    runtime = overstory.connect(demo_agent(), store=store, namespace=namespace)
+    runtime = overstory.connect(
+        demo_agent(placement=request.param), store=store, namespace=namespace, hosts_per_node=1
+    )
     yield runtime
     kill_namespace(namespace)
 
@@ -83,17 +88,24 @@ def test_random_sends_and_kills_keep_every_acknowledged_turn_exactly_once(
         assert rt.conversation(user).send("still there?").text.startswith("echo #")
 
 
+@pytest.mark.parametrize("placement", ["hosted", "dedicated"])
 def test_demo_with_chaos_and_a_live_cap_loses_nothing(
-    driver_env: dict[str, str], sqlite_url: str
+    driver_env: dict[str, str], sqlite_url: str, placement: str
 ) -> None:
+    namespace = f"cli-chaos-{placement}"
+    # Hosted turns never wait for a process to start: more of them keep the run long
+    # enough for the monkey (1.5 kills/s) to strike.
+    turns = 12 if placement == "hosted" else 4
     proc = subprocess.run(
         [
             *CLI,
             "demo",
+            "--placement",
+            placement,
             "--users",
             "5",
             "--turns",
-            "4",
+            str(turns),
             "--latency-ms",
             "150",
             "--chaos",
@@ -104,20 +116,25 @@ def test_demo_with_chaos_and_a_live_cap_loses_nothing(
             "--store",
             sqlite_url,
             "--namespace",
-            "cli-chaos",
+            namespace,
         ],
         env=driver_env,
         capture_output=True,
         text=True,
         timeout=240,
     )
-    kill_namespace("cli-chaos")
+    kill_namespace(namespace)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["turns_completed"] == 20
+    assert summary["turns_completed"] == 5 * turns
     assert summary["kills"] >= 1
     assert summary["restarts"] >= 1
     assert summary["lost_messages"] == summary["duplicate_messages"] == 0
+    assert len(summary["error_samples"]) <= 5
+    if placement == "hosted":
+        # Hosts count activations and passivations in memory: a killed host starts its
+        # counts again, so only the dedicated supervisor's counts are pinned below.
+        return
     # 5 users under a cap of 3: at least 2 evictions to make room. Whether an evicted
     # user comes back (a 6th activation) depends on timing: least recently used goes
     # first, and that is usually a user who has finished. test_lifecycle pins the return.

@@ -6,6 +6,7 @@ The end-to-end `ray up` on loopback is scripts/e2e_ray_up.sh (run by .ci/run).
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -164,8 +165,13 @@ def test_status_reports_every_section(served: Any) -> None:
     }
     assert report["cluster"]["nodes_alive"] >= 1
     assert report["tree"]["root"]["alive"] is True
-    assert report["tree"]["conversations_supervisor"]["alive"] is True
+    assert report["tree"]["placement"] == "hosted"  # the default agent's placement
+    assert report["tree"]["hosts_supervisor"]["alive"] is True
     assert report["conversations"]["live"] == 1
+    hosts = report["conversations"]["hosts"]
+    assert sum(h["live"] for h in hosts) == 1
+    assert all(h["host"].startswith("overstory:host:") and h["memory_uss_mb"] > 0 for h in hosts)
+    json.dumps(report)  # what `overstory status --json` prints
     assert sum(report["conversations"]["per_node"].values()) == 1
     assert report["conversations"]["activations"] == 1
     for counter in ("passivations", "restarts", "evictions"):
@@ -203,8 +209,6 @@ def test_cli_health_and_status_against_a_served_tree(
         [*CLI, "status", "--json", *args], env=driver_env, capture_output=True, text=True
     )
     assert status.returncode == 0, status.stderr
-    import json
-
     report = json.loads(status.stdout.strip().splitlines()[-1])
     assert report["tree"]["root"]["alive"] is True
     assert report["store"]["reachable"] is True

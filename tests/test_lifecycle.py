@@ -30,7 +30,9 @@ pytestmark = pytest.mark.ray
 def _runtime(tmp_path_factory: pytest.TempPathFactory, **settings: Any) -> Runtime:
     namespace = f"t-life-{uuid.uuid4().hex[:8]}"
     store = f"sqlite:///{tmp_path_factory.mktemp('life')}/history.db"
-    return overstory.connect(demo_agent(), store=store, namespace=namespace, **settings)
+    return overstory.connect(
+        demo_agent(placement="dedicated"), store=store, namespace=namespace, **settings
+    )
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +153,9 @@ def test_a_zombie_is_fenced_out_and_the_turn_lands_once(steady: Runtime) -> None
 def test_booting_twice_attaches_to_the_running_tree(rt: Runtime) -> None:
     ns = rt.config.namespace
     root = ray.get_actor(ROOT, namespace=ns)
-    again = overstory.connect(demo_agent(), store=rt.config.store, namespace=ns)
+    again = overstory.connect(
+        demo_agent(placement="dedicated"), store=rt.config.store, namespace=ns
+    )
     assert ray.get_actor(ROOT, namespace=ns)._actor_id == root._actor_id
     names = [
         a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == ns

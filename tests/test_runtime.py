@@ -1,4 +1,6 @@
-"""Conversations as named, detached Ray actors, reached by user id (on the session's Ray)."""
+"""The public API on the session's Ray, for both placements: every test runs against a
+hosted tree (conversations as entities in host actors) and a dedicated one (a named,
+detached actor per conversation) — the same calls, the same guarantees."""
 
 from __future__ import annotations
 
@@ -33,12 +35,16 @@ from overstory.runtime.demo import demo_agent
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def rt(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
-    """One tree and one store for the module; every test uses user ids of its own."""
-    namespace = f"t-runtime-{uuid.uuid4().hex[:8]}"
+@pytest.fixture(scope="module", params=["hosted", "dedicated"])
+def rt(
+    ray_cluster: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Runtime]:
+    """One tree and one store per placement; every test uses user ids of its own."""
+    namespace = f"t-runtime-{request.param}-{uuid.uuid4().hex[:8]}"
     store = f"sqlite:///{tmp_path_factory.mktemp('runtime')}/history.db"
-    runtime = overstory.connect(demo_agent(), store=store, namespace=namespace)
+    runtime = overstory.connect(
+        demo_agent(placement=request.param), store=store, namespace=namespace, hosts_per_node=1
+    )
     yield runtime
     kill_namespace(namespace)
 
@@ -88,6 +94,11 @@ def test_async_forms(rt: Runtime) -> None:
 
 def test_the_actor_is_named_after_the_user_in_the_app_namespace(rt: Runtime) -> None:
     conv = rt.conversation("carl")
+    if conv.placement == "hosted":  # the dashboard shows the host that serves it
+        host = ray.get_actor(conv.actor_name, namespace=rt.config.namespace)
+        assert conv.actor_name.startswith("overstory:host:")
+        assert ray.get(host.status.remote())["pid"] == conv.info()["pid"]
+        return
     handle = ray.get_actor(actor_name("carl"), namespace=rt.config.namespace)
     assert ray.get(handle.ready.remote())["pid"] == conv.info()["pid"]
     assert conv.actor_name.startswith("conversation:carl:")  # readable on the dashboard
@@ -103,12 +114,16 @@ def test_detached_actor_outlives_its_driver_and_a_second_driver_reaches_it(
     code = """
         import json, sys, overstory
         from overstory.runtime.demo import demo_agent
-        rt = overstory.connect(demo_agent(), store=sys.argv[1], namespace=sys.argv[2])
+        rt = overstory.connect(
+            demo_agent(placement=sys.argv[3]), store=sys.argv[1], namespace=sys.argv[2],
+            hosts_per_node=1)
         conv = rt.conversation("dora")
         reply = conv.send("first message from driver one")
         print(json.dumps({"pid": conv.info()["pid"], "reply": reply.text}))
     """
-    first = run_driver(driver_env, code, rt.config.store, rt.config.namespace)
+    first = run_driver(
+        driver_env, code, rt.config.store, rt.config.namespace, rt.registry.placement
+    )
     assert first["reply"] == "echo #1: first message from driver one"
     # driver one has exited; its actor lives on and this driver reaches the same one
     conv = rt.conversation("dora")
@@ -126,10 +141,12 @@ def test_concurrent_get_or_start_yields_exactly_one_actor(
     code = """
         import json, sys, overstory
         from overstory.runtime.demo import demo_agent
-        rt = overstory.connect(demo_agent(), store=sys.argv[1], namespace=sys.argv[2])
+        rt = overstory.connect(
+            demo_agent(placement=sys.argv[3]), store=sys.argv[1], namespace=sys.argv[2],
+            hosts_per_node=1)
         print(json.dumps({"pid": rt.conversation("erin").info()["pid"]}))
     """
-    env_args = (rt.config.store, rt.config.namespace)
+    env_args = (rt.config.store, rt.config.namespace, rt.registry.placement)
     drivers = [
         subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(code), *env_args],
@@ -188,10 +205,10 @@ def test_concurrent_sends_run_one_turn_at_a_time_in_order(rt: Runtime) -> None:
 def test_a_new_actor_rebuilds_history_from_the_store(rt: Runtime) -> None:
     conv = rt.conversation("gus")
     conv.send("remember me")
-    old_pid = conv.info()["pid"]
-    rt.stop_conversation("gus")  # the actor is gone for good; the store remains
+    old_epoch = conv.info()["epoch"]
+    assert rt.stop_conversation("gus")  # the actor or entity is gone; the store remains
     fresh = Runtime(rt.config, rt.agent, started_ray=False).conversation("gus")
-    assert fresh.info()["pid"] != old_pid
+    assert fresh.info()["epoch"] > old_epoch  # a new activation, from the store
     assert [m.content for m in fresh.history()][:2] == ["remember me", "echo #1: remember me"]
     assert fresh.send("and now?").text == "echo #2: and now?"
     assert [m.seq for m in fresh.history()] == [0, 1, 2, 3]
@@ -261,11 +278,16 @@ def test_bad_input_is_refused_at_the_boundary_and_changes_nothing(rt: Runtime) -
 
 def test_the_actor_checks_input_too(rt: Runtime) -> None:
     # A client that skips the handle's checks still cannot store a bad message.
-    rt.conversation("ned")
-    handle = ray.get_actor(actor_name("ned"), namespace=rt.config.namespace)
+    conv = rt.conversation("ned")
+    if conv.placement == "hosted":
+        version, _, host = rt.registry.hosts.route("ned")
+        ref = host.send.remote(version, "ned", "t1", "\x00")
+    else:
+        handle = ray.get_actor(actor_name("ned"), namespace=rt.config.namespace)
+        ref = handle.send.remote("t1", "\x00")
     # Ray re-raises the actor's error as a subclass of it.
     with pytest.raises(InvalidMessage, match="U\\+0000"):
-        ray.get(handle.send.remote("t1", "\x00"))
+        ray.get(ref)
     assert rt.count_stored("ned") == 0
 
 

@@ -349,6 +349,39 @@ class _Model:
         return "restart", terminated, started
 
 
+def test_dynamic_transient_children_as_the_dedicated_supervisor_uses_them() -> None:
+    """Start empty; each activation adds a transient child, passivation removes it, a
+    crash restarts only that child, and too many crashes shut the rest down."""
+    state = initial_state(SupervisorSpec("one_for_one", 2, 10.0))
+    for uid in ("ann", "bob", "cy"):
+        state = add_child(state, ChildSpec(uid, restart="transient"))
+    state = remove_child(state, "bob")  # passivated: no restart, window untouched
+    assert (_ids(state), state.restarts) == (("ann", "cy"), ())
+    state, decision = on_exit(state, "ann", "crash", 1.0)
+    assert decision == Restart(terminate=(), start=("ann",))
+    state, decision = on_exit(state, "cy", "crash", 2.0)
+    assert decision == Restart(terminate=(), start=("cy",))
+    state, decision = on_exit(state, "ann", "crash", 3.0)
+    assert decision == Shutdown(terminate=("cy",))
+    assert _ids(state) == ()
+
+
+def test_one_child_per_conversation_as_a_host_supervises_entities() -> None:
+    """A host keeps a one-child supervisor per crashing conversation: restarts within
+    intensity, then Shutdown — which the host turns into a quarantine of that one."""
+    spec = SupervisorSpec("one_for_one", 2, 60.0, (ChildSpec("conv", restart="transient"),))
+    state = initial_state(spec)
+    decisions = []
+    for t in (0.0, 1.0, 2.0):
+        state, decision = on_exit(state, "conv", "crash", t)
+        decisions.append(type(decision).__name__)
+    assert decisions == ["Restart", "Restart", "Shutdown"]
+    state = initial_state(spec)  # crashes a period apart never add up
+    for t in (0.0, 60.0, 120.0, 180.0):
+        state, decision = on_exit(state, "conv", "crash", t)
+        assert isinstance(decision, Restart)
+
+
 _POOL = [f"c{i}" for i in range(8)]
 _QUARTERS = st.integers(0, 20).map(lambda q: q / 4)  # 0..5 s, exact in binary floating point
 
@@ -362,7 +395,9 @@ class SupervisorMachine(RuleBasedStateMachine):
         strategy=st.sampled_from(STRATEGIES),
         max_restarts=st.integers(0, 4),
         period=st.integers(4, 40).map(lambda q: q / 4),
-        kinds=st.lists(st.sampled_from(RESTART_TYPES), min_size=1, max_size=6),
+        # Empty too: the dedicated conversation supervisor starts with no children and
+        # adds one transient child per activation (add_dynamic_child below).
+        kinds=st.lists(st.sampled_from(RESTART_TYPES), min_size=0, max_size=6),
     )
     def start(
         self, strategy: Strategy, max_restarts: int, period: float, kinds: list[RestartType]

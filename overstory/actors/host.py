@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -52,7 +53,7 @@ from ..exceptions import (
 )
 from ..messages import Message, Reply
 from ..providers import Secret
-from ..providers.pool import provider_namespace
+from ..providers.pool import chain_rows, provider_namespace
 from ..store import HistoryStore, open_store
 from ..supervisors.core import Restart, SupervisorState, initial_state, on_exit
 from ..supervisors.spec import ChildSpec, SupervisorSpec
@@ -187,6 +188,14 @@ class HostActor:
             **self.counters,
         }
 
+    def models(self) -> list[dict[str, Any]]:
+        """The agent's model chain (:func:`~overstory.providers.pool.chain_rows`)."""
+        return chain_rows(self.agent.model)
+
+    def store_url(self) -> str:
+        """The store this host writes to (unmasked: operators' probes open it)."""
+        return self.config.store
+
     # --- conversations ----------------------------------------------------------------------
 
     async def send(
@@ -290,6 +299,8 @@ class HostActor:
             "pid": os.getpid(),
             "incarnation": self.incarnation,
             "node_id": ray.get_runtime_context().get_node_id(),
+            # Vendor SDKs belong in provider actors; this shows none leaked in here.
+            "vendor_sdks": sorted(m for m in ("anthropic", "openai") if m in sys.modules),
         }
 
     async def passivate(self, version: int, conversation_id: str, reason: str = "stopped") -> bool:

@@ -10,7 +10,9 @@ history it always gives the same answer:
   ``!sleep 0.5`` (delay, then go on with the rest), ``!fail why`` (a retryable
   :class:`ModelError`), ``!fatal why`` (a non-retryable one),
   ``!tool NAME {"json": "args"}`` (call a tool once), ``!loop NAME {...}`` (call it on
-  every round trip, to hit the agent's ``max_round_trips``);
+  every round trip, to hit the agent's ``max_round_trips``), ``!crash why`` (raise a
+  plain ``RuntimeError``: a bug escaping the turn machinery, which crashes the
+  conversation — for supervision tests and chaos);
 * anything else is echoed back with its position in the conversation.
 
 Token usage is counted as characters / 4, so it is deterministic too.
@@ -39,7 +41,7 @@ from .base import Model
 
 __all__ = ["OfflineModel", "Rule"]
 
-_DIRECTIVE = re.compile(r"^!(?P<verb>sleep|fail|fatal|tool|loop)\b[ \t]*(?P<rest>.*)", re.S)
+_DIRECTIVE = re.compile(r"^!(?P<verb>sleep|fail|fatal|crash|tool|loop)\b[ \t]*(?P<rest>.*)", re.S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,8 @@ class OfflineModel(Model):
 
         if isinstance(last, ToolReturn) and not (match and match["verb"] == "loop"):
             return self._text(_summarise(since_user), prompt_chars)
+        if match and match["verb"] == "crash":
+            raise RuntimeError(f"scripted crash: {match['rest'].strip() or 'no reason given'}")
         if match and match["verb"] in ("fail", "fatal"):
             raise ModelError(
                 f"scripted {match['verb']}: {match['rest'].strip() or 'no reason given'}",

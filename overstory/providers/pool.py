@@ -88,6 +88,18 @@ def chain_of(model: Model) -> list[Model]:
     return [model]
 
 
+def chain_rows(model: Model) -> list[dict[str, Any]]:
+    """A model chain in fallback order: each model's name and, for a vendor endpoint, its
+    provider actor's name (for status and health checks)."""
+    return [
+        {
+            "model": m.name,
+            "actor": provider_actor_name(m.endpoint) if isinstance(m, RemoteModel) else None,
+        }
+        for m in chain_of(model)
+    ]
+
+
 def vendor_model(endpoint: Endpoint) -> Model:
     """The vendor's :class:`Model` for ``endpoint`` (imports that vendor's SDK)."""
     if endpoint.vendor == "anthropic":

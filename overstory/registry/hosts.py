@@ -17,6 +17,7 @@ from typing import Any
 
 import ray
 
+from .._ray import alive_nodes
 from ..actors.host import HostActor
 from ..agent import Agent
 from ..exceptions import ConversationUnavailable, StaleShardTable
@@ -41,11 +42,14 @@ HOST_OPTIONS: dict[str, Any] = {
 
 
 def count_hosts(config: Config) -> int:
-    """Hosts for the cluster as it is now: per alive node, ``hosts_per_node`` or its CPUs."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+    """Hosts for the cluster as it is now: per alive node that can hold one (it has the
+    ``actor_resources``), ``hosts_per_node`` or its CPU count."""
     total = 0
-    for node in nodes:
-        cpus = int(node.get("Resources", {}).get("CPU", 1) or 1)
+    for node in alive_nodes():
+        resources = node.get("Resources", {})
+        if any(resources.get(k, 0) < v for k, v in config.actor_resources.items()):
+            continue
+        cpus = int(resources.get("CPU", 1) or 1)
         total += config.hosts_per_node or max(1, cpus)
     return max(1, min(total, config.shards))
 
@@ -53,12 +57,13 @@ def count_hosts(config: Config) -> int:
 def hosts_child(namespace: str, agent: Agent, config: Config) -> ChildSpec:
     """The root's ``hosts`` child: a supervisor of one permanent child per host."""
     table = ShardTable.build(count_hosts(config), shards=config.shards, version=_version())
+    options = dict(HOST_OPTIONS)
+    if config.actor_resources:
+        options["resources"] = dict(config.actor_resources)
     hosts = tuple(
         ChildSpec(
             name,
-            start=NamedChild(
-                _RemoteHost, name, (namespace, name, table, agent, config), HOST_OPTIONS
-            ),
+            start=NamedChild(_RemoteHost, name, (namespace, name, table, agent, config), options),
             restart="permanent",
         )
         for name in table.hosts

@@ -10,6 +10,7 @@ from typing import Any
 
 import ray
 
+from .._ray import grpc_channel, is_head, token_auth_enabled
 from ..exceptions import ClusterAuthRefused, ClusterUnavailable
 
 __all__ = [
@@ -55,8 +56,7 @@ def attach(
         include_dashboard=dashboard,
         runtime_env={"env_vars": dict(env_vars)} if env_vars else None,
     )
-    node = getattr(ray._private.worker, "_global_node", None)
-    return bool(getattr(node, "head", False))
+    return is_head()
 
 
 def init_ray(address: str | None, **options: Any) -> None:
@@ -120,12 +120,11 @@ def check_ray_client(address: str, timeout_s: float = RAY_CLIENT_TIMEOUT_S) -> N
     # imported here, not at the top: conversation actors import this package, and a
     # Ray worker does not load gRPC's Python bindings unless something asks for them
     import grpc
-    from ray._private.grpc_utils import init_grpc_channel
     from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
 
     target = address.removeprefix("ray://")
     deadline = time.monotonic() + timeout_s
-    channel = init_grpc_channel(target)  # adds Ray's token interceptor when auth is on
+    channel = grpc_channel(target)  # adds Ray's token interceptor when auth is on
     last = "no answer yet"
     try:
         stub = ray_client_pb2_grpc.RayletDriverStub(channel)
@@ -156,9 +155,7 @@ def check_ray_client(address: str, timeout_s: float = RAY_CLIENT_TIMEOUT_S) -> N
 
 def _auth_hint() -> str:
     """What to fix on this side when the cluster refuses the client (never the token)."""
-    from ray._private.authentication.authentication_utils import is_token_auth_enabled
-
-    if not is_token_auth_enabled():
+    if not token_auth_enabled():
         return (
             "it requires a token and this client sends none: set "
             "RAY_AUTH_MODE=token, and the cluster's token in RAY_AUTH_TOKEN or "

@@ -76,7 +76,8 @@ class Config(pydantic.BaseModel):
     supervisor gives up, shuts its children down and escalates to the root."""
     restart_period_s: float = pydantic.Field(10.0, gt=0)
     actor_resources: dict[str, float] = pydantic.Field(default_factory=dict)
-    """Ray custom resources each conversation actor requires (pins them to such nodes)."""
+    """Ray custom resources each conversation actor (dedicated) or host (hosted) requires:
+    pins them to such nodes."""
 
     @pydantic.field_validator("namespace")
     @classmethod

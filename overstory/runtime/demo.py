@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 import ray
 
+from .._ray import quiet_worker_notices
 from ..agent import Agent, Placement
 from ..exceptions import ConfigError, OverstoryError
 from ..messages import AssistantMessage, Message, UserMessage
@@ -108,6 +109,7 @@ class DemoResult:
     passivations: int = 0
     lost_messages: int = 0
     duplicate_messages: int = 0
+    worker_notices: int = 0
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies_ms)
@@ -127,6 +129,7 @@ class DemoResult:
             "passivations": self.passivations,
             "lost_messages": self.lost_messages,
             "duplicate_messages": self.duplicate_messages,
+            "ray_worker_notices_held": self.worker_notices,
             "error_samples": self.error_samples,
         }
 
@@ -268,7 +271,10 @@ def run_demo(
 
     started = time.perf_counter()
     try:
-        asyncio.run(main())
+        # Chaos kills processes on purpose: Ray's notice of each would flood the terminal.
+        with quiet_worker_notices() as notices:
+            asyncio.run(main())
+        result.worker_notices = len(notices)
     finally:
         bar.close()
         result.wall_s = time.perf_counter() - started

@@ -24,11 +24,12 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
+from .._ray import alive_nodes
 from ..exceptions import ClusterUnavailable
 from ..providers.pool import provider_statuses
 from ..store import open_store, redact_url
 from ..supervisors.named import unwrap_task_error
-from ..supervisors.tree import CONVERSATIONS, ROOT
+from ..supervisors.tree import CONVERSATIONS, HOSTS, ROOT
 from .client import connect
 from .cluster import init_ray
 from .config import Config
@@ -128,7 +129,7 @@ def serve(config: Config) -> dict[str, Any]:
 
 def cluster_section(probe: Probe) -> dict[str, Any]:
     """The Ray cluster: alive nodes (with their addresses) and the app's namespace."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+    nodes = alive_nodes()
     return {
         "namespace": probe.namespace,
         "nodes_alive": len(nodes),
@@ -136,28 +137,98 @@ def cluster_section(probe: Probe) -> dict[str, Any]:
     }
 
 
+def _placement(probe: Probe) -> str:
+    """Which subtree the running tree has: ``hosted`` (a host supervisor) or ``dedicated``."""
+    return "hosted" if _named(HOSTS, probe.namespace) is not None else "dedicated"
+
+
 def tree_section(probe: Probe) -> dict[str, Any]:
-    """Whether the root supervisor and the conversation supervisor answer."""
+    """Whether the root supervisor and the supervisor of the conversations answer."""
     root = _answer(ROOT, probe)
-    conversations = _answer(CONVERSATIONS, probe)
+    placement = _placement(probe)
+    name, key = (
+        (HOSTS, "hosts_supervisor")
+        if placement == "hosted"
+        else (CONVERSATIONS, "conversations_supervisor")
+    )
+    child = _answer(name, probe)
     root_info = {"alive": root[0], **({"restarts": root[1].get("restarts")} if root[0] else {})}
     if not root[0]:
         root_info["error"] = root[1]
-    conv_info: dict[str, Any] = {"alive": conversations[0]}
-    if not conversations[0]:
-        conv_info["error"] = conversations[1]
-    return {"root": root_info, "conversations_supervisor": conv_info}
+    child_info: dict[str, Any] = {"alive": child[0]}
+    if child[0]:
+        child_info["restarts"] = child[1].get("restarts", 0)
+    else:
+        child_info["error"] = child[1]
+    return {"placement": placement, "root": root_info, key: child_info}
+
+
+def _host_rows(probe: Probe) -> list[dict[str, Any]]:
+    """Each host's status (an ``error`` row for one that does not answer)."""
+    alive, info = _answer(HOSTS, probe)
+    if not alive:
+        return []
+    names = info["meta"]["shard_table"].hosts
+    refs: dict[str, Any] = {}
+    for name in names:
+        handle = _named(name, probe.namespace)
+        refs[name] = None if handle is None else handle.status.remote()
+    rows = []
+    for name, ref in refs.items():
+        if ref is None:
+            rows.append({"host": name, "error": "not running"})
+            continue
+        try:
+            rows.append(ray.get(ref, timeout=probe.timeout_s))
+        except (GetTimeoutError, RayActorError, RayTaskError) as exc:
+            rows.append({"host": name, "error": f"{type(exc).__name__}"})
+    return rows
 
 
 def conversations_section(probe: Probe) -> dict[str, Any]:
-    """Live conversations (total and per node) and the supervisor's counters."""
+    """Live conversations (total, per node, per host) and the lifecycle counters."""
+    counters = ("activations", "passivations", "restarts", "evictions")
+    if _placement(probe) == "hosted":
+        rows = _host_rows(probe)
+        if not rows:
+            return {"error": _answer(HOSTS, probe)[1] or "no hosts"}
+        ok = [r for r in rows if "error" not in r]
+        per_node: dict[str, int] = {}
+        for r in ok:
+            per_node[r["node_id"]] = per_node.get(r["node_id"], 0) + r["live"]
+        hosts = [
+            {
+                "host": r["host"],
+                "node_id": r["node_id"],
+                "pid": r["pid"],
+                "live": r["live"],
+                "busy": r["busy"],
+                "memory_uss_mb": round(r["memory"]["uss"] / 2**20, 1),
+                "memory_rss_mb": round(r["memory"]["rss"] / 2**20, 1),
+                "quarantined": r["quarantined"],
+            }
+            if "error" not in r
+            else r
+            for r in rows
+        ]
+        live = sum(r["live"] for r in ok)
+        return {
+            "placement": "hosted",
+            "live": live,
+            "live_conversations": live,
+            "per_node": per_node,
+            "hosts": hosts,
+            **{k: sum(r.get(k, 0) for r in ok) for k in counters},
+        }
     alive, info = _answer(CONVERSATIONS, probe)
     if not alive:
         return {"error": info}
     return {
+        "placement": "dedicated",
         "live": info.get("live", 0),
+        "live_conversations": info.get("live", 0),
         "per_node": info.get("per_node", {}),
-        **{k: info.get(k, 0) for k in ("activations", "passivations", "restarts", "evictions")},
+        **{k: info.get(k, 0) for k in counters},
     }
 
 
@@ -184,7 +255,13 @@ def store_section(probe: Probe) -> dict[str, Any]:
 def providers_section(probe: Probe) -> dict[str, Any]:
     """The default chain in fallback order — each endpoint's circuit and limiter headroom
     — and every other provider actor (users' own keys)."""
-    alive, chain = _call(CONVERSATIONS, "models", probe)
+    if _placement(probe) == "hosted":
+        rows = [r for r in _host_rows(probe) if "error" not in r]
+        if not rows:
+            return {"error": "no host answers"}
+        alive, chain = _call(rows[0]["host"], "models", probe)
+    else:
+        alive, chain = _call(CONVERSATIONS, "models", probe)
     if not alive:
         return {"error": chain}
     endpoints = {s["actor"]: s for s in provider_statuses(probe.namespace, probe.timeout_s)}
@@ -258,8 +335,11 @@ def problems(report: dict[str, Any]) -> list[str]:
     tree = report.get("tree", {})
     for key, label in (
         ("root", "root supervisor"),
+        ("hosts_supervisor", "host supervisor"),
         ("conversations_supervisor", "conversation supervisor"),
     ):
+        if key != "root" and key not in tree:
+            continue  # the other placement's supervisor
         part = tree.get(key, {})
         if not part.get("alive", False):
             found.append(f"{label} is not running: {part.get('error', 'unknown')}")
@@ -317,15 +397,21 @@ def _store_url_of(supervisor: Any) -> str:
 
 
 def _tree_store(probe: Probe) -> str | None:
-    """The store URL the running conversation supervisor writes to (``None``: unknown)."""
+    """The store URL the running tree writes to (``None``: unknown)."""
+    if _placement(probe) == "hosted":
+        rows = [r for r in _host_rows(probe) if "error" not in r]
+        if not rows:
+            return None
+        alive, url = _call(rows[0]["host"], "store_url", probe)
+        return str(url) if alive else None
     handle = _named(CONVERSATIONS, probe.namespace)
     if handle is None:
         return None
     try:
-        url: str = ray.get(handle.__ray_call__.remote(_store_url_of), timeout=probe.timeout_s)
+        found: str = ray.get(handle.__ray_call__.remote(_store_url_of), timeout=probe.timeout_s)
     except (RayError, AttributeError):
         return None
-    return url
+    return found
 
 
 @ray.remote(num_cpus=0, max_retries=0)

@@ -32,15 +32,17 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
+from .._ray import alive_nodes_async, get_actor_async, named_actors_async
 from ..actors.conversation import ConversationActor
 from ..actors.names import NAME_PREFIX, actor_name
 from ..agent import Agent
 from ..exceptions import OverstoryError, Passivated
 from ..providers import Secret
-from ..providers.pool import RemoteModel, chain_of, provider_actor_name
+from ..providers.pool import chain_rows
 from ..telemetry import metrics
-from .core import restart_intensity
+from .core import Shutdown, SupervisorState, add_child, on_exit, remove_child
 from .named import SUPERVISED, get_or_create, unwrap_task_error
+from .spec import ChildSpec, SupervisorSpec
 from .tree import ROOT
 from .watch import RESTARTED, new_incarnation, watched_elsewhere
 
@@ -95,7 +97,11 @@ class ConversationSupervisor:
         self.lifecycle = lifecycle
         self._children: dict[str, _Child] = {}
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
-        self._restarts: tuple[float, ...] = ()
+        # What the OTP core knows: one transient child per live conversation, and the
+        # restart window. Every restart decision below is core.on_exit's.
+        self._state = SupervisorState(
+            SupervisorSpec("one_for_one", lifecycle.max_restarts, lifecycle.period_s), ()
+        )
         self.counters = {"activations": 0, "passivations": 0, "restarts": 0, "evictions": 0}
         self._stopped: asyncio.Event | None = None
         self._adopted = False
@@ -134,15 +140,8 @@ class ConversationSupervisor:
         }
 
     def models(self) -> list[dict[str, Any]]:
-        """The default agent's model chain, in fallback order: each model's name and, for
-        a vendor endpoint, its provider actor's name (for status and health checks)."""
-        return [
-            {
-                "model": m.name,
-                "actor": provider_actor_name(m.endpoint) if isinstance(m, RemoteModel) else None,
-            }
-            for m in chain_of(self.agent.model)
-        ]
+        """The default agent's model chain (:func:`~overstory.providers.pool.chain_rows`)."""
+        return chain_rows(self.agent.model)
 
     def children(self) -> list[dict[str, Any]]:
         return [
@@ -171,7 +170,7 @@ class ConversationSupervisor:
             if child is not None and not await self._serving(child):
                 # Dying or fenced out: forget this incarnation; get_or_create below waits
                 # (with backoff) for the name to serve again or to be free.
-                del self._children[user_id]
+                self._forget(user_id)
                 child = None
             if child is None:
                 await self._make_room()
@@ -228,16 +227,12 @@ class ConversationSupervisor:
         All of them are asked at once: a restart must not take as long as the sum of every
         orphan's answer (an orphan that is itself restarting can take seconds).
         """
-        names = [
-            entry["name"]
-            for entry in ray.util.list_named_actors(all_namespaces=True)
-            if entry["namespace"] == self.namespace and entry["name"].startswith(NAME_PREFIX)
-        ]
+        names = await named_actors_async(self.namespace, NAME_PREFIX)
         await asyncio.gather(*(self._adopt(name) for name in names))
 
     async def _adopt(self, name: str) -> None:
         try:
-            handle = ray.get_actor(name, namespace=self.namespace)
+            handle = await get_actor_async(name, self.namespace)
         except ValueError:
             return  # gone meanwhile
         try:
@@ -268,6 +263,8 @@ class ConversationSupervisor:
             user_id, handle, info["node_id"], time.time(), info["pid"], agent, info["incarnation"]
         )
         self._children[user_id] = child
+        if all(c.id != user_id for c in self._state.children):
+            self._state = add_child(self._state, ChildSpec(user_id, restart="transient"))
         child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
         return child
 
@@ -285,8 +282,7 @@ class ConversationSupervisor:
                 died = exc
             if child.stopping or self._children.get(child.user_id) is not child:
                 return  # stopped on purpose, or another incarnation is watched now
-            # A transient child that crashed is restarted (core.should_restart).
-            if not self._count_restart():
+            if not self._restart_allowed(child.user_id):
                 await self._escalate()
                 return
             if isinstance(died, ActorDiedError):
@@ -301,14 +297,20 @@ class ConversationSupervisor:
                 return
             child.pid, child.incarnation = info["pid"], info["incarnation"]
 
-    def _count_restart(self) -> bool:
-        """Record a restart; ``False`` when the restart intensity is exceeded."""
+    def _restart_allowed(self, user_id: str) -> bool:
+        """The child crashed: ask the core. ``False``: intensity exceeded, give up."""
+        if all(c.id != user_id for c in self._state.children):
+            return False  # the supervisor is already giving up (its children are gone)
         self.counters["restarts"] += 1
         metrics().restart("conversations")
-        self._restarts, exceeded = restart_intensity(
-            self._restarts, time.monotonic(), self.lifecycle.max_restarts, self.lifecycle.period_s
-        )
-        return not exceeded
+        self._state, decision = on_exit(self._state, user_id, "crash", time.monotonic())
+        return not isinstance(decision, Shutdown)
+
+    def _forget(self, user_id: str) -> None:
+        """The child is gone and not restarted (passivated, or its restart failed)."""
+        self._children.pop(user_id, None)
+        if any(c.id == user_id for c in self._state.children):
+            self._state = remove_child(self._state, user_id)
 
     async def _restart_dead(self, child: _Child) -> None:
         async with self._locks[child.user_id]:
@@ -318,6 +320,7 @@ class ConversationSupervisor:
                     await self._spawn(child.user_id, child.agent)
                 except (OverstoryError, RayActorError) as exc:
                     # Not fatal: the next start_child for this user tries again, from the store.
+                    self._forget(child.user_id)
                     log.warning("restart of conversation %r failed: %s", child.user_id, exc)
 
     async def _escalate(self) -> None:
@@ -329,7 +332,7 @@ class ConversationSupervisor:
         # Escalate: ask the parent to take this supervisor down for good. Its pending
         # watch call on us then fails, and the parent's own policy decides what next.
         try:
-            root = ray.get_actor(ROOT, namespace=self.namespace)
+            root = await get_actor_async(ROOT, self.namespace)
         except ValueError:  # no parent: stop on our own
             ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
             return
@@ -357,7 +360,7 @@ class ConversationSupervisor:
             if child.watcher is not None:
                 # The pending watch call fails within ~30 ms of the kill: the name is free.
                 await asyncio.wait({child.watcher}, timeout=10)
-            del self._children[user_id]
+            self._forget(user_id)
             self._room.set()
             self.counters["passivations"] += 1
             metrics().passivation(reason)
@@ -377,8 +380,7 @@ class ConversationSupervisor:
         cap = self.lifecycle.max_live_per_node
         if cap is None:
             return
-        nodes = ray.nodes()  # type: ignore[no-untyped-call]
-        room = cap * max(1, sum(1 for n in nodes if n.get("Alive")))
+        room = cap * max(1, len(await alive_nodes_async()))
         while len(self._children) + self._in_flight >= room:
             if not await self._evict_one():
                 self._room.clear()

@@ -89,7 +89,10 @@ async def get_or_create(
     last: BaseException | None = None
     for attempt in range(attempts):
         try:
-            handle = _lookup_or_create(remote_cls, name, namespace, args, options or {})
+            # GCS lookups and registration block: off the caller's event loop.
+            handle = await asyncio.to_thread(
+                _lookup_or_create, remote_cls, name, namespace, args, options or {}
+            )
             info = await asyncio.wait_for(
                 handle.ready.remote(), timeout=max(0.0, deadline - time.monotonic())
             )

@@ -33,6 +33,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from .._ray import get_actor_async
 from .core import Remove, Restart, Shutdown, SupervisorState, initial_state, on_exit
 from .named import SUPERVISED, get_or_create, get_or_create_sync
 from .spec import ChildSpec, ExitReason, SupervisorSpec
@@ -188,7 +189,7 @@ class Supervisor:
                     await self._start(specs[started])
                 except Exception as exc:  # any failure to start is the child's crash
                     log.error("restart of %r failed: %s: %s", started, type(exc).__name__, exc)
-                    self._kill_by_name(specs[started].start.name)
+                    await self._kill_by_name(specs[started].start.name)
                     failed = started
                     break
         if failed is not None:
@@ -201,17 +202,17 @@ class Supervisor:
         if self.parent is not None:
             name, child_id = self.parent
             try:
-                parent = ray.get_actor(name, namespace=self.namespace)
+                parent = await get_actor_async(name, self.namespace)
                 await parent.escalated.remote(child_id)
                 return
             except (ValueError, RayActorError, RayTaskError) as exc:
                 log.error("cannot escalate to %r: %s; stopping", name, exc)
         ray.get_runtime_context().current_actor.__ray_terminate__.remote()
 
-    def _kill_by_name(self, name: str) -> None:
+    async def _kill_by_name(self, name: str) -> None:
         """End a child that failed to start, so the next attempt starts a fresh one."""
         with contextlib.suppress(ValueError):  # no such actor (any more)
-            ray.kill(ray.get_actor(name, namespace=self.namespace), no_restart=True)
+            ray.kill(await get_actor_async(name, self.namespace), no_restart=True)
 
 
 #: The root was the only instance before the host supervisor; the old name stays valid.

@@ -1,0 +1,100 @@
+"""The one module that touches Ray's private API, and Ray's blocking GCS calls made async.
+
+Everything under ``ray._private`` that overstory uses is wrapped here, so an upgrade of
+Ray (pinned to 2.60.x) has one place to look. The ``*_async`` helpers run Ray's
+blocking GCS queries (``ray.nodes``, ``list_named_actors``, ``get_actor``) in a thread:
+an actor's event loop serves every other call meanwhile (a host holds thousands of
+conversations; a supervisor watches every child).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import ray
+
+__all__ = [
+    "alive_nodes",
+    "alive_nodes_async",
+    "get_actor_async",
+    "grpc_channel",
+    "is_head",
+    "named_actors_async",
+    "quiet_worker_notices",
+    "token_auth_enabled",
+]
+
+
+def is_head() -> bool:
+    """Whether this process started the Ray instance it is attached to."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    return bool(getattr(node, "head", False))
+
+
+def grpc_channel(target: str) -> Any:
+    """A gRPC channel to ``target`` as Ray opens one (with its token interceptor)."""
+    from ray._private.grpc_utils import init_grpc_channel
+
+    return init_grpc_channel(target)
+
+
+def token_auth_enabled() -> bool:
+    """Whether this process sends Ray's auth token."""
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    return bool(is_token_auth_enabled())
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    """The cluster's alive nodes (``ray.nodes()`` entries). Blocking: drivers only."""
+    return [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+
+
+async def alive_nodes_async() -> list[dict[str, Any]]:
+    return await asyncio.to_thread(alive_nodes)
+
+
+async def named_actors_async(namespace: str, prefix: str = "") -> list[str]:
+    """Names of the named actors in ``namespace`` that start with ``prefix``."""
+
+    def names() -> list[str]:
+        return [
+            e["name"]
+            for e in ray.util.list_named_actors(all_namespaces=True)
+            if e["namespace"] == namespace and e["name"].startswith(prefix)
+        ]
+
+    return await asyncio.to_thread(names)
+
+
+async def get_actor_async(name: str, namespace: str) -> Any:
+    """``ray.get_actor`` off the event loop; raises ``ValueError`` when there is none."""
+    return await asyncio.to_thread(ray.get_actor, name, namespace=namespace)
+
+
+@contextlib.contextmanager
+def quiet_worker_notices() -> Iterator[list[str]]:
+    """Hold back Ray's "a worker died" notices from this driver's terminal meanwhile.
+
+    Ray prints them from a background thread whatever ``log_to_driver`` says; a demo
+    that kills processes on purpose would drown its own output. The notices are
+    collected in the yielded list instead (the caller may report how many).
+    """
+    worker = ray._private.worker
+    original = worker.print_to_stdstream
+    held: list[str] = []
+
+    def filtered(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            held.extend(str(line) for line in data.get("lines", ()))
+            return
+        original(data, ignore_prefix)
+
+    worker.print_to_stdstream = filtered
+    try:
+        yield held
+    finally:
+        worker.print_to_stdstream = original

@@ -1,0 +1,271 @@
+"""Hosted placement on the session's Ray: conversations as entities inside host actors.
+
+Each test gets a tree of its own (one host: ``hosts_per_node=1``), so a crash, a
+quarantine or a host kill in one test never reaches another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import ray
+from conftest import kill_namespace
+from ray._common.test_utils import wait_for_condition
+
+import overstory
+from overstory import Agent, ConversationQuarantined, Runtime, TurnFailed, UserMessage
+from overstory.providers import OfflineModel
+from overstory.registry.shards import HOST_PREFIX
+from overstory.runtime.demo import DEMO_RULES, add, word_count
+from overstory.store import open_store
+from overstory.testing.tools import block
+
+pytestmark = pytest.mark.ray
+
+
+def hosted_agent() -> Agent:
+    model = OfflineModel("offline:hosted", rules=DEMO_RULES)
+    return Agent("hosted-test", model=model, tools=[add, word_count, block])
+
+
+def _connect(namespace: str, store: str, **settings: Any) -> Runtime:
+    settings = {
+        "hosts_per_node": 1,
+        "turn_timeout_s": 3.0,
+        "entity_max_restarts": 2,
+        "entity_restart_period_s": 60.0,
+        **settings,
+    }
+    return overstory.connect(hosted_agent(), store=store, namespace=namespace, **settings)
+
+
+@pytest.fixture
+def rt(ray_cluster: str, namespace: str, sqlite_url: str) -> Iterator[Runtime]:
+    runtime = _connect(namespace, sqlite_url)
+    yield runtime
+    kill_namespace(namespace)
+
+
+def _named(namespace: str) -> list[str]:
+    return [
+        e["name"]
+        for e in ray.util.list_named_actors(all_namespaces=True)
+        if e["namespace"] == namespace
+    ]
+
+
+def test_hosted_is_the_default_and_no_process_is_started_per_conversation(rt: Runtime) -> None:
+    assert hosted_agent().placement == "hosted"
+    convs = [rt.conversation(f"user-{i}") for i in range(20)]
+    for conv in convs:
+        assert conv.send("what is 2 + 3?").text == "add returned 5"
+    info = convs[0].info()
+    assert info["placement"] == "hosted"
+    assert info["host"].startswith(HOST_PREFIX)
+    assert info["messages"] == 4
+    assert convs[0].actor_name == info["host"]  # readable on the Ray dashboard
+    names = _named(rt.config.namespace)
+    assert not [n for n in names if n.startswith("conversation:")]
+    assert [n for n in names if n.startswith(HOST_PREFIX)] == [info["host"]]
+    status = rt.status()
+    assert status["placement"] == "hosted"
+    assert status["live_conversations"] == 20
+    (host,) = status["hosts"]
+    assert (host["live"], host["pid"]) == (20, info["pid"])
+    assert host["node_id"] == info["node_id"]
+    assert host["memory"]["rss"] > 0
+    assert len({c.info()["pid"] for c in convs}) == 1  # one process serves them all
+
+
+def test_each_callers_turns_run_in_order(rt: Runtime) -> None:
+    conv = rt.conversation("ordered")
+
+    async def burst() -> None:
+        await asyncio.gather(*(conv.send_async(f"!sleep 0.0{i % 3} msg {i}") for i in range(12)))
+
+    asyncio.run(burst())
+    sent = [m.content for m in conv.history() if isinstance(m, UserMessage)]
+    assert sent == [f"!sleep 0.0{i % 3} msg {i}" for i in range(12)]
+
+
+def test_two_drivers_reach_one_entity(rt: Runtime, driver_env: dict[str, str]) -> None:
+    import json
+    import subprocess
+    import sys
+
+    conv = rt.conversation("shared")
+    conv.send("hello from the test")
+    code = (
+        "import json, sys, overstory\n"
+        "from test_hosted import hosted_agent\n"
+        "rt = overstory.connect(hosted_agent(), store=sys.argv[1], namespace=sys.argv[2],"
+        " hosts_per_node=1)\n"
+        "c = rt.conversation('shared')\n"
+        "c.send('hello from another driver')\n"
+        "print(json.dumps(c.info()))\n"
+    )
+    env = {**driver_env, "PYTHONPATH": os.path.dirname(__file__)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, rt.config.store, rt.config.namespace],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    other = json.loads(proc.stdout.strip().splitlines()[-1])
+    mine = conv.info()
+    assert (other["pid"], other["epoch"]) == (mine["pid"], mine["epoch"])
+    assert [m.content for m in conv.history() if isinstance(m, UserMessage)] == [
+        "hello from the test",
+        "hello from another driver",
+    ]
+
+
+def test_host_killed_mid_turn_the_send_is_resent_and_stored_once(rt: Runtime) -> None:
+    conv = rt.conversation("crashy")
+    conv.send("warm up")
+    pid = conv.info()["pid"]
+    result: dict[str, Any] = {}
+
+    def talk() -> None:
+        try:
+            result["reply"] = conv.send("!sleep 1.5 survive this", turn_id="t-kill")
+        except Exception as exc:  # reported below
+            result["error"] = exc
+
+    talker = threading.Thread(target=talk)
+    talker.start()
+    wait_for_condition(lambda: rt.count_stored("crashy") == 3, timeout=10)  # mid-turn
+    os.kill(pid, signal.SIGKILL)
+    talker.join(timeout=60)
+    assert "error" not in result, result.get("error")
+    assert result["reply"].text.endswith("survive this")
+    stored = rt.stored_history("crashy")
+    assert [m.turn_id for m in stored if isinstance(m, UserMessage)].count("t-kill") == 1
+    assert conv.info()["pid"] != pid
+    assert rt.status()["host_restarts"] >= 1
+
+
+def test_a_crashing_conversation_is_restarted_then_quarantined_alone(rt: Runtime) -> None:
+    bad, good = rt.conversation("bad"), rt.conversation("good")
+    good.send("hello")
+    pid = good.info()["pid"]
+    for i in range(3):  # entity_max_restarts=2: the third crash in the period is too many
+        with pytest.raises(TurnFailed, match=r"crashed.*scripted crash"):
+            bad.send(f"!crash bug {i}")
+        assert good.send(f"still fine {i}").text.startswith("echo")
+    with pytest.raises(ConversationQuarantined, match="'bad' is quarantined") as caught:
+        bad.send("hello?")
+    assert caught.value.crashes == 3
+    assert good.send("and after").text.startswith("echo")
+    assert good.info()["pid"] == pid  # the host never went down
+    status = rt.status()
+    assert (status["entity_restarts"], status["quarantined"]) == (2, 1)
+    stored = [m.content for m in rt.stored_history("bad") if isinstance(m, UserMessage)]
+    assert stored == ["!crash bug 0", "!crash bug 1", "!crash bug 2"]  # nothing lost
+
+
+def test_a_hanging_or_blocking_turn_delays_only_its_own_conversation(rt: Runtime) -> None:
+    slow, quick = rt.conversation("slow"), rt.conversation("quick")
+    quick.send("warm up")
+    outcome: dict[str, Any] = {}
+
+    def hang() -> None:
+        try:
+            slow.send('!tool block {"seconds": 6}')
+        except TurnFailed as exc:
+            outcome["error"] = exc
+
+    hanger = threading.Thread(target=hang)
+    hanger.start()
+    wait_for_condition(lambda: rt.count_stored("slow") >= 2, timeout=10)  # the tool runs
+    took = []
+    for i in range(5):
+        started = time.monotonic()
+        quick.send(f"meanwhile {i}")
+        took.append(time.monotonic() - started)
+    hanger.join(timeout=30)
+    assert max(took) < 1.0, took  # the sync tool holds a thread, not the host's loop
+    assert "deadline of 3 s" in str(outcome["error"])
+    assert slow.send("after the deadline").text.startswith("echo")
+
+
+def test_a_fenced_entity_is_dropped_and_the_turn_lands_once(rt: Runtime) -> None:
+    conv = rt.conversation("fenced")
+    conv.send("first")
+    epoch = conv.info()["epoch"]
+
+    async def take_over() -> None:  # another owner takes the conversation: a new epoch
+        store = open_store(rt.config.store)
+        await store.open()
+        await store.acquire("fenced")
+        await store.close()
+
+    asyncio.run(take_over())
+    assert conv.send("second", turn_id="t-second").text.startswith("echo")
+    assert conv.info()["epoch"] > epoch + 1
+    assert rt.status()["fenced"] == 1
+    turns = [m.turn_id for m in rt.stored_history("fenced") if isinstance(m, UserMessage)]
+    assert turns.count("t-second") == 1
+
+
+def test_idle_conversations_are_passivated_and_the_cap_evicts_lru(
+    ray_cluster: str, namespace: str, sqlite_url: str
+) -> None:
+    rt = _connect(namespace, sqlite_url, idle_timeout_s=1.0, max_live_per_host=3)
+    try:
+        for i in range(5):
+            rt.conversation(f"capped-{i}").send(f"hello {i}")
+        status = rt.status()
+        assert (status["live"], status["evictions"]) == (3, 2)
+        live = set(
+            ray.get(rt.registry.hosts.route_host(rt.registry.hosts.table.hosts[0]).live.remote())
+        )
+        assert live == {"capped-2", "capped-3", "capped-4"}  # the least recently used went
+        wait_for_condition(lambda: rt.status()["live"] == 0, timeout=15)
+        again = rt.conversation("capped-0")
+        assert again.send("back").text == "echo #2: back"  # its history came back with it
+    finally:
+        kill_namespace(namespace)
+
+
+def test_a_client_with_a_stale_shard_table_is_rerouted(rt: Runtime) -> None:
+    conv = rt.conversation("stale")
+    conv.send("hello")
+    router = rt.registry.hosts
+    current = router.table
+    router._table = type(current)(current.version - 1, current.shards, current.hosts)
+    assert conv.send("again").text == "echo #2: again"
+    assert router.table.version == current.version
+
+
+def test_stop_conversation_and_async_api(rt: Runtime) -> None:
+    async def go() -> list[str]:
+        conv = await rt.conversation_async("asyncer")
+        await conv.send_async("one")
+        return [m.content for m in await conv.history_async()]
+
+    assert asyncio.run(go()) == ["one", "echo #1: one"]
+    assert rt.stop_conversation("asyncer") is True
+    assert rt.stop_conversation("asyncer") is False  # not live any more
+    assert rt.status()["passivations"] == 1
+    assert rt.conversation("asyncer").send("two").text == "echo #2: two"
+
+
+def test_a_tree_of_the_other_placement_is_refused_by_name(rt: Runtime) -> None:
+    dedicated = Agent("other", placement="dedicated")
+    with pytest.raises(overstory.ConfigError, match="serves hosted placement"):
+        overstory.connect(dedicated, store=rt.config.store, namespace=rt.config.namespace)
+
+
+def test_unknown_placement_is_a_config_error() -> None:
+    with pytest.raises(overstory.ConfigError, match="unknown placement 'everywhere'"):
+        Agent("x", placement="everywhere")  # type: ignore[arg-type]

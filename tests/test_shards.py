@@ -1,0 +1,74 @@
+"""The shard table: conversation id -> shard -> host, as pure values (no Ray)."""
+
+from __future__ import annotations
+
+import pickle
+from collections import Counter
+
+import pytest
+
+from overstory import ConfigError
+from overstory.exceptions import StaleShardTable
+from overstory.registry.shards import HOST_PREFIX, ShardTable, host_name, shard_of
+
+
+def test_shard_of_is_stable_and_independent_of_the_process() -> None:
+    # Fixed values: a change of hash would move every conversation to another host.
+    assert shard_of("alice", 1024) == shard_of("alice", 1024)
+    assert [shard_of(u, 1024) for u in ("alice", "bob", "élodie", "")] == [
+        shard_of("alice", 1024),
+        shard_of("bob", 1024),
+        shard_of("élodie", 1024),
+        shard_of("", 1024),
+    ]
+    assert (
+        shard_of("alice", 1024)
+        == int.from_bytes(__import__("hashlib").sha256(b"alice").digest()[:8], "big") % 1024
+    )
+
+
+def test_hosts_share_the_shards_evenly() -> None:
+    table = ShardTable.build(4, shards=1024)
+    load = Counter(table.host_for(f"user-{i}") for i in range(20_000))
+    assert set(load) == {host_name(i) for i in range(4)}
+    assert max(load.values()) / min(load.values()) < 1.15
+    assert all(name.startswith(HOST_PREFIX) for name in table.hosts)
+
+
+def test_owns_agrees_with_host_for() -> None:
+    table = ShardTable.build(3, shards=64, version=9)
+    for i in range(300):
+        uid = f"u{i}"
+        owner = table.host_for(uid)
+        assert table.owns(owner, uid)
+        assert not any(table.owns(h, uid) for h in table.hosts if h != owner)
+
+
+def test_growing_the_table_moves_only_what_it_must_and_keeps_the_shard() -> None:
+    small, big = ShardTable.build(2, shards=1024), ShardTable.build(4, shards=1024, version=2)
+    ids = [f"user-{i}" for i in range(2000)]
+    moved = sum(small.host_for(u) != big.host_for(u) for u in ids)
+    assert 0.35 < moved / len(ids) < 0.65  # shard % hosts: half the shards change hosts
+    assert all(shard_of(u, 1024) == shard_of(u, 1024) for u in ids)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"version": 1, "shards": 0, "hosts": ("a",)}, "shards must be an int >= 1"),
+        ({"version": 1, "shards": 4, "hosts": ()}, "at least one host"),
+        ({"version": 1, "shards": 1, "hosts": ("a", "b")}, "2 hosts for 1 shards"),
+        ({"version": 1, "shards": 4, "hosts": ("a", "a")}, "duplicate host names"),
+    ],
+)
+def test_bad_tables_are_refused_by_name(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        ShardTable(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="number of hosts must be an int >= 1, got 0"):
+        ShardTable.build(0)
+
+
+def test_stale_table_error_carries_the_table_across_pickling() -> None:
+    table = ShardTable.build(2, shards=16, version=5)
+    err = pickle.loads(pickle.dumps(StaleShardTable(table.version, table.shards, table.hosts)))
+    assert ShardTable(err.version, err.shards, err.hosts) == table
