@@ -107,7 +107,10 @@ def main() -> None:
     # during that burst adds noise to every figure, so let it settle first.
     time.sleep(5)
     ns = f"bench-{uuid.uuid4().hex[:6]}"
-    rt = overstory.connect(overstory.Agent("bench", model="offline:echo"), store=url, namespace=ns)
+    # Dedicated placement: these figures compare one conversation actor with one bare
+    # actor (bench/scale.py measures the hosted placement, the default).
+    bench_agent = overstory.Agent("bench", model="offline:echo", placement="dedicated")
+    rt = overstory.connect(bench_agent, store=url, namespace=ns)
     results: dict[str, Any] = {}
 
     # P1 -----------------------------------------------------------------------------

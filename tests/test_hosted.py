@@ -269,3 +269,19 @@ def test_a_tree_of_the_other_placement_is_refused_by_name(rt: Runtime) -> None:
 def test_unknown_placement_is_a_config_error() -> None:
     with pytest.raises(overstory.ConfigError, match="unknown placement 'everywhere'"):
         Agent("x", placement="everywhere")  # type: ignore[arg-type]
+
+
+def test_a_send_has_one_overall_deadline(rt: Runtime) -> None:
+    hurried = Runtime(
+        rt.config.model_copy(update={"send_timeout_s": 0.5}), rt.agent, started_ray=False
+    )
+    with pytest.raises(overstory.ConversationUnavailable, match=r"send_timeout_s=0\.5"):
+        hurried.conversation("late").send("!sleep 2 too slow", turn_id="t-late")
+    # the turn went on in its host and finished; re-sending the same id returns it
+    assert (
+        rt.conversation("late")
+        .send("!sleep 2 too slow", turn_id="t-late")
+        .text.endswith("too slow")
+    )
+    turns = [m.turn_id for m in rt.stored_history("late") if isinstance(m, UserMessage)]
+    assert turns == ["t-late"]

@@ -142,6 +142,7 @@ def test_metrics_reach_the_nodes_metrics_port(ray_cluster: str, tmp_path: Path) 
         conv.send("!fail on purpose")  # a failed turn, with its own outcome
     except overstory.TurnFailed:
         pass
+    assert rt.stop_conversation("metered")  # a passivation
     try:
         node = next(n for n in ray.nodes() if n["Alive"])  # type: ignore[no-untyped-call]
         url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
@@ -151,6 +152,9 @@ def test_metrics_reach_the_nodes_metrics_port(ray_cluster: str, tmp_path: Path) 
             "ray_overstory_tool_calls_total",
             "ray_overstory_tokens_total",
             "ray_overstory_live_conversations",
+            "ray_overstory_model_calls_total",
+            "ray_overstory_model_call_seconds",
+            "ray_overstory_passivations_total",
         )
         text = ""
 
@@ -165,6 +169,8 @@ def test_metrics_reach_the_nodes_metrics_port(ray_cluster: str, tmp_path: Path) 
         assert 'agent="demo-assistant"' in text
         assert 'outcome="ok"' in text
         assert 'tool="add"' in text
+        assert 'host="overstory:host:' in text  # live conversations, per host
+        assert 'outcome="server_error"' in text  # the scripted failure, by its kind
         assert "metered" not in text  # no user ids in tags
     finally:
         rt.close()

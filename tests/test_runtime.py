@@ -240,6 +240,9 @@ def test_a_failed_turn_is_reported_and_the_conversation_goes_on(rt: Runtime) -> 
     with pytest.raises(TurnFailed, match="scripted fail: provider down") as info:
         conv.send("!fail provider down")
     assert info.value.conversation_id == "jo"
+    # The cause crossed Ray with the error, typed (AllModelsFailed keeps .failures too).
+    assert isinstance(info.value.__cause__, overstory.ModelError)
+    assert info.value.__cause__.kind == "server_error"
     assert conv.send("retry please").text == "echo #2: retry please"
     assert [m.kind for m in conv.history()] == ["user", "user", "assistant"]
 

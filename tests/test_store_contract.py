@@ -270,6 +270,7 @@ def test_zombie_and_replacement_racing_on_separate_connections(store_url: str) -
         try:
             old = await zombie.acquire("race")
             taken = asyncio.Event()
+            underway = asyncio.Event()  # the zombie has stored a few: take over mid-stream
             outcomes: list[tuple[int, bool]] = []
 
             async def zombie_writes() -> None:
@@ -280,12 +281,14 @@ def test_zombie_and_replacement_racing_on_separate_connections(store_url: str) -
                             "race", UserMessage(content=f"z{seq}", seq=seq, turn_id="z"), epoch=old
                         )
                         outcomes.append((seq, started_after_takeover))
+                        if seq == 2:
+                            underway.set()
                     except Fenced:
                         return
                     await asyncio.sleep(0)
 
             async def takeover() -> int:
-                await asyncio.sleep(0.005)
+                await underway.wait()
                 epoch = await store.acquire("race")
                 taken.set()
                 return epoch
@@ -301,3 +304,34 @@ def test_zombie_and_replacement_racing_on_separate_connections(store_url: str) -
     assert new == 2
     assert 0 < len(stored) < 30  # the takeover landed mid-stream and stopped the zombie
     assert [m.seq for m in stored] == list(range(len(stored)))
+
+
+def test_sqlite_group_commit_batches_writes_and_isolates_each_failure(sqlite_url: str) -> None:
+    """Writes made in one loop turn share one transaction; a conflicting or fenced write
+    fails alone, and every other write of the batch is stored."""
+    from overstory.store.sqlite import SQLiteStore
+
+    async def body(store: HistoryStore) -> tuple[list[Any], int]:
+        assert isinstance(store, SQLiteStore)
+        await store.append("taken", UserMessage(content="first", seq=0, turn_id="t0"))
+        epoch = await store.acquire("fenced")
+        await store.acquire("fenced")  # a newer owner: ``epoch`` is stale now
+        flushes = store.flushes
+        writes = [
+            store.append(f"c{i}", UserMessage(content=f"m{i}", seq=0, turn_id="t"))
+            for i in range(50)
+        ]
+        writes.append(store.append("taken", UserMessage(content="dup", seq=0, turn_id="t1")))
+        writes.append(
+            store.append("fenced", UserMessage(content="x", seq=0, turn_id="t"), epoch=epoch)
+        )
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        return results, store.flushes - flushes
+
+    results, flushes = with_store(sqlite_url, body)
+    assert flushes == 1  # 52 writes, one transaction, one fsync
+    assert results[:50] == [None] * 50
+    assert isinstance(results[50], SequenceConflict)
+    assert isinstance(results[51], Fenced)
+    assert with_store(sqlite_url, lambda s: s.count()) == 51
+    assert [m.content for m in with_store(sqlite_url, lambda s: s.load("taken"))] == ["first"]

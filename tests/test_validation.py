@@ -169,3 +169,28 @@ def test_actor_names_are_readable_without_leaking_personal_data(user_id: str, sh
     assert (prefix, label) == ("conversation", shown)
     assert len(digest) == 24
     assert actor_name(user_id + " ") != name  # unique by digest, not by label
+
+
+def test_errors_keep_their_fields_and_cause_across_pickling() -> None:
+    """What a client across Ray gets: the same types, fields and cause as in the actor."""
+    import pickle
+
+    from overstory.exceptions import (
+        AllModelsFailed,
+        ConversationQuarantined,
+        ModelError,
+        TurnFailed,
+    )
+
+    failures = [ModelError("down", model="a", kind="timeout"), ModelError("429", model="b")]
+    err = TurnFailed("conv", "t1", "model error", AllModelsFailed(failures))
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.conversation_id, back.turn_id, back.reason) == ("conv", "t1", "model error")
+    assert isinstance(back.__cause__, AllModelsFailed)
+    assert [(f.model, f.kind) for f in back.__cause__.failures] == [
+        ("a", "timeout"),
+        ("b", "server_error"),
+    ]
+    quarantined = pickle.loads(pickle.dumps(ConversationQuarantined("c", 4, 1e9, "boom")))
+    assert (quarantined.conversation_id, quarantined.crashes, quarantined.last) == ("c", 4, "boom")
+    assert "'c' is quarantined" in str(quarantined)

@@ -11,12 +11,14 @@ own exception) so wrappers can decide what to do without knowing the vendor.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from opentelemetry.trace import Span
 
+from ..exceptions import ModelError
 from ..messages import Message, ModelResponse
 from ..telemetry import chat_span, metrics, record_chat_content, record_chat_response
 from ..tools import ToolDefinition
@@ -92,12 +94,25 @@ async def traced_request(
     server_port: int | None = None,
 ) -> ModelResponse:
     """``request(...)`` inside a ``chat {model}`` span: its answer recorded on the span
-    (contents only with capture on) and in the token metrics."""
-    with chat_span(provider, model, server_address, server_port) as span:
-        response = await request(instructions, messages, tools)
-        record_response(span, provider, model, response)
-        record_chat_content(span, messages=messages, response=response, instructions=instructions)
-        return response
+    (contents only with capture on) and in the token metrics; every call, answered or
+    not, in ``model_calls_total`` and ``model_call_seconds`` (outcome ``ok`` or the
+    error's kind)."""
+    started = time.monotonic()
+    outcome = "error"
+    try:
+        with chat_span(provider, model, server_address, server_port) as span:
+            response = await request(instructions, messages, tools)
+            outcome = "ok"
+            record_response(span, provider, model, response)
+            record_chat_content(
+                span, messages=messages, response=response, instructions=instructions
+            )
+            return response
+    except ModelError as exc:
+        outcome = exc.kind
+        raise
+    finally:
+        metrics().model_call(provider, model, outcome, time.monotonic() - started)
 
 
 def record_response(span: Span, provider: str, model: str, response: ModelResponse) -> None:

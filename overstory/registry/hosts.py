@@ -155,7 +155,8 @@ class HostRouter:
             self._handles.pop(name, None)
 
     def refresh(self) -> None:
-        """Re-read the table from the host supervisor (after a fenced write, say)."""
+        """Read the table again from the host supervisor (a host died for good, or is
+        not there: a tree booted again may have other hosts)."""
         with self._lock:
             self._table = None
             self._handles.clear()

@@ -15,6 +15,7 @@ import itertools
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -44,6 +45,11 @@ T = TypeVar("T")
 
 #: Back-off between re-sends while a host restarts in place (seconds, doubling, capped).
 _BACKOFF_S = (0.05, 1.0)
+
+
+#: Conversation handles a Runtime keeps (least recently used go; a dropped one is simply
+#: made again on the next ``conversation()`` call).
+_MAX_CACHED_HANDLES = 10_000
 
 
 def _backoff(attempt: int) -> float:
@@ -114,8 +120,10 @@ class Conversation:
                 self._runtime.registry.hosts.update(cause)
                 return cause, True
             return cause, isinstance(cause, Passivated | Fenced)
-        if isinstance(exc, ActorDiedError) and self._handle is None and target is not None:
-            self._runtime.registry.hosts.forget(target[1])  # look the host up again
+        if self._handle is None and (isinstance(exc, ActorDiedError | ConversationUnavailable)):
+            # The host is gone for good, or not there: read the table again (a tree booted
+            # again may have other hosts) and look the host up again.
+            self._runtime.registry.hosts.refresh()
         return exc, isinstance(exc, RayActorError | ConversationUnavailable)
 
     @staticmethod
@@ -280,7 +288,9 @@ class Runtime:
         self.agent = agent
         self.started_ray = started_ray
         self.registry = Registry(config=config, agent=agent, send_agent=send_agent)
-        self._conversations: dict[str, Conversation] = {}
+        # Handles by user id, least recently used first: a long-lived driver (a web
+        # server) sees users come and go, so the cache is bounded.
+        self._conversations: OrderedDict[str, Conversation] = OrderedDict()
         self._lock = threading.Lock()
 
     def __enter__(self) -> Runtime:
@@ -304,14 +314,11 @@ class Runtime:
         with self._lock:
             conv = self._conversations.get(user_id)
         if conv is not None and conv._api_keys == keys:
-            return conv
+            return self._remember(conv)  # most recently used now
         handle = None
         if self.registry.placement == "dedicated":
             handle = self.registry.get_or_start(user_id, keys)
-        with self._lock:
-            conv = Conversation(self, user_id, handle, keys)
-            self._conversations[user_id] = conv
-            return conv
+        return self._remember(Conversation(self, user_id, handle, keys))
 
     async def conversation_async(
         self, user_id: str, *, api_keys: Mapping[str, str] | None = None
@@ -321,12 +328,18 @@ class Runtime:
         keys = api_key_map(api_keys) if api_keys else None
         conv = self._conversations.get(user_id)
         if conv is not None and conv._api_keys == keys:
-            return conv
+            return self._remember(conv)  # most recently used now
         handle = None
         if self.registry.placement == "dedicated":
             handle = await self.registry.get_or_start_async(user_id, keys)
-        conv = Conversation(self, user_id, handle, keys)
-        self._conversations[user_id] = conv
+        return self._remember(Conversation(self, user_id, handle, keys))
+
+    def _remember(self, conv: Conversation) -> Conversation:
+        with self._lock:
+            self._conversations[conv.user_id] = conv
+            self._conversations.move_to_end(conv.user_id)
+            while len(self._conversations) > _MAX_CACHED_HANDLES:
+                self._conversations.popitem(last=False)
         return conv
 
     def stop_conversation(self, user_id: str) -> bool:

@@ -41,6 +41,7 @@ from ..providers import Secret
 from ..providers.pool import chain_rows
 from ..telemetry import metrics
 from .core import Shutdown, SupervisorState, add_child, on_exit, remove_child
+from .locks import KeyedLocks
 from .named import SUPERVISED, get_or_create, unwrap_task_error
 from .spec import ChildSpec, SupervisorSpec
 from .tree import ROOT
@@ -96,7 +97,7 @@ class ConversationSupervisor:
         self.max_message_chars = max_message_chars
         self.lifecycle = lifecycle
         self._children: dict[str, _Child] = {}
-        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._locks = KeyedLocks()  # per user, only while in use
         # What the OTP core knows: one transient child per live conversation, and the
         # restart window. Every restart decision below is core.on_exit's.
         self._state = SupervisorState(
@@ -165,7 +166,7 @@ class ConversationSupervisor:
         """
         if api_keys:
             agent = (agent or self.agent).with_api_keys(api_keys)
-        async with self._locks[user_id]:
+        async with self._locks(user_id):
             child = self._children.get(user_id)
             if child is not None and not await self._serving(child):
                 # Dying or fenced out: forget this incarnation; get_or_create below waits
@@ -251,7 +252,7 @@ class ConversationSupervisor:
         except (RayActorError, TimeoutError):
             return  # dead, or not answering: a later start_child takes it from there
         user_id = info["conversation_id"]
-        async with self._locks[user_id]:  # start_child may be starting or adopting it too
+        async with self._locks(user_id):  # start_child may be starting or adopting it too
             if user_id not in self._children:
                 self._record(user_id, handle, info, agent)
 
@@ -313,7 +314,7 @@ class ConversationSupervisor:
             self._state = remove_child(self._state, user_id)
 
     async def _restart_dead(self, child: _Child) -> None:
-        async with self._locks[child.user_id]:
+        async with self._locks(child.user_id):
             if self._children.get(child.user_id) is child:
                 del self._children[child.user_id]
                 try:
@@ -346,7 +347,7 @@ class ConversationSupervisor:
             # An orphan this supervisor did not adopt when it restarted (it did not answer
             # in time) asks to passivate: adopt it now, then treat it like any child.
             await self._adopt(actor_name(user_id))
-        async with self._locks[user_id]:
+        async with self._locks(user_id):
             child = self._children.get(user_id)
             if child is None or child.stopping:
                 return False
