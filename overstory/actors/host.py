@@ -157,6 +157,7 @@ class HostActor:
         }
         self._started_at = time.time()
         self._sweeper: asyncio.Task[None] | None = None
+        self._reported_at = 0.0
         self._stopped: asyncio.Event | None = None
 
     # --- supervision protocol (the host supervisor watches hosts) -------------------------
@@ -236,9 +237,10 @@ class HostActor:
         """One turn under the deadline; what escapes the turn machinery crashes the entity."""
         cid = entity.conversation_id
         try:
-            with attached(carrier), provider_namespace(self.namespace):
-                return await asyncio.wait_for(
-                    run_turn(
+            # asyncio.timeout, not wait_for: no extra task per turn on the host's loop.
+            async with asyncio.timeout(self.config.turn_timeout_s):
+                with attached(carrier), provider_namespace(self.namespace):
+                    return await run_turn(
                         entity.agent,
                         self._store,
                         cid,
@@ -246,9 +248,7 @@ class HostActor:
                         turn_id,
                         text,
                         epoch=entity.epoch,
-                    ),
-                    timeout=self.config.turn_timeout_s,
-                )
+                    )
         except (TurnFailed, InvalidMessage):
             raise  # the turn's own outcome: the entity is fine
         except Fenced:
@@ -426,9 +426,16 @@ class HostActor:
                     expired.append(entity)
             for entity in expired:
                 self._remove(entity, "idle")
+            self._report(force=True)
+            self._prune_crashes(time.monotonic())
 
-    def _report(self) -> None:
-        metrics().live_conversations(len(self._entities), self.name)
+    def _report(self, force: bool = False) -> None:
+        """The live gauge, at most once a second (an activation burst would otherwise
+        pay a metric record per conversation); the sweeper forces it on each tick."""
+        now = time.monotonic()
+        if force or now - self._reported_at >= 1.0:
+            self._reported_at = now
+            metrics().live_conversations(len(self._entities), self.name)
 
     # --- per-conversation supervision ------------------------------------------------------
 

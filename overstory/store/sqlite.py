@@ -106,20 +106,26 @@ class SQLiteStore(HistoryStore):
                 if not future.done():
                     future.set_exception(StoreError(f"cannot write to {self.url}: {exc}"))
             return
+        # A lone write needs no savepoint: if it fails, rolling the transaction back
+        # undoes exactly it (and saves two statements on every quiet turn).
+        alone = len(batch) == 1
         try:
             for fn, future in batch:
-                conn.execute("SAVEPOINT w")
+                if not alone:
+                    conn.execute("SAVEPOINT w")
                 try:
                     result = fn(conn)
                 except Exception as exc:
-                    conn.execute("ROLLBACK TO w")
-                    conn.execute("RELEASE w")
+                    if not alone:
+                        conn.execute("ROLLBACK TO w")
+                        conn.execute("RELEASE w")
                     if not future.done():
                         future.set_exception(exc)
                     continue
-                conn.execute("RELEASE w")
+                if not alone:
+                    conn.execute("RELEASE w")
                 done.append((future, result))
-            conn.execute("COMMIT")
+            conn.execute("COMMIT" if done else "ROLLBACK")
         except sqlite3.Error as exc:
             # The transaction as a whole failed: none of its writes is stored.
             with contextlib.suppress(sqlite3.Error):
