@@ -141,7 +141,8 @@ class Registry:
                     timeout=self.lifecycle.activation_timeout_s,
                 )
             except RayTaskError as exc:
-                raise unwrap_task_error(exc) from None
+                cause = unwrap_task_error(exc)
+                raise cause from cause.__cause__
             except RayActorError as exc:  # the supervisor died: its parent restarts it
                 self._supervisor, last = None, exc
             except GetTimeoutError as exc:
@@ -162,7 +163,8 @@ class Registry:
                     timeout=self.lifecycle.activation_timeout_s,
                 )
             except RayTaskError as exc:
-                raise unwrap_task_error(exc) from None
+                cause = unwrap_task_error(exc)
+                raise cause from cause.__cause__
             except RayActorError as exc:
                 self._supervisor, last = None, exc
             except TimeoutError as exc:
@@ -178,7 +180,7 @@ class Registry:
     def call_host(self, conversation_id: str, method: str, *args: Any) -> Any:
         """One call to the host of ``conversation_id``, following a newer shard table."""
         for _ in range(_ATTEMPTS):
-            version, _name, handle = self.hosts.route(conversation_id)
+            version, name, handle = self.hosts.route(conversation_id)
             try:
                 return ray.get(
                     getattr(handle, method).remote(version, conversation_id, *args),
@@ -187,8 +189,14 @@ class Registry:
             except RayTaskError as exc:
                 cause = unwrap_task_error(exc)
                 if not isinstance(cause, StaleShardTable):
-                    raise cause from None
+                    raise cause from cause.__cause__
                 self.hosts.update(cause)
+            except (RayActorError, GetTimeoutError) as exc:
+                self.hosts.refresh()
+                raise ConversationUnavailable(
+                    f"host {name!r} of {conversation_id!r} did not answer "
+                    f"({type(exc).__name__}); it is restarting or gone"
+                ) from None
         raise ConversationUnavailable(
             f"no host of namespace {self.namespace!r} takes {conversation_id!r}"
         )
@@ -223,8 +231,14 @@ class Registry:
             for key in totals:
                 totals[key] += host.get(key, 0)
         live = sum(h.get("live", 0) for h in hosts)
-        supervisor = ray.get_actor(HOSTS, namespace=self.namespace)
-        supervisor_status: Any = ray.get(supervisor.status.remote(), timeout=30)
+        try:
+            supervisor = ray.get_actor(HOSTS, namespace=self.namespace)
+            supervisor_status: Any = ray.get(supervisor.status.remote(), timeout=30)
+        except (ValueError, RayActorError, GetTimeoutError) as exc:
+            raise ConversationUnavailable(
+                f"the host supervisor of namespace {self.namespace!r} does not answer: "
+                f"{type(exc).__name__}"
+            ) from None
         host_restarts = int(supervisor_status["restarts"])
         totals["entity_restarts"] = totals["restarts"]
         totals["host_restarts"] = host_restarts

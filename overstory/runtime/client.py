@@ -157,7 +157,7 @@ class Conversation:
             except (RayTaskError, RayActorError, ConversationUnavailable) as exc:
                 error, retry = self._failure(target, exc)
                 if not retry:
-                    raise error from None
+                    raise error from error.__cause__  # keep the cause it crossed Ray with
             if time.monotonic() >= deadline:
                 raise self._gave_up(method, error)
             if self._handle is not None:
@@ -183,7 +183,7 @@ class Conversation:
             except (RayTaskError, RayActorError, ConversationUnavailable) as exc:
                 error, retry = self._failure(target, exc)
                 if not retry:
-                    raise error from None
+                    raise error from error.__cause__  # keep the cause it crossed Ray with
             if time.monotonic() >= deadline:
                 raise self._gave_up(method, error)
             if self._handle is not None:
