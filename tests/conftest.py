@@ -149,9 +149,9 @@ def kill_namespace(namespace: str, timeout_s: float = 30.0) -> None:
 
     import ray
 
-    from overstory.supervisors.tree import CONVERSATIONS, ROOT
+    from overstory.supervisors.tree import CONVERSATIONS, HOSTS, ROOT
 
-    for name in (ROOT, CONVERSATIONS):
+    for name in (ROOT, HOSTS, CONVERSATIONS):
         try:
             handle = ray.get_actor(name, namespace=namespace)
         except ValueError:

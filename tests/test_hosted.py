@@ -285,3 +285,30 @@ def test_a_send_has_one_overall_deadline(rt: Runtime) -> None:
     )
     turns = [m.turn_id for m in rt.stored_history("late") if isinstance(m, UserMessage)]
     assert turns == ["t-late"]
+
+
+def test_hosts_dying_too_often_escalate_and_the_root_starts_them_again(
+    ray_cluster: str, namespace: str, sqlite_url: str
+) -> None:
+    from overstory.supervisors.tree import HOSTS, ROOT
+
+    rt = _connect(namespace, sqlite_url, restart_intensity=1, restart_period_s=60.0)
+    try:
+        conv = rt.conversation("escalated")
+        conv.send("before")
+        old_supervisor = ray.get_actor(HOSTS, namespace=namespace)
+        root = ray.get_actor(ROOT, namespace=namespace)
+        for _ in range(2):  # the second restart within the period is one too many
+            pid = conv.info()["pid"]
+            os.kill(pid, signal.SIGKILL)
+            wait_for_condition(lambda pid=pid: conv.info()["pid"] != pid, timeout=60)
+        wait_for_condition(lambda: ray.get(root.status.remote())["restarts"] >= 1, timeout=60)
+        supervisor = ray.get_actor(HOSTS, namespace=namespace)
+        assert supervisor._actor_id != old_supervisor._actor_id  # a new host supervisor
+        assert conv.send("after").text == "echo #2: after"
+        assert [m.content for m in conv.history() if isinstance(m, UserMessage)] == [
+            "before",
+            "after",
+        ]
+    finally:
+        kill_namespace(namespace)

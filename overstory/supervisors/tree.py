@@ -106,10 +106,6 @@ class Supervisor:
             "meta": self.meta,
         }
 
-    def handles(self) -> dict[str, Any]:
-        """The live children's actor handles, by child id."""
-        return dict(self._handles)
-
     async def escalated(self, child_id: str) -> None:
         """A child supervisor gave up (its restart intensity was exceeded): take it down.
 
