@@ -298,7 +298,14 @@ def test_hosts_dying_too_often_escalate_and_the_root_starts_them_again(
         conv.send("before")
         old_supervisor = ray.get_actor(HOSTS, namespace=namespace)
         root = ray.get_actor(ROOT, namespace=namespace)
+        host = conv.actor_name
+
+        def watched() -> bool:  # the supervisor watches the process serving now
+            status = ray.get(old_supervisor.status.remote())
+            return bool(status["watching"].get(host) == conv.info()["incarnation"])
+
         for _ in range(2):  # the second restart within the period is one too many
+            wait_for_condition(watched, timeout=60)
             pid = conv.info()["pid"]
             os.kill(pid, signal.SIGKILL)
             wait_for_condition(lambda pid=pid: conv.info()["pid"] != pid, timeout=60)

@@ -83,6 +83,7 @@ class Supervisor:
         self._state: SupervisorState | None = None
         self._handles: dict[str, Any] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._watching: dict[str, str | None] = {}  # child id -> incarnation watched
         self._stopping: set[str] = set()
         self._lock = asyncio.Lock()
         self._stopped: asyncio.Event | None = None
@@ -103,6 +104,7 @@ class Supervisor:
             "children": children,
             "restarts": self.restarts,
             "incarnation": self.incarnation,
+            "watching": dict(self._watching),
             "meta": self.meta,
         }
 
@@ -140,6 +142,7 @@ class Supervisor:
         self._handles[child.id] = handle
         self._stopping.discard(child.id)
         incarnation = info.get("incarnation") if isinstance(info, dict) else None
+        self._watching[child.id] = incarnation
         self._watchers[child.id] = asyncio.get_running_loop().create_task(
             self._watch(child.id, handle, incarnation)
         )
