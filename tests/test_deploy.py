@@ -216,6 +216,17 @@ def test_cli_health_and_status_against_a_served_tree(
     serve = subprocess.run([*CLI, "serve", *args], env=env, capture_output=True, text=True)
     assert serve.returncode == 0, serve.stderr
     assert "already running" in serve.stdout
+    hosts = len(report["conversations"]["hosts"])
+    grown = subprocess.run(
+        [*CLI, "rebalance", "--hosts", str(hosts + 1), "--json", *args],
+        env=driver_env,
+        capture_output=True,
+        text=True,
+    )
+    assert grown.returncode == 0, grown.stderr
+    table = json.loads(grown.stdout.strip().splitlines()[-1])
+    assert len(table["hosts"]) == hosts + 1
+    assert table["hosts"][-1] == f"overstory:host:{hosts}"
 
     kill_namespace(config.namespace)
     bad = subprocess.run([*CLI, "health", *args], env=driver_env, capture_output=True, text=True)
@@ -223,7 +234,7 @@ def test_cli_health_and_status_against_a_served_tree(
     assert "unhealthy: root supervisor is not running" in bad.stdout
 
 
-@pytest.mark.parametrize("command", ["health", "status", "serve"])
+@pytest.mark.parametrize("command", ["health", "status", "serve", "rebalance"])
 def test_operator_commands_never_start_ray(command: str) -> None:
     # An address where nothing listens ("auto" would find any Ray running on this machine).
     with socket.socket() as s:

@@ -319,3 +319,47 @@ def test_hosts_dying_too_often_escalate_and_the_root_starts_them_again(
         ]
     finally:
         kill_namespace(namespace)
+
+
+def test_growing_a_running_tree_moves_shards_and_loses_nothing(
+    ray_cluster: str, namespace: str, sqlite_url: str
+) -> None:
+    from overstory.supervisors.tree import HOSTS, ROOT
+
+    rt = _connect(namespace, sqlite_url)  # one host
+    try:
+        users = [f"grow-{i}" for i in range(30)]
+        for user in users:
+            rt.conversation(user).send("before")
+        stale = Runtime(rt.config, rt.agent, started_ray=False)
+        stale_conv = stale.conversation(users[0])
+        assert len(stale.registry.hosts.table.hosts) == 1  # cached, and about to be old
+
+        table = rt.rebalance(hosts=2)
+        assert (table["version"], len(table["hosts"])) == (2, 2)
+        assert {rt.conversation(u).actor_name for u in users} == set(table["hosts"])
+        for user in users:
+            assert rt.conversation(user).send("after").text == "echo #2: after"
+        assert rt.status()["live_conversations"] == 30  # the old host shed what moved
+        # A client that still routes by the old table is told the new one and follows.
+        assert stale_conv.send("from an old client").text == "echo #3: from an old client"
+        assert rt.rebalance(hosts=1)["hosts"] == table["hosts"]  # never shrinks
+
+        # The table is in the store: a restarted host supervisor serves both hosts again.
+        root = ray.get_actor(ROOT, namespace=namespace)
+        ray.kill(ray.get_actor(HOSTS, namespace=namespace), no_restart=False)
+        wait_for_condition(lambda: ray.get(root.status.remote())["restarts"] >= 1, timeout=60)
+        supervisor = ray.get_actor(HOSTS, namespace=namespace)
+        wait_for_condition(
+            lambda: len(ray.get(supervisor.status.remote())["watching"]) == 2, timeout=60
+        )
+        assert ray.get(supervisor.status.remote())["meta"]["shard_table"].version == 2
+        for user in users[:5]:
+            assert [m.content for m in rt.conversation(user).history()][::2][:2] == [
+                "before",
+                "after",
+            ]
+        turns = [m.turn_id for u in users for m in rt.stored_history(u) if m.kind == "user"]
+        assert len(turns) == len(set(turns)) == 61  # every turn stored once
+    finally:
+        kill_namespace(namespace)

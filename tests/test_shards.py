@@ -72,3 +72,13 @@ def test_stale_table_error_carries_the_table_across_pickling() -> None:
     table = ShardTable.build(2, shards=16, version=5)
     err = pickle.loads(pickle.dumps(StaleShardTable(table.version, table.shards, table.hosts)))
     assert ShardTable(err.version, err.shards, err.hosts) == table
+
+
+def test_tables_round_trip_through_the_store_format_and_bad_ones_are_refused() -> None:
+    table = ShardTable.build(3, shards=64, version=4)
+    assert ShardTable.from_json(table.to_json()) == table
+    grown = table.grown(5)
+    assert (grown.version, grown.shards, grown.hosts[:3]) == (5, 64, table.hosts)
+    for raw in ("{", '{"version": 1}', '{"version": 1, "shards": 4, "hosts": ["x"]}'):
+        with pytest.raises(ConfigError, match="stored shard table"):
+            ShardTable.from_json(raw)

@@ -335,3 +335,24 @@ def test_sqlite_group_commit_batches_writes_and_isolates_each_failure(sqlite_url
     assert isinstance(results[51], Fenced)
     assert with_store(sqlite_url, lambda s: s.count()) == 51
     assert [m.content for m in with_store(sqlite_url, lambda s: s.load("taken"))] == ["first"]
+
+
+def test_settings_are_compare_and_set(store_url: str) -> None:
+    async def body(store: HistoryStore) -> list[Any]:
+        other = open_store(store_url)
+        await other.open()
+        try:
+            return [
+                await store.get_setting("k"),
+                await store.put_setting("k", "v1", expected=None),
+                await other.put_setting("k", "x", expected=None),  # already set: refused
+                await other.get_setting("k"),
+                await store.put_setting("k", "v2", expected="v1"),
+                await other.put_setting("k", "v3", expected="v1"),  # stale expectation
+                await other.get_setting("k"),
+            ]
+        finally:
+            await other.close()
+
+    assert with_store(store_url, body) == [None, True, False, "v1", True, False, "v2"]
+    assert with_store(store_url, lambda s: s.get_setting("k")) == "v2"  # durable

@@ -212,7 +212,7 @@ class HostActor:
         api_keys: Mapping[str, Secret] | None = None,
     ) -> Reply:
         """Run turn ``turn_id`` of ``conversation_id`` (see ``ConversationActor.send``)."""
-        self._route(version, conversation_id)
+        await self._route(version, conversation_id)
         validate_message(text, max_chars=self.config.max_message_chars)
         entity = await self._activate(conversation_id, api_keys=api_keys)
         entity.in_turn += 1
@@ -230,6 +230,8 @@ class HostActor:
                 entity.gate = None  # a fresh gate orders by each caller's ``low``: no loss
             if self._entities.get(conversation_id) is entity:
                 self._entities.move_to_end(conversation_id)
+                if not entity.in_turn and not self.table.owns(self.name, conversation_id):
+                    self._remove(entity, "moved")  # its shard moved while the turn ran
 
     async def _turn(
         self, entity: _Entity, turn_id: str, text: str, carrier: dict[str, str] | None
@@ -278,7 +280,7 @@ class HostActor:
         api_keys: Mapping[str, Secret] | None = None,
     ) -> list[Message]:
         """The stored messages; during a turn, those of the turn stored so far."""
-        self._route(version, conversation_id)
+        await self._route(version, conversation_id)
         entity = await self._activate(conversation_id, api_keys=api_keys)
         entity.last_active = time.monotonic()
         return list(entity.history)
@@ -290,7 +292,7 @@ class HostActor:
         api_keys: Mapping[str, Secret] | None = None,
     ) -> dict[str, Any]:
         """One conversation's entity (activated if needed) and this host's process."""
-        self._route(version, conversation_id)
+        await self._route(version, conversation_id)
         entity = await self._activate(conversation_id, api_keys=api_keys)
         return {
             **entity.info(),
@@ -305,7 +307,7 @@ class HostActor:
 
     async def passivate(self, version: int, conversation_id: str, reason: str = "stopped") -> bool:
         """Passivate one conversation now; ``False`` when it is not live or mid-turn."""
-        self._route(version, conversation_id)
+        await self._route(version, conversation_id)
         entity = self._entities.get(conversation_id)
         if entity is None or entity.in_turn:
             return False
@@ -325,8 +327,12 @@ class HostActor:
 
     # --- activation, passivation -------------------------------------------------------------
 
-    def _route(self, version: int, conversation_id: str) -> None:
-        """Refuse a request routed with another table, or for a shard this host does not serve."""
+    async def _route(self, version: int, conversation_id: str) -> None:
+        """Refuse a request routed with another table, or for a shard this host does not
+        serve. A request routed with a *newer* table than this host knows (it restarted
+        with the table it was created with) makes it read the stored one first."""
+        if version > self.table.version:
+            await self.adopt_table()
         table = self.table
         if version != table.version or not table.owns(self.name, conversation_id):
             raise StaleShardTable(table.version, table.shards, table.hosts)
@@ -342,6 +348,26 @@ class HostActor:
                 if not self._store_open:
                     await self._store.open()
                     self._store_open = True
+                    await self._read_table()  # this process may have been made long ago
+
+    async def _read_table(self) -> bool:
+        """Take the stored shard table if it is newer; shed what this host lost."""
+        from ..registry.hosts import stored_table  # the registry imports this module
+
+        stored = await stored_table(self._store, self.namespace)
+        if stored is None or stored.version <= self.table.version:
+            return False
+        self.table = stored
+        for entity in [e for e in self._entities.values() if not e.in_turn]:
+            if not stored.owns(self.name, entity.conversation_id):
+                self._remove(entity, "moved")
+        return True
+
+    async def adopt_table(self) -> int:
+        """Read the stored shard table (the host supervisor grew it); returns its version."""
+        await self._open_store()
+        await self._read_table()
+        return self.table.version
 
     async def _activate(
         self,

@@ -1,36 +1,48 @@
-"""The hosted placement's registry: the host supervisor's spec and the client's router.
+"""The hosted placement's registry: the host supervisor and the client's router.
 
-The driver that boots the tree decides how many hosts there are (``hosts_per_node``, or
-each alive node's CPU count) and builds the :class:`~.shards.ShardTable`; the host
-supervisor (a :class:`~overstory.supervisors.tree.Supervisor`) keeps it and starts one
-:class:`~overstory.actors.host.HostActor` per entry as a permanent child. Clients read
-the table once, cache it with the host handles, and send straight to the host: the
-supervisor is not on the path of a send.
+The shard table lives in the store (compare-and-set, :func:`table_key`): the
+:class:`HostSupervisor` writes the first one sized for the cluster as it is
+(``hosts_per_node``, or each alive node's CPU count), supervises one
+:class:`~overstory.actors.host.HostActor` per entry as a permanent child, and
+:meth:`HostSupervisor.grow` writes a bigger one online. Clients read the table once,
+cache it with the host handles, and send straight to the host: no supervisor is on the
+path of a send.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-import time
+from dataclasses import replace
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from .._ray import alive_nodes
+from .._ray import alive_nodes_async
 from ..actors.host import HostActor
 from ..agent import Agent
-from ..exceptions import ConversationUnavailable, StaleShardTable
+from ..exceptions import ConfigError, ConversationUnavailable, StaleShardTable
 from ..runtime.config import Config
-from ..supervisors import ChildSpec, SupervisorSpec
-from ..supervisors.named import SUPERVISED
+from ..store import HistoryStore, open_store
+from ..supervisors import ChildSpec, SupervisorSpec, add_child
+from ..supervisors.named import SUPERVISED, unwrap_task_error
 from ..supervisors.tree import HOSTS, ROOT, NamedChild, Supervisor
 from .shards import ShardTable
 
-__all__ = ["HOST_OPTIONS", "HostRouter", "count_hosts", "hosts_child"]
+__all__ = [
+    "HOST_OPTIONS",
+    "HostRouter",
+    "HostSupervisor",
+    "count_hosts",
+    "grow_hosts",
+    "hosts_child",
+    "stored_table",
+    "table_key",
+]
 
 _RemoteHost: Any = ray.remote(HostActor)
-_RemoteSupervisor: Any = ray.remote(Supervisor)
 
 #: Ray options of a host: a supervised actor that serves many calls at once (one per
 #: turn in flight, plus its watchers), spread over the nodes.
@@ -41,11 +53,11 @@ HOST_OPTIONS: dict[str, Any] = {
 }
 
 
-def count_hosts(config: Config) -> int:
+async def count_hosts(config: Config) -> int:
     """Hosts for the cluster as it is now: per alive node that can hold one (it has the
     ``actor_resources``), ``hosts_per_node`` or its CPU count."""
     total = 0
-    for node in alive_nodes():
+    for node in await alive_nodes_async():
         resources = node.get("Resources", {})
         if any(resources.get(k, 0) < v for k, v in config.actor_resources.items()):
             continue
@@ -54,33 +66,127 @@ def count_hosts(config: Config) -> int:
     return max(1, min(total, config.shards))
 
 
+def table_key(namespace: str) -> str:
+    """Where a namespace's shard table is kept in the store."""
+    return f"overstory.shard_table:{namespace}"
+
+
+async def stored_table(store: HistoryStore, namespace: str) -> ShardTable | None:
+    raw = await store.get_setting(table_key(namespace))
+    return None if raw is None else ShardTable.from_json(raw)
+
+
 def hosts_child(namespace: str, agent: Agent, config: Config) -> ChildSpec:
-    """The root's ``hosts`` child: a supervisor of one permanent child per host."""
-    table = ShardTable.build(count_hosts(config), shards=config.shards, version=_version())
-    options = dict(HOST_OPTIONS)
-    if config.actor_resources:
-        options["resources"] = dict(config.actor_resources)
-    hosts = tuple(
-        ChildSpec(
-            name,
-            start=NamedChild(_RemoteHost, name, (namespace, name, table, agent, config), options),
-            restart="permanent",
-        )
-        for name in table.hosts
-    )
-    spec = SupervisorSpec("one_for_one", config.restart_intensity, config.restart_period_s, hosts)
+    """The root's ``hosts`` child: the host supervisor (it sizes the hosts itself)."""
     start = NamedChild(
-        _RemoteSupervisor,
-        HOSTS,
-        (namespace, spec, (ROOT, "hosts"), {"shard_table": table, "placement": "hosted"}),
-        SUPERVISED,
+        _RemoteHostSupervisor, HOSTS, (namespace, agent, config, (ROOT, "hosts")), SUPERVISED
     )
     return ChildSpec("hosts", start=start, restart="permanent")
 
 
-def _version() -> int:
-    """A table version that a tree booted later always beats (milliseconds since 1970)."""
-    return int(time.time() * 1000)
+class HostSupervisor(Supervisor):
+    """The :class:`Supervisor` shell whose permanent children are the hosts of a table.
+
+    The shard table lives in the store (compare-and-set), not in this actor: when this
+    process (re)starts it reads the table — or, on the namespace's first boot, writes one
+    sized for the cluster as it is — and supervises one host per entry. :meth:`grow`
+    writes a bigger table, starts the new hosts and tells the old ones, which shed the
+    shards they lost; clients learn it from the first host they reach.
+    """
+
+    def __init__(
+        self, namespace: str, agent: Agent, config: Config, parent: tuple[str, str]
+    ) -> None:
+        spec = SupervisorSpec("one_for_one", config.restart_intensity, config.restart_period_s)
+        super().__init__(namespace, spec, parent)
+        self.agent = agent
+        self.config = config
+        self._store = open_store(config.store)
+        self._table_lock = asyncio.Lock()
+
+    def _host_spec(self, name: str, table: ShardTable) -> ChildSpec:
+        options = dict(HOST_OPTIONS)
+        if self.config.actor_resources:
+            options["resources"] = dict(self.config.actor_resources)
+        args = (self.namespace, name, table, self.agent, self.config)
+        return ChildSpec(name, start=NamedChild(_RemoteHost, name, args, options))
+
+    def _adopt(self, table: ShardTable) -> None:
+        self.meta = {"shard_table": table, "placement": "hosted"}
+        hosts = tuple(self._host_spec(name, table) for name in table.hosts)
+        self.spec = replace(self.spec, children=hosts)
+
+    async def ready(self) -> dict[str, Any]:
+        async with self._table_lock:
+            if "shard_table" not in self.meta:
+                await self._store.open()
+                key = table_key(self.namespace)
+                table = await stored_table(self._store, self.namespace)
+                if table is None:
+                    first = ShardTable.build(
+                        await count_hosts(self.config), shards=self.config.shards
+                    )
+                    await self._store.put_setting(key, first.to_json(), expected=None)
+                    table = await stored_table(self._store, self.namespace)  # ours or a rival's
+                    assert table is not None
+                self._adopt(table)
+        return await super().ready()
+
+    async def grow(self, hosts: int | None = None) -> dict[str, Any]:
+        """Serve the namespace with ``hosts`` hosts (default: as many as the cluster holds
+        now, see :func:`count_hosts`); never fewer than today. Returns the table."""
+        await self.ready()
+        async with self._table_lock:
+            current: ShardTable = self.meta["shard_table"]
+            want = hosts if hosts is not None else await count_hosts(self.config)
+            want = min(want, current.shards)
+            if want > len(current.hosts):
+                bigger = current.grown(want)
+                key = table_key(self.namespace)
+                if not await self._store.put_setting(
+                    key, bigger.to_json(), expected=current.to_json()
+                ):
+                    raise ConversationUnavailable(
+                        f"the shard table of {self.namespace!r} changed while growing it; ask again"
+                    )
+                self._adopt(bigger)
+                async with self._lock:
+                    assert self._state is not None
+                    for child in self.spec.children:
+                        if all(c.id != child.id for c in self._state.children):
+                            self._state = add_child(self._state, child)
+                            await self._start(child)
+                # The old hosts shed the shards they lost (clients learn on their own).
+                for name in current.hosts:
+                    handle = self._handles.get(name)
+                    if handle is not None:
+                        with contextlib.suppress(RayActorError, RayTaskError):
+                            await handle.adopt_table.remote()
+            table: ShardTable = self.meta["shard_table"]
+            return {"version": table.version, "shards": table.shards, "hosts": list(table.hosts)}
+
+
+_RemoteHostSupervisor: Any = ray.remote(HostSupervisor)
+
+
+def grow_hosts(namespace: str, hosts: int | None, timeout_s: float) -> dict[str, Any]:
+    """Ask the running host supervisor of ``namespace`` to grow (driver side, blocking)."""
+    if hosts is not None and (isinstance(hosts, bool) or not isinstance(hosts, int) or hosts < 1):
+        raise ConfigError(f"hosts must be an int >= 1, got {hosts!r}")
+    try:
+        supervisor = ray.get_actor(HOSTS, namespace=namespace)
+        table: Any = ray.get(supervisor.grow.remote(hosts), timeout=timeout_s)
+    except ValueError:
+        raise ConversationUnavailable(
+            f"no host supervisor in namespace {namespace!r}: is a hosted tree running there?"
+        ) from None
+    except (RayActorError, GetTimeoutError) as exc:
+        raise ConversationUnavailable(
+            f"the host supervisor of {namespace!r} did not answer: {type(exc).__name__}"
+        ) from None
+    except RayTaskError as exc:
+        raise unwrap_task_error(exc) from None
+    return table
 
 
 class HostRouter:

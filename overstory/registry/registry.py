@@ -32,7 +32,7 @@ from ..supervisors import ChildSpec, SupervisorSpec
 from ..supervisors.conversations import ConversationSupervisor, Lifecycle
 from ..supervisors.named import SUPERVISED, unwrap_task_error
 from ..supervisors.tree import CONVERSATIONS, HOSTS, NamedChild, boot
-from .hosts import HostRouter, hosts_child
+from .hosts import HostRouter, grow_hosts, hosts_child
 
 __all__ = ["Registry", "actor_name"]
 
@@ -200,6 +200,16 @@ class Registry:
         raise ConversationUnavailable(
             f"no host of namespace {self.namespace!r} takes {conversation_id!r}"
         )
+
+    def rebalance(self, hosts: int | None = None) -> dict[str, Any]:
+        """Grow the hosts to ``hosts`` (default: what the cluster holds now); the shard
+        table that results (``version``, ``shards``, ``hosts``). Hosted placement only."""
+        if self.placement != "hosted":
+            raise ConfigError("rebalance applies to hosted placement; this tree is dedicated")
+        self.boot()
+        table = grow_hosts(self.namespace, hosts, self.lifecycle.activation_timeout_s)
+        self.hosts.refresh()
+        return table
 
     def host_statuses(self) -> list[dict[str, Any]]:
         """Each host's status (an ``error`` entry for a host that does not answer)."""

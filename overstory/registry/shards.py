@@ -17,6 +17,7 @@ their new host. Their old entities are fenced by epoch (see
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 from ..exceptions import ConfigError
@@ -65,6 +66,26 @@ class ShardTable:
         if isinstance(hosts, bool) or not isinstance(hosts, int) or hosts < 1:
             raise ConfigError(f"the number of hosts must be an int >= 1, got {hosts!r}")
         return cls(version, shards, tuple(host_name(i) for i in range(hosts)))
+
+    def grown(self, hosts: int) -> ShardTable:
+        """This table with ``hosts`` hosts (the first ones keep their names), one version
+        later. Shards move to ``shard % hosts``; their state stays in the store."""
+        return ShardTable.build(hosts, shards=self.shards, version=self.version + 1)
+
+    def to_json(self) -> str:
+        return json.dumps({"version": self.version, "shards": self.shards, "hosts": self.hosts})
+
+    @classmethod
+    def from_json(cls, raw: str) -> ShardTable:
+        """A table read back from the store, validated like any outside input."""
+        try:
+            data = json.loads(raw)
+            table = cls(int(data["version"]), int(data["shards"]), tuple(data["hosts"]))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ConfigError(f"stored shard table is not valid: {raw[:200]!r} ({exc})") from None
+        if not all(isinstance(h, str) and h.startswith(HOST_PREFIX) for h in table.hosts):
+            raise ConfigError(f"stored shard table names hosts that are not hosts: {table.hosts!r}")
+        return table
 
     def host_of_shard(self, shard: int) -> str:
         return self.hosts[shard % len(self.hosts)]

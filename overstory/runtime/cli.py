@@ -1,4 +1,5 @@
-"""The ``overstory`` command: ``demo`` and ``chat``; ``serve``, ``status``, ``health``."""
+"""The ``overstory`` command: ``demo`` and ``chat``; ``serve``, ``status``, ``health``,
+``rebalance``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 
 from ..agent import DEFAULT_PLACEMENT, PLACEMENTS
 from ..exceptions import OverstoryError, RuntimeFailure, TurnFailed, UsageError
+from ..registry.hosts import grow_hosts
 from . import ops
 from .client import Runtime, connect
 from .config import DEFAULT_NAMESPACE, STORE_ENV, Config, load_config
@@ -239,6 +241,15 @@ def _add_ops_commands(sub: Any) -> None:
     serve.add_argument("--store", help="store URL (default: OVERSTORY_STORE, else sqlite)")
     serve.add_argument("--max-live", type=_positive, metavar="K", help="live actors per node")
     serve.add_argument("--idle-timeout", type=float, metavar="S", help="passivate after S s idle")
+    rebalance = sub.add_parser(
+        "rebalance",
+        help="hosted placement: grow the hosts to what the cluster holds now (online)",
+    )
+    attach_args(rebalance)
+    rebalance.add_argument(
+        "--hosts", type=_positive, metavar="N", help="grow to N hosts (default: per node)"
+    )
+    rebalance.add_argument("--json", action="store_true", help="one JSON object on stdout")
     for name, helptext in (
         ("status", "live conversations, supervisor counters, tree and store state"),
         ("health", "exit 0 when the tree is alive and the store answers (liveness probe)"),
@@ -308,7 +319,21 @@ def _health(args: argparse.Namespace) -> int:
     return 1 if found else 0
 
 
-_OPS = {"serve": _serve, "status": _status, "health": _health}
+def _rebalance(args: argparse.Namespace) -> int:
+    namespace = args.namespace or DEFAULT_NAMESPACE
+    ops.attach_existing(args.address, namespace)
+    table = grow_hosts(namespace, args.hosts, timeout_s=120.0)
+    if args.json:
+        print(json.dumps(table, sort_keys=True))
+    else:
+        print(
+            f"overstory rebalance: namespace {namespace!r} is served by {len(table['hosts'])} "
+            f"hosts (shard table version {table['version']}, {table['shards']} shards)"
+        )
+    return 0
+
+
+_OPS = {"serve": _serve, "status": _status, "health": _health, "rebalance": _rebalance}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

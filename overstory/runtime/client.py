@@ -354,6 +354,13 @@ class Runtime:
         """Live conversations (total and per node) and activation/passivation/restart counts."""
         return self.registry.status()
 
+    def rebalance(self, hosts: int | None = None) -> dict[str, Any]:
+        """Hosted placement: grow to ``hosts`` hosts (default: as many as the cluster holds
+        now — ``hosts_per_node`` or each node's CPUs), online. Moved conversations
+        re-activate from the store on their new host; nothing is copied or lost. Returns
+        the shard table (``version``, ``shards``, ``hosts``). Never shrinks."""
+        return self.registry.rebalance(hosts)
+
     def count_stored(self, user_id: str | None = None) -> int:
         """Messages stored for ``user_id`` (or in all), read back from the store itself."""
         if user_id is not None:

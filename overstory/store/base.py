@@ -4,6 +4,10 @@ Records are keyed by ``(conversation id, seq)`` with a unique index: appending a
 message whose seq is taken raises :class:`~overstory.exceptions.SequenceConflict` and
 changes nothing. Stores never update or delete a message record.
 
+Settings (:meth:`HistoryStore.get_setting`, :meth:`HistoryStore.put_setting`) hold the
+little cluster state that must outlive every process — the hosted placement's shard
+table — written by compare-and-set so two writers never lose each other's update.
+
 Fencing: :meth:`HistoryStore.acquire` gives each new incarnation of a conversation a
 higher epoch; an append that carries an older epoch raises
 :class:`~overstory.exceptions.Fenced` and stores nothing. The check and the insert are
@@ -58,6 +62,16 @@ class HistoryStore(ABC):
     @abstractmethod
     async def conversation_ids(self) -> list[str]:
         """Ids of every conversation with at least one message, sorted."""
+
+    @abstractmethod
+    async def get_setting(self, key: str) -> str | None:
+        """A small piece of cluster state stored beside the history (``None``: unset)."""
+
+    @abstractmethod
+    async def put_setting(self, key: str, value: str, *, expected: str | None) -> bool:
+        """Compare-and-set: store ``value`` only if the current value is ``expected``
+        (``None``: only if unset). Returns whether it was stored; never overwrites a
+        value another writer changed meanwhile."""
 
     @abstractmethod
     async def close(self) -> None:

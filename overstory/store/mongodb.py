@@ -63,6 +63,10 @@ class MongoStore(HistoryStore):
     def _conversations(self) -> Any:
         return self._collection("conversations")
 
+    @property
+    def _settings(self) -> Any:
+        return self._collection("settings")
+
     async def open(self) -> None:
         if self._client is not None:
             return
@@ -140,6 +144,28 @@ class MongoStore(HistoryStore):
             raise StoreError(
                 f"cannot store message seq={message.seq} in {self.url}: {exc}"
             ) from exc
+
+    async def get_setting(self, key: str) -> str | None:
+        try:
+            doc = await self._settings.find_one({"_id": key})
+        except PyMongoError as exc:
+            raise StoreError(f"cannot read setting {key!r} from {self.url}: {exc}") from exc
+        return None if doc is None else str(doc["value"])
+
+    async def put_setting(self, key: str, value: str, *, expected: str | None) -> bool:
+        try:
+            if expected is None:
+                try:
+                    await self._settings.insert_one({"_id": key, "value": value})
+                except DuplicateKeyError:
+                    return False
+                return True
+            result = await self._settings.update_one(
+                {"_id": key, "value": expected}, {"$set": {"value": value}}
+            )
+        except PyMongoError as exc:
+            raise StoreError(f"cannot store setting {key!r} in {self.url}: {exc}") from exc
+        return bool(result.matched_count == 1)
 
     async def load(self, conversation_id: str) -> list[Message]:
         try:

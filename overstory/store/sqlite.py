@@ -51,6 +51,10 @@ CREATE TABLE IF NOT EXISTS conversations (
     conversation_id TEXT PRIMARY KEY,
     epoch           INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -216,6 +220,35 @@ class SQLiteStore(HistoryStore):
                 raise StoreError(f"cannot store message in {self.url}: {exc}") from exc
 
         await self._write(insert)
+
+    async def get_setting(self, key: str) -> str | None:
+        def select(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+            return None if row is None else str(row[0])
+
+        try:
+            return await self._run(select)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read setting {key!r} from {self.url}: {exc}") from exc
+
+    async def put_setting(self, key: str, value: str, *, expected: str | None) -> bool:
+        def swap(conn: sqlite3.Connection) -> bool:
+            try:
+                if expected is None:
+                    cursor = conn.execute(
+                        "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                        (key, value),
+                    )
+                else:
+                    cursor = conn.execute(
+                        "UPDATE settings SET value = ? WHERE key = ? AND value = ?",
+                        (value, key, expected),
+                    )
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot store setting {key!r} in {self.url}: {exc}") from exc
+            return cursor.rowcount == 1
+
+        return await self._write(swap)
 
     async def load(self, conversation_id: str) -> list[Message]:
         def select(conn: sqlite3.Connection) -> list[Any]:
