@@ -250,10 +250,12 @@ class HostRouter:
         return handle
 
     def update(self, stale: StaleShardTable) -> None:
-        """A host answered with a newer table: use it (handles stay valid by name)."""
+        """A host refused our route: take its table. A host that sees a newer version
+        than its own reads the stored table first, so its answer is the store's table
+        even when ours is "newer" (a tree booted afresh on another store, say)."""
         with self._lock:
-            if self._table is None or stale.version >= self._table.version:
-                self._table = ShardTable(stale.version, stale.shards, stale.hosts)
+            self._table = ShardTable(stale.version, stale.shards, stale.hosts)
+            self._handles = {n: h for n, h in self._handles.items() if n in stale.hosts}
 
     def forget(self, name: str) -> None:
         """A host died for good: look its name up again next time."""
