@@ -225,13 +225,15 @@ class HostActor:
                 return await self._turn(entity, turn_id, text, carrier)
         finally:
             entity.in_turn -= 1
-            entity.last_active = time.monotonic()
             if not entity.in_turn:
                 entity.gate = None  # a fresh gate orders by each caller's ``low``: no loss
-            if self._entities.get(conversation_id) is entity:
-                self._entities.move_to_end(conversation_id)
-                if not entity.in_turn and not self.table.owns(self.name, conversation_id):
-                    self._remove(entity, "moved")  # its shard moved while the turn ran
+            self._touch(entity)
+            if (
+                not entity.in_turn
+                and self._entities.get(conversation_id) is entity
+                and not self.table.owns(self.name, conversation_id)
+            ):
+                self._remove(entity, "moved")  # its shard moved while the turn ran
 
     async def _turn(
         self, entity: _Entity, turn_id: str, text: str, carrier: dict[str, str] | None
@@ -282,7 +284,7 @@ class HostActor:
         """The stored messages; during a turn, those of the turn stored so far."""
         await self._route(version, conversation_id)
         entity = await self._activate(conversation_id, api_keys=api_keys)
-        entity.last_active = time.monotonic()
+        self._touch(entity)
         return list(entity.history)
 
     async def info(
@@ -410,6 +412,13 @@ class HostActor:
             raise
         finally:
             del self._activating[conversation_id]
+
+    def _touch(self, entity: _Entity) -> None:
+        """Used just now: most recently used, so the sweeper and the LRU cap see it last
+        (the sweeper stops at the first entity that is not idle long enough)."""
+        entity.last_active = time.monotonic()
+        if self._entities.get(entity.conversation_id) is entity:
+            self._entities.move_to_end(entity.conversation_id)
 
     def _remove(self, entity: _Entity, reason: str) -> None:
         """Passivate: forget the entity (everything it holds is stored)."""

@@ -1,0 +1,106 @@
+"""The host's entity logic, run in-process without Ray: LRU order, idle sweeps, shard
+moves and per-conversation supervision are plain asyncio over a real SQLite store."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from overstory import Agent, ConversationQuarantined, TurnFailed
+from overstory.actors.host import HostActor
+from overstory.providers import OfflineModel
+from overstory.registry.hosts import table_key
+from overstory.registry.shards import ShardTable
+from overstory.runtime.config import Config
+
+
+def _host(sqlite_url: str, **settings: Any) -> HostActor:
+    table = ShardTable.build(1, shards=16)
+    config = Config.from_mapping({"store": sqlite_url, **settings})
+    agent = Agent("logic", model=OfflineModel("offline:logic"))
+    return HostActor("ns", table.hosts[0], table, agent, config)
+
+
+def run(host: HostActor, body: Callable[[HostActor], Awaitable[Any]]) -> Any:
+    async def go() -> Any:
+        try:
+            return await body(host)
+        finally:
+            if host._sweeper is not None:
+                host._sweeper.cancel()
+            await host._store.close()
+
+    return asyncio.run(go())
+
+
+def test_the_cap_evicts_the_least_recently_used_and_a_read_counts_as_use(
+    sqlite_url: str,
+) -> None:
+    async def body(host: HostActor) -> list[str]:
+        v = host.table.version
+        for user in ("a", "b", "c"):
+            await host.send(v, user, f"t-{user}", "hello")
+        await host.history(v, "a")  # a is now the most recently used
+        await host.send(v, "d", "t-d", "hello")  # over the cap of 3: b goes
+        return host.live()
+
+    assert run(_host(sqlite_url, max_live_per_host=3), body) == ["c", "a", "d"]
+
+
+def test_the_sweeper_passivates_idle_conversations_and_keeps_busy_ones(sqlite_url: str) -> None:
+    async def body(host: HostActor) -> tuple[list[str], list[str], int]:
+        v = host.table.version
+        await host.send(v, "idle", "t1", "hello")
+        busy = asyncio.create_task(host.send(v, "busy", "t2", "!sleep 0.6 still talking"))
+        await asyncio.sleep(0.45)
+        during = host.live()
+        await busy
+        await asyncio.sleep(0.45)
+        return during, host.live(), host.counters["passivations"]
+
+    during, after, passivated = run(_host(sqlite_url, idle_timeout_s=0.2), body)
+    assert during == ["busy"]  # the idle one went; the one in a turn stayed
+    assert after == []
+    assert passivated == 2
+
+
+def test_a_grown_table_makes_the_host_shed_what_moved(sqlite_url: str) -> None:
+    async def body(host: HostActor) -> tuple[list[str], list[str], Any]:
+        v = host.table.version
+        users = [f"u{i}" for i in range(12)]
+        for user in users:
+            await host.send(v, user, "t", "hello")
+        bigger = host.table.grown(2)
+        await host._store.put_setting(table_key("ns"), bigger.to_json(), expected=None)
+        version = await host.adopt_table()
+        kept = host.live()
+        try:
+            await host.send(v, users[0], "t2", "old route")
+        except Exception as exc:  # the old version is refused, with the new table
+            return kept, [u for u in users if bigger.owns(host.name, u)], (version, exc)
+        raise AssertionError("an old route was served")
+
+    kept, owned, (version, refused) = run(_host(sqlite_url), body)
+    assert kept == owned
+    assert 0 < len(kept) < 12
+    assert version == 2
+    assert type(refused).__name__ == "StaleShardTable"
+    assert refused.version == 2
+
+
+def test_crashes_restart_the_conversation_then_quarantine_it(sqlite_url: str) -> None:
+    async def body(host: HostActor) -> tuple[int, int]:
+        v = host.table.version
+        for i in range(2):
+            with pytest.raises(TurnFailed, match="scripted crash"):
+                await host.send(v, "bad", f"t{i}", f"!crash {i}")
+            await asyncio.sleep(0)  # the restart (a fresh activation) runs
+        with pytest.raises(ConversationQuarantined, match="'bad'"):
+            await host.send(v, "bad", "t9", "hello")
+        await host.send(v, "good", "t", "hello")  # the host carries on
+        return host.counters["restarts"], host.counters["quarantined"]
+
+    assert run(_host(sqlite_url, entity_max_restarts=1), body) == (1, 1)
