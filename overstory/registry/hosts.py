@@ -209,7 +209,7 @@ class HostRouter:
         try:
             supervisor = ray.get_actor(HOSTS, namespace=self.namespace)
             status: Any = ray.get(supervisor.status.remote(), timeout=self.timeout_s)
-        except Exception as exc:
+        except (ValueError, RayActorError, RayTaskError, GetTimeoutError) as exc:
             raise ConversationUnavailable(
                 f"the host supervisor of namespace {self.namespace!r} does not answer: "
                 f"{type(exc).__name__}: {exc}"
@@ -239,11 +239,8 @@ class HostRouter:
                 f"host {name!r} is not running in namespace {self.namespace!r}"
             ) from None
 
-    def handles(self) -> dict[str, Any]:
-        """Every host's handle, by name (looked up where not cached)."""
-        return {name: self.route_host(name) for name in self.table.hosts}
-
     def route_host(self, name: str) -> Any:
+        """Host ``name``'s handle (looked up where not cached)."""
         handle = self._handles.get(name)
         if handle is None:
             handle = self._handles[name] = self._lookup(name)

@@ -109,8 +109,7 @@ class Registry:
             other = "dedicated" if self.placement == "hosted" else "hosted"
             raise ConfigError(
                 f"the tree running in namespace {self.namespace!r} serves {other} placement; "
-                f"agent {self.agent.name!r} asks for {self.placement} (use another namespace, "
-                "or stop that tree first)"
+                f"agent {self.agent.name!r} asks for {self.placement}: use another namespace"
             ) from None
         self._booted = True
 
@@ -213,13 +212,21 @@ class Registry:
 
     def host_statuses(self) -> list[dict[str, Any]]:
         """Each host's status (an ``error`` entry for a host that does not answer)."""
-        handles = self.hosts.handles()
-        refs = {name: h.status.remote() for name, h in handles.items()}
+        refs: dict[str, Any] = {}
+        for name in self.hosts.table.hosts:
+            try:
+                refs[name] = self.hosts.route_host(name).status.remote()
+            except ConversationUnavailable as exc:  # not running (being started again)
+                refs[name] = exc
         out = []
         for name, ref in refs.items():
+            if isinstance(ref, ConversationUnavailable):
+                out.append({"host": name, "error": str(ref)})
+                continue
             try:
                 out.append(ray.get(ref, timeout=self.lifecycle.activation_timeout_s))
             except (RayActorError, RayTaskError, GetTimeoutError) as exc:
+                self.hosts.forget(name)
                 out.append({"host": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
         return out
 
