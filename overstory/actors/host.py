@@ -32,6 +32,8 @@ does idle passivation (no timer per conversation).
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import os
 import sys
 import time
@@ -59,7 +61,6 @@ from ..supervisors.core import Restart, SupervisorState, initial_state, on_exit
 from ..supervisors.spec import ChildSpec, SupervisorSpec
 from ..supervisors.watch import RESTARTED, new_incarnation, watched_elsewhere
 from ..telemetry import attached, metrics, setup_telemetry
-from ..telemetry import flush as flush_telemetry
 from ..validation import validate_message
 from .gate import TurnGate
 from .turn import run_turn
@@ -69,6 +70,8 @@ if TYPE_CHECKING:  # imported for types only: registry and runtime import this m
     from ..runtime.config import Config
 
 __all__ = ["HostActor", "process_memory"]
+
+log = logging.getLogger(__name__)
 
 
 def process_memory() -> dict[str, int]:
@@ -316,13 +319,6 @@ class HostActor:
         self._remove(entity, reason)
         return True
 
-    async def passivate_all(self) -> int:
-        """Passivate every idle conversation (operators, tests); returns how many."""
-        idle = [e for e in self._entities.values() if not e.in_turn]
-        for entity in idle:
-            self._remove(entity, "stopped")
-        return len(idle)
-
     def live(self) -> list[str]:
         """Ids of the conversations live here (for operators and tests)."""
         return list(self._entities)
@@ -439,7 +435,10 @@ class HostActor:
         over = len(self._entities) - self.config.max_live_per_host
         if over <= 0:
             return
-        for entity in [e for e in self._entities.values() if not e.in_turn][:over]:
+        # Least recent first, and stop once enough are found: a host at its cap pays for
+        # the few it evicts, not for a scan of every live conversation.
+        idle = (e for e in self._entities.values() if not e.in_turn)
+        for entity in list(itertools.islice(idle, over)):
             self._remove(entity, "evicted")
 
     def _start_sweeper(self) -> None:
@@ -452,17 +451,25 @@ class HostActor:
         assert timeout is not None
         while True:
             await asyncio.sleep(min(max(timeout / 4, 0.05), 30.0))
-            cutoff = time.monotonic() - timeout
-            expired = []
-            for entity in self._entities.values():
-                if entity.last_active > cutoff:
-                    break
-                if not entity.in_turn:
-                    expired.append(entity)
-            for entity in expired:
-                self._remove(entity, "idle")
-            self._report(force=True)
-            self._prune_crashes(time.monotonic())
+            try:
+                self._sweep_once(timeout)
+            except Exception:  # a sweep must never end the sweeper: log, go on
+                log.exception("idle sweep of host %s failed", self.name)
+
+    def _sweep_once(self, timeout: float) -> None:
+        """One sweep: the least recently used come first, so it stops at the first one
+        used within ``timeout`` (one in a long turn is skipped, not passivated)."""
+        cutoff = time.monotonic() - timeout
+        expired = []
+        for entity in self._entities.values():
+            if entity.last_active > cutoff:
+                break
+            if not entity.in_turn:
+                expired.append(entity)
+        for entity in expired:
+            self._remove(entity, "idle")
+        self._report(force=True)
+        self._prune_crashes(time.monotonic())
 
     def _report(self, force: bool = False) -> None:
         """The live gauge, at most once a second (an activation burst would otherwise
@@ -515,10 +522,6 @@ class HostActor:
         wall = time.time()
         for cid in [c for c, q in self._quarantined.items() if q.until <= wall]:
             del self._quarantined[cid]
-
-    async def flush(self) -> None:
-        """Export buffered spans (tests and operators before a kill)."""
-        flush_telemetry(2.0)
 
 
 def _ignore_failure(task: asyncio.Task[Any]) -> None:
