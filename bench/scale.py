@@ -11,8 +11,9 @@ S4  SIGKILL of the host holding S2's conversations: time until the first and unt
     whole turn each (targets <= 2 s and <= 10 s); acknowledged turns lost or duplicated,
     read back from the store (target 0).
 P1  Turn overhead, zero-latency model, SQLite: hosted and dedicated vs. a bare
-    driver -> actor doing the same two store writes (foundation.py's baseline), side
-    by side. Target <= 1.5x for hosted.
+    driver -> actor doing the same two store writes, and vs. the chain driver -> actor
+    -> actor with those writes (foundation.py's two baselines), side by side. Target
+    <= 1.5x for hosted.
 
 Run: .venv/bin/python bench/scale.py [--users 1000] [--live 10000] [--json]
 """
@@ -261,25 +262,32 @@ def p1(url: str, tmp: str, turns: int) -> dict[str, Any]:
     dedicated = connect(url, placement="dedicated")
     ours_h, ours_d = hosted.conversation("p1-hosted"), dedicated.conversation("p1-dedicated")
     bare = foundation.BareConversation.remote(f"{tmp}/bare.db")
-    ray.get(bare.pid.remote())
+    echo = foundation.Echo.remote()
+    chain = foundation.BareConversation.remote(f"{tmp}/chain.db", echo)
+    ray.get([bare.pid.remote(), chain.pid.remote()])
     timed = foundation.time_turns(
         {
             "hosted": ours_h.send,
             "dedicated": ours_d.send,
             "bare": lambda t: ray.get(bare.send.remote(t)),
+            "chain": lambda t: ray.get(chain.send.remote(t)),
         },
         turns,
     )
-    ray.kill(bare)
+    for handle in (bare, echo, chain):
+        ray.kill(handle)
     hosted.close()
     dedicated.close()
-    b = median_ms(timed["bare"])
+    b, c = median_ms(timed["bare"]), median_ms(timed["chain"])
+    h, d = median_ms(timed["hosted"]), median_ms(timed["dedicated"])
     return {
-        "hosted_p50_ms": round(median_ms(timed["hosted"]), 3),
-        "dedicated_p50_ms": round(median_ms(timed["dedicated"]), 3),
+        "hosted_p50_ms": round(h, 3),
+        "dedicated_p50_ms": round(d, 3),
         "bare_same_writes_p50_ms": round(b, 3),
-        "hosted_ratio": round(median_ms(timed["hosted"]) / b, 3),
-        "dedicated_ratio": round(median_ms(timed["dedicated"]) / b, 3),
+        "bare_chain_p50_ms": round(c, 3),
+        "hosted_ratio": round(h / b, 3),
+        "dedicated_ratio": round(d / b, 3),
+        "hosted_ratio_vs_chain": round(h / c, 3),
         "target": "<= 1.5 (hosted)",
     }
 
