@@ -54,8 +54,8 @@ class Config(pydantic.BaseModel):
     max_live_per_node: int | None = pydantic.Field(None, ge=1)
     """Dedicated placement: cap on live conversation actors per node (LRU idle ones go)."""
     hosts_per_node: int | None = pydantic.Field(None, ge=1, le=256)
-    """Hosted placement: host actors per node (``None``: the node's CPU count). The hosts
-    are counted over the nodes alive when the tree boots."""
+    """Hosted placement: host actors per node (``None``: the node's CPU count), counted
+    over the nodes alive when the namespace first boots and at each ``rebalance``."""
     shards: int = pydantic.Field(1024, ge=1, le=1_000_000)
     """Hosted placement: shards conversation ids hash to (fixed for a namespace)."""
     max_live_per_host: int = pydantic.Field(25_000, ge=1)
