@@ -59,7 +59,7 @@ from ..providers.pool import chain_rows, provider_namespace
 from ..store import HistoryStore, open_store
 from ..supervisors.core import Restart, SupervisorState, initial_state, on_exit
 from ..supervisors.spec import ChildSpec, SupervisorSpec
-from ..supervisors.watch import RESTARTED, new_incarnation, watched_elsewhere
+from ..supervisors.watch import new_incarnation, until_death
 from ..telemetry import attached, metrics, setup_telemetry
 from ..validation import validate_message
 from .gate import TurnGate
@@ -161,7 +161,6 @@ class HostActor:
         self._started_at = time.time()
         self._sweeper: asyncio.Task[None] | None = None
         self._reported_at = 0.0
-        self._stopped: asyncio.Event | None = None
 
     # --- supervision protocol (the host supervisor watches hosts) -------------------------
 
@@ -170,12 +169,7 @@ class HostActor:
         return self.status()
 
     async def watch(self, incarnation: str | None = None) -> str:
-        if watched_elsewhere(incarnation, self.incarnation):
-            return RESTARTED
-        if self._stopped is None:
-            self._stopped = asyncio.Event()
-        await self._stopped.wait()
-        return "shutdown"
+        return await until_death(incarnation, self.incarnation)
 
     def status(self) -> dict[str, Any]:
         busy = sum(1 for e in self._entities.values() if e.in_turn)

@@ -221,14 +221,7 @@ class HostRouter:
         """``(table version, host name, host handle)`` for ``conversation_id``."""
         table = self.table
         name = table.host_for(conversation_id)
-        handle = self._handles.get(name)
-        if handle is None:
-            with self._lock:
-                handle = self._handles.get(name)
-                if handle is None:
-                    handle = self._lookup(name)
-                    self._handles[name] = handle
-        return table.version, name, handle
+        return table.version, name, self.route_host(name)
 
     def _lookup(self, name: str) -> Any:
         try:
@@ -243,7 +236,10 @@ class HostRouter:
         """Host ``name``'s handle (looked up where not cached)."""
         handle = self._handles.get(name)
         if handle is None:
-            handle = self._handles[name] = self._lookup(name)
+            with self._lock:
+                handle = self._handles.get(name)
+                if handle is None:
+                    handle = self._handles[name] = self._lookup(name)
         return handle
 
     def update(self, stale: StaleShardTable) -> None:

@@ -126,6 +126,18 @@ class Conversation:
             self._runtime.registry.hosts.refresh()
         return exc, isinstance(exc, RayActorError | ConversationUnavailable)
 
+    def _retry_or_raise(
+        self, method: str, target: Any, exc: BaseException, deadline: float
+    ) -> BaseException:
+        """The failure to re-send after; raises it when a re-send cannot help, or
+        :class:`ConversationUnavailable` when the call's deadline has passed."""
+        error, retry = self._failure(target, exc)
+        if not retry:
+            raise error from error.__cause__  # keep the cause it crossed Ray with
+        if time.monotonic() >= deadline:
+            raise self._gave_up(method, error)
+        return error
+
     @staticmethod
     def _pause(attempt: int, error: BaseException, deadline: float) -> float:
         """How long to wait before re-sending to a host: at once to a newer route or a
@@ -155,11 +167,7 @@ class Conversation:
             except GetTimeoutError:
                 raise self._late(method) from None
             except (RayTaskError, RayActorError, ConversationUnavailable) as exc:
-                error, retry = self._failure(target, exc)
-                if not retry:
-                    raise error from error.__cause__  # keep the cause it crossed Ray with
-            if time.monotonic() >= deadline:
-                raise self._gave_up(method, error)
+                error = self._retry_or_raise(method, target, exc, deadline)
             if self._handle is not None:
                 with self._lock:  # the dedicated actor is gone: get (or start) it again
                     if self._handle is target:
@@ -181,11 +189,7 @@ class Conversation:
             except TimeoutError:
                 raise self._late(method) from None
             except (RayTaskError, RayActorError, ConversationUnavailable) as exc:
-                error, retry = self._failure(target, exc)
-                if not retry:
-                    raise error from error.__cause__  # keep the cause it crossed Ray with
-            if time.monotonic() >= deadline:
-                raise self._gave_up(method, error)
+                error = self._retry_or_raise(method, target, exc, deadline)
             if self._handle is not None:
                 if self._handle is target:
                     self._handle = await self._runtime.registry.get_or_start_async(

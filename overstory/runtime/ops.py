@@ -163,14 +163,27 @@ def tree_section(probe: Probe) -> dict[str, Any]:
     return {"placement": placement, "root": root_info, key: child_info}
 
 
+def _host_names(probe: Probe) -> list[str]:
+    """The hosts of the running tree's shard table (empty when its supervisor is silent)."""
+    alive, info = _answer(HOSTS, probe)
+    return list(info["meta"]["shard_table"].hosts) if alive else []
+
+
+def _call_a_host(method: str, probe: Probe) -> tuple[bool, Any]:
+    """``method`` on the first host that answers (a model chain, a store URL: every host
+    has the same)."""
+    found: tuple[bool, Any] = (False, "no host answers")
+    for name in _host_names(probe):
+        found = _call(name, method, probe)
+        if found[0]:
+            break
+    return found
+
+
 def _host_rows(probe: Probe) -> list[dict[str, Any]]:
     """Each host's status (an ``error`` row for one that does not answer)."""
-    alive, info = _answer(HOSTS, probe)
-    if not alive:
-        return []
-    names = info["meta"]["shard_table"].hosts
     refs: dict[str, Any] = {}
-    for name in names:
+    for name in _host_names(probe):
         handle = _named(name, probe.namespace)
         refs[name] = None if handle is None else handle.status.remote()
     rows = []
@@ -256,10 +269,7 @@ def providers_section(probe: Probe) -> dict[str, Any]:
     """The default chain in fallback order — each endpoint's circuit and limiter headroom
     — and every other provider actor (users' own keys)."""
     if _placement(probe) == "hosted":
-        rows = [r for r in _host_rows(probe) if "error" not in r]
-        if not rows:
-            return {"error": "no host answers"}
-        alive, chain = _call(rows[0]["host"], "models", probe)
+        alive, chain = _call_a_host("models", probe)
     else:
         alive, chain = _call(CONVERSATIONS, "models", probe)
     if not alive:
@@ -399,10 +409,7 @@ def _store_url_of(supervisor: Any) -> str:
 def _tree_store(probe: Probe) -> str | None:
     """The store URL the running tree writes to (``None``: unknown)."""
     if _placement(probe) == "hosted":
-        rows = [r for r in _host_rows(probe) if "error" not in r]
-        if not rows:
-            return None
-        alive, url = _call(rows[0]["host"], "store_url", probe)
+        alive, url = _call_a_host("store_url", probe)
         return str(url) if alive else None
     handle = _named(CONVERSATIONS, probe.namespace)
     if handle is None:

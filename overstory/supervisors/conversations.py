@@ -45,7 +45,7 @@ from .locks import KeyedLocks
 from .named import SUPERVISED, get_or_create, unwrap_task_error
 from .spec import ChildSpec, SupervisorSpec
 from .tree import ROOT
-from .watch import RESTARTED, new_incarnation, watched_elsewhere
+from .watch import RESTARTED, new_incarnation, until_death
 
 __all__ = ["ConversationSupervisor", "Lifecycle"]
 
@@ -104,7 +104,6 @@ class ConversationSupervisor:
             SupervisorSpec("one_for_one", lifecycle.max_restarts, lifecycle.period_s), ()
         )
         self.counters = {"activations": 0, "passivations": 0, "restarts": 0, "evictions": 0}
-        self._stopped: asyncio.Event | None = None
         self._adopted = False
         self.incarnation = new_incarnation()
         # Activations in flight at once: creating a Ray actor is CPU-bound (~1 s here),
@@ -122,12 +121,7 @@ class ConversationSupervisor:
         return self.status()
 
     async def watch(self, incarnation: str | None = None) -> str:
-        if watched_elsewhere(incarnation, self.incarnation):
-            return RESTARTED
-        if self._stopped is None:
-            self._stopped = asyncio.Event()
-        await self._stopped.wait()
-        return "shutdown"
+        return await until_death(incarnation, self.incarnation)
 
     def status(self) -> dict[str, Any]:
         per_node: defaultdict[str, int] = defaultdict(int)

@@ -37,7 +37,7 @@ from .._ray import get_actor_async
 from .core import Remove, Restart, Shutdown, SupervisorState, initial_state, on_exit
 from .named import SUPERVISED, get_or_create, get_or_create_sync
 from .spec import ChildSpec, ExitReason, SupervisorSpec
-from .watch import RESTARTED, new_incarnation, watched_elsewhere
+from .watch import RESTARTED, new_incarnation, until_death
 
 __all__ = ["CONVERSATIONS", "HOSTS", "ROOT", "NamedChild", "RootSupervisor", "Supervisor", "boot"]
 
@@ -86,7 +86,6 @@ class Supervisor:
         self._watching: dict[str, str | None] = {}  # child id -> incarnation watched
         self._stopping: set[str] = set()
         self._lock = asyncio.Lock()
-        self._stopped: asyncio.Event | None = None
         self.restarts = 0
         self.incarnation = new_incarnation()
 
@@ -118,12 +117,7 @@ class Supervisor:
             ray.kill(handle, no_restart=True)
 
     async def watch(self, incarnation: str | None = None) -> str:
-        if watched_elsewhere(incarnation, self.incarnation):
-            return RESTARTED
-        if self._stopped is None:
-            self._stopped = asyncio.Event()
-        await self._stopped.wait()
-        return "shutdown"
+        return await until_death(incarnation, self.incarnation)
 
     async def _start(self, child: ChildSpec) -> None:
         """Start ``child``, or attach to it: Ray may be restarting it in place, and a

@@ -14,9 +14,10 @@ to ``watch``: a process that is not that incarnation answers :data:`RESTARTED` a
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
-__all__ = ["RESTARTED", "new_incarnation", "watched_elsewhere"]
+__all__ = ["RESTARTED", "new_incarnation", "until_death", "watched_elsewhere"]
 
 #: What ``watch`` answers when the process asked about is gone: a restart was missed.
 RESTARTED = "restarted"
@@ -31,3 +32,13 @@ def watched_elsewhere(expected: str | None, mine: str) -> bool:
     """Whether a ``watch(expected)`` call reached another incarnation than it was meant for
     (``None``: the caller knows no incarnation and only waits)."""
     return expected is not None and expected != mine
+
+
+async def until_death(expected: str | None, mine: str) -> str:
+    """``watch`` of an actor that never exits normally (a supervisor, a host): answers
+    :data:`RESTARTED` at once for another incarnation, else stays pending — only the
+    process's death ends the call, and the watcher sees that as a failure."""
+    if watched_elsewhere(expected, mine):
+        return RESTARTED
+    await asyncio.get_running_loop().create_future()  # nothing resolves it
+    return "shutdown"
