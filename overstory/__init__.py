@@ -10,6 +10,7 @@ print(conv.send("hello").text)
 """
 
 from .agent import Agent, Placement
+from .app import App, AppLoadError
 from .exceptions import (
     AllModelsFailed,
     ClusterAuthRefused,
@@ -32,6 +33,7 @@ from .exceptions import (
     StoreURLError,
     ToolDefinitionError,
     TurnFailed,
+    UnknownAgent,
     UsageError,
 )
 from .messages import (
@@ -63,6 +65,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Agent",
     "AllModelsFailed",
+    "App",
+    "AppLoadError",
     "AssistantMessage",
     "BreakerPolicy",
     "ClusterAuthRefused",
@@ -104,6 +108,7 @@ __all__ = [
     "ToolDefinitionError",
     "ToolReturn",
     "TurnFailed",
+    "UnknownAgent",
     "Usage",
     "UsageError",
     "UserMessage",

@@ -8,6 +8,7 @@ serves it, so its tools must be importable there (define them in a module, or in
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
@@ -16,7 +17,14 @@ from .messages import ToolCall, ToolReturn
 from .providers import Model, ModelSpec, Secret, resolve_model
 from .tools import Tool, ToolDefinition, unknown_tool
 
-__all__ = ["DEFAULT_MAX_ROUND_TRIPS", "DEFAULT_PLACEMENT", "PLACEMENTS", "Agent", "Placement"]
+__all__ = [
+    "DEFAULT_MAX_ROUND_TRIPS",
+    "DEFAULT_PLACEMENT",
+    "DEFAULT_VERSION",
+    "PLACEMENTS",
+    "Agent",
+    "Placement",
+]
 
 DEFAULT_MAX_ROUND_TRIPS = 8
 
@@ -26,6 +34,11 @@ DEFAULT_MAX_ROUND_TRIPS = 8
 Placement = Literal["hosted", "dedicated"]
 PLACEMENTS: tuple[Placement, ...] = ("hosted", "dedicated")
 DEFAULT_PLACEMENT: Placement = "hosted"
+DEFAULT_VERSION = "1"
+
+#: Agent names and versions appear in conversation ids (``name:user``), in model names
+#: over HTTP (``name/version``), in metric tags and on the command line: kept plain.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class Agent:
@@ -35,6 +48,9 @@ class Agent:
     fallback order. ``tools`` are functions (or :class:`Tool` s) the model may call.
     ``max_round_trips`` bounds the model calls of one turn. ``placement`` says where its
     conversations live (:data:`Placement`; the public API and guarantees are the same).
+    ``version`` tells apart versions of one agent served side by side (rollouts:
+    :mod:`overstory.rollout`). Names and versions are 1-64 letters, digits, ``_``, ``.``
+    or ``-``.
     """
 
     def __init__(
@@ -46,9 +62,20 @@ class Agent:
         tools: Iterable[Callable[..., Any] | Tool] = (),
         max_round_trips: int = DEFAULT_MAX_ROUND_TRIPS,
         placement: Placement = DEFAULT_PLACEMENT,
+        version: str = DEFAULT_VERSION,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"an agent needs a non-empty name, got {name!r}")
+        if not _NAME.match(name):
+            raise ConfigError(
+                f"agent name {name!r} must be 1-64 letters, digits, '_', '.' or '-', "
+                "starting with a letter or digit"
+            )
+        if not isinstance(version, str) or not _NAME.match(version):
+            raise ConfigError(
+                f"version {version!r} of agent {name!r} must be a string of 1-64 letters, "
+                "digits, '_', '.' or '-', starting with a letter or digit"
+            )
         if not isinstance(max_round_trips, int) or max_round_trips < 1:
             raise ConfigError(f"max_round_trips must be an int >= 1, got {max_round_trips!r}")
         if placement not in PLACEMENTS:
@@ -57,6 +84,7 @@ class Agent:
                 f"expected one of: {', '.join(PLACEMENTS)}"
             )
         self.name = name
+        self.version = version
         self.placement: Placement = placement
         self.instructions = instructions
         self.model: Model = resolve_model(model)
@@ -85,7 +113,7 @@ class Agent:
 
     def __repr__(self) -> str:
         return (
-            f"Agent({self.name!r}, model={self.model.name!r}, tools={list(self.tools)}, "
+            f"Agent({self.name!r}, version={self.version!r}, model={self.model.name!r}, tools={list(self.tools)}, "
             f"max_round_trips={self.max_round_trips}, placement={self.placement!r})"
         )
 

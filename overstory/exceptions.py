@@ -9,7 +9,8 @@ both sides subclass the stdlib exceptions users already catch::
     │   ├── StoreURLError                   a store URL overstory cannot parse or does not support
     │   ├── InvalidUserId                   empty, too long, or control characters
     │   ├── InvalidMessage                  empty, oversized, or not text
-    │   └── ToolDefinitionError             a tool function that cannot be described to a model
+    │   ├── ToolDefinitionError             a tool function that cannot be described to a model
+    │   └── UnknownAgent                    no agent of that name is served (lists the served)
     └── RuntimeFailure (RuntimeError)       something failed while running; may be retried
         ├── StoreError                      the history store failed
         │   ├── StoreUnavailable            cannot reach / open the store
@@ -60,6 +61,7 @@ __all__ = [
     "StoreUnavailable",
     "ToolDefinitionError",
     "TurnFailed",
+    "UnknownAgent",
     "UsageError",
 ]
 
@@ -96,6 +98,21 @@ class ToolDefinitionError(UsageError):
 
 
 # --- failures while running --------------------------------------------------------------
+
+
+class UnknownAgent(UsageError):
+    """No agent of this name is served; the message lists the ones that are."""
+
+    def __init__(self, name: str, served: Sequence[str]) -> None:
+        super().__init__(
+            f"no agent named {name!r} is served here; served agents: "
+            f"{', '.join(map(repr, served)) or 'none'}"
+        )
+        self.name = name
+        self.served = tuple(served)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.name, self.served))
 
 
 class RuntimeFailure(OverstoryError, RuntimeError):

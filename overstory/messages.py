@@ -176,12 +176,15 @@ def from_record(record: dict[str, Any]) -> Message:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """The result of one turn: the final text, every message the turn stored, its usage."""
+    """The result of one turn: the final text, every message the turn stored, its usage,
+    and the agent (name and version) that answered."""
 
     text: str
     turn_id: str
     messages: tuple[Message, ...]
     usage: Usage
+    agent: str = ""
+    agent_version: str = ""
 
     def __str__(self) -> str:
         return self.text

@@ -11,17 +11,23 @@ import pytest
 
 from overstory import Agent, ConversationQuarantined, TurnFailed
 from overstory.actors.host import HostActor
+from overstory.app import App, conversation_id
 from overstory.providers import OfflineModel
 from overstory.registry.hosts import table_key
 from overstory.registry.shards import ShardTable
 from overstory.runtime.config import Config
 
 
+def cid(user: str) -> str:
+    """The conversation id of ``user`` with the agent these hosts serve."""
+    return conversation_id("logic", user)
+
+
 def _host(sqlite_url: str, **settings: Any) -> HostActor:
     table = ShardTable.build(1, shards=16)
     config = Config.from_mapping({"store": sqlite_url, **settings})
     agent = Agent("logic", model=OfflineModel("offline:logic"))
-    return HostActor("ns", table.hosts[0], table, agent, config)
+    return HostActor("ns", table.hosts[0], table, App([agent]), config)
 
 
 def run(host: HostActor, body: Callable[[HostActor], Awaitable[Any]]) -> Any:
@@ -42,19 +48,19 @@ def test_the_cap_evicts_the_least_recently_used_and_a_read_counts_as_use(
     async def body(host: HostActor) -> list[str]:
         v = host.table.version
         for user in ("a", "b", "c"):
-            await host.send(v, user, f"t-{user}", "hello")
-        await host.history(v, "a")  # a is now the most recently used
-        await host.send(v, "d", "t-d", "hello")  # over the cap of 3: b goes
+            await host.send(v, cid(user), f"t-{user}", "hello")
+        await host.history(v, cid("a"))  # a is now the most recently used
+        await host.send(v, cid("d"), "t-d", "hello")  # over the cap of 3: b goes
         return host.live()
 
-    assert run(_host(sqlite_url, max_live_per_host=3), body) == ["c", "a", "d"]
+    assert run(_host(sqlite_url, max_live_per_host=3), body) == [cid(u) for u in "cad"]
 
 
 def test_the_sweeper_passivates_idle_conversations_and_keeps_busy_ones(sqlite_url: str) -> None:
     async def body(host: HostActor) -> tuple[list[str], list[str], int]:
         v = host.table.version
-        await host.send(v, "idle", "t1", "hello")
-        busy = asyncio.create_task(host.send(v, "busy", "t2", "!sleep 0.6 still talking"))
+        await host.send(v, cid("idle"), "t1", "hello")
+        busy = asyncio.create_task(host.send(v, cid("busy"), "t2", "!sleep 0.6 still talking"))
         await asyncio.sleep(0.45)
         during = host.live()
         await busy
@@ -62,7 +68,7 @@ def test_the_sweeper_passivates_idle_conversations_and_keeps_busy_ones(sqlite_ur
         return during, host.live(), host.counters["passivations"]
 
     during, after, passivated = run(_host(sqlite_url, idle_timeout_s=0.2), body)
-    assert during == ["busy"]  # the idle one went; the one in a turn stayed
+    assert during == [cid("busy")]  # the idle one went; the one in a turn stayed
     assert after == []
     assert passivated == 2
 
@@ -70,7 +76,7 @@ def test_the_sweeper_passivates_idle_conversations_and_keeps_busy_ones(sqlite_ur
 def test_a_grown_table_makes_the_host_shed_what_moved(sqlite_url: str) -> None:
     async def body(host: HostActor) -> tuple[list[str], list[str], Any]:
         v = host.table.version
-        users = [f"u{i}" for i in range(12)]
+        users = [cid(f"u{i}") for i in range(12)]
         for user in users:
             await host.send(v, user, "t", "hello")
         bigger = host.table.grown(2)
@@ -96,11 +102,11 @@ def test_crashes_restart_the_conversation_then_quarantine_it(sqlite_url: str) ->
         v = host.table.version
         for i in range(2):
             with pytest.raises(TurnFailed, match="scripted crash"):
-                await host.send(v, "bad", f"t{i}", f"!crash {i}")
+                await host.send(v, cid("bad"), f"t{i}", f"!crash {i}")
             await asyncio.sleep(0)  # the restart (a fresh activation) runs
-        with pytest.raises(ConversationQuarantined, match="'bad'"):
-            await host.send(v, "bad", "t9", "hello")
-        await host.send(v, "good", "t", "hello")  # the host carries on
+        with pytest.raises(ConversationQuarantined, match="'logic:bad'"):
+            await host.send(v, cid("bad"), "t9", "hello")
+        await host.send(v, cid("good"), "t", "hello")  # the host carries on
         return host.counters["restarts"], host.counters["quarantined"]
 
     assert run(_host(sqlite_url, entity_max_restarts=1), body) == (1, 1)

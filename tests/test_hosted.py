@@ -162,7 +162,7 @@ def test_a_crashing_conversation_is_restarted_then_quarantined_alone(rt: Runtime
         with pytest.raises(TurnFailed, match=r"crashed.*scripted crash"):
             bad.send(f"!crash bug {i}")
         assert good.send(f"still fine {i}").text.startswith("echo")
-    with pytest.raises(ConversationQuarantined, match="'bad' is quarantined") as caught:
+    with pytest.raises(ConversationQuarantined, match="'hosted-test:bad' is quarantined") as caught:
         bad.send("hello?")
     assert caught.value.crashes == 3
     assert good.send("and after").text.startswith("echo")

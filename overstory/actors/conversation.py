@@ -20,21 +20,24 @@ import asyncio
 import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from ..agent import Agent
+from ..app import App
 from ..exceptions import Fenced, Passivated, SequenceConflict
 from ..messages import Message, Reply
-from ..providers.pool import provider_namespace
+from ..providers import Secret
+from ..providers.pool import chain_rows, provider_namespace
 from ..store import HistoryStore, open_store
 from ..supervisors.watch import RESTARTED, new_incarnation, watched_elsewhere
 from ..telemetry import attached, setup_telemetry
 from ..telemetry import flush as flush_telemetry
 from ..validation import MAX_MESSAGE_CHARS, validate_message
 from .gate import TurnGate
+from .serving import Binding, Serving
 from .turn import run_turn
 
 __all__ = ["ConversationActor"]
@@ -46,23 +49,28 @@ class ConversationActor:
     def __init__(
         self,
         conversation_id: str,
-        agent: Agent,
+        app: App | None,
         store_url: str,
         max_message_chars: int = MAX_MESSAGE_CHARS,
         idle_timeout_s: float | None = None,
         supervisor: Any = None,
-        namespace: str | None = None,
+        namespace: str = "overstory",
+        api_keys: Mapping[str, Secret] | None = None,
+        rollout_refresh_s: float = 5.0,
     ) -> None:
         self.conversation_id = conversation_id
         # The app's namespace (the actor's, not its job's): provider actors live there.
         self.namespace = namespace
-        self.agent = agent
+        self.api_keys = api_keys
         self.max_message_chars = max_message_chars
         self.idle_timeout_s = idle_timeout_s
         self._supervisor = supervisor
         self.incarnation = new_incarnation()  # a new one each time Ray restarts this actor
         setup_telemetry()  # exports spans when the OTEL_* variables reached this process
         self._store: HistoryStore = open_store(store_url)
+        # The deployed app (this process imports it) or the local one; its version per turn.
+        self.serving = Serving(namespace, self._store, app, rollout_refresh_s)
+        self.binding = Binding.of(conversation_id, api_keys)
         self._history: list[Message] = []
         self._epoch = 0
         self._loaded = False
@@ -84,6 +92,7 @@ class ConversationActor:
         async with self._load_lock:
             if not self._loaded:
                 await self._store.open()
+                (await self.serving.load()).check(self.binding.agent)
                 self._epoch = await self._store.acquire(self.conversation_id)
                 self._history = await self._store.load(self.conversation_id)
                 self._loaded = True
@@ -136,14 +145,26 @@ class ConversationActor:
             "idle_s": time.monotonic() - self._last_active,
             "last_active_at": self._last_active_at,
             "busy": self._in_turn > 0,
-            "agent": self.agent.name,
+            "agent": self.binding.agent,
+            "agent_version": self.binding.version,
+            "placement": "dedicated",
             # Vendor SDKs belong in provider actors; this shows none leaked in here.
             "vendor_sdks": sorted(m for m in ("anthropic", "openai") if m in sys.modules),
         }
 
-    def own_agent(self) -> Agent:
-        """The agent this actor was started with (its supervisor keeps it for restarts)."""
-        return self.agent
+    def own_keys(self) -> Mapping[str, Secret] | None:
+        """The user's own vendor keys this actor was started with (its supervisor keeps
+        them for restarts)."""
+        return self.api_keys
+
+    async def models(self) -> list[dict[str, Any]]:
+        """Every agent version's model chain, each endpoint once (status and health)."""
+        await self._load()
+        rows: dict[str, dict[str, Any]] = {}
+        for agent in self.serving.app.agents:
+            for row in chain_rows(agent.model):
+                rows.setdefault(row["model"], row)
+        return list(rows.values())
 
     async def send(
         self,
@@ -169,8 +190,11 @@ class ConversationActor:
                     raise Passivated(f"conversation {self.conversation_id!r} is passivating")
                 try:
                     with attached(carrier), provider_namespace(self.namespace):
+                        agent = await self.serving.agent_for(
+                            self.conversation_id, self.binding, has_history=bool(self._history)
+                        )
                         return await run_turn(
-                            self.agent,
+                            agent,
                             self._store,
                             self.conversation_id,
                             self._history,
@@ -199,6 +223,11 @@ class ConversationActor:
             self._last_active_at = time.time()
             if not self._closing:
                 self._arm_idle_timer()
+
+    def forget_splits(self) -> bool:
+        """A rollout command changed a split: read it again before the next turn."""
+        self.serving.forget_splits()
+        return True
 
     async def history(self) -> list[Message]:
         """The stored messages; during a turn, those of the turn stored so far."""

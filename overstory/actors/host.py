@@ -43,15 +43,15 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
-from ..agent import Agent
+from ..app import App
 from ..exceptions import (
     ConversationQuarantined,
     Fenced,
-    InvalidMessage,
     Passivated,
     SequenceConflict,
     StaleShardTable,
     TurnFailed,
+    UsageError,
 )
 from ..messages import Message, Reply
 from ..providers import Secret
@@ -63,6 +63,7 @@ from ..supervisors.watch import new_incarnation, until_death
 from ..telemetry import attached, metrics, setup_telemetry
 from ..validation import validate_message
 from .gate import TurnGate
+from .serving import Binding, Serving
 from .turn import run_turn
 
 if TYPE_CHECKING:  # imported for types only: registry and runtime import this module
@@ -91,7 +92,7 @@ class _Entity:
     """One live conversation inside a host. Small on purpose: a host holds thousands."""
 
     __slots__ = (
-        "agent",
+        "binding",
         "closing",
         "conversation_id",
         "epoch",
@@ -103,10 +104,10 @@ class _Entity:
     )
 
     def __init__(
-        self, conversation_id: str, agent: Agent, history: list[Message], epoch: int
+        self, conversation_id: str, binding: Binding, history: list[Message], epoch: int
     ) -> None:
         self.conversation_id = conversation_id
-        self.agent = agent
+        self.binding = binding
         self.history = history
         self.epoch = epoch
         self.gate: TurnGate | None = None  # only while turns are in flight
@@ -123,7 +124,8 @@ class _Entity:
             "turns_served": self.turns,
             "idle_s": time.monotonic() - self.last_active,
             "busy": self.in_turn > 0,
-            "agent": self.agent.name,
+            "agent": self.binding.agent,
+            "agent_version": self.binding.version,
         }
 
 
@@ -131,16 +133,17 @@ class HostActor:
     """Hosts conversation entities (the Ray actor class is built in :mod:`..registry`)."""
 
     def __init__(
-        self, namespace: str, name: str, table: ShardTable, agent: Agent, config: Config
+        self, namespace: str, name: str, table: ShardTable, app: App | None, config: Config
     ) -> None:
         self.namespace = namespace
         self.name = name
         self.table = table
-        self.agent = agent
         self.config = config
         self.incarnation = new_incarnation()
         setup_telemetry()
         self._store: HistoryStore = open_store(config.store)
+        # The deployed app (imported here from the store's record) or the local one.
+        self.serving = Serving(namespace, self._store, app, config.rollout_refresh_s)
         self._store_open = False
         self._store_lock = asyncio.Lock()
         self._entities: OrderedDict[str, _Entity] = OrderedDict()  # least recent first
@@ -186,9 +189,26 @@ class HostActor:
             **self.counters,
         }
 
-    def models(self) -> list[dict[str, Any]]:
-        """The agent's model chain (:func:`~overstory.providers.pool.chain_rows`)."""
-        return chain_rows(self.agent.model)
+    async def models(self) -> list[dict[str, Any]]:
+        """Every agent version's model chain (:func:`~overstory.providers.pool.chain_rows`),
+        each endpoint once."""
+        await self._open_store()
+        rows: dict[str, dict[str, Any]] = {}
+        for agent in (await self.serving.load()).agents:
+            for row in chain_rows(agent.model):
+                rows.setdefault(row["model"], row)
+        return list(rows.values())
+
+    async def app(self) -> dict[str, Any]:
+        """The app this host serves (:meth:`~overstory.app.App.describe`)."""
+        await self._open_store()
+        app = await self.serving.load()
+        return {**app.describe(), "deployment": self.serving.deployment}
+
+    def forget_splits(self) -> bool:
+        """A rollout command changed a split: read it again before the next turn."""
+        self.serving.forget_splits()
+        return True
 
     def store_url(self) -> str:
         """The store this host writes to (unmasked: operators' probes open it)."""
@@ -241,8 +261,11 @@ class HostActor:
             # asyncio.timeout, not wait_for: no extra task per turn on the host's loop.
             async with asyncio.timeout(self.config.turn_timeout_s):
                 with attached(carrier), provider_namespace(self.namespace):
+                    agent = await self.serving.agent_for(
+                        cid, entity.binding, has_history=bool(entity.history)
+                    )
                     return await run_turn(
-                        entity.agent,
+                        agent,
                         self._store,
                         cid,
                         entity.history,
@@ -250,8 +273,8 @@ class HostActor:
                         text,
                         epoch=entity.epoch,
                     )
-        except (TurnFailed, InvalidMessage):
-            raise  # the turn's own outcome: the entity is fine
+        except (TurnFailed, UsageError):
+            raise  # the turn's own outcome (or the caller's mistake): the entity is fine
         except Fenced:
             # Another entity took the conversation over (this host lost the shard, or this
             # is a zombie): this one must never write again. Not a crash of ours.
@@ -366,13 +389,15 @@ class HostActor:
         conversation_id: str,
         *,
         api_keys: Mapping[str, Secret] | None = None,
-        agent: Agent | None = None,
+        binding: Binding | None = None,
     ) -> _Entity:
         """The live entity of ``conversation_id``, loaded from the store if needed.
 
         Concurrent calls for one conversation share one activation. ``api_keys`` bind
         for the life of the entity (as for a dedicated actor); a restart passes the
-        crashed entity's ``agent`` so they survive it.
+        crashed entity's ``binding`` so they survive it. A conversation with an agent
+        the app does not serve is refused (:class:`~overstory.exceptions.UnknownAgent`)
+        before anything is read or written.
         """
         entity = self._entities.get(conversation_id)
         if entity is not None and not entity.closing:
@@ -385,11 +410,13 @@ class HostActor:
         try:
             self._start_sweeper()
             await self._open_store()
+            app = await self.serving.load()
+            if binding is None:
+                binding = Binding.of(conversation_id, api_keys)
+            app.check(binding.agent)
             epoch = await self._store.acquire(conversation_id)
             history = await self._store.load(conversation_id)
-            if agent is None:
-                agent = self.agent.with_api_keys(api_keys) if api_keys else self.agent
-            entity = _Entity(conversation_id, agent, history, epoch)
+            entity = _Entity(conversation_id, binding, history, epoch)
             self._entities[conversation_id] = entity
             self.counters["activations"] += 1
             self._evict_over_cap()
@@ -496,7 +523,7 @@ class HostActor:
             self.counters["restarts"] += 1
             metrics().restart("entities")
             # Restart = activate again from the store, now: queued callers find it serving.
-            restart = self._activate(cid, agent=entity.agent)
+            restart = self._activate(cid, binding=entity.binding)
             task = asyncio.get_running_loop().create_task(restart)
             task.add_done_callback(_ignore_failure)
             return

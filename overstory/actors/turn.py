@@ -45,11 +45,18 @@ def is_complete(turn: list[Message]) -> bool:
     return bool(turn) and isinstance(turn[-1], AssistantMessage) and not turn[-1].tool_calls
 
 
-def _reply(turn_id: str, turn: list[Message]) -> Reply:
+def _reply(agent: Agent, turn_id: str, turn: list[Message]) -> Reply:
     last = turn[-1]
     assert isinstance(last, AssistantMessage)
     usage = sum((m.usage for m in turn if isinstance(m, AssistantMessage)), Usage())
-    return Reply(text=last.content, turn_id=turn_id, messages=tuple(turn), usage=usage)
+    return Reply(
+        text=last.content,
+        turn_id=turn_id,
+        messages=tuple(turn),
+        usage=usage,
+        agent=agent.name,
+        agent_version=agent.version,
+    )
 
 
 async def run_turn(
@@ -72,13 +79,13 @@ async def run_turn(
     started = time.monotonic()
     outcome = "error"
     try:
-        with invoke_agent_span(agent.name, conversation_id) as span:
+        with invoke_agent_span(agent.name, conversation_id, agent.version) as span:
             reply = await _run_turn(agent, store, conversation_id, history, turn_id, text, epoch)
             set_turn_usage(span, reply.usage.input_tokens, reply.usage.output_tokens)
             outcome = "ok"
             return reply
     finally:
-        metrics().turn(agent.name, outcome, time.monotonic() - started)
+        metrics().turn(agent.name, outcome, time.monotonic() - started, agent.version)
 
 
 async def _run_tool(agent: Agent, call: ToolCall) -> ToolReturn:
@@ -123,7 +130,7 @@ async def _run_turn(
                 f"conversation {conversation_id!r}"
             )
         if is_complete(turn):
-            return _reply(turn_id, turn)
+            return _reply(agent, turn_id, turn)
         if history[-1] is not turn[-1]:
             raise TurnFailed(
                 conversation_id,
@@ -161,4 +168,4 @@ async def _run_turn(
             )
         )
         if is_complete(turn):
-            return _reply(turn_id, turn)
+            return _reply(agent, turn_id, turn)

@@ -20,10 +20,11 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from .._ray import alive_nodes_async
+from .._ray import alive_nodes_async, get_actor_async
 from ..actors.host import HostActor
-from ..agent import Agent
+from ..app import App
 from ..exceptions import ConfigError, ConversationUnavailable, StaleShardTable
+from ..rollout import Deployment, read_deployment
 from ..runtime.config import Config
 from ..store import HistoryStore, open_store
 from ..supervisors import ChildSpec, SupervisorSpec, add_child
@@ -76,10 +77,13 @@ async def stored_table(store: HistoryStore, namespace: str) -> ShardTable | None
     return None if raw is None else ShardTable.from_json(raw)
 
 
-def hosts_child(namespace: str, agent: Agent, config: Config) -> ChildSpec:
-    """The root's ``hosts`` child: the host supervisor (it sizes the hosts itself)."""
+def hosts_child(namespace: str, app: App | None, config: Config) -> ChildSpec:
+    """The root's ``hosts`` child: the host supervisor (it sizes the hosts itself).
+
+    ``app`` is the local app (``connect(agent)``), ``None`` when the app is deployed:
+    then each host imports it from the store's deployment record."""
     start = NamedChild(
-        _RemoteHostSupervisor, HOSTS, (namespace, agent, config, (ROOT, "hosts")), SUPERVISED
+        _RemoteHostSupervisor, HOSTS, (namespace, app, config, (ROOT, "hosts")), SUPERVISED
     )
     return ChildSpec("hosts", start=start, restart="permanent")
 
@@ -95,12 +99,13 @@ class HostSupervisor(Supervisor):
     """
 
     def __init__(
-        self, namespace: str, agent: Agent, config: Config, parent: tuple[str, str]
+        self, namespace: str, app: App | None, config: Config, parent: tuple[str, str]
     ) -> None:
         spec = SupervisorSpec("one_for_one", config.restart_intensity, config.restart_period_s)
         super().__init__(namespace, spec, parent)
-        self.agent = agent
+        self.app = app
         self.config = config
+        self.deployment: Deployment | None = None
         self._store = open_store(config.store)
         self._table_lock = asyncio.Lock()
 
@@ -108,7 +113,11 @@ class HostSupervisor(Supervisor):
         options = dict(HOST_OPTIONS)
         if self.config.actor_resources:
             options["resources"] = dict(self.config.actor_resources)
-        args = (self.namespace, name, table, self.agent, self.config)
+        if self.deployment is not None and self.deployment.working_dir:
+            options["runtime_env"] = {"working_dir": self.deployment.working_dir}
+        # A deployed app is not passed at all: each host imports it from the record.
+        app = None if self.deployment is not None else self.app
+        args = (self.namespace, name, table, app, self.config)
         return ChildSpec(name, start=NamedChild(_RemoteHost, name, args, options))
 
     def _adopt(self, table: ShardTable) -> None:
@@ -120,6 +129,7 @@ class HostSupervisor(Supervisor):
         async with self._table_lock:
             if "shard_table" not in self.meta:
                 await self._store.open()
+                self.deployment = await read_deployment(self._store, self.namespace)
                 key = table_key(self.namespace)
                 table = await stored_table(self._store, self.namespace)
                 if table is None:
@@ -164,6 +174,49 @@ class HostSupervisor(Supervisor):
                             await handle.adopt_table.remote()
             table: ShardTable = self.meta["shard_table"]
             return {"version": table.version, "shards": table.shards, "hosts": list(table.hosts)}
+
+    async def redeploy(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """A new app was deployed: replace the hosts one at a time, each a fresh process
+        that imports the new code (and gets the new working dir). Conversations of a
+        host being replaced re-activate from the store on their next call (callers
+        re-send, with back-off, under their deadline); none is lost."""
+        await self.ready()
+        async with self._table_lock:
+            self.deployment = await read_deployment(self._store, self.namespace)
+            self._adopt(self.meta["shard_table"])
+            replaced = []
+            for child in self.spec.children:
+                async with self._lock:
+                    assert self._state is not None
+                    self._stopping.add(child.id)
+                    handle = self._handles.pop(child.id, None)
+                    watcher = self._watchers.pop(child.id, None)
+                    if handle is not None:
+                        ray.kill(handle, no_restart=True)
+                    if watcher is not None:  # it returns once the old process is gone
+                        await asyncio.wait({watcher}, timeout=timeout_s)
+                    await self._name_free(child.start.name, timeout_s)
+                    await self._start(child)
+                replaced.append(child.id)
+        return {"replaced": replaced, "deployment": self.deployment and self.deployment.generation}
+
+    async def _name_free(self, name: str, timeout_s: float) -> None:
+        """Wait until a killed host's name is released (a new one can take it)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                await get_actor_async(name, self.namespace)
+            except ValueError:
+                return
+            await asyncio.sleep(0.05)
+
+    async def forget_splits(self) -> int:
+        """Tell every host a rollout split changed; returns how many heard it."""
+        heard = 0
+        for handle in list(self._handles.values()):
+            with contextlib.suppress(RayActorError, RayTaskError):
+                heard += bool(await handle.forget_splits.remote())
+        return heard
 
 
 _RemoteHostSupervisor: Any = ray.remote(HostSupervisor)

@@ -24,8 +24,9 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from ..actors.names import actor_name
-from ..agent import Agent, Placement
-from ..exceptions import ConfigError, ConversationUnavailable, StaleShardTable
+from ..agent import Placement
+from ..app import App
+from ..exceptions import ConfigError, ConversationUnavailable, StaleShardTable, UnknownAgent
 from ..providers import Secret
 from ..runtime.config import Config
 from ..supervisors import ChildSpec, SupervisorSpec
@@ -52,35 +53,56 @@ def lifecycle_of(config: Config) -> Lifecycle:
         actor_max_restarts=config.actor_max_restarts,
         activation_timeout_s=config.activation_timeout_s,
         resources=dict(config.actor_resources),
+        rollout_refresh_s=config.rollout_refresh_s,
     )
 
 
 class Registry:
-    """Finds (and for dedicated placement starts) the conversation of a user id."""
+    """Finds (and for dedicated placement starts) the conversation of an id.
 
-    def __init__(self, *, config: Config, agent: Agent, send_agent: bool = True) -> None:
+    ``app`` is the local app a tree booted from here serves (``connect(agent)`` from a
+    driver); ``None`` when the app is deployed (``overstory serve MODULE:ATTR``): its
+    hosts import it from the store's record, and ``placement`` is the record's. With
+    ``adopt=True`` (``connect()`` without an agent) the registry takes whichever
+    placement the running tree has.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        app: App | None,
+        placement: Placement | None = None,
+        adopt: bool = False,
+    ) -> None:
         self.config = config
         self.namespace = config.namespace
-        self.agent = agent
-        self.placement: Placement = agent.placement
+        self.app = app
+        self.adopt = adopt
+        if placement is None:
+            if app is None:
+                raise ConfigError("a registry needs an app or a placement")
+            placement = app.placement
+        self.placement: Placement = placement
         self.store_url = config.store
         self.max_message_chars = config.max_message_chars
         self.lifecycle = lifecycle_of(config)
-        self._send_agent = send_agent
         self._supervisor: Any = None
         self._booted = False
+        self._served: dict[str, Any] | None = None
         self.hosts = HostRouter(self.namespace, config.activation_timeout_s)
 
     def tree_spec(self) -> SupervisorSpec:
+        app = self.app
         if self.placement == "hosted":
-            child = hosts_child(self.namespace, self.agent, self.config)
+            child = hosts_child(self.namespace, app, self.config)
         else:
             conversations = NamedChild(
                 _RemoteConversations,
                 CONVERSATIONS,
                 (
                     self.namespace,
-                    self.agent,
+                    app,
                     self.store_url,
                     self.max_message_chars,
                     self.lifecycle,
@@ -95,6 +117,10 @@ class Registry:
         if self._booted:
             return
         timeout = self.lifecycle.activation_timeout_s
+        if self.adopt:
+            running = self._running_placement()
+            if running is not None:
+                self.placement = running
         root = boot(self.namespace, self.tree_spec(), timeout_s=timeout)
         try:
             ray.get(root.ready.remote(), timeout=timeout)
@@ -109,9 +135,56 @@ class Registry:
             other = "dedicated" if self.placement == "hosted" else "hosted"
             raise ConfigError(
                 f"the tree running in namespace {self.namespace!r} serves {other} placement; "
-                f"agent {self.agent.name!r} asks for {self.placement}: use another namespace"
+                f"this app asks for {self.placement}: use another namespace"
             ) from None
         self._booted = True
+
+    def _running_placement(self) -> Placement | None:
+        for name, placement in ((HOSTS, "hosted"), (CONVERSATIONS, "dedicated")):
+            try:
+                ray.get_actor(name, namespace=self.namespace)
+            except ValueError:
+                continue
+            return placement  # type: ignore[return-value]
+        return None
+
+    # --- the app the tree serves ------------------------------------------------------------
+
+    def served(self, refresh: bool = False) -> dict[str, Any]:
+        """What the running tree serves (:meth:`~overstory.app.App.describe`): asked of a
+        host (hosted) or of the conversation supervisor (dedicated), then cached."""
+        if self._served is None or refresh:
+            self.boot()
+            timeout = self.lifecycle.activation_timeout_s
+            try:
+                if self.placement == "dedicated":
+                    ref = self.supervisor().app_info.remote()
+                else:
+                    ref = self.hosts.route_host(self.hosts.table.hosts[0]).app.remote()
+                self._served = ray.get(ref, timeout=timeout)
+            except RayTaskError as exc:
+                cause = unwrap_task_error(exc)
+                raise cause from cause.__cause__
+            except (RayActorError, GetTimeoutError) as exc:
+                raise ConversationUnavailable(
+                    f"cannot ask the tree of {self.namespace!r} which app it serves: "
+                    f"{type(exc).__name__}"
+                ) from None
+        assert self._served is not None
+        return self._served
+
+    def agent_name(self, agent: str | None) -> str:
+        """``agent`` if the tree serves it (default: the app's first), else
+        :class:`UnknownAgent` listing the served ones (asked again once, in case the
+        app was re-deployed since)."""
+        served = self.served()
+        if agent is None:
+            return str(served["default"])
+        if agent not in served["agents"]:
+            served = self.served(refresh=True)
+            if agent not in served["agents"]:
+                raise UnknownAgent(agent, list(served["agents"]))
+        return agent
 
     def supervisor(self) -> Any:
         """The conversation supervisor's handle (dedicated placement), booting the tree."""
@@ -126,17 +199,16 @@ class Registry:
         return self._supervisor
 
     def get_or_start(self, user_id: str, api_keys: Mapping[str, Secret] | None = None) -> Any:
-        """A live handle to ``user_id``'s conversation actor, started if needed.
+        """A live handle to conversation ``user_id``'s actor, started if needed.
 
         ``api_keys`` (vendor -> the user's own key) apply when the actor is started.
         """
         last: BaseException | None = None
         for _ in range(_ATTEMPTS):
             supervisor = self.supervisor()
-            agent = self.agent if self._send_agent else None
             try:
                 return ray.get(
-                    supervisor.start_child.remote(user_id, agent, api_keys),
+                    supervisor.start_child.remote(user_id, api_keys),
                     timeout=self.lifecycle.activation_timeout_s,
                 )
             except RayTaskError as exc:
@@ -155,10 +227,9 @@ class Registry:
         last: BaseException | None = None
         for _ in range(_ATTEMPTS):
             supervisor = self._supervisor or await asyncio.to_thread(self.supervisor)
-            agent = self.agent if self._send_agent else None
             try:
                 return await asyncio.wait_for(
-                    supervisor.start_child.remote(user_id, agent, api_keys),
+                    supervisor.start_child.remote(user_id, api_keys),
                     timeout=self.lifecycle.activation_timeout_s,
                 )
             except RayTaskError as exc:
@@ -169,6 +240,38 @@ class Registry:
             except TimeoutError as exc:
                 raise self._unavailable(user_id, "it did not become ready in time") from exc
         raise self._unavailable(user_id, f"{type(last).__name__}: {last}") from last
+
+    def redeploy(self) -> dict[str, Any]:
+        """A new app was recorded in the store: move the running tree onto it (hosts are
+        replaced one by one; dedicated conversations passivate and restart on it)."""
+        self.boot()
+        target = HOSTS if self.placement == "hosted" else CONVERSATIONS
+        try:
+            supervisor: Any = ray.get_actor(target, namespace=self.namespace)
+            result: dict[str, Any] = ray.get(supervisor.redeploy.remote(), timeout=600)
+        except RayTaskError as exc:
+            cause = unwrap_task_error(exc)
+            raise cause from cause.__cause__
+        except (ValueError, RayActorError, GetTimeoutError) as exc:
+            raise ConversationUnavailable(
+                f"the supervisor {target!r} of {self.namespace!r} did not redeploy: "
+                f"{type(exc).__name__}"
+            ) from None
+        self._served = None
+        self.hosts.refresh()
+        return result
+
+    def splits_changed(self) -> int:
+        """Tell whatever serves conversations that a rollout split changed (they would
+        read it again within ``rollout_refresh_s`` anyway). Returns how many heard."""
+        self.boot()
+        target = HOSTS if self.placement == "hosted" else CONVERSATIONS
+        try:
+            supervisor: Any = ray.get_actor(target, namespace=self.namespace)
+            heard: int = ray.get(supervisor.forget_splits.remote(), timeout=60)
+            return heard
+        except (ValueError, RayActorError, RayTaskError, GetTimeoutError):
+            return 0  # each reads the split again within rollout_refresh_s
 
     def passivate(self, user_id: str, reason: str = "stopped") -> bool:
         """Passivate ``user_id``'s conversation (history stays)."""

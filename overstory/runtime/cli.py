@@ -139,8 +139,9 @@ def _demo(args: argparse.Namespace) -> int:
         scratch = tempfile.mkdtemp(prefix="overstory-demo-")
         config = config.model_copy(update={"store": f"sqlite:///{scratch}/demo.db"})
     try:
+        agent = demo_agent(args.latency_ms / 1000, args.model, placement=args.placement)
         runtime = connect(
-            demo_agent(args.latency_ms / 1000, args.model, placement=args.placement),
+            agent,
             config=config,
             dashboard=args.dashboard,
             telemetry=True,
@@ -148,7 +149,7 @@ def _demo(args: argparse.Namespace) -> int:
         try:
             print(
                 f"overstory demo: {args.users} users x {args.turns} turns, store {config.store}, "
-                f"model {runtime.agent.model.name}"
+                f"model {agent.model.name}"
                 f"{' (local Ray started for this demo)' if runtime.started_ray else ''}",
                 file=sys.stderr,
             )

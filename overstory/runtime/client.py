@@ -26,11 +26,22 @@ from opentelemetry.trace import Span, SpanKind
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
 from ..agent import Agent, Placement
-from ..exceptions import ConversationUnavailable, Fenced, Passivated, StaleShardTable
+from ..app import App, as_app, conversation_id
+from ..exceptions import ConfigError, ConversationUnavailable, Fenced, Passivated, StaleShardTable
 from ..messages import Message, Reply
 from ..providers import Secret
 from ..providers import api_keys as api_key_map
 from ..registry import Registry, actor_name
+from ..rollout import (
+    Deployment,
+    Split,
+    promote,
+    read_deployment,
+    read_split,
+    rollback,
+    rollout,
+    update_split,
+)
 from ..store import open_store
 from ..supervisors.named import unwrap_task_error
 from ..telemetry import flush as flush_telemetry
@@ -62,7 +73,7 @@ def _default_agent() -> Agent:
 
 
 class Conversation:
-    """One user's conversation. Get it with :meth:`Runtime.conversation`.
+    """One user's conversation with one agent. Get it with :meth:`Runtime.conversation`.
 
     Every call is retried under one deadline (``send_timeout_s``) when the process that
     serves the conversation dies, is restarting, passivates it or is fenced out of it:
@@ -73,11 +84,15 @@ class Conversation:
         self,
         runtime: Runtime,
         user_id: str,
+        agent: str,
         handle: Any,
         api_keys: Mapping[str, Secret] | None = None,
     ) -> None:
         self._runtime = runtime
         self.user_id = user_id
+        self.agent = agent
+        #: The conversation's id in the store, spans and logs (``agent:user``).
+        self.conversation_id = conversation_id(agent, user_id)
         self._handle = handle  # dedicated placement; None when hosted
         self._api_keys = api_keys
         self._lock = threading.Lock()
@@ -87,7 +102,10 @@ class Conversation:
         self._in_flight: set[int] = set()
 
     def __repr__(self) -> str:
-        return f"Conversation(user_id={self.user_id!r}, placement={self.placement!r})"
+        return (
+            f"Conversation(user_id={self.user_id!r}, agent={self.agent!r}, "
+            f"placement={self.placement!r})"
+        )
 
     @property
     def placement(self) -> Placement:
@@ -97,8 +115,8 @@ class Conversation:
     def actor_name(self) -> str:
         """The Ray actor serving it, as the Ray dashboard shows it (its host, if hosted)."""
         if self._handle is None:
-            return self._runtime.registry.hosts.table.host_for(self.user_id)
-        return actor_name(self.user_id)
+            return self._runtime.registry.hosts.table.host_for(self.conversation_id)
+        return actor_name(self.conversation_id)
 
     # --- one call, and what to do when it fails ------------------------------------------
 
@@ -106,10 +124,11 @@ class Conversation:
         """The ObjectRef of ``method`` on ``target`` (a dedicated handle, or a host route)."""
         if self._handle is None:
             version, _name, host = target
+            cid = self.conversation_id
             if method == "send":  # (turn_id, text, caller, n, low, carrier) + api_keys
-                return host.send.remote(version, self.user_id, *args, self._api_keys)
+                return host.send.remote(version, cid, *args, self._api_keys)
             method = "info" if method == "ready" else method
-            return getattr(host, method).remote(version, self.user_id, self._api_keys)
+            return getattr(host, method).remote(version, cid, self._api_keys)
         return getattr(target, method).remote(*args)
 
     def _failure(self, target: Any, exc: BaseException) -> tuple[BaseException, bool]:
@@ -148,12 +167,12 @@ class Conversation:
 
     def _target(self) -> Any:
         if self._handle is None:
-            return self._runtime.registry.hosts.route(self.user_id)
+            return self._runtime.registry.hosts.route(self.conversation_id)
         return self._handle
 
     async def _target_async(self) -> Any:
         if self._handle is None:
-            return await self._runtime.registry.hosts.route_async(self.user_id)
+            return await self._runtime.registry.hosts.route_async(self.conversation_id)
         return self._handle
 
     def _call(self, method: str, *args: Any) -> Any:
@@ -172,7 +191,7 @@ class Conversation:
                 with self._lock:  # the dedicated actor is gone: get (or start) it again
                     if self._handle is target:
                         self._handle = self._runtime.registry.get_or_start(
-                            self.user_id, self._api_keys
+                            self.conversation_id, self._api_keys
                         )
             else:
                 time.sleep(self._pause(attempt, error, deadline))
@@ -193,7 +212,7 @@ class Conversation:
             if self._handle is not None:
                 if self._handle is target:
                     self._handle = await self._runtime.registry.get_or_start_async(
-                        self.user_id, self._api_keys
+                        self.conversation_id, self._api_keys
                     )
             else:
                 await asyncio.sleep(self._pause(attempt, error, deadline))
@@ -201,14 +220,14 @@ class Conversation:
 
     def _late(self, method: str) -> ConversationUnavailable:
         return ConversationUnavailable(
-            f"{method} on the conversation of {self.user_id!r} did not finish within "
+            f"{method} on the conversation {self.conversation_id!r} did not finish within "
             f"send_timeout_s={self._runtime.config.send_timeout_s:g} s. A send may be retried "
             "with the same turn_id: it is never stored twice."
         )
 
     def _gave_up(self, method: str, exc: BaseException) -> ConversationUnavailable:
         return ConversationUnavailable(
-            f"{method} on the conversation of {self.user_id!r} failed: it could not be "
+            f"{method} on the conversation {self.conversation_id!r} failed: it could not be "
             f"served within send_timeout_s={self._runtime.config.send_timeout_s:g} s "
             f"(last: {type(exc).__name__}: {exc}). A send may be retried with the same "
             "turn_id: it is never stored twice."
@@ -263,7 +282,10 @@ class Conversation:
         return tracer().start_as_current_span(
             "overstory.send",
             kind=SpanKind.CLIENT,
-            attributes={"gen_ai.conversation.id": self.user_id},
+            attributes={
+                "gen_ai.conversation.id": self.conversation_id,
+                "gen_ai.agent.name": self.agent,
+            },
         )
 
     def history(self) -> list[Message]:
@@ -283,17 +305,27 @@ class Conversation:
 
 
 class Runtime:
-    """A connection to overstory on a Ray cluster. Get one with :func:`connect`."""
+    """A connection to overstory on a Ray cluster. Get one with :func:`connect`.
+
+    ``app`` is the local app this driver serves (``connect(agent)``), ``None`` when it
+    talks to a deployed one (``connect()`` against ``overstory serve MODULE:ATTR``).
+    """
 
     def __init__(
-        self, config: Config, agent: Agent, *, started_ray: bool, send_agent: bool = True
+        self,
+        config: Config,
+        app: App | None,
+        *,
+        started_ray: bool,
+        placement: Placement | None = None,
+        adopt: bool = False,
     ) -> None:
         self.config = config
-        self.agent = agent
+        self.app = app
         self.started_ray = started_ray
-        self.registry = Registry(config=config, agent=agent, send_agent=send_agent)
-        # Handles by user id, least recently used first: a long-lived driver (a web
-        # server) sees users come and go, so the cache is bounded.
+        self.registry = Registry(config=config, app=app, placement=placement, adopt=adopt)
+        # Handles by conversation id, least recently used first: a long-lived driver (a
+        # web server) sees users come and go, so the cache is bounded.
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -303,56 +335,83 @@ class Runtime:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # --- the app --------------------------------------------------------------------------
+
+    def served(self) -> dict[str, Any]:
+        """What the tree serves: ``{"default", "agents": {name: [versions]}, "source",
+        "placement", "deployment"}`` (:meth:`~overstory.app.App.describe`)."""
+        return dict(self.registry.served(refresh=True))
+
+    def _cid(self, user_id: str, agent: str | None) -> tuple[str, str]:
+        """``(agent name, conversation id)`` of ``user_id``'s conversation with ``agent``
+        (default: the app's first agent); :class:`~overstory.exceptions.UnknownAgent`
+        when the tree does not serve it."""
+        validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
+        if agent is not None and not isinstance(agent, str):
+            raise ConfigError(f"agent must be an agent's name (a string), got {agent!r}")
+        name = self.registry.agent_name(agent)
+        return name, conversation_id(name, user_id)
+
+    # --- conversations ----------------------------------------------------------------------
+
     def conversation(
-        self, user_id: str, *, api_keys: Mapping[str, str] | None = None
+        self,
+        user_id: str,
+        *,
+        agent: str | None = None,
+        api_keys: Mapping[str, str] | None = None,
     ) -> Conversation:
-        """Get-or-start ``user_id``'s conversation; exactly one actor per user id.
+        """Get-or-start ``user_id``'s conversation with agent ``agent`` (by name; default:
+        the app's first agent). Each (agent, user) pair is its own history.
 
         ``api_keys`` (``{"openai": "sk-...", "anthropic": "..."}``) make this user's
         conversation call those vendors with the user's own keys (bring-your-own-key),
         through provider actors of their own. Keys bind when the conversation starts;
         to change them, :meth:`stop_conversation` first.
         """
-        validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
+        name, cid = self._cid(user_id, agent)
         keys = api_key_map(api_keys) if api_keys else None
         with self._lock:
-            conv = self._conversations.get(user_id)
+            conv = self._conversations.get(cid)
         if conv is not None and conv._api_keys == keys:
             return self._remember(conv)  # most recently used now
         handle = None
         if self.registry.placement == "dedicated":
-            handle = self.registry.get_or_start(user_id, keys)
-        return self._remember(Conversation(self, user_id, handle, keys))
+            handle = self.registry.get_or_start(cid, keys)
+        return self._remember(Conversation(self, user_id, name, handle, keys))
 
     async def conversation_async(
-        self, user_id: str, *, api_keys: Mapping[str, str] | None = None
+        self,
+        user_id: str,
+        *,
+        agent: str | None = None,
+        api_keys: Mapping[str, str] | None = None,
     ) -> Conversation:
         """Async form of :meth:`conversation`."""
-        validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
+        name, cid = await asyncio.to_thread(self._cid, user_id, agent)
         keys = api_key_map(api_keys) if api_keys else None
-        conv = self._conversations.get(user_id)
+        conv = self._conversations.get(cid)
         if conv is not None and conv._api_keys == keys:
             return self._remember(conv)  # most recently used now
         handle = None
         if self.registry.placement == "dedicated":
-            handle = await self.registry.get_or_start_async(user_id, keys)
-        return self._remember(Conversation(self, user_id, handle, keys))
+            handle = await self.registry.get_or_start_async(cid, keys)
+        return self._remember(Conversation(self, user_id, name, handle, keys))
 
     def _remember(self, conv: Conversation) -> Conversation:
         with self._lock:
-            self._conversations[conv.user_id] = conv
-            self._conversations.move_to_end(conv.user_id)
+            self._conversations[conv.conversation_id] = conv
+            self._conversations.move_to_end(conv.conversation_id)
             while len(self._conversations) > _MAX_CACHED_HANDLES:
                 self._conversations.popitem(last=False)
         return conv
 
-    def stop_conversation(self, user_id: str) -> bool:
-        """Passivate ``user_id``'s actor now (history stays stored; the next call re-activates).
-
-        ``False`` when it was not live or is in the middle of a turn.
+    def stop_conversation(self, user_id: str, *, agent: str | None = None) -> bool:
+        """Passivate ``user_id``'s conversation now (history stays stored; the next call
+        re-activates it). ``False`` when it was not live or is in the middle of a turn.
         """
-        validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
-        return self.registry.passivate(user_id, "stopped")
+        _name, cid = self._cid(user_id, agent)
+        return self.registry.passivate(cid, "stopped")
 
     def status(self) -> dict[str, Any]:
         """Live conversations (total and per node) and activation/passivation/restart counts."""
@@ -365,28 +424,76 @@ class Runtime:
         the shard table (``version``, ``shards``, ``hosts``). Never shrinks."""
         return self.registry.rebalance(hosts)
 
-    def count_stored(self, user_id: str | None = None) -> int:
-        """Messages stored for ``user_id`` (or in all), read back from the store itself."""
-        if user_id is not None:
-            validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
-        count: int = _run_store(self.config.store, lambda s: s.count(user_id))
+    # --- versions -------------------------------------------------------------------------
+
+    def _versions(self, agent: str) -> list[str]:
+        name = self.registry.agent_name(agent)
+        return list(self.registry.served()["agents"][name])
+
+    def _change_split(self, agent: str, change: Callable[[Split], Split]) -> dict[str, Any]:
+        versions = self._versions(agent)
+
+        def go(store: Any) -> Any:
+            return update_split(store, self.config.namespace, agent, versions, change)
+
+        split: Split = _run_store(self.config.store, go)
+        self.registry.splits_changed()
+        return split.describe()
+
+    def split(self, agent: str) -> dict[str, Any]:
+        """Agent ``agent``'s rollout split: ``live``, ``previous``, ``canary``, ``percent``,
+        ``generation`` and the share of new conversations each version gets."""
+        versions = self._versions(agent)
+        split: Split = _run_store(
+            self.config.store,
+            lambda s: read_split(s, self.config.namespace, agent, versions),
+        )
+        return split.describe()
+
+    def rollout(self, agent: str, version: str, percent: float) -> dict[str, Any]:
+        """``percent`` % of *new* conversations of ``agent`` get ``version``; every
+        conversation keeps the version it started with while the rollout runs (also
+        across passivation and restarts). Idempotent; returns the split."""
+        versions = self._versions(agent)
+        return self._change_split(agent, lambda s: rollout(s, version, percent, versions))
+
+    def promote(self, agent: str, version: str) -> dict[str, Any]:
+        """``version`` is live for everyone: existing conversations move to it at their
+        next turn (a blue-green switch). Idempotent; returns the split."""
+        versions = self._versions(agent)
+        return self._change_split(agent, lambda s: promote(s, version, versions))
+
+    def rollback(self, agent: str) -> dict[str, Any]:
+        """Back to the previously promoted version, for everyone, at their next turn.
+        Idempotent; returns the split."""
+        return self._change_split(agent, rollback)
+
+    # --- the store, read directly -----------------------------------------------------------
+
+    def count_stored(self, user_id: str | None = None, *, agent: str | None = None) -> int:
+        """Messages stored for ``user_id``'s conversation with ``agent`` (default agent),
+        or with ``user_id=None`` in the whole store, read back from the store itself."""
+        cid = None if user_id is None else self._cid(user_id, agent)[1]
+        count: int = _run_store(self.config.store, lambda s: s.count(cid))
         return count
 
-    def stored_histories(self, user_ids: list[str]) -> dict[str, list[Message]]:
-        """Each user's messages, read straight from the store over one connection."""
-        for uid in user_ids:
-            validate_user_id(uid, max_chars=self.config.max_user_id_chars)
+    def stored_histories(
+        self, user_ids: list[str], *, agent: str | None = None
+    ) -> dict[str, list[Message]]:
+        """Each user's messages with ``agent``, read straight from the store over one
+        connection."""
+        cids = {uid: self._cid(uid, agent)[1] for uid in user_ids}
 
         async def load(store: Any) -> dict[str, list[Message]]:
-            return {uid: await store.load(uid) for uid in user_ids}
+            return {uid: await store.load(cid) for uid, cid in cids.items()}
 
         result: dict[str, list[Message]] = _run_store(self.config.store, load)
         return result
 
-    def stored_history(self, user_id: str) -> list[Message]:
-        """``user_id``'s messages read straight from the store (no actor involved)."""
-        validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
-        messages: list[Message] = _run_store(self.config.store, lambda s: s.load(user_id))
+    def stored_history(self, user_id: str, *, agent: str | None = None) -> list[Message]:
+        """``user_id``'s messages with ``agent`` read straight from the store (no actor)."""
+        cid = self._cid(user_id, agent)[1]
+        messages: list[Message] = _run_store(self.config.store, lambda s: s.load(cid))
         return messages
 
     def close(self) -> None:
@@ -421,7 +528,7 @@ def _run_store(url: str, fn: Callable[[Any], Any]) -> Any:
 
 
 def connect(
-    agent: Agent | None = None,
+    agent: Agent | App | list[Agent] | tuple[Agent, ...] | None = None,
     *,
     config: Config | None = None,
     dashboard: bool = False,
@@ -429,6 +536,13 @@ def connect(
     **settings: Any,
 ) -> Runtime:
     """Attach to Ray (starting a local instance if none is found) and return a Runtime.
+
+    Without ``agent``, talk to whatever the namespace serves: the app deployed with
+    ``overstory serve MODULE:ATTR`` (the tree is booted from its record if it is not
+    running), else a default echo agent. With ``agent`` (an :class:`Agent`, a list of
+    agents or an :class:`~overstory.app.App`), serve it from this driver — for local use
+    and tests; a namespace with a deployed app refuses it rather than have a client
+    replace the deployed agents.
 
     ``settings`` are :class:`Config` keys (``store="sqlite:///chat.db"``,
     ``namespace=...``, ``ray_address=...``); unknown keys raise ``ConfigError``. The store
@@ -444,14 +558,25 @@ def connect(
         config = Config.from_mapping(
             {**config.model_dump(), **settings}, source="connect() arguments"
         )
-    _run_store(config.store, lambda s: s.count("\x00probe"))
+    app = None if agent is None else as_app(agent)
+    namespace = config.namespace
+    deployed: Deployment | None = _run_store(config.store, lambda s: read_deployment(s, namespace))
+    if app is not None and deployed is not None:
+        raise ConfigError(
+            f"namespace {namespace!r} serves the deployed app {deployed.source!r} "
+            f"(agents: {', '.join(deployed.app.get('agents', {}))}); a client cannot replace "
+            "it: connect() without an agent and pick one by name, or use another namespace"
+        )
+    placement: Placement | None = None
+    if deployed is not None:
+        placement = deployed.app.get("placement", "hosted")
+    elif app is None:
+        app = App((_default_agent(),))
     env_vars: dict[str, str] = {}
     if telemetry and setup_telemetry():
         env_vars = telemetry_env()
     started = attach(config.ray_address, config.namespace, dashboard=dashboard, env_vars=env_vars)
-    runtime = Runtime(
-        config, agent or _default_agent(), started_ray=started, send_agent=agent is not None
-    )
+    runtime = Runtime(config, app, started_ray=started, placement=placement, adopt=agent is None)
     try:
         runtime.registry.boot()  # boot the supervision tree, or attach to it
     except BaseException:

@@ -71,6 +71,9 @@ class Config(pydantic.BaseModel):
     entity_restart_period_s: float = pydantic.Field(60.0, gt=0)
     quarantine_s: float = pydantic.Field(300.0, gt=0)
     """How long a quarantined conversation is refused."""
+    rollout_refresh_s: float = pydantic.Field(5.0, gt=0, le=3600)
+    """How long a host trusts its copy of a rollout split before reading it again (the
+    rollout commands also tell every host at once; this bounds a missed notice)."""
     restart_intensity: int = pydantic.Field(100, ge=0)
     """Conversation restarts allowed within ``restart_period_s`` before the conversation
     supervisor gives up, shuts its children down and escalates to the root."""

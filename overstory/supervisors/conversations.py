@@ -35,10 +35,12 @@ from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from .._ray import alive_nodes_async, get_actor_async, named_actors_async
 from ..actors.conversation import ConversationActor
 from ..actors.names import NAME_PREFIX, actor_name
-from ..agent import Agent
+from ..actors.serving import Binding, Serving
+from ..app import App
 from ..exceptions import OverstoryError, Passivated
 from ..providers import Secret
 from ..providers.pool import chain_rows
+from ..store import open_store
 from ..telemetry import metrics
 from .core import Shutdown, SupervisorState, add_child, on_exit, remove_child
 from .locks import KeyedLocks
@@ -65,6 +67,7 @@ class Lifecycle:
     actor_max_restarts: int = -1
     activation_timeout_s: float = 60.0
     resources: dict[str, float] = field(default_factory=dict)
+    rollout_refresh_s: float = 5.0
 
 
 @dataclass
@@ -74,7 +77,7 @@ class _Child:
     node_id: str
     started_at: float
     pid: int = 0
-    agent: Agent | None = None  # None: the supervisor's agent
+    api_keys: Mapping[str, Secret] | None = None  # the user's own vendor keys
     incarnation: str | None = None  # the process last seen serving (watch.py)
     watcher: asyncio.Task[None] | None = None
     stopping: bool = False
@@ -86,13 +89,16 @@ class ConversationSupervisor:
     def __init__(
         self,
         namespace: str,
-        agent: Agent,
+        app: App | None,
         store_url: str,
         max_message_chars: int,
         lifecycle: Lifecycle,
     ) -> None:
         self.namespace = namespace
-        self.agent = agent
+        self.app = app  # the local app; a deployed one each conversation actor imports
+        # Only to answer what the app is (status, health): the actors serve the turns.
+        self._view = Serving(namespace, open_store(store_url), app)
+        self._view_open = False
         self.store_url = store_url
         self.max_message_chars = max_message_chars
         self.lifecycle = lifecycle
@@ -134,9 +140,25 @@ class ConversationSupervisor:
             "incarnation": self.incarnation,
         }
 
-    def models(self) -> list[dict[str, Any]]:
-        """The default agent's model chain (:func:`~overstory.providers.pool.chain_rows`)."""
-        return chain_rows(self.agent.model)
+    async def _loaded(self) -> App:
+        if not self._view_open:
+            await self._view.store.open()
+            self._view_open = True
+        return await self._view.load()
+
+    async def models(self) -> list[dict[str, Any]]:
+        """Every agent version's model chain (:func:`~overstory.providers.pool.chain_rows`),
+        each endpoint once."""
+        rows: dict[str, dict[str, Any]] = {}
+        for agent in (await self._loaded()).agents:
+            for row in chain_rows(agent.model):
+                rows.setdefault(row["model"], row)
+        return list(rows.values())
+
+    async def app_info(self) -> dict[str, Any]:
+        """The app the conversations serve (:meth:`~overstory.app.App.describe`)."""
+        app = await self._loaded()
+        return {**app.describe(), "deployment": self._view.deployment}
 
     def children(self) -> list[dict[str, Any]]:
         return [
@@ -149,17 +171,17 @@ class ConversationSupervisor:
     async def start_child(
         self,
         user_id: str,
-        agent: Agent | None = None,
         api_keys: Mapping[str, Secret] | None = None,
     ) -> Any:
-        """The live actor of ``user_id``, started (and its history loaded) if needed.
+        """The live actor of conversation ``user_id``, started (and its history loaded)
+        if needed.
 
-        ``agent`` replaces the supervisor's agent for this child, ``api_keys`` make it
-        call vendors with the user's own keys; both hold for the life of the actor
-        (restarts included) and are ignored when it is already live.
+        ``api_keys`` make it call vendors with the user's own keys; they hold for the
+        life of the actor (restarts included) and are ignored when it is already live.
+        A conversation with an agent the app does not serve is refused
+        (:class:`~overstory.exceptions.UnknownAgent`) before any actor starts.
         """
-        if api_keys:
-            agent = (agent or self.agent).with_api_keys(api_keys)
+        (await self._loaded()).check(Binding.of(user_id).agent)
         async with self._locks(user_id):
             child = self._children.get(user_id)
             if child is not None and not await self._serving(child):
@@ -172,7 +194,7 @@ class ConversationSupervisor:
                 self._in_flight += 1
                 try:
                     async with self._spawning:
-                        child = await self._spawn(user_id, agent)
+                        child = await self._spawn(user_id, api_keys)
                 finally:
                     self._in_flight -= 1
             handle = child.handle
@@ -190,10 +212,13 @@ class ConversationSupervisor:
             return False
         return True
 
-    async def _spawn(self, user_id: str, agent: Agent | None) -> _Child:
+    async def _spawn(self, user_id: str, api_keys: Mapping[str, Secret] | None) -> _Child:
         options = {**SUPERVISED, "max_restarts": self.lifecycle.actor_max_restarts}
         if self.lifecycle.resources:
             options["resources"] = dict(self.lifecycle.resources)
+        record = self._view.record
+        if record is not None and record.working_dir:
+            options["runtime_env"] = {"working_dir": record.working_dir}
         me = ray.get_runtime_context().current_actor
         handle, info = await get_or_create(
             _RemoteConversation,
@@ -201,17 +226,19 @@ class ConversationSupervisor:
             self.namespace,
             (
                 user_id,
-                agent or self.agent,
+                self.app,
                 self.store_url,
                 self.max_message_chars,
                 self.lifecycle.idle_timeout_s,
                 me,
                 self.namespace,
+                api_keys,
+                self.lifecycle.rollout_refresh_s,
             ),
             options,
             timeout_s=self.lifecycle.activation_timeout_s,
         )
-        child = self._record(user_id, handle, info, agent)
+        child = self._record(user_id, handle, info, api_keys)
         self.counters["activations"] += 1
         metrics().live_conversations(len(self._children))
         return child
@@ -231,10 +258,10 @@ class ConversationSupervisor:
         except ValueError:
             return  # gone meanwhile
         try:
-            # Its info, and its own agent (it may carry the user's keys): a restart of the
-            # conversation must keep that agent.
-            calls: list[Any] = [handle.ready.remote(), handle.own_agent.remote()]
-            info, agent = await asyncio.wait_for(
+            # Its info, and the user's own keys it holds: a restart of the conversation
+            # must keep them.
+            calls: list[Any] = [handle.ready.remote(), handle.own_keys.remote()]
+            info, api_keys = await asyncio.wait_for(
                 asyncio.gather(*calls), timeout=self.lifecycle.activation_timeout_s
             )
         except RayTaskError as exc:
@@ -248,14 +275,24 @@ class ConversationSupervisor:
         user_id = info["conversation_id"]
         async with self._locks(user_id):  # start_child may be starting or adopting it too
             if user_id not in self._children:
-                self._record(user_id, handle, info, agent)
+                self._record(user_id, handle, info, api_keys)
 
     def _record(
-        self, user_id: str, handle: Any, info: dict[str, Any], agent: Agent | None
+        self,
+        user_id: str,
+        handle: Any,
+        info: dict[str, Any],
+        api_keys: Mapping[str, Secret] | None,
     ) -> _Child:
         """Make a serving actor (its ``ready`` answer: ``info``) a watched child."""
         child = _Child(
-            user_id, handle, info["node_id"], time.time(), info["pid"], agent, info["incarnation"]
+            user_id,
+            handle,
+            info["node_id"],
+            time.time(),
+            info["pid"],
+            api_keys,
+            info["incarnation"],
         )
         self._children[user_id] = child
         if all(c.id != user_id for c in self._state.children):
@@ -312,7 +349,7 @@ class ConversationSupervisor:
             if self._children.get(child.user_id) is child:
                 del self._children[child.user_id]
                 try:
-                    await self._spawn(child.user_id, child.agent)
+                    await self._spawn(child.user_id, child.api_keys)
                 except (OverstoryError, RayActorError) as exc:
                     # Not fatal: the next start_child for this user tries again, from the store.
                     self._forget(child.user_id)
@@ -334,6 +371,30 @@ class ConversationSupervisor:
         await root.escalated.remote("conversations")
 
     # --- passivation ------------------------------------------------------------------
+
+    async def forget_splits(self) -> int:
+        """Tell every live conversation a rollout split changed; returns how many heard."""
+        self._view.forget_splits()
+        calls = [c.handle.forget_splits.remote() for c in list(self._children.values())]
+        heard = await asyncio.gather(*calls, return_exceptions=True)
+        return sum(1 for h in heard if h is True)
+
+    async def redeploy(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """A new app was deployed: read it, and passivate every live conversation so each
+        starts again on the new code at its next call (a busy one once its turn ends,
+        tried until ``timeout_s``). Returns how many were passivated and left."""
+        self._view = Serving(self.namespace, self._view.store, self.app)
+        await self._loaded()
+        deadline = time.monotonic() + timeout_s
+        passivated = 0
+        while self._children and time.monotonic() < deadline:
+            results = await asyncio.gather(
+                *(self.passivate(uid, "redeployed") for uid in list(self._children))
+            )
+            passivated += sum(results)
+            if self._children:
+                await asyncio.sleep(0.2)
+        return {"passivated": passivated, "left": len(self._children)}
 
     async def passivate(self, user_id: str, reason: str = "idle") -> bool:
         """Passivate ``user_id``'s conversation unless a turn is running or waiting."""

@@ -50,14 +50,14 @@ METRICS: dict[str, MetricSpec] = {
     "turns": MetricSpec(
         "overstory_turns_total",
         "counter",
-        "Conversation turns finished, by agent and outcome.",
-        ("agent", "outcome"),
+        "Conversation turns finished, by agent, version and outcome.",
+        ("agent", "version", "outcome"),
     ),
     "turn_latency": MetricSpec(
         "overstory_turn_latency_seconds",
         "histogram",
         "Seconds from a turn's start to its reply (or failure).",
-        ("agent", "outcome"),
+        ("agent", "version", "outcome"),
         tuple(_LATENCY_BUCKETS),
     ),
     "tokens": MetricSpec(
@@ -173,9 +173,9 @@ class Metrics:
 
     # --- turns and model calls ---------------------------------------------------------
 
-    def turn(self, agent: str, outcome: str, seconds: float) -> None:
+    def turn(self, agent: str, outcome: str, seconds: float, version: str = "1") -> None:
         """A finished turn: ``outcome`` is ``ok`` or why it failed (a fixed vocabulary)."""
-        tags = {"agent": _tag(agent), "outcome": _tag(outcome)}
+        tags = {"agent": _tag(agent), "version": _tag(version), "outcome": _tag(outcome)}
         self._inc("turns", 1, tags)
         self._observe("turn_latency", seconds, tags)
 

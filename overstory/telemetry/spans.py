@@ -98,6 +98,7 @@ except metadata.PackageNotFoundError:  # running from a source tree that is not 
 # Attribute keys (semantic conventions, GenAI and general).
 OPERATION = "gen_ai.operation.name"
 AGENT_NAME = "gen_ai.agent.name"
+AGENT_VERSION = "gen_ai.agent.version"
 CONVERSATION_ID = "gen_ai.conversation.id"
 PROVIDER = "gen_ai.provider.name"
 REQUEST_MODEL = "gen_ai.request.model"
@@ -215,13 +216,17 @@ def _span(name: str, kind: SpanKind, attributes: dict[str, Any]) -> Iterator[Spa
 
 
 @contextmanager
-def invoke_agent_span(agent_name: str, conversation_id: str) -> Iterator[Span]:
+def invoke_agent_span(
+    agent_name: str, conversation_id: str, agent_version: str | None = None
+) -> Iterator[Span]:
     """The ``invoke_agent {agent_name}`` span around one conversation turn."""
     attributes: dict[str, Any] = {
         OPERATION: "invoke_agent",
         AGENT_NAME: agent_name,
         CONVERSATION_ID: conversation_id,
     }
+    if agent_version is not None:
+        attributes[AGENT_VERSION] = agent_version
     with _span(f"invoke_agent {agent_name}", SpanKind.INTERNAL, attributes) as span:
         yield span
 
