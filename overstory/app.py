@@ -118,12 +118,21 @@ class App:
         return agent
 
     def describe(self) -> dict[str, Any]:
-        """JSON-able summary: what clients and ``overstory status`` are told."""
+        """JSON-able summary: what clients and ``overstory status`` are told, and what
+        the deployment record keeps (so no supervisor has to import the app): agents and
+        versions, and every version's model chain, each endpoint once."""
+        from .providers.pool import chain_rows  # imports Ray: not at module import
+
+        models: dict[str, dict[str, Any]] = {}
+        for agent in self.agents:
+            for row in chain_rows(agent.model):
+                models.setdefault(row["model"], row)
         return {
             "source": self.source,
             "default": self.default,
             "placement": self.placement,
             "agents": {name: list(versions) for name, versions in self._versions.items()},
+            "models": list(models.values()),
         }
 
 

@@ -206,7 +206,7 @@ def test_a_fenced_entity_is_dropped_and_the_turn_lands_once(rt: Runtime) -> None
     async def take_over() -> None:  # another owner takes the conversation: a new epoch
         store = open_store(rt.config.store)
         await store.open()
-        await store.acquire("fenced")
+        await store.acquire(conv.conversation_id)
         await store.close()
 
     asyncio.run(take_over())
@@ -229,7 +229,8 @@ def test_idle_conversations_are_passivated_and_the_cap_evicts_lru(
         live = set(
             ray.get(rt.registry.hosts.route_host(rt.registry.hosts.table.hosts[0]).live.remote())
         )
-        assert live == {"capped-2", "capped-3", "capped-4"}  # the least recently used went
+        # the least recently used went
+        assert live == {f"hosted-test:capped-{i}" for i in (2, 3, 4)}
         wait_for_condition(lambda: rt.status()["live"] == 0, timeout=15)
         again = rt.conversation("capped-0")
         assert again.send("back").text == "echo #2: back"  # its history came back with it
@@ -273,7 +274,7 @@ def test_unknown_placement_is_a_config_error() -> None:
 
 def test_a_send_has_one_overall_deadline(rt: Runtime) -> None:
     hurried = Runtime(
-        rt.config.model_copy(update={"send_timeout_s": 0.5}), rt.agent, started_ray=False
+        rt.config.model_copy(update={"send_timeout_s": 0.5}), rt.app, started_ray=False
     )
     with pytest.raises(overstory.ConversationUnavailable, match=r"send_timeout_s=0\.5"):
         hurried.conversation("late").send("!sleep 2 too slow", turn_id="t-late")
@@ -331,7 +332,7 @@ def test_growing_a_running_tree_moves_shards_and_loses_nothing(
         users = [f"grow-{i}" for i in range(30)]
         for user in users:
             rt.conversation(user).send("before")
-        stale = Runtime(rt.config, rt.agent, started_ray=False)
+        stale = Runtime(rt.config, rt.app, started_ray=False)
         stale_conv = stale.conversation(users[0])
         assert len(stale.registry.hosts.table.hosts) == 1  # cached, and about to be old
 

@@ -18,6 +18,7 @@ from ray._common.test_utils import wait_for_condition
 import overstory
 from overstory import Reply, Runtime, UserMessage
 from overstory.actors.names import actor_name
+from overstory.app import conversation_id
 from overstory.runtime.demo import demo_agent
 from overstory.store import open_store
 from overstory.supervisors import ChildSpec, SupervisorSpec
@@ -50,6 +51,11 @@ def steady(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     kill_namespace(runtime.config.namespace)
 
 
+def cid(user: str) -> str:
+    """The id of ``user``'s conversation with the demo agent these tests serve."""
+    return conversation_id("demo-assistant", user)
+
+
 def _live_names(ns: str) -> set[str]:
     return {a["name"] for a in ray.util.list_named_actors(True) if a["namespace"] == ns}
 
@@ -63,9 +69,9 @@ def test_idle_conversations_passivate_and_come_back_transparently(rt: Runtime) -
     before = rt.status()["passivations"]
     conv = rt.conversation("idle-ida")
     conv.send("before the nap")
-    wait_for_condition(lambda: actor_name("idle-ida") not in _live_names(ns), timeout=15)
+    wait_for_condition(lambda: actor_name(cid("idle-ida")) not in _live_names(ns), timeout=15)
     assert rt.status()["passivations"] > before
-    assert "idle-ida" not in [
+    assert cid("idle-ida") not in [
         c["user_id"] for c in ray.get(rt.registry.supervisor().children.remote())
     ]
     # the same handle keeps working: the registry re-activates from the store
@@ -86,7 +92,7 @@ def test_the_live_cap_passivates_the_least_recently_used(
             rt.conversation(user).send("hi")
             assert max(rt.status()["per_node"].values()) <= 3
         live = {c["user_id"] for c in ray.get(rt.registry.supervisor().children.remote())}
-        assert live == {"cap-3", "cap-4", "cap-5"}
+        assert live == {cid("cap-3"), cid("cap-4"), cid("cap-5")}
         assert rt.status()["evictions"] == 3
         # the evicted answer again, with their history
         assert convs[0].send("again").text == "echo #2: again"
@@ -138,7 +144,7 @@ def test_a_zombie_is_fenced_out_and_the_turn_lands_once(steady: Runtime) -> None
         store = open_store(rt.config.store)
         await store.open()
         try:
-            return await store.acquire("zombie-zed")
+            return await store.acquire(conv.conversation_id)
         finally:
             await store.close()
 
@@ -187,7 +193,7 @@ def test_a_crashed_conversation_supervisor_is_restarted_and_adopts_its_children(
     _crash_conversation_supervisor(ns)
     wait_for_condition(
         lambda: (
-            "orphan-olive"
+            cid("orphan-olive")
             in [c["user_id"] for c in ray.get(supervisor.children.remote(), timeout=5)]
         ),
         timeout=30,
@@ -204,11 +210,11 @@ def test_a_conversation_left_half_passivated_by_a_crashed_supervisor_is_ended(
     conv.send("one")
     # what the supervisor does before it kills a passivating child: the actor now refuses
     # turns. The supervisor dies before the kill.
-    actor = ray.get_actor(actor_name("half-hal"), namespace=ns)
+    actor = ray.get_actor(actor_name(cid("half-hal")), namespace=ns)
     assert ray.get(actor.passivate.remote()) is True
     _crash_conversation_supervisor(ns)
     # the restarted supervisor finishes the passivation instead of leaving the name held
-    wait_for_condition(lambda: actor_name("half-hal") not in _live_names(ns), timeout=30)
+    wait_for_condition(lambda: actor_name(cid("half-hal")) not in _live_names(ns), timeout=30)
     assert conv.send("two").text == "echo #2: two"
     assert user_texts(rt, "half-hal") == ["one", "two"]
 
@@ -221,7 +227,7 @@ def test_an_idle_orphan_is_still_passivated_after_its_supervisor_restarts(rt: Ru
     ray.kill(ray.get_actor(CONVERSATIONS, namespace=ns), no_restart=False)
     # Its ask to passivate (1.5 s idle) may reach the restarting supervisor before the
     # supervisor has adopted it, and be refused: the actor must ask again later.
-    wait_for_condition(lambda: actor_name("nap-nora") not in _live_names(ns), timeout=30)
+    wait_for_condition(lambda: actor_name(cid("nap-nora")) not in _live_names(ns), timeout=30)
     assert conv.send("two").text == "echo #2: two"
     assert conv.info()["pid"] != pid
     assert user_texts(rt, "nap-nora") == ["one", "two"]

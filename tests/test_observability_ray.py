@@ -124,7 +124,7 @@ def test_one_trace_per_send_reaches_a_real_otlp_receiver_from_every_process(
     assert failed.attributes["error.type"] == "server_error"
     fallbacks = [e for e in agent.events if e.name == "overstory.fallback"]
     assert len(fallbacks) == 1
-    assert agent.attributes["gen_ai.conversation.id"] == "traced-user"
+    assert agent.attributes["gen_ai.conversation.id"] == "traced:traced-user"  # agent:user
     assert agent.attributes["gen_ai.usage.output_tokens"] > 0
     # Every process exported under the configured service name.
     assert {s.service_name for s in spans} == {"otlp-test"}

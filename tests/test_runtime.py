@@ -29,6 +29,7 @@ from overstory import (
     TurnFailed,
     UserMessage,
 )
+from overstory.app import conversation_id
 from overstory.registry import actor_name
 from overstory.runtime.demo import demo_agent
 
@@ -99,11 +100,17 @@ def test_the_actor_is_named_after_the_user_in_the_app_namespace(rt: Runtime) -> 
         assert conv.actor_name.startswith("overstory:host:")
         assert ray.get(host.status.remote())["pid"] == conv.info()["pid"]
         return
-    handle = ray.get_actor(actor_name("carl"), namespace=rt.config.namespace)
+    handle = ray.get_actor(
+        actor_name(conversation_id("demo-assistant", "carl")), namespace=rt.config.namespace
+    )
     assert ray.get(handle.ready.remote())["pid"] == conv.info()["pid"]
-    assert conv.actor_name.startswith("conversation:carl:")  # readable on the dashboard
+    assert conv.actor_name.startswith(
+        "conversation:demo-assistant:carl:"
+    )  # readable on the dashboard
     mail = rt.conversation("carl.smith@example.com")
-    assert mail.actor_name.startswith("conversation:ca***:")  # personal data is masked
+    assert mail.actor_name.startswith(
+        "conversation:demo-assistant:ca***:"
+    )  # personal data is masked
     assert "example" not in mail.actor_name
     assert ray.get_actor(mail.actor_name, namespace=rt.config.namespace) is not None
 
@@ -163,7 +170,7 @@ def test_concurrent_get_or_start_yields_exactly_one_actor(
 
     def grab() -> None:
         # A Runtime per thread, so no handle cache is shared: each one races the GCS.
-        own = Runtime(rt.config, rt.agent, started_ray=False)
+        own = Runtime(rt.config, rt.app, started_ray=False)
         barrier.wait()
         try:
             pids.append(own.conversation("erin").info()["pid"])
@@ -207,7 +214,7 @@ def test_a_new_actor_rebuilds_history_from_the_store(rt: Runtime) -> None:
     conv.send("remember me")
     old_epoch = conv.info()["epoch"]
     assert rt.stop_conversation("gus")  # the actor or entity is gone; the store remains
-    fresh = Runtime(rt.config, rt.agent, started_ray=False).conversation("gus")
+    fresh = Runtime(rt.config, rt.app, started_ray=False).conversation("gus")
     assert fresh.info()["epoch"] > old_epoch  # a new activation, from the store
     assert [m.content for m in fresh.history()][:2] == ["remember me", "echo #1: remember me"]
     assert fresh.send("and now?").text == "echo #2: and now?"
@@ -239,7 +246,7 @@ def test_a_failed_turn_is_reported_and_the_conversation_goes_on(rt: Runtime) -> 
     conv = rt.conversation("jo")
     with pytest.raises(TurnFailed, match="scripted fail: provider down") as info:
         conv.send("!fail provider down")
-    assert info.value.conversation_id == "jo"
+    assert info.value.conversation_id == "demo-assistant:jo"
     # The cause crossed Ray with the error, typed (AllModelsFailed keeps .failures too).
     assert isinstance(info.value.__cause__, overstory.ModelError)
     assert info.value.__cause__.kind == "server_error"
@@ -286,7 +293,9 @@ def test_the_actor_checks_input_too(rt: Runtime) -> None:
         version, _, host = rt.registry.hosts.route("ned")
         ref = host.send.remote(version, "ned", "t1", "\x00")
     else:
-        handle = ray.get_actor(actor_name("ned"), namespace=rt.config.namespace)
+        handle = ray.get_actor(
+            actor_name(conversation_id("demo-assistant", "ned")), namespace=rt.config.namespace
+        )
         ref = handle.send.remote("t1", "\x00")
     # Ray re-raises the actor's error as a subclass of it.
     with pytest.raises(InvalidMessage, match="U\\+0000"):
@@ -311,7 +320,7 @@ def test_conversations_on_mongodb(ray_cluster: str, mongo_url: str, namespace: s
         conv = rt.conversation("olga")
         assert conv.send("what is 1 + 1?").text == "add returned 2"
         rt.stop_conversation("olga")
-        again = Runtime(rt.config, rt.agent, started_ray=False).conversation("olga")
+        again = Runtime(rt.config, rt.app, started_ray=False).conversation("olga")
         assert len(again.history()) == 4
         assert rt.count_stored("olga") == 4
     finally:

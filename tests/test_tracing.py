@@ -110,6 +110,7 @@ def test_the_exact_span_tree_of_a_turn_with_a_fallback_and_two_tool_calls(
     assert dict(root.attributes or {}) == {
         "gen_ai.operation.name": "invoke_agent",
         "gen_ai.agent.name": "helper",
+        "gen_ai.agent.version": "1",
         "gen_ai.conversation.id": "conv-1",
         "gen_ai.usage.input_tokens": 10 + final_usage(final)[0],
         "gen_ai.usage.output_tokens": 4 + final_usage(final)[1],

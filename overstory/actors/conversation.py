@@ -30,7 +30,7 @@ from ..app import App
 from ..exceptions import Fenced, Passivated, SequenceConflict
 from ..messages import Message, Reply
 from ..providers import Secret
-from ..providers.pool import chain_rows, provider_namespace
+from ..providers.pool import provider_namespace
 from ..store import HistoryStore, open_store
 from ..supervisors.watch import RESTARTED, new_incarnation, watched_elsewhere
 from ..telemetry import attached, setup_telemetry
@@ -156,15 +156,6 @@ class ConversationActor:
         """The user's own vendor keys this actor was started with (its supervisor keeps
         them for restarts)."""
         return self.api_keys
-
-    async def models(self) -> list[dict[str, Any]]:
-        """Every agent version's model chain, each endpoint once (status and health)."""
-        await self._load()
-        rows: dict[str, dict[str, Any]] = {}
-        for agent in self.serving.app.agents:
-            for row in chain_rows(agent.model):
-                rows.setdefault(row["model"], row)
-        return list(rows.values())
 
     async def send(
         self,

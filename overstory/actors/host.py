@@ -55,7 +55,7 @@ from ..exceptions import (
 )
 from ..messages import Message, Reply
 from ..providers import Secret
-from ..providers.pool import chain_rows, provider_namespace
+from ..providers.pool import provider_namespace
 from ..store import HistoryStore, open_store
 from ..supervisors.core import Restart, SupervisorState, initial_state, on_exit
 from ..supervisors.spec import ChildSpec, SupervisorSpec
@@ -193,11 +193,8 @@ class HostActor:
         """Every agent version's model chain (:func:`~overstory.providers.pool.chain_rows`),
         each endpoint once."""
         await self._open_store()
-        rows: dict[str, dict[str, Any]] = {}
-        for agent in (await self.serving.load()).agents:
-            for row in chain_rows(agent.model):
-                rows.setdefault(row["model"], row)
-        return list(rows.values())
+        models: list[dict[str, Any]] = (await self.serving.load()).describe()["models"]
+        return models
 
     async def app(self) -> dict[str, Any]:
         """The app this host serves (:meth:`~overstory.app.App.describe`)."""

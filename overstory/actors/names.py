@@ -1,8 +1,9 @@
 """Names of conversation actors: readable on the Ray dashboard, unique by a digest.
 
-``conversation:<label>:<digest>``. The digest (sha256 of the user id, 96 bits) makes the
-name unique; the label lets an operator see whose conversation an actor is without the
-name leaking personal data:
+``conversation:<agent>:<label>:<digest>`` for conversation id ``<agent>:<user id>``. The
+digest (sha256 of the conversation id, 96 bits) makes the name unique; the agent name
+and the label let an operator see whose conversation with which agent an actor is,
+without the name leaking personal data:
 
 * an opaque id — letters, digits, ``_`` and ``-`` only, at most 24 characters, such as
   ``u_18274``, ``7f3a9c2e-…`` or ``alice`` — is shown as it is;
@@ -30,7 +31,10 @@ def label(user_id: str) -> str:
     return "".join(_SAFE.findall(user_id))[:2] + "***"
 
 
-def actor_name(user_id: str) -> str:
-    """The Ray actor name of ``user_id``'s conversation."""
-    digest = hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:24]
-    return f"{NAME_PREFIX}{label(user_id)}:{digest}"
+def actor_name(conversation_id: str) -> str:
+    """The Ray actor name of conversation ``conversation_id`` (``agent:user``)."""
+    digest = hashlib.sha256(conversation_id.encode("utf-8")).hexdigest()[:24]
+    agent, sep, user_id = conversation_id.partition(":")
+    if not sep:  # not an agent's conversation id: label all of it
+        return f"{NAME_PREFIX}{label(conversation_id)}:{digest}"
+    return f"{NAME_PREFIX}{agent}:{label(user_id)}:{digest}"

@@ -1,5 +1,5 @@
 """The ``overstory`` command: ``demo`` and ``chat``; ``serve``, ``status``, ``health``,
-``rebalance``."""
+``rebalance``; ``rollout``, ``promote``, ``rollback``."""
 
 from __future__ import annotations
 
@@ -21,7 +21,11 @@ from .client import Runtime, connect
 from .config import DEFAULT_NAMESPACE, STORE_ENV, Config, load_config
 from .demo import demo_agent, run_demo
 
-__all__ = ["main"]
+__all__ = ["APP_ENV", "main"]
+
+#: The app ``overstory serve`` deploys when none is named (how ``cluster.yaml`` passes
+#: the operator's app to the head's start command).
+APP_ENV = "OVERSTORY_APP"
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -235,8 +239,25 @@ def _add_ops_commands(sub: Any) -> None:
         parser.add_argument("--namespace", help="Ray namespace of the app (default: overstory)")
 
     serve = sub.add_parser(
-        "serve", help="boot the supervision tree on a running cluster (once), or attach to it"
+        "serve",
+        help="deploy an app (MODULE:ATTR) to a running cluster, booting the supervision "
+        "tree once; without an app, boot the tree (echo agent) or attach to it",
     )
+    serve.add_argument(
+        "app",
+        nargs="?",
+        default=os.environ.get(APP_ENV) or None,
+        metavar="MODULE:ATTR",
+        help="the app: ATTR names an overstory.Agent, a list of agents or an overstory.App; "
+        "every host imports MODULE itself (installed, on PYTHONPATH, or from --working-dir). "
+        f"Default: ${APP_ENV}",
+    )
+    serve.add_argument(
+        "--working-dir",
+        metavar="DIR",
+        help="ship DIR to the cluster as the hosts' Ray runtime_env working_dir",
+    )
+    serve.add_argument("--json", action="store_true", help="one JSON object on stdout")
     attach_args(serve)
     serve.add_argument("--config", type=Path, help="TOML config file (keys of overstory.Config)")
     serve.add_argument("--store", help="store URL (default: OVERSTORY_STORE, else sqlite)")
@@ -251,6 +272,27 @@ def _add_ops_commands(sub: Any) -> None:
         "--hosts", type=_positive, metavar="N", help="grow to N hosts (default: per node)"
     )
     rebalance.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    rollout = sub.add_parser(
+        "rollout", help="give VERSION of agent NAME to P %% of new conversations (sticky)"
+    )
+    rollout.add_argument("name", metavar="NAME")
+    rollout.add_argument("version", metavar="VERSION")
+    rollout.add_argument(
+        "--percent", type=float, required=True, metavar="P", help="share of new conversations"
+    )
+    promote = sub.add_parser(
+        "promote", help="make VERSION of agent NAME live for everyone from their next turn"
+    )
+    promote.add_argument("name", metavar="NAME")
+    promote.add_argument("version", metavar="VERSION")
+    rollback = sub.add_parser(
+        "rollback", help="agent NAME back to its previously promoted version, for everyone"
+    )
+    rollback.add_argument("name", metavar="NAME")
+    for cmd in (rollout, promote, rollback):
+        attach_args(cmd)
+        cmd.add_argument("--store", help="the tree's store, if the tree cannot name it")
+        cmd.add_argument("--json", action="store_true", help="one JSON object on stdout")
     for name, helptext in (
         ("status", "live conversations, supervisor counters, tree and store state"),
         ("health", "exit 0 when the tree is alive and the store answers (liveness probe)"),
@@ -272,12 +314,52 @@ def _probe(args: argparse.Namespace) -> ops.Probe:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    result = ops.serve(_config(args))
+    result = ops.serve(_config(args), args.app, args.working_dir)
+    if args.json:
+        print(json.dumps(result, sort_keys=True))
+        return 0
     verb = "booted" if result["booted"] else "already running, attached to"
     print(
         f"overstory serve: {verb} the supervision tree in namespace {result['namespace']!r} "
         f"(root {result['root_actor_id']}, store {result['store']})"
     )
+    app = result["app"]
+    agents = ", ".join(f"{n} (versions {', '.join(v)})" for n, v in app["agents"].items())
+    print(f"  app {app.get('source') or 'local'}: {agents}; default {app['default']!r}")
+    if result.get("redeployed"):
+        print(f"  hosts replaced to run the new code: {_flat(result['redeployed'])}")
+    for name, split in result.get("splits", {}).items():
+        print(f"  {_split_line(name, split)}")
+    return 0
+
+
+def _split_line(name: str, split: dict[str, Any]) -> str:
+    shares = ", ".join(f"{v}: {p:g}%" for v, p in split["new_conversations_percent"].items())
+    previous = f", previous {split['previous']}" if split.get("previous") else ""
+    return f"agent {name}: live {split['live']}{previous}; new conversations {shares}"
+
+
+def _split_command(args: argparse.Namespace) -> int:
+    from .deploy import change_split, store_of_tree
+
+    namespace = args.namespace or DEFAULT_NAMESPACE
+    ops.attach_existing(args.address, namespace)
+    config = Config.from_mapping(
+        {"namespace": namespace, "store": store_of_tree(namespace, args.store)},
+        source="command line",
+    )
+    if args.command == "rollout":
+        split = change_split(
+            config, "roll out", lambda rt: rt.rollout(args.name, args.version, args.percent)
+        )
+    elif args.command == "promote":
+        split = change_split(config, "promote", lambda rt: rt.promote(args.name, args.version))
+    else:
+        split = change_split(config, "roll back", lambda rt: rt.rollback(args.name))
+    if args.json:
+        print(json.dumps(split, sort_keys=True))
+    else:
+        print(f"overstory {args.command}: {_split_line(args.name, split)}")
     return 0
 
 
@@ -334,7 +416,15 @@ def _rebalance(args: argparse.Namespace) -> int:
     return 0
 
 
-_OPS = {"serve": _serve, "status": _status, "health": _health, "rebalance": _rebalance}
+_OPS = {
+    "serve": _serve,
+    "status": _status,
+    "health": _health,
+    "rebalance": _rebalance,
+    "rollout": _split_command,
+    "promote": _split_command,
+    "rollback": _split_command,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,8 +25,9 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from .._ray import alive_nodes
-from ..exceptions import ClusterUnavailable
+from ..exceptions import ClusterUnavailable, UsageError
 from ..providers.pool import provider_statuses
+from ..rollout import read_split
 from ..store import open_store, redact_url
 from ..supervisors.named import unwrap_task_error
 from ..supervisors.tree import CONVERSATIONS, HOSTS, ROOT
@@ -59,7 +60,9 @@ class Probe:
 StatusSection = Callable[[Probe], dict[str, Any]]
 
 
-def attach_existing(address: str | None, namespace: str) -> str:
+def attach_existing(
+    address: str | None, namespace: str, runtime_env: dict[str, Any] | None = None
+) -> str:
     """Connect this process to a *running* Ray cluster; returns the address it used.
 
     Never starts Ray: with no ``address`` and no ``RAY_ADDRESS`` it looks for an
@@ -71,7 +74,7 @@ def attach_existing(address: str | None, namespace: str) -> str:
         return target
     _check_listening(target)
     try:
-        init_ray(target, namespace=namespace)
+        init_ray(target, namespace=namespace, runtime_env=runtime_env)
     except ClusterUnavailable:
         raise
     except (ConnectionError, RuntimeError, ValueError, RayError) as exc:
@@ -101,15 +104,26 @@ def _check_listening(target: str, timeout_s: float = 5.0) -> None:
 # --- serve --------------------------------------------------------------------------------
 
 
-def serve(config: Config) -> dict[str, Any]:
-    """Boot the supervision tree on the running cluster, or attach to the one running.
+def serve(
+    config: Config, source: str | None = None, working_dir: str | None = None
+) -> dict[str, Any]:
+    """Boot the supervision tree on the running cluster, or attach to the one running;
+    with ``source`` (``module:attr``), deploy that app to it
+    (:func:`~overstory.runtime.deploy.serve_app`).
 
     Idempotent: the root is a named detached actor, created atomically by the GCS, so
     running this twice (or on two machines at once) leaves exactly one tree. The
     process may exit afterwards; the tree stays. Returns what it found and did.
     """
-    attach_existing(config.ray_address, config.namespace)
+    from .deploy import serve_app, working_dir_env
+
+    if working_dir is not None and source is None:
+        raise UsageError("--working-dir needs an app to serve (MODULE:ATTR)")
+    attach_existing(config.ray_address, config.namespace, working_dir_env(working_dir))
     existed = _named(ROOT, config.namespace) is not None
+    deployed: dict[str, Any] = {}
+    if source is not None:
+        deployed = serve_app(config, source, working_dir)
     # ray is initialised now, so connect() attaches and never starts a local Ray; it
     # also opens the store once, so an unreachable store fails here, on the head.
     runtime = connect(config=config)
@@ -119,7 +133,10 @@ def serve(config: Config) -> dict[str, Any]:
         "booted": not existed,
         "root_actor_id": root._actor_id.hex() if root is not None else None,
         "store": redact_url(_tree_store(Probe(config.namespace)) or runtime.config.store),
+        **deployed,
     }
+    if not deployed:
+        result["app"] = runtime.served()
     runtime.close()
     return result
 
@@ -245,6 +262,34 @@ def conversations_section(probe: Probe) -> dict[str, Any]:
     }
 
 
+def apps_section(probe: Probe) -> dict[str, Any]:
+    """The app the tree serves — its source, agents and versions — and each agent's
+    rollout split (read from the tree's store, from inside the cluster)."""
+    if _placement(probe) == "hosted":
+        alive, app = _call_a_host("app", probe)
+    else:
+        alive, app = _call(CONVERSATIONS, "app_info", probe)
+    if not alive:
+        return {"error": app}
+    url = _tree_store(probe) or probe.fallback_store
+    splits: dict[str, Any] = {}
+    if url is not None:
+        ref = _read_splits.remote(url, probe.namespace, app["agents"])
+        try:
+            splits = ray.get(ref, timeout=probe.timeout_s)
+        except (GetTimeoutError, RayError) as exc:
+            splits = {"error": f"{type(exc).__name__}"}
+    return {
+        "source": app.get("source") or "local (connect(agent) from a driver)",
+        "deployment": app.get("deployment", 0),
+        "default": app["default"],
+        "agents": [
+            {"name": name, "versions": versions, "split": splits.get(name)}
+            for name, versions in app["agents"].items()
+        ],
+    }
+
+
 def store_section(probe: Probe) -> dict[str, Any]:
     """Whether the tree's store answers, checked from inside the cluster."""
     url = _tree_store(probe) or probe.fallback_store
@@ -317,6 +362,7 @@ def _endpoint_row(status: dict[str, Any]) -> dict[str, Any]:
 SECTIONS: list[tuple[str, StatusSection]] = [
     ("cluster", cluster_section),
     ("tree", tree_section),
+    ("apps", apps_section),
     ("conversations", conversations_section),
     ("store", store_section),
     ("providers", providers_section),
@@ -419,6 +465,24 @@ def _tree_store(probe: Probe) -> str | None:
     except (RayError, AttributeError):
         return None
     return found
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _read_splits(url: str, namespace: str, agents: dict[str, list[str]]) -> dict[str, Any]:
+    """Each agent's stored split (:meth:`~overstory.rollout.Split.describe`)."""
+
+    async def go() -> dict[str, Any]:
+        store = open_store(url)
+        await store.open()
+        try:
+            return {
+                name: (await read_split(store, namespace, name, versions)).describe()
+                for name, versions in agents.items()
+            }
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
 
 
 @ray.remote(num_cpus=0, max_retries=0)

@@ -35,11 +35,11 @@ from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from .._ray import alive_nodes_async, get_actor_async, named_actors_async
 from ..actors.conversation import ConversationActor
 from ..actors.names import NAME_PREFIX, actor_name
-from ..actors.serving import Binding, Serving
+from ..actors.serving import Binding
 from ..app import App
-from ..exceptions import OverstoryError, Passivated
+from ..exceptions import ConfigError, OverstoryError, Passivated, UnknownAgent
 from ..providers import Secret
-from ..providers.pool import chain_rows
+from ..rollout import Deployment, read_deployment
 from ..store import open_store
 from ..telemetry import metrics
 from .core import Shutdown, SupervisorState, add_child, on_exit, remove_child
@@ -96,9 +96,12 @@ class ConversationSupervisor:
     ) -> None:
         self.namespace = namespace
         self.app = app  # the local app; a deployed one each conversation actor imports
-        # Only to answer what the app is (status, health): the actors serve the turns.
-        self._view = Serving(namespace, open_store(store_url), app)
-        self._view_open = False
+        # What the app is, from the deployment record (this process never imports a
+        # deployed app: it may not even have its working dir) or the local app.
+        self._store = open_store(store_url)
+        self._store_open = False
+        self._deployment: Deployment | None = None
+        self._described: dict[str, Any] | None = None
         self.store_url = store_url
         self.max_message_chars = max_message_chars
         self.lifecycle = lifecycle
@@ -140,25 +143,31 @@ class ConversationSupervisor:
             "incarnation": self.incarnation,
         }
 
-    async def _loaded(self) -> App:
-        if not self._view_open:
-            await self._view.store.open()
-            self._view_open = True
-        return await self._view.load()
+    async def app_info(self) -> dict[str, Any]:
+        """The app the conversations serve (:meth:`~overstory.app.App.describe`), read
+        once from the deployment record (or the local app) and again on redeploy."""
+        if self._described is None:
+            if not self._store_open:
+                await self._store.open()
+                self._store_open = True
+            self._deployment = await read_deployment(self._store, self.namespace)
+            if self._deployment is not None:
+                record = self._deployment
+                self._described = {**record.app, "deployment": record.generation}
+            elif self.app is not None:
+                self._described = {**self.app.describe(), "deployment": 0}
+            else:
+                raise ConfigError(
+                    f"no app is deployed in namespace {self.namespace!r}: "
+                    "run `overstory serve MODULE:ATTR`"
+                )
+        return self._described
 
     async def models(self) -> list[dict[str, Any]]:
         """Every agent version's model chain (:func:`~overstory.providers.pool.chain_rows`),
         each endpoint once."""
-        rows: dict[str, dict[str, Any]] = {}
-        for agent in (await self._loaded()).agents:
-            for row in chain_rows(agent.model):
-                rows.setdefault(row["model"], row)
-        return list(rows.values())
-
-    async def app_info(self) -> dict[str, Any]:
-        """The app the conversations serve (:meth:`~overstory.app.App.describe`)."""
-        app = await self._loaded()
-        return {**app.describe(), "deployment": self._view.deployment}
+        models: list[dict[str, Any]] = (await self.app_info())["models"]
+        return models
 
     def children(self) -> list[dict[str, Any]]:
         return [
@@ -181,7 +190,9 @@ class ConversationSupervisor:
         A conversation with an agent the app does not serve is refused
         (:class:`~overstory.exceptions.UnknownAgent`) before any actor starts.
         """
-        (await self._loaded()).check(Binding.of(user_id).agent)
+        served = list((await self.app_info())["agents"])
+        if Binding.of(user_id).agent not in served:
+            raise UnknownAgent(Binding.of(user_id).agent, served)
         async with self._locks(user_id):
             child = self._children.get(user_id)
             if child is not None and not await self._serving(child):
@@ -216,7 +227,7 @@ class ConversationSupervisor:
         options = {**SUPERVISED, "max_restarts": self.lifecycle.actor_max_restarts}
         if self.lifecycle.resources:
             options["resources"] = dict(self.lifecycle.resources)
-        record = self._view.record
+        record = self._deployment
         if record is not None and record.working_dir:
             options["runtime_env"] = {"working_dir": record.working_dir}
         me = ray.get_runtime_context().current_actor
@@ -374,7 +385,6 @@ class ConversationSupervisor:
 
     async def forget_splits(self) -> int:
         """Tell every live conversation a rollout split changed; returns how many heard."""
-        self._view.forget_splits()
         calls = [c.handle.forget_splits.remote() for c in list(self._children.values())]
         heard = await asyncio.gather(*calls, return_exceptions=True)
         return sum(1 for h in heard if h is True)
@@ -383,8 +393,8 @@ class ConversationSupervisor:
         """A new app was deployed: read it, and passivate every live conversation so each
         starts again on the new code at its next call (a busy one once its turn ends,
         tried until ``timeout_s``). Returns how many were passivated and left."""
-        self._view = Serving(self.namespace, self._view.store, self.app)
-        await self._loaded()
+        self._described = None
+        await self.app_info()
         deadline = time.monotonic() + timeout_s
         passivated = 0
         while self._children and time.monotonic() < deadline:

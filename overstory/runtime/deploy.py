@@ -1,0 +1,191 @@
+"""Deploying an app (``overstory serve MODULE:ATTR``) and moving its versions
+(``overstory rollout | promote | rollback``), on a running cluster.
+
+Serving an app is check first, then change: the path is imported here (a typo fails in
+a second, naming the reason), then on every alive node as the hosts will import it
+(inside the ``--working-dir`` package when there is one). Only when both work is the
+deployment recorded in the store and the running tree moved onto it
+(:meth:`~overstory.registry.Registry.redeploy`) — so a bad path changes nothing that
+runs. Each rollout command changes one agent's split by compare-and-set in the store,
+then tells whatever serves conversations to read it again, and returns the split.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from .._ray import alive_nodes
+from ..app import App, AppLoadError, load_app
+from ..exceptions import ConfigError, ConversationUnavailable, UsageError
+from ..rollout import read_deployment, read_split, write_deployment
+from ..supervisors.named import unwrap_task_error
+from ..supervisors.tree import CONVERSATIONS, HOSTS, ROOT
+from .client import Runtime, _run_store, connect
+from .config import Config
+
+__all__ = ["change_split", "check_on_nodes", "serve_app", "splits", "working_dir_env"]
+
+#: How long importing the app on one node may take (a working dir is fetched first).
+PROBE_TIMEOUT_S = 120.0
+
+
+def working_dir_env(working_dir: str | None) -> dict[str, Any] | None:
+    """The job's ``runtime_env`` for ``--working-dir`` (checked: an existing directory)."""
+    if working_dir is None:
+        return None
+    path = Path(working_dir).expanduser().resolve()
+    if not path.is_dir():
+        raise UsageError(f"--working-dir {working_dir!r} is not a directory")
+    return {"working_dir": str(path)}
+
+
+def _uploaded_working_dir() -> str | None:
+    """The ``gcs://`` URI Ray gave this job's working dir (the hosts are started with it)."""
+    env = ray.get_runtime_context().runtime_env
+    uri = env.get("working_dir") if env else None
+    return str(uri) if uri else None
+
+
+@ray.remote(num_cpus=0, max_retries=0, max_calls=1)
+def _describe_app(source: str) -> dict[str, Any]:
+    """Import the app on a node, as its hosts will, and describe it. In a fresh worker
+    (``max_calls=1``): a pooled one may hold an earlier import of the same module."""
+    return load_app(source).describe()
+
+
+def check_on_nodes(source: str, working_dir: str | None) -> dict[str, Any]:
+    """Import ``source`` on every alive node; :class:`AppLoadError` naming the node and
+    the reason when one cannot. Returns the app's description."""
+    options: dict[str, Any] = {}
+    if working_dir is not None:
+        options["runtime_env"] = {"working_dir": working_dir}
+    refs = {}
+    for node in alive_nodes():
+        strategy = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        address = node.get("NodeManagerAddress", node["NodeID"][:12])
+        refs[address] = _describe_app.options(scheduling_strategy=strategy, **options).remote(
+            source
+        )
+    described: dict[str, Any] = {}
+    for address, ref in refs.items():
+        try:
+            described = ray.get(ref, timeout=PROBE_TIMEOUT_S)
+        except RayTaskError as exc:
+            cause = unwrap_task_error(exc)
+            raise AppLoadError(f"on node {address}: {cause}") from None
+        except GetTimeoutError:
+            ray.cancel(ref, force=True)
+            raise AppLoadError(
+                f"app {source!r} did not import on node {address} within {PROBE_TIMEOUT_S:g} s"
+            ) from None
+        except RayError as exc:  # e.g. the working dir could not be set up there
+            raise AppLoadError(
+                f"app {source!r} cannot run on node {address}: {type(exc).__name__}: {exc}"
+            ) from None
+    return described
+
+
+def _running_placement(namespace: str) -> str | None:
+    for name, placement in ((HOSTS, "hosted"), (CONVERSATIONS, "dedicated")):
+        try:
+            ray.get_actor(name, namespace=namespace)
+        except ValueError:
+            continue
+        return placement
+    return None
+
+
+def serve_app(config: Config, source: str, working_dir: str | None = None) -> dict[str, Any]:
+    """Deploy ``source`` (``module:attr``) to the namespace; this process is attached to
+    the cluster already (with the working dir as its job's ``runtime_env``, if any).
+
+    Raises :class:`AppLoadError` (nothing changed) when it does not import here or on
+    a node, :class:`ConfigError` when the running tree has the other placement.
+    """
+    if working_dir is not None:
+        sys.path.insert(0, str(Path(working_dir).expanduser().resolve()))
+    app: App = load_app(source)
+    uri = _uploaded_working_dir() if working_dir is not None else None
+    check_on_nodes(source, uri)
+    namespace = config.namespace
+    running = _running_placement(namespace)
+    if running is not None and running != app.placement:
+        raise ConfigError(
+            f"the tree running in namespace {namespace!r} serves {running} placement; "
+            f"app {source!r} asks for {app.placement}: use another namespace"
+        )
+    existed = _running_named(ROOT, namespace)
+    record = _run_store(config.store, lambda s: write_deployment(s, namespace, source, app, uri))
+    runtime = connect(config=config)  # boots the tree from the record if none runs
+    try:
+        moved = runtime.registry.redeploy() if existed else {}
+        served = runtime.served()
+    finally:
+        runtime.close()
+    return {
+        "source": source,
+        "deployment": record.generation,
+        "working_dir": uri,
+        "app": served,
+        "redeployed": moved,
+        "splits": {name: splits(config, name) for name in app.names},
+    }
+
+
+def _running_named(name: str, namespace: str) -> bool:
+    try:
+        ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return False
+    return True
+
+
+def splits(config: Config, agent: str) -> dict[str, Any]:
+    """Agent ``agent``'s split as stored (the first version listed is live before any
+    rollout)."""
+    namespace = config.namespace
+
+    async def read(store: Any) -> dict[str, Any]:
+        record = await read_deployment(store, namespace)
+        versions = (record.app["agents"] if record else {}).get(agent) or ["?"]
+        return (await read_split(store, namespace, agent, versions)).describe()
+
+    result: dict[str, Any] = _run_store(config.store, read)
+    return result
+
+
+def change_split(
+    config: Config, verb: str, change: Callable[[Runtime], dict[str, Any]]
+) -> dict[str, Any]:
+    """Run a split change (``rt.rollout``, ``rt.promote``, ``rt.rollback``) against the
+    tree running in the namespace; never boots one."""
+    if not _running_named(ROOT, config.namespace):
+        raise ConversationUnavailable(
+            f"no overstory tree runs in namespace {config.namespace!r}: nothing to {verb}; "
+            "`overstory serve MODULE:ATTR` first"
+        )
+    runtime = connect(config=config)
+    try:
+        return change(runtime)
+    finally:
+        runtime.close()
+
+
+def store_of_tree(namespace: str, fallback: str | None) -> str:
+    """The store URL the running tree uses (the operator's commands must write there)."""
+    from .ops import Probe, _tree_store
+
+    url = _tree_store(Probe(namespace)) or fallback or os.environ.get("OVERSTORY_STORE")
+    if url is None:
+        raise ConversationUnavailable(
+            f"cannot tell which store the tree in {namespace!r} uses; pass --store"
+        )
+    return url
