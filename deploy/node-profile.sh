@@ -8,6 +8,14 @@ if [ -f "$HOME/overstory/cluster.env" ]; then
   set +a
 fi
 export RAY_AUTH_MODE=token
+# The operator's app (cluster.yaml mounts its directory here): every Ray worker, hence
+# every host, imports $OVERSTORY_APP from it.
+if [ -d "$HOME/overstory/app" ]; then
+  case ":${PYTHONPATH:-}:" in
+    *":$HOME/overstory/app:"*) ;;
+    *) export PYTHONPATH="$HOME/overstory/app${PYTHONPATH:+:$PYTHONPATH}" ;;
+  esac
+fi
 # gRPC's fork handlers crash the child that Ray Client's proxy forks for each new client
 # (SIGSEGV before exec, seen under CPU load: "Starting Ray client server failed"); Ray's
 # processes fork only to exec, so they need none.

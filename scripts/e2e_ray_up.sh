@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # End-to-end check of the deployment on loopback (run by .ci/run; needs root):
 #   an ssh server on 127.0.0.1 only, a node user of its own, a MongoDB-wire store;
-#   `ray up -y` with a copy of cluster.yaml pointing at 127.0.0.1; a driver on the
-#   cluster (`ray submit`, `ray job submit`) and a client outside it (Ray Client) talk to
-#   the same conversation; `overstory health` / `status`; token auth checked; `ray down`;
-#   the history is still in the store. Everything it started is stopped on every path.
+#   `ray up -y` with a copy of cluster.yaml pointing at 127.0.0.1, serving the example
+#   app examples/apps/helpdesk.py (OVERSTORY_APP=helpdesk:app); a driver on the cluster
+#   (`ray submit`, `ray job submit`) and a client outside it (Ray Client) talk to the same
+#   conversation with its agents by name; `overstory promote` moves it to version 2;
+#   `overstory health` / `status`; token auth checked; `ray down`; the history is still
+#   in the store. Everything it started is stopped on every path.
 #
 # The node is a dedicated user (overstory-e2e, created if missing and kept: its home
 # caches the node virtualenv, so later runs skip the ~50 s Ray install). Its Ray runs
@@ -134,6 +136,7 @@ say "store $OVERSTORY_STORE (pid $MONGO_PID)"
 
 # --- what the operator runs: deploy/prepare, then `ray up` on an edited cluster.yaml ---
 # The node's Ray lives under its own temp dir (never another Ray's /tmp/ray).
+export OVERSTORY_APP=helpdesk:app # the example app: what the head's `overstory serve` deploys
 OVERSTORY_CLUSTER_ENV="$RUN/cluster.env" RAY_TMPDIR="$NODE_HOME/raytmp" \
   OVERSTORY_EXTRA_ENV=RAY_TMPDIR OVERSTORY_VENV_BIN="$OPS_BIN" deploy/prepare
 GCS_PORT=$(free_port) CLIENT_PORT=$(free_port) DASH_PORT=$(free_port)
@@ -148,6 +151,7 @@ config["auth"] = {"ssh_user": "$NODE_USER", "ssh_private_key": "$RUN/id_ed25519"
 # absolute local paths (ray up runs from the repository root; this copy lives in $RUN)
 mounts = config["file_mounts"]
 mounts["~/overstory/dist"] = "$REPO/dist"
+mounts["~/overstory/app"] = "$REPO/examples/apps"
 mounts["~/overstory/profile.sh"] = "$REPO/deploy/node-profile.sh"
 mounts["~/overstory/cluster.env"] = "$RUN/cluster.env"
 # free ports, so another Ray on this machine cannot collide with the node's
@@ -174,7 +178,13 @@ say "ray up: ${RAY_UP_S} s"
 "$OPS_BIN/ray" submit "$YAML" scripts/e2e_driver.py alice hello from the head > "$RUN/submit.log" 2>&1
 out=$(tr -d '\r' < "$RUN/submit.log" | grep '^{' | tail -n 1)
 say "driver on the head: $out"
-echo "$out" | "$OPS_BIN/python" -c 'import json,sys; r=json.load(sys.stdin); assert r["reply"] == "echo #1: hello from the head", r; assert not r["client_mode"], r'
+echo "$out" | "$OPS_BIN/python" -c '
+import json, sys
+r = json.load(sys.stdin)
+assert r["reply"] == "echo #1: hello from the head", r
+assert (r["agent"], r["version"]) == ("support", "1"), r  # the app'"'"'s first agent
+assert r["served"] == ["billing", "support"], r
+assert not r["client_mode"], r'
 
 # --- the Ray Jobs API through the dashboard (token in the Authorization header) -------
 export RAY_AUTH_MODE=token # the operator's client side; the token is ~/.ray/auth_token
@@ -194,6 +204,29 @@ r = json.load(sys.stdin)
 assert r["client_mode"], r
 assert r["reply"] == "echo #3: hello through Ray Client", r
 assert r["user_messages"] == ["hello from the head", "hello from a job", "hello through Ray Client"], r'
+
+# --- the other agent, by name: its tool is the deployed code ---------------------------
+out=$("$OPS_BIN/python" scripts/e2e_driver.py alice "a refund of 20 EUR please" --agent billing \
+  --address "ray://127.0.0.1:$CLIENT_PORT" 2>> "$RUN/client.log" | tail -n 1)
+say "billing agent: $out"
+echo "$out" | "$OPS_BIN/python" -c '
+import json, sys
+r = json.load(sys.stdin)
+assert (r["agent"], r["version"]) == ("billing", "1"), r
+assert r["reply"] == "refund_estimate returned 19.60 EUR", r
+assert r["user_messages"] == ["a refund of 20 EUR please"], r  # its own history'
+
+# --- blue-green: promote support to version 2; alice's next turn runs on it -----------
+"$OPS_BIN/ray" exec "$YAML" "overstory promote support 2 --json" > "$RUN/promote.log" 2>&1
+say "promote: $(tr -d '\r' < "$RUN/promote.log" | grep '^{' | tail -n 1)"
+out=$("$OPS_BIN/python" scripts/e2e_driver.py alice "hello after the promote" \
+  --address "ray://127.0.0.1:$CLIENT_PORT" 2>> "$RUN/client.log" | tail -n 1)
+say "after promote: $out"
+echo "$out" | "$OPS_BIN/python" -c '
+import json, sys
+r = json.load(sys.stdin)
+assert (r["agent"], r["version"]) == ("support", "2"), r
+assert r["reply"] == "echo #4: hello after the promote", r'
 
 # --- token auth is on: no token, no entry ---------------------------------------------
 code=$("$OPS_BIN/python" -c 'import sys, urllib.request, urllib.error
@@ -238,11 +271,12 @@ async def main() -> None:
     store = open_store(os.environ["OVERSTORY_STORE"])
     await store.open()
     try:
-        messages = await store.load("alice")
+        messages = await store.load("support:alice")
     finally:
         await store.close()
     assert [m.content for m in messages if m.kind == "user"] == [
-        "hello from the head", "hello from a job", "hello through Ray Client"
+        "hello from the head", "hello from a job", "hello through Ray Client",
+        "hello after the promote",
     ], messages
     print(f"== e2e: after ray down the store still holds alice's {len(messages)} messages")
 

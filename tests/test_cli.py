@@ -223,3 +223,30 @@ def test_demo_started_ray_leaves_no_process_behind() -> None:
         time.sleep(0.5)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert left() == []
+
+
+@pytest.mark.parametrize(
+    ("args", "env_app", "problem"),
+    [
+        (["nosuch_module_xyz:app"], None, "'nosuch_module_xyz:app': module 'nosuch_module_xyz'"),
+        ([], "nosuch_module_xyz:app", "'nosuch_module_xyz:app': module 'nosuch_module_xyz'"),
+        (["overstory:nothing"], None, "module 'overstory' has no attribute 'nothing'"),
+        (["json:dumps"], None, "expected an overstory.App, an overstory.Agent"),
+        (["x:app", "--working-dir", "/nonexistent/dir"], None, "is not a directory"),
+        (["--working-dir", "/tmp"], None, "--working-dir needs an app"),
+    ],
+)
+def test_serve_with_a_bad_app_exits_2_before_touching_any_cluster(
+    args: list[str], env_app: str | None, problem: str
+) -> None:
+    """No cluster runs at this address: the app is checked first, so the error is the
+    app's, named, and the exit code 2 (a mistake), not 1 (no cluster)."""
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
+    env.pop("OVERSTORY_APP", None)
+    if env_app is not None:
+        env["OVERSTORY_APP"] = env_app
+    proc = subprocess.run(
+        [*CLI, "serve", *args], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert problem in proc.stderr

@@ -64,7 +64,7 @@ def test_cluster_yaml_is_a_local_provider_config_ray_can_prepare() -> None:
 def test_the_fields_to_edit_are_marked() -> None:
     text = (ROOT / "cluster.yaml").read_text()
     edited = [line.split(":")[0].strip() for line in text.splitlines() if "# EDIT" in line]
-    assert edited == ["head_ip", "worker_ips", "ssh_user", "ssh_private_key"]
+    assert edited == ["head_ip", "worker_ips", "ssh_user", "ssh_private_key", "~/overstory/app"]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -98,6 +98,11 @@ def test_nodes_install_the_shipped_wheel_and_start_with_token_auth(path: Path) -
     # gRPC's fork handlers crash the per-client server Ray Client's proxy forks
     assert "export GRPC_ENABLE_FORK_SUPPORT=0" in profile
     assert head[-1].endswith("overstory serve --address auto")  # tree booted on the head
+    # ... serving $OVERSTORY_APP (cluster.env), imported from the mounted app directory
+    assert "~/overstory/app" in config["file_mounts"]
+    assert 'PYTHONPATH="$HOME/overstory/app' in profile
+    prepare = (ROOT / "deploy" / "prepare").read_text()
+    assert "OVERSTORY_APP" in prepare
 
 
 def test_the_aws_example_runs_the_same_commands_as_cluster_yaml() -> None:

@@ -31,7 +31,15 @@ from ..supervisors.tree import CONVERSATIONS, HOSTS, ROOT
 from .client import Runtime, _run_store, connect
 from .config import Config
 
-__all__ = ["change_split", "check_on_nodes", "serve_app", "splits", "working_dir_env"]
+__all__ = [
+    "change_split",
+    "check_on_nodes",
+    "import_here",
+    "serve_app",
+    "splits",
+    "store_of_tree",
+    "working_dir_env",
+]
 
 #: How long importing the app on one node may take (a working dir is fetched first).
 PROBE_TIMEOUT_S = 120.0
@@ -103,17 +111,25 @@ def _running_placement(namespace: str) -> str | None:
     return None
 
 
-def serve_app(config: Config, source: str, working_dir: str | None = None) -> dict[str, Any]:
-    """Deploy ``source`` (``module:attr``) to the namespace; this process is attached to
-    the cluster already (with the working dir as its job's ``runtime_env``, if any).
-
-    Raises :class:`AppLoadError` (nothing changed) when it does not import here or on
-    a node, :class:`ConfigError` when the running tree has the other placement.
-    """
+def import_here(source: str, working_dir: str | None) -> App:
+    """Import ``source`` in this process (from ``working_dir`` when given): a bad path
+    fails here, in a second, before anything on the cluster is touched."""
     if working_dir is not None:
         sys.path.insert(0, str(Path(working_dir).expanduser().resolve()))
-    app: App = load_app(source)
-    uri = _uploaded_working_dir() if working_dir is not None else None
+    return load_app(source)
+
+
+def serve_app(config: Config, app: App, shipped: bool) -> dict[str, Any]:
+    """Deploy ``app`` (imported by :func:`import_here`) to the namespace; this process
+    is attached to the cluster already, with the working dir as its job's
+    ``runtime_env`` when ``shipped``.
+
+    Raises :class:`AppLoadError` (nothing changed) when it does not import on a node,
+    :class:`ConfigError` when the running tree has the other placement.
+    """
+    source = app.source
+    assert source is not None
+    uri = _uploaded_working_dir() if shipped else None
     check_on_nodes(source, uri)
     namespace = config.namespace
     running = _running_placement(namespace)

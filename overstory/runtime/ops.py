@@ -115,15 +115,17 @@ def serve(
     running this twice (or on two machines at once) leaves exactly one tree. The
     process may exit afterwards; the tree stays. Returns what it found and did.
     """
-    from .deploy import serve_app, working_dir_env
+    from .deploy import import_here, serve_app, working_dir_env
 
     if working_dir is not None and source is None:
         raise UsageError("--working-dir needs an app to serve (MODULE:ATTR)")
-    attach_existing(config.ray_address, config.namespace, working_dir_env(working_dir))
+    runtime_env = working_dir_env(working_dir)
+    app = None if source is None else import_here(source, working_dir)  # fails fast
+    attach_existing(config.ray_address, config.namespace, runtime_env)
     existed = _named(ROOT, config.namespace) is not None
     deployed: dict[str, Any] = {}
-    if source is not None:
-        deployed = serve_app(config, source, working_dir)
+    if app is not None:
+        deployed = serve_app(config, app, working_dir is not None)
     # ray is initialised now, so connect() attaches and never starts a local Ray; it
     # also opens the store once, so an unreachable store fails here, on the head.
     runtime = connect(config=config)
