@@ -47,17 +47,19 @@ billing = overstory.Agent(
     "billing",
     model=OfflineModel("billing", rules=(Rule(r"refund of (?P<amount>\\d+)", "refund"),)),
     tools=[refund],
+    placement="{placement}",
 )
 support = overstory.Agent(
     "support", model=OfflineModel("support", rules=(Rule(r"greet", "greeting"),)),
     tools=[greeting],
+    placement="{placement}",
 )
 app = [support, billing]
 '''
 
 
-def _write_app(where: Path, module: str, fee: float) -> None:
-    (where / f"{module}.py").write_text(textwrap.dedent(APP.format(fee=fee)))
+def _write_app(where: Path, module: str, fee: float, placement: str = "hosted") -> None:
+    (where / f"{module}.py").write_text(textwrap.dedent(APP.format(fee=fee, placement=placement)))
 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -181,6 +183,43 @@ def test_a_module_that_imports_here_but_not_on_the_nodes_exits_2(
     assert bad.returncode == 2, bad.stdout + bad.stderr
     assert "on node" in bad.stderr
     assert "does not import" in bad.stderr
+
+
+def test_a_deployed_dedicated_app_and_a_tree_booted_again_from_its_record(
+    ray_cluster: str, namespace: str, sqlite_url: str, tmp_path: Path, driver_env: dict[str, str]
+) -> None:
+    """Dedicated actors import the deployed module (with the working dir) too, and a
+    client with no agent boots a gone tree again from the store's deployment record."""
+    module = f"app_{uuid.uuid4().hex[:8]}"
+    _write_app(tmp_path, module, 0.25, placement="dedicated")
+    common = ["--namespace", namespace, "--store", sqlite_url]
+    serve = _cli(["serve", f"{module}:app", "--working-dir", str(tmp_path), *common], driver_env)
+    assert serve.returncode == 0, serve.stderr
+    try:
+        rt = overstory.connect(namespace=namespace, store=sqlite_url)
+        try:
+            conv = rt.conversation("dora", agent="billing")
+            assert "refund 15.00 (fee 0.25)" in conv.send("refund of 20").text
+            assert conv.info()["placement"] == "dedicated"
+            assert conv.actor_name.startswith("conversation:billing:dora:")
+            assert rt.served()["placement"] == "dedicated"
+        finally:
+            rt.close()
+        kill_namespace(namespace)  # the whole tree is gone; the store keeps the record
+        again = overstory.connect(namespace=namespace, store=sqlite_url)
+        try:
+            assert again.served()["source"] == f"{module}:app"
+            reply = again.conversation("dora", agent="billing").send("refund of 40")
+            assert "refund 30.00 (fee 0.25)" in reply.text
+            stored = again.stored_history("dora", agent="billing")
+            assert [m.content for m in stored if m.kind == "user"] == [
+                "refund of 20",
+                "refund of 40",
+            ]
+        finally:
+            again.close()
+    finally:
+        kill_namespace(namespace)
 
 
 # --- versions ------------------------------------------------------------------------------

@@ -93,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="talk to one user's conversation")
     _common(chat)
     chat.add_argument("--user", required=True, help="the user id")
+    chat.add_argument(
+        "--agent",
+        metavar="NAME",
+        help="talk to the deployed agent NAME (`overstory serve MODULE:ATTR`) instead of "
+        "serving the demo agent from this process",
+    )
     _add_ops_commands(sub)
     return parser
 
@@ -185,15 +191,17 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    agent = demo_agent(models=args.model)
+    if args.agent is not None and args.model:
+        raise UsageError("--model configures the demo agent; a deployed --agent has its own")
+    agent = None if args.agent is not None else demo_agent(models=args.model)
     runtime: Runtime = connect(
         agent, config=_config(args), dashboard=args.dashboard, telemetry=True
     )
     try:
-        conv = runtime.conversation(args.user)
+        conv = runtime.conversation(args.user, agent=args.agent)
         stored = conv.history()
         print(
-            f"conversation of {args.user!r}: {len(stored)} stored messages. "
+            f"conversation of {args.user!r} with {conv.agent!r}: {len(stored)} stored messages. "
             "/history shows them, /quit (or end of input) leaves."
         )
         while True:
