@@ -14,15 +14,16 @@ def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
 
-def seed(url: str, user: str, n: int) -> None:
-    """Store ``n`` user messages for ``user`` directly, as an existing history."""
+def seed(url: str, conversation: str, n: int) -> None:
+    """Store ``n`` user messages in ``conversation`` (an ``agent:user`` id) directly, as
+    an existing history."""
 
     async def go() -> None:
         store = open_store(url)
         await store.open()
         for i in range(n):
             await store.append(
-                user, UserMessage(content=f"stored message {i}", seq=i, turn_id=f"t{i}")
+                conversation, UserMessage(content=f"stored message {i}", seq=i, turn_id=f"t{i}")
             )
         await store.close()
 

@@ -29,6 +29,7 @@ import ray
 from _common import median_ms, seed
 
 import overstory
+from overstory.app import conversation_id
 
 
 def _sqlite(path: str) -> sqlite3.Connection:
@@ -158,7 +159,7 @@ def main() -> None:
     cold, plain = [], []
     for i in range(args.activations):
         user = f"p3-user-{i}"
-        seed(url, user, 100)
+        seed(url, conversation_id("bench", user), 100)
         t = time.perf_counter()
         c = rt.conversation(user)
         cold.append(time.perf_counter() - t)

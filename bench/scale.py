@@ -42,6 +42,7 @@ from _common import median_ms
 import overstory
 from overstory import Agent, OfflineModel, Runtime
 from overstory._ray import quiet_worker_notices
+from overstory.app import conversation_id
 from overstory.messages import AssistantMessage, UserMessage
 from overstory.runtime.demo import audit
 from overstory.store import open_store
@@ -125,7 +126,7 @@ async def seed_many(url: str, prefix: str, n: int, messages: int) -> None:
                 message = AssistantMessage(
                     content=f"answer {seq // 2} to {i}", seq=seq, turn_id=turn
                 )
-            batch.append(store.append(f"{prefix}-{i}", message))
+            batch.append(store.append(conversation_id("scale", f"{prefix}-{i}"), message))
         if len(batch) >= 20_000:
             await asyncio.gather(*batch)
             batch = []

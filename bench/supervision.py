@@ -27,6 +27,7 @@ from _common import median_ms, seed
 from ray.exceptions import RayActorError
 
 import overstory
+from overstory.app import conversation_id
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -91,7 +92,7 @@ def main() -> None:
     react, create = [], []
     for i in range(args.rounds):
         user = f"p5b-user-{i}"
-        seed(url, user, 100)
+        seed(url, conversation_id("bench", user), 100)
         c = rt.conversation(user)
         c.send("first")
         assert rt.stop_conversation(user)

@@ -67,6 +67,7 @@ class Serving:
         self.refresh_s = refresh_s
         self.record: Deployment | None = None  # the deployment this process imported
         self._app: App | None = None
+        self._read = False
         self._splits: dict[str, tuple[Split, float]] = {}
 
     @property
@@ -81,14 +82,15 @@ class Serving:
         return app
 
     async def load(self) -> App:
-        """Read the deployment record (the store must be open) and import its app; a
-        deployment always wins over the local app. Import errors propagate
-        (:class:`~overstory.app.AppLoadError`) and the next call tries again."""
-        if self._app is None:
+        """Read the deployment record (the store must be open, once per process) and
+        import its app; a deployment always wins over the local app. Import errors
+        propagate (:class:`~overstory.app.AppLoadError`) and the next call tries again."""
+        if not self._read:
             record = await read_deployment(self.store, self.namespace)
             if record is not None:
                 self._app = load_app(record.source)
                 self.record = record
+            self._read = True  # once per process: a new deployment replaces the process
         return self.app
 
     @property
