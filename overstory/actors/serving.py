@@ -38,13 +38,16 @@ __all__ = ["Binding", "Serving"]
 @dataclass(slots=True)
 class Binding:
     """One conversation's agent: its name, the user's own vendor keys, the version that
-    served its last turn and its stored pin (read once, when a rollout first needs it)."""
+    served its last turn and its stored pin (read once, when a rollout first needs it).
+    ``keyed`` is that version's agent bound to the keys, kept so its provider handles
+    are made once, not at every turn."""
 
     agent: str
     api_keys: Mapping[str, Secret] | None = None
     version: str | None = None
     pin: Pin | None = None
     pin_loaded: bool = False
+    keyed: Agent | None = None
 
     @classmethod
     def of(cls, conversation_id: str, api_keys: Mapping[str, Secret] | None = None) -> Binding:
@@ -123,6 +126,10 @@ class Serving:
         if pin is not None and pin != binding.pin:
             await write_pin(self.store, self.namespace, conversation_id, pin, binding.pin)
             binding.pin = pin
-        binding.version = version
         agent = app.get(binding.agent, version)
-        return agent.with_api_keys(binding.api_keys) if binding.api_keys else agent
+        if binding.api_keys:
+            if binding.keyed is None or binding.version != version:
+                binding.keyed = agent.with_api_keys(binding.api_keys)
+            agent = binding.keyed
+        binding.version = version
+        return agent
