@@ -24,6 +24,9 @@ from conftest import kill_namespace
 import overstory
 from overstory import Agent, App, ConfigError, Runtime, UnknownAgent
 from overstory.providers import OfflineModel, Rule
+from overstory.rollout import write_deployment
+from overstory.runtime import ops
+from overstory.runtime.client import _run_store
 
 pytestmark = pytest.mark.ray
 
@@ -32,6 +35,9 @@ CLI = [sys.executable, "-m", "overstory.runtime.cli"]
 APP = '''
 import overstory
 from overstory.providers import OfflineModel, Rule
+from overstory.rollout import write_deployment
+from overstory.runtime import ops
+from overstory.runtime.client import _run_store
 
 FEE = {fee}
 
@@ -219,6 +225,30 @@ def test_a_deployed_dedicated_app_and_a_tree_booted_again_from_its_record(
         finally:
             again.close()
     finally:
+        kill_namespace(namespace)
+
+
+def test_health_names_an_app_the_hosts_cannot_import(
+    ray_cluster: str, namespace: str, sqlite_url: str
+) -> None:
+    """A record naming a module the hosts cannot import (written behind serve's back,
+    as a node without the app would see it): health says so, naming the module."""
+    rt = overstory.connect(Agent("a"), namespace=namespace, store=sqlite_url)
+    try:
+        rt.conversation("u").send("hi")
+        assert ops.health(ops.Probe(namespace)) == []
+        _run_store(
+            sqlite_url,
+            lambda s: write_deployment(s, namespace, "gone_module_xyz:app", rt.app, None),
+        )
+        rt.registry.redeploy()  # fresh hosts read the record
+        found = ops.health(ops.Probe(namespace))
+        assert any(
+            "the app cannot be served" in p and "module 'gone_module_xyz' does not import" in p
+            for p in found
+        ), found
+    finally:
+        rt.close()
         kill_namespace(namespace)
 
 

@@ -404,7 +404,7 @@ def _health(args: argparse.Namespace) -> int:
         print(f"unhealthy: {problem}")
     if not found:
         print(
-            "healthy: the supervisors of the tree answer, the store answers, "
+            "healthy: the supervisors of the tree answer, the app imports, the store answers, "
             "a model of the chain can answer"
         )
     return 1 if found else 0

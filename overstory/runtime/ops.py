@@ -382,6 +382,7 @@ def status(
 
 _HEALTH_SECTIONS: list[tuple[str, StatusSection]] = [
     ("tree", tree_section),
+    ("apps", apps_section),
     ("store", store_section),
     ("providers", providers_section),
 ]
@@ -401,6 +402,9 @@ def problems(report: dict[str, Any]) -> list[str]:
         part = tree.get(key, {})
         if not part.get("alive", False):
             found.append(f"{label} is not running: {part.get('error', 'unknown')}")
+    apps = report.get("apps", {})
+    if "error" in apps:  # e.g. the hosts cannot import the deployed app
+        found.append(f"the app cannot be served: {apps['error']}")
     store = report.get("store", {})
     if not store.get("reachable", False):
         found.append(
@@ -446,7 +450,10 @@ def _call(name: str, method: str, probe: Probe) -> tuple[bool, Any]:
         return True, ray.get(getattr(handle, method).remote(), timeout=probe.timeout_s)
     except GetTimeoutError:
         return False, f"{name!r} did not answer within {probe.timeout_s} s"
-    except (RayActorError, RayTaskError) as exc:
+    except RayTaskError as exc:  # it answered with an error: say which
+        cause = unwrap_task_error(exc)
+        return False, f"{name!r} failed: {type(cause).__name__}: {cause}"[:500]
+    except RayActorError as exc:
         return False, f"{name!r} is dead or restarting ({type(exc).__name__})"
 
 
