@@ -24,6 +24,7 @@ __all__ = [
     "PLACEMENTS",
     "Agent",
     "Placement",
+    "is_plain_name",
 ]
 
 DEFAULT_MAX_ROUND_TRIPS = 8
@@ -39,6 +40,11 @@ DEFAULT_VERSION = "1"
 #: Agent names and versions appear in conversation ids (``name:user``), in model names
 #: over HTTP (``name/version``), in metric tags and on the command line: kept plain.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def is_plain_name(value: object) -> bool:
+    """Whether ``value`` can be an agent's name or version (see :class:`Agent`)."""
+    return isinstance(value, str) and bool(_NAME.match(value))
 
 
 class Agent:
@@ -66,12 +72,12 @@ class Agent:
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"an agent needs a non-empty name, got {name!r}")
-        if not _NAME.match(name):
+        if not is_plain_name(name):
             raise ConfigError(
                 f"agent name {name!r} must be 1-64 letters, digits, '_', '.' or '-', "
                 "starting with a letter or digit"
             )
-        if not isinstance(version, str) or not _NAME.match(version):
+        if not is_plain_name(version):
             raise ConfigError(
                 f"version {version!r} of agent {name!r} must be a string of 1-64 letters, "
                 "digits, '_', '.' or '-', starting with a letter or digit"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from overstory import Agent, ConfigError, UnknownAgent
+from overstory import Agent, ConfigError, UnknownAgent, UsageError
 from overstory.actors.host import HostActor
 from overstory.app import App, AppLoadError, as_app, conversation_id, load_app
 from overstory.registry.shards import ShardTable
@@ -319,3 +319,54 @@ def test_a_host_follows_rollout_stickiness_promote_and_rollback(sqlite_url: str)
     assert got["second"] == got["first"]  # sticky across passivation and a percent change
     assert set(got["promoted"].values()) == {"2"}
     assert set(got["rolled"].values()) == {"1"}
+
+
+# --- histories from before apps -------------------------------------------------------
+
+
+def test_unprefixed_ids_are_copied_and_agent_looking_ones_only_reported() -> None:
+    from overstory.runtime.deploy import unprefixed
+
+    to_copy, ambiguous = unprefixed(["alice", "bob@example.com", ":x", "a b:c", "support:bob"])
+    assert to_copy == ["alice", "bob@example.com", ":x", "a b:c"]
+    assert ambiguous == ["support:bob"]
+
+
+def test_histories_from_before_apps_are_copied_once_and_a_cut_run_is_completed(
+    sqlite_url: str,
+) -> None:
+    from overstory.messages import UserMessage
+    from overstory.runtime.deploy import adopt_histories
+
+    async def go() -> tuple[Any, ...]:
+        store = open_store(sqlite_url)
+        await store.open()
+        try:
+            for user, n in (("alice", 3), ("bob", 2), ("carl", 1)):
+                for i in range(n):
+                    message = UserMessage(content=f"{user} {i}", seq=i, turn_id=f"t{i}")
+                    await store.append(user, message)
+            # a run cut short after bob's first message; carl already talks to the agent
+            await store.append("support:bob", (await store.load("bob"))[0])
+            await store.append("support:carl", UserMessage(content="new", seq=0, turn_id="n0"))
+            dry = await adopt_histories(store, "support", dry_run=True)
+            assert await store.count("support:alice") == 0  # a dry run copies nothing
+            first = await adopt_histories(store, "support")
+            second = await adopt_histories(store, "support")
+            loaded = {u: await store.load(f"support:{u}") for u in ("alice", "bob", "carl")}
+            old = {u: await store.load(u) for u in ("alice", "bob")}
+            return dry, first, second, loaded, old
+        finally:
+            await store.close()
+
+    dry, first, second, loaded, old = asyncio.run(go())
+    assert dry["copied"] == first["copied"] == ["alice", "bob"]
+    assert first["messages"] == 3 + 1  # bob's first message was there already
+    assert first["already_there_or_in_use"] == ["carl"]
+    assert second["copied"] == []  # idempotent
+    assert loaded["alice"] == old["alice"]  # the same records, seq and turn ids
+    assert loaded["bob"] == old["bob"]
+    assert [m.content for m in loaded["carl"]] == ["new"]  # left alone
+    assert len(old["alice"]) == 3  # the old records stay
+    with pytest.raises(UsageError, match="is not an agent name"):
+        asyncio.run(adopt_histories(open_store(sqlite_url), "bad name"))

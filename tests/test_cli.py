@@ -250,3 +250,35 @@ def test_serve_with_a_bad_app_exits_2_before_touching_any_cluster(
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert problem in proc.stderr
+
+
+def test_migrate_copies_histories_from_before_apps(sqlite_url: str) -> None:
+    import asyncio
+
+    from overstory.messages import UserMessage
+    from overstory.store import open_store
+
+    async def seed() -> None:
+        store = open_store(sqlite_url)
+        await store.open()
+        await store.append("alice", UserMessage(content="from before", seq=0, turn_id="t0"))
+        await store.close()
+
+    asyncio.run(seed())
+    proc = subprocess.run(
+        [*CLI, "migrate", "--agent", "support", "--store", sqlite_url, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert (report["copied"], report["messages"]) == (["alice"], 1)
+    bad = subprocess.run(
+        [*CLI, "migrate", "--agent", "no good", "--store", sqlite_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2
+    assert "'no good' is not an agent name" in bad.stderr

@@ -297,6 +297,16 @@ def _add_ops_commands(sub: Any) -> None:
         "rollback", help="agent NAME back to its previously promoted version, for everyone"
     )
     rollback.add_argument("name", metavar="NAME")
+    migrate = sub.add_parser(
+        "migrate",
+        help="copy histories stored before apps (keyed by user id alone) to each user's "
+        "conversation with agent NAME; the store only, no cluster",
+    )
+    migrate.add_argument("--agent", required=True, metavar="NAME")
+    migrate.add_argument("--store", help="store URL (default: OVERSTORY_STORE, else sqlite)")
+    migrate.add_argument("--config", type=Path, help="TOML config file (its store)")
+    migrate.add_argument("--dry-run", action="store_true", help="report, copy nothing")
+    migrate.add_argument("--json", action="store_true", help="one JSON object on stdout")
     for cmd in (rollout, promote, rollback):
         attach_args(cmd)
         cmd.add_argument("--store", help="the tree's store, if the tree cannot name it")
@@ -424,6 +434,33 @@ def _rebalance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    from .client import _run_store
+    from .deploy import adopt_histories
+
+    if args.config is not None:
+        config = load_config(args.config, store=args.store)
+    else:
+        config = Config.from_mapping(
+            {"store": args.store} if args.store else {}, source="command line"
+        )
+    report = _run_store(
+        config.store, lambda s: adopt_histories(s, args.agent, dry_run=args.dry_run)
+    )
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+        return 0
+    verb = "would copy" if args.dry_run else "copied"
+    print(
+        f"overstory migrate: {verb} {len(report['copied'])} histories "
+        f"({report['messages']} messages) to agent {args.agent!r}; "
+        f"{len(report['already_there_or_in_use'])} already there or in use"
+    )
+    for cid in report["ambiguous_not_moved"]:
+        print(f"  not moved, looks like an agent:user id already: {cid!r}")
+    return 0
+
+
 _OPS = {
     "serve": _serve,
     "status": _status,
@@ -432,6 +469,7 @@ _OPS = {
     "rollout": _split_command,
     "promote": _split_command,
     "rollback": _split_command,
+    "migrate": _migrate,
 }
 
 

@@ -23,21 +23,25 @@ from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .._ray import alive_nodes
-from ..app import App, AppLoadError, load_app
+from ..agent import is_plain_name
+from ..app import App, AppLoadError, conversation_id, load_app
 from ..exceptions import ConfigError, ConversationUnavailable, UsageError
 from ..rollout import read_deployment, read_split, write_deployment
+from ..store import HistoryStore
 from ..supervisors.named import unwrap_task_error
 from ..supervisors.tree import CONVERSATIONS, HOSTS, ROOT
 from .client import Runtime, _run_store, connect
 from .config import Config
 
 __all__ = [
+    "adopt_histories",
     "change_split",
     "check_on_nodes",
     "import_here",
     "serve_app",
     "splits",
     "store_of_tree",
+    "unprefixed",
     "working_dir_env",
 ]
 
@@ -205,3 +209,57 @@ def store_of_tree(namespace: str, fallback: str | None) -> str:
             f"cannot tell which store the tree in {namespace!r} uses; pass --store"
         )
     return url
+
+
+# --- histories from before apps ---------------------------------------------------------
+
+
+def unprefixed(ids: list[str]) -> tuple[list[str], list[str]]:
+    """``(to_copy, ambiguous)`` among stored conversation ids: ids written before
+    conversations were ``agent:user`` (no ``:``, or a prefix no agent could be named)
+    are copied; an id that *looks* like ``agent:user`` cannot be told apart from a
+    user id with a colon, so it is reported, never moved."""
+    to_copy, ambiguous = [], []
+    for cid in ids:
+        prefix, sep, rest = cid.partition(":")
+        if not sep or not rest or not is_plain_name(prefix):
+            to_copy.append(cid)
+        else:
+            ambiguous.append(cid)
+    return to_copy, ambiguous
+
+
+async def adopt_histories(
+    store: HistoryStore, agent: str, *, dry_run: bool = False
+) -> dict[str, Any]:
+    """Copy every history stored under a bare user id (before apps) to that user's
+    conversation with ``agent``, so it answers with its past. The old records stay (a
+    store never deletes). A target that holds other messages is left alone; one that
+    holds the start of the same history (a run cut short) is completed, so running it
+    again is safe and copies nothing twice."""
+    if not is_plain_name(agent):
+        raise UsageError(f"{agent!r} is not an agent name")
+    to_copy, ambiguous = unprefixed(await store.conversation_ids())
+    copied, skipped, messages = [], [], 0
+    for old in to_copy:
+        new = conversation_id(agent, old)
+        history = await store.load(old)
+        there = await store.load(new)
+        if there != history[: len(there)] or len(there) == len(history):
+            skipped.append(old)  # in use, or copied already
+            continue
+        copied.append(old)
+        messages += len(history) - len(there)
+        if dry_run:
+            continue
+        epoch = await store.acquire(new)  # fences any entity that raced us to it
+        for message in history[len(there) :]:
+            await store.append(new, message, epoch=epoch)
+    return {
+        "agent": agent,
+        "dry_run": dry_run,
+        "copied": copied,
+        "messages": messages,
+        "already_there_or_in_use": skipped,
+        "ambiguous_not_moved": ambiguous,
+    }
