@@ -143,6 +143,12 @@ def test_serve_a_module_by_path_then_talk_to_its_agents_by_name(deployed: dict[s
         assert "refund 10.00 (fee 0.5)" in second.text  # the new code
         users = [m.content for m in billing.history() if m.kind == "user"]
         assert users == ["a refund of 20 please", "a refund of 20 again"]
+        # A host that dies for good after that is started by its supervisor with the
+        # new working dir too, not the spec it first had.
+        host = ray.get_actor(billing.actor_name, namespace=deployed["namespace"])
+        ray.kill(host, no_restart=True)
+        third = billing.send("a refund of 40 after a crash")
+        assert "refund 20.00 (fee 0.5)" in third.text
     finally:
         rt.close()
 

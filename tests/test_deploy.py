@@ -163,7 +163,10 @@ def test_status_reports_every_section(served: Any) -> None:
     runtime = __import__("overstory").connect(config=config)
     runtime.conversation("alice").send("hi")
     report = ops.status(ops.Probe(config.namespace))
-    assert list(report) == ["cluster", "tree", "conversations", "store", "providers"]
+    assert list(report) == ["cluster", "tree", "apps", "conversations", "store", "providers"]
+    assert report["apps"]["default"] == "assistant"  # serve's default echo agent
+    assert report["apps"]["agents"][0]["versions"] == ["1"]
+    assert report["apps"]["agents"][0]["split"]["live"] == "1"
     assert report["providers"] == {
         "chain": [{"model": "offline:echo", "state": "in-process"}],
         "other_endpoints": [],

@@ -26,6 +26,7 @@ from overstory.supervisors.core import (
     initial_state,
     on_exit,
     remove_child,
+    replace_child,
     restart_intensity,
     should_restart,
 )
@@ -288,6 +289,19 @@ def test_remove_child_leaves_the_restart_window_alone() -> None:
     state, _ = on_exit(_sup("one_for_all", "a", "b"), "a", "crash", now=3.0)
     state = remove_child(state, "b")
     assert (_ids(state), state.restarts) == (("a",), (3.0,))
+
+
+def test_replace_child_keeps_its_place_and_the_restart_window() -> None:
+    state, _ = on_exit(_sup("rest_for_one", "a", "b", "c"), "b", "crash", now=3.0)
+    new = ChildSpec("b", start="new code", restart="transient")
+    state = replace_child(state, new)
+    assert (_ids(state), state.restarts) == (("a", "b", "c"), (3.0,))
+    assert state.children[1] is new
+    with pytest.raises(KeyError, match="'zz'"):
+        replace_child(state, ChildSpec("zz"))
+    # the new spec is what a restart sees: b is transient now, so a normal exit removes it
+    state, decision = on_exit(state, "b", "normal", now=4.0)
+    assert isinstance(decision, Remove)
 
 
 # --- stateful: the core against an independent reference model ---------------------------

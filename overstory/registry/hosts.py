@@ -28,6 +28,7 @@ from ..rollout import Deployment, read_deployment
 from ..runtime.config import Config
 from ..store import HistoryStore, open_store
 from ..supervisors import ChildSpec, SupervisorSpec, add_child
+from ..supervisors.core import replace_child
 from ..supervisors.named import SUPERVISED, unwrap_task_error
 from ..supervisors.tree import HOSTS, ROOT, NamedChild, Supervisor
 from .shards import ShardTable
@@ -188,6 +189,8 @@ class HostSupervisor(Supervisor):
             for child in self.spec.children:
                 async with self._lock:
                     assert self._state is not None
+                    # A later restart of this host must start the new code too.
+                    self._state = replace_child(self._state, child)
                     self._stopping.add(child.id)
                     handle = self._handles.pop(child.id, None)
                     watcher = self._watchers.pop(child.id, None)

@@ -35,6 +35,7 @@ __all__ = [
     "initial_state",
     "on_exit",
     "remove_child",
+    "replace_child",
     "restart_intensity",
     "should_restart",
 ]
@@ -169,6 +170,13 @@ def add_child(state: SupervisorState, child: ChildSpec) -> SupervisorState:
     if any(c.id == child.id for c in state.children):
         raise ConfigError(f"duplicate child id {child.id!r}: a live child already has it")
     return replace(state, children=(*state.children, child))
+
+
+def replace_child(state: SupervisorState, child: ChildSpec) -> SupervisorState:
+    """A live child's spec changes (new code or options to start it with): it keeps its
+    place in the start order, and the restart window is untouched."""
+    i = _index(state.children, child.id)
+    return replace(state, children=(*state.children[:i], child, *state.children[i + 1 :]))
 
 
 def remove_child(state: SupervisorState, child_id: str) -> SupervisorState:
