@@ -151,25 +151,36 @@ class Registry:
     # --- the app the tree serves ------------------------------------------------------------
 
     def served(self, refresh: bool = False) -> dict[str, Any]:
-        """What the running tree serves (:meth:`~overstory.app.App.describe`): asked of a
-        host (hosted) or of the conversation supervisor (dedicated), then cached."""
+        """What the running tree serves (:meth:`~overstory.app.App.describe`): asked of
+        the first host that answers (hosted: one may be restarting) or of the
+        conversation supervisor (dedicated), then cached."""
         if self._served is None or refresh:
             self.boot()
-            timeout = self.lifecycle.activation_timeout_s
-            try:
-                if self.placement == "dedicated":
-                    ref = self.supervisor().app_info.remote()
-                else:
-                    ref = self.hosts.route_host(self.hosts.table.hosts[0]).app.remote()
-                self._served = ray.get(ref, timeout=timeout)
-            except RayTaskError as exc:
-                cause = unwrap_task_error(exc)
-                raise cause from cause.__cause__
-            except (RayActorError, GetTimeoutError) as exc:
+            names = [CONVERSATIONS] if self.placement == "dedicated" else self.hosts.table.hosts
+            last: BaseException | None = None
+            for name in names:
+                try:
+                    if name == CONVERSATIONS:
+                        ref = self.supervisor().app_info.remote()
+                    else:
+                        ref = self.hosts.route_host(name).app.remote()
+                    described: dict[str, Any] = ray.get(
+                        ref, timeout=self.lifecycle.activation_timeout_s
+                    )
+                except RayTaskError as exc:  # it answered: the app cannot be served
+                    cause = unwrap_task_error(exc)
+                    raise cause from cause.__cause__
+                except (RayActorError, GetTimeoutError, ConversationUnavailable) as exc:
+                    last = exc
+                    self.hosts.forget(name)
+                    continue
+                self._served = described
+                break
+            else:
                 raise ConversationUnavailable(
                     f"cannot ask the tree of {self.namespace!r} which app it serves: "
-                    f"{type(exc).__name__}"
-                ) from None
+                    f"none answered (last: {type(last).__name__}: {last})"
+                )
         assert self._served is not None
         return self._served
 
