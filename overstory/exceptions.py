@@ -10,7 +10,8 @@ both sides subclass the stdlib exceptions users already catch::
     │   ├── InvalidUserId                   empty, too long, or control characters
     │   ├── InvalidMessage                  empty, oversized, or not text
     │   ├── ToolDefinitionError             a tool function that cannot be described to a model
-    │   └── UnknownAgent                    no agent of that name is served (lists the served)
+    │   ├── UnknownAgent                    no agent of that name is served (lists the served)
+    │   └── UnknownTurn                     no turn of that id in the conversation
     └── RuntimeFailure (RuntimeError)       something failed while running; may be retried
         ├── StoreError                      the history store failed
         │   ├── StoreUnavailable            cannot reach / open the store
@@ -62,6 +63,7 @@ __all__ = [
     "ToolDefinitionError",
     "TurnFailed",
     "UnknownAgent",
+    "UnknownTurn",
     "UsageError",
 ]
 
@@ -113,6 +115,18 @@ class UnknownAgent(UsageError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.name, self.served))
+
+
+class UnknownTurn(UsageError):
+    """A turn id the conversation has no turn of (nothing stored, nothing running)."""
+
+    def __init__(self, conversation_id: str, turn_id: str) -> None:
+        super().__init__(f"conversation {conversation_id!r} has no turn {turn_id!r}")
+        self.conversation_id = conversation_id
+        self.turn_id = turn_id
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.conversation_id, self.turn_id))
 
 
 class RuntimeFailure(OverstoryError, RuntimeError):

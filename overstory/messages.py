@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeAlias
 
 __all__ = [
+    "TERMINAL_EVENTS",
     "AssistantMessage",
     "Message",
     "MessageKind",
@@ -25,6 +26,8 @@ __all__ = [
     "Reply",
     "ToolCall",
     "ToolReturn",
+    "TurnEvent",
+    "TurnEventType",
     "Usage",
     "UserMessage",
     "from_record",
@@ -195,3 +198,48 @@ class Reply:
         return tuple(
             c for m in self.messages if isinstance(m, AssistantMessage) for c in m.tool_calls
         )
+
+
+#: What happens during a turn, in the order a reader sees it: ``started``; ``delta`` (a
+#: piece of the model's text); ``tool_call`` and its ``tool_result``; ``fallback`` (a
+#: model of the chain failed before its first token, the next one answers);
+#: ``restarted`` (the process running the turn died: text since the last stored message
+#: is void, the turn goes on); and one terminal event: ``completed`` (with the
+#: :class:`Reply`), ``failed`` or ``incomplete`` (with the reason).
+TurnEventType: TypeAlias = Literal[
+    "started",
+    "delta",
+    "tool_call",
+    "tool_result",
+    "fallback",
+    "restarted",
+    "completed",
+    "failed",
+    "incomplete",
+]
+TERMINAL_EVENTS: frozenset[str] = frozenset({"completed", "failed", "incomplete"})
+
+
+@dataclass(frozen=True, slots=True)
+class TurnEvent:
+    """One event of a turn; ``seq`` counts from 0 within the turn, so a reader that
+    saw up to ``seq`` N resumes after N."""
+
+    turn_id: str
+    seq: int
+    type: TurnEventType
+    text: str = ""
+    """``delta``: the text; ``fallback``, ``failed``, ``incomplete``: the reason."""
+    model: str = ""
+    """``delta``: the model answering; ``fallback``: the model that failed."""
+    tool_call: ToolCall | None = None
+    """``tool_call`` and ``tool_result``: the call."""
+    tool_return: ToolReturn | None = None
+    """``tool_result``: what the tool returned (``is_error`` when it failed)."""
+    reply: Reply | None = None
+    """``completed``: the turn's reply, as ``send`` returns it."""
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the turn ended with this event."""
+        return self.type in TERMINAL_EVENTS

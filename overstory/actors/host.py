@@ -46,14 +46,16 @@ import ray
 from ..app import App
 from ..exceptions import (
     ConversationQuarantined,
+    ConversationUnavailable,
     Fenced,
     Passivated,
     SequenceConflict,
     StaleShardTable,
     TurnFailed,
+    UnknownTurn,
     UsageError,
 )
-from ..messages import Message, Reply
+from ..messages import Message, Reply, TurnEvent, UserMessage
 from ..providers import Secret
 from ..providers.pool import provider_namespace
 from ..store import HistoryStore, open_store
@@ -64,7 +66,8 @@ from ..telemetry import attached, metrics, setup_telemetry
 from ..validation import validate_message
 from .gate import TurnGate
 from .serving import Binding, Serving
-from .turn import run_turn
+from .turn import Emit, is_complete, reply_of, run_turn
+from .turnlog import TurnLogs, replay
 
 if TYPE_CHECKING:  # imported for types only: registry and runtime import this module
     from ..registry.shards import ShardTable
@@ -100,6 +103,7 @@ class _Entity:
         "history",
         "in_turn",
         "last_active",
+        "logs",
         "turns",
     )
 
@@ -111,6 +115,7 @@ class _Entity:
         self.history = history
         self.epoch = epoch
         self.gate: TurnGate | None = None  # only while turns are in flight
+        self.logs: TurnLogs | None = None  # only once a turn has been streamed
         self.in_turn = 0
         self.closing = False
         self.turns = 0
@@ -164,6 +169,7 @@ class HostActor:
         self._started_at = time.time()
         self._sweeper: asyncio.Task[None] | None = None
         self._reported_at = 0.0
+        self._streaming: set[asyncio.Task[None]] = set()  # turns running for their logs
 
     # --- supervision protocol (the host supervisor watches hosts) -------------------------
 
@@ -226,6 +232,23 @@ class HostActor:
         api_keys: Mapping[str, Secret] | None = None,
     ) -> Reply:
         """Run turn ``turn_id`` of ``conversation_id`` (see ``ConversationActor.send``)."""
+        return await self._send(
+            version, conversation_id, turn_id, text, caller, n, low, carrier, api_keys
+        )
+
+    async def _send(
+        self,
+        version: int,
+        conversation_id: str,
+        turn_id: str,
+        text: str,
+        caller: str | None = None,
+        n: int = 0,
+        low: int | None = None,
+        carrier: dict[str, str] | None = None,
+        api_keys: Mapping[str, Secret] | None = None,
+        emit: Emit | None = None,
+    ) -> Reply:
         await self._route(version, conversation_id)
         validate_message(text, max_chars=self.config.max_message_chars)
         entity = await self._activate(conversation_id, api_keys=api_keys)
@@ -236,7 +259,7 @@ class HostActor:
             async with entity.gate.turn(caller, n, low):
                 if entity.closing:
                     raise Passivated(f"conversation {conversation_id!r} is passivating")
-                return await self._turn(entity, turn_id, text, carrier)
+                return await self._turn(entity, turn_id, text, carrier, emit)
         finally:
             entity.in_turn -= 1
             if not entity.in_turn:
@@ -250,7 +273,12 @@ class HostActor:
                 self._remove(entity, "moved")  # its shard moved while the turn ran
 
     async def _turn(
-        self, entity: _Entity, turn_id: str, text: str, carrier: dict[str, str] | None
+        self,
+        entity: _Entity,
+        turn_id: str,
+        text: str,
+        carrier: dict[str, str] | None,
+        emit: Emit | None = None,
     ) -> Reply:
         """One turn under the deadline; what escapes the turn machinery crashes the entity."""
         cid = entity.conversation_id
@@ -269,6 +297,7 @@ class HostActor:
                         turn_id,
                         text,
                         epoch=entity.epoch,
+                        emit=emit,
                     )
         except (TurnFailed, UsageError):
             raise  # the turn's own outcome (or the caller's mistake): the entity is fine
@@ -291,6 +320,111 @@ class HostActor:
             raise TurnFailed(cid, turn_id, f"the conversation crashed ({reason})", exc) from exc
         finally:
             entity.turns += 1
+
+    # --- streamed turns: the turn runs here, readers tail its log -----------------------
+
+    async def start_turn(
+        self,
+        version: int,
+        conversation_id: str,
+        turn_id: str,
+        text: str,
+        caller: str | None = None,
+        n: int = 0,
+        low: int | None = None,
+        carrier: dict[str, str] | None = None,
+        api_keys: Mapping[str, Secret] | None = None,
+        after: int = -1,
+    ) -> int:
+        """Start turn ``turn_id`` running into its event log and return at once (the
+        log's first ``seq``); readers tail it with :meth:`events`. Idempotent: a turn
+        whose log is here is not started again. ``after`` is the reader's cursor when
+        it starts a turn again whose process died: the log goes on from there, with a
+        ``restarted`` event."""
+        await self._route(version, conversation_id)
+        validate_message(text, max_chars=self.config.max_message_chars)
+        entity = await self._activate(conversation_id, api_keys=api_keys)
+        if entity.logs is None:
+            entity.logs = TurnLogs(self.config.stream_keep_turns, self.config.stream_window_s)
+        log = entity.logs.get(turn_id)
+        if log is not None:
+            return log.first_seq
+        log = entity.logs.open(turn_id, first_seq=after + 1)
+        log.emit("restarted" if after >= 0 else "started")
+        task = asyncio.get_running_loop().create_task(
+            self._run_logged(
+                version, conversation_id, turn_id, text, caller, n, low, carrier, api_keys, log.emit
+            )
+        )
+        self._streaming.add(task)
+        task.add_done_callback(self._streaming.discard)
+        return log.first_seq
+
+    async def _run_logged(
+        self,
+        version: int,
+        conversation_id: str,
+        turn_id: str,
+        text: str,
+        caller: str | None,
+        n: int,
+        low: int | None,
+        carrier: dict[str, str] | None,
+        api_keys: Mapping[str, Secret] | None,
+        emit: Emit,
+    ) -> None:
+        """A streamed turn, whoever reads it; its outcome is the log's last event."""
+        try:
+            reply = await self._send(
+                version, conversation_id, turn_id, text, caller, n, low, carrier, api_keys, emit
+            )
+        except TurnFailed as exc:
+            emit("failed", text=exc.reason)
+        except ConversationUnavailable:
+            # Passivated, fenced, moved: the entity (and this log) is gone; a reader's
+            # next poll finds the turn unfinished in the store and starts it again there.
+            return
+        except Exception as exc:  # the caller's mistake (a reused turn id), or a crash
+            emit("failed", text=f"{type(exc).__name__}: {exc}"[:500])
+        else:
+            emit("completed", reply=reply)
+
+    async def events(
+        self,
+        version: int,
+        conversation_id: str,
+        turn_id: str,
+        after: int = -1,
+        wait_s: float = 10.0,
+        api_keys: Mapping[str, Secret] | None = None,
+    ) -> list[TurnEvent]:
+        """The events of turn ``turn_id`` after ``seq`` ``after``, waiting up to
+        ``wait_s`` for one (a long poll; empty: nothing new yet). A turn whose log is
+        gone is replayed from the store when it is complete, and started again (from
+        its stored message, after a ``restarted`` event) when its process died mid-turn."""
+        await self._route(version, conversation_id)
+        entity = await self._activate(conversation_id, api_keys=api_keys)
+        self._touch(entity)
+        log = entity.logs.get(turn_id) if entity.logs is not None else None
+        if log is None:
+            turn = [m for m in entity.history if m.turn_id == turn_id]
+            if not turn or not isinstance(turn[0], UserMessage):
+                raise UnknownTurn(conversation_id, turn_id)
+            if is_complete(turn):
+                binding = entity.binding
+                reply = reply_of(turn_id, turn, binding.agent, binding.version or "")
+                return [e for e in replay(turn_id, turn, reply) if e.seq > after]
+            await self.start_turn(
+                version,
+                conversation_id,
+                turn_id,
+                turn[0].content,
+                api_keys=api_keys,
+                after=after,
+            )
+            log = entity.logs.get(turn_id) if entity.logs is not None else None
+            assert log is not None
+        return await log.wait_after(after, min(max(wait_s, 0.0), 60.0))
 
     async def history(
         self,

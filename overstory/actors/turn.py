@@ -13,19 +13,25 @@ user's message twice.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from ..agent import Agent
 from ..exceptions import InvalidMessage, MaxRoundTripsExceeded, ModelError, TurnFailed
 from ..messages import (
     AssistantMessage,
     Message,
+    ModelResponse,
     Reply,
     ToolCall,
     ToolReturn,
+    TurnEventType,
     Usage,
     UserMessage,
     placed,
 )
+from ..providers import Model
+from ..providers.base import FallThrough
 from ..store import HistoryStore
 from ..telemetry import (
     capture_content,
@@ -36,8 +42,15 @@ from ..telemetry import (
     record_tool_content,
     set_turn_usage,
 )
+from ..tools import ToolDefinition
 
-__all__ = ["is_complete", "run_turn"]
+__all__ = ["Emit", "is_complete", "reply_of", "run_turn"]
+
+
+class Emit(Protocol):
+    """Where a streamed turn reports what happens (a turn's event log appends it)."""
+
+    def __call__(self, type: TurnEventType, /, **fields: Any) -> object: ...
 
 
 def is_complete(turn: list[Message]) -> bool:
@@ -45,7 +58,8 @@ def is_complete(turn: list[Message]) -> bool:
     return bool(turn) and isinstance(turn[-1], AssistantMessage) and not turn[-1].tool_calls
 
 
-def _reply(agent: Agent, turn_id: str, turn: list[Message]) -> Reply:
+def reply_of(turn_id: str, turn: Sequence[Message], agent: str, version: str) -> Reply:
+    """The :class:`Reply` of a complete turn, from its stored messages."""
     last = turn[-1]
     assert isinstance(last, AssistantMessage)
     usage = sum((m.usage for m in turn if isinstance(m, AssistantMessage)), Usage())
@@ -54,9 +68,13 @@ def _reply(agent: Agent, turn_id: str, turn: list[Message]) -> Reply:
         turn_id=turn_id,
         messages=tuple(turn),
         usage=usage,
-        agent=agent.name,
-        agent_version=agent.version,
+        agent=agent,
+        agent_version=version,
     )
+
+
+def _reply(agent: Agent, turn_id: str, turn: list[Message]) -> Reply:
+    return reply_of(turn_id, turn, agent.name, agent.version)
 
 
 async def run_turn(
@@ -68,6 +86,7 @@ async def run_turn(
     text: str,
     *,
     epoch: int | None = None,
+    emit: Emit | None = None,
 ) -> Reply:
     """Run (or resume, or replay) turn ``turn_id``; ``history`` is extended in place.
 
@@ -75,17 +94,40 @@ async def run_turn(
     incarnation gets :class:`~overstory.exceptions.Fenced` instead of writing. Raises
     :class:`TurnFailed` when the model fails or the round-trip limit is hit; the
     messages stored so far stay stored. The turn is one ``invoke_agent {agent}`` span.
+
+    With ``emit``, the model is streamed (:meth:`~overstory.providers.Model.stream`) and
+    each delta, fall-through, tool call and tool result is emitted as it happens.
     """
     started = time.monotonic()
     outcome = "error"
     try:
         with invoke_agent_span(agent.name, conversation_id, agent.version) as span:
-            reply = await _run_turn(agent, store, conversation_id, history, turn_id, text, epoch)
+            reply = await _run_turn(
+                agent, store, conversation_id, history, turn_id, text, epoch, emit
+            )
             set_turn_usage(span, reply.usage.input_tokens, reply.usage.output_tokens)
             outcome = "ok"
             return reply
     finally:
         metrics().turn(agent.name, outcome, time.monotonic() - started, agent.version)
+
+
+async def _streamed(
+    model: Model,
+    instructions: str,
+    history: Sequence[Message],
+    tools: Sequence[ToolDefinition],
+    emit: Emit,
+) -> ModelResponse:
+    """One model call, streamed: its deltas and fall-throughs emitted as they come."""
+    async for item in model.stream(instructions, history, tools):
+        if isinstance(item, str):
+            emit("delta", text=item)
+        elif isinstance(item, FallThrough):
+            emit("fallback", text=str(item.error), model=item.model)
+        else:
+            return item
+    raise RuntimeError(f"{model.name}'s stream ended without a response")
 
 
 async def _run_tool(agent: Agent, call: ToolCall) -> ToolReturn:
@@ -112,6 +154,7 @@ async def _run_turn(
     turn_id: str,
     text: str,
     epoch: int | None,
+    emit: Emit | None,
 ) -> Reply:
     turn = [m for m in history if m.turn_id == turn_id]
 
@@ -147,7 +190,12 @@ async def _run_turn(
             done = {m.tool_call_id for m in turn if isinstance(m, ToolReturn)}
             for call in last.tool_calls:
                 if call.id not in done:
-                    await commit(await _run_tool(agent, call))
+                    if emit is not None:
+                        emit("tool_call", tool_call=call)
+                    result = await _run_tool(agent, call)
+                    await commit(result)
+                    if emit is not None:
+                        emit("tool_result", tool_call=call, tool_return=result)
         if round_trips >= agent.max_round_trips:
             reason = MaxRoundTripsExceeded(
                 f"the model asked for tools on all {agent.max_round_trips} round trips "
@@ -155,7 +203,14 @@ async def _run_turn(
             )
             raise TurnFailed(conversation_id, turn_id, str(reason), reason) from reason
         try:
-            response = await agent.model.call(agent.instructions, history, agent.tool_definitions)
+            if emit is None:
+                response = await agent.model.call(
+                    agent.instructions, history, agent.tool_definitions
+                )
+            else:
+                response = await _streamed(
+                    agent.model, agent.instructions, history, agent.tool_definitions, emit
+                )
         except ModelError as exc:
             raise TurnFailed(conversation_id, turn_id, f"model error: {exc}", exc) from exc
         round_trips += 1

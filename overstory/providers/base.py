@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
 
 from opentelemetry.trace import Span
 
@@ -26,7 +27,28 @@ from ..tools import ToolDefinition
 if TYPE_CHECKING:
     from .endpoint import Secret
 
-__all__ = ["Model", "PolicyModel", "record_response", "traced_request"]
+__all__ = [
+    "FallThrough",
+    "Model",
+    "PolicyModel",
+    "StreamItem",
+    "record_response",
+    "traced_request",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class FallThrough:
+    """In a model's stream: ``model`` failed before its first token with ``error``; the
+    next model of the chain answers instead (nothing of ``model`` was shown)."""
+
+    model: str
+    error: ModelError
+
+
+#: What :meth:`Model.stream` yields: text deltas (``str``), fall-throughs, and last the
+#: whole :class:`~overstory.messages.ModelResponse` (its content is the deltas joined).
+StreamItem: TypeAlias = "str | FallThrough | ModelResponse"
 
 
 class Model(ABC):
@@ -60,6 +82,25 @@ class Model(ABC):
         """
         provider, _, model = self.name.partition(":")
         return await traced_request(self.request, provider, model, instructions, messages, tools)
+
+    async def stream(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> AsyncIterator[StreamItem]:
+        """The answer as it arrives: text deltas, then the whole response, whose content
+        is exactly the deltas joined. A :class:`~overstory.exceptions.ModelError` before
+        the first delta means nothing was shown (a chain may fall through); after it,
+        the answer is cut short.
+
+        This default answers in one piece (:meth:`call`, then its text as one delta);
+        a model that can stream overrides it.
+        """
+        response = await self.call(instructions, messages, tools)
+        if response.content:
+            yield response.content
+        yield response
 
     def with_api_keys(self, keys: Mapping[str, Secret]) -> Model:
         """This model using the user's own keys (vendor -> key) where it calls a vendor."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 from opentelemetry import trace
 
@@ -10,7 +10,7 @@ from ..exceptions import AllModelsFailed, ConfigError, ModelError
 from ..messages import Message, ModelResponse
 from ..telemetry import metrics, record_fallback
 from ..tools import ToolDefinition
-from .base import Model
+from .base import FallThrough, Model, StreamItem
 from .endpoint import Secret
 
 __all__ = ["FallbackModel"]
@@ -63,6 +63,47 @@ class FallbackModel(Model):
         ``overstory.fallback`` event on the current span and a metric."""
         return await self._chain(True, instructions, messages, tools)
 
+    async def stream(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> AsyncIterator[StreamItem]:
+        """Each model's stream in turn: a failure *before its first delta* falls through
+        (one :class:`FallThrough` item, nothing of it shown); a failure after it ends
+        the stream with that error — never a second answer appended to a partial one."""
+        failures: list[ModelError] = []
+        for i, model in enumerate(self.models):
+            shown = False
+            try:
+                async for item in model.stream(instructions, messages, tools):
+                    shown = shown or isinstance(item, str)
+                    yield item
+                    if isinstance(item, ModelResponse):
+                        return
+            except ModelError as exc:
+                if not exc.model:
+                    exc.model = model.name
+                if shown:
+                    raise
+                failures.append(exc)
+                self._fell_through(model, exc, i, traced=True)
+                yield FallThrough(model.name, exc)
+        raise AllModelsFailed(failures)
+
+    def _fell_through(self, model: Model, exc: ModelError, i: int, *, traced: bool) -> None:
+        following = self.models[i + 1] if i + 1 < len(self.models) else None
+        if traced:
+            record_fallback(
+                trace.get_current_span(),
+                failed_model=model.name,
+                error_type=exc.kind,
+                next_model=following.name if following else None,
+            )
+            metrics().fallback(model.name, exc.kind)
+        if self.on_fallback is not None:
+            self.on_fallback(model, exc, following)
+
     async def _chain(
         self,
         traced: bool,
@@ -80,15 +121,5 @@ class FallbackModel(Model):
                 if not exc.model:
                     exc.model = model.name
                 failures.append(exc)
-                following = self.models[i + 1] if i + 1 < len(self.models) else None
-                if traced:
-                    record_fallback(
-                        trace.get_current_span(),
-                        failed_model=model.name,
-                        error_type=exc.kind,
-                        next_model=following.name if following else None,
-                    )
-                    metrics().fallback(model.name, exc.kind)
-                if self.on_fallback is not None:
-                    self.on_fallback(model, exc, following)
+                self._fell_through(model, exc, i, traced=traced)
         raise AllModelsFailed(failures)

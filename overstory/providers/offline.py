@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from ..exceptions import ConfigError, ModelError
@@ -37,10 +37,13 @@ from ..messages import (
     UserMessage,
 )
 from ..tools import ToolDefinition
-from .base import Model
+from .base import Model, StreamItem, traced_request
 
 __all__ = ["OfflineModel", "Rule"]
 
+#: A word and the whitespace after it (leading whitespace, if any, is its own piece): the
+#: pieces join back to exactly the text.
+_WORDS = re.compile(r"\s+(?=\S)|\S+\s*|\s+")
 _DIRECTIVE = re.compile(r"^!(?P<verb>sleep|fail|fatal|crash|tool|loop)\b[ \t]*(?P<rest>.*)", re.S)
 
 
@@ -93,9 +96,40 @@ class OfflineModel(Model):
         messages: Sequence[Message],
         tools: Sequence[ToolDefinition],
     ) -> ModelResponse:
-        self.requests += 1
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
+        return await self._answer(instructions, messages, tools)
+
+    async def stream(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> AsyncIterator[StreamItem]:
+        """Word by word (each word with the whitespace after it), ``latency_s`` spread
+        evenly over the words; a tool call, which has no text, after all of it."""
+        provider, _, model = self.name.partition(":")
+        response = await traced_request(
+            self._answer, provider, model, instructions, messages, tools
+        )
+        words = _WORDS.findall(response.content)
+        pause = self.latency_s / max(1, len(words))
+        if not words and self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        for word in words:
+            if pause:
+                await asyncio.sleep(pause)
+            yield word
+        yield response
+
+    async def _answer(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> ModelResponse:
+        """The scripted answer, at once (``request`` and ``stream`` add the latency)."""
+        self.requests += 1
         if self.requests <= self.fail_first:
             raise ModelError(f"scripted failure {self.requests}/{self.fail_first}", model=self.name)
         user_index = next(

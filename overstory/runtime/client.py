@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
@@ -27,8 +27,16 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTa
 
 from ..agent import Agent, Placement
 from ..app import App, as_app, conversation_id
-from ..exceptions import ConfigError, ConversationUnavailable, Fenced, Passivated, StaleShardTable
-from ..messages import Message, Reply
+from ..exceptions import (
+    ConfigError,
+    ConversationUnavailable,
+    Fenced,
+    Passivated,
+    StaleShardTable,
+    UnknownTurn,
+    UsageError,
+)
+from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
 from ..providers import api_keys as api_key_map
 from ..registry import Registry, actor_name
@@ -56,6 +64,9 @@ T = TypeVar("T")
 
 #: Back-off between re-sends while a host restarts in place (seconds, doubling, capped).
 _BACKOFF_S = (0.05, 1.0)
+
+#: How long one poll of a turn's event log waits for news (a long poll).
+_POLL_S = 10.0
 
 
 #: Conversation handles a Runtime keeps (least recently used go; a dropped one is simply
@@ -127,6 +138,11 @@ class Conversation:
             cid = self.conversation_id
             if method == "send":  # (turn_id, text, caller, n, low, carrier) + api_keys
                 return host.send.remote(version, cid, *args, self._api_keys)
+            if method == "start_turn":  # (turn_id, text, caller, n, low, carrier, after)
+                *head, after = args
+                return host.start_turn.remote(version, cid, *head, self._api_keys, after)
+            if method == "events":  # (turn_id, after, wait_s)
+                return host.events.remote(version, cid, *args, self._api_keys)
             method = "info" if method == "ready" else method
             return getattr(host, method).remote(version, cid, self._api_keys)
         return getattr(target, method).remote(*args)
@@ -276,6 +292,117 @@ class Conversation:
         finally:
             self._done(n)
         return reply
+
+    # --- streamed turns ----------------------------------------------------------------------
+
+    def stream(self, text: str, *, turn_id: str | None = None) -> Iterator[TurnEvent]:
+        """Send ``text`` and iterate over the turn's events as they happen (each with
+        its ``seq``): ``started``, text ``delta`` s, ``tool_call`` / ``tool_result``,
+        ``fallback``, and a terminal ``completed`` (with the :class:`Reply`), ``failed``
+        or ``incomplete``. The deltas join to exactly the stored reply text.
+
+        The turn runs in the conversation, not in this call: stop reading and it goes on;
+        :meth:`resume` reads it again from any ``seq``. If the process running it dies,
+        the turn is started again where the conversation lives next (a ``restarted``
+        event: text since the last stored message is void) and the events go on.
+        """
+        self._streamable()
+        turn_id = self._check(text, turn_id)
+        return self._stream(text, turn_id)
+
+    def _stream(self, text: str, turn_id: str) -> Iterator[TurnEvent]:
+        n, low = self._number()  # in flight until the turn ends: later sends queue behind
+        after = -1
+        try:
+            with self._span():
+                self._call("start_turn", turn_id, text, self._caller, n, low, inject(), after)
+            while True:
+                try:
+                    events: list[TurnEvent] = self._call("events", turn_id, after, _POLL_S)
+                except UnknownTurn:  # its process died before storing the message: again
+                    self._call("start_turn", turn_id, text, self._caller, n, low, None, after)
+                    continue
+                for event in events:
+                    yield event
+                    after = event.seq
+                    if event.terminal:
+                        return
+        finally:
+            self._done(n)
+
+    def resume(self, turn_id: str, *, after: int = -1) -> Iterator[TurnEvent]:
+        """The events of turn ``turn_id`` after ``seq`` ``after`` — of a running turn as
+        they happen, of a finished one at once — the same events a reader of
+        :meth:`stream` got (within ``stream_window_s`` of its end; after that, rebuilt
+        from the stored messages, one delta per model answer)."""
+        self._streamable()
+        if not isinstance(turn_id, str) or not turn_id:
+            raise UsageError(f"turn_id must be a non-empty string, got {turn_id!r}")
+        if isinstance(after, bool) or not isinstance(after, int) or after < -1:
+            raise UsageError(f"after must be an int >= -1 (a seq seen), got {after!r}")
+        return self._resume(turn_id, after)
+
+    def _resume(self, turn_id: str, after: int) -> Iterator[TurnEvent]:
+        while True:
+            events: list[TurnEvent] = self._call("events", turn_id, after, _POLL_S)
+            for event in events:
+                yield event
+                after = event.seq
+                if event.terminal:
+                    return
+
+    async def stream_async(
+        self, text: str, *, turn_id: str | None = None
+    ) -> AsyncIterator[TurnEvent]:
+        """Async form of :meth:`stream`."""
+        self._streamable()
+        turn_id = self._check(text, turn_id)
+        n, low = self._number()
+        after = -1
+        try:
+            with self._span():
+                await self._call_async(
+                    "start_turn", turn_id, text, self._caller, n, low, inject(), after
+                )
+            while True:
+                try:
+                    events: list[TurnEvent] = await self._call_async(
+                        "events", turn_id, after, _POLL_S
+                    )
+                except UnknownTurn:
+                    await self._call_async(
+                        "start_turn", turn_id, text, self._caller, n, low, None, after
+                    )
+                    continue
+                for event in events:
+                    yield event
+                    after = event.seq
+                    if event.terminal:
+                        return
+        finally:
+            self._done(n)
+
+    async def resume_async(self, turn_id: str, *, after: int = -1) -> AsyncIterator[TurnEvent]:
+        """Async form of :meth:`resume`."""
+        self._streamable()
+        if not isinstance(turn_id, str) or not turn_id:
+            raise UsageError(f"turn_id must be a non-empty string, got {turn_id!r}")
+        if isinstance(after, bool) or not isinstance(after, int) or after < -1:
+            raise UsageError(f"after must be an int >= -1 (a seq seen), got {after!r}")
+        while True:
+            events: list[TurnEvent] = await self._call_async("events", turn_id, after, _POLL_S)
+            for event in events:
+                yield event
+                after = event.seq
+                if event.terminal:
+                    return
+
+    def _streamable(self) -> None:
+        if self._handle is not None:
+            raise UsageError(
+                "streamed turns need hosted placement; dedicated conversations do not "
+                "stream yet (use send)"
+            )
 
     def _span(self) -> AbstractContextManager[Span]:
         """The client's span of one send: the parent of the turn's spans in the actor."""

@@ -71,6 +71,11 @@ class Config(pydantic.BaseModel):
     entity_restart_period_s: float = pydantic.Field(60.0, gt=0)
     quarantine_s: float = pydantic.Field(300.0, gt=0)
     """How long a quarantined conversation is refused."""
+    stream_keep_turns: int = pydantic.Field(8, ge=1, le=1000)
+    """Streamed turns whose event logs a conversation keeps for readers to resume."""
+    stream_window_s: float = pydantic.Field(300.0, gt=0, le=86_400)
+    """How long a finished turn's event log is kept; after it, ``resume`` replays the
+    turn from its stored messages (one delta per model answer)."""
     rollout_refresh_s: float = pydantic.Field(5.0, gt=0, le=3600)
     """How long a host trusts its copy of a rollout split before reading it again (the
     rollout commands also tell every host at once; this bounds a missed notice)."""

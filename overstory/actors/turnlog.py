@@ -1,0 +1,134 @@
+"""A turn's event log: the turn appends, any number of readers tail it.
+
+The turn runs in the conversation whether or not anyone reads: a reader asks for the
+events after the last ``seq`` it saw (:meth:`TurnLog.wait_after`, a long poll), so a
+reader that went away and comes back loses nothing and sees the same events. A
+conversation keeps the logs of its recent turns (:class:`TurnLogs`: at most ``keep``,
+a finished one for ``window_s``); after that, :func:`replay` rebuilds a finished turn's
+events from its stored messages (one delta per model answer instead of the original
+pieces).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from ..messages import (
+    AssistantMessage,
+    Message,
+    Reply,
+    ToolCall,
+    ToolReturn,
+    TurnEvent,
+    TurnEventType,
+)
+
+__all__ = ["TurnLog", "TurnLogs", "replay"]
+
+
+class TurnLog:
+    """One turn's events in ``seq`` order, from ``first_seq`` (0 unless the turn was
+    started again after its process died: then it goes on from the reader's cursor)."""
+
+    def __init__(self, turn_id: str, first_seq: int = 0) -> None:
+        self.turn_id = turn_id
+        self.first_seq = first_seq
+        self.events: list[TurnEvent] = []
+        self.finished_at: float | None = None
+        self._changed = asyncio.Event()
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+    def emit(self, type: TurnEventType, /, **fields: Any) -> TurnEvent:
+        """Append the next event (the :class:`~overstory.actors.turn.Emit` of a turn)."""
+        if self.finished:
+            raise RuntimeError(f"turn {self.turn_id!r} has ended; no {type!r} event after it")
+        event = TurnEvent(self.turn_id, self.first_seq + len(self.events), type, **fields)
+        self.events.append(event)
+        if event.terminal:
+            self.finished_at = time.monotonic()
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()  # wake every reader waiting for news
+        return event
+
+    def after(self, seq: int) -> list[TurnEvent]:
+        """The events after ``seq`` (all of them for ``seq`` < ``first_seq``)."""
+        return self.events[max(0, seq + 1 - self.first_seq) :]
+
+    async def wait_after(self, seq: int, timeout_s: float) -> list[TurnEvent]:
+        """The events after ``seq``, waiting up to ``timeout_s`` for one if there are
+        none yet (an empty list: nothing new within the time)."""
+        news = self.after(seq)
+        if news or self.finished:
+            return news
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout_s)
+        except TimeoutError:
+            return []
+        return self.after(seq)
+
+
+class TurnLogs:
+    """A conversation's recent turn logs, bounded: at most ``keep`` (the oldest
+    finished go first), and a finished one only for ``window_s``."""
+
+    __slots__ = ("_logs", "keep", "window_s")
+
+    def __init__(self, keep: int = 8, window_s: float = 300.0) -> None:
+        self.keep = keep
+        self.window_s = window_s
+        self._logs: OrderedDict[str, TurnLog] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._logs)
+
+    def get(self, turn_id: str) -> TurnLog | None:
+        self.prune()
+        return self._logs.get(turn_id)
+
+    def open(self, turn_id: str, first_seq: int = 0) -> TurnLog:
+        """A new log for ``turn_id`` (replacing a finished or dead one of that id)."""
+        log = TurnLog(turn_id, first_seq)
+        self._logs.pop(turn_id, None)
+        self._logs[turn_id] = log
+        self.prune()
+        return log
+
+    def prune(self, now: float | None = None) -> None:
+        """Drop finished logs past the window, then the oldest finished beyond ``keep``
+        (a running turn's log is never dropped)."""
+        now = time.monotonic() if now is None else now
+        finished = [t for t, log in self._logs.items() if log.finished_at is not None]
+        for turn_id in finished:
+            done = self._logs[turn_id].finished_at
+            if done is not None and now - done > self.window_s:
+                del self._logs[turn_id]
+        for turn_id in finished:
+            if len(self._logs) <= self.keep:
+                break
+            self._logs.pop(turn_id, None)
+
+
+def replay(turn_id: str, turn: Sequence[Message], reply: Reply) -> list[TurnEvent]:
+    """A finished turn's events rebuilt from its stored messages: started, each model
+    answer's text as one delta, each tool call and result, completed."""
+    log = TurnLog(turn_id)
+    log.emit("started")
+    calls: dict[str, ToolCall] = {}
+    for message in turn:
+        if isinstance(message, AssistantMessage):
+            if message.content:
+                log.emit("delta", text=message.content)
+            for call in message.tool_calls:
+                calls[call.id] = call
+                log.emit("tool_call", tool_call=call)
+        elif isinstance(message, ToolReturn):
+            log.emit("tool_result", tool_call=calls.get(message.tool_call_id), tool_return=message)
+    log.emit("completed", reply=reply)
+    return log.events
