@@ -34,6 +34,7 @@ from .exceptions import (
     ToolDefinitionError,
     TurnFailed,
     UnknownAgent,
+    UnknownTurn,
     UsageError,
 )
 from .messages import (
@@ -43,6 +44,7 @@ from .messages import (
     Reply,
     ToolCall,
     ToolReturn,
+    TurnEvent,
     Usage,
     UserMessage,
 )
@@ -107,8 +109,10 @@ __all__ = [
     "ToolDefinition",
     "ToolDefinitionError",
     "ToolReturn",
+    "TurnEvent",
     "TurnFailed",
     "UnknownAgent",
+    "UnknownTurn",
     "Usage",
     "UsageError",
     "UserMessage",

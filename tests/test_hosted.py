@@ -364,3 +364,65 @@ def test_growing_a_running_tree_moves_shards_and_loses_nothing(
         assert len(turns) == len(set(turns)) == 61  # every turn stored once
     finally:
         kill_namespace(namespace)
+
+
+# --- streamed turns ---------------------------------------------------------------------------
+
+
+def test_a_stream_joins_to_the_stored_reply_and_resume_replays_it_from_any_seq(
+    rt: Runtime,
+) -> None:
+    conv = rt.conversation("streamer")
+    events = list(conv.stream("what is 2 + 3? and some words after"))
+    assert [e.seq for e in events] == list(range(len(events)))
+    assert events[0].type == "started"
+    assert [e.type for e in events[1:3]] == ["tool_call", "tool_result"]
+    final = events[-1]
+    assert final.type == "completed"
+    assert final.reply is not None
+    text = "".join(e.text for e in events if e.type == "delta")
+    assert text == final.reply.text == conv.history()[-1].content == "add returned 5"
+    turn_id = events[0].turn_id
+    for n in range(-1, len(events)):
+        assert list(conv.resume(turn_id, after=n)) == events[n + 1 :], n
+
+    async def read_async() -> list[overstory.TurnEvent]:
+        return [e async for e in conv.resume_async(turn_id, after=2)]
+
+    assert asyncio.run(read_async()) == events[3:]
+    with pytest.raises(overstory.UnknownTurn, match="has no turn 'never-sent'"):
+        list(conv.resume("never-sent"))
+
+
+def test_a_reader_that_goes_away_does_not_stop_the_turn(rt: Runtime) -> None:
+    conv = rt.conversation("walker")
+    reader = conv.stream("!sleep 0.5 said while nobody read", turn_id="t-away")
+    first = next(reader)
+    reader.close()  # the reader leaves after "started"
+    rest = list(conv.resume("t-away", after=first.seq))
+    assert rest[-1].type == "completed"
+    assert "".join(e.text for e in rest if e.type == "delta") == "echo #1: said while nobody read"
+    assert [m.turn_id for m in conv.history()].count("t-away") == 2  # user + reply, once
+
+
+def test_a_host_killed_mid_turn_restarts_it_and_the_reader_sees_restarted_then_the_rest(
+    rt: Runtime,
+) -> None:
+    conv = rt.conversation("crashy")
+    pid = conv.info()["pid"]
+    events = []
+    for event in conv.stream("!sleep 1.0 the answer after a crash"):
+        events.append(event)
+        if event.type == "started":
+            os.kill(pid, signal.SIGKILL)  # the turn is waiting on its model
+    types = [e.type for e in events]
+    assert types[0] == "started"
+    assert types[1] == "restarted"
+    assert types[-1] == "completed"
+    assert [e.seq for e in events] == list(range(len(events)))
+    assert (
+        "".join(e.text for e in events if e.type == "delta") == "echo #1: the answer after a crash"
+    )
+    assert conv.info()["pid"] != pid
+    stored = rt.stored_history("crashy")
+    assert [m.kind for m in stored] == ["user", "assistant"]  # stored once

@@ -397,11 +397,13 @@ class HostActor:
         after: int = -1,
         wait_s: float = 10.0,
         api_keys: Mapping[str, Secret] | None = None,
-    ) -> list[TurnEvent]:
-        """The events of turn ``turn_id`` after ``seq`` ``after``, waiting up to
-        ``wait_s`` for one (a long poll; empty: nothing new yet). A turn whose log is
-        gone is replayed from the store when it is complete, and started again (from
-        its stored message, after a ``restarted`` event) when its process died mid-turn."""
+    ) -> tuple[list[TurnEvent], bool]:
+        """``(events, ended)``: the events of turn ``turn_id`` after ``seq`` ``after``,
+        waiting up to ``wait_s`` for one (a long poll; none: nothing new yet), and
+        whether the turn has ended with them (a reader past its last event stops). A
+        turn whose log is gone is replayed from the store when it is complete, and
+        started again (from its stored message, after a ``restarted`` event) when its
+        process died mid-turn."""
         await self._route(version, conversation_id)
         entity = await self._activate(conversation_id, api_keys=api_keys)
         self._touch(entity)
@@ -413,7 +415,7 @@ class HostActor:
             if is_complete(turn):
                 binding = entity.binding
                 reply = reply_of(turn_id, turn, binding.agent, binding.version or "")
-                return [e for e in replay(turn_id, turn, reply) if e.seq > after]
+                return [e for e in replay(turn_id, turn, reply) if e.seq > after], True
             await self.start_turn(
                 version,
                 conversation_id,
@@ -424,7 +426,8 @@ class HostActor:
             )
             log = entity.logs.get(turn_id) if entity.logs is not None else None
             assert log is not None
-        return await log.wait_after(after, min(max(wait_s, 0.0), 60.0))
+        events = await log.wait_after(after, min(max(wait_s, 0.0), 60.0))
+        return events, log.finished and (not events or events[-1].seq == log.last_seq)
 
     async def history(
         self,

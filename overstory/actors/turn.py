@@ -192,10 +192,9 @@ async def _run_turn(
                 if call.id not in done:
                     if emit is not None:
                         emit("tool_call", tool_call=call)
-                    result = await _run_tool(agent, call)
-                    await commit(result)
+                    stored = await commit(await _run_tool(agent, call))
                     if emit is not None:
-                        emit("tool_result", tool_call=call, tool_return=result)
+                        emit("tool_result", tool_call=call, tool_return=stored)
         if round_trips >= agent.max_round_trips:
             reason = MaxRoundTripsExceeded(
                 f"the model asked for tools on all {agent.max_round_trips} round trips "

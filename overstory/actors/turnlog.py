@@ -45,6 +45,11 @@ class TurnLog:
     def finished(self) -> bool:
         return self.finished_at is not None
 
+    @property
+    def last_seq(self) -> int:
+        """The ``seq`` of the latest event (``first_seq - 1`` before any)."""
+        return self.first_seq + len(self.events) - 1
+
     def emit(self, type: TurnEventType, /, **fields: Any) -> TurnEvent:
         """Append the next event (the :class:`~overstory.actors.turn.Emit` of a turn)."""
         if self.finished:

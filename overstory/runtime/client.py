@@ -318,15 +318,15 @@ class Conversation:
                 self._call("start_turn", turn_id, text, self._caller, n, low, inject(), after)
             while True:
                 try:
-                    events: list[TurnEvent] = self._call("events", turn_id, after, _POLL_S)
+                    events, ended = self._call("events", turn_id, after, _POLL_S)
                 except UnknownTurn:  # its process died before storing the message: again
                     self._call("start_turn", turn_id, text, self._caller, n, low, None, after)
                     continue
                 for event in events:
                     yield event
                     after = event.seq
-                    if event.terminal:
-                        return
+                if ended:
+                    return
         finally:
             self._done(n)
 
@@ -344,12 +344,12 @@ class Conversation:
 
     def _resume(self, turn_id: str, after: int) -> Iterator[TurnEvent]:
         while True:
-            events: list[TurnEvent] = self._call("events", turn_id, after, _POLL_S)
+            events, ended = self._call("events", turn_id, after, _POLL_S)
             for event in events:
                 yield event
                 after = event.seq
-                if event.terminal:
-                    return
+            if ended:
+                return
 
     async def stream_async(
         self, text: str, *, turn_id: str | None = None
@@ -366,9 +366,7 @@ class Conversation:
                 )
             while True:
                 try:
-                    events: list[TurnEvent] = await self._call_async(
-                        "events", turn_id, after, _POLL_S
-                    )
+                    events, ended = await self._call_async("events", turn_id, after, _POLL_S)
                 except UnknownTurn:
                     await self._call_async(
                         "start_turn", turn_id, text, self._caller, n, low, None, after
@@ -377,8 +375,8 @@ class Conversation:
                 for event in events:
                     yield event
                     after = event.seq
-                    if event.terminal:
-                        return
+                if ended:
+                    return
         finally:
             self._done(n)
 
@@ -390,12 +388,12 @@ class Conversation:
         if isinstance(after, bool) or not isinstance(after, int) or after < -1:
             raise UsageError(f"after must be an int >= -1 (a seq seen), got {after!r}")
         while True:
-            events: list[TurnEvent] = await self._call_async("events", turn_id, after, _POLL_S)
+            events, ended = await self._call_async("events", turn_id, after, _POLL_S)
             for event in events:
                 yield event
                 after = event.seq
-                if event.terminal:
-                    return
+            if ended:
+                return
 
     def _streamable(self) -> None:
         if self._handle is not None:

@@ -1,0 +1,256 @@
+"""Streamed turns as plain logic, without Ray: the event log, replay, the offline model's
+stream, the chain's fall-through rule, and a host (in-process, real SQLite) running a
+streamed turn that readers tail, resume, and see started again after its log is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import pytest
+
+from overstory import Agent, AllModelsFailed, ModelError, UnknownTurn
+from overstory.actors.host import HostActor
+from overstory.actors.turnlog import TurnLog, TurnLogs, replay
+from overstory.app import App, conversation_id
+from overstory.messages import Message, ModelResponse, TurnEvent, UserMessage
+from overstory.providers import FallbackModel, Model, OfflineModel, Rule
+from overstory.providers.base import FallThrough, StreamItem
+from overstory.registry.shards import ShardTable
+from overstory.runtime.config import Config
+from overstory.tools import ToolDefinition
+
+CID = conversation_id("s", "u")
+
+
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+# --- the log ------------------------------------------------------------------------------
+
+
+def test_a_log_numbers_events_wakes_readers_and_ends_at_a_terminal_event() -> None:
+    async def go() -> tuple[Any, ...]:
+        log = TurnLog("t")
+        log.emit("started")
+        waiting = asyncio.create_task(log.wait_after(0, timeout_s=5))
+        await asyncio.sleep(0.01)
+        log.emit("delta", text="hi")
+        woken = await waiting
+        nothing = await log.wait_after(1, timeout_s=0.05)
+        log.emit("completed")
+        with pytest.raises(RuntimeError, match="has ended"):
+            log.emit("delta", text="late")
+        return woken, nothing, log.after(-1), await log.wait_after(2, timeout_s=5)
+
+    woken, nothing, everything, after_end = asyncio.run(go())
+    assert [(e.seq, e.type, e.text) for e in woken] == [(1, "delta", "hi")]
+    assert nothing == []
+    assert [e.seq for e in everything] == [0, 1, 2]
+    assert after_end == []  # finished: no waiting
+    restarted = TurnLog("t", first_seq=7)
+    restarted.emit("restarted")
+    assert [e.seq for e in restarted.after(3)] == [7]
+    assert restarted.after(7) == []
+
+
+def test_logs_are_bounded_by_count_and_window_and_never_drop_a_running_turn() -> None:
+    logs = TurnLogs(keep=2, window_s=10.0)
+    running = logs.open("running")
+    for i in range(3):
+        logs.open(f"done-{i}").emit("completed")
+    assert logs.get("running") is running
+    assert len(logs) == 2  # the oldest finished went first
+    assert logs.get("done-0") is None
+    logs.prune(now=time.monotonic() + 11)
+    assert [t for t in ("running", "done-1", "done-2") if logs.get(t)] == ["running"]
+
+
+def test_replay_rebuilds_a_finished_turn_from_its_messages(sqlite_url: str) -> None:
+    agent = Agent(
+        "s",
+        model=OfflineModel("s", rules=(Rule(r"add (?P<a>\d+) (?P<b>\d+)", "add"),)),
+        tools=[add],
+    )
+    live, stored, reply = _run_on_a_host(agent, "add 2 3", sqlite_url)
+    events = replay("t1", stored, reply)
+    # the same events, but the model's answer as one delta instead of word by word
+    assert [e.type for e in events] == ["started", "tool_call", "tool_result", "delta", "completed"]
+    assert [e.tool_call for e in events[1:3]] == [e.tool_call for e in live[1:3]]
+    assert events[2].tool_return == live[2].tool_return
+    assert "".join(e.text for e in events if e.type == "delta") == reply.text
+    assert events[-1].reply == live[-1].reply
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+def _collect(model: Model, text: str) -> list[StreamItem]:
+    async def go() -> list[StreamItem]:
+        history: list[Message] = [UserMessage(content=text, seq=0, turn_id="t")]
+        return [item async for item in model.stream("", history, ())]
+
+    return asyncio.run(go())
+
+
+def test_the_offline_model_streams_word_by_word_with_its_latency_spread() -> None:
+    started = time.monotonic()
+    items = _collect(OfflineModel("w", latency_s=0.3), "one  two\nthree ")
+    took = time.monotonic() - started
+    *deltas, response = items
+    assert isinstance(response, ModelResponse)
+    assert deltas == ["echo ", "#1: ", "one  ", "two\n", "three "]
+    assert "".join(str(d) for d in deltas) == response.content
+    assert 0.25 <= took < 1.0  # the latency, once, over the words
+
+
+class _CutShort(Model):
+    """A model whose stream breaks after ``after`` deltas (a connection dropped mid-answer)."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    @property
+    def name(self) -> str:
+        return "test:cut-short"
+
+    async def request(
+        self, instructions: str, messages: Sequence[Message], tools: Sequence[ToolDefinition]
+    ) -> ModelResponse:
+        raise ModelError("request is not used", model=self.name)
+
+    async def stream(
+        self, instructions: str, messages: Sequence[Message], tools: Sequence[ToolDefinition]
+    ) -> AsyncIterator[StreamItem]:
+        for i in range(self.after):
+            yield f"part{i} "
+        raise ModelError("connection reset mid-stream", model=self.name)
+
+
+def test_a_chain_falls_through_only_before_the_first_delta() -> None:
+    before = _collect(FallbackModel(_CutShort(0), OfflineModel("b")), "hi")
+    assert isinstance(before[0], FallThrough)
+    assert before[0].model == "test:cut-short"
+    assert "".join(x for x in before if isinstance(x, str)) == "echo #1: hi"  # nothing of the first
+    with pytest.raises(ModelError, match="connection reset mid-stream"):
+        _collect(FallbackModel(_CutShort(2), OfflineModel("b")), "hi")  # never a second answer
+    with pytest.raises(AllModelsFailed):
+        _collect(FallbackModel(_CutShort(0), _CutShort(0)), "hi")
+
+
+# --- a host running streamed turns (in-process, real SQLite) -------------------------------
+
+
+def _host(agent: Agent, url: str) -> HostActor:
+    table = ShardTable.build(1, shards=16)
+    return HostActor("ns", table.hosts[0], table, App([agent]), Config.from_mapping({"store": url}))
+
+
+def _run_on_a_host(agent: Agent, text: str, url: str) -> tuple[list[TurnEvent], list[Message], Any]:
+    """One streamed turn on an in-process host: every event a reader sees, what is
+    stored, and the reply."""
+    host = _host(agent, url)
+
+    async def go() -> tuple[list[TurnEvent], list[Message], Any]:
+        try:
+            v = host.table.version
+            await host.start_turn(v, CID, "t1", text)
+            events: list[TurnEvent] = []
+            after = -1
+            while not events or not events[-1].terminal:
+                batch, _ = await host.events(v, CID, "t1", after, 5.0)
+                events += batch
+                after = events[-1].seq if events else after
+            stored = await host._store.load(CID)
+            return events, stored, events[-1].reply
+        finally:
+            await host._store.close()
+
+    return asyncio.run(go())
+
+
+def test_a_streamed_turn_runs_on_the_host_and_its_deltas_join_to_the_stored_reply(
+    sqlite_url: str,
+) -> None:
+    agent = Agent(
+        "s",
+        model=OfflineModel("s", latency_s=0.1, rules=(Rule(r"add (?P<a>\d+) (?P<b>\d+)", "add"),)),
+        tools=[add],
+    )
+    events, stored, reply = _run_on_a_host(agent, "add 2 3", sqlite_url)
+    assert [e.type for e in events] == ["started", "tool_call", "tool_result"] + ["delta"] * 3 + [
+        "completed"
+    ]
+    assert [e.seq for e in events] == list(range(len(events)))
+    assert events[1].tool_call is not None
+    assert events[1].tool_call.name == "add"
+    assert events[2].tool_return is not None
+    assert events[2].tool_return.content == "5"
+    assert "".join(e.text for e in events if e.type == "delta") == reply.text == stored[-1].content
+    assert [m.kind for m in stored] == ["user", "assistant", "tool", "assistant"]
+
+
+def test_readers_resume_anywhere_and_a_turn_whose_log_is_gone_is_replayed_or_restarted(
+    sqlite_url: str,
+) -> None:
+    agent = Agent("s", model=OfflineModel("s", latency_s=0.05))
+    host = _host(agent, sqlite_url)
+
+    async def go() -> dict[str, Any]:
+        v = host.table.version
+        try:
+            await host.start_turn(v, CID, "t1", "one two three")
+            first = []
+            after = -1
+            while not first or not first[-1].terminal:
+                first += (await host.events(v, CID, "t1", after, 5.0))[0]
+                after = first[-1].seq
+            # every resume position sees exactly the rest of what the first reader saw
+            resumed = {n: await host.events(v, CID, "t1", n, 5.0) for n in range(-1, len(first))}
+            # the log is gone (passivated): a finished turn is replayed from the store
+            await host.passivate(v, CID)
+            replayed, ended = await host.events(v, CID, "t1", -1, 5.0)
+            assert ended
+            # a turn whose process died after storing the user message: started again
+            await host.passivate(v, CID)
+            await host._open_store()
+            epoch = await host._store.acquire(CID)
+            await host._store.append(
+                CID, UserMessage(content="four five", seq=2, turn_id="t2"), epoch=epoch
+            )
+            again: list[TurnEvent] = []
+            after = 3  # the reader had seen up to seq 3 before the crash
+            while not again or not again[-1].terminal:
+                again += (await host.events(v, CID, "t2", after, 5.0))[0]
+                after = again[-1].seq
+            with pytest.raises(UnknownTurn, match="has no turn 'nope'"):
+                await host.events(v, CID, "nope", -1, 1.0)
+            stored = await host._store.load(CID)
+            return {
+                "first": first,
+                "resumed": resumed,
+                "replayed": replayed,
+                "again": again,
+                "stored": stored,
+            }
+        finally:
+            await host._store.close()
+
+    got = asyncio.run(go())
+    first = got["first"]
+    for n, (events, ended) in got["resumed"].items():
+        assert events == first[n + 1 :], n
+        assert ended, n  # a reader past the last event is told the turn ended
+    replayed = got["replayed"]
+    assert [e.type for e in replayed] == ["started", "delta", "completed"]
+    assert replayed[1].text == first[-1].reply.text
+    again = got["again"]
+    assert again[0].type == "restarted"
+    assert again[0].seq == 4  # it goes on from the reader's cursor
+    assert again[-1].type == "completed"
+    assert "".join(e.text for e in again if e.type == "delta") == "echo #2: four five"
+    assert [m.turn_id for m in got["stored"]].count("t2") == 2  # stored once: user + reply
