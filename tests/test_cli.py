@@ -139,6 +139,7 @@ def test_chat_session(driver_env: dict[str, str], sqlite_url: str) -> None:
     out = proc.stdout
     assert "assistant> echo #1: hello there" in out
     assert "assistant> add returned 4" in out
+    assert '  [add({"a": "2", "b": "2"}) -> 4]' in out  # streamed: the tool call as it ran
     assert '[3] assistant: [calls add({"a": "2", "b": "2"})]' in out
     assert "error: message contains control or invalid characters (U+0000)" in out
     # a second chat session continues the same stored conversation

@@ -426,3 +426,20 @@ def test_a_host_killed_mid_turn_restarts_it_and_the_reader_sees_restarted_then_t
     assert conv.info()["pid"] != pid
     stored = rt.stored_history("crashy")
     assert [m.kind for m in stored] == ["user", "assistant"]  # stored once
+
+
+def test_a_reader_that_stops_at_the_last_event_does_not_hold_up_the_next_turn(
+    rt: Runtime,
+) -> None:
+    """The turn's place in its caller's order is released when its last event arrives,
+    not when the reader's iterator is closed: a reader that keeps it open must not make
+    the next turn wait out the gate's gap timeout (10 s)."""
+    conv = rt.conversation("stopper")
+    events = conv.stream("first")  # held open after the loop
+    for event in events:
+        if event.terminal:
+            break
+    started = time.monotonic()
+    assert conv.send("second").text == "echo #2: second"
+    assert time.monotonic() - started < 5.0
+    events.close()

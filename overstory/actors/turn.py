@@ -42,7 +42,6 @@ from ..telemetry import (
     record_tool_content,
     set_turn_usage,
 )
-from ..tools import ToolDefinition
 
 __all__ = ["Emit", "is_complete", "reply_of", "run_turn"]
 
@@ -113,15 +112,19 @@ async def run_turn(
 
 
 async def _streamed(
-    model: Model,
-    instructions: str,
+    agent: Agent,
     history: Sequence[Message],
-    tools: Sequence[ToolDefinition],
     emit: Emit,
 ) -> ModelResponse:
-    """One model call, streamed: its deltas and fall-throughs emitted as they come."""
-    async for item in model.stream(instructions, history, tools):
+    """One model call, streamed: its deltas and fall-throughs emitted as they come, the
+    time to its first delta in the ``time_to_first_token`` metric."""
+    model: Model = agent.model
+    started: float | None = time.monotonic()
+    async for item in model.stream(agent.instructions, history, agent.tool_definitions):
         if isinstance(item, str):
+            if started is not None:
+                metrics().time_to_first_token(agent.name, time.monotonic() - started)
+                started = None
             emit("delta", text=item)
         elif isinstance(item, FallThrough):
             emit("fallback", text=str(item.error), model=item.model)
@@ -207,9 +210,7 @@ async def _run_turn(
                     agent.instructions, history, agent.tool_definitions
                 )
             else:
-                response = await _streamed(
-                    agent.model, agent.instructions, history, agent.tool_definitions, emit
-                )
+                response = await _streamed(agent, history, emit)
         except ModelError as exc:
             raise TurnFailed(conversation_id, turn_id, f"model error: {exc}", exc) from exc
         round_trips += 1

@@ -9,12 +9,13 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..agent import DEFAULT_PLACEMENT, PLACEMENTS
 from ..exceptions import OverstoryError, RuntimeFailure, TurnFailed, UsageError
+from ..messages import TurnEvent
 from ..registry.hosts import grow_hosts
 from . import ops
 from .client import Runtime, connect
@@ -175,6 +176,7 @@ def _demo(args: argparse.Namespace) -> int:
         f"errors {summary['errors']}, tool calls {summary['tool_calls']}, "
         f"messages stored {summary['messages_stored']}, "
         f"p50 {summary['p50_turn_ms']} ms, p99 {summary['p99_turn_ms']} ms, "
+        f"first token p50 {summary['p50_ttft_ms']} ms, p99 {summary['p99_ttft_ms']} ms, "
         f"wall {summary['wall_s']} s"
     )
     print(
@@ -219,6 +221,9 @@ def _chat(args: argparse.Namespace) -> int:
             if not line.strip():
                 continue
             try:
+                if conv.placement == "hosted":
+                    _print_streamed(conv.stream(line))
+                    continue
                 reply = conv.send(line)
             except (UsageError, TurnFailed) as exc:
                 print(f"error: {exc}")
@@ -227,6 +232,30 @@ def _chat(args: argparse.Namespace) -> int:
     finally:
         runtime.close()
     return 0
+
+
+def _print_streamed(events: Iterator[TurnEvent]) -> None:
+    """A streamed turn as it happens: tool calls on lines of their own, then the reply
+    word by word after ``assistant>``."""
+    speaking = False
+    for event in events:
+        if event.type == "delta":
+            if not speaking:
+                print("assistant> ", end="")
+                speaking = True
+            print(event.text, end="", flush=True)
+        elif event.type == "tool_result" and event.tool_call and event.tool_return:
+            call, result = event.tool_call, event.tool_return
+            arguments = json.dumps(call.arguments)
+            print(f"  [{call.name}({arguments}) -> {result.content}]", flush=True)
+        elif event.type == "restarted":
+            print("\n  [the conversation restarted; the answer starts again]", flush=True)
+            speaking = False
+        elif event.type in ("failed", "incomplete"):
+            print(("\n" if speaking else "") + f"error: {event.text}")
+            return
+    if speaking:
+        print()
 
 
 def _render(message: Any) -> str:

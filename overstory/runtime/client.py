@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar
@@ -322,6 +322,8 @@ class Conversation:
                 except UnknownTurn:  # its process died before storing the message: again
                     self._call("start_turn", turn_id, text, self._caller, n, low, None, after)
                     continue
+                if ended:  # done before the last yield: a reader may stop at the end
+                    self._done(n)
                 for event in events:
                     yield event
                     after = event.seq
@@ -353,7 +355,7 @@ class Conversation:
 
     async def stream_async(
         self, text: str, *, turn_id: str | None = None
-    ) -> AsyncIterator[TurnEvent]:
+    ) -> AsyncGenerator[TurnEvent, None]:
         """Async form of :meth:`stream`."""
         self._streamable()
         turn_id = self._check(text, turn_id)
@@ -372,6 +374,8 @@ class Conversation:
                         "start_turn", turn_id, text, self._caller, n, low, None, after
                     )
                     continue
+                if ended:  # done before the last yield: a reader may stop at the end
+                    self._done(n)
                 for event in events:
                     yield event
                     after = event.seq
@@ -380,7 +384,9 @@ class Conversation:
         finally:
             self._done(n)
 
-    async def resume_async(self, turn_id: str, *, after: int = -1) -> AsyncIterator[TurnEvent]:
+    async def resume_async(
+        self, turn_id: str, *, after: int = -1
+    ) -> AsyncGenerator[TurnEvent, None]:
         """Async form of :meth:`resume`."""
         self._streamable()
         if not isinstance(turn_id, str) or not turn_id:

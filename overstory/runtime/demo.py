@@ -24,10 +24,10 @@ import ray
 
 from .._ray import quiet_worker_notices
 from ..agent import Agent, Placement
-from ..exceptions import ConfigError, OverstoryError
-from ..messages import AssistantMessage, Message, UserMessage
+from ..exceptions import ConfigError, OverstoryError, TurnFailed
+from ..messages import AssistantMessage, Message, Reply, UserMessage
 from ..providers import Endpoint, Model, OfflineModel, Rule, parse_model, resolve_model
-from .client import Runtime
+from .client import Conversation, Runtime
 
 __all__ = ["DemoResult", "add", "demo_agent", "run_demo", "word_count"]
 
@@ -100,6 +100,7 @@ class DemoResult:
     tool_calls: int = 0
     messages_stored: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    ttft_ms: list[float] = field(default_factory=list)  # streamed turns: first delta
     error_samples: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     acknowledged: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
@@ -113,6 +114,7 @@ class DemoResult:
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies_ms)
+        ttft = sorted(self.ttft_ms)
         return {
             "users": self.users,
             "turns_requested": self.turns_requested,
@@ -122,6 +124,8 @@ class DemoResult:
             "messages_stored": self.messages_stored,
             "p50_turn_ms": round(statistics.median(lat), 2) if lat else None,
             "p99_turn_ms": round(_quantile(lat, 0.99), 2) if lat else None,
+            "p50_ttft_ms": round(statistics.median(ttft), 2) if ttft else None,
+            "p99_ttft_ms": round(_quantile(ttft, 0.99), 2) if ttft else None,
             "wall_s": round(self.wall_s, 2),
             "kills": self.kills,
             "restarts": self.restarts,
@@ -177,7 +181,10 @@ async def _simulate(
         turn_id = f"{user_id}-turn-{turn}"
         text = user_message(index, turn)
         try:
-            reply = await conv.send_async(text, turn_id=turn_id)
+            if conv.placement == "hosted":
+                reply = await _streamed_turn(conv, text, turn_id, started, result)
+            else:
+                reply = await conv.send_async(text, turn_id=turn_id)
         except OverstoryError as exc:
             result.errors += 1
             if len(result.error_samples) < MAX_ERROR_SAMPLES:
@@ -188,6 +195,24 @@ async def _simulate(
             result.tool_calls += len(reply.tool_calls)
             acked.append((turn_id, text))
         bar.tick()
+
+
+async def _streamed_turn(
+    conv: Conversation, text: str, turn_id: str, started: float, result: DemoResult
+) -> Reply:
+    """One turn read as a stream (hosted placement): its time to first delta recorded,
+    its reply returned; a turn that ends ``failed`` raises like ``send`` would."""
+    first: float | None = None
+    async with contextlib.aclosing(conv.stream_async(text, turn_id=turn_id)) as events:
+        async for event in events:
+            if event.type == "delta" and first is None:
+                first = time.perf_counter()
+                result.ttft_ms.append((first - started) * 1000)
+            elif event.type == "completed" and event.reply is not None:
+                return event.reply
+            elif event.terminal:
+                raise TurnFailed(conv.conversation_id, turn_id, event.text or event.type)
+    raise TurnFailed(conv.conversation_id, turn_id, "the stream ended without an outcome")
 
 
 def audit(acked: list[tuple[str, str]], stored: list[Message]) -> tuple[int, int]:

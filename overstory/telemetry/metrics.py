@@ -79,6 +79,13 @@ METRICS: dict[str, MetricSpec] = {
         ("provider", "model", "outcome"),
         tuple(_LATENCY_BUCKETS),
     ),
+    "time_to_first_token": MetricSpec(
+        "overstory_time_to_first_token_seconds",
+        "histogram",
+        "Seconds from a streamed model call's start to its first text delta, by agent.",
+        ("agent",),
+        tuple(_LATENCY_BUCKETS),
+    ),
     "tool_calls": MetricSpec(
         "overstory_tool_calls_total",
         "counter",
@@ -190,6 +197,10 @@ class Metrics:
         tags = {"provider": _tag(provider), "model": _tag(model), "outcome": _tag(outcome)}
         self._inc("model_calls", 1, tags)
         self._observe("model_latency", seconds, tags)
+
+    def time_to_first_token(self, agent: str, seconds: float) -> None:
+        """A streamed model call's first text delta arrived ``seconds`` after it began."""
+        self._observe("time_to_first_token", seconds, {"agent": _tag(agent)})
 
     def tool_call(self, tool: str, outcome: Literal["ok", "error"]) -> None:
         """One tool call; failures are the ``error`` outcome."""
