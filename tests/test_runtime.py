@@ -325,3 +325,24 @@ def test_conversations_on_mongodb(ray_cluster: str, mongo_url: str, namespace: s
         assert rt.count_stored("olga") == 4
     finally:
         kill_namespace(namespace)
+
+
+def test_a_streamed_turn_in_either_placement(rt: Runtime) -> None:
+    """The same events whichever the placement: the deltas join to the stored reply,
+    a reader resumes from any seq, and the turn goes on while nobody reads."""
+    conv = rt.conversation("stella")
+    events = list(conv.stream("what is 4 + 5? please"))
+    assert [e.type for e in events[:3]] == ["started", "tool_call", "tool_result"]
+    assert events[-1].type == "completed"
+    assert "".join(e.text for e in events if e.type == "delta") == "add returned 9"
+    assert conv.history()[-1].content == "add returned 9"
+    turn_id = events[0].turn_id
+    assert list(conv.resume(turn_id, after=2)) == events[3:]
+    away = conv.stream("!sleep 0.3 while away", turn_id="t-stella-away")
+    next(away)
+    away.close()
+    rest = list(conv.resume("t-stella-away", after=0))
+    assert "".join(e.text for e in rest if e.type == "delta") == "echo #2: while away"
+    assert (
+        rt.count_stored("stella") == 6
+    )  # two turns: user, assistant, tool, assistant; user, assistant

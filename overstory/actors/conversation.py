@@ -20,7 +20,7 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 import ray
@@ -28,7 +28,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from ..app import App
 from ..exceptions import Fenced, Passivated, SequenceConflict
-from ..messages import Message, Reply
+from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
 from ..providers.pool import provider_namespace
 from ..store import HistoryStore, open_store
@@ -38,7 +38,8 @@ from ..telemetry import flush as flush_telemetry
 from ..validation import MAX_MESSAGE_CHARS, validate_message
 from .gate import TurnGate
 from .serving import Binding, Serving
-from .turn import run_turn
+from .turn import Emit, run_turn
+from .turnlog import TurnStreams
 
 __all__ = ["ConversationActor"]
 
@@ -57,6 +58,8 @@ class ConversationActor:
         namespace: str = "overstory",
         api_keys: Mapping[str, Secret] | None = None,
         rollout_refresh_s: float = 5.0,
+        stream_keep_turns: int = 8,
+        stream_window_s: float = 300.0,
     ) -> None:
         self.conversation_id = conversation_id
         # The app's namespace (the actor's, not its job's): provider actors live there.
@@ -76,6 +79,7 @@ class ConversationActor:
         self._loaded = False
         self._load_lock = asyncio.Lock()
         self._gate = TurnGate()
+        self._streams = TurnStreams(stream_keep_turns, stream_window_s)
         self._started_at = time.time()
         self._last_active = time.monotonic()
         self._last_active_at = time.time()  # comparable across actors (LRU eviction)
@@ -165,10 +169,12 @@ class ConversationActor:
         n: int = 0,
         low: int | None = None,
         carrier: dict[str, str] | None = None,
+        emit: Emit | None = None,
     ) -> Reply:
         """Run turn ``turn_id``; ``caller``/``n``/``low`` order one client's sends (TurnGate).
 
         ``carrier`` is the client's trace context: the turn's spans become its children.
+        ``emit`` (in-process only) streams the turn into its event log.
         """
         validate_message(text, max_chars=self.max_message_chars)
         if self._closing:
@@ -192,6 +198,7 @@ class ConversationActor:
                             turn_id,
                             text,
                             epoch=self._epoch,
+                            emit=emit,
                         )
                 except SequenceConflict:
                     # Someone else wrote this conversation: our copy is stale. Reload so
@@ -214,6 +221,50 @@ class ConversationActor:
             self._last_active_at = time.time()
             if not self._closing:
                 self._arm_idle_timer()
+
+    # --- streamed turns (see HostActor.start_turn / events) ------------------------------
+
+    async def start_turn(
+        self,
+        turn_id: str,
+        text: str,
+        caller: str | None = None,
+        n: int = 0,
+        low: int | None = None,
+        carrier: dict[str, str] | None = None,
+        after: int = -1,
+    ) -> int:
+        """Start turn ``turn_id`` running into its event log; returns the log's first
+        ``seq`` at once. Idempotent while the log is here."""
+        validate_message(text, max_chars=self.max_message_chars)
+        if self._closing:
+            raise Passivated(f"conversation {self.conversation_id!r} is passivating")
+        await self._load()
+
+        def run(emit: Emit) -> Awaitable[Reply]:
+            return self.send(turn_id, text, caller, n, low, carrier, emit)
+
+        return self._streams.start(turn_id, after, run)
+
+    async def events(
+        self, turn_id: str, after: int = -1, wait_s: float = 10.0
+    ) -> tuple[list[TurnEvent], bool]:
+        """``(events after after, ended)`` of turn ``turn_id`` (a long poll)."""
+        await self._load()
+
+        def restart(text: str) -> Awaitable[int]:
+            return self.start_turn(turn_id, text, after=after)
+
+        binding = self.binding
+        return await self._streams.events(
+            self.conversation_id,
+            turn_id,
+            after,
+            wait_s,
+            self._history,
+            (binding.agent, binding.version or ""),
+            restart,
+        )
 
     def forget_splits(self) -> bool:
         """A rollout command changed a split: read it again before the next turn."""

@@ -38,7 +38,7 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -46,16 +46,14 @@ import ray
 from ..app import App
 from ..exceptions import (
     ConversationQuarantined,
-    ConversationUnavailable,
     Fenced,
     Passivated,
     SequenceConflict,
     StaleShardTable,
     TurnFailed,
-    UnknownTurn,
     UsageError,
 )
-from ..messages import Message, Reply, TurnEvent, UserMessage
+from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
 from ..providers.pool import provider_namespace
 from ..store import HistoryStore, open_store
@@ -66,8 +64,8 @@ from ..telemetry import attached, metrics, setup_telemetry
 from ..validation import validate_message
 from .gate import TurnGate
 from .serving import Binding, Serving
-from .turn import Emit, is_complete, reply_of, run_turn
-from .turnlog import TurnLogs, replay
+from .turn import Emit, run_turn
+from .turnlog import TurnStreams
 
 if TYPE_CHECKING:  # imported for types only: registry and runtime import this module
     from ..registry.shards import ShardTable
@@ -103,7 +101,7 @@ class _Entity:
         "history",
         "in_turn",
         "last_active",
-        "logs",
+        "streams",
         "turns",
     )
 
@@ -115,7 +113,7 @@ class _Entity:
         self.history = history
         self.epoch = epoch
         self.gate: TurnGate | None = None  # only while turns are in flight
-        self.logs: TurnLogs | None = None  # only once a turn has been streamed
+        self.streams: TurnStreams | None = None  # only once a turn has been streamed
         self.in_turn = 0
         self.closing = False
         self.turns = 0
@@ -169,7 +167,6 @@ class HostActor:
         self._started_at = time.time()
         self._sweeper: asyncio.Task[None] | None = None
         self._reported_at = 0.0
-        self._streaming: set[asyncio.Task[None]] = set()  # turns running for their logs
 
     # --- supervision protocol (the host supervisor watches hosts) -------------------------
 
@@ -344,50 +341,15 @@ class HostActor:
         await self._route(version, conversation_id)
         validate_message(text, max_chars=self.config.max_message_chars)
         entity = await self._activate(conversation_id, api_keys=api_keys)
-        if entity.logs is None:
-            entity.logs = TurnLogs(self.config.stream_keep_turns, self.config.stream_window_s)
-        log = entity.logs.get(turn_id)
-        if log is not None:
-            return log.first_seq
-        log = entity.logs.open(turn_id, first_seq=after + 1)
-        log.emit("restarted" if after >= 0 else "started")
-        task = asyncio.get_running_loop().create_task(
-            self._run_logged(
-                version, conversation_id, turn_id, text, caller, n, low, carrier, api_keys, log.emit
-            )
-        )
-        self._streaming.add(task)
-        task.add_done_callback(self._streaming.discard)
-        return log.first_seq
+        if entity.streams is None:
+            entity.streams = TurnStreams(self.config.stream_keep_turns, self.config.stream_window_s)
 
-    async def _run_logged(
-        self,
-        version: int,
-        conversation_id: str,
-        turn_id: str,
-        text: str,
-        caller: str | None,
-        n: int,
-        low: int | None,
-        carrier: dict[str, str] | None,
-        api_keys: Mapping[str, Secret] | None,
-        emit: Emit,
-    ) -> None:
-        """A streamed turn, whoever reads it; its outcome is the log's last event."""
-        try:
-            reply = await self._send(
+        def run(emit: Emit) -> Awaitable[Reply]:
+            return self._send(
                 version, conversation_id, turn_id, text, caller, n, low, carrier, api_keys, emit
             )
-        except TurnFailed as exc:
-            emit("failed", text=exc.reason)
-        except ConversationUnavailable:
-            # Passivated, fenced, moved: the entity (and this log) is gone; a reader's
-            # next poll finds the turn unfinished in the store and starts it again there.
-            return
-        except Exception as exc:  # the caller's mistake (a reused turn id), or a crash
-            emit("failed", text=f"{type(exc).__name__}: {exc}"[:500])
-        else:
-            emit("completed", reply=reply)
+
+        return entity.streams.start(turn_id, after, run)
 
     async def events(
         self,
@@ -407,27 +369,24 @@ class HostActor:
         await self._route(version, conversation_id)
         entity = await self._activate(conversation_id, api_keys=api_keys)
         self._touch(entity)
-        log = entity.logs.get(turn_id) if entity.logs is not None else None
-        if log is None:
-            turn = [m for m in entity.history if m.turn_id == turn_id]
-            if not turn or not isinstance(turn[0], UserMessage):
-                raise UnknownTurn(conversation_id, turn_id)
-            if is_complete(turn):
-                binding = entity.binding
-                reply = reply_of(turn_id, turn, binding.agent, binding.version or "")
-                return [e for e in replay(turn_id, turn, reply) if e.seq > after], True
-            await self.start_turn(
-                version,
-                conversation_id,
-                turn_id,
-                turn[0].content,
-                api_keys=api_keys,
-                after=after,
+        if entity.streams is None:
+            entity.streams = TurnStreams(self.config.stream_keep_turns, self.config.stream_window_s)
+
+        def restart(text: str) -> Awaitable[int]:
+            return self.start_turn(
+                version, conversation_id, turn_id, text, api_keys=api_keys, after=after
             )
-            log = entity.logs.get(turn_id) if entity.logs is not None else None
-            assert log is not None
-        events = await log.wait_after(after, min(max(wait_s, 0.0), 60.0))
-        return events, log.finished and (not events or events[-1].seq == log.last_seq)
+
+        binding = entity.binding
+        return await entity.streams.events(
+            conversation_id,
+            turn_id,
+            after,
+            wait_s,
+            entity.history,
+            (binding.agent, binding.version or ""),
+            restart,
+        )
 
     async def history(
         self,

@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from ..exceptions import ConversationUnavailable, TurnFailed, UnknownTurn
 from ..messages import (
     AssistantMessage,
     Message,
@@ -25,9 +26,11 @@ from ..messages import (
     ToolReturn,
     TurnEvent,
     TurnEventType,
+    UserMessage,
 )
+from .turn import Emit, is_complete, reply_of
 
-__all__ = ["TurnLog", "TurnLogs", "replay"]
+__all__ = ["TurnLog", "TurnLogs", "TurnStreams", "replay"]
 
 
 class TurnLog:
@@ -137,3 +140,74 @@ def replay(turn_id: str, turn: Sequence[Message], reply: Reply) -> list[TurnEven
             log.emit("tool_result", tool_call=calls.get(message.tool_call_id), tool_return=message)
     log.emit("completed", reply=reply)
     return log.events
+
+
+class TurnStreams:
+    """The streamed turns of one conversation — the part a host's entity and a
+    dedicated conversation actor share: start a turn running into its log, and answer
+    a reader from the log, from the store (a finished turn whose log is gone), or by
+    starting the turn again (its process died mid-turn)."""
+
+    __slots__ = ("_tasks", "logs")
+
+    def __init__(self, keep: int = 8, window_s: float = 300.0) -> None:
+        self.logs = TurnLogs(keep, window_s)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, turn_id: str, after: int, run: Callable[[Emit], Awaitable[Reply]]) -> int:
+        """Run ``run(emit)`` (the turn) into a new log unless one for ``turn_id`` is
+        here; returns the log's first ``seq``. ``after`` >= 0: a reader's cursor when
+        the turn is started again after its process died (a ``restarted`` event)."""
+        log = self.logs.get(turn_id)
+        if log is not None:
+            return log.first_seq
+        log = self.logs.open(turn_id, first_seq=after + 1)
+        log.emit("restarted" if after >= 0 else "started")
+        task = asyncio.get_running_loop().create_task(_run_logged(run, log))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return log.first_seq
+
+    async def events(
+        self,
+        conversation_id: str,
+        turn_id: str,
+        after: int,
+        wait_s: float,
+        history: Sequence[Message],
+        agent: tuple[str, str],
+        restart: Callable[[str], Awaitable[object]],
+    ) -> tuple[list[TurnEvent], bool]:
+        """``(events after after, ended)`` (see ``HostActor.events``). ``agent`` is
+        ``(name, version)`` for a replayed reply; ``restart(text)`` starts the turn
+        again from its stored user message."""
+        log = self.logs.get(turn_id)
+        if log is None:
+            turn = [m for m in history if m.turn_id == turn_id]
+            if not turn or not isinstance(turn[0], UserMessage):
+                raise UnknownTurn(conversation_id, turn_id)
+            if is_complete(turn):
+                reply = reply_of(turn_id, turn, *agent)
+                return [e for e in replay(turn_id, turn, reply) if e.seq > after], True
+            await restart(turn[0].content)
+            log = self.logs.get(turn_id)
+            assert log is not None
+        events = await log.wait_after(after, min(max(wait_s, 0.0), 60.0))
+        return events, log.finished and (not events or events[-1].seq == log.last_seq)
+
+
+async def _run_logged(run: Callable[[Emit], Awaitable[Reply]], log: TurnLog) -> None:
+    """A streamed turn, whoever reads it; its outcome is the log's last event."""
+    try:
+        reply = await run(log.emit)
+    except TurnFailed as exc:
+        log.emit("failed", text=exc.reason)
+    except ConversationUnavailable:
+        # Passivated, fenced, moved: the conversation (and this log) is gone from this
+        # process; a reader's next poll finds the turn unfinished in the store and
+        # starts it again where the conversation lives now.
+        return
+    except Exception as exc:  # the caller's mistake (a reused turn id), or a crash
+        log.emit("failed", text=f"{type(exc).__name__}: {exc}"[:500])
+    else:
+        log.emit("completed", reply=reply)

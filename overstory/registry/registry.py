@@ -54,6 +54,8 @@ def lifecycle_of(config: Config) -> Lifecycle:
         activation_timeout_s=config.activation_timeout_s,
         resources=dict(config.actor_resources),
         rollout_refresh_s=config.rollout_refresh_s,
+        stream_keep_turns=config.stream_keep_turns,
+        stream_window_s=config.stream_window_s,
     )
 
 

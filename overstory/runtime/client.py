@@ -306,7 +306,6 @@ class Conversation:
         the turn is started again where the conversation lives next (a ``restarted``
         event: text since the last stored message is void) and the events go on.
         """
-        self._streamable()
         turn_id = self._check(text, turn_id)
         return self._stream(text, turn_id)
 
@@ -337,7 +336,6 @@ class Conversation:
         they happen, of a finished one at once — the same events a reader of
         :meth:`stream` got (within ``stream_window_s`` of its end; after that, rebuilt
         from the stored messages, one delta per model answer)."""
-        self._streamable()
         if not isinstance(turn_id, str) or not turn_id:
             raise UsageError(f"turn_id must be a non-empty string, got {turn_id!r}")
         if isinstance(after, bool) or not isinstance(after, int) or after < -1:
@@ -357,7 +355,6 @@ class Conversation:
         self, text: str, *, turn_id: str | None = None
     ) -> AsyncGenerator[TurnEvent, None]:
         """Async form of :meth:`stream`."""
-        self._streamable()
         turn_id = self._check(text, turn_id)
         n, low = self._number()
         after = -1
@@ -388,7 +385,6 @@ class Conversation:
         self, turn_id: str, *, after: int = -1
     ) -> AsyncGenerator[TurnEvent, None]:
         """Async form of :meth:`resume`."""
-        self._streamable()
         if not isinstance(turn_id, str) or not turn_id:
             raise UsageError(f"turn_id must be a non-empty string, got {turn_id!r}")
         if isinstance(after, bool) or not isinstance(after, int) or after < -1:
@@ -400,13 +396,6 @@ class Conversation:
                 after = event.seq
             if ended:
                 return
-
-    def _streamable(self) -> None:
-        if self._handle is not None:
-            raise UsageError(
-                "streamed turns need hosted placement; dedicated conversations do not "
-                "stream yet (use send)"
-            )
 
     def _span(self) -> AbstractContextManager[Span]:
         """The client's span of one send: the parent of the turn's spans in the actor."""

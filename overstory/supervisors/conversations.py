@@ -68,6 +68,8 @@ class Lifecycle:
     activation_timeout_s: float = 60.0
     resources: dict[str, float] = field(default_factory=dict)
     rollout_refresh_s: float = 5.0
+    stream_keep_turns: int = 8
+    stream_window_s: float = 300.0
 
 
 @dataclass
@@ -245,6 +247,8 @@ class ConversationSupervisor:
                 self.namespace,
                 api_keys,
                 self.lifecycle.rollout_refresh_s,
+                self.lifecycle.stream_keep_turns,
+                self.lifecycle.stream_window_s,
             ),
             options,
             timeout_s=self.lifecycle.activation_timeout_s,
