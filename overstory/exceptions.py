@@ -21,6 +21,7 @@ both sides subclass the stdlib exceptions users already catch::
         │   └── AllModelsFailed             every model in a chain failed; lists each failure
         ├── MaxRoundTripsExceeded           a turn needed more model round trips than allowed
         ├── TurnFailed                      a turn did not complete; the user message is stored
+        │   └── TurnIncomplete              a streamed turn cut short (stored as such)
         ├── ConversationUnavailable         the conversation cannot be reached/started
         │   ├── Passivated                  it is shutting down; ask the registry again
         │   ├── StaleShardTable             routed with an old shard table (carries the new one)
@@ -62,6 +63,7 @@ __all__ = [
     "StoreUnavailable",
     "ToolDefinitionError",
     "TurnFailed",
+    "TurnIncomplete",
     "UnknownAgent",
     "UnknownTurn",
     "UsageError",
@@ -289,6 +291,19 @@ class TurnFailed(RuntimeFailure):
             type(self),
             (self.conversation_id, self.turn_id, self.reason, self.__cause__),
         )
+
+
+class TurnIncomplete(TurnFailed):
+    """A streamed turn ended part-way: the model failed after its first token, or the
+    turn was cancelled. What was produced is stored as the turn's (incomplete) answer;
+    ``reply`` is it."""
+
+    def __init__(self, conversation_id: str, turn_id: str, reason: str, reply: object) -> None:
+        super().__init__(conversation_id, turn_id, reason)
+        self.reply = reply
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.conversation_id, self.turn_id, self.reason, self.reply))
 
 
 class ConversationUnavailable(RuntimeFailure):

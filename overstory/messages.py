@@ -93,6 +93,9 @@ class AssistantMessage(_Stored):
     tool_calls: tuple[ToolCall, ...] = ()
     usage: Usage = Usage()
     model: str = ""
+    incomplete: str = ""
+    """Why the answer was cut short (the model failed mid-stream, or the turn was
+    cancelled); empty for a whole answer. An incomplete answer ends its turn."""
     kind: Literal["assistant"] = "assistant"
 
 
@@ -128,6 +131,8 @@ def to_record(message: Message) -> dict[str, Any]:
             "usage": [message.usage.input_tokens, message.usage.output_tokens],
             "model": message.model,
         }
+        if message.incomplete:
+            body["incomplete"] = message.incomplete
     else:
         body = {
             "tool_call_id": message.tool_call_id,
@@ -164,6 +169,7 @@ def from_record(record: dict[str, Any]) -> Message:
             ),
             usage=Usage(*body["usage"]),
             model=body["model"],
+            incomplete=str(body.get("incomplete", "")),
             **meta,
         )
     if kind == "tool":
@@ -188,6 +194,9 @@ class Reply:
     usage: Usage
     agent: str = ""
     agent_version: str = ""
+    incomplete: str = ""
+    """Why the answer was cut short (see :attr:`AssistantMessage.incomplete`); empty
+    when it is whole."""
 
     def __str__(self) -> str:
         return self.text

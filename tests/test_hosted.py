@@ -443,3 +443,24 @@ def test_a_reader_that_stops_at_the_last_event_does_not_hold_up_the_next_turn(
     assert conv.send("second").text == "echo #2: second"
     assert time.monotonic() - started < 5.0
     events.close()
+
+
+def test_cancel_ends_a_streamed_turn_incomplete_with_what_was_shown_stored(
+    rt: Runtime,
+) -> None:
+    conv = rt.conversation("canceller")
+    text = "!sleep 1.0 one two three four"
+    events = conv.stream(text, turn_id="t-cancel")
+    assert next(events).type == "started"
+    assert conv.cancel("t-cancel")  # the model is still thinking: it stops at the first delta
+    rest = list(events)
+    assert rest[-1].type == "incomplete"
+    assert rest[-1].text == "cancelled"
+    shown = "".join(e.text for e in rest if e.type == "delta")
+    assert shown == "echo "
+    stored = rt.stored_history("canceller")
+    assert (stored[-1].content, stored[-1].incomplete) == (shown, "cancelled")
+    with pytest.raises(overstory.TurnIncomplete, match="cancelled"):
+        conv.send(text, turn_id="t-cancel")  # the turn has ended: a re-send says how
+    assert not conv.cancel("t-cancel")
+    assert conv.send("next").text == "echo #2: next"

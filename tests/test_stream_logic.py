@@ -15,6 +15,7 @@ from overstory import Agent, AllModelsFailed, ModelError, UnknownTurn
 from overstory.actors.host import HostActor
 from overstory.actors.turnlog import TurnLog, TurnLogs, replay
 from overstory.app import App, conversation_id
+from overstory.exceptions import TurnIncomplete
 from overstory.messages import Message, ModelResponse, TurnEvent, UserMessage
 from overstory.providers import FallbackModel, Model, OfflineModel, Rule
 from overstory.providers.base import FallThrough, StreamItem
@@ -254,3 +255,75 @@ def test_readers_resume_anywhere_and_a_turn_whose_log_is_gone_is_replayed_or_res
     assert again[-1].type == "completed"
     assert "".join(e.text for e in again if e.type == "delta") == "echo #2: four five"
     assert [m.turn_id for m in got["stored"]].count("t2") == 2  # stored once: user + reply
+
+
+def test_a_model_failing_after_its_first_token_ends_the_turn_incomplete_and_stored_as_such(
+    sqlite_url: str,
+) -> None:
+    agent = Agent("s", model=FallbackModel(_CutShort(2), OfflineModel("backup")))
+    host = _host(agent, sqlite_url)
+
+    async def go() -> tuple[Any, ...]:
+        v = host.table.version
+        try:
+            await host.start_turn(v, CID, "t1", "hello")
+            events = []
+            after = -1
+            while not events or not events[-1].terminal:
+                events += (await host.events(v, CID, "t1", after, 5.0))[0]
+                after = events[-1].seq
+            stored = await host._store.load(CID)
+            with pytest.raises(TurnIncomplete, match="failed mid-answer") as again:
+                await host.send(v, CID, "t1", "hello")  # a re-send: the same outcome
+            await host.passivate(v, CID)
+            replayed, _ = await host.events(v, CID, "t1", -1, 5.0)
+            return events, stored, again.value, replayed
+        finally:
+            await host._store.close()
+
+    events, stored, again, replayed = asyncio.run(go())
+    assert [e.type for e in events] == ["started", "delta", "delta", "incomplete"]
+    final = events[-1]
+    assert "the model failed mid-answer" in final.text
+    assert "connection reset mid-stream" in final.text
+    assert final.reply is not None
+    assert final.reply.text == "part0 part1 "  # what was shown, and nothing of the backup
+    assert [m.kind for m in stored] == ["user", "assistant"]
+    assert stored[-1].content == "part0 part1 "
+    assert stored[-1].incomplete.startswith("the model failed mid-answer")  # read back
+    assert again.reply.text == "part0 part1 "
+    assert [e.type for e in replayed] == ["started", "delta", "incomplete"]
+
+
+def test_cancel_stops_a_turn_at_the_next_delta_and_stores_what_was_shown(
+    sqlite_url: str,
+) -> None:
+    agent = Agent("s", model=OfflineModel("slow", latency_s=2.0))
+    host = _host(agent, sqlite_url)
+    words = " ".join(f"w{i}" for i in range(40))
+
+    async def go() -> tuple[Any, ...]:
+        v = host.table.version
+        try:
+            await host.start_turn(v, CID, "t1", words)
+            seen: list[TurnEvent] = []
+            while sum(e.type == "delta" for e in seen) < 3:
+                seen += (await host.events(v, CID, "t1", seen[-1].seq if seen else -1, 5.0))[0]
+            assert await host.cancel(v, CID, "t1")
+            events = seen
+            while not events[-1].terminal:
+                events += (await host.events(v, CID, "t1", events[-1].seq, 5.0))[0]
+            assert not await host.cancel(v, CID, "t1")  # ended: nothing to cancel
+            return events, await host._store.load(CID)
+        finally:
+            await host._store.close()
+
+    started = time.monotonic()
+    events, stored = asyncio.run(go())
+    assert time.monotonic() - started < 1.5  # stopped well before the 2 s answer ended
+    assert events[-1].type == "incomplete"
+    assert events[-1].text == "cancelled"
+    shown = "".join(e.text for e in events if e.type == "delta")
+    assert 3 <= len(shown.split()) < 42
+    assert stored[-1].content == shown
+    assert stored[-1].incomplete == "cancelled"

@@ -20,7 +20,7 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import ray
@@ -170,6 +170,7 @@ class ConversationActor:
         low: int | None = None,
         carrier: dict[str, str] | None = None,
         emit: Emit | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Reply:
         """Run turn ``turn_id``; ``caller``/``n``/``low`` order one client's sends (TurnGate).
 
@@ -199,6 +200,7 @@ class ConversationActor:
                             text,
                             epoch=self._epoch,
                             emit=emit,
+                            should_stop=should_stop,
                         )
                 except SequenceConflict:
                     # Someone else wrote this conversation: our copy is stale. Reload so
@@ -241,10 +243,15 @@ class ConversationActor:
             raise Passivated(f"conversation {self.conversation_id!r} is passivating")
         await self._load()
 
-        def run(emit: Emit) -> Awaitable[Reply]:
-            return self.send(turn_id, text, caller, n, low, carrier, emit)
+        def run(emit: Emit, should_stop: Callable[[], bool]) -> Awaitable[Reply]:
+            return self.send(turn_id, text, caller, n, low, carrier, emit, should_stop)
 
         return self._streams.start(turn_id, after, run)
+
+    def cancel(self, turn_id: str) -> bool:
+        """Ask streamed turn ``turn_id`` to stop at its next safe point (see
+        ``HostActor.cancel``)."""
+        return self._streams.cancel(turn_id)
 
     async def events(
         self, turn_id: str, after: int = -1, wait_s: float = 10.0

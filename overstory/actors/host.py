@@ -38,7 +38,7 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -245,6 +245,7 @@ class HostActor:
         carrier: dict[str, str] | None = None,
         api_keys: Mapping[str, Secret] | None = None,
         emit: Emit | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Reply:
         await self._route(version, conversation_id)
         validate_message(text, max_chars=self.config.max_message_chars)
@@ -256,7 +257,7 @@ class HostActor:
             async with entity.gate.turn(caller, n, low):
                 if entity.closing:
                     raise Passivated(f"conversation {conversation_id!r} is passivating")
-                return await self._turn(entity, turn_id, text, carrier, emit)
+                return await self._turn(entity, turn_id, text, carrier, emit, should_stop)
         finally:
             entity.in_turn -= 1
             if not entity.in_turn:
@@ -276,6 +277,7 @@ class HostActor:
         text: str,
         carrier: dict[str, str] | None,
         emit: Emit | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Reply:
         """One turn under the deadline; what escapes the turn machinery crashes the entity."""
         cid = entity.conversation_id
@@ -295,6 +297,7 @@ class HostActor:
                         text,
                         epoch=entity.epoch,
                         emit=emit,
+                        should_stop=should_stop,
                     )
         except (TurnFailed, UsageError):
             raise  # the turn's own outcome (or the caller's mistake): the entity is fine
@@ -344,12 +347,38 @@ class HostActor:
         if entity.streams is None:
             entity.streams = TurnStreams(self.config.stream_keep_turns, self.config.stream_window_s)
 
-        def run(emit: Emit) -> Awaitable[Reply]:
+        def run(emit: Emit, should_stop: Callable[[], bool]) -> Awaitable[Reply]:
             return self._send(
-                version, conversation_id, turn_id, text, caller, n, low, carrier, api_keys, emit
+                version,
+                conversation_id,
+                turn_id,
+                text,
+                caller,
+                n,
+                low,
+                carrier,
+                api_keys,
+                emit,
+                should_stop,
             )
 
         return entity.streams.start(turn_id, after, run)
+
+    async def cancel(
+        self,
+        version: int,
+        conversation_id: str,
+        turn_id: str,
+        api_keys: Mapping[str, Secret] | None = None,
+    ) -> bool:
+        """Ask streamed turn ``turn_id`` to stop at its next safe point (between deltas,
+        after a tool returns); it ends ``incomplete`` with what it produced stored.
+        ``False`` when it is not running here (finished, or never streamed)."""
+        await self._route(version, conversation_id)
+        entity = self._entities.get(conversation_id)
+        if entity is None or entity.streams is None:
+            return False
+        return entity.streams.cancel(turn_id)
 
     async def events(
         self,

@@ -13,11 +13,17 @@ user's message twice.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ..agent import Agent
-from ..exceptions import InvalidMessage, MaxRoundTripsExceeded, ModelError, TurnFailed
+from ..exceptions import (
+    InvalidMessage,
+    MaxRoundTripsExceeded,
+    ModelError,
+    TurnFailed,
+    TurnIncomplete,
+)
 from ..messages import (
     AssistantMessage,
     Message,
@@ -69,11 +75,20 @@ def reply_of(turn_id: str, turn: Sequence[Message], agent: str, version: str) ->
         usage=usage,
         agent=agent,
         agent_version=version,
+        incomplete=last.incomplete,
     )
 
 
-def _reply(agent: Agent, turn_id: str, turn: list[Message]) -> Reply:
-    return reply_of(turn_id, turn, agent.name, agent.version)
+def _ended(agent: Agent, conversation_id: str, turn_id: str, turn: list[Message]) -> Reply:
+    """The reply of a turn that has ended; :class:`TurnIncomplete` if it ended cut short."""
+    reply = reply_of(turn_id, turn, agent.name, agent.version)
+    if reply.incomplete:
+        raise TurnIncomplete(conversation_id, turn_id, reply.incomplete, reply)
+    return reply
+
+
+def _never() -> bool:
+    return False
 
 
 async def run_turn(
@@ -86,6 +101,7 @@ async def run_turn(
     *,
     epoch: int | None = None,
     emit: Emit | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Reply:
     """Run (or resume, or replay) turn ``turn_id``; ``history`` is extended in place.
 
@@ -95,14 +111,18 @@ async def run_turn(
     messages stored so far stay stored. The turn is one ``invoke_agent {agent}`` span.
 
     With ``emit``, the model is streamed (:meth:`~overstory.providers.Model.stream`) and
-    each delta, fall-through, tool call and tool result is emitted as it happens.
+    each delta, fall-through, tool call and tool result is emitted as it happens. A
+    streamed answer cut short — the model failed after its first delta, or
+    ``should_stop()`` turned true at a safe point (between deltas, after a tool
+    returned) — is stored as the turn's incomplete answer and raised as
+    :class:`~overstory.exceptions.TurnIncomplete` (a replay raises it again).
     """
     started = time.monotonic()
     outcome = "error"
     try:
         with invoke_agent_span(agent.name, conversation_id, agent.version) as span:
             reply = await _run_turn(
-                agent, store, conversation_id, history, turn_id, text, epoch, emit
+                agent, store, conversation_id, history, turn_id, text, epoch, emit, should_stop
             )
             set_turn_usage(span, reply.usage.input_tokens, reply.usage.output_tokens)
             outcome = "ok"
@@ -111,25 +131,48 @@ async def run_turn(
         metrics().turn(agent.name, outcome, time.monotonic() - started, agent.version)
 
 
+class _CutShort(Exception):
+    """A streamed answer ended part-way: ``text`` was shown, ``reason`` says why."""
+
+    def __init__(self, text: str, reason: str) -> None:
+        super().__init__(reason)
+        self.text = text
+        self.reason = reason
+
+
 async def _streamed(
     agent: Agent,
     history: Sequence[Message],
     emit: Emit,
+    should_stop: Callable[[], bool],
 ) -> ModelResponse:
     """One model call, streamed: its deltas and fall-throughs emitted as they come, the
-    time to its first delta in the ``time_to_first_token`` metric."""
+    time to its first delta in the ``time_to_first_token`` metric. Raises
+    :class:`_CutShort` when it fails after a delta or a stop is asked between deltas."""
     model: Model = agent.model
     started: float | None = time.monotonic()
-    async for item in model.stream(agent.instructions, history, agent.tool_definitions):
-        if isinstance(item, str):
-            if started is not None:
-                metrics().time_to_first_token(agent.name, time.monotonic() - started)
-                started = None
-            emit("delta", text=item)
-        elif isinstance(item, FallThrough):
-            emit("fallback", text=str(item.error), model=item.model)
-        else:
-            return item
+    shown: list[str] = []
+    stream = model.stream(agent.instructions, history, agent.tool_definitions)
+    try:
+        async for item in stream:
+            if isinstance(item, str):
+                if started is not None:
+                    metrics().time_to_first_token(agent.name, time.monotonic() - started)
+                    started = None
+                shown.append(item)
+                emit("delta", text=item)
+                if should_stop():
+                    raise _CutShort("".join(shown), "cancelled")
+            elif isinstance(item, FallThrough):
+                emit("fallback", text=str(item.error), model=item.model)
+            else:
+                return item
+    except ModelError as exc:
+        if shown:  # never retried nor continued: what was shown is what there is
+            raise _CutShort("".join(shown), f"the model failed mid-answer: {exc}") from exc
+        raise
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
     raise RuntimeError(f"{model.name}'s stream ended without a response")
 
 
@@ -158,8 +201,10 @@ async def _run_turn(
     text: str,
     epoch: int | None,
     emit: Emit | None,
+    should_stop: Callable[[], bool] | None,
 ) -> Reply:
     turn = [m for m in history if m.turn_id == turn_id]
+    stop = should_stop or _never
 
     async def commit(message: Message) -> Message:
         stored = placed(message, seq=len(history), turn_id=turn_id)
@@ -176,7 +221,7 @@ async def _run_turn(
                 f"conversation {conversation_id!r}"
             )
         if is_complete(turn):
-            return _reply(agent, turn_id, turn)
+            return _ended(agent, conversation_id, turn_id, turn)
         if history[-1] is not turn[-1]:
             raise TurnFailed(
                 conversation_id,
@@ -198,6 +243,9 @@ async def _run_turn(
                     stored = await commit(await _run_tool(agent, call))
                     if emit is not None:
                         emit("tool_result", tool_call=call, tool_return=stored)
+                    if stop():
+                        await commit(AssistantMessage(incomplete="cancelled"))
+                        return _ended(agent, conversation_id, turn_id, turn)
         if round_trips >= agent.max_round_trips:
             reason = MaxRoundTripsExceeded(
                 f"the model asked for tools on all {agent.max_round_trips} round trips "
@@ -210,7 +258,10 @@ async def _run_turn(
                     agent.instructions, history, agent.tool_definitions
                 )
             else:
-                response = await _streamed(agent, history, emit)
+                response = await _streamed(agent, history, emit, stop)
+        except _CutShort as cut:
+            await commit(AssistantMessage(content=cut.text, incomplete=cut.reason))
+            return _ended(agent, conversation_id, turn_id, turn)
         except ModelError as exc:
             raise TurnFailed(conversation_id, turn_id, f"model error: {exc}", exc) from exc
         round_trips += 1
@@ -223,4 +274,4 @@ async def _run_turn(
             )
         )
         if is_complete(turn):
-            return _reply(agent, turn_id, turn)
+            return _ended(agent, conversation_id, turn_id, turn)

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from ..exceptions import ConversationUnavailable, TurnFailed, UnknownTurn
+from ..exceptions import ConversationUnavailable, TurnFailed, TurnIncomplete, UnknownTurn
 from ..messages import (
     AssistantMessage,
     Message,
@@ -30,7 +30,10 @@ from ..messages import (
 )
 from .turn import Emit, is_complete, reply_of
 
-__all__ = ["TurnLog", "TurnLogs", "TurnStreams", "replay"]
+__all__ = ["Run", "TurnLog", "TurnLogs", "TurnStreams", "replay"]
+
+#: A streamed turn to run: ``run(emit, should_stop)``.
+Run = Callable[[Emit, Callable[[], bool]], Awaitable[Reply]]
 
 
 class TurnLog:
@@ -42,6 +45,7 @@ class TurnLog:
         self.first_seq = first_seq
         self.events: list[TurnEvent] = []
         self.finished_at: float | None = None
+        self.cancelled = False  # asked to stop: the turn stops at its next safe point
         self._changed = asyncio.Event()
 
     @property
@@ -138,7 +142,10 @@ def replay(turn_id: str, turn: Sequence[Message], reply: Reply) -> list[TurnEven
                 log.emit("tool_call", tool_call=call)
         elif isinstance(message, ToolReturn):
             log.emit("tool_result", tool_call=calls.get(message.tool_call_id), tool_return=message)
-    log.emit("completed", reply=reply)
+    if reply.incomplete:
+        log.emit("incomplete", text=reply.incomplete, reply=reply)
+    else:
+        log.emit("completed", reply=reply)
     return log.events
 
 
@@ -154,10 +161,11 @@ class TurnStreams:
         self.logs = TurnLogs(keep, window_s)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def start(self, turn_id: str, after: int, run: Callable[[Emit], Awaitable[Reply]]) -> int:
-        """Run ``run(emit)`` (the turn) into a new log unless one for ``turn_id`` is
-        here; returns the log's first ``seq``. ``after`` >= 0: a reader's cursor when
-        the turn is started again after its process died (a ``restarted`` event)."""
+    def start(self, turn_id: str, after: int, run: Run) -> int:
+        """Run ``run(emit, should_stop)`` (the turn) into a new log unless one for
+        ``turn_id`` is here; returns the log's first ``seq``. ``after`` >= 0: a
+        reader's cursor when the turn is started again after its process died (a
+        ``restarted`` event)."""
         log = self.logs.get(turn_id)
         if log is not None:
             return log.first_seq
@@ -167,6 +175,15 @@ class TurnStreams:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return log.first_seq
+
+    def cancel(self, turn_id: str) -> bool:
+        """Ask turn ``turn_id`` to stop at its next safe point (it then ends
+        ``incomplete``, what it produced stored); ``False`` when it is not running here."""
+        log = self.logs.get(turn_id)
+        if log is None or log.finished:
+            return False
+        log.cancelled = True
+        return True
 
     async def events(
         self,
@@ -196,10 +213,12 @@ class TurnStreams:
         return events, log.finished and (not events or events[-1].seq == log.last_seq)
 
 
-async def _run_logged(run: Callable[[Emit], Awaitable[Reply]], log: TurnLog) -> None:
+async def _run_logged(run: Run, log: TurnLog) -> None:
     """A streamed turn, whoever reads it; its outcome is the log's last event."""
     try:
-        reply = await run(log.emit)
+        reply = await run(log.emit, lambda: log.cancelled)
+    except TurnIncomplete as exc:
+        log.emit("incomplete", text=exc.reason, reply=exc.reply)
     except TurnFailed as exc:
         log.emit("failed", text=exc.reason)
     except ConversationUnavailable:

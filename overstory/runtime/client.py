@@ -141,8 +141,8 @@ class Conversation:
             if method == "start_turn":  # (turn_id, text, caller, n, low, carrier, after)
                 *head, after = args
                 return host.start_turn.remote(version, cid, *head, self._api_keys, after)
-            if method == "events":  # (turn_id, after, wait_s)
-                return host.events.remote(version, cid, *args, self._api_keys)
+            if method in ("events", "cancel"):  # (turn_id, after, wait_s) / (turn_id,)
+                return getattr(host, method).remote(version, cid, *args, self._api_keys)
             method = "info" if method == "ready" else method
             return getattr(host, method).remote(version, cid, self._api_keys)
         return getattr(target, method).remote(*args)
@@ -330,6 +330,23 @@ class Conversation:
                     return
         finally:
             self._done(n)
+
+    def cancel(self, turn_id: str) -> bool:
+        """Stop streamed turn ``turn_id`` at its next safe point (between the model's
+        deltas, or after a tool returns): it ends ``incomplete`` (reason
+        ``"cancelled"``), what it produced stored as its answer. ``False`` when it is
+        not running (finished already, or not a streamed turn)."""
+        if not isinstance(turn_id, str) or not turn_id:
+            raise UsageError(f"turn_id must be a non-empty string, got {turn_id!r}")
+        cancelled: bool = self._call("cancel", turn_id)
+        return cancelled
+
+    async def cancel_async(self, turn_id: str) -> bool:
+        """Async form of :meth:`cancel`."""
+        if not isinstance(turn_id, str) or not turn_id:
+            raise UsageError(f"turn_id must be a non-empty string, got {turn_id!r}")
+        cancelled: bool = await self._call_async("cancel", turn_id)
+        return cancelled
 
     def resume(self, turn_id: str, *, after: int = -1) -> Iterator[TurnEvent]:
         """The events of turn ``turn_id`` after ``seq`` ``after`` — of a running turn as
