@@ -212,10 +212,17 @@ def test_readers_resume_anywhere_and_a_turn_whose_log_is_gone_is_replayed_or_res
                 after = first[-1].seq
             # every resume position sees exactly the rest of what the first reader saw
             resumed = {n: await host.events(v, CID, "t1", n, 5.0) for n in range(-1, len(first))}
-            # the log is gone (passivated): a finished turn is replayed from the store
+            # the log is gone (passivated): a finished turn is replayed from the store,
+            # also when a reader streams the same turn id again (the model is not asked)
             await host.passivate(v, CID)
             replayed, ended = await host.events(v, CID, "t1", -1, 5.0)
             assert ended
+            await host.passivate(v, CID)
+            asked = agent.model.requests  # type: ignore[attr-defined]
+            assert await host.start_turn(v, CID, "t1", "one two three") == 0
+            again_events, _ = await host.events(v, CID, "t1", -1, 5.0)
+            assert again_events == replayed
+            assert agent.model.requests == asked  # type: ignore[attr-defined]
             # a turn whose process died after storing the user message: started again
             await host.passivate(v, CID)
             await host._open_store()

@@ -246,7 +246,7 @@ class ConversationActor:
         def run(emit: Emit, should_stop: Callable[[], bool]) -> Awaitable[Reply]:
             return self.send(turn_id, text, caller, n, low, carrier, emit, should_stop)
 
-        return self._streams.start(turn_id, after, run)
+        return self._streams.start(turn_id, after, run, self._history)
 
     def cancel(self, turn_id: str) -> bool:
         """Ask streamed turn ``turn_id`` to stop at its next safe point (see

@@ -362,7 +362,7 @@ class HostActor:
                 should_stop,
             )
 
-        return entity.streams.start(turn_id, after, run)
+        return entity.streams.start(turn_id, after, run, entity.history)
 
     async def cancel(
         self,

@@ -161,14 +161,17 @@ class TurnStreams:
         self.logs = TurnLogs(keep, window_s)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def start(self, turn_id: str, after: int, run: Run) -> int:
+    def start(self, turn_id: str, after: int, run: Run, history: Sequence[Message] = ()) -> int:
         """Run ``run(emit, should_stop)`` (the turn) into a new log unless one for
-        ``turn_id`` is here; returns the log's first ``seq``. ``after`` >= 0: a
-        reader's cursor when the turn is started again after its process died (a
-        ``restarted`` event)."""
+        ``turn_id`` is here, or the turn has ended already in ``history`` (a reader
+        then gets it replayed from the store); returns the log's first ``seq``.
+        ``after`` >= 0: a reader's cursor when the turn is started again after its
+        process died (a ``restarted`` event)."""
         log = self.logs.get(turn_id)
         if log is not None:
             return log.first_seq
+        if is_complete([m for m in history if m.turn_id == turn_id]):
+            return 0
         log = self.logs.open(turn_id, first_seq=after + 1)
         log.emit("restarted" if after >= 0 else "started")
         task = asyncio.get_running_loop().create_task(_run_logged(run, log))
