@@ -334,3 +334,16 @@ def test_cancel_stops_a_turn_at_the_next_delta_and_stores_what_was_shown(
     assert 3 <= len(shown.split()) < 42
     assert stored[-1].content == shown
     assert stored[-1].incomplete == "cancelled"
+
+
+def test_bad_turn_ids_and_cursors_are_refused_naming_them() -> None:
+    from overstory import UsageError
+    from overstory.runtime.client import _cursor, _turn_id
+
+    assert (_turn_id("t1"), _cursor(-1), _cursor(7)) == ("t1", -1, 7)
+    for bad in ("", None, 3):
+        with pytest.raises(UsageError, match="turn_id must be a non-empty string"):
+            _turn_id(bad)
+    for bad_cursor in (-2, True, "3", 1.5):
+        with pytest.raises(UsageError, match="after must be an int >= -1"):
+            _cursor(bad_cursor)

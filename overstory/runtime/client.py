@@ -74,6 +74,19 @@ _POLL_S = 10.0
 _MAX_CACHED_HANDLES = 10_000
 
 
+def _turn_id(turn_id: object) -> str:
+    if not isinstance(turn_id, str) or not turn_id:
+        raise UsageError(f"turn_id must be a non-empty string, got {turn_id!r}")
+    return turn_id
+
+
+def _cursor(after: object) -> int:
+    """A reader's cursor: the last ``seq`` it saw (-1: none)."""
+    if isinstance(after, bool) or not isinstance(after, int) or after < -1:
+        raise UsageError(f"after must be an int >= -1 (a seq seen), got {after!r}")
+    return after
+
+
 def _backoff(attempt: int) -> float:
     low, high = _BACKOFF_S
     return float(min(low * 2**attempt, high))
@@ -336,16 +349,12 @@ class Conversation:
         deltas, or after a tool returns): it ends ``incomplete`` (reason
         ``"cancelled"``), what it produced stored as its answer. ``False`` when it is
         not running (finished already, or not a streamed turn)."""
-        if not isinstance(turn_id, str) or not turn_id:
-            raise UsageError(f"turn_id must be a non-empty string, got {turn_id!r}")
-        cancelled: bool = self._call("cancel", turn_id)
+        cancelled: bool = self._call("cancel", _turn_id(turn_id))
         return cancelled
 
     async def cancel_async(self, turn_id: str) -> bool:
         """Async form of :meth:`cancel`."""
-        if not isinstance(turn_id, str) or not turn_id:
-            raise UsageError(f"turn_id must be a non-empty string, got {turn_id!r}")
-        cancelled: bool = await self._call_async("cancel", turn_id)
+        cancelled: bool = await self._call_async("cancel", _turn_id(turn_id))
         return cancelled
 
     def resume(self, turn_id: str, *, after: int = -1) -> Iterator[TurnEvent]:
@@ -353,11 +362,7 @@ class Conversation:
         they happen, of a finished one at once — the same events a reader of
         :meth:`stream` got (within ``stream_window_s`` of its end; after that, rebuilt
         from the stored messages, one delta per model answer)."""
-        if not isinstance(turn_id, str) or not turn_id:
-            raise UsageError(f"turn_id must be a non-empty string, got {turn_id!r}")
-        if isinstance(after, bool) or not isinstance(after, int) or after < -1:
-            raise UsageError(f"after must be an int >= -1 (a seq seen), got {after!r}")
-        return self._resume(turn_id, after)
+        return self._resume(_turn_id(turn_id), _cursor(after))
 
     def _resume(self, turn_id: str, after: int) -> Iterator[TurnEvent]:
         while True:
@@ -402,10 +407,7 @@ class Conversation:
         self, turn_id: str, *, after: int = -1
     ) -> AsyncGenerator[TurnEvent, None]:
         """Async form of :meth:`resume`."""
-        if not isinstance(turn_id, str) or not turn_id:
-            raise UsageError(f"turn_id must be a non-empty string, got {turn_id!r}")
-        if isinstance(after, bool) or not isinstance(after, int) or after < -1:
-            raise UsageError(f"after must be an int >= -1 (a seq seen), got {after!r}")
+        turn_id, after = _turn_id(turn_id), _cursor(after)
         while True:
             events, ended = await self._call_async("events", turn_id, after, _POLL_S)
             for event in events:
