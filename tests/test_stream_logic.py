@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import pytest
@@ -126,7 +126,7 @@ class _CutShort(Model):
 
     async def stream(
         self, instructions: str, messages: Sequence[Message], tools: Sequence[ToolDefinition]
-    ) -> AsyncIterator[StreamItem]:
+    ) -> AsyncGenerator[StreamItem, None]:
         for i in range(self.after):
             yield f"part{i} "
         raise ModelError("connection reset mid-stream", model=self.name)

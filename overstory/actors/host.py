@@ -227,26 +227,11 @@ class HostActor:
         low: int | None = None,
         carrier: dict[str, str] | None = None,
         api_keys: Mapping[str, Secret] | None = None,
-    ) -> Reply:
-        """Run turn ``turn_id`` of ``conversation_id`` (see ``ConversationActor.send``)."""
-        return await self._send(
-            version, conversation_id, turn_id, text, caller, n, low, carrier, api_keys
-        )
-
-    async def _send(
-        self,
-        version: int,
-        conversation_id: str,
-        turn_id: str,
-        text: str,
-        caller: str | None = None,
-        n: int = 0,
-        low: int | None = None,
-        carrier: dict[str, str] | None = None,
-        api_keys: Mapping[str, Secret] | None = None,
         emit: Emit | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> Reply:
+        """Run turn ``turn_id`` of ``conversation_id`` (see ``ConversationActor.send``);
+        ``emit`` and ``should_stop`` (in-process only) stream it into its event log."""
         await self._route(version, conversation_id)
         validate_message(text, max_chars=self.config.max_message_chars)
         entity = await self._activate(conversation_id, api_keys=api_keys)
@@ -344,11 +329,10 @@ class HostActor:
         await self._route(version, conversation_id)
         validate_message(text, max_chars=self.config.max_message_chars)
         entity = await self._activate(conversation_id, api_keys=api_keys)
-        if entity.streams is None:
-            entity.streams = TurnStreams(self.config.stream_keep_turns, self.config.stream_window_s)
+        streams = self._streams(entity)
 
         def run(emit: Emit, should_stop: Callable[[], bool]) -> Awaitable[Reply]:
-            return self._send(
+            return self.send(
                 version,
                 conversation_id,
                 turn_id,
@@ -362,7 +346,13 @@ class HostActor:
                 should_stop,
             )
 
-        return entity.streams.start(turn_id, after, run, entity.history)
+        return streams.start(turn_id, after, run, entity.history)
+
+    def _streams(self, entity: _Entity) -> TurnStreams:
+        """The entity's streamed turns, made on first use."""
+        if entity.streams is None:
+            entity.streams = TurnStreams(self.config.stream_keep_turns, self.config.stream_window_s)
+        return entity.streams
 
     async def cancel(
         self,
@@ -398,8 +388,7 @@ class HostActor:
         await self._route(version, conversation_id)
         entity = await self._activate(conversation_id, api_keys=api_keys)
         self._touch(entity)
-        if entity.streams is None:
-            entity.streams = TurnStreams(self.config.stream_keep_turns, self.config.stream_window_s)
+        streams = self._streams(entity)
 
         def restart(text: str) -> Awaitable[int]:
             return self.start_turn(
@@ -407,7 +396,7 @@ class HostActor:
             )
 
         binding = entity.binding
-        return await entity.streams.events(
+        return await streams.events(
             conversation_id,
             turn_id,
             after,

@@ -172,7 +172,7 @@ async def _streamed(
             raise _CutShort("".join(shown), f"the model failed mid-answer: {exc}") from exc
         raise
     finally:
-        await stream.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
     raise RuntimeError(f"{model.name}'s stream ended without a response")
 
 

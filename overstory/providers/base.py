@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -88,7 +88,7 @@ class Model(ABC):
         instructions: str,
         messages: Sequence[Message],
         tools: Sequence[ToolDefinition],
-    ) -> AsyncIterator[StreamItem]:
+    ) -> AsyncGenerator[StreamItem, None]:
         """The answer as it arrives: text deltas, then the whole response, whose content
         is exactly the deltas joined. A :class:`~overstory.exceptions.ModelError` before
         the first delta means nothing was shown (a chain may fall through); after it,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 
 from opentelemetry import trace
 
@@ -68,7 +68,7 @@ class FallbackModel(Model):
         instructions: str,
         messages: Sequence[Message],
         tools: Sequence[ToolDefinition],
-    ) -> AsyncIterator[StreamItem]:
+    ) -> AsyncGenerator[StreamItem, None]:
         """Each model's stream in turn: a failure *before its first delta* falls through
         (one :class:`FallThrough` item, nothing of it shown); a failure after it ends
         the stream with that error — never a second answer appended to a partial one."""

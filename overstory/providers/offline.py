@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from ..exceptions import ConfigError, ModelError
@@ -105,7 +105,7 @@ class OfflineModel(Model):
         instructions: str,
         messages: Sequence[Message],
         tools: Sequence[ToolDefinition],
-    ) -> AsyncIterator[StreamItem]:
+    ) -> AsyncGenerator[StreamItem, None]:
         """Word by word (each word with the whitespace after it), ``latency_s`` spread
         evenly over the words; a tool call, which has no text, after all of it."""
         provider, _, model = self.name.partition(":")

@@ -32,7 +32,7 @@ from ..runtime.config import Config
 from ..supervisors import ChildSpec, SupervisorSpec
 from ..supervisors.conversations import ConversationSupervisor, Lifecycle
 from ..supervisors.named import SUPERVISED, unwrap_task_error
-from ..supervisors.tree import CONVERSATIONS, HOSTS, NamedChild, boot
+from ..supervisors.tree import CONVERSATIONS, HOSTS, NamedChild, boot, running_placement
 from .hosts import HostRouter, grow_hosts, hosts_child
 
 __all__ = ["Registry", "actor_name"]
@@ -120,7 +120,7 @@ class Registry:
             return
         timeout = self.lifecycle.activation_timeout_s
         if self.adopt:
-            running = self._running_placement()
+            running = running_placement(self.namespace)
             if running is not None:
                 self.placement = running
         root = boot(self.namespace, self.tree_spec(), timeout_s=timeout)
@@ -140,15 +140,6 @@ class Registry:
                 f"this app asks for {self.placement}: use another namespace"
             ) from None
         self._booted = True
-
-    def _running_placement(self) -> Placement | None:
-        for name, placement in ((HOSTS, "hosted"), (CONVERSATIONS, "dedicated")):
-            try:
-                ray.get_actor(name, namespace=self.namespace)
-            except ValueError:
-                continue
-            return placement  # type: ignore[return-value]
-        return None
 
     # --- the app the tree serves ------------------------------------------------------------
 

@@ -29,9 +29,9 @@ from ..exceptions import ConfigError, ConversationUnavailable, UsageError
 from ..rollout import read_deployment, read_split, write_deployment
 from ..store import HistoryStore
 from ..supervisors.named import unwrap_task_error
-from ..supervisors.tree import CONVERSATIONS, HOSTS, ROOT
+from ..supervisors.tree import ROOT, is_running, running_placement
 from .client import Runtime, _run_store, connect
-from .config import Config
+from .config import STORE_ENV, Config
 
 __all__ = [
     "adopt_histories",
@@ -105,16 +105,6 @@ def check_on_nodes(source: str, working_dir: str | None) -> dict[str, Any]:
     return described
 
 
-def _running_placement(namespace: str) -> str | None:
-    for name, placement in ((HOSTS, "hosted"), (CONVERSATIONS, "dedicated")):
-        try:
-            ray.get_actor(name, namespace=namespace)
-        except ValueError:
-            continue
-        return placement
-    return None
-
-
 def import_here(source: str, working_dir: str | None) -> App:
     """Import ``source`` in this process (from ``working_dir`` when given): a bad path
     fails here, in a second, before anything on the cluster is touched."""
@@ -136,13 +126,13 @@ def serve_app(config: Config, app: App, shipped: bool) -> dict[str, Any]:
     uri = _uploaded_working_dir() if shipped else None
     check_on_nodes(source, uri)
     namespace = config.namespace
-    running = _running_placement(namespace)
+    running = running_placement(namespace)
     if running is not None and running != app.placement:
         raise ConfigError(
             f"the tree running in namespace {namespace!r} serves {running} placement; "
             f"app {source!r} asks for {app.placement}: use another namespace"
         )
-    existed = _running_named(ROOT, namespace)
+    existed = is_running(ROOT, namespace)
     record = _run_store(config.store, lambda s: write_deployment(s, namespace, source, app, uri))
     runtime = connect(config=config)  # boots the tree from the record if none runs
     try:
@@ -158,14 +148,6 @@ def serve_app(config: Config, app: App, shipped: bool) -> dict[str, Any]:
         "redeployed": moved,
         "splits": {name: splits(config, name) for name in app.names},
     }
-
-
-def _running_named(name: str, namespace: str) -> bool:
-    try:
-        ray.get_actor(name, namespace=namespace)
-    except ValueError:
-        return False
-    return True
 
 
 def splits(config: Config, agent: str) -> dict[str, Any]:
@@ -187,7 +169,7 @@ def change_split(
 ) -> dict[str, Any]:
     """Run a split change (``rt.rollout``, ``rt.promote``, ``rt.rollback``) against the
     tree running in the namespace; never boots one."""
-    if not _running_named(ROOT, config.namespace):
+    if not is_running(ROOT, config.namespace):
         raise ConversationUnavailable(
             f"no overstory tree runs in namespace {config.namespace!r}: nothing to {verb}; "
             "`overstory serve MODULE:ATTR` first"
@@ -203,7 +185,7 @@ def store_of_tree(namespace: str, fallback: str | None) -> str:
     """The store URL the running tree uses (the operator's commands must write there)."""
     from .ops import Probe, _tree_store
 
-    url = _tree_store(Probe(namespace)) or fallback or os.environ.get("OVERSTORY_STORE")
+    url = _tree_store(Probe(namespace)) or fallback or os.environ.get(STORE_ENV)
     if url is None:
         raise ConversationUnavailable(
             f"cannot tell which store the tree in {namespace!r} uses; pass --store"

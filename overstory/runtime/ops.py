@@ -30,7 +30,7 @@ from ..providers.pool import provider_statuses
 from ..rollout import read_split
 from ..store import open_store, redact_url
 from ..supervisors.named import unwrap_task_error
-from ..supervisors.tree import CONVERSATIONS, HOSTS, ROOT
+from ..supervisors.tree import CONVERSATIONS, HOSTS, ROOT, running_placement
 from .client import connect
 from .cluster import init_ray
 from .config import Config
@@ -158,7 +158,7 @@ def cluster_section(probe: Probe) -> dict[str, Any]:
 
 def _placement(probe: Probe) -> str:
     """Which subtree the running tree has: ``hosted`` (a host supervisor) or ``dedicated``."""
-    return "hosted" if _named(HOSTS, probe.namespace) is not None else "dedicated"
+    return running_placement(probe.namespace) or "dedicated"
 
 
 def tree_section(probe: Probe) -> dict[str, Any]:

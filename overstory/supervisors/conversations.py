@@ -193,8 +193,9 @@ class ConversationSupervisor:
         (:class:`~overstory.exceptions.UnknownAgent`) before any actor starts.
         """
         served = list((await self.app_info())["agents"])
-        if Binding.of(user_id).agent not in served:
-            raise UnknownAgent(Binding.of(user_id).agent, served)
+        agent = Binding.of(user_id).agent
+        if agent not in served:
+            raise UnknownAgent(agent, served)
         async with self._locks(user_id):
             child = self._children.get(user_id)
             if child is not None and not await self._serving(child):

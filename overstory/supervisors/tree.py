@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -39,7 +39,17 @@ from .named import SUPERVISED, get_or_create, get_or_create_sync
 from .spec import ChildSpec, ExitReason, SupervisorSpec
 from .watch import RESTARTED, new_incarnation, until_death
 
-__all__ = ["CONVERSATIONS", "HOSTS", "ROOT", "NamedChild", "RootSupervisor", "Supervisor", "boot"]
+__all__ = [
+    "CONVERSATIONS",
+    "HOSTS",
+    "ROOT",
+    "NamedChild",
+    "RootSupervisor",
+    "Supervisor",
+    "boot",
+    "is_running",
+    "running_placement",
+]
 
 ROOT = "overstory.root"
 CONVERSATIONS = "overstory.conversations"
@@ -212,6 +222,25 @@ class Supervisor:
 RootSupervisor = Supervisor
 
 _RemoteRoot: Any = ray.remote(Supervisor)
+
+
+def is_running(name: str, namespace: str) -> bool:
+    """Whether a named actor ``name`` exists in ``namespace`` (driver side, blocking)."""
+    try:
+        ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return False
+    return True
+
+
+def running_placement(namespace: str) -> Literal["hosted", "dedicated"] | None:
+    """The placement of the tree running in ``namespace``, from the supervisor of its
+    conversations (``None``: no tree, or one still booting)."""
+    if is_running(HOSTS, namespace):
+        return "hosted"
+    if is_running(CONVERSATIONS, namespace):
+        return "dedicated"
+    return None
 
 
 def boot(namespace: str, spec: SupervisorSpec, *, timeout_s: float = 60.0) -> Any:
