@@ -419,8 +419,16 @@ OPENAI_INVALID = [
     ({"model": "m", "messages": []}, "Invalid 'messages'"),
     ({"model": "m", "messages": [{"role": "bot", "content": "x"}]}, "Invalid value: 'bot'"),
     (
-        {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True},
-        "streaming not supported by this test server",
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": "yes"},
+        "Invalid type for 'stream'",
+    ),
+    (
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "x"}],
+            "stream_options": {"include_usage": True},
+        },
+        "only allowed when 'stream' is enabled",
     ),
     (
         {"model": "m", "messages": [{"role": "tool", "tool_call_id": "call_9", "content": "5"}]},
@@ -521,9 +529,9 @@ ANTHROPIC_INVALID = [
             "model": "m",
             "max_tokens": 5,
             "messages": [{"role": "user", "content": "x"}],
-            "stream": True,
+            "stream": 1,
         },
-        "streaming not supported by this test server",
+        "stream: Input should be a valid boolean",
     ),
 ]
 

@@ -3,7 +3,13 @@
 :class:`SDKModel` is the one place a vendor SDK's exceptions become
 :class:`ModelError` s (the official SDKs share their exception names), a key a provider
 echoes is masked, and an unreadable answer becomes ``kind="malformed"``. A vendor module
-only builds its client, sends the request and reads the answer.
+only builds its client, sends the request, reads the answer, and assembles a streamed
+answer from its events (an :class:`Assembler`).
+
+Inside a stream the SDKs raise what they do at the door (an error *event* becomes an
+``APIError`` or a status error with status 200) or let the HTTP library's transport
+error out (a dropped connection): both become the kind the event names, or
+``connection`` / ``timeout``.
 """
 
 from __future__ import annotations
@@ -11,18 +17,41 @@ from __future__ import annotations
 import json
 import time
 from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import httpx2
 
 from ..exceptions import ModelError
 from ..messages import Message, ModelResponse, ToolCall
 from ..tools import ToolDefinition
-from .base import Model
+from .base import Model, StreamItem
 from .endpoint import Endpoint
-from .taxonomy import is_context_overflow, kind_of_status, parse_retry_after
+from .taxonomy import is_context_overflow, kind_of_error_type, kind_of_status, parse_retry_after
 
-__all__ = ["SDKModel", "http_error", "scrubbed", "tool_arguments", "tool_call"]
+__all__ = [
+    "Assembler",
+    "SDKModel",
+    "http_error",
+    "scrubbed",
+    "stream_error",
+    "tool_arguments",
+    "tool_call",
+]
+
+_T = TypeVar("_T")
+
+
+class Assembler(Protocol):
+    """Builds one answer from a vendor's stream events, as they arrive."""
+
+    def feed(self, event: Any) -> str:
+        """Take one event; the text it adds ("" for none)."""
+
+    def response(self) -> ModelResponse:
+        """The whole answer, once the stream ended (raises ModelError if it is cut)."""
 
 
 class SDKModel(Model):
@@ -62,6 +91,19 @@ class SDKModel(Model):
     def _read(self, answer: Any) -> ModelResponse:
         """The SDK's answer as a :class:`ModelResponse` (may raise AttributeError & co)."""
 
+    @abstractmethod
+    async def _open_stream(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> Any:
+        """The request, streamed; returns the SDK's async stream of events."""
+
+    @abstractmethod
+    def _assembler(self) -> Assembler:
+        """A fresh assembler for one streamed answer."""
+
     async def request(
         self,
         instructions: str,
@@ -69,25 +111,50 @@ class SDKModel(Model):
         tools: Sequence[ToolDefinition],
     ) -> ModelResponse:
         try:
-            return self._parse(await self._call(instructions, messages, tools))
+            with self._sdk_errors():
+                answer = await self._send(instructions, messages, tools)
+            return self._parsed(self._read, answer)
         except ModelError as exc:
             raise scrubbed(exc, self._key) from None
 
-    async def _call(
+    async def stream(
         self,
         instructions: str,
         messages: Sequence[Message],
         tools: Sequence[ToolDefinition],
-    ) -> Any:
+    ) -> AsyncGenerator[StreamItem, None]:
+        """The vendor's stream: each text delta as it arrives, then the answer assembled
+        from all events (tool calls and usage included). Closing the generator closes
+        the HTTP response."""
+        assembler = self._assembler()
+        try:
+            with self._sdk_errors():
+                events = await self._open_stream(instructions, messages, tools)
+                try:
+                    async for event in events:
+                        text = self._parsed(assembler.feed, event)
+                        if text:
+                            yield text
+                finally:
+                    await events.close()
+            yield self._parsed(assembler.response)
+        except ModelError as exc:
+            raise scrubbed(exc, self._key) from None
+
+    @contextmanager
+    def _sdk_errors(self) -> Iterator[None]:
+        """The SDK's (and, mid-stream, the HTTP library's) exceptions as ModelErrors."""
         sdk = self.sdk
         try:
-            return await self._send(instructions, messages, tools)
+            yield
         except sdk.APIStatusError as exc:
+            if exc.status_code == 200:  # an error event inside a stream (Anthropic)
+                raise stream_error(self.name, exc.body, exc.message) from None
             code = getattr(exc, "code", None)
             raise http_error(
                 self.name, exc.status_code, exc.response.headers, exc.message, code
             ) from None
-        except sdk.APITimeoutError:
+        except (sdk.APITimeoutError, httpx2.TimeoutException):
             raise ModelError(
                 f"no answer within {self.endpoint.timeout_s:g} s", model=self.name, kind="timeout"
             ) from None
@@ -95,15 +162,28 @@ class SDKModel(Model):
             raise ModelError(
                 f"connection failed: {exc}", model=self.name, kind="connection"
             ) from None
-        except (sdk.APIError, ValueError, TypeError) as exc:
+        except httpx2.TransportError as exc:  # a stream cut (the SDKs do not wrap it)
+            raise ModelError(
+                f"connection lost mid-answer: {type(exc).__name__}: {exc}",
+                model=self.name,
+                kind="connection",
+            ) from None
+        except sdk.APIError as exc:
+            if isinstance(exc.body, dict):  # an error event inside a stream (OpenAI)
+                raise stream_error(self.name, exc.body, exc.message) from None
+            raise ModelError(
+                f"unreadable answer: {type(exc).__name__}: {exc}", model=self.name, kind="malformed"
+            ) from None
+        except (ValueError, TypeError) as exc:
             # Includes a body that is not JSON: both SDKs let json.JSONDecodeError out.
             raise ModelError(
                 f"unreadable answer: {type(exc).__name__}: {exc}", model=self.name, kind="malformed"
             ) from None
 
-    def _parse(self, answer: Any) -> ModelResponse:
+    def _parsed(self, read: Callable[..., _T], *answer: Any) -> _T:
+        """``read(*answer)``, an answer of the wrong shape being ``malformed``."""
         try:
-            return self._read(answer)
+            return read(*answer)
         except ModelError:
             raise
         except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
@@ -137,6 +217,18 @@ def http_error(
         status=status,
         retry_after=parse_retry_after(headers, time.time()),
     )
+
+
+def stream_error(model: str, body: Any, message: str) -> ModelError:
+    """The :class:`ModelError` for an error event inside a stream: its kind from the
+    error's ``type`` or ``code`` (``overloaded_error``, ``server_error``, ...)."""
+    error = body.get("error", body) if isinstance(body, dict) else {}
+    error = error if isinstance(error, dict) else {}
+    names = [v for v in (error.get("code"), error.get("type")) if isinstance(v, str)]
+    kind = kind_of_error_type(names)
+    text = error.get("message") if isinstance(error.get("message"), str) else message
+    detail = " ".join(str(text).split())[:_MAX_DETAIL]
+    return ModelError(f"error event mid-stream: {detail}", model=model, kind=kind)
 
 
 def tool_arguments(model: str, name: str, raw: Any) -> dict[str, Any]:

@@ -11,12 +11,13 @@ from typing import Any, ClassVar
 
 import anthropic
 
+from ..exceptions import ModelError
 from ..messages import AssistantMessage, Message, ModelResponse, ToolReturn, Usage, UserMessage
 from ..tools import ToolDefinition
-from ._wire import SDKModel, tool_call
+from ._wire import Assembler, SDKModel, tool_call
 from .endpoint import Endpoint
 
-__all__ = ["AnthropicModel"]
+__all__ = ["AnthropicModel", "AnthropicStream"]
 
 #: The Messages API normalises stop reasons; the rest of overstory speaks OpenAI's words.
 _FINISH = {"end_turn": "stop", "tool_use": "tool_calls", "max_tokens": "length"}
@@ -39,6 +40,27 @@ class AnthropicModel(SDKModel):
         messages: Sequence[Message],
         tools: Sequence[ToolDefinition],
     ) -> Any:
+        return await self._client.messages.create(**self._arguments(instructions, messages, tools))
+
+    async def _open_stream(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> Any:
+        return await self._client.messages.create(
+            **self._arguments(instructions, messages, tools), stream=True
+        )
+
+    def _assembler(self) -> Assembler:
+        return AnthropicStream(self.name, self.endpoint.model)
+
+    def _arguments(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "model": self.endpoint.model,
             "max_tokens": self.endpoint.max_tokens,
@@ -51,7 +73,7 @@ class AnthropicModel(SDKModel):
                 {"name": t.name, "description": t.description, "input_schema": t.parameters}
                 for t in tools
             ]
-        return await self._client.messages.create(**kwargs)
+        return kwargs
 
     def _read(self, reply: Any) -> ModelResponse:
         texts: list[str] = []
@@ -67,6 +89,74 @@ class AnthropicModel(SDKModel):
             tool_calls=tuple(calls),
             usage=Usage(int(reply.usage.input_tokens), int(reply.usage.output_tokens)),
             model=str(reply.model or self.endpoint.model),
+            finish_reason=_FINISH.get(stop, stop),
+        )
+
+
+class AnthropicStream:
+    """One streamed message, assembled from its events.
+
+    ``message_start`` gives the model and the input usage; each content block opens with
+    ``content_block_start`` (a text block, or a ``tool_use`` with its id and name), grows
+    by deltas (``text_delta``, or the input's JSON text as ``input_json_delta`` pieces cut
+    anywhere) and closes; ``message_delta`` gives the stop reason and the output usage;
+    ``message_stop`` ends it. Thinking blocks are skipped. A stream without
+    ``message_stop`` was cut short.
+    """
+
+    def __init__(self, name: str, model: str) -> None:
+        self.name = name
+        self.model = model
+        self.text: list[str] = []
+        self.blocks: dict[int, list[Any]] = {}  # index -> [id, name, input JSON pieces]
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self.stop: str | None = None
+        self.ended = False
+
+    def feed(self, event: Any) -> str:
+        kind = event.type
+        if kind == "message_start":
+            message = event.message
+            self.model = str(message.model or self.model)
+            self.input_tokens = int(message.usage.input_tokens or 0)
+            self.output_tokens = int(message.usage.output_tokens or 0)
+        elif kind == "content_block_start":
+            block = event.content_block
+            if block.type == "tool_use":
+                self.blocks[int(event.index)] = [block.id, block.name, []]
+        elif kind == "content_block_delta":
+            delta = event.delta
+            if delta.type == "text_delta" and delta.text:
+                self.text.append(delta.text)
+                return str(delta.text)
+            if delta.type == "input_json_delta" and int(event.index) in self.blocks:
+                self.blocks[int(event.index)][2].append(delta.partial_json)
+        elif kind == "message_delta":
+            self.stop = event.delta.stop_reason or self.stop
+            if event.usage is not None and event.usage.output_tokens is not None:
+                self.output_tokens = int(event.usage.output_tokens)
+        elif kind == "message_stop":
+            self.ended = True
+        return ""
+
+    def response(self) -> ModelResponse:
+        if not self.ended:
+            raise ModelError(
+                "the stream ended without message_stop (cut short)",
+                model=self.name,
+                kind="connection",
+            )
+        calls = tuple(
+            tool_call(self.name, call_id, name, "".join(raw))
+            for _, (call_id, name, raw) in sorted(self.blocks.items())
+        )
+        stop = str(self.stop or ("tool_use" if calls else "end_turn"))
+        return ModelResponse(
+            content="".join(self.text),
+            tool_calls=calls,
+            usage=Usage(self.input_tokens, self.output_tokens),
+            model=self.model,
             finish_reason=_FINISH.get(stop, stop),
         )
 

@@ -11,9 +11,11 @@ own exception) so wrappers can decide what to do without knowing the vendor.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -21,7 +23,13 @@ from opentelemetry.trace import Span
 
 from ..exceptions import ModelError
 from ..messages import Message, ModelResponse
-from ..telemetry import chat_span, metrics, record_chat_content, record_chat_response
+from ..telemetry import (
+    chat_span,
+    metrics,
+    record_chat_content,
+    record_chat_response,
+    record_first_token,
+)
 from ..tools import ToolDefinition
 
 if TYPE_CHECKING:
@@ -34,6 +42,7 @@ __all__ = [
     "StreamItem",
     "record_response",
     "traced_request",
+    "traced_stream",
 ]
 
 
@@ -151,6 +160,55 @@ async def traced_request(
             return response
     except ModelError as exc:
         outcome = exc.kind
+        raise
+    finally:
+        metrics().model_call(provider, model, outcome, time.monotonic() - started)
+
+
+Stream = Callable[
+    [str, Sequence[Message], Sequence[ToolDefinition]], AsyncGenerator[StreamItem, None]
+]
+
+
+async def traced_stream(
+    stream: Stream,
+    provider: str,
+    model: str,
+    instructions: str,
+    messages: Sequence[Message],
+    tools: Sequence[ToolDefinition],
+    server_address: str | None = None,
+    server_port: int | None = None,
+) -> AsyncGenerator[StreamItem, None]:
+    """``stream(...)``'s items inside a ``chat {model}`` span, as :func:`traced_request`
+    does for one answer, plus the time to the first text delta on the span
+    (``overstory.time_to_first_token_s``). A reader that stops early ends the span
+    with ``error.type=cancelled`` and the call's outcome ``cancelled``.
+
+    Iterate it from one task: the span is the current one between its items.
+    """
+    started = time.monotonic()
+    outcome = "error"
+    try:
+        with chat_span(provider, model, server_address, server_port) as span:
+            first = True
+            async with aclosing(stream(instructions, messages, tools)) as items:
+                async for item in items:
+                    if first and isinstance(item, str):
+                        first = False
+                        record_first_token(span, time.monotonic() - started)
+                    if isinstance(item, ModelResponse):
+                        outcome = "ok"
+                        record_response(span, provider, model, item)
+                        record_chat_content(
+                            span, messages=messages, response=item, instructions=instructions
+                        )
+                    yield item
+    except ModelError as exc:
+        outcome = exc.kind
+        raise
+    except (GeneratorExit, asyncio.CancelledError):
+        outcome = "cancelled"
         raise
     finally:
         metrics().model_call(provider, model, outcome, time.monotonic() - started)

@@ -16,13 +16,14 @@ the fallback chain moves on without waiting.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
+from contextlib import aclosing
 from typing import Any, Literal
 
 from ..exceptions import ModelError
 from ..messages import Message, ModelResponse
 from ..tools import ToolDefinition
-from .base import Model, PolicyModel
+from .base import Model, PolicyModel, StreamItem
 from .endpoint import BreakerPolicy
 from .taxonomy import policy
 
@@ -126,6 +127,42 @@ class BreakerModel(PolicyModel):
         messages: Sequence[Message],
         tools: Sequence[ToolDefinition],
     ) -> ModelResponse:
+        before = self._admit()
+        try:
+            response = await self.model.request(instructions, messages, tools)
+        except ModelError as exc:
+            self._failed(exc, before)
+            raise
+        except BaseException:
+            self.breaker.abandon_probe()  # cancelled: the probe tells nothing
+            raise
+        self._succeeded(before)
+        return response
+
+    async def stream(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> AsyncGenerator[StreamItem, None]:
+        """Admitted as :meth:`request` is; the stream's end decides: its answer is a
+        success, a failure (before or after the first delta) counts by its kind, and a
+        reader closing it early tells nothing about the endpoint."""
+        before = self._admit()
+        try:
+            async with aclosing(self.model.stream(instructions, messages, tools)) as items:
+                async for item in items:
+                    yield item
+        except ModelError as exc:
+            self._failed(exc, before)
+            raise
+        except BaseException:
+            self.breaker.abandon_probe()
+            raise
+        self._succeeded(before)
+
+    def _admit(self) -> CircuitState:
+        """The state before the call; raises ``circuit_open`` when no call may go out."""
         breaker, now = self.breaker, self._clock()
         before = breaker.state(now)
         if not breaker.allow(now):
@@ -135,24 +172,21 @@ class BreakerModel(PolicyModel):
                 kind="circuit_open",
                 retry_after=breaker.retry_in(now),
             )
-        try:
-            response = await self.model.request(instructions, messages, tools)
-        except ModelError as exc:
-            rule = policy(exc.kind)
-            if rule.trip:
-                breaker.trip(self._clock(), f"{exc.kind}: {exc}")
-            elif rule.breaker:
-                breaker.failure(self._clock(), f"{exc.kind}: {exc}")
-            else:
-                breaker.abandon_probe()
-            self._changed(before)
-            raise
-        except BaseException:
-            breaker.abandon_probe()  # cancelled: the probe tells nothing
-            raise
-        breaker.success(self._clock())
+        return before
+
+    def _failed(self, error: ModelError, before: CircuitState) -> None:
+        rule, breaker = policy(error.kind), self.breaker
+        if rule.trip:
+            breaker.trip(self._clock(), f"{error.kind}: {error}")
+        elif rule.breaker:
+            breaker.failure(self._clock(), f"{error.kind}: {error}")
+        else:
+            breaker.abandon_probe()
         self._changed(before)
-        return response
+
+    def _succeeded(self, before: CircuitState) -> None:
+        self.breaker.success(self._clock())
+        self._changed(before)
 
     def _changed(self, before: CircuitState) -> None:
         after = self.breaker.state(self._clock())

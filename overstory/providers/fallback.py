@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from contextlib import aclosing
 
 from opentelemetry import trace
 
@@ -76,11 +77,12 @@ class FallbackModel(Model):
         for i, model in enumerate(self.models):
             shown = False
             try:
-                async for item in model.stream(instructions, messages, tools):
-                    shown = shown or isinstance(item, str)
-                    yield item
-                    if isinstance(item, ModelResponse):
-                        return
+                async with aclosing(model.stream(instructions, messages, tools)) as items:
+                    async for item in items:
+                        shown = shown or isinstance(item, str)
+                        yield item
+                        if isinstance(item, ModelResponse):
+                            return
             except ModelError as exc:
                 if not exc.model:
                     exc.model = model.name

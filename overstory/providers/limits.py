@@ -19,13 +19,14 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
+from contextlib import aclosing
 from typing import Any
 
 from ..exceptions import ModelError
 from ..messages import Message, ModelResponse
 from ..tools import ToolDefinition
-from .base import Model, PolicyModel
+from .base import Model, PolicyModel, StreamItem
 from .endpoint import Limits
 
 __all__ = ["AsyncRateLimiter", "LimitedModel", "RateLimiter", "estimate_tokens"]
@@ -229,11 +230,41 @@ class LimitedModel(PolicyModel):
         used = estimate
         try:
             response = await self.model.request(instructions, messages, tools)
-            used = response.usage.input_tokens + response.usage.output_tokens
+            used = _used(response)
             return response
         except ModelError as exc:
-            if exc.kind == "rate_limited" and exc.retry_after:
-                self.limiter.pause(exc.retry_after)
+            self._failed(exc)
             raise
         finally:
             self.limiter.release(entry, used)
+
+    async def stream(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> AsyncGenerator[StreamItem, None]:
+        """Admitted as :meth:`request` is; the admission is settled when the stream ends,
+        fails or is closed by its reader (a cancelled turn frees its slot at once)."""
+        estimate = estimate_tokens(instructions, messages)
+        entry = await self.limiter.acquire(estimate, self.name)
+        used = estimate
+        try:
+            async with aclosing(self.model.stream(instructions, messages, tools)) as items:
+                async for item in items:
+                    if isinstance(item, ModelResponse):
+                        used = _used(item)
+                    yield item
+        except ModelError as exc:
+            self._failed(exc)
+            raise
+        finally:
+            self.limiter.release(entry, used)
+
+    def _failed(self, error: ModelError) -> None:
+        if error.kind == "rate_limited" and error.retry_after:
+            self.limiter.pause(error.retry_after)
+
+
+def _used(response: ModelResponse) -> int:
+    return response.usage.input_tokens + response.usage.output_tokens

@@ -37,7 +37,7 @@ from ..messages import (
     UserMessage,
 )
 from ..tools import ToolDefinition
-from .base import Model, StreamItem, traced_request
+from .base import Model, StreamItem, traced_stream
 
 __all__ = ["OfflineModel", "Rule"]
 
@@ -100,18 +100,25 @@ class OfflineModel(Model):
             await asyncio.sleep(self.latency_s)
         return await self._answer(instructions, messages, tools)
 
-    async def stream(
+    def stream(
         self,
         instructions: str,
         messages: Sequence[Message],
         tools: Sequence[ToolDefinition],
     ) -> AsyncGenerator[StreamItem, None]:
         """Word by word (each word with the whitespace after it), ``latency_s`` spread
-        evenly over the words; a tool call, which has no text, after all of it."""
+        evenly over the words; a tool call, which has no text, after all of it. In a
+        ``chat`` span, as :meth:`call` is."""
         provider, _, model = self.name.partition(":")
-        response = await traced_request(
-            self._answer, provider, model, instructions, messages, tools
-        )
+        return traced_stream(self._words, provider, model, instructions, messages, tools)
+
+    async def _words(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> AsyncGenerator[StreamItem, None]:
+        response = await self._answer(instructions, messages, tools)
         words = _WORDS.findall(response.content)
         pause = self.latency_s / max(1, len(words))
         if not words and self.latency_s:

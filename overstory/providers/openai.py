@@ -13,12 +13,13 @@ from typing import Any, ClassVar
 
 import openai
 
+from ..exceptions import ModelError
 from ..messages import AssistantMessage, Message, ModelResponse, ToolReturn, Usage, UserMessage
 from ..tools import ToolDefinition
-from ._wire import SDKModel, tool_call
+from ._wire import Assembler, SDKModel, tool_call
 from .endpoint import Endpoint
 
-__all__ = ["OpenAIModel"]
+__all__ = ["OpenAIModel", "OpenAIStream"]
 
 
 class OpenAIModel(SDKModel):
@@ -38,6 +39,31 @@ class OpenAIModel(SDKModel):
         messages: Sequence[Message],
         tools: Sequence[ToolDefinition],
     ) -> Any:
+        return await self._client.chat.completions.create(
+            **self._arguments(instructions, messages, tools)
+        )
+
+    async def _open_stream(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> Any:
+        return await self._client.chat.completions.create(
+            **self._arguments(instructions, messages, tools),
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+
+    def _assembler(self) -> Assembler:
+        return OpenAIStream(self.name, self.endpoint.model)
+
+    def _arguments(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "model": self.endpoint.model,
             "messages": to_openai_messages(instructions, messages),
@@ -47,7 +73,7 @@ class OpenAIModel(SDKModel):
         # OpenAI's own API wants max_completion_tokens; compatible servers know max_tokens.
         limit = "max_tokens" if self.endpoint.base_url else "max_completion_tokens"
         kwargs[limit] = self.endpoint.max_tokens
-        return await self._client.chat.completions.create(**kwargs)
+        return kwargs
 
     def _read(self, completion: Any) -> ModelResponse:
         choice = completion.choices[0]
@@ -66,6 +92,71 @@ class OpenAIModel(SDKModel):
             ),
             model=str(completion.model or self.endpoint.model),
             finish_reason=str(choice.finish_reason or ("tool_calls" if calls else "stop")),
+        )
+
+
+class OpenAIStream:
+    """One streamed chat completion, assembled from its ``chat.completion.chunk`` s.
+
+    Text deltas are passed on as they come. A tool call arrives as pieces keyed by its
+    ``index``: the first carries its id and name, every one a piece of the arguments'
+    JSON text, cut anywhere. Usage comes in the last chunk (``include_usage``). A stream
+    that ends without a finish reason was cut short, whatever the transport said.
+    """
+
+    def __init__(self, name: str, model: str) -> None:
+        self.name = name
+        self.model = model
+        self.text: list[str] = []
+        self.calls: dict[int, list[Any]] = {}  # index -> [id, name, argument pieces]
+        self.finish: str | None = None
+        self.usage = Usage()
+
+    def feed(self, chunk: Any) -> str:
+        if chunk.model:
+            self.model = str(chunk.model)
+        if chunk.usage is not None:
+            self.usage = Usage(
+                int(chunk.usage.prompt_tokens or 0), int(chunk.usage.completion_tokens or 0)
+            )
+        text = ""
+        for choice in chunk.choices or ():
+            if choice.index != 0:
+                continue
+            delta = choice.delta
+            if delta is not None:
+                text = delta.content or ""
+                for call in delta.tool_calls or ():
+                    entry = self.calls.setdefault(int(call.index), [None, None, []])
+                    entry[0] = entry[0] or call.id
+                    fn = call.function
+                    if fn is not None:
+                        entry[1] = entry[1] or fn.name
+                        if fn.arguments:
+                            entry[2].append(fn.arguments)
+            if choice.finish_reason:
+                self.finish = str(choice.finish_reason)
+        if text:
+            self.text.append(text)
+        return text
+
+    def response(self) -> ModelResponse:
+        if self.finish is None:
+            raise ModelError(
+                "the stream ended without a finish reason (cut short)",
+                model=self.name,
+                kind="connection",
+            )
+        calls = tuple(
+            tool_call(self.name, call_id, name, "".join(pieces))
+            for _, (call_id, name, pieces) in sorted(self.calls.items())
+        )
+        return ModelResponse(
+            content="".join(self.text),
+            tool_calls=calls,
+            usage=self.usage,
+            model=self.model,
+            finish_reason=self.finish,
         )
 
 

@@ -15,9 +15,12 @@ use. The vendor SDKs are imported only inside provider actors.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import aclosing, contextmanager
 from contextvars import ContextVar
 from typing import Any
 
@@ -35,7 +38,7 @@ from ..telemetry import (
     setup_telemetry,
 )
 from ..tools import ToolDefinition
-from .base import Model, traced_request
+from .base import FallThrough, Model, StreamItem, traced_request, traced_stream
 from .breaker import BreakerModel
 from .endpoint import KEY_ENV, Endpoint, Secret
 from .limits import LimitedModel
@@ -46,6 +49,7 @@ __all__ = [
     "ProviderActor",
     "RemoteModel",
     "chain_of",
+    "coalesced",
     "provider_actor_name",
     "provider_namespace",
     "provider_statuses",
@@ -170,6 +174,85 @@ class ProviderActor:
             self.failures[exc.kind] = self.failures.get(exc.kind, 0) + 1
             return exc
 
+    async def stream(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+        carrier: Mapping[str, str] | None = None,
+    ) -> AsyncGenerator[StreamItem | ModelError, None]:
+        """One streamed call through breaker, retries and limiter: a Ray streaming
+        generator of text deltas, then the answer or the :class:`ModelError` (returned as
+        the last item, as :meth:`request` returns it).
+
+        The vendor's stream is read by a task of its own, so a slow reader never holds
+        the HTTP response; the deltas that arrived while the reader was away travel as
+        one (:func:`coalesced`: fewer Ray objects under load, the same text). A reader
+        that cancels this generator cancels that task: the response is closed, the
+        limiter's slot freed, and a half-open probe abandoned.
+        """
+        self.calls += 1
+        buffer: deque[StreamItem | ModelError] = deque()
+        arrived = asyncio.Event()
+
+        def put(item: StreamItem | ModelError) -> None:
+            buffer.append(item)
+            arrived.set()
+
+        reader = asyncio.create_task(self._read_stream(put, instructions, messages, tools, carrier))
+        try:
+            while True:
+                await arrived.wait()
+                arrived.clear()
+                batch = list(buffer)
+                buffer.clear()
+                for item in coalesced(batch):
+                    yield item
+                    if not isinstance(item, str):
+                        return
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def _read_stream(
+        self,
+        put: Callable[[StreamItem | ModelError], None],
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+        carrier: Mapping[str, str] | None,
+    ) -> None:
+        endpoint = self.endpoint
+        host, port = endpoint.server
+        try:
+            with attached(carrier):
+                async with aclosing(
+                    traced_stream(
+                        self.breaker.stream,
+                        endpoint.vendor,
+                        endpoint.model,
+                        instructions,
+                        messages,
+                        tools,
+                        host,
+                        port,
+                    )
+                ) as items:
+                    async for item in items:
+                        put(item)
+        except ModelError as exc:
+            self.failures[exc.kind] = self.failures.get(exc.kind, 0) + 1
+            put(exc)
+        except Exception as exc:  # a bug here must still end the reader's stream
+            put(
+                ModelError(
+                    f"provider actor failed: {type(exc).__name__}: {exc}",
+                    model=endpoint.name,
+                    kind="server_error",
+                )
+            )
+
     def status(self) -> dict[str, Any]:
         """Circuit state, limiter headroom and counters (for ``overstory status``)."""
         now = time.monotonic()
@@ -184,6 +267,17 @@ class ProviderActor:
             "failures": dict(self.failures),
             "started_at": self.started_at,
         }
+
+
+def coalesced(items: Iterable[StreamItem | ModelError]) -> list[StreamItem | ModelError]:
+    """``items`` with each run of consecutive text deltas joined into one delta."""
+    out: list[StreamItem | ModelError] = []
+    for item in items:
+        if isinstance(item, str) and out and isinstance(out[-1], str):
+            out[-1] += item
+        else:
+            out.append(item)
+    return out
 
 
 def _record_retry(attempt: int, error: ModelError, delay_s: float) -> None:
@@ -258,6 +352,79 @@ class RemoteModel(Model):
         messages: Sequence[Message],
         tools: Sequence[ToolDefinition],
     ) -> ModelResponse:
+        self._refuse_early()
+        for attempt in (1, 2):
+            handle = await self.handle()
+            try:
+                result: ModelResponse | ModelError = await handle.request.remote(
+                    instructions, list(messages), list(tools), inject()
+                )
+                return self._answered(result)
+            except RayTaskError as exc:
+                raise self._task_error(exc) from None
+            except RayActorError as exc:
+                # The provider actor died under the call (Ray restarts it): look it up
+                # again once; the call may or may not have reached the vendor.
+                self._handle = None
+                if attempt == 2:
+                    raise ModelError(
+                        f"provider actor died during the call: {type(exc).__name__}",
+                        model=self.name,
+                        kind="connection",
+                    ) from None
+        raise AssertionError("unreachable")
+
+    async def stream(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> AsyncGenerator[StreamItem, None]:
+        """The provider actor's stream (a Ray streaming generator), item by item.
+
+        A provider actor that dies before the first delta is asked again once (Ray
+        restarts it); after it, the stream is cut (``connection``): the text shown
+        stays what it is. Closing this generator cancels the actor's side.
+        """
+        self._refuse_early()
+        for attempt in (1, 2):
+            handle = await self.handle()
+            shown = ended = False
+            refs = handle.stream.remote(instructions, list(messages), list(tools), inject())
+            try:
+                async for ref in refs:
+                    item: StreamItem | ModelError = await ref
+                    if not isinstance(item, str):
+                        ended = True
+                        yield self._answered(item)
+                        return
+                    shown = True
+                    yield item
+                ended = True
+                raise ModelError(
+                    "the provider actor's stream ended without an answer",
+                    model=self.name,
+                    kind="server_error",
+                )
+            except RayTaskError as exc:
+                ended = True
+                raise self._task_error(exc) from None
+            except RayActorError as exc:
+                ended = True
+                self._handle = None
+                if shown or attempt == 2:
+                    raise ModelError(
+                        f"provider actor died during the stream: {type(exc).__name__}",
+                        model=self.name,
+                        kind="connection",
+                    ) from None
+            finally:
+                if not ended:  # the reader stopped: stop the vendor call too
+                    ray.cancel(refs)
+        raise AssertionError("unreachable")
+
+    def _refuse_early(self) -> None:
+        """Refuse without a round trip: no key, or a circuit known to be open."""
         if self.endpoint.key is None:
             raise ModelError(
                 f"no API key: set {KEY_ENV[self.endpoint.vendor]} where the runtime is "
@@ -271,37 +438,31 @@ class RemoteModel(Model):
                 model=self.name,
                 kind="circuit_open",
             )
-        for attempt in (1, 2):
-            handle = await self.handle()
-            try:
-                result: ModelResponse | ModelError = await handle.request.remote(
-                    instructions, list(messages), list(tools), inject()
-                )
-                if isinstance(result, ModelError):
-                    if result.kind == "circuit_open" and result.retry_after:
-                        self._open_until = time.monotonic() + result.retry_after
-                    raise result
-                return result
-            except RayTaskError as exc:
-                cause = exc.cause
-                if isinstance(cause, ModelError):
-                    raise cause from None
-                raise ModelError(
-                    f"provider actor failed: {type(cause).__name__}: {cause}",
-                    model=self.name,
-                    kind="server_error",
-                ) from None
-            except RayActorError as exc:
-                # The provider actor died under the call (Ray restarts it): look it up
-                # again once; the call may or may not have reached the vendor.
-                self._handle = None
-                if attempt == 2:
-                    raise ModelError(
-                        f"provider actor died during the call: {type(exc).__name__}",
-                        model=self.name,
-                        kind="connection",
-                    ) from None
-        raise AssertionError("unreachable")
+
+    def _answered(self, result: ModelResponse | FallThrough | ModelError) -> ModelResponse:
+        """The provider actor's last word: its answer, or its error raised (an open
+        circuit remembered here until its probe time)."""
+        if isinstance(result, ModelError):
+            if result.kind == "circuit_open" and result.retry_after:
+                self._open_until = time.monotonic() + result.retry_after
+            raise result
+        if not isinstance(result, ModelResponse):
+            raise ModelError(
+                f"provider actor answered {type(result).__name__}",
+                model=self.name,
+                kind="server_error",
+            )
+        return result
+
+    def _task_error(self, exc: RayTaskError) -> ModelError:
+        cause = exc.cause
+        if isinstance(cause, ModelError):
+            return cause
+        return ModelError(
+            f"provider actor failed: {type(cause).__name__}: {cause}",
+            model=self.name,
+            kind="server_error",
+        )
 
 
 def provider_statuses(namespace: str, timeout_s: float = 10.0) -> list[dict[str, Any]]:

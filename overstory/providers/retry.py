@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 
 from ..exceptions import ModelError
 from ..messages import Message, ModelResponse
 from ..tools import ToolDefinition
-from .base import Model, PolicyModel
+from .base import Model, PolicyModel, StreamItem
 from .endpoint import RetryPolicy
 from .taxonomy import policy
 
@@ -74,11 +75,38 @@ class RetryingModel(PolicyModel):
             try:
                 return await self.model.request(instructions, messages, tools)
             except ModelError as exc:
-                delay = backoff_s(self.config, attempt, exc, self._rng)
-                if delay is None:
-                    raise
-                self.retries += 1
-                if self._on_retry is not None:
-                    self._on_retry(attempt, exc, delay)
-                await self._sleep(delay)
+                await self._before_retry(attempt, exc)
                 attempt += 1
+
+    async def stream(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition],
+    ) -> AsyncGenerator[StreamItem, None]:
+        """Retried as :meth:`request` is, but only while nothing was shown: a stream that
+        fails after its first delta is never started again (that would repeat text)."""
+        attempt = 1
+        while True:
+            shown = False
+            try:
+                async with aclosing(self.model.stream(instructions, messages, tools)) as items:
+                    async for item in items:
+                        shown = shown or isinstance(item, str)
+                        yield item
+                return
+            except ModelError as exc:
+                if shown:
+                    raise
+                await self._before_retry(attempt, exc)
+                attempt += 1
+
+    async def _before_retry(self, attempt: int, error: ModelError) -> None:
+        """Wait before attempt ``attempt + 1``, or re-raise ``error``: no retry helps."""
+        delay = backoff_s(self.config, attempt, error, self._rng)
+        if delay is None:
+            raise error
+        self.retries += 1
+        if self._on_retry is not None:
+            self._on_retry(attempt, error, delay)
+        await self._sleep(delay)

@@ -39,6 +39,7 @@ from ..exceptions import ModelErrorKind
 __all__ = [
     "Policy",
     "is_context_overflow",
+    "kind_of_error_type",
     "kind_of_status",
     "parse_retry_after",
     "policy",
@@ -88,6 +89,32 @@ def kind_of_status(status: int) -> ModelErrorKind:
     if status >= 500:
         return "server_error"
     return "bad_request"
+
+
+#: Error ``type`` / ``code`` names the vendors use in error bodies and stream error events.
+_ERROR_TYPES: dict[str, ModelErrorKind] = {
+    "overloaded_error": "overloaded",
+    "rate_limit_error": "rate_limited",
+    "rate_limit_exceeded": "rate_limited",
+    "api_error": "server_error",
+    "server_error": "server_error",
+    "timeout_error": "timeout",
+    "authentication_error": "auth",
+    "permission_error": "auth",
+    "invalid_api_key": "auth",
+    "invalid_request_error": "bad_request",
+    "context_length_exceeded": "context_overflow",
+}
+
+
+def kind_of_error_type(names: list[str]) -> ModelErrorKind:
+    """The kind named by an error's ``code`` or ``type`` (the first one known), for an
+    error that came without an HTTP status (an event inside a stream). Unknown names
+    are a server error: the stream broke on the vendor's side."""
+    for name in names:
+        if name in _ERROR_TYPES:
+            return _ERROR_TYPES[name]
+    return "server_error"
 
 
 _OVERFLOW = re.compile(

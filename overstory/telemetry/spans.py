@@ -50,6 +50,7 @@ W3C carrier as an argument of the actor call, and the actor runs the call inside
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -79,6 +80,7 @@ __all__ = [
     "record_chat_content",
     "record_chat_response",
     "record_fallback",
+    "record_first_token",
     "record_retry",
     "record_tool_content",
     "set_turn_usage",
@@ -126,6 +128,8 @@ RETRY_DELAY = "overstory.retry.delay_s"
 FALLBACK_EVENT = "overstory.fallback"
 FALLBACK_FAILED_MODEL = "overstory.fallback.failed_model"
 FALLBACK_NEXT_MODEL = "overstory.fallback.next_model"
+#: On a streamed ``chat`` span: seconds from the request to its first text delta.
+TIME_TO_FIRST_TOKEN = "overstory.time_to_first_token_s"
 
 # The carrier holds W3C trace context and baggage whatever OTEL_PROPAGATORS says: it only
 # travels between overstory's own client and actors, so both ends must agree on it.
@@ -183,6 +187,8 @@ def error_type(exc: BaseException) -> str:
     kind = getattr(exc, "kind", None)
     if isinstance(kind, str) and kind:
         return kind
+    if isinstance(exc, GeneratorExit | asyncio.CancelledError):
+        return "cancelled"  # a reader stopped a stream, or a turn was cancelled
     return type(exc).__qualname__
 
 
@@ -279,6 +285,11 @@ def record_chat_response(
     span.set_attribute(INPUT_TOKENS, input_tokens)
     span.set_attribute(OUTPUT_TOKENS, output_tokens)
     span.set_attribute(FINISH_REASONS, list(finish_reasons))
+
+
+def record_first_token(span: Span, seconds: float) -> None:
+    """A streamed model call's time to its first text delta, on its ``chat`` span."""
+    span.set_attribute(TIME_TO_FIRST_TOKEN, float(seconds))
 
 
 def record_retry(span: Span, *, attempt: int, error_type: str, delay_s: float) -> None:

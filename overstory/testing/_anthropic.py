@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ._common import _TOOL_NAME, Fault, _match_rule, _Problem, _Rules, _tokens
+from ._common import _TOOL_NAME, Fault, _Event, _match_rule, _pieces, _Problem, _Rules, _tokens
 
 _ANTHROPIC_TYPES = {
     400: ("invalid_request_error", "invalid request"),
@@ -155,8 +155,8 @@ def _anthropic_problem(body: Any) -> _Problem | None:
     """Why Anthropic would refuse this Messages request, or None."""
     if not isinstance(body, dict):
         return _Problem("There was an issue with your request: the body is not a JSON object.")
-    if body.get("stream"):
-        return _Problem("streaming not supported by this test server")
+    if not isinstance(body.get("stream", False), bool):
+        return _Problem("stream: Input should be a valid boolean")
     for key in ("model", "max_tokens", "messages"):
         if key not in body:
             return _Problem(f"{key}: Field required")
@@ -232,3 +232,63 @@ def _anthropic_answer(body: dict[str, Any], model: str, rules: _Rules, n: int) -
             "cache_read_input_tokens": 0,
         },
     }
+
+
+def _anthropic_stream(message: dict[str, Any], piece: int) -> list[_Event]:
+    """``message`` as the events the Messages API streams: ``message_start`` (input
+    usage), per content block a start, its deltas (text, or the tool input's JSON in
+    ``piece``-character ``input_json_delta`` s) and a stop, a ``ping``, then
+    ``message_delta`` (stop reason, output usage) and ``message_stop``."""
+    usage = message["usage"]
+    start = {
+        **message,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {**usage, "output_tokens": 1},
+    }
+    events = [
+        _Event("message_start", {"type": "message_start", "message": start}),
+        _Event("ping", {"type": "ping"}),
+    ]
+    for i, block in enumerate(message["content"]):
+        opened: dict[str, Any]
+        if block["type"] == "text":
+            opened = {"type": "text", "text": ""}
+            deltas = [{"type": "text_delta", "text": p} for p in _pieces(block["text"], piece)]
+        else:
+            opened = {**block, "input": {}}
+            raw = json.dumps(block["input"])
+            deltas = [{"type": "input_json_delta", "partial_json": p} for p in _pieces(raw, piece)]
+        events.append(
+            _Event(
+                "content_block_start",
+                {"type": "content_block_start", "index": i, "content_block": opened},
+            )
+        )
+        events += [
+            _Event(
+                "content_block_delta",
+                {"type": "content_block_delta", "index": i, "delta": d},
+                content=True,
+            )
+            for d in deltas
+        ]
+        events.append(_Event("content_block_stop", {"type": "content_block_stop", "index": i}))
+    events.append(
+        _Event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
+                "usage": {"output_tokens": usage["output_tokens"]},
+            },
+        )
+    )
+    events.append(_Event("message_stop", {"type": "message_stop"}))
+    return events
+
+
+def _anthropic_stream_error(fault: Fault) -> _Event:
+    """The ``error`` event Anthropic sends inside a stream that breaks (e.g. overloaded)."""
+    return _Event("error", _anthropic_fault(fault)[1])

@@ -10,6 +10,7 @@ vendors' validators and answerers use: ``_Problem`` (why a request is refused),
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,6 +34,8 @@ FaultKind = Literal[
     "context_overflow",
     "stall",
     "malformed",
+    "stream_error",
+    "stream_drop",
 ]
 
 _TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -52,6 +55,12 @@ class Fault:
     JSON; a fault with status 200 and no ``body`` answers normally (a slow answer);
     anything else answers ``status`` with ``body``, or with the vendor's error body for
     the status (and ``message``) when ``body`` is None. ``headers`` go on the response.
+
+    A fault with ``after`` set strikes *inside* a streamed answer: the stream opens (200,
+    its opening events) and sends ``after`` content deltas, then either an error event in
+    the vendor's shape for ``status`` (``drop=False``) or nothing more, the connection
+    closed without the stream's end (``drop=True``). A request that does not stream gets
+    ``status`` as an ordinary fault instead.
     """
 
     status: int = 500
@@ -61,8 +70,14 @@ class Fault:
     malformed: bool = False
     kind: FaultKind = "custom"
     message: str | None = None
+    after: int | None = None  # strike inside a stream, after this many content deltas
+    drop: bool = False  # ... by closing the connection rather than with an error event
 
     def __post_init__(self) -> None:
+        if self.after is not None and (isinstance(self.after, bool) or self.after < 0):
+            raise ConfigError(f"a fault's after must be an int >= 0, got {self.after!r}")
+        if self.drop and self.after is None:
+            raise ConfigError("a dropping fault strikes inside a stream: give after=N")
         if not 200 <= self.status <= 599:
             raise ConfigError(f"a fault's status must be 200..599, got {self.status!r}")
         if self.stall_s < 0:
@@ -103,6 +118,18 @@ class Fault:
         return cls(status=200, stall_s=seconds, kind="stall")
 
     @classmethod
+    def stream_error(cls, after: int, status: int = 529) -> Fault:
+        """A streamed answer that breaks after ``after`` content deltas with the vendor's
+        in-stream error event for ``status`` (529: overloaded, 500: server error, ...)."""
+        return cls(status=status, after=after, kind="stream_error")
+
+    @classmethod
+    def stream_drop(cls, after: int) -> Fault:
+        """A streamed answer whose connection closes after ``after`` content deltas,
+        without the stream's end (a proxy or the vendor dropped it)."""
+        return cls(status=500, after=after, drop=True, kind="stream_drop")
+
+    @classmethod
     def malformed_body(cls) -> Fault:
         """200 with ``content-type: application/json`` and a truncated JSON body."""
         return cls(status=200, malformed=True, kind="malformed")
@@ -136,6 +163,28 @@ def _json_type(value: object) -> str:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return "a number"
     return names.get(type(value), type(value).__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Event:
+    """One server-sent event of a streamed answer: its ``event:`` name (None: a bare
+    ``data:`` line, OpenAI's style), its JSON data, and whether it carries content (text
+    or tool-call arguments: what a mid-stream fault counts)."""
+
+    name: str | None
+    data: Any
+    content: bool = False
+
+    def encode(self) -> bytes:
+        head = f"event: {self.name}\n" if self.name else ""
+        data = self.data if isinstance(self.data, str) else json.dumps(self.data)
+        return f"{head}data: {data}\n\n".encode()
+
+
+def _pieces(text: str, size: int) -> list[str]:
+    """``text`` cut every ``size`` characters (at any point: inside a word, an escape or
+    a multi-byte character's neighbours), as streaming vendors cut it."""
+    return [text[i : i + size] for i in range(0, len(text), size)]
 
 
 def _tokens(chars: int) -> int:

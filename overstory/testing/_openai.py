@@ -16,7 +16,17 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from ._common import _TOOL_NAME, Fault, _json_type, _match_rule, _Problem, _Rules, _tokens
+from ._common import (
+    _TOOL_NAME,
+    Fault,
+    _Event,
+    _json_type,
+    _match_rule,
+    _pieces,
+    _Problem,
+    _Rules,
+    _tokens,
+)
 
 _OPENAI_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
@@ -214,8 +224,28 @@ def _openai_problem(body: Any) -> _Problem | None:
             "We could not parse the JSON body of your request. The OpenAI API expects a JSON "
             "payload, but what was sent was not valid JSON."
         )
-    if body.get("stream"):
-        return _Problem("streaming not supported by this test server", "stream")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        return _Problem(
+            f"Invalid type for 'stream': expected a boolean, but got {_json_type(stream)} instead.",
+            "stream",
+            "invalid_type",
+        )
+    if "stream_options" in body:
+        options = body["stream_options"]
+        if not stream:
+            return _Problem(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                "stream_options",
+            )
+        if not isinstance(options, dict) or not isinstance(
+            options.get("include_usage", False), bool
+        ):
+            return _Problem(
+                "Invalid type for 'stream_options.include_usage': expected a boolean.",
+                "stream_options.include_usage",
+                "invalid_type",
+            )
     model = body.get("model")
     if model is None:
         return _Problem("you must provide a model parameter")
@@ -260,6 +290,59 @@ def _openai_problem(body: Any) -> _Problem | None:
         expected = {c["id"] for c in m.get("tool_calls") or ()}
         calls_at, unanswered = i, set(expected)
     return _openai_unanswered(calls_at, unanswered) if unanswered else None
+
+
+def _openai_stream(answer: dict[str, Any], piece: int, include_usage: bool) -> list[_Event]:
+    """``answer`` (a chat.completion) as the ``chat.completion.chunk`` s OpenAI streams: a
+    role chunk, the text in ``piece``-character deltas, each tool call's id and name then
+    its arguments in pieces, the finish chunk, and (``include_usage``) a last chunk with
+    no choices and the usage; every chunk has ``usage: null`` before it."""
+    choice = answer["choices"][0]
+    message = choice["message"]
+    base = {
+        "id": answer["id"],
+        "object": "chat.completion.chunk",
+        "created": answer["created"],
+        "model": answer["model"],
+        "system_fingerprint": None,
+        **({"usage": None} if include_usage else {}),
+    }
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, content: bool = False) -> _Event:
+        data = {
+            **base,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        return _Event(None, data, content)
+
+    events = [chunk({"role": "assistant", "content": "", "refusal": None})]
+    events += [
+        chunk({"content": p}, content=True) for p in _pieces(message["content"] or "", piece)
+    ]
+    for i, call in enumerate(message.get("tool_calls") or ()):
+        fn = call["function"]
+        head = {"index": i, "id": call["id"], "type": "function"}
+        events.append(
+            chunk({"tool_calls": [{**head, "function": {"name": fn["name"], "arguments": ""}}]})
+        )
+        events += [
+            chunk({"tool_calls": [{"index": i, "function": {"arguments": p}}]}, content=True)
+            for p in _pieces(fn["arguments"], piece)
+        ]
+    events.append(chunk({}, choice["finish_reason"]))
+    if include_usage:
+        events.append(_Event(None, {**base, "choices": [], "usage": answer["usage"]}))
+    return events
+
+
+def _openai_stream_error(fault: Fault) -> _Event:
+    """The error OpenAI sends inside a stream that breaks: a ``data:`` line holding only
+    an ``error`` object (what the SDK raises as ``APIError``)."""
+    return _Event(None, _openai_fault(fault)[1])
+
+
+#: What ends an OpenAI stream.
+_OPENAI_DONE = _Event(None, "[DONE]")
 
 
 def _openai_answer(body: dict[str, Any], model: str, rules: _Rules, n: int) -> dict[str, Any]:

@@ -21,9 +21,17 @@ here. Valid requests get deterministic answers:
 * anything else -> ``"echo: <last user text>"``.
 
 Usage counts characters: input = request text // 4 + 1, output = answer // 4 + 1.
-Streaming is not supported (400). A :class:`Fault` scripts a failure; each server
-renders it in its vendor's shape (``Fault.overloaded()`` is 529 for Anthropic and 503
-for OpenAI).
+
+A request with ``"stream": true`` gets the same answer as server-sent events in the
+vendor's format (OpenAI's ``chat.completion.chunk`` s ending ``[DONE]``, with a usage
+chunk when ``stream_options.include_usage``; Anthropic's ``message_start`` ...
+``message_stop``), text and tool-call arguments cut every ``piece_chars`` characters,
+``stream_interval_s`` between content deltas.
+
+A :class:`Fault` scripts a failure; each server renders it in its vendor's shape
+(``Fault.overloaded()`` is 529 for Anthropic and 503 for OpenAI).
+``Fault.stream_error(after=N)`` and ``Fault.stream_drop(after=N)`` break a stream after
+N content deltas, with the vendor's in-stream error event or a dropped connection.
 """
 
 from __future__ import annotations
@@ -50,9 +58,19 @@ from ._anthropic import (
     _anthropic_error,
     _anthropic_fault,
     _anthropic_problem,
+    _anthropic_stream,
+    _anthropic_stream_error,
 )
-from ._common import DEFAULT_RULES, Fault, FaultKind, Recorded, _Problem, _Rules
-from ._openai import _openai_answer, _openai_error, _openai_fault, _openai_problem
+from ._common import DEFAULT_RULES, Fault, FaultKind, Recorded, _Event, _Problem, _Rules
+from ._openai import (
+    _OPENAI_DONE,
+    _openai_answer,
+    _openai_error,
+    _openai_fault,
+    _openai_problem,
+    _openai_stream,
+    _openai_stream_error,
+)
 
 __all__ = [
     "DEFAULT_RULES",
@@ -82,7 +100,8 @@ class WireServer:
 
     ``start()`` serves from a daemon thread with its own event loop; ``serve_forever()``
     serves from the caller's loop. ``port=0`` picks a free port, kept across restarts.
-    ``model`` overrides the model named in answers; ``latency_s`` delays every answer.
+    ``model`` overrides the model named in answers; ``latency_s`` delays every answer
+    (a stream's first byte); ``piece_chars`` and ``stream_interval_s`` shape streams.
     ``script``, ``fail_always`` and ``reset`` may be called from any thread.
     """
 
@@ -99,6 +118,8 @@ class WireServer:
         model: str | None = None,
         rules: Sequence[tuple[str, str]] = DEFAULT_RULES,
         latency_s: float = 0.0,
+        piece_chars: int = 4,
+        stream_interval_s: float = 0.0,
     ) -> None:
         if not self.vendor:
             raise UsageError("WireServer is a base class: use OpenAIServer or AnthropicServer")
@@ -106,6 +127,10 @@ class WireServer:
             raise ConfigError(f"port must be 0..65535, got {port!r}")
         if latency_s < 0:
             raise ConfigError(f"latency_s must be >= 0, got {latency_s!r}")
+        if isinstance(piece_chars, bool) or not isinstance(piece_chars, int) or piece_chars < 1:
+            raise ConfigError(f"piece_chars must be an int >= 1, got {piece_chars!r}")
+        if stream_interval_s < 0:
+            raise ConfigError(f"stream_interval_s must be >= 0, got {stream_interval_s!r}")
         compiled: list[tuple[re.Pattern[str], str]] = []
         for pattern, tool in rules:
             try:
@@ -115,6 +140,8 @@ class WireServer:
         self.host = host
         self.model = model
         self.latency_s = latency_s
+        self.piece_chars = piece_chars
+        self.stream_interval_s = stream_interval_s
         self.requests: list[Recorded] = []
         self._rules: _Rules = tuple(compiled)
         self._port = port
@@ -145,6 +172,15 @@ class WireServer:
 
     def _error(self, problem: _Problem) -> Any:
         raise NotImplementedError
+
+    def _stream(self, body: dict[str, Any], answer: dict[str, Any]) -> list[_Event]:
+        """``answer`` as the vendor's stream events, without the end marker."""
+        raise NotImplementedError
+
+    def _stream_error(self, fault: Fault) -> _Event:
+        raise NotImplementedError
+
+    _stream_end: ClassVar[_Event | None] = None
 
     # -- the public handle -- #
 
@@ -283,13 +319,50 @@ class WireServer:
             await asyncio.sleep(self.latency_s)
         if fault is not None and fault.stall_s:
             await asyncio.sleep(fault.stall_s)
-        status, payload, extra = self._reply(request.method, request.path, headers, body, fault, n)
+        streaming = isinstance(body, dict) and body.get("stream") is True
+        strike = fault if fault is not None and fault.after is not None and streaming else None
+        status, payload, extra = self._reply(
+            request.method, request.path, headers, body, None if strike else fault, n
+        )
         reply_headers = {self._request_id_header: f"req_{n}", **extra}
+        if status == 200 and streaming and isinstance(payload, dict):
+            return await self._send_stream(request, body, payload, strike, reply_headers)
         if isinstance(payload, str):
             return web.Response(
                 status=status, text=payload, content_type="application/json", headers=reply_headers
             )
         return web.json_response(payload, status=status, headers=reply_headers)
+
+    async def _send_stream(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        answer: dict[str, Any],
+        strike: Fault | None,
+        headers: Mapping[str, str],
+    ) -> web.StreamResponse:
+        """Write ``answer`` as server-sent events; ``strike`` breaks the stream."""
+        events = self._stream(body, answer)
+        cut = len(events) if strike is None else _strike_at(events, strike.after or 0)
+        response = web.StreamResponse(
+            status=200,
+            headers={**headers, "content-type": "text/event-stream", "cache-control": "no-cache"},
+        )
+        await response.prepare(request)
+        for event in events[:cut]:
+            if event.content and self.stream_interval_s:
+                await asyncio.sleep(self.stream_interval_s)
+            await response.write(event.encode())
+        if strike is not None and strike.drop:
+            if request.transport is not None:
+                request.transport.close()  # no terminating chunk: the client sees a cut
+            return response
+        if strike is not None:
+            await response.write(self._stream_error(strike).encode())
+        elif self._stream_end is not None:
+            await response.write(self._stream_end.encode())
+        await response.write_eof()
+        return response
 
     def _reply(
         self,
@@ -307,6 +380,9 @@ class WireServer:
             refusal = _Problem(f"Method {method} not allowed", status=405)
             return 405, self._error(refusal), {"allow": "POST"}
         if fault is not None:
+            if fault.after is not None:  # a stream's fault, on a request that does not stream
+                status, payload = self._fault(fault)
+                return status, payload, fault.headers
             if fault.malformed:
                 return 200, _MALFORMED, fault.headers
             if fault.status != 200 or fault.body is not None:
@@ -348,6 +424,15 @@ class OpenAIServer(WireServer):
         type_ = "server_error" if problem.status >= 500 else "invalid_request_error"
         return _openai_error(problem.message, type_, problem.param, problem.code)
 
+    def _stream(self, body: dict[str, Any], answer: dict[str, Any]) -> list[_Event]:
+        options = body.get("stream_options") or {}
+        return _openai_stream(answer, self.piece_chars, bool(options.get("include_usage")))
+
+    def _stream_error(self, fault: Fault) -> _Event:
+        return _openai_stream_error(fault)
+
+    _stream_end = _OPENAI_DONE
+
 
 class AnthropicServer(WireServer):
     """``POST /v1/messages``; base_url is the bare origin, as the SDK expects."""
@@ -384,6 +469,26 @@ class AnthropicServer(WireServer):
             type_ = "invalid_request_error"
         return _anthropic_error(type_, problem.message)
 
+    def _stream(self, body: dict[str, Any], answer: dict[str, Any]) -> list[_Event]:
+        return _anthropic_stream(answer, self.piece_chars)
+
+    def _stream_error(self, fault: Fault) -> _Event:
+        return _anthropic_stream_error(fault)
+
+
+def _strike_at(events: Sequence[_Event], after: int) -> int:
+    """Where a fault striking after ``after`` content deltas cuts ``events``: before the
+    next content event, or right after the last one when there are not that many."""
+    seen = 0
+    last = 1  # no content at all: after the opening event
+    for i, event in enumerate(events):
+        if event.content:
+            if seen == after:
+                return i
+            seen += 1
+            last = i + 1
+    return last
+
 
 _SERVERS: dict[str, type[WireServer]] = {"openai": OpenAIServer, "anthropic": AnthropicServer}
 
@@ -399,9 +504,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", default=None, help="model named in answers")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
+    parser.add_argument("--piece-chars", type=int, default=4, help="characters per streamed delta")
+    parser.add_argument(
+        "--stream-interval", type=float, default=0.0, help="seconds between streamed deltas"
+    )
     args = parser.parse_args(argv)
     server = _SERVERS[args.vendor](
-        host=args.host, port=args.port, model=args.model, latency_s=args.latency
+        host=args.host,
+        port=args.port,
+        model=args.model,
+        latency_s=args.latency,
+        piece_chars=args.piece_chars,
+        stream_interval_s=args.stream_interval,
     )
 
     async def serve() -> None:

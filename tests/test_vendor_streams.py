@@ -1,0 +1,346 @@
+"""Streamed answers through the official SDKs over real HTTP to the loopback servers,
+which stream in the vendors' own SSE formats (OpenAI chunks, Anthropic events).
+
+No Ray here: the models and their policies run in-process; the provider actor's
+streaming generator is tested in test_provider_pool.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Iterator
+from typing import Any
+
+import pydantic
+import pytest
+
+from overstory.exceptions import AllModelsFailed, ModelError
+from overstory.messages import ModelResponse, UserMessage
+from overstory.providers import Endpoint, Model, RetryPolicy, Secret
+from overstory.providers.anthropic import AnthropicStream
+from overstory.providers.base import FallThrough, StreamItem, traced_stream
+from overstory.providers.breaker import BreakerModel
+from overstory.providers.endpoint import BreakerPolicy, Limits
+from overstory.providers.fallback import FallbackModel
+from overstory.providers.limits import LimitedModel
+from overstory.providers.openai import OpenAIStream
+from overstory.providers.pool import coalesced, vendor_model
+from overstory.providers.retry import RetryingModel
+from overstory.telemetry.spans import ERROR_TYPE, TIME_TO_FIRST_TOKEN
+from overstory.testing import DEFAULT_RULES, AnthropicServer, Fault, OpenAIServer, WireServer
+from overstory.testing._anthropic import _anthropic_answer, _anthropic_stream
+from overstory.testing._openai import _openai_answer, _openai_stream
+from overstory.tools import ToolDefinition
+
+KEY = "sk-test-stream-0123456789"
+#: A tool whose arguments carry what a cut can land inside: quotes, a backslash, an
+#: accented letter and an emoji (a surrogate pair in JSON's \u escapes).
+SAY = ToolDefinition(
+    name="say",
+    description="Say something.",
+    parameters={"type": "object", "properties": {"text": {"type": "string"}}},
+)
+RULES = (*DEFAULT_RULES, (r"^say (?P<text>.+)$", "say"))
+AWKWARD = 'He said "hi" \\ to naïve 🌍 folks'
+
+
+_LOOP: list[asyncio.Runner] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_loop() -> Iterator[None]:
+    # One event loop for the module: a model's SDK client keeps connections in a pool
+    # bound to the loop it first ran in.
+    with asyncio.Runner() as runner:
+        _LOOP.append(runner)
+        yield
+        _LOOP.remove(runner)
+
+
+def run(coro: Any) -> Any:
+    return _LOOP[-1].run(coro)
+
+
+@pytest.fixture(scope="module", params=["openai", "anthropic"])
+def server(request: pytest.FixtureRequest) -> Iterator[WireServer]:
+    cls = OpenAIServer if request.param == "openai" else AnthropicServer
+    with cls(rules=RULES) as srv:
+        yield srv
+
+
+@pytest.fixture(autouse=True)
+def _clean(server: WireServer) -> Iterator[None]:
+    server.reset()
+    server.piece_chars, server.stream_interval_s = 4, 0.0
+    return
+
+
+def model_for(server: WireServer, name: str = "test-model") -> Model:
+    vendor = "openai" if isinstance(server, OpenAIServer) else "anthropic"
+    return vendor_model(Endpoint(vendor, name, server.base_url, key=Secret(KEY)))
+
+
+HISTORY = [UserMessage(content="hello there, wörld 🌍", seq=0)]
+
+
+def collect(
+    stream: AsyncGenerator[StreamItem, None], upto: int | None = None
+) -> tuple[list[StreamItem], ModelError | None]:
+    """Every item of ``stream`` (or the first ``upto``, then closed), and the error it
+    ended with."""
+
+    async def go() -> tuple[list[StreamItem], ModelError | None]:
+        items: list[StreamItem] = []
+        try:
+            async for item in stream:
+                items.append(item)
+                if upto is not None and len(items) >= upto:
+                    break
+        except ModelError as exc:
+            return items, exc
+        finally:
+            await stream.aclose()
+        return items, None
+
+    return run(go())
+
+
+def texts(items: list[StreamItem]) -> list[str]:
+    return [i for i in items if isinstance(i, str)]
+
+
+# --- deltas and the assembled answer -----------------------------------------------------
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 5, 64])
+def test_deltas_join_to_the_stored_answer_wherever_the_text_is_cut(
+    server: WireServer, piece: int
+) -> None:
+    model = model_for(server)
+    whole = run(model.request("Be brief.", HISTORY, []))
+    server.piece_chars = piece
+    items, error = collect(model.stream("Be brief.", HISTORY, []))
+    assert error is None
+    *deltas, last = items
+    assert isinstance(last, ModelResponse)
+    assert all(isinstance(d, str) and d for d in deltas)
+    assert len(deltas) == -(-len(whole.content) // piece)  # one per piece, as the vendor cut
+    assert "".join(texts(items)) == last.content == whole.content == "echo: hello there, wörld 🌍"
+    assert last.usage == whole.usage
+    assert last.usage.input_tokens > 0
+    assert last.finish_reason == "stop"
+    body = server.requests[-1].body
+    assert body["stream"] is True
+    if isinstance(server, OpenAIServer):  # usage is asked for, and read from the last chunk
+        assert body["stream_options"] == {"include_usage": True}
+
+
+@pytest.mark.parametrize("piece", [1, 2, 3, 7])
+def test_tool_call_arguments_cut_at_awkward_points_assemble_exactly(
+    server: WireServer, piece: int
+) -> None:
+    server.piece_chars = piece
+    history = [UserMessage(content=f"say {AWKWARD}", seq=0)]
+    items, error = collect(model_for(server).stream("", history, [SAY]))
+    assert error is None
+    assert texts(items) == []  # a tool call has no text to show
+    response = items[-1]
+    assert isinstance(response, ModelResponse)
+    [call] = response.tool_calls
+    assert (call.name, call.arguments) == ("say", {"text": AWKWARD})
+    assert response.finish_reason == "tool_calls"
+
+
+@pytest.mark.parametrize("vendor", ["openai", "anthropic"])
+@pytest.mark.parametrize("piece", [1, 3])
+def test_a_stream_that_ends_without_its_end_event_is_cut_short(vendor: str, piece: int) -> None:
+    """The assemblers, fed the vendors' real event objects (no HTTP): without OpenAI's
+    finish chunk or Anthropic's message_stop, the answer is not whole."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 9}
+    if vendor == "openai":
+        from openai.types.chat import ChatCompletionChunk
+
+        raw = [e.data for e in _openai_stream(_openai_answer(body, "m", (), 1), piece, True)]
+        events: list[Any] = [ChatCompletionChunk.model_validate(d) for d in raw]
+        assembler: OpenAIStream | AnthropicStream = OpenAIStream("openai:m", "m")
+        cut = [e for e in events if not (e.choices and e.choices[0].finish_reason)]
+    else:
+        from anthropic.types import RawMessageStreamEvent
+
+        adapter: Any = pydantic.TypeAdapter(RawMessageStreamEvent)
+        raw = [e.data for e in _anthropic_stream(_anthropic_answer(body, "m", (), 1), piece)]
+        events = [adapter.validate_python(d) for d in raw if d["type"] != "ping"]
+        assembler = AnthropicStream("anthropic:m", "m")
+        cut = [e for e in events if e.type != "message_stop"]
+    shown = "".join(assembler.feed(e) for e in cut)
+    assert shown == "echo: hello"
+    with pytest.raises(ModelError, match="cut short") as caught:
+        assembler.response()
+    assert caught.value.kind == "connection"
+
+
+# --- faults inside the stream ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "kind"), [(500, "server_error"), (429, "rate_limited")])
+def test_an_error_event_before_the_first_delta_shows_no_text(
+    server: WireServer, status: int, kind: str
+) -> None:
+    server.script(Fault.stream_error(after=0, status=status))
+    items, error = collect(model_for(server).stream("", HISTORY, []))
+    assert items == []
+    assert error is not None
+    assert error.kind == kind
+    assert "mid-stream" in str(error)
+    assert KEY not in str(error)
+
+
+@pytest.mark.parametrize("after", [1, 2, 3])
+@pytest.mark.parametrize("drop", [False, True])
+def test_a_break_after_n_deltas_keeps_exactly_those_n(
+    server: WireServer, after: int, drop: bool
+) -> None:
+    server.piece_chars = 3
+    fault = Fault.stream_drop(after) if drop else Fault.stream_error(after, status=529)
+    server.script(fault)
+    items, error = collect(model_for(server).stream("", HISTORY, []))
+    full = "echo: hello there, wörld 🌍"
+    assert items == [full[i : i + 3] for i in range(0, 3 * after, 3)]
+    assert error is not None
+    if drop:
+        assert error.kind == "connection"
+    else:  # Anthropic's 529 is overloaded_error; OpenAI has no 529 and says server_error
+        assert error.kind == (
+            "overloaded" if isinstance(server, AnthropicServer) else "server_error"
+        )
+
+
+def test_a_stream_fault_on_a_request_that_does_not_stream_is_its_status(
+    server: WireServer,
+) -> None:
+    server.script(Fault.stream_error(after=2, status=500))
+    with pytest.raises(ModelError) as caught:
+        run(model_for(server).request("", HISTORY, []))
+    assert caught.value.status == 500
+
+
+# --- the policies around a stream ----------------------------------------------------------
+
+
+FAST = RetryPolicy(attempts=3, base_s=0.001, max_backoff_s=0.002)
+
+
+def test_a_stream_is_retried_only_before_its_first_delta(server: WireServer) -> None:
+    retrying = RetryingModel(model_for(server), FAST)
+    server.script(Fault.stream_error(after=0, status=500))
+    items, error = collect(retrying.stream("", HISTORY, []))
+    assert error is None
+    assert retrying.retries == 1
+    assert len(server.requests) == 2
+    assert "".join(texts(items)) == "echo: hello there, wörld 🌍"  # nothing of the failed try
+
+    server.reset()
+    server.script(Fault.stream_error(after=2, status=500))
+    items, error = collect(retrying.stream("", HISTORY, []))
+    assert error is not None
+    assert error.kind == "server_error"
+    assert len(texts(items)) == 2
+    assert retrying.retries == 1
+    assert len(server.requests) == 1
+
+
+def test_a_reader_closing_a_stream_frees_its_limiter_slot_and_tells_the_breaker_nothing(
+    server: WireServer,
+) -> None:
+    server.stream_interval_s = 0.02
+    limited = LimitedModel(model_for(server), Limits(max_in_flight=1))
+    breaker = BreakerModel(limited, BreakerPolicy(failures=1, window_s=60, cooldown_s=60))
+    items, error = collect(breaker.stream("", HISTORY, []), upto=2)
+    assert error is None
+    assert len(items) == 2
+    assert limited.limiter.core.in_flight == 0  # released at once, not at GC
+    assert breaker.breaker.snapshot(0.0)["recent_failures"] == 0
+    # With max_in_flight=1, a leaked slot would make this wait and fail (limit_wait).
+    items, error = collect(breaker.stream("", HISTORY, []))
+    assert error is None
+    assert isinstance(items[-1], ModelResponse)
+
+
+def test_a_failure_after_the_first_delta_counts_against_the_endpoint(server: WireServer) -> None:
+    breaker = BreakerModel(model_for(server), BreakerPolicy(failures=1, window_s=60, cooldown_s=60))
+    server.script(Fault.stream_drop(after=1))
+    _, error = collect(breaker.stream("", HISTORY, []))
+    assert error is not None
+    assert error.kind == "connection"
+    items, error = collect(breaker.stream("", HISTORY, []))
+    assert items == []
+    assert error is not None
+    assert error.kind == "circuit_open"
+
+
+@pytest.fixture(scope="module")
+def backup() -> Iterator[AnthropicServer]:
+    with AnthropicServer(rules=RULES) as srv:
+        yield srv
+
+
+def test_fallback_falls_through_before_the_first_delta_and_never_after(
+    server: WireServer, backup: AnthropicServer
+) -> None:
+    backup.reset()
+    chain = FallbackModel(model_for(server, "primary"), model_for(backup, "backup"))
+    server.script(Fault.stream_error(after=0, status=500))
+    items, error = collect(chain.stream("", HISTORY, []))
+    assert error is None
+    [fell] = [i for i in items if isinstance(i, FallThrough)]
+    assert fell.model.startswith(("openai:primary@", "anthropic:primary@"))
+    assert fell.error.kind == "server_error"
+    assert items.index(fell) == 0  # before any text: nothing of the primary was shown
+    answer = items[-1]
+    assert isinstance(answer, ModelResponse)
+    assert answer.model == "backup"
+    assert "".join(texts(items)) == answer.content
+
+    backup.reset()
+    server.script(Fault.stream_error(after=2, status=500))
+    items, error = collect(chain.stream("", HISTORY, []))
+    assert isinstance(error, ModelError)
+    assert not isinstance(error, AllModelsFailed)
+    assert len(texts(items)) == 2
+    assert not any(isinstance(i, FallThrough) for i in items)
+    assert backup.requests == []  # no second answer appended to a partial one
+
+
+# --- telemetry ---------------------------------------------------------------------------------
+
+
+def test_a_streamed_chat_span_records_its_time_to_first_token(
+    server: WireServer, exporter: Any
+) -> None:
+    server.latency_s = 0.05
+    try:
+        model = model_for(server)
+        items, error = collect(traced_stream(model.stream, "v", "test-model", "", HISTORY, []))
+        assert error is None
+        assert isinstance(items[-1], ModelResponse)
+        [span] = [s for s in exporter.get_finished_spans() if s.name == "chat test-model"]
+        assert span.attributes is not None
+        assert 0.05 <= span.attributes[TIME_TO_FIRST_TOKEN] < 5
+        assert span.attributes["gen_ai.usage.output_tokens"] > 0
+
+        exporter.clear()
+        collect(traced_stream(model.stream, "v", "test-model", "", HISTORY, []), upto=1)
+        [span] = exporter.get_finished_spans()
+        assert span.attributes is not None
+        assert span.attributes[ERROR_TYPE] == "cancelled"
+    finally:
+        server.latency_s = 0.0
+
+
+def test_coalesced_joins_only_consecutive_text() -> None:
+    answer = ModelResponse(content="abc")
+    error = ModelError("x", kind="server_error")
+    assert coalesced([]) == []
+    assert coalesced(["a", "b", "c", answer]) == ["abc", answer]
+    assert coalesced(["a", error]) == ["a", error]
+    assert coalesced([answer, "a", "b"]) == [answer, "ab"]
