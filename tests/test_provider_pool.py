@@ -104,6 +104,100 @@ def test_a_turn_with_tools_goes_through_the_provider_actor(
     assert all(OPERATOR_KEY not in json.dumps(s) for s in provider_statuses(rt.config.namespace))
 
 
+def test_a_streamed_turn_reads_the_vendors_deltas_through_the_provider_actor(
+    rt: Runtime, servers: tuple[OpenAIServer, AnthropicServer]
+) -> None:
+    primary, backup = servers
+    conv = rt.conversation(f"stream-{uuid.uuid4().hex[:6]}")
+    primary.stream_interval_s = 0.02  # pieces that arrive together travel as one
+    try:
+        events = list(conv.stream("what is 20 + 22?"))
+    finally:
+        primary.stream_interval_s = 0.0
+    types = [e.type for e in events]
+    assert types[0] == "started"
+    assert types[-1] == "completed"
+    assert types.index("tool_call") < types.index("tool_result") < types.index("delta")
+    deltas = [e.text for e in events if e.type == "delta"]
+    assert len(deltas) > 1  # the server cut the answer into pieces; they came as pieces
+    assert events[-1].reply is not None
+    assert "".join(deltas) == events[-1].reply.text == "tool results: 42"
+    assert [r.body["stream"] for r in primary.requests] == [True, True]
+    assert backup.requests == []
+    stored = conv.history()[-1]
+    assert stored.content == "tool results: 42"
+    assert stored.usage.input_tokens > 0  # usage read from the stream's last chunk
+
+
+def test_a_stream_falls_through_before_its_first_token_and_ends_incomplete_after_it(
+    rt: Runtime, servers: tuple[OpenAIServer, AnthropicServer]
+) -> None:
+    primary, backup = servers
+    conv = rt.conversation(f"stream-fb-{uuid.uuid4().hex[:6]}")
+    # Both of the primary's attempts break before a token: the chain moves on, unseen.
+    primary.script(Fault.stream_error(after=0, status=500), Fault.stream_error(after=0, status=500))
+    events = list(conv.stream("hello over there"))
+    [fell] = [e for e in events if e.type == "fallback"]
+    deltas = [e for e in events if e.type == "delta"]
+    assert events.index(fell) < events.index(deltas[0])
+    assert events[-1].reply is not None
+    assert "".join(d.text for d in deltas) == events[-1].reply.text == "echo: hello over there"
+    assert events[-1].reply.messages[-1].model == "backup-model"
+
+    # The primary's breaker (2 failures open it) shares this module: a success clears it.
+    assert conv.send("clear the count").messages[-1].model == "primary-model"
+    primary.reset()
+    backup.reset()
+    primary.script(Fault.stream_drop(after=2))  # two 4-character pieces, then the cut
+    events = list(conv.stream("cut this answer short"))
+    last = events[-1]
+    assert last.type == "incomplete"
+    assert "(connection)" in last.text
+    assert "connection lost mid-stream" in last.text
+    shown = "".join(e.text for e in events if e.type == "delta")
+    assert shown == "echo: cu"  # what was shown, once: no retry, no continuation
+    assert len(primary.requests) == 1
+    assert backup.requests == []
+    stored = conv.history()[-1]
+    assert stored.content == shown
+    assert stored.incomplete == last.text
+    conv.send("clear the count again")
+
+
+def test_cancelling_a_vendor_stream_frees_the_endpoints_limiter_slot_at_once(
+    rt: Runtime, servers: tuple[OpenAIServer, AnthropicServer], chain: tuple[Endpoint, Endpoint]
+) -> None:
+    primary, _ = servers
+    primary.stream_interval_s = 0.1  # ~9 s to stream this answer to its end
+    try:
+        conv = rt.conversation(f"stream-cancel-{uuid.uuid4().hex[:6]}")
+        text = "a long answer that keeps coming " * 10
+        events, cancelled_at = [], 0.0
+        for event in conv.stream(text):
+            events.append(event)
+            if event.type == "delta" and not cancelled_at:
+                assert conv.cancel(event.turn_id)
+                cancelled_at = time.monotonic()
+        assert events[-1].type == "incomplete"
+        assert events[-1].text == "cancelled"
+        shown = "".join(e.text for e in events if e.type == "delta")
+        assert ("echo: " + text).startswith(shown)
+        assert len(shown) < 40
+
+        def released() -> bool:
+            (row,) = [
+                s
+                for s in provider_statuses(rt.config.namespace)
+                if s["actor"] == provider_actor_name(chain[0])
+            ]
+            return bool(row["limits"]["in_flight"] == 0)
+
+        wait_for_condition(released, timeout=10, retry_interval_ms=100)
+        assert time.monotonic() - cancelled_at < 5  # freed by the cancel, not by the end
+    finally:
+        primary.stream_interval_s = 0.0
+
+
 def test_primary_failing_falls_through_to_the_backup_after_its_retries(
     rt: Runtime, servers: tuple[OpenAIServer, AnthropicServer]
 ) -> None:

@@ -297,7 +297,7 @@ def test_a_model_failing_after_its_first_token_ends_the_turn_incomplete_and_stor
     assert final.reply.text == "part0 part1 "  # what was shown, and nothing of the backup
     assert [m.kind for m in stored] == ["user", "assistant"]
     assert stored[-1].content == "part0 part1 "
-    assert stored[-1].incomplete.startswith("the model failed mid-answer")  # read back
+    assert stored[-1].incomplete.startswith("the model failed mid-answer (")  # read back
     assert again.reply.text == "part0 part1 "
     assert [e.type for e in replayed] == ["started", "delta", "incomplete"]
 

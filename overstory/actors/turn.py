@@ -169,7 +169,9 @@ async def _streamed(
                 return item
     except ModelError as exc:
         if shown:  # never retried nor continued: what was shown is what there is
-            raise _CutShort("".join(shown), f"the model failed mid-answer: {exc}") from exc
+            raise _CutShort(
+                "".join(shown), f"the model failed mid-answer ({exc.kind}): {exc}"
+            ) from exc
         raise
     finally:
         await stream.aclose()

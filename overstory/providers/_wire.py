@@ -130,6 +130,7 @@ class SDKModel(Model):
         try:
             with self._sdk_errors():
                 events = await self._open_stream(instructions, messages, tools)
+            with self._sdk_errors(mid_stream=True):
                 try:
                     async for event in events:
                         text = self._parsed(assembler.feed, event)
@@ -142,9 +143,10 @@ class SDKModel(Model):
             raise scrubbed(exc, self._key) from None
 
     @contextmanager
-    def _sdk_errors(self) -> Iterator[None]:
+    def _sdk_errors(self, *, mid_stream: bool = False) -> Iterator[None]:
         """The SDK's (and, mid-stream, the HTTP library's) exceptions as ModelErrors."""
         sdk = self.sdk
+        lost = "connection lost mid-stream" if mid_stream else "connection failed"
         try:
             yield
         except sdk.APIStatusError as exc:
@@ -159,14 +161,10 @@ class SDKModel(Model):
                 f"no answer within {self.endpoint.timeout_s:g} s", model=self.name, kind="timeout"
             ) from None
         except sdk.APIConnectionError as exc:
+            raise ModelError(f"{lost}: {exc}", model=self.name, kind="connection") from None
+        except httpx2.TransportError as exc:  # a stream cut (Anthropic's SDK lets it out)
             raise ModelError(
-                f"connection failed: {exc}", model=self.name, kind="connection"
-            ) from None
-        except httpx2.TransportError as exc:  # a stream cut (the SDKs do not wrap it)
-            raise ModelError(
-                f"connection lost mid-answer: {type(exc).__name__}: {exc}",
-                model=self.name,
-                kind="connection",
+                f"{lost}: {type(exc).__name__}: {exc}", model=self.name, kind="connection"
             ) from None
         except sdk.APIError as exc:
             if isinstance(exc.body, dict):  # an error event inside a stream (OpenAI)
