@@ -127,6 +127,9 @@ def test_a_streamed_turn_reads_the_vendors_deltas_through_the_provider_actor(
     stored = conv.history()[-1]
     assert stored.content == "tool results: 42"
     assert stored.usage.input_tokens > 0  # usage read from the stream's last chunk
+    # A reader that went away at any point reads on from there: the same events.
+    for n in range(-1, len(events)):
+        assert list(conv.resume(events[0].turn_id, after=n)) == events[n + 1 :], n
 
 
 def test_a_stream_falls_through_before_its_first_token_and_ends_incomplete_after_it(

@@ -255,6 +255,24 @@ async def _chaos(runtime: Runtime, rate: float, result: DemoResult, stop: asynci
                 pass
 
 
+def _settled(runtime: Runtime, quiet_s: float = 1.0, limit_s: float = 6.0) -> dict[str, Any]:
+    """The runtime's status once its restart count stopped moving for ``quiet_s`` (at
+    most ``limit_s``): a process the monkey killed just before the run ended is noticed
+    by its supervisor a moment later, and the summary should count its restart."""
+    deadline = time.monotonic() + limit_s
+    status = runtime.status()
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        again = runtime.status()
+        if again["restarts"] != status["restarts"]:
+            since = time.monotonic()
+        status = again
+        if time.monotonic() - since >= quiet_s and status["restarts"]:
+            break
+    return status
+
+
 def _serving_pids(runtime: Runtime) -> list[int]:
     """The processes that serve conversations now."""
     registry = runtime.registry
@@ -303,7 +321,7 @@ def run_demo(
     finally:
         bar.close()
         result.wall_s = time.perf_counter() - started
-        status = runtime.status()
+        status = _settled(runtime) if result.kills else runtime.status()
         result.restarts = status["restarts"]
         result.activations = status["activations"]
         for uid in user_ids:
