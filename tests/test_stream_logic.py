@@ -13,9 +13,9 @@ import pytest
 
 from overstory import Agent, AllModelsFailed, ModelError, UnknownTurn
 from overstory.actors.host import HostActor
-from overstory.actors.turnlog import TurnLog, TurnLogs, replay
+from overstory.actors.turnlog import TurnLog, TurnLogs, TurnStreams, replay
 from overstory.app import App, conversation_id
-from overstory.exceptions import TurnIncomplete
+from overstory.exceptions import Passivated, TurnIncomplete
 from overstory.messages import Message, ModelResponse, TurnEvent, UserMessage
 from overstory.providers import FallbackModel, Model, OfflineModel, Rule
 from overstory.providers.base import FallThrough, StreamItem
@@ -69,6 +69,26 @@ def test_logs_are_bounded_by_count_and_window_and_never_drop_a_running_turn() ->
     assert logs.get("done-0") is None
     logs.prune(now=time.monotonic() + 11)
     assert [t for t in ("running", "done-1", "done-2") if logs.get(t)] == ["running"]
+
+
+def test_a_restart_that_lands_elsewhere_sends_the_reader_to_ask_again() -> None:
+    """A reader's poll finds the turn unfinished and its log gone; the restart it asks
+    for lands on another incarnation of the entity (passivated meanwhile) or finds the
+    turn ended: the reader is told to ask again, where the log or the stored turn is."""
+    streams = TurnStreams()
+    history = [UserMessage(content="hello", seq=0, turn_id="t1")]
+    restarted: list[str] = []
+
+    async def elsewhere(text: str) -> int:
+        restarted.append(text)  # started on a fresh entity: this one has no log
+        return 0
+
+    async def go() -> None:
+        await streams.events("a:u", "t1", -1, 0.0, history, ("a", "1"), elsewhere)
+
+    with pytest.raises(Passivated, match="ask again"):
+        asyncio.run(go())
+    assert restarted == ["hello"]
 
 
 def test_replay_rebuilds_a_finished_turn_from_its_messages(sqlite_url: str) -> None:

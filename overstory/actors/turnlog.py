@@ -17,7 +17,13 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from ..exceptions import ConversationUnavailable, TurnFailed, TurnIncomplete, UnknownTurn
+from ..exceptions import (
+    ConversationUnavailable,
+    Passivated,
+    TurnFailed,
+    TurnIncomplete,
+    UnknownTurn,
+)
 from ..messages import (
     AssistantMessage,
     Message,
@@ -211,7 +217,14 @@ class TurnStreams:
                 return [e for e in replay(turn_id, turn, reply) if e.seq > after], True
             await restart(turn[0].content)
             log = self.logs.get(turn_id)
-            assert log is not None
+            if log is None:
+                # The restart landed elsewhere: the entity was passivated (or replaced)
+                # while it started, or the turn ended meanwhile. The reader asks again
+                # and finds the log, or the finished turn in the store.
+                raise Passivated(
+                    f"conversation {conversation_id!r} changed while turn {turn_id!r} "
+                    "restarted; ask again"
+                )
         events = await log.wait_after(after, min(max(wait_s, 0.0), 60.0))
         return events, log.finished and (not events or events[-1].seq == log.last_seq)
 
