@@ -11,7 +11,9 @@ both sides subclass the stdlib exceptions users already catch::
     │   ├── InvalidMessage                  empty, oversized, or not text
     │   ├── ToolDefinitionError             a tool function that cannot be described to a model
     │   ├── UnknownAgent                    no agent of that name is served (lists the served)
-    │   └── UnknownTurn                     no turn of that id in the conversation
+    │   ├── UnknownTurn                     no turn of that id in the conversation
+    │   ├── UnknownKey                      no API key of that id
+    │   └── AuthenticationFailed            credentials missing, malformed, unknown or revoked
     └── RuntimeFailure (RuntimeError)       something failed while running; may be retried
         ├── StoreError                      the history store failed
         │   ├── StoreUnavailable            cannot reach / open the store
@@ -42,6 +44,7 @@ from typing import Literal
 
 __all__ = [
     "AllModelsFailed",
+    "AuthenticationFailed",
     "ClusterAuthRefused",
     "ClusterUnavailable",
     "ConfigError",
@@ -65,6 +68,7 @@ __all__ = [
     "TurnFailed",
     "TurnIncomplete",
     "UnknownAgent",
+    "UnknownKey",
     "UnknownTurn",
     "UsageError",
 ]
@@ -129,6 +133,18 @@ class UnknownTurn(UsageError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.conversation_id, self.turn_id))
+
+
+class UnknownKey(UsageError):
+    """No API key has this id (``overstory keys revoke``)."""
+
+
+class AuthenticationFailed(UsageError):
+    """The caller's credentials are missing, malformed, unknown, revoked or expired.
+
+    The message says which, never what was presented: a key or token is a secret even
+    when it is wrong (it may be a real one pasted in the wrong place).
+    """
 
 
 class RuntimeFailure(OverstoryError, RuntimeError):

@@ -1,5 +1,5 @@
 """The ``overstory`` command: ``demo`` and ``chat``; ``serve``, ``status``, ``health``,
-``rebalance``; ``rollout``, ``promote``, ``rollback``."""
+``rebalance``; ``rollout``, ``promote``, ``rollback``; ``migrate``; ``keys``."""
 
 from __future__ import annotations
 
@@ -294,6 +294,12 @@ def _add_ops_commands(sub: Any) -> None:
         metavar="DIR",
         help="ship DIR to the cluster as the hosts' Ray runtime_env working_dir",
     )
+    serve.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        type=_host_port,
+        help="also deploy the HTTP front door (OpenAI-shaped API, Ray Serve) on HOST:PORT",
+    )
     serve.add_argument("--json", action="store_true", help="one JSON object on stdout")
     attach_args(serve)
     serve.add_argument("--config", type=Path, help="TOML config file (keys of overstory.Config)")
@@ -336,6 +342,20 @@ def _add_ops_commands(sub: Any) -> None:
     migrate.add_argument("--config", type=Path, help="TOML config file (its store)")
     migrate.add_argument("--dry-run", action="store_true", help="report, copy nothing")
     migrate.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    keys = sub.add_parser(
+        "keys", help="API keys of the HTTP front door: create, list, revoke (the store only)"
+    )
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="make a key for USER and print it once")
+    create.add_argument("--user", required=True, metavar="ID", help="the user the key speaks for")
+    create.add_argument("--admin", action="store_true", help="the key reaches every conversation")
+    listing = keys_sub.add_parser("list", help="every key's id, user, role and state (no secret)")
+    revoke = keys_sub.add_parser("revoke", help="refuse key KEY_ID from now on")
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    for cmd in (create, listing, revoke):
+        cmd.add_argument("--store", help="store URL (default: OVERSTORY_STORE, else sqlite)")
+        cmd.add_argument("--config", type=Path, help="TOML config file (its store)")
+        cmd.add_argument("--json", action="store_true", help="JSON on stdout")
     for cmd in (rollout, promote, rollback):
         attach_args(cmd)
         cmd.add_argument("--store", help="the tree's store, if the tree cannot name it")
@@ -360,8 +380,23 @@ def _probe(args: argparse.Namespace) -> ops.Probe:
     return ops.Probe(namespace, timeout_s=args.timeout, fallback_store=args.store)
 
 
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT (e.g. 0.0.0.0:8000), got {value!r}")
+    return host, int(port)
+
+
 def _serve(args: argparse.Namespace) -> int:
-    result = ops.serve(_config(args), args.app, args.working_dir)
+    config = _config(args)
+    result = ops.serve(config, args.app, args.working_dir)
+    if args.http is not None:
+        from ..gateway.serve import serve_http
+        from .deploy import store_of_tree
+
+        store = store_of_tree(result["namespace"], config.store)
+        result["http"] = serve_http(result["namespace"], store, *args.http)
     if args.json:
         print(json.dumps(result, sort_keys=True))
         return 0
@@ -375,6 +410,8 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"  app {app.get('source') or 'local'}: {agents}; default {app['default']!r}")
     if result.get("redeployed"):
         print(f"  hosts replaced to run the new code: {_flat(result['redeployed'])}")
+    if result.get("http"):
+        print(f"  HTTP front door at {result['http']}/v1 (OpenAI-shaped; keys: overstory keys)")
     for name, split in result.get("splits", {}).items():
         print(f"  {_split_line(name, split)}")
     return 0
@@ -463,16 +500,52 @@ def _rebalance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_config(args: argparse.Namespace) -> Config:
+    """The config of a command that only needs a store (``--config``, ``--store``)."""
+    if args.config is not None:
+        return load_config(args.config, store=args.store)
+    return Config.from_mapping({"store": args.store} if args.store else {}, source="command line")
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from ..gateway.keys import create_key, list_keys, revoke_key
+    from .client import _run_store
+
+    url = _store_config(args).store
+    if args.keys_command == "create":
+        key, record = _run_store(url, lambda s: create_key(s, args.user, admin=args.admin))
+        if args.json:
+            print(json.dumps({"key": key, "key_id": record.key_id, "user": record.user}))
+        else:
+            role = "admin" if record.admin else "user"
+            print(f"API key {record.key_id} for {role} {record.user!r} (shown once, keep it):")
+            print(key)
+        return 0
+    if args.keys_command == "revoke":
+        record = _run_store(url, lambda s: revoke_key(s, args.key_id))
+        if args.json:
+            print(json.dumps(record.public(), sort_keys=True))
+        else:
+            print(f"overstory keys: key {record.key_id} of {record.user!r} is revoked")
+        return 0
+    records = _run_store(url, list_keys)
+    if args.json:
+        print(json.dumps([r.public() for r in records], sort_keys=True))
+        return 0
+    for r in records:
+        state = "revoked" if r.revoked_at is not None else "active"
+        role = "admin" if r.admin else "user"
+        print(f"{r.key_id}  {state:7}  {role:5}  {r.user}")
+    if not records:
+        print("no API keys")
+    return 0
+
+
 def _migrate(args: argparse.Namespace) -> int:
     from .client import _run_store
     from .deploy import adopt_histories
 
-    if args.config is not None:
-        config = load_config(args.config, store=args.store)
-    else:
-        config = Config.from_mapping(
-            {"store": args.store} if args.store else {}, source="command line"
-        )
+    config = _store_config(args)
     report = _run_store(
         config.store, lambda s: adopt_histories(s, args.agent, dry_run=args.dry_run)
     )
@@ -499,6 +572,7 @@ _OPS = {
     "promote": _split_command,
     "rollback": _split_command,
     "migrate": _migrate,
+    "keys": _keys,
 }
 
 

@@ -427,6 +427,18 @@ class Conversation:
             },
         )
 
+    async def events_async(
+        self, turn_id: str, *, after: int = -1, wait_s: float = 0.0
+    ) -> tuple[list[TurnEvent], bool]:
+        """One look at turn ``turn_id``: ``(its events after seq after, whether it has
+        ended)``, waiting up to ``wait_s`` for a first one (0: what is there now)."""
+        if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or not 0 <= wait_s <= 60:
+            raise UsageError(f"wait_s must be 0..60 seconds, got {wait_s!r}")
+        found: tuple[list[TurnEvent], bool] = await self._call_async(
+            "events", _turn_id(turn_id), _cursor(after), float(wait_s)
+        )
+        return found
+
     def history(self) -> list[Message]:
         """Every stored message of the conversation, in order."""
         messages: list[Message] = self._call("history")

@@ -1,0 +1,553 @@
+"""The HTTP front door: a FastAPI app speaking a subset of OpenAI's Responses and
+Conversations APIs, so the official ``openai`` SDK is a working client.
+
+Every route but the probes needs ``Authorization: Bearer <API key>``
+(:mod:`overstory.gateway.keys`). A conversation belongs to the user who created it; an
+admin key reaches every one; anyone else gets 404, the same answer as for a conversation
+that does not exist. A response is a turn of a conversation: the request only tails the
+turn's event log, so a client that drops the connection loses nothing and reads on with
+``GET /v1/responses/{id}?stream=true&starting_after=N`` (or ``Last-Event-ID``).
+
+Errors have OpenAI's shape (``{"error": {"message", "type", "param", "code"}}``) and
+status codes; ``x-should-retry: false`` marks those a retry cannot fix (the SDK retries
+408, 409, 429 and 5xx by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ..exceptions import (
+    AuthenticationFailed,
+    InvalidMessage,
+    OverstoryError,
+    UnknownAgent,
+    UnknownTurn,
+    UsageError,
+)
+from ..store import HistoryStore, open_store
+from ..validation import validate_message
+from .keys import Principal, authenticate_key
+from .wire import (
+    ResponseStream,
+    conversation_items,
+    conversation_of,
+    is_conversation_id,
+    new_conversation_id,
+    new_response_id,
+    page,
+    sse,
+)
+
+__all__ = ["ApiError", "DoorLimits", "Gateway", "app", "install"]
+
+_RECORD = "overstory.conversation:"
+_MAX_METADATA = 16
+
+
+@dataclass(frozen=True, slots=True)
+class DoorLimits:
+    """What the door refuses before anything runs (per replica)."""
+
+    max_body_bytes: int = 1 << 20
+    requests_per_minute: int = 600  # per API key
+
+
+class ApiError(Exception):
+    """An HTTP error in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        headers = dict(self.headers)
+        if self.status < 500 and self.status not in (408, 409, 429):
+            headers["x-should-retry"] = "false"
+        body = {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationRecord:
+    """A conversation of the HTTP API: its owner, agent and metadata (its history is the
+    runtime's conversation of ``id`` with ``agent``)."""
+
+    id: str
+    owner: str
+    agent: str | None
+    metadata: dict[str, str] = field(default_factory=dict)
+    created_at: int = 0
+    deleted_at: float | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "conversation",
+            "created_at": self.created_at,
+            "metadata": dict(self.metadata),
+        }
+
+
+class Gateway:
+    """One replica's state: the runtime client (turns, histories), the store (keys and
+    conversation records), and the per-key request windows."""
+
+    def __init__(self, runtime: Any, limits: DoorLimits | None = None) -> None:
+        self.runtime = runtime
+        self.limits = limits or DoorLimits()
+        self._store: HistoryStore | None = None
+        self._opening = asyncio.Lock()
+        self._windows: dict[str, deque[float]] = {}
+
+    async def store(self) -> HistoryStore:
+        async with self._opening:
+            if self._store is None:
+                store = open_store(self.runtime.config.store)
+                await store.open()
+                self._store = store
+        return self._store
+
+    async def principal(self, request: Request) -> Principal:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(
+                401,
+                "You didn't provide an API key: send Authorization: Bearer <key>.",
+                code="invalid_api_key",
+            )
+        try:
+            principal = await authenticate_key(await self.store(), token.strip())
+        except AuthenticationFailed as exc:
+            raise ApiError(401, str(exc), code="invalid_api_key") from None
+        self._count(principal)
+        return principal
+
+    def _count(self, principal: Principal) -> None:
+        """The per-key request rate: a sliding minute (429 with ``Retry-After``)."""
+        now = time.monotonic()
+        window = self._windows.setdefault(principal.key_id or principal.user, deque())
+        while window and window[0] <= now - 60:
+            window.popleft()
+        if len(window) >= self.limits.requests_per_minute:
+            wait = max(1, int(window[0] + 60 - now) + 1)
+            raise ApiError(
+                429,
+                f"Rate limit reached: {self.limits.requests_per_minute} requests per minute "
+                "per API key.",
+                type_="requests",
+                code="rate_limit_exceeded",
+                headers={"retry-after": str(wait)},
+            )
+        window.append(now)
+
+    # -- conversation records -- #
+
+    async def record(self, conversation_id: str) -> ConversationRecord | None:
+        if not is_conversation_id(conversation_id):
+            return None
+        raw = await (await self.store()).get_setting(_RECORD + conversation_id)
+        return None if raw is None else ConversationRecord(**json.loads(raw))
+
+    async def owned(self, principal: Principal, conversation_id: str) -> ConversationRecord:
+        """The conversation, if this principal may reach it; 404 otherwise (whether it
+        exists or not: no existence leak)."""
+        record = await self.record(conversation_id)
+        if (
+            record is None
+            or record.deleted_at is not None
+            or (record.owner != principal.user and not principal.admin)
+        ):
+            raise ApiError(
+                404,
+                f"Conversation with id '{str(conversation_id)[:64]}' not found.",
+                param="conversation_id",
+                code="not_found",
+            )
+        return record
+
+    async def create(self, principal: Principal, agent: str | None, metadata: Any) -> Any:
+        record = ConversationRecord(
+            new_conversation_id(),
+            principal.user,
+            agent,
+            _metadata(metadata),
+            int(time.time()),
+        )
+        store = await self.store()
+        if not await store.put_setting(_RECORD + record.id, _dump(record), expected=None):
+            raise ApiError(500, "conversation id collision, try again", type_="server_error")
+        return record
+
+    async def update(self, record: ConversationRecord, **changes: Any) -> ConversationRecord:
+        store = await self.store()
+        while True:
+            raw = await store.get_setting(_RECORD + record.id)
+            current = ConversationRecord(**json.loads(raw)) if raw else record
+            changed = replace(current, **changes)
+            if await store.put_setting(_RECORD + record.id, _dump(changed), expected=raw):
+                return changed
+
+    def agent_of(self, model: Any) -> str:
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "model: the name of a served agent is required", param="model")
+        name, _, version = model.partition("/")
+        if version:
+            raise ApiError(
+                400,
+                "model: choosing an agent's version is not supported; the rollout decides",
+                param="model",
+            )
+        try:
+            return str(self.runtime.registry.agent_name(name))
+        except UnknownAgent as exc:
+            raise ApiError(400, str(exc), param="model", code="model_not_found") from None
+
+
+def _dump(record: ConversationRecord) -> str:
+    return json.dumps(asdict(record), sort_keys=True)
+
+
+def _metadata(value: Any) -> dict[str, str]:
+    """OpenAI's rule: up to 16 pairs, keys up to 64 characters, values up to 512."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > _MAX_METADATA:
+        raise ApiError(400, "metadata: an object of up to 16 string pairs", param="metadata")
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, str) or len(k) > 64 or len(v) > 512:
+            raise ApiError(
+                400,
+                "metadata: keys are strings of up to 64 characters, values of up to 512",
+                param="metadata",
+            )
+    return dict(value)
+
+
+def _input_text(value: Any, max_chars: int) -> str:
+    """The user's text of a response's ``input``: a string, or the last user message of a
+    list of input items (its text parts joined)."""
+    text: Any = value
+    if isinstance(value, list):
+        users = [
+            item
+            for item in value
+            if isinstance(item, dict) and item.get("role") == "user" and "content" in item
+        ]
+        if not users:
+            raise ApiError(400, "input: no message with role 'user'", param="input")
+        content = users[-1]["content"]
+        if isinstance(content, list):
+            parts = [p.get("text") for p in content if isinstance(p, dict)]
+            texts = [p for p in parts if isinstance(p, str)]
+            if not texts or len(texts) != len(content):
+                raise ApiError(400, "input: content parts must be input_text", param="input")
+            content = "\n".join(texts)
+        text = content
+    try:
+        return validate_message(text, max_chars=max_chars)
+    except InvalidMessage as exc:
+        raise ApiError(400, f"input: {exc}", param="input") from None
+
+
+async def _json(request: Request, gateway: Gateway) -> dict[str, Any]:
+    limit = gateway.limits.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body larger than {limit} bytes", code="body_too_large")
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise ApiError(413, f"request body larger than {limit} bytes", code="body_too_large")
+    try:
+        body = json.loads(raw) if raw else {}
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+app = FastAPI(title="overstory", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+#: The replica's gateway. A module global, not ``app.state``: Serve runs a copy of the
+#: app object in the replica, while the route functions (and this global) are the module's.
+_INSTALLED: list[Gateway] = []
+
+
+def install(gateway: Gateway) -> None:
+    """Make ``gateway`` the one this process's routes use."""
+    _INSTALLED[:] = [gateway]
+
+
+def _gateway(request: Request) -> Gateway:
+    if not _INSTALLED:
+        raise ApiError(503, "the gateway is starting", type_="server_error")
+    return _INSTALLED[0]
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> Response:
+    return exc.response()
+
+
+@app.exception_handler(OverstoryError)
+async def _overstory_error(request: Request, exc: OverstoryError) -> Response:
+    if isinstance(exc, UsageError):
+        return ApiError(400, str(exc)).response()
+    return ApiError(503, f"{type(exc).__name__}: {exc}", type_="server_error").response()
+
+
+@app.exception_handler(404)
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return ApiError(404, f"no route {request.method} {request.url.path[:100]}").response()
+
+
+@app.exception_handler(405)
+async def _not_allowed(request: Request, exc: Exception) -> Response:
+    return ApiError(405, f"method {request.method} not allowed here").response()
+
+
+@app.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@app.get("/readyz")
+async def readyz(request: Request) -> Response:
+    gateway = _gateway(request)
+    problems: list[str] = []
+    try:
+        await (await gateway.store()).get_setting("overstory.readyz")
+    except OverstoryError as exc:
+        problems.append(f"store: {exc}")
+    try:
+        from ..runtime import ops
+
+        probe = ops.Probe(gateway.runtime.config.namespace, timeout_s=5.0)
+        problems += await asyncio.wait_for(asyncio.to_thread(ops.health, probe), 15)
+    except (OverstoryError, TimeoutError) as exc:
+        problems.append(f"tree: {type(exc).__name__}: {exc}")
+    status = 503 if problems else 200
+    return JSONResponse({"ready": not problems, "problems": problems}, status_code=status)
+
+
+# --- conversations ------------------------------------------------------------------------
+
+
+@app.post("/v1/conversations")
+async def create_conversation(request: Request) -> Response:
+    gateway = _gateway(request)
+    principal = await gateway.principal(request)
+    body = await _json(request, gateway)
+    if body.get("items"):
+        raise ApiError(
+            400, "items: starting a conversation with items is not supported", param="items"
+        )
+    agent = None if body.get("agent") is None else gateway.agent_of(body.get("agent"))
+    record = await gateway.create(principal, agent, body.get("metadata"))
+    return JSONResponse(record.public())
+
+
+@app.get("/v1/conversations/{conversation_id}")
+async def get_conversation(conversation_id: str, request: Request) -> Response:
+    gateway = _gateway(request)
+    record = await gateway.owned(await gateway.principal(request), conversation_id)
+    return JSONResponse(record.public())
+
+
+@app.post("/v1/conversations/{conversation_id}")
+async def update_conversation(conversation_id: str, request: Request) -> Response:
+    gateway = _gateway(request)
+    record = await gateway.owned(await gateway.principal(request), conversation_id)
+    body = await _json(request, gateway)
+    record = await gateway.update(record, metadata=_metadata(body.get("metadata")))
+    return JSONResponse(record.public())
+
+
+@app.delete("/v1/conversations/{conversation_id}")
+async def delete_conversation(conversation_id: str, request: Request) -> Response:
+    gateway = _gateway(request)
+    record = await gateway.owned(await gateway.principal(request), conversation_id)
+    await gateway.update(record, deleted_at=time.time())
+    return JSONResponse({"id": record.id, "object": "conversation.deleted", "deleted": True})
+
+
+@app.get("/v1/conversations/{conversation_id}/items")
+async def list_items(conversation_id: str, request: Request) -> Response:
+    gateway = _gateway(request)
+    record = await gateway.owned(await gateway.principal(request), conversation_id)
+    query = request.query_params
+    raw_limit = query.get("limit", "20")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+        raise ApiError(400, "limit: an integer from 1 to 100", param="limit")
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise ApiError(400, "order: 'asc' or 'desc'", param="order")
+    items: list[dict[str, Any]] = []
+    if record.agent is not None:
+        conv = await gateway.runtime.conversation_async(record.id, agent=record.agent)
+        items = conversation_items(await conv.history_async())
+    try:
+        listed = page(items, after=query.get("after"), limit=int(raw_limit), order=order)
+    except UsageError as exc:
+        raise ApiError(400, str(exc), param="after") from None
+    return JSONResponse(listed)
+
+
+# --- responses ------------------------------------------------------------------------------
+
+
+@app.post("/v1/responses")
+async def create_response(request: Request) -> Response:
+    gateway = _gateway(request)
+    principal = await gateway.principal(request)
+    body = await _json(request, gateway)
+    agent = gateway.agent_of(body.get("model"))
+    text = _input_text(body.get("input"), gateway.runtime.config.max_message_chars)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "stream: a boolean", param="stream")
+    target = body.get("conversation")
+    if isinstance(target, dict):
+        target = target.get("id")
+    if target is None:
+        record = await gateway.create(principal, agent, None)
+    elif isinstance(target, str):
+        record = await gateway.owned(principal, target)
+    else:
+        raise ApiError(400, "conversation: a conversation id", param="conversation")
+    if record.agent is None:
+        record = await gateway.update(record, agent=agent)
+    elif record.agent != agent:
+        raise ApiError(
+            400,
+            f"conversation {record.id} talks to agent {record.agent!r}, not {agent!r}",
+            param="model",
+        )
+    response_id = new_response_id(record.id)
+    conv = await gateway.runtime.conversation_async(record.id, agent=agent)
+    events = conv.stream_async(text, turn_id=response_id)
+    if stream:
+        return _sse(_translated(ResponseStream(response_id, agent), events, -1))
+    reader = ResponseStream(response_id, agent)
+    async for event in events:
+        reader.feed(event)
+    return JSONResponse(reader.snapshot())
+
+
+async def _response_target(request: Request, response_id: str) -> tuple[Gateway, Any, str]:
+    gateway = _gateway(request)
+    principal = await gateway.principal(request)
+    try:
+        conversation_id = conversation_of(response_id)
+    except UsageError:
+        raise ApiError(404, f"Response with id '{response_id[:64]}' not found.") from None
+    record = await gateway.owned(principal, conversation_id)
+    if record.agent is None:
+        raise ApiError(404, f"Response with id '{response_id[:64]}' not found.")
+    conv = await gateway.runtime.conversation_async(record.id, agent=record.agent)
+    return gateway, conv, record.agent
+
+
+@app.get("/v1/responses/{response_id}")
+async def get_response(response_id: str, request: Request) -> Response:
+    _, conv, agent = await _response_target(request, response_id)
+    query = request.query_params
+    if query.get("stream", "false").lower() == "true":
+        raw = query.get("starting_after") or request.headers.get("last-event-id") or "-1"
+        try:
+            after = int(raw)
+        except ValueError:
+            raise ApiError(
+                400, "starting_after: a sequence number", param="starting_after"
+            ) from None
+        if after < -1:
+            raise ApiError(400, "starting_after: a sequence number", param="starting_after")
+        await _known(conv, response_id)
+        return _sse(
+            _translated(ResponseStream(response_id, agent), conv.resume_async(response_id), after)
+        )
+    reader = ResponseStream(response_id, agent)
+    for event in await _known(conv, response_id):
+        reader.feed(event)
+    return JSONResponse(reader.snapshot())
+
+
+@app.post("/v1/responses/{response_id}/cancel")
+async def cancel_response(response_id: str, request: Request) -> Response:
+    _, conv, agent = await _response_target(request, response_id)
+    await _known(conv, response_id)
+    await conv.cancel_async(response_id)
+    events, ended = await conv.events_async(response_id)
+    deadline = time.monotonic() + 5.0
+    while not ended and time.monotonic() < deadline:  # the turn stops at its next safe point
+        more, ended = await conv.events_async(
+            response_id, after=events[-1].seq if events else -1, wait_s=1.0
+        )
+        events += more
+    reader = ResponseStream(response_id, agent)
+    for event in events:
+        reader.feed(event)
+    return JSONResponse(reader.snapshot())
+
+
+async def _known(conv: Any, response_id: str) -> list[Any]:
+    try:
+        events, _ = await conv.events_async(response_id)
+    except UnknownTurn:
+        raise ApiError(404, f"Response with id '{response_id[:64]}' not found.") from None
+    return list(events)
+
+
+async def _translated(
+    reader: ResponseStream, events: AsyncIterator[Any], after: int
+) -> AsyncIterator[bytes]:
+    """The turn's events as the response's stream events, those after ``after`` only."""
+    async for event in events:
+        for out in reader.feed(event):
+            if out["sequence_number"] > after:
+                yield sse(out)
+
+
+def _sse(body: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(
+        body,
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
+    )

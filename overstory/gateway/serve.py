@@ -1,0 +1,60 @@
+"""The front door's Ray Serve deployment: the FastAPI app of :mod:`.app` as an ingress.
+
+``overstory serve MODULE:ATTR --http HOST:PORT`` deploys it beside the tree. One
+replica by default: each open stream is a coroutine tailing a turn, not a thread, so one
+replica holds thousands; ``max_ongoing_requests`` is raised far above Serve's default of
+5 because an open stream holds its slot for the whole turn.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+
+from .app import DoorLimits, Gateway, app, install
+
+__all__ = ["GATEWAY_APP", "GatewayDeployment", "serve_http"]
+
+#: The Serve application's name (``serve status`` shows it).
+GATEWAY_APP = "overstory-gateway"
+MAX_ONGOING_REQUESTS = 10_000
+
+
+@serve.deployment(
+    max_ongoing_requests=MAX_ONGOING_REQUESTS,
+    ray_actor_options={"num_cpus": 0},
+    health_check_period_s=10,
+)
+@serve.ingress(app)
+class GatewayDeployment:
+    """One replica: a runtime client attached to the tree in ``namespace``."""
+
+    def __init__(self, namespace: str, store: str, limits: dict[str, Any] | None = None) -> None:
+        from ..runtime.client import connect
+
+        runtime = connect(namespace=namespace, store=store)
+        install(Gateway(runtime, DoorLimits(**(limits or {}))))
+
+
+def serve_http(
+    namespace: str,
+    store: str,
+    host: str,
+    port: int,
+    *,
+    replicas: int = 1,
+    limits: dict[str, Any] | None = None,
+) -> str:
+    """Deploy (or update) the front door; returns its base URL."""
+    serve.start(http_options={"host": host, "port": port})
+    deployment: Any = GatewayDeployment
+    deployment = deployment.options(num_replicas=replicas)
+    serve.run(
+        deployment.bind(namespace, store, limits),
+        name=GATEWAY_APP,
+        route_prefix="/",
+        blocking=False,
+    )
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"

@@ -1,0 +1,332 @@
+"""OpenAI's Responses and Conversations shapes, built from overstory's turns (pure).
+
+A response is one turn: its id names the conversation and the turn
+(``resp_<conversation hex><turn hex>``), so finding it needs no lookup. Its output and
+its stream events are computed from the turn's events (:class:`~overstory.TurnEvent`)
+by one :class:`ResponseStream`: a reader that resumes after sequence number N replays
+the turn's events through a fresh one and skips what it saw, so every reader gets the
+same events with the same numbers. A conversation's items are its stored messages.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ..exceptions import UsageError
+from ..messages import AssistantMessage, Message, ToolReturn, TurnEvent, UserMessage
+
+__all__ = [
+    "ResponseStream",
+    "conversation_items",
+    "conversation_of",
+    "new_conversation_id",
+    "new_response_id",
+    "page",
+    "sse",
+]
+
+_CONV = re.compile(r"conv_(?P<hex>[0-9a-f]{24})")
+_RESP = re.compile(r"resp_(?P<conv>[0-9a-f]{24})(?P<turn>[0-9a-f]{16})")
+
+
+def new_conversation_id() -> str:
+    return f"conv_{secrets.token_hex(12)}"
+
+
+def new_response_id(conversation_id: str, now: float | None = None) -> str:
+    """``resp_`` + the conversation's 24 hex + the creation second (8 hex) + 8 random
+    hex: every reader derives the same ``created_at`` from the id alone."""
+    match = _CONV.fullmatch(conversation_id)
+    if match is None:
+        raise UsageError(f"not a conversation id: {conversation_id!r:.60}")
+    second = int(time.time() if now is None else now)
+    return f"resp_{match['hex']}{second:08x}{secrets.token_hex(4)}"
+
+
+def conversation_of(response_id: str) -> str:
+    """The conversation a response id belongs to; UsageError for a malformed id."""
+    match = _RESP.fullmatch(response_id) if isinstance(response_id, str) else None
+    if match is None:
+        raise UsageError(f"not a response id: {str(response_id)!r:.60}")
+    return f"conv_{match['conv']}"
+
+
+def is_conversation_id(value: object) -> bool:
+    return isinstance(value, str) and _CONV.fullmatch(value) is not None
+
+
+class ResponseStream:
+    """One response's output and stream events, fed its turn's events in order.
+
+    :meth:`feed` returns the stream events one turn event adds (each with the next
+    ``sequence_number``); :meth:`snapshot` is the response object so far (what
+    ``GET /v1/responses/{id}`` answers). The mapping: ``started`` opens the response;
+    text deltas grow an assistant ``message`` item (opened at its first delta, closed by
+    a tool call or the end); a tool call and its result are ``function_call`` and
+    ``function_call_output`` items; ``restarted`` (the process running the turn died)
+    drops the open message, whose text is void; the terminal event closes the response
+    ``completed``, ``incomplete``, ``cancelled`` or ``failed``.
+    """
+
+    def __init__(self, response_id: str, model: str) -> None:
+        self.id = response_id
+        self.conversation = conversation_of(response_id)
+        self.model = model
+        self.created_at = int(response_id[-16:-8], 16)
+        self.status = "in_progress"
+        self.output: list[dict[str, Any]] = []
+        self.usage: dict[str, Any] | None = None
+        self.error: dict[str, str] | None = None
+        self.reason = ""
+        self._open: dict[str, Any] | None = None  # the message item growing now
+        self._seq = -1
+        self._messages = 0
+
+    # -- the response object -- #
+
+    def snapshot(self) -> dict[str, Any]:
+        incomplete = {"reason": None} if self.status in ("incomplete", "cancelled") else None
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": self.status,
+            "model": self.model,
+            "output": [dict(item) for item in self.output],
+            "conversation": {"id": self.conversation},
+            "usage": self.usage,
+            "error": self.error,
+            "incomplete_details": incomplete,
+            "metadata": {"overstory_reason": self.reason} if self.reason else {},
+            "instructions": None,
+            "parallel_tool_calls": False,
+            "tool_choice": "auto",
+            "tools": [],
+            "temperature": None,
+            "top_p": None,
+        }
+
+    # -- events -- #
+
+    def feed(self, event: TurnEvent) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        kind = event.type
+        if kind == "started":
+            out.append(self._event("response.created", response=self.snapshot()))
+            out.append(self._event("response.in_progress", response=self.snapshot()))
+        elif kind == "delta":
+            if self._open is None:
+                out += self._open_message()
+            assert self._open is not None
+            self._open["content"][0]["text"] += event.text
+            out.append(
+                self._event(
+                    "response.output_text.delta",
+                    item_id=self._open["id"],
+                    output_index=self.output.index(self._open),
+                    content_index=0,
+                    delta=event.text,
+                    logprobs=[],
+                )
+            )
+        elif kind == "tool_call" and event.tool_call is not None:
+            out += self._close_message("completed")
+            call = event.tool_call
+            item = {
+                "type": "function_call",
+                "id": f"fc_{call.id}",
+                "call_id": call.id,
+                "name": call.name,
+                "arguments": json.dumps(call.arguments),
+                "status": "completed",
+            }
+            out += self._whole_item(item)
+        elif kind == "tool_result" and event.tool_call is not None:
+            result = event.tool_return
+            item = {
+                "type": "function_call_output",
+                "id": f"fco_{event.tool_call.id}",
+                "call_id": event.tool_call.id,
+                "output": result.content if result is not None else "",
+                "status": "incomplete" if result is not None and result.is_error else "completed",
+            }
+            out += self._whole_item(item)
+        elif kind == "restarted":
+            if self._open is not None:  # its text is void: the turn runs that part again
+                self.output.remove(self._open)
+                self._open = None
+            out.append(self._event("response.restarted", reason=event.text))
+        elif kind == "completed":
+            out += self._close_message("completed")
+            self.status = "completed"
+            if event.reply is not None:
+                usage = event.reply.usage
+                self.usage = {
+                    "input_tokens": usage.input_tokens,
+                    "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                    "output_tokens": usage.output_tokens,
+                    "output_tokens_details": {"reasoning_tokens": 0},
+                    "total_tokens": usage.input_tokens + usage.output_tokens,
+                }
+            out.append(self._event("response.completed", response=self.snapshot()))
+        elif kind == "incomplete":
+            out += self._close_message("incomplete")
+            self.status = "cancelled" if event.text == "cancelled" else "incomplete"
+            self.reason = event.text
+            out.append(self._event("response.incomplete", response=self.snapshot()))
+        elif kind == "failed":
+            out += self._close_message("incomplete")
+            self.status = "failed"
+            self.error = {"code": "server_error", "message": event.text}
+            out.append(self._event("response.failed", response=self.snapshot()))
+        return out  # fallback events are the chain's business: nothing shown
+
+    def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        self._seq += 1
+        return {"type": kind, "sequence_number": self._seq, **fields}
+
+    def _open_message(self) -> list[dict[str, Any]]:
+        self._messages += 1
+        item = {
+            "type": "message",
+            "id": f"msg_{self.id[5:]}_{self._messages}",
+            "role": "assistant",
+            "status": "in_progress",
+            "content": [{"type": "output_text", "text": "", "annotations": []}],
+        }
+        self.output.append(item)
+        self._open = item
+        index = len(self.output) - 1
+        part = {"type": "output_text", "text": "", "annotations": []}
+        return [
+            self._event("response.output_item.added", output_index=index, item=_copy(item)),
+            self._event(
+                "response.content_part.added",
+                item_id=item["id"],
+                output_index=index,
+                content_index=0,
+                part=part,
+            ),
+        ]
+
+    def _close_message(self, status: str) -> list[dict[str, Any]]:
+        item, self._open = self._open, None
+        if item is None:
+            return []
+        item["status"] = status
+        index = self.output.index(item)
+        part = item["content"][0]
+        return [
+            self._event(
+                "response.output_text.done",
+                item_id=item["id"],
+                output_index=index,
+                content_index=0,
+                text=part["text"],
+                logprobs=[],
+            ),
+            self._event(
+                "response.content_part.done",
+                item_id=item["id"],
+                output_index=index,
+                content_index=0,
+                part=dict(part),
+            ),
+            self._event("response.output_item.done", output_index=index, item=_copy(item)),
+        ]
+
+    def _whole_item(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        self.output.append(item)
+        index = len(self.output) - 1
+        return [
+            self._event("response.output_item.added", output_index=index, item=dict(item)),
+            self._event("response.output_item.done", output_index=index, item=dict(item)),
+        ]
+
+
+def _copy(item: dict[str, Any]) -> dict[str, Any]:
+    return {**item, "content": [dict(p) for p in item.get("content", ())]}
+
+
+def sse(event: dict[str, Any]) -> bytes:
+    """One stream event as OpenAI sends it: ``event:``, ``data:``, and its sequence
+    number as the SSE ``id:`` (what ``Last-Event-ID`` sends back on a reconnect)."""
+    data = json.dumps(event, separators=(",", ":"))
+    return f"id: {event['sequence_number']}\nevent: {event['type']}\ndata: {data}\n\n".encode()
+
+
+# --- conversation items -----------------------------------------------------------------
+
+
+def conversation_items(messages: Sequence[Message]) -> list[dict[str, Any]]:
+    """A conversation's stored messages as items, oldest first; ids from their ``seq``."""
+    items: list[dict[str, Any]] = []
+    for m in messages:
+        if isinstance(m, UserMessage):
+            items.append(_message_item(m, "user", "input_text"))
+        elif isinstance(m, AssistantMessage):
+            if m.content or not m.tool_calls:
+                items.append(_message_item(m, "assistant", "output_text"))
+            items.extend(
+                {
+                    "type": "function_call",
+                    "id": f"item_{m.seq}_{k}",
+                    "call_id": c.id,
+                    "name": c.name,
+                    "arguments": json.dumps(c.arguments),
+                    "status": "completed",
+                }
+                for k, c in enumerate(m.tool_calls)
+            )
+        elif isinstance(m, ToolReturn):
+            items.append(
+                {
+                    "type": "function_call_output",
+                    "id": f"item_{m.seq}",
+                    "call_id": m.tool_call_id,
+                    "output": m.content,
+                    "status": "incomplete" if m.is_error else "completed",
+                }
+            )
+    return items
+
+
+def _message_item(m: Message, role: str, part: str) -> dict[str, Any]:
+    content: dict[str, Any] = {"type": part, "text": m.content}
+    if part == "output_text":
+        content["annotations"] = []
+    incomplete = isinstance(m, AssistantMessage) and bool(m.incomplete)
+    return {
+        "type": "message",
+        "id": f"item_{m.seq}",
+        "role": role,
+        "status": "incomplete" if incomplete else "completed",
+        "content": [content],
+    }
+
+
+def page(
+    items: list[dict[str, Any]], *, after: str | None, limit: int, order: str
+) -> dict[str, Any]:
+    """One page of ``items`` (oldest first) as OpenAI lists them: ``order`` ``asc`` or
+    ``desc``, the ``limit`` items after the one whose id is ``after``."""
+    ordered = items if order == "asc" else list(reversed(items))
+    start = 0
+    if after is not None:
+        ids = [item["id"] for item in ordered]
+        if after not in ids:
+            raise UsageError(f"after: no item {after!r:.60} in this conversation")
+        start = ids.index(after) + 1
+    data = ordered[start : start + limit]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": start + limit < len(ordered),
+    }

@@ -1,0 +1,263 @@
+"""The HTTP front door on Ray Serve, driven by the official ``openai`` SDK over real HTTP
+(and raw HTTP where a hostile client would not use an SDK)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from conftest import kill_namespace
+
+import overstory
+from overstory import Agent, OfflineModel, Runtime
+from overstory.gateway.keys import create_key, revoke_key
+from overstory.providers.offline import Rule
+from overstory.runtime.demo import add
+from overstory.store import open_store
+
+pytestmark = pytest.mark.ray
+
+
+def _store(url: str, fn: Any) -> Any:
+    async def go() -> Any:
+        store = open_store(url)
+        await store.open()
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Door:
+    def __init__(self, url: str, keys: dict[str, str], rt: Runtime, store: str) -> None:
+        self.url, self.keys, self.rt, self.store = url, keys, rt, store
+
+    def client(self, who: str = "alice", **options: Any) -> openai.OpenAI:
+        key = self.keys.get(who, who)
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **options)
+
+    def raw(
+        self, method: str, path: str, body: bytes | None = None, who: str | None = "alice"
+    ) -> tuple[int, dict[str, str], Any]:
+        request = urllib.request.Request(f"{self.url}{path}", data=body, method=method)
+        if who is not None:
+            request.add_header("authorization", f"Bearer {self.keys.get(who, who)}")
+        request.add_header("content-type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                status, headers, raw = answer.status, dict(answer.headers), answer.read()
+        except urllib.error.HTTPError as exc:
+            status, headers, raw = exc.code, dict(exc.headers), exc.read()
+        try:
+            return status, {k.lower(): v for k, v in headers.items()}, json.loads(raw)
+        except ValueError:
+            return status, headers, raw
+
+
+@pytest.fixture(scope="module")
+def door(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Door]:
+    from ray import serve
+
+    from overstory.gateway.serve import GATEWAY_APP, serve_http
+
+    namespace = f"t-door-{uuid.uuid4().hex[:8]}"
+    store = f"sqlite:///{tmp_path_factory.mktemp('door')}/history.db"
+    rules = [Rule(r"what is (?P<a>-?\d+) \+ (?P<b>-?\d+)", "add")]
+    helper = Agent("helper", model=OfflineModel("helper", rules=rules), tools=[add])
+    slow = Agent("slow", model=OfflineModel("slow", latency_s=3.0))
+    rt = overstory.connect([helper, slow], store=store, namespace=namespace)
+    keys = {
+        who: _store(store, lambda s, w=who, a=admin: create_key(s, w, admin=a))[0]
+        for who, admin in (("alice", False), ("bob", False), ("root", True))
+    }
+    port = _free_port()
+    url = serve_http(namespace, store, "127.0.0.1", port)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=5) as answer:
+                if answer.status == 200:
+                    break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "the front door did not come up"
+        time.sleep(0.5)
+    yield Door(url, keys, rt, store)
+    serve.delete(GATEWAY_APP)
+    serve.shutdown()
+    rt.close()
+    kill_namespace(namespace)
+
+
+def test_the_sdk_makes_a_conversation_and_a_response_and_reads_both_back(door: Door) -> None:
+    client = door.client()
+    conv = client.conversations.create(metadata={"topic": "math"})
+    assert conv.id.startswith("conv_")
+    assert conv.metadata == {"topic": "math"}
+    response = client.responses.create(model="helper", conversation=conv.id, input="what is 2 + 3?")
+    assert response.status == "completed"
+    assert response.output_text == "add returned 5"
+    assert [o.type for o in response.output] == ["function_call", "function_call_output", "message"]
+    assert response.usage is not None
+    assert response.usage.input_tokens > 0
+    again = client.responses.retrieve(response.id)
+    assert again.output_text == "add returned 5"
+    assert again.created_at == response.created_at
+
+    second = client.responses.create(model="helper", conversation=conv.id, input="thanks")
+    assert second.output_text == "echo #2: thanks"
+    items = client.conversations.items.list(conv.id, order="asc", limit=3)
+    assert [i.type for i in items.data] == ["message", "function_call", "function_call_output"]
+    assert items.has_more
+    rest = client.conversations.items.list(conv.id, order="asc", limit=10, after=items.last_id)
+    assert [getattr(i, "role", None) for i in rest.data] == ["assistant", "user", "assistant"]
+    every = list(client.conversations.items.list(conv.id, order="asc", limit=2))  # the SDK pages
+    assert len(every) == 6
+
+    updated = client.conversations.update(conv.id, metadata={"topic": "sums"})
+    assert updated.metadata == {"topic": "sums"}
+    # Python reaches the same history: the conversation id is the runtime's user id.
+    stored = door.rt.conversation(conv.id, agent="helper").history()
+    assert [m.content for m in stored][-2:] == ["thanks", "echo #2: thanks"]
+    deleted = client.conversations.delete(conv.id)
+    assert deleted.deleted
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.retrieve(conv.id)
+
+
+def test_a_stream_reads_like_openais_and_resumes_after_any_event(door: Door) -> None:
+    client = door.client()
+    conv = client.conversations.create()
+    with client.responses.create(
+        model="helper", conversation=conv.id, input="stream these words to me", stream=True
+    ) as stream:
+        events = list(stream)
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.created"
+    assert events[-1].type == "response.completed"
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert len(deltas) > 1
+    final = events[-1].response
+    assert "".join(deltas) == final.output_text == "echo #1: stream these words to me"
+    # A reader that lost the connection after event N reads on from there: the same events.
+    for n in (0, 3, len(events) - 2):
+        with client.responses.retrieve(final.id, stream=True, starting_after=n) as resumed:
+            assert [e.model_dump() for e in resumed] == [e.model_dump() for e in events[n + 1 :]]
+
+
+def test_cancel_stops_a_running_response_and_the_stream_ends_incomplete(door: Door) -> None:
+    client = door.client()
+    conv = client.conversations.create()
+    seen: list[Any] = []
+    with client.responses.create(
+        model="slow",
+        conversation=conv.id,
+        input="a slow answer of many words that takes three seconds to come",
+        stream=True,
+    ) as stream:
+        for event in stream:
+            seen.append(event)
+            if event.type == "response.output_text.delta" and len(seen) < 6:
+                cancelled = client.responses.cancel(seen[0].response.id)
+                assert cancelled.status == "cancelled"
+    assert seen[-1].type == "response.incomplete"
+    assert seen[-1].response.status == "cancelled"
+    shown = "".join(e.delta for e in seen if e.type == "response.output_text.delta")
+    assert 0 < len(shown) < len("echo #1: a slow answer of many words that takes three seconds")
+    stored = client.conversations.items.list(conv.id, order="asc")
+    assert stored.data[-1].content[0].text == shown  # what was shown is what is stored
+
+
+def test_credentials_are_checked_and_other_users_conversations_do_not_exist(door: Door) -> None:
+    conv = door.client("alice").conversations.create()
+    answer = door.client("alice").responses.create(model="helper", conversation=conv.id, input="hi")
+    for bad in ("ovs_000000000000_" + "A" * 43, "sk-something-else", ""):
+        with pytest.raises(openai.AuthenticationError):
+            door.client(bad or "x").conversations.retrieve(conv.id)
+    status, headers, body = door.raw("GET", f"/v1/conversations/{conv.id}", who=None)
+    assert status == 401
+    assert body["error"]["code"] == "invalid_api_key"
+    assert headers["x-should-retry"] == "false"
+
+    bob = door.client("bob")
+    for call in (
+        lambda: bob.conversations.retrieve(conv.id),
+        lambda: bob.conversations.items.list(conv.id),
+        lambda: bob.conversations.update(conv.id, metadata={"x": "y"}),
+        lambda: bob.conversations.delete(conv.id),
+        lambda: bob.responses.retrieve(answer.id),
+        lambda: bob.responses.cancel(answer.id),
+        lambda: bob.responses.create(model="helper", conversation=conv.id, input="mine now"),
+        lambda: bob.conversations.retrieve("conv_" + "0" * 24),  # the same 404 as a real one
+    ):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert door.client("root").conversations.retrieve(conv.id).id == conv.id  # an admin
+    history = door.rt.conversation(conv.id, agent="helper").history()
+    assert [m.content for m in history] == ["hi", "echo #1: hi"]  # bob changed nothing
+
+    revoked_key, record = _store(door.store, lambda s: create_key(s, "carol"))
+    carol = door.client(revoked_key)
+    carol.conversations.create()
+    _store(door.store, lambda s: revoke_key(s, record.key_id))
+    with pytest.raises(openai.AuthenticationError, match="revoked"):
+        carol.conversations.create()
+
+
+def test_bad_requests_get_openai_shaped_errors_and_change_nothing(door: Door) -> None:
+    client = door.client()
+    conv = client.conversations.create()
+    with pytest.raises(openai.BadRequestError, match="no agent"):
+        client.responses.create(model="nobody", conversation=conv.id, input="hi")
+    with pytest.raises(openai.BadRequestError, match="input"):
+        client.responses.create(model="helper", conversation=conv.id, input="   ")
+    status, headers, body = door.raw("POST", "/v1/responses", b"{not json")
+    assert (status, body["error"]["code"]) == (400, "invalid_json")
+    assert headers["x-should-retry"] == "false"
+    status, _, body = door.raw("POST", "/v1/conversations", b"x" * (2 << 20))
+    assert (status, body["error"]["code"]) == (413, "body_too_large")
+    status, _, body = door.raw("GET", "/v1/conversations/..%2F..%2Fetc%2Fpasswd")
+    assert status == 404
+    status, _, body = door.raw("GET", "/v1/responses/resp_nope")
+    assert status == 404
+    assert door.rt.conversation(conv.id, agent="helper").history() == []
+
+
+def test_probes_answer_without_credentials(door: Door) -> None:
+    assert door.raw("GET", "/healthz", who=None)[:3:2] == (200, {"status": "ok"})
+    status, _, body = door.raw("GET", "/readyz", who=None)
+    assert (status, body["ready"]) == (200, True), body
+
+
+def test_a_dropped_stream_leaves_the_turn_running(door: Door) -> None:
+    """Closing the HTTP stream early (the client went away) does not stop the turn."""
+    client = door.client()
+    conv = client.conversations.create()
+    stream = client.responses.create(
+        model="slow", conversation=conv.id, input="keep going without me", stream=True
+    )
+    first = next(iter(stream))
+    stream.close()
+    response_id = first.response.id
+    deadline = time.monotonic() + 20
+    while client.responses.retrieve(response_id).status != "completed":
+        assert time.monotonic() < deadline, "the turn stopped with its reader"
+        time.sleep(0.3)
+    assert client.responses.retrieve(response_id).output_text == "echo #1: keep going without me"

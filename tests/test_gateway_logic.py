@@ -1,0 +1,225 @@
+"""The front door's pure parts, without Ray: API keys over a real SQLite store, and the
+Responses / Conversations shapes built from turn events, checked against the official
+``openai`` SDK's own models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+
+from overstory.exceptions import AuthenticationFailed, UnknownKey, UsageError
+from overstory.gateway.keys import (
+    authenticate_key,
+    create_key,
+    list_keys,
+    parse_key,
+    revoke_key,
+)
+from overstory.gateway.wire import (
+    ResponseStream,
+    conversation_items,
+    conversation_of,
+    new_conversation_id,
+    new_response_id,
+    page,
+    sse,
+)
+from overstory.messages import (
+    AssistantMessage,
+    Reply,
+    ToolCall,
+    ToolReturn,
+    TurnEvent,
+    Usage,
+    UserMessage,
+)
+from overstory.store import open_store
+
+
+def with_store(url: str, fn: Any) -> Any:
+    async def go() -> Any:
+        store = open_store(url)
+        await store.open()
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+# --- API keys ---------------------------------------------------------------------------------
+
+
+def test_a_key_is_shown_once_kept_as_a_hash_and_checked(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/keys.db"
+    key, record = with_store(url, lambda s: create_key(s, "alice"))
+    _, admin = with_store(url, lambda s: create_key(s, "root", admin=True))
+    key_id, secret = parse_key(key)
+    assert key_id == record.key_id
+    assert record.hash != secret
+    assert secret not in (tmp_path / "keys.db").read_bytes().decode("latin-1")  # never stored
+
+    principal = with_store(url, lambda s: authenticate_key(s, key))
+    assert (principal.user, principal.admin, principal.key_id) == ("alice", False, key_id)
+    assert [r.user for r in with_store(url, list_keys)] == ["alice", "root"]
+    assert "hash" not in with_store(url, list_keys)[0].public()
+    assert admin.admin
+
+    wrong = f"ovs_{key_id}_{'A' * 43}"
+    with pytest.raises(AuthenticationFailed, match="unknown API key") as caught:
+        with_store(url, lambda s: authenticate_key(s, wrong))
+    assert "A" * 43 not in str(caught.value)
+    with pytest.raises(AuthenticationFailed, match="malformed") as caught:
+        with_store(url, lambda s: authenticate_key(s, "sk-not-ours-secret-value"))
+    assert "secret-value" not in str(caught.value)
+
+    revoked = with_store(url, lambda s: revoke_key(s, key_id))
+    assert revoked.revoked_at is not None
+    assert with_store(url, lambda s: revoke_key(s, key_id)).revoked_at == revoked.revoked_at
+    with pytest.raises(AuthenticationFailed, match="revoked"):
+        with_store(url, lambda s: authenticate_key(s, key))
+    with pytest.raises(UnknownKey, match="no API key"):
+        with_store(url, lambda s: revoke_key(s, "0123456789ab"))
+    with pytest.raises(UnknownKey, match="12 hex"):
+        with_store(url, lambda s: revoke_key(s, "../../etc"))
+
+
+# --- responses from turn events ---------------------------------------------------------------
+
+CONV = "conv_" + "ab" * 12
+CALL = ToolCall(id="call_1", name="add", arguments={"a": 2, "b": 3})
+
+
+def turn(response_id: str) -> list[TurnEvent]:
+    reply = Reply(
+        text="add returned 5",
+        turn_id=response_id,
+        messages=(),
+        usage=Usage(12, 7),
+    )
+    kinds: list[tuple[str, dict[str, Any]]] = [
+        ("started", {}),
+        ("tool_call", {"tool_call": CALL}),
+        (
+            "tool_result",
+            {
+                "tool_call": CALL,
+                "tool_return": ToolReturn(tool_call_id="call_1", tool_name="add", content="5"),
+            },
+        ),
+        ("delta", {"text": "add "}),
+        ("delta", {"text": "returned 5"}),
+        ("completed", {"reply": reply}),
+    ]
+    return [TurnEvent(response_id, i, k, **f) for i, (k, f) in enumerate(kinds)]  # type: ignore[arg-type]
+
+
+def test_a_turn_becomes_the_sdks_response_and_stream_events_numbered_in_order() -> None:
+    rid = new_response_id(CONV, now=1_800_000_000)
+    assert conversation_of(rid) == CONV
+    reader = ResponseStream(rid, "helper")
+    out = [e for event in turn(rid) for e in reader.feed(event)]
+    assert [e["sequence_number"] for e in out] == list(range(len(out)))
+    types = [e["type"] for e in out]
+    assert types[:2] == ["response.created", "response.in_progress"]
+    assert types[-1] == "response.completed"
+    assert types.count("response.output_text.delta") == 2
+    # The SDK's own models accept every event and the final response.
+    adapter: Any = pydantic.TypeAdapter(ResponseStreamEvent)
+    for event in out:
+        adapter.validate_python(event)
+    response = Response.model_validate(reader.snapshot())
+    assert response.status == "completed"
+    assert response.created_at == 1_800_000_000
+    assert response.output_text == "add returned 5"
+    assert response.usage is not None
+    assert response.usage.total_tokens == 19
+    assert [o.type for o in response.output] == ["function_call", "function_call_output", "message"]
+    # A second reader of the same events gets the same bytes (resume is a replay).
+    again = ResponseStream(rid, "helper")
+    assert [sse(e) for event in turn(rid) for e in again.feed(event)] == [sse(e) for e in out]
+
+
+def test_restarted_voids_the_open_message_and_endings_map_to_statuses() -> None:
+    rid = new_response_id(CONV)
+    reader = ResponseStream(rid, "helper")
+    for event in [
+        TurnEvent(rid, 0, "started"),
+        TurnEvent(rid, 1, "delta", text="half an ans"),
+        TurnEvent(rid, 2, "restarted", text="the host died"),
+        TurnEvent(rid, 3, "delta", text="a whole answer"),
+        TurnEvent(rid, 4, "incomplete", text="cancelled"),
+    ]:
+        reader.feed(event)
+    snapshot = reader.snapshot()
+    assert snapshot["status"] == "cancelled"
+    [message] = snapshot["output"]
+    assert message["content"][0]["text"] == "a whole answer"
+    assert message["status"] == "incomplete"
+    Response.model_validate(snapshot)
+
+    failed = ResponseStream(rid, "helper")
+    failed.feed(TurnEvent(rid, 0, "started"))
+    last = failed.feed(TurnEvent(rid, 1, "failed", text="model error: all failed"))
+    assert last[-1]["type"] == "response.failed"
+    assert failed.snapshot()["error"] == {
+        "code": "server_error",
+        "message": "model error: all failed",
+    }
+
+
+def test_ids_are_checked_and_new_ones_do_not_repeat() -> None:
+    ids = {new_conversation_id() for _ in range(100)}
+    assert len(ids) == 100
+    for bad in ("resp_x", "conv_" + "ab" * 12, "resp_../../etc", 7):
+        with pytest.raises(UsageError):
+            conversation_of(bad)  # type: ignore[arg-type]
+    with pytest.raises(UsageError):
+        new_response_id("alice")
+
+
+# --- conversation items ---------------------------------------------------------------------
+
+
+def history() -> list[Any]:
+    return [
+        UserMessage(content="what is 2 + 3?", seq=0, turn_id="t"),
+        AssistantMessage(content="", tool_calls=(CALL,), seq=1, turn_id="t"),
+        ToolReturn(tool_call_id="call_1", tool_name="add", content="5", seq=2, turn_id="t"),
+        AssistantMessage(content="add returned 5", seq=3, turn_id="t"),
+        UserMessage(content="thanks", seq=4, turn_id="u"),
+        AssistantMessage(content="echo", seq=5, turn_id="u", incomplete="cancelled"),
+    ]
+
+
+def test_items_are_the_stored_messages_and_pages_walk_them_both_ways() -> None:
+    items = conversation_items(history())
+    assert [i["id"] for i in items] == [
+        "item_0",
+        "item_1_0",
+        "item_2",
+        "item_3",
+        "item_4",
+        "item_5",
+    ]
+    assert [i["type"] for i in items][:3] == ["message", "function_call", "function_call_output"]
+    assert json.loads(items[1]["arguments"]) == {"a": 2, "b": 3}
+    assert items[-1]["status"] == "incomplete"
+
+    first = page(items, after=None, limit=4, order="asc")
+    assert [i["id"] for i in first["data"]] == ["item_0", "item_1_0", "item_2", "item_3"]
+    assert first["has_more"] is True
+    rest = page(items, after=first["last_id"], limit=4, order="asc")
+    assert [i["id"] for i in rest["data"]] == ["item_4", "item_5"]
+    assert rest["has_more"] is False
+    newest = page(items, after=None, limit=2, order="desc")
+    assert [i["id"] for i in newest["data"]] == ["item_5", "item_4"]
+    with pytest.raises(UsageError, match="no item"):
+        page(items, after="item_99", limit=2, order="asc")
