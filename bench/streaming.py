@@ -1,4 +1,4 @@
-"""Streaming benchmark (T1): time to first token through overstory vs. the SDK directly.
+"""Streaming benchmark (T1, T2): time to first token through overstory vs. the SDK directly.
 
 One OpenAI-format loopback server in a process of its own (``python -m
 overstory.testing.servers``) answers every streamed request after ``--server-ttft``
@@ -10,9 +10,14 @@ overstory ``conv.stream_async(text)`` of a hosted conversation (warmed by one tu
           seconds from the call to the first ``delta`` event, through the host, the
           turn, the provider actor's streaming generator and the SDK inside it.
 
+gateway   T2: the official SDK's ``responses.create(stream=True)`` against the HTTP front
+          door (Ray Serve, FastAPI) in front of the same hosted conversations: seconds
+          to the first ``response.output_text.delta``.
+
 At 1 stream (``--samples`` in a row) and at ``--concurrent`` streams at once (each of
 ``--concurrent`` users streaming one turn, ``--rounds`` times). Printed: p50/p99 of
-each, the ratio of the p50s and the added milliseconds.
+each, the ratio of the p50s and the added milliseconds (the gateway against the Python
+path).
 
 Run: .venv/bin/python bench/streaming.py [--samples 40] [--concurrent 200] [--json]
 """
@@ -35,11 +40,15 @@ from typing import Any
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import openai
+from ray import serve
 
 import overstory
 from overstory import Agent, Runtime
 from overstory._ray import quiet_worker_notices
+from overstory.gateway.keys import create_key
+from overstory.gateway.serve import serve_http
 from overstory.providers import Endpoint, Secret
+from overstory.runtime.client import _run_store
 
 KEY = "sk-bench-stream-000000000001"
 TEXT = "tell me something in a few words please"
@@ -93,6 +102,25 @@ async def direct_ttft(client: openai.AsyncOpenAI) -> float:
     return first
 
 
+def gateway_ttft(
+    client: openai.AsyncOpenAI, conversations: dict[str, str]
+) -> Callable[[str], Awaitable[float]]:
+    async def one(user: str) -> float:
+        started = time.perf_counter()
+        first = 0.0
+        stream = await client.responses.create(
+            model="stream-bench", conversation=conversations[user], input=TEXT, stream=True
+        )
+        async for event in stream:
+            if not first and event.type == "response.output_text.delta":
+                first = time.perf_counter() - started
+            if event.type in ("response.failed", "response.incomplete"):
+                raise RuntimeError(f"response ended {event.type}")
+        return first
+
+    return one
+
+
 def overstory_ttft(rt: Runtime) -> Callable[[str], Awaitable[float]]:
     async def one(user: str) -> float:
         conv = await rt.conversation_async(user)
@@ -108,6 +136,23 @@ def overstory_ttft(rt: Runtime) -> Callable[[str], Awaitable[float]]:
     return one
 
 
+async def wait_up(url: str) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection(*url[7:].split(":"))
+            writer.write(b"GET /healthz HTTP/1.0\r\n\r\n")
+            answer = await reader.read()
+            writer.close()
+            if b" 200 " in answer.split(b"\r\n", 1)[0] + b" ":
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("the front door did not come up")
+        await asyncio.sleep(0.5)
+
+
 async def series(one: Callable[[str], Awaitable[float]], users: list[str]) -> list[float]:
     return [await one(u) for u in users]
 
@@ -116,9 +161,9 @@ async def together(one: Callable[[str], Awaitable[float]], users: list[str]) -> 
     return list(await asyncio.gather(*(one(u) for u in users)))
 
 
-def row(name: str, direct: list[float], through: list[float]) -> dict[str, Any]:
-    d50, o50 = pct(direct, 0.5), pct(through, 0.5)
-    d99, o99 = pct(direct, 0.99), pct(through, 0.99)
+def row(name: str, direct: list[float], through: list[float], door: list[float]) -> dict[str, Any]:
+    d50, o50, g50 = pct(direct, 0.5), pct(through, 0.5), pct(door, 0.5)
+    d99, o99, g99 = pct(direct, 0.99), pct(through, 0.99), pct(door, 0.99)
     return {
         "case": name,
         "direct_p50_ms": round(d50, 1),
@@ -128,6 +173,10 @@ def row(name: str, direct: list[float], through: list[float]) -> dict[str, Any]:
         "ratio_p50": round(o50 / d50, 2),
         "added_p50_ms": round(o50 - d50, 1),
         "added_p99_ms": round(o99 - d99, 1),
+        "gateway_p50_ms": round(g50, 1),
+        "gateway_p99_ms": round(g99, 1),
+        "gateway_added_p50_ms": round(g50 - o50, 1),
+        "gateway_added_p99_ms": round(g99 - o99, 1),
         "samples": len(through),
     }
 
@@ -155,25 +204,43 @@ def main() -> None:
             agent, store=f"sqlite:///{tmp}/history.db", namespace=f"bench-t1-{uuid.uuid4().hex[:6]}"
         )
         client = openai.AsyncOpenAI(base_url=url, api_key=KEY, max_retries=0)
+        door_key = _run_store(rt.config.store, lambda s: create_key(s, "bench"))[0]
+        door_url = serve_http(rt.config.namespace, rt.config.store, "127.0.0.1", free_port())
+        door = openai.AsyncOpenAI(
+            base_url=f"{door_url}/v1", api_key=door_key, max_retries=0, timeout=120
+        )
 
         async def run() -> None:
             n, c = args.samples, args.concurrent
             users = [f"u{i}" for i in range(max(n, c))]
-            # Warm: every conversation active, the provider actor and both clients connected.
+            await wait_up(door_url)
+            made = await together(lambda u: door.conversations.create(), users)  # type: ignore[arg-type,return-value]
+            conversations = {u: conv.id for u, conv in zip(users, made, strict=True)}  # type: ignore[attr-defined]
+            # Warm: every conversation active, the provider actor and the clients connected.
             await together(lambda u: rt.conversation(u).send_async("warm up"), users)  # type: ignore[arg-type,return-value]
+            await together(
+                lambda u: door.responses.create(  # type: ignore[arg-type,return-value]
+                    model="stream-bench", conversation=conversations[u], input="warm up"
+                ),
+                users,
+            )
             await series(lambda _: direct_ttft(client), users[:5])
+            gateway = gateway_ttft(door, conversations)
 
             direct = await series(lambda _: direct_ttft(client), users[:n])
             through = await series(overstory_ttft(rt), users[:n])
-            rows.append(row("1 stream", direct, through))
+            doors = await series(gateway, users[:n])
+            rows.append(row("1 stream", direct, through, doors))
 
-            direct, through = [], []
+            direct, through, doors = [], [], []
             for _ in range(args.rounds):
                 direct += await together(lambda _: direct_ttft(client), users[:c])
                 through += await together(overstory_ttft(rt), users[:c])
-            rows.append(row(f"{c} streams", direct, through))
+                doors += await together(gateway, users[:c])
+            rows.append(row(f"{c} streams", direct, through, doors))
 
         asyncio.run(run())
+        serve.shutdown()
         rt.close()
     finally:
         server.terminate()
@@ -190,6 +257,11 @@ def main() -> None:
             f"  {r['case']:>12}: direct p50 {r['direct_p50_ms']} / p99 {r['direct_p99_ms']} ms; "
             f"overstory p50 {r['overstory_p50_ms']} / p99 {r['overstory_p99_ms']} ms; "
             f"x{r['ratio_p50']} (+{r['added_p50_ms']} ms p50, +{r['added_p99_ms']} ms p99)"
+        )
+        print(
+            f"  {'':>12}  gateway p50 {r['gateway_p50_ms']} / p99 {r['gateway_p99_ms']} ms: "
+            f"+{r['gateway_added_p50_ms']} ms p50, +{r['gateway_added_p99_ms']} ms p99 "
+            "over the Python path"
         )
 
 

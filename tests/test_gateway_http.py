@@ -46,8 +46,17 @@ def _free_port() -> int:
 
 
 class Door:
-    def __init__(self, url: str, keys: dict[str, str], rt: Runtime, store: str) -> None:
-        self.url, self.keys, self.rt, self.store = url, keys, rt, store
+    def __init__(
+        self, url: str, keys: dict[str, str], rt: Runtime, store: str, signer: Any
+    ) -> None:
+        self.url, self.keys, self.rt, self.store, self.signer = url, keys, rt, store, signer
+
+    def jwt(self, user: str, **claims: Any) -> str:
+        import jwt
+
+        body = {"iss": "https://idp.test", "aud": "overstory", "sub": user}
+        body["exp"] = int(time.time()) + 300
+        return jwt.encode({**body, **claims}, self.signer, algorithm="RS256")
 
     def client(self, who: str = "alice", **options: Any) -> openai.OpenAI:
         key = self.keys.get(who, who)
@@ -87,8 +96,18 @@ def door(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         who: _store(store, lambda s, w=who, a=admin: create_key(s, w, admin=a))[0]
         for who, admin in (("alice", False), ("bob", False), ("root", True))
     }
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from overstory.gateway.tokens import JwtSettings
+
+    signer = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = signer.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    jwt = JwtSettings("https://idp.test", "overstory", public_key=public.decode())
     port = _free_port()
-    url = serve_http(namespace, store, "127.0.0.1", port)
+    url = serve_http(namespace, store, "127.0.0.1", port, jwt=jwt)
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -99,7 +118,7 @@ def door(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             pass
         assert time.monotonic() < deadline, "the front door did not come up"
         time.sleep(0.5)
-    yield Door(url, keys, rt, store)
+    yield Door(url, keys, rt, store, signer)
     serve.delete(GATEWAY_APP)
     serve.shutdown()
     rt.close()
@@ -185,6 +204,38 @@ def test_cancel_stops_a_running_response_and_the_stream_ends_incomplete(door: Do
     assert stored.data[-1].content[0].text == shown  # what was shown is what is stored
 
 
+def test_an_idempotency_key_makes_a_retried_create_land_once(door: Door) -> None:
+    client = door.client()
+    once = {"Idempotency-Key": f"c-{uuid.uuid4().hex}"}
+    conv = client.conversations.create(extra_headers=once)
+    assert client.conversations.create(extra_headers=once).id == conv.id
+    assert door.client("bob").conversations.create(extra_headers=once).id != conv.id  # per user
+
+    key = {"Idempotency-Key": f"r-{uuid.uuid4().hex}"}
+    first = client.responses.create(
+        model="helper", conversation=conv.id, input="once", extra_headers=key
+    )
+    retried = client.responses.create(
+        model="helper", conversation=conv.id, input="once", extra_headers=key
+    )
+    assert retried.id == first.id
+    assert retried.output_text == first.output_text == "echo #1: once"
+    history = door.rt.conversation(conv.id, agent="helper").history()
+    assert [m.content for m in history] == ["once", "echo #1: once"]  # one turn, not two
+    with pytest.raises(openai.BadRequestError, match="another request body"):
+        client.responses.create(
+            model="helper", conversation=conv.id, input="twice", extra_headers=key
+        )
+
+    solo = {"Idempotency-Key": f"s-{uuid.uuid4().hex}"}
+    a = client.responses.create(model="helper", input="on my own", extra_headers=solo)
+    b = client.responses.create(model="helper", input="on my own", extra_headers=solo)
+    assert a.id == b.id
+    assert a.conversation is not None
+    assert b.conversation is not None
+    assert a.conversation.id == b.conversation.id  # one new conversation, however many tries
+
+
 def test_credentials_are_checked_and_other_users_conversations_do_not_exist(door: Door) -> None:
     conv = door.client("alice").conversations.create()
     answer = door.client("alice").responses.create(model="helper", conversation=conv.id, input="hi")
@@ -219,6 +270,18 @@ def test_credentials_are_checked_and_other_users_conversations_do_not_exist(door
     _store(door.store, lambda s: revoke_key(s, record.key_id))
     with pytest.raises(openai.AuthenticationError, match="revoked"):
         carol.conversations.create()
+
+
+def test_a_jwt_speaks_for_its_sub_as_an_api_key_does(door: Door) -> None:
+    conv = door.client("alice").conversations.create()
+    as_alice = door.client(door.jwt("alice"))
+    assert as_alice.conversations.retrieve(conv.id).id == conv.id  # the same user
+    with pytest.raises(openai.NotFoundError):
+        door.client(door.jwt("bob")).conversations.retrieve(conv.id)
+    with pytest.raises(openai.AuthenticationError, match="expired"):
+        door.client(door.jwt("alice", exp=int(time.time()) - 3600)).conversations.create()
+    with pytest.raises(openai.AuthenticationError, match="audience"):
+        door.client(door.jwt("alice", aud="elsewhere")).conversations.create()
 
 
 def test_bad_requests_get_openai_shaped_errors_and_change_nothing(door: Door) -> None:

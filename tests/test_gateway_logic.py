@@ -223,3 +223,159 @@ def test_items_are_the_stored_messages_and_pages_walk_them_both_ways() -> None:
     assert [i["id"] for i in newest["data"]] == ["item_5", "item_4"]
     with pytest.raises(UsageError, match="no item"):
         page(items, after="item_99", limit=2, order="asc")
+
+
+# --- JWT bearer tokens ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rsa_keys() -> tuple[Any, str, Any]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public_pem = (
+        private.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return private, public_pem, other
+
+
+def token(private: Any, **claims: Any) -> str:
+    import time as _time
+
+    import jwt
+
+    now = int(_time.time())
+    body = {"iss": "https://idp.test", "aud": "overstory", "sub": "dana", "exp": now + 300}
+    body.update(claims)
+    return jwt.encode({k: v for k, v in body.items() if v is not None}, private, algorithm="RS256")
+
+
+def test_jwts_are_accepted_only_when_signed_issued_and_addressed_right(
+    rsa_keys: tuple[Any, str, Any],
+) -> None:
+    import base64
+    import hmac
+    import time as _time
+
+    import jwt
+
+    from overstory.exceptions import ConfigError
+    from overstory.gateway.tokens import JwtSettings, authenticate_jwt
+
+    private, public_pem, other = rsa_keys
+    settings = JwtSettings(
+        "https://idp.test", "overstory", public_key=public_pem, admin_claim="adm"
+    )
+
+    def check(raw: str) -> Any:
+        return asyncio.run(authenticate_jwt(settings, raw))
+
+    dana = check(token(private))
+    assert (dana.user, dana.admin, dana.via) == ("dana", False, "jwt")
+    assert check(token(private, adm=True)).admin
+    assert not check(token(private, adm="yes")).admin  # only a real true
+
+    now = int(_time.time())
+    refused = {
+        "expired": token(private, exp=now - 3600),
+        "another audience": token(private, aud="someone-else"),
+        "another issuer": token(private, iss="https://evil.test"),
+        "'sub'": token(private, sub=None),
+        "does not verify": token(other),
+        "not a usable user id": token(private, sub="bad\u0000id"),
+    }
+    for reason, raw in refused.items():
+        with pytest.raises(AuthenticationFailed, match=reason) as caught:
+            check(raw)
+        assert raw not in str(caught.value)
+
+    # alg=none: an unsigned token claiming to be anyone.
+    def b64(obj: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    claims = {"iss": "https://idp.test", "aud": "overstory", "sub": "root", "exp": now + 300}
+    unsigned = f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims)}."
+    with pytest.raises(AuthenticationFailed, match="not allowed"):
+        check(unsigned)
+    # Algorithm confusion: HS256 "signed" with the public key as the shared secret.
+    head = f"{b64({'alg': 'HS256', 'typ': 'JWT'})}.{b64(claims)}"
+    mac = hmac.new(public_pem.encode(), head.encode(), "sha256").digest()
+    confused = f"{head}.{base64.urlsafe_b64encode(mac).decode().rstrip('=')}"
+    with pytest.raises(AuthenticationFailed, match="not allowed"):
+        check(confused)
+    with pytest.raises(AuthenticationFailed, match="malformed"):
+        check("not.a.jwt")
+    assert jwt.__version__ >= "2.13"
+
+    with pytest.raises(ConfigError, match="asymmetric"):
+        JwtSettings("i", "a", public_key=public_pem, algorithms=("HS256",))
+    with pytest.raises(ConfigError, match="exactly one"):
+        JwtSettings("i", "a")
+    with pytest.raises(ConfigError, match="PEM"):
+        JwtSettings("i", "a", public_key="-----BEGIN nonsense")
+
+
+def test_a_jwks_url_supplies_the_signing_key(rsa_keys: tuple[Any, str, Any]) -> None:
+    import http.server
+    import threading
+
+    import jwt
+
+    from overstory.gateway.tokens import JwtSettings, authenticate_jwt
+
+    private, _, _ = rsa_keys
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key()))
+    jwks = json.dumps({"keys": [{**jwk, "kid": "k1", "use": "sig", "alg": "RS256"}]}).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.end_headers()
+            self.wfile.write(jwks)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
+        settings = JwtSettings("https://idp.test", "overstory", jwks_url=url)
+        import time as _time
+
+        claims = {
+            "iss": "https://idp.test",
+            "aud": "overstory",
+            "sub": "erin",
+            "exp": int(_time.time()) + 60,
+        }
+        signed = jwt.encode(claims, private, algorithm="RS256", headers={"kid": "k1"})
+        assert asyncio.run(authenticate_jwt(settings, signed)).user == "erin"
+        unknown = jwt.encode(claims, private, algorithm="RS256", headers={"kid": "k9"})
+        with pytest.raises(AuthenticationFailed, match="no signing key"):
+            asyncio.run(authenticate_jwt(settings, unknown))
+    finally:
+        server.shutdown()
+
+
+def test_the_request_rate_slides_per_key_and_forgets_idle_keys() -> None:
+    from overstory.gateway.app import RequestRate
+
+    now = [0.0]
+    rate = RequestRate(3, window_s=60, clock=lambda: now[0])
+    assert [rate.admit("k") for _ in range(3)] == [None, None, None]
+    now[0] = 10.0
+    assert rate.admit("k") == pytest.approx(50.0)  # room when the first leaves the window
+    assert rate.admit("other") is None  # per key
+    now[0] = 60.5
+    assert rate.admit("k") is None
+    for i in range(100):
+        rate.admit(f"burst-{i}")
+    now[0] = 200.0
+    rate.admit("k")
+    assert len(rate) == 1  # the idle keys were swept

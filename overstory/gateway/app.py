@@ -2,7 +2,7 @@
 Conversations APIs, so the official ``openai`` SDK is a working client.
 
 Every route but the probes needs ``Authorization: Bearer <API key>``
-(:mod:`overstory.gateway.keys`). A conversation belongs to the user who created it; an
+(:mod:`overstory.gateway.keys`) or, when configured, a JWT (:mod:`.tokens`). A conversation belongs to the user who created it; an
 admin key reaches every one; anyone else gets 404, the same answer as for a conversation
 that does not exist. A response is a turn of a conversation: the request only tails the
 turn's event log, so a client that drops the connection loses nothing and reads on with
@@ -16,10 +16,12 @@ status codes; ``x-should-retry: false`` marks those a retry cannot fix (the SDK 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -36,7 +38,8 @@ from ..exceptions import (
 )
 from ..store import HistoryStore, open_store
 from ..validation import validate_message
-from .keys import Principal, authenticate_key
+from .keys import KEY_PREFIX, Principal, authenticate_key
+from .tokens import JwtSettings, authenticate_jwt
 from .wire import (
     ResponseStream,
     conversation_items,
@@ -48,10 +51,12 @@ from .wire import (
     sse,
 )
 
-__all__ = ["ApiError", "DoorLimits", "Gateway", "app", "install"]
+__all__ = ["ApiError", "DoorLimits", "Gateway", "RequestRate", "app", "install"]
 
 _RECORD = "overstory.conversation:"
+_IDEMPOTENT = "overstory.idempotency:"
 _MAX_METADATA = 16
+_MAX_IDEMPOTENCY_KEY = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +65,37 @@ class DoorLimits:
 
     max_body_bytes: int = 1 << 20
     requests_per_minute: int = 600  # per API key
+
+
+class RequestRate:
+    """At most ``limit`` requests per key in any ``window_s`` (a sliding window of
+    timestamps per key; keys idle for a window are forgotten, so memory follows the
+    active keys, not every key ever seen)."""
+
+    def __init__(
+        self, limit: int, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.limit, self.window_s, self._clock = limit, window_s, clock
+        self._seen: dict[str, deque[float]] = {}
+        self._sweep_at = clock() + window_s
+
+    def admit(self, key: str) -> float | None:
+        """None: admitted (and counted); else the seconds until room for one more."""
+        now = self._clock()
+        if now >= self._sweep_at:
+            horizon = now - self.window_s
+            self._seen = {k: w for k, w in self._seen.items() if w and w[-1] > horizon}
+            self._sweep_at = now + self.window_s
+        window = self._seen.setdefault(key, deque())
+        while window and window[0] <= now - self.window_s:
+            window.popleft()
+        if len(window) >= self.limit:
+            return window[0] + self.window_s - now
+        window.append(now)
+        return None
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 class ApiError(Exception):
@@ -125,12 +161,15 @@ class Gateway:
     """One replica's state: the runtime client (turns, histories), the store (keys and
     conversation records), and the per-key request windows."""
 
-    def __init__(self, runtime: Any, limits: DoorLimits | None = None) -> None:
+    def __init__(
+        self, runtime: Any, limits: DoorLimits | None = None, jwt: JwtSettings | None = None
+    ) -> None:
         self.runtime = runtime
         self.limits = limits or DoorLimits()
+        self.jwt = jwt
         self._store: HistoryStore | None = None
         self._opening = asyncio.Lock()
-        self._windows: dict[str, deque[float]] = {}
+        self._rate = RequestRate(self.limits.requests_per_minute)
 
     async def store(self) -> HistoryStore:
         async with self._opening:
@@ -149,30 +188,29 @@ class Gateway:
                 "You didn't provide an API key: send Authorization: Bearer <key>.",
                 code="invalid_api_key",
             )
+        token = token.strip()
         try:
-            principal = await authenticate_key(await self.store(), token.strip())
+            if self.jwt is not None and not token.startswith(f"{KEY_PREFIX}_"):
+                principal = await authenticate_jwt(self.jwt, token)
+            else:
+                principal = await authenticate_key(await self.store(), token)
         except AuthenticationFailed as exc:
             raise ApiError(401, str(exc), code="invalid_api_key") from None
         self._count(principal)
         return principal
 
     def _count(self, principal: Principal) -> None:
-        """The per-key request rate: a sliding minute (429 with ``Retry-After``)."""
-        now = time.monotonic()
-        window = self._windows.setdefault(principal.key_id or principal.user, deque())
-        while window and window[0] <= now - 60:
-            window.popleft()
-        if len(window) >= self.limits.requests_per_minute:
-            wait = max(1, int(window[0] + 60 - now) + 1)
+        """The per-key request rate (429 with ``Retry-After``)."""
+        wait = self._rate.admit(principal.key_id or f"user:{principal.user}")
+        if wait is not None:
             raise ApiError(
                 429,
                 f"Rate limit reached: {self.limits.requests_per_minute} requests per minute "
                 "per API key.",
                 type_="requests",
                 code="rate_limit_exceeded",
-                headers={"retry-after": str(wait)},
+                headers={"retry-after": str(max(1, math.ceil(wait)))},
             )
-        window.append(now)
 
     # -- conversation records -- #
 
@@ -199,9 +237,17 @@ class Gateway:
             )
         return record
 
-    async def create(self, principal: Principal, agent: str | None, metadata: Any) -> Any:
+    async def create(
+        self,
+        principal: Principal,
+        agent: str | None,
+        metadata: Any,
+        conversation_id: str | None = None,
+    ) -> ConversationRecord:
+        """A new conversation of ``principal`` (or, for a retried create, the one the
+        first try made: ``conversation_id``)."""
         record = ConversationRecord(
-            new_conversation_id(),
+            conversation_id or new_conversation_id(),
             principal.user,
             agent,
             _metadata(metadata),
@@ -209,7 +255,10 @@ class Gateway:
         )
         store = await self.store()
         if not await store.put_setting(_RECORD + record.id, _dump(record), expected=None):
-            raise ApiError(500, "conversation id collision, try again", type_="server_error")
+            existing = await self.record(record.id)
+            if conversation_id is None or existing is None or existing.owner != principal.user:
+                raise ApiError(500, "conversation id collision, try again", type_="server_error")
+            return existing
         return record
 
     async def update(self, record: ConversationRecord, **changes: Any) -> ConversationRecord:
@@ -220,6 +269,39 @@ class Gateway:
             changed = replace(current, **changes)
             if await store.put_setting(_RECORD + record.id, _dump(changed), expected=raw):
                 return changed
+
+    async def idempotent(
+        self, principal: Principal, request: Request, body: dict[str, Any], new_id: str
+    ) -> str:
+        """The id this create makes: ``new_id``, or — when an ``Idempotency-Key`` this
+        user sent before for the same route and body comes again — the id the first
+        request made (so a retried POST never starts a second turn). The same key with
+        another body is refused."""
+        key = request.headers.get("idempotency-key")
+        if key is None:
+            return new_id
+        if not key or len(key) > _MAX_IDEMPOTENCY_KEY or not key.isprintable():
+            raise ApiError(
+                400,
+                f"Idempotency-Key: 1 to {_MAX_IDEMPOTENCY_KEY} printable characters",
+                param="Idempotency-Key",
+            )
+        scope = hashlib.sha256(f"{principal.user}\0{request.url.path}\0{key}".encode())
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        store = await self.store()
+        slot = _IDEMPOTENT + scope.hexdigest()
+        claim = json.dumps({"id": new_id, "body": digest})
+        if await store.put_setting(slot, claim, expected=None):
+            return new_id
+        first = json.loads(await store.get_setting(slot) or claim)
+        if first["body"] != digest:
+            raise ApiError(
+                400,
+                "Idempotency-Key was used with another request body",
+                param="Idempotency-Key",
+                code="idempotency_key_reused",
+            )
+        return str(first["id"])
 
     def agent_of(self, model: Any) -> str:
         if not isinstance(model, str) or not model:
@@ -380,7 +462,8 @@ async def create_conversation(request: Request) -> Response:
             400, "items: starting a conversation with items is not supported", param="items"
         )
     agent = None if body.get("agent") is None else gateway.agent_of(body.get("agent"))
-    record = await gateway.create(principal, agent, body.get("metadata"))
+    chosen = await gateway.idempotent(principal, request, body, new_conversation_id())
+    record = await gateway.create(principal, agent, body.get("metadata"), chosen)
     return JSONResponse(record.public())
 
 
@@ -446,10 +529,14 @@ async def create_response(request: Request) -> Response:
     target = body.get("conversation")
     if isinstance(target, dict):
         target = target.get("id")
-    if target is None:
-        record = await gateway.create(principal, agent, None)
+    if target is None:  # a conversation of its own, made once however often this is retried
+        response_id = await gateway.idempotent(
+            principal, request, body, new_response_id(new_conversation_id())
+        )
+        record = await gateway.create(principal, agent, None, conversation_of(response_id))
     elif isinstance(target, str):
         record = await gateway.owned(principal, target)
+        response_id = await gateway.idempotent(principal, request, body, new_response_id(record.id))
     else:
         raise ApiError(400, "conversation: a conversation id", param="conversation")
     if record.agent is None:
@@ -460,7 +547,6 @@ async def create_response(request: Request) -> Response:
             f"conversation {record.id} talks to agent {record.agent!r}, not {agent!r}",
             param="model",
         )
-    response_id = new_response_id(record.id)
     conv = await gateway.runtime.conversation_async(record.id, agent=agent)
     events = conv.stream_async(text, turn_id=response_id)
     if stream:

@@ -13,6 +13,7 @@ from typing import Any
 from ray import serve
 
 from .app import DoorLimits, Gateway, app, install
+from .tokens import JwtSettings
 
 __all__ = ["GATEWAY_APP", "GatewayDeployment", "serve_http"]
 
@@ -30,11 +31,17 @@ MAX_ONGOING_REQUESTS = 10_000
 class GatewayDeployment:
     """One replica: a runtime client attached to the tree in ``namespace``."""
 
-    def __init__(self, namespace: str, store: str, limits: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        store: str,
+        limits: dict[str, Any] | None = None,
+        jwt: JwtSettings | None = None,
+    ) -> None:
         from ..runtime.client import connect
 
         runtime = connect(namespace=namespace, store=store)
-        install(Gateway(runtime, DoorLimits(**(limits or {}))))
+        install(Gateway(runtime, DoorLimits(**(limits or {})), jwt))
 
 
 def serve_http(
@@ -45,13 +52,14 @@ def serve_http(
     *,
     replicas: int = 1,
     limits: dict[str, Any] | None = None,
+    jwt: JwtSettings | None = None,
 ) -> str:
     """Deploy (or update) the front door; returns its base URL."""
     serve.start(http_options={"host": host, "port": port})
     deployment: Any = GatewayDeployment
     deployment = deployment.options(num_replicas=replicas)
     serve.run(
-        deployment.bind(namespace, store, limits),
+        deployment.bind(namespace, store, limits, jwt),
         name=GATEWAY_APP,
         route_prefix="/",
         blocking=False,

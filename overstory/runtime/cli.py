@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..agent import DEFAULT_PLACEMENT, PLACEMENTS
-from ..exceptions import OverstoryError, RuntimeFailure, TurnFailed, UsageError
+from ..exceptions import ConfigError, OverstoryError, RuntimeFailure, TurnFailed, UsageError
 from ..messages import TurnEvent
 from ..registry.hosts import grow_hosts
 from . import ops
@@ -300,6 +300,14 @@ def _add_ops_commands(sub: Any) -> None:
         type=_host_port,
         help="also deploy the HTTP front door (OpenAI-shaped API, Ray Serve) on HOST:PORT",
     )
+    serve.add_argument("--jwt-issuer", metavar="ISS", help="accept JWTs from this issuer")
+    serve.add_argument("--jwt-audience", metavar="AUD", help="... for this audience")
+    serve.add_argument("--jwt-public-key", type=Path, metavar="PEM", help="... signed by this key")
+    serve.add_argument("--jwt-jwks-url", metavar="URL", help="... or by a key of this JWKS")
+    serve.add_argument(
+        "--jwt-algorithm", action="append", metavar="ALG", help="allowed (default RS256)"
+    )
+    serve.add_argument("--jwt-admin-claim", metavar="CLAIM", help="boolean claim: an admin")
     serve.add_argument("--json", action="store_true", help="one JSON object on stdout")
     attach_args(serve)
     serve.add_argument("--config", type=Path, help="TOML config file (keys of overstory.Config)")
@@ -380,6 +388,30 @@ def _probe(args: argparse.Namespace) -> ops.Probe:
     return ops.Probe(namespace, timeout_s=args.timeout, fallback_store=args.store)
 
 
+def _jwt(args: argparse.Namespace) -> Any:
+    """JWT settings from the ``--jwt-*`` options (None: API keys only)."""
+    from ..gateway.tokens import JwtSettings
+
+    if args.jwt_issuer is None and args.jwt_audience is None:
+        return None
+    key = None
+    if args.jwt_public_key is not None:
+        try:
+            key = args.jwt_public_key.read_text()
+        except OSError as exc:
+            raise ConfigError(
+                f"--jwt-public-key: cannot read {args.jwt_public_key}: {exc}"
+            ) from None
+    return JwtSettings(
+        issuer=args.jwt_issuer or "",
+        audience=args.jwt_audience or "",
+        public_key=key,
+        jwks_url=args.jwt_jwks_url,
+        algorithms=tuple(args.jwt_algorithm or ("RS256",)),
+        admin_claim=args.jwt_admin_claim,
+    )
+
+
 def _host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
@@ -390,13 +422,14 @@ def _host_port(value: str) -> tuple[str, int]:
 
 def _serve(args: argparse.Namespace) -> int:
     config = _config(args)
+    jwt = _jwt(args)  # a bad option fails here, before anything is deployed
     result = ops.serve(config, args.app, args.working_dir)
     if args.http is not None:
         from ..gateway.serve import serve_http
         from .deploy import store_of_tree
 
         store = store_of_tree(result["namespace"], config.store)
-        result["http"] = serve_http(result["namespace"], store, *args.http)
+        result["http"] = serve_http(result["namespace"], store, *args.http, jwt=jwt)
     if args.json:
         print(json.dumps(result, sort_keys=True))
         return 0
