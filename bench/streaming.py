@@ -103,12 +103,12 @@ async def direct_ttft(client: openai.AsyncOpenAI) -> float:
 
 
 def gateway_ttft(
-    client: openai.AsyncOpenAI, conversations: dict[str, str]
+    clients: dict[str, openai.AsyncOpenAI], conversations: dict[str, str]
 ) -> Callable[[str], Awaitable[float]]:
     async def one(user: str) -> float:
         started = time.perf_counter()
         first = 0.0
-        stream = await client.responses.create(
+        stream = await clients[user].responses.create(
             model="stream-bench", conversation=conversations[user], input=TEXT, stream=True
         )
         async for event in stream:
@@ -204,40 +204,46 @@ def main() -> None:
             agent, store=f"sqlite:///{tmp}/history.db", namespace=f"bench-t1-{uuid.uuid4().hex[:6]}"
         )
         client = openai.AsyncOpenAI(base_url=url, api_key=KEY, max_retries=0)
-        door_key = _run_store(rt.config.store, lambda s: create_key(s, "bench"))[0]
         door_url = serve_http(rt.config.namespace, rt.config.store, "127.0.0.1", free_port())
-        door = openai.AsyncOpenAI(
-            base_url=f"{door_url}/v1", api_key=door_key, max_retries=0, timeout=120
-        )
 
         async def run() -> None:
             n, c = args.samples, args.concurrent
             users = [f"u{i}" for i in range(max(n, c))]
             await wait_up(door_url)
-            made = await together(lambda u: door.conversations.create(), users)  # type: ignore[arg-type,return-value]
+            # Each user has a key of their own (the door counts requests per key).
+            doors = {
+                u: openai.AsyncOpenAI(
+                    base_url=f"{door_url}/v1",
+                    api_key=_run_store(rt.config.store, lambda s, u=u: create_key(s, u))[0],
+                    max_retries=0,
+                    timeout=120,
+                )
+                for u in users
+            }
+            made = await together(lambda u: doors[u].conversations.create(), users)  # type: ignore[arg-type,return-value]
             conversations = {u: conv.id for u, conv in zip(users, made, strict=True)}  # type: ignore[attr-defined]
             # Warm: every conversation active, the provider actor and the clients connected.
             await together(lambda u: rt.conversation(u).send_async("warm up"), users)  # type: ignore[arg-type,return-value]
             await together(
-                lambda u: door.responses.create(  # type: ignore[arg-type,return-value]
+                lambda u: doors[u].responses.create(  # type: ignore[arg-type,return-value]
                     model="stream-bench", conversation=conversations[u], input="warm up"
                 ),
                 users,
             )
             await series(lambda _: direct_ttft(client), users[:5])
-            gateway = gateway_ttft(door, conversations)
+            gateway = gateway_ttft(doors, conversations)
 
             direct = await series(lambda _: direct_ttft(client), users[:n])
             through = await series(overstory_ttft(rt), users[:n])
-            doors = await series(gateway, users[:n])
-            rows.append(row("1 stream", direct, through, doors))
+            at_door = await series(gateway, users[:n])
+            rows.append(row("1 stream", direct, through, at_door))
 
-            direct, through, doors = [], [], []
+            direct, through, at_door = [], [], []
             for _ in range(args.rounds):
                 direct += await together(lambda _: direct_ttft(client), users[:c])
                 through += await together(overstory_ttft(rt), users[:c])
-                doors += await together(gateway, users[:c])
-            rows.append(row(f"{c} streams", direct, through, doors))
+                at_door += await together(gateway, users[:c])
+            rows.append(row(f"{c} streams", direct, through, at_door))
 
         asyncio.run(run())
         serve.shutdown()
