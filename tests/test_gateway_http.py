@@ -272,6 +272,44 @@ def test_credentials_are_checked_and_other_users_conversations_do_not_exist(door
         carol.conversations.create()
 
 
+def test_an_owner_shares_for_reading_or_writing_and_takes_it_back(door: Door) -> None:
+    alice, bob = door.client("alice"), door.client("bob")
+    conv = alice.conversations.create()
+    answer = alice.responses.create(model="helper", conversation=conv.id, input="shared hi")
+
+    def share(who: str, level: str, client: openai.OpenAI = alice) -> Any:
+        return client.post(
+            f"/conversations/{conv.id}/shares",
+            body={"user": who, "access": level},
+            cast_to=object,
+        )
+
+    assert share("bob", "read")["data"] == [{"user": "bob", "access": "read"}]
+    assert bob.conversations.retrieve(conv.id).id == conv.id
+    assert len(bob.conversations.items.list(conv.id).data) == 2
+    assert bob.responses.retrieve(answer.id).output_text == "echo #1: shared hi"
+    with pytest.raises(openai.PermissionDeniedError, match="reading only"):
+        bob.responses.create(model="helper", conversation=conv.id, input="may I?")
+    with pytest.raises(openai.PermissionDeniedError, match="only the owner"):
+        bob.conversations.update(conv.id, metadata={"x": "y"})
+    with pytest.raises(openai.PermissionDeniedError):
+        share("mallory", "write", client=bob)  # a reader cannot share further
+
+    share("bob", "write")
+    assert bob.responses.create(model="helper", conversation=conv.id, input="now I may").status == (
+        "completed"
+    )
+    with pytest.raises(openai.NotFoundError):  # a share is for one user: nobody else
+        door.client(door.jwt("mallory")).conversations.retrieve(conv.id)
+    share("bob", "none")
+    with pytest.raises(openai.NotFoundError):
+        bob.conversations.retrieve(conv.id)
+    with pytest.raises(openai.BadRequestError, match="access"):
+        share("bob", "admin")
+    history = door.rt.conversation(conv.id, agent="helper").history()
+    assert [m.content for m in history if m.kind == "user"] == ["shared hi", "now I may"]
+
+
 def test_a_jwt_speaks_for_its_sub_as_an_api_key_does(door: Door) -> None:
     conv = door.client("alice").conversations.create()
     as_alice = door.client(door.jwt("alice"))

@@ -379,3 +379,28 @@ def test_the_request_rate_slides_per_key_and_forgets_idle_keys() -> None:
     now[0] = 200.0
     rate.admit("k")
     assert len(rate) == 1  # the idle keys were swept
+
+
+def test_access_is_owner_admin_or_a_share_and_others_learn_nothing() -> None:
+    from overstory.gateway.app import ConversationRecord, access
+    from overstory.gateway.keys import Principal
+
+    record = ConversationRecord(CONV, "alice", "helper", shares={"bob": "read", "carol": "write"})
+    who = {
+        name: Principal(name, admin=name == "root")
+        for name in ("alice", "bob", "carol", "mallory", "root")
+    }
+    table = {
+        name: tuple(access(record, p, need) for need in ("read", "write", "own"))  # type: ignore[arg-type]
+        for name, p in who.items()
+    }
+    assert table == {
+        "alice": (200, 200, 200),
+        "root": (200, 200, 200),
+        "bob": (200, 403, 403),
+        "carol": (200, 200, 403),
+        "mallory": (404, 404, 404),  # the same as for a conversation that does not exist
+    }
+    gone = ConversationRecord(CONV, "alice", "helper", deleted_at=1.0)
+    assert access(gone, who["alice"], "read") == 404
+    assert access(None, who["root"], "read") == 404

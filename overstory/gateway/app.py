@@ -23,7 +23,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -31,13 +31,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ..exceptions import (
     AuthenticationFailed,
     InvalidMessage,
+    InvalidUserId,
     OverstoryError,
     UnknownAgent,
     UnknownTurn,
     UsageError,
 )
 from ..store import HistoryStore, open_store
-from ..validation import validate_message
+from ..validation import validate_message, validate_user_id
 from .keys import KEY_PREFIX, Principal, authenticate_key
 from .tokens import JwtSettings, authenticate_jwt
 from .wire import (
@@ -147,6 +148,7 @@ class ConversationRecord:
     metadata: dict[str, str] = field(default_factory=dict)
     created_at: int = 0
     deleted_at: float | None = None
+    shares: dict[str, str] = field(default_factory=dict)  # user -> "read" | "write"
 
     def public(self) -> dict[str, Any]:
         return {
@@ -155,6 +157,29 @@ class ConversationRecord:
             "created_at": self.created_at,
             "metadata": dict(self.metadata),
         }
+
+
+Need = Literal["read", "write", "own"]
+_ALLOWS: dict[str, frozenset[str]] = {
+    "read": frozenset({"read"}),
+    "write": frozenset({"read", "write"}),
+}
+
+
+def access(record: ConversationRecord | None, principal: Principal, need: Need) -> int:
+    """What ``principal`` may do to a conversation, as an HTTP status: 200 allowed; 404
+    when it does not exist for them (gone, or neither theirs nor shared with them: the
+    same answer, so nobody learns what exists); 403 when it is shared with them but not
+    for this (``read`` shares read; ``write`` shares also run and cancel responses; only
+    the owner and admins change metadata and shares, or delete)."""
+    if record is None or record.deleted_at is not None:
+        return 404
+    if principal.admin or record.owner == principal.user:
+        return 200
+    share = record.shares.get(principal.user)
+    if share is None:
+        return 404
+    return 200 if need in _ALLOWS.get(share, frozenset()) else 403
 
 
 class Gateway:
@@ -220,21 +245,29 @@ class Gateway:
         raw = await (await self.store()).get_setting(_RECORD + conversation_id)
         return None if raw is None else ConversationRecord(**json.loads(raw))
 
-    async def owned(self, principal: Principal, conversation_id: str) -> ConversationRecord:
-        """The conversation, if this principal may reach it; 404 otherwise (whether it
-        exists or not: no existence leak)."""
+    async def reach(
+        self, principal: Principal, conversation_id: str, need: Need
+    ) -> ConversationRecord:
+        """The conversation, if this principal may do what ``need`` says (:func:`access`);
+        404 or 403 otherwise."""
         record = await self.record(conversation_id)
-        if (
-            record is None
-            or record.deleted_at is not None
-            or (record.owner != principal.user and not principal.admin)
-        ):
+        status = access(record, principal, need)
+        if status == 404:
             raise ApiError(
                 404,
                 f"Conversation with id '{str(conversation_id)[:64]}' not found.",
                 param="conversation_id",
                 code="not_found",
             )
+        if status == 403:
+            raise ApiError(
+                403,
+                f"conversation {conversation_id} is shared with you for reading only"
+                if need == "write"
+                else f"only the owner of conversation {conversation_id} may do this",
+                code="permission_denied",
+            )
+        assert record is not None
         return record
 
     async def create(
@@ -470,14 +503,14 @@ async def create_conversation(request: Request) -> Response:
 @app.get("/v1/conversations/{conversation_id}")
 async def get_conversation(conversation_id: str, request: Request) -> Response:
     gateway = _gateway(request)
-    record = await gateway.owned(await gateway.principal(request), conversation_id)
+    record = await gateway.reach(await gateway.principal(request), conversation_id, "read")
     return JSONResponse(record.public())
 
 
 @app.post("/v1/conversations/{conversation_id}")
 async def update_conversation(conversation_id: str, request: Request) -> Response:
     gateway = _gateway(request)
-    record = await gateway.owned(await gateway.principal(request), conversation_id)
+    record = await gateway.reach(await gateway.principal(request), conversation_id, "own")
     body = await _json(request, gateway)
     record = await gateway.update(record, metadata=_metadata(body.get("metadata")))
     return JSONResponse(record.public())
@@ -486,15 +519,52 @@ async def update_conversation(conversation_id: str, request: Request) -> Respons
 @app.delete("/v1/conversations/{conversation_id}")
 async def delete_conversation(conversation_id: str, request: Request) -> Response:
     gateway = _gateway(request)
-    record = await gateway.owned(await gateway.principal(request), conversation_id)
+    record = await gateway.reach(await gateway.principal(request), conversation_id, "own")
     await gateway.update(record, deleted_at=time.time())
     return JSONResponse({"id": record.id, "object": "conversation.deleted", "deleted": True})
+
+
+@app.get("/v1/conversations/{conversation_id}/shares")
+async def list_shares(conversation_id: str, request: Request) -> Response:
+    """Who else reaches the conversation, and how (owner and admins only)."""
+    gateway = _gateway(request)
+    record = await gateway.reach(await gateway.principal(request), conversation_id, "own")
+    return JSONResponse(_shares(record))
+
+
+@app.post("/v1/conversations/{conversation_id}/shares")
+async def share(conversation_id: str, request: Request) -> Response:
+    """``{"user": ID, "access": "read" | "write" | "none"}``: share the conversation
+    with a user, change how, or stop (``none``). Owner and admins only."""
+    gateway = _gateway(request)
+    principal = await gateway.principal(request)
+    record = await gateway.reach(principal, conversation_id, "own")
+    body = await _json(request, gateway)
+    user, level = body.get("user"), body.get("access")
+    try:
+        user = validate_user_id(user)
+    except InvalidUserId as exc:
+        raise ApiError(400, f"user: {exc}", param="user") from None
+    if level not in ("read", "write", "none"):
+        raise ApiError(400, "access: 'read', 'write' or 'none'", param="access")
+    if user == record.owner:
+        raise ApiError(400, "user: the owner has every right already", param="user")
+    shares = {k: v for k, v in record.shares.items() if k != user}
+    if level != "none":
+        shares[user] = level
+    record = await gateway.update(record, shares=shares)
+    return JSONResponse(_shares(record))
+
+
+def _shares(record: ConversationRecord) -> dict[str, Any]:
+    data = [{"user": u, "access": a} for u, a in sorted(record.shares.items())]
+    return {"object": "conversation.shares", "conversation_id": record.id, "data": data}
 
 
 @app.get("/v1/conversations/{conversation_id}/items")
 async def list_items(conversation_id: str, request: Request) -> Response:
     gateway = _gateway(request)
-    record = await gateway.owned(await gateway.principal(request), conversation_id)
+    record = await gateway.reach(await gateway.principal(request), conversation_id, "read")
     query = request.query_params
     raw_limit = query.get("limit", "20")
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
@@ -535,7 +605,7 @@ async def create_response(request: Request) -> Response:
         )
         record = await gateway.create(principal, agent, None, conversation_of(response_id))
     elif isinstance(target, str):
-        record = await gateway.owned(principal, target)
+        record = await gateway.reach(principal, target, "write")
         response_id = await gateway.idempotent(principal, request, body, new_response_id(record.id))
     else:
         raise ApiError(400, "conversation: a conversation id", param="conversation")
@@ -557,14 +627,16 @@ async def create_response(request: Request) -> Response:
     return JSONResponse(reader.snapshot())
 
 
-async def _response_target(request: Request, response_id: str) -> tuple[Gateway, Any, str]:
+async def _response_target(
+    request: Request, response_id: str, need: Need
+) -> tuple[Gateway, Any, str]:
     gateway = _gateway(request)
     principal = await gateway.principal(request)
     try:
         conversation_id = conversation_of(response_id)
     except UsageError:
         raise ApiError(404, f"Response with id '{response_id[:64]}' not found.") from None
-    record = await gateway.owned(principal, conversation_id)
+    record = await gateway.reach(principal, conversation_id, need)
     if record.agent is None:
         raise ApiError(404, f"Response with id '{response_id[:64]}' not found.")
     conv = await gateway.runtime.conversation_async(record.id, agent=record.agent)
@@ -573,7 +645,7 @@ async def _response_target(request: Request, response_id: str) -> tuple[Gateway,
 
 @app.get("/v1/responses/{response_id}")
 async def get_response(response_id: str, request: Request) -> Response:
-    _, conv, agent = await _response_target(request, response_id)
+    _, conv, agent = await _response_target(request, response_id, "read")
     query = request.query_params
     if query.get("stream", "false").lower() == "true":
         raw = query.get("starting_after") or request.headers.get("last-event-id") or "-1"
@@ -597,7 +669,7 @@ async def get_response(response_id: str, request: Request) -> Response:
 
 @app.post("/v1/responses/{response_id}/cancel")
 async def cancel_response(response_id: str, request: Request) -> Response:
-    _, conv, agent = await _response_target(request, response_id)
+    _, conv, agent = await _response_target(request, response_id, "write")
     await _known(conv, response_id)
     await conv.cancel_async(response_id)
     events, ended = await conv.events_async(response_id)
