@@ -24,6 +24,7 @@ __all__ = [
     "is_head",
     "named_actors_async",
     "quiet_worker_notices",
+    "serve_listening",
     "token_auth_enabled",
 ]
 
@@ -32,6 +33,18 @@ def is_head() -> bool:
     """Whether this process started the Ray instance it is attached to."""
     node = getattr(ray._private.worker, "_global_node", None)
     return bool(getattr(node, "head", False))
+
+
+def serve_listening() -> tuple[str, int] | None:
+    """``(host, port)`` Ray Serve's HTTP proxies listen on in this cluster, or None when
+    Serve is not running (they are fixed when Serve starts)."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return None
+    options = client.http_config
+    return str(options.host), int(options.port)
 
 
 def grpc_channel(target: str) -> Any:

@@ -362,3 +362,15 @@ def test_a_dropped_stream_leaves_the_turn_running(door: Door) -> None:
         assert time.monotonic() < deadline, "the turn stopped with its reader"
         time.sleep(0.3)
     assert client.responses.retrieve(response_id).output_text == "echo #1: keep going without me"
+
+
+def test_serving_the_door_on_another_address_is_refused_naming_the_one_in_use(
+    door: Door,
+) -> None:
+    from overstory.exceptions import ConfigError
+    from overstory.gateway.serve import serve_http
+
+    port = int(door.url.rsplit(":", 1)[1])
+    with pytest.raises(ConfigError, match=f"already listens on 127.0.0.1:{port}"):
+        serve_http("elsewhere", door.store, "127.0.0.1", _free_port())
+    assert door.raw("GET", "/healthz", who=None)[0] == 200  # the running door is untouched

@@ -404,3 +404,42 @@ def test_access_is_owner_admin_or_a_share_and_others_learn_nothing() -> None:
     gone = ConversationRecord(CONV, "alice", "helper", deleted_at=1.0)
     assert access(gone, who["alice"], "read") == 404
     assert access(None, who["root"], "read") == 404
+
+
+def test_the_keys_command_prints_a_key_once_lists_and_revokes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from overstory.runtime.cli import main
+
+    store = f"sqlite:///{tmp_path}/keys.db"
+    assert main(["keys", "create", "--user", "alice", "--json", "--store", store]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert set(made) == {"key", "key_id", "user"}
+    assert made["user"] == "alice"
+    assert parse_key(made["key"])[0] == made["key_id"]
+    assert main(["keys", "create", "--user", "root", "--admin", "--store", store]) == 0
+    assert "shown once" in capsys.readouterr().out
+    assert main(["keys", "list", "--json", "--store", store]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(k["user"], k["admin"], k["revoked_at"]) for k in listed] == [
+        ("alice", False, None),
+        ("root", True, None),
+    ]
+    assert made["key"] not in json.dumps(listed)
+    assert main(["keys", "revoke", made["key_id"], "--store", store]) == 0
+    assert "revoked" in capsys.readouterr().out
+    assert main(["keys", "list", "--store", store]) == 0
+    assert f"{made['key_id']}  revoked" in capsys.readouterr().out
+    assert main(["keys", "revoke", "0123456789ab", "--store", store]) == 2
+    assert "no API key" in capsys.readouterr().err
+    assert main(["keys", "create", "--user", " ", "--store", store]) == 2
+    assert "user id" in capsys.readouterr().err
+
+
+def test_serve_http_wants_host_and_port(capsys: pytest.CaptureFixture[str]) -> None:
+    from overstory.runtime.cli import main
+
+    for bad in ("8000", "host:", ":80", "h:99999", "h:port"):
+        with pytest.raises(SystemExit):
+            main(["serve", "--http", bad])
+        assert "HOST:PORT" in capsys.readouterr().err

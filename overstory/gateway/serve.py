@@ -12,6 +12,8 @@ from typing import Any
 
 from ray import serve
 
+from .._ray import serve_listening
+from ..exceptions import ConfigError
 from .app import DoorLimits, Gateway, app, install
 from .tokens import JwtSettings
 
@@ -54,7 +56,19 @@ def serve_http(
     limits: dict[str, Any] | None = None,
     jwt: JwtSettings | None = None,
 ) -> str:
-    """Deploy (or update) the front door; returns its base URL."""
+    """Deploy (or update) the front door; returns its base URL.
+
+    Ray Serve's HTTP address is the cluster's, fixed when Serve first starts: if it runs
+    already on another address, this refuses (ConfigError naming it) rather than deploy
+    somewhere other than asked.
+    """
+    running = serve_listening()
+    if running is not None and running != (host, port):
+        raise ConfigError(
+            f"Ray Serve already listens on {running[0]}:{running[1]} in this cluster (its "
+            f"address is fixed when it starts), not {host}:{port}: use that address, or "
+            "stop it first (serve shutdown)"
+        )
     serve.start(http_options={"host": host, "port": port})
     deployment: Any = GatewayDeployment
     deployment = deployment.options(num_replicas=replicas)
