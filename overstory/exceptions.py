@@ -13,7 +13,9 @@ both sides subclass the stdlib exceptions users already catch::
     │   ├── UnknownAgent                    no agent of that name is served (lists the served)
     │   ├── UnknownTurn                     no turn of that id in the conversation
     │   ├── UnknownKey                      no API key of that id
-    │   └── AuthenticationFailed            credentials missing, malformed, unknown or revoked
+    │   ├── AuthenticationFailed            credentials missing, malformed, unknown or revoked
+    │   ├── UnknownConversation             no such conversation for this principal (HTTP 404)
+    │   └── NotPermitted                    shared with them, but not for this (HTTP 403)
     └── RuntimeFailure (RuntimeError)       something failed while running; may be retried
         ├── StoreError                      the history store failed
         │   ├── StoreUnavailable            cannot reach / open the store
@@ -56,6 +58,7 @@ __all__ = [
     "MaxRoundTripsExceeded",
     "ModelError",
     "ModelErrorKind",
+    "NotPermitted",
     "OverstoryError",
     "Passivated",
     "RuntimeFailure",
@@ -68,6 +71,7 @@ __all__ = [
     "TurnFailed",
     "TurnIncomplete",
     "UnknownAgent",
+    "UnknownConversation",
     "UnknownKey",
     "UnknownTurn",
     "UsageError",
@@ -145,6 +149,15 @@ class AuthenticationFailed(UsageError):
     The message says which, never what was presented: a key or token is a secret even
     when it is wrong (it may be a real one pasted in the wrong place).
     """
+
+
+class UnknownConversation(UsageError):
+    """No such conversation for this principal: it does not exist, or it is neither
+    theirs nor shared with them (the same answer, so nothing leaks)."""
+
+
+class NotPermitted(UsageError):
+    """The conversation is shared with this principal, but not for this action."""
 
 
 class RuntimeFailure(OverstoryError, RuntimeError):

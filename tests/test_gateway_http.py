@@ -374,3 +374,56 @@ def test_serving_the_door_on_another_address_is_refused_naming_the_one_in_use(
     with pytest.raises(ConfigError, match=f"already listens on 127.0.0.1:{port}"):
         serve_http("elsewhere", door.store, "127.0.0.1", _free_port())
     assert door.raw("GET", "/healthz", who=None)[0] == 200  # the running door is untouched
+
+
+def test_where_the_conversation_lives_the_principal_is_checked_again(door: Door) -> None:
+    """Past the door: a handle acting for a principal (as the gateway's are) is refused
+    by the host itself, whatever the caller asks for."""
+    from overstory.exceptions import NotPermitted, UnknownConversation
+    from overstory.gateway.keys import Principal
+
+    alice = door.client("alice")
+    conv = alice.conversations.create()
+    alice.responses.create(model="helper", conversation=conv.id, input="mine")
+    handle = door.rt.conversation(conv.id, agent="helper")
+    assert len(handle.acting_for(Principal("alice")).history()) == 2
+    as_bob = handle.acting_for(Principal("bob"))
+    with pytest.raises(UnknownConversation):
+        as_bob.history()
+    with pytest.raises(UnknownConversation):
+        as_bob.send("taking over")
+    with pytest.raises(UnknownConversation):
+        list(as_bob.stream("taking over"))
+    alice.post(
+        f"/conversations/{conv.id}/shares", body={"user": "bob", "access": "read"}, cast_to=object
+    )
+    assert len(as_bob.history()) == 2
+    with pytest.raises(NotPermitted):
+        as_bob.send("still not mine")
+    assert len(handle.acting_for(Principal("root", admin=True)).history()) == 2
+    # A user's own (Python) conversation: that user or an admin, nobody else.
+    own = door.rt.conversation("carol", agent="helper")
+    own.send("hello")
+    with pytest.raises(UnknownConversation):
+        own.acting_for(Principal("bob")).history()
+    assert len(own.acting_for(Principal("carol")).history()) == 2
+    # In-cluster Python callers are trusted as before; nothing above was stored.
+    assert [m.content for m in handle.history()] == ["mine", "echo #1: mine"]
+
+
+def test_a_dedicated_conversation_checks_the_principal_too(door: Door) -> None:
+    from overstory.exceptions import UnknownConversation
+    from overstory.gateway.keys import Principal
+
+    namespace = f"t-door-ded-{uuid.uuid4().hex[:8]}"
+    solo = Agent("solo", model=OfflineModel("solo"), placement="dedicated")
+    rt = overstory.connect(solo, store=door.store, namespace=namespace)
+    try:
+        conv = door.client("alice").conversations.create()  # its record, in the same store
+        handle = rt.conversation(conv.id, agent="solo")
+        with pytest.raises(UnknownConversation):
+            handle.acting_for(Principal("bob")).send("not mine")
+        assert handle.acting_for(Principal("alice")).send("hi").text == "echo #1: hi"
+    finally:
+        rt.close()
+        kill_namespace(namespace)

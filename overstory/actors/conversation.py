@@ -28,6 +28,8 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from ..app import App
 from ..exceptions import Fenced, Passivated, SequenceConflict
+from ..gateway.access import Need, check_access
+from ..gateway.keys import Principal
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
 from ..providers.pool import provider_namespace
@@ -89,6 +91,12 @@ class ConversationActor:
         self._stopped: asyncio.Event | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._asking: asyncio.Task[None] | None = None
+
+    async def _check(self, principal: Principal | None, need: Need) -> None:
+        """A call made for an HTTP caller: may they (``check_access``)?"""
+        if principal is not None:
+            await self._load()
+            await check_access(self._store, self.conversation_id, principal, need)
 
     async def _load(self) -> None:
         if self._loaded:
@@ -171,12 +179,16 @@ class ConversationActor:
         carrier: dict[str, str] | None = None,
         emit: Emit | None = None,
         should_stop: Callable[[], bool] | None = None,
+        *,
+        principal: Principal | None = None,
     ) -> Reply:
         """Run turn ``turn_id``; ``caller``/``n``/``low`` order one client's sends (TurnGate).
 
         ``carrier`` is the client's trace context: the turn's spans become its children.
-        ``emit`` (in-process only) streams the turn into its event log.
+        ``emit`` (in-process only) streams the turn into its event log. ``principal``:
+        the HTTP caller, checked here again (``check_access``).
         """
+        await self._check(principal, "write")
         validate_message(text, max_chars=self.max_message_chars)
         if self._closing:
             raise Passivated(f"conversation {self.conversation_id!r} is passivating")
@@ -235,9 +247,12 @@ class ConversationActor:
         low: int | None = None,
         carrier: dict[str, str] | None = None,
         after: int = -1,
+        *,
+        principal: Principal | None = None,
     ) -> int:
         """Start turn ``turn_id`` running into its event log; returns the log's first
         ``seq`` at once. Idempotent while the log is here."""
+        await self._check(principal, "write")
         validate_message(text, max_chars=self.max_message_chars)
         if self._closing:
             raise Passivated(f"conversation {self.conversation_id!r} is passivating")
@@ -248,15 +263,22 @@ class ConversationActor:
 
         return self._streams.start(turn_id, after, run, self._history)
 
-    def cancel(self, turn_id: str) -> bool:
+    async def cancel(self, turn_id: str, *, principal: Principal | None = None) -> bool:
         """Ask streamed turn ``turn_id`` to stop at its next safe point (see
         ``HostActor.cancel``)."""
+        await self._check(principal, "write")
         return self._streams.cancel(turn_id)
 
     async def events(
-        self, turn_id: str, after: int = -1, wait_s: float = 10.0
+        self,
+        turn_id: str,
+        after: int = -1,
+        wait_s: float = 10.0,
+        *,
+        principal: Principal | None = None,
     ) -> tuple[list[TurnEvent], bool]:
         """``(events after after, ended)`` of turn ``turn_id`` (a long poll)."""
+        await self._check(principal, "read")
         await self._load()
 
         def restart(text: str) -> Awaitable[int]:
@@ -278,8 +300,9 @@ class ConversationActor:
         self.serving.forget_splits()
         return True
 
-    async def history(self) -> list[Message]:
+    async def history(self, *, principal: Principal | None = None) -> list[Message]:
         """The stored messages; during a turn, those of the turn stored so far."""
+        await self._check(principal, "read")
         await self._load()
         return list(self._history)
 

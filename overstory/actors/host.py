@@ -53,6 +53,8 @@ from ..exceptions import (
     TurnFailed,
     UsageError,
 )
+from ..gateway.access import Need, check_access
+from ..gateway.keys import Principal
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
 from ..providers.pool import provider_namespace
@@ -229,10 +231,14 @@ class HostActor:
         api_keys: Mapping[str, Secret] | None = None,
         emit: Emit | None = None,
         should_stop: Callable[[], bool] | None = None,
+        *,
+        principal: Principal | None = None,
     ) -> Reply:
         """Run turn ``turn_id`` of ``conversation_id`` (see ``ConversationActor.send``);
-        ``emit`` and ``should_stop`` (in-process only) stream it into its event log."""
+        ``emit`` and ``should_stop`` (in-process only) stream it into its event log.
+        ``principal``: the HTTP caller, checked here again (``check_access``)."""
         await self._route(version, conversation_id)
+        await self._check(conversation_id, principal, "write")
         validate_message(text, max_chars=self.config.max_message_chars)
         entity = await self._activate(conversation_id, api_keys=api_keys)
         entity.in_turn += 1
@@ -320,6 +326,8 @@ class HostActor:
         carrier: dict[str, str] | None = None,
         api_keys: Mapping[str, Secret] | None = None,
         after: int = -1,
+        *,
+        principal: Principal | None = None,
     ) -> int:
         """Start turn ``turn_id`` running into its event log and return at once (the
         log's first ``seq``); readers tail it with :meth:`events`. Idempotent: a turn
@@ -327,6 +335,7 @@ class HostActor:
         it starts a turn again whose process died: the log goes on from there, with a
         ``restarted`` event."""
         await self._route(version, conversation_id)
+        await self._check(conversation_id, principal, "write")
         validate_message(text, max_chars=self.config.max_message_chars)
         entity = await self._activate(conversation_id, api_keys=api_keys)
         streams = self._streams(entity)
@@ -360,11 +369,14 @@ class HostActor:
         conversation_id: str,
         turn_id: str,
         api_keys: Mapping[str, Secret] | None = None,
+        *,
+        principal: Principal | None = None,
     ) -> bool:
         """Ask streamed turn ``turn_id`` to stop at its next safe point (between deltas,
         after a tool returns); it ends ``incomplete`` with what it produced stored.
         ``False`` when it is not running here (finished, or never streamed)."""
         await self._route(version, conversation_id)
+        await self._check(conversation_id, principal, "write")
         entity = self._entities.get(conversation_id)
         if entity is None or entity.streams is None:
             return False
@@ -378,6 +390,8 @@ class HostActor:
         after: int = -1,
         wait_s: float = 10.0,
         api_keys: Mapping[str, Secret] | None = None,
+        *,
+        principal: Principal | None = None,
     ) -> tuple[list[TurnEvent], bool]:
         """``(events, ended)``: the events of turn ``turn_id`` after ``seq`` ``after``,
         waiting up to ``wait_s`` for one (a long poll; none: nothing new yet), and
@@ -386,6 +400,7 @@ class HostActor:
         started again (from its stored message, after a ``restarted`` event) when its
         process died mid-turn."""
         await self._route(version, conversation_id)
+        await self._check(conversation_id, principal, "read")
         entity = await self._activate(conversation_id, api_keys=api_keys)
         self._touch(entity)
         streams = self._streams(entity)
@@ -411,9 +426,12 @@ class HostActor:
         version: int,
         conversation_id: str,
         api_keys: Mapping[str, Secret] | None = None,
+        *,
+        principal: Principal | None = None,
     ) -> list[Message]:
         """The stored messages; during a turn, those of the turn stored so far."""
         await self._route(version, conversation_id)
+        await self._check(conversation_id, principal, "read")
         entity = await self._activate(conversation_id, api_keys=api_keys)
         self._touch(entity)
         return list(entity.history)
@@ -467,6 +485,12 @@ class HostActor:
             if time.time() < quarantine.until:
                 raise quarantine
             del self._quarantined[conversation_id]
+
+    async def _check(self, conversation_id: str, principal: Principal | None, need: Need) -> None:
+        """A call made for an HTTP caller: may they (``check_access``)?"""
+        if principal is not None:
+            await self._open_store()
+            await check_access(self._store, conversation_id, principal, need)
 
     async def _open_store(self) -> None:
         if not self._store_open:

@@ -22,8 +22,8 @@ import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -32,20 +32,22 @@ from ..exceptions import (
     AuthenticationFailed,
     InvalidMessage,
     InvalidUserId,
+    NotPermitted,
     OverstoryError,
     UnknownAgent,
+    UnknownConversation,
     UnknownTurn,
     UsageError,
 )
 from ..store import HistoryStore, open_store
 from ..validation import validate_message, validate_user_id
+from .access import RECORD_PREFIX, ConversationRecord, Need, access, load_record
 from .keys import KEY_PREFIX, Principal, authenticate_key
 from .tokens import JwtSettings, authenticate_jwt
 from .wire import (
     ResponseStream,
     conversation_items,
     conversation_of,
-    is_conversation_id,
     new_conversation_id,
     new_response_id,
     page,
@@ -54,7 +56,6 @@ from .wire import (
 
 __all__ = ["ApiError", "DoorLimits", "Gateway", "RequestRate", "app", "install"]
 
-_RECORD = "overstory.conversation:"
 _IDEMPOTENT = "overstory.idempotency:"
 _MAX_METADATA = 16
 _MAX_IDEMPOTENCY_KEY = 255
@@ -137,51 +138,6 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=headers)
 
 
-@dataclass(frozen=True, slots=True)
-class ConversationRecord:
-    """A conversation of the HTTP API: its owner, agent and metadata (its history is the
-    runtime's conversation of ``id`` with ``agent``)."""
-
-    id: str
-    owner: str
-    agent: str | None
-    metadata: dict[str, str] = field(default_factory=dict)
-    created_at: int = 0
-    deleted_at: float | None = None
-    shares: dict[str, str] = field(default_factory=dict)  # user -> "read" | "write"
-
-    def public(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "conversation",
-            "created_at": self.created_at,
-            "metadata": dict(self.metadata),
-        }
-
-
-Need = Literal["read", "write", "own"]
-_ALLOWS: dict[str, frozenset[str]] = {
-    "read": frozenset({"read"}),
-    "write": frozenset({"read", "write"}),
-}
-
-
-def access(record: ConversationRecord | None, principal: Principal, need: Need) -> int:
-    """What ``principal`` may do to a conversation, as an HTTP status: 200 allowed; 404
-    when it does not exist for them (gone, or neither theirs nor shared with them: the
-    same answer, so nobody learns what exists); 403 when it is shared with them but not
-    for this (``read`` shares read; ``write`` shares also run and cancel responses; only
-    the owner and admins change metadata and shares, or delete)."""
-    if record is None or record.deleted_at is not None:
-        return 404
-    if principal.admin or record.owner == principal.user:
-        return 200
-    share = record.shares.get(principal.user)
-    if share is None:
-        return 404
-    return 200 if need in _ALLOWS.get(share, frozenset()) else 403
-
-
 class Gateway:
     """One replica's state: the runtime client (turns, histories), the store (keys and
     conversation records), and the per-key request windows."""
@@ -240,10 +196,7 @@ class Gateway:
     # -- conversation records -- #
 
     async def record(self, conversation_id: str) -> ConversationRecord | None:
-        if not is_conversation_id(conversation_id):
-            return None
-        raw = await (await self.store()).get_setting(_RECORD + conversation_id)
-        return None if raw is None else ConversationRecord(**json.loads(raw))
+        return await load_record(await self.store(), conversation_id)
 
     async def reach(
         self, principal: Principal, conversation_id: str, need: Need
@@ -270,6 +223,12 @@ class Gateway:
         assert record is not None
         return record
 
+    async def conversation(self, record: ConversationRecord, principal: Principal) -> Any:
+        """The runtime's handle of this conversation, acting for ``principal``: where
+        the conversation lives, every call is checked again (``check_access``)."""
+        conv = await self.runtime.conversation_async(record.id, agent=record.agent)
+        return conv.acting_for(principal)
+
     async def create(
         self,
         principal: Principal,
@@ -287,7 +246,7 @@ class Gateway:
             int(time.time()),
         )
         store = await self.store()
-        if not await store.put_setting(_RECORD + record.id, _dump(record), expected=None):
+        if not await store.put_setting(RECORD_PREFIX + record.id, record.dumps(), expected=None):
             existing = await self.record(record.id)
             if conversation_id is None or existing is None or existing.owner != principal.user:
                 raise ApiError(500, "conversation id collision, try again", type_="server_error")
@@ -297,10 +256,10 @@ class Gateway:
     async def update(self, record: ConversationRecord, **changes: Any) -> ConversationRecord:
         store = await self.store()
         while True:
-            raw = await store.get_setting(_RECORD + record.id)
-            current = ConversationRecord(**json.loads(raw)) if raw else record
+            raw = await store.get_setting(RECORD_PREFIX + record.id)
+            current = ConversationRecord.loads(raw) if raw else record
             changed = replace(current, **changes)
-            if await store.put_setting(_RECORD + record.id, _dump(changed), expected=raw):
+            if await store.put_setting(RECORD_PREFIX + record.id, changed.dumps(), expected=raw):
                 return changed
 
     async def idempotent(
@@ -350,10 +309,6 @@ class Gateway:
             return str(self.runtime.registry.agent_name(name))
         except UnknownAgent as exc:
             raise ApiError(400, str(exc), param="model", code="model_not_found") from None
-
-
-def _dump(record: ConversationRecord) -> str:
-    return json.dumps(asdict(record), sort_keys=True)
 
 
 def _metadata(value: Any) -> dict[str, str]:
@@ -443,6 +398,11 @@ async def _api_error(request: Request, exc: ApiError) -> Response:
 
 @app.exception_handler(OverstoryError)
 async def _overstory_error(request: Request, exc: OverstoryError) -> Response:
+    # Raised where the conversation lives, if its own check refuses what the door let by.
+    if isinstance(exc, UnknownConversation):
+        return ApiError(404, str(exc), code="not_found").response()
+    if isinstance(exc, NotPermitted):
+        return ApiError(403, str(exc), code="permission_denied").response()
     if isinstance(exc, UsageError):
         return ApiError(400, str(exc)).response()
     return ApiError(503, f"{type(exc).__name__}: {exc}", type_="server_error").response()
@@ -564,7 +524,8 @@ def _shares(record: ConversationRecord) -> dict[str, Any]:
 @app.get("/v1/conversations/{conversation_id}/items")
 async def list_items(conversation_id: str, request: Request) -> Response:
     gateway = _gateway(request)
-    record = await gateway.reach(await gateway.principal(request), conversation_id, "read")
+    principal = await gateway.principal(request)
+    record = await gateway.reach(principal, conversation_id, "read")
     query = request.query_params
     raw_limit = query.get("limit", "20")
     if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
@@ -574,7 +535,7 @@ async def list_items(conversation_id: str, request: Request) -> Response:
         raise ApiError(400, "order: 'asc' or 'desc'", param="order")
     items: list[dict[str, Any]] = []
     if record.agent is not None:
-        conv = await gateway.runtime.conversation_async(record.id, agent=record.agent)
+        conv = await gateway.conversation(record, principal)
         items = conversation_items(await conv.history_async())
     try:
         listed = page(items, after=query.get("after"), limit=int(raw_limit), order=order)
@@ -617,7 +578,7 @@ async def create_response(request: Request) -> Response:
             f"conversation {record.id} talks to agent {record.agent!r}, not {agent!r}",
             param="model",
         )
-    conv = await gateway.runtime.conversation_async(record.id, agent=agent)
+    conv = await gateway.conversation(record, principal)
     events = conv.stream_async(text, turn_id=response_id)
     if stream:
         return _sse(_translated(ResponseStream(response_id, agent), events, -1))
@@ -639,7 +600,7 @@ async def _response_target(
     record = await gateway.reach(principal, conversation_id, need)
     if record.agent is None:
         raise ApiError(404, f"Response with id '{response_id[:64]}' not found.")
-    conv = await gateway.runtime.conversation_async(record.id, agent=record.agent)
+    conv = await gateway.conversation(record, principal)
     return gateway, conv, record.agent
 
 

@@ -11,6 +11,7 @@ completed returns its stored reply, an interrupted one resumes; neither is dupli
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import threading
 import time
@@ -36,6 +37,7 @@ from ..exceptions import (
     UnknownTurn,
     UsageError,
 )
+from ..gateway.keys import Principal
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
 from ..providers import api_keys as api_key_map
@@ -72,6 +74,10 @@ _POLL_S = 10.0
 #: Conversation handles a Runtime keeps (least recently used go; a dropped one is simply
 #: made again on the next ``conversation()`` call).
 _MAX_CACHED_HANDLES = 10_000
+
+
+#: The calls a conversation checks against a principal (the others carry none).
+_CHECKED = frozenset({"send", "start_turn", "events", "cancel", "history"})
 
 
 def _turn_id(turn_id: object) -> str:
@@ -123,6 +129,7 @@ class Conversation:
         # Numbers this handle's sends so the actor runs them in the order they were made.
         self._caller = uuid.uuid4().hex
         self._numbers = itertools.count()
+        self._principal: Principal | None = None
         self._in_flight: set[int] = set()
 
     def __repr__(self) -> str:
@@ -145,20 +152,33 @@ class Conversation:
     # --- one call, and what to do when it fails ------------------------------------------
 
     def _invoke(self, target: Any, method: str, args: tuple[Any, ...]) -> Any:
-        """The ObjectRef of ``method`` on ``target`` (a dedicated handle, or a host route)."""
+        """The ObjectRef of ``method`` on ``target`` (a dedicated handle, or a host route).
+        A handle acting for a principal (:meth:`acting_for`) passes it along."""
+        extra: dict[str, Any] = {}
+        if self._principal is not None and method in _CHECKED:
+            extra["principal"] = self._principal
         if self._handle is None:
             version, _name, host = target
             cid = self.conversation_id
             if method == "send":  # (turn_id, text, caller, n, low, carrier) + api_keys
-                return host.send.remote(version, cid, *args, self._api_keys)
+                return host.send.remote(version, cid, *args, self._api_keys, **extra)
             if method == "start_turn":  # (turn_id, text, caller, n, low, carrier, after)
                 *head, after = args
-                return host.start_turn.remote(version, cid, *head, self._api_keys, after)
+                return host.start_turn.remote(version, cid, *head, self._api_keys, after, **extra)
             if method in ("events", "cancel"):  # (turn_id, after, wait_s) / (turn_id,)
-                return getattr(host, method).remote(version, cid, *args, self._api_keys)
+                return getattr(host, method).remote(version, cid, *args, self._api_keys, **extra)
             method = "info" if method == "ready" else method
-            return getattr(host, method).remote(version, cid, self._api_keys)
-        return getattr(target, method).remote(*args)
+            return getattr(host, method).remote(version, cid, self._api_keys, **extra)
+        return getattr(target, method).remote(*args, **extra)
+
+    def acting_for(self, principal: Principal | None) -> Conversation:
+        """This handle for calls made on behalf of ``principal`` (the HTTP front door's
+        caller): where the conversation lives, each call is checked again against the
+        conversation's owner and shares (``overstory.gateway.access``). It shares this
+        handle's ordering of sends; ``None``: a trusted in-cluster caller, as usual."""
+        other = copy.copy(self)
+        other._principal = principal
+        return other
 
     def _failure(self, target: Any, exc: BaseException) -> tuple[BaseException, bool]:
         """``(error, retry)``: whether a re-send may succeed, and the error if not."""

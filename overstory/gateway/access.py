@@ -1,0 +1,122 @@
+"""Who may reach a conversation: its record (owner, agent, shares) and the one rule.
+
+The rule (:func:`access`) is checked twice: at the door, by the gateway, and again where
+the conversation lives, by its host or dedicated actor, for every call that carries a
+principal (:func:`check_access`) — a bug in the gateway's mapping from request to
+conversation cannot hand one user another's history. Calls without a principal come
+from Python drivers inside the cluster, which are trusted as before.
+
+No FastAPI here: hosts import this module.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from ..app import split_conversation_id
+from ..exceptions import NotPermitted, UnknownConversation
+from ..store import HistoryStore
+from .keys import Principal
+from .wire import is_conversation_id
+
+__all__ = [
+    "RECORD_PREFIX",
+    "ConversationRecord",
+    "Need",
+    "access",
+    "check_access",
+    "load_record",
+]
+
+#: Where a conversation's record is kept (a store setting per conversation).
+RECORD_PREFIX = "overstory.conversation:"
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationRecord:
+    """A conversation of the HTTP API: its owner, agent and metadata (its history is the
+    runtime's conversation of ``id`` with ``agent``)."""
+
+    id: str
+    owner: str
+    agent: str | None
+    metadata: dict[str, str] = field(default_factory=dict)
+    created_at: int = 0
+    deleted_at: float | None = None
+    shares: dict[str, str] = field(default_factory=dict)  # user -> "read" | "write"
+
+    def dumps(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def loads(cls, raw: str) -> ConversationRecord:
+        return cls(**json.loads(raw))
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "conversation",
+            "created_at": self.created_at,
+            "metadata": dict(self.metadata),
+        }
+
+
+Need = Literal["read", "write", "own"]
+_ALLOWS: dict[str, frozenset[str]] = {
+    "read": frozenset({"read"}),
+    "write": frozenset({"read", "write"}),
+}
+
+
+def access(record: ConversationRecord | None, principal: Principal, need: Need) -> int:
+    """What ``principal`` may do to a conversation, as an HTTP status: 200 allowed; 404
+    when it does not exist for them (gone, or neither theirs nor shared with them: the
+    same answer, so nobody learns what exists); 403 when it is shared with them but not
+    for this (``read`` shares read; ``write`` shares also run and cancel responses; only
+    the owner and admins change metadata and shares, or delete)."""
+    if record is None or record.deleted_at is not None:
+        return 404
+    if principal.admin or record.owner == principal.user:
+        return 200
+    share = record.shares.get(principal.user)
+    if share is None:
+        return 404
+    return 200 if need in _ALLOWS.get(share, frozenset()) else 403
+
+
+async def load_record(store: HistoryStore, conversation_id: str) -> ConversationRecord | None:
+    """The record of an HTTP conversation id (None: no such conversation)."""
+    if not is_conversation_id(conversation_id):
+        return None
+    raw = await store.get_setting(RECORD_PREFIX + conversation_id)
+    return None if raw is None else ConversationRecord.loads(raw)
+
+
+async def check_access(
+    store: HistoryStore, conversation_id: str, principal: Principal | None, need: Need
+) -> None:
+    """Raise unless ``principal`` may do ``need`` to runtime conversation
+    ``conversation_id`` (``agent:user``): for an HTTP conversation (its user part a
+    ``conv_`` id) by its record and :func:`access`; for a user's own conversation, only
+    that user or an admin. ``principal`` None: a trusted in-cluster caller, allowed.
+
+    :class:`UnknownConversation` for "not there for you" (the door's 404) and
+    :class:`NotPermitted` for a share that does not allow this (403).
+    """
+    if principal is None:
+        return
+    _, user = split_conversation_id(conversation_id)
+    if is_conversation_id(user):
+        status = access(await load_record(store, user), principal, need)
+    else:
+        status = 200 if principal.admin or principal.user == user else 404
+    if status == 404:
+        raise UnknownConversation(f"no conversation {user!r:.70} for {principal.user!r:.70}")
+    if status == 403:
+        raise NotPermitted(
+            f"{principal.user!r:.70} may only read conversation {user!r:.70}"
+            if need == "write"
+            else f"only the owner of conversation {user!r:.70} may do this"
+        )
