@@ -241,6 +241,11 @@ class ProviderActor:
                 ) as items:
                     async for item in items:
                         put(item)
+                        if isinstance(item, ModelResponse):
+                            return
+            raise ModelError(  # a model's stream must end with its answer
+                "the stream ended without an answer", model=endpoint.name, kind="server_error"
+            )
         except ModelError as exc:
             self.failures[exc.kind] = self.failures.get(exc.kind, 0) + 1
             put(exc)
