@@ -139,7 +139,7 @@ say "store $OVERSTORY_STORE (pid $MONGO_PID)"
 export OVERSTORY_APP=helpdesk:app # the example app: what the head's `overstory serve` deploys
 OVERSTORY_CLUSTER_ENV="$RUN/cluster.env" RAY_TMPDIR="$NODE_HOME/raytmp" \
   OVERSTORY_EXTRA_ENV=RAY_TMPDIR OVERSTORY_VENV_BIN="$OPS_BIN" deploy/prepare
-GCS_PORT=$(free_port) CLIENT_PORT=$(free_port) DASH_PORT=$(free_port)
+GCS_PORT=$(free_port) CLIENT_PORT=$(free_port) DASH_PORT=$(free_port) HTTP_PORT=$(free_port)
 "$OPS_BIN/python" - "$REPO/cluster.yaml" "$YAML" <<EOF
 import sys, yaml
 config = yaml.safe_load(open(sys.argv[1]))
@@ -155,7 +155,7 @@ mounts["~/overstory/app"] = "$REPO/examples/apps"
 mounts["~/overstory/profile.sh"] = "$REPO/deploy/node-profile.sh"
 mounts["~/overstory/cluster.env"] = "$RUN/cluster.env"
 # free ports, so another Ray on this machine cannot collide with the node's
-ports = {"6379": "$GCS_PORT", "10001": "$CLIENT_PORT", "8265": "$DASH_PORT"}
+ports = {"6379": "$GCS_PORT", "10001": "$CLIENT_PORT", "8265": "$DASH_PORT", "8000": "$HTTP_PORT"}
 for key in ("head_start_ray_commands", "worker_start_ray_commands"):
     commands = []
     for command in config[key]:
@@ -251,6 +251,46 @@ grep -q not-the-token "$RUN/health-bad-token.log" && { echo "the token leaked in
 "$OPS_BIN/overstory" health --address "ray://127.0.0.1:$CLIENT_PORT"
 "$OPS_BIN/overstory" status --address "ray://127.0.0.1:$CLIENT_PORT"
 "$OPS_BIN/ray" exec "$YAML" "overstory health && overstory serve" 2> "$RUN/exec.log" | tail -n 2
+
+# --- the HTTP front door the head's start command deployed, through the openai SDK -------
+DOOR_KEY=$("$OPS_BIN/overstory" keys create --user alice --json \
+  | "$OPS_BIN/python" -c 'import json, sys; print(json.load(sys.stdin)["key"])')
+"$OPS_BIN/python" - "$HTTP_PORT" "$DOOR_KEY" <<'EOF'
+import sys, time, urllib.request
+
+import openai
+
+port, key = sys.argv[1], sys.argv[2]
+base = f"http://127.0.0.1:{port}"
+deadline, last = time.monotonic() + 120, None
+while True:
+    try:
+        with urllib.request.urlopen(base + "/readyz", timeout=15) as answer:
+            if answer.status == 200:
+                break
+    except OSError as exc:
+        last = exc
+    if time.monotonic() > deadline:
+        raise SystemExit(f"the front door is not ready: {last}")
+    time.sleep(1)
+client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+conv = client.conversations.create()
+answer = client.responses.create(model="support", conversation=conv.id, input="hello over HTTP")
+assert answer.status == "completed", answer
+assert answer.output_text, answer
+streamed = client.responses.create(
+    model="support", conversation=conv.id, input="and streamed", stream=True
+)
+kinds = [event.type for event in streamed]
+assert kinds[-1] == "response.completed", kinds
+stranger = openai.OpenAI(base_url=base + "/v1", api_key="ovs_000000000000_" + "A" * 43, max_retries=0)
+try:
+    stranger.conversations.retrieve(conv.id)
+    raise SystemExit("a made-up key was let in")
+except openai.AuthenticationError:
+    pass
+print(f"== e2e: the front door answered over HTTP ({answer.output_text!r}) and streamed")
+EOF
 
 # --- ray down: the cluster stops, the history stays -----------------------------------
 say "ray down"
