@@ -427,3 +427,57 @@ def test_a_dedicated_conversation_checks_the_principal_too(door: Door) -> None:
     finally:
         rt.close()
         kill_namespace(namespace)
+
+
+def test_the_chat_page_streams_a_reply_and_reads_on_after_a_reload(
+    door: Door, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The page at / in a real headless Chromium: paste a key, start a conversation with
+    the slow agent, send, reload while the reply streams, and the page reads on to the
+    end; a screenshot is kept in the test's output directory."""
+    from cdp import Browser, chromium
+
+    executable = chromium()
+    if executable is None:
+        pytest.skip("no chromium here (scripts/test installs Debian's chromium package)")
+    text = "a reply that streams while the page reloads"
+    expected = f"echo #1: {text}"
+    shots = tmp_path_factory.mktemp("chat-page")
+
+    async def run() -> tuple[str, bytes]:
+        async with Browser(executable) as page:
+            await page.goto(f"{door.url}/")
+            await page.js(
+                f"document.getElementById('key').value = {json.dumps(door.keys['alice'])}"
+            )
+            await page.js("document.getElementById('connect').click()")
+            await page.wait_for("document.getElementById('agent').options.length >= 2")
+            await page.js("document.getElementById('agent').value = 'slow'")
+            await page.js("document.getElementById('create').click()")
+            await page.wait_for("localStorage.getItem('overstory.conversation')")
+            await page.js(f"document.getElementById('input').value = {json.dumps(text)}")
+            await page.js("document.getElementById('send').click()")
+            # Some of the reply is on screen, not all of it: reload now.
+            await page.wait_for(
+                "[...document.querySelectorAll('.assistant')].some(e => e.textContent.length > 3)"
+            )
+            partial = await page.js("document.querySelector('.assistant').textContent")
+            assert partial != expected
+            await page.reload()
+            await page.wait_for(
+                f"[...document.querySelectorAll('.assistant')].some(e => e.textContent === {json.dumps(expected)})",
+                timeout_s=30,
+            )
+            shot = await page.screenshot()
+            return str(await page.js("document.getElementById('messages').innerText")), shot
+
+    shown, shot = asyncio.run(run())
+    (shots / "chat-page.png").write_bytes(shot)
+    print(f"screenshot: {shots / 'chat-page.png'}")
+    assert shown.count(expected) == 1  # read on, not doubled
+    assert shown.count(text) == 2  # the user's message once, and inside the reply
+    assert (shots / "chat-page.png").stat().st_size > 1000
+    conversations = door.client("alice").get("/conversations", cast_to=object)
+    newest = conversations["data"][0]["id"]
+    stored = door.rt.conversation(newest, agent="slow").history()
+    assert [m.content for m in stored] == [text, expected]  # one turn, stored once

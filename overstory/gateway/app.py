@@ -23,10 +23,11 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
+from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from ..exceptions import (
     AuthenticationFailed,
@@ -57,6 +58,7 @@ from .wire import (
 __all__ = ["ApiError", "DoorLimits", "Gateway", "RequestRate", "app", "install"]
 
 _IDEMPOTENT = "overstory.idempotency:"
+_OWNED = "overstory.conversations:"  # a user's conversation ids, oldest first
 _MAX_METADATA = 16
 _MAX_IDEMPOTENCY_KEY = 255
 
@@ -250,8 +252,29 @@ class Gateway:
             existing = await self.record(record.id)
             if conversation_id is None or existing is None or existing.owner != principal.user:
                 raise ApiError(500, "conversation id collision, try again", type_="server_error")
-            return existing
+            record = existing
+        await self._index(principal.user, record.id)
         return record
+
+    async def _index(self, user: str, conversation_id: str) -> None:
+        """Add a conversation to its owner's list (idempotent)."""
+        store = await self.store()
+        while True:
+            raw = await store.get_setting(_OWNED + user)
+            ids = list(json.loads(raw)) if raw else []
+            if conversation_id in ids:
+                return
+            if await store.put_setting(
+                _OWNED + user, json.dumps([*ids, conversation_id]), expected=raw
+            ):
+                return
+
+    async def owned_by(self, user: str) -> list[ConversationRecord]:
+        """A user's conversations, oldest first (deleted ones left out)."""
+        store = await self.store()
+        raw = await store.get_setting(_OWNED + user)
+        records = [await self.record(cid) for cid in (json.loads(raw) if raw else [])]
+        return [r for r in records if r is not None and r.deleted_at is None]
 
     async def update(self, record: ConversationRecord, **changes: Any) -> ConversationRecord:
         store = await self.store()
@@ -418,6 +441,14 @@ async def _not_allowed(request: Request, exc: Exception) -> Response:
     return ApiError(405, f"method {request.method} not allowed here").response()
 
 
+@app.get("/")
+async def chat_page() -> Response:
+    """A minimal chat page (static HTML and JS, no build step): paste a key, pick or
+    start a conversation, watch replies stream, reload mid-turn and read on."""
+    page_file = resources.files("overstory.gateway").joinpath("static/index.html")
+    return HTMLResponse(page_file.read_text(encoding="utf-8"))
+
+
 @app.get("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
@@ -458,6 +489,45 @@ async def create_conversation(request: Request) -> Response:
     chosen = await gateway.idempotent(principal, request, body, new_conversation_id())
     record = await gateway.create(principal, agent, body.get("metadata"), chosen)
     return JSONResponse(record.public())
+
+
+@app.get("/v1/models")
+async def list_models(request: Request) -> Response:
+    """The served agents, as OpenAI lists models (``model`` of a response names one)."""
+    gateway = _gateway(request)
+    await gateway.principal(request)
+    served = await asyncio.to_thread(gateway.runtime.served)
+    data = [
+        {"id": name, "object": "model", "created": 0, "owned_by": "overstory"}
+        for name in served["agents"]
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+@app.get("/v1/conversations")
+async def list_conversations(request: Request) -> Response:
+    """The caller's own conversations (not in OpenAI's API: its Conversations API has no
+    listing), paged as items are: ``after``, ``limit``, ``order`` (default ``desc``)."""
+    gateway = _gateway(request)
+    principal = await gateway.principal(request)
+    query = request.query_params
+    limit, order = _paging(query)
+    records = await gateway.owned_by(principal.user)
+    objects = [{**r.public(), "agent": r.agent} for r in records]
+    try:
+        return JSONResponse(page(objects, after=query.get("after"), limit=limit, order=order))
+    except UsageError as exc:
+        raise ApiError(400, str(exc), param="after") from None
+
+
+def _paging(query: Any) -> tuple[int, str]:
+    raw_limit = query.get("limit", "20")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
+        raise ApiError(400, "limit: an integer from 1 to 100", param="limit")
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise ApiError(400, "order: 'asc' or 'desc'", param="order")
+    return int(raw_limit), order
 
 
 @app.get("/v1/conversations/{conversation_id}")
@@ -527,18 +597,13 @@ async def list_items(conversation_id: str, request: Request) -> Response:
     principal = await gateway.principal(request)
     record = await gateway.reach(principal, conversation_id, "read")
     query = request.query_params
-    raw_limit = query.get("limit", "20")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
-        raise ApiError(400, "limit: an integer from 1 to 100", param="limit")
-    order = query.get("order", "desc")
-    if order not in ("asc", "desc"):
-        raise ApiError(400, "order: 'asc' or 'desc'", param="order")
+    limit, order = _paging(query)
     items: list[dict[str, Any]] = []
     if record.agent is not None:
         conv = await gateway.conversation(record, principal)
         items = conversation_items(await conv.history_async())
     try:
-        listed = page(items, after=query.get("after"), limit=int(raw_limit), order=order)
+        listed = page(items, after=query.get("after"), limit=limit, order=order)
     except UsageError as exc:
         raise ApiError(400, str(exc), param="after") from None
     return JSONResponse(listed)
