@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
@@ -481,3 +482,48 @@ def test_the_chat_page_streams_a_reply_and_reads_on_after_a_reload(
     newest = conversations["data"][0]["id"]
     stored = door.rt.conversation(newest, agent="slow").history()
     assert [m.content for m in stored] == [text, expected]  # one turn, stored once
+
+
+def test_a_killed_replica_mid_stream_is_replaced_and_the_client_reads_on(door: Door) -> None:
+    """SIGKILL-equivalent (ray.kill) of the front door's replica while a reply streams:
+    the client's stream breaks, Serve starts a new replica, and the client resumes from
+    the last event it saw; the turn ran in its conversation all along, once."""
+    import ray
+
+    client = door.client(timeout=30)
+    conv = client.conversations.create()
+    text = "keep streaming while the door falls over"
+    seen: list[Any] = []
+    stream = client.responses.create(model="slow", conversation=conv.id, input=text, stream=True)
+    for event in stream:
+        seen.append(event)
+        if event.type == "response.output_text.delta":
+            break
+    replicas = [
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith("SERVE_REPLICA::overstory-gateway#")
+    ]
+    assert len(replicas) == 1, replicas
+    ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]))
+    with contextlib.suppress(openai.APIError):  # a cut connection, or a stream cut short
+        seen.extend(stream)
+    assert seen[-1].type != "response.completed"  # the door fell before the reply's end
+    response_id, last = seen[0].response.id, seen[-1].sequence_number
+    deadline = time.monotonic() + 60
+    rest: list[Any] = []
+    while True:  # the replacement replica takes a moment to come up
+        try:
+            with client.responses.retrieve(response_id, stream=True, starting_after=last) as more:
+                rest = list(more)
+            break
+        except (openai.APIConnectionError, openai.InternalServerError, openai.NotFoundError):
+            assert time.monotonic() < deadline, "no replica came back"
+            time.sleep(0.5)
+    events = seen + rest
+    assert [e.sequence_number for e in events] == list(range(len(events)))  # nothing missed
+    assert events[-1].type == "response.completed"
+    shown = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert shown == f"echo #1: {text}"
+    stored = door.rt.conversation(conv.id, agent="slow").history()
+    assert [m.content for m in stored] == [text, shown]  # the turn ran once

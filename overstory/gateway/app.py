@@ -644,7 +644,8 @@ async def create_response(request: Request) -> Response:
             param="model",
         )
     conv = await gateway.conversation(record, principal)
-    events = conv.stream_async(text, turn_id=response_id)
+    # The turn starts (or is refused, as an HTTP error) before any byte is sent.
+    events = await _primed(conv.stream_async(text, turn_id=response_id))
     if stream:
         return _sse(_translated(ResponseStream(response_id, agent), events, -1))
     reader = ResponseStream(response_id, agent)
@@ -717,6 +718,19 @@ async def _known(conv: Any, response_id: str) -> list[Any]:
     except UnknownTurn:
         raise ApiError(404, f"Response with id '{response_id[:64]}' not found.") from None
     return list(events)
+
+
+async def _primed(events: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """``events`` with its first item already read: what raises while the turn starts
+    raises here, where the request can still be answered with an error status."""
+    first = await anext(events)
+
+    async def chained() -> AsyncIterator[Any]:
+        yield first
+        async for event in events:
+            yield event
+
+    return chained()
 
 
 async def _translated(
