@@ -318,7 +318,7 @@ class Gateway:
             )
         return str(first["id"])
 
-    def agent_of(self, model: Any) -> str:
+    async def agent_of(self, model: Any) -> str:
         if not isinstance(model, str) or not model:
             raise ApiError(400, "model: the name of a served agent is required", param="model")
         name, _, version = model.partition("/")
@@ -328,8 +328,8 @@ class Gateway:
                 "model: choosing an agent's version is not supported; the rollout decides",
                 param="model",
             )
-        try:
-            return str(self.runtime.registry.agent_name(name))
+        try:  # a name not cached asks the tree again: not on the event loop
+            return str(await asyncio.to_thread(self.runtime.registry.agent_name, name))
         except UnknownAgent as exc:
             raise ApiError(400, str(exc), param="model", code="model_not_found") from None
 
@@ -485,7 +485,7 @@ async def create_conversation(request: Request) -> Response:
         raise ApiError(
             400, "items: starting a conversation with items is not supported", param="items"
         )
-    agent = None if body.get("agent") is None else gateway.agent_of(body.get("agent"))
+    agent = None if body.get("agent") is None else await gateway.agent_of(body.get("agent"))
     chosen = await gateway.idempotent(principal, request, body, new_conversation_id())
     record = await gateway.create(principal, agent, body.get("metadata"), chosen)
     return JSONResponse(record.public())
@@ -617,7 +617,7 @@ async def create_response(request: Request) -> Response:
     gateway = _gateway(request)
     principal = await gateway.principal(request)
     body = await _json(request, gateway)
-    agent = gateway.agent_of(body.get("model"))
+    agent = await gateway.agent_of(body.get("model"))
     text = _input_text(body.get("input"), gateway.runtime.config.max_message_chars)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
