@@ -443,3 +443,27 @@ def test_serve_http_wants_host_and_port(capsys: pytest.CaptureFixture[str]) -> N
         with pytest.raises(SystemExit):
             main(["serve", "--http", bad])
         assert "HOST:PORT" in capsys.readouterr().err
+
+
+def test_the_record_cache_serves_a_read_for_its_ttl_then_reads_again(tmp_path: Path) -> None:
+    from overstory.gateway.access import RECORD_PREFIX, ConversationRecord, RecordCache
+
+    now = [0.0]
+    cache = RecordCache(ttl_s=2.0, size=2, clock=lambda: now[0])
+    record = ConversationRecord(CONV, "alice", "helper")
+    other = "conv_" + "cd" * 12
+
+    async def go(store: Any) -> list[Any]:
+        seen = [await cache.get(store, CONV)]  # not there yet: None, cached
+        await store.put_setting(RECORD_PREFIX + CONV, record.dumps(), expected=None)
+        seen.append(await cache.get(store, CONV))  # within the ttl: still None
+        now[0] = 2.5
+        seen.append(await cache.get(store, CONV))  # read again
+        await cache.get(store, other)
+        await cache.get(store, "conv_" + "ef" * 12)  # a third: the least recent goes
+        seen.append(len(cache._items))
+        return seen
+
+    first, cached, fresh, size = with_store(f"sqlite:///{tmp_path}/c.db", go)
+    assert (first, cached, size) == (None, None, 2)
+    assert fresh == record

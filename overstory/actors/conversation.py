@@ -28,7 +28,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from ..app import App
 from ..exceptions import Fenced, Passivated, SequenceConflict
-from ..gateway.access import Need, check_access
+from ..gateway.access import Need, RecordCache, check_access
 from ..gateway.keys import Principal
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
@@ -73,6 +73,7 @@ class ConversationActor:
         self.incarnation = new_incarnation()  # a new one each time Ray restarts this actor
         setup_telemetry()  # exports spans when the OTEL_* variables reached this process
         self._store: HistoryStore = open_store(store_url)
+        self._records = RecordCache()  # HTTP conversations' records, for check_access
         # The deployed app (this process imports it) or the local one; its version per turn.
         self.serving = Serving(namespace, self._store, app, rollout_refresh_s)
         self.binding = Binding.of(conversation_id, api_keys)
@@ -96,7 +97,7 @@ class ConversationActor:
         """A call made for an HTTP caller: may they (``check_access``)?"""
         if principal is not None:
             await self._load()
-            await check_access(self._store, self.conversation_id, principal, need)
+            await check_access(self._store, self.conversation_id, principal, need, self._records)
 
     async def _load(self) -> None:
         if self._loaded:

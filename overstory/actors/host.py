@@ -53,7 +53,7 @@ from ..exceptions import (
     TurnFailed,
     UsageError,
 )
-from ..gateway.access import Need, check_access
+from ..gateway.access import Need, RecordCache, check_access
 from ..gateway.keys import Principal
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
@@ -147,6 +147,7 @@ class HostActor:
         self.incarnation = new_incarnation()
         setup_telemetry()
         self._store: HistoryStore = open_store(config.store)
+        self._records = RecordCache()  # HTTP conversations' records, for check_access
         # The deployed app (imported here from the store's record) or the local one.
         self.serving = Serving(namespace, self._store, app, config.rollout_refresh_s)
         self._store_open = False
@@ -490,7 +491,7 @@ class HostActor:
         """A call made for an HTTP caller: may they (``check_access``)?"""
         if principal is not None:
             await self._open_store()
-            await check_access(self._store, conversation_id, principal, need)
+            await check_access(self._store, conversation_id, principal, need, self._records)
 
     async def _open_store(self) -> None:
         if not self._store_open:

@@ -12,6 +12,9 @@ No FastAPI here: hosts import this module.
 from __future__ import annotations
 
 import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -25,6 +28,7 @@ __all__ = [
     "RECORD_PREFIX",
     "ConversationRecord",
     "Need",
+    "RecordCache",
     "access",
     "check_access",
     "load_record",
@@ -94,8 +98,42 @@ async def load_record(store: HistoryStore, conversation_id: str) -> Conversation
     return None if raw is None else ConversationRecord.loads(raw)
 
 
+class RecordCache:
+    """Records read recently, kept ``ttl_s`` (at most ``size``, least recently used out):
+    a host checks every call made for an HTTP caller, long polls included, and a stream
+    makes many. A refusal is never decided on a cached record (it reads again first), so
+    a new share works at once; a share taken back reaches the host within ``ttl_s`` (the
+    gateway, which reads the record afresh, refuses the caller at once)."""
+
+    def __init__(
+        self, ttl_s: float = 2.0, size: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.ttl_s, self.size, self._clock = ttl_s, size, clock
+        self._items: OrderedDict[str, tuple[ConversationRecord | None, float]] = OrderedDict()
+
+    async def get(
+        self, store: HistoryStore, conversation_id: str, *, fresh: bool = False
+    ) -> ConversationRecord | None:
+        """The record, from the cache unless ``fresh`` or older than ``ttl_s``."""
+        now = self._clock()
+        hit = self._items.get(conversation_id)
+        if hit is not None and not fresh and now - hit[1] < self.ttl_s:
+            self._items.move_to_end(conversation_id)
+            return hit[0]
+        record = await load_record(store, conversation_id)
+        self._items[conversation_id] = (record, now)
+        self._items.move_to_end(conversation_id)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return record
+
+
 async def check_access(
-    store: HistoryStore, conversation_id: str, principal: Principal | None, need: Need
+    store: HistoryStore,
+    conversation_id: str,
+    principal: Principal | None,
+    need: Need,
+    cache: RecordCache | None = None,
 ) -> None:
     """Raise unless ``principal`` may do ``need`` to runtime conversation
     ``conversation_id`` (``agent:user``): for an HTTP conversation (its user part a
@@ -109,7 +147,10 @@ async def check_access(
         return
     _, user = split_conversation_id(conversation_id)
     if is_conversation_id(user):
-        status = access(await load_record(store, user), principal, need)
+        record = await (cache.get(store, user) if cache else load_record(store, user))
+        status = access(record, principal, need)
+        if status != 200 and cache is not None:  # refuse only on what the store says now
+            status = access(await cache.get(store, user, fresh=True), principal, need)
     else:
         status = 200 if principal.admin or principal.user == user else 404
     if status == 404:
