@@ -22,22 +22,10 @@ import overstory
 from overstory import Agent, OfflineModel, Runtime
 from overstory.gateway.keys import create_key, revoke_key
 from overstory.providers.offline import Rule
+from overstory.runtime.client import _run_store as _store
 from overstory.runtime.demo import add
-from overstory.store import open_store
 
 pytestmark = pytest.mark.ray
-
-
-def _store(url: str, fn: Any) -> Any:
-    async def go() -> Any:
-        store = open_store(url)
-        await store.open()
-        try:
-            return await fn(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(go())
 
 
 def _free_port() -> int:

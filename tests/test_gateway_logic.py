@@ -39,20 +39,7 @@ from overstory.messages import (
     Usage,
     UserMessage,
 )
-from overstory.store import open_store
-
-
-def with_store(url: str, fn: Any) -> Any:
-    async def go() -> Any:
-        store = open_store(url)
-        await store.open()
-        try:
-            return await fn(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(go())
-
+from overstory.runtime.client import _run_store as with_store
 
 # --- API keys ---------------------------------------------------------------------------------
 

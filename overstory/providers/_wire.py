@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 from abc import abstractmethod
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any, ClassVar, Protocol, TypeVar
@@ -56,7 +56,8 @@ class Assembler(Protocol):
 
 class SDKModel(Model):
     """One endpoint behind an official vendor SDK whose client never retries (the retry
-    loop is ours). Subclasses set :attr:`sdk` and implement the three hooks."""
+    loop is ours). Subclasses set :attr:`sdk` and implement the hooks: the client, the
+    request's arguments, the create call, reading an answer and assembling a stream."""
 
     #: The vendor's SDK module (``openai`` / ``anthropic``): its exception classes.
     sdk: ClassVar[ModuleType]
@@ -78,27 +79,25 @@ class SDKModel(Model):
     def _make_client(self, endpoint: Endpoint, key: str) -> Any:
         """The SDK's async client, built with ``max_retries=0``."""
 
+    #: What a streamed request adds to the arguments (OpenAI also asks for the usage).
+    stream_arguments: ClassVar[dict[str, Any]] = {"stream": True}
+
     @abstractmethod
-    async def _send(
+    def _arguments(
         self,
         instructions: str,
         messages: Sequence[Message],
         tools: Sequence[ToolDefinition],
-    ) -> Any:
-        """The request in the vendor's format; returns the SDK's answer object."""
+    ) -> dict[str, Any]:
+        """The request in the vendor's format, as the SDK's keyword arguments."""
+
+    @abstractmethod
+    def _create(self, **arguments: Any) -> Awaitable[Any]:
+        """The SDK's create call: its answer object, or its async stream of events."""
 
     @abstractmethod
     def _read(self, answer: Any) -> ModelResponse:
         """The SDK's answer as a :class:`ModelResponse` (may raise AttributeError & co)."""
-
-    @abstractmethod
-    async def _open_stream(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> Any:
-        """The request, streamed; returns the SDK's async stream of events."""
 
     @abstractmethod
     def _assembler(self) -> Assembler:
@@ -112,7 +111,7 @@ class SDKModel(Model):
     ) -> ModelResponse:
         try:
             with self._sdk_errors():
-                answer = await self._send(instructions, messages, tools)
+                answer = await self._create(**self._arguments(instructions, messages, tools))
             return self._parsed(self._read, answer)
         except ModelError as exc:
             raise scrubbed(exc, self._key) from None
@@ -129,7 +128,8 @@ class SDKModel(Model):
         assembler = self._assembler()
         try:
             with self._sdk_errors():
-                events = await self._open_stream(instructions, messages, tools)
+                arguments = self._arguments(instructions, messages, tools)
+                events = await self._create(**arguments, **self.stream_arguments)
             with self._sdk_errors(mid_stream=True):
                 try:
                     async for event in events:

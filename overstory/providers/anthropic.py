@@ -5,7 +5,7 @@ Imported only inside provider actors: conversation actors never load a vendor SD
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from types import ModuleType
 from typing import Any, ClassVar
 
@@ -34,23 +34,8 @@ class AnthropicModel(SDKModel):
             api_key=key, base_url=endpoint.base_url, max_retries=0, timeout=endpoint.timeout_s
         )
 
-    async def _send(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> Any:
-        return await self._client.messages.create(**self._arguments(instructions, messages, tools))
-
-    async def _open_stream(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> Any:
-        return await self._client.messages.create(
-            **self._arguments(instructions, messages, tools), stream=True
-        )
+    def _create(self, **arguments: Any) -> Awaitable[Any]:
+        return self._client.messages.create(**arguments)  # type: ignore[no-any-return]
 
     def _assembler(self) -> Assembler:
         return AnthropicStream(self.name, self.endpoint.model)

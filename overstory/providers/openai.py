@@ -7,7 +7,7 @@ Imported only inside provider actors: conversation actors never load a vendor SD
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from types import ModuleType
 from typing import Any, ClassVar
 
@@ -33,27 +33,13 @@ class OpenAIModel(SDKModel):
             api_key=key, base_url=endpoint.base_url, max_retries=0, timeout=endpoint.timeout_s
         )
 
-    async def _send(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> Any:
-        return await self._client.chat.completions.create(
-            **self._arguments(instructions, messages, tools)
-        )
+    stream_arguments: ClassVar[dict[str, Any]] = {
+        "stream": True,
+        "stream_options": {"include_usage": True},  # the usage comes in the last chunk
+    }
 
-    async def _open_stream(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> Any:
-        return await self._client.chat.completions.create(
-            **self._arguments(instructions, messages, tools),
-            stream=True,
-            stream_options={"include_usage": True},
-        )
+    def _create(self, **arguments: Any) -> Awaitable[Any]:
+        return self._client.chat.completions.create(**arguments)  # type: ignore[no-any-return]
 
     def _assembler(self) -> Assembler:
         return OpenAIStream(self.name, self.endpoint.model)
