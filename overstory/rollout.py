@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from .app import App
-from .exceptions import ConfigError, StoreError
+from .exceptions import ConfigError, StoreError, UnknownAgent
 from .store import HistoryStore
 
 __all__ = [
@@ -129,6 +129,7 @@ def choose_version(
     conversation_id: str,
     has_history: bool,
     versions: Sequence[str],
+    requested: str | None = None,
 ) -> tuple[str, Pin | None]:
     """The version that serves the next turn, and a pin to store first (or ``None``).
 
@@ -136,7 +137,19 @@ def choose_version(
     app no longer lists falls back to live, and a live version it no longer lists to the
     first one it does (the deployment that dropped it resets the split, see
     :func:`reset_for`).
+
+    ``requested``: the caller named a version for this turn (``model="agent/v2"`` over
+    HTTP, ``send(..., version="v2")`` in Python). It serves this turn only — nothing is
+    pinned, and the conversation's next turn without one is the rollout's again — and
+    :class:`~overstory.exceptions.UnknownAgent` names the served versions when it is
+    not one of them.
     """
+    if requested is not None:
+        if requested not in versions:
+            raise UnknownAgent(
+                f"{split.agent}/{requested}", [f"{split.agent}/{v}" for v in versions]
+            )
+        return requested, None
     live = split.live if split.live in versions else versions[0]
     if split.canary is None or split.canary not in versions:
         return live, None

@@ -198,6 +198,18 @@ def test_choose_version_is_sticky_and_splits_new_conversations_by_percent() -> N
     assert 0 <= bucket("a:x", split) < 100
 
 
+def test_a_requested_version_serves_that_turn_only_and_must_be_served() -> None:
+    split = rollout(Split("a", live="1"), "2", 100, V)
+    # asked for: that version, whatever the split or a pin says, and nothing is pinned
+    assert choose_version(split, None, "a:new", False, V, requested="1") == ("1", None)
+    assert choose_version(split, Pin("2", split.generation), "a:x", True, V, "1") == ("1", None)
+    assert choose_version(Split("a", live="1"), None, "a:x", True, V, "2") == ("2", None)
+    # the next turn without one is the rollout's again
+    assert choose_version(split, None, "a:new", False, V) == ("2", Pin("2", split.generation))
+    with pytest.raises(UnknownAgent, match=r"'a/9'.*'a/1', 'a/2'"):
+        choose_version(split, None, "a:x", False, V, requested="9")
+
+
 def test_a_deployment_resets_only_splits_it_no_longer_fits() -> None:
     split = rollout(Split("a", live="1"), "2", 30, V)
     assert reset_for(split, "a", ["1", "2"]) is None

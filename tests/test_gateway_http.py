@@ -79,8 +79,9 @@ def door(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     store = f"sqlite:///{tmp_path_factory.mktemp('door')}/history.db"
     rules = [Rule(r"what is (?P<a>-?\d+) \+ (?P<b>-?\d+)", "add")]
     helper = Agent("helper", model=OfflineModel("helper", rules=rules), tools=[add])
+    helper_v2 = Agent("helper", version="2", model=OfflineModel("helper"))  # no tools
     slow = Agent("slow", model=OfflineModel("slow", latency_s=3.0))
-    rt = overstory.connect([helper, slow], store=store, namespace=namespace)
+    rt = overstory.connect([helper, helper_v2, slow], store=store, namespace=namespace)
     keys = {
         who: _store(store, lambda s, w=who, a=admin: create_key(s, w, admin=a))[0]
         for who, admin in (("alice", False), ("bob", False), ("root", True))
@@ -144,10 +145,41 @@ def test_the_sdk_makes_a_conversation_and_a_response_and_reads_both_back(door: D
     # Python reaches the same history: the conversation id is the runtime's user id.
     stored = door.rt.conversation(conv.id, agent="helper").history()
     assert [m.content for m in stored][-2:] == ["thanks", "echo #2: thanks"]
+    listed = door.raw("GET", "/v1/conversations?order=desc&limit=100")[2]["data"]
+    assert conv.id in [c["id"] for c in listed]
+    assert all(
+        c["id"] != conv.id for c in door.raw("GET", "/v1/conversations", who="bob")[2]["data"]
+    )
     deleted = client.conversations.delete(conv.id)
     assert deleted.deleted
+    listed = door.raw("GET", "/v1/conversations?order=desc&limit=100")[2]["data"]
+    assert conv.id not in [c["id"] for c in listed]
     with pytest.raises(openai.NotFoundError):
         client.conversations.retrieve(conv.id)
+
+
+def test_model_agent_slash_version_runs_that_turn_on_that_version(door: Door) -> None:
+    client = door.client()
+    conv = client.conversations.create()
+    asked = client.responses.create(model="helper/2", conversation=conv.id, input="what is 2 + 3?")
+    assert (asked.model, asked.output_text) == ("helper/2", "echo #1: what is 2 + 3?")
+    streamed = client.responses.create(
+        model="helper/2", conversation=conv.id, input="what is 1 + 1?", stream=True
+    )
+    assert [e.response.output_text for e in streamed if e.type == "response.completed"] == [
+        "echo #2: what is 1 + 1?"
+    ]
+    # the next response without a version is the rollout's (live: version 1, with its tool)
+    plain = client.responses.create(model="helper", conversation=conv.id, input="what is 2 + 3?")
+    assert plain.output_text == "add returned 5"
+    history = door.rt.conversation(conv.id, agent="helper").history()
+    assert len(history) == 8  # two echo turns of two messages, a tool turn of four
+    for bad, match in (("helper/9", r"'helper/9'.*'helper/1', 'helper/2'"), ("helper/", "AGENT")):
+        with pytest.raises(openai.BadRequestError, match=match):
+            client.responses.create(model=bad, conversation=conv.id, input="hi")
+    with pytest.raises(openai.BadRequestError, match="per response"):
+        client.conversations.create(extra_body={"agent": "helper/2"})
+    assert len(door.rt.conversation(conv.id, agent="helper").history()) == len(history)
 
 
 def test_a_stream_reads_like_openais_and_resumes_after_any_event(door: Door) -> None:

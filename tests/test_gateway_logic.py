@@ -454,3 +454,57 @@ def test_the_record_cache_serves_a_read_for_its_ttl_then_reads_again(tmp_path: P
     first, cached, fresh, size = with_store(f"sqlite:///{tmp_path}/c.db", go)
     assert (first, cached, size) == (None, None, 2)
     assert fresh == record
+
+
+def _request(path: str, idempotency_key: str) -> Any:
+    from starlette.requests import Request
+
+    headers = [(b"idempotency-key", idempotency_key.encode())]
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
+    return Request(scope)
+
+
+def test_idempotency_keys_expire_are_swept_and_a_users_list_is_in_creation_order(
+    tmp_path: Path,
+) -> None:
+    import time as _time
+    from types import SimpleNamespace
+
+    from overstory.gateway.app import _IDEMPOTENT, ApiError, DoorLimits, Gateway
+    from overstory.gateway.keys import Principal
+    from overstory.gateway.wire import new_conversation_id
+
+    url = f"sqlite:///{tmp_path}/door.db"
+    alice, bob = Principal("alice"), Principal("bob")
+
+    async def body() -> None:
+        limits = DoorLimits(idempotency_ttl_s=0.5)
+        door = Gateway(SimpleNamespace(config=SimpleNamespace(store=url)), limits)
+        made = await door.idempotent(alice, _request("/v1/x", "k"), {"a": 1}, "id-1")
+        assert await door.idempotent(alice, _request("/v1/x", "k"), {"a": 1}, "id-2") == made
+        assert await door.idempotent(bob, _request("/v1/x", "k"), {"a": 1}, "id-3") == "id-3"
+        with pytest.raises(ApiError, match="another request body"):
+            await door.idempotent(alice, _request("/v1/x", "k"), {"a": 2}, "id-4")
+        await asyncio.sleep(0.6)  # the key expired: it is a new one now
+        assert await door.idempotent(alice, _request("/v1/x", "k"), {"a": 2}, "id-5") == "id-5"
+        store = await door.store()
+        assert len(await store.settings(_IDEMPOTENT)) == 2
+        assert await door.sweep_idempotency(now=_time.time()) == 1  # bob's claim
+        assert await door.sweep_idempotency(now=_time.time() + 1) == 1  # and alice's new one
+        assert await store.settings(_IDEMPOTENT) == []
+
+        ids = [new_conversation_id() for _ in range(5)]
+        for cid in ids:
+            await door.create(alice, "helper", None, cid)
+        await door.create(alice, "helper", None, ids[2])  # a retried create: listed once
+        await door.create(bob, "helper", None)
+        listed = await door.owned_by("alice")
+        assert [r.id for r in listed] == ids
+        await door.delete(listed[1])
+        assert [r.id for r in await door.owned_by("alice")] == ids[:1] + ids[2:]
+        assert len(await door.owned_by("bob")) == 1
+        assert door._sweeper is not None
+        door._sweeper.cancel()
+        await store.close()
+
+    asyncio.run(body())

@@ -356,3 +356,27 @@ def test_settings_are_compare_and_set(store_url: str) -> None:
 
     assert with_store(store_url, body) == [None, True, False, "v1", True, False, "v2"]
     assert with_store(store_url, lambda s: s.get_setting("k")) == "v2"  # durable
+
+
+def test_settings_list_by_prefix_in_key_order_and_delete_by_compare(store_url: str) -> None:
+    async def body(store: HistoryStore) -> list[Any]:
+        # Characters LIKE and regexes treat specially must be taken literally.
+        for key in ("p%_.*:b", "p%_.*:a", "p%_.*:c", "p%_.*", "p%x:a", "q:a", "p%_.:z"):
+            await store.put_setting(key, key.upper(), expected=None)
+        first = await store.settings("p%_.*:", limit=2)
+        rest = await store.settings("p%_.*:", after=first[-1][0], limit=2)
+        return [
+            first,
+            rest,
+            await store.settings("p%_.*:", after="p%_.*:c"),
+            await store.delete_setting("p%_.*:a", expected="stale"),  # refused
+            await store.delete_setting("p%_.*:a", expected="P%_.*:A"),
+            await store.get_setting("p%_.*:a"),
+            [k for k, _ in await store.settings("p")],
+        ]
+
+    first, rest, none, stale, deleted, gone, every = with_store(store_url, body)
+    assert first == [("p%_.*:a", "P%_.*:A"), ("p%_.*:b", "P%_.*:B")]
+    assert rest == [("p%_.*:c", "P%_.*:C")]
+    assert (none, stale, deleted, gone) == ([], False, True, None)
+    assert every == ["p%_.*", "p%_.*:b", "p%_.*:c", "p%_.:z", "p%x:a"]

@@ -182,12 +182,14 @@ class ConversationActor:
         should_stop: Callable[[], bool] | None = None,
         *,
         principal: Principal | None = None,
+        agent_version: str | None = None,
     ) -> Reply:
         """Run turn ``turn_id``; ``caller``/``n``/``low`` order one client's sends (TurnGate).
 
         ``carrier`` is the client's trace context: the turn's spans become its children.
         ``emit`` (in-process only) streams the turn into its event log. ``principal``:
-        the HTTP caller, checked here again (``check_access``).
+        the HTTP caller, checked here again (``check_access``). ``agent_version``: the
+        version the caller chose for this turn (else the rollout's).
         """
         await self._check(principal, "write")
         validate_message(text, max_chars=self.max_message_chars)
@@ -202,7 +204,10 @@ class ConversationActor:
                 try:
                     with attached(carrier), provider_namespace(self.namespace):
                         agent = await self.serving.agent_for(
-                            self.conversation_id, self.binding, has_history=bool(self._history)
+                            self.conversation_id,
+                            self.binding,
+                            bool(self._history),
+                            agent_version,
                         )
                         return await run_turn(
                             agent,
@@ -250,6 +255,7 @@ class ConversationActor:
         after: int = -1,
         *,
         principal: Principal | None = None,
+        agent_version: str | None = None,
     ) -> int:
         """Start turn ``turn_id`` running into its event log; returns the log's first
         ``seq`` at once. Idempotent while the log is here."""
@@ -260,7 +266,17 @@ class ConversationActor:
         await self._load()
 
         def run(emit: Emit, should_stop: Callable[[], bool]) -> Awaitable[Reply]:
-            return self.send(turn_id, text, caller, n, low, carrier, emit, should_stop)
+            return self.send(
+                turn_id,
+                text,
+                caller,
+                n,
+                low,
+                carrier,
+                emit,
+                should_stop,
+                agent_version=agent_version,
+            )
 
         return self._streams.start(turn_id, after, run, self._history)
 

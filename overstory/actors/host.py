@@ -234,10 +234,13 @@ class HostActor:
         should_stop: Callable[[], bool] | None = None,
         *,
         principal: Principal | None = None,
+        agent_version: str | None = None,
     ) -> Reply:
         """Run turn ``turn_id`` of ``conversation_id`` (see ``ConversationActor.send``);
         ``emit`` and ``should_stop`` (in-process only) stream it into its event log.
-        ``principal``: the HTTP caller, checked here again (``check_access``)."""
+        ``principal``: the HTTP caller, checked here again (``check_access``).
+        ``agent_version``: the version the caller chose for this turn (else the
+        rollout's, see ``choose_version``)."""
         await self._route(version, conversation_id)
         await self._check(conversation_id, principal, "write")
         validate_message(text, max_chars=self.config.max_message_chars)
@@ -249,7 +252,9 @@ class HostActor:
             async with entity.gate.turn(caller, n, low):
                 if entity.closing:
                     raise Passivated(f"conversation {conversation_id!r} is passivating")
-                return await self._turn(entity, turn_id, text, carrier, emit, should_stop)
+                return await self._turn(
+                    entity, turn_id, text, carrier, emit, should_stop, agent_version
+                )
         finally:
             entity.in_turn -= 1
             if not entity.in_turn:
@@ -270,6 +275,7 @@ class HostActor:
         carrier: dict[str, str] | None,
         emit: Emit | None = None,
         should_stop: Callable[[], bool] | None = None,
+        agent_version: str | None = None,
     ) -> Reply:
         """One turn under the deadline; what escapes the turn machinery crashes the entity."""
         cid = entity.conversation_id
@@ -278,7 +284,7 @@ class HostActor:
             async with asyncio.timeout(self.config.turn_timeout_s):
                 with attached(carrier), provider_namespace(self.namespace):
                     agent = await self.serving.agent_for(
-                        cid, entity.binding, has_history=bool(entity.history)
+                        cid, entity.binding, bool(entity.history), agent_version
                     )
                     return await run_turn(
                         agent,
@@ -329,6 +335,7 @@ class HostActor:
         after: int = -1,
         *,
         principal: Principal | None = None,
+        agent_version: str | None = None,
     ) -> int:
         """Start turn ``turn_id`` running into its event log and return at once (the
         log's first ``seq``); readers tail it with :meth:`events`. Idempotent: a turn
@@ -354,6 +361,7 @@ class HostActor:
                 api_keys,
                 emit,
                 should_stop,
+                agent_version=agent_version,
             )
 
         return streams.start(turn_id, after, run, entity.history)

@@ -114,15 +114,24 @@ class Serving:
         self._splits[name] = (split, now)
         return split
 
-    async def agent_for(self, conversation_id: str, binding: Binding, has_history: bool) -> Agent:
-        """The agent (at the version the rollout gives) that runs the next turn."""
+    async def agent_for(
+        self,
+        conversation_id: str,
+        binding: Binding,
+        has_history: bool,
+        requested: str | None = None,
+    ) -> Agent:
+        """The agent (at the version the rollout gives, or the caller ``requested``)
+        that runs the next turn."""
         app = self.app
         versions = app.versions(binding.agent)  # UnknownAgent when it is not served
         split = await self.split(binding.agent)
-        if split.canary is not None and not binding.pin_loaded:
+        if split.canary is not None and requested is None and not binding.pin_loaded:
             binding.pin = await read_pin(self.store, self.namespace, conversation_id)
             binding.pin_loaded = True
-        version, pin = choose_version(split, binding.pin, conversation_id, has_history, versions)
+        version, pin = choose_version(
+            split, binding.pin, conversation_id, has_history, versions, requested
+        )
         if pin is not None and pin != binding.pin:
             await write_pin(self.store, self.namespace, conversation_id, pin, binding.pin)
             binding.pin = pin

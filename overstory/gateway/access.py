@@ -50,6 +50,7 @@ class ConversationRecord:
     created_at: int = 0
     deleted_at: float | None = None
     shares: dict[str, str] = field(default_factory=dict)  # user -> "read" | "write"
+    created_ns: int = 0  # orders a user's list (0: a record from before it, by created_at)
 
     def dumps(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -16,6 +16,7 @@ status codes; ``x-should-retry: false`` marks those a retry cannot fix (the SDK 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
@@ -58,7 +59,10 @@ from .wire import (
 __all__ = ["ApiError", "DoorLimits", "Gateway", "RequestRate", "app", "install"]
 
 _IDEMPOTENT = "overstory.idempotency:"
-_OWNED = "overstory.conversations:"  # a user's conversation ids, oldest first
+#: One setting per conversation a user owns, ``<prefix><user digest>:<created>:<id>``,
+#: so a user's list is a prefix scan in creation order and adding one is one insert.
+_OWNED = "overstory.owned:"
+_OWNED_LIST = "overstory.conversations:"  # before: one list value per user (still read)
 _MAX_METADATA = 16
 _MAX_IDEMPOTENCY_KEY = 255
 
@@ -69,6 +73,10 @@ class DoorLimits:
 
     max_body_bytes: int = 1 << 20
     requests_per_minute: int = 600  # per API key
+    #: How long an ``Idempotency-Key`` is remembered (Stripe's and OpenAI's 24 hours);
+    #: expired claims are swept every ``idempotency_sweep_s``.
+    idempotency_ttl_s: float = 86_400.0
+    idempotency_sweep_s: float = 3_600.0
 
 
 class RequestRate:
@@ -153,6 +161,7 @@ class Gateway:
         self._store: HistoryStore | None = None
         self._opening = asyncio.Lock()
         self._rate = RequestRate(self.limits.requests_per_minute)
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def store(self) -> HistoryStore:
         async with self._opening:
@@ -160,7 +169,27 @@ class Gateway:
                 store = open_store(self.runtime.config.store)
                 await store.open()
                 self._store = store
+                self._sweeper = asyncio.create_task(self._sweep_forever())
         return self._store
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.limits.idempotency_sweep_s)
+            with contextlib.suppress(OverstoryError):  # the store is away: try next time
+                await self.sweep_idempotency()
+
+    async def sweep_idempotency(self, now: float | None = None) -> int:
+        """Forget ``Idempotency-Key`` claims older than ``idempotency_ttl_s``; returns
+        how many. Each is a compare-and-delete, so replicas sweeping at once agree."""
+        store = await self.store()
+        now = time.time() if now is None else now
+        swept, after = 0, ""
+        while page_ := await store.settings(_IDEMPOTENT, after=after, limit=500):
+            for key, raw in page_:
+                if _claim_expired(raw, now, self.limits.idempotency_ttl_s):
+                    swept += await store.delete_setting(key, expected=raw)
+            after = page_[-1][0]
+        return swept
 
     async def principal(self, request: Request) -> Principal:
         header = request.headers.get("authorization", "")
@@ -240,12 +269,14 @@ class Gateway:
     ) -> ConversationRecord:
         """A new conversation of ``principal`` (or, for a retried create, the one the
         first try made: ``conversation_id``)."""
+        now = time.time_ns()
         record = ConversationRecord(
             conversation_id or new_conversation_id(),
             principal.user,
             agent,
             _metadata(metadata),
-            int(time.time()),
+            now // 1_000_000_000,
+            created_ns=now,
         )
         store = await self.store()
         if not await store.put_setting(RECORD_PREFIX + record.id, record.dumps(), expected=None):
@@ -253,28 +284,27 @@ class Gateway:
             if conversation_id is None or existing is None or existing.owner != principal.user:
                 raise ApiError(500, "conversation id collision, try again", type_="server_error")
             record = existing
-        await self._index(principal.user, record.id)
+        await store.put_setting(_owned_key(record), record.id, expected=None)  # idempotent
         return record
-
-    async def _index(self, user: str, conversation_id: str) -> None:
-        """Add a conversation to its owner's list (idempotent)."""
-        store = await self.store()
-        while True:
-            raw = await store.get_setting(_OWNED + user)
-            ids = list(json.loads(raw)) if raw else []
-            if conversation_id in ids:
-                return
-            if await store.put_setting(
-                _OWNED + user, json.dumps([*ids, conversation_id]), expected=raw
-            ):
-                return
 
     async def owned_by(self, user: str) -> list[ConversationRecord]:
         """A user's conversations, oldest first (deleted ones left out)."""
         store = await self.store()
-        raw = await store.get_setting(_OWNED + user)
-        records = [await self.record(cid) for cid in (json.loads(raw) if raw else [])]
+        legacy = await store.get_setting(_OWNED_LIST + user)
+        ids: list[str] = list(json.loads(legacy)) if legacy else []
+        prefix, after = _owned_prefix(user), ""
+        while page_ := await store.settings(prefix, after=after, limit=500):
+            ids += [cid for _, cid in page_ if cid not in ids]
+            after = page_[-1][0]
+        records = [await self.record(cid) for cid in ids]
         return [r for r in records if r is not None and r.deleted_at is None]
+
+    async def delete(self, record: ConversationRecord) -> None:
+        """Mark the conversation deleted (its history stays for operators) and take it
+        off its owner's list."""
+        await self.update(record, deleted_at=time.time())
+        store = await self.store()
+        await store.delete_setting(_owned_key(record), expected=record.id)
 
     async def update(self, record: ConversationRecord, **changes: Any) -> ConversationRecord:
         store = await self.store()
@@ -305,10 +335,16 @@ class Gateway:
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         store = await self.store()
         slot = _IDEMPOTENT + scope.hexdigest()
-        claim = json.dumps({"id": new_id, "body": digest})
+        now = time.time()
+        claim = json.dumps({"id": new_id, "body": digest, "at": now})
         if await store.put_setting(slot, claim, expected=None):
             return new_id
-        first = json.loads(await store.get_setting(slot) or claim)
+        raw = await store.get_setting(slot) or claim
+        if _claim_expired(raw, now, self.limits.idempotency_ttl_s):
+            if await store.put_setting(slot, claim, expected=raw):
+                return new_id  # the key is a new one now; a racing replica's claim wins
+            raw = await store.get_setting(slot) or claim
+        first = json.loads(raw)
         if first["body"] != digest:
             raise ApiError(
                 400,
@@ -318,20 +354,46 @@ class Gateway:
             )
         return str(first["id"])
 
-    async def agent_of(self, model: Any) -> str:
+    async def agent_of(self, model: Any, param: str = "model") -> tuple[str, str | None]:
+        """``(agent, version)`` of ``model``: a served agent's name, or ``name/version``
+        for one of its served versions (``None``: the rollout chooses)."""
         if not isinstance(model, str) or not model:
-            raise ApiError(400, "model: the name of a served agent is required", param="model")
-        name, _, version = model.partition("/")
-        if version:
-            raise ApiError(
-                400,
-                "model: choosing an agent's version is not supported; the rollout decides",
-                param="model",
-            )
+            raise ApiError(400, f"{param}: the name of a served agent is required", param=param)
+        name, slash, version = model.partition("/")
+        if slash and (not version or "/" in version):
+            raise ApiError(400, f"{param}: 'AGENT' or 'AGENT/VERSION'", param=param)
+        registry = self.runtime.registry
         try:  # a name not cached asks the tree again: not on the event loop
-            return str(await asyncio.to_thread(self.runtime.registry.agent_name, name))
+            name = str(await asyncio.to_thread(registry.agent_name, name))
+            if slash:
+                versions = registry.served()["agents"][name]
+                if version not in versions:  # deployed since? ask once more
+                    served = await asyncio.to_thread(registry.served, True)
+                    versions = served["agents"].get(name, [])
+                if version not in versions:
+                    raise UnknownAgent(model, [f"{name}/{v}" for v in versions])
         except UnknownAgent as exc:
-            raise ApiError(400, str(exc), param="model", code="model_not_found") from None
+            raise ApiError(400, str(exc), param=param, code="model_not_found") from None
+        return name, (version or None)
+
+
+def _claim_expired(raw: str, now: float, ttl_s: float) -> bool:
+    """Whether an ``Idempotency-Key`` claim is past its time (a claim without one, from
+    before claims had it, is kept)."""
+    try:
+        at = json.loads(raw).get("at")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(at, (int, float)) and now - at > ttl_s
+
+
+def _owned_prefix(user: str) -> str:
+    return f"{_OWNED}{hashlib.sha256(user.encode()).hexdigest()[:32]}:"
+
+
+def _owned_key(record: ConversationRecord) -> str:
+    created = record.created_ns or record.created_at * 1_000_000_000
+    return f"{_owned_prefix(record.owner)}{created:020d}:{record.id}"
 
 
 def _metadata(value: Any) -> dict[str, str]:
@@ -485,7 +547,16 @@ async def create_conversation(request: Request) -> Response:
         raise ApiError(
             400, "items: starting a conversation with items is not supported", param="items"
         )
-    agent = None if body.get("agent") is None else await gateway.agent_of(body.get("agent"))
+    agent = None
+    if body.get("agent") is not None:
+        agent, version = await gateway.agent_of(body.get("agent"), "agent")
+        if version is not None:
+            raise ApiError(
+                400,
+                "agent: a conversation talks to an agent by name; choose a version per "
+                "response (model='AGENT/VERSION')",
+                param="agent",
+            )
     chosen = await gateway.idempotent(principal, request, body, new_conversation_id())
     record = await gateway.create(principal, agent, body.get("metadata"), chosen)
     return JSONResponse(record.public())
@@ -550,7 +621,7 @@ async def update_conversation(conversation_id: str, request: Request) -> Respons
 async def delete_conversation(conversation_id: str, request: Request) -> Response:
     gateway = _gateway(request)
     record = await gateway.reach(await gateway.principal(request), conversation_id, "own")
-    await gateway.update(record, deleted_at=time.time())
+    await gateway.delete(record)
     return JSONResponse({"id": record.id, "object": "conversation.deleted", "deleted": True})
 
 
@@ -617,7 +688,8 @@ async def create_response(request: Request) -> Response:
     gateway = _gateway(request)
     principal = await gateway.principal(request)
     body = await _json(request, gateway)
-    agent = await gateway.agent_of(body.get("model"))
+    agent, version = await gateway.agent_of(body.get("model"))
+    model = agent if version is None else f"{agent}/{version}"
     text = _input_text(body.get("input"), gateway.runtime.config.max_message_chars)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -645,10 +717,10 @@ async def create_response(request: Request) -> Response:
         )
     conv = await gateway.conversation(record, principal)
     # The turn starts (or is refused, as an HTTP error) before any byte is sent.
-    events = await _primed(conv.stream_async(text, turn_id=response_id))
+    events = await _primed(conv.stream_async(text, turn_id=response_id, version=version))
     if stream:
-        return _sse(_translated(ResponseStream(response_id, agent), events, -1))
-    reader = ResponseStream(response_id, agent)
+        return _sse(_translated(ResponseStream(response_id, model), events, -1))
+    reader = ResponseStream(response_id, model)
     async for event in events:
         reader.feed(event)
     return JSONResponse(reader.snapshot())

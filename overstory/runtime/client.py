@@ -86,6 +86,15 @@ def _turn_id(turn_id: object) -> str:
     return turn_id
 
 
+def _version(version: object) -> dict[str, Any]:
+    """The keyword a turn passes for a chosen agent version (none: the rollout's)."""
+    if version is None:
+        return {}
+    if not isinstance(version, str) or not 0 < len(version) <= 64 or not version.isprintable():
+        raise ConfigError(f"version must be an agent version's name, got {version!r}")
+    return {"agent_version": version}
+
+
 def _cursor(after: object) -> int:
     """A reader's cursor: the last ``seq`` it saw (-1: none)."""
     if isinstance(after, bool) or not isinstance(after, int) or after < -1:
@@ -151,10 +160,13 @@ class Conversation:
 
     # --- one call, and what to do when it fails ------------------------------------------
 
-    def _invoke(self, target: Any, method: str, args: tuple[Any, ...]) -> Any:
-        """The ObjectRef of ``method`` on ``target`` (a dedicated handle, or a host route).
-        A handle acting for a principal (:meth:`acting_for`) passes it along."""
-        extra: dict[str, Any] = {}
+    def _invoke(
+        self, target: Any, method: str, args: tuple[Any, ...], extra: dict[str, Any]
+    ) -> Any:
+        """The ObjectRef of ``method`` on ``target`` (a dedicated handle, or a host route),
+        with keyword arguments ``extra``. A handle acting for a principal
+        (:meth:`acting_for`) passes it along."""
+        extra = dict(extra)
         if self._principal is not None and method in _CHECKED:
             extra["principal"] = self._principal
         if self._handle is None:
@@ -224,14 +236,14 @@ class Conversation:
             return await self._runtime.registry.hosts.route_async(self.conversation_id)
         return self._handle
 
-    def _call(self, method: str, *args: Any) -> Any:
+    def _call(self, method: str, *args: Any, **extra: Any) -> Any:
         deadline = time.monotonic() + self._runtime.config.send_timeout_s
         for attempt in itertools.count():
             target = None
             try:
                 target = self._target()
                 left = max(deadline - time.monotonic(), 0.001)
-                return ray.get(self._invoke(target, method, args), timeout=left)
+                return ray.get(self._invoke(target, method, args, extra), timeout=left)
             except GetTimeoutError:
                 raise self._late(method) from None
             except (RayTaskError, RayActorError, ConversationUnavailable) as exc:
@@ -246,14 +258,16 @@ class Conversation:
                 time.sleep(self._pause(attempt, error, deadline))
         raise AssertionError("unreachable")
 
-    async def _call_async(self, method: str, *args: Any) -> Any:
+    async def _call_async(self, method: str, *args: Any, **extra: Any) -> Any:
         deadline = time.monotonic() + self._runtime.config.send_timeout_s
         for attempt in itertools.count():
             target = None
             try:
                 target = await self._target_async()
                 left = max(deadline - time.monotonic(), 0.001)
-                return await asyncio.wait_for(self._invoke(target, method, args), timeout=left)
+                return await asyncio.wait_for(
+                    self._invoke(target, method, args, extra), timeout=left
+                )
             except TimeoutError:
                 raise self._late(method) from None
             except (RayTaskError, RayActorError, ConversationUnavailable) as exc:
@@ -297,30 +311,40 @@ class Conversation:
         validate_message(text, max_chars=self._runtime.config.max_message_chars)
         return turn_id or uuid.uuid4().hex
 
-    def send(self, text: str, *, turn_id: str | None = None) -> Reply:
+    def send(self, text: str, *, turn_id: str | None = None, version: str | None = None) -> Reply:
         """Send ``text``; returns the assistant's reply once it is stored.
 
         ``turn_id`` makes a retry safe: sending the same id again never stores the message
-        twice. Raises :class:`~overstory.exceptions.InvalidMessage` for bad input and
+        twice. ``version`` runs this turn on that version of the agent (one the app
+        serves) instead of the one the rollout gives the conversation; the next turn
+        without it is the rollout's again. Raises
+        :class:`~overstory.exceptions.InvalidMessage` for bad input,
+        :class:`~overstory.exceptions.UnknownAgent` for a version not served and
         :class:`~overstory.exceptions.TurnFailed` when the model could not answer.
         """
         turn_id = self._check(text, turn_id)
+        extra = _version(version)
         n, low = self._number()
         try:
             with self._span():
-                reply: Reply = self._call("send", turn_id, text, self._caller, n, low, inject())
+                reply: Reply = self._call(
+                    "send", turn_id, text, self._caller, n, low, inject(), **extra
+                )
         finally:
             self._done(n)
         return reply
 
-    async def send_async(self, text: str, *, turn_id: str | None = None) -> Reply:
+    async def send_async(
+        self, text: str, *, turn_id: str | None = None, version: str | None = None
+    ) -> Reply:
         """Async form of :meth:`send`."""
         turn_id = self._check(text, turn_id)
+        extra = _version(version)
         n, low = self._number()
         try:
             with self._span():
                 reply: Reply = await self._call_async(
-                    "send", turn_id, text, self._caller, n, low, inject()
+                    "send", turn_id, text, self._caller, n, low, inject(), **extra
                 )
         finally:
             self._done(n)
@@ -328,7 +352,9 @@ class Conversation:
 
     # --- streamed turns ----------------------------------------------------------------------
 
-    def stream(self, text: str, *, turn_id: str | None = None) -> Iterator[TurnEvent]:
+    def stream(
+        self, text: str, *, turn_id: str | None = None, version: str | None = None
+    ) -> Iterator[TurnEvent]:
         """Send ``text`` and iterate over the turn's events as they happen (each with
         its ``seq``): ``started``, text ``delta`` s, ``tool_call`` / ``tool_result``,
         ``fallback``, and a terminal ``completed`` (with the :class:`Reply`), ``failed``
@@ -338,21 +364,26 @@ class Conversation:
         :meth:`resume` reads it again from any ``seq``. If the process running it dies,
         the turn is started again where the conversation lives next (a ``restarted``
         event: text since the last stored message is void) and the events go on.
+        ``version``: as for :meth:`send`.
         """
         turn_id = self._check(text, turn_id)
-        return self._stream(text, turn_id)
+        return self._stream(text, turn_id, _version(version))
 
-    def _stream(self, text: str, turn_id: str) -> Iterator[TurnEvent]:
+    def _stream(self, text: str, turn_id: str, extra: dict[str, Any]) -> Iterator[TurnEvent]:
         n, low = self._number()  # in flight until the turn ends: later sends queue behind
         after = -1
         try:
             with self._span():
-                self._call("start_turn", turn_id, text, self._caller, n, low, inject(), after)
+                self._call(
+                    "start_turn", turn_id, text, self._caller, n, low, inject(), after, **extra
+                )
             while True:
                 try:
                     events, ended = self._call("events", turn_id, after, _POLL_S)
                 except UnknownTurn:  # its process died before storing the message: again
-                    self._call("start_turn", turn_id, text, self._caller, n, low, None, after)
+                    self._call(
+                        "start_turn", turn_id, text, self._caller, n, low, None, after, **extra
+                    )
                     continue
                 if ended:  # done before the last yield: a reader may stop at the end
                     self._done(n)
@@ -394,23 +425,24 @@ class Conversation:
                 return
 
     async def stream_async(
-        self, text: str, *, turn_id: str | None = None
+        self, text: str, *, turn_id: str | None = None, version: str | None = None
     ) -> AsyncGenerator[TurnEvent, None]:
         """Async form of :meth:`stream`."""
         turn_id = self._check(text, turn_id)
+        extra = _version(version)
         n, low = self._number()
         after = -1
         try:
             with self._span():
                 await self._call_async(
-                    "start_turn", turn_id, text, self._caller, n, low, inject(), after
+                    "start_turn", turn_id, text, self._caller, n, low, inject(), after, **extra
                 )
             while True:
                 try:
                     events, ended = await self._call_async("events", turn_id, after, _POLL_S)
                 except UnknownTurn:
                     await self._call_async(
-                        "start_turn", turn_id, text, self._caller, n, low, None, after
+                        "start_turn", turn_id, text, self._caller, n, low, None, after, **extra
                     )
                     continue
                 if ended:  # done before the last yield: a reader may stop at the end

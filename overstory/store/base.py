@@ -74,6 +74,17 @@ class HistoryStore(ABC):
         value another writer changed meanwhile."""
 
     @abstractmethod
+    async def delete_setting(self, key: str, *, expected: str) -> bool:
+        """Compare-and-delete: remove ``key`` only if its value is ``expected``."""
+
+    @abstractmethod
+    async def settings(
+        self, prefix: str, *, after: str = "", limit: int = 100
+    ) -> list[tuple[str, str]]:
+        """Up to ``limit`` ``(key, value)`` pairs whose key starts with ``prefix`` and
+        sorts after ``after``, in key order (page on with the last key)."""
+
+    @abstractmethod
     async def close(self) -> None:
         """Release connections. Idempotent."""
 

@@ -167,6 +167,26 @@ class MongoStore(HistoryStore):
             raise StoreError(f"cannot store setting {key!r} in {self.url}: {exc}") from exc
         return bool(result.matched_count == 1)
 
+    async def delete_setting(self, key: str, *, expected: str) -> bool:
+        try:
+            result = await self._settings.delete_one({"_id": key, "value": expected})
+        except PyMongoError as exc:
+            raise StoreError(f"cannot delete setting {key!r} in {self.url}: {exc}") from exc
+        return bool(result.deleted_count == 1)
+
+    async def settings(
+        self, prefix: str, *, after: str = "", limit: int = 100
+    ) -> list[tuple[str, str]]:
+        # A range on _id, not a regex: prefixes may hold regex characters.
+        query = {"_id": {"$gt": after, "$gte": prefix}}
+        try:
+            cursor = self._settings.find(query).sort("_id", 1).limit(limit)
+            docs = await cursor.to_list()
+        except PyMongoError as exc:
+            raise StoreError(f"cannot list settings from {self.url}: {exc}") from exc
+        pairs = [(str(d["_id"]), str(d["value"])) for d in docs]
+        return [(k, v) for k, v in pairs if k.startswith(prefix)]  # contiguous: a prefix ends
+
     async def load(self, conversation_id: str) -> list[Message]:
         try:
             cursor = self._messages.find(

@@ -250,6 +250,37 @@ class SQLiteStore(HistoryStore):
 
         return await self._write(swap)
 
+    async def delete_setting(self, key: str, *, expected: str) -> bool:
+        def delete(conn: sqlite3.Connection) -> bool:
+            try:
+                cursor = conn.execute(
+                    "DELETE FROM settings WHERE key = ? AND value = ?", (key, expected)
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot delete setting {key!r} in {self.url}: {exc}") from exc
+            return cursor.rowcount == 1
+
+        return await self._write(delete)
+
+    async def settings(
+        self, prefix: str, *, after: str = "", limit: int = 100
+    ) -> list[tuple[str, str]]:
+        # A range on the primary key, not LIKE: prefixes may hold % and _.
+        start = max(prefix, after)
+
+        def select(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            rows = conn.execute(
+                "SELECT key, value FROM settings WHERE key > ? AND key >= ? ORDER BY key LIMIT ?",
+                (after, start, limit),
+            ).fetchall()
+            return [(str(k), str(v)) for k, v in rows]
+
+        try:
+            rows = await self._run(select)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot list settings from {self.url}: {exc}") from exc
+        return [(k, v) for k, v in rows if k.startswith(prefix)]  # contiguous: a prefix ends
+
     async def load(self, conversation_id: str) -> list[Message]:
         def select(conn: sqlite3.Connection) -> list[Any]:
             return conn.execute(
