@@ -808,11 +808,13 @@ async def _primed(events: AsyncIterator[Any]) -> AsyncIterator[Any]:
 async def _translated(
     reader: ResponseStream, events: AsyncIterator[Any], after: int
 ) -> AsyncIterator[bytes]:
-    """The turn's events as the response's stream events, those after ``after`` only."""
+    """The turn's events as the response's stream events, those after ``after`` only.
+    What one turn event becomes (a first delta: the item, its content part and the delta)
+    goes out as one chunk: under Serve each chunk is an object the proxy fetches."""
     async for event in events:
-        for out in reader.feed(event):
-            if out["sequence_number"] > after:
-                yield sse(out)
+        chunk = b"".join(sse(out) for out in reader.feed(event) if out["sequence_number"] > after)
+        if chunk:
+            yield chunk
 
 
 def _sse(body: AsyncIterator[bytes]) -> StreamingResponse:
