@@ -19,7 +19,7 @@ import pytest
 from conftest import kill_namespace
 
 import overstory
-from overstory import Agent, OfflineModel, Runtime
+from overstory import Agent, OfflineModel, Runtime, UsageError
 from overstory.gateway.keys import create_key, revoke_key
 from overstory.providers.offline import Rule
 from overstory.runtime.client import _run_store as _store
@@ -547,3 +547,29 @@ def test_a_killed_replica_mid_stream_is_replaced_and_the_client_reads_on(door: D
     assert shown == f"echo #1: {text}"
     stored = door.rt.conversation(conv.id, agent="slow").history()
     assert [m.content for m in stored] == [text, shown]  # the turn ran once
+
+
+def test_python_and_http_reach_the_same_several_conversations_of_a_user(door: Door) -> None:
+    rt = door.rt
+    made = rt.new_conversation("alice", agent="helper", metadata={"from": "python"})
+    assert made.user_id.startswith("conv_")
+    assert made.send("hello from python").text == "echo #1: hello from python"
+    other = rt.new_conversation("alice", agent="helper")  # a second one, its own history
+    assert other.send("hi").text == "echo #1: hi"
+    client = door.client()
+    over_http = client.conversations.create(metadata={"from": "http"})
+    mine = [c["id"] for c in rt.conversations("alice")]
+    assert mine[-3:] == [made.user_id, other.user_id, over_http.id]  # oldest first
+    assert made.user_id not in [c["id"] for c in rt.conversations("bob")]
+    items = client.conversations.items.list(made.user_id, order="asc")
+    assert [i.content[0].text for i in items.data] == [  # type: ignore[union-attr]
+        "hello from python",
+        "echo #1: hello from python",
+    ]
+    assert client.conversations.retrieve(made.user_id).metadata == {"from": "python"}
+    with pytest.raises(openai.NotFoundError):
+        door.client("bob").conversations.items.list(made.user_id)
+    with pytest.raises(UsageError, match="metadata"):
+        rt.new_conversation("alice", metadata={"k": "v" * 513})
+    # the user's default conversation stays what it was, apart from these
+    assert rt.conversation("alice", agent="helper").user_id == "alice"

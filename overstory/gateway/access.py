@@ -11,18 +11,19 @@ No FastAPI here: hosts import this module.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from ..app import split_conversation_id
-from ..exceptions import NotPermitted, UnknownConversation
+from ..exceptions import NotPermitted, UnknownConversation, UsageError
 from ..store import HistoryStore
 from .keys import Principal
-from .wire import is_conversation_id
+from .wire import is_conversation_id, new_conversation_id
 
 __all__ = [
     "RECORD_PREFIX",
@@ -31,11 +32,20 @@ __all__ = [
     "RecordCache",
     "access",
     "check_access",
+    "create_record",
+    "delete_record",
     "load_record",
+    "owned_records",
+    "update_record",
+    "validate_metadata",
 ]
 
 #: Where a conversation's record is kept (a store setting per conversation).
 RECORD_PREFIX = "overstory.conversation:"
+#: One setting per conversation a user owns, ``<prefix><user digest>:<created ns>:<id>``,
+#: so a user's list is a prefix scan in creation order and adding one is one insert.
+_OWNED = "overstory.owned:"
+_OWNED_LIST = "overstory.conversations:"  # before: one list value per user (still read)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +107,89 @@ async def load_record(store: HistoryStore, conversation_id: str) -> Conversation
         return None
     raw = await store.get_setting(RECORD_PREFIX + conversation_id)
     return None if raw is None else ConversationRecord.loads(raw)
+
+
+def validate_metadata(value: Any) -> dict[str, str]:
+    """A conversation's metadata by OpenAI's rule: up to 16 string pairs, keys up to 64
+    characters, values up to 512 (``None``: none)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > 16:
+        raise UsageError("metadata: an object of up to 16 string pairs")
+    for k, v in value.items():
+        if not isinstance(k, str) or not isinstance(v, str) or len(k) > 64 or len(v) > 512:
+            raise UsageError(
+                "metadata: keys are strings of up to 64 characters, values of up to 512"
+            )
+    return dict(value)
+
+
+async def create_record(
+    store: HistoryStore,
+    owner: str,
+    agent: str | None,
+    metadata: dict[str, str],
+    conversation_id: str | None = None,
+) -> ConversationRecord | None:
+    """A new conversation of ``owner``, listed among theirs. ``conversation_id``: the id
+    to make (a retried create: the record the first try made, if it is ``owner``'s).
+    ``None`` when that id is someone else's (or, vanishingly, a fresh id collides)."""
+    now = time.time_ns()
+    record = ConversationRecord(
+        conversation_id or new_conversation_id(),
+        owner,
+        agent,
+        dict(metadata),
+        now // 1_000_000_000,
+        created_ns=now,
+    )
+    if not await store.put_setting(RECORD_PREFIX + record.id, record.dumps(), expected=None):
+        existing = await load_record(store, record.id)
+        if conversation_id is None or existing is None or existing.owner != owner:
+            return None
+        record = existing
+    await store.put_setting(_owned_key(record), record.id, expected=None)  # idempotent
+    return record
+
+
+async def owned_records(store: HistoryStore, user: str) -> list[ConversationRecord]:
+    """A user's conversations, oldest first (deleted ones left out)."""
+    legacy = await store.get_setting(_OWNED_LIST + user)
+    ids: list[str] = list(json.loads(legacy)) if legacy else []
+    prefix, after = _owned_prefix(user), ""
+    while listed := await store.settings(prefix, after=after, limit=500):
+        ids += [cid for _, cid in listed if cid not in ids]
+        after = listed[-1][0]
+    records = [await load_record(store, cid) for cid in ids]
+    return [r for r in records if r is not None and r.deleted_at is None]
+
+
+async def update_record(
+    store: HistoryStore, record: ConversationRecord, **changes: Any
+) -> ConversationRecord:
+    """``record`` with ``changes``, by compare-and-set on what is stored now."""
+    while True:
+        raw = await store.get_setting(RECORD_PREFIX + record.id)
+        current = ConversationRecord.loads(raw) if raw else record
+        changed = replace(current, **changes)
+        if await store.put_setting(RECORD_PREFIX + record.id, changed.dumps(), expected=raw):
+            return changed
+
+
+async def delete_record(store: HistoryStore, record: ConversationRecord) -> None:
+    """Mark the conversation deleted (its history stays for operators) and take it off
+    its owner's list."""
+    await update_record(store, record, deleted_at=time.time())
+    await store.delete_setting(_owned_key(record), expected=record.id)
+
+
+def _owned_prefix(user: str) -> str:
+    return f"{_OWNED}{hashlib.sha256(user.encode()).hexdigest()[:32]}:"
+
+
+def _owned_key(record: ConversationRecord) -> str:
+    created = record.created_ns or record.created_at * 1_000_000_000
+    return f"{_owned_prefix(record.owner)}{created:020d}:{record.id}"
 
 
 class RecordCache:

@@ -23,7 +23,7 @@ import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -43,7 +43,17 @@ from ..exceptions import (
 )
 from ..store import HistoryStore, open_store
 from ..validation import validate_message, validate_user_id
-from .access import RECORD_PREFIX, ConversationRecord, Need, access, load_record
+from .access import (
+    ConversationRecord,
+    Need,
+    access,
+    create_record,
+    delete_record,
+    load_record,
+    owned_records,
+    update_record,
+    validate_metadata,
+)
 from .keys import KEY_PREFIX, Principal, authenticate_key
 from .tokens import JwtSettings, authenticate_jwt
 from .wire import (
@@ -59,11 +69,6 @@ from .wire import (
 __all__ = ["ApiError", "DoorLimits", "Gateway", "RequestRate", "app", "install"]
 
 _IDEMPOTENT = "overstory.idempotency:"
-#: One setting per conversation a user owns, ``<prefix><user digest>:<created>:<id>``,
-#: so a user's list is a prefix scan in creation order and adding one is one insert.
-_OWNED = "overstory.owned:"
-_OWNED_LIST = "overstory.conversations:"  # before: one list value per user (still read)
-_MAX_METADATA = 16
 _MAX_IDEMPOTENCY_KEY = 255
 
 
@@ -269,51 +274,21 @@ class Gateway:
     ) -> ConversationRecord:
         """A new conversation of ``principal`` (or, for a retried create, the one the
         first try made: ``conversation_id``)."""
-        now = time.time_ns()
-        record = ConversationRecord(
-            conversation_id or new_conversation_id(),
-            principal.user,
-            agent,
-            _metadata(metadata),
-            now // 1_000_000_000,
-            created_ns=now,
+        made = await create_record(
+            await self.store(), principal.user, agent, _metadata(metadata), conversation_id
         )
-        store = await self.store()
-        if not await store.put_setting(RECORD_PREFIX + record.id, record.dumps(), expected=None):
-            existing = await self.record(record.id)
-            if conversation_id is None or existing is None or existing.owner != principal.user:
-                raise ApiError(500, "conversation id collision, try again", type_="server_error")
-            record = existing
-        await store.put_setting(_owned_key(record), record.id, expected=None)  # idempotent
-        return record
+        if made is None:
+            raise ApiError(500, "conversation id collision, try again", type_="server_error")
+        return made
 
     async def owned_by(self, user: str) -> list[ConversationRecord]:
-        """A user's conversations, oldest first (deleted ones left out)."""
-        store = await self.store()
-        legacy = await store.get_setting(_OWNED_LIST + user)
-        ids: list[str] = list(json.loads(legacy)) if legacy else []
-        prefix, after = _owned_prefix(user), ""
-        while page_ := await store.settings(prefix, after=after, limit=500):
-            ids += [cid for _, cid in page_ if cid not in ids]
-            after = page_[-1][0]
-        records = [await self.record(cid) for cid in ids]
-        return [r for r in records if r is not None and r.deleted_at is None]
-
-    async def delete(self, record: ConversationRecord) -> None:
-        """Mark the conversation deleted (its history stays for operators) and take it
-        off its owner's list."""
-        await self.update(record, deleted_at=time.time())
-        store = await self.store()
-        await store.delete_setting(_owned_key(record), expected=record.id)
+        return await owned_records(await self.store(), user)
 
     async def update(self, record: ConversationRecord, **changes: Any) -> ConversationRecord:
-        store = await self.store()
-        while True:
-            raw = await store.get_setting(RECORD_PREFIX + record.id)
-            current = ConversationRecord.loads(raw) if raw else record
-            changed = replace(current, **changes)
-            if await store.put_setting(RECORD_PREFIX + record.id, changed.dumps(), expected=raw):
-                return changed
+        return await update_record(await self.store(), record, **changes)
+
+    async def delete(self, record: ConversationRecord) -> None:
+        await delete_record(await self.store(), record)
 
     async def idempotent(
         self, principal: Principal, request: Request, body: dict[str, Any], new_id: str
@@ -387,29 +362,11 @@ def _claim_expired(raw: str, now: float, ttl_s: float) -> bool:
     return isinstance(at, (int, float)) and now - at > ttl_s
 
 
-def _owned_prefix(user: str) -> str:
-    return f"{_OWNED}{hashlib.sha256(user.encode()).hexdigest()[:32]}:"
-
-
-def _owned_key(record: ConversationRecord) -> str:
-    created = record.created_ns or record.created_at * 1_000_000_000
-    return f"{_owned_prefix(record.owner)}{created:020d}:{record.id}"
-
-
 def _metadata(value: Any) -> dict[str, str]:
-    """OpenAI's rule: up to 16 pairs, keys up to 64 characters, values up to 512."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict) or len(value) > _MAX_METADATA:
-        raise ApiError(400, "metadata: an object of up to 16 string pairs", param="metadata")
-    for k, v in value.items():
-        if not isinstance(k, str) or not isinstance(v, str) or len(k) > 64 or len(v) > 512:
-            raise ApiError(
-                400,
-                "metadata: keys are strings of up to 64 characters, values of up to 512",
-                param="metadata",
-            )
-    return dict(value)
+    try:
+        return validate_metadata(value)
+    except UsageError as exc:
+        raise ApiError(400, str(exc), param="metadata") from None
 
 
 def _input_text(value: Any, max_chars: int) -> str:

@@ -37,6 +37,12 @@ from ..exceptions import (
     UnknownTurn,
     UsageError,
 )
+from ..gateway.access import (
+    ConversationRecord,
+    create_record,
+    owned_records,
+    validate_metadata,
+)
 from ..gateway.keys import Principal
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
@@ -672,6 +678,43 @@ class Runtime:
         return self._change_split(agent, rollback)
 
     # --- the store, read directly -----------------------------------------------------------
+
+    def new_conversation(
+        self,
+        user_id: str,
+        *,
+        agent: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Conversation:
+        """Start another conversation of ``user_id``'s with ``agent``, beside their default
+        one (:meth:`conversation`): a user owns any number. It is the same kind of
+        conversation the HTTP API makes (``POST /v1/conversations`` with that user's key
+        lists and reaches it); its handle's ``user_id`` is its ``conv_...`` id, by which
+        ``conversation(conv_id, agent=...)`` reaches it again. ``metadata``: up to 16
+        string pairs, as OpenAI's."""
+        validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
+        name, _ = self._cid(user_id, agent)
+        meta = validate_metadata(None if metadata is None else dict(metadata))
+
+        async def make(store: Any) -> ConversationRecord | None:
+            return await create_record(store, user_id, name, meta)
+
+        record: ConversationRecord | None = _run_store(self.config.store, make)
+        if record is None:  # a fresh 96-bit id taken: practically never
+            raise ConversationUnavailable("a new conversation id collided; try again")
+        return self.conversation(record.id, agent=name)
+
+    def conversations(self, user_id: str) -> list[dict[str, Any]]:
+        """``user_id``'s conversations made by :meth:`new_conversation` or over HTTP,
+        oldest first: ``{"id", "object", "created_at", "metadata", "agent"}`` each (their
+        default conversation, :meth:`conversation`, is not among them)."""
+        validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
+
+        async def listed(store: Any) -> list[ConversationRecord]:
+            return await owned_records(store, user_id)
+
+        records: list[ConversationRecord] = _run_store(self.config.store, listed)
+        return [{**r.public(), "agent": r.agent} for r in records]
 
     def count_stored(self, user_id: str | None = None, *, agent: str | None = None) -> int:
         """Messages stored for ``user_id``'s conversation with ``agent`` (default agent),
