@@ -7,6 +7,7 @@ both sides subclass the stdlib exceptions users already catch::
     ├── UsageError (ValueError)             the caller got something wrong; retrying won't help
     │   ├── ConfigError                     unknown key, wrong type, bad value in a config
     │   ├── StoreURLError                   a store URL overstory cannot parse or does not support
+    │   ├── DataKeyError                    a data key missing, malformed or wrong; a sealed record altered or moved
     │   ├── InvalidUserId                   empty, too long, or control characters
     │   ├── InvalidMessage                  empty, oversized, or not text
     │   ├── ToolDefinitionError             a tool function that cannot be described to a model
@@ -52,6 +53,7 @@ __all__ = [
     "ConfigError",
     "ConversationQuarantined",
     "ConversationUnavailable",
+    "DataKeyError",
     "Fenced",
     "InvalidMessage",
     "InvalidUserId",
@@ -91,6 +93,11 @@ class UsageError(OverstoryError, ValueError):
 
 class ConfigError(UsageError):
     """A configuration value or key is not valid."""
+
+
+class DataKeyError(ConfigError):
+    """A data key (encryption at rest) is missing, malformed or wrong, or a sealed
+    message does not open with it (altered, or moved to another conversation or seq)."""
 
 
 class StoreURLError(ConfigError):

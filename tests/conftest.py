@@ -7,11 +7,13 @@ speaks the MongoDB wire protocol) started on a free loopback port and stopped at
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,15 @@ import pytest
 # Before anything imports ray: the tests' Ray instance runs without token auth.
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+# Encryption at rest is on for the whole session: every store opened here, in Ray's
+# workers (they inherit this environment) and in subprocess drivers seals message bodies
+# with this session's key. The e2e and the demo run without one (in the clear), and
+# tests/test_encryption.py chooses keys per store explicitly.
+if not os.environ.get("OVERSTORY_DATA_KEYS") and not os.environ.get("OVERSTORY_DATA_KEY_FILE"):
+    _keys = Path(tempfile.mkdtemp(prefix="ovs-data-keys-")) / "data.keys"
+    _keys.write_text(f"session:{base64.b64encode(os.urandom(32)).decode()}\n")
+    os.environ["OVERSTORY_DATA_KEY_FILE"] = str(_keys)
 
 
 def _free_port() -> int:

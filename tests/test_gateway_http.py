@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -154,6 +155,13 @@ def test_the_sdk_makes_a_conversation_and_a_response_and_reads_both_back(door: D
     assert deleted.deleted
     listed = door.raw("GET", "/v1/conversations?order=desc&limit=100")[2]["data"]
     assert conv.id not in [c["id"] for c in listed]
+    # Encryption at rest is on in this session (conftest): the hosts sealed every body,
+    # so the answer's text is nowhere in the SQLite file or its write-ahead log.
+    path = Path(door.store.removeprefix("sqlite:///"))
+    for name in (path, path.with_name(path.name + "-wal")):
+        if name.exists():
+            assert b"returned 5" not in name.read_bytes()
+            assert b"thanks" not in name.read_bytes()
     with pytest.raises(openai.NotFoundError):
         client.conversations.retrieve(conv.id)
 

@@ -351,7 +351,9 @@ def _add_ops_commands(sub: Any) -> None:
     migrate.add_argument("--dry-run", action="store_true", help="report, copy nothing")
     migrate.add_argument("--json", action="store_true", help="one JSON object on stdout")
     keys = sub.add_parser(
-        "keys", help="API keys of the HTTP front door: create, list, revoke (the store only)"
+        "keys",
+        help="API keys of the HTTP front door (create, list, revoke) and the data keys of "
+        "encryption at rest (rotate-data); the store only",
     )
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="make a key for USER and print it once")
@@ -360,7 +362,12 @@ def _add_ops_commands(sub: Any) -> None:
     listing = keys_sub.add_parser("list", help="every key's id, user, role and state (no secret)")
     revoke = keys_sub.add_parser("revoke", help="refuse key KEY_ID from now on")
     revoke.add_argument("key_id", metavar="KEY_ID")
-    for cmd in (create, listing, revoke):
+    rotate = keys_sub.add_parser(
+        "rotate-data",
+        help="seal every message body with the first of OVERSTORY_DATA_KEYS (plain ones, and "
+        "those under an older key); safe while the store serves",
+    )
+    for cmd in (create, listing, revoke, rotate):
         cmd.add_argument("--store", help="store URL (default: OVERSTORY_STORE, else sqlite)")
         cmd.add_argument("--config", type=Path, help="TOML config file (its store)")
         cmd.add_argument("--json", action="store_true", help="JSON on stdout")
@@ -545,6 +552,23 @@ def _keys(args: argparse.Namespace) -> int:
     from .client import _run_store
 
     url = _store_config(args).store
+    if args.keys_command == "rotate-data":
+        from ..store.crypto import reseal
+
+        counts = _run_store(url, reseal)
+        if args.json:
+            print(json.dumps(counts, sort_keys=True))
+        else:
+            print(
+                f"overstory keys rotate-data: {counts['resealed']} of {counts['examined']} "
+                f"message(s) re-sealed with data key {counts['key']!r}"
+                + (
+                    f"; {counts['skipped']} changed meanwhile, run it again"
+                    if counts["skipped"]
+                    else ""
+                )
+            )
+        return 0
     if args.keys_command == "create":
         key, record = _run_store(url, lambda s: create_key(s, args.user, admin=args.admin))
         if args.json:

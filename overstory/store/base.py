@@ -17,15 +17,72 @@ conversation's epoch document, so a concurrent takeover conflicts with it).
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
+from typing import Any
 
-from ..messages import Message
+from ..exceptions import DataKeyError
+from ..messages import Message, from_record, to_record
+from .crypto import CHECKS_SETTING, DataKeys, is_sealed, key_id_of, verify_checks
 
 __all__ = ["HistoryStore"]
 
 
 class HistoryStore(ABC):
-    """Durable, append-only message history. Async; one instance per process."""
+    """Durable, append-only message history. Async; one instance per process.
+
+    With :attr:`data_keys` set (:func:`~overstory.store.open_store` reads them from the
+    environment), message bodies are sealed before they are written and opened after
+    they are read (:mod:`.crypto`); the seq, turn id, kind and time stay in the clear
+    for the indexes.
+    """
+
+    data_keys: DataKeys | None = None
+
+    # --- encryption at rest: what both stores call ---------------------------------------
+
+    def _to_record(self, conversation_id: str, message: Message) -> dict[str, Any]:
+        record = to_record(message)
+        if self.data_keys is not None:
+            record["body"] = self.data_keys.seal(record["body"], conversation_id, message.seq)
+        return record
+
+    def _from_record(self, conversation_id: str, record: dict[str, Any]) -> Message:
+        body = str(record["body"])
+        if is_sealed(body):
+            if self.data_keys is None:
+                raise DataKeyError(
+                    f"message {record['seq']} of {conversation_id!r} is encrypted (data key "
+                    f"{key_id_of(body)!r}) and no data key is configured"
+                )
+            record = {
+                **record,
+                "body": self.data_keys.open(body, conversation_id, int(record["seq"])),
+            }
+        return from_record(record)
+
+    async def _verify_data_keys(self) -> None:
+        """At open: the configured keys against the store's check values (a missing or
+        wrong key fails here, naming its id, not on some later read)."""
+        for _ in range(16):
+            stored = await self.get_setting(CHECKS_SETTING)
+            checks = verify_checks(self.data_keys, stored, self.url)
+            if checks is None or await self.put_setting(
+                CHECKS_SETTING, json.dumps(checks, sort_keys=True), expected=stored
+            ):
+                return
+        raise DataKeyError(f"the data key check values in {self.url} kept changing")
+
+    @abstractmethod
+    async def bodies(
+        self, after: tuple[str, int] | None = None, limit: int = 500
+    ) -> list[tuple[str, int, str]]:
+        """Up to ``limit`` stored ``(conversation id, seq, body)`` after ``after``, in
+        (conversation, seq) order, bodies as stored (sealed or not): for re-sealing."""
+
+    @abstractmethod
+    async def replace_body(self, conversation_id: str, seq: int, old: str, new: str) -> bool:
+        """Compare-and-set one message's stored body (only ``rotate-data`` rewrites)."""
 
     @property
     @abstractmethod

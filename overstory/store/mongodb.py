@@ -25,7 +25,7 @@ from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, WriteConcern
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from ..exceptions import Fenced, SequenceConflict, StoreError, StoreUnavailable
-from ..messages import Message, from_record, to_record
+from ..messages import Message
 from .base import HistoryStore
 from .url import redact_url
 
@@ -94,6 +94,11 @@ class MongoStore(HistoryStore):
                 f"{str(exc).splitlines()[0][:300]}"
             ) from exc
         self._client = client
+        try:
+            await self._verify_data_keys()
+        except BaseException:
+            await self.close()
+            raise
 
     async def acquire(self, conversation_id: str) -> int:
         try:
@@ -120,7 +125,7 @@ class MongoStore(HistoryStore):
     async def append(
         self, conversation_id: str, message: Message, *, epoch: int | None = None
     ) -> None:
-        doc = {"conversation_id": conversation_id, **to_record(message)}
+        doc = {"conversation_id": conversation_id, **self._to_record(conversation_id, message)}
         try:
             if epoch is None:
                 await self._messages.insert_one(doc)
@@ -192,9 +197,44 @@ class MongoStore(HistoryStore):
             cursor = self._messages.find(
                 {"conversation_id": conversation_id}, {"_id": 0, "conversation_id": 0}
             ).sort("seq", ASCENDING)
-            return [from_record(doc) async for doc in cursor]
+            docs = [doc async for doc in cursor]
         except PyMongoError as exc:
             raise StoreError(f"cannot read history from {self.url}: {exc}") from exc
+        return [self._from_record(conversation_id, doc) for doc in docs]
+
+    async def bodies(
+        self, after: tuple[str, int] | None = None, limit: int = 500
+    ) -> list[tuple[str, int, str]]:
+        query: dict[str, Any] = {}
+        if after is not None:
+            cid, seq = after
+            query = {
+                "$or": [
+                    {"conversation_id": {"$gt": cid}},
+                    {"conversation_id": cid, "seq": {"$gt": seq}},
+                ]
+            }
+        try:
+            cursor = (
+                self._messages.find(query, {"_id": 0, "conversation_id": 1, "seq": 1, "body": 1})
+                .sort([("conversation_id", ASCENDING), ("seq", ASCENDING)])
+                .limit(limit)
+            )
+            return [
+                (str(d["conversation_id"]), int(d["seq"]), str(d["body"])) async for d in cursor
+            ]
+        except PyMongoError as exc:
+            raise StoreError(f"cannot read messages from {self.url}: {exc}") from exc
+
+    async def replace_body(self, conversation_id: str, seq: int, old: str, new: str) -> bool:
+        try:
+            result = await self._messages.update_one(
+                {"conversation_id": conversation_id, "seq": seq, "body": old},
+                {"$set": {"body": new}},
+            )
+        except PyMongoError as exc:
+            raise StoreError(f"cannot rewrite a message in {self.url}: {exc}") from exc
+        return bool(result.modified_count == 1)
 
     async def count(self, conversation_id: str | None = None) -> int:
         query = {} if conversation_id is None else {"conversation_id": conversation_id}

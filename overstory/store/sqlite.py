@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..exceptions import Fenced, SequenceConflict, StoreError, StoreUnavailable
-from ..messages import Message, from_record, to_record
+from ..messages import Message
 from .base import HistoryStore
 
 __all__ = ["SQLiteStore"]
@@ -151,6 +151,11 @@ class SQLiteStore(HistoryStore):
             self._conn = self._connect()
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open SQLite store {self.url}: {exc}") from exc
+        try:
+            await self._verify_data_keys()
+        except BaseException:
+            await self.close()
+            raise
 
     def _connect(self) -> sqlite3.Connection:
         directory = os.path.dirname(self.path)
@@ -187,7 +192,7 @@ class SQLiteStore(HistoryStore):
     async def append(
         self, conversation_id: str, message: Message, *, epoch: int | None = None
     ) -> None:
-        record = to_record(message)
+        record = self._to_record(conversation_id, message)
         row = (
             conversation_id,
             record["seq"],
@@ -294,11 +299,44 @@ class SQLiteStore(HistoryStore):
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read history from {self.url}: {exc}") from exc
         return [
-            from_record(
-                {"seq": r[0], "turn_id": r[1], "kind": r[2], "created_at": r[3], "body": r[4]}
+            self._from_record(
+                conversation_id,
+                {"seq": r[0], "turn_id": r[1], "kind": r[2], "created_at": r[3], "body": r[4]},
             )
             for r in rows
         ]
+
+    async def bodies(
+        self, after: tuple[str, int] | None = None, limit: int = 500
+    ) -> list[tuple[str, int, str]]:
+        cid, seq = after if after is not None else ("", -1)
+
+        def select(conn: sqlite3.Connection) -> list[tuple[str, int, str]]:
+            rows = conn.execute(
+                "SELECT conversation_id, seq, body FROM messages"
+                " WHERE (conversation_id, seq) > (?, ?) ORDER BY conversation_id, seq LIMIT ?",
+                (cid, seq, limit),
+            ).fetchall()
+            return [(str(c), int(n), str(b)) for c, n, b in rows]
+
+        try:
+            return await self._run(select)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read messages from {self.url}: {exc}") from exc
+
+    async def replace_body(self, conversation_id: str, seq: int, old: str, new: str) -> bool:
+        def swap(conn: sqlite3.Connection) -> bool:
+            try:
+                cursor = conn.execute(
+                    "UPDATE messages SET body = ? WHERE conversation_id = ? AND seq = ?"
+                    " AND body = ?",
+                    (new, conversation_id, seq, old),
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot rewrite a message in {self.url}: {exc}") from exc
+            return cursor.rowcount == 1
+
+        return await self._write(swap)
 
     async def count(self, conversation_id: str | None = None) -> int:
         def select(conn: sqlite3.Connection) -> int:

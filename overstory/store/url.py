@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from ..exceptions import StoreURLError
 from .base import HistoryStore
+from .crypto import DataKeys
 
 __all__ = ["open_store", "redact_url", "resolve_store_url"]
 
@@ -83,13 +85,24 @@ def resolve_store_url(url: object) -> str:
     )
 
 
-def open_store(url: str) -> HistoryStore:
-    """The (not yet opened) store for ``url``; call ``await store.open()`` next."""
+def open_store(
+    url: str, *, data_keys: DataKeys | Literal["environment"] | None = "environment"
+) -> HistoryStore:
+    """The (not yet opened) store for ``url``; call ``await store.open()`` next.
+
+    ``data_keys``: the keys that seal message bodies (:mod:`.crypto`); by default those
+    ``OVERSTORY_DATA_KEYS`` or ``OVERSTORY_DATA_KEY_FILE`` give (none: in the clear).
+    Opening checks them against the store (a missing or wrong key fails there)."""
     url = resolve_store_url(url)
+    keys = DataKeys.from_environment() if data_keys == "environment" else data_keys
+    store: HistoryStore
     if url.startswith("sqlite:"):
         from .sqlite import SQLiteStore
 
-        return SQLiteStore(url.removeprefix("sqlite:///"))
-    from .mongodb import MongoStore
+        store = SQLiteStore(url.removeprefix("sqlite:///"))
+    else:
+        from .mongodb import MongoStore
 
-    return MongoStore(url)
+        store = MongoStore(url)
+    store.data_keys = keys  # type: ignore[assignment]
+    return store

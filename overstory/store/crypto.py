@@ -1,0 +1,265 @@
+"""Encryption at rest: message bodies sealed with AES-256-GCM.
+
+Keys come from the environment of every process that opens the store:
+
+* ``OVERSTORY_DATA_KEYS=ID:BASE64[,ID:BASE64...]`` — 32-byte keys in standard or URL-safe
+  base64, or
+* ``OVERSTORY_DATA_KEY_FILE=PATH`` — a file with the same ``ID:BASE64`` entries, one per
+  line or comma-separated (``#`` starts a comment): on a cluster, put the file on every
+  node and only its path travels.
+
+The first key seals; every key listed opens. A sealed body is
+``enc1:<key id>:<base64url(nonce ‖ ciphertext ‖ tag)>`` and its associated data is the
+key id, the conversation id and the message's seq: a record copied to another
+conversation or another position does not open (:class:`~overstory.exceptions.DataKeyError`,
+never a wrong message). Bodies stored before encryption was turned on (plain JSON) are
+read as they are; ``overstory keys rotate-data`` seals them, and re-seals those under an
+older key, with the first key.
+
+Each store keeps one check value per key id it has seen (a setting): opening a store
+whose records need a key that is not configured, or with a key that does not open its
+check value (a wrong key under a known id), fails at once with a message naming the key
+id — never garbage history later.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ..exceptions import DataKeyError
+
+if TYPE_CHECKING:
+    from .base import HistoryStore
+
+__all__ = [
+    "CHECKS_SETTING",
+    "KEYS_ENV",
+    "KEY_FILE_ENV",
+    "SEALED_PREFIX",
+    "DataKeys",
+    "is_sealed",
+    "key_id_of",
+    "reseal",
+    "verify_checks",
+]
+
+KEYS_ENV = "OVERSTORY_DATA_KEYS"
+KEY_FILE_ENV = "OVERSTORY_DATA_KEY_FILE"
+SEALED_PREFIX = "enc1:"
+#: The store setting holding one check value per key id that ever sealed here.
+CHECKS_SETTING = "overstory.data_keys"
+_KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+_NONCE = 12
+_CHECK_TEXT = b"overstory data key check"
+
+
+def is_sealed(body: str) -> bool:
+    return body.startswith(SEALED_PREFIX)
+
+
+def key_id_of(body: str) -> str | None:
+    """The key id a sealed body names (``None``: a plain body)."""
+    if not is_sealed(body):
+        return None
+    return body[len(SEALED_PREFIX) :].partition(":")[0]
+
+
+def _decode_key(key_id: str, text: str) -> bytes:
+    """32 bytes from standard or URL-safe base64 (padding optional), strictly."""
+    text = text.strip().translate(str.maketrans("-_", "+/"))
+    try:
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise DataKeyError(f"data key {key_id!r} is not standard or URL-safe base64") from None
+    if len(raw) != 32:
+        raise DataKeyError(
+            f"data key {key_id!r} is {len(raw)} bytes; AES-256 needs 32 (make one with "
+            "python -c 'import os,base64; print(base64.b64encode(os.urandom(32)).decode())')"
+        )
+    return raw
+
+
+@dataclass(frozen=True)
+class DataKeys:
+    """The data keys of one process: ``primary`` seals, every one in ``keys`` opens."""
+
+    primary: str
+    keys: Mapping[str, bytes] = field(repr=False)
+
+    @classmethod
+    def parse(cls, text: str, *, source: str = KEYS_ENV) -> DataKeys:
+        """``ID:BASE64`` entries separated by commas or new lines (``#`` comments)."""
+        entries = [
+            entry.strip()
+            for line in text.splitlines()
+            for entry in line.partition("#")[0].split(",")
+            if entry.strip()
+        ]
+        if not entries:
+            raise DataKeyError(f"{source} names no key: expected ID:BASE64[,ID:BASE64...]")
+        keys: dict[str, bytes] = {}
+        for entry in entries:
+            key_id, colon, encoded = entry.partition(":")
+            key_id = key_id.strip()
+            if not colon or not _KEY_ID.fullmatch(key_id):
+                raise DataKeyError(
+                    f"{source}: each entry is ID:BASE64 with an ID of 1-32 letters, digits, "
+                    f"'.', '_' or '-' (entry {len(keys) + 1} is not)"
+                )
+            if key_id in keys:
+                raise DataKeyError(f"{source}: key id {key_id!r} is listed twice")
+            keys[key_id] = _decode_key(key_id, encoded)
+        return cls(next(iter(keys)), keys)
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> DataKeys | None:
+        """The keys ``OVERSTORY_DATA_KEYS`` or ``OVERSTORY_DATA_KEY_FILE`` give (not
+        both); ``None`` when neither is set (history is stored in the clear)."""
+        env = os.environ if environ is None else environ
+        inline, path = env.get(KEYS_ENV, "").strip(), env.get(KEY_FILE_ENV, "").strip()
+        if inline and path:
+            raise DataKeyError(f"set {KEYS_ENV} or {KEY_FILE_ENV}, not both")
+        if path:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            except OSError as exc:
+                raise DataKeyError(
+                    f"{KEY_FILE_ENV}: cannot read {path!r}: {exc.strerror}"
+                ) from None
+            return cls.parse(text, source=f"{KEY_FILE_ENV} ({path})")
+        return cls.parse(inline) if inline else None
+
+    def __repr__(self) -> str:  # never the key bytes
+        return f"DataKeys(primary={self.primary!r}, ids={sorted(self.keys)!r})"
+
+    # --- sealing -------------------------------------------------------------------------
+
+    @staticmethod
+    def _aad(key_id: str, conversation_id: str, seq: int) -> bytes:
+        return json.dumps([key_id, conversation_id, seq]).encode()
+
+    def seal(self, body: str, conversation_id: str, seq: int) -> str:
+        """``body`` sealed with the primary key, bound to its conversation and seq."""
+        nonce = os.urandom(_NONCE)
+        aad = self._aad(self.primary, conversation_id, seq)
+        sealed = AESGCM(self.keys[self.primary]).encrypt(nonce, body.encode("utf-8"), aad)
+        token = base64.urlsafe_b64encode(nonce + sealed).decode("ascii").rstrip("=")
+        return f"{SEALED_PREFIX}{self.primary}:{token}"
+
+    def open(self, body: str, conversation_id: str, seq: int) -> str:
+        """The plain body of a sealed one (a plain body is returned as it is)."""
+        if not is_sealed(body):
+            return body
+        key_id, _, token = body[len(SEALED_PREFIX) :].partition(":")
+        key = self.keys.get(key_id)
+        if key is None:
+            raise DataKeyError(
+                f"message {seq} of {conversation_id!r} is sealed with data key {key_id!r}, "
+                f"which is not configured (configured: {', '.join(sorted(self.keys))})"
+            )
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            plain = AESGCM(key).decrypt(
+                raw[:_NONCE], raw[_NONCE:], self._aad(key_id, conversation_id, seq)
+            )
+            return plain.decode("utf-8")
+        except (InvalidTag, binascii.Error, ValueError) as exc:
+            raise DataKeyError(
+                f"message {seq} of {conversation_id!r} does not open with data key "
+                f"{key_id!r}: it was altered, moved from another conversation or position, "
+                f"or the key is wrong ({type(exc).__name__})"
+            ) from None
+
+    def check_value(self, key_id: str) -> str:
+        """A sealed constant for ``key_id``: stored once, it tells a wrong key at start."""
+        nonce = os.urandom(_NONCE)
+        sealed = AESGCM(self.keys[key_id]).encrypt(nonce, _CHECK_TEXT, key_id.encode())
+        return base64.urlsafe_b64encode(nonce + sealed).decode("ascii")
+
+    def opens_check(self, key_id: str, check: str) -> bool:
+        try:
+            raw = base64.urlsafe_b64decode(check)
+            plain = AESGCM(self.keys[key_id]).decrypt(raw[:_NONCE], raw[_NONCE:], key_id.encode())
+        except (InvalidTag, binascii.Error, ValueError, KeyError):
+            return False
+        return plain == _CHECK_TEXT
+
+
+def verify_checks(keys: DataKeys | None, stored: str | None, where: str) -> dict[str, str] | None:
+    """Compare a store's check values with the configured keys (at open).
+
+    Raises :class:`DataKeyError` when the store has sealed records but no key is
+    configured, when a key id it has seen is not configured, or when a configured key
+    does not open its id's check value. Returns the check values to store when the
+    primary key has not sealed here before (else ``None``). Only ids that sealed are
+    kept, so an old key may leave the configuration once ``rotate-data`` has re-sealed
+    everything it sealed (which then drops its check value)."""
+    checks: dict[str, str] = json.loads(stored) if stored else {}
+    if keys is None:
+        if checks:
+            raise DataKeyError(
+                f"the history in {where} is encrypted (data key ids: {', '.join(sorted(checks))}) "
+                f"but no key is configured: set {KEYS_ENV} or {KEY_FILE_ENV}"
+            )
+        return None
+    missing = sorted(set(checks) - set(keys.keys))
+    if missing:
+        raise DataKeyError(
+            f"the history in {where} holds records sealed with data key(s) "
+            f"{', '.join(map(repr, missing))}, which are not configured "
+            f"(configured: {', '.join(map(repr, sorted(keys.keys)))}); keep every old key "
+            "listed after the first until `overstory keys rotate-data` has re-sealed them"
+        )
+    for key_id, check in checks.items():
+        if not keys.opens_check(key_id, check):
+            raise DataKeyError(
+                f"data key {key_id!r} is wrong for {where}: it does not open the check value "
+                "stored when that id first sealed a record there"
+            )
+    if keys.primary in checks:
+        return None
+    return {**checks, keys.primary: keys.check_value(keys.primary)}
+
+
+async def reseal(store: HistoryStore, *, batch: int = 500) -> dict[str, Any]:
+    """Seal every message body not under the primary key with it (plain bodies, and
+    those sealed with an older key), page by page, each by compare-and-set: a store in
+    use may be re-sealed while it serves (messages are never rewritten otherwise).
+    When nothing is left under another key, the older keys' check values are dropped,
+    so those keys may leave the configuration. Returns the counts."""
+    keys = store.data_keys
+    if keys is None:
+        raise DataKeyError(f"no data key is configured: set {KEYS_ENV} or {KEY_FILE_ENV}")
+    counts = {"examined": 0, "resealed": 0, "skipped": 0}
+    after: tuple[str, int] | None = None
+    while rows := await store.bodies(after, batch):
+        for cid, seq, body in rows:
+            counts["examined"] += 1
+            if key_id_of(body) != keys.primary:
+                fresh = keys.seal(keys.open(body, cid, seq), cid, seq)
+                if await store.replace_body(cid, seq, body, fresh):
+                    counts["resealed"] += 1
+                else:
+                    counts["skipped"] += 1  # changed meanwhile: another rotation's
+        after = rows[-1][0], rows[-1][1]
+    if not counts["skipped"]:
+        while True:
+            stored = await store.get_setting(CHECKS_SETTING)
+            only = json.dumps({keys.primary: keys.check_value(keys.primary)})
+            if stored is not None and set(json.loads(stored)) == {keys.primary}:
+                break
+            if await store.put_setting(CHECKS_SETTING, only, expected=stored):
+                break
+    counts["key"] = keys.primary  # type: ignore[assignment]
+    return counts

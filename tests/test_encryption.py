@@ -1,0 +1,218 @@
+"""Encryption at rest (no Ray): keys, sealing, what the raw store holds, tampering, wrong
+and missing keys, rotation — against SQLite and the MongoDB-wire server both."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from overstory.exceptions import DataKeyError
+from overstory.messages import AssistantMessage, Message, ToolCall, ToolReturn, Usage, UserMessage
+from overstory.store import HistoryStore, open_store
+from overstory.store.crypto import DataKeys, reseal
+
+CANARY = "CANARY-7f3a-secret-text"
+
+
+def _key() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+K1, K2 = _key(), _key()
+
+
+@pytest.fixture(params=["sqlite", "mongodb"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    fixture = "sqlite_url" if request.param == "sqlite" else "mongo_url"
+    url: str = request.getfixturevalue(fixture)
+    return url
+
+
+def run(url: str, keys: DataKeys | None, body: Callable[[HistoryStore], Awaitable[Any]]) -> Any:
+    async def go() -> Any:
+        store = open_store(url, data_keys=keys)
+        await store.open()
+        try:
+            return await body(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def _turn(seq: int) -> list[Message]:
+    """A user message, a tool call, its return and the answer: the canary in each body."""
+    call = ToolCall(id=f"c{seq}", name="lookup", arguments={"q": CANARY})
+    return [
+        UserMessage(content=f"my text {CANARY}", seq=seq, turn_id=f"t{seq}", created_at=1.0),
+        AssistantMessage(
+            content="", tool_calls=(call,), seq=seq + 1, turn_id=f"t{seq}", created_at=1.0
+        ),
+        ToolReturn(
+            tool_call_id=f"c{seq}",
+            tool_name="lookup",
+            content=CANARY,
+            seq=seq + 2,
+            turn_id=f"t{seq}",
+            created_at=1.0,
+        ),
+        AssistantMessage(
+            content=f"answer {CANARY}",
+            usage=Usage(3, 4),
+            seq=seq + 3,
+            turn_id=f"t{seq}",
+            created_at=1.0,
+        ),
+    ]
+
+
+async def _write(store: HistoryStore, cid: str, messages: list[Message]) -> None:
+    for message in messages:
+        await store.append(cid, message)
+
+
+def _raw_bodies(url: str) -> list[str]:
+    """Every stored body, read past the store (the SQLite file, the MongoDB documents)."""
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            return [str(r[0]) for r in conn.execute("SELECT body FROM messages")]
+    from pymongo import MongoClient
+
+    client: MongoClient[dict[str, Any]] = MongoClient(url)
+    try:
+        db = client.get_default_database()
+        return [json.dumps(d, default=str) for d in db["messages"].find()]
+    finally:
+        client.close()
+
+
+def test_data_keys_parse_both_base64_alphabets_and_name_every_mistake(tmp_path: Path) -> None:
+    raw = os.urandom(32)
+    standard, urlsafe = base64.b64encode(raw).decode(), base64.urlsafe_b64encode(raw).decode()
+    keys = DataKeys.parse(f"new:{urlsafe.rstrip('=')}, old:{standard}")
+    assert (keys.primary, keys.keys["new"], keys.keys["old"]) == ("new", raw, raw)
+    assert standard not in repr(keys)
+    assert "'new'" in repr(keys)
+    for text, problem in (
+        ("", "names no key"),
+        ("k1", "ID:BASE64"),
+        ("bad id!:" + standard, "ID:BASE64"),
+        ("k1:" + base64.b64encode(os.urandom(16)).decode(), "16 bytes; AES-256 needs 32"),
+        ("k1:not*base64", "not standard or URL-safe base64"),
+        (f"k1:{standard},k1:{standard}", "listed twice"),
+    ):
+        with pytest.raises(DataKeyError, match=problem):
+            DataKeys.parse(text)
+    key_file = tmp_path / "data.keys"
+    key_file.write_text(f"# rotated on 2026-11-30\nk2:{K2}\nk1:{K1}  # the old one\n")
+    from_file = DataKeys.from_environment({"OVERSTORY_DATA_KEY_FILE": str(key_file)})
+    assert from_file is not None
+    assert (from_file.primary, set(from_file.keys)) == ("k2", {"k1", "k2"})
+    assert DataKeys.from_environment({}) is None
+    with pytest.raises(DataKeyError, match="not both"):
+        DataKeys.from_environment(
+            {"OVERSTORY_DATA_KEYS": f"k:{K1}", "OVERSTORY_DATA_KEY_FILE": "x"}
+        )
+    with pytest.raises(DataKeyError, match="cannot read"):
+        DataKeys.from_environment({"OVERSTORY_DATA_KEY_FILE": str(tmp_path / "missing")})
+
+
+def test_no_message_text_reaches_the_store_and_history_reads_back_whole(store_url: str) -> None:
+    keys = DataKeys.parse(f"k1:{K1}")
+    messages = _turn(0) + _turn(4)
+
+    async def body(store: HistoryStore) -> list[Message]:
+        await _write(store, "a:alice", messages)
+        return await store.load("a:alice")
+
+    loaded = run(store_url, keys, body)
+    raw = _raw_bodies(store_url)
+    assert len(raw) == 8
+    assert all(CANARY not in body and "my text" not in body for body in raw)
+    assert all("enc1:k1:" in body for body in raw)
+    assert loaded == messages
+    if store_url.startswith("sqlite"):  # the file's bytes, its write-ahead log included
+        path = Path(store_url.removeprefix("sqlite:///"))
+        files = [p for p in (path, path.with_name(path.name + "-wal")) if p.exists()]
+        assert all(CANARY.encode() not in p.read_bytes() for p in files)
+
+
+def test_a_record_moved_or_altered_does_not_open(store_url: str) -> None:
+    keys = DataKeys.parse(f"k1:{K1}")
+
+    async def body(store: HistoryStore) -> list[str]:
+        await _write(store, "a:alice", _turn(0))
+        await _write(store, "a:bob", [UserMessage(content="bob's", seq=0, turn_id="b")])
+        rows = await store.bodies()
+        return [b for _, _, b in rows]
+
+    bodies = run(store_url, keys, body)  # a:alice 0-3, then a:bob 0
+    alice_0, alice_1, bob_0 = bodies[0], bodies[1], bodies[4]
+
+    async def tamper(store: HistoryStore) -> list[str]:
+        errors = []
+        # alice's first message copied over bob's (another conversation, the same seq)
+        assert await store.replace_body("a:bob", 0, bob_0, alice_0)
+        # alice's first message copied to her second position
+        assert await store.replace_body("a:alice", 1, alice_1, alice_0)
+        for cid in ("a:bob", "a:alice"):
+            with pytest.raises(DataKeyError) as caught:
+                await store.load(cid)
+            errors.append(str(caught.value))
+        # one character of a body changed
+        flipped = alice_0[:-3] + ("A" if alice_0[-3] != "A" else "B") + alice_0[-2:]
+        assert await store.replace_body("a:alice", 1, alice_0, alice_1)
+        assert await store.replace_body("a:alice", 0, alice_0, flipped)
+        with pytest.raises(DataKeyError) as caught:
+            await store.load("a:alice")
+        errors.append(str(caught.value))
+        return errors
+
+    errors = run(store_url, keys, tamper)
+    assert "message 0 of 'a:bob' does not open" in errors[0]
+    assert "message 1 of 'a:alice' does not open" in errors[1]
+    assert "message 0 of 'a:alice' does not open" in errors[2]
+    assert all("altered, moved" in e and CANARY not in e for e in errors)
+
+
+def test_a_wrong_or_missing_key_fails_at_open_naming_the_key(store_url: str) -> None:
+    run(store_url, DataKeys.parse(f"k1:{K1}"), lambda s: _write(s, "a:alice", _turn(0)))
+    with pytest.raises(DataKeyError, match="no key is configured"):
+        run(store_url, None, lambda s: s.count())
+    with pytest.raises(DataKeyError, match="data key 'k1' is wrong"):
+        run(store_url, DataKeys.parse(f"k1:{K2}"), lambda s: s.count())
+    with pytest.raises(DataKeyError, match=r"sealed with data key.*'k1'.*not configured"):
+        run(store_url, DataKeys.parse(f"k2:{K2}"), lambda s: s.count())
+    # the stored history is untouched by the refusals
+    assert run(store_url, DataKeys.parse(f"k1:{K1}"), lambda s: s.load("a:alice")) == _turn(0)
+
+
+def test_rotation_seals_plain_and_old_records_with_the_new_key_then_old_keys_may_go(
+    store_url: str,
+) -> None:
+    run(store_url, None, lambda s: _write(s, "a:alice", _turn(0)))  # before encryption
+    assert sum(CANARY in b for b in _raw_bodies(store_url)) == 4  # in the clear, as before
+    k1 = DataKeys.parse(f"k1:{K1}")
+    run(store_url, k1, lambda s: _write(s, "a:alice", _turn(4)))  # turned on: mixed
+    assert run(store_url, k1, lambda s: s.load("a:alice")) == _turn(0) + _turn(4)
+    first = run(store_url, k1, reseal)
+    assert (first["examined"], first["resealed"], first["skipped"]) == (8, 4, 0)
+    assert all(CANARY not in b for b in _raw_bodies(store_url))
+
+    k2_then_k1 = DataKeys.parse(f"k2:{K2},k1:{K1}")
+    second = run(store_url, k2_then_k1, reseal)
+    assert (second["resealed"], second["key"]) == (8, "k2")
+    assert run(store_url, k2_then_k1, reseal)["resealed"] == 0  # nothing left to do
+    # every record is under k2 now, and k1's check value was dropped: k1 may go
+    only_k2 = DataKeys.parse(f"k2:{K2}")
+    assert run(store_url, only_k2, lambda s: s.load("a:alice")) == _turn(0) + _turn(4)
+    with pytest.raises(DataKeyError, match="no key is configured"):
+        run(store_url, None, lambda s: s.count())
