@@ -216,3 +216,22 @@ def test_rotation_seals_plain_and_old_records_with_the_new_key_then_old_keys_may
     assert run(store_url, only_k2, lambda s: s.load("a:alice")) == _turn(0) + _turn(4)
     with pytest.raises(DataKeyError, match="no key is configured"):
         run(store_url, None, lambda s: s.count())
+
+
+def test_the_rotate_data_command_reseals_with_the_first_key(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from overstory.runtime.cli import main
+
+    run(sqlite_url, DataKeys.parse(f"k1:{K1}"), lambda s: _write(s, "a:alice", _turn(0)))
+    monkeypatch.delenv("OVERSTORY_DATA_KEY_FILE", raising=False)
+    monkeypatch.setenv("OVERSTORY_DATA_KEYS", f"k2:{K2},k1:{K1}")
+    assert main(["keys", "rotate-data", "--json", "--store", sqlite_url]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report == {"examined": 4, "resealed": 4, "skipped": 0, "key": "k2"}
+    monkeypatch.setenv("OVERSTORY_DATA_KEYS", f"k1:{K1}")  # the old key alone: refused
+    assert main(["keys", "rotate-data", "--store", sqlite_url]) == 2
+    assert "'k2'" in capsys.readouterr().err
+    monkeypatch.delenv("OVERSTORY_DATA_KEYS")
+    assert main(["keys", "list", "--store", sqlite_url]) == 2  # no key: any use refused
+    assert "OVERSTORY_DATA_KEYS" in capsys.readouterr().err

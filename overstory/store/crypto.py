@@ -95,6 +95,14 @@ class DataKeys:
 
     primary: str
     keys: Mapping[str, bytes] = field(repr=False)
+    _ciphers: dict[str, AESGCM] = field(default_factory=dict, repr=False, compare=False)
+
+    def _cipher(self, key_id: str) -> AESGCM:
+        """One AESGCM per key (its key schedule made once, not per message)."""
+        cipher = self._ciphers.get(key_id)
+        if cipher is None:
+            cipher = self._ciphers[key_id] = AESGCM(self.keys[key_id])
+        return cipher
 
     @classmethod
     def parse(cls, text: str, *, source: str = KEYS_ENV) -> DataKeys:
@@ -147,13 +155,14 @@ class DataKeys:
 
     @staticmethod
     def _aad(key_id: str, conversation_id: str, seq: int) -> bytes:
-        return json.dumps([key_id, conversation_id, seq]).encode()
+        # Unambiguous: a key id and a seq hold no NUL, and the conversation id comes last.
+        return f"{key_id}\0{seq}\0{conversation_id}".encode()
 
     def seal(self, body: str, conversation_id: str, seq: int) -> str:
         """``body`` sealed with the primary key, bound to its conversation and seq."""
         nonce = os.urandom(_NONCE)
         aad = self._aad(self.primary, conversation_id, seq)
-        sealed = AESGCM(self.keys[self.primary]).encrypt(nonce, body.encode("utf-8"), aad)
+        sealed = self._cipher(self.primary).encrypt(nonce, body.encode("utf-8"), aad)
         token = base64.urlsafe_b64encode(nonce + sealed).decode("ascii").rstrip("=")
         return f"{SEALED_PREFIX}{self.primary}:{token}"
 
@@ -162,15 +171,14 @@ class DataKeys:
         if not is_sealed(body):
             return body
         key_id, _, token = body[len(SEALED_PREFIX) :].partition(":")
-        key = self.keys.get(key_id)
-        if key is None:
+        if key_id not in self.keys:
             raise DataKeyError(
                 f"message {seq} of {conversation_id!r} is sealed with data key {key_id!r}, "
                 f"which is not configured (configured: {', '.join(sorted(self.keys))})"
             )
         try:
             raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-            plain = AESGCM(key).decrypt(
+            plain = self._cipher(key_id).decrypt(
                 raw[:_NONCE], raw[_NONCE:], self._aad(key_id, conversation_id, seq)
             )
             return plain.decode("utf-8")
