@@ -27,6 +27,7 @@ both sides subclass the stdlib exceptions users already catch::
         ├── MaxRoundTripsExceeded           a turn needed more model round trips than allowed
         ├── TurnFailed                      a turn did not complete; the user message is stored
         │   └── TurnIncomplete              a streamed turn cut short (stored as such)
+        ├── QuotaExceeded                   a user's quota refused a turn (which limit, when it frees)
         ├── ConversationUnavailable         the conversation cannot be reached/started
         │   ├── Passivated                  it is shutting down; ask the registry again
         │   ├── StaleShardTable             routed with an old shard table (carries the new one)
@@ -63,6 +64,7 @@ __all__ = [
     "NotPermitted",
     "OverstoryError",
     "Passivated",
+    "QuotaExceeded",
     "RuntimeFailure",
     "SequenceConflict",
     "StaleShardTable",
@@ -340,6 +342,26 @@ class TurnIncomplete(TurnFailed):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.conversation_id, self.turn_id, self.reason, self.reply))
+
+
+class QuotaExceeded(RuntimeFailure):
+    """A user's quota refused a turn (or a model call within one). ``limit`` names it
+    (``tokens_per_day``, ``requests_per_minute``, ``concurrent_turns``), ``value`` is
+    its setting, ``retry_after_s`` how long until it frees (``resets_at``, epoch
+    seconds, the same moment). A turn refused at its start stored nothing."""
+
+    def __init__(self, limit: str, value: int, retry_after_s: float) -> None:
+        import time
+
+        self.limit, self.value, self.retry_after_s = limit, value, retry_after_s
+        self.resets_at = time.time() + retry_after_s
+        when = (
+            "at the next UTC midnight" if limit == "tokens_per_day" else f"in {retry_after_s:.1f} s"
+        )
+        super().__init__(f"quota exceeded: {limit} = {value}; it frees {when}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.limit, self.value, self.retry_after_s))
 
 
 class ConversationUnavailable(RuntimeFailure):

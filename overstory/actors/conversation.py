@@ -28,11 +28,12 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from ..app import App
 from ..exceptions import Fenced, Passivated, SequenceConflict
-from ..gateway.access import Need, RecordCache, check_access
+from ..gateway.access import Need, RecordCache, check_access, user_of
 from ..gateway.keys import Principal
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
 from ..providers.pool import provider_namespace
+from ..quota import Quota, QuotaBook, Ticket, finish
 from ..store import HistoryStore, open_store
 from ..supervisors.watch import RESTARTED, new_incarnation, watched_elsewhere
 from ..telemetry import attached, setup_telemetry
@@ -40,7 +41,7 @@ from ..telemetry import flush as flush_telemetry
 from ..validation import MAX_MESSAGE_CHARS, validate_message
 from .gate import TurnGate
 from .serving import Binding, Serving
-from .turn import Emit, run_turn
+from .turn import Emit, call_texts, run_turn
 from .turnlog import TurnStreams
 
 __all__ = ["ConversationActor"]
@@ -62,6 +63,9 @@ class ConversationActor:
         rollout_refresh_s: float = 5.0,
         stream_keep_turns: int = 8,
         stream_window_s: float = 300.0,
+        quota: tuple[int | None, int | None, int | None] = (None, None, None),
+        turn_timeout_s: float = 300.0,
+        quota_output_tokens: int = 1024,
     ) -> None:
         self.conversation_id = conversation_id
         # The app's namespace (the actor's, not its job's): provider actors live there.
@@ -77,6 +81,13 @@ class ConversationActor:
         # The deployed app (this process imports it) or the local one; its version per turn.
         self.serving = Serving(namespace, self._store, app, rollout_refresh_s)
         self.binding = Binding.of(conversation_id, api_keys)
+        self.quotas = QuotaBook(
+            self._store,
+            namespace,
+            Quota(*quota),
+            turn_timeout_s=turn_timeout_s,
+            output_tokens=quota_output_tokens,
+        )
         self._history: list[Message] = []
         self._epoch = 0
         self._loaded = False
@@ -92,6 +103,14 @@ class ConversationActor:
         self._stopped: asyncio.Event | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._asking: asyncio.Task[None] | None = None
+
+    async def _admit(self, turn_id: str, text: str) -> Ticket | None:
+        """The user's quota admits turn ``turn_id`` (``None``: no limit applies)."""
+        user = await user_of(self._store, self.conversation_id, self._records)
+        instructions = self.serving.app.get(self.binding.agent).instructions
+        new = not any(m.turn_id == turn_id for m in self._history)
+        texts = [*call_texts(instructions, self._history), text]
+        return await self.quotas.admit(user, turn_id, texts, new)
 
     async def _check(self, principal: Principal | None, need: Need) -> None:
         """A call made for an HTTP caller: may they (``check_access``)?"""
@@ -183,13 +202,17 @@ class ConversationActor:
         *,
         principal: Principal | None = None,
         agent_version: str | None = None,
+        admitted: bool = False,
+        ticket: Ticket | None = None,
     ) -> Reply:
         """Run turn ``turn_id``; ``caller``/``n``/``low`` order one client's sends (TurnGate).
 
         ``carrier`` is the client's trace context: the turn's spans become its children.
         ``emit`` (in-process only) streams the turn into its event log. ``principal``:
         the HTTP caller, checked here again (``check_access``). ``agent_version``: the
-        version the caller chose for this turn (else the rollout's).
+        version the caller chose for this turn (else the rollout's). The user's quota
+        admits the turn first; ``admitted`` and ``ticket`` (in-process only):
+        :meth:`start_turn` did.
         """
         await self._check(principal, "write")
         validate_message(text, max_chars=self.max_message_chars)
@@ -198,6 +221,8 @@ class ConversationActor:
         self._in_turn += 1
         try:
             await self._load()
+            if not admitted:
+                ticket = await self._admit(turn_id, text)
             async with self._gate.turn(caller, n, low):
                 if self._closing:
                     raise Passivated(f"conversation {self.conversation_id!r} is passivating")
@@ -219,6 +244,7 @@ class ConversationActor:
                             epoch=self._epoch,
                             emit=emit,
                             should_stop=should_stop,
+                            ticket=ticket,
                         )
                 except SequenceConflict:
                     # Someone else wrote this conversation: our copy is stale. Reload so
@@ -236,6 +262,8 @@ class ConversationActor:
                 finally:
                     self._turns += 1
         finally:
+            if ticket is not None:
+                await finish(ticket)
             self._in_turn -= 1
             self._last_active = time.monotonic()
             self._last_active_at = time.time()
@@ -264,6 +292,12 @@ class ConversationActor:
         if self._closing:
             raise Passivated(f"conversation {self.conversation_id!r} is passivating")
         await self._load()
+        ticket = None
+        if self._streams.will_run(turn_id, self._history):  # the quota refuses first
+            ticket = await self._admit(turn_id, text)
+            if ticket is not None and not self._streams.will_run(turn_id, self._history):
+                await finish(ticket)  # another start of it won meanwhile
+                ticket = None
 
         def run(emit: Emit, should_stop: Callable[[], bool]) -> Awaitable[Reply]:
             return self.send(
@@ -276,6 +310,8 @@ class ConversationActor:
                 emit,
                 should_stop,
                 agent_version=agent_version,
+                admitted=True,
+                ticket=ticket,
             )
 
         return self._streams.start(turn_id, after, run, self._history)

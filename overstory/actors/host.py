@@ -53,11 +53,12 @@ from ..exceptions import (
     TurnFailed,
     UsageError,
 )
-from ..gateway.access import Need, RecordCache, check_access
+from ..gateway.access import Need, RecordCache, check_access, user_of
 from ..gateway.keys import Principal
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
 from ..providers.pool import provider_namespace
+from ..quota import Quota, QuotaBook, Ticket, finish
 from ..store import HistoryStore, open_store
 from ..supervisors.core import Restart, SupervisorState, initial_state, on_exit
 from ..supervisors.spec import ChildSpec, SupervisorSpec
@@ -66,7 +67,7 @@ from ..telemetry import attached, metrics, setup_telemetry
 from ..validation import validate_message
 from .gate import TurnGate
 from .serving import Binding, Serving
-from .turn import Emit, run_turn
+from .turn import Emit, call_texts, run_turn
 from .turnlog import TurnStreams
 
 if TYPE_CHECKING:  # imported for types only: registry and runtime import this module
@@ -150,6 +151,17 @@ class HostActor:
         self._records = RecordCache()  # HTTP conversations' records, for check_access
         # The deployed app (imported here from the store's record) or the local one.
         self.serving = Serving(namespace, self._store, app, config.rollout_refresh_s)
+        self.quotas = QuotaBook(
+            self._store,
+            namespace,
+            Quota(
+                config.quota_tokens_per_day,
+                config.quota_requests_per_minute,
+                config.quota_concurrent_turns,
+            ),
+            turn_timeout_s=config.turn_timeout_s,
+            output_tokens=config.quota_output_tokens,
+        )
         self._store_open = False
         self._store_lock = asyncio.Lock()
         self._entities: OrderedDict[str, _Entity] = OrderedDict()  # least recent first
@@ -235,16 +247,22 @@ class HostActor:
         *,
         principal: Principal | None = None,
         agent_version: str | None = None,
+        admitted: bool = False,
+        ticket: Ticket | None = None,
     ) -> Reply:
         """Run turn ``turn_id`` of ``conversation_id`` (see ``ConversationActor.send``);
         ``emit`` and ``should_stop`` (in-process only) stream it into its event log.
         ``principal``: the HTTP caller, checked here again (``check_access``).
         ``agent_version``: the version the caller chose for this turn (else the
-        rollout's, see ``choose_version``)."""
+        rollout's, see ``choose_version``). The user's quota admits the turn first
+        (``QuotaExceeded``, nothing stored); ``admitted`` and ``ticket`` (in-process
+        only): :meth:`start_turn` did."""
         await self._route(version, conversation_id)
         await self._check(conversation_id, principal, "write")
         validate_message(text, max_chars=self.config.max_message_chars)
         entity = await self._activate(conversation_id, api_keys=api_keys)
+        if not admitted:
+            ticket = await self._admit(entity, turn_id, text)
         entity.in_turn += 1
         try:
             if entity.gate is None:
@@ -253,9 +271,11 @@ class HostActor:
                 if entity.closing:
                     raise Passivated(f"conversation {conversation_id!r} is passivating")
                 return await self._turn(
-                    entity, turn_id, text, carrier, emit, should_stop, agent_version
+                    entity, turn_id, text, carrier, emit, should_stop, agent_version, ticket
                 )
         finally:
+            if ticket is not None:
+                await finish(ticket)
             entity.in_turn -= 1
             if not entity.in_turn:
                 entity.gate = None  # a fresh gate orders by each caller's ``low``: no loss
@@ -276,6 +296,7 @@ class HostActor:
         emit: Emit | None = None,
         should_stop: Callable[[], bool] | None = None,
         agent_version: str | None = None,
+        ticket: Ticket | None = None,
     ) -> Reply:
         """One turn under the deadline; what escapes the turn machinery crashes the entity."""
         cid = entity.conversation_id
@@ -296,6 +317,7 @@ class HostActor:
                         epoch=entity.epoch,
                         emit=emit,
                         should_stop=should_stop,
+                        ticket=ticket,
                     )
         except (TurnFailed, UsageError):
             raise  # the turn's own outcome (or the caller's mistake): the entity is fine
@@ -347,6 +369,12 @@ class HostActor:
         validate_message(text, max_chars=self.config.max_message_chars)
         entity = await self._activate(conversation_id, api_keys=api_keys)
         streams = self._streams(entity)
+        ticket = None
+        if streams.will_run(turn_id, entity.history):  # the quota refuses before it starts
+            ticket = await self._admit(entity, turn_id, text)
+            if ticket is not None and not streams.will_run(turn_id, entity.history):
+                await finish(ticket)  # another start of it won meanwhile
+                ticket = None
 
         def run(emit: Emit, should_stop: Callable[[], bool]) -> Awaitable[Reply]:
             return self.send(
@@ -362,6 +390,8 @@ class HostActor:
                 emit,
                 should_stop,
                 agent_version=agent_version,
+                admitted=True,
+                ticket=ticket,
             )
 
         return streams.start(turn_id, after, run, entity.history)
@@ -494,6 +524,15 @@ class HostActor:
             if time.time() < quarantine.until:
                 raise quarantine
             del self._quarantined[conversation_id]
+
+    async def _admit(self, entity: _Entity, turn_id: str, text: str) -> Ticket | None:
+        """The user's quota admits turn ``turn_id`` (``None``: no limit applies)."""
+        await self._open_store()
+        user = await user_of(self._store, entity.conversation_id, self._records)
+        instructions = self.serving.app.get(entity.binding.agent).instructions
+        new = not any(m.turn_id == turn_id for m in entity.history)
+        texts = [*call_texts(instructions, entity.history), text]
+        return await self.quotas.admit(user, turn_id, texts, new)
 
     async def _check(self, conversation_id: str, principal: Principal | None, need: Need) -> None:
         """A call made for an HTTP caller: may they (``check_access``)?"""

@@ -12,6 +12,7 @@ user's message twice.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -21,6 +22,7 @@ from ..exceptions import (
     InvalidMessage,
     MaxRoundTripsExceeded,
     ModelError,
+    QuotaExceeded,
     TurnFailed,
     TurnIncomplete,
 )
@@ -38,6 +40,7 @@ from ..messages import (
 )
 from ..providers import Model
 from ..providers.base import FallThrough
+from ..quota import Ticket
 from ..store import HistoryStore
 from ..telemetry import (
     capture_content,
@@ -102,6 +105,7 @@ async def run_turn(
     epoch: int | None = None,
     emit: Emit | None = None,
     should_stop: Callable[[], bool] | None = None,
+    ticket: Ticket | None = None,
 ) -> Reply:
     """Run (or resume, or replay) turn ``turn_id``; ``history`` is extended in place.
 
@@ -116,13 +120,27 @@ async def run_turn(
     ``should_stop()`` turned true at a safe point (between deltas, after a tool
     returned) — is stored as the turn's incomplete answer and raised as
     :class:`~overstory.exceptions.TurnIncomplete` (a replay raises it again).
+
+    ``ticket``: the user's quota admitted the turn (:mod:`overstory.quota`); each model
+    call reserves its estimate first and commits its real usage after. A call the quota
+    refuses fails the turn (:class:`~overstory.exceptions.QuotaExceeded` as its cause).
+    The caller frees what the ticket still holds when the turn ends (``finish``).
     """
     started = time.monotonic()
     outcome = "error"
     try:
         with invoke_agent_span(agent.name, conversation_id, agent.version) as span:
             reply = await _run_turn(
-                agent, store, conversation_id, history, turn_id, text, epoch, emit, should_stop
+                agent,
+                store,
+                conversation_id,
+                history,
+                turn_id,
+                text,
+                epoch,
+                emit,
+                should_stop,
+                ticket,
             )
             set_turn_usage(span, reply.usage.input_tokens, reply.usage.output_tokens)
             outcome = "ok"
@@ -178,6 +196,20 @@ async def _streamed(
     raise RuntimeError(f"{model.name}'s stream ended without a response")
 
 
+def call_texts(instructions: str, history: Sequence[Message]) -> list[str]:
+    """What a model call sends, as text (a quota's estimate of its input)."""
+    texts = [instructions]
+    for m in history:
+        texts.append(m.content)
+        if isinstance(m, AssistantMessage):
+            texts += [json.dumps(c.arguments) for c in m.tool_calls]
+    return texts
+
+
+def _failure(exc: Exception) -> str:
+    return "quota" if isinstance(exc, QuotaExceeded) else "model error"
+
+
 async def _run_tool(agent: Agent, call: ToolCall) -> ToolReturn:
     """One tool call in an ``execute_tool {tool}`` span (an error return marks it failed)."""
     with execute_tool_span(call.name, call.id) as span:
@@ -204,6 +236,7 @@ async def _run_turn(
     epoch: int | None,
     emit: Emit | None,
     should_stop: Callable[[], bool] | None,
+    ticket: Ticket | None = None,
 ) -> Reply:
     turn = [m for m in history if m.turn_id == turn_id]
     stop = should_stop or _never
@@ -255,6 +288,8 @@ async def _run_turn(
             )
             raise TurnFailed(conversation_id, turn_id, str(reason), reason) from reason
         try:
+            if ticket is not None:
+                await ticket.before_call(call_texts(agent.instructions, history))
             if emit is None:
                 response = await agent.model.call(
                     agent.instructions, history, agent.tool_definitions
@@ -262,10 +297,14 @@ async def _run_turn(
             else:
                 response = await _streamed(agent, history, emit, stop)
         except _CutShort as cut:
+            if ticket is not None:  # what it used is unknown: its estimate counts
+                await ticket.after_call(ticket.estimate_of_open())
             await commit(AssistantMessage(content=cut.text, incomplete=cut.reason))
             return _ended(agent, conversation_id, turn_id, turn)
-        except ModelError as exc:
-            raise TurnFailed(conversation_id, turn_id, f"model error: {exc}", exc) from exc
+        except (ModelError, QuotaExceeded) as exc:
+            raise TurnFailed(conversation_id, turn_id, f"{_failure(exc)}: {exc}", exc) from exc
+        if ticket is not None:
+            await ticket.after_call(response.usage.input_tokens + response.usage.output_tokens)
         round_trips += 1
         await commit(
             AssistantMessage(

@@ -167,6 +167,13 @@ class TurnStreams:
         self.logs = TurnLogs(keep, window_s)
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def will_run(self, turn_id: str, history: Sequence[Message] = ()) -> bool:
+        """Whether :meth:`start` would run the turn now (no log for it here, and it has
+        not ended in ``history``): what a quota admits before it does."""
+        if self.logs.get(turn_id) is not None:
+            return False
+        return not is_complete([m for m in history if m.turn_id == turn_id])
+
     def start(self, turn_id: str, after: int, run: Run, history: Sequence[Message] = ()) -> int:
         """Run ``run(emit, should_stop)`` (the turn) into a new log unless one for
         ``turn_id`` is here, or the turn has ended already in ``history`` (a reader

@@ -37,6 +37,7 @@ __all__ = [
     "load_record",
     "owned_records",
     "update_record",
+    "user_of",
     "validate_metadata",
 ]
 
@@ -220,6 +221,20 @@ class RecordCache:
         while len(self._items) > self.size:
             self._items.popitem(last=False)
         return record
+
+
+async def user_of(
+    store: HistoryStore, conversation_id: str, cache: RecordCache | None = None
+) -> str:
+    """The user a runtime conversation (``agent:user``) counts against: its owner for an
+    HTTP conversation (a ``conv_`` id), else the user part itself. Quotas are per user,
+    whichever of their conversations runs the turn."""
+    _, user = split_conversation_id(conversation_id)
+    if is_conversation_id(user):
+        record = await (cache.get(store, user) if cache else load_record(store, user))
+        if record is not None:
+            return record.owner
+    return user
 
 
 async def check_access(

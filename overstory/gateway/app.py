@@ -36,6 +36,7 @@ from ..exceptions import (
     InvalidUserId,
     NotPermitted,
     OverstoryError,
+    QuotaExceeded,
     UnknownAgent,
     UnknownConversation,
     UnknownTurn,
@@ -445,6 +446,13 @@ async def _overstory_error(request: Request, exc: OverstoryError) -> Response:
         return ApiError(404, str(exc), code="not_found").response()
     if isinstance(exc, NotPermitted):
         return ApiError(403, str(exc), code="permission_denied").response()
+    if isinstance(exc, QuotaExceeded):
+        headers = {"retry-after": str(max(1, math.ceil(exc.retry_after_s)))}
+        if exc.limit == "tokens_per_day":  # hours away: a client's quick retry cannot help
+            headers["x-should-retry"] = "false"
+        return ApiError(
+            429, str(exc), type_="insufficient_quota", code="quota_exceeded", headers=headers
+        ).response()
     if isinstance(exc, UsageError):
         return ApiError(400, str(exc)).response()
     return ApiError(503, f"{type(exc).__name__}: {exc}", type_="server_error").response()

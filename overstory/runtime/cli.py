@@ -16,6 +16,7 @@ from typing import Any
 from ..agent import DEFAULT_PLACEMENT, PLACEMENTS
 from ..exceptions import ConfigError, OverstoryError, RuntimeFailure, TurnFailed, UsageError
 from ..messages import TurnEvent
+from ..quota import UNSET
 from ..registry.hosts import grow_hosts
 from . import ops
 from .client import Runtime, connect
@@ -340,6 +341,22 @@ def _add_ops_commands(sub: Any) -> None:
         "rollback", help="agent NAME back to its previously promoted version, for everyone"
     )
     rollback.add_argument("name", metavar="NAME")
+    quota = sub.add_parser(
+        "quota", help="per-user quotas: set a user's limits, show them and today's usage"
+    )
+    quota_sub = quota.add_subparsers(dest="quota_command", required=True)
+    quota_set = quota_sub.add_parser(
+        "set", help="change USER's limits (those not given keep their value; 'none': no limit)"
+    )
+    quota_show = quota_sub.add_parser("show", help="USER's limits and where they stand today")
+    for cmd in (quota_set, quota_show):
+        cmd.add_argument("user", metavar="USER")
+        cmd.add_argument("--store", help="store URL (default: OVERSTORY_STORE, else sqlite)")
+        cmd.add_argument("--namespace", help="the tree's namespace (default: overstory)")
+        cmd.add_argument("--config", type=Path, help="TOML config file (store, defaults)")
+        cmd.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    for flag in ("--tokens-per-day", "--requests-per-minute", "--concurrent-turns"):
+        quota_set.add_argument(flag, type=_limit, metavar="N|none", default=UNSET)
     migrate = sub.add_parser(
         "migrate",
         help="copy histories stored before apps (keyed by user id alone) to each user's "
@@ -547,6 +564,62 @@ def _store_config(args: argparse.Namespace) -> Config:
     return Config.from_mapping({"store": args.store} if args.store else {}, source="command line")
 
 
+def _limit(text: str) -> int | None:
+    """A quota limit on the command line: a whole number >= 0, or ``none``."""
+    if text.lower() == "none":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a whole number >= 0 or 'none', not {text!r}")
+    return int(text)
+
+
+def _quota(args: argparse.Namespace) -> int:
+    from ..quota import Quota, change_quota, report
+    from ..validation import validate_user_id
+    from .client import _run_store
+
+    overrides = {"namespace": args.namespace} if args.namespace else {}
+    if args.config is not None:
+        config = load_config(args.config, store=args.store, **overrides)
+    else:
+        config = Config.from_mapping(
+            {**({"store": args.store} if args.store else {}), **overrides}, source="command line"
+        )
+    user = validate_user_id(args.user, max_chars=config.max_user_id_chars)
+    default = Quota(
+        config.quota_tokens_per_day, config.quota_requests_per_minute, config.quota_concurrent_turns
+    )
+    ns = config.namespace
+    if args.quota_command == "set":
+        changes = {
+            name: getattr(args, name)
+            for name in ("tokens_per_day", "requests_per_minute", "concurrent_turns")
+            if getattr(args, name) is not UNSET
+        }
+        if not changes:
+            raise ConfigError(
+                "quota set: give at least one of --tokens-per-day, --requests-per-minute, "
+                "--concurrent-turns"
+            )
+        _run_store(config.store, lambda st: change_quota(st, ns, user, default, changes))
+    shown = _run_store(config.store, lambda st: report(st, ns, user, default))
+    if args.json:
+        print(json.dumps(shown, sort_keys=True))
+        return 0
+    limits = ", ".join(
+        f"{k.replace('_', ' ')} {'unlimited' if v is None else v}"
+        for k, v in shown["quota"].items()
+    )
+    usage = shown["usage"]
+    print(f"{user}: {limits} ({'their own' if shown['own'] else 'the default'})")
+    print(
+        f"  today ({usage['day'] or 'no use yet'}): {usage['tokens']} tokens used, "
+        f"{usage['reserved_tokens']} reserved; {usage['running_turns']} turn(s) running, "
+        f"{usage['turns_last_minute']} started in the last minute"
+    )
+    return 0
+
+
 def _keys(args: argparse.Namespace) -> int:
     from ..gateway.keys import create_key, list_keys, revoke_key
     from .client import _run_store
@@ -630,6 +703,7 @@ _OPS = {
     "rollback": _split_command,
     "migrate": _migrate,
     "keys": _keys,
+    "quota": _quota,
 }
 
 

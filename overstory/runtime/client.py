@@ -47,6 +47,7 @@ from ..gateway.keys import Principal
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
 from ..providers import api_keys as api_key_map
+from ..quota import UNSET, Quota, Unset, change_quota, report
 from ..registry import Registry, actor_name
 from ..rollout import (
     Deployment,
@@ -676,6 +677,53 @@ class Runtime:
         """Back to the previously promoted version, for everyone, at their next turn.
         Idempotent; returns the split."""
         return self._change_split(agent, rollback)
+
+    # --- quotas -----------------------------------------------------------------------------
+
+    def set_quota(
+        self,
+        user_id: str,
+        *,
+        tokens_per_day: int | Unset | None = UNSET,
+        requests_per_minute: int | Unset | None = UNSET,
+        concurrent_turns: int | Unset | None = UNSET,
+    ) -> dict[str, Any]:
+        """Set ``user_id``'s own quota (:mod:`overstory.quota`): the limits given change
+        (``None``: no limit of that kind), the others keep their current value (the
+        configured default, for a user without a quota of their own). It holds across
+        every conversation of the user, on every host and node, within 5 s (hosts read a
+        user's quota again after that). Returns :meth:`quota`."""
+        validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
+        changes = {
+            name: value
+            for name, value in (
+                ("tokens_per_day", tokens_per_day),
+                ("requests_per_minute", requests_per_minute),
+                ("concurrent_turns", concurrent_turns),
+            )
+            if not isinstance(value, Unset)
+        }
+        namespace, default = self.config.namespace, self.default_quota()
+        _run_store(
+            self.config.store, lambda st: change_quota(st, namespace, user_id, default, changes)
+        )
+        return self.quota(user_id)
+
+    def default_quota(self) -> Quota:
+        """The quota of users without one of their own (``quota_*`` in the config)."""
+        c = self.config
+        return Quota(c.quota_tokens_per_day, c.quota_requests_per_minute, c.quota_concurrent_turns)
+
+    def quota(self, user_id: str) -> dict[str, Any]:
+        """``user_id``'s quota and where they stand: ``{"user", "quota", "own" (whether
+        it is theirs or the default), "usage": {"day", "tokens", "reserved_tokens",
+        "running_turns", "turns_last_minute"}}``."""
+        validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
+        namespace, default = self.config.namespace, self.default_quota()
+        result: dict[str, Any] = _run_store(
+            self.config.store, lambda st: report(st, namespace, user_id, default)
+        )
+        return result
 
     # --- the store, read directly -----------------------------------------------------------
 

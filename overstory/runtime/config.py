@@ -79,6 +79,16 @@ class Config(pydantic.BaseModel):
     rollout_refresh_s: float = pydantic.Field(5.0, gt=0, le=3600)
     """How long a host trusts its copy of a rollout split before reading it again (the
     rollout commands also tell every host at once; this bounds a missed notice)."""
+    quota_tokens_per_day: int | None = pydantic.Field(None, ge=0)
+    """Default per-user quota (``overstory quota set`` overrides it per user): model
+    tokens (input and output) per UTC day, across every conversation of the user."""
+    quota_requests_per_minute: int | None = pydantic.Field(None, ge=0)
+    """Default per-user quota: turns started in any 60 s."""
+    quota_concurrent_turns: int | None = pydantic.Field(None, ge=0)
+    """Default per-user quota: turns running at once, cluster-wide."""
+    quota_output_tokens: int = pydantic.Field(1024, ge=1, le=1_000_000)
+    """The answer's share of a model call's token reservation (its input is estimated
+    from the characters sent); real usage replaces it when the call returns."""
     restart_intensity: int = pydantic.Field(100, ge=0)
     """Conversation restarts allowed within ``restart_period_s`` before the conversation
     supervisor gives up, shuts its children down and escalates to the root."""

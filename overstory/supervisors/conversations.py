@@ -70,6 +70,9 @@ class Lifecycle:
     rollout_refresh_s: float = 5.0
     stream_keep_turns: int = 8
     stream_window_s: float = 300.0
+    quota: tuple[int | None, int | None, int | None] = (None, None, None)  # default per user
+    turn_timeout_s: float = 300.0
+    quota_output_tokens: int = 1024
 
 
 @dataclass
@@ -250,6 +253,9 @@ class ConversationSupervisor:
                 self.lifecycle.rollout_refresh_s,
                 self.lifecycle.stream_keep_turns,
                 self.lifecycle.stream_window_s,
+                self.lifecycle.quota,
+                self.lifecycle.turn_timeout_s,
+                self.lifecycle.quota_output_tokens,
             ),
             options,
             timeout_s=self.lifecycle.activation_timeout_s,
