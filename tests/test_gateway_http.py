@@ -581,3 +581,31 @@ def test_python_and_http_reach_the_same_several_conversations_of_a_user(door: Do
         rt.new_conversation("alice", metadata={"k": "v" * 513})
     # the user's default conversation stays what it was, apart from these
     assert rt.conversation("alice", agent="helper").user_id == "alice"
+
+
+def test_a_quota_refusal_is_a_429_with_retry_after_and_stores_nothing(door: Door) -> None:
+    key, _ = _store(door.store, lambda s: create_key(s, "frank"))
+    door.rt.set_quota("frank", requests_per_minute=1, tokens_per_day=10**6)
+    client = door.client(key)
+    conv = client.conversations.create()
+    assert client.responses.create(model="helper", conversation=conv.id, input="hi").status == (
+        "completed"
+    )
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.responses.create(model="helper", conversation=conv.id, input="again", stream=True)
+    answer = refused.value.response
+    assert 1 <= int(answer.headers["retry-after"]) <= 60
+    assert "x-should-retry" not in answer.headers  # it frees within a minute: retrying helps
+    assert refused.value.code == "quota_exceeded"
+    assert "requests_per_minute = 1" in refused.value.message
+    assert len(client.conversations.items.list(conv.id).data) == 2  # the refused turn: nothing
+    door.rt.set_quota("frank", requests_per_minute=None, tokens_per_day=0)
+    time.sleep(5.5)  # hosts read a user's quota again after 5 s
+    status, headers, body = door.raw(
+        "POST",
+        "/v1/responses",
+        json.dumps({"model": "helper", "conversation": conv.id, "input": "and now?"}).encode(),
+        who=key,
+    )
+    assert (status, body["error"]["code"]) == (429, "quota_exceeded")
+    assert headers["x-should-retry"] == "false"  # tokens per day: hours away
