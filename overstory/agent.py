@@ -8,6 +8,7 @@ serves it, so its tools must be importable there (define them in a module, or in
 from __future__ import annotations
 
 import copy
+import importlib.util
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
@@ -57,6 +58,10 @@ class Agent:
     ``version`` tells apart versions of one agent served side by side (rollouts:
     :mod:`overstory.rollout`). Names and versions are 1-64 letters, digits, ``_``, ``.``
     or ``-``.
+
+    ``redact_pii``: e-mail addresses, phone numbers, card numbers, IBANs and secrets
+    become placeholders before text reaches the model, and are restored in its answers
+    and tool-call arguments (:mod:`overstory.redaction`).
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class Agent:
         max_round_trips: int = DEFAULT_MAX_ROUND_TRIPS,
         placement: Placement = DEFAULT_PLACEMENT,
         version: str = DEFAULT_VERSION,
+        redact_pii: bool = False,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"an agent needs a non-empty name, got {name!r}")
@@ -81,6 +87,12 @@ class Agent:
             raise ConfigError(
                 f"version {version!r} of agent {name!r} must be a string of 1-64 letters, "
                 "digits, '_', '.' or '-', starting with a letter or digit"
+            )
+        if not isinstance(redact_pii, bool):
+            raise ConfigError(f"redact_pii must be True or False, got {redact_pii!r}")
+        if redact_pii and importlib.util.find_spec("presidio_analyzer") is None:
+            raise ConfigError(
+                f"agent {name!r}: redact_pii needs Presidio: pip install 'overstory[pii]'"
             )
         if not isinstance(max_round_trips, int) or max_round_trips < 1:
             raise ConfigError(f"max_round_trips must be an int >= 1, got {max_round_trips!r}")
@@ -95,6 +107,7 @@ class Agent:
         self.instructions = instructions
         self.model: Model = resolve_model(model)
         self.max_round_trips = max_round_trips
+        self.redact_pii = redact_pii
         self.tools: dict[str, Tool] = {}
         for item in tools:
             tool = item if isinstance(item, Tool) else Tool(item)

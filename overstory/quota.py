@@ -55,6 +55,7 @@ __all__ = [
     "Ticket",
     "Unset",
     "apply",
+    "audited_refusal",
     "change_quota",
     "estimate_tokens",
     "finish",
@@ -493,3 +494,23 @@ async def finish(ticket: Ticket) -> None:
     A store that cannot be reached leaves it to expire (the next step drops it)."""
     with contextlib.suppress(StoreError):
         await asyncio.shield(ticket.finish())
+
+
+async def audited_refusal(
+    store: HistoryStore, user: str, conversation_id: str, exc: QuotaExceeded
+) -> None:
+    """The audit record of a turn the quota refused."""
+    from .audit import note
+
+    await note(
+        store,
+        who=user,
+        action="quota.refused",
+        target=conversation_id,
+        outcome="refused",
+        detail={
+            "limit": exc.limit,
+            "value": exc.value,
+            "retry_after_s": round(exc.retry_after_s, 1),
+        },
+    )

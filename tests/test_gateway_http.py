@@ -599,6 +599,11 @@ def test_a_quota_refusal_is_a_429_with_retry_after_and_stores_nothing(door: Door
     assert refused.value.code == "quota_exceeded"
     assert "requests_per_minute = 1" in refused.value.message
     assert len(client.conversations.items.list(conv.id).data) == 2  # the refused turn: nothing
+    from overstory.audit import records
+
+    refused_ = [r for r in _store(door.store, records) if r.action == "quota.refused"]
+    assert refused_[-1].who == "frank"
+    assert refused_[-1].detail["limit"] == "requests_per_minute"
     door.rt.set_quota("frank", requests_per_minute=None, tokens_per_day=0)
     time.sleep(5.5)  # hosts read a user's quota again after 5 s
     status, headers, body = door.raw(
@@ -609,3 +614,31 @@ def test_a_quota_refusal_is_a_429_with_retry_after_and_stores_nothing(door: Door
     )
     assert (status, body["error"]["code"]) == (429, "quota_exceeded")
     assert headers["x-should-retry"] == "false"  # tokens per day: hours away
+
+
+def test_the_door_audits_failures_denials_and_share_changes(door: Door) -> None:
+    from overstory.audit import records, verify
+
+    before = len(_store(door.store, records))
+    forged = "ovs_0123456789ab_" + "x" * 43
+    assert door.raw("GET", "/v1/conversations", who=forged)[0] == 401
+    conv = door.client().conversations.create()
+    with pytest.raises(openai.NotFoundError):
+        door.client("bob").conversations.retrieve(conv.id)
+    assert (
+        door.raw(
+            "POST",
+            f"/v1/conversations/{conv.id}/shares",
+            json.dumps({"user": "bob", "access": "read"}).encode(),
+        )[0]
+        == 200
+    )
+    assert door.client("root").conversations.retrieve(conv.id).id == conv.id
+    new = _store(door.store, records)[before:]
+    seen = {(r.action, r.who, r.outcome) for r in new}
+    assert ("auth.failed", "anonymous", "denied") in seen
+    assert ("access.denied", "bob", "denied") in seen
+    assert ("share.changed", "alice", "ok") in seen
+    assert ("admin.access", "root", "ok") in seen
+    assert all(forged not in json.dumps(r.detail) and "x" * 20 not in r.target for r in new)
+    assert _store(door.store, verify) == []

@@ -27,13 +27,13 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from ..app import App
-from ..exceptions import Fenced, Passivated, SequenceConflict
+from ..exceptions import Fenced, Passivated, QuotaExceeded, SequenceConflict
 from ..gateway.access import Need, RecordCache, check_access, user_of
 from ..gateway.keys import Principal
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
 from ..providers.pool import provider_namespace
-from ..quota import Quota, QuotaBook, Ticket, finish
+from ..quota import Quota, QuotaBook, Ticket, audited_refusal, finish
 from ..store import HistoryStore, open_store
 from ..supervisors.watch import RESTARTED, new_incarnation, watched_elsewhere
 from ..telemetry import attached, setup_telemetry
@@ -110,7 +110,11 @@ class ConversationActor:
         instructions = self.serving.app.get(self.binding.agent).instructions
         new = not any(m.turn_id == turn_id for m in self._history)
         texts = [*call_texts(instructions, self._history), text]
-        return await self.quotas.admit(user, turn_id, texts, new)
+        try:
+            return await self.quotas.admit(user, turn_id, texts, new)
+        except QuotaExceeded as exc:
+            await audited_refusal(self._store, user, self.conversation_id, exc)
+            raise
 
     async def _check(self, principal: Principal | None, need: Need) -> None:
         """A call made for an HTTP caller: may they (``check_access``)?"""

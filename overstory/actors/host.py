@@ -48,6 +48,7 @@ from ..exceptions import (
     ConversationQuarantined,
     Fenced,
     Passivated,
+    QuotaExceeded,
     SequenceConflict,
     StaleShardTable,
     TurnFailed,
@@ -58,7 +59,7 @@ from ..gateway.keys import Principal
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
 from ..providers.pool import provider_namespace
-from ..quota import Quota, QuotaBook, Ticket, finish
+from ..quota import Quota, QuotaBook, Ticket, audited_refusal, finish
 from ..store import HistoryStore, open_store
 from ..supervisors.core import Restart, SupervisorState, initial_state, on_exit
 from ..supervisors.spec import ChildSpec, SupervisorSpec
@@ -532,7 +533,11 @@ class HostActor:
         instructions = self.serving.app.get(entity.binding.agent).instructions
         new = not any(m.turn_id == turn_id for m in entity.history)
         texts = [*call_texts(instructions, entity.history), text]
-        return await self.quotas.admit(user, turn_id, texts, new)
+        try:
+            return await self.quotas.admit(user, turn_id, texts, new)
+        except QuotaExceeded as exc:
+            await audited_refusal(self._store, user, entity.conversation_id, exc)
+            raise
 
     async def _check(self, conversation_id: str, principal: Principal | None, need: Need) -> None:
         """A call made for an HTTP caller: may they (``check_access``)?"""

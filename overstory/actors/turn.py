@@ -41,6 +41,7 @@ from ..messages import (
 from ..providers import Model
 from ..providers.base import FallThrough
 from ..quota import Ticket
+from ..redaction import RedactingModel
 from ..store import HistoryStore
 from ..telemetry import (
     capture_content,
@@ -160,6 +161,7 @@ class _CutShort(Exception):
 
 async def _streamed(
     agent: Agent,
+    model: Model,
     history: Sequence[Message],
     emit: Emit,
     should_stop: Callable[[], bool],
@@ -167,7 +169,6 @@ async def _streamed(
     """One model call, streamed: its deltas and fall-throughs emitted as they come, the
     time to its first delta in the ``time_to_first_token`` metric. Raises
     :class:`_CutShort` when it fails after a delta or a stop is asked between deltas."""
-    model: Model = agent.model
     started: float | None = time.monotonic()
     shown: list[str] = []
     stream = model.stream(agent.instructions, history, agent.tool_definitions)
@@ -214,10 +215,13 @@ async def _run_tool(agent: Agent, call: ToolCall) -> ToolReturn:
     """One tool call in an ``execute_tool {tool}`` span (an error return marks it failed)."""
     with execute_tool_span(call.name, call.id) as span:
         result = await agent.run_tool(call)
-        record_tool_content(span, arguments=call.arguments, result=result.content)
+        # An agent that redacts never puts the original text in a span, opt-in or not.
+        if not agent.redact_pii:
+            record_tool_content(span, arguments=call.arguments, result=result.content)
         if result.is_error:
             # The error text may quote the user's data: it is content, recorded on opt-in.
-            detail = result.content[:200] if capture_content() else "the tool returned an error"
+            shown = capture_content() and not agent.redact_pii
+            detail = result.content[:200] if shown else "the tool returned an error"
             mark_error(span, "tool_error", detail)
         metrics().tool_call(
             call.name if call.name in agent.tools else "unknown",
@@ -267,6 +271,8 @@ async def _run_turn(
         await commit(UserMessage(content=text))
 
     round_trips = sum(isinstance(m, AssistantMessage) for m in turn)
+    # With redact_pii the model sees placeholders and its answers come back restored.
+    model = RedactingModel(agent.model) if agent.redact_pii else agent.model
     while True:
         last = turn[-1]
         if isinstance(last, AssistantMessage) and last.tool_calls:
@@ -291,11 +297,9 @@ async def _run_turn(
             if ticket is not None:
                 await ticket.before_call(call_texts(agent.instructions, history))
             if emit is None:
-                response = await agent.model.call(
-                    agent.instructions, history, agent.tool_definitions
-                )
+                response = await model.call(agent.instructions, history, agent.tool_definitions)
             else:
-                response = await _streamed(agent, history, emit, stop)
+                response = await _streamed(agent, model, history, emit, stop)
         except _CutShort as cut:
             if ticket is not None:  # what it used is unknown: its estimate counts
                 await ticket.after_call(ticket.estimate_of_open())

@@ -30,6 +30,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
+from ..audit import note
 from ..exceptions import (
     AuthenticationFailed,
     InvalidMessage,
@@ -168,6 +169,7 @@ class Gateway:
         self._opening = asyncio.Lock()
         self._rate = RequestRate(self.limits.requests_per_minute)
         self._sweeper: asyncio.Task[None] | None = None
+        self._audited: dict[str, float] = {}  # key -> when its success was last audited
 
     async def store(self) -> HistoryStore:
         async with self._opening:
@@ -207,15 +209,46 @@ class Gateway:
                 code="invalid_api_key",
             )
         token = token.strip()
+        scheme = "jwt" if self.jwt is not None and not token.startswith(f"{KEY_PREFIX}_") else "key"
         try:
-            if self.jwt is not None and not token.startswith(f"{KEY_PREFIX}_"):
-                principal = await authenticate_jwt(self.jwt, token)
+            if scheme == "jwt":
+                principal = await authenticate_jwt(self.jwt, token)  # type: ignore[arg-type]
             else:
                 principal = await authenticate_key(await self.store(), token)
         except AuthenticationFailed as exc:
+            await self.audit(
+                who="anonymous",
+                action="auth.failed",
+                target=request.url.path[:100],
+                outcome="denied",
+                detail={"scheme": scheme, "reason": str(exc)[:120]},
+            )
             raise ApiError(401, str(exc), code="invalid_api_key") from None
+        await self._audit_success(principal, scheme)
         self._count(principal)
         return principal
+
+    async def audit(self, **fields: Any) -> None:
+        """One audit record (:mod:`overstory.audit`; never message text or a secret)."""
+        await note(await self.store(), **fields)
+
+    async def _audit_success(self, principal: Principal, scheme: str) -> None:
+        """A key's (or token subject's) first success here, then one every 10 minutes:
+        every request would make the trail a bottleneck for nothing."""
+        who = principal.key_id or f"jwt:{principal.user}"
+        now = time.monotonic()
+        if now - self._audited.get(who, -1e9) < 600:
+            return
+        if len(self._audited) > 100_000:
+            self._audited.clear()
+        self._audited[who] = now
+        await self.audit(
+            who=principal.user,
+            action="auth.ok",
+            target=principal.key_id or "jwt",
+            outcome="ok",
+            detail={"scheme": scheme, "admin": principal.admin},
+        )
 
     def _count(self, principal: Principal) -> None:
         """The per-key request rate (429 with ``Retry-After``)."""
@@ -242,6 +275,22 @@ class Gateway:
         404 or 403 otherwise."""
         record = await self.record(conversation_id)
         status = access(record, principal, need)
+        if status != 200:
+            await self.audit(
+                who=principal.user,
+                action="access.denied",
+                target=str(conversation_id)[:64],
+                outcome="denied",
+                detail={"need": need, "status": status},
+            )
+        elif record is not None and principal.admin and record.owner != principal.user:
+            await self.audit(
+                who=principal.user,
+                action="admin.access",
+                target=record.id,
+                outcome="ok",
+                detail={"need": need, "owner": record.owner},
+            )
         if status == 404:
             raise ApiError(
                 404,
@@ -619,6 +668,13 @@ async def share(conversation_id: str, request: Request) -> Response:
     if level != "none":
         shares[user] = level
     record = await gateway.update(record, shares=shares)
+    await gateway.audit(
+        who=principal.user,
+        action="share.changed",
+        target=record.id,
+        outcome="ok",
+        detail={"user": user, "access": level},
+    )
     return JSONResponse(_shares(record))
 
 

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..audit import note
 from ..exceptions import AuthenticationFailed, StoreError, UnknownKey
 from ..store import HistoryStore
 from ..validation import validate_user_id
@@ -97,6 +98,14 @@ async def create_key(
     if not await store.put_setting(_RECORD + key_id, _dump(record), expected=None):
         raise StoreError(f"API key id {key_id} exists already (try again)")
     await _update_index(store, lambda ids: [*ids, key_id])
+    await note(
+        store,
+        who="operator",
+        action="key.created",
+        target=key_id,
+        outcome="ok",
+        detail={"user": user, "admin": admin},
+    )
     return f"{KEY_PREFIX}_{key_id}_{secret}", record
 
 
@@ -119,6 +128,14 @@ async def revoke_key(store: HistoryStore, key_id: str) -> KeyRecord:
             return record
         revoked = KeyRecord(**{**asdict(record), "revoked_at": time.time()})
         if await store.put_setting(_RECORD + key_id, _dump(revoked), expected=raw):
+            await note(
+                store,
+                who="operator",
+                action="key.revoked",
+                target=key_id,
+                outcome="ok",
+                detail={"user": record.user},
+            )
             return revoked
 
 

@@ -10,6 +10,8 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -341,6 +343,19 @@ def _add_ops_commands(sub: Any) -> None:
         "rollback", help="agent NAME back to its previously promoted version, for everyone"
     )
     rollback.add_argument("name", metavar="NAME")
+    audit = sub.add_parser(
+        "audit",
+        help="the audit trail (authentication, denials, quota refusals, keys, shares, "
+        "rollouts): list it, or --verify its hash chain",
+    )
+    audit.add_argument("--user", metavar="U", help="only records of this user")
+    audit.add_argument(
+        "--since", type=_moment, metavar="T", help="only records from T (ISO 8601, or epoch s)"
+    )
+    audit.add_argument("--verify", action="store_true", help="check the chain; exit 1 if broken")
+    audit.add_argument("--store", help="store URL (default: OVERSTORY_STORE, else sqlite)")
+    audit.add_argument("--config", type=Path, help="TOML config file (its store)")
+    audit.add_argument("--json", action="store_true", help="JSON on stdout")
     quota = sub.add_parser(
         "quota", help="per-user quotas: set a user's limits, show them and today's usage"
     )
@@ -564,6 +579,55 @@ def _store_config(args: argparse.Namespace) -> Config:
     return Config.from_mapping({"store": args.store} if args.store else {}, source="command line")
 
 
+def _moment(text: str) -> float:
+    """A point in time on the command line: ISO 8601 (UTC unless it says) or epoch s."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"an ISO 8601 time (2026-11-30T12:00) or epoch seconds, not {text!r}"
+        ) from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from ..audit import records, verify
+    from .client import _run_store
+
+    url = _store_config(args).store
+    if args.verify:
+        problems = _run_store(url, verify)
+        chain = _run_store(url, records)
+        if args.json:
+            print(json.dumps({"intact": not problems, "records": len(chain), "problems": problems}))
+        elif problems:
+            print(f"overstory audit: the chain of {len(chain)} record(s) is BROKEN:")
+            for problem in problems:
+                print(f"  {problem}")
+        else:
+            print(f"overstory audit: the chain of {len(chain)} record(s) is intact")
+        return 1 if problems else 0
+    chosen = [
+        r
+        for r in _run_store(url, records)
+        if (args.user is None or r.who == args.user) and (args.since is None or r.at >= args.since)
+    ]
+    if args.json:
+        print(json.dumps([asdict(r) for r in chosen], sort_keys=True))
+        return 0
+    for r in chosen:
+        when = datetime.fromtimestamp(r.at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        detail = " ".join(f"{k}={v}" for k, v in sorted(r.detail.items()))
+        print(f"{r.seq:>6}  {when}  {r.who:<16} {r.action:<16} {r.outcome:<8} {r.target}  {detail}")
+    if not chosen:
+        print("no audit records")
+    return 0
+
+
 def _limit(text: str) -> int | None:
     """A quota limit on the command line: a whole number >= 0, or ``none``."""
     if text.lower() == "none":
@@ -704,6 +768,7 @@ _OPS = {
     "migrate": _migrate,
     "keys": _keys,
     "quota": _quota,
+    "audit": _audit,
 }
 
 

@@ -28,6 +28,7 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTa
 
 from ..agent import Agent, Placement
 from ..app import App, as_app, conversation_id
+from ..audit import note
 from ..exceptions import (
     ConfigError,
     ConversationUnavailable,
@@ -643,8 +644,22 @@ class Runtime:
     def _change_split(self, agent: str, change: Callable[[Split], Split]) -> dict[str, Any]:
         versions = self._versions(agent)
 
-        def go(store: Any) -> Any:
-            return update_split(store, self.config.namespace, agent, versions, change)
+        async def go(store: Any) -> Split:
+            split = await update_split(store, self.config.namespace, agent, versions, change)
+            await note(
+                store,
+                who="operator",
+                action="rollout.changed",
+                target=f"{self.config.namespace}/{agent}",
+                outcome="ok",
+                detail={
+                    "live": split.live,
+                    "canary": split.canary,
+                    "percent": split.percent,
+                    "generation": split.generation,
+                },
+            )
+            return split
 
         split: Split = _run_store(self.config.store, go)
         self.registry.splits_changed()
