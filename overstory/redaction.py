@@ -48,6 +48,8 @@ _PLACEHOLDER = re.compile(r"<(EMAIL|PHONE|CARD|IBAN|SECRET)_(\d{1,6})>")
 #: What may still become a placeholder at the end of a streamed piece.
 _PARTIAL = re.compile(r"<(?:[A-Z]{0,6}(?:_\d{0,6})?)?$")
 
+#: Where a phone number may be: 7+ digits with separators between them.
+_PHONE_CANDIDATE = re.compile(r"\+?\(?\d[\d\s().\-/]{5,22}\d")
 #: Our secret patterns (score 1.0: a match is a secret; order: most specific first).
 _SECRETS = (
     ("anthropic key", r"\bsk-ant-[A-Za-z0-9_\-]{20,}"),
@@ -104,8 +106,8 @@ class Redactor:
             OfflineEmailRecognizer(),
             CreditCardRecognizer(patterns=[*CreditCardRecognizer.PATTERNS, mastercard_2]),
             IbanRecognizer(),
-            PhoneRecognizer(),
         ]
+        self._phones = PhoneRecognizer()
         self._cache: OrderedDict[str, tuple[Finding, ...]] = OrderedDict()
         self._size = cache_size
         self._lock = threading.Lock()
@@ -126,6 +128,16 @@ class Redactor:
                 label = _LABELS.get(result.entity_type)
                 if label is not None and result.end > result.start:
                     found.append((result.start, -(result.end - result.start), rank, label))
+        # Presidio's phone recognizer (libphonenumber, one pass per region) is the slow
+        # one: it reads only the runs of digits that could be a number, with some context.
+        rank = len(self._recognizers)
+        for candidate in _PHONE_CANDIDATE.finditer(text):
+            lo, hi = max(0, candidate.start() - 8), min(len(text), candidate.end() + 8)
+            window = text[lo:hi]
+            for result in self._phones.analyze(window, self._phones.supported_entities, None):  # type: ignore[arg-type]
+                if result.end > result.start:
+                    found.append((lo + result.start, -(result.end - result.start), rank, "PHONE"))
+        found = sorted(set(found))
         chosen: list[Finding] = []
         for start, neg_length, _, label in sorted(found):
             end = start - neg_length

@@ -20,6 +20,7 @@ from ..exceptions import ConfigError, OverstoryError, RuntimeFailure, TurnFailed
 from ..messages import TurnEvent
 from ..quota import UNSET
 from ..registry.hosts import grow_hosts
+from ..telemetry.logs import setup_logging
 from . import ops
 from .client import Runtime, connect
 from .config import DEFAULT_NAMESPACE, STORE_ENV, Config, load_config
@@ -775,6 +776,7 @@ _OPS = {
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        setup_logging()
         if args.command in _OPS:
             return _OPS[args.command](args)
         if args.command == "demo":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
+import os
 import threading
 import time
 import uuid
@@ -64,6 +65,7 @@ from ..store import open_store
 from ..supervisors.named import unwrap_task_error
 from ..telemetry import flush as flush_telemetry
 from ..telemetry import inject, setup_telemetry, telemetry_env, tracer
+from ..telemetry.logs import LOG_ENV
 from ..validation import validate_message, validate_user_id
 from .cluster import attach, detach
 from .config import Config
@@ -884,6 +886,8 @@ def connect(
     env_vars: dict[str, str] = {}
     if telemetry and setup_telemetry():
         env_vars = telemetry_env()
+    elif os.environ.get(LOG_ENV):
+        env_vars = {LOG_ENV: os.environ[LOG_ENV]}  # JSON log lines in the tree's actors too
     started = attach(config.ray_address, config.namespace, dashboard=dashboard, env_vars=env_vars)
     runtime = Runtime(config, app, started_ray=started, placement=placement, adopt=agent is None)
     try:

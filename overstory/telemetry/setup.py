@@ -30,6 +30,7 @@ the SDK read the rest themselves from ``os.environ``: TLS files, timeouts, compr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from ..exceptions import ConfigError
+from .logs import LOG_ENV, setup_logging
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -137,6 +139,8 @@ def setup_telemetry(
     value, naming the variable and the value.
     """
     global _provider
+    with contextlib.suppress(ConfigError):  # a bad OVERSTORY_LOG: the CLI reports it
+        setup_logging(env)
     plan = plan_telemetry(service_name, env=env)
     if plan is None:
         return False
@@ -167,13 +171,14 @@ def setup_telemetry(
 def telemetry_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """The telemetry variables to forward to Ray workers (``runtime_env`` ``env_vars``).
 
-    Every ``OTEL_*`` variable (the content-capture opt-in is one of them) and nothing else.
+    Every ``OTEL_*`` variable (the content-capture opt-in is one of them) and
+    ``OVERSTORY_LOG``, nothing else.
     They include ``OTEL_EXPORTER_OTLP_*HEADERS``, which may hold a collector's credentials:
     like every ``runtime_env`` value they are visible to whoever can read the cluster's
     job and actor metadata.
     """
     env = os.environ if env is None else env
-    return {k: v for k, v in env.items() if k.startswith(_FORWARDED_PREFIX)}
+    return {k: v for k, v in env.items() if k.startswith(_FORWARDED_PREFIX) or k == LOG_ENV}
 
 
 def flush(timeout_s: float = 5.0) -> None:
