@@ -61,7 +61,9 @@ class Agent:
 
     ``redact_pii``: e-mail addresses, phone numbers, card numbers, IBANs and secrets
     become placeholders before text reaches the model, and are restored in its answers
-    and tool-call arguments (:mod:`overstory.redaction`).
+    and tool-call arguments (:mod:`overstory.redaction`). ``cache_ttl_s``: answers are
+    cached that long per conversation owner, keyed on everything that changes them;
+    answers calling tools only with ``cache_tool_calls`` (:mod:`overstory.cache`).
     """
 
     def __init__(
@@ -75,6 +77,8 @@ class Agent:
         placement: Placement = DEFAULT_PLACEMENT,
         version: str = DEFAULT_VERSION,
         redact_pii: bool = False,
+        cache_ttl_s: float | None = None,
+        cache_tool_calls: bool = False,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"an agent needs a non-empty name, got {name!r}")
@@ -94,6 +98,16 @@ class Agent:
             raise ConfigError(
                 f"agent {name!r}: redact_pii needs Presidio: pip install 'overstory[pii]'"
             )
+        if cache_ttl_s is not None and (
+            isinstance(cache_ttl_s, bool)
+            or not isinstance(cache_ttl_s, int | float)
+            or not 0 < cache_ttl_s <= 30 * 86_400
+        ):
+            raise ConfigError(
+                f"cache_ttl_s must be seconds in (0, 30 days] or None, got {cache_ttl_s!r}"
+            )
+        if not isinstance(cache_tool_calls, bool):
+            raise ConfigError(f"cache_tool_calls must be True or False, got {cache_tool_calls!r}")
         if not isinstance(max_round_trips, int) or max_round_trips < 1:
             raise ConfigError(f"max_round_trips must be an int >= 1, got {max_round_trips!r}")
         if placement not in PLACEMENTS:
@@ -108,6 +122,8 @@ class Agent:
         self.model: Model = resolve_model(model)
         self.max_round_trips = max_round_trips
         self.redact_pii = redact_pii
+        self.cache_ttl_s = None if cache_ttl_s is None else float(cache_ttl_s)
+        self.cache_tool_calls = cache_tool_calls
         self.tools: dict[str, Tool] = {}
         for item in tools:
             tool = item if isinstance(item, Tool) else Tool(item)

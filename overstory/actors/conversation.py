@@ -238,6 +238,9 @@ class ConversationActor:
                             bool(self._history),
                             agent_version,
                         )
+                        owner = None
+                        if agent.cache_ttl_s is not None:
+                            owner = await user_of(self._store, self.conversation_id, self._records)
                         return await run_turn(
                             agent,
                             self._store,
@@ -249,6 +252,7 @@ class ConversationActor:
                             emit=emit,
                             should_stop=should_stop,
                             ticket=ticket,
+                            owner=owner,
                         )
                 except SequenceConflict:
                     # Someone else wrote this conversation: our copy is stale. Reload so

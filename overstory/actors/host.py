@@ -308,6 +308,9 @@ class HostActor:
                     agent = await self.serving.agent_for(
                         cid, entity.binding, bool(entity.history), agent_version
                     )
+                    owner = None
+                    if agent.cache_ttl_s is not None:
+                        owner = await user_of(self._store, cid, self._records)
                     return await run_turn(
                         agent,
                         self._store,
@@ -319,6 +322,7 @@ class HostActor:
                         emit=emit,
                         should_stop=should_stop,
                         ticket=ticket,
+                        owner=owner,
                     )
         except (TurnFailed, UsageError):
             raise  # the turn's own outcome (or the caller's mistake): the entity is fine

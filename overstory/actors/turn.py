@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ..agent import Agent
+from ..cache import CachingModel
 from ..exceptions import (
     InvalidMessage,
     MaxRoundTripsExceeded,
@@ -107,6 +108,7 @@ async def run_turn(
     emit: Emit | None = None,
     should_stop: Callable[[], bool] | None = None,
     ticket: Ticket | None = None,
+    owner: str | None = None,
 ) -> Reply:
     """Run (or resume, or replay) turn ``turn_id``; ``history`` is extended in place.
 
@@ -126,6 +128,8 @@ async def run_turn(
     call reserves its estimate first and commits its real usage after. A call the quota
     refuses fails the turn (:class:`~overstory.exceptions.QuotaExceeded` as its cause).
     The caller frees what the ticket still holds when the turn ends (``finish``).
+    ``owner``: the user the conversation belongs to — the scope of the agent's response
+    cache (:mod:`overstory.cache`; no cache without it).
     """
     started = time.monotonic()
     outcome = "error"
@@ -142,6 +146,7 @@ async def run_turn(
                 emit,
                 should_stop,
                 ticket,
+                owner,
             )
             set_turn_usage(span, reply.usage.input_tokens, reply.usage.output_tokens)
             outcome = "ok"
@@ -241,6 +246,7 @@ async def _run_turn(
     emit: Emit | None,
     should_stop: Callable[[], bool] | None,
     ticket: Ticket | None = None,
+    owner: str | None = None,
 ) -> Reply:
     turn = [m for m in history if m.turn_id == turn_id]
     stop = should_stop or _never
@@ -271,8 +277,20 @@ async def _run_turn(
         await commit(UserMessage(content=text))
 
     round_trips = sum(isinstance(m, AssistantMessage) for m in turn)
+    model = agent.model
+    if agent.cache_ttl_s is not None and owner is not None:  # keyed on what is sent
+        model = CachingModel(
+            model,
+            store,
+            owner,
+            agent.name,
+            agent.version,
+            agent.cache_ttl_s,
+            tool_calls=agent.cache_tool_calls,
+        )
     # With redact_pii the model sees placeholders and its answers come back restored.
-    model = RedactingModel(agent.model) if agent.redact_pii else agent.model
+    if agent.redact_pii:
+        model = RedactingModel(model)
     while True:
         last = turn[-1]
         if isinstance(last, AssistantMessage) and last.tool_calls:

@@ -92,6 +92,12 @@ METRICS: dict[str, MetricSpec] = {
         "Tool calls run, by tool and outcome (ok or error).",
         ("tool", "outcome"),
     ),
+    "cache": MetricSpec(
+        "overstory_cache_total",
+        "counter",
+        "Model calls of agents with a response cache, by outcome (hit or miss).",
+        ("agent", "outcome"),
+    ),
     "restarts": MetricSpec(
         "overstory_restarts_total",
         "counter",
@@ -207,6 +213,10 @@ class Metrics:
         if outcome not in ("ok", "error"):
             raise ValueError(f"tool call outcome must be 'ok' or 'error', not {outcome!r}")
         self._inc("tool_calls", 1, {"tool": _tag(tool), "outcome": outcome})
+
+    def cache(self, agent: str, outcome: Literal["hit", "miss"]) -> None:
+        """A model call of an agent with a response cache: answered from it, or not."""
+        self._inc("cache", 1, {"agent": _tag(agent), "outcome": outcome})
 
     # --- lifecycle ---------------------------------------------------------------------
 
