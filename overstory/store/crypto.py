@@ -9,7 +9,7 @@ Keys come from the environment of every process that opens the store:
   node and only its path travels.
 
 The first key seals; every key listed opens. A sealed body is
-``enc1:<key id>:<base64url(nonce ‖ ciphertext ‖ tag)>`` and its associated data is the
+``enc1:<key id>:<base64(nonce ‖ ciphertext ‖ tag)>`` and its associated data is the
 key id, the conversation id and the message's seq: a record copied to another
 conversation or another position does not open (:class:`~overstory.exceptions.DataKeyError`,
 never a wrong message). Bodies stored before encryption was turned on (plain JSON) are
@@ -163,8 +163,7 @@ class DataKeys:
         nonce = os.urandom(_NONCE)
         aad = self._aad(self.primary, conversation_id, seq)
         sealed = self._cipher(self.primary).encrypt(nonce, body.encode("utf-8"), aad)
-        token = base64.urlsafe_b64encode(nonce + sealed).decode("ascii").rstrip("=")
-        return f"{SEALED_PREFIX}{self.primary}:{token}"
+        return f"{SEALED_PREFIX}{self.primary}:{base64.b64encode(nonce + sealed).decode('ascii')}"
 
     def open(self, body: str, conversation_id: str, seq: int) -> str:
         """The plain body of a sealed one (a plain body is returned as it is)."""
@@ -177,7 +176,7 @@ class DataKeys:
                 f"which is not configured (configured: {', '.join(sorted(self.keys))})"
             )
         try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            raw = base64.b64decode(token, validate=True)
             plain = self._cipher(key_id).decrypt(
                 raw[:_NONCE], raw[_NONCE:], self._aad(key_id, conversation_id, seq)
             )
