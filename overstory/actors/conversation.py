@@ -270,7 +270,7 @@ class ConversationActor:
                 finally:
                     self._turns += 1
         finally:
-            if ticket is not None:
+            if ticket is not None and not admitted:  # start_turn's run() finishes its own
                 await finish(ticket)
             self._in_turn -= 1
             self._last_active = time.monotonic()
@@ -307,20 +307,24 @@ class ConversationActor:
                 await finish(ticket)  # another start of it won meanwhile
                 ticket = None
 
-        def run(emit: Emit, should_stop: Callable[[], bool]) -> Awaitable[Reply]:
-            return self.send(
-                turn_id,
-                text,
-                caller,
-                n,
-                low,
-                carrier,
-                emit,
-                should_stop,
-                agent_version=agent_version,
-                admitted=True,
-                ticket=ticket,
-            )
+        async def run(emit: Emit, should_stop: Callable[[], bool]) -> Reply:
+            try:
+                return await self.send(
+                    turn_id,
+                    text,
+                    caller,
+                    n,
+                    low,
+                    carrier,
+                    emit,
+                    should_stop,
+                    agent_version=agent_version,
+                    admitted=True,
+                    ticket=ticket,
+                )
+            finally:  # however it ends, even before it ran a step
+                if ticket is not None:
+                    await finish(ticket)
 
         return self._streams.start(turn_id, after, run, self._history)
 

@@ -275,7 +275,7 @@ class HostActor:
                     entity, turn_id, text, carrier, emit, should_stop, agent_version, ticket
                 )
         finally:
-            if ticket is not None:
+            if ticket is not None and not admitted:  # start_turn's run() finishes its own
                 await finish(ticket)
             entity.in_turn -= 1
             if not entity.in_turn:
@@ -381,23 +381,27 @@ class HostActor:
                 await finish(ticket)  # another start of it won meanwhile
                 ticket = None
 
-        def run(emit: Emit, should_stop: Callable[[], bool]) -> Awaitable[Reply]:
-            return self.send(
-                version,
-                conversation_id,
-                turn_id,
-                text,
-                caller,
-                n,
-                low,
-                carrier,
-                api_keys,
-                emit,
-                should_stop,
-                agent_version=agent_version,
-                admitted=True,
-                ticket=ticket,
-            )
+        async def run(emit: Emit, should_stop: Callable[[], bool]) -> Reply:
+            try:
+                return await self.send(
+                    version,
+                    conversation_id,
+                    turn_id,
+                    text,
+                    caller,
+                    n,
+                    low,
+                    carrier,
+                    api_keys,
+                    emit,
+                    should_stop,
+                    agent_version=agent_version,
+                    admitted=True,
+                    ticket=ticket,
+                )
+            finally:  # however it ends, even before it ran a step
+                if ticket is not None:
+                    await finish(ticket)
 
         return streams.start(turn_id, after, run, entity.history)
 
