@@ -40,7 +40,7 @@ async def turns(
         ticket = None
         if book is not None:
             texts = [*call_texts(agent.instructions, history), "hello there"]
-            ticket = await book.admit(user, "t1", texts, True)
+            ticket = await book.admit(user, cid, "t1", texts, True)
         try:
             await run_turn(agent, store, cid, history, "t1", "hello there", ticket=ticket)
         finally:

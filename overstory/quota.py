@@ -423,15 +423,17 @@ class QuotaBook:
             self._quotas.pop(user, None)
 
     async def admit(
-        self, user: str, turn_id: str, texts: Sequence[str], new: bool
+        self, user: str, conversation_id: str, turn_id: str, texts: Sequence[str], new: bool
     ) -> Ticket | None:
-        """Admit a turn of ``user`` (``None`` when no limit applies to them), reserving
-        its first call's estimate from ``texts`` (the instructions and the history the
-        call will send). Raises :class:`QuotaExceeded`; nothing is written then."""
+        """Admit turn ``turn_id`` of ``conversation_id``, a conversation of ``user``
+        (``None`` when no limit applies to them), reserving its first call's estimate
+        from ``texts`` (the instructions and the history the call will send). Raises
+        :class:`QuotaExceeded`; nothing is written then."""
         quota = await self.quota(user)
         if not quota.limited:
             return None
-        ticket = Ticket(self, user, quota, turn_id)
+        # Turn ids are unique within a conversation only: the ledger names turns by both.
+        ticket = Ticket(self, user, quota, f"{conversation_id}/{turn_id}")
         await ticket.admit(texts, new)
         return ticket
 

@@ -205,3 +205,27 @@ def test_a_quota_is_changed_in_part_and_reported(tmp_path: Path) -> None:
         "running_turns": 1,
         "turns_last_minute": 1,
     }
+
+
+def test_the_same_turn_id_in_two_conversations_is_two_turns(tmp_path: Path) -> None:
+    from overstory.quota import QuotaBook, finish
+
+    async def body() -> list[int]:
+        store = open_store(f"sqlite:///{tmp_path}/q.db", data_keys=None)
+        await store.open()
+        book = QuotaBook(store, "ns", Quota(concurrent_turns=2), turn_timeout_s=60, output_tokens=1)
+        one = await book.admit("gus", "a:conv_1", "t1", ["hi"], True)
+        two = await book.admit("gus", "a:conv_2", "t1", ["hi"], True)
+        running = [len((await read_ledger(store, "ns", "gus")).slots)]
+        with pytest.raises(QuotaExceeded, match="concurrent_turns"):
+            await book.admit("gus", "a:conv_3", "t1", ["hi"], True)
+        assert one is not None
+        assert two is not None
+        await finish(one)
+        running.append(len((await read_ledger(store, "ns", "gus")).slots))
+        await finish(two)
+        running.append(len((await read_ledger(store, "ns", "gus")).slots))
+        await store.close()
+        return running
+
+    assert _run(body()) == [2, 1, 0]

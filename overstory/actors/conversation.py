@@ -111,7 +111,7 @@ class ConversationActor:
         new = not any(m.turn_id == turn_id for m in self._history)
         texts = [*call_texts(instructions, self._history), text]
         try:
-            return await self.quotas.admit(user, turn_id, texts, new)
+            return await self.quotas.admit(user, self.conversation_id, turn_id, texts, new)
         except QuotaExceeded as exc:
             await audited_refusal(self._store, user, self.conversation_id, exc)
             raise

@@ -542,7 +542,7 @@ class HostActor:
         new = not any(m.turn_id == turn_id for m in entity.history)
         texts = [*call_texts(instructions, entity.history), text]
         try:
-            return await self.quotas.admit(user, turn_id, texts, new)
+            return await self.quotas.admit(user, entity.conversation_id, turn_id, texts, new)
         except QuotaExceeded as exc:
             await audited_refusal(self._store, user, entity.conversation_id, exc)
             raise
