@@ -28,7 +28,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from .exceptions import StoreError
+from .exceptions import DataKeyError, StoreError
 from .messages import AssistantMessage, Message, ModelResponse, ToolCall, ToolReturn, Usage
 from .providers.base import Model, StreamItem
 from .store import HistoryStore
@@ -142,7 +142,10 @@ class CachingModel(Model):
             return None, None  # the cache is an optimisation: a store hiccup is a miss
         if raw is None:
             return None, None
-        response, expires = _load(self._open(key, raw))
+        try:
+            response, expires = _load(self._open(key, raw))
+        except (DataKeyError, ValueError, KeyError, TypeError):
+            return None, raw  # sealed with a key gone since, or unreadable: a miss
         if expires <= time.time():
             return None, raw
         return response, raw
@@ -204,8 +207,12 @@ async def sweep(store: HistoryStore, now: float | None = None) -> int:
     swept, after = 0, ""
     while page := await store.settings(_PREFIX, after=after, limit=500):
         for key, raw in page:
-            value = raw if store.data_keys is None else store.data_keys.open(raw, key, 0)
-            if _load(value)[1] <= now:
+            try:
+                value = raw if store.data_keys is None else store.data_keys.open(raw, key, 0)
+                expired = _load(value)[1] <= now
+            except (DataKeyError, ValueError, KeyError, TypeError):
+                expired = True  # unreadable now (an old key): of no use to anyone
+            if expired:
                 swept += await store.delete_setting(key, expected=raw)
         after = page[-1][0]
     return swept

@@ -170,3 +170,30 @@ def test_with_redaction_the_cache_holds_placeholders_and_each_conversation_its_o
     assert two.text == "echo: mail bob@example.org please"
     stored = [m for m in one.messages if isinstance(m, AssistantMessage)]
     assert stored[0].content == one.text
+
+
+def test_an_entry_sealed_with_a_key_since_rotated_out_is_a_miss_not_an_error(
+    server: OpenAIServer, sqlite_url: str
+) -> None:
+    from overstory.store.crypto import reseal
+
+    server.reset()
+    k1 = f"k1:{base64.b64encode(os.urandom(32)).decode()}"
+    k2 = f"k2:{base64.b64encode(os.urandom(32)).decode()}"
+
+    async def first(t: Turns) -> None:  # an agent per run: its SDK client is per loop
+        await t.turn(agent(server, cache_ttl_s=60), "fay", "cached:f1", "remember this")
+
+    async def rotate(t: Turns) -> None:
+        await reseal(t.store)
+
+    async def again(t: Turns) -> tuple[Reply, int]:
+        reply, _ = await t.turn(agent(server, cache_ttl_s=60), "fay", "cached:f2", "remember this")
+        return reply, await sweep(t.store, now=0.0)
+
+    run(sqlite_url, first, DataKeys.parse(k1))
+    run(sqlite_url, rotate, DataKeys.parse(f"{k2},{k1}"))
+    reply, swept = run(sqlite_url, again, DataKeys.parse(k2))
+    assert reply.text == "echo: remember this"
+    assert len(server.requests) == 2  # the old entry could not be read: asked again
+    assert swept == 0  # the entry written again under k2 is fresh
