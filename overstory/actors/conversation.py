@@ -66,6 +66,7 @@ class ConversationActor:
         quota: tuple[int | None, int | None, int | None] = (None, None, None),
         turn_timeout_s: float = 300.0,
         quota_output_tokens: int = 1024,
+        prices: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         self.conversation_id = conversation_id
         # The app's namespace (the actor's, not its job's): provider actors live there.
@@ -81,6 +82,7 @@ class ConversationActor:
         # The deployed app (this process imports it) or the local one; its version per turn.
         self.serving = Serving(namespace, self._store, app, rollout_refresh_s)
         self.binding = Binding.of(conversation_id, api_keys)
+        self.prices = dict(prices or {})
         self.quotas = QuotaBook(
             self._store,
             namespace,
@@ -253,6 +255,7 @@ class ConversationActor:
                             should_stop=should_stop,
                             ticket=ticket,
                             owner=owner,
+                            prices=self.prices,
                         )
                 except SequenceConflict:
                     # Someone else wrote this conversation: our copy is stale. Reload so

@@ -323,6 +323,7 @@ class HostActor:
                         should_stop=should_stop,
                         ticket=ticket,
                         owner=owner,
+                        prices=self.config.prices,
                     )
         except (TurnFailed, UsageError):
             raise  # the turn's own outcome (or the caller's mistake): the entity is fine

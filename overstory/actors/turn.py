@@ -53,6 +53,7 @@ from ..telemetry import (
     record_tool_content,
     set_turn_usage,
 )
+from ..usage import Prices, cost_of
 
 __all__ = ["Emit", "is_complete", "reply_of", "run_turn"]
 
@@ -109,6 +110,7 @@ async def run_turn(
     should_stop: Callable[[], bool] | None = None,
     ticket: Ticket | None = None,
     owner: str | None = None,
+    prices: Prices | None = None,
 ) -> Reply:
     """Run (or resume, or replay) turn ``turn_id``; ``history`` is extended in place.
 
@@ -129,7 +131,9 @@ async def run_turn(
     refuses fails the turn (:class:`~overstory.exceptions.QuotaExceeded` as its cause).
     The caller frees what the ticket still holds when the turn ends (``finish``).
     ``owner``: the user the conversation belongs to — the scope of the agent's response
-    cache (:mod:`overstory.cache`; no cache without it).
+    cache (:mod:`overstory.cache`; no cache without it). ``prices``: the price table
+    the turn's cost is recorded by (``overstory.cost_usd`` on its span, the
+    ``overstory_cost_usd_total`` metric per model; :mod:`overstory.usage`).
     """
     started = time.monotonic()
     outcome = "error"
@@ -149,6 +153,8 @@ async def run_turn(
                 owner,
             )
             set_turn_usage(span, reply.usage.input_tokens, reply.usage.output_tokens)
+            if prices:
+                _record_cost(span, reply.messages, prices)
             outcome = "ok"
             return reply
     finally:
@@ -210,6 +216,19 @@ def call_texts(instructions: str, history: Sequence[Message]) -> list[str]:
         if isinstance(m, AssistantMessage):
             texts += [json.dumps(c.arguments) for c in m.tool_calls]
     return texts
+
+
+def _record_cost(span: Any, messages: Sequence[Message], prices: Prices) -> None:
+    """The turn's cost on its span and, per model, in the cost metric."""
+    total, priced = 0.0, False
+    for m in messages:
+        if isinstance(m, AssistantMessage):
+            cost = cost_of(m.model, m.usage.input_tokens, m.usage.output_tokens, prices)
+            if cost is not None:
+                total, priced = total + cost, True
+                metrics().cost(m.model, cost)
+    if priced:
+        span.set_attribute("overstory.cost_usd", round(total, 8))
 
 
 def _failure(exc: Exception) -> str:

@@ -63,6 +63,7 @@ def lifecycle_of(config: Config) -> Lifecycle:
         ),
         turn_timeout_s=config.turn_timeout_s,
         quota_output_tokens=config.quota_output_tokens,
+        prices={k: dict(v) for k, v in config.prices.items()},
     )
 
 

@@ -357,6 +357,16 @@ def _add_ops_commands(sub: Any) -> None:
     audit.add_argument("--store", help="store URL (default: OVERSTORY_STORE, else sqlite)")
     audit.add_argument("--config", type=Path, help="TOML config file (its store)")
     audit.add_argument("--json", action="store_true", help="JSON on stdout")
+    usage = sub.add_parser(
+        "usage", help="turns, tool calls, tokens and cost per model and user (from the store)"
+    )
+    usage.add_argument("--user", metavar="U", help="only this user's conversations")
+    usage.add_argument(
+        "--since", type=_moment, metavar="T", help="only from T (ISO 8601, or epoch s)"
+    )
+    usage.add_argument("--store", help="store URL (default: OVERSTORY_STORE, else sqlite)")
+    usage.add_argument("--config", type=Path, help="TOML config file (store, prices)")
+    usage.add_argument("--json", action="store_true", help="one JSON object on stdout")
     quota = sub.add_parser(
         "quota", help="per-user quotas: set a user's limits, show them and today's usage"
     )
@@ -629,6 +639,33 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage(args: argparse.Namespace) -> int:
+    from ..usage import usage
+    from ..validation import validate_user_id
+    from .client import _run_store
+
+    config = _store_config(args)
+    user = None if args.user is None else validate_user_id(args.user)
+    counted = _run_store(
+        config.store, lambda st: usage(st, config.prices, user=user, since=args.since)
+    )
+    if args.json:
+        print(json.dumps(counted, sort_keys=True))
+        return 0
+    print(
+        f"{counted['turns']} turn(s), {counted['tool_calls']} tool call(s), "
+        f"{counted['input_tokens']} input and {counted['output_tokens']} output tokens, "
+        f"${counted['cost_usd']:.4f}"
+        + (f" ({counted['unpriced']} tokens of unpriced models)" if counted["unpriced"] else "")
+    )
+    for model, row in sorted(counted["models"].items()):
+        price = f"${row['cost_usd']:.4f}" if row["priced"] else "no price"
+        print(
+            f"  {model or '(none)':<32} {row['input_tokens']:>10} in {row['output_tokens']:>10} out  {price}"
+        )
+    return 0
+
+
 def _limit(text: str) -> int | None:
     """A quota limit on the command line: a whole number >= 0, or ``none``."""
     if text.lower() == "none":
@@ -770,6 +807,7 @@ _OPS = {
     "keys": _keys,
     "quota": _quota,
     "audit": _audit,
+    "usage": _usage,
 }
 
 

@@ -66,6 +66,7 @@ from ..supervisors.named import unwrap_task_error
 from ..telemetry import flush as flush_telemetry
 from ..telemetry import inject, setup_telemetry, telemetry_env, tracer
 from ..telemetry.logs import LOG_ENV
+from ..usage import usage as usage_of
 from ..validation import validate_message, validate_user_id
 from .cluster import attach, detach
 from .config import Config
@@ -741,6 +742,19 @@ class Runtime:
             self.config.store, lambda st: report(st, namespace, user_id, default)
         )
         return result
+
+    def usage(self, user_id: str | None = None, *, since: float | None = None) -> dict[str, Any]:
+        """Turns, tool calls, tokens and cost — in total, per model and per user — read
+        from the stored history (``user_id``: only theirs, their HTTP conversations
+        included; ``since``: messages from that epoch second), priced by ``prices`` in
+        the config (:mod:`overstory.usage`)."""
+        if user_id is not None:
+            validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
+        prices = self.config.prices
+        counted: dict[str, Any] = _run_store(
+            self.config.store, lambda st: usage_of(st, prices, user=user_id, since=since)
+        )
+        return counted
 
     # --- the store, read directly -----------------------------------------------------------
 

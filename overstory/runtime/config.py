@@ -89,6 +89,9 @@ class Config(pydantic.BaseModel):
     quota_output_tokens: int = pydantic.Field(1024, ge=1, le=1_000_000)
     """The answer's share of a model call's token reservation (its input is estimated
     from the characters sent); real usage replaces it when the call returns."""
+    prices: dict[str, dict[str, float]] = pydantic.Field(default_factory=dict)
+    """Dollars per million tokens per model (``{model: {input, output}}``), for usage
+    and cost (:mod:`overstory.usage`); a model without a price counts no cost."""
     restart_intensity: int = pydantic.Field(100, ge=0)
     """Conversation restarts allowed within ``restart_period_s`` before the conversation
     supervisor gives up, shuts its children down and escalates to the root."""
@@ -96,6 +99,16 @@ class Config(pydantic.BaseModel):
     actor_resources: dict[str, float] = pydantic.Field(default_factory=dict)
     """Ray custom resources each conversation actor (dedicated) or host (hosted) requires:
     pins them to such nodes."""
+
+    @pydantic.field_validator("prices", mode="before")
+    @classmethod
+    def _prices(cls, value: Any) -> dict[str, dict[str, float]]:
+        from ..usage import validate_prices
+
+        try:
+            return validate_prices(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
     @pydantic.field_validator("namespace")
     @classmethod

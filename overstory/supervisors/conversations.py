@@ -73,6 +73,7 @@ class Lifecycle:
     quota: tuple[int | None, int | None, int | None] = (None, None, None)  # default per user
     turn_timeout_s: float = 300.0
     quota_output_tokens: int = 1024
+    prices: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -256,6 +257,7 @@ class ConversationSupervisor:
                 self.lifecycle.quota,
                 self.lifecycle.turn_timeout_s,
                 self.lifecycle.quota_output_tokens,
+                self.lifecycle.prices,
             ),
             options,
             timeout_s=self.lifecycle.activation_timeout_s,

@@ -98,6 +98,12 @@ METRICS: dict[str, MetricSpec] = {
         "Model calls of agents with a response cache, by outcome (hit or miss).",
         ("agent", "outcome"),
     ),
+    "cost": MetricSpec(
+        "overstory_cost_usd_total",
+        "counter",
+        "Dollars spent on model calls by the price table, by the model that answered.",
+        ("model",),
+    ),
     "restarts": MetricSpec(
         "overstory_restarts_total",
         "counter",
@@ -213,6 +219,10 @@ class Metrics:
         if outcome not in ("ok", "error"):
             raise ValueError(f"tool call outcome must be 'ok' or 'error', not {outcome!r}")
         self._inc("tool_calls", 1, {"tool": _tag(tool), "outcome": outcome})
+
+    def cost(self, model: str, dollars: float) -> None:
+        """An answer's cost by the configured price table."""
+        self._inc("cost", dollars, {"model": _tag(model)})
 
     def cache(self, agent: str, outcome: Literal["hit", "miss"]) -> None:
         """A model call of an agent with a response cache: answered from it, or not."""
