@@ -11,6 +11,7 @@ print(conv.send("hello").text)
 
 from .agent import Agent, Placement
 from .app import App, AppLoadError
+from .context import RunContext
 from .exceptions import (
     AllModelsFailed,
     ClusterAuthRefused,
@@ -102,6 +103,7 @@ __all__ = [
     "Reply",
     "RetryPolicy",
     "Rule",
+    "RunContext",
     "Runtime",
     "RuntimeFailure",
     "Secret",

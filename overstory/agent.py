@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
+from .context import RunContext
 from .exceptions import ConfigError
 from .messages import ToolCall, ToolReturn
 from .providers import Model, ModelSpec, Secret, resolve_model
@@ -152,9 +153,10 @@ class Agent:
             f"max_round_trips={self.max_round_trips}, placement={self.placement!r})"
         )
 
-    async def run_tool(self, call: ToolCall) -> ToolReturn:
-        """Run one tool call; an unknown tool is an error return, never an exception."""
+    async def run_tool(self, call: ToolCall, context: RunContext | None = None) -> ToolReturn:
+        """Run one tool call (``context`` for tools that take one); an unknown tool is an
+        error return, never an exception."""
         tool = self.tools.get(call.name)
         if tool is None:
             return unknown_tool(call, list(self.tools))
-        return await tool.run(call)
+        return await tool.run(call, context)

@@ -221,6 +221,7 @@ TurnEventType: TypeAlias = Literal[
     "tool_call",
     "tool_result",
     "fallback",
+    "progress",
     "restarted",
     "completed",
     "failed",
@@ -238,7 +239,8 @@ class TurnEvent:
     seq: int
     type: TurnEventType
     text: str = ""
-    """``delta``: the text; ``fallback``, ``failed``, ``incomplete``: the reason."""
+    """``delta``: the text; ``progress``: what a tool reported (``RunContext.report``);
+    ``fallback``, ``failed``, ``incomplete``: the reason."""
     model: str = ""
     """``delta``: the model answering; ``fallback``: the model that failed."""
     tool_call: ToolCall | None = None

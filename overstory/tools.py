@@ -17,6 +17,7 @@ from typing import Any, get_type_hints
 
 import pydantic
 
+from .context import RunContext
 from .exceptions import ToolDefinitionError
 from .messages import ToolCall, ToolReturn
 
@@ -61,9 +62,13 @@ class Tool:
         doc = inspect.getdoc(function) or ""
         self.description = description if description is not None else doc.split("\n\n")[0]
         self._is_async = inspect.iscoroutinefunction(function)
+        #: Whether its first parameter is a RunContext (injected, not in the schema).
+        self.takes_context = _takes_context(function)
         # Built eagerly to report definition errors now; rebuilt lazily after unpickling
         # because a pydantic model created at run time cannot be pickled by reference.
-        self._args_model: type[pydantic.BaseModel] | None = _args_model(self.name, function)
+        self._args_model: type[pydantic.BaseModel] | None = _args_model(
+            self.name, function, self.takes_context
+        )
         self.definition = ToolDefinition(
             name=self.name,
             description=self.description,
@@ -81,10 +86,11 @@ class Tool:
     def __repr__(self) -> str:
         return f"Tool({self.name!r})"
 
-    async def run(self, call: ToolCall) -> ToolReturn:
-        """Validate ``call.arguments`` and run the function; errors become error returns."""
+    async def run(self, call: ToolCall, context: RunContext | None = None) -> ToolReturn:
+        """Validate ``call.arguments`` and run the function (with ``context`` first when
+        it takes one); errors become error returns."""
         if self._args_model is None:
-            self._args_model = _args_model(self.name, self.function)
+            self._args_model = _args_model(self.name, self.function, self.takes_context)
         try:
             args = self._args_model.model_validate(call.arguments)
         except pydantic.ValidationError as exc:
@@ -94,11 +100,14 @@ class Tool:
             )
             return _error(call, f"invalid arguments for tool {self.name!r}: {problems}")
         kwargs = {k: getattr(args, k) for k in type(args).model_fields}
+        first = (context,) if self.takes_context else ()
+        if self.takes_context and context is None:
+            return _error(call, f"tool {self.name!r} needs a RunContext and none was given")
         try:
             if self._is_async:
-                result = await self.function(**kwargs)
+                result = await self.function(*first, **kwargs)
             else:
-                result = await asyncio.to_thread(self.function, **kwargs)
+                result = await asyncio.to_thread(self.function, *first, **kwargs)
         except Exception as exc:  # a tool's failure is reported to the model, by design
             return _error(call, f"tool {self.name!r} raised {type(exc).__name__}: {exc}")
         return ToolReturn(tool_call_id=call.id, tool_name=self.name, content=_render(result))
@@ -126,14 +135,33 @@ def _render(result: Any) -> str:
     return json.dumps(pydantic.TypeAdapter(Any).dump_python(result, mode="json"))
 
 
-def _args_model(name: str, function: Callable[..., Any]) -> type[pydantic.BaseModel]:
+def _takes_context(function: Callable[..., Any]) -> bool:
+    """Whether the first parameter is annotated :class:`RunContext` (and only it)."""
+    try:
+        params = list(inspect.signature(function).parameters.values())
+        hints = get_type_hints(function)
+    except (TypeError, ValueError, NameError):
+        return False  # _args_model reports it
+    named = [p for p in params if hints.get(p.name) is RunContext]
+    if named and named[0] is not params[0]:
+        raise ToolDefinitionError(
+            f"RunContext must be the first parameter of tool "
+            f"{getattr(function, '__name__', function)!r}, not {named[0].name!r}"
+        )
+    return bool(named)
+
+
+def _args_model(
+    name: str, function: Callable[..., Any], takes_context: bool = False
+) -> type[pydantic.BaseModel]:
     try:
         signature = inspect.signature(function)
         hints = get_type_hints(function)
     except (TypeError, ValueError, NameError) as exc:
         raise ToolDefinitionError(f"cannot read the signature of tool {name!r}: {exc}") from exc
     fields: dict[str, Any] = {}
-    for param in signature.parameters.values():
+    params = list(signature.parameters.values())[1 if takes_context else 0 :]
+    for param in params:
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise ToolDefinitionError(
                 f"tool {name!r} takes *{param.name}/**{param.name}; "

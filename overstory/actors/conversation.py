@@ -240,9 +240,8 @@ class ConversationActor:
                             bool(self._history),
                             agent_version,
                         )
-                        owner = None
-                        if agent.cache_ttl_s is not None:
-                            owner = await user_of(self._store, self.conversation_id, self._records)
+                        # Whose conversation: the cache's scope, the user a tool is told.
+                        owner = await user_of(self._store, self.conversation_id, self._records)
                         return await run_turn(
                             agent,
                             self._store,

@@ -308,9 +308,8 @@ class HostActor:
                     agent = await self.serving.agent_for(
                         cid, entity.binding, bool(entity.history), agent_version
                     )
-                    owner = None
-                    if agent.cache_ttl_s is not None:
-                        owner = await user_of(self._store, cid, self._records)
+                    # Whose conversation: the scope of the cache, the user a tool is told.
+                    owner = await user_of(self._store, cid, self._records)
                     return await run_turn(
                         agent,
                         self._store,

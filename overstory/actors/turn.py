@@ -12,6 +12,7 @@ user's message twice.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 
 from ..agent import Agent
 from ..cache import CachingModel
+from ..context import RunContext
 from ..exceptions import (
     InvalidMessage,
     MaxRoundTripsExceeded,
@@ -208,6 +210,11 @@ async def _streamed(
     raise RuntimeError(f"{model.name}'s stream ended without a response")
 
 
+def _user_part(conversation_id: str) -> str:
+    """The user of an ``agent:user`` id (the id itself when it has no agent part)."""
+    return conversation_id.partition(":")[2] or conversation_id
+
+
 def call_texts(instructions: str, history: Sequence[Message]) -> list[str]:
     """What a model call sends, as text (a quota's estimate of its input)."""
     texts = [instructions]
@@ -235,10 +242,10 @@ def _failure(exc: Exception) -> str:
     return "quota" if isinstance(exc, QuotaExceeded) else "model error"
 
 
-async def _run_tool(agent: Agent, call: ToolCall) -> ToolReturn:
+async def _run_tool(agent: Agent, call: ToolCall, context: RunContext) -> ToolReturn:
     """One tool call in an ``execute_tool {tool}`` span (an error return marks it failed)."""
     with execute_tool_span(call.name, call.id) as span:
-        result = await agent.run_tool(call)
+        result = await agent.run_tool(call, context)
         # An agent that redacts never puts the original text in a span, opt-in or not.
         if not agent.redact_pii:
             record_tool_content(span, arguments=call.arguments, result=result.content)
@@ -296,6 +303,16 @@ async def _run_turn(
         await commit(UserMessage(content=text))
 
     round_trips = sum(isinstance(m, AssistantMessage) for m in turn)
+    progress = None if emit is None else (lambda text: emit("progress", text=text))
+    context = RunContext(
+        owner if owner is not None else _user_part(conversation_id),
+        conversation_id,
+        agent.name,
+        agent.version,
+        turn_id,
+        progress,
+        asyncio.get_running_loop(),
+    )
     model = agent.model
     if agent.cache_ttl_s is not None and owner is not None:  # keyed on what is sent
         model = CachingModel(
@@ -318,7 +335,7 @@ async def _run_turn(
                 if call.id not in done:
                     if emit is not None:
                         emit("tool_call", tool_call=call)
-                    stored = await commit(await _run_tool(agent, call))
+                    stored = await commit(await _run_tool(agent, call, context))
                     if emit is not None:
                         emit("tool_result", tool_call=call, tool_return=stored)
                     if stop():
