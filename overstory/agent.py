@@ -80,6 +80,7 @@ class Agent:
         redact_pii: bool = False,
         cache_ttl_s: float | None = None,
         cache_tool_calls: bool = False,
+        vault_shared: Iterable[str] = (),
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"an agent needs a non-empty name, got {name!r}")
@@ -109,6 +110,13 @@ class Agent:
             )
         if not isinstance(cache_tool_calls, bool):
             raise ConfigError(f"cache_tool_calls must be True or False, got {cache_tool_calls!r}")
+        shared = (vault_shared,) if isinstance(vault_shared, str) else tuple(vault_shared)
+        for collection in shared:
+            if not isinstance(collection, str) or not is_plain_name(collection):
+                raise ConfigError(
+                    f"vault_shared names collections (1-64 letters, digits, '_', '.', '-'), "
+                    f"got {collection!r}"
+                )
         if not isinstance(max_round_trips, int) or max_round_trips < 1:
             raise ConfigError(f"max_round_trips must be an int >= 1, got {max_round_trips!r}")
         if placement not in PLACEMENTS:
@@ -125,6 +133,7 @@ class Agent:
         self.redact_pii = redact_pii
         self.cache_ttl_s = None if cache_ttl_s is None else float(cache_ttl_s)
         self.cache_tool_calls = cache_tool_calls
+        self.vault_shared: frozenset[str] = frozenset(shared)
         self.tools: dict[str, Tool] = {}
         for item in tools:
             tool = item if isinstance(item, Tool) else Tool(item)

@@ -15,6 +15,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .vault import DataVault
 
 __all__ = ["RunContext"]
 
@@ -23,13 +27,16 @@ __all__ = ["RunContext"]
 class RunContext:
     """The turn a tool runs in: whose conversation (``user_id`` — for an HTTP
     conversation, its owner), which (``conversation_id``, ``agent``, ``agent_version``,
-    ``turn_id``). :meth:`report` sends progress to whoever reads the turn's stream."""
+    ``turn_id``), the agent's :class:`~overstory.vault.DataVault` as this user sees it
+    (``vault``; ``vault.sync`` from a sync tool). :meth:`report` sends progress to
+    whoever reads the turn's stream."""
 
     user_id: str
     conversation_id: str
     agent: str
     agent_version: str
     turn_id: str
+    vault: DataVault | None = field(default=None, repr=False, compare=False)
     _emit: Callable[[str], object] | None = field(default=None, repr=False, compare=False)
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False, compare=False)
 

@@ -7,6 +7,7 @@ both sides subclass the stdlib exceptions users already catch::
     ├── UsageError (ValueError)             the caller got something wrong; retrying won't help
     │   ├── ConfigError                     unknown key, wrong type, bad value in a config
     │   ├── StoreURLError                   a store URL overstory cannot parse or does not support
+    │   ├── VaultError                      a DataVault call with a bad collection, key, document or filter
     │   ├── DataKeyError                    a data key missing, malformed or wrong; a sealed record altered or moved
     │   ├── InvalidUserId                   empty, too long, or control characters
     │   ├── InvalidMessage                  empty, oversized, or not text
@@ -79,6 +80,7 @@ __all__ = [
     "UnknownKey",
     "UnknownTurn",
     "UsageError",
+    "VaultError",
 ]
 
 
@@ -100,6 +102,10 @@ class ConfigError(UsageError):
 class DataKeyError(ConfigError):
     """A data key (encryption at rest) is missing, malformed or wrong, or a sealed
     message does not open with it (altered, or moved to another conversation or seq)."""
+
+
+class VaultError(UsageError):
+    """A DataVault call with a bad collection, key, document, filter or TTL."""
 
 
 class StoreURLError(ConfigError):

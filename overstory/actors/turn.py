@@ -56,6 +56,7 @@ from ..telemetry import (
     set_turn_usage,
 )
 from ..usage import Prices, cost_of
+from ..vault import DataVault
 
 __all__ = ["Emit", "is_complete", "reply_of", "run_turn"]
 
@@ -304,14 +305,17 @@ async def _run_turn(
 
     round_trips = sum(isinstance(m, AssistantMessage) for m in turn)
     progress = None if emit is None else (lambda text: emit("progress", text=text))
+    user = owner if owner is not None else _user_part(conversation_id)
+    loop = asyncio.get_running_loop()
     context = RunContext(
-        owner if owner is not None else _user_part(conversation_id),
+        user,
         conversation_id,
         agent.name,
         agent.version,
         turn_id,
+        DataVault(store, agent.name, user, agent.vault_shared, loop),
         progress,
-        asyncio.get_running_loop(),
+        loop,
     )
     model = agent.model
     if agent.cache_ttl_s is not None and owner is not None:  # keyed on what is sent

@@ -357,6 +357,24 @@ def _add_ops_commands(sub: Any) -> None:
     audit.add_argument("--store", help="store URL (default: OVERSTORY_STORE, else sqlite)")
     audit.add_argument("--config", type=Path, help="TOML config file (its store)")
     audit.add_argument("--json", action="store_true", help="JSON on stdout")
+    vault = sub.add_parser("vault", help="inspect and clear an agent's DataVault (the store only)")
+    vault_sub = vault.add_subparsers(dest="vault_command", required=True)
+    vault_ls = vault_sub.add_parser("ls", help="AGENT's collections, or one collection's keys")
+    vault_ls.add_argument("agent", metavar="AGENT")
+    vault_ls.add_argument("collection", metavar="COLLECTION", nargs="?")
+    vault_get = vault_sub.add_parser("get", help="one document")
+    vault_get.add_argument("agent", metavar="AGENT")
+    vault_get.add_argument("collection", metavar="COLLECTION")
+    vault_get.add_argument("key", metavar="KEY")
+    vault_rm = vault_sub.add_parser("rm", help="delete one document, or a whole collection")
+    vault_rm.add_argument("agent", metavar="AGENT")
+    vault_rm.add_argument("collection", metavar="COLLECTION")
+    vault_rm.add_argument("key", metavar="KEY", nargs="?")
+    for cmd in (vault_ls, vault_get, vault_rm):
+        cmd.add_argument("--user", metavar="U", help="whose (default: the shared collections)")
+        cmd.add_argument("--store", help="store URL (default: OVERSTORY_STORE, else sqlite)")
+        cmd.add_argument("--config", type=Path, help="TOML config file (its store)")
+        cmd.add_argument("--json", action="store_true", help="JSON on stdout")
     usage = sub.add_parser(
         "usage", help="turns, tool calls, tokens and cost per model and user (from the store)"
     )
@@ -639,6 +657,49 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vault(args: argparse.Namespace) -> int:
+    from .. import vault
+    from ..validation import validate_user_id
+    from .client import _run_store
+
+    url = _store_config(args).store
+    user = "" if args.user is None else validate_user_id(args.user)
+    if args.vault_command == "get":
+        document = _run_store(
+            url, lambda st: vault.fetch(st, args.agent, user, args.collection, args.key)
+        )
+        if document is None:
+            print(
+                f"overstory vault: no document {args.key!r} in {args.collection!r}", file=sys.stderr
+            )
+            return 1
+        print(json.dumps(document, ensure_ascii=False, sort_keys=True))
+        return 0
+    if args.vault_command == "rm":
+        gone = _run_store(
+            url, lambda st: vault.clear(st, args.agent, user, args.collection, args.key)
+        )
+        print(json.dumps({"deleted": gone}) if args.json else f"overstory vault: {gone} deleted")
+        return 0
+    if args.collection is not None:
+        listed: Any = _run_store(url, lambda st: vault.keys(st, args.agent, user, args.collection))
+    else:
+        listed = _run_store(
+            url, lambda st: vault.listing(st, args.agent, None if args.user is None else user)
+        )
+    if args.json:
+        print(json.dumps(listed, sort_keys=True))
+    elif args.collection is not None:
+        print("\n".join(listed) or "no documents")
+    else:
+        for row in listed:
+            owner = row["owner"] or "(shared)"
+            print(f"{owner:<24} {row['collection']:<24} {row['documents']}")
+        if not listed:
+            print("no vault documents")
+    return 0
+
+
 def _usage(args: argparse.Namespace) -> int:
     from ..usage import usage
     from ..validation import validate_user_id
@@ -808,6 +869,7 @@ _OPS = {
     "quota": _quota,
     "audit": _audit,
     "usage": _usage,
+    "vault": _vault,
 }
 
 

@@ -27,6 +27,7 @@ import ray
 from opentelemetry.trace import Span, SpanKind
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
+from .. import vault as vault_ops
 from ..agent import Agent, Placement
 from ..app import App, as_app, conversation_id
 from ..audit import note
@@ -755,6 +756,36 @@ class Runtime:
             self.config.store, lambda st: usage_of(st, prices, user=user_id, since=since)
         )
         return counted
+
+    # --- the DataVault, for operators ----------------------------------------------------------
+
+    def vault_list(self, agent: str, user_id: str | None = None) -> list[dict[str, Any]]:
+        """``agent``'s vault collections with their document counts: ``user_id``'s, or
+        (``None``) every owner's (owner ``""``: the shared collections)."""
+        if user_id:
+            validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
+        listed: list[dict[str, Any]] = _run_store(
+            self.config.store, lambda st: vault_ops.listing(st, agent, user_id)
+        )
+        return listed
+
+    def vault_get(
+        self, agent: str, collection: str, key: str, user_id: str = ""
+    ) -> dict[str, Any] | None:
+        """One document of ``user_id``'s (``""``: a shared collection)."""
+        got: dict[str, Any] | None = _run_store(
+            self.config.store, lambda st: vault_ops.fetch(st, agent, user_id, collection, key)
+        )
+        return got
+
+    def vault_clear(
+        self, agent: str, collection: str, key: str | None = None, user_id: str = ""
+    ) -> int:
+        """Delete one document of ``user_id``'s (``""``: shared) or the whole collection."""
+        gone: int = _run_store(
+            self.config.store, lambda st: vault_ops.clear(st, agent, user_id, collection, key)
+        )
+        return gone
 
     # --- the store, read directly -----------------------------------------------------------
 

@@ -141,6 +141,38 @@ class HistoryStore(ABC):
         """Up to ``limit`` ``(key, value)`` pairs whose key starts with ``prefix`` and
         sorts after ``after``, in key order (page on with the last key)."""
 
+    # --- the DataVault's documents (overstory.vault) ---------------------------------------
+
+    @abstractmethod
+    async def vault_put(
+        self,
+        space: tuple[str, str],
+        collection: str,
+        key: str,
+        document: str,
+        expires_at: float | None,
+    ) -> None:
+        """Store (or replace) one document of ``space`` (agent, owner; owner "" for a
+        collection shared across the agent's users)."""
+
+    @abstractmethod
+    async def vault_get(self, space: tuple[str, str], collection: str, key: str) -> str | None:
+        """The document (``None``: absent or expired)."""
+
+    @abstractmethod
+    async def vault_delete(self, space: tuple[str, str], collection: str, key: str | None) -> int:
+        """Delete one document, or with ``key`` None the whole collection; how many."""
+
+    @abstractmethod
+    async def vault_scan(
+        self, space: tuple[str, str], collection: str, *, after: str = "", limit: int = 100
+    ) -> list[tuple[str, str]]:
+        """Up to ``limit`` unexpired ``(key, document)`` after ``after``, in key order."""
+
+    @abstractmethod
+    async def vault_collections(self, agent: str, owner: str | None) -> list[tuple[str, str, int]]:
+        """``(owner, collection, unexpired documents)`` of ``agent`` (one owner's, or all)."""
+
     @abstractmethod
     async def close(self) -> None:
         """Release connections. Idempotent."""

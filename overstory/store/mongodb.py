@@ -18,6 +18,7 @@ says which one you have.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -87,6 +88,19 @@ class MongoStore(HistoryStore):
                 unique=True,
                 name="conversation_seq_unique",
             )
+            vault = client[self.database]["vault"]
+            await vault.create_index(
+                [
+                    ("agent", ASCENDING),
+                    ("owner", ASCENDING),
+                    ("collection", ASCENDING),
+                    ("key", ASCENDING),
+                ],
+                unique=True,
+                name="vault_document_unique",
+            )
+            # MongoDB drops expired documents itself (reads filter them until it does).
+            await vault.create_index("expires_at", expireAfterSeconds=0, name="vault_ttl")
         except PyMongoError as exc:
             await client.close()
             raise StoreUnavailable(
@@ -191,6 +205,82 @@ class MongoStore(HistoryStore):
             raise StoreError(f"cannot list settings from {self.url}: {exc}") from exc
         pairs = [(str(d["_id"]), str(d["value"])) for d in docs]
         return [(k, v) for k, v in pairs if k.startswith(prefix)]  # contiguous: a prefix ends
+
+    @property
+    def _vault(self) -> Any:
+        return self._collection("vault")
+
+    @staticmethod
+    def _live(query: dict[str, Any]) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        return {**query, "$or": [{"expires_at": None}, {"expires_at": {"$gt": now}}]}
+
+    async def vault_put(
+        self,
+        space: tuple[str, str],
+        collection: str,
+        key: str,
+        document: str,
+        expires_at: float | None,
+    ) -> None:
+        expires = None if expires_at is None else datetime.fromtimestamp(expires_at, UTC)
+        where = {"agent": space[0], "owner": space[1], "collection": collection, "key": key}
+        try:
+            await self._vault.update_one(
+                where, {"$set": {"document": document, "expires_at": expires}}, upsert=True
+            )
+        except DuplicateKeyError:  # two upserts raced: the other inserted, ours updates
+            await self._vault.update_one(
+                where, {"$set": {"document": document, "expires_at": expires}}
+            )
+        except PyMongoError as exc:
+            raise StoreError(f"cannot store a vault document in {self.url}: {exc}") from exc
+
+    async def vault_get(self, space: tuple[str, str], collection: str, key: str) -> str | None:
+        where = {"agent": space[0], "owner": space[1], "collection": collection, "key": key}
+        try:
+            doc = await self._vault.find_one(self._live(where))
+        except PyMongoError as exc:
+            raise StoreError(f"cannot read the vault in {self.url}: {exc}") from exc
+        return None if doc is None else str(doc["document"])
+
+    async def vault_delete(self, space: tuple[str, str], collection: str, key: str | None) -> int:
+        where: dict[str, Any] = {"agent": space[0], "owner": space[1], "collection": collection}
+        if key is not None:
+            where["key"] = key
+        try:
+            result = await self._vault.delete_many(where)
+        except PyMongoError as exc:
+            raise StoreError(f"cannot delete from the vault in {self.url}: {exc}") from exc
+        return int(result.deleted_count)
+
+    async def vault_scan(
+        self, space: tuple[str, str], collection: str, *, after: str = "", limit: int = 100
+    ) -> list[tuple[str, str]]:
+        where = {
+            "agent": space[0],
+            "owner": space[1],
+            "collection": collection,
+            "key": {"$gt": after},
+        }
+        try:
+            cursor = self._vault.find(self._live(where)).sort("key", ASCENDING).limit(limit)
+            return [(str(d["key"]), str(d["document"])) async for d in cursor]
+        except PyMongoError as exc:
+            raise StoreError(f"cannot read the vault in {self.url}: {exc}") from exc
+
+    async def vault_collections(self, agent: str, owner: str | None) -> list[tuple[str, str, int]]:
+        where: dict[str, Any] = {"agent": agent}
+        if owner is not None:
+            where["owner"] = owner
+        counts: dict[tuple[str, str], int] = {}
+        try:
+            async for d in self._vault.find(self._live(where), {"owner": 1, "collection": 1}):
+                pair = (str(d["owner"]), str(d["collection"]))
+                counts[pair] = counts.get(pair, 0) + 1
+        except PyMongoError as exc:
+            raise StoreError(f"cannot read the vault in {self.url}: {exc}") from exc
+        return [(o, c, n) for (o, c), n in sorted(counts.items())]
 
     async def load(self, conversation_id: str) -> list[Message]:
         try:

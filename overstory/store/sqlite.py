@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -55,6 +56,16 @@ CREATE TABLE IF NOT EXISTS settings (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS vault (
+    agent       TEXT NOT NULL,
+    owner       TEXT NOT NULL,
+    collection  TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    document    TEXT NOT NULL,
+    expires_at  REAL,
+    PRIMARY KEY (agent, owner, collection, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS vault_expiry ON vault (expires_at) WHERE expires_at IS NOT NULL;
 """
 
 
@@ -285,6 +296,94 @@ class SQLiteStore(HistoryStore):
         except sqlite3.Error as exc:
             raise StoreError(f"cannot list settings from {self.url}: {exc}") from exc
         return [(k, v) for k, v in rows if k.startswith(prefix)]  # contiguous: a prefix ends
+
+    async def vault_put(
+        self,
+        space: tuple[str, str],
+        collection: str,
+        key: str,
+        document: str,
+        expires_at: float | None,
+    ) -> None:
+        def upsert(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(
+                    "INSERT INTO vault (agent, owner, collection, key, document, expires_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (agent, owner, collection, key)"
+                    " DO UPDATE SET document = excluded.document, expires_at = excluded.expires_at",
+                    (*space, collection, key, document, expires_at),
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot store a vault document in {self.url}: {exc}") from exc
+
+        await self._write(upsert)
+
+    async def vault_get(self, space: tuple[str, str], collection: str, key: str) -> str | None:
+        def select(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT document FROM vault WHERE agent = ? AND owner = ? AND collection = ?"
+                " AND key = ? AND (expires_at IS NULL OR expires_at > ?)",
+                (*space, collection, key, time.time()),
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        try:
+            return await self._run(select)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the vault in {self.url}: {exc}") from exc
+
+    async def vault_delete(self, space: tuple[str, str], collection: str, key: str | None) -> int:
+        def delete(conn: sqlite3.Connection) -> int:
+            try:
+                if key is None:
+                    cursor = conn.execute(
+                        "DELETE FROM vault WHERE agent = ? AND owner = ? AND collection = ?",
+                        (*space, collection),
+                    )
+                else:
+                    cursor = conn.execute(
+                        "DELETE FROM vault WHERE agent = ? AND owner = ? AND collection = ?"
+                        " AND key = ?",
+                        (*space, collection, key),
+                    )
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot delete from the vault in {self.url}: {exc}") from exc
+            return int(cursor.rowcount)
+
+        return await self._write(delete)
+
+    async def vault_scan(
+        self, space: tuple[str, str], collection: str, *, after: str = "", limit: int = 100
+    ) -> list[tuple[str, str]]:
+        def select(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            rows = conn.execute(
+                "SELECT key, document FROM vault WHERE agent = ? AND owner = ? AND collection = ?"
+                " AND key > ? AND (expires_at IS NULL OR expires_at > ?) ORDER BY key LIMIT ?",
+                (*space, collection, after, time.time(), limit),
+            ).fetchall()
+            return [(str(k), str(d)) for k, d in rows]
+
+        try:
+            return await self._run(select)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the vault in {self.url}: {exc}") from exc
+
+    async def vault_collections(self, agent: str, owner: str | None) -> list[tuple[str, str, int]]:
+        def select(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
+            query = (
+                "SELECT owner, collection, COUNT(*) FROM vault WHERE agent = ?"
+                " AND (expires_at IS NULL OR expires_at > ?)"
+            )
+            args: tuple[Any, ...] = (agent, time.time())
+            if owner is not None:
+                query, args = query + " AND owner = ?", (*args, owner)
+            rows = conn.execute(query + " GROUP BY owner, collection ORDER BY 1, 2", args)
+            return [(str(o), str(c), int(n)) for o, c, n in rows.fetchall()]
+
+        try:
+            return await self._run(select)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the vault in {self.url}: {exc}") from exc
 
     async def load(self, conversation_id: str) -> list[Message]:
         def select(conn: sqlite3.Connection) -> list[Any]:

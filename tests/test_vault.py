@@ -1,0 +1,200 @@
+"""The DataVault (no Ray): isolation between agents and users, shared collections, TTL,
+query filters, validation, sealing at rest — on SQLite and the MongoDB-wire server — and
+tools using it through their run context."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from overstory import Agent, OfflineModel, RunContext
+from overstory.actors.turn import run_turn
+from overstory.exceptions import DataKeyError, VaultError
+from overstory.messages import Message, ToolReturn
+from overstory.providers.offline import Rule
+from overstory.store import HistoryStore, open_store
+from overstory.store.crypto import DataKeys
+from overstory.vault import MAX_DOCUMENT_BYTES, DataVault
+
+CANARY = "vault-canary-5e1f"
+
+
+@pytest.fixture(params=["sqlite", "mongodb"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    url: str = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "mongo_url")
+    return url
+
+
+def run(url: str, body: Any, keys: DataKeys | None = None) -> Any:
+    async def go() -> Any:
+        store = open_store(url, data_keys=keys)
+        await store.open()
+        try:
+            return await body(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def test_agents_and_users_never_see_each_others_documents(store_url: str) -> None:
+    async def body(store: HistoryStore) -> None:
+        a_u1 = DataVault(store, "support", "u1", shared=("faq",))
+        a_u2 = DataVault(store, "support", "u2", shared=("faq",))
+        b_u1 = DataVault(store, "billing", "u1", shared=("faq",))
+        await a_u1.store("notes", {"text": "u1's note"}, key="n1")
+        await a_u1.store("faq", {"q": "hours?", "a": "9-5"}, key="hours")
+        assert await a_u1.retrieve("notes", "n1") == {"text": "u1's note"}
+        assert await a_u2.retrieve("notes", "n1") is None  # another user
+        assert await b_u1.retrieve("notes", "n1") is None  # another agent
+        assert await a_u2.retrieve("faq", "hours") == {"q": "hours?", "a": "9-5"}  # shared
+        assert await b_u1.retrieve("faq", "hours") is None  # shared within an agent only
+        assert await a_u2.query("notes") == []
+        assert not await a_u2.delete("notes", "n1")  # cannot delete what it cannot see
+        assert await a_u1.retrieve("notes", "n1") is not None
+        key = await a_u1.store("notes", {"text": "second"})
+        assert len(key) == 32
+        await a_u1.store("notes", {"text": "replaced"}, key="n1")
+        expected = [text for _, text in sorted([("n1", "replaced"), (key, "second")])]
+        assert [d["text"] for _, d in await a_u1.query("notes")] == expected  # key order
+        assert await a_u1.delete("notes", "n1")
+
+    run(store_url, body)
+
+
+def test_ttl_query_filters_and_paging(store_url: str) -> None:
+    async def body(store: HistoryStore) -> None:
+        v = DataVault(store, "tasks", "u1")
+        for i in range(230):  # more than one page of the store's scan
+            await v.store("todo", {"n": i, "done": i % 3 == 0, "tag": "x"}, key=f"k{i:04d}")
+        await v.store("todo", {"n": -1, "done": True}, key="gone", ttl_s=0.2)
+        assert await v.retrieve("todo", "gone") is not None
+        await asyncio.sleep(0.3)
+        assert await v.retrieve("todo", "gone") is None
+        done = await v.query("todo", {"done": True}, limit=1000)
+        assert [d["n"] for _, d in done] == [i for i in range(230) if i % 3 == 0]
+        assert [k for k, _ in await v.query("todo", {"tag": "x", "done": False}, limit=3)] == [
+            "k0001",
+            "k0002",
+            "k0004",
+        ]
+        assert await v.query("todo", {"tag": "y"}) == []
+        rows = await store.vault_collections("tasks", None)
+        assert rows == [("u1", "todo", 230)]
+
+    run(store_url, body)
+
+
+def test_bad_calls_are_refused_by_name(sqlite_url: str) -> None:
+    async def body(store: HistoryStore) -> None:
+        v = DataVault(store, "a", "u")
+        for call, problem in (
+            (v.store("bad name!", {}), "collection"),
+            (v.store("c", {}, key=""), "key"),
+            (v.store("c", ["not", "a", "dict"]), "a JSON object"),  # type: ignore[arg-type]
+            (v.store("c", {"x": float("nan")}), "must be JSON"),
+            (v.store("c", {"x": "y" * MAX_DOCUMENT_BYTES}), "at most"),
+            (v.store("c", {}, ttl_s=0), "ttl_s"),
+            (v.query("c", limit=0), "limit"),
+            (v.query("c", ["x"]), "filter"),  # type: ignore[arg-type]
+        ):
+            with pytest.raises(VaultError, match=problem):
+                await call
+        assert await store.vault_collections("a", None) == []
+
+    run(sqlite_url, body)
+
+
+def test_sealed_at_rest_and_a_moved_document_does_not_open(store_url: str) -> None:
+    keys = DataKeys.parse(f"k:{base64.b64encode(os.urandom(32)).decode()}")
+
+    async def body(store: HistoryStore) -> str:
+        await DataVault(store, "a", "u1").store("secrets", {"text": CANARY}, key="s")
+        raw = await store.vault_get(("a", "u1"), "secrets", "s")
+        assert raw is not None
+        await store.vault_put(("a", "u2"), "secrets", "s", raw, None)  # copied to u2
+        with pytest.raises(DataKeyError):
+            await DataVault(store, "a", "u2").retrieve("secrets", "s")
+        got = await DataVault(store, "a", "u1").retrieve("secrets", "s")
+        return str(got)
+
+    assert CANARY in run(store_url, body, keys)
+    if store_url.startswith("sqlite"):
+        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as conn:
+            stored = " ".join(str(r[0]) for r in conn.execute("SELECT document FROM vault"))
+    else:
+        from pymongo import MongoClient
+
+        client: MongoClient[dict[str, Any]] = MongoClient(store_url)
+        stored = json.dumps(list(client.get_default_database()["vault"].find()), default=str)
+        client.close()
+    assert CANARY not in stored
+
+
+async def remember(ctx: RunContext, text: str) -> str:
+    """Remember something (an async tool)."""
+    assert ctx.vault is not None
+    await ctx.vault.store("notes", {"text": text, "turn": ctx.turn_id}, key="last")
+    return "remembered"
+
+
+def recall(ctx: RunContext) -> str:
+    """Recall it (a sync tool, in a worker thread)."""
+    assert ctx.vault is not None
+    note = ctx.vault.sync.retrieve("notes", "last")
+    return json.dumps(note)
+
+
+def test_tools_use_the_vault_through_their_context(tmp_path: Path) -> None:
+    rules = [Rule(r"remember (?P<text>.+)", "remember"), Rule(r"^recall", "recall")]
+    agent = Agent("keeper", model=OfflineModel("k", rules=rules), tools=[remember, recall])
+
+    async def body() -> list[str]:
+        store = open_store(f"sqlite:///{tmp_path}/v.db", data_keys=None)
+        await store.open()
+        alice: list[Message] = []
+        bob: list[Message] = []
+        await run_turn(agent, store, "keeper:alice", alice, "t1", "remember the milk")
+        await run_turn(agent, store, "keeper:alice", alice, "t2", "recall please")
+        await run_turn(agent, store, "keeper:bob", bob, "t1", "recall please")
+        await store.close()
+        return [m.content for m in alice + bob if isinstance(m, ToolReturn)]
+
+    results = asyncio.run(body())
+    assert results[0] == "remembered"
+    assert json.loads(results[1]) == {"text": "the milk", "turn": "t1"}
+    assert json.loads(results[2]) is None  # bob's vault is his own
+
+
+def test_the_vault_command_lists_gets_and_removes(
+    sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from overstory.runtime.cli import main
+
+    async def body(store: HistoryStore) -> None:
+        await DataVault(store, "a", "u1", shared=("faq",)).store("notes", {"t": 1}, key="n1")
+        await DataVault(store, "a", "u1", shared=("faq",)).store("faq", {"q": 2}, key="f1")
+
+    run(sqlite_url, body)
+    assert main(["vault", "ls", "a", "--json", "--store", sqlite_url]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {"owner": "", "collection": "faq", "documents": 1},
+        {"owner": "u1", "collection": "notes", "documents": 1},
+    ]
+    assert main(["vault", "ls", "a", "notes", "--user", "u1", "--store", sqlite_url]) == 0
+    assert capsys.readouterr().out.strip() == "n1"
+    assert main(["vault", "get", "a", "faq", "f1", "--store", sqlite_url]) == 0
+    assert json.loads(capsys.readouterr().out) == {"q": 2}
+    assert main(["vault", "get", "a", "notes", "n1", "--store", sqlite_url]) == 1  # not shared
+    capsys.readouterr()
+    assert main(["vault", "rm", "a", "notes", "--user", "u1", "--json", "--store", sqlite_url]) == 0
+    assert json.loads(capsys.readouterr().out) == {"deleted": 1}
+    assert main(["vault", "get", "a", "x!", "k", "--store", sqlite_url]) == 2
+    assert "collection" in capsys.readouterr().err
