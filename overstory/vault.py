@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from .exceptions import VaultError
 from .store import HistoryStore
+from .store.crypto import vault_aad
 
 __all__ = [
     "MAX_DOCUMENT_BYTES",
@@ -98,7 +99,7 @@ class DataVault:
         return (self.agent, "" if collection in self._shared else self.user)
 
     def _aad(self, space: tuple[str, str], collection: str, key: str) -> str:
-        return json.dumps(["vault", *space, collection, key])
+        return vault_aad(*space, collection, key)
 
     def _seal(self, space: tuple[str, str], collection: str, key: str, text: str) -> str:
         keys = self._store.data_keys

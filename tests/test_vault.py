@@ -198,3 +198,32 @@ def test_the_vault_command_lists_gets_and_removes(
     assert json.loads(capsys.readouterr().out) == {"deleted": 1}
     assert main(["vault", "get", "a", "x!", "k", "--store", sqlite_url]) == 2
     assert "collection" in capsys.readouterr().err
+
+
+def test_rotation_reseals_vault_documents_and_keeps_their_expiry(store_url: str) -> None:
+    from overstory.store.crypto import reseal
+
+    k1 = f"k1:{base64.b64encode(os.urandom(32)).decode()}"
+    k2 = f"k2:{base64.b64encode(os.urandom(32)).decode()}"
+
+    async def write(store: HistoryStore) -> None:
+        v = DataVault(store, "a", "u1")
+        await v.store("notes", {"text": CANARY}, key="kept")
+        await v.store("notes", {"text": "brief"}, key="brief", ttl_s=1.0)
+
+    async def rotate(store: HistoryStore) -> dict[str, Any]:
+        return await reseal(store)
+
+    async def read(store: HistoryStore) -> list[Any]:
+        v = DataVault(store, "a", "u1")
+        first = [await v.retrieve("notes", "kept"), await v.retrieve("notes", "brief")]
+        await asyncio.sleep(1.1)
+        return [*first, await v.retrieve("notes", "brief")]
+
+    run(store_url, write, DataKeys.parse(k1))
+    counts = run(store_url, rotate, DataKeys.parse(f"{k2},{k1}"))
+    assert (counts["examined"], counts["resealed"]) == (2, 2)
+    kept, brief, later = run(store_url, read, DataKeys.parse(k2))  # k1 is gone now
+    assert kept == {"text": CANARY}
+    assert brief == {"text": "brief"}
+    assert later is None  # its expiry survived the re-sealing

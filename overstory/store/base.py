@@ -170,6 +170,13 @@ class HistoryStore(ABC):
         """Up to ``limit`` unexpired ``(key, document)`` after ``after``, in key order."""
 
     @abstractmethod
+    async def vault_rows(
+        self, after: tuple[str, str, str, str] | None = None, limit: int = 500
+    ) -> list[tuple[str, str, str, str, str, float | None]]:
+        """Up to ``limit`` ``(agent, owner, collection, key, document, expires_at)`` after
+        ``after`` (every document, expired ones included), in that order: for re-sealing."""
+
+    @abstractmethod
     async def vault_collections(self, agent: str, owner: str | None) -> list[tuple[str, str, int]]:
         """``(owner, collection, unexpired documents)`` of ``agent`` (one owner's, or all)."""
 

@@ -50,6 +50,7 @@ __all__ = [
     "is_sealed",
     "key_id_of",
     "reseal",
+    "vault_aad",
     "verify_checks",
 ]
 
@@ -61,6 +62,11 @@ CHECKS_SETTING = "overstory.data_keys"
 _KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _NONCE = 12
 _CHECK_TEXT = b"overstory data key check"
+
+
+def vault_aad(agent: str, owner: str, collection: str, key: str) -> str:
+    """What a DataVault document is bound to (its "conversation id" when sealed)."""
+    return json.dumps(["vault", agent, owner, collection, key])
 
 
 def is_sealed(body: str) -> bool:
@@ -260,6 +266,17 @@ async def reseal(store: HistoryStore, *, batch: int = 500) -> dict[str, Any]:
                 else:
                     counts["skipped"] += 1  # changed meanwhile: another rotation's
         after = rows[-1][0], rows[-1][1]
+    # The DataVault's documents (bound to agent, owner, collection and key; see vault.py).
+    place: tuple[str, str, str, str] | None = None
+    while vault_rows := await store.vault_rows(place, batch):
+        for agent, owner, collection, key, document, expires in vault_rows:
+            counts["examined"] += 1
+            if key_id_of(document) != keys.primary:
+                aad = vault_aad(agent, owner, collection, key)
+                fresh = keys.seal(keys.open(document, aad, 0), aad, 0)
+                await store.vault_put((agent, owner), collection, key, fresh, expires)
+                counts["resealed"] += 1
+        place = vault_rows[-1][:4]
     if not counts["skipped"]:
         while True:
             stored = await store.get_setting(CHECKS_SETTING)

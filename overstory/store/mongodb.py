@@ -32,6 +32,12 @@ from .url import redact_url
 
 __all__ = ["MongoStore"]
 
+
+def _epoch(moment: datetime) -> float:
+    """A stored datetime (naive ones are UTC, as PyMongo returns them) as epoch seconds."""
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
 DEFAULT_DATABASE = "overstory"
 
 
@@ -266,6 +272,42 @@ class MongoStore(HistoryStore):
         try:
             cursor = self._vault.find(self._live(where)).sort("key", ASCENDING).limit(limit)
             return [(str(d["key"]), str(d["document"])) async for d in cursor]
+        except PyMongoError as exc:
+            raise StoreError(f"cannot read the vault in {self.url}: {exc}") from exc
+
+    async def vault_rows(
+        self, after: tuple[str, str, str, str] | None = None, limit: int = 500
+    ) -> list[tuple[str, str, str, str, str, float | None]]:
+        query: dict[str, Any] = {}
+        if after is not None:
+            a, o, c, k = after
+            query = {
+                "$or": [
+                    {"agent": {"$gt": a}},
+                    {"agent": a, "owner": {"$gt": o}},
+                    {"agent": a, "owner": o, "collection": {"$gt": c}},
+                    {"agent": a, "owner": o, "collection": c, "key": {"$gt": k}},
+                ]
+            }
+        order = [
+            ("agent", ASCENDING),
+            ("owner", ASCENDING),
+            ("collection", ASCENDING),
+            ("key", ASCENDING),
+        ]
+        try:
+            cursor = self._vault.find(query).sort(order).limit(limit)
+            return [
+                (
+                    str(d["agent"]),
+                    str(d["owner"]),
+                    str(d["collection"]),
+                    str(d["key"]),
+                    str(d["document"]),
+                    None if d.get("expires_at") is None else _epoch(d["expires_at"]),
+                )
+                async for d in cursor
+            ]
         except PyMongoError as exc:
             raise StoreError(f"cannot read the vault in {self.url}: {exc}") from exc
 

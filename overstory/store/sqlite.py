@@ -368,6 +368,28 @@ class SQLiteStore(HistoryStore):
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read the vault in {self.url}: {exc}") from exc
 
+    async def vault_rows(
+        self, after: tuple[str, str, str, str] | None = None, limit: int = 500
+    ) -> list[tuple[str, str, str, str, str, float | None]]:
+        start = after if after is not None else ("", "", "", "")
+
+        def select(conn: sqlite3.Connection) -> list[tuple[str, str, str, str, str, float | None]]:
+            rows = conn.execute(
+                "SELECT agent, owner, collection, key, document, expires_at FROM vault"
+                " WHERE (agent, owner, collection, key) > (?, ?, ?, ?)"
+                " ORDER BY agent, owner, collection, key LIMIT ?",
+                (*start, limit),
+            ).fetchall()
+            return [
+                (str(a), str(o), str(c), str(k), str(d), None if e is None else float(e))
+                for a, o, c, k, d, e in rows
+            ]
+
+        try:
+            return await self._run(select)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the vault in {self.url}: {exc}") from exc
+
     async def vault_collections(self, agent: str, owner: str | None) -> list[tuple[str, str, int]]:
         def select(conn: sqlite3.Connection) -> list[tuple[str, str, int]]:
             query = (
