@@ -23,12 +23,14 @@ CLI = [sys.executable, "-m", "overstory.runtime.cli"]
 
 
 def expected_messages(users: int, turns: int) -> int:
-    """user + reply, plus a tool call and its return on arithmetic/counting questions."""
+    """user + reply, plus a tool call and its return: every demo message asks for a tool
+    (arithmetic, counting, or remembering the number it mentions)."""
     total = 0
     for u in range(users):
         for t in range(turns):
             text = user_message(u, t)
-            total += 4 if text.startswith(("what is", "how many words")) else 2
+            tooled = text.startswith(("what is", "how many words", "tell me something about"))
+            total += 4 if tooled else 2
     return total
 
 

@@ -24,6 +24,7 @@ import ray
 
 from .._ray import quiet_worker_notices
 from ..agent import Agent, Placement
+from ..context import RunContext
 from ..exceptions import ConfigError, OverstoryError, TurnFailed
 from ..messages import AssistantMessage, Message, Reply, UserMessage
 from ..providers import Endpoint, Model, OfflineModel, Rule, parse_model, resolve_model
@@ -45,10 +46,20 @@ def word_count(text: str) -> int:
     return len(text.split())
 
 
-#: The offline model's rules for the demo: arithmetic and counting become tool calls.
+async def remember_number(ctx: RunContext, n: int) -> str:
+    """Remember a number the user mentioned, and say how many they have mentioned."""
+    assert ctx.vault is not None
+    await ctx.vault.store("numbers", {"n": n}, key=str(n))  # by value: a replay is harmless
+    known = await ctx.vault.query("numbers", limit=1000)
+    return f"noted {n}; {ctx.user_id} has mentioned {len(known)} number(s)"
+
+
+#: The offline model's rules for the demo: arithmetic and counting become tool calls, and
+#: a number mentioned goes to the user's DataVault (a tool using its RunContext).
 DEMO_RULES = (
     Rule(r"what is (?P<a>-?\d+) \+ (?P<b>-?\d+)", "add"),
     Rule(r"how many words are in '(?P<text>[^']*)'", "word_count"),
+    Rule(r"tell me something about the number (?P<n>\d+)", "remember_number"),
 )
 
 
@@ -74,9 +85,9 @@ def demo_agent(
             chain.append(resolve_model(endpoint))
     return Agent(
         "demo-assistant",
-        instructions="Answer briefly. Use the tools for arithmetic and counting.",
+        instructions="Answer briefly. Use the tools for arithmetic, counting and remembering numbers.",
         model=chain,
-        tools=[add, word_count],
+        tools=[add, word_count, remember_number],
         placement=placement,
     )
 
