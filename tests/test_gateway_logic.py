@@ -508,3 +508,41 @@ def test_idempotency_keys_expire_are_swept_and_a_users_list_is_in_creation_order
         await store.close()
 
     asyncio.run(body())
+
+
+def test_a_flood_of_bad_keys_is_audited_at_a_bounded_rate_and_counted(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from overstory.audit import records
+    from overstory.gateway.app import ApiError, DoorLimits, Gateway, RequestRate
+
+    url = f"sqlite:///{tmp_path}/door.db"
+    now = [0.0]
+
+    def bad_request() -> Any:
+        headers = [(b"authorization", b"Bearer ovs_0123456789ab_" + b"x" * 43)]
+        return Request(
+            {"type": "http", "method": "GET", "path": "/v1/conversations", "headers": headers}
+        )
+
+    async def body() -> list[Any]:
+        door = Gateway(SimpleNamespace(config=SimpleNamespace(store=url)), DoorLimits())
+        door._failures = RequestRate(3, 60.0, clock=lambda: now[0])
+        for _ in range(10):
+            with pytest.raises(ApiError):
+                await door.principal(bad_request())
+        now[0] = 61.0  # a minute later: the next one is written, with the count missed
+        with pytest.raises(ApiError):
+            await door.principal(bad_request())
+        store = await door.store()
+        trail = await records(store)
+        assert door._sweeper is not None
+        door._sweeper.cancel()
+        await store.close()
+        return trail
+
+    trail = asyncio.run(body())
+    assert [r.action for r in trail] == ["auth.failed"] * 4
+    assert [r.detail.get("unaudited_before") for r in trail] == [None, None, None, 7]

@@ -84,6 +84,10 @@ class DoorLimits:
     #: expired claims are swept every ``idempotency_sweep_s``.
     idempotency_ttl_s: float = 86_400.0
     idempotency_sweep_s: float = 3_600.0
+    #: Failed authentications written to the audit trail per minute (per replica); the
+    #: rest are counted and the count goes into the next record written, so a flood of
+    #: bad keys cannot turn into a flood of audit writes.
+    audit_failures_per_minute: int = 60
 
 
 class RequestRate:
@@ -168,6 +172,8 @@ class Gateway:
         self._store: HistoryStore | None = None
         self._opening = asyncio.Lock()
         self._rate = RequestRate(self.limits.requests_per_minute)
+        self._failures = RequestRate(self.limits.audit_failures_per_minute)
+        self._unaudited = 0  # failures past that rate since the last one written
         self._sweeper: asyncio.Task[None] | None = None
         self._audited: dict[str, float] = {}  # key -> when its success was last audited
 
@@ -216,13 +222,20 @@ class Gateway:
             else:
                 principal = await authenticate_key(await self.store(), token)
         except AuthenticationFailed as exc:
-            await self.audit(
-                who="anonymous",
-                action="auth.failed",
-                target=request.url.path[:100],
-                outcome="denied",
-                detail={"scheme": scheme, "reason": str(exc)[:120]},
-            )
+            if self._failures.admit("auth.failed") is None:
+                detail: dict[str, Any] = {"scheme": scheme, "reason": str(exc)[:120]}
+                if self._unaudited:
+                    detail["unaudited_before"] = self._unaudited
+                    self._unaudited = 0
+                await self.audit(
+                    who="anonymous",
+                    action="auth.failed",
+                    target=request.url.path[:100],
+                    outcome="denied",
+                    detail=detail,
+                )
+            else:
+                self._unaudited += 1
             raise ApiError(401, str(exc), code="invalid_api_key") from None
         await self._audit_success(principal, scheme)
         self._count(principal)
