@@ -23,9 +23,9 @@ import time
 from typing import Any
 
 from overstory import Agent, OfflineModel
-from overstory.actors.turn import call_texts, run_turn
+from overstory.actors.turn import run_turn
 from overstory.messages import Message
-from overstory.quota import Quota, QuotaBook, finish
+from overstory.quota import Quota, QuotaBook, call_texts, finish
 from overstory.store import HistoryStore, open_store
 
 

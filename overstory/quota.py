@@ -40,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .exceptions import ConfigError, QuotaExceeded, StoreError
+from .messages import AssistantMessage, Message
 from .store import HistoryStore
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "Unset",
     "apply",
     "audited_refusal",
+    "call_texts",
     "change_quota",
     "estimate_tokens",
     "finish",
@@ -274,6 +276,16 @@ def _check_tokens(ledger: Ledger, quota: Quota, estimate: int, now: float) -> No
         raise QuotaExceeded("tokens_per_day", limit, max(_next_midnight(now) - now, 0.001))
 
 
+def call_texts(instructions: str, history: Sequence[Message]) -> list[str]:
+    """What a model call sends, as text (the input its estimate counts)."""
+    texts = [instructions]
+    for m in history:
+        texts.append(m.content)
+        if isinstance(m, AssistantMessage):
+            texts += [json.dumps(c.arguments) for c in m.tool_calls]
+    return texts
+
+
 def estimate_tokens(texts: Sequence[str], output_tokens: int) -> int:
     """A call's reservation: its input at ~4 characters a token (rounded up), plus
     ``output_tokens`` for the answer."""
@@ -421,6 +433,25 @@ class QuotaBook:
             self._quotas.clear()
         else:
             self._quotas.pop(user, None)
+
+    async def admit_turn(
+        self,
+        user: str,
+        conversation_id: str,
+        turn_id: str,
+        text: str,
+        history: Sequence[Message],
+        instructions: str,
+    ) -> Ticket | None:
+        """:meth:`admit` for a turn about to run on ``history`` (a turn id already in it
+        is resumed, never refused); a refusal is written to the audit trail first."""
+        new = not any(m.turn_id == turn_id for m in history)
+        texts = [*call_texts(instructions, history), text]
+        try:
+            return await self.admit(user, conversation_id, turn_id, texts, new)
+        except QuotaExceeded as exc:
+            await audited_refusal(self.store, user, conversation_id, exc)
+            raise
 
     async def admit(
         self, user: str, conversation_id: str, turn_id: str, texts: Sequence[str], new: bool

@@ -137,9 +137,8 @@ class Redactor:
             for result in self._phones.analyze(window, self._phones.supported_entities, None):  # type: ignore[arg-type]
                 if result.end > result.start:
                     found.append((lo + result.start, -(result.end - result.start), rank, "PHONE"))
-        found = sorted(set(found))
         chosen: list[Finding] = []
-        for start, neg_length, _, label in sorted(found):
+        for start, neg_length, _, label in sorted(set(found)):  # windows may overlap
             end = start - neg_length
             if chosen and start < chosen[-1].end:
                 continue  # overlaps one already chosen (it started earlier or is longer)

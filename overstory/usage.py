@@ -24,7 +24,7 @@ from typing import Any
 
 from .app import split_conversation_id
 from .exceptions import ConfigError
-from .messages import AssistantMessage, Message, ToolReturn, UserMessage
+from .messages import AssistantMessage, Message, UserMessage
 from .store import HistoryStore
 
 __all__ = ["Prices", "cost_of", "price_for", "summarize", "usage", "validate_prices"]
@@ -108,8 +108,6 @@ def summarize(
                     t["output_tokens"] += m.usage.output_tokens
                     t["tool_calls"] += len(m.tool_calls)
                     t["cost_usd"] += cost or 0.0
-            elif isinstance(m, ToolReturn):
-                pass  # counted with the call that asked for it
     for t in (total, *models.values(), *users.values()):
         t["cost_usd"] = round(t["cost_usd"], 6)
     return {**total, "models": models, "users": users}

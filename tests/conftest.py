@@ -97,6 +97,31 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/history.db"
 
 
+@pytest.fixture(params=["sqlite", "mongodb"])
+def store_url(request: pytest.FixtureRequest) -> str:
+    """A store URL of each kind, for tests every store must pass."""
+    url: str = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "mongo_url")
+    return url
+
+
+def on_store(url: str, body: Any, keys: Any = "environment") -> Any:
+    """``await body(store)`` on a store opened for it (``keys``: its data keys; by
+    default the environment's), closed after."""
+    import asyncio
+
+    from overstory.store import open_store
+
+    async def go() -> Any:
+        store = open_store(url, data_keys=keys)
+        await store.open()
+        try:
+            return await body(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[str]:
     """The session's Ray instance; yields its GCS address for subprocess drivers."""

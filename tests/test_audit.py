@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import on_store
 
 from overstory.audit import AuditRecord, append, records, verify
 from overstory.gateway.keys import create_key, revoke_key
@@ -17,15 +18,7 @@ from overstory.store import HistoryStore, open_store
 
 
 def run(url: str, body: Any) -> Any:
-    async def go() -> Any:
-        store = open_store(url)
-        await store.open()
-        try:
-            return await body(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(go())
+    return on_store(url, body)
 
 
 async def _some(store: HistoryStore, n: int, who: str = "alice") -> None:

@@ -3,7 +3,6 @@ and missing keys, rotation — against SQLite and the MongoDB-wire server both."
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
@@ -13,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import on_store
 
 from overstory.exceptions import DataKeyError
 from overstory.messages import AssistantMessage, Message, ToolCall, ToolReturn, Usage, UserMessage
-from overstory.store import HistoryStore, open_store
+from overstory.store import HistoryStore
 from overstory.store.crypto import DataKeys, reseal
 
 CANARY = "CANARY-7f3a-secret-text"
@@ -29,23 +29,8 @@ def _key() -> str:
 K1, K2 = _key(), _key()
 
 
-@pytest.fixture(params=["sqlite", "mongodb"])
-def store_url(request: pytest.FixtureRequest) -> str:
-    fixture = "sqlite_url" if request.param == "sqlite" else "mongo_url"
-    url: str = request.getfixturevalue(fixture)
-    return url
-
-
 def run(url: str, keys: DataKeys | None, body: Callable[[HistoryStore], Awaitable[Any]]) -> Any:
-    async def go() -> Any:
-        store = open_store(url, data_keys=keys)
-        await store.open()
-        try:
-            return await body(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(go())
+    return on_store(url, body, keys)
 
 
 def _turn(seq: int) -> list[Message]:

@@ -26,13 +26,6 @@ def run(coro: Awaitable[Any]) -> Any:
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=["sqlite", "mongodb"])
-def store_url(request: pytest.FixtureRequest) -> str:
-    fixture = "sqlite_url" if request.param == "sqlite" else "mongo_url"
-    url: str = request.getfixturevalue(fixture)
-    return url
-
-
 def with_store(url: str, body: Callable[[HistoryStore], Awaitable[Any]]) -> Any:
     async def go() -> Any:
         store = open_store(url)

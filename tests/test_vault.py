@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import on_store
 
 from overstory import Agent, OfflineModel, RunContext
 from overstory.actors.turn import run_turn
@@ -26,22 +27,8 @@ from overstory.vault import MAX_DOCUMENT_BYTES, DataVault
 CANARY = "vault-canary-5e1f"
 
 
-@pytest.fixture(params=["sqlite", "mongodb"])
-def store_url(request: pytest.FixtureRequest) -> str:
-    url: str = request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "mongo_url")
-    return url
-
-
 def run(url: str, body: Any, keys: DataKeys | None = None) -> Any:
-    async def go() -> Any:
-        store = open_store(url, data_keys=keys)
-        await store.open()
-        try:
-            return await body(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(go())
+    return on_store(url, body, keys)
 
 
 def test_agents_and_users_never_see_each_others_documents(store_url: str) -> None:

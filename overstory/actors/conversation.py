@@ -27,13 +27,13 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from ..app import App
-from ..exceptions import Fenced, Passivated, QuotaExceeded, SequenceConflict
+from ..exceptions import Fenced, Passivated, SequenceConflict
 from ..gateway.access import Need, RecordCache, check_access, user_of
 from ..gateway.keys import Principal
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
 from ..providers.pool import provider_namespace
-from ..quota import Quota, QuotaBook, Ticket, audited_refusal, finish
+from ..quota import Quota, QuotaBook, Ticket, finish
 from ..store import HistoryStore, open_store
 from ..supervisors.watch import RESTARTED, new_incarnation, watched_elsewhere
 from ..telemetry import attached, setup_telemetry
@@ -41,7 +41,7 @@ from ..telemetry import flush as flush_telemetry
 from ..validation import MAX_MESSAGE_CHARS, validate_message
 from .gate import TurnGate
 from .serving import Binding, Serving
-from .turn import Emit, call_texts, run_turn
+from .turn import Emit, run_turn
 from .turnlog import TurnStreams
 
 __all__ = ["ConversationActor"]
@@ -63,7 +63,7 @@ class ConversationActor:
         rollout_refresh_s: float = 5.0,
         stream_keep_turns: int = 8,
         stream_window_s: float = 300.0,
-        quota: tuple[int | None, int | None, int | None] = (None, None, None),
+        quota: Quota | None = None,
         turn_timeout_s: float = 300.0,
         quota_output_tokens: int = 1024,
         prices: Mapping[str, Mapping[str, float]] | None = None,
@@ -86,7 +86,7 @@ class ConversationActor:
         self.quotas = QuotaBook(
             self._store,
             namespace,
-            Quota(*quota),
+            quota or Quota(),
             turn_timeout_s=turn_timeout_s,
             output_tokens=quota_output_tokens,
         )
@@ -106,17 +106,12 @@ class ConversationActor:
         self._idle_timer: asyncio.TimerHandle | None = None
         self._asking: asyncio.Task[None] | None = None
 
-    async def _admit(self, turn_id: str, text: str) -> Ticket | None:
-        """The user's quota admits turn ``turn_id`` (``None``: no limit applies)."""
-        user = await user_of(self._store, self.conversation_id, self._records)
+    async def _admit(self, user: str, turn_id: str, text: str) -> Ticket | None:
+        """``user``'s quota admits turn ``turn_id`` (``None``: no limit applies)."""
         instructions = self.serving.app.get(self.binding.agent).instructions
-        new = not any(m.turn_id == turn_id for m in self._history)
-        texts = [*call_texts(instructions, self._history), text]
-        try:
-            return await self.quotas.admit(user, self.conversation_id, turn_id, texts, new)
-        except QuotaExceeded as exc:
-            await audited_refusal(self._store, user, self.conversation_id, exc)
-            raise
+        return await self.quotas.admit_turn(
+            user, self.conversation_id, turn_id, text, self._history, instructions
+        )
 
     async def _check(self, principal: Principal | None, need: Need) -> None:
         """A call made for an HTTP caller: may they (``check_access``)?"""
@@ -227,8 +222,10 @@ class ConversationActor:
         self._in_turn += 1
         try:
             await self._load()
+            # Whose conversation: the quota's user, the cache's scope, the user a tool is told.
+            user = await user_of(self._store, self.conversation_id, self._records)
             if not admitted:
-                ticket = await self._admit(turn_id, text)
+                ticket = await self._admit(user, turn_id, text)
             async with self._gate.turn(caller, n, low):
                 if self._closing:
                     raise Passivated(f"conversation {self.conversation_id!r} is passivating")
@@ -240,8 +237,6 @@ class ConversationActor:
                             bool(self._history),
                             agent_version,
                         )
-                        # Whose conversation: the cache's scope, the user a tool is told.
-                        owner = await user_of(self._store, self.conversation_id, self._records)
                         return await run_turn(
                             agent,
                             self._store,
@@ -253,7 +248,7 @@ class ConversationActor:
                             emit=emit,
                             should_stop=should_stop,
                             ticket=ticket,
-                            owner=owner,
+                            owner=user,
                             prices=self.prices,
                         )
                 except SequenceConflict:
@@ -302,33 +297,29 @@ class ConversationActor:
         if self._closing:
             raise Passivated(f"conversation {self.conversation_id!r} is passivating")
         await self._load()
-        ticket = None
-        if self._streams.will_run(turn_id, self._history):  # the quota refuses first
-            ticket = await self._admit(turn_id, text)
-            if ticket is not None and not self._streams.will_run(turn_id, self._history):
-                await finish(ticket)  # another start of it won meanwhile
-                ticket = None
 
-        async def run(emit: Emit, should_stop: Callable[[], bool]) -> Reply:
-            try:
-                return await self.send(
-                    turn_id,
-                    text,
-                    caller,
-                    n,
-                    low,
-                    carrier,
-                    emit,
-                    should_stop,
-                    agent_version=agent_version,
-                    admitted=True,
-                    ticket=ticket,
-                )
-            finally:  # however it ends, even before it ran a step
-                if ticket is not None:
-                    await finish(ticket)
+        def run(
+            emit: Emit, should_stop: Callable[[], bool], ticket: Ticket | None
+        ) -> Awaitable[Reply]:
+            return self.send(
+                turn_id,
+                text,
+                caller,
+                n,
+                low,
+                carrier,
+                emit,
+                should_stop,
+                agent_version=agent_version,
+                admitted=True,
+                ticket=ticket,
+            )
 
-        return self._streams.start(turn_id, after, run, self._history)
+        async def admit() -> Ticket | None:  # the quota refuses before the turn starts
+            user = await user_of(self._store, self.conversation_id, self._records)
+            return await self._admit(user, turn_id, text)
+
+        return await self._streams.start_admitted(turn_id, after, run, self._history, admit)
 
     async def cancel(self, turn_id: str, *, principal: Principal | None = None) -> bool:
         """Ask streamed turn ``turn_id`` to stop at its next safe point (see

@@ -48,7 +48,6 @@ from ..exceptions import (
     ConversationQuarantined,
     Fenced,
     Passivated,
-    QuotaExceeded,
     SequenceConflict,
     StaleShardTable,
     TurnFailed,
@@ -59,7 +58,7 @@ from ..gateway.keys import Principal
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
 from ..providers.pool import provider_namespace
-from ..quota import Quota, QuotaBook, Ticket, audited_refusal, finish
+from ..quota import QuotaBook, Ticket, finish
 from ..store import HistoryStore, open_store
 from ..supervisors.core import Restart, SupervisorState, initial_state, on_exit
 from ..supervisors.spec import ChildSpec, SupervisorSpec
@@ -68,7 +67,7 @@ from ..telemetry import attached, metrics, setup_telemetry
 from ..validation import validate_message
 from .gate import TurnGate
 from .serving import Binding, Serving
-from .turn import Emit, call_texts, run_turn
+from .turn import Emit, run_turn
 from .turnlog import TurnStreams
 
 if TYPE_CHECKING:  # imported for types only: registry and runtime import this module
@@ -155,11 +154,7 @@ class HostActor:
         self.quotas = QuotaBook(
             self._store,
             namespace,
-            Quota(
-                config.quota_tokens_per_day,
-                config.quota_requests_per_minute,
-                config.quota_concurrent_turns,
-            ),
+            config.default_quota(),
             turn_timeout_s=config.turn_timeout_s,
             output_tokens=config.quota_output_tokens,
         )
@@ -262,8 +257,10 @@ class HostActor:
         await self._check(conversation_id, principal, "write")
         validate_message(text, max_chars=self.config.max_message_chars)
         entity = await self._activate(conversation_id, api_keys=api_keys)
+        # Whose conversation: the quota's user, the cache's scope, the user a tool is told.
+        user = await user_of(self._store, conversation_id, self._records)
         if not admitted:
-            ticket = await self._admit(entity, turn_id, text)
+            ticket = await self._admit(entity, user, turn_id, text)
         entity.in_turn += 1
         try:
             if entity.gate is None:
@@ -272,7 +269,7 @@ class HostActor:
                 if entity.closing:
                     raise Passivated(f"conversation {conversation_id!r} is passivating")
                 return await self._turn(
-                    entity, turn_id, text, carrier, emit, should_stop, agent_version, ticket
+                    entity, turn_id, text, carrier, emit, should_stop, agent_version, ticket, user
                 )
         finally:
             if ticket is not None and not admitted:  # start_turn's run() finishes its own
@@ -298,6 +295,7 @@ class HostActor:
         should_stop: Callable[[], bool] | None = None,
         agent_version: str | None = None,
         ticket: Ticket | None = None,
+        owner: str | None = None,
     ) -> Reply:
         """One turn under the deadline; what escapes the turn machinery crashes the entity."""
         cid = entity.conversation_id
@@ -308,8 +306,6 @@ class HostActor:
                     agent = await self.serving.agent_for(
                         cid, entity.binding, bool(entity.history), agent_version
                     )
-                    # Whose conversation: the scope of the cache, the user a tool is told.
-                    owner = await user_of(self._store, cid, self._records)
                     return await run_turn(
                         agent,
                         self._store,
@@ -373,37 +369,34 @@ class HostActor:
         await self._check(conversation_id, principal, "write")
         validate_message(text, max_chars=self.config.max_message_chars)
         entity = await self._activate(conversation_id, api_keys=api_keys)
-        streams = self._streams(entity)
-        ticket = None
-        if streams.will_run(turn_id, entity.history):  # the quota refuses before it starts
-            ticket = await self._admit(entity, turn_id, text)
-            if ticket is not None and not streams.will_run(turn_id, entity.history):
-                await finish(ticket)  # another start of it won meanwhile
-                ticket = None
 
-        async def run(emit: Emit, should_stop: Callable[[], bool]) -> Reply:
-            try:
-                return await self.send(
-                    version,
-                    conversation_id,
-                    turn_id,
-                    text,
-                    caller,
-                    n,
-                    low,
-                    carrier,
-                    api_keys,
-                    emit,
-                    should_stop,
-                    agent_version=agent_version,
-                    admitted=True,
-                    ticket=ticket,
-                )
-            finally:  # however it ends, even before it ran a step
-                if ticket is not None:
-                    await finish(ticket)
+        def run(
+            emit: Emit, should_stop: Callable[[], bool], ticket: Ticket | None
+        ) -> Awaitable[Reply]:
+            return self.send(
+                version,
+                conversation_id,
+                turn_id,
+                text,
+                caller,
+                n,
+                low,
+                carrier,
+                api_keys,
+                emit,
+                should_stop,
+                agent_version=agent_version,
+                admitted=True,
+                ticket=ticket,
+            )
 
-        return streams.start(turn_id, after, run, entity.history)
+        async def admit() -> Ticket | None:  # the quota refuses before the turn starts
+            user = await user_of(self._store, conversation_id, self._records)
+            return await self._admit(entity, user, turn_id, text)
+
+        return await self._streams(entity).start_admitted(
+            turn_id, after, run, entity.history, admit
+        )
 
     def _streams(self, entity: _Entity) -> TurnStreams:
         """The entity's streamed turns, made on first use."""
@@ -534,18 +527,12 @@ class HostActor:
                 raise quarantine
             del self._quarantined[conversation_id]
 
-    async def _admit(self, entity: _Entity, turn_id: str, text: str) -> Ticket | None:
-        """The user's quota admits turn ``turn_id`` (``None``: no limit applies)."""
-        await self._open_store()
-        user = await user_of(self._store, entity.conversation_id, self._records)
+    async def _admit(self, entity: _Entity, user: str, turn_id: str, text: str) -> Ticket | None:
+        """``user``'s quota admits turn ``turn_id`` (``None``: no limit applies)."""
         instructions = self.serving.app.get(entity.binding.agent).instructions
-        new = not any(m.turn_id == turn_id for m in entity.history)
-        texts = [*call_texts(instructions, entity.history), text]
-        try:
-            return await self.quotas.admit(user, entity.conversation_id, turn_id, texts, new)
-        except QuotaExceeded as exc:
-            await audited_refusal(self._store, user, entity.conversation_id, exc)
-            raise
+        return await self.quotas.admit_turn(
+            user, entity.conversation_id, turn_id, text, entity.history, instructions
+        )
 
     async def _check(self, conversation_id: str, principal: Principal | None, need: Need) -> None:
         """A call made for an HTTP caller: may they (``check_access``)?"""

@@ -13,7 +13,6 @@ user's message twice.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -43,7 +42,7 @@ from ..messages import (
 )
 from ..providers import Model
 from ..providers.base import FallThrough
-from ..quota import Ticket
+from ..quota import Ticket, call_texts
 from ..redaction import RedactingModel
 from ..store import HistoryStore
 from ..telemetry import (
@@ -214,16 +213,6 @@ async def _streamed(
 def _user_part(conversation_id: str) -> str:
     """The user of an ``agent:user`` id (the id itself when it has no agent part)."""
     return conversation_id.partition(":")[2] or conversation_id
-
-
-def call_texts(instructions: str, history: Sequence[Message]) -> list[str]:
-    """What a model call sends, as text (a quota's estimate of its input)."""
-    texts = [instructions]
-    for m in history:
-        texts.append(m.content)
-        if isinstance(m, AssistantMessage):
-            texts += [json.dumps(c.arguments) for c in m.tool_calls]
-    return texts
 
 
 def _record_cost(span: Any, messages: Sequence[Message], prices: Prices) -> None:

@@ -34,12 +34,14 @@ from ..messages import (
     TurnEventType,
     UserMessage,
 )
+from ..quota import Ticket, finish
 from .turn import Emit, is_complete, reply_of
 
 __all__ = ["Run", "TurnLog", "TurnLogs", "TurnStreams", "replay"]
 
 #: A streamed turn to run: ``run(emit, should_stop)``.
 Run = Callable[[Emit, Callable[[], bool]], Awaitable[Reply]]
+AdmittedRun = Callable[[Emit, Callable[[], bool], Ticket | None], Awaitable[Reply]]
 
 
 class TurnLog:
@@ -191,6 +193,35 @@ class TurnStreams:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return log.first_seq
+
+    async def start_admitted(
+        self,
+        turn_id: str,
+        after: int,
+        run: AdmittedRun,
+        history: Sequence[Message],
+        admit: Callable[[], Awaitable[Ticket | None]],
+    ) -> int:
+        """:meth:`start`, the turn admitted first by its user's quota (``admit``; a
+        refusal raises here, before anything runs) when it is going to run. Its
+        ``run(emit, should_stop, ticket)`` frees what the ticket holds however it ends,
+        even before its first step; a ticket whose turn another start won is freed
+        at once."""
+        ticket = None
+        if self.will_run(turn_id, history):
+            ticket = await admit()
+            if ticket is not None and not self.will_run(turn_id, history):
+                await finish(ticket)  # another start of it won meanwhile
+                ticket = None
+
+        async def admitted(emit: Emit, should_stop: Callable[[], bool]) -> Reply:
+            try:
+                return await run(emit, should_stop, ticket)
+            finally:
+                if ticket is not None:
+                    await finish(ticket)
+
+        return self.start(turn_id, after, admitted, history)
 
     def cancel(self, turn_id: str) -> bool:
         """Ask turn ``turn_id`` to stop at its next safe point (it then ends

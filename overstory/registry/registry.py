@@ -56,11 +56,7 @@ def lifecycle_of(config: Config) -> Lifecycle:
         rollout_refresh_s=config.rollout_refresh_s,
         stream_keep_turns=config.stream_keep_turns,
         stream_window_s=config.stream_window_s,
-        quota=(
-            config.quota_tokens_per_day,
-            config.quota_requests_per_minute,
-            config.quota_concurrent_turns,
-        ),
+        quota=config.default_quota(),
         turn_timeout_s=config.turn_timeout_s,
         quota_output_tokens=config.quota_output_tokens,
         prices={k: dict(v) for k, v in config.prices.items()},

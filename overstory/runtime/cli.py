@@ -737,7 +737,7 @@ def _limit(text: str) -> int | None:
 
 
 def _quota(args: argparse.Namespace) -> int:
-    from ..quota import Quota, change_quota, report
+    from ..quota import change_quota, report
     from ..validation import validate_user_id
     from .client import _run_store
 
@@ -749,9 +749,7 @@ def _quota(args: argparse.Namespace) -> int:
             {**({"store": args.store} if args.store else {}), **overrides}, source="command line"
         )
     user = validate_user_id(args.user, max_chars=config.max_user_id_chars)
-    default = Quota(
-        config.quota_tokens_per_day, config.quota_requests_per_minute, config.quota_concurrent_turns
-    )
+    default = config.default_quota()
     ns = config.namespace
     if args.quota_command == "set":
         changes = {

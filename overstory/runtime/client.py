@@ -730,8 +730,7 @@ class Runtime:
 
     def default_quota(self) -> Quota:
         """The quota of users without one of their own (``quota_*`` in the config)."""
-        c = self.config
-        return Quota(c.quota_tokens_per_day, c.quota_requests_per_minute, c.quota_concurrent_turns)
+        return self.config.default_quota()
 
     def quota(self, user_id: str) -> dict[str, Any]:
         """``user_id``'s quota and where they stand: ``{"user", "quota", "own" (whether

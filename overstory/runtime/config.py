@@ -12,11 +12,14 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic
 
 from ..exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from ..quota import Quota
 from ..store.url import resolve_store_url
 from ..validation import MAX_MESSAGE_CHARS, MAX_USER_ID_CHARS
 
@@ -116,6 +119,14 @@ class Config(pydantic.BaseModel):
         if not _NAMESPACE.match(value):
             raise ValueError("must be 1-63 letters, digits, '_', '.' or '-', starting alphanumeric")
         return value
+
+    def default_quota(self) -> Quota:
+        """The quota of users without one of their own (the ``quota_*`` settings)."""
+        from ..quota import Quota
+
+        return Quota(
+            self.quota_tokens_per_day, self.quota_requests_per_minute, self.quota_concurrent_turns
+        )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, source: str = "config") -> Config:

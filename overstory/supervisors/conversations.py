@@ -39,6 +39,7 @@ from ..actors.serving import Binding
 from ..app import App
 from ..exceptions import ConfigError, OverstoryError, Passivated, UnknownAgent
 from ..providers import Secret
+from ..quota import Quota
 from ..rollout import Deployment, read_deployment
 from ..store import open_store
 from ..telemetry import metrics
@@ -70,7 +71,7 @@ class Lifecycle:
     rollout_refresh_s: float = 5.0
     stream_keep_turns: int = 8
     stream_window_s: float = 300.0
-    quota: tuple[int | None, int | None, int | None] = (None, None, None)  # default per user
+    quota: Quota = field(default_factory=Quota)  # the default per user
     turn_timeout_s: float = 300.0
     quota_output_tokens: int = 1024
     prices: dict[str, dict[str, float]] = field(default_factory=dict)
