@@ -14,6 +14,7 @@ both sides subclass the stdlib exceptions users already catch::
     │   ├── ToolDefinitionError             a tool function that cannot be described to a model
     │   ├── UnknownAgent                    no agent of that name is served (lists the served)
     │   ├── UnknownTurn                     no turn of that id in the conversation
+    │   ├── UnknownJob                      no background job of that id
     │   ├── UnknownKey                      no API key of that id
     │   ├── AuthenticationFailed            credentials missing, malformed, unknown or revoked
     │   ├── UnknownConversation             no such conversation for this principal (HTTP 404)
@@ -29,6 +30,7 @@ both sides subclass the stdlib exceptions users already catch::
         ├── TurnFailed                      a turn did not complete; the user message is stored
         │   └── TurnIncomplete              a streamed turn cut short (stored as such)
         ├── QuotaExceeded                   a user's quota refused a turn (which limit, when it frees)
+        ├── JobFailed                       a background job failed or was cancelled (its error)
         ├── ConversationUnavailable         the conversation cannot be reached/started
         │   ├── Passivated                  it is shutting down; ask the registry again
         │   ├── StaleShardTable             routed with an old shard table (carries the new one)
@@ -59,6 +61,7 @@ __all__ = [
     "Fenced",
     "InvalidMessage",
     "InvalidUserId",
+    "JobFailed",
     "MaxRoundTripsExceeded",
     "ModelError",
     "ModelErrorKind",
@@ -77,6 +80,7 @@ __all__ = [
     "TurnIncomplete",
     "UnknownAgent",
     "UnknownConversation",
+    "UnknownJob",
     "UnknownKey",
     "UnknownTurn",
     "UsageError",
@@ -152,6 +156,10 @@ class UnknownTurn(UsageError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.conversation_id, self.turn_id))
+
+
+class UnknownJob(UsageError):
+    """No background job of that id in the namespace (never submitted, or swept)."""
 
 
 class UnknownKey(UsageError):
@@ -368,6 +376,23 @@ class QuotaExceeded(RuntimeFailure):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.limit, self.value, self.retry_after_s))
+
+
+class JobFailed(RuntimeFailure):
+    """A background job ended without an answer: ``state`` is ``failed`` (``error``:
+    its last attempt's) or ``cancelled``; ``job`` is its status."""
+
+    def __init__(self, job: dict[str, object]) -> None:
+        self.job = job
+        self.state, self.error = str(job.get("state")), str(job.get("error") or "")
+        attempts = job.get("attempts")
+        super().__init__(
+            f"job {job.get('id')} {self.state} after {attempts} attempt(s)"
+            + (f": {self.error}" if self.error else "")
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.job,))
 
 
 class ConversationUnavailable(RuntimeFailure):

@@ -34,6 +34,9 @@ if not os.environ.get("OVERSTORY_DATA_KEYS") and not os.environ.get("OVERSTORY_D
     _keys.write_text(f"session:{base64.b64encode(os.urandom(32)).decode()}\n")
     os.environ["OVERSTORY_DATA_KEY_FILE"] = str(_keys)
 
+# Webhooks of background jobs are signed in this session (tests/test_jobs.py checks it).
+WEBHOOK_SECRET = os.environ.setdefault("OVERSTORY_WEBHOOK_SECRET", "test-webhook-secret-2c1e")
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -23,6 +23,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from ..actors.jobs import JOBS, JobRunner
 from ..actors.names import actor_name
 from ..agent import Placement
 from ..app import App
@@ -38,6 +39,7 @@ from .hosts import HostRouter, grow_hosts, hosts_child
 __all__ = ["Registry", "actor_name"]
 
 _RemoteConversations: Any = ray.remote(ConversationSupervisor)
+_RemoteJobRunner: Any = ray.remote(JobRunner)
 
 #: How often a request is re-sent after the supervisor itself died under it.
 _ATTEMPTS = 3
@@ -116,7 +118,12 @@ class Registry:
                 SUPERVISED,
             )
             child = ChildSpec("conversations", start=conversations, restart="permanent")
-        return SupervisorSpec(strategy="one_for_one", children=(child,))
+        # Started after the conversations' supervisor: it sends their turns.
+        runner = NamedChild(
+            _RemoteJobRunner, JOBS, (self.namespace, self.config, self.placement), SUPERVISED
+        )
+        jobs = ChildSpec("jobs", start=runner, restart="permanent")
+        return SupervisorSpec(strategy="one_for_one", children=(child, jobs))
 
     def boot(self) -> None:
         """Boot the supervision tree, or attach to the running one (of this placement)."""

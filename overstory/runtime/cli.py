@@ -17,6 +17,7 @@ from typing import Any
 
 from ..agent import DEFAULT_PLACEMENT, PLACEMENTS
 from ..exceptions import ConfigError, OverstoryError, RuntimeFailure, TurnFailed, UsageError
+from ..jobs import JOB_STATES
 from ..messages import TurnEvent
 from ..quota import UNSET
 from ..registry.hosts import grow_hosts
@@ -385,6 +386,17 @@ def _add_ops_commands(sub: Any) -> None:
     usage.add_argument("--store", help="store URL (default: OVERSTORY_STORE, else sqlite)")
     usage.add_argument("--config", type=Path, help="TOML config file (store, prices)")
     usage.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    jobs = sub.add_parser(
+        "jobs", help="background jobs (rt.submit): newest first, or one with its result"
+    )
+    jobs.add_argument("job_id", metavar="JOB_ID", nargs="?", help="show this job only")
+    jobs.add_argument("--user", metavar="U", help="only this user's jobs")
+    jobs.add_argument("--state", choices=JOB_STATES, help="only jobs in this state")
+    jobs.add_argument("--limit", type=int, default=50, metavar="N", help="at most N (50)")
+    jobs.add_argument("--store", help="store URL (default: OVERSTORY_STORE, else sqlite)")
+    jobs.add_argument("--config", type=Path, help="TOML config file (store, namespace)")
+    jobs.add_argument("--namespace", help="the app's namespace (default: the config's)")
+    jobs.add_argument("--json", action="store_true", help="JSON on stdout")
     quota = sub.add_parser(
         "quota", help="per-user quotas: set a user's limits, show them and today's usage"
     )
@@ -727,6 +739,44 @@ def _usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _jobs(args: argparse.Namespace) -> int:
+    from ..jobs import JobBook
+    from ..validation import validate_user_id
+    from .client import _run_store
+
+    config = _store_config(args)
+    namespace = args.namespace or config.namespace
+    if args.job_id is not None:
+        one = _run_store(config.store, lambda st: JobBook(st, namespace).status(args.job_id))
+        shown = one.public()
+        if args.json:
+            print(json.dumps(shown, sort_keys=True))
+        else:
+            for key in sorted(shown):
+                print(f"{key:<16} {shown[key]}")
+        return 0
+    if not 1 <= args.limit <= 10_000:
+        raise ConfigError(f"--limit must be 1..10000, got {args.limit}")
+    user = None if args.user is None else validate_user_id(args.user)
+    listed = _run_store(
+        config.store,
+        lambda st: JobBook(st, namespace).listing(user=user, state=args.state, limit=args.limit),
+    )
+    if args.json:
+        print(json.dumps([job.public() for job in listed], sort_keys=True))
+        return 0
+    for job in listed:
+        created = datetime.fromtimestamp(job.created_at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        why = job.error if job.state != "succeeded" else ""
+        print(
+            f"{job.id}  {job.state:<9} {job.attempts}/{job.max_attempts}  {created}  "
+            f"{job.user[:24]:<24} {job.agent[:16]:<16} {why[:60]}".rstrip()
+        )
+    if not listed:
+        print("no jobs")
+    return 0
+
+
 def _limit(text: str) -> int | None:
     """A quota limit on the command line: a whole number >= 0, or ``none``."""
     if text.lower() == "none":
@@ -868,6 +918,7 @@ _OPS = {
     "audit": _audit,
     "usage": _usage,
     "vault": _vault,
+    "jobs": _jobs,
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
+import math
 import os
 import threading
 import time
@@ -20,7 +21,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from typing import Any, TypeVar
 
 import ray
@@ -28,6 +29,7 @@ from opentelemetry.trace import Span, SpanKind
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
 from .. import vault as vault_ops
+from ..actors.jobs import JOBS
 from ..agent import Agent, Placement
 from ..app import App, as_app, conversation_id
 from ..audit import note
@@ -35,6 +37,7 @@ from ..exceptions import (
     ConfigError,
     ConversationUnavailable,
     Fenced,
+    JobFailed,
     Passivated,
     StaleShardTable,
     UnknownTurn,
@@ -47,6 +50,8 @@ from ..gateway.access import (
     validate_metadata,
 )
 from ..gateway.keys import Principal
+from ..jobs import TERMINAL, JobBook, JobRecord, new_job, validate_job_id, validate_webhook
+from ..jobs import cancel as cancel_job
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
 from ..providers import api_keys as api_key_map
@@ -72,7 +77,7 @@ from ..validation import validate_message, validate_user_id
 from .cluster import attach, detach
 from .config import Config
 
-__all__ = ["Conversation", "Runtime", "connect"]
+__all__ = ["Conversation", "Job", "Runtime", "connect"]
 
 T = TypeVar("T")
 
@@ -519,6 +524,58 @@ class Conversation:
         return info
 
 
+class Job:
+    """A background job (:meth:`Runtime.submit`): its ``id``, its status, its result."""
+
+    def __init__(self, runtime: Runtime, job_id: str, user_id: str, agent: str) -> None:
+        self._runtime = runtime
+        self.id, self.user_id, self.agent = job_id, user_id, agent
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id!r}, user_id={self.user_id!r}, agent={self.agent!r})"
+
+    @property
+    def turn_id(self) -> str:
+        """The turn it runs in the user's conversation (stored once, however often run)."""
+        return f"{self.id}-turn"
+
+    def status(self) -> dict[str, Any]:
+        """:meth:`Runtime.job` of this job."""
+        return self._runtime.job(self.id)
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any]:
+        """Its status once it has ended (succeeded, failed or cancelled); ``TimeoutError``
+        if it has not within ``timeout`` seconds (``None``: no limit)."""
+        if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
+            raise UsageError(f"timeout must be seconds >= 0 or None, got {timeout!r}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.05
+        while True:
+            status = self.status()
+            if status["state"] in TERMINAL:
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"job {self.id} is still {status['state']} after {timeout:g} s "
+                    f"(attempts: {status['attempts']})"
+                )
+            left = math.inf if deadline is None else deadline - time.monotonic()
+            time.sleep(max(0.0, min(pause, left)))
+            pause = min(pause * 2, 1.0)
+
+    def result(self, timeout: float | None = None) -> str:
+        """The answer's text once the job has succeeded; :class:`JobFailed` when it
+        failed or was cancelled; ``TimeoutError`` after ``timeout`` seconds."""
+        status = self.wait(timeout)
+        if status["state"] != "succeeded":
+            raise JobFailed(status)
+        return str(status["reply"])
+
+    def cancel(self) -> dict[str, Any]:
+        """:meth:`Runtime.cancel_job` of this job."""
+        return self._runtime.cancel_job(self.id)
+
+
 class Runtime:
     """A connection to overstory on a Ray cluster. Get one with :func:`connect`.
 
@@ -756,6 +813,103 @@ class Runtime:
         )
         return counted
 
+    # --- background jobs ---------------------------------------------------------------------
+
+    def submit(
+        self,
+        user_id: str,
+        text: str,
+        *,
+        agent: str | None = None,
+        max_attempts: int = 3,
+        webhook: str | None = None,
+        on_done: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Job:
+        """Queue ``text`` as a turn of ``user_id``'s conversation with ``agent`` and return
+        at once (:mod:`overstory.jobs`). The job is in the store before this returns: it
+        runs even if this process, a host or the runner dies, at least once and stored
+        once (every attempt is the same turn), retried with backoff up to
+        ``max_attempts`` while its failures are not permanent.
+
+        When it ends, ``webhook`` (an http(s) URL) gets its status as a JSON ``POST``
+        (signed when ``OVERSTORY_WEBHOOK_SECRET`` is set in the cluster), and
+        ``on_done(status)`` is called in a thread of this process (if it still runs).
+        """
+        name, _ = self._cid(user_id, agent)
+        validate_message(text, max_chars=self.config.max_message_chars)
+        hook = validate_webhook(webhook)
+        if on_done is not None and not callable(on_done):
+            raise ConfigError(f"on_done must be callable, got {on_done!r}")
+        job = new_job(user_id, name, text, max_attempts=max_attempts, webhook=hook, now=time.time())
+        namespace = self.config.namespace
+        _run_store(self.config.store, lambda st: JobBook(st, namespace).add(job))
+        self._poke_runner()
+        handle = Job(self, job.id, user_id, name)
+        if on_done is not None:
+            threading.Thread(
+                target=_call_when_done,
+                args=(handle, on_done),
+                name=f"on_done-{job.id}",
+                daemon=True,
+            ).start()
+        return handle
+
+    def _poke_runner(self) -> None:
+        """Wake the job runner (it would look within ``jobs_poll_s`` anyway)."""
+        with suppress(ValueError, RayActorError):
+            ray.get_actor(JOBS, namespace=self.config.namespace).poke.remote()
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """Job ``job_id``'s status: ``state`` (queued, running, succeeded, failed,
+        cancelled), ``attempts``, ``reply`` (its answer's text), ``error`` (its last
+        failure), times, ``turn_id`` …; :class:`~overstory.exceptions.UnknownJob` if
+        there is none (jobs are kept ``jobs_keep_s`` after they end)."""
+        namespace = self.config.namespace
+        job_id = validate_job_id(job_id)
+        record: JobRecord = _run_store(
+            self.config.store, lambda st: JobBook(st, namespace).status(job_id)
+        )
+        return record.public()
+
+    def jobs(
+        self, user_id: str | None = None, *, state: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Jobs, newest first: ``user_id``'s, or everyone's; in ``state`` or any."""
+        if user_id is not None:
+            validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise UsageError(f"limit must be an int 1..10000, got {limit!r}")
+        namespace = self.config.namespace
+        records: list[JobRecord] = _run_store(
+            self.config.store,
+            lambda st: JobBook(st, namespace).listing(user=user_id, state=state, limit=limit),
+        )
+        return [r.public() for r in records]
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        """Cancel a queued job (also one waiting to be retried); its status after. A job
+        running an attempt is not interrupted: :class:`~overstory.exceptions.UsageError`
+        says so (as it does for one that has ended)."""
+        namespace = self.config.namespace
+        job_id = validate_job_id(job_id)
+
+        async def go(store: Any) -> JobRecord:
+            book = JobBook(store, namespace)
+            while True:
+                found = await book.get(job_id)
+                if found is None:
+                    await book.status(job_id)  # raises UnknownJob
+                assert found is not None
+                raw, job = found
+                cancelled = cancel_job(job, time.time())
+                if cancelled is None:
+                    raise UsageError(f"job {job_id} is {job.state}: only a queued job is cancelled")
+                if await book.move(raw, job, cancelled) is not None:
+                    return cancelled
+
+        record: JobRecord = _run_store(self.config.store, go)
+        return record.public()
+
     # --- the DataVault, for operators ----------------------------------------------------------
 
     def vault_list(self, agent: str, user_id: str | None = None) -> list[dict[str, Any]]:
@@ -861,6 +1015,16 @@ class Runtime:
         if self.started_ray:
             detach()
             self.started_ray = False
+
+
+def _call_when_done(job: Job, on_done: Callable[[dict[str, Any]], None]) -> None:
+    status: dict[str, Any] | None = None
+    while status is None:
+        try:
+            status = job.wait()
+        except Exception:  # the store blinked, say: keep waiting
+            time.sleep(1.0)
+    on_done(status)
 
 
 def _run_store(url: str, fn: Callable[[Any], Any]) -> Any:

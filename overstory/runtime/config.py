@@ -19,6 +19,7 @@ import pydantic
 from ..exceptions import ConfigError
 
 if TYPE_CHECKING:
+    from ..jobs import JobLimits
     from ..quota import Quota
 from ..store.url import resolve_store_url
 from ..validation import MAX_MESSAGE_CHARS, MAX_USER_ID_CHARS
@@ -95,6 +96,17 @@ class Config(pydantic.BaseModel):
     prices: dict[str, dict[str, float]] = pydantic.Field(default_factory=dict)
     """Dollars per million tokens per model (``{model: {input, output}}``), for usage
     and cost (:mod:`overstory.usage`); a model without a price counts no cost."""
+    jobs_concurrency: int = pydantic.Field(4, ge=1, le=10_000)
+    """Background jobs (``rt.submit``) running at once in the namespace."""
+    jobs_per_user: int = pydantic.Field(1, ge=1, le=1000)
+    """Background jobs of one user running at once."""
+    jobs_lease_s: float = pydantic.Field(30.0, ge=1, le=3600)
+    """A running job's lease, renewed every third of it: a job whose runner died is
+    taken up again at most this long after its last renewal."""
+    jobs_keep_s: float = pydantic.Field(7 * 86_400.0, gt=0)
+    """How long a finished job's record (status, result) is kept."""
+    jobs_poll_s: float = pydantic.Field(1.0, gt=0, le=60)
+    """How often the job runner looks for due jobs (a submit also wakes it at once)."""
     restart_intensity: int = pydantic.Field(100, ge=0)
     """Conversation restarts allowed within ``restart_period_s`` before the conversation
     supervisor gives up, shuts its children down and escalates to the root."""
@@ -119,6 +131,12 @@ class Config(pydantic.BaseModel):
         if not _NAMESPACE.match(value):
             raise ValueError("must be 1-63 letters, digits, '_', '.' or '-', starting alphanumeric")
         return value
+
+    def job_limits(self) -> JobLimits:
+        """The job runner's bounds (the ``jobs_*`` settings)."""
+        from ..jobs import JobLimits
+
+        return JobLimits(self.jobs_concurrency, self.jobs_per_user, self.jobs_lease_s)
 
     def default_quota(self) -> Quota:
         """The quota of users without one of their own (the ``quota_*`` settings)."""

@@ -104,6 +104,24 @@ METRICS: dict[str, MetricSpec] = {
         "Dollars spent on model calls by the price table, by the model that answered.",
         ("model",),
     ),
+    "jobs": MetricSpec(
+        "overstory_jobs_total",
+        "counter",
+        "Background job attempts ended, by outcome (succeeded, failed, cancelled, retried).",
+        ("outcome",),
+    ),
+    "jobs_running": MetricSpec(
+        "overstory_jobs_running",
+        "gauge",
+        "Background jobs the namespace's runner is running now.",
+        (),
+    ),
+    "jobs_due": MetricSpec(
+        "overstory_jobs_due",
+        "gauge",
+        "Background jobs due at the runner's last look (at most 200 counted).",
+        (),
+    ),
     "restarts": MetricSpec(
         "overstory_restarts_total",
         "counter",
@@ -227,6 +245,18 @@ class Metrics:
     def cache(self, agent: str, outcome: Literal["hit", "miss"]) -> None:
         """A model call of an agent with a response cache: answered from it, or not."""
         self._inc("cache", 1, {"agent": _tag(agent), "outcome": outcome})
+
+    # --- background jobs -----------------------------------------------------------------
+
+    def job(self, outcome: str) -> None:
+        """A job's attempt ended: ``succeeded``, ``failed``, ``cancelled`` or ``retried``."""
+        self._inc("jobs", 1, {"outcome": _tag(outcome)})
+
+    def jobs_running(self, n: int) -> None:
+        self._set("jobs_running", n, {})
+
+    def jobs_due(self, n: int) -> None:
+        self._set("jobs_due", n, {})
 
     # --- lifecycle ---------------------------------------------------------------------
 

@@ -1,0 +1,282 @@
+"""The job runner: the root's ``jobs`` child, one per namespace.
+
+It holds no job state of its own (:mod:`overstory.jobs` keeps everything in the
+store): it reads the due queue entries every ``jobs_poll_s`` (or at once, when a submit
+pokes it), takes the ones :func:`~overstory.jobs.pick` allows by compare-and-set
+(:func:`~overstory.jobs.claim`), and runs each as a turn of its user's conversation
+through the same client every driver uses — so a host killed mid-turn is re-sent to,
+as any client would, with the job's turn id. While a turn runs, the job's lease is
+renewed every third of ``jobs_lease_s``; if this process dies, Ray (then the root)
+starts it again and the new incarnation adopts the jobs the old one held
+(:func:`~overstory.jobs.claimable`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from ..agent import Placement
+from ..exceptions import QuotaExceeded, TurnIncomplete
+from ..jobs import (
+    TERMINAL,
+    JobBook,
+    JobRecord,
+    claim,
+    claimable,
+    delivered,
+    fail,
+    is_permanent,
+    pick,
+    renew,
+    sign,
+    succeed,
+)
+from ..runtime.config import Config
+from ..store import HistoryStore, open_store
+from ..supervisors.watch import new_incarnation, until_death
+from ..telemetry import metrics, setup_telemetry
+
+__all__ = ["JOBS", "WEBHOOK_SECRET_ENV", "JobRunner"]
+
+#: The runner's actor name in the namespace.
+JOBS = "overstory.jobs"
+#: With it set (in the cluster's environment), webhooks carry ``overstory-signature``.
+WEBHOOK_SECRET_ENV = "OVERSTORY_WEBHOOK_SECRET"
+#: How many queue entries one scan reads.
+_SCAN = 200
+_SWEEP_EVERY_S = 3600.0
+_WEBHOOK_TIMEOUT_S = 10.0
+
+log = logging.getLogger(__name__)
+
+
+class JobRunner:
+    """Runs a namespace's background jobs (see the module doc)."""
+
+    def __init__(self, namespace: str, config: Config, placement: Placement) -> None:
+        self.namespace, self.config, self.placement = namespace, config, placement
+        self.limits = config.job_limits()
+        self.incarnation = new_incarnation()
+        setup_telemetry()
+        self._store: HistoryStore = open_store(config.store)
+        self._book = JobBook(self._store, namespace)
+        self._runtime: Any = None  # the client, made on first use (it attaches to the tree)
+        self._running: dict[str, JobRecord] = {}  # job id -> the record as claimed
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._main: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self.counters: Counter[str] = Counter()
+        self._started_at = time.time()
+
+    # --- supervision protocol -----------------------------------------------------------
+
+    async def ready(self) -> dict[str, Any]:
+        if self._main is None:
+            self._wake = asyncio.Event()
+            self._main = asyncio.get_running_loop().create_task(self._loop())
+        return self.status()
+
+    async def watch(self, incarnation: str | None = None) -> str:
+        return await until_death(incarnation, self.incarnation)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "incarnation": self.incarnation,
+            "started_at": self._started_at,
+            "running": sorted(self._running),
+            "counters": dict(self.counters),
+        }
+
+    async def poke(self) -> None:
+        """A job was submitted: look now, not at the next poll."""
+        if self._wake is not None:
+            self._wake.set()
+
+    # --- the loop -----------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        await self._store.open()
+        adopt, swept = True, 0.0
+        while True:
+            try:
+                await self._scan(adopt)
+                adopt = False
+                if time.time() - swept > _SWEEP_EVERY_S:
+                    swept = time.time()
+                    self.counters["swept"] += await self._book.sweep(swept, self.config.jobs_keep_s)
+            except Exception as exc:  # the store is down, say: keep polling
+                log.warning("job scan failed: %s: %s", type(exc).__name__, exc)
+            assert self._wake is not None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.jobs_poll_s)
+            self._wake.clear()
+
+    async def _scan(self, adopt: bool) -> None:
+        """Start what is due and allowed. The first scan of an incarnation reads the
+        whole queue, to adopt the jobs a dead one held on leases not yet ended."""
+        if len(self._running) >= self.limits.concurrency and not adopt:
+            return
+        now = time.time()
+        entries = await self._book.due(math.inf if adopt else now, limit=_SCAN)
+        metrics().jobs_due(sum(due <= now for _, due, _ in entries))
+        found: dict[str, tuple[str, JobRecord]] = {}
+        for entry, due, job_id in entries:
+            if job_id in self._running:
+                continue
+            got = await self._book.tidy(entry, due, job_id, now)
+            if got is None:
+                continue
+            raw, job = got
+            if job.state in TERMINAL:  # its webhook is due (its runner died before)
+                if job.due <= now:
+                    self._spawn(self._notify(job.id))
+            elif claimable(job, now, self.incarnation):
+                found[job_id] = (raw, job)
+        users = Counter(job.user for job in self._running.values())
+        for job in pick((job for _, job in found.values()), users, self.limits):
+            raw = found[job.id][0]
+            claimed = claim(job, now, self.incarnation, self.limits.lease_s)
+            if await self._book.move(raw, job, claimed) is not None:
+                self._running[job.id] = claimed
+                self._spawn(self._run(claimed))
+        metrics().jobs_running(len(self._running))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- one job ------------------------------------------------------------------------
+
+    async def _client(self) -> Any:
+        if self._runtime is None:
+            from ..runtime.client import Runtime
+
+            self._runtime = await asyncio.to_thread(
+                Runtime, self.config, None, started_ray=False, placement=self.placement, adopt=True
+            )
+        return self._runtime
+
+    async def _run(self, job: JobRecord) -> None:
+        heart = asyncio.get_running_loop().create_task(self._heartbeat(job.id))
+        try:
+            outcome = await self._attempt(job)
+        finally:
+            heart.cancel()
+            self._running.pop(job.id, None)
+            metrics().jobs_running(len(self._running))
+        final = await self._change(job.id, outcome)
+        if final is not None:
+            label = final.state if final.state in TERMINAL else "retried"
+            self.counters[label] += 1
+            metrics().job(label)
+            if final.state in TERMINAL and not final.notified:
+                await self._notify(job.id)
+        if self._wake is not None:
+            self._wake.set()  # a slot is free
+
+    async def _attempt(self, job: JobRecord) -> Callable[[JobRecord], JobRecord | None]:
+        """Run the job's turn once; how its record changes after."""
+        me = self.incarnation
+        try:
+            runtime = await self._client()
+            conv = await runtime.conversation_async(job.user, agent=job.agent)
+            reply = await conv.send_async(job.text, turn_id=job.turn_id)
+        except TurnIncomplete as exc:  # stored, cut short (too long, say): its answer
+            text, reason = str(getattr(exc.reply, "text", "")), exc.reason
+            return _if_mine(me, lambda j: succeed(j, time.time(), text, reason))
+        except QuotaExceeded as exc:
+            error, wait = _describe(exc), exc.retry_after_s
+            return _if_mine(
+                me, lambda j: fail(j, time.time(), error, permanent=False, not_before_s=wait)
+            )
+        except Exception as exc:
+            error, permanent, jitter = _describe(exc), is_permanent(exc), random.random()
+            return _if_mine(
+                me, lambda j: fail(j, time.time(), error, permanent=permanent, jitter=jitter)
+            )
+        text = reply.text
+        return _if_mine(me, lambda j: succeed(j, time.time(), text, reply.incomplete))
+
+    async def _heartbeat(self, job_id: str) -> None:
+        me, lease = self.incarnation, self.limits.lease_s
+        while True:
+            await asyncio.sleep(lease / 3)
+            with contextlib.suppress(Exception):  # a missed renewal: the next one may do
+                await self._change(job_id, lambda j: renew(j, time.time(), me, lease))
+
+    async def _change(
+        self, job_id: str, step: Callable[[JobRecord], JobRecord | None]
+    ) -> JobRecord | None:
+        """Apply ``step`` to the stored job by compare-and-set (again on a conflict);
+        the new record, or ``None`` when ``step`` declines or the job is gone."""
+        for _ in range(32):
+            found = await self._book.get(job_id)
+            if found is None:
+                return None
+            raw, job = found
+            new = step(job)
+            if new is None:
+                return None
+            if await self._book.move(raw, job, new) is not None:
+                return new
+            await asyncio.sleep(random.uniform(0.005, 0.05))
+        log.warning("job %s: gave up a change after 32 conflicts", job_id)
+        return None
+
+    # --- webhooks -----------------------------------------------------------------------
+
+    async def _notify(self, job_id: str) -> None:
+        found = await self._book.get(job_id)
+        if found is None or found[1].notified or found[1].state not in TERMINAL:
+            return
+        job = found[1]
+        body = json.dumps(
+            {k: v for k, v in job.public().items() if k not in ("webhook", "webhook_error")},
+            sort_keys=True,
+        ).encode()
+        headers = {"content-type": "application/json", "overstory-job-id": job.id}
+        secret = os.environ.get(WEBHOOK_SECRET_ENV)
+        if secret:
+            headers["overstory-signature"] = sign(secret, body, time.time())
+        error = ""
+        try:
+            async with httpx.AsyncClient(timeout=_WEBHOOK_TIMEOUT_S) as client:
+                response = await client.post(job.webhook, content=body, headers=headers)
+            if not 200 <= response.status_code < 300:
+                error = f"the webhook answered HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        jitter = random.random()
+        done = await self._change(
+            job_id,
+            lambda j: None if j.notified else delivered(j, time.time(), error, jitter=jitter),
+        )
+        self.counters["webhooks_ok" if not error else "webhooks_failed"] += 1
+        if done is not None and not done.notified:
+            log.info("job %s: webhook failed (%s); again at %.0f", job_id, error, done.due)
+
+
+def _if_mine(
+    me: str, step: Callable[[JobRecord], JobRecord]
+) -> Callable[[JobRecord], JobRecord | None]:
+    """``step`` applied only while the job is still this incarnation's running attempt
+    (a cancelled or adopted job is not overwritten)."""
+    return lambda job: step(job) if job.state == "running" and job.runner == me else None
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
