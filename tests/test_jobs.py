@@ -1,0 +1,231 @@
+"""Background jobs on a real tree: a job runs once and is listed; it survives a SIGKILL
+of its host and of the runner mid-turn, completing with its turn stored once; failures
+retry with backoff and end; per-user concurrency holds; cancel; a signed webhook and a
+callback notify."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from hashlib import sha256
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import ray
+from conftest import WEBHOOK_SECRET, kill_namespace
+
+import overstory
+from overstory import Agent, JobFailed, OfflineModel, Runtime, UnknownAgent, UnknownJob
+from overstory.actors.jobs import JOBS
+from overstory.exceptions import ConfigError, InvalidMessage, UsageError
+from overstory.messages import Message
+from overstory.runtime.cli import main
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture
+def rt(ray_cluster: str, namespace: str, sqlite_url: str) -> Iterator[Runtime]:
+    agents = [
+        Agent("helper", model=OfflineModel("helper", latency_s=0.02)),
+        # Its first two requests fail (a retryable model error), the third answers.
+        Agent("flaky", model=OfflineModel("flaky", fail_first=2)),
+    ]
+    runtime = overstory.connect(
+        agents,
+        store=sqlite_url,
+        namespace=namespace,
+        hosts_per_node=1,
+        jobs_poll_s=0.2,
+        jobs_lease_s=3.0,
+        jobs_concurrency=3,
+        jobs_per_user=1,
+    )
+    yield runtime
+    runtime.close()
+    kill_namespace(namespace)
+
+
+def runner_status(rt: Runtime) -> dict[str, Any]:
+    status: dict[str, Any] = ray.get(
+        ray.get_actor(JOBS, namespace=rt.config.namespace).status.remote(), timeout=30
+    )
+    return status
+
+
+def turn_of(history: list[Message], turn_id: str) -> list[Message]:
+    return [m for m in history if m.turn_id == turn_id]
+
+
+def wait_for(check: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def test_a_job_runs_once_is_listed_and_calls_back(
+    rt: Runtime, capsys: pytest.CaptureFixture[str]
+) -> None:
+    called: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    def on_done(status: dict[str, Any]) -> None:
+        called.append(status)
+        done.set()
+
+    started = time.monotonic()
+    job = rt.submit("alice", "summarise my week", on_done=on_done)
+    assert time.monotonic() - started < 2.0  # queued, not run, before it returns
+    assert job.result(timeout=60) == "echo #1: summarise my week"
+    status = rt.job(job.id)
+    assert status["state"] == "succeeded"
+    assert status["attempts"] == 1
+    assert status["turn_id"] == job.turn_id
+    assert status["user"] == "alice"
+    assert status["agent"] == "helper"
+    history = rt.stored_history("alice")
+    assert [m.kind for m in turn_of(history, job.turn_id)] == ["user", "assistant"]
+    assert done.wait(30)
+    assert called[0]["id"] == job.id
+    assert called[0]["reply"] == "echo #1: summarise my week"
+    # A later interactive turn follows it in the same conversation.
+    assert rt.conversation("alice").send("and now?").text == "echo #2: and now?"
+    assert [j["id"] for j in rt.jobs("alice")] == [job.id]
+    assert rt.jobs("bob") == []
+    assert runner_status(rt)["counters"]["succeeded"] == 1
+    with pytest.raises(UnknownJob):
+        rt.job("job_0000000000000000000000000")
+    with pytest.raises(UsageError, match="job id"):
+        rt.job("no-such-thing")
+    # Bad input is refused before anything is stored.
+    with pytest.raises(UnknownAgent):
+        rt.submit("alice", "hi", agent="nobody")
+    with pytest.raises(InvalidMessage):
+        rt.submit("alice", "   ")
+    with pytest.raises(ConfigError, match="max_attempts"):
+        rt.submit("alice", "hi", max_attempts=0)
+    with pytest.raises(ConfigError, match="webhook"):
+        rt.submit("alice", "hi", webhook="file:///etc/passwd")
+    assert len(rt.jobs()) == 1
+    # The operator's view, from the store.
+    args = ["--store", rt.config.store, "--namespace", rt.config.namespace]
+    assert main(["jobs", "--user", "alice", "--json", *args]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(j["id"], j["state"], j["attempts"]) for j in listed] == [(job.id, "succeeded", 1)]
+    assert main(["jobs", *args]) == 0
+    assert f"{job.id}  succeeded 1/3" in capsys.readouterr().out
+    assert main(["jobs", job.id, "--json", *args]) == 0
+    assert json.loads(capsys.readouterr().out)["reply"] == "echo #1: summarise my week"
+    assert main(["jobs", "job_0000000000000000000000000", *args]) == 2
+    assert "no job" in capsys.readouterr().err
+
+
+def test_a_job_survives_a_sigkill_of_its_host_mid_turn(rt: Runtime) -> None:
+    job = rt.submit("carol", "!sleep 2 a long report")
+    # Its user message is stored before the model is called: the turn is under way.
+    wait_for(lambda: turn_of(rt.stored_history("carol"), job.turn_id))
+    os.kill(rt.conversation("carol").info()["pid"], signal.SIGKILL)
+    assert job.result(timeout=120) == "echo #1: a long report"
+    history = rt.stored_history("carol")
+    assert [m.kind for m in history] == ["user", "assistant"]  # stored once
+    assert rt.job(job.id)["attempts"] == 1  # the runner's client re-sent the same turn
+
+
+def test_a_job_survives_a_sigkill_of_the_runner_mid_turn(rt: Runtime) -> None:
+    job = rt.submit("dave", "!sleep 2 a long report")
+    wait_for(lambda: turn_of(rt.stored_history("dave"), job.turn_id))
+    before = runner_status(rt)
+    assert before["running"] == [job.id]
+    os.kill(before["pid"], signal.SIGKILL)
+    assert job.result(timeout=120) == "echo #1: a long report"
+    status = rt.job(job.id)
+    assert status["attempts"] == 2  # the new incarnation adopted it at once
+    assert [m.kind for m in rt.stored_history("dave")] == ["user", "assistant"]  # stored once
+    assert runner_status(rt)["incarnation"] != before["incarnation"]
+
+
+def test_failures_retry_with_backoff_then_end(rt: Runtime) -> None:
+    flaky = rt.submit("erin", "third time lucky", agent="flaky")
+    assert flaky.result(timeout=60) == "echo #1: third time lucky"
+    status = rt.job(flaky.id)
+    assert status["attempts"] == 3
+    assert status["error"] == ""
+    # Two retries waited ~2 and ~4 s (±20 %).
+    assert status["finished_at"] - status["started_at"] >= 1.6 + 3.2
+    assert [m.kind for m in rt.stored_history("erin", agent="flaky")] == ["user", "assistant"]
+    # A model that refuses the request itself: no retry.
+    fatal = rt.submit("erin", "!fatal bad request")
+    with pytest.raises(JobFailed, match="scripted fatal") as caught:
+        fatal.result(timeout=60)
+    assert caught.value.job["attempts"] == 1
+    assert rt.job(fatal.id)["state"] == "failed"
+
+
+def test_per_user_concurrency_and_cancel(rt: Runtime) -> None:
+    a = [rt.submit("frank", f"!sleep 1 job {n}") for n in range(3)]
+    b = rt.submit("grace", "!sleep 1 job of grace")
+    wait_for(lambda: rt.job(a[1].id)["state"] != "queued" or rt.job(a[0].id)["state"] == "running")
+    assert rt.cancel_job(a[2].id)["state"] == "cancelled"  # still waiting its turn
+    with pytest.raises(JobFailed, match="cancelled"):
+        a[2].result(timeout=5)
+    for job in (a[0], a[1], b):
+        job.result(timeout=60)
+    spans = sorted((rt.job(j.id)["started_at"], rt.job(j.id)["finished_at"]) for j in a[:2])
+    assert spans[0][1] <= spans[1][0]  # one of frank's at a time
+    grace = rt.job(b.id)
+    assert grace["started_at"] < spans[0][1]  # grace's ran beside frank's first
+    with pytest.raises(UsageError, match="only a queued job"):
+        rt.cancel_job(a[0].id)
+    assert [m.content for m in rt.stored_history("frank") if m.kind == "user"] == [
+        "!sleep 1 job 0",
+        "!sleep 1 job 1",
+    ]
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: list[tuple[dict[str, str], bytes]] = []
+    fail_first = 1
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["content-length"]))
+        type(self).received.append((dict(self.headers), body))
+        status = 500 if len(type(self).received) <= type(self).fail_first else 204
+        self.send_response(status)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_signed_webhook_is_delivered_and_retried(rt: Runtime) -> None:
+    _Hook.received = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/hooks/jobs"
+        job = rt.submit("heidi", "notify me", webhook=url)
+        job.result(timeout=60)
+        wait_for(lambda: rt.job(job.id)["notified"], timeout=30)
+    finally:
+        server.shutdown()
+    status = rt.job(job.id)
+    assert status["deliveries"] == 2  # a 500 first, retried after a backoff
+    assert status["webhook_error"] == ""
+    assert len(_Hook.received) == 2
+    headers, body = _Hook.received[-1]
+    sent = json.loads(body)
+    assert sent["id"] == job.id
+    assert sent["state"] == "succeeded"
+    assert sent["reply"] == "echo #1: notify me"
+    stamp, mac = headers["overstory-signature"].split(",")
+    t = stamp.removeprefix("t=")
+    expected = hmac.new(WEBHOOK_SECRET.encode(), f"{t}.".encode() + body, sha256).hexdigest()
+    assert mac == f"v1={expected}"
+    assert abs(time.time() - int(t)) < 120
