@@ -4,8 +4,9 @@
     ├── hosts (hosted placement)                        Supervisor: one_for_one, permanent
     │   ├── overstory:host:0                            HostActor: conversation entities,
     │   └── overstory:host:1 ...                          each supervised inside its host
-    └── conversations (dedicated placement)             ConversationSupervisor: dynamic,
-                                                          one_for_one, transient children
+    ├── conversations (dedicated placement)             ConversationSupervisor: dynamic,
+    │                                                     one_for_one, transient children
+    └── jobs                                            JobRunner: background jobs
 
 :class:`Supervisor` is the one shell for named, static children (the root and the host
 supervisor are two instances of it): it asks :func:`~overstory.supervisors.core.on_exit`
