@@ -151,6 +151,24 @@ def test_a_job_survives_a_sigkill_of_the_runner_mid_turn(rt: Runtime) -> None:
     assert runner_status(rt)["incarnation"] != before["incarnation"]
 
 
+def test_a_job_survives_its_supervisors_and_the_runner_killed_at_once(rt: Runtime) -> None:
+    """SIGKILL the root, the host supervisor and the runner mid-turn: Ray restarts each in
+    place; the runner starts its own loop (no supervisor calls it) and adopts the job."""
+    from overstory.supervisors.tree import HOSTS, ROOT
+
+    job = rt.submit("ivan", "!sleep 2 a long report")
+    wait_for(lambda: turn_of(rt.stored_history("ivan"), job.turn_id))
+    pids = [runner_status(rt)["pid"]]
+    for name in (ROOT, HOSTS):
+        actor = ray.get_actor(name, namespace=rt.config.namespace)
+        pids.append(ray.get(actor.status.remote(), timeout=30)["pid"])
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    assert job.result(timeout=120) == "echo #1: a long report"
+    assert [m.kind for m in rt.stored_history("ivan")] == ["user", "assistant"]
+    assert runner_status(rt)["pid"] != pids[0]
+
+
 def test_failures_retry_with_backoff_then_end(rt: Runtime) -> None:
     flaky = rt.submit("erin", "third time lucky", agent="flaky")
     assert flaky.result(timeout=60) == "echo #1: third time lucky"

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import ray
 
 from ..agent import Placement
 from ..exceptions import QuotaExceeded, TurnIncomplete
@@ -79,6 +80,9 @@ class JobRunner:
         self._wake: asyncio.Event | None = None
         self.counters: Counter[str] = Counter()
         self._started_at = time.time()
+        # Ray restarts this process in place after a crash, and its supervisor may be
+        # down too (nobody would call ready): start the loop by calling it ourselves.
+        ray.get_runtime_context().current_actor.ready.remote()
 
     # --- supervision protocol -----------------------------------------------------------
 
@@ -102,8 +106,9 @@ class JobRunner:
 
     async def poke(self) -> None:
         """A job was submitted: look now, not at the next poll."""
-        if self._wake is not None:
-            self._wake.set()
+        await self.ready()
+        assert self._wake is not None
+        self._wake.set()
 
     # --- the loop -----------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -111,6 +112,7 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         children = [c.id for c in self._state.children] if self._state else []
         return {
+            "pid": os.getpid(),
             "children": children,
             "restarts": self.restarts,
             "incarnation": self.incarnation,
