@@ -21,6 +21,8 @@ from .endpoint import (
     Limits,
     RetryPolicy,
     Secret,
+    aws_credentials,
+    aws_secret,
     parse_model,
 )
 from .fallback import FallbackModel
@@ -50,6 +52,7 @@ __all__ = [
     "Rule",
     "Secret",
     "api_keys",
+    "aws_secret",
     "parse_model",
     "resolve_model",
 ]
@@ -79,7 +82,9 @@ def resolve_model(spec: ModelSpec) -> Model:
 
 def _env_key(endpoint: Endpoint) -> Endpoint:
     """With the key from the vendor's environment variable, when one is set (read here,
-    on the client). Without one the endpoint works only with users' own keys."""
+    on the client). Without one the endpoint works only with users' own keys. A Bedrock
+    endpoint's AWS region is configuration, not a user's: it must be known here."""
+    endpoint = endpoint.located()
     try:
         return endpoint.resolved()
     except ConfigError:
@@ -97,7 +102,8 @@ def _from_string(spec: str) -> Model:
 
 
 def api_keys(keys: Mapping[str, str]) -> dict[str, Secret]:
-    """Validate a user's own keys (``{"openai": "sk-...", "anthropic": "..."}``)."""
+    """Validate a user's own keys (``{"openai": "sk-...", "anthropic": "..."}``; for
+    Bedrock the user's AWS credentials, ``"ACCESS_KEY_ID:SECRET_ACCESS_KEY[:TOKEN]"``)."""
     if not isinstance(keys, Mapping):
         raise ConfigError(f"api_keys must map a vendor to a key, got {type(keys).__name__}")
     out: dict[str, Secret] = {}
@@ -107,4 +113,6 @@ def api_keys(keys: Mapping[str, str]) -> dict[str, Secret]:
                 f"api_keys has an unknown vendor {vendor!r}; known: {', '.join(KEY_ENV)}"
             )
         out[vendor] = key if isinstance(key, Secret) else Secret(key)
+        if vendor == "bedrock":
+            aws_credentials(out[vendor])
     return out

@@ -29,7 +29,13 @@ from ..messages import Message, ModelResponse, ToolCall
 from ..tools import ToolDefinition
 from .base import Model, StreamItem
 from .endpoint import Endpoint
-from .taxonomy import is_context_overflow, kind_of_error_type, kind_of_status, parse_retry_after
+from .taxonomy import (
+    is_context_overflow,
+    kind_of_aws_error,
+    kind_of_error_type,
+    kind_of_status,
+    parse_retry_after,
+)
 
 __all__ = [
     "Assembler",
@@ -69,6 +75,8 @@ class SDKModel(Model):
         assert endpoint.key is not None
         self.endpoint = endpoint
         self._key = endpoint.key.value
+        #: What is masked in error messages: the key, or each part of a packed one.
+        self._secrets = (*(p for p in self._key.split(":") if len(p) >= 8), self._key)
         self._client = self._make_client(endpoint, self._key)
 
     @property
@@ -114,7 +122,7 @@ class SDKModel(Model):
                 answer = await self._create(**self._arguments(instructions, messages, tools))
             return self._parsed(self._read, answer)
         except ModelError as exc:
-            raise scrubbed(exc, self._key) from None
+            raise scrubbed(exc, *self._secrets) from None
 
     async def stream(
         self,
@@ -140,7 +148,7 @@ class SDKModel(Model):
                     await events.close()
             yield self._parsed(assembler.response)
         except ModelError as exc:
-            raise scrubbed(exc, self._key) from None
+            raise scrubbed(exc, *self._secrets) from None
 
     @contextmanager
     def _sdk_errors(self, *, mid_stream: bool = False) -> Iterator[None]:
@@ -204,7 +212,7 @@ def http_error(
     code: str | None = None,
 ) -> ModelError:
     """The :class:`ModelError` for an HTTP error answer from a provider."""
-    kind = kind_of_status(status)
+    kind = kind_of_aws_error(headers) or kind_of_status(status)
     if status in (400, 413) and is_context_overflow(code, message):
         kind = "context_overflow"
     detail = " ".join(message.split())[:_MAX_DETAIL]
@@ -267,13 +275,17 @@ def tool_call(model: str, call_id: Any, name: Any, raw_arguments: Any) -> ToolCa
     return ToolCall(id=call_id, name=name, arguments=tool_arguments(model, name, raw_arguments))
 
 
-def scrubbed(error: ModelError, key: str) -> ModelError:
-    """``error`` with every occurrence of ``key`` masked (providers echo keys in 401s)."""
+def scrubbed(error: ModelError, *keys: str) -> ModelError:
+    """``error`` with every occurrence of each key masked (providers echo keys in 401s)."""
     text = str(error)
-    if len(key) < 8 or key not in text:
+    masked = text
+    for key in sorted(keys, key=len, reverse=True):  # a whole key before its parts
+        if len(key) >= 8:
+            masked = masked.replace(key, "****")
+    if masked == text:
         return error
     return ModelError(
-        text.replace(key, "****"),
+        masked,
         model=error.model,
         kind=error.kind,
         retry_after=error.retry_after,

@@ -5,6 +5,11 @@ a driver) from what users write — ``"openai:gpt-4.1-mini@http://127.0.0.1:8000
 plus the key from the standard environment variable or the user's own (BYOK). Its
 :attr:`~Endpoint.key` is a :class:`Secret`: it travels inside the cluster to the provider
 actor that owns the SDK client, but no repr, log line, error or span ever shows it.
+
+Amazon Bedrock (``bedrock:anthropic.claude-sonnet-4-5-v1:0``) signs requests with AWS
+credentials rather than sending a key: its Secret packs the access key id, the secret
+access key and the session token, if any (:func:`aws_secret`, :func:`aws_credentials`),
+read from the standard AWS variables, and the endpoint carries the AWS region.
 """
 
 from __future__ import annotations
@@ -27,13 +32,25 @@ __all__ = [
     "RetryPolicy",
     "Secret",
     "Vendor",
+    "aws_credentials",
+    "aws_secret",
     "parse_model",
 ]
 
-Vendor = Literal["anthropic", "openai"]
+Vendor = Literal["anthropic", "openai", "bedrock"]
 
-#: Where each vendor's key is read from when the user does not bring their own.
-KEY_ENV: dict[Vendor, str] = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY"}
+#: The standard AWS variables Bedrock's credentials and region are read from.
+AWS_KEY_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+AWS_TOKEN_VAR = "AWS_SESSION_TOKEN"
+AWS_REGION_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
+
+#: Where each vendor's key is read from when the user does not bring their own (as a
+#: message names it: Bedrock's credentials are two variables, plus an optional token).
+KEY_ENV: dict[Vendor, str] = {
+    "anthropic": "ANTHROPIC_API_KEY",
+    "openai": "OPENAI_API_KEY",
+    "bedrock": " and ".join(AWS_KEY_VARS),
+}
 
 #: What users may write before the colon; OpenAI-compatible servers speak ``openai``.
 _VENDOR_ALIASES: dict[str, Vendor] = {
@@ -44,7 +61,14 @@ _VENDOR_ALIASES: dict[str, Vendor] = {
     "ollama": "openai",
     "lmstudio": "openai",
     "llamacpp": "openai",
+    "bedrock": "bedrock",
 }
+
+#: An AWS region as AWS names them: us-east-1, eu-central-2, us-gov-west-1, ...
+_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")
+#: Access key ids are upper-case letters and digits; secrets and session tokens base64.
+_AWS_KEY_ID = re.compile(r"[A-Z0-9]{16,128}")
+_AWS_SECRET_PART = re.compile(r"[A-Za-z0-9+/=]{1,4096}")
 
 
 class Secret:
@@ -81,6 +105,36 @@ class Secret:
 
     def __reduce__(self) -> tuple[type[Secret], tuple[str]]:
         return (Secret, (self._value,))
+
+
+def aws_secret(
+    access_key_id: str, secret_access_key: str, session_token: str | None = None
+) -> Secret:
+    """AWS credentials packed into one :class:`Secret` (``id:secret[:token]``), as a
+    Bedrock endpoint's key and as a user's own Bedrock key in ``api_keys``."""
+    parts = [access_key_id, secret_access_key] + ([session_token] if session_token else [])
+    secret = Secret(":".join(p.strip() if isinstance(p, str) else "" for p in parts))
+    aws_credentials(secret)  # validated here, when built
+    return secret
+
+
+def aws_credentials(key: Secret) -> tuple[str, str, str | None]:
+    """(access key id, secret access key, session token or None) from a Bedrock key.
+
+    The message of a bad one names what is wrong, never the value (it is a secret).
+    """
+    parts = key.value.split(":")
+    if len(parts) not in (2, 3):
+        raise ConfigError(
+            "Bedrock credentials are written ACCESS_KEY_ID:SECRET_ACCESS_KEY[:SESSION_TOKEN]; "
+            f"got {len(parts)} part(s)"
+        )
+    if not _AWS_KEY_ID.fullmatch(parts[0]):
+        raise ConfigError("an AWS access key id is 16-128 upper-case letters and digits")
+    for name, part in zip(("secret access key", "session token"), parts[1:], strict=False):
+        if not _AWS_SECRET_PART.fullmatch(part):
+            raise ConfigError(f"an AWS {name} is base64 text (letters, digits, + / =)")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +223,7 @@ class Endpoint:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     timeout_s: float = 60.0
     max_tokens: int = 1024
+    region: str | None = None  # Bedrock only: the AWS region requests are signed for
 
     def __post_init__(self) -> None:
         if self.vendor not in KEY_ENV:
@@ -181,6 +236,12 @@ class Endpoint:
             _check_url(self.base_url)
         if self.key is not None and not isinstance(self.key, Secret):
             raise ConfigError("Endpoint.key must be a Secret (wrap the key: Secret('sk-...'))")
+        if self.vendor == "bedrock" and self.key is not None:
+            aws_credentials(self.key)
+        if self.region is not None:
+            if self.vendor != "bedrock":
+                raise ConfigError(f"only Bedrock endpoints take a region, not {self.vendor!r}")
+            _check_region(self.region, "Endpoint.region")
         if not 0 < self.timeout_s <= 3600:
             raise ConfigError(f"timeout_s must be in (0, 3600], got {self.timeout_s}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -194,7 +255,11 @@ class Endpoint:
     @property
     def server(self) -> tuple[str, int | None]:
         """(host, port) the endpoint's requests go to (``server.address`` in spans)."""
-        default = {"anthropic": "api.anthropic.com", "openai": "api.openai.com"}[self.vendor]
+        default = {
+            "anthropic": "api.anthropic.com",
+            "openai": "api.openai.com",
+            "bedrock": f"bedrock-runtime.{self.region or 'us-east-1'}.amazonaws.com",
+        }[self.vendor]
         if self.base_url is None:
             return default, 443
         parts = urlsplit(self.base_url)
@@ -202,9 +267,10 @@ class Endpoint:
 
     @property
     def id(self) -> str:
-        """Stable id of (vendor, model, base URL, key): one provider actor per id."""
+        """Stable id of (vendor, model, base URL, key, region): one provider actor per id."""
         fingerprint = self.key.fingerprint() if self.key else "-"
-        raw = "\x00".join((self.vendor, self.model, self.base_url or "", fingerprint))
+        parts = (self.vendor, self.model, self.base_url or "", fingerprint)
+        raw = "\x00".join(parts + ((self.region or "",) if self.vendor == "bedrock" else ()))
         return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
     def with_key(self, key: str | Secret) -> Endpoint:
@@ -216,11 +282,14 @@ class Endpoint:
 
         The vendors' own APIs need a key: a missing one is a configuration error named
         here, at configuration time. A self-hosted OpenAI-compatible server (``base_url``
-        given) often needs none; it gets a placeholder.
+        given) often needs none; it gets a placeholder. Bedrock needs AWS credentials and
+        a region (:meth:`located`), even behind a base URL: its requests are signed.
         """
+        env = os.environ if environ is None else environ
+        if self.vendor == "bedrock":
+            return self.located(env)._with_aws_key(env)
         if self.key is not None:
             return self
-        env = os.environ if environ is None else environ
         raw = env.get(KEY_ENV[self.vendor], "").strip()
         if raw:
             return replace(self, key=Secret(raw))
@@ -231,8 +300,48 @@ class Endpoint:
             "environment, or pass the user's own key (api_keys=...)"
         )
 
+    def located(self, environ: Mapping[str, str] | None = None) -> Endpoint:
+        """A Bedrock endpoint with its region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION``
+        when none was given (a configuration error without one); others as they are."""
+        if self.vendor != "bedrock" or self.region is not None:
+            return self
+        env = os.environ if environ is None else environ
+        for var in AWS_REGION_VARS:
+            raw = env.get(var, "").strip()
+            if raw:
+                _check_region(raw, var)
+                return replace(self, region=raw)
+        raise ConfigError(
+            f"model {self.name!r} needs an AWS region: set {' or '.join(AWS_REGION_VARS)} "
+            "in the environment, or give Endpoint(region=...)"
+        )
+
+    def _with_aws_key(self, env: Mapping[str, str]) -> Endpoint:
+        if self.key is not None:
+            return self
+        values = {var: env.get(var, "").strip() for var in AWS_KEY_VARS}
+        missing = [var for var, value in values.items() if not value]
+        if missing:
+            raise ConfigError(
+                f"model {self.name!r} needs AWS credentials: set {' and '.join(missing)} in "
+                f"the environment (and {AWS_TOKEN_VAR} for temporary credentials), or pass "
+                "the user's own (api_keys={'bedrock': 'ID:SECRET[:TOKEN]'})"
+            )
+        token = env.get(AWS_TOKEN_VAR, "").strip() or None
+        try:
+            key = aws_secret(values[AWS_KEY_VARS[0]], values[AWS_KEY_VARS[1]], token)
+        except ConfigError as exc:
+            raise ConfigError(f"the AWS_* credentials in the environment: {exc}") from None
+        return replace(self, key=key)
+
     def __repr__(self) -> str:
-        return f"Endpoint({self.name!r}, key={self.key!r})"
+        region = f", region={self.region!r}" if self.region else ""
+        return f"Endpoint({self.name!r}, key={self.key!r}{region})"
+
+
+def _check_region(region: str, where: str) -> None:
+    if not isinstance(region, str) or not _REGION.fullmatch(region):
+        raise ConfigError(f"{where} must be an AWS region such as 'us-east-1', got {region!r}")
 
 
 def _check_url(url: str) -> None:
@@ -256,7 +365,8 @@ def parse_model(spec: str) -> tuple[str, str, str | None]:
     """``PROVIDER:MODEL[@BASE_URL]`` -> (provider, model, base_url), validated.
 
     ``provider`` is a vendor (or an alias of one, e.g. ``vllm`` -> ``openai``) or
-    ``offline``; the model may itself contain colons (``ollama:llama3.1:8b@http://...``).
+    ``offline``; the model may itself contain colons (``ollama:llama3.1:8b@http://...``,
+    ``bedrock:anthropic.claude-sonnet-4-5-v1:0``).
     """
     if not isinstance(spec, str):
         raise ConfigError(f"a model is written 'provider:model[@base_url]', got {spec!r}")

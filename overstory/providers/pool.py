@@ -110,6 +110,10 @@ def vendor_model(endpoint: Endpoint) -> Model:
         from .anthropic import AnthropicModel
 
         return AnthropicModel(endpoint)
+    if endpoint.vendor == "bedrock":
+        from .bedrock import BedrockModel
+
+        return BedrockModel(endpoint)
     from .openai import OpenAIModel
 
     return OpenAIModel(endpoint)
@@ -434,6 +438,13 @@ class RemoteModel(Model):
             raise ModelError(
                 f"no API key: set {KEY_ENV[self.endpoint.vendor]} where the runtime is "
                 "started, or give the user's own key (api_keys=...)",
+                model=self.name,
+                kind="auth",
+            )
+        if self.endpoint.vendor == "bedrock" and self.endpoint.region is None:
+            raise ModelError(
+                "no AWS region: set AWS_REGION where the runtime is started, or give "
+                "Endpoint(region=...)",
                 model=self.name,
                 kind="auth",
             )

@@ -39,6 +39,7 @@ from ..exceptions import ModelErrorKind
 __all__ = [
     "Policy",
     "is_context_overflow",
+    "kind_of_aws_error",
     "kind_of_error_type",
     "kind_of_status",
     "parse_retry_after",
@@ -91,7 +92,9 @@ def kind_of_status(status: int) -> ModelErrorKind:
     return "bad_request"
 
 
-#: Error ``type`` / ``code`` names the vendors use in error bodies and stream error events.
+#: Error ``type`` / ``code`` names the vendors use in error bodies and stream error events
+#: (compared lower-cased). Bedrock names its errors in AWS's style: ``ThrottlingException``
+#: in the ``x-amzn-ErrorType`` header, ``throttlingException`` inside a stream.
 _ERROR_TYPES: dict[str, ModelErrorKind] = {
     "overloaded_error": "overloaded",
     "rate_limit_error": "rate_limited",
@@ -104,6 +107,17 @@ _ERROR_TYPES: dict[str, ModelErrorKind] = {
     "invalid_api_key": "auth",
     "invalid_request_error": "bad_request",
     "context_length_exceeded": "context_overflow",
+    "throttlingexception": "rate_limited",
+    "modelnotreadyexception": "rate_limited",
+    "servicequotaexceededexception": "rate_limited",
+    "serviceunavailableexception": "overloaded",
+    "internalserverexception": "server_error",
+    "modelerrorexception": "server_error",
+    "modelstreamerrorexception": "server_error",
+    "modeltimeoutexception": "timeout",
+    "accessdeniedexception": "auth",
+    "unrecognizedclientexception": "auth",
+    "validationexception": "bad_request",
 }
 
 
@@ -112,9 +126,19 @@ def kind_of_error_type(names: list[str]) -> ModelErrorKind:
     error that came without an HTTP status (an event inside a stream). Unknown names
     are a server error: the stream broke on the vendor's side."""
     for name in names:
-        if name in _ERROR_TYPES:
-            return _ERROR_TYPES[name]
+        if name.lower() in _ERROR_TYPES:
+            return _ERROR_TYPES[name.lower()]
     return "server_error"
+
+
+def kind_of_aws_error(headers: Mapping[str, str]) -> ModelErrorKind | None:
+    """The kind an AWS service's ``x-amzn-ErrorType`` header names
+    (``ThrottlingException:http://internal.amazon.com/...``), or None (no header, or a
+    name not in the table: then the status decides). It refines a status whose kind
+    AWS uses differently: Bedrock's 424 is the model failing, not the request."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    name = lowered.get("x-amzn-errortype", "").partition(":")[0].strip().lower()
+    return _ERROR_TYPES.get(name) if name else None
 
 
 _OVERFLOW = re.compile(

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .servers import (
         DEFAULT_RULES,
         AnthropicServer,
+        BedrockServer,
         Fault,
         FaultKind,
         OpenAIServer,
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_RULES",
     "AnthropicServer",
+    "BedrockServer",
     "Fault",
     "FaultKind",
     "OpenAIServer",

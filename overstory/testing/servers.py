@@ -1,4 +1,4 @@
-"""Loopback HTTP servers that speak the OpenAI and Anthropic wire formats.
+"""Loopback HTTP servers that speak the OpenAI, Anthropic and Bedrock wire formats.
 
 The official async SDKs talk to them over real HTTP, so tests, benchmarks and docs
 exercise the same code path as production without a key or the network::
@@ -61,6 +61,17 @@ from ._anthropic import (
     _anthropic_stream,
     _anthropic_stream_error,
 )
+from ._bedrock import (
+    EVENTSTREAM,
+    _bedrock_chunk,
+    _bedrock_error_headers,
+    _bedrock_exception,
+    _bedrock_fault,
+    _bedrock_request,
+    _bedrock_route,
+    _sigv4_access_key,
+    _sigv4_problem,
+)
 from ._common import DEFAULT_RULES, Fault, FaultKind, Recorded, _Event, _Problem, _Rules
 from ._openai import (
     _OPENAI_DONE,
@@ -75,6 +86,7 @@ from ._openai import (
 __all__ = [
     "DEFAULT_RULES",
     "AnthropicServer",
+    "BedrockServer",
     "Fault",
     "FaultKind",
     "OpenAIServer",
@@ -181,6 +193,25 @@ class WireServer:
         raise NotImplementedError
 
     _stream_end: ClassVar[_Event | None] = None
+    _stream_type: ClassVar[str] = "text/event-stream"
+
+    def _route(self, raw_path: str, body: Any) -> tuple[Any, _Problem | None] | None:
+        """For a path of the vendor's API: the request body in the shape the answerer
+        reads, and why the vendor refuses the request before reading it (or None).
+        None for any other path. ``raw_path`` is still percent-encoded."""
+        return (body, None) if raw_path in self._paths else None
+
+    def _status_headers(self, status: int) -> Mapping[str, str]:
+        """Headers the vendor puts on an answer with ``status`` (errors' names)."""
+        return {}
+
+    def _frame(self, event: _Event) -> bytes:
+        """One stream event as the vendor writes it on the wire."""
+        return event.encode()
+
+    def _error_frame(self, fault: Fault) -> bytes:
+        """The vendor's in-stream error for ``fault``, as written on the wire."""
+        return self._frame(self._stream_error(fault))
 
     # -- the public handle -- #
 
@@ -308,7 +339,8 @@ class WireServer:
             body: Any = json.loads(raw)
         except ValueError:
             body = raw.decode("utf-8", "replace")
-        routed = request.method == "POST" and request.path in self._paths
+        route = self._route(request.rel_url.raw_path, body)
+        routed = request.method == "POST" and route is not None
         with self._lock:
             self.requests.append(Recorded(request.path, headers, body, self._api_key(headers)))
             n = next(self._count)
@@ -319,12 +351,23 @@ class WireServer:
             await asyncio.sleep(self.latency_s)
         if fault is not None and fault.stall_s:
             await asyncio.sleep(fault.stall_s)
+        body, refusal = route if route is not None else (body, None)
         streaming = isinstance(body, dict) and body.get("stream") is True
         strike = fault if fault is not None and fault.after is not None and streaming else None
         status, payload, extra = self._reply(
-            request.method, request.path, headers, body, None if strike else fault, n
+            request.method,
+            request.path if route is None else None,
+            headers,
+            body,
+            None if strike else fault,
+            n,
+            refusal,
         )
-        reply_headers = {self._request_id_header: f"req_{n}", **extra}
+        reply_headers = {
+            self._request_id_header: f"req_{n}",
+            **(self._status_headers(status) if status >= 400 else {}),
+            **extra,
+        }
         if status == 200 and streaming and isinstance(payload, dict):
             return await self._send_stream(request, body, payload, strike, reply_headers)
         if isinstance(payload, str):
@@ -346,36 +389,38 @@ class WireServer:
         cut = len(events) if strike is None else _strike_at(events, strike.after or 0)
         response = web.StreamResponse(
             status=200,
-            headers={**headers, "content-type": "text/event-stream", "cache-control": "no-cache"},
+            headers={**headers, "content-type": self._stream_type, "cache-control": "no-cache"},
         )
         await response.prepare(request)
         for event in events[:cut]:
             if event.content and self.stream_interval_s:
                 await asyncio.sleep(self.stream_interval_s)
-            await response.write(event.encode())
+            await response.write(self._frame(event))
         if strike is not None and strike.drop:
             if request.transport is not None:
                 request.transport.close()  # no terminating chunk: the client sees a cut
             return response
         if strike is not None:
-            await response.write(self._stream_error(strike).encode())
+            await response.write(self._error_frame(strike))
         elif self._stream_end is not None:
-            await response.write(self._stream_end.encode())
+            await response.write(self._frame(self._stream_end))
         await response.write_eof()
         return response
 
     def _reply(
         self,
         method: str,
-        path: str,
+        unknown_path: str | None,
         headers: Mapping[str, str],
         body: Any,
         fault: Fault | None,
         n: int,
+        refusal: _Problem | None = None,
     ) -> _Reply:
-        """Status, payload and extra headers for one request (no I/O)."""
-        if path not in self._paths:
-            return 404, self._error(_Problem(f"Not found: {path}", status=404)), {}
+        """Status, payload and extra headers for one request (no I/O): ``unknown_path``
+        is the path when it is not the API's; ``refusal`` why the route refused it."""
+        if unknown_path is not None:
+            return 404, self._error(_Problem(f"Not found: {unknown_path}", status=404)), {}
         if method != "POST":
             refusal = _Problem(f"Method {method} not allowed", status=405)
             return 405, self._error(refusal), {"allow": "POST"}
@@ -388,7 +433,7 @@ class WireServer:
             if fault.status != 200 or fault.body is not None:
                 status, payload = self._fault(fault)
                 return status, payload, fault.headers
-        problem = self._header_problem(headers) or self._problem(body)
+        problem = self._header_problem(headers) or refusal or self._problem(body)
         if problem is not None:
             return problem.status, self._error(problem), {}
         return 200, self._answer(body, self.model or body["model"], n), {}
@@ -476,6 +521,46 @@ class AnthropicServer(WireServer):
         return _anthropic_stream_error(fault)
 
 
+class BedrockServer(AnthropicServer):
+    """Amazon Bedrock's runtime for Anthropic models: ``POST /model/{modelId}/invoke``
+    and ``/invoke-with-response-stream`` (AWS event-stream framing), SigV4-signed; the
+    bodies are Anthropic's. base_url is the bare origin, as ``AsyncAnthropicBedrock``
+    expects. ``Recorded.api_key`` is the access key id the signature names."""
+
+    vendor = "bedrock"
+    _request_id_header = "x-amzn-RequestId"
+    _stream_type = EVENTSTREAM
+
+    def _route(self, raw_path: str, body: Any) -> tuple[Any, _Problem | None] | None:
+        route = _bedrock_route(raw_path)
+        return None if route is None else _bedrock_request(body, *route)
+
+    def _api_key(self, headers: Mapping[str, str]) -> str:
+        return _sigv4_access_key(headers)
+
+    def _header_problem(self, headers: Mapping[str, str]) -> _Problem | None:
+        return _sigv4_problem(headers)
+
+    def _fault(self, fault: Fault) -> tuple[int, Any]:
+        return _bedrock_fault(fault)
+
+    def _error(self, problem: _Problem) -> Any:
+        return {"message": problem.message}
+
+    def _status_headers(self, status: int) -> Mapping[str, str]:
+        return _bedrock_error_headers(status)
+
+    def _stream(self, body: dict[str, Any], answer: dict[str, Any]) -> list[_Event]:
+        # Bedrock relays Anthropic's events but not its keep-alive pings.
+        return [e for e in super()._stream(body, answer) if e.name != "ping"]
+
+    def _frame(self, event: _Event) -> bytes:
+        return _bedrock_chunk(event)
+
+    def _error_frame(self, fault: Fault) -> bytes:
+        return _bedrock_exception(fault)
+
+
 def _strike_at(events: Sequence[_Event], after: int) -> int:
     """Where a fault striking after ``after`` content deltas cuts ``events``: before the
     next content event, or right after the last one when there are not that many."""
@@ -490,11 +575,15 @@ def _strike_at(events: Sequence[_Event], after: int) -> int:
     return last
 
 
-_SERVERS: dict[str, type[WireServer]] = {"openai": OpenAIServer, "anthropic": AnthropicServer}
+_SERVERS: dict[str, type[WireServer]] = {
+    "openai": OpenAIServer,
+    "anthropic": AnthropicServer,
+    "bedrock": BedrockServer,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m overstory.testing.servers {openai,anthropic} [--host H] [--port P]``."""
+    """``python -m overstory.testing.servers {openai,anthropic,bedrock} [--host H] [--port P]``."""
     parser = argparse.ArgumentParser(
         prog="python -m overstory.testing.servers",
         description="Serve a vendor's LLM wire format on loopback with deterministic answers.",
