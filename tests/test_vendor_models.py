@@ -1,5 +1,5 @@
 """The vendor models through the official SDKs over real HTTP to loopback servers that
-speak the OpenAI Chat Completions and Anthropic Messages wire formats.
+speak the OpenAI Chat Completions, Anthropic Messages and Bedrock runtime wire formats.
 
 No Ray here: the models are called in-process; what the provider actor adds (breaker,
 retries, limiter, one actor per endpoint) is tested in test_provider_pool.py.
@@ -19,12 +19,14 @@ from overstory import Agent
 from overstory.actors.turn import run_turn
 from overstory.exceptions import ModelError
 from overstory.messages import AssistantMessage, ToolReturn, UserMessage
-from overstory.providers import Endpoint, Model, Secret
+from overstory.providers import Endpoint, Model, Secret, aws_secret
 from overstory.providers.pool import vendor_model
 from overstory.store import open_store
-from overstory.testing import AnthropicServer, Fault, OpenAIServer, WireServer
+from overstory.testing import AnthropicServer, BedrockServer, Fault, OpenAIServer, WireServer
 
 KEY = "sk-test-wire-0123456789"
+#: Bedrock's credentials: requests are signed with them, the server sees the key id.
+AWS_KEY_ID, AWS_SECRET = "AKIATESTWIRE0123456", "wire/Secret+Access0123456789abcdefKEY"
 
 
 def add(a: int, b: int) -> int:
@@ -32,10 +34,16 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
-@pytest.fixture(scope="module", params=["openai", "anthropic"])
+SERVERS: dict[str, type[WireServer]] = {
+    "openai": OpenAIServer,
+    "anthropic": AnthropicServer,
+    "bedrock": BedrockServer,
+}
+
+
+@pytest.fixture(scope="module", params=list(SERVERS))
 def server(request: pytest.FixtureRequest) -> Iterator[WireServer]:
-    cls = OpenAIServer if request.param == "openai" else AnthropicServer
-    with cls() as srv:
+    with SERVERS[request.param]() as srv:
         yield srv
 
 
@@ -45,10 +53,19 @@ def _clean(server: WireServer) -> None:
 
 
 def model_for(server: WireServer, **endpoint: Any) -> Model:
-    vendor = "openai" if isinstance(server, OpenAIServer) else "anthropic"
+    if server.vendor == "bedrock":
+        key = aws_secret(AWS_KEY_ID, AWS_SECRET)
+        endpoint = {"region": "us-east-1", **endpoint}
+    else:
+        key = Secret(KEY)
     return vendor_model(
-        Endpoint(vendor, "test-model", server.base_url, key=Secret(KEY), **endpoint)
+        Endpoint(server.vendor, "test-model", server.base_url, key=key, **endpoint)  # type: ignore[arg-type]
     )
+
+
+def key_sent(server: WireServer) -> str:
+    """What the server sees of the key: the key, or the access key id a signature names."""
+    return AWS_KEY_ID if server.vendor == "bedrock" else KEY
 
 
 def ask(model: Model, text: str = "hello") -> Any:
@@ -63,7 +80,7 @@ def test_a_text_answer_with_usage_and_the_key_sent(server: WireServer) -> None:
     assert response.usage.output_tokens > 0
     assert response.model == "test-model"
     (recorded,) = server.requests
-    assert recorded.api_key == KEY
+    assert recorded.api_key == key_sent(server)
 
 
 def test_a_tool_round_trip_through_a_whole_turn(server: WireServer, tmp_path: Path) -> None:
@@ -128,28 +145,32 @@ def test_a_refused_connection_is_a_connection_error() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed when the block ends: nothing listens there
-    model = vendor_model(
-        Endpoint("openai", "m", f"http://127.0.0.1:{port}/v1", key=Secret(KEY), timeout_s=5)
-    )
-    with pytest.raises(ModelError) as info:
-        ask(model)
-    assert info.value.kind == "connection"
+    bedrock = Endpoint("bedrock", "m", f"http://127.0.0.1:{port}", region="us-east-1", timeout_s=5)
+    for endpoint in (
+        Endpoint("openai", "m", f"http://127.0.0.1:{port}/v1", key=Secret(KEY), timeout_s=5),
+        bedrock.with_key(aws_secret(AWS_KEY_ID, AWS_SECRET)),
+    ):
+        with pytest.raises(ModelError) as info:
+            ask(vendor_model(endpoint))
+        assert info.value.kind == "connection"
 
 
 def test_a_provider_echoing_the_key_never_shows_it(server: WireServer) -> None:
-    body = (
-        {
+    if isinstance(server, OpenAIServer):
+        body: Any = {
             "error": {
                 "message": f"Incorrect API key provided: {KEY}",
                 "type": "invalid_request_error",
             }
         }
-        if isinstance(server, OpenAIServer)
-        else {"type": "error", "error": {"type": "authentication_error", "message": f"bad {KEY}"}}
-    )
+    elif isinstance(server, BedrockServer):  # AWS never echoes a secret; a proxy might
+        body = {"message": f"bad credentials {AWS_KEY_ID}:{AWS_SECRET} and {AWS_SECRET}"}
+    else:
+        body = {"type": "error", "error": {"type": "authentication_error", "message": f"bad {KEY}"}}
     server.script(Fault(status=401, body=body))
     with pytest.raises(ModelError) as info:
         ask(model_for(server))
     assert info.value.kind == "auth"
-    assert KEY not in str(info.value)
+    for secret in (KEY, AWS_SECRET):
+        assert secret not in str(info.value)
     assert "****" in str(info.value)

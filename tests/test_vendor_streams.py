@@ -1,5 +1,6 @@
 """Streamed answers through the official SDKs over real HTTP to the loopback servers,
-which stream in the vendors' own SSE formats (OpenAI chunks, Anthropic events).
+which stream in the vendors' own formats (OpenAI chunks and Anthropic events as SSE,
+Bedrock's Anthropic events in AWS event-stream frames).
 
 No Ray here: the models and their policies run in-process; the provider actor's
 streaming generator is tested in test_provider_pool.py.
@@ -16,7 +17,7 @@ import pytest
 
 from overstory.exceptions import AllModelsFailed, ModelError
 from overstory.messages import ModelResponse, UserMessage
-from overstory.providers import Endpoint, Model, RetryPolicy, Secret
+from overstory.providers import Endpoint, Model, RetryPolicy, Secret, aws_secret
 from overstory.providers.anthropic import AnthropicStream
 from overstory.providers.base import FallThrough, StreamItem, traced_stream
 from overstory.providers.breaker import BreakerModel
@@ -27,7 +28,14 @@ from overstory.providers.openai import OpenAIStream
 from overstory.providers.pool import coalesced, vendor_model
 from overstory.providers.retry import RetryingModel
 from overstory.telemetry.spans import ERROR_TYPE, TIME_TO_FIRST_TOKEN
-from overstory.testing import DEFAULT_RULES, AnthropicServer, Fault, OpenAIServer, WireServer
+from overstory.testing import (
+    DEFAULT_RULES,
+    AnthropicServer,
+    BedrockServer,
+    Fault,
+    OpenAIServer,
+    WireServer,
+)
 from overstory.testing._anthropic import _anthropic_answer, _anthropic_stream
 from overstory.testing._openai import _openai_answer, _openai_stream
 from overstory.tools import ToolDefinition
@@ -61,10 +69,16 @@ def run(coro: Any) -> Any:
     return _LOOP[-1].run(coro)
 
 
-@pytest.fixture(scope="module", params=["openai", "anthropic"])
+SERVERS: dict[str, type[WireServer]] = {
+    "openai": OpenAIServer,
+    "anthropic": AnthropicServer,
+    "bedrock": BedrockServer,
+}
+
+
+@pytest.fixture(scope="module", params=list(SERVERS))
 def server(request: pytest.FixtureRequest) -> Iterator[WireServer]:
-    cls = OpenAIServer if request.param == "openai" else AnthropicServer
-    with cls(rules=RULES) as srv:
+    with SERVERS[request.param](rules=RULES) as srv:
         yield srv
 
 
@@ -75,9 +89,15 @@ def _clean(server: WireServer) -> Iterator[None]:
     return
 
 
+AWS_KEY = aws_secret("AKIATESTSTREAM01234", "stream/Secret+Access0123456789abcdKEY")
+
+
 def model_for(server: WireServer, name: str = "test-model") -> Model:
-    vendor = "openai" if isinstance(server, OpenAIServer) else "anthropic"
-    return vendor_model(Endpoint(vendor, name, server.base_url, key=Secret(KEY)))
+    if server.vendor == "bedrock":
+        endpoint = Endpoint("bedrock", name, server.base_url, key=AWS_KEY, region="eu-west-3")
+    else:
+        endpoint = Endpoint(server.vendor, name, server.base_url, key=Secret(KEY))  # type: ignore[arg-type]
+    return vendor_model(endpoint)
 
 
 HISTORY = [UserMessage(content="hello there, wörld 🌍", seq=0)]
@@ -129,8 +149,13 @@ def test_deltas_join_to_the_stored_answer_wherever_the_text_is_cut(
     assert last.usage == whole.usage
     assert last.usage.input_tokens > 0
     assert last.finish_reason == "stop"
-    body = server.requests[-1].body
-    assert body["stream"] is True
+    recorded = server.requests[-1]
+    if server.vendor == "bedrock":  # the path says it streams; the body must not
+        assert recorded.path == "/model/test-model/invoke-with-response-stream"
+        assert "stream" not in recorded.body
+    else:
+        assert recorded.body["stream"] is True
+    body = recorded.body
     if isinstance(server, OpenAIServer):  # usage is asked for, and read from the last chunk
         assert body["stream_options"] == {"include_usage": True}
 
@@ -209,7 +234,8 @@ def test_a_break_after_n_deltas_keeps_exactly_those_n(
     assert error is not None
     if drop:
         assert error.kind == "connection"
-    else:  # Anthropic's 529 is overloaded_error; OpenAI has no 529 and says server_error
+    else:  # Anthropic's 529 is overloaded_error (Bedrock's serviceUnavailableException);
+        # OpenAI has no 529 and says server_error
         assert error.kind == (
             "overloaded" if isinstance(server, AnthropicServer) else "server_error"
         )
@@ -293,7 +319,7 @@ def test_fallback_falls_through_before_the_first_delta_and_never_after(
     items, error = collect(chain.stream("", HISTORY, []))
     assert error is None
     [fell] = [i for i in items if isinstance(i, FallThrough)]
-    assert fell.model.startswith(("openai:primary@", "anthropic:primary@"))
+    assert fell.model.startswith(f"{server.vendor}:primary@")
     assert fell.error.kind == "server_error"
     assert items.index(fell) == 0  # before any text: nothing of the primary was shown
     answer = items[-1]

@@ -38,11 +38,18 @@ class BedrockModel(AnthropicModel):
     answer_shape = "a Bedrock Messages API message"
 
     def _make_client(self, endpoint: Endpoint, key: str) -> Any:
-        if importlib.util.find_spec("botocore") is None:
+        try:
+            # What the SDK imports lazily, imported here, when the provider actor starts:
+            # not on the first request, nor mid-stream (where the import's pause and its
+            # garbage collection land inside the HTTP stream being read).
+            importlib.import_module("boto3")
+            for module in ("botocore.auth", "botocore.eventstream", "botocore.parsers"):
+                importlib.import_module(module)
+        except ImportError:
             raise ConfigError(
-                f"model {endpoint.name!r} needs botocore to sign requests: "
-                "pip install 'overstory[bedrock]'"
-            )
+                f"model {endpoint.name!r} needs boto3 and botocore to sign requests and "
+                "read streams: pip install 'overstory[bedrock]'"
+            ) from None
         assert endpoint.key is not None  # resolved() filled them in
         assert endpoint.region is not None
         access_key_id, secret_access_key, session_token = aws_credentials(endpoint.key)
