@@ -144,6 +144,7 @@ class Recorded:
     body: Any  # the parsed JSON, or the raw text when it was not JSON
     api_key: str  # "" when none was sent
     at: float = field(default_factory=time.time)  # wall-clock arrival time
+    raw: bytes = field(default=b"", repr=False)  # the body's bytes (what a signature covers)
 
 
 @dataclass(frozen=True)

@@ -342,7 +342,9 @@ class WireServer:
         route = self._route(request.rel_url.raw_path, body)
         routed = request.method == "POST" and route is not None
         with self._lock:
-            self.requests.append(Recorded(request.path, headers, body, self._api_key(headers)))
+            self.requests.append(
+                Recorded(request.path, headers, body, self._api_key(headers), raw=raw)
+            )
             n = next(self._count)
             fault = None
             if routed:
