@@ -34,6 +34,8 @@ from overstory.providers.pool import RemoteModel, provider_actor_name
 from overstory.providers.retry import backoff_s
 from overstory.providers.taxonomy import (
     is_context_overflow,
+    kind_of_aws_error,
+    kind_of_error_type,
     kind_of_status,
     parse_retry_after,
     policy,
@@ -100,6 +102,19 @@ def test_context_overflow_is_recognised_from_either_vendor() -> None:
     assert is_context_overflow(None, "This model's maximum context length is 128000 tokens")
     assert is_context_overflow(None, "prompt is too long: 250000 tokens > 200000 maximum")
     assert not is_context_overflow("invalid_value", "temperature must be <= 2")
+    assert is_context_overflow(None, "Input is too long for requested model.")  # Bedrock
+
+
+def test_aws_error_names_are_kinds_in_the_header_and_in_a_stream() -> None:
+    header = "ThrottlingException:http://internal.amazon.com/coral/com.amazon.bedrock/"
+    assert kind_of_aws_error({"X-Amzn-ErrorType": header}) == "rate_limited"
+    assert kind_of_aws_error({"x-amzn-errortype": "ModelErrorException"}) == "server_error"
+    assert kind_of_aws_error({"x-amzn-errortype": "SomethingNewException"}) is None
+    assert kind_of_aws_error({}) is None
+    assert kind_of_error_type(["throttlingException"]) == "rate_limited"
+    assert kind_of_error_type(["serviceUnavailableException"]) == "overloaded"
+    assert kind_of_error_type(["modelStreamErrorException"]) == "server_error"
+    assert kind_of_error_type(["overloaded_error"]) == "overloaded"
 
 
 def test_retry_after_forms_and_garbage() -> None:
@@ -389,6 +404,11 @@ def test_parse_model_specs() -> None:
     assert parse_model("ollama:llama3.1:8b@http://h:11434/v1")[1] == "llama3.1:8b"
     assert parse_model("offline:demo") == ("offline", "demo", None)
     assert parse_model("anthropic:claude-3-5@20240620")[1:] == ("claude-3-5@20240620", None)
+    assert parse_model("bedrock:anthropic.claude-sonnet-4-5-v1:0@http://h:1") == (
+        "bedrock",
+        "anthropic.claude-sonnet-4-5-v1:0",
+        "http://h:1",
+    )
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from overstory.exceptions import ConfigError, UsageError
-from overstory.testing import AnthropicServer, Fault, OpenAIServer, WireServer
+from overstory.testing import AnthropicServer, BedrockServer, Fault, OpenAIServer, WireServer
 
 openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
@@ -550,6 +550,51 @@ def test_unknown_path_is_a_vendor_shaped_404(oa: Wire, an: Wire) -> None:
     with pytest.raises(anthropic.NotFoundError) as caught:
         post(an, "/v1/complete", {})
     assert caught.value.type == "not_found_error"
+
+
+def test_bedrock_answers_on_its_paths_with_its_headers_and_framing(loop: asyncio.Runner) -> None:
+    with BedrockServer() as server:
+        client = anthropic.AsyncAnthropicBedrock(
+            aws_access_key="AKIAWIRETEST0123456",
+            aws_secret_key="wire+secret/0123456789",
+            aws_region="us-east-1",
+            base_url=server.base_url,
+            max_retries=0,
+        )
+
+        # The version Bedrock documents (the SDK would send the Messages API's own).
+        request: Any = {
+            "model": "m:0",
+            "max_tokens": 8,
+            "messages": [{"role": "user", "content": "hi"}],
+            "extra_body": {"anthropic_version": "bedrock-2023-05-31"},
+        }
+
+        async def go() -> tuple[Any, Any, Any]:
+            async with client:
+                raw = await client.messages.with_raw_response.create(**request)
+                plain = (raw.headers, await raw.parse())
+                async with client.messages.with_streaming_response.create(
+                    **request, stream=True
+                ) as streamed:
+                    frames = await streamed.http_response.aread()
+                    content_type = streamed.http_response.headers["content-type"]
+                try:
+                    await client.post("/model/m/converse", body={}, cast_to=object)
+                except anthropic.NotFoundError as exc:
+                    return plain, (content_type, frames), exc
+                raise AssertionError("an unknown path was answered")
+
+        plain, (content_type, frames), missing = loop.run(go())
+    headers, message = plain
+    assert headers["x-amzn-requestid"] == "req_1"
+    assert message.content[0].text == "echo: hi"
+    assert content_type == "application/vnd.amazon.eventstream"
+    assert b":event-type" in frames
+    assert b"chunk" in frames
+    assert b"event: " not in frames  # not server-sent events
+    assert missing.response.headers["x-amzn-errortype"].startswith("ResourceNotFoundException:")
+    assert missing.body == {"message": "Not found: /model/m/converse"}
 
 
 # --- configuration and lifecycle -----------------------------------------------------------
