@@ -20,6 +20,10 @@ circuit_open          never (no request was sent)     —            falls throu
 limit_wait            never (the limiter said so)     not counted  falls through
 ====================  =============================  ===========  =================
 
+Bedrock's AWS-style names (``x-amzn-ErrorType: ThrottlingException``, a stream's
+``throttlingException``) name the same kinds (:func:`kind_of_aws_error`); its 424
+``ModelErrorException`` is a ``server_error``, not a bad request.
+
 Every kind falls through: a request another vendor would accept (a 400 can be one
 vendor's validation quirk, an overflow fits a larger window) must reach it, because a
 user's turn is answered whenever *any* configured provider can answer it. When all fail,

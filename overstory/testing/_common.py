@@ -91,7 +91,7 @@ class Fault:
 
     @classmethod
     def overloaded(cls, retry_after: float | None = None) -> Fault:
-        """Anthropic: 529 ``overloaded_error``; OpenAI: 503."""
+        """Anthropic: 529 ``overloaded_error``; OpenAI and Bedrock: 503."""
         headers = {} if retry_after is None else {"retry-after": _seconds(retry_after)}
         return cls(status=529, headers=headers, kind="overloaded")
 

@@ -28,6 +28,10 @@ chunk when ``stream_options.include_usage``; Anthropic's ``message_start`` ...
 ``message_stop``), text and tool-call arguments cut every ``piece_chars`` characters,
 ``stream_interval_s`` between content deltas.
 
+:class:`BedrockServer` serves the Anthropic bodies on Bedrock's runtime paths
+(``/model/{modelId}/invoke`` and ``/invoke-with-response-stream``, AWS event-stream
+frames), refuses unsigned requests with 403 and names its errors in ``x-amzn-ErrorType``.
+
 A :class:`Fault` scripts a failure; each server renders it in its vendor's shape
 (``Fault.overloaded()`` is 529 for Anthropic and 503 for OpenAI).
 ``Fault.stream_error(after=N)`` and ``Fault.stream_drop(after=N)`` break a stream after
