@@ -76,6 +76,7 @@ class JobRunner:
         self._runtime: Any = None  # the client, made on first use (it attaches to the tree)
         self._running: dict[str, JobRecord] = {}  # job id -> the record as claimed
         self._tasks: set[asyncio.Task[None]] = set()
+        self._notifying: set[str] = set()  # jobs whose webhook is being delivered
         self._main: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self.counters: Counter[str] = Counter()
@@ -130,16 +131,19 @@ class JobRunner:
             self._wake.clear()
 
     async def _scan(self, adopt: bool) -> None:
-        """Start what is due and allowed. The first scan of an incarnation reads the
-        whole queue, to adopt the jobs a dead one held on leases not yet ended."""
-        if len(self._running) >= self.limits.concurrency and not adopt:
+        """Start what is due and allowed (:func:`~overstory.jobs.pick` on each job, in due
+        order, until the runner is full). The first scan of an incarnation reads the
+        queue's future too, to adopt the jobs a dead one held on leases not yet ended."""
+        if len(self._running) >= self.limits.concurrency:
             return
         now = time.time()
         entries = await self._book.due(math.inf if adopt else now, limit=_SCAN)
         metrics().jobs_due(sum(due <= now for _, due, _ in entries))
-        found: dict[str, tuple[str, JobRecord]] = {}
-        for entry, due, job_id in entries:
-            if job_id in self._running:
+        users = Counter(job.user for job in self._running.values())
+        for entry, due, job_id in entries:  # soonest first; read no more than it takes
+            if len(self._running) >= self.limits.concurrency:
+                break
+            if job_id in self._running or job_id in self._notifying:
                 continue
             got = await self._book.tidy(entry, due, job_id, now)
             if got is None:
@@ -148,14 +152,13 @@ class JobRunner:
             if job.state in TERMINAL:  # its webhook is due (its runner died before)
                 if job.due <= now:
                     self._spawn(self._notify(job.id))
-            elif claimable(job, now, self.incarnation):
-                found[job_id] = (raw, job)
-        users = Counter(job.user for job in self._running.values())
-        for job in pick((job for _, job in found.values()), users, self.limits):
-            raw = found[job.id][0]
+                continue
+            if not claimable(job, now, self.incarnation) or not pick([job], users, self.limits):
+                continue
             claimed = claim(job, now, self.incarnation, self.limits.lease_s)
             if await self._book.move(raw, job, claimed) is not None:
                 self._running[job.id] = claimed
+                users[job.user] += 1
                 self._spawn(self._run(claimed))
         metrics().jobs_running(len(self._running))
 
@@ -245,6 +248,15 @@ class JobRunner:
     # --- webhooks -----------------------------------------------------------------------
 
     async def _notify(self, job_id: str) -> None:
+        if job_id in self._notifying:
+            return
+        self._notifying.add(job_id)
+        try:
+            await self._deliver(job_id)
+        finally:
+            self._notifying.discard(job_id)
+
+    async def _deliver(self, job_id: str) -> None:
         found = await self._book.get(job_id)
         if found is None or found[1].notified or found[1].state not in TERMINAL:
             return
