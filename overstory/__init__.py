@@ -65,7 +65,7 @@ from .providers import (
     Rule,
     Secret,
 )
-from .runtime import Config, Conversation, Runtime, connect, load_config
+from .runtime import Config, Conversation, Job, Runtime, connect, load_config
 from .tools import Tool, ToolDefinition
 
 __version__ = "0.1.0"
@@ -90,6 +90,7 @@ __all__ = [
     "Fenced",
     "InvalidMessage",
     "InvalidUserId",
+    "Job",
     "JobFailed",
     "Limits",
     "MaxRoundTripsExceeded",

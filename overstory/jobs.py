@@ -56,11 +56,13 @@ __all__ = [
     "delivered",
     "fail",
     "is_permanent",
+    "job_turn_id",
     "new_job",
     "pick",
     "renew",
     "sign",
     "succeed",
+    "validate_job_id",
     "validate_webhook",
 ]
 
@@ -107,7 +109,7 @@ class JobRecord:
     @property
     def turn_id(self) -> str:
         """The turn every attempt sends: the conversation stores it once."""
-        return f"{self.id}-turn"
+        return job_turn_id(self.id)
 
     @property
     def has_work(self) -> bool:
@@ -133,6 +135,11 @@ class JobLimits:
 
 
 # --- the pure rules -----------------------------------------------------------------------
+
+
+def job_turn_id(job_id: str) -> str:
+    """The turn id of job ``job_id``'s every attempt."""
+    return f"{job_id}-turn"
 
 
 def new_job(

@@ -50,7 +50,15 @@ from ..gateway.access import (
     validate_metadata,
 )
 from ..gateway.keys import Principal
-from ..jobs import TERMINAL, JobBook, JobRecord, new_job, validate_job_id, validate_webhook
+from ..jobs import (
+    TERMINAL,
+    JobBook,
+    JobRecord,
+    job_turn_id,
+    new_job,
+    validate_job_id,
+    validate_webhook,
+)
 from ..jobs import cancel as cancel_job
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
@@ -537,7 +545,7 @@ class Job:
     @property
     def turn_id(self) -> str:
         """The turn it runs in the user's conversation (stored once, however often run)."""
-        return f"{self.id}-turn"
+        return job_turn_id(self.id)
 
     def status(self) -> dict[str, Any]:
         """:meth:`Runtime.job` of this job."""
