@@ -60,6 +60,7 @@ __all__ = [
     "new_job",
     "pick",
     "renew",
+    "reseal_jobs",
     "sign",
     "succeed",
     "validate_job_id",
@@ -327,6 +328,10 @@ def sign(secret: str, body: bytes, now: float) -> str:
 # --- the records in the store -------------------------------------------------------------
 
 
+#: Every job record's key starts with it (then ``<namespace>:<job id>``).
+_JOBS_PREFIX = "overstory.job:"
+
+
 def _ms(t: float) -> str:
     return f"{max(math.ceil(t * 1000), 0):015d}"
 
@@ -336,7 +341,7 @@ class JobBook:
 
     def __init__(self, store: HistoryStore, namespace: str) -> None:
         self.store, self.namespace = store, namespace
-        self._jobs = f"overstory.job:{namespace}:"
+        self._jobs = f"{_JOBS_PREFIX}{namespace}:"
         self._queue = f"overstory.jobq:{namespace}:"
 
     # keys and encoding
@@ -472,3 +477,27 @@ class JobBook:
             if len(page) < 500:
                 return gone
             after = page[-1][0]
+
+
+async def reseal_jobs(store: HistoryStore, *, batch: int = 500) -> dict[str, int]:
+    """Seal every job record's text and reply under the primary data key (plain ones,
+    and those under an older key), each by compare-and-set: for ``keys rotate-data``."""
+    keys = store.data_keys
+    assert keys is not None
+    counts = {"examined": 0, "resealed": 0, "skipped": 0}
+    after = ""
+    while page := await store.settings(_JOBS_PREFIX, after=after, limit=batch):
+        for key, raw in page:
+            counts["examined"] += 1
+            record = json.loads(raw)
+            fields = [record["text"]] + ([record["reply"]] if record["reply"] else [])
+            if all(key_id_of(f) == keys.primary for f in fields):
+                continue
+            book = JobBook(store, key[len(_JOBS_PREFIX) :].partition(":")[0])
+            fresh = book.encode(book.decode(raw))
+            if await store.put_setting(key, fresh, expected=raw):
+                counts["resealed"] += 1
+            else:
+                counts["skipped"] += 1  # changed meanwhile: written under the primary
+        after = page[-1][0]
+    return counts

@@ -318,3 +318,43 @@ def test_sweep_removes_old_finished_jobs_only(store_url: str) -> None:
         assert sorted(j.user for j in await book.listing()) == ["b", "c", "d"]
 
     on_store(store_url, body)
+
+
+def test_rotate_data_reseals_job_records_too(store_url: str) -> None:
+    import base64
+    import os
+
+    from overstory.store.crypto import DataKeys, reseal
+
+    k1 = DataKeys.parse(f"k1:{base64.b64encode(os.urandom(32)).decode()}")
+    k2 = DataKeys.parse(
+        f"k2:{base64.b64encode(os.urandom(32)).decode()},{k1.primary}:"
+        f"{base64.b64encode(k1.keys[k1.primary]).decode()}"
+    )
+    plain, sealed = job("before", at=T0), job("after", at=T0 + 1)
+
+    async def write_plain(store: HistoryStore) -> None:
+        await JobBook(store, "ns-jobs-6").add(plain)
+
+    async def write_sealed(store: HistoryStore) -> None:
+        book = JobBook(store, "ns-jobs-6")
+        await book.add(sealed)
+        raw, rec = await book.get(sealed.id) or ("", sealed)
+        running = claim(rec, T0 + 1, "r", 30)
+        raw2 = await book.move(raw, rec, running)
+        assert raw2 is not None
+        assert await book.move(raw2, running, succeed(running, T0 + 2, f"answer {CANARY}"))
+
+    async def read(store: HistoryStore) -> list[tuple[str, str]]:
+        return [(j.text, j.reply) for j in await JobBook(store, "ns-jobs-6").listing()]
+
+    on_store(store_url, write_plain, None)  # before encryption was on
+    on_store(store_url, write_sealed, k1)
+    counts = on_store(store_url, reseal, k2)
+    assert (counts["examined"], counts["resealed"]) == (2, 2)
+    assert on_store(store_url, reseal, k2)["resealed"] == 0  # nothing left to do
+    only_k2 = DataKeys.parse(f"k2:{base64.b64encode(k2.keys['k2']).decode()}")
+    assert on_store(store_url, read, only_k2) == [
+        (sealed.text, f"answer {CANARY}"),
+        (plain.text, ""),
+    ]

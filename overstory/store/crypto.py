@@ -277,6 +277,11 @@ async def reseal(store: HistoryStore, *, batch: int = 500) -> dict[str, Any]:
                 await store.vault_put((agent, owner), collection, key, fresh, expires)
                 counts["resealed"] += 1
         place = vault_rows[-1][:4]
+    # Background jobs' texts and answers (bound to their job; see overstory/jobs.py).
+    from ..jobs import reseal_jobs
+
+    for name, n in (await reseal_jobs(store, batch=batch)).items():
+        counts[name] += n
     if not counts["skipped"]:
         while True:
             stored = await store.get_setting(CHECKS_SETTING)
