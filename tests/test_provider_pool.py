@@ -418,3 +418,54 @@ def test_status_shows_the_chain_and_health_fails_only_when_no_model_can_answer(
     (problem,) = ops.health(probe)
     assert problem.startswith("no model of the chain can answer")
     assert "auth" in problem
+
+
+def test_a_bedrock_agent_answers_and_streams_through_its_provider_actor(
+    ray_cluster: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Bedrock endpoint on a real tree: credentials and region from the standard AWS
+    variables (read on the client), the turn through the provider actor, tools, a stream;
+    every request signed for bedrock in that region, the secret nowhere in the actors'
+    statuses."""
+    from overstory.testing import BedrockServer
+
+    key_id, secret, region = "AKIARAYTESTBEDROCK01", "ray/Secret+Access0123456789abcd", "us-west-2"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_REGION", region)
+    namespace = f"t-bedrock-{uuid.uuid4().hex[:8]}"
+    with BedrockServer() as server:
+        model = f"bedrock:anthropic.claude-sonnet-4-5-v1:0@{server.base_url}"
+        agent = Agent("bedrock-agent", model=model, tools=[add])
+        runtime = overstory.connect(
+            agent, store=f"sqlite:///{tmp_path}/history.db", namespace=namespace
+        )
+        try:
+            conv = runtime.conversation("bedrock-user")
+            assert conv.send("what is 20 + 22?").text == "tool results: 42"
+            deltas = [e.text for e in conv.stream("hello over the stream") if e.type == "delta"]
+            assert "".join(deltas) == "echo: hello over the stream"
+            assert [m.kind for m in conv.history()] == [
+                "user",
+                "assistant",
+                "tool",
+                "assistant",
+                "user",
+                "assistant",
+            ]
+            paths = [r.path for r in server.requests]
+            assert paths == [
+                "/model/anthropic.claude-sonnet-4-5-v1:0/invoke",
+                "/model/anthropic.claude-sonnet-4-5-v1:0/invoke",
+                "/model/anthropic.claude-sonnet-4-5-v1:0/invoke-with-response-stream",
+            ]
+            for recorded in server.requests:
+                authorization = recorded.headers["authorization"]
+                assert authorization.startswith(f"AWS4-HMAC-SHA256 Credential={key_id}/")
+                assert f"/{region}/bedrock/aws4_request" in authorization
+            statuses = json.dumps(provider_statuses(namespace))
+            assert "provider:bedrock:" in statuses
+            assert secret not in statuses
+        finally:
+            runtime.close()
+            kill_namespace(namespace)
