@@ -121,9 +121,20 @@ class JobRecord:
         """What ``rt.job`` and ``overstory jobs`` show (the text too: it is the caller's)."""
         shown = asdict(self)
         shown["turn_id"] = self.turn_id
+        shown["webhook"] = _shown_url(self.webhook)
         del shown["runner"], shown["due"]
         shown["next_attempt_at"] = self.due if self.state == "queued" else None
         return shown
+
+
+def _shown_url(url: str) -> str:
+    """A webhook as status shows it: scheme and host only (a URL's path or query often
+    holds a token, as Slack's and Discord's do)."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    rest = "/…" if parts.path.strip("/") or parts.query else ""
+    return f"{parts.scheme}://{parts.netloc}{rest}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -358,3 +358,10 @@ def test_rotate_data_reseals_job_records_too(store_url: str) -> None:
         (sealed.text, f"answer {CANARY}"),
         (plain.text, ""),
     ]
+
+
+def test_status_shows_a_webhook_without_its_path_or_query() -> None:
+    hooked = job(webhook="https://hooks.example.com/services/T000/B000/XXXXsecret?x=1")
+    assert hooked.public()["webhook"] == "https://hooks.example.com/…"
+    assert job(webhook="http://127.0.0.1:8080/").public()["webhook"] == "http://127.0.0.1:8080"
+    assert job().public()["webhook"] == ""

@@ -114,10 +114,10 @@ class JobRunner:
     # --- the loop -----------------------------------------------------------------------
 
     async def _loop(self) -> None:
-        await self._store.open()
         adopt, swept = True, 0.0
         while True:
             try:
+                await self._store.open()  # idempotent; a store down at start is retried
                 await self._scan(adopt)
                 adopt = False
                 if time.time() - swept > _SWEEP_EVERY_S:
