@@ -78,6 +78,7 @@ BACKOFF_BASE_S = 2.0
 BACKOFF_CAP_S = 300.0
 MAX_ATTEMPTS = 100
 MAX_WEBHOOK_CHARS = 2048
+MAX_DELAY_S = 366 * 86_400.0
 _ID = re.compile(r"^job_[0-9]{13}[0-9a-f]{12}$")
 
 
@@ -162,9 +163,17 @@ def new_job(
     max_attempts: int,
     webhook: str,
     now: float,
+    delay_s: float = 0.0,
     token: str | None = None,
 ) -> JobRecord:
-    """A queued job, due now. Its id sorts by creation time (``job_<ms><random>``)."""
+    """A queued job, due now (or ``delay_s`` seconds from now, at most a year). Its id
+    sorts by creation time (``job_<ms><random>``)."""
+    if (
+        isinstance(delay_s, bool)
+        or not isinstance(delay_s, int | float)
+        or not 0 <= delay_s <= MAX_DELAY_S
+    ):
+        raise ConfigError(f"delay_s must be seconds in [0, {MAX_DELAY_S:g}], got {delay_s!r}")
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
         raise ConfigError(f"max_attempts must be an int, got {max_attempts!r}")
     if not 1 <= max_attempts <= MAX_ATTEMPTS:
@@ -177,7 +186,7 @@ def new_job(
         text=text,
         max_attempts=max_attempts,
         created_at=now,
-        due=now,
+        due=now + float(delay_s),
         webhook=webhook,
     )
 

@@ -99,6 +99,8 @@ def test_a_job_runs_once_is_listed_and_calls_back(
     assert rt.conversation("alice").send("and now?").text == "echo #2: and now?"
     assert [j["id"] for j in rt.jobs("alice")] == [job.id]
     assert rt.jobs("bob") == []
+    with pytest.raises(ConfigError, match="delay_s"):
+        rt.submit("alice", "hi", delay_s=-1)
     assert runner_status(rt)["counters"]["succeeded"] == 1
     with pytest.raises(UnknownJob):
         rt.job("job_0000000000000000000000000")
@@ -114,11 +116,20 @@ def test_a_job_runs_once_is_listed_and_calls_back(
     with pytest.raises(ConfigError, match="webhook"):
         rt.submit("alice", "hi", webhook="file:///etc/passwd")
     assert len(rt.jobs()) == 1
+    # Scheduled: it waits for its time, then runs.
+    later = rt.submit("alice", "in a second and a half", delay_s=1.5)
+    assert later.status()["next_attempt_at"] >= later.status()["created_at"] + 1.5
+    assert later.result(timeout=60) == "echo #3: in a second and a half"
+    ran = rt.job(later.id)
+    assert ran["started_at"] >= ran["created_at"] + 1.5
     # The operator's view, from the store.
     args = ["--store", rt.config.store, "--namespace", rt.config.namespace]
     assert main(["jobs", "--user", "alice", "--json", *args]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert [(j["id"], j["state"], j["attempts"]) for j in listed] == [(job.id, "succeeded", 1)]
+    assert [(j["id"], j["state"], j["attempts"]) for j in listed] == [
+        (later.id, "succeeded", 1),
+        (job.id, "succeeded", 1),
+    ]
     assert main(["jobs", *args]) == 0
     assert f"{job.id}  succeeded 1/3" in capsys.readouterr().out
     assert main(["jobs", job.id, "--json", *args]) == 0

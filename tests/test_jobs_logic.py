@@ -152,6 +152,13 @@ def test_bad_input_is_refused_by_name() -> None:
     for bad in (0, 101, True, "3", 2.5):
         with pytest.raises(ConfigError, match="max_attempts"):
             new_job("u", "a", "t", max_attempts=bad, webhook="", now=T0)  # type: ignore[arg-type]
+    for bad_delay in (-1, float("nan"), 400 * 86_400, True, "5"):
+        with pytest.raises(ConfigError, match="delay_s"):
+            new_job("u", "a", "t", max_attempts=3, webhook="", now=T0, delay_s=bad_delay)  # type: ignore[arg-type]
+    later = new_job("u", "a", "t", max_attempts=3, webhook="", now=T0, delay_s=90)
+    assert later.due == T0 + 90
+    assert not claimable(later, T0 + 89, "r")
+    assert claimable(later, T0 + 90, "r")
     assert validate_webhook(None) == ""
     assert validate_webhook("https://example.com/h?x=1") == "https://example.com/h?x=1"
     for bad_url in (

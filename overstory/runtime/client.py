@@ -830,6 +830,7 @@ class Runtime:
         *,
         agent: str | None = None,
         max_attempts: int = 3,
+        delay_s: float = 0.0,
         webhook: str | None = None,
         on_done: Callable[[dict[str, Any]], None] | None = None,
     ) -> Job:
@@ -837,7 +838,8 @@ class Runtime:
         at once (:mod:`overstory.jobs`). The job is in the store before this returns: it
         runs even if this process, a host or the runner dies, at least once and stored
         once (every attempt is the same turn), retried with backoff up to
-        ``max_attempts`` while its failures are not permanent.
+        ``max_attempts`` while its failures are not permanent. ``delay_s`` schedules
+        it that many seconds from now (Oban's ``schedule_in``).
 
         When it ends, ``webhook`` (an http(s) URL) gets its status as a JSON ``POST``
         (signed when ``OVERSTORY_WEBHOOK_SECRET`` is set in the cluster), and
@@ -848,7 +850,15 @@ class Runtime:
         hook = validate_webhook(webhook)
         if on_done is not None and not callable(on_done):
             raise ConfigError(f"on_done must be callable, got {on_done!r}")
-        job = new_job(user_id, name, text, max_attempts=max_attempts, webhook=hook, now=time.time())
+        job = new_job(
+            user_id,
+            name,
+            text,
+            max_attempts=max_attempts,
+            webhook=hook,
+            now=time.time(),
+            delay_s=delay_s,
+        )
         namespace = self.config.namespace
         _run_store(self.config.store, lambda st: JobBook(st, namespace).add(job))
         self._poke_runner()
