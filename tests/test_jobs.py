@@ -36,6 +36,7 @@ def rt(ray_cluster: str, namespace: str, sqlite_url: str) -> Iterator[Runtime]:
         Agent("helper", model=OfflineModel("helper", latency_s=0.02)),
         # Its first two requests fail (a retryable model error), the third answers.
         Agent("flaky", model=OfflineModel("flaky", fail_first=2)),
+        Agent("cached", model=OfflineModel("cached"), cache_ttl_s=0.5),
     ]
     runtime = overstory.connect(
         agents,
@@ -258,3 +259,16 @@ def test_a_signed_webhook_is_delivered_and_retried(rt: Runtime) -> None:
     expected = hmac.new(WEBHOOK_SECRET.encode(), f"{t}.".encode() + body, sha256).hexdigest()
     assert mac == f"v1={expected}"
     assert abs(time.time() - int(t)) < 120
+
+
+def test_the_runners_upkeep_sweeps_expired_cache_entries(rt: Runtime) -> None:
+    """The response cache has no process of its own: the runner's hourly upkeep drops its
+    expired entries (called here at once)."""
+    conv = rt.conversation("judy", agent="cached")
+    conv.send("cache this answer")
+    time.sleep(0.6)  # past its 0.5 s
+    runner = ray.get_actor(JOBS, namespace=rt.config.namespace)
+    done = ray.get(runner.maintain.remote(), timeout=30)
+    assert done["cache_swept"] == 1
+    assert done["jobs_swept"] == 0  # none ended a week ago
+    assert ray.get(runner.maintain.remote(), timeout=30)["cache_swept"] == 0

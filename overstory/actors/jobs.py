@@ -1,4 +1,5 @@
-"""The job runner: the root's ``jobs`` child, one per namespace.
+"""The job runner: the root's ``jobs`` child, one per namespace; also its hourly upkeep
+(:meth:`JobRunner.maintain`: old jobs, expired response-cache entries).
 
 It holds no job state of its own (:mod:`overstory.jobs` keeps everything in the
 store): it reads the due queue entries every ``jobs_poll_s`` (or at once, when a submit
@@ -28,6 +29,7 @@ from typing import Any
 import httpx
 import ray
 
+from .. import cache
 from ..agent import Placement
 from ..exceptions import QuotaExceeded, TurnIncomplete
 from ..jobs import (
@@ -105,6 +107,17 @@ class JobRunner:
             "counters": dict(self.counters),
         }
 
+    async def maintain(self) -> dict[str, int]:
+        """The namespace's hourly upkeep (also callable by operators and tests): jobs
+        ended more than ``jobs_keep_s`` ago, and expired response-cache entries."""
+        await self._store.open()
+        done = {
+            "jobs_swept": await self._book.sweep(time.time(), self.config.jobs_keep_s),
+            "cache_swept": await cache.sweep(self._store),
+        }
+        self.counters.update(done)
+        return done
+
     async def poke(self) -> None:
         """A job was submitted: look now, not at the next poll."""
         await self.ready()
@@ -122,7 +135,7 @@ class JobRunner:
                 adopt = False
                 if time.time() - swept > _SWEEP_EVERY_S:
                     swept = time.time()
-                    self.counters["swept"] += await self._book.sweep(swept, self.config.jobs_keep_s)
+                    await self.maintain()
             except Exception as exc:  # the store is down, say: keep polling
                 log.warning("job scan failed: %s: %s", type(exc).__name__, exc)
             assert self._wake is not None
