@@ -249,6 +249,9 @@ class TurnEvent:
     """``tool_result``: what the tool returned (``is_error`` when it failed)."""
     reply: Reply | None = None
     """``completed``: the turn's reply, as ``send`` returns it."""
+    retryable: bool = True
+    """``failed``: whether sending the turn again may succeed (a model down or overloaded:
+    yes; bad input, a model refusing the request itself: no)."""
 
     @property
     def terminal(self) -> bool:

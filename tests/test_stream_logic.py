@@ -15,7 +15,7 @@ from overstory import Agent, AllModelsFailed, ModelError, UnknownTurn
 from overstory.actors.host import HostActor
 from overstory.actors.turnlog import TurnLog, TurnLogs, TurnStreams, replay
 from overstory.app import App, conversation_id
-from overstory.exceptions import Passivated, TurnIncomplete
+from overstory.exceptions import InvalidMessage, Passivated, TurnIncomplete
 from overstory.messages import Message, ModelResponse, TurnEvent, UserMessage
 from overstory.providers import FallbackModel, Model, OfflineModel, Rule
 from overstory.providers.base import FallThrough, StreamItem
@@ -89,6 +89,50 @@ def test_a_restart_that_lands_elsewhere_sends_the_reader_to_ask_again() -> None:
     with pytest.raises(Passivated, match="ask again"):
         asyncio.run(go())
     assert restarted == ["hello"]
+
+
+def test_a_failed_turn_started_again_runs_again_and_a_finished_one_is_joined() -> None:
+    """Starting a turn whose run failed runs it again (as sending it again does): its
+    log is replaced, seqs continued past the failure, and the quota is asked again. A
+    running or completed run is joined, not run twice. A failure says whether another
+    attempt may help."""
+    streams = TurnStreams()
+    history = [UserMessage(content="hello", seq=0, turn_id="t1")]
+    runs: list[int] = []
+
+    async def go() -> list[TurnEvent]:
+        async def failing(emit: Any, should_stop: Any) -> Any:
+            runs.append(1)
+            raise TurnFailedError
+
+        async def answering(emit: Any, should_stop: Any) -> Any:
+            runs.append(2)
+            emit("delta", text="hi")
+            return None
+
+        assert streams.start("t1", -1, failing, history) == 0
+        await asyncio.sleep(0.01)
+        first = streams.logs.get("t1")
+        assert first is not None
+        assert [e.type for e in first.events] == ["started", "failed"]
+        assert first.events[-1].retryable is False  # bad input: another attempt won't help
+        assert streams.will_run("t1", history)
+        assert streams.start("t1", -1, answering, history) == 2  # after the failed 0..1
+        assert not streams.will_run("t1", history)  # running: joined
+        assert streams.start("t1", -1, failing, history) == 2
+        await asyncio.sleep(0.01)
+        log = streams.logs.get("t1")
+        assert log is not None
+        assert streams.start("t1", -1, failing, history) == 2  # completed: joined
+        return log.events
+
+    events = asyncio.run(go())
+    assert [(e.seq, e.type) for e in events] == [(2, "started"), (3, "delta"), (4, "completed")]
+    assert runs == [1, 2]
+
+
+class TurnFailedError(InvalidMessage):
+    pass
 
 
 def test_replay_rebuilds_a_finished_turn_from_its_messages(sqlite_url: str) -> None:

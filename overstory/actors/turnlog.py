@@ -24,6 +24,7 @@ from ..exceptions import (
     TurnIncomplete,
     UnknownTurn,
 )
+from ..jobs import is_permanent
 from ..messages import (
     AssistantMessage,
     Message,
@@ -169,25 +170,37 @@ class TurnStreams:
         self.logs = TurnLogs(keep, window_s)
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def _served(self, turn_id: str) -> TurnLog | None:
+        """The log a start of ``turn_id`` joins: one running, or one that ended other
+        than ``failed`` (a failed turn is not over: starting it again runs it again, as
+        sending it again does)."""
+        log = self.logs.get(turn_id)
+        if log is None or (log.finished and log.events[-1].type == "failed"):
+            return None
+        return log
+
     def will_run(self, turn_id: str, history: Sequence[Message] = ()) -> bool:
-        """Whether :meth:`start` would run the turn now (no log for it here, and it has
-        not ended in ``history``): what a quota admits before it does."""
-        if self.logs.get(turn_id) is not None:
+        """Whether :meth:`start` would run the turn now (no log for it here to join,
+        and it has not ended in ``history``): what a quota admits before it does."""
+        if self._served(turn_id) is not None:
             return False
         return not is_complete([m for m in history if m.turn_id == turn_id])
 
     def start(self, turn_id: str, after: int, run: Run, history: Sequence[Message] = ()) -> int:
         """Run ``run(emit, should_stop)`` (the turn) into a new log unless one for
-        ``turn_id`` is here, or the turn has ended already in ``history`` (a reader
-        then gets it replayed from the store); returns the log's first ``seq``.
-        ``after`` >= 0: a reader's cursor when the turn is started again after its
-        process died (a ``restarted`` event)."""
-        log = self.logs.get(turn_id)
+        ``turn_id`` is here to join (:meth:`_served`), or the turn has ended already in
+        ``history`` (a reader then gets it replayed from the store); returns the log's
+        first ``seq``. ``after`` >= 0: a reader's cursor when the turn is started again
+        after its process died (a ``restarted`` event). A failed run's log is replaced,
+        its seqs continued."""
+        log = self._served(turn_id)
         if log is not None:
             return log.first_seq
         if is_complete([m for m in history if m.turn_id == turn_id]):
             return 0
-        log = self.logs.open(turn_id, first_seq=after + 1)
+        failed = self.logs.get(turn_id)
+        first = after + 1 if failed is None else max(after, failed.last_seq) + 1
+        log = self.logs.open(turn_id, first_seq=first)
         log.emit("restarted" if after >= 0 else "started")
         task = asyncio.get_running_loop().create_task(_run_logged(run, log))
         self._tasks.add(task)
@@ -274,13 +287,15 @@ async def _run_logged(run: Run, log: TurnLog) -> None:
     except TurnIncomplete as exc:
         log.emit("incomplete", text=exc.reason, reply=exc.reply)
     except TurnFailed as exc:
-        log.emit("failed", text=exc.reason)
+        log.emit("failed", text=exc.reason, retryable=not is_permanent(exc))
     except ConversationUnavailable:
         # Passivated, fenced, moved: the conversation (and this log) is gone from this
         # process; a reader's next poll finds the turn unfinished in the store and
         # starts it again where the conversation lives now.
         return
     except Exception as exc:  # the caller's mistake (a reused turn id), or a crash
-        log.emit("failed", text=f"{type(exc).__name__}: {exc}"[:500])
+        log.emit(
+            "failed", text=f"{type(exc).__name__}: {exc}"[:500], retryable=not is_permanent(exc)
+        )
     else:
         log.emit("completed", reply=reply)
