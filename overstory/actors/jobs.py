@@ -31,7 +31,7 @@ import ray
 
 from .. import cache
 from ..agent import Placement
-from ..exceptions import QuotaExceeded, TurnIncomplete
+from ..exceptions import QuotaExceeded
 from ..jobs import (
     TERMINAL,
     JobBook,
@@ -46,6 +46,7 @@ from ..jobs import (
     sign,
     succeed,
 )
+from ..messages import TurnEvent
 from ..runtime.config import Config
 from ..store import HistoryStore, open_store
 from ..supervisors.watch import new_incarnation, until_death
@@ -210,15 +211,18 @@ class JobRunner:
             self._wake.set()  # a slot is free
 
     async def _attempt(self, job: JobRecord) -> Callable[[JobRecord], JobRecord | None]:
-        """Run the job's turn once; how its record changes after."""
+        """Run the job's turn once; how its record changes after. The turn runs as a
+        streamed turn, as the HTTP door's do: readers of the response (``GET
+        /v1/responses/{id}``) tail it live, and a host that dies under it is handled as
+        for any reader (the turn starts again from its stored message)."""
         me = self.incarnation
+        last: TurnEvent | None = None
         try:
             runtime = await self._client()
             conv = await runtime.conversation_async(job.user, agent=job.agent)
-            reply = await conv.send_async(job.text, turn_id=job.turn_id)
-        except TurnIncomplete as exc:  # stored, cut short (too long, say): its answer
-            text, reason = str(getattr(exc.reply, "text", "")), exc.reason
-            return _if_mine(me, lambda j: succeed(j, time.time(), text, reason))
+            version = job.version or None
+            async for event in conv.stream_async(job.text, turn_id=job.turn_id, version=version):
+                last = event
         except QuotaExceeded as exc:
             error, wait = _describe(exc), exc.retry_after_s
             return _if_mine(
@@ -229,8 +233,24 @@ class JobRunner:
             return _if_mine(
                 me, lambda j: fail(j, time.time(), error, permanent=permanent, jitter=jitter)
             )
-        text = reply.text
-        return _if_mine(me, lambda j: succeed(j, time.time(), text, reply.incomplete))
+        jitter = random.random()
+        if last is None or not last.terminal:  # not expected: a stream ends with its turn
+            return _if_mine(
+                me,
+                lambda j: fail(j, time.time(), "the turn's stream ended early", permanent=False),
+            )
+        reply = last.reply
+        text = reply.text if reply is not None else ""
+        if last.type == "completed":
+            incomplete = reply.incomplete if reply is not None else ""
+            return _if_mine(me, lambda j: succeed(j, time.time(), text, incomplete))
+        if last.type == "incomplete":  # stored, cut short (cancelled, say): its answer
+            reason = last.text
+            return _if_mine(me, lambda j: succeed(j, time.time(), text, reason))
+        error, permanent = f"TurnFailed: {last.text}"[:2000], not last.retryable
+        return _if_mine(
+            me, lambda j: fail(j, time.time(), error, permanent=permanent, jitter=jitter)
+        )
 
     async def _heartbeat(self, job_id: str) -> None:
         me, lease = self.incarnation, self.limits.lease_s
