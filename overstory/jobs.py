@@ -107,11 +107,15 @@ class JobRecord:
     notified: bool = True
     deliveries: int = 0
     webhook_error: str = ""
+    turn: str = ""
+    """The turn id its submitter chose (the HTTP door: the response id); else derived."""
+    version: str = ""
+    """The agent version its turn runs on ("": the rollout's)."""
 
     @property
     def turn_id(self) -> str:
         """The turn every attempt sends: the conversation stores it once."""
-        return job_turn_id(self.id)
+        return self.turn or job_turn_id(self.id)
 
     @property
     def has_work(self) -> bool:
@@ -164,6 +168,8 @@ def new_job(
     webhook: str,
     now: float,
     delay_s: float = 0.0,
+    turn_id: str = "",
+    version: str = "",
     token: str | None = None,
 ) -> JobRecord:
     """A queued job, due now (or ``delay_s`` seconds from now, at most a year). Its id
@@ -188,6 +194,8 @@ def new_job(
         created_at=now,
         due=now + float(delay_s),
         webhook=webhook,
+        turn=turn_id,
+        version=version,
     )
 
 
@@ -350,6 +358,8 @@ def sign(secret: str, body: bytes, now: float) -> str:
 
 #: Every job record's key starts with it (then ``<namespace>:<job id>``).
 _JOBS_PREFIX = "overstory.job:"
+#: A chosen turn id's job (``<namespace>:<turn id>`` -> job id).
+_JOB_OF_PREFIX = "overstory.jobturn:"
 
 
 def _ms(t: float) -> str:
@@ -451,6 +461,35 @@ class JobBook:
         if not await self.store.put_setting(self.job_key(job.id), self.encode(job), expected=None):
             raise UsageError(f"job id {job.id} is taken")  # 48 random bits: practically never
 
+    def _turn_key(self, turn: str) -> str:
+        return f"{_JOB_OF_PREFIX}{self.namespace}:{turn}"
+
+    async def add_once(self, job: JobRecord) -> JobRecord:
+        """Store a job for its chosen turn (:attr:`JobRecord.turn`) unless one is stored
+        for that turn already: then that one. Retried requests make one job."""
+        assert job.turn, "add_once is for jobs with a chosen turn id"
+        slot = self._turn_key(job.turn)
+        if not await self.store.put_setting(slot, job.id, expected=None):
+            first = await self.store.get_setting(slot) or job.id
+            found = await self.get(first)
+            if found is not None:
+                return found[1]
+            job = replace(job, id=first)  # its maker died between the two writes
+        try:
+            await self.add(job)
+        except UsageError:  # another request made it meanwhile
+            found = await self.get(job.id)
+            if found is None:
+                raise
+            return found[1]
+        return job
+
+    async def for_turn(self, turn: str) -> JobRecord | None:
+        """The job stored for chosen turn ``turn`` (:meth:`add_once`), if any."""
+        job_id = await self.store.get_setting(self._turn_key(turn))
+        found = None if job_id is None else await self.get(job_id)
+        return None if found is None else found[1]
+
     async def move(self, raw: str, old: JobRecord, new: JobRecord) -> str | None:
         """Compare-and-set ``old`` (stored as ``raw``) to ``new``, moving its queue entry;
         the new raw record, or ``None`` when another writer changed it first."""
@@ -494,6 +533,8 @@ class JobBook:
                 ended = job.finished_at
                 if not job.has_work and ended is not None and ended < now - keep_s:
                     gone += await self.store.delete_setting(key, expected=raw)
+                    if job.turn:
+                        await self.store.delete_setting(self._turn_key(job.turn), expected=job.id)
             if len(page) < 500:
                 return gone
             after = page[-1][0]

@@ -642,3 +642,79 @@ def test_the_door_audits_failures_denials_and_share_changes(door: Door) -> None:
     assert ("admin.access", "root", "ok") in seen
     assert all(forged not in json.dumps(r.detail) and "x" * 20 not in r.target for r in new)
     assert _store(door.store, verify) == []
+
+
+def test_a_background_response_is_a_durable_job_the_sdk_polls(door: Door) -> None:
+    """``background=True`` (OpenAI's long-running responses): the request returns at
+    once, queued; a job runs the turn (the response id is its turn id); the SDK polls the
+    response, or streams it, until it completes. A queued one is cancelled; another user
+    never sees it; a retried create makes one job."""
+    client = door.client()
+    conv = client.conversations.create()
+    started = time.monotonic()
+    first = client.responses.create(
+        model="slow", conversation=conv.id, input="take your time", background=True
+    )
+    assert time.monotonic() - started < 2.5  # the slow agent answers after 3 s
+    assert first.status in ("queued", "in_progress")
+    assert first.background is True
+    second = client.responses.create(
+        model="slow", conversation=conv.id, input="and then this", background=True
+    )
+    assert second.status == "queued"  # one job per conversation at a time
+    cancelled = client.responses.cancel(second.id)
+    assert cancelled.status == "cancelled"
+    with pytest.raises(openai.NotFoundError):
+        door.client("bob").responses.retrieve(first.id)
+    deadline = time.monotonic() + 60
+    while (polled := client.responses.retrieve(first.id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert polled.status == "completed"
+    assert polled.output_text == "echo #1: take your time"
+    assert client.responses.retrieve(second.id).status == "cancelled"
+    # The conversation holds the completed turn once, and nothing of the cancelled one.
+    history = door.rt.conversation(conv.id, agent="slow").history()
+    assert [(m.kind, m.turn_id) for m in history] == [
+        ("user", first.id),
+        ("assistant", first.id),
+    ]
+    jobs = door.rt.jobs(conv.id)
+    assert sorted(j["state"] for j in jobs) == ["cancelled", "succeeded"]
+
+    # Streamed while it runs: GET ?stream=true waits for the turn, then tails it.
+    third = client.responses.create(model="slow", input="stream me later", background=True)
+    streamed = client.responses.retrieve(third.id, stream=True)
+    events = list(streamed)
+    assert events[-1].type == "response.completed"
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == "echo #1: stream me later"
+
+    # A retried create (same Idempotency-Key and body) is the same response, one job.
+    body = json.dumps({"model": "helper", "input": "once only", "background": True}).encode()
+    made, key = [], f"bg-{uuid.uuid4().hex[:8]}"
+    for _ in range(2):
+        request = urllib.request.Request(f"{door.url}/v1/responses", data=body, method="POST")
+        request.add_header("authorization", f"Bearer {door.keys['alice']}")
+        request.add_header("content-type", "application/json")
+        request.add_header("idempotency-key", key)
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            made.append(json.loads(answer.read()))
+    assert made[0]["id"] == made[1]["id"]
+    conv_id = made[0]["conversation"]["id"]
+    assert len(door.rt.jobs(conv_id)) == 1
+    # Refused: background with stream, and a non-boolean background.
+    status, _, error = door.raw(
+        "POST",
+        "/v1/responses",
+        json.dumps({"model": "helper", "input": "x", "background": True, "stream": True}).encode(),
+    )
+    assert status == 400
+    assert error["error"]["param"] == "stream"
+    status, _, error = door.raw(
+        "POST",
+        "/v1/responses",
+        json.dumps({"model": "helper", "input": "x", "background": "yes"}).encode(),
+    )
+    assert status == 400
+    assert error["error"]["param"] == "background"

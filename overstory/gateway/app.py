@@ -43,6 +43,8 @@ from ..exceptions import (
     UnknownTurn,
     UsageError,
 )
+from ..jobs import JobBook, JobRecord, new_job
+from ..jobs import cancel as cancel_job
 from ..store import HistoryStore, open_store
 from ..validation import validate_message, validate_user_id
 from .access import (
@@ -327,6 +329,45 @@ class Gateway:
         the conversation lives, every call is checked again (``check_access``)."""
         conv = await self.runtime.conversation_async(record.id, agent=record.agent)
         return conv.acting_for(principal)
+
+    def jobs(self, store: HistoryStore) -> JobBook:
+        return JobBook(store, self.runtime.config.namespace)
+
+    async def background(
+        self, record: ConversationRecord, text: str, response_id: str, version: str | None
+    ) -> JobRecord:
+        """A background response: a job running turn ``response_id`` of the conversation
+        (made once however often the request is retried), the runner woken."""
+        assert record.agent is not None
+        job = new_job(
+            record.id,
+            record.agent,
+            text,
+            max_attempts=3,
+            webhook="",
+            now=time.time(),
+            turn_id=response_id,
+            version=version or "",
+        )
+        job = await self.jobs(await self.store()).add_once(job)
+        await asyncio.to_thread(self.runtime._poke_runner)
+        return job
+
+    async def cancel_job(self, job: JobRecord) -> JobRecord:
+        """Cancel a background response's job if it is still queued; its state after."""
+        book = self.jobs(await self.store())
+        while True:
+            found = await book.get(job.id)
+            if found is None:
+                return job
+            raw, current = found
+            cancelled = cancel_job(current, time.time())
+            if cancelled is None or await book.move(raw, current, cancelled) is not None:
+                return cancelled or current
+
+    async def job_of(self, response_id: str) -> JobRecord | None:
+        """The background job of a response, if it is one."""
+        return await self.jobs(await self.store()).for_turn(response_id)
 
     async def create(
         self,
@@ -728,6 +769,16 @@ async def create_response(request: Request) -> Response:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "stream: a boolean", param="stream")
+    background = body.get("background", False)
+    if not isinstance(background, bool):
+        raise ApiError(400, "background: a boolean", param="background")
+    if background and stream:
+        raise ApiError(
+            400,
+            "background with stream is not supported: create it, then stream it with "
+            "GET /v1/responses/{id}?stream=true",
+            param="stream",
+        )
     target = body.get("conversation")
     if isinstance(target, dict):
         target = target.get("id")
@@ -749,6 +800,9 @@ async def create_response(request: Request) -> Response:
             f"conversation {record.id} talks to agent {record.agent!r}, not {agent!r}",
             param="model",
         )
+    if background:  # a durable job runs the turn; the caller polls the response
+        job = await gateway.background(record, text, response_id, version)
+        return JSONResponse(_job_snapshot(response_id, model, job))
     conv = await gateway.conversation(record, principal)
     # The turn starts (or is refused, as an HTTP error) before any byte is sent.
     events = await _primed(conv.stream_async(text, turn_id=response_id, version=version))
@@ -778,7 +832,7 @@ async def _response_target(
 
 @app.get("/v1/responses/{response_id}")
 async def get_response(response_id: str, request: Request) -> Response:
-    _, conv, agent = await _response_target(request, response_id, "read")
+    gateway, conv, agent = await _response_target(request, response_id, "read")
     query = request.query_params
     if query.get("stream", "false").lower() == "true":
         raw = query.get("starting_after") or request.headers.get("last-event-id") or "-1"
@@ -790,20 +844,30 @@ async def get_response(response_id: str, request: Request) -> Response:
             ) from None
         if after < -1:
             raise ApiError(400, "starting_after: a sequence number", param="starting_after")
-        await _known(conv, response_id)
+        await _started(gateway, conv, response_id)
         return _sse(
             _translated(ResponseStream(response_id, agent), conv.resume_async(response_id), after)
         )
+    events, job = await _known_or_queued(gateway, conv, response_id)
+    if events is None:
+        assert job is not None
+        return JSONResponse(_job_snapshot(response_id, agent, job))
     reader = ResponseStream(response_id, agent)
-    for event in await _known(conv, response_id):
+    for event in events:
         reader.feed(event)
-    return JSONResponse(reader.snapshot())
+    shown = reader.snapshot()
+    if job is not None:
+        shown["background"] = True
+    return JSONResponse(shown)
 
 
 @app.post("/v1/responses/{response_id}/cancel")
 async def cancel_response(response_id: str, request: Request) -> Response:
-    _, conv, agent = await _response_target(request, response_id, "write")
-    await _known(conv, response_id)
+    gateway, conv, agent = await _response_target(request, response_id, "write")
+    events, job = await _known_or_queued(gateway, conv, response_id)
+    if events is None:  # a background response not started: its job is cancelled
+        assert job is not None
+        return JSONResponse(_job_snapshot(response_id, agent, await gateway.cancel_job(job)))
     await conv.cancel_async(response_id)
     events, ended = await conv.events_async(response_id)
     deadline = time.monotonic() + 5.0
@@ -818,12 +882,56 @@ async def cancel_response(response_id: str, request: Request) -> Response:
     return JSONResponse(reader.snapshot())
 
 
-async def _known(conv: Any, response_id: str) -> list[Any]:
+def _job_snapshot(response_id: str, model: str, job: JobRecord) -> dict[str, Any]:
+    """The response object of a background response whose turn has not started (or
+    never will): queued, in progress (claimed), failed or cancelled."""
+    reader = ResponseStream(response_id, model)
+    shown = reader.snapshot()
+    shown["background"] = True
+    shown["status"] = _JOB_STATUS.get(job.state, "in_progress")
+    if job.state == "failed":
+        shown["error"] = {"code": "server_error", "message": job.error}
+    if job.state == "cancelled":
+        shown["incomplete_details"] = {"reason": None}
+    return shown
+
+
+#: A background response's status while its turn has not started, by its job's state.
+_JOB_STATUS = {"queued": "queued", "failed": "failed", "cancelled": "cancelled"}
+
+
+async def _known_or_queued(
+    gateway: Gateway, conv: Any, response_id: str
+) -> tuple[list[Any] | None, JobRecord | None]:
+    """``(its events, its job)``: the events of a turn that has started (its job too,
+    for a background response), or ``(None, job)`` for a background response whose turn
+    has not started; 404 for neither."""
+    job = await gateway.job_of(response_id)
     try:
         events, _ = await conv.events_async(response_id)
     except UnknownTurn:
-        raise ApiError(404, f"Response with id '{response_id[:64]}' not found.") from None
-    return list(events)
+        if job is None:
+            raise ApiError(404, f"Response with id '{response_id[:64]}' not found.") from None
+        return None, job
+    return list(events), job
+
+
+async def _started(gateway: Gateway, conv: Any, response_id: str) -> None:
+    """Before streaming a response: wait (up to 60 s) for a background response's turn
+    to start; 404 for an unknown response, 409 for one that ended without starting."""
+    deadline = time.monotonic() + 60.0
+    while True:
+        events, job = await _known_or_queued(gateway, conv, response_id)
+        if events is not None:
+            return
+        assert job is not None
+        if job.state in ("failed", "cancelled") or time.monotonic() > deadline:
+            raise ApiError(
+                409,
+                f"Response {response_id[:64]} is {_JOB_STATUS.get(job.state, job.state)} "
+                "and has nothing to stream: GET it without stream",
+            )
+        await asyncio.sleep(0.2)
 
 
 async def _primed(events: AsyncIterator[Any]) -> AsyncIterator[Any]:
