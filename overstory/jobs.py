@@ -484,6 +484,20 @@ class JobBook:
             return found[1]
         return job
 
+    async def cancel(self, job_id: str, now: float) -> tuple[JobRecord, bool]:
+        """Cancel job ``job_id`` if it is queued (:func:`cancel`, by compare-and-set):
+        ``(its record after, whether this cancelled it)``; ``UnknownJob`` if none."""
+        while True:
+            found = await self.get(validate_job_id(job_id))
+            if found is None:
+                raise UnknownJob(f"no job {job_id!r} in namespace {self.namespace!r}")
+            raw, job = found
+            cancelled = cancel(job, now)
+            if cancelled is None:
+                return job, False
+            if await self.move(raw, job, cancelled) is not None:
+                return cancelled, True
+
     async def for_turn(self, turn: str) -> JobRecord | None:
         """The job stored for chosen turn ``turn`` (:meth:`add_once`), if any."""
         job_id = await self.store.get_setting(self._turn_key(turn))

@@ -372,3 +372,23 @@ def test_status_shows_a_webhook_without_its_path_or_query() -> None:
     assert hooked.public()["webhook"] == "https://hooks.example.com/…"
     assert job(webhook="http://127.0.0.1:8080/").public()["webhook"] == "http://127.0.0.1:8080"
     assert job().public()["webhook"] == ""
+
+
+def test_cancel_in_the_book_is_one_compare_and_set(store_url: str) -> None:
+    async def body(store: HistoryStore) -> None:
+        book = JobBook(store, "ns-jobs-7")
+        queued, running = job("a"), job("b", at=T0 + 1)
+        for j in (queued, running):
+            await book.add(j)
+        raw, rec = await book.get(running.id) or ("", running)
+        assert await book.move(raw, rec, claim(rec, T0 + 1, "r", 30))
+        done, now = await book.cancel(queued.id, T0 + 2)
+        assert (done.state, now) == ("cancelled", True)
+        assert (await book.cancel(queued.id, T0 + 3))[1] is False  # once
+        left, now = await book.cancel(running.id, T0 + 2)
+        assert (left.state, now) == ("running", False)  # a running attempt goes on
+        assert [jid for _, _, jid in await book.due(T0 + 99)] == [running.id]
+        with pytest.raises(UnknownJob):
+            await book.cancel("job_0000000000000000000000000", T0)
+
+    on_store(store_url, body)

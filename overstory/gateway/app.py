@@ -44,7 +44,6 @@ from ..exceptions import (
     UsageError,
 )
 from ..jobs import JobBook, JobRecord, new_job
-from ..jobs import cancel as cancel_job
 from ..store import HistoryStore, open_store
 from ..validation import validate_message, validate_user_id
 from .access import (
@@ -350,20 +349,12 @@ class Gateway:
             version=version or "",
         )
         job = await self.jobs(await self.store()).add_once(job)
-        await asyncio.to_thread(self.runtime._poke_runner)
+        await asyncio.to_thread(self.runtime.poke_jobs)
         return job
 
     async def cancel_job(self, job: JobRecord) -> JobRecord:
         """Cancel a background response's job if it is still queued; its state after."""
-        book = self.jobs(await self.store())
-        while True:
-            found = await book.get(job.id)
-            if found is None:
-                return job
-            raw, current = found
-            cancelled = cancel_job(current, time.time())
-            if cancelled is None or await book.move(raw, current, cancelled) is not None:
-                return cancelled or current
+        return (await self.jobs(await self.store()).cancel(job.id, time.time()))[0]
 
     async def job_of(self, response_id: str) -> JobRecord | None:
         """The background job of a response, if it is one."""

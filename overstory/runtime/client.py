@@ -59,7 +59,6 @@ from ..jobs import (
     validate_job_id,
     validate_webhook,
 )
-from ..jobs import cancel as cancel_job
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
 from ..providers import api_keys as api_key_map
@@ -861,7 +860,7 @@ class Runtime:
         )
         namespace = self.config.namespace
         _run_store(self.config.store, lambda st: JobBook(st, namespace).add(job))
-        self._poke_runner()
+        self.poke_jobs()
         handle = Job(self, job.id, user_id, name)
         if on_done is not None:
             threading.Thread(
@@ -872,7 +871,7 @@ class Runtime:
             ).start()
         return handle
 
-    def _poke_runner(self) -> None:
+    def poke_jobs(self) -> None:
         """Wake the job runner (it would look within ``jobs_poll_s`` anyway)."""
         with suppress(ValueError, RayActorError):
             ray.get_actor(JOBS, namespace=self.config.namespace).poke.remote()
@@ -912,18 +911,10 @@ class Runtime:
         job_id = validate_job_id(job_id)
 
         async def go(store: Any) -> JobRecord:
-            book = JobBook(store, namespace)
-            while True:
-                found = await book.get(job_id)
-                if found is None:
-                    await book.status(job_id)  # raises UnknownJob
-                assert found is not None
-                raw, job = found
-                cancelled = cancel_job(job, time.time())
-                if cancelled is None:
-                    raise UsageError(f"job {job_id} is {job.state}: only a queued job is cancelled")
-                if await book.move(raw, job, cancelled) is not None:
-                    return cancelled
+            job, cancelled = await JobBook(store, namespace).cancel(job_id, time.time())
+            if not cancelled:
+                raise UsageError(f"job {job_id} is {job.state}: only a queued job is cancelled")
+            return job
 
         record: JobRecord = _run_store(self.config.store, go)
         return record.public()
