@@ -16,7 +16,7 @@ from overstory.actors.host import HostActor
 from overstory.actors.turnlog import TurnLog, TurnLogs, TurnStreams, replay
 from overstory.app import App, conversation_id
 from overstory.exceptions import InvalidMessage, Passivated, TurnIncomplete
-from overstory.messages import Message, ModelResponse, TurnEvent, UserMessage
+from overstory.messages import AssistantMessage, Message, ModelResponse, TurnEvent, UserMessage
 from overstory.providers import FallbackModel, Model, OfflineModel, Rule
 from overstory.providers.base import FallThrough, StreamItem
 from overstory.registry.shards import ShardTable
@@ -129,6 +129,31 @@ def test_a_failed_turn_started_again_runs_again_and_a_finished_one_is_joined() -
     events = asyncio.run(go())
     assert [(e.seq, e.type) for e in events] == [(2, "started"), (3, "delta"), (4, "completed")]
     assert runs == [1, 2]
+
+
+def test_a_reader_past_the_replays_numbering_still_gets_the_outcome() -> None:
+    """The process running a turn died after storing its answer and before a reader saw
+    the end; the reader's cursor (30, from the lost log) is past the replay's numbering
+    (0..2): it gets the terminal event, numbered after its cursor, with the reply."""
+    streams = TurnStreams()
+    history: list[Message] = [
+        UserMessage(content="hello", seq=0, turn_id="t1"),
+        AssistantMessage(content="hi there", seq=1, turn_id="t1"),
+    ]
+
+    async def never(text: str) -> int:
+        raise AssertionError("a stored turn is not started again")
+
+    async def go(after: int) -> tuple[list[TurnEvent], bool]:
+        return await streams.events("a:u", "t1", after, 0.0, history, ("a", "1"), never)
+
+    events, ended = asyncio.run(go(30))
+    assert ended
+    assert [(e.seq, e.type) for e in events] == [(31, "completed")]
+    assert events[0].reply is not None
+    assert events[0].reply.text == "hi there"
+    events, _ = asyncio.run(go(0))  # a cursor within the replay: the rest of it, as before
+    assert [(e.seq, e.type) for e in events] == [(1, "delta"), (2, "completed")]
 
 
 class TurnFailedError(InvalidMessage):

@@ -12,6 +12,7 @@ pieces).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -264,8 +265,14 @@ class TurnStreams:
             if not turn or not isinstance(turn[0], UserMessage):
                 raise UnknownTurn(conversation_id, turn_id)
             if is_complete(turn):
-                reply = reply_of(turn_id, turn, *agent)
-                return [e for e in replay(turn_id, turn, reply) if e.seq > after], True
+                replayed = replay(turn_id, turn, reply_of(turn_id, turn, *agent))
+                later = [e for e in replayed if e.seq > after]
+                if not later:
+                    # A cursor from a log that is gone (its process died after the turn
+                    # was stored) can lie past the replay's numbering: the reader still
+                    # gets the outcome, numbered after what it saw.
+                    later = [dataclasses.replace(replayed[-1], seq=after + 1)]
+                return later, True
             await restart(turn[0].content)
             log = self.logs.get(turn_id)
             if log is None:
