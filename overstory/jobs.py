@@ -32,7 +32,7 @@ import json
 import math
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from hashlib import sha256
 from typing import Any, Literal, cast
@@ -427,19 +427,21 @@ class JobBook:
         are kept ``jobs_keep_s`` after they end)."""
         if state is not None and state not in JOB_STATES:
             raise UsageError(f"state must be one of {', '.join(JOB_STATES)}, got {state!r}")
-        found: list[JobRecord] = []
-        after = ""
-        while True:
-            page = await self.store.settings(self._jobs, after=after, limit=500)
-            for _key, raw in page:
-                job = self.decode(raw)
-                if (user is None or job.user == user) and (state is None or job.state == state):
-                    found.append(job)
-            if len(page) < 500:
-                break
-            after = page[-1][0]
+        found = [
+            job
+            async for _key, _raw, job in self._records()
+            if (user is None or job.user == user) and (state is None or job.state == state)
+        ]
         found.reverse()
         return found[:limit]
+
+    async def _records(self) -> AsyncIterator[tuple[str, str, JobRecord]]:
+        """Every job record of the namespace, oldest first: ``(key, raw, decoded)``."""
+        after = ""
+        while page := await self.store.settings(self._jobs, after=after, limit=500):
+            for key, raw in page:
+                yield key, raw, self.decode(raw)
+            after = page[-1][0]
 
     async def due(self, now: float, limit: int = 100) -> list[tuple[str, float, str]]:
         """Queue entries due by ``now`` (``(entry key, due, job id)``), soonest first;
@@ -539,19 +541,14 @@ class JobBook:
 
     async def sweep(self, now: float, keep_s: float) -> int:
         """Delete jobs that ended (and were notified) more than ``keep_s`` ago."""
-        gone, after = 0, ""
-        while True:
-            page = await self.store.settings(self._jobs, after=after, limit=500)
-            for key, raw in page:
-                job = self.decode(raw)
-                ended = job.finished_at
-                if not job.has_work and ended is not None and ended < now - keep_s:
-                    gone += await self.store.delete_setting(key, expected=raw)
-                    if job.turn:
-                        await self.store.delete_setting(self._turn_key(job.turn), expected=job.id)
-            if len(page) < 500:
-                return gone
-            after = page[-1][0]
+        gone = 0
+        async for key, raw, job in self._records():
+            ended = job.finished_at
+            if not job.has_work and ended is not None and ended < now - keep_s:
+                gone += await self.store.delete_setting(key, expected=raw)
+                if job.turn:
+                    await self.store.delete_setting(self._turn_key(job.turn), expected=job.id)
+        return gone
 
 
 async def reseal_jobs(store: HistoryStore, *, batch: int = 500) -> dict[str, int]:

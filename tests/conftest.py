@@ -107,6 +107,26 @@ def store_url(request: pytest.FixtureRequest) -> str:
     return url
 
 
+_MODULE_LOOPS: list[Any] = []
+
+
+@pytest.fixture(scope="module")
+def module_loop() -> Iterator[None]:
+    """One event loop for a whole module (``pytestmark = usefixtures("module_loop")``):
+    a model's SDK client keeps its connections in a pool bound to the loop it first ran
+    in. :func:`run_in_module_loop` runs a coroutine on it."""
+    import asyncio
+
+    with asyncio.Runner() as runner:
+        _MODULE_LOOPS.append(runner)
+        yield
+        _MODULE_LOOPS.remove(runner)
+
+
+def run_in_module_loop(coro: Any) -> Any:
+    return _MODULE_LOOPS[-1].run(coro)
+
+
 def on_store(url: str, body: Any, keys: Any = "environment") -> Any:
     """``await body(store)`` on a store opened for it (``keys``: its data keys; by
     default the environment's), closed after."""

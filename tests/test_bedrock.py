@@ -10,7 +10,6 @@ and test_vendor_streams.py; this file holds what only Bedrock has.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import pickle
@@ -24,6 +23,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.eventstream import ChecksumMismatch, EventStreamBuffer
+from conftest import run_in_module_loop
 
 from overstory.exceptions import ConfigError, ModelError
 from overstory.messages import ModelResponse, UserMessage
@@ -54,20 +54,8 @@ REGION = "eu-central-1"
 HISTORY = [UserMessage(content="hello there", seq=0)]
 FAST = RetryPolicy(attempts=3, base_s=0.001, max_backoff_s=0.002, max_retry_after_s=1.0)
 
-_LOOP: list[asyncio.Runner] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_loop() -> Iterator[None]:
-    # One event loop for the module: an SDK client's connection pool is bound to its loop.
-    with asyncio.Runner() as runner:
-        _LOOP.append(runner)
-        yield
-        _LOOP.remove(runner)
-
-
-def run(coro: Any) -> Any:
-    return _LOOP[-1].run(coro)
+pytestmark = pytest.mark.usefixtures("module_loop")
+run = run_in_module_loop
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +68,18 @@ def server() -> Iterator[BedrockServer]:
 def _clean(request: pytest.FixtureRequest) -> None:
     if "server" in request.fixturenames:
         request.getfixturevalue("server").reset()
+
+
+def raw_client(server: BedrockServer) -> anthropic.AsyncAnthropicBedrock:
+    """The SDK's Bedrock client itself (no overstory in between), signed with our test
+    credentials for REGION, against the loopback server."""
+    return anthropic.AsyncAnthropicBedrock(
+        aws_access_key=KEY_ID,
+        aws_secret_key=SECRET,
+        aws_region=REGION,
+        base_url=server.base_url,
+        max_retries=0,
+    )
 
 
 def endpoint_for(server: BedrockServer, model: str = MODEL, **kw: Any) -> Endpoint:
@@ -289,13 +289,7 @@ def test_a_model_id_is_percent_encoded_in_the_path_and_decoded_by_the_server(
 
 def test_bedrock_refuses_what_bedrock_refuses(server: BedrockServer) -> None:
     async def post(body: dict[str, Any]) -> Any:
-        client = anthropic.AsyncAnthropicBedrock(
-            aws_access_key=KEY_ID,
-            aws_secret_key=SECRET,
-            aws_region=REGION,
-            base_url=server.base_url,
-            max_retries=0,
-        )
+        client = raw_client(server)
         try:
             return await client.post(f"/model/{MODEL}/invoke", body=body, cast_to=object)
         finally:
@@ -342,13 +336,7 @@ def test_throttling_is_the_sdks_rate_limit_error_and_the_taxonomys_rate_limited(
     server: BedrockServer,
 ) -> None:
     async def raw() -> None:
-        client = anthropic.AsyncAnthropicBedrock(
-            aws_access_key=KEY_ID,
-            aws_secret_key=SECRET,
-            aws_region=REGION,
-            base_url=server.base_url,
-            max_retries=0,
-        )
+        client = raw_client(server)
         try:
             await client.messages.create(
                 model=MODEL, max_tokens=9, messages=[{"role": "user", "content": "hi"}]

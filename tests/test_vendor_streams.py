@@ -8,12 +8,12 @@ streaming generator is tested in test_provider_pool.py.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import pydantic
 import pytest
+from conftest import run_in_module_loop
 
 from overstory.exceptions import AllModelsFailed, ModelError
 from overstory.messages import ModelResponse, UserMessage
@@ -52,21 +52,8 @@ RULES = (*DEFAULT_RULES, (r"^say (?P<text>.+)$", "say"))
 AWKWARD = 'He said "hi" \\ to naïve 🌍 folks'
 
 
-_LOOP: list[asyncio.Runner] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_loop() -> Iterator[None]:
-    # One event loop for the module: a model's SDK client keeps connections in a pool
-    # bound to the loop it first ran in.
-    with asyncio.Runner() as runner:
-        _LOOP.append(runner)
-        yield
-        _LOOP.remove(runner)
-
-
-def run(coro: Any) -> Any:
-    return _LOOP[-1].run(coro)
+pytestmark = pytest.mark.usefixtures("module_loop")
+run = run_in_module_loop
 
 
 SERVERS: dict[str, type[WireServer]] = {

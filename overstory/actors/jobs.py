@@ -216,6 +216,23 @@ class JobRunner:
         /v1/responses/{id}``) tail it live, and a host that dies under it is handled as
         for any reader (the turn starts again from its stored message)."""
         me = self.incarnation
+
+        def failed(
+            error: str, permanent: bool, not_before_s: float = 0.0
+        ) -> Callable[[JobRecord], JobRecord | None]:
+            jitter = random.random()
+            return _if_mine(
+                me,
+                lambda j: fail(
+                    j,
+                    time.time(),
+                    error,
+                    permanent=permanent,
+                    not_before_s=not_before_s,
+                    jitter=jitter,
+                ),
+            )
+
         last: TurnEvent | None = None
         try:
             runtime = await self._client()
@@ -224,33 +241,18 @@ class JobRunner:
             async for event in conv.stream_async(job.text, turn_id=job.turn_id, version=version):
                 last = event
         except QuotaExceeded as exc:
-            error, wait = _describe(exc), exc.retry_after_s
-            return _if_mine(
-                me, lambda j: fail(j, time.time(), error, permanent=False, not_before_s=wait)
-            )
+            return failed(_describe(exc), False, exc.retry_after_s)
         except Exception as exc:
-            error, permanent, jitter = _describe(exc), is_permanent(exc), random.random()
-            return _if_mine(
-                me, lambda j: fail(j, time.time(), error, permanent=permanent, jitter=jitter)
-            )
-        jitter = random.random()
+            return failed(_describe(exc), is_permanent(exc))
         if last is None or not last.terminal:  # not expected: a stream ends with its turn
-            return _if_mine(
-                me,
-                lambda j: fail(j, time.time(), "the turn's stream ended early", permanent=False),
-            )
+            return failed("the turn's stream ended early", False)
+        if last.type == "failed":
+            return failed(f"TurnFailed: {last.text}"[:2000], not last.retryable)
         reply = last.reply
         text = reply.text if reply is not None else ""
-        if last.type == "completed":
-            incomplete = reply.incomplete if reply is not None else ""
-            return _if_mine(me, lambda j: succeed(j, time.time(), text, incomplete))
-        if last.type == "incomplete":  # stored, cut short (cancelled, say): its answer
-            reason = last.text
-            return _if_mine(me, lambda j: succeed(j, time.time(), text, reason))
-        error, permanent = f"TurnFailed: {last.text}"[:2000], not last.retryable
-        return _if_mine(
-            me, lambda j: fail(j, time.time(), error, permanent=permanent, jitter=jitter)
-        )
+        # Completed, or stored cut short (cancelled, say): its answer, and why it is short.
+        incomplete = last.text if last.type == "incomplete" else (reply.incomplete if reply else "")
+        return _if_mine(me, lambda j: succeed(j, time.time(), text, incomplete))
 
     async def _heartbeat(self, job_id: str) -> None:
         me, lease = self.incarnation, self.limits.lease_s
