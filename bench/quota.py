@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from overstory import Agent, OfflineModel
-from overstory.actors.turn import run_turn
+from overstory.conversation.turn import run_turn
 from overstory.messages import Message
 from overstory.quota import Quota, QuotaBook, call_texts, finish
 from overstory.store import HistoryStore, open_store

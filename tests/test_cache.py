@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from overstory import Agent
-from overstory.actors.turn import run_turn
+from overstory.conversation.turn import run_turn
 from overstory.cache import sweep
 from overstory.messages import AssistantMessage, Message, Reply
 from overstory.providers import Endpoint, Secret

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from overstory import Agent, OfflineModel, RunContext, ToolDefinitionError
-from overstory.actors.turn import run_turn
+from overstory.conversation.turn import run_turn
 from overstory.gateway.wire import ResponseStream
 from overstory.messages import Message, ToolCall, TurnEvent
 from overstory.providers.offline import Rule

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from overstory.actors.gate import TurnGate
+from overstory.conversation.gate import TurnGate
 
 
 async def _run(

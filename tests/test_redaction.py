@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from overstory import Agent
-from overstory.actors.turn import run_turn
+from overstory.conversation.turn import run_turn
 from overstory.messages import AssistantMessage, Message, ToolReturn, UserMessage
 from overstory.providers import Endpoint, Secret
 from overstory.providers.pool import vendor_model

@@ -13,7 +13,7 @@ import pytest
 
 from overstory import Agent, AllModelsFailed, ModelError, UnknownTurn
 from overstory.actors.host import HostActor
-from overstory.actors.turnlog import TurnLog, TurnLogs, TurnStreams, replay
+from overstory.conversation.turnlog import TurnLog, TurnLogs, TurnStreams, replay
 from overstory.app import App, conversation_id
 from overstory.exceptions import InvalidMessage, Passivated, TurnIncomplete
 from overstory.messages import AssistantMessage, Message, ModelResponse, TurnEvent, UserMessage

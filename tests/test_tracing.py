@@ -21,7 +21,7 @@ from overstory import (
     ToolDefinition,
     TurnFailed,
 )
-from overstory.actors.turn import run_turn
+from overstory.conversation.turn import run_turn
 from overstory.messages import ToolCall, ToolReturn, Usage
 from overstory.providers import FallbackModel
 from overstory.store import open_store

@@ -24,7 +24,7 @@ from overstory import (
     TurnFailed,
     UserMessage,
 )
-from overstory.actors.turn import run_turn
+from overstory.conversation.turn import run_turn
 from overstory.store import HistoryStore, open_store
 
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import on_store
 
 from overstory import Agent, OfflineModel, RunContext
-from overstory.actors.turn import run_turn
+from overstory.conversation.turn import run_turn
 from overstory.exceptions import DataKeyError, VaultError
 from overstory.messages import Message, ToolReturn
 from overstory.providers.offline import Rule

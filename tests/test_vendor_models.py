@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from overstory import Agent
-from overstory.actors.turn import run_turn
+from overstory.conversation.turn import run_turn
 from overstory.exceptions import ModelError
 from overstory.messages import AssistantMessage, ToolReturn, UserMessage
 from overstory.providers import Endpoint, Model, Secret, aws_secret

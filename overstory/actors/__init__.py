@@ -1,6 +1,5 @@
-"""Conversation actors and the pure logic of a turn."""
+"""The Ray actors: thin shells around the conversation entity (:mod:`overstory.conversation`)."""
 
 from .conversation import ConversationActor
-from .turn import is_complete, run_turn
 
-__all__ = ["ConversationActor", "is_complete", "run_turn"]
+__all__ = ["ConversationActor"]

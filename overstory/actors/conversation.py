@@ -1,9 +1,9 @@
 """ConversationActor: one user's conversation as a named, detached Ray actor.
 
-A thin shell around :func:`~overstory.actors.turn.run_turn`. When it activates it takes a
+A thin shell around :func:`~overstory.conversation.turn.run_turn`. When it activates it takes a
 new epoch from the store (fencing out any older incarnation still running) and loads the
 history, so a restarted or re-activated actor rebuilds itself. Turns run one at a time
-through a :class:`~overstory.actors.gate.TurnGate`, each caller's in the order it sent
+through a :class:`~overstory.conversation.gate.TurnGate`, each caller's in the order it sent
 them; history reads are answered at any time.
 
 Lifecycle (virtual actor): after ``idle_timeout_s`` without a turn the actor asks its
@@ -39,10 +39,10 @@ from ..supervisors.watch import RESTARTED, new_incarnation, watched_elsewhere
 from ..telemetry import attached, setup_telemetry
 from ..telemetry import flush as flush_telemetry
 from ..validation import MAX_MESSAGE_CHARS, validate_message
-from .gate import TurnGate
-from .serving import Binding, Serving
-from .turn import Emit, run_turn
-from .turnlog import TurnStreams
+from ..conversation.gate import TurnGate
+from ..conversation.serving import Binding, Serving
+from ..conversation.turn import Emit, run_turn
+from ..conversation.turnlog import TurnStreams
 
 __all__ = ["ConversationActor"]
 

@@ -12,8 +12,8 @@ The guarantees are those of a dedicated conversation actor, per conversation:
   store and every append carries it, so an entity left behind (its host lost the shard,
   or a zombie of a restarted host) is fenced and dropped, never written through;
 * turns of one conversation run one at a time, each caller's in order (its own
-  :class:`~overstory.actors.gate.TurnGate`, made only while turns are in flight);
-* every message is stored before the turn goes on (:func:`~overstory.actors.turn.run_turn`),
+  :class:`~overstory.conversation.gate.TurnGate`, made only while turns are in flight);
+* every message is stored before the turn goes on (:func:`~overstory.conversation.turn.run_turn`),
   turn ids are idempotent, so a client re-sends a turn a host crash interrupted.
 
 Isolation: a turn runs under a deadline (``turn_timeout_s``); sync tools run in threads
@@ -65,10 +65,10 @@ from ..supervisors.spec import ChildSpec, SupervisorSpec
 from ..supervisors.watch import new_incarnation, until_death
 from ..telemetry import attached, metrics, setup_telemetry
 from ..validation import validate_message
-from .gate import TurnGate
-from .serving import Binding, Serving
-from .turn import Emit, run_turn
-from .turnlog import TurnStreams
+from ..conversation.gate import TurnGate
+from ..conversation.serving import Binding, Serving
+from ..conversation.turn import Emit, run_turn
+from ..conversation.turnlog import TurnStreams
 
 if TYPE_CHECKING:  # imported for types only: registry and runtime import this module
     from ..registry.shards import ShardTable

@@ -35,7 +35,7 @@ from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from .._ray import alive_nodes_async, get_actor_async, named_actors_async
 from ..actors.conversation import ConversationActor
 from ..actors.names import NAME_PREFIX, actor_name
-from ..actors.serving import Binding
+from ..conversation.serving import Binding
 from ..app import App
 from ..exceptions import ConfigError, OverstoryError, Passivated, UnknownAgent
 from ..providers import Secret

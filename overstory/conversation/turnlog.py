@@ -68,7 +68,7 @@ class TurnLog:
         return self.first_seq + len(self.events) - 1
 
     def emit(self, type: TurnEventType, /, **fields: Any) -> TurnEvent:
-        """Append the next event (the :class:`~overstory.actors.turn.Emit` of a turn)."""
+        """Append the next event (the :class:`~overstory.conversation.turn.Emit` of a turn)."""
         if self.finished:
             raise RuntimeError(f"turn {self.turn_id!r} has ended; no {type!r} event after it")
         event = TurnEvent(self.turn_id, self.first_seq + len(self.events), type, **fields)
