@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from overstory import Agent
-from overstory.conversation.turn import run_turn
 from overstory.cache import sweep
+from overstory.conversation.turn import run_turn
 from overstory.messages import AssistantMessage, Message, Reply
 from overstory.providers import Endpoint, Secret
 from overstory.providers.pool import vendor_model

@@ -13,8 +13,8 @@ import pytest
 
 from overstory import Agent, AllModelsFailed, ModelError, UnknownTurn
 from overstory.actors.host import HostActor
-from overstory.conversation.turnlog import TurnLog, TurnLogs, TurnStreams, replay
 from overstory.app import App, conversation_id
+from overstory.conversation.turnlog import TurnLog, TurnLogs, TurnStreams, replay
 from overstory.exceptions import InvalidMessage, Passivated, TurnIncomplete
 from overstory.messages import AssistantMessage, Message, ModelResponse, TurnEvent, UserMessage
 from overstory.providers import FallbackModel, Model, OfflineModel, Rule

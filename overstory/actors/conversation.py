@@ -1,14 +1,19 @@
-"""ConversationActor: one user's conversation as a named, detached Ray actor.
+"""ConversationActor: one user's conversation as a named, detached Ray actor (dedicated
+placement).
 
-A thin shell around :func:`~overstory.conversation.turn.run_turn`. When it activates it takes a
-new epoch from the store (fencing out any older incarnation still running) and loads the
-history, so a restarted or re-activated actor rebuilds itself. Turns run one at a time
-through a :class:`~overstory.conversation.gate.TurnGate`, each caller's in the order it sent
-them; history reads are answered at any time.
+A shell around one :class:`~overstory.conversation.entity.Entity`: what the conversation
+does and guarantees — access, quota, order, the turn under its deadline, streamed turns,
+crash → restart → quarantine — is the entity's, the same as in a host
+(:mod:`overstory.conversation`). This actor owns activation, passivation and transport:
+when it activates it takes a new epoch from the store (fencing out any older
+incarnation) and loads the history, so a restarted or re-activated actor rebuilds
+itself. A crash of the entity (a turn past its deadline, an exception escaping the turn)
+reloads it from the store in this same process; a process that dies is restarted by Ray
+and watched by the :class:`~overstory.supervisors.conversations.ConversationSupervisor`.
 
 Lifecycle (virtual actor): after ``idle_timeout_s`` without a turn the actor asks its
-supervisor to passivate it; the supervisor calls :meth:`passivate` (which waits for a
-running turn to finish and then refuses new ones with
+supervisor to passivate it; the supervisor calls :meth:`passivate` (refused while a turn
+is running or waiting; afterwards new turns get
 :class:`~overstory.exceptions.Passivated`) and kills it. Everything is already stored,
 so nothing is lost. Users never see this class; they hold a
 :class:`~overstory.runtime.client.Conversation`.
@@ -20,128 +25,137 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from ..app import App
-from ..exceptions import Fenced, Passivated, SequenceConflict
-from ..gateway.access import Need, RecordCache, check_access, user_of
-from ..gateway.keys import Principal
+from ..conversation.entity import Entity, Services, Shell, activate
+from ..conversation.serving import Binding
+from ..conversation.supervision import EntitySupervision
+from ..exceptions import Passivated
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
-from ..providers.pool import provider_namespace
-from ..quota import Quota, QuotaBook, Ticket, finish
-from ..store import HistoryStore, open_store
 from ..supervisors.watch import RESTARTED, new_incarnation, watched_elsewhere
-from ..telemetry import attached, setup_telemetry
 from ..telemetry import flush as flush_telemetry
-from ..validation import MAX_MESSAGE_CHARS, validate_message
-from ..conversation.gate import TurnGate
-from ..conversation.serving import Binding, Serving
-from ..conversation.turn import Emit, run_turn
-from ..conversation.turnlog import TurnStreams
+from ..telemetry import setup_telemetry
+
+if TYPE_CHECKING:
+    from ..gateway.keys import Principal
+    from ..runtime.config import Config
 
 __all__ = ["ConversationActor"]
 
 
-class ConversationActor:
-    """Holds one conversation's history (the Ray actor class is built by the supervisor)."""
+class ConversationActor(Shell):
+    """Holds one conversation (the Ray actor class is built by the supervisor)."""
 
     def __init__(
         self,
         conversation_id: str,
         app: App | None,
-        store_url: str,
-        max_message_chars: int = MAX_MESSAGE_CHARS,
-        idle_timeout_s: float | None = None,
+        config: Config,
         supervisor: Any = None,
-        namespace: str = "overstory",
         api_keys: Mapping[str, Secret] | None = None,
-        rollout_refresh_s: float = 5.0,
-        stream_keep_turns: int = 8,
-        stream_window_s: float = 300.0,
-        quota: Quota | None = None,
-        turn_timeout_s: float = 300.0,
-        quota_output_tokens: int = 1024,
-        prices: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         self.conversation_id = conversation_id
+        self.config = config
         # The app's namespace (the actor's, not its job's): provider actors live there.
-        self.namespace = namespace
+        self.namespace = config.namespace
         self.api_keys = api_keys
-        self.max_message_chars = max_message_chars
-        self.idle_timeout_s = idle_timeout_s
         self._supervisor = supervisor
         self.incarnation = new_incarnation()  # a new one each time Ray restarts this actor
         setup_telemetry()  # exports spans when the OTEL_* variables reached this process
-        self._store: HistoryStore = open_store(store_url)
-        self._records = RecordCache()  # HTTP conversations' records, for check_access
-        # The deployed app (this process imports it) or the local one; its version per turn.
-        self.serving = Serving(namespace, self._store, app, rollout_refresh_s)
-        self.binding = Binding.of(conversation_id, api_keys)
-        self.prices = dict(prices or {})
-        self.quotas = QuotaBook(
-            self._store,
-            namespace,
-            quota or Quota(),
-            turn_timeout_s=turn_timeout_s,
-            output_tokens=quota_output_tokens,
+        self.services = Services.of(config.namespace, app, config)
+        self.serving = self.services.serving
+        self.supervision = EntitySupervision(
+            config.entity_max_restarts, config.entity_restart_period_s, config.quarantine_s
         )
-        self._history: list[Message] = []
-        self._epoch = 0
-        self._loaded = False
+        self._tasks = set()
+        self._binding = Binding.of(conversation_id, api_keys)  # survives entity restarts
+        self._entity: Entity | None = None
+        self._open_lock = asyncio.Lock()
         self._load_lock = asyncio.Lock()
-        self._gate = TurnGate()
-        self._streams = TurnStreams(stream_keep_turns, stream_window_s)
+        self._store_open = False
         self._started_at = time.time()
-        self._last_active = time.monotonic()
-        self._last_active_at = time.time()  # comparable across actors (LRU eviction)
-        self._turns = 0
-        self._in_turn = 0
+        self._pending = 0  # send / start_turn calls in progress (passivation waits)
         self._closing = False
         self._stopped: asyncio.Event | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._asking: asyncio.Task[None] | None = None
 
-    async def _admit(self, user: str, turn_id: str, text: str) -> Ticket | None:
-        """``user``'s quota admits turn ``turn_id`` (``None``: no limit applies)."""
-        instructions = self.serving.app.get(self.binding.agent).instructions
-        return await self.quotas.admit_turn(
-            user, self.conversation_id, turn_id, text, self._history, instructions
-        )
+    # --- the shell ------------------------------------------------------------------------
 
-    async def _check(self, principal: Principal | None, need: Need) -> None:
-        """A call made for an HTTP caller: may they (``check_access``)?"""
-        if principal is not None:
-            await self._load()
-            await check_access(self._store, self.conversation_id, principal, need, self._records)
+    async def _open(self) -> None:
+        if not self._store_open:
+            async with self._open_lock:
+                if not self._store_open:
+                    await self.services.store.open()
+                    self._store_open = True
 
-    async def _load(self) -> None:
-        if self._loaded:
-            return
+    def _live(self, conversation_id: str) -> Entity | None:
+        entity = self._entity
+        return entity if entity is not None and not entity.closing else None
+
+    async def _activate(
+        self,
+        conversation_id: str,
+        *,
+        api_keys: Mapping[str, Secret] | None = None,
+        binding: Binding | None = None,
+    ) -> Entity:
+        """The entity, loaded from the store on first use and after a crash (the
+        user's keys were bound when this actor started: ``api_keys`` is ignored)."""
+        entity = self._live(conversation_id)
+        if entity is not None:
+            return entity
         async with self._load_lock:
-            if not self._loaded:
-                await self._store.open()
-                (await self.serving.load()).check(self.binding.agent)
-                self._epoch = await self._store.acquire(self.conversation_id)
-                self._history = await self._store.load(self.conversation_id)
-                self._loaded = True
-                self._arm_idle_timer()
+            entity = self._live(conversation_id)
+            if entity is not None:
+                return entity
+            if self._closing:
+                raise Passivated(f"conversation {self.conversation_id!r} is passivating")
+            await self._open()
+            entity = await activate(self, self.conversation_id, binding or self._binding)
+            self._entity = entity
+            self._arm_idle_timer()
+            return entity
+
+    def _drop(self, entity: Entity) -> None:
+        if self._entity is entity:
+            self._entity = None
+
+    def fenced(self, entity: Entity) -> None:
+        """A newer incarnation took the conversation over: this process is a zombie and
+        must not serve again. It ends itself (a crash, as far as Ray and the supervisor
+        are concerned) right after answering, so the caller re-resolves the
+        conversation and re-sends its turn."""
+        self._closing = True
+        self._drop(entity)
+        asyncio.get_running_loop().call_later(0.2, os._exit, 70)
+
+    def turn_ended(self, entity: Entity) -> None:
+        if not self._closing:
+            self._arm_idle_timer()
+
+    def _busy(self) -> bool:
+        entity = self._entity
+        return self._pending > 0 or (entity is not None and entity.in_turn > 0)
+
+    # --- idle passivation -----------------------------------------------------------------
 
     def _arm_idle_timer(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        if self.idle_timeout_s is not None and self._supervisor is not None:
+        if self.config.idle_timeout_s is not None and self._supervisor is not None:
             loop = asyncio.get_running_loop()
-            self._idle_timer = loop.call_later(self.idle_timeout_s, self._on_idle)
+            self._idle_timer = loop.call_later(self.config.idle_timeout_s, self._on_idle)
 
     def _on_idle(self) -> None:
-        if self._in_turn or self._closing:
+        if self._busy() or self._closing:
             return
-        self._asking = asyncio.get_running_loop().create_task(self._ask_to_passivate())
+        self.spawn(self._ask_to_passivate())
 
     async def _ask_to_passivate(self) -> None:
         """Ask, don't act: the supervisor owns the lifecycle and may have raced a new send.
@@ -155,31 +169,33 @@ class ConversationActor:
             passivated = await self._supervisor.passivate.remote(self.conversation_id, "idle")
         except (RayActorError, RayTaskError):
             passivated = False
-        if not passivated and not self._closing and not self._in_turn:
+        if not passivated and not self._closing and not self._busy():
             self._arm_idle_timer()
+
+    # --- the conversation -------------------------------------------------------------------
 
     async def ready(self) -> dict[str, Any]:
         """Loads the history if needed; returns when the actor can serve (activation)."""
-        if self._closing:
-            raise Passivated(f"conversation {self.conversation_id!r} is passivating")
-        await self._load()
+        await self._activate(self.conversation_id)
         return self.info()
 
     def info(self) -> dict[str, Any]:
+        entity = self._entity
         return {
             "conversation_id": self.conversation_id,
+            "epoch": 0,
+            "messages": 0,
+            "turns_served": 0,
+            "idle_s": 0.0,
+            "last_active_at": self._started_at,
+            "busy": self._busy(),
+            "agent": self._binding.agent,
+            "agent_version": self._binding.version,
+            **(entity.info() if entity is not None else {}),
             "pid": os.getpid(),
             "incarnation": self.incarnation,
             "node_id": ray.get_runtime_context().get_node_id(),
-            "epoch": self._epoch,
-            "messages": len(self._history),
-            "turns_served": self._turns,
             "started_at": self._started_at,
-            "idle_s": time.monotonic() - self._last_active,
-            "last_active_at": self._last_active_at,
-            "busy": self._in_turn > 0,
-            "agent": self.binding.agent,
-            "agent_version": self.binding.version,
             "placement": "dedicated",
             # Vendor SDKs belong in provider actors; this shows none leaked in here.
             "vendor_sdks": sorted(m for m in ("anthropic", "openai") if m in sys.modules),
@@ -198,84 +214,19 @@ class ConversationActor:
         n: int = 0,
         low: int | None = None,
         carrier: dict[str, str] | None = None,
-        emit: Emit | None = None,
-        should_stop: Callable[[], bool] | None = None,
         *,
         principal: Principal | None = None,
         agent_version: str | None = None,
-        admitted: bool = False,
-        ticket: Ticket | None = None,
     ) -> Reply:
-        """Run turn ``turn_id``; ``caller``/``n``/``low`` order one client's sends (TurnGate).
-
-        ``carrier`` is the client's trace context: the turn's spans become its children.
-        ``emit`` (in-process only) streams the turn into its event log. ``principal``:
-        the HTTP caller, checked here again (``check_access``). ``agent_version``: the
-        version the caller chose for this turn (else the rollout's). The user's quota
-        admits the turn first; ``admitted`` and ``ticket`` (in-process only):
-        :meth:`start_turn` did.
-        """
-        await self._check(principal, "write")
-        validate_message(text, max_chars=self.max_message_chars)
-        if self._closing:
-            raise Passivated(f"conversation {self.conversation_id!r} is passivating")
-        self._in_turn += 1
+        """Run turn ``turn_id`` (:meth:`~overstory.conversation.entity.Entity.send`)."""
+        self._pending += 1
         try:
-            await self._load()
-            # Whose conversation: the quota's user, the cache's scope, the user a tool is told.
-            user = await user_of(self._store, self.conversation_id, self._records)
-            if not admitted:
-                ticket = await self._admit(user, turn_id, text)
-            async with self._gate.turn(caller, n, low):
-                if self._closing:
-                    raise Passivated(f"conversation {self.conversation_id!r} is passivating")
-                try:
-                    with attached(carrier), provider_namespace(self.namespace):
-                        agent = await self.serving.agent_for(
-                            self.conversation_id,
-                            self.binding,
-                            bool(self._history),
-                            agent_version,
-                        )
-                        return await run_turn(
-                            agent,
-                            self._store,
-                            self.conversation_id,
-                            self._history,
-                            turn_id,
-                            text,
-                            epoch=self._epoch,
-                            emit=emit,
-                            should_stop=should_stop,
-                            ticket=ticket,
-                            owner=user,
-                            prices=self.prices,
-                        )
-                except SequenceConflict:
-                    # Someone else wrote this conversation: our copy is stale. Reload so
-                    # the next turn starts from what is stored, and let the caller know.
-                    self._history = await self._store.load(self.conversation_id)
-                    raise
-                except Fenced:
-                    # A newer incarnation took the conversation over: this one is a zombie
-                    # and must not serve again. It ends its own process (a crash, as far as
-                    # Ray and the supervisor are concerned) right after answering, so the
-                    # caller re-resolves the conversation and re-sends its turn.
-                    self._closing = True
-                    asyncio.get_running_loop().call_later(0.2, os._exit, 70)
-                    raise
-                finally:
-                    self._turns += 1
+            entity = await self.enter(self.conversation_id, principal, "write", text=text)
+            return await entity.send(
+                turn_id, text, caller, n, low, carrier, agent_version=agent_version
+            )
         finally:
-            if ticket is not None and not admitted:  # start_turn's run() finishes its own
-                await finish(ticket)
-            self._in_turn -= 1
-            self._last_active = time.monotonic()
-            self._last_active_at = time.time()
-            if not self._closing:
-                self._arm_idle_timer()
-
-    # --- streamed turns (see HostActor.start_turn / events) ------------------------------
+            self._pending -= 1
 
     async def start_turn(
         self,
@@ -290,42 +241,20 @@ class ConversationActor:
         principal: Principal | None = None,
         agent_version: str | None = None,
     ) -> int:
-        """Start turn ``turn_id`` running into its event log; returns the log's first
-        ``seq`` at once. Idempotent while the log is here."""
-        await self._check(principal, "write")
-        validate_message(text, max_chars=self.max_message_chars)
-        if self._closing:
-            raise Passivated(f"conversation {self.conversation_id!r} is passivating")
-        await self._load()
-
-        def run(
-            emit: Emit, should_stop: Callable[[], bool], ticket: Ticket | None
-        ) -> Awaitable[Reply]:
-            return self.send(
-                turn_id,
-                text,
-                caller,
-                n,
-                low,
-                carrier,
-                emit,
-                should_stop,
-                agent_version=agent_version,
-                admitted=True,
-                ticket=ticket,
+        """Start streamed turn ``turn_id``
+        (:meth:`~overstory.conversation.entity.Entity.start_turn`)."""
+        self._pending += 1
+        try:
+            entity = await self.enter(self.conversation_id, principal, "write", text=text)
+            return await entity.start_turn(
+                turn_id, text, caller, n, low, carrier, after, agent_version=agent_version
             )
-
-        async def admit() -> Ticket | None:  # the quota refuses before the turn starts
-            user = await user_of(self._store, self.conversation_id, self._records)
-            return await self._admit(user, turn_id, text)
-
-        return await self._streams.start_admitted(turn_id, after, run, self._history, admit)
+        finally:
+            self._pending -= 1
 
     async def cancel(self, turn_id: str, *, principal: Principal | None = None) -> bool:
-        """Ask streamed turn ``turn_id`` to stop at its next safe point (see
-        ``HostActor.cancel``)."""
-        await self._check(principal, "write")
-        return self._streams.cancel(turn_id)
+        """Cancel streamed turn ``turn_id`` (:meth:`~overstory.conversation.entity.Shell.cancel_turn`)."""
+        return await self.cancel_turn(self.conversation_id, turn_id, principal)
 
     async def events(
         self,
@@ -335,23 +264,10 @@ class ConversationActor:
         *,
         principal: Principal | None = None,
     ) -> tuple[list[TurnEvent], bool]:
-        """``(events after after, ended)`` of turn ``turn_id`` (a long poll)."""
-        await self._check(principal, "read")
-        await self._load()
-
-        def restart(text: str) -> Awaitable[int]:
-            return self.start_turn(turn_id, text, after=after)
-
-        binding = self.binding
-        return await self._streams.events(
-            self.conversation_id,
-            turn_id,
-            after,
-            wait_s,
-            self._history,
-            (binding.agent, binding.version or ""),
-            restart,
-        )
+        """``(events after after, ended)`` of turn ``turn_id`` (a long poll:
+        :meth:`~overstory.conversation.entity.Entity.events`)."""
+        entity = await self.enter(self.conversation_id, principal, "read")
+        return await entity.events(turn_id, after, wait_s)
 
     def forget_splits(self) -> bool:
         """A rollout command changed a split: read it again before the next turn."""
@@ -360,23 +276,26 @@ class ConversationActor:
 
     async def history(self, *, principal: Principal | None = None) -> list[Message]:
         """The stored messages; during a turn, those of the turn stored so far."""
-        await self._check(principal, "read")
-        await self._load()
-        return list(self._history)
+        entity = await self.enter(self.conversation_id, principal, "read")
+        return list(entity.history)
 
     async def passivate(self) -> bool:
-        """Stop taking turns once the running one (if any) ends; ``False`` if busy again.
+        """Stop taking turns; ``False`` while a turn is running or waiting.
 
-        Called by the supervisor before it kills this actor. A turn that is already
-        waiting is let through first: passivation never strands a caller.
+        Called by the supervisor before it kills this actor: passivation never strands
+        a caller.
         """
-        if self._in_turn:
+        if self._busy():
             return False
         self._closing = True
+        if self._entity is not None:
+            self._entity.closing = True
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        await self._store.close()
-        flush_telemetry(2.0)  # the supervisor kills this process next
+        await self.services.store.close()
+        # The supervisor kills this process next: export its last spans first, off the
+        # event loop (the exporter blocks on the network for up to the timeout).
+        await asyncio.to_thread(flush_telemetry, 2.0)
         if self._stopped is not None:
             self._stopped.set()
         return True

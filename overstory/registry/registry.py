@@ -31,7 +31,7 @@ from ..exceptions import ConfigError, ConversationUnavailable, StaleShardTable, 
 from ..providers import Secret
 from ..runtime.config import Config
 from ..supervisors import ChildSpec, SupervisorSpec
-from ..supervisors.conversations import ConversationSupervisor, Lifecycle
+from ..supervisors.conversations import ConversationSupervisor
 from ..supervisors.named import SUPERVISED, unwrap_task_error
 from ..supervisors.tree import CONVERSATIONS, HOSTS, NamedChild, boot, running_placement
 from .hosts import HostRouter, grow_hosts, hosts_child
@@ -43,26 +43,6 @@ _RemoteJobRunner: Any = ray.remote(JobRunner)
 
 #: How often a request is re-sent after the supervisor itself died under it.
 _ATTEMPTS = 3
-
-
-def lifecycle_of(config: Config) -> Lifecycle:
-    """The dedicated supervisor's settings, taken from the one validated Config."""
-    return Lifecycle(
-        idle_timeout_s=config.idle_timeout_s,
-        max_live_per_node=config.max_live_per_node,
-        max_restarts=config.restart_intensity,
-        period_s=config.restart_period_s,
-        actor_max_restarts=config.actor_max_restarts,
-        activation_timeout_s=config.activation_timeout_s,
-        resources=dict(config.actor_resources),
-        rollout_refresh_s=config.rollout_refresh_s,
-        stream_keep_turns=config.stream_keep_turns,
-        stream_window_s=config.stream_window_s,
-        quota=config.default_quota(),
-        turn_timeout_s=config.turn_timeout_s,
-        quota_output_tokens=config.quota_output_tokens,
-        prices={k: dict(v) for k, v in config.prices.items()},
-    )
 
 
 class Registry:
@@ -94,7 +74,6 @@ class Registry:
         self.placement: Placement = placement
         self.store_url = config.store
         self.max_message_chars = config.max_message_chars
-        self.lifecycle = lifecycle_of(config)
         self._supervisor: Any = None
         self._booted = False
         self._served: dict[str, Any] | None = None
@@ -108,13 +87,7 @@ class Registry:
             conversations = NamedChild(
                 _RemoteConversations,
                 CONVERSATIONS,
-                (
-                    self.namespace,
-                    app,
-                    self.store_url,
-                    self.max_message_chars,
-                    self.lifecycle,
-                ),
+                (self.namespace, app, self.config),
                 SUPERVISED,
             )
             child = ChildSpec("conversations", start=conversations, restart="permanent")
@@ -129,7 +102,7 @@ class Registry:
         """Boot the supervision tree, or attach to the running one (of this placement)."""
         if self._booted:
             return
-        timeout = self.lifecycle.activation_timeout_s
+        timeout = self.config.activation_timeout_s
         if self.adopt:
             running = running_placement(self.namespace)
             if running is not None:
@@ -169,7 +142,7 @@ class Registry:
                     else:
                         ref = self.hosts.route_host(name).app.remote()
                     described: dict[str, Any] = ray.get(
-                        ref, timeout=self.lifecycle.activation_timeout_s
+                        ref, timeout=self.config.activation_timeout_s
                     )
                 except RayTaskError as exc:  # it answered: the app cannot be served
                     cause = unwrap_task_error(exc)
@@ -224,7 +197,7 @@ class Registry:
             try:
                 return ray.get(
                     supervisor.start_child.remote(user_id, api_keys),
-                    timeout=self.lifecycle.activation_timeout_s,
+                    timeout=self.config.activation_timeout_s,
                 )
             except RayTaskError as exc:
                 cause = unwrap_task_error(exc)
@@ -245,7 +218,7 @@ class Registry:
             try:
                 return await asyncio.wait_for(
                     supervisor.start_child.remote(user_id, api_keys),
-                    timeout=self.lifecycle.activation_timeout_s,
+                    timeout=self.config.activation_timeout_s,
                 )
             except RayTaskError as exc:
                 cause = unwrap_task_error(exc)
@@ -301,7 +274,7 @@ class Registry:
             try:
                 return ray.get(
                     getattr(handle, method).remote(version, conversation_id, *args),
-                    timeout=self.lifecycle.activation_timeout_s,
+                    timeout=self.config.activation_timeout_s,
                 )
             except RayTaskError as exc:
                 cause = unwrap_task_error(exc)
@@ -324,7 +297,7 @@ class Registry:
         if self.placement != "hosted":
             raise ConfigError("rebalance applies to hosted placement; this tree is dedicated")
         self.boot()
-        table = grow_hosts(self.namespace, hosts, self.lifecycle.activation_timeout_s)
+        table = grow_hosts(self.namespace, hosts, self.config.activation_timeout_s)
         self.hosts.refresh()
         return table
 
@@ -342,7 +315,7 @@ class Registry:
                 out.append({"host": name, "error": str(ref)})
                 continue
             try:
-                out.append(ray.get(ref, timeout=self.lifecycle.activation_timeout_s))
+                out.append(ray.get(ref, timeout=self.config.activation_timeout_s))
             except (RayActorError, RayTaskError, GetTimeoutError) as exc:
                 self.hosts.forget(name)
                 out.append({"host": name, "error": f"{type(exc).__name__}: {exc}"[:300]})

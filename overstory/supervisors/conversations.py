@@ -26,8 +26,8 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
@@ -35,11 +35,10 @@ from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from .._ray import alive_nodes_async, get_actor_async, named_actors_async
 from ..actors.conversation import ConversationActor
 from ..actors.names import NAME_PREFIX, actor_name
-from ..conversation.serving import Binding
 from ..app import App
+from ..conversation.serving import Binding
 from ..exceptions import ConfigError, OverstoryError, Passivated, UnknownAgent
 from ..providers import Secret
-from ..quota import Quota
 from ..rollout import Deployment, read_deployment
 from ..store import open_store
 from ..telemetry import metrics
@@ -50,31 +49,14 @@ from .spec import ChildSpec, SupervisorSpec
 from .tree import ROOT
 from .watch import RESTARTED, new_incarnation, until_death
 
-__all__ = ["ConversationSupervisor", "Lifecycle"]
+if TYPE_CHECKING:
+    from ..runtime.config import Config
+
+__all__ = ["ConversationSupervisor"]
 
 log = logging.getLogger(__name__)
 
 _RemoteConversation: Any = ray.remote(ConversationActor)
-
-
-@dataclass(frozen=True, slots=True)
-class Lifecycle:
-    """How conversation actors live and die (validated by the runtime's Config)."""
-
-    idle_timeout_s: float | None = None
-    max_live_per_node: int | None = None
-    max_restarts: int = 100
-    period_s: float = 10.0
-    actor_max_restarts: int = -1
-    activation_timeout_s: float = 60.0
-    resources: dict[str, float] = field(default_factory=dict)
-    rollout_refresh_s: float = 5.0
-    stream_keep_turns: int = 8
-    stream_window_s: float = 300.0
-    quota: Quota = field(default_factory=Quota)  # the default per user
-    turn_timeout_s: float = 300.0
-    quota_output_tokens: int = 1024
-    prices: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -97,27 +79,23 @@ class ConversationSupervisor:
         self,
         namespace: str,
         app: App | None,
-        store_url: str,
-        max_message_chars: int,
-        lifecycle: Lifecycle,
+        config: Config,
     ) -> None:
         self.namespace = namespace
         self.app = app  # the local app; a deployed one each conversation actor imports
         # What the app is, from the deployment record (this process never imports a
         # deployed app: it may not even have its working dir) or the local app.
-        self._store = open_store(store_url)
+        self._store = open_store(config.store)
         self._store_open = False
         self._deployment: Deployment | None = None
         self._described: dict[str, Any] | None = None
-        self.store_url = store_url
-        self.max_message_chars = max_message_chars
-        self.lifecycle = lifecycle
+        self.config = config  # passed whole to every conversation actor it starts
         self._children: dict[str, _Child] = {}
         self._locks = KeyedLocks()  # per user, only while in use
         # What the OTP core knows: one transient child per live conversation, and the
         # restart window. Every restart decision below is core.on_exit's.
         self._state = SupervisorState(
-            SupervisorSpec("one_for_one", lifecycle.max_restarts, lifecycle.period_s), ()
+            SupervisorSpec("one_for_one", config.restart_intensity, config.restart_period_s), ()
         )
         self.counters = {"activations": 0, "passivations": 0, "restarts": 0, "evictions": 0}
         self._adopted = False
@@ -217,7 +195,7 @@ class ConversationSupervisor:
                 finally:
                     self._in_flight -= 1
             handle = child.handle
-        if self.lifecycle.max_live_per_node is not None:
+        if self.config.max_live_per_node is not None:
             await self._enforce_cap(child.node_id, keep=user_id)
         return handle
 
@@ -232,9 +210,9 @@ class ConversationSupervisor:
         return True
 
     async def _spawn(self, user_id: str, api_keys: Mapping[str, Secret] | None) -> _Child:
-        options = {**SUPERVISED, "max_restarts": self.lifecycle.actor_max_restarts}
-        if self.lifecycle.resources:
-            options["resources"] = dict(self.lifecycle.resources)
+        options = {**SUPERVISED, "max_restarts": self.config.actor_max_restarts}
+        if self.config.actor_resources:
+            options["resources"] = dict(self.config.actor_resources)
         record = self._deployment
         if record is not None and record.working_dir:
             options["runtime_env"] = {"working_dir": record.working_dir}
@@ -243,25 +221,9 @@ class ConversationSupervisor:
             _RemoteConversation,
             actor_name(user_id),
             self.namespace,
-            (
-                user_id,
-                self.app,
-                self.store_url,
-                self.max_message_chars,
-                self.lifecycle.idle_timeout_s,
-                me,
-                self.namespace,
-                api_keys,
-                self.lifecycle.rollout_refresh_s,
-                self.lifecycle.stream_keep_turns,
-                self.lifecycle.stream_window_s,
-                self.lifecycle.quota,
-                self.lifecycle.turn_timeout_s,
-                self.lifecycle.quota_output_tokens,
-                self.lifecycle.prices,
-            ),
+            (user_id, self.app, self.config, me, api_keys),
             options,
-            timeout_s=self.lifecycle.activation_timeout_s,
+            timeout_s=self.config.activation_timeout_s,
         )
         child = self._record(user_id, handle, info, api_keys)
         self.counters["activations"] += 1
@@ -287,7 +249,7 @@ class ConversationSupervisor:
             # must keep them.
             calls: list[Any] = [handle.ready.remote(), handle.own_keys.remote()]
             info, api_keys = await asyncio.wait_for(
-                asyncio.gather(*calls), timeout=self.lifecycle.activation_timeout_s
+                asyncio.gather(*calls), timeout=self.config.activation_timeout_s
             )
         except RayTaskError as exc:
             if isinstance(unwrap_task_error(exc), Passivated):
@@ -457,7 +419,7 @@ class ConversationSupervisor:
         While every live conversation is in a turn nothing can be evicted: wait for one
         to end (re-checked on every removal, and every half second).
         """
-        cap = self.lifecycle.max_live_per_node
+        cap = self.config.max_live_per_node
         if cap is None:
             return
         room = cap * max(1, len(await alive_nodes_async()))
@@ -491,7 +453,7 @@ class ConversationSupervisor:
 
     async def _enforce_cap(self, node_id: str, keep: str) -> None:
         """After a placement: passivate LRU idle conversations on a node over its cap."""
-        cap = self.lifecycle.max_live_per_node
+        cap = self.config.max_live_per_node
         assert cap is not None
         while sum(1 for c in self._children.values() if c.node_id == node_id) > cap:
             if not await self._evict_one(node_id, keep):

@@ -1,0 +1,479 @@
+"""The conversation entity: one conversation's state and behaviour, written once.
+
+Both placements run this code. A host actor holds thousands of :class:`Entity` objects,
+a dedicated conversation actor holds one; either is a :class:`Shell` that owns only
+activation, passivation and transport (the Orleans grain and its silo, the Akka entity
+and its shard region). What a conversation guarantees lives here, the same for both:
+
+* **the call filters**, in this order, before any state is touched
+  (:meth:`Shell.enter`): quarantine, access (``principal`` is the HTTP caller, checked
+  here again, where the conversation lives), the message's validation, activation;
+* **activation** (:func:`activate`): the app must serve the agent, a new epoch is taken
+  from the store (fencing out any older incarnation) and the history loaded;
+* **admission**: the user's quota admits a turn before it is stored
+  (:class:`~overstory.quota.QuotaBook`);
+* **order**: turns run one at a time, each caller's in the order it sent them (a
+  :class:`~overstory.conversation.gate.TurnGate`, made only while turns are in flight);
+* **the turn** (:func:`~overstory.conversation.turn.run_turn`) under its deadline
+  (``turn_timeout_s``); streamed turns run into event logs readers tail and resume
+  (:class:`~overstory.conversation.turnlog.TurnStreams`) and can be cancelled;
+* **crash accounting**: a turn past its deadline, or an exception escaping the turn
+  machinery, crashes *this entity only*: :meth:`Shell.crashed` drops it, and the shell's
+  :class:`~overstory.conversation.supervision.EntitySupervision` restarts it from the
+  store or quarantines the conversation. A turn fenced out by a newer incarnation is
+  handed to :meth:`Shell.fenced`, which each placement answers its own way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..app import App
+from ..exceptions import Fenced, Passivated, SequenceConflict, TurnFailed, UsageError
+from ..gateway.access import Need, RecordCache, check_access, user_of
+from ..messages import Message, Reply, TurnEvent
+from ..providers import Secret
+from ..providers.pool import provider_namespace
+from ..quota import QuotaBook, Ticket, finish
+from ..store import HistoryStore, open_store
+from ..telemetry import attached, metrics
+from ..validation import validate_message
+from .gate import TurnGate
+from .serving import Binding, Serving
+from .supervision import EntitySupervision
+from .turn import Emit, run_turn
+from .turnlog import TurnStreams
+
+if TYPE_CHECKING:  # for types only: the config module belongs to the client layer
+    from ..gateway.keys import Principal
+    from ..runtime.config import Config
+
+__all__ = ["Entity", "Services", "Shell", "activate"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What every conversation of one process shares: the store client (one per
+    process, never one per conversation), the served app, the quota book, the
+    conversation-record cache of the access filter, and the settings."""
+
+    namespace: str
+    config: Config
+    store: HistoryStore
+    serving: Serving
+    quotas: QuotaBook
+    records: RecordCache
+
+    @classmethod
+    def of(cls, namespace: str, app: App | None, config: Config) -> Services:
+        """The services of a process serving ``app`` (``None``: the deployed one, which
+        this process imports from the store's record) with ``config``."""
+        store = open_store(config.store)
+        quotas = QuotaBook(
+            store,
+            namespace,
+            config.default_quota(),
+            turn_timeout_s=config.turn_timeout_s,
+            output_tokens=config.quota_output_tokens,
+        )
+        serving = Serving(namespace, store, app, config.rollout_refresh_s)
+        return cls(namespace, config, store, serving, quotas, RecordCache())
+
+
+async def activate(shell: Shell, conversation_id: str, binding: Binding) -> Entity:
+    """Load conversation ``conversation_id`` into a new entity of ``shell``.
+
+    The app must serve its agent (else :class:`~overstory.exceptions.UnknownAgent`,
+    before anything is read or written); the entity takes a new epoch from the store,
+    so every older incarnation is fenced out of its appends, then loads the history.
+    """
+    services = shell.services
+    (await services.serving.load()).check(binding.agent)
+    epoch = await services.store.acquire(conversation_id)
+    history = await services.store.load(conversation_id)
+    return Entity(shell, conversation_id, binding, history, epoch)
+
+
+class Entity:
+    """One live conversation. Small on purpose: a host holds thousands."""
+
+    __slots__ = (
+        "binding",
+        "closing",
+        "conversation_id",
+        "epoch",
+        "gate",
+        "history",
+        "in_turn",
+        "last_active",
+        "last_active_at",
+        "shell",
+        "streams",
+        "turns",
+    )
+
+    def __init__(
+        self,
+        shell: Shell,
+        conversation_id: str,
+        binding: Binding,
+        history: list[Message],
+        epoch: int,
+    ) -> None:
+        self.shell = shell
+        self.conversation_id = conversation_id
+        self.binding = binding
+        self.history = history
+        self.epoch = epoch
+        self.gate: TurnGate | None = None  # only while turns are in flight
+        self.streams: TurnStreams | None = None  # only once a turn has been streamed
+        self.in_turn = 0
+        self.closing = False  # passivated, crashed or fenced: queued turns get Passivated
+        self.turns = 0
+        self.last_active = time.monotonic()
+        self.last_active_at = time.time()  # comparable across processes (LRU eviction)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "conversation_id": self.conversation_id,
+            "epoch": self.epoch,
+            "messages": len(self.history),
+            "turns_served": self.turns,
+            "idle_s": time.monotonic() - self.last_active,
+            "last_active_at": self.last_active_at,
+            "busy": self.in_turn > 0,
+            "agent": self.binding.agent,
+            "agent_version": self.binding.version,
+        }
+
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+        self.last_active_at = time.time()
+
+    def _refuse_if_closing(self) -> None:
+        if self.closing:
+            raise Passivated(f"conversation {self.conversation_id!r} is passivating")
+
+    # --- turns ----------------------------------------------------------------------------
+
+    async def send(
+        self,
+        turn_id: str,
+        text: str,
+        caller: str | None = None,
+        n: int = 0,
+        low: int | None = None,
+        carrier: dict[str, str] | None = None,
+        emit: Emit | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        *,
+        agent_version: str | None = None,
+        admitted: bool = False,
+        ticket: Ticket | None = None,
+    ) -> Reply:
+        """Run turn ``turn_id``; ``caller``/``n``/``low`` order one client's sends
+        (:class:`~overstory.conversation.gate.TurnGate`). ``carrier`` is the client's
+        trace context: the turn's spans become its children. ``emit`` and
+        ``should_stop`` (in-process only) stream the turn into its event log.
+        ``agent_version``: the version the caller chose (else the rollout's). The
+        user's quota admits the turn first (``QuotaExceeded``, nothing stored);
+        ``admitted`` and ``ticket`` (in-process only): :meth:`start_turn` did."""
+        self._refuse_if_closing()
+        services = self.shell.services
+        # Whose conversation: the quota's user, the cache's scope, the user a tool is told.
+        user = await user_of(services.store, self.conversation_id, services.records)
+        if not admitted:
+            ticket = await self._admit(user, turn_id, text)
+        self.in_turn += 1
+        try:
+            if self.gate is None:
+                self.gate = TurnGate()
+            async with self.gate.turn(caller, n, low):
+                self._refuse_if_closing()
+                return await self._turn(
+                    turn_id, text, carrier, emit, should_stop, agent_version, ticket, user
+                )
+        finally:
+            if ticket is not None and not admitted:  # start_turn's run() finishes its own
+                await finish(ticket)
+            self.in_turn -= 1
+            if not self.in_turn:
+                self.gate = None  # a fresh gate orders by each caller's ``low``: no loss
+            self.shell.touched(self)
+            self.shell.turn_ended(self)
+
+    async def _admit(self, user: str, turn_id: str, text: str) -> Ticket | None:
+        """``user``'s quota admits turn ``turn_id`` (``None``: no limit applies)."""
+        services = self.shell.services
+        instructions = services.serving.app.get(self.binding.agent).instructions
+        return await services.quotas.admit_turn(
+            user, self.conversation_id, turn_id, text, self.history, instructions
+        )
+
+    async def _turn(
+        self,
+        turn_id: str,
+        text: str,
+        carrier: dict[str, str] | None,
+        emit: Emit | None,
+        should_stop: Callable[[], bool] | None,
+        agent_version: str | None,
+        ticket: Ticket | None,
+        owner: str,
+    ) -> Reply:
+        """One turn under the deadline; what escapes the turn machinery crashes the entity."""
+        services = self.shell.services
+        cid = self.conversation_id
+        timeout_s = services.config.turn_timeout_s
+        try:
+            # asyncio.timeout, not wait_for: no extra task per turn on the process's loop.
+            async with asyncio.timeout(timeout_s):
+                with attached(carrier), provider_namespace(services.namespace):
+                    agent = await services.serving.agent_for(
+                        cid, self.binding, bool(self.history), agent_version
+                    )
+                    return await run_turn(
+                        agent,
+                        services.store,
+                        cid,
+                        self.history,
+                        turn_id,
+                        text,
+                        epoch=self.epoch,
+                        emit=emit,
+                        should_stop=should_stop,
+                        ticket=ticket,
+                        owner=owner,
+                        prices=services.config.prices,
+                    )
+        except (TurnFailed, UsageError):
+            raise  # the turn's own outcome (or the caller's mistake): the entity is fine
+        except Fenced:
+            # A newer incarnation took the conversation over: this entity must never
+            # write again. Not a crash of ours; the placement decides what follows.
+            self.closing = True
+            self.shell.fenced(self)
+            raise
+        except SequenceConflict:
+            # Someone else wrote this conversation: our copy is stale. Reload it in
+            # place (turn logs hold this list) and let the caller re-send.
+            self.history[:] = await services.store.load(cid)
+            raise
+        except TimeoutError as exc:
+            reason = f"the turn exceeded its deadline of {timeout_s:g} s"
+            self.shell.crashed(self, reason)
+            raise TurnFailed(cid, turn_id, reason) from exc
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"[:300]
+            self.shell.crashed(self, reason)
+            raise TurnFailed(cid, turn_id, f"the conversation crashed ({reason})", exc) from exc
+        finally:
+            self.turns += 1
+
+    # --- streamed turns: the turn runs here, readers tail its log -----------------------
+
+    def turn_streams(self) -> TurnStreams:
+        """This conversation's streamed turns, made on first use."""
+        if self.streams is None:
+            config = self.shell.services.config
+            self.streams = TurnStreams(config.stream_keep_turns, config.stream_window_s)
+        return self.streams
+
+    async def start_turn(
+        self,
+        turn_id: str,
+        text: str,
+        caller: str | None = None,
+        n: int = 0,
+        low: int | None = None,
+        carrier: dict[str, str] | None = None,
+        after: int = -1,
+        *,
+        agent_version: str | None = None,
+    ) -> int:
+        """Start turn ``turn_id`` running into its event log and return at once (the
+        log's first ``seq``); readers tail it with :meth:`events`. Idempotent: a turn
+        whose log is here is not started again. ``after`` is the reader's cursor when it
+        starts a turn again whose process died: the log goes on from there, with a
+        ``restarted`` event. The quota refuses before the turn starts."""
+        self._refuse_if_closing()
+
+        def run(
+            emit: Emit, should_stop: Callable[[], bool], ticket: Ticket | None
+        ) -> Awaitable[Reply]:
+            return self.send(
+                turn_id,
+                text,
+                caller,
+                n,
+                low,
+                carrier,
+                emit,
+                should_stop,
+                agent_version=agent_version,
+                admitted=True,
+                ticket=ticket,
+            )
+
+        async def admit() -> Ticket | None:
+            services = self.shell.services
+            user = await user_of(services.store, self.conversation_id, services.records)
+            return await self._admit(user, turn_id, text)
+
+        return await self.turn_streams().start_admitted(turn_id, after, run, self.history, admit)
+
+    def cancel(self, turn_id: str) -> bool:
+        """Ask streamed turn ``turn_id`` to stop at its next safe point (between deltas,
+        after a tool returns); it ends ``incomplete`` with what it produced stored.
+        ``False`` when it is not running here (finished, or never streamed)."""
+        return self.streams is not None and self.streams.cancel(turn_id)
+
+    async def events(
+        self, turn_id: str, after: int = -1, wait_s: float = 10.0
+    ) -> tuple[list[TurnEvent], bool]:
+        """``(events, ended)``: the events of turn ``turn_id`` after ``seq`` ``after``,
+        waiting up to ``wait_s`` for one (a long poll; none: nothing new yet), and
+        whether the turn has ended with them. A turn whose log is gone is replayed from
+        the store when it is complete, and started again (from its stored message, after
+        a ``restarted`` event) when its process died mid-turn."""
+
+        def restart(text: str) -> Awaitable[int]:
+            return self.start_turn(turn_id, text, after=after)
+
+        binding = self.binding
+        return await self.turn_streams().events(
+            self.conversation_id,
+            turn_id,
+            after,
+            wait_s,
+            self.history,
+            (binding.agent, binding.version or ""),
+            restart,
+        )
+
+
+class Shell(ABC):
+    """A process serving conversation entities: a host (many) or a dedicated actor (one).
+
+    Subclasses own activation (:meth:`_activate`), passivation and transport; the calls
+    below are what every placement does, written once. ``services`` and
+    ``supervision`` are set by the subclass's ``__init__``.
+    """
+
+    services: Services
+    supervision: EntitySupervision
+    _tasks: set[asyncio.Task[Any]]
+
+    # --- what a placement provides ------------------------------------------------------
+
+    @abstractmethod
+    async def _open(self) -> None:
+        """Open the process's store client (idempotent)."""
+
+    @abstractmethod
+    async def _activate(
+        self,
+        conversation_id: str,
+        *,
+        api_keys: Mapping[str, Secret] | None = None,
+        binding: Binding | None = None,
+    ) -> Entity:
+        """The live entity of ``conversation_id``, activated (:func:`activate`) if
+        needed. ``api_keys`` bind for the life of the entity; a restart passes the
+        crashed entity's ``binding`` so they survive it."""
+
+    @abstractmethod
+    def _live(self, conversation_id: str) -> Entity | None:
+        """The live entity of ``conversation_id``, if any (never activates)."""
+
+    @abstractmethod
+    def _drop(self, entity: Entity) -> None:
+        """Forget ``entity`` (crashed or fenced): the next call activates a new one."""
+
+    @abstractmethod
+    def fenced(self, entity: Entity) -> None:
+        """``entity`` was fenced out by a newer incarnation of its conversation."""
+
+    @abstractmethod
+    def turn_ended(self, entity: Entity) -> None:
+        """A turn of ``entity`` ended (its idle clock starts again)."""
+
+    # --- the call filters, then the entity --------------------------------------------
+
+    async def enter(
+        self,
+        conversation_id: str,
+        principal: Principal | None,
+        need: Need,
+        api_keys: Mapping[str, Secret] | None = None,
+        text: str | None = None,
+        *,
+        touch: bool = True,
+    ) -> Entity:
+        """The entity a call for ``conversation_id`` goes to, once the filters let it
+        through: not quarantined, ``principal`` (an HTTP caller) may ``need`` it, and
+        ``text`` (a message) is valid — all before anything is activated or stored.
+        ``touch``: the call counts as use (idle passivation and the LRU cap see it)."""
+        self.supervision.check(conversation_id)
+        await self._authorize(conversation_id, principal, need)
+        if text is not None:
+            validate_message(text, max_chars=self.services.config.max_message_chars)
+        entity = await self._activate(conversation_id, api_keys=api_keys)
+        if touch:
+            self.touched(entity)
+        return entity
+
+    async def _authorize(
+        self, conversation_id: str, principal: Principal | None, need: Need
+    ) -> None:
+        """The access filter: may ``principal`` (an HTTP caller; ``None``: a trusted
+        driver) ``need`` this conversation? Checked where the conversation lives."""
+        await self._open()
+        if principal is not None:
+            services = self.services
+            await check_access(services.store, conversation_id, principal, need, services.records)
+
+    async def cancel_turn(
+        self, conversation_id: str, turn_id: str, principal: Principal | None = None
+    ) -> bool:
+        """Cancel streamed turn ``turn_id`` of ``conversation_id``
+        (:meth:`Entity.cancel`); ``False`` when it is not running here. Never activates."""
+        await self._authorize(conversation_id, principal, "write")
+        entity = self._live(conversation_id)
+        return entity is not None and entity.cancel(turn_id)
+
+    def touched(self, entity: Entity) -> None:
+        """``entity`` was used just now (a placement may also reorder its LRU)."""
+        entity.touch()
+
+    def crashed(self, entity: Entity, reason: str) -> None:
+        """``entity`` crashed: drop it; the core decides restart (now, from the store,
+        so queued callers find it serving) or quarantine."""
+        entity.closing = True
+        self._drop(entity)
+        cid = entity.conversation_id
+        if self.supervision.crashed(cid, reason):
+            metrics().restart("entities")
+            self.spawn(self._activate(cid, binding=entity.binding))
+        else:
+            log.warning("conversation %r quarantined: %s", cid, reason)
+
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` in the background, referenced until it ends; its failure is
+        logged (a failed restart leaves the next call to activate, and to report)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("background work of a conversation failed: %r", task.exception())
