@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import ray
 from opentelemetry.trace import Span, SpanKind
-from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from .. import vault as vault_ops
 from ..actors.jobs import JOBS
@@ -63,7 +63,7 @@ from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
 from ..providers import api_keys as api_key_map
 from ..quota import UNSET, Quota, Unset, change_quota, report
-from ..registry import Registry, actor_name
+from ..registry import Registry
 from ..rollout import (
     Deployment,
     Split,
@@ -83,6 +83,7 @@ from ..usage import usage as usage_of
 from ..validation import validate_message, validate_user_id
 from .cluster import attach, detach
 from .config import Config
+from .transport import Transport, transport_for
 
 __all__ = ["Conversation", "Job", "Runtime", "connect"]
 
@@ -101,7 +102,10 @@ _MAX_CACHED_HANDLES = 10_000
 
 
 #: The calls a conversation checks against a principal (the others carry none).
+#: The transport calls the conversation checks a principal's access for.
 _CHECKED = frozenset({"send", "start_turn", "events", "cancel", "history"})
+#: One call of a conversation: a :class:`Transport` method, given the transport first.
+Call = Callable[..., Any]
 
 
 def _turn_id(turn_id: object) -> str:
@@ -156,8 +160,9 @@ class Conversation:
         self.agent = agent
         #: The conversation's id in the store, spans and logs (``agent:user``).
         self.conversation_id = conversation_id(agent, user_id)
-        self._handle = handle  # dedicated placement; None when hosted
         self._api_keys = api_keys
+        # How calls reach it: chosen once, by placement (handle: the dedicated actor).
+        self._transport = transport_for(runtime.registry, self.conversation_id, api_keys, handle)
         self._lock = threading.Lock()
         # Numbers this handle's sends so the actor runs them in the order they were made.
         self._caller = uuid.uuid4().hex
@@ -173,39 +178,24 @@ class Conversation:
 
     @property
     def placement(self) -> Placement:
-        return self._runtime.registry.placement
+        return self._transport.placement
 
     @property
     def actor_name(self) -> str:
         """The Ray actor serving it, as the Ray dashboard shows it (its host, if hosted)."""
-        if self._handle is None:
-            return self._runtime.registry.hosts.table.host_for(self.conversation_id)
-        return actor_name(self.conversation_id)
+        return self._transport.actor()
 
     # --- one call, and what to do when it fails ------------------------------------------
 
-    def _invoke(
-        self, target: Any, method: str, args: tuple[Any, ...], extra: dict[str, Any]
-    ) -> Any:
-        """The ObjectRef of ``method`` on ``target`` (a dedicated handle, or a host route),
-        with keyword arguments ``extra``. A handle acting for a principal
-        (:meth:`acting_for`) passes it along."""
-        extra = dict(extra)
-        if self._principal is not None and method in _CHECKED:
-            extra["principal"] = self._principal
-        if self._handle is None:
-            version, _name, host = target
-            cid = self.conversation_id
-            if method == "send":  # (turn_id, text, caller, n, low, carrier) + api_keys
-                return host.send.remote(version, cid, *args, self._api_keys, **extra)
-            if method == "start_turn":  # (turn_id, text, caller, n, low, carrier, after)
-                *head, after = args
-                return host.start_turn.remote(version, cid, *head, self._api_keys, after, **extra)
-            if method in ("events", "cancel"):  # (turn_id, after, wait_s) / (turn_id,)
-                return getattr(host, method).remote(version, cid, *args, self._api_keys, **extra)
-            method = "info" if method == "ready" else method
-            return getattr(host, method).remote(version, cid, self._api_keys, **extra)
-        return getattr(target, method).remote(*args, **extra)
+    def _invoke(self, target: Any, call: Call, args: tuple[Any, ...], extra: dict[str, Any]) -> Any:
+        """The ObjectRef of ``call`` (a :class:`Transport` method) on ``target``, with
+        keyword arguments ``extra``. A handle acting for a principal
+        (:meth:`acting_for`) passes it along to every call that checks access."""
+        if self._principal is not None and call.__name__ in _CHECKED:
+            extra = {**extra, "principal": self._principal}
+        # ``call`` names the interface's method; the placement's transport implements it.
+        method: Call = getattr(self._transport, call.__name__)
+        return method(target, *args, **extra)
 
     def acting_for(self, principal: Principal | None) -> Conversation:
         """This handle for calls made on behalf of ``principal`` (the HTTP front door's
@@ -216,7 +206,7 @@ class Conversation:
         other._principal = principal
         return other
 
-    def _failure(self, target: Any, exc: BaseException) -> tuple[BaseException, bool]:
+    def _failure(self, exc: BaseException) -> tuple[BaseException, bool]:
         """``(error, retry)``: whether a re-send may succeed, and the error if not."""
         if isinstance(exc, RayTaskError):
             cause = unwrap_task_error(exc)
@@ -224,18 +214,12 @@ class Conversation:
                 self._runtime.registry.hosts.update(cause)
                 return cause, True
             return cause, isinstance(cause, Passivated | Fenced)
-        if self._handle is None and (isinstance(exc, ActorDiedError | ConversationUnavailable)):
-            # The host is gone for good, or not there: read the table again (a tree booted
-            # again may have other hosts) and look the host up again.
-            self._runtime.registry.hosts.refresh()
         return exc, isinstance(exc, RayActorError | ConversationUnavailable)
 
-    def _retry_or_raise(
-        self, method: str, target: Any, exc: BaseException, deadline: float
-    ) -> BaseException:
+    def _retry_or_raise(self, method: str, exc: BaseException, deadline: float) -> BaseException:
         """The failure to re-send after; raises it when a re-send cannot help, or
         :class:`ConversationUnavailable` when the call's deadline has passed."""
-        error, retry = self._failure(target, exc)
+        error, retry = self._failure(exc)
         if not retry:
             raise error from error.__cause__  # keep the cause it crossed Ray with
         if time.monotonic() >= deadline:
@@ -250,59 +234,42 @@ class Conversation:
             return 0.0
         return min(_backoff(attempt), max(0.0, deadline - time.monotonic()))
 
-    def _target(self) -> Any:
-        if self._handle is None:
-            return self._runtime.registry.hosts.route(self.conversation_id)
-        return self._handle
-
-    async def _target_async(self) -> Any:
-        if self._handle is None:
-            return await self._runtime.registry.hosts.route_async(self.conversation_id)
-        return self._handle
-
-    def _call(self, method: str, *args: Any, **extra: Any) -> Any:
+    def _call(self, call: Call, *args: Any, **extra: Any) -> Any:
+        """``call`` (a :class:`Transport` method) until it answers, re-sent after what a
+        re-send may fix (a moved shard, a restarted or passivated conversation), within
+        ``send_timeout_s``."""
         deadline = time.monotonic() + self._runtime.config.send_timeout_s
+        transport = self._transport
         for attempt in itertools.count():
             target = None
             try:
-                target = self._target()
+                target = transport.target()
                 left = max(deadline - time.monotonic(), 0.001)
-                return ray.get(self._invoke(target, method, args, extra), timeout=left)
+                return ray.get(self._invoke(target, call, args, extra), timeout=left)
             except GetTimeoutError:
-                raise self._late(method) from None
+                raise self._late(call.__name__) from None
             except (RayTaskError, RayActorError, ConversationUnavailable) as exc:
-                error = self._retry_or_raise(method, target, exc, deadline)
-            if self._handle is not None:
-                with self._lock:  # the dedicated actor is gone: get (or start) it again
-                    if self._handle is target:
-                        self._handle = self._runtime.registry.get_or_start(
-                            self.conversation_id, self._api_keys
-                        )
-            else:
-                time.sleep(self._pause(attempt, error, deadline))
+                error = self._retry_or_raise(call.__name__, exc, deadline)
+                if not transport.lost(target, exc):
+                    time.sleep(self._pause(attempt, error, deadline))
         raise AssertionError("unreachable")
 
-    async def _call_async(self, method: str, *args: Any, **extra: Any) -> Any:
+    async def _call_async(self, call: Call, *args: Any, **extra: Any) -> Any:
+        """Async form of :meth:`_call`."""
         deadline = time.monotonic() + self._runtime.config.send_timeout_s
+        transport = self._transport
         for attempt in itertools.count():
             target = None
             try:
-                target = await self._target_async()
+                target = await transport.target_async()
                 left = max(deadline - time.monotonic(), 0.001)
-                return await asyncio.wait_for(
-                    self._invoke(target, method, args, extra), timeout=left
-                )
+                return await asyncio.wait_for(self._invoke(target, call, args, extra), timeout=left)
             except TimeoutError:
-                raise self._late(method) from None
+                raise self._late(call.__name__) from None
             except (RayTaskError, RayActorError, ConversationUnavailable) as exc:
-                error = self._retry_or_raise(method, target, exc, deadline)
-            if self._handle is not None:
-                if self._handle is target:
-                    self._handle = await self._runtime.registry.get_or_start_async(
-                        self.conversation_id, self._api_keys
-                    )
-            else:
-                await asyncio.sleep(self._pause(attempt, error, deadline))
+                error = self._retry_or_raise(call.__name__, exc, deadline)
+                if not await transport.lost_async(target, exc):
+                    await asyncio.sleep(self._pause(attempt, error, deadline))
         raise AssertionError("unreachable")
 
     def _late(self, method: str) -> ConversationUnavailable:
@@ -352,7 +319,7 @@ class Conversation:
         try:
             with self._span():
                 reply: Reply = self._call(
-                    "send", turn_id, text, self._caller, n, low, inject(), **extra
+                    Transport.send, turn_id, text, self._caller, n, low, inject(), **extra
                 )
         finally:
             self._done(n)
@@ -368,7 +335,7 @@ class Conversation:
         try:
             with self._span():
                 reply: Reply = await self._call_async(
-                    "send", turn_id, text, self._caller, n, low, inject(), **extra
+                    Transport.send, turn_id, text, self._caller, n, low, inject(), **extra
                 )
         finally:
             self._done(n)
@@ -399,14 +366,30 @@ class Conversation:
         try:
             with self._span():
                 self._call(
-                    "start_turn", turn_id, text, self._caller, n, low, inject(), after, **extra
+                    Transport.start_turn,
+                    turn_id,
+                    text,
+                    self._caller,
+                    n,
+                    low,
+                    inject(),
+                    after,
+                    **extra,
                 )
             while True:
                 try:
-                    events, ended = self._call("events", turn_id, after, _POLL_S)
+                    events, ended = self._call(Transport.events, turn_id, after, _POLL_S)
                 except UnknownTurn:  # its process died before storing the message: again
                     self._call(
-                        "start_turn", turn_id, text, self._caller, n, low, None, after, **extra
+                        Transport.start_turn,
+                        turn_id,
+                        text,
+                        self._caller,
+                        n,
+                        low,
+                        None,
+                        after,
+                        **extra,
                     )
                     continue
                 if ended:  # done before the last yield: a reader may stop at the end
@@ -424,12 +407,12 @@ class Conversation:
         deltas, or after a tool returns): it ends ``incomplete`` (reason
         ``"cancelled"``), what it produced stored as its answer. ``False`` when it is
         not running (finished already, or not a streamed turn)."""
-        cancelled: bool = self._call("cancel", _turn_id(turn_id))
+        cancelled: bool = self._call(Transport.cancel, _turn_id(turn_id))
         return cancelled
 
     async def cancel_async(self, turn_id: str) -> bool:
         """Async form of :meth:`cancel`."""
-        cancelled: bool = await self._call_async("cancel", _turn_id(turn_id))
+        cancelled: bool = await self._call_async(Transport.cancel, _turn_id(turn_id))
         return cancelled
 
     def resume(self, turn_id: str, *, after: int = -1) -> Iterator[TurnEvent]:
@@ -441,7 +424,7 @@ class Conversation:
 
     def _resume(self, turn_id: str, after: int) -> Iterator[TurnEvent]:
         while True:
-            events, ended = self._call("events", turn_id, after, _POLL_S)
+            events, ended = self._call(Transport.events, turn_id, after, _POLL_S)
             for event in events:
                 yield event
                 after = event.seq
@@ -459,14 +442,32 @@ class Conversation:
         try:
             with self._span():
                 await self._call_async(
-                    "start_turn", turn_id, text, self._caller, n, low, inject(), after, **extra
+                    Transport.start_turn,
+                    turn_id,
+                    text,
+                    self._caller,
+                    n,
+                    low,
+                    inject(),
+                    after,
+                    **extra,
                 )
             while True:
                 try:
-                    events, ended = await self._call_async("events", turn_id, after, _POLL_S)
+                    events, ended = await self._call_async(
+                        Transport.events, turn_id, after, _POLL_S
+                    )
                 except UnknownTurn:
                     await self._call_async(
-                        "start_turn", turn_id, text, self._caller, n, low, None, after, **extra
+                        Transport.start_turn,
+                        turn_id,
+                        text,
+                        self._caller,
+                        n,
+                        low,
+                        None,
+                        after,
+                        **extra,
                     )
                     continue
                 if ended:  # done before the last yield: a reader may stop at the end
@@ -485,7 +486,7 @@ class Conversation:
         """Async form of :meth:`resume`."""
         turn_id, after = _turn_id(turn_id), _cursor(after)
         while True:
-            events, ended = await self._call_async("events", turn_id, after, _POLL_S)
+            events, ended = await self._call_async(Transport.events, turn_id, after, _POLL_S)
             for event in events:
                 yield event
                 after = event.seq
@@ -511,23 +512,23 @@ class Conversation:
         if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or not 0 <= wait_s <= 60:
             raise UsageError(f"wait_s must be 0..60 seconds, got {wait_s!r}")
         found: tuple[list[TurnEvent], bool] = await self._call_async(
-            "events", _turn_id(turn_id), _cursor(after), float(wait_s)
+            Transport.events, _turn_id(turn_id), _cursor(after), float(wait_s)
         )
         return found
 
     def history(self) -> list[Message]:
         """Every stored message of the conversation, in order."""
-        messages: list[Message] = self._call("history")
+        messages: list[Message] = self._call(Transport.history)
         return messages
 
     async def history_async(self) -> list[Message]:
         """Async form of :meth:`history`."""
-        messages: list[Message] = await self._call_async("history")
+        messages: list[Message] = await self._call_async(Transport.history)
         return messages
 
     def info(self) -> dict[str, Any]:
         """The actor's pid, message count and turns served (for operators and tests)."""
-        info: dict[str, Any] = self._call("ready")
+        info: dict[str, Any] = self._call(Transport.info)
         return info
 
 

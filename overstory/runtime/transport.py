@@ -1,0 +1,352 @@
+"""How a :class:`~overstory.runtime.client.Conversation` reaches its conversation: one
+typed transport per placement, chosen once when the handle is made.
+
+A transport resolves a *target* (:meth:`Transport.target`: a host route, or the
+dedicated actor's handle) and makes each call of the conversation entity's interface on
+it, returning the Ray ``ObjectRef``. The handle owns retries and deadlines; a transport
+owns only how a placement is addressed and what to do when its target is lost
+(:meth:`Transport.lost`). Nothing here branches on a placement's name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ray.exceptions import ActorDiedError
+
+from ..actors.names import actor_name
+from ..agent import Placement
+from ..exceptions import ConversationUnavailable
+from ..providers import Secret
+
+if TYPE_CHECKING:
+    from ..gateway.keys import Principal
+    from ..registry.registry import Registry
+
+__all__ = ["DedicatedTransport", "HostedTransport", "Transport", "transport_for"]
+
+
+class Transport(ABC):
+    """The calls of one conversation, as its placement addresses them."""
+
+    placement: Placement
+
+    def __init__(
+        self, registry: Registry, conversation_id: str, api_keys: Mapping[str, Secret] | None
+    ) -> None:
+        self.registry = registry
+        self.conversation_id = conversation_id
+        self.api_keys = api_keys
+
+    @abstractmethod
+    def target(self) -> Any:
+        """What the next call goes to (resolving it may block briefly)."""
+
+    @abstractmethod
+    async def target_async(self) -> Any:
+        """Async form of :meth:`target`."""
+
+    @abstractmethod
+    def lost(self, target: Any, exc: BaseException) -> bool:
+        """A call to ``target`` failed with ``exc`` in a way a re-send may fix: forget
+        what is stale. ``True`` when the next target is ready at once (no back-off)."""
+
+    async def lost_async(self, target: Any, exc: BaseException) -> bool:
+        """Async form of :meth:`lost` (the default runs it in a thread)."""
+        return await asyncio.to_thread(self.lost, target, exc)
+
+    @abstractmethod
+    def actor(self) -> str:
+        """The Ray actor serving it, as the dashboard shows it (its host, if hosted)."""
+
+    @abstractmethod
+    def send(
+        self,
+        target: Any,
+        turn_id: str,
+        text: str,
+        caller: str | None,
+        n: int,
+        low: int | None,
+        carrier: dict[str, str] | None,
+        *,
+        principal: Principal | None = None,
+        agent_version: str | None = None,
+    ) -> Any: ...
+
+    @abstractmethod
+    def start_turn(
+        self,
+        target: Any,
+        turn_id: str,
+        text: str,
+        caller: str | None,
+        n: int,
+        low: int | None,
+        carrier: dict[str, str] | None,
+        after: int,
+        *,
+        principal: Principal | None = None,
+        agent_version: str | None = None,
+    ) -> Any: ...
+
+    @abstractmethod
+    def events(
+        self,
+        target: Any,
+        turn_id: str,
+        after: int,
+        wait_s: float,
+        *,
+        principal: Principal | None = None,
+    ) -> Any: ...
+
+    @abstractmethod
+    def cancel(self, target: Any, turn_id: str, *, principal: Principal | None = None) -> Any: ...
+
+    @abstractmethod
+    def history(self, target: Any, *, principal: Principal | None = None) -> Any: ...
+
+    @abstractmethod
+    def info(self, target: Any) -> Any: ...
+
+
+class HostedTransport(Transport):
+    """An entity in the host its shard maps to: every call carries the route's shard
+    table version and the conversation id; a host that refuses a stale route has
+    already told the router the newer table (see the handle's retry)."""
+
+    placement: Placement = "hosted"
+
+    def target(self) -> Any:
+        return self.registry.hosts.route(self.conversation_id)
+
+    async def target_async(self) -> Any:
+        return await self.registry.hosts.route_async(self.conversation_id)
+
+    def lost(self, target: Any, exc: BaseException) -> bool:
+        if isinstance(exc, ActorDiedError | ConversationUnavailable):
+            # The host is gone for good, or not there: read the table again (a tree booted
+            # again may have other hosts) and look the host up again.
+            self.registry.hosts.refresh()
+        return False
+
+    def actor(self) -> str:
+        return self.registry.hosts.table.host_for(self.conversation_id)
+
+    def send(
+        self,
+        target: Any,
+        turn_id: str,
+        text: str,
+        caller: str | None,
+        n: int,
+        low: int | None,
+        carrier: dict[str, str] | None,
+        *,
+        principal: Principal | None = None,
+        agent_version: str | None = None,
+    ) -> Any:
+        version, _, host = target
+        return host.send.remote(
+            version,
+            self.conversation_id,
+            turn_id,
+            text,
+            caller,
+            n,
+            low,
+            carrier,
+            self.api_keys,
+            principal=principal,
+            agent_version=agent_version,
+        )
+
+    def start_turn(
+        self,
+        target: Any,
+        turn_id: str,
+        text: str,
+        caller: str | None,
+        n: int,
+        low: int | None,
+        carrier: dict[str, str] | None,
+        after: int,
+        *,
+        principal: Principal | None = None,
+        agent_version: str | None = None,
+    ) -> Any:
+        version, _, host = target
+        return host.start_turn.remote(
+            version,
+            self.conversation_id,
+            turn_id,
+            text,
+            caller,
+            n,
+            low,
+            carrier,
+            self.api_keys,
+            after,
+            principal=principal,
+            agent_version=agent_version,
+        )
+
+    def events(
+        self,
+        target: Any,
+        turn_id: str,
+        after: int,
+        wait_s: float,
+        *,
+        principal: Principal | None = None,
+    ) -> Any:
+        version, _, host = target
+        return host.events.remote(
+            version,
+            self.conversation_id,
+            turn_id,
+            after,
+            wait_s,
+            self.api_keys,
+            principal=principal,
+        )
+
+    def cancel(self, target: Any, turn_id: str, *, principal: Principal | None = None) -> Any:
+        version, _, host = target
+        return host.cancel.remote(
+            version, self.conversation_id, turn_id, self.api_keys, principal=principal
+        )
+
+    def history(self, target: Any, *, principal: Principal | None = None) -> Any:
+        version, _, host = target
+        return host.history.remote(
+            version, self.conversation_id, self.api_keys, principal=principal
+        )
+
+    def info(self, target: Any) -> Any:
+        version, _, host = target
+        return host.info.remote(version, self.conversation_id, self.api_keys)
+
+
+class DedicatedTransport(Transport):
+    """A named actor of its own: calls go to its handle; a handle whose actor died is
+    replaced by asking the registry again (which restarts it from the store)."""
+
+    placement: Placement = "dedicated"
+
+    def __init__(
+        self,
+        registry: Registry,
+        conversation_id: str,
+        api_keys: Mapping[str, Secret] | None,
+        handle: Any,
+    ) -> None:
+        super().__init__(registry, conversation_id, api_keys)
+        self.handle = handle
+        self._lock = threading.Lock()
+
+    def target(self) -> Any:
+        return self.handle
+
+    async def target_async(self) -> Any:
+        return self.handle
+
+    def lost(self, target: Any, exc: BaseException) -> bool:
+        with self._lock:  # the actor is gone: get (or start) it again, once for all callers
+            if self.handle is target:
+                self.handle = self.registry.get_or_start(self.conversation_id, self.api_keys)
+        return True
+
+    async def lost_async(self, target: Any, exc: BaseException) -> bool:
+        if self.handle is target:
+            handle = await self.registry.get_or_start_async(self.conversation_id, self.api_keys)
+            if self.handle is target:
+                self.handle = handle
+        return True
+
+    def actor(self) -> str:
+        return actor_name(self.conversation_id)
+
+    def send(
+        self,
+        target: Any,
+        turn_id: str,
+        text: str,
+        caller: str | None,
+        n: int,
+        low: int | None,
+        carrier: dict[str, str] | None,
+        *,
+        principal: Principal | None = None,
+        agent_version: str | None = None,
+    ) -> Any:
+        return target.send.remote(
+            turn_id,
+            text,
+            caller,
+            n,
+            low,
+            carrier,
+            principal=principal,
+            agent_version=agent_version,
+        )
+
+    def start_turn(
+        self,
+        target: Any,
+        turn_id: str,
+        text: str,
+        caller: str | None,
+        n: int,
+        low: int | None,
+        carrier: dict[str, str] | None,
+        after: int,
+        *,
+        principal: Principal | None = None,
+        agent_version: str | None = None,
+    ) -> Any:
+        return target.start_turn.remote(
+            turn_id,
+            text,
+            caller,
+            n,
+            low,
+            carrier,
+            after,
+            principal=principal,
+            agent_version=agent_version,
+        )
+
+    def events(
+        self,
+        target: Any,
+        turn_id: str,
+        after: int,
+        wait_s: float,
+        *,
+        principal: Principal | None = None,
+    ) -> Any:
+        return target.events.remote(turn_id, after, wait_s, principal=principal)
+
+    def cancel(self, target: Any, turn_id: str, *, principal: Principal | None = None) -> Any:
+        return target.cancel.remote(turn_id, principal=principal)
+
+    def history(self, target: Any, *, principal: Principal | None = None) -> Any:
+        return target.history.remote(principal=principal)
+
+    def info(self, target: Any) -> Any:
+        return target.ready.remote()
+
+
+def transport_for(
+    registry: Registry, conversation_id: str, api_keys: Mapping[str, Secret] | None, handle: Any
+) -> Transport:
+    """The transport of the registry's placement (``handle``: the dedicated actor)."""
+    if handle is None:
+        return HostedTransport(registry, conversation_id, api_keys)
+    return DedicatedTransport(registry, conversation_id, api_keys, handle)
