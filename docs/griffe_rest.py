@@ -4,7 +4,9 @@ overstory's docstrings are prose with reST inline markup (``:class:`~overstory.A
 ``:mod:`overstory.rollout```, ``:data:`Placement```). Markdown shows a role as literal
 text, so this turns each into a code span of the name it shows (the last dotted part
 when the target starts with ``~``, as Sphinx does). Double backticks are already a
-Markdown code span and are left alone.
+Markdown code span and are left alone. A paragraph ending in reST's literal-block marker
+(``text::``) ends in a colon instead; the indented block after it is a Markdown code
+block already.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 
 import griffe
 
+_LITERAL_AFTER_WORD = re.compile(r"(\S)::\n\n")
+_LITERAL_AFTER_SPACE = re.compile(r"[ \t]+::\n\n")
 _ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|data|attr|exc|obj|const|ref):`(~?)([^`]+)`")
 
 
@@ -25,7 +29,9 @@ def rest_roles_to_markdown(text: str) -> str:
         name = target.rsplit(".", 1)[-1] if tilde else target
         return f"`{name}`"
 
-    return _ROLE.sub(shown, text)
+    text = _ROLE.sub(shown, text)
+    text = _LITERAL_AFTER_SPACE.sub("\n\n", text)
+    return _LITERAL_AFTER_WORD.sub(r"\1:\n\n", text)
 
 
 class RestRoles(griffe.Extension):
