@@ -16,6 +16,7 @@ import argparse
 import ast
 import importlib
 import inspect
+import itertools
 import os
 import textwrap
 from collections.abc import Iterator
@@ -125,7 +126,7 @@ def attribute_docstrings(model: type) -> dict[str, str]:
         if not isinstance(body, ast.ClassDef):
             continue
         statements = body.body
-        for statement, following in zip(statements, statements[1:], strict=False):
+        for statement, following in itertools.pairwise(statements):
             if (
                 isinstance(statement, ast.AnnAssign)
                 and isinstance(statement.target, ast.Name)
@@ -218,7 +219,7 @@ def config_reference() -> str:
     undocumented = [key for key, *_, doc in rows if not doc]
     if undocumented:
         lines.append(
-            "\n!!! note \"Keys without a docstring\"\n    "
+            '\n!!! note "Keys without a docstring"\n    '
             + ", ".join(f"`{key}`" for key in undocumented)
             + ": their meaning is in the guides until the code documents them.\n"
         )
