@@ -48,7 +48,10 @@ class Config(pydantic.BaseModel):
     ray_address: str | None = None
     """Ray cluster to attach to; ``None`` uses ``RAY_ADDRESS`` or starts a local Ray."""
     max_message_chars: int = pydantic.Field(MAX_MESSAGE_CHARS, ge=1, le=10_000_000)
+    """Longest message a user may send, in characters (longer ones are refused with
+    ``InvalidMessage``, nothing stored)."""
     max_user_id_chars: int = pydantic.Field(MAX_USER_ID_CHARS, ge=1, le=4096)
+    """Longest user id accepted, in characters (``InvalidUserId`` beyond it)."""
     actor_max_restarts: int = pydantic.Field(-1, ge=-1)
     """How often Ray restarts a crashed conversation actor in place (-1: always)."""
     activation_timeout_s: float = pydantic.Field(60.0, gt=0, le=3600)
@@ -66,13 +69,17 @@ class Config(pydantic.BaseModel):
     """Hosted placement: live conversations per host; the least recently used idle ones
     are passivated beyond it, so memory stays bounded however many users there are."""
     turn_timeout_s: float = pydantic.Field(300.0, gt=0, le=86_400)
-    """A turn running longer crashes its conversation (hosted: its entity only)."""
+    """A turn running longer crashes its conversation's entity (either placement): the
+    caller gets ``TurnFailed``, and the conversation is restarted from the store."""
     send_timeout_s: float = pydantic.Field(600.0, gt=0, le=86_400)
     """Overall deadline of one ``send``, re-sends after crashes included."""
     entity_max_restarts: int = pydantic.Field(3, ge=0)
-    """Hosted placement: crashes of one conversation allowed within
-    ``entity_restart_period_s`` before it is quarantined."""
+    """Crashes of one conversation (a turn past its deadline, an exception escaping the
+    turn) allowed within ``entity_restart_period_s`` before it is quarantined; each is
+    restarted from the store. Both placements."""
     entity_restart_period_s: float = pydantic.Field(60.0, gt=0)
+    """The window ``entity_max_restarts`` counts a conversation's crashes in (either
+    placement); crashes older than it are forgotten."""
     quarantine_s: float = pydantic.Field(300.0, gt=0)
     """How long a quarantined conversation is refused."""
     stream_keep_turns: int = pydantic.Field(8, ge=1, le=1000)
@@ -111,6 +118,7 @@ class Config(pydantic.BaseModel):
     """Conversation restarts allowed within ``restart_period_s`` before the conversation
     supervisor gives up, shuts its children down and escalates to the root."""
     restart_period_s: float = pydantic.Field(10.0, gt=0)
+    """The window ``restart_intensity`` counts conversation restarts in."""
     actor_resources: dict[str, float] = pydantic.Field(default_factory=dict)
     """Ray custom resources each conversation actor (dedicated) or host (hosted) requires:
     pins them to such nodes."""
