@@ -113,13 +113,15 @@ class HostActor(Shell):
 
     async def ready(self) -> dict[str, Any]:
         self._start_sweeper()
-        return self.status()
+        return await self.status()
 
     async def watch(self, incarnation: str | None = None) -> str:
         return await until_death(incarnation, self.incarnation)
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         busy = sum(1 for e in self._entities.values() if e.in_turn)
+        # psutil reads /proc (smaps for USS: milliseconds on a big heap): off the loop.
+        memory = await asyncio.to_thread(process_memory)
         return {
             "host": self.name,
             "pid": os.getpid(),
@@ -128,7 +130,7 @@ class HostActor(Shell):
             "started_at": self._started_at,
             "live": len(self._entities),
             "busy": busy,
-            "memory": process_memory(),
+            "memory": memory,
             "shard_table_version": self.table.version,
             **self.counters,
             "restarts": self.supervision.restarts,
