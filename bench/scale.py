@@ -159,7 +159,7 @@ def s2_s4(url: str, live: int) -> dict[str, Any]:
 
     async def activate() -> list[Any]:
         convs = [await rt.conversation_async(f"{prefix}-{i}") for i in range(live)]
-        return await gather_limited([c._call_async("info") for c in convs], 500)
+        return await gather_limited([c.info_async() for c in convs], 500)
 
     started = time.perf_counter()
     infos = asyncio.run(activate())

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import ray
 from opentelemetry.trace import Span, SpanKind
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from .. import vault as vault_ops
 from ..actors.jobs import JOBS
@@ -81,6 +81,7 @@ from ..telemetry import inject, setup_telemetry, telemetry_env, tracer
 from ..telemetry.logs import LOG_ENV
 from ..usage import usage as usage_of
 from ..validation import validate_message, validate_user_id
+from ._portal import Portal
 from .cluster import attach, detach
 from .config import Config
 from .transport import Transport, transport_for
@@ -161,6 +162,7 @@ class Conversation:
         #: The conversation's id in the store, spans and logs (``agent:user``).
         self.conversation_id = conversation_id(agent, user_id)
         self._api_keys = api_keys
+        self._portal = runtime._portal  # the sync face runs the async core there
         # How calls reach it: chosen once, by placement (handle: the dedicated actor).
         self._transport = transport_for(runtime.registry, self.conversation_id, api_keys, handle)
         self._lock = threading.Lock()
@@ -234,28 +236,10 @@ class Conversation:
             return 0.0
         return min(_backoff(attempt), max(0.0, deadline - time.monotonic()))
 
-    def _call(self, call: Call, *args: Any, **extra: Any) -> Any:
+    async def _call_async(self, call: Call, *args: Any, **extra: Any) -> Any:
         """``call`` (a :class:`Transport` method) until it answers, re-sent after what a
         re-send may fix (a moved shard, a restarted or passivated conversation), within
         ``send_timeout_s``."""
-        deadline = time.monotonic() + self._runtime.config.send_timeout_s
-        transport = self._transport
-        for attempt in itertools.count():
-            target = None
-            try:
-                target = transport.target()
-                left = max(deadline - time.monotonic(), 0.001)
-                return ray.get(self._invoke(target, call, args, extra), timeout=left)
-            except GetTimeoutError:
-                raise self._late(call.__name__) from None
-            except (RayTaskError, RayActorError, ConversationUnavailable) as exc:
-                error = self._retry_or_raise(call.__name__, exc, deadline)
-                if not transport.lost(target, exc):
-                    time.sleep(self._pause(attempt, error, deadline))
-        raise AssertionError("unreachable")
-
-    async def _call_async(self, call: Call, *args: Any, **extra: Any) -> Any:
-        """Async form of :meth:`_call`."""
         deadline = time.monotonic() + self._runtime.config.send_timeout_s
         transport = self._transport
         for attempt in itertools.count():
@@ -313,17 +297,7 @@ class Conversation:
         :class:`~overstory.exceptions.UnknownAgent` for a version not served and
         :class:`~overstory.exceptions.TurnFailed` when the model could not answer.
         """
-        turn_id = self._check(text, turn_id)
-        extra = _version(version)
-        n, low = self._number()
-        try:
-            with self._span():
-                reply: Reply = self._call(
-                    Transport.send, turn_id, text, self._caller, n, low, inject(), **extra
-                )
-        finally:
-            self._done(n)
-        return reply
+        return self._portal.run(self.send_async(text, turn_id=turn_id, version=version))
 
     async def send_async(
         self, text: str, *, turn_id: str | None = None, version: str | None = None
@@ -357,15 +331,25 @@ class Conversation:
         event: text since the last stored message is void) and the events go on.
         ``version``: as for :meth:`send`.
         """
-        turn_id = self._check(text, turn_id)
-        return self._stream(text, turn_id, _version(version))
+        turn_id = self._check(text, turn_id)  # refused here, before the first read
+        return self._portal.iterate(self._stream(text, turn_id, _version(version)))
 
-    def _stream(self, text: str, turn_id: str, extra: dict[str, Any]) -> Iterator[TurnEvent]:
+    async def stream_async(
+        self, text: str, *, turn_id: str | None = None, version: str | None = None
+    ) -> AsyncGenerator[TurnEvent, None]:
+        """Async form of :meth:`stream`."""
+        turn_id = self._check(text, turn_id)
+        async for event in self._stream(text, turn_id, _version(version)):
+            yield event
+
+    async def _stream(
+        self, text: str, turn_id: str, extra: dict[str, Any]
+    ) -> AsyncGenerator[TurnEvent, None]:
         n, low = self._number()  # in flight until the turn ends: later sends queue behind
         after = -1
         try:
             with self._span():
-                self._call(
+                await self._call_async(
                     Transport.start_turn,
                     turn_id,
                     text,
@@ -378,9 +362,11 @@ class Conversation:
                 )
             while True:
                 try:
-                    events, ended = self._call(Transport.events, turn_id, after, _POLL_S)
+                    events, ended = await self._call_async(
+                        Transport.events, turn_id, after, _POLL_S
+                    )
                 except UnknownTurn:  # its process died before storing the message: again
-                    self._call(
+                    await self._call_async(
                         Transport.start_turn,
                         turn_id,
                         text,
@@ -407,8 +393,7 @@ class Conversation:
         deltas, or after a tool returns): it ends ``incomplete`` (reason
         ``"cancelled"``), what it produced stored as its answer. ``False`` when it is
         not running (finished already, or not a streamed turn)."""
-        cancelled: bool = self._call(Transport.cancel, _turn_id(turn_id))
-        return cancelled
+        return self._portal.run(self.cancel_async(turn_id))
 
     async def cancel_async(self, turn_id: str) -> bool:
         """Async form of :meth:`cancel`."""
@@ -420,71 +405,17 @@ class Conversation:
         they happen, of a finished one at once — the same events a reader of
         :meth:`stream` got (within ``stream_window_s`` of its end; after that, rebuilt
         from the stored messages, one delta per model answer)."""
-        return self._resume(_turn_id(turn_id), _cursor(after))
-
-    def _resume(self, turn_id: str, after: int) -> Iterator[TurnEvent]:
-        while True:
-            events, ended = self._call(Transport.events, turn_id, after, _POLL_S)
-            for event in events:
-                yield event
-                after = event.seq
-            if ended:
-                return
-
-    async def stream_async(
-        self, text: str, *, turn_id: str | None = None, version: str | None = None
-    ) -> AsyncGenerator[TurnEvent, None]:
-        """Async form of :meth:`stream`."""
-        turn_id = self._check(text, turn_id)
-        extra = _version(version)
-        n, low = self._number()
-        after = -1
-        try:
-            with self._span():
-                await self._call_async(
-                    Transport.start_turn,
-                    turn_id,
-                    text,
-                    self._caller,
-                    n,
-                    low,
-                    inject(),
-                    after,
-                    **extra,
-                )
-            while True:
-                try:
-                    events, ended = await self._call_async(
-                        Transport.events, turn_id, after, _POLL_S
-                    )
-                except UnknownTurn:
-                    await self._call_async(
-                        Transport.start_turn,
-                        turn_id,
-                        text,
-                        self._caller,
-                        n,
-                        low,
-                        None,
-                        after,
-                        **extra,
-                    )
-                    continue
-                if ended:  # done before the last yield: a reader may stop at the end
-                    self._done(n)
-                for event in events:
-                    yield event
-                    after = event.seq
-                if ended:
-                    return
-        finally:
-            self._done(n)
+        turn_id, after = _turn_id(turn_id), _cursor(after)  # refused here, at the call
+        return self._portal.iterate(self._resume(turn_id, after))
 
     async def resume_async(
         self, turn_id: str, *, after: int = -1
     ) -> AsyncGenerator[TurnEvent, None]:
         """Async form of :meth:`resume`."""
-        turn_id, after = _turn_id(turn_id), _cursor(after)
+        async for event in self._resume(_turn_id(turn_id), _cursor(after)):
+            yield event
+
+    async def _resume(self, turn_id: str, after: int) -> AsyncGenerator[TurnEvent, None]:
         while True:
             events, ended = await self._call_async(Transport.events, turn_id, after, _POLL_S)
             for event in events:
@@ -518,8 +449,7 @@ class Conversation:
 
     def history(self) -> list[Message]:
         """Every stored message of the conversation, in order."""
-        messages: list[Message] = self._call(Transport.history)
-        return messages
+        return self._portal.run(self.history_async())
 
     async def history_async(self) -> list[Message]:
         """Async form of :meth:`history`."""
@@ -528,7 +458,11 @@ class Conversation:
 
     def info(self) -> dict[str, Any]:
         """The actor's pid, message count and turns served (for operators and tests)."""
-        info: dict[str, Any] = self._call(Transport.info)
+        return self._portal.run(self.info_async())
+
+    async def info_async(self) -> dict[str, Any]:
+        """Async form of :meth:`info`."""
+        info: dict[str, Any] = await self._call_async(Transport.info)
         return info
 
 
@@ -608,6 +542,8 @@ class Runtime:
         # web server) sees users come and go, so the cache is bounded.
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
         self._lock = threading.Lock()
+        # The sync methods run their async forms on this loop (one thread, made on use).
+        self._portal = Portal()
 
     def __enter__(self) -> Runtime:
         return self
@@ -1021,6 +957,7 @@ class Runtime:
         Spans this process still buffers are exported first (when telemetry is set up).
         """
         self._conversations.clear()
+        self._portal.close()
         flush_telemetry()
         if self.started_ray:
             detach()
