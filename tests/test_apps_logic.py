@@ -17,7 +17,7 @@ import pytest
 from overstory import Agent, ConfigError, UnknownAgent, UsageError
 from overstory.actors.host import HostActor
 from overstory.app import App, AppLoadError, as_app, conversation_id, load_app
-from overstory.registry.shards import ShardTable
+from overstory.config import Config
 from overstory.rollout import (
     Pin,
     Split,
@@ -32,7 +32,7 @@ from overstory.rollout import (
     update_split,
     write_deployment,
 )
-from overstory.runtime.config import Config
+from overstory.sharding import ShardTable
 from overstory.store import open_store
 
 V = ["1", "2", "3"]

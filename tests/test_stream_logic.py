@@ -15,12 +15,12 @@ from overstory import Agent, AllModelsFailed, ModelError, UnknownTurn
 from overstory.actors.host import HostActor
 from overstory.actors.turnlog import TurnLog, TurnLogs, TurnStreams, replay
 from overstory.app import App, conversation_id
+from overstory.config import Config
 from overstory.exceptions import InvalidMessage, Passivated, TurnIncomplete
 from overstory.messages import AssistantMessage, Message, ModelResponse, TurnEvent, UserMessage
 from overstory.providers import FallbackModel, Model, OfflineModel, Rule
 from overstory.providers.base import FallThrough, StreamItem
-from overstory.registry.shards import ShardTable
-from overstory.runtime.config import Config
+from overstory.sharding import ShardTable
 from overstory.tools import ToolDefinition
 
 CID = conversation_id("s", "u")

@@ -13,8 +13,8 @@ from conftest import kill_namespace
 
 import overstory
 from overstory import Agent, ConfigError, OfflineModel, Runtime
+from overstory.access import create_record
 from overstory.actors.turn import _record_cost
-from overstory.gateway.access import create_record
 from overstory.messages import AssistantMessage, Message, ToolCall, ToolReturn, Usage, UserMessage
 from overstory.providers.offline import Rule
 from overstory.runtime.demo import add

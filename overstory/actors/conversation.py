@@ -26,10 +26,9 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from ..access import Need, Principal, RecordCache, check_access, user_of
 from ..app import App
 from ..exceptions import Fenced, Passivated, SequenceConflict
-from ..gateway.access import Need, RecordCache, check_access, user_of
-from ..gateway.keys import Principal
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
 from ..providers.pool import provider_namespace

@@ -39,11 +39,13 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 
+from ..access import Need, Principal, RecordCache, check_access, user_of
 from ..app import App
+from ..config import Config
 from ..exceptions import (
     ConversationQuarantined,
     Fenced,
@@ -53,12 +55,11 @@ from ..exceptions import (
     TurnFailed,
     UsageError,
 )
-from ..gateway.access import Need, RecordCache, check_access, user_of
-from ..gateway.keys import Principal
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
 from ..providers.pool import provider_namespace
 from ..quota import QuotaBook, Ticket, finish
+from ..sharding import ShardTable, stored_table
 from ..store import HistoryStore, open_store
 from ..supervisors.core import Restart, SupervisorState, initial_state, on_exit
 from ..supervisors.spec import ChildSpec, SupervisorSpec
@@ -69,10 +70,6 @@ from .gate import TurnGate
 from .serving import Binding, Serving
 from .turn import Emit, run_turn
 from .turnlog import TurnStreams
-
-if TYPE_CHECKING:  # imported for types only: registry and runtime import this module
-    from ..registry.shards import ShardTable
-    from ..runtime.config import Config
 
 __all__ = ["HostActor", "process_memory"]
 
@@ -550,8 +547,6 @@ class HostActor:
 
     async def _read_table(self) -> bool:
         """Take the stored shard table if it is newer; shed what this host lost."""
-        from ..registry.hosts import stored_table  # the registry imports this module
-
         stored = await stored_table(self._store, self.namespace)
         if stored is None or stored.version <= self.table.version:
             return False

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..agent import DEFAULT_PLACEMENT, PLACEMENTS
+from ..config import DEFAULT_NAMESPACE, STORE_ENV, Config, load_config
 from ..exceptions import ConfigError, OverstoryError, RuntimeFailure, TurnFailed, UsageError
 from ..jobs import JOB_STATES
 from ..messages import TurnEvent
@@ -24,7 +25,6 @@ from ..registry.hosts import grow_hosts
 from ..telemetry.logs import setup_logging
 from . import ops
 from .client import Runtime, connect
-from .config import DEFAULT_NAMESPACE, STORE_ENV, Config, load_config
 from .demo import demo_agent, run_demo
 
 __all__ = ["APP_ENV", "main"]
@@ -506,7 +506,7 @@ def _serve(args: argparse.Namespace) -> int:
     result = ops.serve(config, args.app, args.working_dir)
     if args.http is not None:
         from ..gateway.serve import serve_http
-        from .deploy import store_of_tree
+        from .ops import store_of_tree
 
         store = store_of_tree(result["namespace"], config.store)
         result["http"] = serve_http(result["namespace"], store, *args.http, jwt=jwt)
@@ -537,7 +537,8 @@ def _split_line(name: str, split: dict[str, Any]) -> str:
 
 
 def _split_command(args: argparse.Namespace) -> int:
-    from .deploy import change_split, store_of_tree
+    from .deploy import change_split
+    from .ops import store_of_tree
 
     namespace = args.namespace or DEFAULT_NAMESPACE
     ops.attach_existing(args.address, namespace)

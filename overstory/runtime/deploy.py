@@ -12,7 +12,6 @@ then tells whatever serves conversations to read it again, and returns the split
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,13 +24,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from .._ray import alive_nodes
 from ..agent import is_plain_name
 from ..app import App, AppLoadError, conversation_id, load_app
+from ..config import Config
 from ..exceptions import ConfigError, ConversationUnavailable, UsageError
 from ..rollout import read_deployment, read_split, write_deployment
 from ..store import HistoryStore
 from ..supervisors.named import unwrap_task_error
 from ..supervisors.tree import ROOT, is_running, running_placement
 from .client import Runtime, _run_store, connect
-from .config import STORE_ENV, Config
 
 __all__ = [
     "adopt_histories",
@@ -40,7 +39,6 @@ __all__ = [
     "import_here",
     "serve_app",
     "splits",
-    "store_of_tree",
     "unprefixed",
     "working_dir_env",
 ]
@@ -179,18 +177,6 @@ def change_split(
         return change(runtime)
     finally:
         runtime.close()
-
-
-def store_of_tree(namespace: str, fallback: str | None) -> str:
-    """The store URL the running tree uses (the operator's commands must write there)."""
-    from .ops import Probe, _tree_store
-
-    url = _tree_store(Probe(namespace)) or fallback or os.environ.get(STORE_ENV)
-    if url is None:
-        raise ConversationUnavailable(
-            f"cannot tell which store the tree in {namespace!r} uses; pass --store"
-        )
-    return url
 
 
 # --- histories from before apps ---------------------------------------------------------

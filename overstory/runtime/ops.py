@@ -25,7 +25,8 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from .._ray import alive_nodes
-from ..exceptions import ClusterUnavailable, UsageError
+from ..config import STORE_ENV, Config
+from ..exceptions import ClusterUnavailable, ConversationUnavailable, UsageError
 from ..providers.pool import provider_statuses
 from ..rollout import read_split
 from ..store import open_store, redact_url
@@ -33,7 +34,7 @@ from ..supervisors.named import unwrap_task_error
 from ..supervisors.tree import CONVERSATIONS, HOSTS, ROOT, running_placement
 from .client import connect
 from .cluster import init_ray
-from .config import Config
+from .deploy import import_here, serve_app, working_dir_env
 
 __all__ = [
     "SECTIONS",
@@ -44,6 +45,7 @@ __all__ = [
     "providers_section",
     "serve",
     "status",
+    "store_of_tree",
 ]
 
 
@@ -115,8 +117,6 @@ def serve(
     running this twice (or on two machines at once) leaves exactly one tree. The
     process may exit afterwards; the tree stays. Returns what it found and did.
     """
-    from .deploy import import_here, serve_app, working_dir_env
-
     if working_dir is not None and source is None:
         raise UsageError("--working-dir needs an app to serve (MODULE:ATTR)")
     runtime_env = working_dir_env(working_dir)
@@ -459,6 +459,16 @@ def _call(name: str, method: str, probe: Probe) -> tuple[bool, Any]:
 
 def _store_url_of(supervisor: Any) -> str:
     return str(supervisor.store_url)
+
+
+def store_of_tree(namespace: str, fallback: str | None) -> str:
+    """The store URL the running tree uses (the operator's commands must write there)."""
+    url = _tree_store(Probe(namespace)) or fallback or os.environ.get(STORE_ENV)
+    if url is None:
+        raise ConversationUnavailable(
+            f"cannot tell which store the tree in {namespace!r} uses; pass --store"
+        )
+    return url
 
 
 def _tree_store(probe: Probe) -> str | None:
