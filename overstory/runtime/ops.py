@@ -24,7 +24,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
-from .._ray import alive_nodes
+from .._ray import actor_id, alive_nodes
 from ..config import STORE_ENV, Config
 from ..exceptions import ClusterUnavailable, ConversationUnavailable, UsageError
 from ..providers.pool import provider_statuses
@@ -133,7 +133,7 @@ def serve(
     result: dict[str, Any] = {
         "namespace": config.namespace,
         "booted": not existed,
-        "root_actor_id": root._actor_id.hex() if root is not None else None,
+        "root_actor_id": actor_id(root) if root is not None else None,
         "store": redact_url(_tree_store(Probe(config.namespace)) or runtime.config.store),
         **deployed,
     }
