@@ -25,7 +25,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from overstory.actors.turn import run_turn
-from overstory.runtime.demo import demo_agent
+from overstory.cli.demo import demo_agent
 from overstory.store import open_store
 from overstory.telemetry import use_tracer_provider
 

@@ -337,7 +337,7 @@ def test_a_host_follows_rollout_stickiness_promote_and_rollback(sqlite_url: str)
 
 
 def test_unprefixed_ids_are_copied_and_agent_looking_ones_only_reported() -> None:
-    from overstory.runtime.deploy import unprefixed
+    from overstory.cli.deploy import unprefixed
 
     to_copy, ambiguous = unprefixed(["alice", "bob@example.com", ":x", "a b:c", "support:bob"])
     assert to_copy == ["alice", "bob@example.com", ":x", "a b:c"]
@@ -347,8 +347,8 @@ def test_unprefixed_ids_are_copied_and_agent_looking_ones_only_reported() -> Non
 def test_histories_from_before_apps_are_copied_once_and_a_cut_run_is_completed(
     sqlite_url: str,
 ) -> None:
+    from overstory.cli.deploy import adopt_histories
     from overstory.messages import UserMessage
-    from overstory.runtime.deploy import adopt_histories
 
     async def go() -> tuple[Any, ...]:
         store = open_store(sqlite_url)

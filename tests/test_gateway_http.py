@@ -21,10 +21,10 @@ from conftest import kill_namespace
 
 import overstory
 from overstory import Agent, OfflineModel, Runtime, UsageError
+from overstory.cli.demo import add
 from overstory.gateway.keys import create_key, revoke_key
 from overstory.providers.offline import Rule
 from overstory.runtime.client import _run_store as _store
-from overstory.runtime.demo import add
 
 pytestmark = pytest.mark.ray
 

@@ -395,7 +395,7 @@ def test_access_is_owner_admin_or_a_share_and_others_learn_nothing() -> None:
 def test_the_keys_command_prints_a_key_once_lists_and_revokes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from overstory.runtime.cli import main
+    from overstory.cli.main import main
 
     store = f"sqlite:///{tmp_path}/keys.db"
     assert main(["keys", "create", "--user", "alice", "--json", "--store", store]) == 0
@@ -423,7 +423,7 @@ def test_the_keys_command_prints_a_key_once_lists_and_revokes(
 
 
 def test_serve_http_wants_host_and_port(capsys: pytest.CaptureFixture[str]) -> None:
-    from overstory.runtime.cli import main
+    from overstory.cli.main import main
 
     for bad in ("8000", "host:", ":80", "h:99999", "h:port"):
         with pytest.raises(SystemExit):
