@@ -43,8 +43,8 @@ import overstory
 from overstory import Agent, OfflineModel, Runtime
 from overstory._ray import quiet_worker_notices
 from overstory.app import conversation_id
+from overstory.cli.demo import audit
 from overstory.messages import AssistantMessage, UserMessage
-from overstory.runtime.demo import audit
 from overstory.store import open_store
 
 # foundation.py's bare actors travel by value: workers cannot import the bench folder.

@@ -24,8 +24,8 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+from overstory.cli.demo import demo_agent
 from overstory.conversation.turn import run_turn
-from overstory.runtime.demo import demo_agent
 from overstory.store import open_store
 from overstory.telemetry import use_tracer_provider
 

@@ -1,7 +1,8 @@
 """The one module that touches Ray's private API, and Ray's blocking GCS calls made async.
 
-Everything under ``ray._private`` that overstory uses is wrapped here, so an upgrade of
-Ray (pinned to 2.60.x) has one place to look. The ``*_async`` helpers run Ray's
+Everything private of Ray's that overstory uses is wrapped here (``ray._private``, Ray
+Client's gRPC protocol in ``ray.core.generated``, a handle's actor id), so an upgrade of
+Ray (pinned to 2.60.x) has one place to look; an import-linter contract keeps it so. The ``*_async`` helpers run Ray's
 blocking GCS queries (``ray.nodes``, ``list_named_actors``, ``get_actor``) in a thread:
 an actor's event loop serves every other call meanwhile (a host holds thousands of
 conversations; a supervisor watches every child).
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
 
 __all__ = [
+    "actor_id",
     "alive_nodes",
     "alive_nodes_async",
     "get_actor_async",
@@ -24,9 +26,15 @@ __all__ = [
     "is_head",
     "named_actors_async",
     "quiet_worker_notices",
+    "ray_client_ping",
     "serve_listening",
     "token_auth_enabled",
 ]
+
+
+def actor_id(handle: Any) -> str:
+    """The hex id of the actor behind ``handle`` (the handle keeps it privately)."""
+    return str(handle._actor_id.hex())
 
 
 def is_head() -> bool:
@@ -52,6 +60,28 @@ def grpc_channel(target: str) -> Any:
     from ray._private.grpc_utils import init_grpc_channel
 
     return init_grpc_channel(target)
+
+
+@contextlib.contextmanager
+def ray_client_ping(target: str) -> Iterator[Callable[[float], None]]:
+    """A ping of the Ray Client server at ``host:port``, in Ray Client's own (private)
+    gRPC protocol: ``ClusterInfo(PING)`` on a channel opened as Ray opens one (with the
+    token it would send). Call the ping with a timeout in seconds; it returns when the
+    server answers and raises :class:`grpc.RpcError` with the server's status otherwise.
+    The channel closes when the block ends."""
+    from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
+
+    channel = grpc_channel(target)
+    try:
+        stub = ray_client_pb2_grpc.RayletDriverStub(channel)
+        request = ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING)
+
+        def ping(timeout_s: float) -> None:
+            stub.ClusterInfo(request, timeout=timeout_s)
+
+        yield ping
+    finally:
+        channel.close()
 
 
 def token_auth_enabled() -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from .access import is_conversation_id, load_record
 from .app import split_conversation_id
 from .exceptions import ConfigError
 from .messages import AssistantMessage, Message, UserMessage
@@ -123,9 +124,6 @@ async def usage(
     """:func:`summarize` over the store: every conversation, or ``user``'s (their own
     conversations with every agent, and the HTTP conversations they own). Reads every
     history it counts: an operator's command, not a per-request one."""
-    from .gateway.access import load_record
-    from .gateway.wire import is_conversation_id
-
     histories: list[tuple[str, list[Message]]] = []
     for cid in await store.conversation_ids():
         try:

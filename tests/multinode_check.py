@@ -16,7 +16,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 import overstory
-from overstory.runtime.demo import demo_agent
+from overstory.cli.demo import demo_agent
 
 
 def main(placement: str) -> None:

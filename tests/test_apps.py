@@ -30,7 +30,7 @@ from overstory.runtime.client import _run_store
 
 pytestmark = pytest.mark.ray
 
-CLI = [sys.executable, "-m", "overstory.runtime.cli"]
+CLI = [sys.executable, "-m", "overstory.cli"]
 
 APP = '''
 import overstory

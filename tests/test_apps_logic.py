@@ -17,7 +17,7 @@ import pytest
 from overstory import Agent, ConfigError, UnknownAgent, UsageError
 from overstory.actors.host import HostActor
 from overstory.app import App, AppLoadError, as_app, conversation_id, load_app
-from overstory.registry.shards import ShardTable
+from overstory.config import Config
 from overstory.rollout import (
     Pin,
     Split,
@@ -32,7 +32,7 @@ from overstory.rollout import (
     update_split,
     write_deployment,
 )
-from overstory.runtime.config import Config
+from overstory.sharding import ShardTable
 from overstory.store import open_store
 
 V = ["1", "2", "3"]
@@ -270,13 +270,13 @@ def test_a_host_serves_two_agents_as_separate_histories_and_refuses_an_unknown_o
             b = await host.send(v, conversation_id("sales", "u"), "t1", "hi sales")
             with pytest.raises(UnknownAgent, match="served agents: 'support', 'sales'"):
                 await host.send(v, conversation_id("billing", "u"), "t1", "hi")
-            count = await host._store.count(conversation_id("billing", "u"))
+            count = await host.services.store.count(conversation_id("billing", "u"))
             histories = [
-                await host._store.load(conversation_id(n, "u")) for n in ("support", "sales")
+                await host.services.store.load(conversation_id(n, "u")) for n in ("support", "sales")
             ]
             return a, b, count, histories
         finally:
-            await host._store.close()
+            await host.services.store.close()
 
     a, b, count, (support, sales) = asyncio.run(go())
     assert (a.agent, a.agent_version, b.agent) == ("support", "1", "sales")
@@ -291,7 +291,7 @@ def test_a_host_follows_rollout_stickiness_promote_and_rollback(sqlite_url: str)
     versions = ["1", "2"]
 
     async def change(fn: Any) -> None:
-        await update_split(host._store, "ns", "a", versions, fn)
+        await update_split(host.services.store, "ns", "a", versions, fn)
         host.forget_splits()
 
     async def turn(user: str, n: int) -> str:
@@ -322,7 +322,7 @@ def test_a_host_follows_rollout_stickiness_promote_and_rollback(sqlite_url: str)
                 "rolled": rolled,
             }
         finally:
-            await host._store.close()
+            await host.services.store.close()
 
     got = asyncio.run(go())
     assert got["old"] == ("1", "1")  # an existing conversation stays on live
@@ -337,7 +337,7 @@ def test_a_host_follows_rollout_stickiness_promote_and_rollback(sqlite_url: str)
 
 
 def test_unprefixed_ids_are_copied_and_agent_looking_ones_only_reported() -> None:
-    from overstory.runtime.deploy import unprefixed
+    from overstory.cli.deploy import unprefixed
 
     to_copy, ambiguous = unprefixed(["alice", "bob@example.com", ":x", "a b:c", "support:bob"])
     assert to_copy == ["alice", "bob@example.com", ":x", "a b:c"]
@@ -347,8 +347,8 @@ def test_unprefixed_ids_are_copied_and_agent_looking_ones_only_reported() -> Non
 def test_histories_from_before_apps_are_copied_once_and_a_cut_run_is_completed(
     sqlite_url: str,
 ) -> None:
+    from overstory.cli.deploy import adopt_histories
     from overstory.messages import UserMessage
-    from overstory.runtime.deploy import adopt_histories
 
     async def go() -> tuple[Any, ...]:
         store = open_store(sqlite_url)

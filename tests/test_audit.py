@@ -92,7 +92,7 @@ def test_concurrent_writers_and_one_that_died_half_way_keep_one_chain(sqlite_url
 def test_keys_are_audited_and_the_command_lists_filters_and_verifies(
     sqlite_url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from overstory.runtime.cli import main
+    from overstory.cli.main import main
 
     key, record = run(sqlite_url, lambda s: create_key(s, "bob"))
     run(sqlite_url, lambda s: revoke_key(s, record.key_id))

@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 
 import overstory
 from overstory import Reply, Runtime
-from overstory.runtime.demo import audit, demo_agent
+from overstory.cli.demo import audit, demo_agent
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-CLI = [sys.executable, "-m", "overstory.runtime.cli"]
+CLI = [sys.executable, "-m", "overstory.cli"]
 
 
 @pytest.fixture(scope="module", params=["hosted", "dedicated"])

@@ -15,11 +15,11 @@ import psutil
 import pytest
 from conftest import kill_namespace
 
-from overstory.runtime.demo import user_message
+from overstory.cli.demo import user_message
 
 pytestmark = pytest.mark.ray
 
-CLI = [sys.executable, "-m", "overstory.runtime.cli"]
+CLI = [sys.executable, "-m", "overstory.cli"]
 
 
 def expected_messages(users: int, turns: int) -> int:

@@ -113,7 +113,8 @@ def test_a_streamed_turn_carries_the_tools_progress_and_the_context_names_the_tu
     assert ("progress", "noted") in events
     assert SEEN == [("alice", "helper:conv_0123456789abcdef01234567", "helper", "3", "t1", False)]
     # the HTTP door's stream has no such event: a progress event is skipped there
-    from overstory.gateway.wire import new_conversation_id, new_response_id
+    from overstory.access import new_conversation_id
+    from overstory.gateway.wire import new_response_id
 
     reader = ResponseStream(new_response_id(new_conversation_id()), "helper")
     assert reader.feed(TurnEvent("t1", 0, "progress", text="adding")) == []

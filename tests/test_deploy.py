@@ -20,11 +20,12 @@ import yaml
 from conftest import kill_namespace
 
 from overstory import ClusterUnavailable, Config
+from overstory.cli import deploy
 from overstory.runtime import ops
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [ROOT / "cluster.yaml", *sorted((ROOT / "deploy").glob("*.yaml"))]
-CLI = [sys.executable, "-m", "overstory.runtime.cli"]
+CLI = [sys.executable, "-m", "overstory.cli"]
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -143,7 +144,7 @@ def test_a_bad_store_in_the_environment_is_rejected_naming_it(
 def served(ray_cluster: str, namespace: str, sqlite_url: str) -> Any:
     config = Config.from_mapping({"namespace": namespace, "store": sqlite_url})
     try:
-        yield config, ops.serve(config)
+        yield config, deploy.serve(config)
     finally:
         kill_namespace(namespace)
 
@@ -152,7 +153,7 @@ def served(ray_cluster: str, namespace: str, sqlite_url: str) -> Any:
 def test_serve_twice_boots_one_tree(served: Any) -> None:
     config, first = served
     assert first["booted"] is True
-    second = ops.serve(config)
+    second = deploy.serve(config)
     assert second["booted"] is False
     assert second["root_actor_id"] == first["root_actor_id"]
     assert second["store"] == config.store

@@ -19,6 +19,7 @@ import pytest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
+
 def _load(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"_docs_{name}", DOCS / f"{name}.py")
     assert spec is not None

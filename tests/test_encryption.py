@@ -207,7 +207,7 @@ def test_rotation_seals_plain_and_old_records_with_the_new_key_then_old_keys_may
 def test_the_rotate_data_command_reseals_with_the_first_key(
     sqlite_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from overstory.runtime.cli import main
+    from overstory.cli.main import main
 
     run(sqlite_url, DataKeys.parse(f"k1:{K1}"), lambda s: _write(s, "a:alice", _turn(0)))
     monkeypatch.delenv("OVERSTORY_DATA_KEY_FILE", raising=False)

@@ -17,17 +17,16 @@ from typing import Any
 import pytest
 
 from overstory import Agent, ConversationQuarantined, QuotaExceeded, TurnFailed
+from overstory.access import Principal, create_record
 from overstory.actors.conversation import ConversationActor
 from overstory.actors.host import HostActor
 from overstory.app import App, conversation_id
+from overstory.config import Config
 from overstory.conversation.entity import Shell
 from overstory.exceptions import NotPermitted, UnknownConversation
-from overstory.gateway.access import create_record
-from overstory.gateway.keys import Principal
 from overstory.messages import Reply, TurnEvent, UserMessage
 from overstory.providers import OfflineModel
-from overstory.registry.shards import ShardTable
-from overstory.runtime.config import Config
+from overstory.sharding import ShardTable
 
 AGENT = "entity"
 

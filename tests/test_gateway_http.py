@@ -21,10 +21,10 @@ from conftest import kill_namespace
 
 import overstory
 from overstory import Agent, OfflineModel, Runtime, UsageError
+from overstory.cli.demo import add
 from overstory.gateway.keys import create_key, revoke_key
 from overstory.providers.offline import Rule
 from overstory.runtime.client import _run_store as _store
-from overstory.runtime.demo import add
 
 pytestmark = pytest.mark.ray
 
@@ -408,8 +408,8 @@ def test_serving_the_door_on_another_address_is_refused_naming_the_one_in_use(
 def test_where_the_conversation_lives_the_principal_is_checked_again(door: Door) -> None:
     """Past the door: a handle acting for a principal (as the gateway's are) is refused
     by the host itself, whatever the caller asks for."""
+    from overstory.access import Principal
     from overstory.exceptions import NotPermitted, UnknownConversation
-    from overstory.gateway.keys import Principal
 
     alice = door.client("alice")
     conv = alice.conversations.create()
@@ -441,8 +441,8 @@ def test_where_the_conversation_lives_the_principal_is_checked_again(door: Door)
 
 
 def test_a_dedicated_conversation_checks_the_principal_too(door: Door) -> None:
+    from overstory.access import Principal
     from overstory.exceptions import UnknownConversation
-    from overstory.gateway.keys import Principal
 
     namespace = f"t-door-ded-{uuid.uuid4().hex[:8]}"
     solo = Agent("solo", model=OfflineModel("solo"), placement="dedicated")

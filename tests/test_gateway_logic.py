@@ -13,6 +13,7 @@ import pydantic
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 
+from overstory.access import new_conversation_id
 from overstory.exceptions import AuthenticationFailed, UnknownKey, UsageError
 from overstory.gateway.keys import (
     authenticate_key,
@@ -25,7 +26,6 @@ from overstory.gateway.wire import (
     ResponseStream,
     conversation_items,
     conversation_of,
-    new_conversation_id,
     new_response_id,
     page,
     sse,
@@ -369,8 +369,7 @@ def test_the_request_rate_slides_per_key_and_forgets_idle_keys() -> None:
 
 
 def test_access_is_owner_admin_or_a_share_and_others_learn_nothing() -> None:
-    from overstory.gateway.app import ConversationRecord, access
-    from overstory.gateway.keys import Principal
+    from overstory.access import ConversationRecord, Principal, access
 
     record = ConversationRecord(CONV, "alice", "helper", shares={"bob": "read", "carol": "write"})
     who = {
@@ -396,7 +395,7 @@ def test_access_is_owner_admin_or_a_share_and_others_learn_nothing() -> None:
 def test_the_keys_command_prints_a_key_once_lists_and_revokes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from overstory.runtime.cli import main
+    from overstory.cli.main import main
 
     store = f"sqlite:///{tmp_path}/keys.db"
     assert main(["keys", "create", "--user", "alice", "--json", "--store", store]) == 0
@@ -424,7 +423,7 @@ def test_the_keys_command_prints_a_key_once_lists_and_revokes(
 
 
 def test_serve_http_wants_host_and_port(capsys: pytest.CaptureFixture[str]) -> None:
-    from overstory.runtime.cli import main
+    from overstory.cli.main import main
 
     for bad in ("8000", "host:", ":80", "h:99999", "h:port"):
         with pytest.raises(SystemExit):
@@ -433,7 +432,7 @@ def test_serve_http_wants_host_and_port(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_the_record_cache_serves_a_read_for_its_ttl_then_reads_again(tmp_path: Path) -> None:
-    from overstory.gateway.access import RECORD_PREFIX, ConversationRecord, RecordCache
+    from overstory.access import RECORD_PREFIX, ConversationRecord, RecordCache
 
     now = [0.0]
     cache = RecordCache(ttl_s=2.0, size=2, clock=lambda: now[0])
@@ -470,9 +469,8 @@ def test_idempotency_keys_expire_are_swept_and_a_users_list_is_in_creation_order
     import time as _time
     from types import SimpleNamespace
 
+    from overstory.access import Principal
     from overstory.gateway.app import _IDEMPOTENT, ApiError, DoorLimits, Gateway
-    from overstory.gateway.keys import Principal
-    from overstory.gateway.wire import new_conversation_id
 
     url = f"sqlite:///{tmp_path}/door.db"
     alice, bob = Principal("alice"), Principal("bob")

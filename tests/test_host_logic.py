@@ -10,10 +10,9 @@ from typing import Any
 from overstory import Agent
 from overstory.actors.host import HostActor
 from overstory.app import App, conversation_id
+from overstory.config import Config
 from overstory.providers import OfflineModel
-from overstory.registry.hosts import table_key
-from overstory.registry.shards import ShardTable
-from overstory.runtime.config import Config
+from overstory.sharding import ShardTable, table_key
 
 
 def cid(user: str) -> str:

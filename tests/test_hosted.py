@@ -21,9 +21,9 @@ from ray._common.test_utils import wait_for_condition
 
 import overstory
 from overstory import Agent, ConversationQuarantined, Runtime, TurnFailed, UserMessage
+from overstory.cli.demo import DEMO_RULES, add, word_count
 from overstory.providers import OfflineModel
-from overstory.registry.shards import HOST_PREFIX
-from overstory.runtime.demo import DEMO_RULES, add, word_count
+from overstory.sharding import HOST_PREFIX
 from overstory.store import open_store
 from overstory.testing.tools import block
 

@@ -23,9 +23,9 @@ from conftest import WEBHOOK_SECRET, kill_namespace
 import overstory
 from overstory import Agent, JobFailed, OfflineModel, Runtime, UnknownAgent, UnknownJob
 from overstory.actors.jobs import JOBS
+from overstory.cli.main import main
 from overstory.exceptions import ConfigError, InvalidMessage, UsageError
 from overstory.messages import Message
-from overstory.runtime.cli import main
 
 pytestmark = pytest.mark.ray
 

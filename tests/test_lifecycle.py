@@ -19,7 +19,7 @@ import overstory
 from overstory import Reply, Runtime, UserMessage
 from overstory.actors.names import actor_name
 from overstory.app import conversation_id
-from overstory.runtime.demo import demo_agent
+from overstory.cli.demo import demo_agent
 from overstory.store import open_store
 from overstory.supervisors import ChildSpec, SupervisorSpec
 from overstory.supervisors.named import SUPERVISED

@@ -56,7 +56,7 @@ def test_the_mode_comes_from_the_environment_and_a_bad_one_is_named() -> None:
 def test_the_cli_refuses_a_bad_log_mode(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], sqlite_url: str
 ) -> None:
-    from overstory.runtime.cli import main
+    from overstory.cli.main import main
 
     monkeypatch.setenv("OVERSTORY_LOG", "xml")
     assert main(["keys", "list", "--store", sqlite_url]) == 2

@@ -28,7 +28,7 @@ import json, sys
 import overstory
 from overstory import Agent
 from overstory.providers import Endpoint, OfflineModel, Secret
-from overstory.runtime.demo import add
+from overstory.cli.demo import add
 
 base_url, store, namespace = sys.argv[1:4]
 agent = Agent(
@@ -132,7 +132,7 @@ def test_one_trace_per_send_reaches_a_real_otlp_receiver_from_every_process(
 
 def test_metrics_reach_the_nodes_metrics_port(ray_cluster: str, tmp_path: Path) -> None:
     import overstory
-    from overstory.runtime.demo import demo_agent
+    from overstory.cli.demo import demo_agent
 
     namespace = f"t-metrics-{uuid.uuid4().hex[:6]}"
     rt = overstory.connect(demo_agent(), store=f"sqlite:///{tmp_path}/m.db", namespace=namespace)

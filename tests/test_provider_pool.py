@@ -24,6 +24,7 @@ from ray._private.test_utils import wait_for_condition
 
 import overstory
 from overstory import Agent, Runtime
+from overstory.cli.demo import add, word_count
 from overstory.messages import UserMessage
 from overstory.providers import (
     BreakerPolicy,
@@ -34,7 +35,6 @@ from overstory.providers import (
     Secret,
 )
 from overstory.providers.pool import provider_actor_name, provider_namespace, provider_statuses
-from overstory.runtime.demo import add, word_count
 from overstory.testing import AnthropicServer, Fault, OpenAIServer
 
 pytestmark = pytest.mark.ray
@@ -352,7 +352,7 @@ def test_the_demo_finishes_on_the_backup_when_the_primary_fails_mid_run(
     cmd = [
         sys.executable,
         "-m",
-        "overstory.runtime.cli",
+        "overstory.cli",
         "demo",
         "--users",
         "4",

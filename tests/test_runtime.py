@@ -30,8 +30,8 @@ from overstory import (
     UserMessage,
 )
 from overstory.app import conversation_id
+from overstory.cli.demo import demo_agent
 from overstory.registry import actor_name
-from overstory.runtime.demo import demo_agent
 
 pytestmark = pytest.mark.ray
 
@@ -120,7 +120,7 @@ def test_detached_actor_outlives_its_driver_and_a_second_driver_reaches_it(
 ) -> None:
     code = """
         import json, sys, overstory
-        from overstory.runtime.demo import demo_agent
+        from overstory.cli.demo import demo_agent
         rt = overstory.connect(
             demo_agent(placement=sys.argv[3]), store=sys.argv[1], namespace=sys.argv[2],
             hosts_per_node=1)
@@ -147,7 +147,7 @@ def test_concurrent_get_or_start_yields_exactly_one_actor(
 ) -> None:
     code = """
         import json, sys, overstory
-        from overstory.runtime.demo import demo_agent
+        from overstory.cli.demo import demo_agent
         rt = overstory.connect(
             demo_agent(placement=sys.argv[3]), store=sys.argv[1], namespace=sys.argv[2],
             hosts_per_node=1)

@@ -9,7 +9,7 @@ import pytest
 
 from overstory import ConfigError
 from overstory.exceptions import StaleShardTable
-from overstory.registry.shards import HOST_PREFIX, ShardTable, host_name, shard_of
+from overstory.sharding import HOST_PREFIX, ShardTable, host_name, shard_of
 
 
 def test_shard_of_is_stable_and_independent_of_the_process() -> None:

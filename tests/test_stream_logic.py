@@ -14,13 +14,13 @@ import pytest
 from overstory import Agent, AllModelsFailed, ModelError, UnknownTurn
 from overstory.actors.host import HostActor
 from overstory.app import App, conversation_id
+from overstory.config import Config
 from overstory.conversation.turnlog import TurnLog, TurnLogs, TurnStreams, replay
 from overstory.exceptions import InvalidMessage, Passivated, TurnIncomplete
 from overstory.messages import AssistantMessage, Message, ModelResponse, TurnEvent, UserMessage
 from overstory.providers import FallbackModel, Model, OfflineModel, Rule
 from overstory.providers.base import FallThrough, StreamItem
-from overstory.registry.shards import ShardTable
-from overstory.runtime.config import Config
+from overstory.sharding import ShardTable
 from overstory.tools import ToolDefinition
 
 CID = conversation_id("s", "u")
@@ -255,10 +255,10 @@ def _run_on_a_host(agent: Agent, text: str, url: str) -> tuple[list[TurnEvent], 
                 batch, _ = await host.events(v, CID, "t1", after, 5.0)
                 events += batch
                 after = events[-1].seq if events else after
-            stored = await host._store.load(CID)
+            stored = await host.services.store.load(CID)
             return events, stored, events[-1].reply
         finally:
-            await host._store.close()
+            await host.services.store.close()
 
     return asyncio.run(go())
 
@@ -314,9 +314,9 @@ def test_readers_resume_anywhere_and_a_turn_whose_log_is_gone_is_replayed_or_res
             assert agent.model.requests == asked  # type: ignore[attr-defined]
             # a turn whose process died after storing the user message: started again
             await host.passivate(v, CID)
-            await host._open_store()
-            epoch = await host._store.acquire(CID)
-            await host._store.append(
+            await host._open()
+            epoch = await host.services.store.acquire(CID)
+            await host.services.store.append(
                 CID, UserMessage(content="four five", seq=2, turn_id="t2"), epoch=epoch
             )
             again: list[TurnEvent] = []
@@ -326,7 +326,7 @@ def test_readers_resume_anywhere_and_a_turn_whose_log_is_gone_is_replayed_or_res
                 after = again[-1].seq
             with pytest.raises(UnknownTurn, match="has no turn 'nope'"):
                 await host.events(v, CID, "nope", -1, 1.0)
-            stored = await host._store.load(CID)
+            stored = await host.services.store.load(CID)
             return {
                 "first": first,
                 "resumed": resumed,
@@ -335,7 +335,7 @@ def test_readers_resume_anywhere_and_a_turn_whose_log_is_gone_is_replayed_or_res
                 "stored": stored,
             }
         finally:
-            await host._store.close()
+            await host.services.store.close()
 
     got = asyncio.run(go())
     first = got["first"]
@@ -368,14 +368,14 @@ def test_a_model_failing_after_its_first_token_ends_the_turn_incomplete_and_stor
             while not events or not events[-1].terminal:
                 events += (await host.events(v, CID, "t1", after, 5.0))[0]
                 after = events[-1].seq
-            stored = await host._store.load(CID)
+            stored = await host.services.store.load(CID)
             with pytest.raises(TurnIncomplete, match="failed mid-answer") as again:
                 await host.send(v, CID, "t1", "hello")  # a re-send: the same outcome
             await host.passivate(v, CID)
             replayed, _ = await host.events(v, CID, "t1", -1, 5.0)
             return events, stored, again.value, replayed
         finally:
-            await host._store.close()
+            await host.services.store.close()
 
     events, stored, again, replayed = asyncio.run(go())
     assert [e.type for e in events] == ["started", "delta", "delta", "incomplete"]
@@ -410,9 +410,9 @@ def test_cancel_stops_a_turn_at_the_next_delta_and_stores_what_was_shown(
             while not events[-1].terminal:
                 events += (await host.events(v, CID, "t1", events[-1].seq, 5.0))[0]
             assert not await host.cancel(v, CID, "t1")  # ended: nothing to cancel
-            return events, await host._store.load(CID)
+            return events, await host.services.store.load(CID)
         finally:
-            await host._store.close()
+            await host.services.store.close()
 
     started = time.monotonic()
     events, stored = asyncio.run(go())

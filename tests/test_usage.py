@@ -13,11 +13,11 @@ from conftest import kill_namespace
 
 import overstory
 from overstory import Agent, ConfigError, OfflineModel, Runtime
+from overstory.access import create_record
+from overstory.cli.demo import add
 from overstory.conversation.turn import _record_cost
-from overstory.gateway.access import create_record
 from overstory.messages import AssistantMessage, Message, ToolCall, ToolReturn, Usage, UserMessage
 from overstory.providers.offline import Rule
-from overstory.runtime.demo import add
 from overstory.store import open_store
 from overstory.usage import cost_of, price_for, summarize, usage, validate_prices
 
@@ -116,7 +116,7 @@ def test_the_store_is_counted_per_user_with_their_http_conversations(
         assert (everyone["turns"], everyone["input_tokens"]) == (3, 700)
 
     asyncio.run(body())
-    from overstory.runtime.cli import main
+    from overstory.cli.main import main
 
     config = tmp_path / "overstory.toml"
     config.write_text(

@@ -163,7 +163,7 @@ def test_tools_use_the_vault_through_their_context(tmp_path: Path) -> None:
 def test_the_vault_command_lists_gets_and_removes(
     sqlite_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from overstory.runtime.cli import main
+    from overstory.cli.main import main
 
     async def body(store: HistoryStore) -> None:
         await DataVault(store, "a", "u1", shared=("faq",)).store("notes", {"t": 1}, key="n1")

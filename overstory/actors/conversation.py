@@ -26,12 +26,14 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from ..access import Principal
 from ..app import App
+from ..config import Config
 from ..conversation.entity import Entity, Services, Shell, activate
 from ..conversation.serving import Binding
 from ..conversation.supervision import EntitySupervision
@@ -41,10 +43,6 @@ from ..providers import Secret
 from ..supervisors.watch import RESTARTED, new_incarnation, watched_elsewhere
 from ..telemetry import flush as flush_telemetry
 from ..telemetry import setup_telemetry
-
-if TYPE_CHECKING:
-    from ..gateway.keys import Principal
-    from ..runtime.config import Config
 
 __all__ = ["ConversationActor"]
 

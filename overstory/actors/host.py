@@ -1,7 +1,7 @@
 """HostActor: many conversations as entities inside one async Ray actor (hosted placement).
 
 A host (``overstory:host:<i>``, named, detached, restarted in place by Ray) serves the
-shards the :class:`~overstory.registry.shards.ShardTable` gives it. Each conversation is
+shards the :class:`~overstory.sharding.ShardTable` gives it. Each conversation is
 an :class:`~overstory.conversation.entity.Entity` — its history, its epoch, its turn
 gate — activated on its first call by loading the history from the store (milliseconds;
 no process starts) and passivated when idle or when the host is over its cap (least
@@ -39,24 +39,22 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 
+from ..access import Principal
 from ..app import App
+from ..config import Config
 from ..conversation.entity import Entity, Services, Shell, activate
 from ..conversation.serving import Binding
 from ..conversation.supervision import EntitySupervision
 from ..exceptions import StaleShardTable
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
+from ..sharding import ShardTable, stored_table
 from ..supervisors.watch import new_incarnation, until_death
 from ..telemetry import metrics, setup_telemetry
-
-if TYPE_CHECKING:  # imported for types only: registry and runtime import this module
-    from ..gateway.keys import Principal
-    from ..registry.shards import ShardTable
-    from ..runtime.config import Config
 
 __all__ = ["HostActor", "process_memory"]
 
@@ -307,8 +305,6 @@ class HostActor(Shell):
 
     async def _read_table(self) -> bool:
         """Take the stored shard table if it is newer; shed what this host lost."""
-        from ..registry.hosts import stored_table  # the registry imports this module
-
         stored = await stored_table(self.services.store, self.namespace)
         if stored is None or stored.version <= self.table.version:
             return False

@@ -6,7 +6,14 @@ store): it reads the due queue entries every ``jobs_poll_s`` (or at once, when a
 pokes it), takes the ones :func:`~overstory.jobs.pick` allows by compare-and-set
 (:func:`~overstory.jobs.claim`), and runs each as a turn of its user's conversation
 through the same client every driver uses — so a host killed mid-turn is re-sent to,
-as any client would, with the job's turn id. While a turn runs, the job's lease is
+as any client would, with the job's turn id.
+
+The runner is a client of conversations, yet it lives in the supervision tree, below
+the client layer (the registry boots it): so it never imports the client. It states the
+one thing it needs, :class:`JobTurns` (stream a job's turn), and the client hands it
+an :data:`OpenTurns` when it boots the tree
+(:class:`overstory.runtime.client.ClientTurns`, sent to the runner's process by
+reference); the runner opens it on its first job. While a turn runs, the job's lease is
 renewed every third of ``jobs_lease_s``; if this process dies, Ray (then the root)
 starts it again and the new incarnation adopts the jobs the old one held
 (:func:`~overstory.jobs.claimable`).
@@ -23,14 +30,15 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 import httpx
 import ray
 
 from .. import cache
 from ..agent import Placement
+from ..config import Config
 from ..exceptions import QuotaExceeded
 from ..jobs import (
     TERMINAL,
@@ -47,12 +55,11 @@ from ..jobs import (
     succeed,
 )
 from ..messages import TurnEvent
-from ..runtime.config import Config
 from ..store import HistoryStore, open_store
 from ..supervisors.watch import new_incarnation, until_death
 from ..telemetry import metrics, setup_telemetry
 
-__all__ = ["JOBS", "WEBHOOK_SECRET_ENV", "JobRunner"]
+__all__ = ["JOBS", "WEBHOOK_SECRET_ENV", "JobRunner", "JobTurns", "OpenTurns"]
 
 #: The runner's actor name in the namespace.
 JOBS = "overstory.jobs"
@@ -66,17 +73,35 @@ _WEBHOOK_TIMEOUT_S = 10.0
 log = logging.getLogger(__name__)
 
 
+class JobTurns(Protocol):
+    """How the runner runs a job: as a streamed turn of ``user``'s conversation with
+    ``agent``, under the job's ``turn_id`` (a turn sent again after its host died is the
+    same turn), its events until the terminal one."""
+
+    def stream(
+        self, user: str, agent: str, text: str, *, turn_id: str, version: str | None
+    ) -> AsyncIterator[TurnEvent]: ...
+
+
+#: Makes the runner's :class:`JobTurns` in the runner's own process; it may block (a
+#: client attaches to the running tree), so the runner calls it in a thread.
+OpenTurns = Callable[[Config, Placement], JobTurns]
+
+
 class JobRunner:
     """Runs a namespace's background jobs (see the module doc)."""
 
-    def __init__(self, namespace: str, config: Config, placement: Placement) -> None:
+    def __init__(
+        self, namespace: str, config: Config, placement: Placement, open_turns: OpenTurns
+    ) -> None:
         self.namespace, self.config, self.placement = namespace, config, placement
+        self.open_turns = open_turns
         self.limits = config.job_limits()
         self.incarnation = new_incarnation()
         setup_telemetry()
         self._store: HistoryStore = open_store(config.store)
         self._book = JobBook(self._store, namespace)
-        self._runtime: Any = None  # the client, made on first use (it attaches to the tree)
+        self._turns: JobTurns | None = None  # made on first use (it attaches to the tree)
         self._running: dict[str, JobRecord] = {}  # job id -> the record as claimed
         self._tasks: set[asyncio.Task[None]] = set()
         self._notifying: set[str] = set()  # jobs whose webhook is being delivered
@@ -183,14 +208,10 @@ class JobRunner:
 
     # --- one job ------------------------------------------------------------------------
 
-    async def _client(self) -> Any:
-        if self._runtime is None:
-            from ..runtime.client import Runtime
-
-            self._runtime = await asyncio.to_thread(
-                Runtime, self.config, None, started_ray=False, placement=self.placement, adopt=True
-            )
-        return self._runtime
+    async def _client(self) -> JobTurns:
+        if self._turns is None:
+            self._turns = await asyncio.to_thread(self.open_turns, self.config, self.placement)
+        return self._turns
 
     async def _run(self, job: JobRecord) -> None:
         heart = asyncio.get_running_loop().create_task(self._heartbeat(job.id))
@@ -235,10 +256,11 @@ class JobRunner:
 
         last: TurnEvent | None = None
         try:
-            runtime = await self._client()
-            conv = await runtime.conversation_async(job.user, agent=job.agent)
+            turns = await self._client()
             version = job.version or None
-            async for event in conv.stream_async(job.text, turn_id=job.turn_id, version=version):
+            async for event in turns.stream(
+                job.user, job.agent, job.text, turn_id=job.turn_id, version=version
+            ):
                 last = event
         except QuotaExceeded as exc:
             return failed(_describe(exc), False, exc.retry_after_s)

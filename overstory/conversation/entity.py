@@ -32,11 +32,12 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from ..access import Need, Principal, RecordCache, check_access, user_of
 from ..app import App
+from ..config import Config
 from ..exceptions import Fenced, Passivated, SequenceConflict, TurnFailed, UsageError
-from ..gateway.access import Need, RecordCache, check_access, user_of
 from ..messages import Message, Reply, TurnEvent
 from ..providers import Secret
 from ..providers.pool import provider_namespace
@@ -49,10 +50,6 @@ from .serving import Binding, Serving
 from .supervision import EntitySupervision
 from .turn import Emit, run_turn
 from .turnlog import TurnStreams
-
-if TYPE_CHECKING:  # for types only: the config module belongs to the client layer
-    from ..gateway.keys import Principal
-    from ..runtime.config import Config
 
 __all__ = ["Entity", "Services", "Shell", "activate"]
 

@@ -30,6 +30,19 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
+from ..access import (
+    ConversationRecord,
+    Need,
+    Principal,
+    access,
+    create_record,
+    delete_record,
+    load_record,
+    new_conversation_id,
+    owned_records,
+    update_record,
+    validate_metadata,
+)
 from ..audit import note
 from ..exceptions import (
     AuthenticationFailed,
@@ -46,24 +59,12 @@ from ..exceptions import (
 from ..jobs import JobBook, JobRecord, new_job
 from ..store import HistoryStore, open_store
 from ..validation import validate_message, validate_user_id
-from .access import (
-    ConversationRecord,
-    Need,
-    access,
-    create_record,
-    delete_record,
-    load_record,
-    owned_records,
-    update_record,
-    validate_metadata,
-)
-from .keys import KEY_PREFIX, Principal, authenticate_key
+from .keys import KEY_PREFIX, authenticate_key
 from .tokens import JwtSettings, authenticate_jwt
 from .wire import (
     ResponseStream,
     conversation_items,
     conversation_of,
-    new_conversation_id,
     new_response_id,
     page,
     sse,

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..access import Principal
 from ..audit import note
 from ..exceptions import AuthenticationFailed, StoreError, UnknownKey
 from ..store import HistoryStore
@@ -31,7 +32,6 @@ from ..validation import validate_user_id
 __all__ = [
     "KEY_PREFIX",
     "KeyRecord",
-    "Principal",
     "authenticate_key",
     "create_key",
     "key_hash",
@@ -45,16 +45,6 @@ _KEY = re.compile(rf"{KEY_PREFIX}_(?P<id>[0-9a-f]{{12}})_(?P<secret>[A-Za-z0-9_-
 _ID = re.compile(r"[0-9a-f]{12}")
 _RECORD = "overstory.apikey:"
 _INDEX = "overstory.apikeys"
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is calling: a user id, whether they are an admin, and how they proved it."""
-
-    user: str
-    admin: bool = False
-    via: str = "api_key"  # or "jwt"
-    key_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

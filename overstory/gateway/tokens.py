@@ -16,9 +16,9 @@ from typing import Any
 
 import jwt
 
+from ..access import Principal
 from ..exceptions import AuthenticationFailed, ConfigError, InvalidUserId
 from ..validation import validate_user_id
-from .keys import Principal
 
 __all__ = ["ALLOWED_ALGORITHMS", "JwtSettings", "authenticate_jwt"]
 

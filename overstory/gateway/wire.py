@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ..access import CONVERSATION_ID
 from ..exceptions import UsageError
 from ..messages import AssistantMessage, Message, ToolReturn, TurnEvent, UserMessage
 
@@ -24,24 +25,18 @@ __all__ = [
     "ResponseStream",
     "conversation_items",
     "conversation_of",
-    "new_conversation_id",
     "new_response_id",
     "page",
     "sse",
 ]
 
-_CONV = re.compile(r"conv_(?P<hex>[0-9a-f]{24})")
 _RESP = re.compile(r"resp_(?P<conv>[0-9a-f]{24})(?P<turn>[0-9a-f]{16})")
-
-
-def new_conversation_id() -> str:
-    return f"conv_{secrets.token_hex(12)}"
 
 
 def new_response_id(conversation_id: str, now: float | None = None) -> str:
     """``resp_`` + the conversation's 24 hex + the creation second (8 hex) + 8 random
     hex: every reader derives the same ``created_at`` from the id alone."""
-    match = _CONV.fullmatch(conversation_id)
+    match = CONVERSATION_ID.fullmatch(conversation_id)
     if match is None:
         raise UsageError(f"not a conversation id: {conversation_id!r:.60}")
     second = int(time.time() if now is None else now)
@@ -54,10 +49,6 @@ def conversation_of(response_id: str) -> str:
     if match is None:
         raise UsageError(f"not a response id: {str(response_id)!r:.60}")
     return f"conv_{match['conv']}"
-
-
-def is_conversation_id(value: object) -> bool:
-    return isinstance(value, str) and _CONV.fullmatch(value) is not None
 
 
 class ResponseStream:

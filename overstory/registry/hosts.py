@@ -1,6 +1,6 @@
 """The hosted placement's registry: the host supervisor and the client's router.
 
-The shard table lives in the store (compare-and-set, :func:`table_key`): the
+The shard table lives in the store (compare-and-set, :func:`~overstory.sharding.table_key`): the
 :class:`HostSupervisor` writes the first one sized for the cluster as it is
 (``hosts_per_node``, or each alive node's CPU count), supervises one
 :class:`~overstory.actors.host.HostActor` per entry as a permanent child, and
@@ -23,15 +23,15 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from .._ray import alive_nodes_async, get_actor_async
 from ..actors.host import HostActor
 from ..app import App
+from ..config import Config
 from ..exceptions import ConfigError, ConversationUnavailable, StaleShardTable
 from ..rollout import Deployment, read_deployment
-from ..runtime.config import Config
-from ..store import HistoryStore, open_store
+from ..sharding import ShardTable, stored_table, table_key
+from ..store import open_store
 from ..supervisors import ChildSpec, SupervisorSpec, add_child
 from ..supervisors.core import replace_child
 from ..supervisors.named import SUPERVISED, unwrap_task_error
 from ..supervisors.tree import HOSTS, ROOT, NamedChild, Supervisor
-from .shards import ShardTable
 
 __all__ = [
     "HOST_OPTIONS",
@@ -40,8 +40,6 @@ __all__ = [
     "count_hosts",
     "grow_hosts",
     "hosts_child",
-    "stored_table",
-    "table_key",
 ]
 
 _RemoteHost: Any = ray.remote(HostActor)
@@ -66,16 +64,6 @@ async def count_hosts(config: Config) -> int:
         cpus = int(resources.get("CPU", 1) or 1)
         total += config.hosts_per_node or max(1, cpus)
     return max(1, min(total, config.shards))
-
-
-def table_key(namespace: str) -> str:
-    """Where a namespace's shard table is kept in the store."""
-    return f"overstory.shard_table:{namespace}"
-
-
-async def stored_table(store: HistoryStore, namespace: str) -> ShardTable | None:
-    raw = await store.get_setting(table_key(namespace))
-    return None if raw is None else ShardTable.from_json(raw)
 
 
 def hosts_child(namespace: str, app: App | None, config: Config) -> ChildSpec:

@@ -3,7 +3,7 @@
 Two placements (:data:`overstory.agent.Placement`):
 
 * ``hosted`` (default): the conversation is an entity in the host its shard maps to
-  (:mod:`.shards`, :mod:`.hosts`). The registry holds a :class:`~.hosts.HostRouter`;
+  (:mod:`overstory.sharding`, :mod:`.hosts`). The registry holds a :class:`~.hosts.HostRouter`;
   there is nothing to start — the host activates the entity on its first call.
 * ``dedicated``: the conversation is a named actor of its own. The registry's state —
   which are live, on which node, since when — lives in the
@@ -23,13 +23,13 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from ..actors.jobs import JOBS, JobRunner
+from ..actors.jobs import JOBS, JobRunner, OpenTurns
 from ..actors.names import actor_name
 from ..agent import Placement
 from ..app import App
+from ..config import Config
 from ..exceptions import ConfigError, ConversationUnavailable, StaleShardTable, UnknownAgent
 from ..providers import Secret
-from ..runtime.config import Config
 from ..supervisors import ChildSpec, SupervisorSpec
 from ..supervisors.conversations import ConversationSupervisor
 from ..supervisors.named import SUPERVISED, unwrap_task_error
@@ -52,7 +52,9 @@ class Registry:
     driver); ``None`` when the app is deployed (``overstory serve MODULE:ATTR``): its
     hosts import it from the store's record, and ``placement`` is the record's. With
     ``adopt=True`` (``connect()`` without an agent) the registry takes whichever
-    placement the running tree has.
+    placement the running tree has. ``job_turns`` is how the tree's job runner runs a
+    job's turn (the client's :class:`~overstory.runtime.client.ClientTurns`): the
+    registry and the runner sit below the client and never import it.
     """
 
     def __init__(
@@ -62,8 +64,10 @@ class Registry:
         app: App | None,
         placement: Placement | None = None,
         adopt: bool = False,
+        job_turns: OpenTurns,
     ) -> None:
         self.config = config
+        self.job_turns = job_turns
         self.namespace = config.namespace
         self.app = app
         self.adopt = adopt
@@ -93,7 +97,10 @@ class Registry:
             child = ChildSpec("conversations", start=conversations, restart="permanent")
         # Started after the conversations' supervisor: it sends their turns.
         runner = NamedChild(
-            _RemoteJobRunner, JOBS, (self.namespace, self.config, self.placement), SUPERVISED
+            _RemoteJobRunner,
+            JOBS,
+            (self.namespace, self.config, self.placement, self.job_turns),
+            SUPERVISED,
         )
         jobs = ChildSpec("jobs", start=runner, restart="permanent")
         return SupervisorSpec(strategy="one_for_one", children=(child, jobs))

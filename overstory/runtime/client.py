@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, suppress
 from typing import Any, TypeVar
@@ -29,10 +29,18 @@ from opentelemetry.trace import Span, SpanKind
 from ray.exceptions import RayActorError, RayTaskError
 
 from .. import vault as vault_ops
+from ..access import (
+    ConversationRecord,
+    Principal,
+    create_record,
+    owned_records,
+    validate_metadata,
+)
 from ..actors.jobs import JOBS
 from ..agent import Agent, Placement
 from ..app import App, as_app, conversation_id
 from ..audit import note
+from ..config import Config
 from ..exceptions import (
     ConfigError,
     ConversationUnavailable,
@@ -43,13 +51,6 @@ from ..exceptions import (
     UnknownTurn,
     UsageError,
 )
-from ..gateway.access import (
-    ConversationRecord,
-    create_record,
-    owned_records,
-    validate_metadata,
-)
-from ..gateway.keys import Principal
 from ..jobs import (
     TERMINAL,
     JobBook,
@@ -83,7 +84,6 @@ from ..usage import usage as usage_of
 from ..validation import validate_message, validate_user_id
 from ._portal import Portal
 from .cluster import attach, detach
-from .config import Config
 from .transport import Transport, transport_for
 
 __all__ = ["Conversation", "Job", "Runtime", "connect"]
@@ -202,7 +202,7 @@ class Conversation:
     def acting_for(self, principal: Principal | None) -> Conversation:
         """This handle for calls made on behalf of ``principal`` (the HTTP front door's
         caller): where the conversation lives, each call is checked again against the
-        conversation's owner and shares (``overstory.gateway.access``). It shares this
+        conversation's owner and shares (``overstory.access``). It shares this
         handle's ordering of sends; ``None``: a trusted in-cluster caller, as usual."""
         other = copy.copy(self)
         other._principal = principal
@@ -537,7 +537,9 @@ class Runtime:
         self.config = config
         self.app = app
         self.started_ray = started_ray
-        self.registry = Registry(config=config, app=app, placement=placement, adopt=adopt)
+        self.registry = Registry(
+            config=config, app=app, placement=placement, adopt=adopt, job_turns=ClientTurns
+        )
         # Handles by conversation id, least recently used first: a long-lived driver (a
         # web server) sees users come and go, so the cache is bounded.
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
@@ -962,6 +964,23 @@ class Runtime:
         if self.started_ray:
             detach()
             self.started_ray = False
+
+
+class ClientTurns:
+    """How the job runner runs a job's turn (:class:`overstory.actors.jobs.JobTurns`): a
+    client of its own, in the runner's process, attached to the running tree, streaming
+    the turn as any driver does. The registry hands this class to the runner when it
+    boots the tree; the runner makes one on its first job."""
+
+    def __init__(self, config: Config, placement: Placement) -> None:
+        self._runtime = Runtime(config, None, started_ray=False, placement=placement, adopt=True)
+
+    async def stream(
+        self, user: str, agent: str, text: str, *, turn_id: str, version: str | None
+    ) -> AsyncIterator[TurnEvent]:
+        conv = await self._runtime.conversation_async(user, agent=agent)
+        async for event in conv.stream_async(text, turn_id=turn_id, version=version):
+            yield event
 
 
 def _call_when_done(job: Job, on_done: Callable[[dict[str, Any]], None]) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import ray
 
-from .._ray import grpc_channel, is_head, token_auth_enabled
+from .._ray import is_head, ray_client_ping, token_auth_enabled
 from ..exceptions import ClusterAuthRefused, ClusterUnavailable
 
 __all__ = [
@@ -117,18 +117,14 @@ def check_ray_client(address: str, timeout_s: float = RAY_CLIENT_TIMEOUT_S) -> N
     that is still coming up is waited for, and one that never answers within
     ``timeout_s`` raises :class:`ClusterUnavailable` naming the last thing it said.
     """
-    # imported here, not at the top: conversation actors import this package, and a
-    # Ray worker does not load gRPC's Python bindings unless something asks for them
+    # imported here, not at the top: a Ray worker does not load gRPC's Python bindings
+    # unless something asks for them
     import grpc
-    from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
 
     target = address.removeprefix("ray://")
     deadline = time.monotonic() + timeout_s
-    channel = grpc_channel(target)  # adds Ray's token interceptor when auth is on
     last = "no answer yet"
-    try:
-        stub = ray_client_pb2_grpc.RayletDriverStub(channel)
-        ping = ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING)
+    with ray_client_ping(target) as ping:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -138,7 +134,7 @@ def check_ray_client(address: str, timeout_s: float = RAY_CLIENT_TIMEOUT_S) -> N
                     "that the head's client port is reachable from here"
                 )
             try:
-                stub.ClusterInfo(ping, timeout=min(left, _PING_TIMEOUT_S))
+                ping(min(left, _PING_TIMEOUT_S))
                 return
             except grpc.RpcError as exc:
                 code = exc.code()
@@ -149,8 +145,6 @@ def check_ray_client(address: str, timeout_s: float = RAY_CLIENT_TIMEOUT_S) -> N
                     raise ClusterAuthRefused(address, _auth_hint()) from None
                 last = f"{code.name}: {exc.details()}"
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-    finally:
-        channel.close()
 
 
 def _auth_hint() -> str:

@@ -1,4 +1,5 @@
-"""Operating a deployed app: ``serve`` (boot the tree once), ``status`` and ``health``.
+"""Looking at a running tree: ``status`` and ``health`` (the CLI's commands and the
+gateway's ``/readyz``), and attaching to a running cluster for them.
 
 None of these starts Ray. They attach to a running cluster — ``address``, else
 ``RAY_ADDRESS``, else the instance ``ray start`` left on this machine (``"auto"``), or
@@ -25,25 +26,26 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
 from .._ray import alive_nodes
-from ..exceptions import ClusterUnavailable, UsageError
+from ..config import STORE_ENV
+from ..exceptions import ClusterUnavailable, ConversationUnavailable
 from ..providers.pool import provider_statuses
 from ..rollout import read_split
 from ..store import open_store, redact_url
 from ..supervisors.named import unwrap_task_error
 from ..supervisors.tree import CONVERSATIONS, HOSTS, ROOT, running_placement
-from .client import connect
 from .cluster import init_ray
-from .config import Config
 
 __all__ = [
     "SECTIONS",
     "Probe",
     "attach_existing",
     "health",
+    "named_actor",
     "problems",
     "providers_section",
-    "serve",
     "status",
+    "store_of_tree",
+    "tree_store",
 ]
 
 
@@ -99,48 +101,6 @@ def _check_listening(target: str, timeout_s: float = 5.0) -> None:
             f"cannot attach to a running Ray cluster at {target!r}: nothing answers there "
             f"({exc}); overstory's operator commands never start one"
         ) from None
-
-
-# --- serve --------------------------------------------------------------------------------
-
-
-def serve(
-    config: Config, source: str | None = None, working_dir: str | None = None
-) -> dict[str, Any]:
-    """Boot the supervision tree on the running cluster, or attach to the one running;
-    with ``source`` (``module:attr``), deploy that app to it
-    (:func:`~overstory.runtime.deploy.serve_app`).
-
-    Idempotent: the root is a named detached actor, created atomically by the GCS, so
-    running this twice (or on two machines at once) leaves exactly one tree. The
-    process may exit afterwards; the tree stays. Returns what it found and did.
-    """
-    from .deploy import import_here, serve_app, working_dir_env
-
-    if working_dir is not None and source is None:
-        raise UsageError("--working-dir needs an app to serve (MODULE:ATTR)")
-    runtime_env = working_dir_env(working_dir)
-    app = None if source is None else import_here(source, working_dir)  # fails fast
-    attach_existing(config.ray_address, config.namespace, runtime_env)
-    existed = _named(ROOT, config.namespace) is not None
-    deployed: dict[str, Any] = {}
-    if app is not None:
-        deployed = serve_app(config, app, working_dir is not None)
-    # ray is initialised now, so connect() attaches and never starts a local Ray; it
-    # also opens the store once, so an unreachable store fails here, on the head.
-    runtime = connect(config=config)
-    root = _named(ROOT, config.namespace)
-    result: dict[str, Any] = {
-        "namespace": config.namespace,
-        "booted": not existed,
-        "root_actor_id": root._actor_id.hex() if root is not None else None,
-        "store": redact_url(_tree_store(Probe(config.namespace)) or runtime.config.store),
-        **deployed,
-    }
-    if not deployed:
-        result["app"] = runtime.served()
-    runtime.close()
-    return result
 
 
 # --- status sections ----------------------------------------------------------------------
@@ -203,7 +163,7 @@ def _host_rows(probe: Probe) -> list[dict[str, Any]]:
     """Each host's status (an ``error`` row for one that does not answer)."""
     refs: dict[str, Any] = {}
     for name in _host_names(probe):
-        handle = _named(name, probe.namespace)
+        handle = named_actor(name, probe.namespace)
         refs[name] = None if handle is None else handle.status.remote()
     rows = []
     for name, ref in refs.items():
@@ -273,7 +233,7 @@ def apps_section(probe: Probe) -> dict[str, Any]:
         alive, app = _call(CONVERSATIONS, "app_info", probe)
     if not alive:
         return {"error": app}
-    url = _tree_store(probe) or probe.fallback_store
+    url = tree_store(probe) or probe.fallback_store
     splits: dict[str, Any] = {}
     if url is not None:
         ref = _read_splits.remote(url, probe.namespace, app["agents"])
@@ -294,7 +254,7 @@ def apps_section(probe: Probe) -> dict[str, Any]:
 
 def store_section(probe: Probe) -> dict[str, Any]:
     """Whether the tree's store answers, checked from inside the cluster."""
-    url = _tree_store(probe) or probe.fallback_store
+    url = tree_store(probe) or probe.fallback_store
     if url is None:
         return {"reachable": False, "error": "no running tree to ask for its store URL"}
     result: dict[str, Any] = {"url": redact_url(url)}
@@ -429,7 +389,7 @@ def health(probe: Probe) -> list[str]:
 # --- helpers ------------------------------------------------------------------------------
 
 
-def _named(name: str, namespace: str) -> Any:
+def named_actor(name: str, namespace: str) -> Any:
     try:
         return ray.get_actor(name, namespace=namespace)
     except ValueError:
@@ -443,7 +403,7 @@ def _answer(name: str, probe: Probe) -> tuple[bool, Any]:
 
 def _call(name: str, method: str, probe: Probe) -> tuple[bool, Any]:
     """``(True, result)`` of ``method`` on a named actor, else ``(False, why)``."""
-    handle = _named(name, probe.namespace)
+    handle = named_actor(name, probe.namespace)
     if handle is None:
         return False, f"no actor {name!r} in namespace {probe.namespace!r}"
     try:
@@ -461,12 +421,22 @@ def _store_url_of(supervisor: Any) -> str:
     return str(supervisor.store_url)
 
 
-def _tree_store(probe: Probe) -> str | None:
+def store_of_tree(namespace: str, fallback: str | None) -> str:
+    """The store URL the running tree uses (the operator's commands must write there)."""
+    url = tree_store(Probe(namespace)) or fallback or os.environ.get(STORE_ENV)
+    if url is None:
+        raise ConversationUnavailable(
+            f"cannot tell which store the tree in {namespace!r} uses; pass --store"
+        )
+    return url
+
+
+def tree_store(probe: Probe) -> str | None:
     """The store URL the running tree writes to (``None``: unknown)."""
     if _placement(probe) == "hosted":
         alive, url = _call_a_host("store_url", probe)
         return str(url) if alive else None
-    handle = _named(CONVERSATIONS, probe.namespace)
+    handle = named_actor(CONVERSATIONS, probe.namespace)
     if handle is None:
         return None
     try:

@@ -24,7 +24,7 @@ from ..exceptions import ConversationUnavailable
 from ..providers import Secret
 
 if TYPE_CHECKING:
-    from ..gateway.keys import Principal
+    from ..access import Principal
     from ..registry.registry import Registry
 
 __all__ = ["DedicatedTransport", "HostedTransport", "Transport", "transport_for"]

@@ -1,6 +1,7 @@
 """Durable history: the :class:`HistoryStore` protocol, SQLite and MongoDB."""
 
 from .base import HistoryStore
-from .url import open_store, redact_url, resolve_store_url
+from .factory import open_store
+from .url import redact_url, resolve_store_url
 
 __all__ = ["HistoryStore", "open_store", "redact_url", "resolve_store_url"]

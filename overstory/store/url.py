@@ -4,20 +4,19 @@
   (stdlib sqlite3, WAL mode); for one machine.
 * ``mongodb://host:port/dbname`` or ``mongodb+srv://...`` — PyMongo's async client; for a
   cluster of several nodes. The database defaults to ``overstory``.
+
+Parsing only: :func:`overstory.store.open_store` (:mod:`.factory`) opens one.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from ..exceptions import StoreURLError
-from .base import HistoryStore
-from .crypto import DataKeys
 
-__all__ = ["open_store", "redact_url", "resolve_store_url"]
+__all__ = ["redact_url", "resolve_store_url"]
 
 _MONGO_SCHEMES = ("mongodb", "mongodb+srv")
 _DB_NAME = re.compile(r"^[A-Za-z0-9_-]{1,63}$")
@@ -83,26 +82,3 @@ def resolve_store_url(url: object) -> str:
         f"unsupported store scheme {scheme!r} in {redact_url(url)!r}; "
         "use 'sqlite:///...' or 'mongodb://...'"
     )
-
-
-def open_store(
-    url: str, *, data_keys: DataKeys | Literal["environment"] | None = "environment"
-) -> HistoryStore:
-    """The (not yet opened) store for ``url``; call ``await store.open()`` next.
-
-    ``data_keys``: the keys that seal message bodies (:mod:`.crypto`); by default those
-    ``OVERSTORY_DATA_KEYS`` or ``OVERSTORY_DATA_KEY_FILE`` give (none: in the clear).
-    Opening checks them against the store (a missing or wrong key fails there)."""
-    url = resolve_store_url(url)
-    keys = DataKeys.from_environment() if data_keys == "environment" else data_keys
-    store: HistoryStore
-    if url.startswith("sqlite:"):
-        from .sqlite import SQLiteStore
-
-        store = SQLiteStore(url.removeprefix("sqlite:///"))
-    else:
-        from .mongodb import MongoStore
-
-        store = MongoStore(url)
-    store.data_keys = keys  # type: ignore[assignment]
-    return store

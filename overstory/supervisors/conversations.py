@@ -27,7 +27,7 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
@@ -36,6 +36,7 @@ from .._ray import alive_nodes_async, get_actor_async, named_actors_async
 from ..actors.conversation import ConversationActor
 from ..actors.names import NAME_PREFIX, actor_name
 from ..app import App
+from ..config import Config
 from ..conversation.serving import Binding
 from ..exceptions import ConfigError, OverstoryError, Passivated, UnknownAgent
 from ..providers import Secret
@@ -48,9 +49,6 @@ from .named import SUPERVISED, get_or_create, unwrap_task_error
 from .spec import ChildSpec, SupervisorSpec
 from .tree import ROOT
 from .watch import RESTARTED, new_incarnation, until_death
-
-if TYPE_CHECKING:
-    from ..runtime.config import Config
 
 __all__ = ["ConversationSupervisor"]
 

@@ -12,6 +12,10 @@ address); the number of hosts is not: a table with more hosts reassigns shards
 (``shard % len(hosts)``), and the moved conversations re-activate from the store on
 their new host. Their old entities are fenced by epoch (see
 :meth:`overstory.store.HistoryStore.acquire`) and never write again.
+
+The table and where it is stored (:func:`table_key`, :func:`stored_table`) sit below the
+actors: the host checks its routing against the table, the registry writes and reads
+it, and neither imports the other for it.
 """
 
 from __future__ import annotations
@@ -20,9 +24,18 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from ..exceptions import ConfigError
+from .exceptions import ConfigError
+from .store import HistoryStore
 
-__all__ = ["DEFAULT_SHARDS", "HOST_PREFIX", "ShardTable", "host_name", "shard_of"]
+__all__ = [
+    "DEFAULT_SHARDS",
+    "HOST_PREFIX",
+    "ShardTable",
+    "host_name",
+    "shard_of",
+    "stored_table",
+    "table_key",
+]
 
 #: Shards per namespace: many more than hosts, so a new host takes a fair share.
 DEFAULT_SHARDS = 1024
@@ -97,3 +110,14 @@ class ShardTable:
     def owns(self, host: str, conversation_id: str) -> bool:
         """Whether ``host`` serves ``conversation_id`` under this table."""
         return self.host_for(conversation_id) == host
+
+
+def table_key(namespace: str) -> str:
+    """Where a namespace's shard table is kept in the store."""
+    return f"overstory.shard_table:{namespace}"
+
+
+async def stored_table(store: HistoryStore, namespace: str) -> ShardTable | None:
+    """The namespace's stored shard table (None: no host supervisor has written one)."""
+    raw = await store.get_setting(table_key(namespace))
+    return None if raw is None else ShardTable.from_json(raw)

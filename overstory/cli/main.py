@@ -16,15 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from ..agent import DEFAULT_PLACEMENT, PLACEMENTS
+from ..config import DEFAULT_NAMESPACE, STORE_ENV, Config, load_config
 from ..exceptions import ConfigError, OverstoryError, RuntimeFailure, TurnFailed, UsageError
 from ..jobs import JOB_STATES
 from ..messages import TurnEvent
 from ..quota import UNSET
 from ..registry.hosts import grow_hosts
+from ..runtime import ops
+from ..runtime.client import Runtime, connect
 from ..telemetry.logs import setup_logging
-from . import ops
-from .client import Runtime, connect
-from .config import DEFAULT_NAMESPACE, STORE_ENV, Config, load_config
+from . import deploy
 from .demo import demo_agent, run_demo
 
 __all__ = ["APP_ENV", "main"]
@@ -270,7 +271,7 @@ def _render(message: Any) -> str:
     return str(message.content)
 
 
-# --- operator commands: serve / status / health (see overstory.runtime.ops) -------------
+# --- operator commands: serve (.deploy) / status / health (overstory.runtime.ops) ----------
 
 
 def _add_ops_commands(sub: Any) -> None:
@@ -503,10 +504,10 @@ def _host_port(value: str) -> tuple[str, int]:
 def _serve(args: argparse.Namespace) -> int:
     config = _config(args)
     jwt = _jwt(args)  # a bad option fails here, before anything is deployed
-    result = ops.serve(config, args.app, args.working_dir)
+    result = deploy.serve(config, args.app, args.working_dir)
     if args.http is not None:
         from ..gateway.serve import serve_http
-        from .deploy import store_of_tree
+        from ..runtime.ops import store_of_tree
 
         store = store_of_tree(result["namespace"], config.store)
         result["http"] = serve_http(result["namespace"], store, *args.http, jwt=jwt)
@@ -537,7 +538,8 @@ def _split_line(name: str, split: dict[str, Any]) -> str:
 
 
 def _split_command(args: argparse.Namespace) -> int:
-    from .deploy import change_split, store_of_tree
+    from ..runtime.ops import store_of_tree
+    from .deploy import change_split
 
     namespace = args.namespace or DEFAULT_NAMESPACE
     ops.attach_existing(args.address, namespace)
@@ -637,7 +639,7 @@ def _moment(text: str) -> float:
 
 def _audit(args: argparse.Namespace) -> int:
     from ..audit import records, verify
-    from .client import _run_store
+    from ..runtime.client import _run_store
 
     url = _store_config(args).store
     if args.verify:
@@ -671,8 +673,8 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _vault(args: argparse.Namespace) -> int:
     from .. import vault
+    from ..runtime.client import _run_store
     from ..validation import validate_user_id
-    from .client import _run_store
 
     url = _store_config(args).store
     user = "" if args.user is None else validate_user_id(args.user)
@@ -713,9 +715,9 @@ def _vault(args: argparse.Namespace) -> int:
 
 
 def _usage(args: argparse.Namespace) -> int:
+    from ..runtime.client import _run_store
     from ..usage import usage
     from ..validation import validate_user_id
-    from .client import _run_store
 
     config = _store_config(args)
     user = None if args.user is None else validate_user_id(args.user)
@@ -741,8 +743,8 @@ def _usage(args: argparse.Namespace) -> int:
 
 def _jobs(args: argparse.Namespace) -> int:
     from ..jobs import JobBook
+    from ..runtime.client import _run_store
     from ..validation import validate_user_id
-    from .client import _run_store
 
     config = _store_config(args)
     namespace = args.namespace or config.namespace
@@ -788,8 +790,8 @@ def _limit(text: str) -> int | None:
 
 def _quota(args: argparse.Namespace) -> int:
     from ..quota import change_quota, report
+    from ..runtime.client import _run_store
     from ..validation import validate_user_id
-    from .client import _run_store
 
     overrides = {"namespace": args.namespace} if args.namespace else {}
     if args.config is not None:
@@ -833,7 +835,7 @@ def _quota(args: argparse.Namespace) -> int:
 
 def _keys(args: argparse.Namespace) -> int:
     from ..gateway.keys import create_key, list_keys, revoke_key
-    from .client import _run_store
+    from ..runtime.client import _run_store
 
     url = _store_config(args).store
     if args.keys_command == "rotate-data":
@@ -883,7 +885,7 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from .client import _run_store
+    from ..runtime.client import _run_store
     from .deploy import adopt_histories
 
     config = _store_config(args)

@@ -6,47 +6,72 @@ principal (:func:`check_access`) — a bug in the gateway's mapping from request
 conversation cannot hand one user another's history. Calls without a principal come
 from Python drivers inside the cluster, which are trusted as before.
 
-No FastAPI here: hosts import this module.
+Ownership is domain logic that runs inside every turn, so it lives below the actors
+(the gateway, the client and the conversation entity all import it); no FastAPI here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from ..app import split_conversation_id
-from ..exceptions import NotPermitted, UnknownConversation, UsageError
-from ..store import HistoryStore
-from .keys import Principal
-from .wire import is_conversation_id, new_conversation_id
+from .app import split_conversation_id
+from .exceptions import NotPermitted, UnknownConversation, UsageError
+from .store import HistoryStore
 
 __all__ = [
+    "CONVERSATION_ID",
     "RECORD_PREFIX",
     "ConversationRecord",
     "Need",
+    "Principal",
     "RecordCache",
     "access",
     "check_access",
     "create_record",
     "delete_record",
+    "is_conversation_id",
     "load_record",
+    "new_conversation_id",
     "owned_records",
     "update_record",
     "user_of",
     "validate_metadata",
 ]
 
+#: An HTTP conversation's id: ``conv_`` and 24 hex characters.
+CONVERSATION_ID = re.compile(r"conv_(?P<hex>[0-9a-f]{24})")
 #: Where a conversation's record is kept (a store setting per conversation).
 RECORD_PREFIX = "overstory.conversation:"
 #: One setting per conversation a user owns, ``<prefix><user digest>:<created ns>:<id>``,
 #: so a user's list is a prefix scan in creation order and adding one is one insert.
 _OWNED = "overstory.owned:"
 _OWNED_LIST = "overstory.conversations:"  # before: one list value per user (still read)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: a user id, whether they are an admin, and how they proved it."""
+
+    user: str
+    admin: bool = False
+    via: str = "api_key"  # or "jwt"
+    key_id: str | None = None
+
+
+def new_conversation_id() -> str:
+    return f"conv_{secrets.token_hex(12)}"
+
+
+def is_conversation_id(value: object) -> bool:
+    return isinstance(value, str) and CONVERSATION_ID.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True)

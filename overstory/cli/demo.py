@@ -28,7 +28,7 @@ from ..context import RunContext
 from ..exceptions import ConfigError, OverstoryError, TurnFailed
 from ..messages import AssistantMessage, Message, Reply, UserMessage
 from ..providers import Endpoint, Model, OfflineModel, Rule, parse_model, resolve_model
-from .client import Conversation, Runtime
+from ..runtime.client import Conversation, Runtime
 
 __all__ = ["DemoResult", "add", "demo_agent", "run_demo", "word_count"]
 

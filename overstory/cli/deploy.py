@@ -1,4 +1,4 @@
-"""Deploying an app (``overstory serve MODULE:ATTR``) and moving its versions
+"""Booting the tree and deploying an app (``overstory serve [MODULE:ATTR]``), moving its versions
 (``overstory rollout | promote | rollback``), on a running cluster.
 
 Serving an app is check first, then change: the path is imported here (a typo fails in
@@ -12,7 +12,6 @@ then tells whatever serves conversations to read it again, and returns the split
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,25 +21,26 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .._ray import alive_nodes
+from .._ray import actor_id, alive_nodes
 from ..agent import is_plain_name
 from ..app import App, AppLoadError, conversation_id, load_app
+from ..config import Config
 from ..exceptions import ConfigError, ConversationUnavailable, UsageError
 from ..rollout import read_deployment, read_split, write_deployment
-from ..store import HistoryStore
+from ..runtime.client import Runtime, _run_store, connect
+from ..runtime.ops import Probe, attach_existing, named_actor, tree_store
+from ..store import HistoryStore, redact_url
 from ..supervisors.named import unwrap_task_error
 from ..supervisors.tree import ROOT, is_running, running_placement
-from .client import Runtime, _run_store, connect
-from .config import STORE_ENV, Config
 
 __all__ = [
     "adopt_histories",
     "change_split",
     "check_on_nodes",
     "import_here",
+    "serve",
     "serve_app",
     "splits",
-    "store_of_tree",
     "unprefixed",
     "working_dir_env",
 ]
@@ -150,6 +150,46 @@ def serve_app(config: Config, app: App, shipped: bool) -> dict[str, Any]:
     }
 
 
+# --- serve --------------------------------------------------------------------------------
+
+
+def serve(
+    config: Config, source: str | None = None, working_dir: str | None = None
+) -> dict[str, Any]:
+    """Boot the supervision tree on the running cluster, or attach to the one running;
+    with ``source`` (``module:attr``), deploy that app to it
+    (:func:`serve_app`).
+
+    Idempotent: the root is a named detached actor, created atomically by the GCS, so
+    running this twice (or on two machines at once) leaves exactly one tree. The
+    process may exit afterwards; the tree stays. Returns what it found and did.
+    """
+    if working_dir is not None and source is None:
+        raise UsageError("--working-dir needs an app to serve (MODULE:ATTR)")
+    runtime_env = working_dir_env(working_dir)
+    app = None if source is None else import_here(source, working_dir)  # fails fast
+    attach_existing(config.ray_address, config.namespace, runtime_env)
+    existed = named_actor(ROOT, config.namespace) is not None
+    deployed: dict[str, Any] = {}
+    if app is not None:
+        deployed = serve_app(config, app, working_dir is not None)
+    # ray is initialised now, so connect() attaches and never starts a local Ray; it
+    # also opens the store once, so an unreachable store fails here, on the head.
+    runtime = connect(config=config)
+    root = named_actor(ROOT, config.namespace)
+    result: dict[str, Any] = {
+        "namespace": config.namespace,
+        "booted": not existed,
+        "root_actor_id": actor_id(root) if root is not None else None,
+        "store": redact_url(tree_store(Probe(config.namespace)) or runtime.config.store),
+        **deployed,
+    }
+    if not deployed:
+        result["app"] = runtime.served()
+    runtime.close()
+    return result
+
+
 def splits(config: Config, agent: str) -> dict[str, Any]:
     """Agent ``agent``'s split as stored (the first version listed is live before any
     rollout)."""
@@ -179,18 +219,6 @@ def change_split(
         return change(runtime)
     finally:
         runtime.close()
-
-
-def store_of_tree(namespace: str, fallback: str | None) -> str:
-    """The store URL the running tree uses (the operator's commands must write there)."""
-    from .ops import Probe, _tree_store
-
-    url = _tree_store(Probe(namespace)) or fallback or os.environ.get(STORE_ENV)
-    if url is None:
-        raise ConversationUnavailable(
-            f"cannot tell which store the tree in {namespace!r} uses; pass --store"
-        )
-    return url
 
 
 # --- histories from before apps ---------------------------------------------------------

@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import pydantic
 
-from ..exceptions import ConfigError
+from .exceptions import ConfigError
 
 if TYPE_CHECKING:
-    from ..jobs import JobLimits
-    from ..quota import Quota
-from ..store.url import resolve_store_url
-from ..validation import MAX_MESSAGE_CHARS, MAX_USER_ID_CHARS
+    from .jobs import JobLimits
+    from .quota import Quota
+from .store.url import resolve_store_url
+from .validation import MAX_MESSAGE_CHARS, MAX_USER_ID_CHARS
 
 __all__ = ["DEFAULT_NAMESPACE", "DEFAULT_STORE", "STORE_ENV", "Config", "load_config"]
 
@@ -126,7 +126,7 @@ class Config(pydantic.BaseModel):
     @pydantic.field_validator("prices", mode="before")
     @classmethod
     def _prices(cls, value: Any) -> dict[str, dict[str, float]]:
-        from ..usage import validate_prices
+        from .usage import validate_prices
 
         try:
             return validate_prices(value)
@@ -142,13 +142,13 @@ class Config(pydantic.BaseModel):
 
     def job_limits(self) -> JobLimits:
         """The job runner's bounds (the ``jobs_*`` settings)."""
-        from ..jobs import JobLimits
+        from .jobs import JobLimits
 
         return JobLimits(self.jobs_concurrency, self.jobs_per_user, self.jobs_lease_s)
 
     def default_quota(self) -> Quota:
         """The quota of users without one of their own (the ``quota_*`` settings)."""
-        from ..quota import Quota
+        from .quota import Quota
 
         return Quota(
             self.quota_tokens_per_day, self.quota_requests_per_minute, self.quota_concurrent_turns
