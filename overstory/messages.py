@@ -28,6 +28,7 @@ __all__ = [
     "ToolReturn",
     "TurnEvent",
     "TurnEventType",
+    "TurnRequest",
     "Usage",
     "UserMessage",
     "from_record",
@@ -181,6 +182,28 @@ def from_record(record: dict[str, Any]) -> Message:
             **meta,
         )
     raise ValueError(f"unknown message kind {kind!r} in stored record seq={record.get('seq')}")
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRequest:
+    """One turn as a caller asks for it, the same for both placements: the client makes
+    it, a transport carries it, the conversation entity runs it."""
+
+    turn_id: str
+    """Idempotency key: the same id is never stored twice."""
+    text: str
+    """The user's message."""
+    caller: str | None = None
+    """The client handle that sent it: with ``n`` and ``low``, orders that handle's
+    turns (:class:`~overstory.conversation.gate.TurnGate`)."""
+    n: int = 0
+    """This turn's number among ``caller``'s."""
+    low: int | None = None
+    """The lowest number ``caller`` still has in flight."""
+    carrier: dict[str, str] | None = None
+    """The caller's trace context (W3C): the turn's spans become its children."""
+    agent_version: str | None = None
+    """The agent version the caller chose for this turn (else the rollout's)."""
 
 
 @dataclass(frozen=True, slots=True)

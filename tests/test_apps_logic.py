@@ -18,6 +18,7 @@ from overstory import Agent, ConfigError, UnknownAgent, UsageError
 from overstory.actors.host import HostActor
 from overstory.app import App, AppLoadError, as_app, conversation_id, load_app
 from overstory.config import Config
+from overstory.messages import TurnRequest
 from overstory.rollout import (
     Pin,
     Split,
@@ -266,13 +267,14 @@ def test_a_host_serves_two_agents_as_separate_histories_and_refuses_an_unknown_o
     async def go() -> tuple[Any, ...]:
         v = host.table.version
         try:
-            a = await host.send(v, conversation_id("support", "u"), "t1", "hi support")
-            b = await host.send(v, conversation_id("sales", "u"), "t1", "hi sales")
+            a = await host.send(v, conversation_id("support", "u"), TurnRequest("t1", "hi support"))
+            b = await host.send(v, conversation_id("sales", "u"), TurnRequest("t1", "hi sales"))
             with pytest.raises(UnknownAgent, match="served agents: 'support', 'sales'"):
-                await host.send(v, conversation_id("billing", "u"), "t1", "hi")
+                await host.send(v, conversation_id("billing", "u"), TurnRequest("t1", "hi"))
             count = await host.services.store.count(conversation_id("billing", "u"))
             histories = [
-                await host.services.store.load(conversation_id(n, "u")) for n in ("support", "sales")
+                await host.services.store.load(conversation_id(n, "u"))
+                for n in ("support", "sales")
             ]
             return a, b, count, histories
         finally:
@@ -295,7 +297,9 @@ def test_a_host_follows_rollout_stickiness_promote_and_rollback(sqlite_url: str)
         host.forget_splits()
 
     async def turn(user: str, n: int) -> str:
-        reply = await host.send(host.table.version, conversation_id("a", user), f"t{n}", "hi")
+        reply = await host.send(
+            host.table.version, conversation_id("a", user), TurnRequest(f"t{n}", "hi")
+        )
         return reply.agent_version
 
     async def go() -> dict[str, Any]:

@@ -24,7 +24,7 @@ from overstory.app import App, conversation_id
 from overstory.config import Config
 from overstory.conversation.entity import Shell
 from overstory.exceptions import NotPermitted, UnknownConversation
-from overstory.messages import Reply, TurnEvent, UserMessage
+from overstory.messages import Reply, TurnEvent, TurnRequest, UserMessage
 from overstory.providers import OfflineModel
 from overstory.sharding import ShardTable
 
@@ -69,13 +69,17 @@ class Placed:
     ) -> Reply:
         if self.placement == "hosted":
             v = self.table.version
-            return await self.host.send(v, cid(user), turn_id, text, principal=principal)
-        return await self.actors_of(user).send(turn_id, text, principal=principal)
+            return await self.host.send(
+                v, cid(user), TurnRequest(turn_id, text), principal=principal
+            )
+        return await self.actors_of(user).send(TurnRequest(turn_id, text), principal=principal)
 
     async def start_turn(self, user: str, turn_id: str, text: str) -> int:
         if self.placement == "hosted":
-            return await self.host.start_turn(self.table.version, cid(user), turn_id, text)
-        return await self.actors_of(user).start_turn(turn_id, text)
+            return await self.host.start_turn(
+                self.table.version, cid(user), TurnRequest(turn_id, text)
+            )
+        return await self.actors_of(user).start_turn(TurnRequest(turn_id, text))
 
     async def events(
         self, user: str, turn_id: str, after: int = -1, wait_s: float = 5.0

@@ -11,6 +11,7 @@ from overstory import Agent
 from overstory.actors.host import HostActor
 from overstory.app import App, conversation_id
 from overstory.config import Config
+from overstory.messages import TurnRequest
 from overstory.providers import OfflineModel
 from overstory.sharding import ShardTable, table_key
 
@@ -45,9 +46,9 @@ def test_the_cap_evicts_the_least_recently_used_and_a_read_counts_as_use(
     async def body(host: HostActor) -> list[str]:
         v = host.table.version
         for user in ("a", "b", "c"):
-            await host.send(v, cid(user), f"t-{user}", "hello")
+            await host.send(v, cid(user), TurnRequest(f"t-{user}", "hello"))
         await host.history(v, cid("a"))  # a is now the most recently used
-        await host.send(v, cid("d"), "t-d", "hello")  # over the cap of 3: b goes
+        await host.send(v, cid("d"), TurnRequest("t-d", "hello"))  # over the cap of 3: b goes
         return host.live()
 
     assert run(_host(sqlite_url, max_live_per_host=3), body) == [cid(u) for u in "cad"]
@@ -56,8 +57,10 @@ def test_the_cap_evicts_the_least_recently_used_and_a_read_counts_as_use(
 def test_the_sweeper_passivates_idle_conversations_and_keeps_busy_ones(sqlite_url: str) -> None:
     async def body(host: HostActor) -> tuple[list[str], list[str], int]:
         v = host.table.version
-        await host.send(v, cid("idle"), "t1", "hello")
-        busy = asyncio.create_task(host.send(v, cid("busy"), "t2", "!sleep 0.6 still talking"))
+        await host.send(v, cid("idle"), TurnRequest("t1", "hello"))
+        busy = asyncio.create_task(
+            host.send(v, cid("busy"), TurnRequest("t2", "!sleep 0.6 still talking"))
+        )
         await asyncio.sleep(0.45)
         during = host.live()
         await busy
@@ -75,13 +78,13 @@ def test_a_grown_table_makes_the_host_shed_what_moved(sqlite_url: str) -> None:
         v = host.table.version
         users = [cid(f"u{i}") for i in range(12)]
         for user in users:
-            await host.send(v, user, "t", "hello")
+            await host.send(v, user, TurnRequest("t", "hello"))
         bigger = host.table.grown(2)
         await host.services.store.put_setting(table_key("ns"), bigger.to_json(), expected=None)
         version = await host.adopt_table()
         kept = host.live()
         try:
-            await host.send(v, users[0], "t2", "old route")
+            await host.send(v, users[0], TurnRequest("t2", "old route"))
         except Exception as exc:  # the old version is refused, with the new table
             return kept, [u for u in users if bigger.owns(host.name, u)], (version, exc)
         raise AssertionError("an old route was served")

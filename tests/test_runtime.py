@@ -31,6 +31,7 @@ from overstory import (
 )
 from overstory.app import conversation_id
 from overstory.cli.demo import demo_agent
+from overstory.messages import TurnRequest
 from overstory.registry import actor_name
 
 pytestmark = pytest.mark.ray
@@ -291,12 +292,12 @@ def test_the_actor_checks_input_too(rt: Runtime) -> None:
     conv = rt.conversation("ned")
     if conv.placement == "hosted":
         version, _, host = rt.registry.hosts.route("ned")
-        ref = host.send.remote(version, "ned", "t1", "\x00")
+        ref = host.send.remote(version, "ned", TurnRequest("t1", "\x00"))
     else:
         handle = ray.get_actor(
             actor_name(conversation_id("demo-assistant", "ned")), namespace=rt.config.namespace
         )
-        ref = handle.send.remote("t1", "\x00")
+        ref = handle.send.remote(TurnRequest("t1", "\x00"))
     # Ray re-raises the actor's error as a subclass of it.
     with pytest.raises(InvalidMessage, match="U\\+0000"):
         ray.get(ref)

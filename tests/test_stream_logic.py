@@ -17,7 +17,14 @@ from overstory.app import App, conversation_id
 from overstory.config import Config
 from overstory.conversation.turnlog import TurnLog, TurnLogs, TurnStreams, replay
 from overstory.exceptions import InvalidMessage, Passivated, TurnIncomplete
-from overstory.messages import AssistantMessage, Message, ModelResponse, TurnEvent, UserMessage
+from overstory.messages import (
+    AssistantMessage,
+    Message,
+    ModelResponse,
+    TurnEvent,
+    TurnRequest,
+    UserMessage,
+)
 from overstory.providers import FallbackModel, Model, OfflineModel, Rule
 from overstory.providers.base import FallThrough, StreamItem
 from overstory.sharding import ShardTable
@@ -248,7 +255,7 @@ def _run_on_a_host(agent: Agent, text: str, url: str) -> tuple[list[TurnEvent], 
     async def go() -> tuple[list[TurnEvent], list[Message], Any]:
         try:
             v = host.table.version
-            await host.start_turn(v, CID, "t1", text)
+            await host.start_turn(v, CID, TurnRequest("t1", text))
             events: list[TurnEvent] = []
             after = -1
             while not events or not events[-1].terminal:
@@ -293,7 +300,7 @@ def test_readers_resume_anywhere_and_a_turn_whose_log_is_gone_is_replayed_or_res
     async def go() -> dict[str, Any]:
         v = host.table.version
         try:
-            await host.start_turn(v, CID, "t1", "one two three")
+            await host.start_turn(v, CID, TurnRequest("t1", "one two three"))
             first = []
             after = -1
             while not first or not first[-1].terminal:
@@ -308,7 +315,7 @@ def test_readers_resume_anywhere_and_a_turn_whose_log_is_gone_is_replayed_or_res
             assert ended
             await host.passivate(v, CID)
             asked = agent.model.requests  # type: ignore[attr-defined]
-            assert await host.start_turn(v, CID, "t1", "one two three") == 0
+            assert await host.start_turn(v, CID, TurnRequest("t1", "one two three")) == 0
             again_events, _ = await host.events(v, CID, "t1", -1, 5.0)
             assert again_events == replayed
             assert agent.model.requests == asked  # type: ignore[attr-defined]
@@ -362,7 +369,7 @@ def test_a_model_failing_after_its_first_token_ends_the_turn_incomplete_and_stor
     async def go() -> tuple[Any, ...]:
         v = host.table.version
         try:
-            await host.start_turn(v, CID, "t1", "hello")
+            await host.start_turn(v, CID, TurnRequest("t1", "hello"))
             events = []
             after = -1
             while not events or not events[-1].terminal:
@@ -370,7 +377,7 @@ def test_a_model_failing_after_its_first_token_ends_the_turn_incomplete_and_stor
                 after = events[-1].seq
             stored = await host.services.store.load(CID)
             with pytest.raises(TurnIncomplete, match="failed mid-answer") as again:
-                await host.send(v, CID, "t1", "hello")  # a re-send: the same outcome
+                await host.send(v, CID, TurnRequest("t1", "hello"))  # a re-send: the same outcome
             await host.passivate(v, CID)
             replayed, _ = await host.events(v, CID, "t1", -1, 5.0)
             return events, stored, again.value, replayed
@@ -401,7 +408,7 @@ def test_cancel_stops_a_turn_at_the_next_delta_and_stores_what_was_shown(
     async def go() -> tuple[Any, ...]:
         v = host.table.version
         try:
-            await host.start_turn(v, CID, "t1", words)
+            await host.start_turn(v, CID, TurnRequest("t1", words))
             seen: list[TurnEvent] = []
             while sum(e.type == "delta" for e in seen) < 3:
                 seen += (await host.events(v, CID, "t1", seen[-1].seq if seen else -1, 5.0))[0]

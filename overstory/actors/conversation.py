@@ -38,7 +38,7 @@ from ..conversation.entity import Entity, Services, Shell, activate
 from ..conversation.serving import Binding
 from ..conversation.supervision import EntitySupervision
 from ..exceptions import Passivated
-from ..messages import Message, Reply, TurnEvent
+from ..messages import Message, Reply, TurnEvent, TurnRequest
 from ..providers import Secret
 from ..supervisors.watch import RESTARTED, new_incarnation, watched_elsewhere
 from ..telemetry import flush as flush_telemetry
@@ -204,49 +204,23 @@ class ConversationActor(Shell):
         them for restarts)."""
         return self.api_keys
 
-    async def send(
-        self,
-        turn_id: str,
-        text: str,
-        caller: str | None = None,
-        n: int = 0,
-        low: int | None = None,
-        carrier: dict[str, str] | None = None,
-        *,
-        principal: Principal | None = None,
-        agent_version: str | None = None,
-    ) -> Reply:
-        """Run turn ``turn_id`` (:meth:`~overstory.conversation.entity.Entity.send`)."""
+    async def send(self, request: TurnRequest, *, principal: Principal | None = None) -> Reply:
+        """Run a turn (:meth:`~overstory.conversation.entity.Entity.send`)."""
         self._pending += 1
         try:
-            entity = await self.enter(self.conversation_id, principal, "write", text=text)
-            return await entity.send(
-                turn_id, text, caller, n, low, carrier, agent_version=agent_version
-            )
+            entity = await self.enter(self.conversation_id, principal, "write", text=request.text)
+            return await entity.send(request)
         finally:
             self._pending -= 1
 
     async def start_turn(
-        self,
-        turn_id: str,
-        text: str,
-        caller: str | None = None,
-        n: int = 0,
-        low: int | None = None,
-        carrier: dict[str, str] | None = None,
-        after: int = -1,
-        *,
-        principal: Principal | None = None,
-        agent_version: str | None = None,
+        self, request: TurnRequest, after: int = -1, *, principal: Principal | None = None
     ) -> int:
-        """Start streamed turn ``turn_id``
-        (:meth:`~overstory.conversation.entity.Entity.start_turn`)."""
+        """Start a streamed turn (:meth:`~overstory.conversation.entity.Entity.start_turn`)."""
         self._pending += 1
         try:
-            entity = await self.enter(self.conversation_id, principal, "write", text=text)
-            return await entity.start_turn(
-                turn_id, text, caller, n, low, carrier, after, agent_version=agent_version
-            )
+            entity = await self.enter(self.conversation_id, principal, "write", text=request.text)
+            return await entity.start_turn(request, after)
         finally:
             self._pending -= 1
 

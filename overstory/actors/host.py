@@ -50,7 +50,7 @@ from ..conversation.entity import Entity, Services, Shell, activate
 from ..conversation.serving import Binding
 from ..conversation.supervision import EntitySupervision
 from ..exceptions import StaleShardTable
-from ..messages import Message, Reply, TurnEvent
+from ..messages import Message, Reply, TurnEvent, TurnRequest
 from ..providers import Secret
 from ..sharding import ShardTable, stored_table
 from ..supervisors.watch import new_incarnation, until_death
@@ -163,48 +163,32 @@ class HostActor(Shell):
         self,
         version: int,
         conversation_id: str,
-        turn_id: str,
-        text: str,
-        caller: str | None = None,
-        n: int = 0,
-        low: int | None = None,
-        carrier: dict[str, str] | None = None,
+        request: TurnRequest,
         api_keys: Mapping[str, Secret] | None = None,
         *,
         principal: Principal | None = None,
-        agent_version: str | None = None,
     ) -> Reply:
-        """Run turn ``turn_id`` of ``conversation_id``
+        """Run a turn of ``conversation_id``
         (:meth:`~overstory.conversation.entity.Entity.send`)."""
         await self._route(version, conversation_id)
-        entity = await self.enter(conversation_id, principal, "write", api_keys, text)
-        return await entity.send(
-            turn_id, text, caller, n, low, carrier, agent_version=agent_version
-        )
+        entity = await self.enter(conversation_id, principal, "write", api_keys, request.text)
+        return await entity.send(request)
 
     async def start_turn(
         self,
         version: int,
         conversation_id: str,
-        turn_id: str,
-        text: str,
-        caller: str | None = None,
-        n: int = 0,
-        low: int | None = None,
-        carrier: dict[str, str] | None = None,
+        request: TurnRequest,
         api_keys: Mapping[str, Secret] | None = None,
         after: int = -1,
         *,
         principal: Principal | None = None,
-        agent_version: str | None = None,
     ) -> int:
-        """Start streamed turn ``turn_id``
+        """Start a streamed turn of ``conversation_id``
         (:meth:`~overstory.conversation.entity.Entity.start_turn`)."""
         await self._route(version, conversation_id)
-        entity = await self.enter(conversation_id, principal, "write", api_keys, text)
-        return await entity.start_turn(
-            turn_id, text, caller, n, low, carrier, after, agent_version=agent_version
-        )
+        entity = await self.enter(conversation_id, principal, "write", api_keys, request.text)
+        return await entity.start_turn(request, after)
 
     async def cancel(
         self,

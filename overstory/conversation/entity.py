@@ -38,7 +38,7 @@ from ..access import Need, Principal, RecordCache, check_access, user_of
 from ..app import App
 from ..config import Config
 from ..exceptions import Fenced, Passivated, SequenceConflict, TurnFailed, UsageError
-from ..messages import Message, Reply, TurnEvent
+from ..messages import Message, Reply, TurnEvent, TurnRequest
 from ..providers import Secret
 from ..providers.pool import provider_namespace
 from ..quota import QuotaBook, Ticket, finish
@@ -163,41 +163,31 @@ class Entity:
 
     async def send(
         self,
-        turn_id: str,
-        text: str,
-        caller: str | None = None,
-        n: int = 0,
-        low: int | None = None,
-        carrier: dict[str, str] | None = None,
+        request: TurnRequest,
+        *,
         emit: Emit | None = None,
         should_stop: Callable[[], bool] | None = None,
-        *,
-        agent_version: str | None = None,
         admitted: bool = False,
         ticket: Ticket | None = None,
     ) -> Reply:
-        """Run turn ``turn_id``; ``caller``/``n``/``low`` order one client's sends
-        (:class:`~overstory.conversation.gate.TurnGate`). ``carrier`` is the client's
-        trace context: the turn's spans become its children. ``emit`` and
-        ``should_stop`` (in-process only) stream the turn into its event log.
-        ``agent_version``: the version the caller chose (else the rollout's). The
-        user's quota admits the turn first (``QuotaExceeded``, nothing stored);
-        ``admitted`` and ``ticket`` (in-process only): :meth:`start_turn` did."""
+        """Run the turn ``request`` asks for, in its caller's order
+        (:class:`~overstory.conversation.gate.TurnGate`). ``emit`` and ``should_stop``
+        stream the turn into its event log. The user's quota admits the turn first
+        (``QuotaExceeded``, nothing stored); ``admitted`` and ``ticket``:
+        :meth:`start_turn` did."""
         self._refuse_if_closing()
         services = self.shell.services
         # Whose conversation: the quota's user, the cache's scope, the user a tool is told.
         user = await user_of(services.store, self.conversation_id, services.records)
         if not admitted:
-            ticket = await self._admit(user, turn_id, text)
+            ticket = await self._admit(user, request.turn_id, request.text)
         self.in_turn += 1
         try:
             if self.gate is None:
                 self.gate = TurnGate()
-            async with self.gate.turn(caller, n, low):
+            async with self.gate.turn(request.caller, request.n, request.low):
                 self._refuse_if_closing()
-                return await self._turn(
-                    turn_id, text, carrier, emit, should_stop, agent_version, ticket, user
-                )
+                return await self._turn(request, emit, should_stop, ticket, user)
         finally:
             if ticket is not None and not admitted:  # start_turn's run() finishes its own
                 await finish(ticket)
@@ -217,25 +207,22 @@ class Entity:
 
     async def _turn(
         self,
-        turn_id: str,
-        text: str,
-        carrier: dict[str, str] | None,
+        request: TurnRequest,
         emit: Emit | None,
         should_stop: Callable[[], bool] | None,
-        agent_version: str | None,
         ticket: Ticket | None,
         owner: str,
     ) -> Reply:
         """One turn under the deadline; what escapes the turn machinery crashes the entity."""
         services = self.shell.services
-        cid = self.conversation_id
+        cid, turn_id = self.conversation_id, request.turn_id
         timeout_s = services.config.turn_timeout_s
         try:
             # asyncio.timeout, not wait_for: no extra task per turn on the process's loop.
             async with asyncio.timeout(timeout_s):
-                with attached(carrier), provider_namespace(services.namespace):
+                with attached(request.carrier), provider_namespace(services.namespace):
                     agent = await services.serving.agent_for(
-                        cid, self.binding, bool(self.history), agent_version
+                        cid, self.binding, bool(self.history), request.agent_version
                     )
                     return await run_turn(
                         agent,
@@ -243,7 +230,7 @@ class Entity:
                         cid,
                         self.history,
                         turn_id,
-                        text,
+                        request.text,
                         epoch=self.epoch,
                         emit=emit,
                         should_stop=should_stop,
@@ -284,48 +271,28 @@ class Entity:
             self.streams = TurnStreams(config.stream_keep_turns, config.stream_window_s)
         return self.streams
 
-    async def start_turn(
-        self,
-        turn_id: str,
-        text: str,
-        caller: str | None = None,
-        n: int = 0,
-        low: int | None = None,
-        carrier: dict[str, str] | None = None,
-        after: int = -1,
-        *,
-        agent_version: str | None = None,
-    ) -> int:
-        """Start turn ``turn_id`` running into its event log and return at once (the
-        log's first ``seq``); readers tail it with :meth:`events`. Idempotent: a turn
-        whose log is here is not started again. ``after`` is the reader's cursor when it
-        starts a turn again whose process died: the log goes on from there, with a
-        ``restarted`` event. The quota refuses before the turn starts."""
+    async def start_turn(self, request: TurnRequest, after: int = -1) -> int:
+        """Start the turn ``request`` asks for, running into its event log, and return
+        at once (the log's first ``seq``); readers tail it with :meth:`events`.
+        Idempotent: a turn whose log is here is not started again. ``after`` is the
+        reader's cursor when it starts a turn again whose process died: the log goes on
+        from there, with a ``restarted`` event. The quota refuses before the turn starts."""
         self._refuse_if_closing()
 
         def run(
             emit: Emit, should_stop: Callable[[], bool], ticket: Ticket | None
         ) -> Awaitable[Reply]:
             return self.send(
-                turn_id,
-                text,
-                caller,
-                n,
-                low,
-                carrier,
-                emit,
-                should_stop,
-                agent_version=agent_version,
-                admitted=True,
-                ticket=ticket,
+                request, emit=emit, should_stop=should_stop, admitted=True, ticket=ticket
             )
 
         async def admit() -> Ticket | None:
             services = self.shell.services
             user = await user_of(services.store, self.conversation_id, services.records)
-            return await self._admit(user, turn_id, text)
+            return await self._admit(user, request.turn_id, request.text)
 
-        return await self.turn_streams().start_admitted(turn_id, after, run, self.history, admit)
+        streams = self.turn_streams()
+        return await streams.start_admitted(request.turn_id, after, run, self.history, admit)
 
     def cancel(self, turn_id: str) -> bool:
         """Ask streamed turn ``turn_id`` to stop at its next safe point (between deltas,
@@ -343,7 +310,7 @@ class Entity:
         a ``restarted`` event) when its process died mid-turn."""
 
         def restart(text: str) -> Awaitable[int]:
-            return self.start_turn(turn_id, text, after=after)
+            return self.start_turn(TurnRequest(turn_id, text), after)
 
         binding = self.binding
         return await self.turn_streams().events(

@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, suppress
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import ray
@@ -60,7 +61,7 @@ from ..jobs import (
     validate_job_id,
     validate_webhook,
 )
-from ..messages import Message, Reply, TurnEvent
+from ..messages import Message, Reply, TurnEvent, TurnRequest
 from ..providers import Secret
 from ..providers import api_keys as api_key_map
 from ..quota import UNSET, Quota, Unset, change_quota, report
@@ -115,13 +116,13 @@ def _turn_id(turn_id: object) -> str:
     return turn_id
 
 
-def _version(version: object) -> dict[str, Any]:
-    """The keyword a turn passes for a chosen agent version (none: the rollout's)."""
+def _version(version: object) -> str | None:
+    """A turn's chosen agent version, checked (``None``: the rollout's)."""
     if version is None:
-        return {}
+        return None
     if not isinstance(version, str) or not 0 < len(version) <= 64 or not version.isprintable():
         raise ConfigError(f"version must be an agent version's name, got {version!r}")
-    return {"agent_version": version}
+    return version
 
 
 def _cursor(after: object) -> int:
@@ -304,13 +305,12 @@ class Conversation:
     ) -> Reply:
         """Async form of :meth:`send`."""
         turn_id = self._check(text, turn_id)
-        extra = _version(version)
+        version = _version(version)
         n, low = self._number()
         try:
             with self._span():
-                reply: Reply = await self._call_async(
-                    Transport.send, turn_id, text, self._caller, n, low, inject(), **extra
-                )
+                request = TurnRequest(turn_id, text, self._caller, n, low, inject(), version)
+                reply: Reply = await self._call_async(Transport.send, request)
         finally:
             self._done(n)
         return reply
@@ -343,40 +343,22 @@ class Conversation:
             yield event
 
     async def _stream(
-        self, text: str, turn_id: str, extra: dict[str, Any]
+        self, text: str, turn_id: str, version: str | None
     ) -> AsyncGenerator[TurnEvent, None]:
         n, low = self._number()  # in flight until the turn ends: later sends queue behind
         after = -1
         try:
             with self._span():
-                await self._call_async(
-                    Transport.start_turn,
-                    turn_id,
-                    text,
-                    self._caller,
-                    n,
-                    low,
-                    inject(),
-                    after,
-                    **extra,
-                )
+                request = TurnRequest(turn_id, text, self._caller, n, low, inject(), version)
+                await self._call_async(Transport.start_turn, request, after)
             while True:
                 try:
                     events, ended = await self._call_async(
                         Transport.events, turn_id, after, _POLL_S
                     )
                 except UnknownTurn:  # its process died before storing the message: again
-                    await self._call_async(
-                        Transport.start_turn,
-                        turn_id,
-                        text,
-                        self._caller,
-                        n,
-                        low,
-                        None,
-                        after,
-                        **extra,
-                    )
+                    request = replace(request, carrier=None)
+                    await self._call_async(Transport.start_turn, request, after)
                     continue
                 if ended:  # done before the last yield: a reader may stop at the end
                     self._done(n)

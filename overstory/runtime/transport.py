@@ -21,6 +21,7 @@ from ray.exceptions import ActorDiedError
 from ..actors.names import actor_name
 from ..agent import Placement
 from ..exceptions import ConversationUnavailable
+from ..messages import TurnRequest
 from ..providers import Secret
 
 if TYPE_CHECKING:
@@ -65,33 +66,12 @@ class Transport(ABC):
 
     @abstractmethod
     def send(
-        self,
-        target: Any,
-        turn_id: str,
-        text: str,
-        caller: str | None,
-        n: int,
-        low: int | None,
-        carrier: dict[str, str] | None,
-        *,
-        principal: Principal | None = None,
-        agent_version: str | None = None,
+        self, target: Any, request: TurnRequest, *, principal: Principal | None = None
     ) -> Any: ...
 
     @abstractmethod
     def start_turn(
-        self,
-        target: Any,
-        turn_id: str,
-        text: str,
-        caller: str | None,
-        n: int,
-        low: int | None,
-        carrier: dict[str, str] | None,
-        after: int,
-        *,
-        principal: Principal | None = None,
-        agent_version: str | None = None,
+        self, target: Any, request: TurnRequest, after: int, *, principal: Principal | None = None
     ) -> Any: ...
 
     @abstractmethod
@@ -138,62 +118,18 @@ class HostedTransport(Transport):
     def actor(self) -> str:
         return self.registry.hosts.table.host_for(self.conversation_id)
 
-    def send(
-        self,
-        target: Any,
-        turn_id: str,
-        text: str,
-        caller: str | None,
-        n: int,
-        low: int | None,
-        carrier: dict[str, str] | None,
-        *,
-        principal: Principal | None = None,
-        agent_version: str | None = None,
-    ) -> Any:
+    def send(self, target: Any, request: TurnRequest, *, principal: Principal | None = None) -> Any:
         version, _, host = target
         return host.send.remote(
-            version,
-            self.conversation_id,
-            turn_id,
-            text,
-            caller,
-            n,
-            low,
-            carrier,
-            self.api_keys,
-            principal=principal,
-            agent_version=agent_version,
+            version, self.conversation_id, request, self.api_keys, principal=principal
         )
 
     def start_turn(
-        self,
-        target: Any,
-        turn_id: str,
-        text: str,
-        caller: str | None,
-        n: int,
-        low: int | None,
-        carrier: dict[str, str] | None,
-        after: int,
-        *,
-        principal: Principal | None = None,
-        agent_version: str | None = None,
+        self, target: Any, request: TurnRequest, after: int, *, principal: Principal | None = None
     ) -> Any:
         version, _, host = target
         return host.start_turn.remote(
-            version,
-            self.conversation_id,
-            turn_id,
-            text,
-            caller,
-            n,
-            low,
-            carrier,
-            self.api_keys,
-            after,
-            principal=principal,
-            agent_version=agent_version,
+            version, self.conversation_id, request, self.api_keys, after, principal=principal
         )
 
     def events(
@@ -272,55 +208,13 @@ class DedicatedTransport(Transport):
     def actor(self) -> str:
         return actor_name(self.conversation_id)
 
-    def send(
-        self,
-        target: Any,
-        turn_id: str,
-        text: str,
-        caller: str | None,
-        n: int,
-        low: int | None,
-        carrier: dict[str, str] | None,
-        *,
-        principal: Principal | None = None,
-        agent_version: str | None = None,
-    ) -> Any:
-        return target.send.remote(
-            turn_id,
-            text,
-            caller,
-            n,
-            low,
-            carrier,
-            principal=principal,
-            agent_version=agent_version,
-        )
+    def send(self, target: Any, request: TurnRequest, *, principal: Principal | None = None) -> Any:
+        return target.send.remote(request, principal=principal)
 
     def start_turn(
-        self,
-        target: Any,
-        turn_id: str,
-        text: str,
-        caller: str | None,
-        n: int,
-        low: int | None,
-        carrier: dict[str, str] | None,
-        after: int,
-        *,
-        principal: Principal | None = None,
-        agent_version: str | None = None,
+        self, target: Any, request: TurnRequest, after: int, *, principal: Principal | None = None
     ) -> Any:
-        return target.start_turn.remote(
-            turn_id,
-            text,
-            caller,
-            n,
-            low,
-            carrier,
-            after,
-            principal=principal,
-            agent_version=agent_version,
-        )
+        return target.start_turn.remote(request, after, principal=principal)
 
     def events(
         self,
