@@ -27,6 +27,7 @@ from ..exceptions import ConfigError, ConversationUnavailable, StaleShardTable
 from ..rollout import Deployment, read_deployment
 from ..runtime.config import Config
 from ..store import HistoryStore, open_store
+from ..store.settings import SHARD_TABLE
 from ..supervisors import ChildSpec, SupervisorSpec, add_child
 from ..supervisors.core import replace_child
 from ..supervisors.named import SUPERVISED, unwrap_task_error
@@ -70,7 +71,7 @@ async def count_hosts(config: Config) -> int:
 
 def table_key(namespace: str) -> str:
     """Where a namespace's shard table is kept in the store."""
-    return f"overstory.shard_table:{namespace}"
+    return SHARD_TABLE.key(namespace)
 
 
 async def stored_table(store: HistoryStore, namespace: str) -> ShardTable | None:
