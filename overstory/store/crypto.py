@@ -36,16 +36,13 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..exceptions import DataKeyError
-from .settings import DATA_KEYS, update
-
-if TYPE_CHECKING:
-    from .base import HistoryStore
+from .settings import DATA_KEYS, SettingsStore, update
 
 __all__ = [
     "CHECKS_SETTING",
@@ -54,6 +51,7 @@ __all__ = [
     "SEALED_PREFIX",
     "DataKeys",
     "Resealer",
+    "SealedStore",
     "is_sealed",
     "key_id_of",
     "register_resealer",
@@ -248,10 +246,17 @@ def verify_checks(keys: DataKeys | None, stored: str | None, where: str) -> dict
     return {**checks, keys.primary: keys.check_value(keys.primary)}
 
 
+class SealedStore(SettingsStore, Protocol):
+    """What :func:`reseal` needs of a store (every :class:`~.base.HistoryStore`)."""
+
+    data_keys: DataKeys | None
+
+
 #: A re-sealer: ``(store, keys, batch) -> counts`` ("examined", "resealed", "skipped"),
 #: sealing its owner's records under ``keys.primary``, each by compare-and-set; a record
-#: that changed meanwhile is re-read (or counted "skipped": the old keys then stay).
-Resealer = Callable[["HistoryStore", DataKeys, int], Awaitable[Mapping[str, int]]]
+#: that changed meanwhile is re-read (or counted "skipped": the old keys then stay). The
+#: store is the :class:`~.base.HistoryStore` :func:`reseal` was given.
+Resealer = Callable[[Any, DataKeys, int], Awaitable[Mapping[str, int]]]
 _RESEALERS: dict[str, Resealer] = {}
 
 
@@ -267,7 +272,7 @@ def resealers() -> tuple[str, ...]:
 
 
 async def reseal(
-    store: HistoryStore, *, batch: int = 500, require: Collection[str] = ()
+    store: SealedStore, *, batch: int = 500, require: Collection[str] = ()
 ) -> dict[str, Any]:
     """Seal every record not under the primary key with it (plain ones, and those sealed
     with an older key): every registered re-sealer's, page by page, each by

@@ -21,12 +21,9 @@ import enum
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
 from ..exceptions import StoreError, UsageError
-
-if TYPE_CHECKING:
-    from .base import HistoryStore
 
 __all__ = [
     "CONFLICT",
@@ -35,6 +32,7 @@ __all__ = [
     "Conflict",
     "SettingContended",
     "SettingsKey",
+    "SettingsStore",
     "UnregisteredSettingKey",
     "Updated",
     "check_key",
@@ -241,6 +239,14 @@ def check_key(key: str) -> SettingsKey:
 # --- compare-and-set, retried -----------------------------------------------------------
 
 
+class SettingsStore(Protocol):
+    """What :func:`update` needs of a store (every :class:`~.base.HistoryStore`)."""
+
+    async def get_setting(self, key: str) -> str | None: ...
+
+    async def put_setting(self, key: str, value: str, *, expected: str | None) -> bool: ...
+
+
 class SettingContended(StoreError):
     """A compare-and-set lost to other writers on every attempt (too much contention)."""
 
@@ -325,7 +331,7 @@ class Updated:
 
 
 async def update(
-    store: HistoryStore,
+    store: SettingsStore,
     key: str,
     fn: Callable[[str | None], str | None],
     *,
