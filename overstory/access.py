@@ -25,6 +25,7 @@ from typing import Any, Literal
 from .app import split_conversation_id
 from .exceptions import NotPermitted, UnknownConversation, UsageError
 from .store import HistoryStore
+from .store.settings import CONVERSATION, OWNED, OWNED_LEGACY, update
 
 __all__ = [
     "CONVERSATION_ID",
@@ -49,11 +50,11 @@ __all__ = [
 #: An HTTP conversation's id: ``conv_`` and 24 hex characters.
 CONVERSATION_ID = re.compile(r"conv_(?P<hex>[0-9a-f]{24})")
 #: Where a conversation's record is kept (a store setting per conversation).
-RECORD_PREFIX = "overstory.conversation:"
+RECORD_PREFIX = CONVERSATION.prefix()
 #: One setting per conversation a user owns, ``<prefix><user digest>:<created ns>:<id>``,
 #: so a user's list is a prefix scan in creation order and adding one is one insert.
-_OWNED = "overstory.owned:"
-_OWNED_LIST = "overstory.conversations:"  # before: one list value per user (still read)
+_OWNED = OWNED.prefix()
+_OWNED_LIST = OWNED_LEGACY.prefix()  # before: one list value per user (still read)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,12 +195,15 @@ async def update_record(
     store: HistoryStore, record: ConversationRecord, **changes: Any
 ) -> ConversationRecord:
     """``record`` with ``changes``, by compare-and-set on what is stored now."""
-    while True:
-        raw = await store.get_setting(RECORD_PREFIX + record.id)
+    made: list[ConversationRecord] = []
+
+    def changed(raw: str | None) -> str:
         current = ConversationRecord.loads(raw) if raw else record
-        changed = replace(current, **changes)
-        if await store.put_setting(RECORD_PREFIX + record.id, changed.dumps(), expected=raw):
-            return changed
+        made.append(replace(current, **changes))
+        return made[-1].dumps()
+
+    await update(store, CONVERSATION.key(record.id), changed)
+    return made[-1]
 
 
 async def delete_record(store: HistoryStore, record: ConversationRecord) -> None:

@@ -20,11 +20,9 @@ between the two leaves a record past the head, which the next writer checks (its
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
-import random
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -32,10 +30,19 @@ from typing import Any
 
 from .exceptions import StoreError
 from .store import HistoryStore
+from .store.settings import (
+    AUDIT,
+    AUDIT_HEAD,
+    CONFLICT,
+    Backoff,
+    Conflict,
+    SettingContended,
+    contend,
+)
 
 __all__ = ["AuditRecord", "append", "note", "records", "trace_id", "verify"]
 
-_ATTEMPTS = 64
+_CAS = Backoff(attempts=64)
 _log = logging.getLogger(__name__)
 _GENESIS = "0" * 64
 
@@ -69,12 +76,12 @@ class AuditRecord:
 
 
 #: One chain per store (every namespace, the CLI and the door write to it).
-_PREFIX = "overstory.audit:"
-_HEAD = "overstory.audit.head"
+_PREFIX = AUDIT.prefix()
+_HEAD = AUDIT_HEAD.key()
 
 
 def _record_key(seq: int) -> str:
-    return f"{_PREFIX}{seq:012d}"
+    return AUDIT.key(f"{seq:012d}")
 
 
 def trace_id() -> str:
@@ -108,9 +115,8 @@ async def append(
 ) -> AuditRecord:
     """Add one record at the end of the chain (see the module doc)."""
     head_key = _HEAD
-    for attempt in range(_ATTEMPTS):
-        if attempt:
-            await asyncio.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
+
+    async def attempt() -> AuditRecord | Conflict:
         raw_head = await store.get_setting(head_key)
         head: dict[str, Any] = json.loads(raw_head) if raw_head else {"seq": 0, "hash": _GENESIS}
         seq = int(head["seq"]) + 1
@@ -121,7 +127,7 @@ async def append(
                 await store.put_setting(
                     head_key, json.dumps({"seq": seq, "hash": record.hash}), expected=raw_head
                 )
-            continue
+            return CONFLICT
         record = AuditRecord(
             seq,
             time.time(),
@@ -135,14 +141,17 @@ async def append(
         )
         record = AuditRecord(**{**asdict(record), "hash": record.content_hash()})
         if not await store.put_setting(_record_key(seq), record.to_json(), expected=None):
-            continue  # another writer took this number
+            return CONFLICT  # another writer took this number
         new_head = json.dumps({"seq": seq, "hash": record.hash})
-        if raw_head is None:
-            await store.put_setting(head_key, new_head, expected=None)
-        else:
-            await store.put_setting(head_key, new_head, expected=raw_head)
+        await store.put_setting(head_key, new_head, expected=raw_head)
         return record  # a lost head update is adopted by the next writer
-    raise StoreError("the audit trail kept changing while appending (too much contention)")
+
+    try:
+        return await contend(head_key, attempt, backoff=_CAS, what="the audit trail")
+    except SettingContended as exc:
+        raise StoreError(
+            "the audit trail kept changing while appending (too much contention)"
+        ) from exc
 
 
 async def note(store: HistoryStore, **fields: Any) -> None:

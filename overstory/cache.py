@@ -32,12 +32,13 @@ from .exceptions import DataKeyError, StoreError
 from .messages import AssistantMessage, Message, ModelResponse, ToolCall, ToolReturn, Usage
 from .providers.base import Model, StreamItem
 from .store import HistoryStore
+from .store.settings import CACHE
 from .telemetry import metrics
 from .tools import ToolDefinition
 
 __all__ = ["CachingModel", "cache_key", "sweep"]
 
-_PREFIX = "overstory.cache:"
+_PREFIX = CACHE.prefix()
 
 
 def cache_key(

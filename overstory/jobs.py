@@ -32,7 +32,7 @@ import json
 import math
 import re
 import secrets
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from hashlib import sha256
 from typing import Any, Literal, cast
@@ -40,7 +40,18 @@ from urllib.parse import urlsplit
 
 from .exceptions import ConfigError, DataKeyError, UnknownJob, UsageError
 from .store.base import HistoryStore
-from .store.crypto import is_sealed, key_id_of
+from .store.crypto import DataKeys, is_sealed, key_id_of, register_resealer
+from .store.settings import (
+    CONFLICT,
+    JOB,
+    JOB_QUEUE,
+    JOB_TURN,
+    Backoff,
+    Conflict,
+    SettingContended,
+    contend,
+    update,
+)
 
 __all__ = [
     "JOB_STATES",
@@ -357,9 +368,7 @@ def sign(secret: str, body: bytes, now: float) -> str:
 
 
 #: Every job record's key starts with it (then ``<namespace>:<job id>``).
-_JOBS_PREFIX = "overstory.job:"
-#: A chosen turn id's job (``<namespace>:<turn id>`` -> job id).
-_JOB_OF_PREFIX = "overstory.jobturn:"
+_JOBS_PREFIX = JOB.prefix()
 
 
 def _ms(t: float) -> str:
@@ -371,16 +380,16 @@ class JobBook:
 
     def __init__(self, store: HistoryStore, namespace: str) -> None:
         self.store, self.namespace = store, namespace
-        self._jobs = f"{_JOBS_PREFIX}{namespace}:"
-        self._queue = f"overstory.jobq:{namespace}:"
+        self._jobs = JOB.prefix(namespace)
+        self._queue = JOB_QUEUE.prefix(namespace)
 
     # keys and encoding
 
     def job_key(self, job_id: str) -> str:
-        return self._jobs + job_id
+        return JOB.key(self.namespace, job_id)
 
     def entry_key(self, due: float, job_id: str) -> str:
-        return f"{self._queue}{_ms(due)}:{job_id}"
+        return JOB_QUEUE.key(self.namespace, _ms(due), job_id)
 
     def _aad(self, job_id: str) -> str:
         return f"job\0{self.namespace}\0{job_id}"
@@ -464,7 +473,7 @@ class JobBook:
             raise UsageError(f"job id {job.id} is taken")  # 48 random bits: practically never
 
     def _turn_key(self, turn: str) -> str:
-        return f"{_JOB_OF_PREFIX}{self.namespace}:{turn}"
+        return JOB_TURN.key(self.namespace, turn)
 
     async def add_once(self, job: JobRecord) -> JobRecord:
         """Store a job for its chosen turn (:attr:`JobRecord.turn`) unless one is stored
@@ -489,16 +498,39 @@ class JobBook:
     async def cancel(self, job_id: str, now: float) -> tuple[JobRecord, bool]:
         """Cancel job ``job_id`` if it is queued (:func:`cancel`, by compare-and-set):
         ``(its record after, whether this cancelled it)``; ``UnknownJob`` if none."""
-        while True:
-            found = await self.get(validate_job_id(job_id))
+        changed = await self.change(validate_job_id(job_id), lambda job: cancel(job, now))
+        if changed is None:
+            raise UnknownJob(f"no job {job_id!r} in namespace {self.namespace!r}")
+        return changed
+
+    async def change(
+        self,
+        job_id: str,
+        step: Callable[[JobRecord], JobRecord | None],
+        *,
+        backoff: Backoff | None = None,
+    ) -> tuple[JobRecord, bool] | None:
+        """Apply the pure transition ``step`` to the stored job by compare-and-set
+        (:meth:`move`), again after another writer got in first: ``(its record after,
+        whether ``step`` changed it)``, ``None`` when the job is gone. ``step``
+        returning ``None`` declines. Raises ``SettingContended`` when every attempt of
+        ``backoff`` lost."""
+
+        async def attempt() -> tuple[JobRecord, bool] | Conflict | None:
+            found = await self.get(job_id)
             if found is None:
-                raise UnknownJob(f"no job {job_id!r} in namespace {self.namespace!r}")
+                return None
             raw, job = found
-            cancelled = cancel(job, now)
-            if cancelled is None:
+            new = step(job)
+            if new is None:
                 return job, False
-            if await self.move(raw, job, cancelled) is not None:
-                return cancelled, True
+            if await self.move(raw, job, new) is not None:
+                return new, True
+            return CONFLICT
+
+        return await contend(
+            self.job_key(job_id), attempt, backoff=backoff or Backoff(), what=f"job {job_id}"
+        )
 
     async def for_turn(self, turn: str) -> JobRecord | None:
         """The job stored for chosen turn ``turn`` (:meth:`add_once`), if any."""
@@ -551,25 +583,34 @@ class JobBook:
         return gone
 
 
-async def reseal_jobs(store: HistoryStore, *, batch: int = 500) -> dict[str, int]:
+async def reseal_jobs(store: HistoryStore, keys: DataKeys, batch: int) -> dict[str, int]:
     """Seal every job record's text and reply under the primary data key (plain ones,
-    and those under an older key), each by compare-and-set: for ``keys rotate-data``."""
-    keys = store.data_keys
-    assert keys is not None
+    and those under an older key), each by compare-and-set, again if a runner changed
+    the record meanwhile: for ``keys rotate-data`` (registered with the store's crypto)."""
     counts = {"examined": 0, "resealed": 0, "skipped": 0}
     after = ""
     while page := await store.settings(_JOBS_PREFIX, after=after, limit=batch):
-        for key, raw in page:
+        for key, _raw in page:
             counts["examined"] += 1
-            record = json.loads(raw)
-            fields = [record["text"]] + ([record["reply"]] if record["reply"] else [])
-            if all(key_id_of(f) == keys.primary for f in fields):
-                continue
             book = JobBook(store, key[len(_JOBS_PREFIX) :].partition(":")[0])
-            fresh = book.encode(book.decode(raw))
-            if await store.put_setting(key, fresh, expected=raw):
-                counts["resealed"] += 1
-            else:
-                counts["skipped"] += 1  # changed meanwhile: written under the primary
+
+            def resealed(raw: str | None, book: JobBook = book) -> str | None:
+                if raw is None:
+                    return None  # swept meanwhile
+                record = json.loads(raw)
+                fields = [record["text"]] + ([record["reply"]] if record["reply"] else [])
+                if all(key_id_of(f) == keys.primary for f in fields):
+                    return None
+                return book.encode(book.decode(raw))
+
+            try:
+                done = await update(store, key, resealed, backoff=Backoff(attempts=8))
+            except SettingContended:
+                counts["skipped"] += 1
+                continue
+            counts["resealed"] += done.changed
         after = page[-1][0]
     return counts
+
+
+register_resealer("jobs", reseal_jobs)

@@ -32,7 +32,6 @@ import enum
 import hashlib
 import json
 import math
-import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -42,6 +41,7 @@ from typing import Any
 from .exceptions import ConfigError, QuotaExceeded, StoreError
 from .messages import AssistantMessage, Message
 from .store import HistoryStore
+from .store.settings import LEDGER, QUOTA, Backoff, SettingContended, update
 
 __all__ = [
     "UNSET",
@@ -79,7 +79,8 @@ class Unset(enum.Enum):
 
 
 UNSET = Unset.UNSET
-_CAS_ATTEMPTS = 64
+#: Quota and ledger writes by compare-and-set: tries and pauses (see Backoff).
+_CAS = Backoff(attempts=64)
 
 
 @dataclass(frozen=True)
@@ -300,11 +301,11 @@ def _digest(user: str) -> str:
 
 
 def quota_key(namespace: str, user: str) -> str:
-    return f"overstory.quota:{namespace}:{_digest(user)}"
+    return QUOTA.key(namespace, _digest(user))
 
 
 def ledger_key(namespace: str, user: str) -> str:
-    return f"overstory.ledger:{namespace}:{_digest(user)}"
+    return LEDGER.key(namespace, _digest(user))
 
 
 async def read_quota(store: HistoryStore, namespace: str, user: str) -> Quota | None:
@@ -319,12 +320,10 @@ async def read_quota(store: HistoryStore, namespace: str, user: str) -> Quota | 
 
 
 async def write_quota(store: HistoryStore, namespace: str, user: str, quota: Quota) -> None:
-    key = quota_key(namespace, user)
-    for _ in range(_CAS_ATTEMPTS):
-        raw = await store.get_setting(key)
-        if await store.put_setting(key, quota.to_json(), expected=raw):
-            return
-    raise StoreError("a user's quota kept changing while writing it")
+    try:
+        await update(store, quota_key(namespace, user), lambda _: quota.to_json(), backoff=_CAS)
+    except SettingContended as exc:
+        raise StoreError("a user's quota kept changing while writing it") from exc
 
 
 async def read_ledger(store: HistoryStore, namespace: str, user: str) -> Ledger:
@@ -342,22 +341,23 @@ async def apply(
 ) -> Ledger:
     """Apply ``steps`` to the user's stored ledger in one compare-and-set (all or none:
     :class:`QuotaExceeded` from any step leaves it as it was)."""
-    key = ledger_key(namespace, user)
-    for attempt in range(_CAS_ATTEMPTS):
-        if attempt:  # another writer won: back off a random while, growing, then again
-            await asyncio.sleep(random.uniform(0, min(0.05, 0.0005 * 2**attempt)))
-        raw = await store.get_setting(key)
+    made: list[Ledger] = []
+
+    def stepped(raw: str | None) -> str:
         ledger = Ledger() if raw is None else Ledger.from_json(raw)
         at = time.time() if now is None else now
         for step in steps:
             ledger = step_ledger(ledger, step, quota, at)
-        if raw is None:
-            stored = await store.put_setting(key, ledger.to_json(), expected=None)
-        else:
-            stored = await store.put_setting(key, ledger.to_json(), expected=raw)
-        if stored:
-            return ledger
-    raise StoreError("a user's quota ledger kept changing while writing it (too much contention)")
+        made.append(ledger)
+        return ledger.to_json()
+
+    try:
+        await update(store, ledger_key(namespace, user), stepped, backoff=_CAS)
+    except SettingContended as exc:
+        raise StoreError(
+            "a user's quota ledger kept changing while writing it (too much contention)"
+        ) from exc
+    return made[-1]
 
 
 async def change_quota(

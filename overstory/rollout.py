@@ -34,6 +34,7 @@ from typing import Any
 from .app import App
 from .exceptions import ConfigError, StoreError, UnknownAgent
 from .store import HistoryStore
+from .store.settings import DEPLOYMENT, PIN, SPLIT, Backoff, SettingContended, update
 
 __all__ = [
     "Deployment",
@@ -56,7 +57,7 @@ __all__ = [
 ]
 
 #: Compare-and-set attempts before a write gives up (another writer kept winning).
-_CAS_ATTEMPTS = 16
+_CAS = Backoff(attempts=16)
 
 
 @dataclass(frozen=True)
@@ -230,15 +231,15 @@ def reset_for(split: Split | None, name: str, versions: Sequence[str]) -> Split 
 
 
 def deployment_key(namespace: str) -> str:
-    return f"overstory.app:{namespace}"
+    return DEPLOYMENT.key(namespace)
 
 
 def split_key(namespace: str, agent: str) -> str:
-    return f"overstory.split:{namespace}:{agent}"
+    return SPLIT.key(namespace, agent)
 
 
 def pin_key(namespace: str, conversation_id: str) -> str:
-    return f"overstory.pin:{namespace}:{conversation_id}"
+    return PIN.key(namespace, conversation_id)
 
 
 @dataclass(frozen=True)
@@ -274,14 +275,19 @@ async def write_deployment(
     store: HistoryStore, namespace: str, source: str, app: App, working_dir: str | None
 ) -> Deployment:
     """Record ``app`` as the namespace's deployment and make every agent's split fit it."""
-    for _ in range(_CAS_ATTEMPTS):
-        raw = await store.get_setting(deployment_key(namespace))
+
+    made: list[Deployment] = []
+
+    def recorded(raw: str | None) -> str:
         generation = 1 if raw is None else Deployment.from_json(raw).generation + 1
-        new = Deployment(source, app.describe(), working_dir, generation)
-        if await store.put_setting(deployment_key(namespace), new.to_json(), expected=raw):
-            break
-    else:
-        raise StoreError(f"the deployment of {namespace!r} kept changing while writing it")
+        made.append(Deployment(source, app.describe(), working_dir, generation))
+        return made[-1].to_json()
+
+    try:
+        await update(store, deployment_key(namespace), recorded, backoff=_CAS)
+    except SettingContended as exc:
+        raise StoreError(f"the deployment of {namespace!r} kept changing while writing it") from exc
+    new = made[-1]  # the one the last, successful attempt made
     for name in app.names:
         await update_split(store, namespace, name, app.versions(name), lambda s: s, reset=True)
     return new
@@ -307,20 +313,25 @@ async def update_split(
     """Apply ``change`` to agent ``name``'s split by compare-and-set (retried when
     another writer got in first); ``reset`` first fits the split to ``versions`` (the
     ones the served app lists)."""
-    key = split_key(namespace, name)
-    for _ in range(_CAS_ATTEMPTS):
-        raw = await store.get_setting(key)
+
+    made: list[Split] = []
+
+    def changed(raw: str | None) -> str | None:
         current = None if raw is None else Split.from_json(raw)
         base = current
         if reset or current is None:
             base = reset_for(current, name, versions) or current
         assert base is not None
-        new = change(base)
-        if raw is not None and new == current:
-            return new  # unchanged: nothing to write (idempotent commands)
-        if await store.put_setting(key, new.to_json(), expected=raw):
-            return new
-    raise StoreError(f"the split of agent {name!r} kept changing while writing it")
+        made.append(change(base))
+        if raw is not None and made[-1] == current:
+            return None  # unchanged: nothing to write (idempotent commands)
+        return made[-1].to_json()
+
+    try:
+        await update(store, split_key(namespace, name), changed, backoff=_CAS)
+    except SettingContended as exc:
+        raise StoreError(f"the split of agent {name!r} kept changing while writing it") from exc
+    return made[-1]  # what the last, successful attempt made
 
 
 async def read_pin(store: HistoryStore, namespace: str, conversation_id: str) -> Pin | None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from .exceptions import ConfigError
 from .store import HistoryStore
+from .store.settings import SHARD_TABLE
 
 __all__ = [
     "DEFAULT_SHARDS",
@@ -114,7 +115,7 @@ class ShardTable:
 
 def table_key(namespace: str) -> str:
     """Where a namespace's shard table is kept in the store."""
-    return f"overstory.shard_table:{namespace}"
+    return SHARD_TABLE.key(namespace)
 
 
 async def stored_table(store: HistoryStore, namespace: str) -> ShardTable | None:

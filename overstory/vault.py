@@ -16,7 +16,8 @@ is one per agent, for all its users. Documents are JSON objects of at most
 collection, indexed on agent, owner, collection and key), are sealed at rest when
 history is (the associated data names agent, owner, collection and key: a document
 moved elsewhere does not open), and may expire (``ttl_s``; MongoDB also drops them
-itself). ``query`` filters on top-level fields by equality, after opening documents, in
+itself). ``overstory keys rotate-data`` re-seals them by compare-and-set (this module
+registers :func:`reseal_vault`): a tool's write racing the rotation is kept. ``query`` filters on top-level fields by equality, after opening documents, in
 key order.
 """
 
@@ -32,7 +33,8 @@ from typing import Any, TypeVar
 
 from .exceptions import VaultError
 from .store import HistoryStore
-from .store.crypto import vault_aad
+from .store.crypto import DataKeys, key_id_of, register_resealer
+from .store.settings import CONFLICT, Backoff, Conflict, SettingContended, contend
 
 __all__ = [
     "MAX_DOCUMENT_BYTES",
@@ -43,12 +45,19 @@ __all__ = [
     "fetch",
     "keys",
     "listing",
+    "reseal_vault",
+    "vault_aad",
 ]
 
 MAX_DOCUMENT_BYTES = 64 * 1024
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 _SCAN = 200
 T = TypeVar("T")
+
+
+def vault_aad(agent: str, owner: str, collection: str, key: str) -> str:
+    """What a document is bound to (its "conversation id" when sealed)."""
+    return json.dumps(["vault", agent, owner, collection, key])
 
 
 def _collection(name: object) -> str:
@@ -246,3 +255,52 @@ async def clear(
     collection = _collection(collection)
     space = (agent, user)
     return await store.vault_delete(space, collection, None if key is None else _key(key))
+
+
+async def reseal_vault(store: HistoryStore, keys: DataKeys, batch: int) -> dict[str, int]:
+    """Seal every document not under the primary key with it, expired ones included,
+    each by compare-and-set: a document a tool rewrote since it was read is read again
+    (and re-sealed, unless its writer sealed it under the primary key already); its
+    expiry is never touched. A document that kept changing is counted ``skipped``."""
+    counts = {"examined": 0, "resealed": 0, "skipped": 0}
+    place: tuple[str, str, str, str] | None = None
+    while rows := await store.vault_rows(place, batch):
+        for agent, owner, collection, key, document, _expires in rows:
+            counts["examined"] += 1
+            try:
+                resealed = await _reseal_one(store, keys, (agent, owner), collection, key, document)
+            except SettingContended:
+                counts["skipped"] += 1
+                continue
+            counts["resealed"] += resealed
+        place = rows[-1][:4]
+    return counts
+
+
+async def _reseal_one(
+    store: HistoryStore,
+    keys: DataKeys,
+    space: tuple[str, str],
+    collection: str,
+    key: str,
+    document: str,
+) -> bool:
+    """Re-seal one document read as ``document``; whether this wrote it."""
+    aad = vault_aad(*space, collection, key)
+    current: str | None = document
+
+    async def step() -> bool | Conflict:
+        nonlocal current
+        if current is None or key_id_of(current) == keys.primary:
+            return False  # deleted, or written under the primary key meanwhile
+        fresh = keys.seal(keys.open(current, aad, 0), aad, 0)
+        if await store.vault_replace(space, collection, key, current, fresh):
+            return True
+        current = await store.vault_document(space, collection, key)
+        return CONFLICT
+
+    where = f"vault:{space[0]}/{space[1]}/{collection}/{key}"
+    return await contend(where, step, backoff=Backoff(attempts=8), what="a vault document")
+
+
+register_resealer("vault", reseal_vault)

@@ -221,3 +221,47 @@ def test_the_rotate_data_command_reseals_with_the_first_key(
     monkeypatch.delenv("OVERSTORY_DATA_KEYS")
     assert main(["keys", "list", "--store", sqlite_url]) == 2  # no key: any use refused
     assert "OVERSTORY_DATA_KEYS" in capsys.readouterr().err
+
+
+def test_rotate_data_reseals_every_owner_of_sealed_records_and_requires_each(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """History, vault documents and job records: the command imports each owner, whose
+    re-sealer registers with crypto; a required owner that is missing writes nothing."""
+    from overstory.cli.main import main
+
+    from overstory.jobs import JobBook, new_job
+    from overstory.store.crypto import key_id_of, resealers
+    from overstory.vault import DataVault
+
+    assert {"messages", "vault", "jobs"} <= set(resealers())
+
+    async def write(store: HistoryStore) -> None:
+        await _write(store, "a:alice", _turn(0))
+        await DataVault(store, "a", "alice").store("notes", {"text": CANARY}, key="n")
+        await JobBook(store, "ns").add(
+            new_job("alice", "a", CANARY, max_attempts=1, webhook="", now=1.0)
+        )
+
+    async def sealed_with(store: HistoryStore) -> dict[str, set[str | None]]:
+        jobs = await store.settings("overstory.job:")
+        return {
+            "messages": {key_id_of(body) for _, _, body in await store.bodies()},
+            "vault": {key_id_of(row[4]) for row in await store.vault_rows()},
+            "jobs": {key_id_of(json.loads(raw)["text"]) for _, raw in jobs},
+        }
+
+    run(sqlite_url, DataKeys.parse(f"k1:{K1}"), write)
+    k2_then_k1 = DataKeys.parse(f"k2:{K2},k1:{K1}")
+    with pytest.raises(DataKeyError, match="no re-sealer is registered for nobody"):
+        run(sqlite_url, k2_then_k1, lambda s: reseal(s, require=("jobs", "nobody")))
+    before = {"messages": {"k1"}, "vault": {"k1"}, "jobs": {"k1"}}
+    assert run(sqlite_url, k2_then_k1, sealed_with) == before  # nothing written
+
+    monkeypatch.delenv("OVERSTORY_DATA_KEY_FILE", raising=False)
+    monkeypatch.setenv("OVERSTORY_DATA_KEYS", f"k2:{K2},k1:{K1}")
+    assert main(["keys", "rotate-data", "--json", "--store", sqlite_url]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report == {"examined": 6, "resealed": 6, "skipped": 0, "key": "k2"}
+    after = {"messages": {"k2"}, "vault": {"k2"}, "jobs": {"k2"}}
+    assert run(sqlite_url, DataKeys.parse(f"k2:{K2}"), sealed_with) == after

@@ -17,14 +17,6 @@ from collections.abc import Mapping, Set
 import grimp
 import pytest
 
-#: Imports a cycle still runs through, each owned by another change that removes it.
-#: Rotating data keys re-seals the job book's records (store/crypto.py -> jobs.py ->
-#: store/base.py -> store/crypto.py): owned by the settings slice of issue 22 (part 5),
-#: which gives re-sealers a registry; delete the entry when it lands.
-OWNED_ELSEWHERE: frozenset[tuple[str, str]] = frozenset(
-    {("overstory.store.crypto", "overstory.jobs")}
-)
-
 
 def strongly_connected(edges: Mapping[str, Set[str]]) -> list[list[str]]:
     """The graph's strongly connected components of more than one node (each a cycle or
@@ -97,7 +89,7 @@ def import_edges(graph: grimp.ImportGraph) -> dict[str, set[str]]:
     edges: dict[str, set[str]] = {}
     for module in graph.modules:
         imported = graph.find_modules_directly_imported_by(module)
-        edges[module] = {m for m in imported if (module, m) not in OWNED_ELSEWHERE}
+        edges[module] = set(imported)
     return edges
 
 
@@ -149,11 +141,3 @@ def test_no_import_cycles_in_overstory(graph: grimp.ImportGraph) -> None:
         for c in components
     )
     assert not components, f"import cycles in overstory:\n\n{report}"
-
-
-def test_the_imports_owned_elsewhere_are_still_there(graph: grimp.ImportGraph) -> None:
-    # An entry whose import is gone would let a new cycle through it pass unseen.
-    for importer, imported in OWNED_ELSEWHERE:
-        assert graph.direct_import_exists(importer=importer, imported=imported), (
-            f"{importer} no longer imports {imported}: delete it from OWNED_ELSEWHERE"
-        )

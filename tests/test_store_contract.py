@@ -330,46 +330,91 @@ def test_sqlite_group_commit_batches_writes_and_isolates_each_failure(sqlite_url
     assert [m.content for m in with_store(sqlite_url, lambda s: s.load("taken"))] == ["first"]
 
 
+K = "overstory.cache:k"  # settings keys are declared (overstory.store.settings.KEYS)
+P = "overstory.cache:"
+
+
 def test_settings_are_compare_and_set(store_url: str) -> None:
     async def body(store: HistoryStore) -> list[Any]:
         other = open_store(store_url)
         await other.open()
         try:
             return [
-                await store.get_setting("k"),
-                await store.put_setting("k", "v1", expected=None),
-                await other.put_setting("k", "x", expected=None),  # already set: refused
-                await other.get_setting("k"),
-                await store.put_setting("k", "v2", expected="v1"),
-                await other.put_setting("k", "v3", expected="v1"),  # stale expectation
-                await other.get_setting("k"),
+                await store.get_setting(K),
+                await store.put_setting(K, "v1", expected=None),
+                await other.put_setting(K, "x", expected=None),  # already set: refused
+                await other.get_setting(K),
+                await store.put_setting(K, "v2", expected="v1"),
+                await other.put_setting(K, "v3", expected="v1"),  # stale expectation
+                await other.get_setting(K),
             ]
         finally:
             await other.close()
 
     assert with_store(store_url, body) == [None, True, False, "v1", True, False, "v2"]
-    assert with_store(store_url, lambda s: s.get_setting("k")) == "v2"  # durable
+    assert with_store(store_url, lambda s: s.get_setting(K)) == "v2"  # durable
 
 
 def test_settings_list_by_prefix_in_key_order_and_delete_by_compare(store_url: str) -> None:
     async def body(store: HistoryStore) -> list[Any]:
         # Characters LIKE and regexes treat specially must be taken literally.
         for key in ("p%_.*:b", "p%_.*:a", "p%_.*:c", "p%_.*", "p%x:a", "q:a", "p%_.:z"):
-            await store.put_setting(key, key.upper(), expected=None)
-        first = await store.settings("p%_.*:", limit=2)
-        rest = await store.settings("p%_.*:", after=first[-1][0], limit=2)
+            await store.put_setting(P + key, key.upper(), expected=None)
+        first = await store.settings(P + "p%_.*:", limit=2)
+        rest = await store.settings(P + "p%_.*:", after=first[-1][0], limit=2)
         return [
             first,
             rest,
-            await store.settings("p%_.*:", after="p%_.*:c"),
-            await store.delete_setting("p%_.*:a", expected="stale"),  # refused
-            await store.delete_setting("p%_.*:a", expected="P%_.*:A"),
-            await store.get_setting("p%_.*:a"),
-            [k for k, _ in await store.settings("p")],
+            await store.settings(P + "p%_.*:", after=P + "p%_.*:c"),
+            await store.delete_setting(P + "p%_.*:a", expected="stale"),  # refused
+            await store.delete_setting(P + "p%_.*:a", expected="P%_.*:A"),
+            await store.get_setting(P + "p%_.*:a"),
+            [k.removeprefix(P) for k, _ in await store.settings(P + "p")],
         ]
 
     first, rest, none, stale, deleted, gone, every = with_store(store_url, body)
-    assert first == [("p%_.*:a", "P%_.*:A"), ("p%_.*:b", "P%_.*:B")]
-    assert rest == [("p%_.*:c", "P%_.*:C")]
+    assert first == [(P + "p%_.*:a", "P%_.*:A"), (P + "p%_.*:b", "P%_.*:B")]
+    assert rest == [(P + "p%_.*:c", "P%_.*:C")]
     assert (none, stale, deleted, gone) == ([], False, True, None)
     assert every == ["p%_.*", "p%_.*:b", "p%_.*:c", "p%_.:z", "p%x:a"]
+
+
+def test_a_settings_key_nobody_declared_is_refused_and_nothing_is_written(
+    store_url: str,
+) -> None:
+    from overstory.store.settings import UnregisteredSettingKey
+
+    async def body(store: HistoryStore) -> list[str]:
+        refused = []
+        for key in ("k", "overstory.nobody:x", "overstory.cache:", "overstory.apikeys:x"):
+            with pytest.raises(UnregisteredSettingKey) as caught:
+                await store.put_setting(key, "v", expected=None)
+            refused.append(str(caught.value))
+            assert await store.get_setting(key) is None
+        with pytest.raises(UnregisteredSettingKey):
+            await store.delete_setting("k", expected="v")
+        return refused
+
+    refused = with_store(store_url, body)
+    assert "'k' is not declared in overstory.store.settings.KEYS" in refused[0]
+    assert "'overstory.nobody:x'" in refused[1]
+
+
+def test_vault_replace_is_compare_and_set_and_keeps_the_expiry(store_url: str) -> None:
+    space = ("agent", "u1")
+
+    async def body(store: HistoryStore) -> list[Any]:
+        await store.vault_put(space, "c", "k", "one", 1.0)  # expired long ago
+        return [
+            await store.vault_get(space, "c", "k"),  # expired: not served
+            await store.vault_document(space, "c", "k"),  # but there, for re-sealing
+            await store.vault_replace(space, "c", "k", "stale", "two"),  # refused
+            await store.vault_replace(space, "c", "k", "one", "two"),
+            await store.vault_replace(space, "c", "gone", "one", "two"),  # absent: refused
+            await store.vault_document(space, "c", "gone"),
+            await store.vault_rows(),
+        ]
+
+    got = with_store(store_url, body)
+    assert got[:6] == [None, "one", False, True, False, None]
+    assert got[6] == [("agent", "u1", "c", "k", "two", 1.0)]  # the expiry untouched

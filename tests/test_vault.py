@@ -214,3 +214,71 @@ def test_rotation_reseals_vault_documents_and_keeps_their_expiry(store_url: str)
     assert kept == {"text": CANARY}
     assert brief == {"text": "brief"}
     assert later is None  # its expiry survived the re-sealing
+
+
+class _ToolWritesAfterTheRotationReads:
+    """The store as the rotation sees it, but a tool's write lands right after the
+    rotation has read the vault page and before it writes its re-sealed copy back: the
+    interleaving where a blind write loses the tool's document."""
+
+    def __init__(self, inner: HistoryStore, tool_write: Any) -> None:
+        self._inner, self._tool_write, self.raced = inner, tool_write, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def vault_rows(
+        self, after: tuple[str, str, str, str] | None = None, limit: int = 500
+    ) -> list[tuple[str, str, str, str, str, float | None]]:
+        rows = await self._inner.vault_rows(after, limit)
+        if rows and not self.raced:
+            self.raced = True
+            await self._tool_write()
+        return rows
+
+
+@pytest.mark.parametrize("tool_keys", ["old", "new"])
+def test_a_tool_write_racing_a_rotation_survives_sealed_under_the_new_key(
+    store_url: str, tool_keys: str
+) -> None:
+    """The tool's process was started before the new key (k1 seals: its new document
+    must be re-sealed again) or after (k2 seals: its document is left as written)."""
+    from overstory.store.crypto import key_id_of, reseal
+
+    k1 = f"k1:{base64.b64encode(os.urandom(32)).decode()}"
+    k2 = f"k2:{base64.b64encode(os.urandom(32)).decode()}"
+    old, new = DataKeys.parse(k1), DataKeys.parse(f"{k2},{k1}")
+
+    async def scenario() -> tuple[dict[str, Any], bool]:
+        tool = open_store(store_url, data_keys=old)
+        await tool.open()  # before the new key reached the store
+        rotating = open_store(store_url, data_keys=new)
+        await rotating.open()
+        await DataVault(tool, "a", "u1").store("notes", {"text": "before"}, key="n", ttl_s=60)
+        if tool_keys == "new":
+            await tool.close()
+            tool = open_store(store_url, data_keys=new)
+            await tool.open()
+        try:
+
+            async def tool_write() -> None:
+                await DataVault(tool, "a", "u1").store("notes", {"text": "the tool's"}, key="n")
+
+            racing = _ToolWritesAfterTheRotationReads(rotating, tool_write)
+            counts = await reseal(racing)  # type: ignore[arg-type]
+            return counts, racing.raced
+        finally:
+            await tool.close()
+            await rotating.close()
+
+    async def read(store: HistoryStore) -> tuple[Any, str | None]:
+        raw = await store.vault_get(("a", "u1"), "notes", "n")
+        document = await DataVault(store, "a", "u1").retrieve("notes", "n")
+        return document, None if raw is None else key_id_of(raw)
+
+    counts, raced = asyncio.run(scenario())
+    assert raced  # the tool's write did land between the rotation's read and its write
+    assert counts["skipped"] == 0
+    document, key_id = run(store_url, read, DataKeys.parse(k2))  # k1 is gone now
+    assert document == {"text": "the tool's"}  # not the re-sealed "before"
+    assert key_id == "k2"

@@ -56,6 +56,7 @@ from ..jobs import (
 )
 from ..messages import TurnEvent
 from ..store import HistoryStore, open_store
+from ..store.settings import Backoff, SettingContended
 from ..supervisors.watch import new_incarnation, until_death
 from ..telemetry import metrics, setup_telemetry
 
@@ -69,6 +70,9 @@ WEBHOOK_SECRET_ENV = "OVERSTORY_WEBHOOK_SECRET"
 _SCAN = 200
 _SWEEP_EVERY_S = 3600.0
 _WEBHOOK_TIMEOUT_S = 10.0
+#: A job's record changes by compare-and-set: at most 32 tries, a random pause of up to
+#: 10, 20, 40, then 50 ms between.
+_CHANGE_BACKOFF = Backoff(attempts=32, base_s=0.005, cap_s=0.05)
 
 log = logging.getLogger(__name__)
 
@@ -288,19 +292,13 @@ class JobRunner:
     ) -> JobRecord | None:
         """Apply ``step`` to the stored job by compare-and-set (again on a conflict);
         the new record, or ``None`` when ``step`` declines or the job is gone."""
-        for _ in range(32):
-            found = await self._book.get(job_id)
-            if found is None:
-                return None
-            raw, job = found
-            new = step(job)
-            if new is None:
-                return None
-            if await self._book.move(raw, job, new) is not None:
-                return new
-            await asyncio.sleep(random.uniform(0.005, 0.05))
-        log.warning("job %s: gave up a change after 32 conflicts", job_id)
-        return None
+        try:
+            changed = await self._book.change(job_id, step, backoff=_CHANGE_BACKOFF)
+        except SettingContended:
+            attempts = _CHANGE_BACKOFF.attempts
+            log.warning("job %s: gave up a change after %d conflicts", job_id, attempts)
+            return None
+        return changed[0] if changed is not None and changed[1] else None
 
     # --- webhooks -----------------------------------------------------------------------
 

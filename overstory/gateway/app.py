@@ -58,6 +58,7 @@ from ..exceptions import (
 )
 from ..jobs import JobBook, JobRecord, new_job
 from ..store import HistoryStore, open_store
+from ..store.settings import IDEMPOTENCY, READYZ
 from ..validation import validate_message, validate_user_id
 from .keys import KEY_PREFIX, authenticate_key
 from .tokens import JwtSettings, authenticate_jwt
@@ -72,7 +73,7 @@ from .wire import (
 
 __all__ = ["ApiError", "DoorLimits", "Gateway", "RequestRate", "app", "install"]
 
-_IDEMPOTENT = "overstory.idempotency:"
+_IDEMPOTENT = IDEMPOTENCY.prefix()
 _MAX_IDEMPOTENCY_KEY = 255
 
 
@@ -581,7 +582,7 @@ async def readyz(request: Request) -> Response:
     gateway = _gateway(request)
     problems: list[str] = []
     try:
-        await (await gateway.store()).get_setting("overstory.readyz")
+        await (await gateway.store()).get_setting(READYZ.key())
     except OverstoryError as exc:
         problems.append(f"store: {exc}")
     try:

@@ -20,6 +20,7 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from ..access import Principal
 from ..audit import note
 from ..exceptions import AuthenticationFailed, StoreError, UnknownKey
 from ..store import HistoryStore
+from ..store.settings import API_KEY, API_KEYS, update
 from ..validation import validate_user_id
 
 __all__ = [
@@ -43,8 +45,8 @@ __all__ = [
 KEY_PREFIX = "ovs"
 _KEY = re.compile(rf"{KEY_PREFIX}_(?P<id>[0-9a-f]{{12}})_(?P<secret>[A-Za-z0-9_-]{{43}})")
 _ID = re.compile(r"[0-9a-f]{12}")
-_RECORD = "overstory.apikey:"
-_INDEX = "overstory.apikeys"
+_RECORD = API_KEY.prefix()
+_INDEX = API_KEYS.key()
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,24 +111,29 @@ async def revoke_key(store: HistoryStore, key_id: str) -> KeyRecord:
     """Mark key ``key_id`` revoked (idempotent); its next use is refused."""
     if not isinstance(key_id, str) or not _ID.fullmatch(key_id):
         raise UnknownKey(f"not an API key id (12 hex characters): {key_id!r:.40}")
-    while True:
-        raw = await store.get_setting(_RECORD + key_id)
+    now = time.time()
+
+    def revoked(raw: str | None) -> str | None:
         if raw is None:
             raise UnknownKey(f"no API key {key_id!r}")
         record = _load(raw)
         if record.revoked_at is not None:
-            return record
-        revoked = KeyRecord(**{**asdict(record), "revoked_at": time.time()})
-        if await store.put_setting(_RECORD + key_id, _dump(revoked), expected=raw):
-            await note(
-                store,
-                who="operator",
-                action="key.revoked",
-                target=key_id,
-                outcome="ok",
-                detail={"user": record.user},
-            )
-            return revoked
+            return None  # revoked already
+        return _dump(KeyRecord(**{**asdict(record), "revoked_at": now}))
+
+    done = await update(store, API_KEY.key(key_id), revoked)
+    assert done.new is not None
+    record = _load(done.new)
+    if done.changed:
+        await note(
+            store,
+            who="operator",
+            action="key.revoked",
+            target=key_id,
+            outcome="ok",
+            detail={"user": record.user},
+        )
+    return record
 
 
 async def authenticate_key(store: HistoryStore, key: str) -> Principal:
@@ -154,12 +161,11 @@ async def _index(store: HistoryStore) -> list[str]:
     return list(json.loads(raw)) if raw else []
 
 
-async def _update_index(store: HistoryStore, change: Any) -> None:
-    while True:
-        raw = await store.get_setting(_INDEX)
-        ids = list(json.loads(raw)) if raw else []
-        if await store.put_setting(_INDEX, json.dumps(change(ids)), expected=raw):
-            return
+async def _update_index(store: HistoryStore, change: Callable[[list[str]], list[str]]) -> None:
+    def changed(raw: str | None) -> str:
+        return json.dumps(change(list(json.loads(raw)) if raw else []))
+
+    await update(store, _INDEX, changed)
 
 
 def _dump(record: KeyRecord) -> str:

@@ -6,7 +6,10 @@ changes nothing. Stores never update or delete a message record.
 
 Settings (:meth:`HistoryStore.get_setting`, :meth:`HistoryStore.put_setting`) hold the
 little cluster state that must outlive every process — the hosted placement's shard
-table — written by compare-and-set so two writers never lose each other's update.
+table, rollouts, quotas, jobs, API keys — written by compare-and-set so two writers
+never lose each other's update. Every key is declared, with its owner, in
+:mod:`.settings` (a write to an undeclared key is refused), and a read-modify-write goes
+through :func:`.settings.update`.
 
 Fencing: :meth:`HistoryStore.acquire` gives each new incarnation of a conversation a
 higher epoch; an append that carries an older epoch raises
@@ -23,7 +26,8 @@ from typing import Any
 
 from ..exceptions import DataKeyError
 from ..messages import Message, from_record, to_record
-from .crypto import CHECKS_SETTING, DataKeys, is_sealed, key_id_of, verify_checks
+from .crypto import DataKeys, is_sealed, key_id_of, register_resealer, verify_checks
+from .settings import DATA_KEYS, Backoff, SettingContended, check_key, update
 
 __all__ = ["HistoryStore"]
 
@@ -64,14 +68,15 @@ class HistoryStore(ABC):
     async def _verify_data_keys(self) -> None:
         """At open: the configured keys against the store's check values (a missing or
         wrong key fails here, naming its id, not on some later read)."""
-        for _ in range(16):
-            stored = await self.get_setting(CHECKS_SETTING)
+
+        def checked(stored: str | None) -> str | None:
             checks = verify_checks(self.data_keys, stored, self.url)
-            if checks is None or await self.put_setting(
-                CHECKS_SETTING, json.dumps(checks, sort_keys=True), expected=stored
-            ):
-                return
-        raise DataKeyError(f"the data key check values in {self.url} kept changing")
+            return None if checks is None else json.dumps(checks, sort_keys=True)
+
+        try:
+            await update(self, DATA_KEYS.key(), checked, backoff=Backoff(attempts=16))
+        except SettingContended as exc:
+            raise DataKeyError(f"the data key check values in {self.url} kept changing") from exc
 
     @abstractmethod
     async def bodies(
@@ -124,15 +129,26 @@ class HistoryStore(ABC):
     async def get_setting(self, key: str) -> str | None:
         """A small piece of cluster state stored beside the history (``None``: unset)."""
 
-    @abstractmethod
     async def put_setting(self, key: str, value: str, *, expected: str | None) -> bool:
         """Compare-and-set: store ``value`` only if the current value is ``expected``
         (``None``: only if unset). Returns whether it was stored; never overwrites a
-        value another writer changed meanwhile."""
+        value another writer changed meanwhile. ``key`` must be declared in
+        :data:`.settings.KEYS` (else :class:`~.settings.UnregisteredSettingKey`)."""
+        check_key(key)
+        return await self._put_setting(key, value, expected=expected)
 
-    @abstractmethod
     async def delete_setting(self, key: str, *, expected: str) -> bool:
         """Compare-and-delete: remove ``key`` only if its value is ``expected``."""
+        check_key(key)
+        return await self._delete_setting(key, expected=expected)
+
+    @abstractmethod
+    async def _put_setting(self, key: str, value: str, *, expected: str | None) -> bool:
+        """:meth:`put_setting` of a declared key."""
+
+    @abstractmethod
+    async def _delete_setting(self, key: str, *, expected: str) -> bool:
+        """:meth:`delete_setting` of a declared key."""
 
     @abstractmethod
     async def settings(
@@ -154,6 +170,17 @@ class HistoryStore(ABC):
     ) -> None:
         """Store (or replace) one document of ``space`` (agent, owner; owner "" for a
         collection shared across the agent's users)."""
+
+    @abstractmethod
+    async def vault_replace(
+        self, space: tuple[str, str], collection: str, key: str, old: str, new: str
+    ) -> bool:
+        """Compare-and-set one document: store ``new`` (its expiry unchanged) only if
+        the stored document is ``old``. Whether it was stored (for re-sealing)."""
+
+    @abstractmethod
+    async def vault_document(self, space: tuple[str, str], collection: str, key: str) -> str | None:
+        """The document as stored, expired or not (``None``: absent): for re-sealing."""
 
     @abstractmethod
     async def vault_get(self, space: tuple[str, str], collection: str, key: str) -> str | None:
@@ -186,3 +213,25 @@ class HistoryStore(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+
+async def reseal_messages(store: HistoryStore, keys: DataKeys, batch: int) -> dict[str, int]:
+    """Seal every message body not under the primary key with it (plain bodies, and
+    those sealed with an older key), page by page, each by compare-and-set: messages are
+    never rewritten otherwise, so one that changed meanwhile is another rotation's."""
+    counts = {"examined": 0, "resealed": 0, "skipped": 0}
+    after: tuple[str, int] | None = None
+    while rows := await store.bodies(after, batch):
+        for cid, seq, body in rows:
+            counts["examined"] += 1
+            if key_id_of(body) != keys.primary:
+                fresh = keys.seal(keys.open(body, cid, seq), cid, seq)
+                if await store.replace_body(cid, seq, body, fresh):
+                    counts["resealed"] += 1
+                else:
+                    counts["skipped"] += 1  # changed meanwhile: another rotation's
+        after = rows[-1][0], rows[-1][1]
+    return counts
+
+
+register_resealer("messages", reseal_messages)

@@ -20,6 +20,11 @@ Each store keeps one check value per key id it has seen (a setting): opening a s
 whose records need a key that is not configured, or with a key that does not open its
 check value (a wrong key under a known id), fails at once with a message naming the key
 id — never garbage history later.
+
+This module seals and opens; it knows no record but its check values. Each module that
+keeps sealed records (the store's messages, the DataVault, background jobs) registers a
+*re-sealer* for them at import (:func:`register_resealer`); :func:`reseal` — ``overstory
+keys rotate-data``, which imports those owners — runs every registered one.
 """
 
 from __future__ import annotations
@@ -29,17 +34,15 @@ import binascii
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..exceptions import DataKeyError
-
-if TYPE_CHECKING:
-    from .base import HistoryStore
+from .settings import DATA_KEYS, SettingsStore, update
 
 __all__ = [
     "CHECKS_SETTING",
@@ -47,10 +50,13 @@ __all__ = [
     "KEY_FILE_ENV",
     "SEALED_PREFIX",
     "DataKeys",
+    "Resealer",
+    "SealedStore",
     "is_sealed",
     "key_id_of",
+    "register_resealer",
     "reseal",
-    "vault_aad",
+    "resealers",
     "verify_checks",
 ]
 
@@ -58,15 +64,10 @@ KEYS_ENV = "OVERSTORY_DATA_KEYS"
 KEY_FILE_ENV = "OVERSTORY_DATA_KEY_FILE"
 SEALED_PREFIX = "enc1:"
 #: The store setting holding one check value per key id that ever sealed here.
-CHECKS_SETTING = "overstory.data_keys"
+CHECKS_SETTING = DATA_KEYS.name
 _KEY_ID = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _NONCE = 12
 _CHECK_TEXT = b"overstory data key check"
-
-
-def vault_aad(agent: str, owner: str, collection: str, key: str) -> str:
-    """What a DataVault document is bound to (its "conversation id" when sealed)."""
-    return json.dumps(["vault", agent, owner, collection, key])
 
 
 def is_sealed(body: str) -> bool:
@@ -245,50 +246,62 @@ def verify_checks(keys: DataKeys | None, stored: str | None, where: str) -> dict
     return {**checks, keys.primary: keys.check_value(keys.primary)}
 
 
-async def reseal(store: HistoryStore, *, batch: int = 500) -> dict[str, Any]:
-    """Seal every message body not under the primary key with it (plain bodies, and
-    those sealed with an older key), page by page, each by compare-and-set: a store in
-    use may be re-sealed while it serves (messages are never rewritten otherwise).
-    When nothing is left under another key, the older keys' check values are dropped,
-    so those keys may leave the configuration. Returns the counts."""
+class SealedStore(SettingsStore, Protocol):
+    """What :func:`reseal` needs of a store (every :class:`~.base.HistoryStore`)."""
+
+    data_keys: DataKeys | None
+
+
+#: A re-sealer: ``(store, keys, batch) -> counts`` ("examined", "resealed", "skipped"),
+#: sealing its owner's records under ``keys.primary``, each by compare-and-set; a record
+#: that changed meanwhile is re-read (or counted "skipped": the old keys then stay). The
+#: store is the :class:`~.base.HistoryStore` :func:`reseal` was given.
+Resealer = Callable[[Any, DataKeys, int], Awaitable[Mapping[str, int]]]
+_RESEALERS: dict[str, Resealer] = {}
+
+
+def register_resealer(name: str, resealer: Resealer) -> None:
+    """Run ``resealer`` in every :func:`reseal` (a module that keeps sealed records
+    calls this at import; registering a name again replaces its re-sealer)."""
+    _RESEALERS[name] = resealer
+
+
+def resealers() -> tuple[str, ...]:
+    """The names of the registered re-sealers, in the order they run."""
+    return tuple(_RESEALERS)
+
+
+async def reseal(
+    store: SealedStore, *, batch: int = 500, require: Collection[str] = ()
+) -> dict[str, Any]:
+    """Seal every record not under the primary key with it (plain ones, and those sealed
+    with an older key): every registered re-sealer's, page by page, each by
+    compare-and-set, so a store in use may be re-sealed while it serves. When nothing is
+    left under another key, the older keys' check values are dropped, so those keys may
+    leave the configuration. ``require``: re-sealers that must be registered (the
+    caller's list of owners; a missing one fails before anything is written). Returns
+    the counts."""
     keys = store.data_keys
     if keys is None:
         raise DataKeyError(f"no data key is configured: set {KEYS_ENV} or {KEY_FILE_ENV}")
+    missing = sorted(set(require) - set(_RESEALERS))
+    if missing:
+        raise DataKeyError(
+            f"no re-sealer is registered for {', '.join(missing)} (registered: "
+            f"{', '.join(_RESEALERS) or 'none'}): import the modules that keep those records"
+        )
     counts = {"examined": 0, "resealed": 0, "skipped": 0}
-    after: tuple[str, int] | None = None
-    while rows := await store.bodies(after, batch):
-        for cid, seq, body in rows:
-            counts["examined"] += 1
-            if key_id_of(body) != keys.primary:
-                fresh = keys.seal(keys.open(body, cid, seq), cid, seq)
-                if await store.replace_body(cid, seq, body, fresh):
-                    counts["resealed"] += 1
-                else:
-                    counts["skipped"] += 1  # changed meanwhile: another rotation's
-        after = rows[-1][0], rows[-1][1]
-    # The DataVault's documents (bound to agent, owner, collection and key; see vault.py).
-    place: tuple[str, str, str, str] | None = None
-    while vault_rows := await store.vault_rows(place, batch):
-        for agent, owner, collection, key, document, expires in vault_rows:
-            counts["examined"] += 1
-            if key_id_of(document) != keys.primary:
-                aad = vault_aad(agent, owner, collection, key)
-                fresh = keys.seal(keys.open(document, aad, 0), aad, 0)
-                await store.vault_put((agent, owner), collection, key, fresh, expires)
-                counts["resealed"] += 1
-        place = vault_rows[-1][:4]
-    # Background jobs' texts and answers (bound to their job; see overstory/jobs.py).
-    from ..jobs import reseal_jobs
-
-    for name, n in (await reseal_jobs(store, batch=batch)).items():
-        counts[name] += n
+    for resealer in list(_RESEALERS.values()):
+        for name, n in (await resealer(store, keys, batch)).items():
+            counts[name] += n
     if not counts["skipped"]:
-        while True:
-            stored = await store.get_setting(CHECKS_SETTING)
-            only = json.dumps({keys.primary: keys.check_value(keys.primary)})
+        only = json.dumps({keys.primary: keys.check_value(keys.primary)})
+
+        def primary_only(stored: str | None) -> str | None:
             if stored is not None and set(json.loads(stored)) == {keys.primary}:
-                break
-            if await store.put_setting(CHECKS_SETTING, only, expected=stored):
-                break
+                return None
+            return only
+
+        await update(store, DATA_KEYS.key(), primary_only)
     counts["key"] = keys.primary  # type: ignore[assignment]
     return counts

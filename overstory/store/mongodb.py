@@ -177,7 +177,7 @@ class MongoStore(HistoryStore):
             raise StoreError(f"cannot read setting {key!r} from {self.url}: {exc}") from exc
         return None if doc is None else str(doc["value"])
 
-    async def put_setting(self, key: str, value: str, *, expected: str | None) -> bool:
+    async def _put_setting(self, key: str, value: str, *, expected: str | None) -> bool:
         try:
             if expected is None:
                 try:
@@ -192,7 +192,7 @@ class MongoStore(HistoryStore):
             raise StoreError(f"cannot store setting {key!r} in {self.url}: {exc}") from exc
         return bool(result.matched_count == 1)
 
-    async def delete_setting(self, key: str, *, expected: str) -> bool:
+    async def _delete_setting(self, key: str, *, expected: str) -> bool:
         try:
             result = await self._settings.delete_one({"_id": key, "value": expected})
         except PyMongoError as exc:
@@ -241,6 +241,30 @@ class MongoStore(HistoryStore):
             )
         except PyMongoError as exc:
             raise StoreError(f"cannot store a vault document in {self.url}: {exc}") from exc
+
+    async def vault_replace(
+        self, space: tuple[str, str], collection: str, key: str, old: str, new: str
+    ) -> bool:
+        where = {
+            "agent": space[0],
+            "owner": space[1],
+            "collection": collection,
+            "key": key,
+            "document": old,
+        }
+        try:
+            result = await self._vault.update_one(where, {"$set": {"document": new}})
+        except PyMongoError as exc:
+            raise StoreError(f"cannot rewrite a vault document in {self.url}: {exc}") from exc
+        return bool(result.matched_count == 1)
+
+    async def vault_document(self, space: tuple[str, str], collection: str, key: str) -> str | None:
+        where = {"agent": space[0], "owner": space[1], "collection": collection, "key": key}
+        try:
+            doc = await self._vault.find_one(where)
+        except PyMongoError as exc:
+            raise StoreError(f"cannot read the vault in {self.url}: {exc}") from exc
+        return None if doc is None else str(doc["document"])
 
     async def vault_get(self, space: tuple[str, str], collection: str, key: str) -> str | None:
         where = {"agent": space[0], "owner": space[1], "collection": collection, "key": key}

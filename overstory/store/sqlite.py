@@ -247,7 +247,7 @@ class SQLiteStore(HistoryStore):
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read setting {key!r} from {self.url}: {exc}") from exc
 
-    async def put_setting(self, key: str, value: str, *, expected: str | None) -> bool:
+    async def _put_setting(self, key: str, value: str, *, expected: str | None) -> bool:
         def swap(conn: sqlite3.Connection) -> bool:
             try:
                 if expected is None:
@@ -266,7 +266,7 @@ class SQLiteStore(HistoryStore):
 
         return await self._write(swap)
 
-    async def delete_setting(self, key: str, *, expected: str) -> bool:
+    async def _delete_setting(self, key: str, *, expected: str) -> bool:
         def delete(conn: sqlite3.Connection) -> bool:
             try:
                 cursor = conn.execute(
@@ -317,6 +317,36 @@ class SQLiteStore(HistoryStore):
                 raise StoreError(f"cannot store a vault document in {self.url}: {exc}") from exc
 
         await self._write(upsert)
+
+    async def vault_replace(
+        self, space: tuple[str, str], collection: str, key: str, old: str, new: str
+    ) -> bool:
+        def swap(conn: sqlite3.Connection) -> bool:
+            try:
+                cursor = conn.execute(
+                    "UPDATE vault SET document = ? WHERE agent = ? AND owner = ?"
+                    " AND collection = ? AND key = ? AND document = ?",
+                    (new, *space, collection, key, old),
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot rewrite a vault document in {self.url}: {exc}") from exc
+            return cursor.rowcount == 1
+
+        return await self._write(swap)
+
+    async def vault_document(self, space: tuple[str, str], collection: str, key: str) -> str | None:
+        def select(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute(
+                "SELECT document FROM vault WHERE agent = ? AND owner = ? AND collection = ?"
+                " AND key = ?",
+                (*space, collection, key),
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        try:
+            return await self._run(select)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the vault in {self.url}: {exc}") from exc
 
     async def vault_get(self, space: tuple[str, str], collection: str, key: str) -> str | None:
         def select(conn: sqlite3.Connection) -> str | None:
