@@ -48,7 +48,7 @@ from overstory._ray import quiet_worker_notices
 from overstory.gateway.keys import create_key
 from overstory.gateway.serve import serve_http
 from overstory.providers import Endpoint, Secret
-from overstory.runtime.client import _run_store
+from overstory.store import run_on_store
 
 KEY = "sk-bench-stream-000000000001"
 TEXT = "tell me something in a few words please"
@@ -214,7 +214,7 @@ def main() -> None:
             doors = {
                 u: openai.AsyncOpenAI(
                     base_url=f"{door_url}/v1",
-                    api_key=_run_store(rt.config.store, lambda s, u=u: create_key(s, u))[0],
+                    api_key=run_on_store(rt.config.store, lambda s, u=u: create_key(s, u))[0],
                     max_retries=0,
                     timeout=120,
                 )

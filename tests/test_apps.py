@@ -26,7 +26,7 @@ from overstory import Agent, App, ConfigError, Runtime, UnknownAgent
 from overstory.providers import OfflineModel, Rule
 from overstory.rollout import write_deployment
 from overstory.runtime import ops
-from overstory.runtime.client import _run_store
+from overstory.store import run_on_store
 
 pytestmark = pytest.mark.ray
 
@@ -37,7 +37,7 @@ import overstory
 from overstory.providers import OfflineModel, Rule
 from overstory.rollout import write_deployment
 from overstory.runtime import ops
-from overstory.runtime.client import _run_store
+from overstory.store import run_on_store
 
 FEE = {fee}
 
@@ -243,7 +243,7 @@ def test_health_names_an_app_the_hosts_cannot_import(
     try:
         rt.conversation("u").send("hi")
         assert ops.health(ops.Probe(namespace)) == []
-        _run_store(
+        run_on_store(
             sqlite_url,
             lambda s: write_deployment(s, namespace, "gone_module_xyz:app", rt.app, None),
         )

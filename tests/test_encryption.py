@@ -229,7 +229,6 @@ def test_rotate_data_reseals_every_owner_of_sealed_records_and_requires_each(
     """History, vault documents and job records: the command imports each owner, whose
     re-sealer registers with crypto; a required owner that is missing writes nothing."""
     from overstory.cli.main import main
-
     from overstory.jobs import JobBook, new_job
     from overstory.store.crypto import key_id_of, resealers
     from overstory.vault import DataVault

@@ -24,7 +24,7 @@ from overstory import Agent, OfflineModel, Runtime, UsageError
 from overstory.cli.demo import add
 from overstory.gateway.keys import create_key, revoke_key
 from overstory.providers.offline import Rule
-from overstory.runtime.client import _run_store as _store
+from overstory.store import run_on_store as _store
 
 pytestmark = pytest.mark.ray
 

@@ -39,7 +39,7 @@ from overstory.messages import (
     Usage,
     UserMessage,
 )
-from overstory.runtime.client import _run_store as with_store
+from overstory.store import run_on_store as with_store
 
 # --- API keys ---------------------------------------------------------------------------------
 

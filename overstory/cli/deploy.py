@@ -27,9 +27,9 @@ from ..app import App, AppLoadError, conversation_id, load_app
 from ..config import Config
 from ..exceptions import ConfigError, ConversationUnavailable, UsageError
 from ..rollout import read_deployment, read_split, write_deployment
-from ..runtime.client import Runtime, _run_store, connect
+from ..runtime.client import Runtime, connect
 from ..runtime.ops import Probe, attach_existing, named_actor, tree_store
-from ..store import HistoryStore, redact_url
+from ..store import HistoryStore, redact_url, run_on_store
 from ..supervisors.named import unwrap_task_error
 from ..supervisors.tree import ROOT, is_running, running_placement
 
@@ -133,7 +133,7 @@ def serve_app(config: Config, app: App, shipped: bool) -> dict[str, Any]:
             f"app {source!r} asks for {app.placement}: use another namespace"
         )
     existed = is_running(ROOT, namespace)
-    record = _run_store(config.store, lambda s: write_deployment(s, namespace, source, app, uri))
+    record = run_on_store(config.store, lambda s: write_deployment(s, namespace, source, app, uri))
     runtime = connect(config=config)  # boots the tree from the record if none runs
     try:
         moved = runtime.registry.redeploy() if existed else {}
@@ -200,7 +200,7 @@ def splits(config: Config, agent: str) -> dict[str, Any]:
         versions = (record.app["agents"] if record else {}).get(agent) or ["?"]
         return (await read_split(store, namespace, agent, versions)).describe()
 
-    result: dict[str, Any] = _run_store(config.store, read)
+    result: dict[str, Any] = run_on_store(config.store, read)
     return result
 
 

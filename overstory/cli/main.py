@@ -639,12 +639,12 @@ def _moment(text: str) -> float:
 
 def _audit(args: argparse.Namespace) -> int:
     from ..audit import records, verify
-    from ..runtime.client import _run_store
+    from ..store import run_on_store
 
     url = _store_config(args).store
     if args.verify:
-        problems = _run_store(url, verify)
-        chain = _run_store(url, records)
+        problems = run_on_store(url, verify)
+        chain = run_on_store(url, records)
         if args.json:
             print(json.dumps({"intact": not problems, "records": len(chain), "problems": problems}))
         elif problems:
@@ -656,7 +656,7 @@ def _audit(args: argparse.Namespace) -> int:
         return 1 if problems else 0
     chosen = [
         r
-        for r in _run_store(url, records)
+        for r in run_on_store(url, records)
         if (args.user is None or r.who == args.user) and (args.since is None or r.at >= args.since)
     ]
     if args.json:
@@ -673,13 +673,13 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _vault(args: argparse.Namespace) -> int:
     from .. import vault
-    from ..runtime.client import _run_store
+    from ..store import run_on_store
     from ..validation import validate_user_id
 
     url = _store_config(args).store
     user = "" if args.user is None else validate_user_id(args.user)
     if args.vault_command == "get":
-        document = _run_store(
+        document = run_on_store(
             url, lambda st: vault.fetch(st, args.agent, user, args.collection, args.key)
         )
         if document is None:
@@ -690,15 +690,17 @@ def _vault(args: argparse.Namespace) -> int:
         print(json.dumps(document, ensure_ascii=False, sort_keys=True))
         return 0
     if args.vault_command == "rm":
-        gone = _run_store(
+        gone = run_on_store(
             url, lambda st: vault.clear(st, args.agent, user, args.collection, args.key)
         )
         print(json.dumps({"deleted": gone}) if args.json else f"overstory vault: {gone} deleted")
         return 0
     if args.collection is not None:
-        listed: Any = _run_store(url, lambda st: vault.keys(st, args.agent, user, args.collection))
+        listed: Any = run_on_store(
+            url, lambda st: vault.keys(st, args.agent, user, args.collection)
+        )
     else:
-        listed = _run_store(
+        listed = run_on_store(
             url, lambda st: vault.listing(st, args.agent, None if args.user is None else user)
         )
     if args.json:
@@ -715,13 +717,13 @@ def _vault(args: argparse.Namespace) -> int:
 
 
 def _usage(args: argparse.Namespace) -> int:
-    from ..runtime.client import _run_store
+    from ..store import run_on_store
     from ..usage import usage
     from ..validation import validate_user_id
 
     config = _store_config(args)
     user = None if args.user is None else validate_user_id(args.user)
-    counted = _run_store(
+    counted = run_on_store(
         config.store, lambda st: usage(st, config.prices, user=user, since=args.since)
     )
     if args.json:
@@ -743,13 +745,13 @@ def _usage(args: argparse.Namespace) -> int:
 
 def _jobs(args: argparse.Namespace) -> int:
     from ..jobs import JobBook
-    from ..runtime.client import _run_store
+    from ..store import run_on_store
     from ..validation import validate_user_id
 
     config = _store_config(args)
     namespace = args.namespace or config.namespace
     if args.job_id is not None:
-        one = _run_store(config.store, lambda st: JobBook(st, namespace).status(args.job_id))
+        one = run_on_store(config.store, lambda st: JobBook(st, namespace).status(args.job_id))
         shown = one.public()
         if args.json:
             print(json.dumps(shown, sort_keys=True))
@@ -760,7 +762,7 @@ def _jobs(args: argparse.Namespace) -> int:
     if not 1 <= args.limit <= 10_000:
         raise ConfigError(f"--limit must be 1..10000, got {args.limit}")
     user = None if args.user is None else validate_user_id(args.user)
-    listed = _run_store(
+    listed = run_on_store(
         config.store,
         lambda st: JobBook(st, namespace).listing(user=user, state=args.state, limit=args.limit),
     )
@@ -790,7 +792,7 @@ def _limit(text: str) -> int | None:
 
 def _quota(args: argparse.Namespace) -> int:
     from ..quota import change_quota, report
-    from ..runtime.client import _run_store
+    from ..store import run_on_store
     from ..validation import validate_user_id
 
     overrides = {"namespace": args.namespace} if args.namespace else {}
@@ -814,8 +816,8 @@ def _quota(args: argparse.Namespace) -> int:
                 "quota set: give at least one of --tokens-per-day, --requests-per-minute, "
                 "--concurrent-turns"
             )
-        _run_store(config.store, lambda st: change_quota(st, ns, user, default, changes))
-    shown = _run_store(config.store, lambda st: report(st, ns, user, default))
+        run_on_store(config.store, lambda st: change_quota(st, ns, user, default, changes))
+    shown = run_on_store(config.store, lambda st: report(st, ns, user, default))
     if args.json:
         print(json.dumps(shown, sort_keys=True))
         return 0
@@ -835,7 +837,7 @@ def _quota(args: argparse.Namespace) -> int:
 
 def _keys(args: argparse.Namespace) -> int:
     from ..gateway.keys import create_key, list_keys, revoke_key
-    from ..runtime.client import _run_store
+    from ..store import run_on_store
 
     url = _store_config(args).store
     if args.keys_command == "rotate-data":
@@ -846,7 +848,7 @@ def _keys(args: argparse.Namespace) -> int:
         from ..store.crypto import reseal
 
         owners = {"messages": base, "vault": vault, "jobs": jobs}
-        counts = _run_store(url, lambda store: reseal(store, require=owners))
+        counts = run_on_store(url, lambda store: reseal(store, require=owners))
         if args.json:
             print(json.dumps(counts, sort_keys=True))
         else:
@@ -861,7 +863,7 @@ def _keys(args: argparse.Namespace) -> int:
             )
         return 0
     if args.keys_command == "create":
-        key, record = _run_store(url, lambda s: create_key(s, args.user, admin=args.admin))
+        key, record = run_on_store(url, lambda s: create_key(s, args.user, admin=args.admin))
         if args.json:
             print(json.dumps({"key": key, "key_id": record.key_id, "user": record.user}))
         else:
@@ -870,13 +872,13 @@ def _keys(args: argparse.Namespace) -> int:
             print(key)
         return 0
     if args.keys_command == "revoke":
-        record = _run_store(url, lambda s: revoke_key(s, args.key_id))
+        record = run_on_store(url, lambda s: revoke_key(s, args.key_id))
         if args.json:
             print(json.dumps(record.public(), sort_keys=True))
         else:
             print(f"overstory keys: key {record.key_id} of {record.user!r} is revoked")
         return 0
-    records = _run_store(url, list_keys)
+    records = run_on_store(url, list_keys)
     if args.json:
         print(json.dumps([r.public() for r in records], sort_keys=True))
         return 0
@@ -890,11 +892,11 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from ..runtime.client import _run_store
+    from ..store import run_on_store
     from .deploy import adopt_histories
 
     config = _store_config(args)
-    report = _run_store(
+    report = run_on_store(
         config.store, lambda s: adopt_histories(s, args.agent, dry_run=args.dry_run)
     )
     if args.json:

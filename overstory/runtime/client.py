@@ -20,7 +20,6 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, suppress
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -76,7 +75,7 @@ from ..rollout import (
     rollout,
     update_split,
 )
-from ..store import open_store
+from ..store import run_on_store
 from ..supervisors.named import unwrap_task_error
 from ..telemetry import flush as flush_telemetry
 from ..telemetry import inject, setup_telemetry, telemetry_env, tracer
@@ -650,7 +649,7 @@ class Runtime:
             )
             return split
 
-        split: Split = _run_store(self.config.store, go)
+        split: Split = run_on_store(self.config.store, go)
         self.registry.splits_changed()
         return split.describe()
 
@@ -658,7 +657,7 @@ class Runtime:
         """Agent ``agent``'s rollout split: ``live``, ``previous``, ``canary``, ``percent``,
         ``generation`` and the share of new conversations each version gets."""
         versions = self._versions(agent)
-        split: Split = _run_store(
+        split: Split = run_on_store(
             self.config.store,
             lambda s: read_split(s, self.config.namespace, agent, versions),
         )
@@ -708,7 +707,7 @@ class Runtime:
             if not isinstance(value, Unset)
         }
         namespace, default = self.config.namespace, self.default_quota()
-        _run_store(
+        run_on_store(
             self.config.store, lambda st: change_quota(st, namespace, user_id, default, changes)
         )
         return self.quota(user_id)
@@ -723,7 +722,7 @@ class Runtime:
         "running_turns", "turns_last_minute"}}``."""
         validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
         namespace, default = self.config.namespace, self.default_quota()
-        result: dict[str, Any] = _run_store(
+        result: dict[str, Any] = run_on_store(
             self.config.store, lambda st: report(st, namespace, user_id, default)
         )
         return result
@@ -736,7 +735,7 @@ class Runtime:
         if user_id is not None:
             validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
         prices = self.config.prices
-        counted: dict[str, Any] = _run_store(
+        counted: dict[str, Any] = run_on_store(
             self.config.store, lambda st: usage_of(st, prices, user=user_id, since=since)
         )
         return counted
@@ -780,7 +779,7 @@ class Runtime:
             delay_s=delay_s,
         )
         namespace = self.config.namespace
-        _run_store(self.config.store, lambda st: JobBook(st, namespace).add(job))
+        run_on_store(self.config.store, lambda st: JobBook(st, namespace).add(job))
         self.poke_jobs()
         handle = Job(self, job.id, user_id, name)
         if on_done is not None:
@@ -804,7 +803,7 @@ class Runtime:
         there is none (jobs are kept ``jobs_keep_s`` after they end)."""
         namespace = self.config.namespace
         job_id = validate_job_id(job_id)
-        record: JobRecord = _run_store(
+        record: JobRecord = run_on_store(
             self.config.store, lambda st: JobBook(st, namespace).status(job_id)
         )
         return record.public()
@@ -818,7 +817,7 @@ class Runtime:
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
             raise UsageError(f"limit must be an int 1..10000, got {limit!r}")
         namespace = self.config.namespace
-        records: list[JobRecord] = _run_store(
+        records: list[JobRecord] = run_on_store(
             self.config.store,
             lambda st: JobBook(st, namespace).listing(user=user_id, state=state, limit=limit),
         )
@@ -837,7 +836,7 @@ class Runtime:
                 raise UsageError(f"job {job_id} is {job.state}: only a queued job is cancelled")
             return job
 
-        record: JobRecord = _run_store(self.config.store, go)
+        record: JobRecord = run_on_store(self.config.store, go)
         return record.public()
 
     # --- the DataVault, for operators ----------------------------------------------------------
@@ -847,7 +846,7 @@ class Runtime:
         (``None``) every owner's (owner ``""``: the shared collections)."""
         if user_id:
             validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
-        listed: list[dict[str, Any]] = _run_store(
+        listed: list[dict[str, Any]] = run_on_store(
             self.config.store, lambda st: vault_ops.listing(st, agent, user_id)
         )
         return listed
@@ -856,7 +855,7 @@ class Runtime:
         self, agent: str, collection: str, key: str, user_id: str = ""
     ) -> dict[str, Any] | None:
         """One document of ``user_id``'s (``""``: a shared collection)."""
-        got: dict[str, Any] | None = _run_store(
+        got: dict[str, Any] | None = run_on_store(
             self.config.store, lambda st: vault_ops.fetch(st, agent, user_id, collection, key)
         )
         return got
@@ -865,7 +864,7 @@ class Runtime:
         self, agent: str, collection: str, key: str | None = None, user_id: str = ""
     ) -> int:
         """Delete one document of ``user_id``'s (``""``: shared) or the whole collection."""
-        gone: int = _run_store(
+        gone: int = run_on_store(
             self.config.store, lambda st: vault_ops.clear(st, agent, user_id, collection, key)
         )
         return gone
@@ -892,7 +891,7 @@ class Runtime:
         async def make(store: Any) -> ConversationRecord | None:
             return await create_record(store, user_id, name, meta)
 
-        record: ConversationRecord | None = _run_store(self.config.store, make)
+        record: ConversationRecord | None = run_on_store(self.config.store, make)
         if record is None:  # a fresh 96-bit id taken: practically never
             raise ConversationUnavailable("a new conversation id collided; try again")
         return self.conversation(record.id, agent=name)
@@ -906,14 +905,14 @@ class Runtime:
         async def listed(store: Any) -> list[ConversationRecord]:
             return await owned_records(store, user_id)
 
-        records: list[ConversationRecord] = _run_store(self.config.store, listed)
+        records: list[ConversationRecord] = run_on_store(self.config.store, listed)
         return [{**r.public(), "agent": r.agent} for r in records]
 
     def count_stored(self, user_id: str | None = None, *, agent: str | None = None) -> int:
         """Messages stored for ``user_id``'s conversation with ``agent`` (default agent),
         or with ``user_id=None`` in the whole store, read back from the store itself."""
         cid = None if user_id is None else self._cid(user_id, agent)[1]
-        count: int = _run_store(self.config.store, lambda s: s.count(cid))
+        count: int = run_on_store(self.config.store, lambda s: s.count(cid))
         return count
 
     def stored_histories(
@@ -926,13 +925,13 @@ class Runtime:
         async def load(store: Any) -> dict[str, list[Message]]:
             return {uid: await store.load(cid) for uid, cid in cids.items()}
 
-        result: dict[str, list[Message]] = _run_store(self.config.store, load)
+        result: dict[str, list[Message]] = run_on_store(self.config.store, load)
         return result
 
     def stored_history(self, user_id: str, *, agent: str | None = None) -> list[Message]:
         """``user_id``'s messages with ``agent`` read straight from the store (no actor)."""
         cid = self._cid(user_id, agent)[1]
-        messages: list[Message] = _run_store(self.config.store, lambda s: s.load(cid))
+        messages: list[Message] = run_on_store(self.config.store, lambda s: s.load(cid))
         return messages
 
     def close(self) -> None:
@@ -975,25 +974,6 @@ def _call_when_done(job: Job, on_done: Callable[[dict[str, Any]], None]) -> None
     on_done(status)
 
 
-def _run_store(url: str, fn: Callable[[Any], Any]) -> Any:
-    """Run one store operation from sync code (in a thread when a loop is running)."""
-
-    async def go() -> Any:
-        store = open_store(url)
-        await store.open()
-        try:
-            return await fn(store)
-        finally:
-            await store.close()
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(go())
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, go()).result()
-
-
 def connect(
     agent: Agent | App | list[Agent] | tuple[Agent, ...] | None = None,
     *,
@@ -1027,7 +1007,9 @@ def connect(
         )
     app = None if agent is None else as_app(agent)
     namespace = config.namespace
-    deployed: Deployment | None = _run_store(config.store, lambda s: read_deployment(s, namespace))
+    deployed: Deployment | None = run_on_store(
+        config.store, lambda s: read_deployment(s, namespace)
+    )
     if app is not None and deployed is not None:
         raise ConfigError(
             f"namespace {namespace!r} serves the deployed app {deployed.source!r} "

@@ -3,13 +3,18 @@ chosen: pymongo stays unloaded for a SQLite store)."""
 
 from __future__ import annotations
 
-from typing import Literal
+import asyncio
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Literal, TypeVar
 
 from .base import HistoryStore
 from .crypto import DataKeys
 from .url import resolve_store_url
 
-__all__ = ["open_store"]
+T = TypeVar("T")
+
+__all__ = ["open_store", "run_on_store"]
 
 
 def open_store(
@@ -33,3 +38,24 @@ def open_store(
         store = MongoStore(url)
     store.data_keys = keys  # type: ignore[assignment]
     return store
+
+
+def run_on_store(url: str, fn: Callable[[HistoryStore], Awaitable[T]]) -> T:
+    """``await fn(store)`` on the store ``url`` names, opened for it and closed after,
+    from sync code (operators' commands, the client's sync calls). Inside a running
+    event loop it runs in a thread of its own, so it never blocks on that loop."""
+
+    async def go() -> T:
+        store = open_store(url)
+        await store.open()
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(go())
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, go()).result()
