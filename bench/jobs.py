@@ -57,7 +57,7 @@ def main() -> None:
         users = [f"u{i}" for i in range(args.users)]
         for u in users:  # every conversation active: activation is not what is measured
             rt.conversation(u).send("warm up")
-        rt.submit("warm", "warm up").result(timeout=120)
+        rt.jobs.submit("warm", "warm up").result(timeout=120)
 
         # One at a time: a send, and a job from submit to its stored result.
         sends, delays, submits = [], [], []
@@ -66,7 +66,7 @@ def main() -> None:
             rt.conversation(users[i % len(users)]).send(f"single send {i}")
             sends.append(time.perf_counter() - start)
             start = time.perf_counter()
-            job = rt.submit(users[i % len(users)], f"single job {i}")
+            job = rt.jobs.submit(users[i % len(users)], f"single job {i}")
             submits.append(time.perf_counter() - start)
             job.wait(timeout=120)
             status = job.status()
@@ -82,7 +82,7 @@ def main() -> None:
         jobs = []
         for user, text in texts:
             t0 = time.perf_counter()
-            jobs.append(rt.submit(user, f"job {text}"))
+            jobs.append(rt.jobs.submit(user, f"job {text}"))
             submits.append(time.perf_counter() - t0)
         for job in jobs:
             job.wait(timeout=600)

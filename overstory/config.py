@@ -104,7 +104,7 @@ class Config(pydantic.BaseModel):
     """Dollars per million tokens per model (``{model: {input, output}}``), for usage
     and cost (:mod:`overstory.usage`); a model without a price counts no cost."""
     jobs_concurrency: int = pydantic.Field(4, ge=1, le=10_000)
-    """Background jobs (``rt.submit``) running at once in the namespace."""
+    """Background jobs (``rt.jobs.submit``) running at once in the namespace."""
     jobs_per_user: int = pydantic.Field(1, ge=1, le=1000)
     """Background jobs of one user running at once."""
     jobs_lease_s: float = pydantic.Field(30.0, ge=1, le=3600)

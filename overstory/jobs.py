@@ -1,6 +1,6 @@
 """Durable background jobs: a turn queued in the store, run later, at least once.
 
-``rt.submit(user, text)`` writes a job and returns at once; the tree's job runner
+``rt.jobs.submit(user, text)`` writes a job and returns at once; the tree's job runner
 (:mod:`overstory.actors.jobs`) runs it as a turn of the user's conversation and keeps
 its status, attempts and result here. Everything about a job is one record in the
 store's settings, changed only by compare-and-set through the pure transitions below
@@ -134,7 +134,7 @@ class JobRecord:
         return self.state not in TERMINAL or not self.notified
 
     def public(self) -> dict[str, Any]:
-        """What ``rt.job`` and ``overstory jobs`` show (the text too: it is the caller's)."""
+        """What ``rt.jobs.get`` and ``overstory jobs`` show (the text too: it is the caller's)."""
         shown = asdict(self)
         shown["turn_id"] = self.turn_id
         shown["webhook"] = _shown_url(self.webhook)

@@ -296,10 +296,10 @@ def test_a_rollout_splits_new_conversations_and_they_stay_on_their_version(
     rt = versioned
     old = _versions(rt, ["old-0", "old-1"], "before")
     assert set(old.values()) == {"1"}
-    split = rt.rollout("helper", "2", 30)
+    split = rt.rollouts.start("helper", "2", 30)
     assert split["canary"] == "2"
     assert split["new_conversations_percent"] == {"1": 70.0, "2": 30.0}
-    assert rt.rollout("helper", "2", 30) == split  # idempotent
+    assert rt.rollouts.start("helper", "2", 30) == split  # idempotent
     users = [f"new-{i}" for i in range(240)]
     first = _versions(rt, users, "first")
     share = 100 * sum(1 for v in first.values() if v == "2") / len(users)
@@ -316,7 +316,7 @@ def test_a_rollout_splits_new_conversations_and_they_stay_on_their_version(
     ray.kill(host, no_restart=False)
     assert _versions(rt, sample, "after a host crash") == {u: first[u] for u in sample}
     # ... and across a change of percentage: the rollout's conversations keep theirs.
-    rt.rollout("helper", "2", 90)
+    rt.rollouts.start("helper", "2", 90)
     assert _versions(rt, sample, "after 90 %") == {u: first[u] for u in sample}
 
     # A whole new tree on the same store keeps the split and every pin.
@@ -324,18 +324,18 @@ def test_a_rollout_splits_new_conversations_and_they_stay_on_their_version(
     kill_namespace(namespace)
     again = overstory.connect(_versioned(), namespace=namespace, store=sqlite_url)
     try:
-        assert again.split("helper")["percent"] == 90.0
+        assert again.rollouts.split("helper")["percent"] == 90.0
         assert _versions(again, sample, "new tree") == {u: first[u] for u in sample}
         # promote: everyone on 2 from the next turn; rollback: everyone back on 1
-        promoted = again.promote("helper", "2")
+        promoted = again.rollouts.promote("helper", "2")
         assert (promoted["live"], promoted["previous"], promoted["canary"]) == ("2", "1", None)
         everyone = [*sample, "old-0", "old-1"]
         assert set(_versions(again, everyone, "promoted").values()) == {"2"}
-        assert again.promote("helper", "2") == promoted  # idempotent
-        rolled = again.rollback("helper")
+        assert again.rollouts.promote("helper", "2") == promoted  # idempotent
+        rolled = again.rollouts.rollback("helper")
         assert rolled["live"] == "1"
         assert set(_versions(again, everyone, "rolled back").values()) == {"1"}
-        assert again.rollback("helper") == rolled  # idempotent
+        assert again.rollouts.rollback("helper") == rolled  # idempotent
     finally:
         again.close()
 

@@ -585,7 +585,7 @@ def test_python_and_http_reach_the_same_several_conversations_of_a_user(door: Do
 
 def test_a_quota_refusal_is_a_429_with_retry_after_and_stores_nothing(door: Door) -> None:
     key, _ = _store(door.store, lambda s: create_key(s, "frank"))
-    door.rt.set_quota("frank", requests_per_minute=1, tokens_per_day=10**6)
+    door.rt.quotas.set("frank", requests_per_minute=1, tokens_per_day=10**6)
     client = door.client(key)
     conv = client.conversations.create()
     assert client.responses.create(model="helper", conversation=conv.id, input="hi").status == (
@@ -604,7 +604,7 @@ def test_a_quota_refusal_is_a_429_with_retry_after_and_stores_nothing(door: Door
     refused_ = [r for r in _store(door.store, records) if r.action == "quota.refused"]
     assert refused_[-1].who == "frank"
     assert refused_[-1].detail["limit"] == "requests_per_minute"
-    door.rt.set_quota("frank", requests_per_minute=None, tokens_per_day=0)
+    door.rt.quotas.set("frank", requests_per_minute=None, tokens_per_day=0)
     time.sleep(5.5)  # hosts read a user's quota again after 5 s
     status, headers, body = door.raw(
         "POST",
@@ -679,7 +679,7 @@ def test_a_background_response_is_a_durable_job_the_sdk_polls(door: Door) -> Non
         ("user", first.id),
         ("assistant", first.id),
     ]
-    jobs = door.rt.jobs(conv.id)
+    jobs = door.rt.jobs.list(conv.id)
     assert sorted(j["state"] for j in jobs) == ["cancelled", "succeeded"]
 
     # Streamed while it runs: GET ?stream=true waits for the turn, then tails it.
@@ -702,7 +702,7 @@ def test_a_background_response_is_a_durable_job_the_sdk_polls(door: Door) -> Non
             made.append(json.loads(answer.read()))
     assert made[0]["id"] == made[1]["id"]
     conv_id = made[0]["conversation"]["id"]
-    assert len(door.rt.jobs(conv_id)) == 1
+    assert len(door.rt.jobs.list(conv_id)) == 1
     # Refused: background with stream, and a non-boolean background.
     status, _, error = door.raw(
         "POST",

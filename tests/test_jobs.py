@@ -82,10 +82,10 @@ def test_a_job_runs_once_is_listed_and_calls_back(
         done.set()
 
     started = time.monotonic()
-    job = rt.submit("alice", "summarise my week", on_done=on_done)
+    job = rt.jobs.submit("alice", "summarise my week", on_done=on_done)
     assert time.monotonic() - started < 2.0  # queued, not run, before it returns
     assert job.result(timeout=60) == "echo #1: summarise my week"
-    status = rt.job(job.id)
+    status = rt.jobs.get(job.id)
     assert status["state"] == "succeeded"
     assert status["attempts"] == 1
     assert status["turn_id"] == job.turn_id
@@ -98,30 +98,30 @@ def test_a_job_runs_once_is_listed_and_calls_back(
     assert called[0]["reply"] == "echo #1: summarise my week"
     # A later interactive turn follows it in the same conversation.
     assert rt.conversation("alice").send("and now?").text == "echo #2: and now?"
-    assert [j["id"] for j in rt.jobs("alice")] == [job.id]
-    assert rt.jobs("bob") == []
+    assert [j["id"] for j in rt.jobs.list("alice")] == [job.id]
+    assert rt.jobs.list("bob") == []
     with pytest.raises(ConfigError, match="delay_s"):
-        rt.submit("alice", "hi", delay_s=-1)
+        rt.jobs.submit("alice", "hi", delay_s=-1)
     assert runner_status(rt)["counters"]["succeeded"] == 1
     with pytest.raises(UnknownJob):
-        rt.job("job_0000000000000000000000000")
+        rt.jobs.get("job_0000000000000000000000000")
     with pytest.raises(UsageError, match="job id"):
-        rt.job("no-such-thing")
+        rt.jobs.get("no-such-thing")
     # Bad input is refused before anything is stored.
     with pytest.raises(UnknownAgent):
-        rt.submit("alice", "hi", agent="nobody")
+        rt.jobs.submit("alice", "hi", agent="nobody")
     with pytest.raises(InvalidMessage):
-        rt.submit("alice", "   ")
+        rt.jobs.submit("alice", "   ")
     with pytest.raises(ConfigError, match="max_attempts"):
-        rt.submit("alice", "hi", max_attempts=0)
+        rt.jobs.submit("alice", "hi", max_attempts=0)
     with pytest.raises(ConfigError, match="webhook"):
-        rt.submit("alice", "hi", webhook="file:///etc/passwd")
-    assert len(rt.jobs()) == 1
+        rt.jobs.submit("alice", "hi", webhook="file:///etc/passwd")
+    assert len(rt.jobs.list()) == 1
     # Scheduled: it waits for its time, then runs.
-    later = rt.submit("alice", "in a second and a half", delay_s=1.5)
+    later = rt.jobs.submit("alice", "in a second and a half", delay_s=1.5)
     assert later.status()["next_attempt_at"] >= later.status()["created_at"] + 1.5
     assert later.result(timeout=60) == "echo #3: in a second and a half"
-    ran = rt.job(later.id)
+    ran = rt.jobs.get(later.id)
     assert ran["started_at"] >= ran["created_at"] + 1.5
     # The operator's view, from the store.
     args = ["--store", rt.config.store, "--namespace", rt.config.namespace]
@@ -140,24 +140,24 @@ def test_a_job_runs_once_is_listed_and_calls_back(
 
 
 def test_a_job_survives_a_sigkill_of_its_host_mid_turn(rt: Runtime) -> None:
-    job = rt.submit("carol", "!sleep 2 a long report")
+    job = rt.jobs.submit("carol", "!sleep 2 a long report")
     # Its user message is stored before the model is called: the turn is under way.
     wait_for(lambda: turn_of(rt.stored_history("carol"), job.turn_id))
     os.kill(rt.conversation("carol").info()["pid"], signal.SIGKILL)
     assert job.result(timeout=120) == "echo #1: a long report"
     history = rt.stored_history("carol")
     assert [m.kind for m in history] == ["user", "assistant"]  # stored once
-    assert rt.job(job.id)["attempts"] == 1  # the runner's client re-sent the same turn
+    assert rt.jobs.get(job.id)["attempts"] == 1  # the runner's client re-sent the same turn
 
 
 def test_a_job_survives_a_sigkill_of_the_runner_mid_turn(rt: Runtime) -> None:
-    job = rt.submit("dave", "!sleep 2 a long report")
+    job = rt.jobs.submit("dave", "!sleep 2 a long report")
     wait_for(lambda: turn_of(rt.stored_history("dave"), job.turn_id))
     before = runner_status(rt)
     assert before["running"] == [job.id]
     os.kill(before["pid"], signal.SIGKILL)
     assert job.result(timeout=120) == "echo #1: a long report"
-    status = rt.job(job.id)
+    status = rt.jobs.get(job.id)
     assert status["attempts"] == 2  # the new incarnation adopted it at once
     assert [m.kind for m in rt.stored_history("dave")] == ["user", "assistant"]  # stored once
     assert runner_status(rt)["incarnation"] != before["incarnation"]
@@ -168,7 +168,7 @@ def test_a_job_survives_its_supervisors_and_the_runner_killed_at_once(rt: Runtim
     place; the runner starts its own loop (no supervisor calls it) and adopts the job."""
     from overstory.supervisors.tree import HOSTS, ROOT
 
-    job = rt.submit("ivan", "!sleep 2 a long report")
+    job = rt.jobs.submit("ivan", "!sleep 2 a long report")
     wait_for(lambda: turn_of(rt.stored_history("ivan"), job.turn_id))
     pids = [runner_status(rt)["pid"]]
     for name in (ROOT, HOSTS):
@@ -182,37 +182,43 @@ def test_a_job_survives_its_supervisors_and_the_runner_killed_at_once(rt: Runtim
 
 
 def test_failures_retry_with_backoff_then_end(rt: Runtime) -> None:
-    flaky = rt.submit("erin", "third time lucky", agent="flaky")
+    flaky = rt.jobs.submit("erin", "third time lucky", agent="flaky")
     assert flaky.result(timeout=60) == "echo #1: third time lucky"
-    status = rt.job(flaky.id)
+    status = rt.jobs.get(flaky.id)
     assert status["attempts"] == 3
     assert status["error"] == ""
     # Two retries waited ~2 and ~4 s (±20 %).
     assert status["finished_at"] - status["started_at"] >= 1.6 + 3.2
     assert [m.kind for m in rt.stored_history("erin", agent="flaky")] == ["user", "assistant"]
     # A model that refuses the request itself: no retry.
-    fatal = rt.submit("erin", "!fatal bad request")
+    fatal = rt.jobs.submit("erin", "!fatal bad request")
     with pytest.raises(JobFailed, match="scripted fatal") as caught:
         fatal.result(timeout=60)
     assert caught.value.job["attempts"] == 1
-    assert rt.job(fatal.id)["state"] == "failed"
+    assert rt.jobs.get(fatal.id)["state"] == "failed"
 
 
 def test_per_user_concurrency_and_cancel(rt: Runtime) -> None:
-    a = [rt.submit("frank", f"!sleep 1 job {n}") for n in range(3)]
-    b = rt.submit("grace", "!sleep 1 job of grace")
-    wait_for(lambda: rt.job(a[1].id)["state"] != "queued" or rt.job(a[0].id)["state"] == "running")
-    assert rt.cancel_job(a[2].id)["state"] == "cancelled"  # still waiting its turn
+    a = [rt.jobs.submit("frank", f"!sleep 1 job {n}") for n in range(3)]
+    b = rt.jobs.submit("grace", "!sleep 1 job of grace")
+    wait_for(
+        lambda: (
+            rt.jobs.get(a[1].id)["state"] != "queued" or rt.jobs.get(a[0].id)["state"] == "running"
+        )
+    )
+    assert rt.jobs.cancel(a[2].id)["state"] == "cancelled"  # still waiting its turn
     with pytest.raises(JobFailed, match="cancelled"):
         a[2].result(timeout=5)
     for job in (a[0], a[1], b):
         job.result(timeout=60)
-    spans = sorted((rt.job(j.id)["started_at"], rt.job(j.id)["finished_at"]) for j in a[:2])
+    spans = sorted(
+        (rt.jobs.get(j.id)["started_at"], rt.jobs.get(j.id)["finished_at"]) for j in a[:2]
+    )
     assert spans[0][1] <= spans[1][0]  # one of frank's at a time
-    grace = rt.job(b.id)
+    grace = rt.jobs.get(b.id)
     assert grace["started_at"] < spans[0][1]  # grace's ran beside frank's first
     with pytest.raises(UsageError, match="only a queued job"):
-        rt.cancel_job(a[0].id)
+        rt.jobs.cancel(a[0].id)
     assert [m.content for m in rt.stored_history("frank") if m.kind == "user"] == [
         "!sleep 1 job 0",
         "!sleep 1 job 1",
@@ -240,12 +246,12 @@ def test_a_signed_webhook_is_delivered_and_retried(rt: Runtime) -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/hooks/jobs"
-        job = rt.submit("heidi", "notify me", webhook=url)
+        job = rt.jobs.submit("heidi", "notify me", webhook=url)
         job.result(timeout=60)
-        wait_for(lambda: rt.job(job.id)["notified"], timeout=30)
+        wait_for(lambda: rt.jobs.get(job.id)["notified"], timeout=30)
     finally:
         server.shutdown()
-    status = rt.job(job.id)
+    status = rt.jobs.get(job.id)
     assert status["deliveries"] == 2  # a 500 first, retried after a backoff
     assert status["webhook_error"] == ""
     assert len(_Hook.received) == 2

@@ -37,7 +37,7 @@ def rt(ray_cluster: str, namespace: str, sqlite_url: str) -> Iterator[Runtime]:
 
 
 def test_one_users_budget_holds_across_conversations_on_two_hosts(rt: Runtime) -> None:
-    rt.set_quota("carol", tokens_per_day=BUDGET)
+    rt.quotas.set("carol", tokens_per_day=BUDGET)
     convs = [rt.new_conversation("carol", agent="q") for _ in range(8)]
     assert len({c.actor_name for c in convs}) >= 2  # the user's turns run on two hosts
     refusals: list[QuotaExceeded] = []
@@ -76,7 +76,7 @@ def test_one_users_budget_holds_across_conversations_on_two_hosts(rt: Runtime) -
     for t in threads:
         t.join(timeout=240)
     assert errors == []
-    standing = rt.quota("carol")
+    standing = rt.quotas.get("carol")
     used = standing["usage"]["tokens"]
     # Every conversation stopped on the budget, having stored nothing for the refused turn.
     assert len(refusals) == len(convs)
@@ -100,7 +100,7 @@ def test_one_users_budget_holds_across_conversations_on_two_hosts(rt: Runtime) -
 
 
 def test_turns_at_once_and_per_minute_are_refused_with_when_they_free(rt: Runtime) -> None:
-    rt.set_quota("dan", concurrent_turns=1)
+    rt.quotas.set("dan", concurrent_turns=1)
     a, b = rt.new_conversation("dan", agent="q"), rt.new_conversation("dan", agent="q")
     slow = threading.Thread(target=a.send, args=("!sleep 0.8 slow one",))
     slow.start()
@@ -112,7 +112,7 @@ def test_turns_at_once_and_per_minute_are_refused_with_when_they_free(rt: Runtim
     slow.join()
     assert b.send("now").text == "echo #1: now"  # the slot is free again
 
-    rt.set_quota("erin", requests_per_minute=2)
+    rt.quotas.set("erin", requests_per_minute=2)
     c = rt.new_conversation("erin", agent="q")
     c.send("one")
     c.send("two")
@@ -122,7 +122,7 @@ def test_turns_at_once_and_per_minute_are_refused_with_when_they_free(rt: Runtim
     assert 0 < refused.value.retry_after_s <= 60
     assert refused.value.resets_at > time.time()
     assert len(c.history()) == 4
-    shown = rt.quota("erin")
+    shown = rt.quotas.get("erin")
     assert shown["own"] is True
     assert shown["quota"]["requests_per_minute"] == 2
     assert shown["usage"]["turns_last_minute"] == 2

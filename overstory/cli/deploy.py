@@ -207,7 +207,7 @@ def splits(config: Config, agent: str) -> dict[str, Any]:
 def change_split(
     config: Config, verb: str, change: Callable[[Runtime], dict[str, Any]]
 ) -> dict[str, Any]:
-    """Run a split change (``rt.rollout``, ``rt.promote``, ``rt.rollback``) against the
+    """Run a split change (``rt.rollouts.start``, ``.promote``, ``.rollback``) against the
     tree running in the namespace; never boots one."""
     if not is_running(ROOT, config.namespace):
         raise ConversationUnavailable(

@@ -388,7 +388,7 @@ def _add_ops_commands(sub: Any) -> None:
     usage.add_argument("--config", type=Path, help="TOML config file (store, prices)")
     usage.add_argument("--json", action="store_true", help="one JSON object on stdout")
     jobs = sub.add_parser(
-        "jobs", help="background jobs (rt.submit): newest first, or one with its result"
+        "jobs", help="background jobs (rt.jobs.submit): newest first, or one with its result"
     )
     jobs.add_argument("job_id", metavar="JOB_ID", nargs="?", help="show this job only")
     jobs.add_argument("--user", metavar="U", help="only this user's jobs")
@@ -549,12 +549,14 @@ def _split_command(args: argparse.Namespace) -> int:
     )
     if args.command == "rollout":
         split = change_split(
-            config, "roll out", lambda rt: rt.rollout(args.name, args.version, args.percent)
+            config, "roll out", lambda rt: rt.rollouts.start(args.name, args.version, args.percent)
         )
     elif args.command == "promote":
-        split = change_split(config, "promote", lambda rt: rt.promote(args.name, args.version))
+        split = change_split(
+            config, "promote", lambda rt: rt.rollouts.promote(args.name, args.version)
+        )
     else:
-        split = change_split(config, "roll back", lambda rt: rt.rollback(args.name))
+        split = change_split(config, "roll back", lambda rt: rt.rollouts.rollback(args.name))
     if args.json:
         print(json.dumps(split, sort_keys=True))
     else:

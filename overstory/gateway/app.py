@@ -351,7 +351,7 @@ class Gateway:
             version=version or "",
         )
         job = await self.jobs(await self.store()).add_once(job)
-        await asyncio.to_thread(self.runtime.poke_jobs)
+        await asyncio.to_thread(self.runtime.jobs.poke)
         return job
 
     async def cancel_job(self, job: JobRecord) -> JobRecord:

@@ -13,22 +13,19 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
-import math
 import os
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, suppress
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any, TypeVar
 
-import ray
 from opentelemetry.trace import Span, SpanKind
 from ray.exceptions import RayActorError, RayTaskError
 
-from .. import vault as vault_ops
 from ..access import (
     ConversationRecord,
     Principal,
@@ -36,44 +33,25 @@ from ..access import (
     owned_records,
     validate_metadata,
 )
-from ..actors.jobs import JOBS
 from ..agent import Agent, Placement
 from ..app import App, as_app, conversation_id
-from ..audit import note
 from ..config import Config
 from ..exceptions import (
     ConfigError,
     ConversationUnavailable,
     Fenced,
-    JobFailed,
     Passivated,
     StaleShardTable,
     UnknownTurn,
     UsageError,
 )
-from ..jobs import (
-    TERMINAL,
-    JobBook,
-    JobRecord,
-    job_turn_id,
-    new_job,
-    validate_job_id,
-    validate_webhook,
-)
 from ..messages import Message, Reply, TurnEvent, TurnRequest
 from ..providers import Secret
 from ..providers import api_keys as api_key_map
-from ..quota import UNSET, Quota, Unset, change_quota, report
 from ..registry import Registry
 from ..rollout import (
     Deployment,
-    Split,
-    promote,
     read_deployment,
-    read_split,
-    rollback,
-    rollout,
-    update_split,
 )
 from ..store import run_on_store
 from ..supervisors.named import unwrap_task_error
@@ -84,9 +62,13 @@ from ..usage import usage as usage_of
 from ..validation import validate_message, validate_user_id
 from ._portal import Portal
 from .cluster import attach, detach
+from .jobs import Jobs
+from .quotas import Quotas
+from .rollouts import Rollouts
 from .transport import Transport, transport_for
+from .vault import Vault
 
-__all__ = ["Conversation", "Job", "Runtime", "connect"]
+__all__ = ["Conversation", "Runtime", "connect"]
 
 T = TypeVar("T")
 
@@ -447,58 +429,6 @@ class Conversation:
         return info
 
 
-class Job:
-    """A background job (:meth:`Runtime.submit`): its ``id``, its status, its result."""
-
-    def __init__(self, runtime: Runtime, job_id: str, user_id: str, agent: str) -> None:
-        self._runtime = runtime
-        self.id, self.user_id, self.agent = job_id, user_id, agent
-
-    def __repr__(self) -> str:
-        return f"Job(id={self.id!r}, user_id={self.user_id!r}, agent={self.agent!r})"
-
-    @property
-    def turn_id(self) -> str:
-        """The turn it runs in the user's conversation (stored once, however often run)."""
-        return job_turn_id(self.id)
-
-    def status(self) -> dict[str, Any]:
-        """:meth:`Runtime.job` of this job."""
-        return self._runtime.job(self.id)
-
-    def wait(self, timeout: float | None = None) -> dict[str, Any]:
-        """Its status once it has ended (succeeded, failed or cancelled); ``TimeoutError``
-        if it has not within ``timeout`` seconds (``None``: no limit)."""
-        if timeout is not None and (isinstance(timeout, bool) or not timeout >= 0):
-            raise UsageError(f"timeout must be seconds >= 0 or None, got {timeout!r}")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.05
-        while True:
-            status = self.status()
-            if status["state"] in TERMINAL:
-                return status
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"job {self.id} is still {status['state']} after {timeout:g} s "
-                    f"(attempts: {status['attempts']})"
-                )
-            left = math.inf if deadline is None else deadline - time.monotonic()
-            time.sleep(max(0.0, min(pause, left)))
-            pause = min(pause * 2, 1.0)
-
-    def result(self, timeout: float | None = None) -> str:
-        """The answer's text once the job has succeeded; :class:`JobFailed` when it
-        failed or was cancelled; ``TimeoutError`` after ``timeout`` seconds."""
-        status = self.wait(timeout)
-        if status["state"] != "succeeded":
-            raise JobFailed(status)
-        return str(status["reply"])
-
-    def cancel(self) -> dict[str, Any]:
-        """:meth:`Runtime.cancel_job` of this job."""
-        return self._runtime.cancel_job(self.id)
-
-
 class Runtime:
     """A connection to overstory on a Ray cluster. Get one with :func:`connect`.
 
@@ -527,6 +457,14 @@ class Runtime:
         self._lock = threading.Lock()
         # The sync methods run their async forms on this loop (one thread, made on use).
         self._portal = Portal()
+        #: Background jobs (:class:`~overstory.runtime.jobs.Jobs`).
+        self.jobs = Jobs(self)
+        #: Per-user quotas (:class:`~overstory.runtime.quotas.Quotas`).
+        self.quotas = Quotas(self)
+        #: Agent versions' rollouts (:class:`~overstory.runtime.rollouts.Rollouts`).
+        self.rollouts = Rollouts(self)
+        #: The DataVault, for operators (:class:`~overstory.runtime.vault.Vault`).
+        self.vault = Vault(self)
 
     def __enter__(self) -> Runtime:
         return self
@@ -623,110 +561,6 @@ class Runtime:
         the shard table (``version``, ``shards``, ``hosts``). Never shrinks."""
         return self.registry.rebalance(hosts)
 
-    # --- versions -------------------------------------------------------------------------
-
-    def _versions(self, agent: str) -> list[str]:
-        name = self.registry.agent_name(agent)
-        return list(self.registry.served()["agents"][name])
-
-    def _change_split(self, agent: str, change: Callable[[Split], Split]) -> dict[str, Any]:
-        versions = self._versions(agent)
-
-        async def go(store: Any) -> Split:
-            split = await update_split(store, self.config.namespace, agent, versions, change)
-            await note(
-                store,
-                who="operator",
-                action="rollout.changed",
-                target=f"{self.config.namespace}/{agent}",
-                outcome="ok",
-                detail={
-                    "live": split.live,
-                    "canary": split.canary,
-                    "percent": split.percent,
-                    "generation": split.generation,
-                },
-            )
-            return split
-
-        split: Split = run_on_store(self.config.store, go)
-        self.registry.splits_changed()
-        return split.describe()
-
-    def split(self, agent: str) -> dict[str, Any]:
-        """Agent ``agent``'s rollout split: ``live``, ``previous``, ``canary``, ``percent``,
-        ``generation`` and the share of new conversations each version gets."""
-        versions = self._versions(agent)
-        split: Split = run_on_store(
-            self.config.store,
-            lambda s: read_split(s, self.config.namespace, agent, versions),
-        )
-        return split.describe()
-
-    def rollout(self, agent: str, version: str, percent: float) -> dict[str, Any]:
-        """``percent`` % of *new* conversations of ``agent`` get ``version``; every
-        conversation keeps the version it started with while the rollout runs (also
-        across passivation and restarts). Idempotent; returns the split."""
-        versions = self._versions(agent)
-        return self._change_split(agent, lambda s: rollout(s, version, percent, versions))
-
-    def promote(self, agent: str, version: str) -> dict[str, Any]:
-        """``version`` is live for everyone: existing conversations move to it at their
-        next turn (a blue-green switch). Idempotent; returns the split."""
-        versions = self._versions(agent)
-        return self._change_split(agent, lambda s: promote(s, version, versions))
-
-    def rollback(self, agent: str) -> dict[str, Any]:
-        """Back to the previously promoted version, for everyone, at their next turn.
-        Idempotent; returns the split."""
-        return self._change_split(agent, rollback)
-
-    # --- quotas -----------------------------------------------------------------------------
-
-    def set_quota(
-        self,
-        user_id: str,
-        *,
-        tokens_per_day: int | Unset | None = UNSET,
-        requests_per_minute: int | Unset | None = UNSET,
-        concurrent_turns: int | Unset | None = UNSET,
-    ) -> dict[str, Any]:
-        """Set ``user_id``'s own quota (:mod:`overstory.quota`): the limits given change
-        (``None``: no limit of that kind), the others keep their current value (the
-        configured default, for a user without a quota of their own). It holds across
-        every conversation of the user, on every host and node, within 5 s (hosts read a
-        user's quota again after that). Returns :meth:`quota`."""
-        validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
-        changes = {
-            name: value
-            for name, value in (
-                ("tokens_per_day", tokens_per_day),
-                ("requests_per_minute", requests_per_minute),
-                ("concurrent_turns", concurrent_turns),
-            )
-            if not isinstance(value, Unset)
-        }
-        namespace, default = self.config.namespace, self.default_quota()
-        run_on_store(
-            self.config.store, lambda st: change_quota(st, namespace, user_id, default, changes)
-        )
-        return self.quota(user_id)
-
-    def default_quota(self) -> Quota:
-        """The quota of users without one of their own (``quota_*`` in the config)."""
-        return self.config.default_quota()
-
-    def quota(self, user_id: str) -> dict[str, Any]:
-        """``user_id``'s quota and where they stand: ``{"user", "quota", "own" (whether
-        it is theirs or the default), "usage": {"day", "tokens", "reserved_tokens",
-        "running_turns", "turns_last_minute"}}``."""
-        validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
-        namespace, default = self.config.namespace, self.default_quota()
-        result: dict[str, Any] = run_on_store(
-            self.config.store, lambda st: report(st, namespace, user_id, default)
-        )
-        return result
-
     def usage(self, user_id: str | None = None, *, since: float | None = None) -> dict[str, Any]:
         """Turns, tool calls, tokens and cost — in total, per model and per user — read
         from the stored history (``user_id``: only theirs, their HTTP conversations
@@ -739,135 +573,6 @@ class Runtime:
             self.config.store, lambda st: usage_of(st, prices, user=user_id, since=since)
         )
         return counted
-
-    # --- background jobs ---------------------------------------------------------------------
-
-    def submit(
-        self,
-        user_id: str,
-        text: str,
-        *,
-        agent: str | None = None,
-        max_attempts: int = 3,
-        delay_s: float = 0.0,
-        webhook: str | None = None,
-        on_done: Callable[[dict[str, Any]], None] | None = None,
-    ) -> Job:
-        """Queue ``text`` as a turn of ``user_id``'s conversation with ``agent`` and return
-        at once (:mod:`overstory.jobs`). The job is in the store before this returns: it
-        runs even if this process, a host or the runner dies, at least once and stored
-        once (every attempt is the same turn), retried with backoff up to
-        ``max_attempts`` while its failures are not permanent. ``delay_s`` schedules
-        it that many seconds from now (Oban's ``schedule_in``).
-
-        When it ends, ``webhook`` (an http(s) URL) gets its status as a JSON ``POST``
-        (signed when ``OVERSTORY_WEBHOOK_SECRET`` is set in the cluster), and
-        ``on_done(status)`` is called in a thread of this process (if it still runs).
-        """
-        name, _ = self._cid(user_id, agent)
-        validate_message(text, max_chars=self.config.max_message_chars)
-        hook = validate_webhook(webhook)
-        if on_done is not None and not callable(on_done):
-            raise ConfigError(f"on_done must be callable, got {on_done!r}")
-        job = new_job(
-            user_id,
-            name,
-            text,
-            max_attempts=max_attempts,
-            webhook=hook,
-            now=time.time(),
-            delay_s=delay_s,
-        )
-        namespace = self.config.namespace
-        run_on_store(self.config.store, lambda st: JobBook(st, namespace).add(job))
-        self.poke_jobs()
-        handle = Job(self, job.id, user_id, name)
-        if on_done is not None:
-            threading.Thread(
-                target=_call_when_done,
-                args=(handle, on_done),
-                name=f"on_done-{job.id}",
-                daemon=True,
-            ).start()
-        return handle
-
-    def poke_jobs(self) -> None:
-        """Wake the job runner (it would look within ``jobs_poll_s`` anyway)."""
-        with suppress(ValueError, RayActorError):
-            ray.get_actor(JOBS, namespace=self.config.namespace).poke.remote()
-
-    def job(self, job_id: str) -> dict[str, Any]:
-        """Job ``job_id``'s status: ``state`` (queued, running, succeeded, failed,
-        cancelled), ``attempts``, ``reply`` (its answer's text), ``error`` (its last
-        failure), times, ``turn_id`` …; :class:`~overstory.exceptions.UnknownJob` if
-        there is none (jobs are kept ``jobs_keep_s`` after they end)."""
-        namespace = self.config.namespace
-        job_id = validate_job_id(job_id)
-        record: JobRecord = run_on_store(
-            self.config.store, lambda st: JobBook(st, namespace).status(job_id)
-        )
-        return record.public()
-
-    def jobs(
-        self, user_id: str | None = None, *, state: str | None = None, limit: int = 100
-    ) -> list[dict[str, Any]]:
-        """Jobs, newest first: ``user_id``'s, or everyone's; in ``state`` or any."""
-        if user_id is not None:
-            validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
-            raise UsageError(f"limit must be an int 1..10000, got {limit!r}")
-        namespace = self.config.namespace
-        records: list[JobRecord] = run_on_store(
-            self.config.store,
-            lambda st: JobBook(st, namespace).listing(user=user_id, state=state, limit=limit),
-        )
-        return [r.public() for r in records]
-
-    def cancel_job(self, job_id: str) -> dict[str, Any]:
-        """Cancel a queued job (also one waiting to be retried); its status after. A job
-        running an attempt is not interrupted: :class:`~overstory.exceptions.UsageError`
-        says so (as it does for one that has ended)."""
-        namespace = self.config.namespace
-        job_id = validate_job_id(job_id)
-
-        async def go(store: Any) -> JobRecord:
-            job, cancelled = await JobBook(store, namespace).cancel(job_id, time.time())
-            if not cancelled:
-                raise UsageError(f"job {job_id} is {job.state}: only a queued job is cancelled")
-            return job
-
-        record: JobRecord = run_on_store(self.config.store, go)
-        return record.public()
-
-    # --- the DataVault, for operators ----------------------------------------------------------
-
-    def vault_list(self, agent: str, user_id: str | None = None) -> list[dict[str, Any]]:
-        """``agent``'s vault collections with their document counts: ``user_id``'s, or
-        (``None``) every owner's (owner ``""``: the shared collections)."""
-        if user_id:
-            validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
-        listed: list[dict[str, Any]] = run_on_store(
-            self.config.store, lambda st: vault_ops.listing(st, agent, user_id)
-        )
-        return listed
-
-    def vault_get(
-        self, agent: str, collection: str, key: str, user_id: str = ""
-    ) -> dict[str, Any] | None:
-        """One document of ``user_id``'s (``""``: a shared collection)."""
-        got: dict[str, Any] | None = run_on_store(
-            self.config.store, lambda st: vault_ops.fetch(st, agent, user_id, collection, key)
-        )
-        return got
-
-    def vault_clear(
-        self, agent: str, collection: str, key: str | None = None, user_id: str = ""
-    ) -> int:
-        """Delete one document of ``user_id``'s (``""``: shared) or the whole collection."""
-        gone: int = run_on_store(
-            self.config.store, lambda st: vault_ops.clear(st, agent, user_id, collection, key)
-        )
-        return gone
 
     # --- the store, read directly -----------------------------------------------------------
 
@@ -962,16 +667,6 @@ class ClientTurns:
         conv = await self._runtime.conversation_async(user, agent=agent)
         async for event in conv.stream_async(text, turn_id=turn_id, version=version):
             yield event
-
-
-def _call_when_done(job: Job, on_done: Callable[[dict[str, Any]], None]) -> None:
-    status: dict[str, Any] | None = None
-    while status is None:
-        try:
-            status = job.wait()
-        except Exception:  # the store blinked, say: keep waiting
-            time.sleep(1.0)
-    on_done(status)
 
 
 def connect(
