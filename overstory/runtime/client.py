@@ -506,16 +506,7 @@ class Runtime:
         through provider actors of their own. Keys bind when the conversation starts;
         to change them, :meth:`stop_conversation` first.
         """
-        name, cid = self._cid(user_id, agent)
-        keys = api_key_map(api_keys) if api_keys else None
-        with self._lock:
-            conv = self._conversations.get(cid)
-        if conv is not None and conv._api_keys == keys:
-            return self._remember(conv)  # most recently used now
-        handle = None
-        if self.registry.placement == "dedicated":
-            handle = self.registry.get_or_start(cid, keys)
-        return self._remember(Conversation(self, user_id, name, handle, keys))
+        return self._portal.run(self.conversation_async(user_id, agent=agent, api_keys=api_keys))
 
     async def conversation_async(
         self,
@@ -525,13 +516,15 @@ class Runtime:
         api_keys: Mapping[str, str] | None = None,
     ) -> Conversation:
         """Async form of :meth:`conversation`."""
+        # The app's agents may have to be read from the tree: a blocking call, off the loop.
         name, cid = await asyncio.to_thread(self._cid, user_id, agent)
         keys = api_key_map(api_keys) if api_keys else None
-        conv = self._conversations.get(cid)
+        with self._lock:
+            conv = self._conversations.get(cid)
         if conv is not None and conv._api_keys == keys:
             return self._remember(conv)  # most recently used now
         handle = None
-        if self.registry.placement == "dedicated":
+        if self.registry.placement == "dedicated":  # the registry's transport choice
             handle = await self.registry.get_or_start_async(cid, keys)
         return self._remember(Conversation(self, user_id, name, handle, keys))
 
