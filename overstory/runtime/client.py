@@ -83,6 +83,7 @@ from ..usage import usage as usage_of
 from ..validation import validate_message, validate_user_id
 from .cluster import attach, detach
 from .config import Config
+from .jobwatch import JobWatcher, status_callback
 
 __all__ = ["Conversation", "Job", "Runtime", "connect"]
 
@@ -607,6 +608,9 @@ class Runtime:
         # web server) sees users come and go, so the cache is bounded.
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
         self._lock = threading.Lock()
+        # One thread and one store connection for every submit(on_done=...), started on
+        # the first and ended when none is pending or on close().
+        self._job_watcher = JobWatcher(config.store, config.namespace)
 
     def __enter__(self) -> Runtime:
         return self
@@ -842,7 +846,11 @@ class Runtime:
 
         When it ends, ``webhook`` (an http(s) URL) gets its status as a JSON ``POST``
         (signed when ``OVERSTORY_WEBHOOK_SECRET`` is set in the cluster), and
-        ``on_done(status)`` is called in a thread of this process (if it still runs).
+        ``on_done(status)`` is called in this process (if it still runs and this runtime
+        is not closed) by the runtime's one job watcher thread
+        (:mod:`overstory.runtime.jobwatch`); a job gone from the store before it was
+        seen ending gets a ``failed`` status naming the
+        :class:`~overstory.exceptions.UnknownJob`.
         """
         name, _ = self._cid(user_id, agent)
         validate_message(text, max_chars=self.config.max_message_chars)
@@ -863,12 +871,7 @@ class Runtime:
         self.poke_jobs()
         handle = Job(self, job.id, user_id, name)
         if on_done is not None:
-            threading.Thread(
-                target=_call_when_done,
-                args=(handle, on_done),
-                name=f"on_done-{job.id}",
-                daemon=True,
-            ).start()
+            self._job_watcher.watch(job.id, status_callback(job, on_done))
         return handle
 
     def poke_jobs(self) -> None:
@@ -1018,22 +1021,14 @@ class Runtime:
         """Forget cached handles; stop Ray if :func:`connect` started it (actors included).
 
         Spans this process still buffers are exported first (when telemetry is set up).
+        Pending ``on_done`` callbacks are dropped (their jobs still run).
         """
+        self._job_watcher.close()
         self._conversations.clear()
         flush_telemetry()
         if self.started_ray:
             detach()
             self.started_ray = False
-
-
-def _call_when_done(job: Job, on_done: Callable[[dict[str, Any]], None]) -> None:
-    status: dict[str, Any] | None = None
-    while status is None:
-        try:
-            status = job.wait()
-        except Exception:  # the store blinked, say: keep waiting
-            time.sleep(1.0)
-    on_done(status)
 
 
 def _run_store(url: str, fn: Callable[[Any], Any]) -> Any:
