@@ -232,16 +232,16 @@ def grow_hosts(namespace: str, hosts: int | None, timeout_s: float) -> dict[str,
     try:
         supervisor = ray.get_actor(HOSTS, namespace=namespace)
         table: Any = ray.get(supervisor.grow.remote(hosts), timeout=timeout_s)
-    except ValueError:
+    except ValueError as exc:
         raise ConversationUnavailable(
             f"no host supervisor in namespace {namespace!r}: is a hosted tree running there?"
-        ) from None
+        ) from exc
     except (RayActorError, GetTimeoutError) as exc:
         raise ConversationUnavailable(
             f"the host supervisor of {namespace!r} did not answer: {type(exc).__name__}"
-        ) from None
+        ) from exc
     except RayTaskError as exc:
-        raise unwrap_task_error(exc) from None
+        raise unwrap_task_error(exc) from exc
     return table
 
 
@@ -282,11 +282,11 @@ class HostRouter:
     def _lookup(self, name: str) -> Any:
         try:
             return ray.get_actor(name, namespace=self.namespace)
-        except ValueError:
+        except ValueError as exc:
             # Between a host's death for good and its supervisor starting it again.
             raise ConversationUnavailable(
                 f"host {name!r} is not running in namespace {self.namespace!r}"
-            ) from None
+            ) from exc
 
     def route_host(self, name: str) -> Any:
         """Host ``name``'s handle (looked up where not cached)."""
