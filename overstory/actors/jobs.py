@@ -49,8 +49,8 @@ from ..jobs import (
 from ..messages import TurnEvent
 from ..runtime.config import Config
 from ..store import HistoryStore, open_store
-from ..supervisors.watch import new_incarnation, until_death
-from ..telemetry import metrics, setup_telemetry
+from ..supervisors.watch import DRAIN_TIMEOUT_S, new_incarnation, until_death
+from ..telemetry import flush_async, metrics, setup_telemetry
 
 __all__ = ["JOBS", "WEBHOOK_SECRET_ENV", "JobRunner"]
 
@@ -98,6 +98,12 @@ class JobRunner:
 
     async def watch(self, incarnation: str | None = None) -> str:
         return await until_death(incarnation, self.incarnation)
+
+    async def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
+        """Before the supervisor stops this runner (``stop_child``): export its buffered
+        spans, off the loop. Its jobs need nothing: their leases lapse and another
+        runner claims them."""
+        return await flush_async(timeout_s)
 
     def status(self) -> dict[str, Any]:
         return {

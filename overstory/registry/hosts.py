@@ -31,6 +31,7 @@ from ..supervisors import ChildSpec, SupervisorSpec, add_child
 from ..supervisors.core import replace_child
 from ..supervisors.named import SUPERVISED, unwrap_task_error
 from ..supervisors.tree import HOSTS, ROOT, NamedChild, Supervisor
+from ..supervisors.watch import stop_child
 from .shards import ShardTable
 
 __all__ = [
@@ -194,8 +195,8 @@ class HostSupervisor(Supervisor):
                     self._stopping.add(child.id)
                     handle = self._handles.pop(child.id, None)
                     watcher = self._watchers.pop(child.id, None)
-                    if handle is not None:
-                        ray.kill(handle, no_restart=True)
+                    if handle is not None:  # its last spans exported first (bounded)
+                        await stop_child(handle)
                     if watcher is not None:  # it returns once the old process is gone
                         await asyncio.wait({watcher}, timeout=timeout_s)
                     await self._name_free(child.start.name, timeout_s)
