@@ -78,7 +78,7 @@ class JobRunner:
         self._book = JobBook(self._store, namespace)
         self._runtime: Any = None  # the client, made on first use (it attaches to the tree)
         self._running: dict[str, JobRecord] = {}  # job id -> the record as claimed
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._notifying: set[str] = set()  # jobs whose webhook is being delivered
         self._main: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
@@ -182,10 +182,12 @@ class JobRunner:
                 self._spawn(self._run(claimed))
         metrics().jobs_running(len(self._running))
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """A task kept referenced until it ends (the loop holds tasks only weakly)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # --- one job ------------------------------------------------------------------------
 
@@ -199,7 +201,7 @@ class JobRunner:
         return self._runtime
 
     async def _run(self, job: JobRecord) -> None:
-        heart = asyncio.get_running_loop().create_task(self._heartbeat(job.id))
+        heart = self._spawn(self._heartbeat(job.id))
         try:
             outcome = await self._attempt(job)
         finally:
