@@ -269,8 +269,8 @@ class Conversation:
                 target = self._target()
                 left = max(deadline - time.monotonic(), 0.001)
                 return ray.get(self._invoke(target, method, args, extra), timeout=left)
-            except GetTimeoutError:
-                raise self._late(method) from None
+            except GetTimeoutError as exc:
+                raise self._late(method) from exc
             except (RayTaskError, RayActorError, ConversationUnavailable) as exc:
                 error = self._retry_or_raise(method, target, exc, deadline)
             if self._handle is not None:
@@ -293,8 +293,8 @@ class Conversation:
                 return await asyncio.wait_for(
                     self._invoke(target, method, args, extra), timeout=left
                 )
-            except TimeoutError:
-                raise self._late(method) from None
+            except TimeoutError as exc:
+                raise self._late(method) from exc
             except (RayTaskError, RayActorError, ConversationUnavailable) as exc:
                 error = self._retry_or_raise(method, target, exc, deadline)
             if self._handle is not None:
