@@ -506,8 +506,8 @@ def test_a_job_gone_from_the_store_is_reported_as_failed(sqlite_url: str) -> Non
 
 
 def test_an_unreachable_store_is_retried_not_fatal(tmp_path: Path) -> None:
-    # A SQLite file in a directory that does not exist yet cannot be opened; once the
-    # directory is made, the watcher's next attempt reads the (ended) job.
+    # A SQLite file in a directory that does not exist yet cannot be opened; once it
+    # exists, the watcher's next attempt reads the (ended) job.
     where = tmp_path / "later"
     url = f"sqlite:///{where}/history.db"
     watcher = JobWatcher(url, "ns-watch-3", pause_s=(0.01, 0.05))
@@ -522,8 +522,12 @@ def test_an_unreachable_store_is_retried_not_fatal(tmp_path: Path) -> None:
     watcher.watch(ended.id, status_callback(ended, record))
     assert not called.wait(0.3)  # the store is away: nothing delivered, the thread goes on
     assert watcher.thread is not None
-    where.mkdir()
-    on_store(url, lambda store: JobBook(store, "ns-watch-3").add(ended))
+    # The store appears whole (made aside, then renamed into place): an empty one seen
+    # first would rightly report the job as gone.
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    on_store(f"sqlite:///{aside}/history.db", lambda s: JobBook(s, "ns-watch-3").add(ended))
+    aside.rename(where)
     assert called.wait(30)
     assert statuses[0]["state"] == "succeeded"
     assert statuses[0]["reply"] == "late but fine"
