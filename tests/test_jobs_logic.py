@@ -501,7 +501,7 @@ def test_a_job_gone_from_the_store_is_reported_as_failed(sqlite_url: str) -> Non
     assert not thread.is_alive()
     assert watcher.pending == 0
     assert kept_called == []
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(UsageError, match="closed"):
         watcher.watch(kept.id, status_callback(kept, record))
 
 

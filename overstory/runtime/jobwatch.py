@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..exceptions import UnknownJob
+from ..exceptions import ConfigError, UnknownJob, UsageError
 from ..jobs import TERMINAL, JobBook, JobRecord
 from ..store import open_store
 from ..store.base import HistoryStore
@@ -94,7 +94,7 @@ class JobWatcher:
     ) -> None:
         first, longest = pause_s
         if not 0 < first <= longest:
-            raise ValueError(
+            raise ConfigError(
                 f"pause_s must be (first, longest) with 0 < first <= longest, got {pause_s!r}"
             )
         self.store_url, self.namespace = store_url, namespace
@@ -106,6 +106,7 @@ class JobWatcher:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._failing = False  # the store failed on the last look (warn once per outage)
 
     # --- the caller's side --------------------------------------------------------------
 
@@ -113,7 +114,7 @@ class JobWatcher:
         """Call ``deliver`` once job ``job_id`` has ended (or is found gone)."""
         with self._lock:
             if self._closed:
-                raise RuntimeError("the runtime is closed: no job can be watched")
+                raise UsageError(f"the runtime is closed: job {job_id} cannot be watched")
             self._pending[next(self._ids)] = _Pending(job_id, deliver, self._first, self._clock())
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -215,7 +216,12 @@ class JobWatcher:
                 except Exception:
                     log.exception("on_done of job %s raised", pending.job_id)
         except Exception as exc:  # the store is away: try again after the backoff
-            log.warning("the job watcher cannot read the store (%s: %s)", type(exc).__name__, exc)
+            (log.debug if self._failing else log.warning)(
+                "the job watcher cannot read the store (%s: %s); retrying",
+                type(exc).__name__,
+                exc,
+            )
+            self._failing = True
             for key, pending in due:
                 self._back_off(key, pending)
             if store is not None:
@@ -224,6 +230,7 @@ class JobWatcher:
                 except Exception as close_exc:
                     log.debug("closing a failed store: %s", close_exc)
             return None
+        self._failing = False
         return store
 
     def _back_off(self, key: int, pending: _Pending) -> None:
