@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import re
 import sys
+import traceback
 from collections.abc import Iterable
 from typing import Any
 
@@ -39,7 +40,22 @@ _SOURCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
 class AppLoadError(ConfigError):
-    """``module:attr`` does not import, or names nothing an app can be made of."""
+    """``module:attr`` does not import, or names nothing an app can be made of.
+
+    Raised ``from`` the error that caused it (the user's module's own import error, with
+    its traceback). Ray sends an exception across a call by pickling it, which keeps the
+    message and drops the cause, and a host or a node's probe imports the app on the far
+    side of one: so when it is pickled, the cause's formatted traceback is written into
+    the message, and the caller still sees where their module failed.
+    """
+
+    def __reduce__(self) -> tuple[object, ...]:
+        message = str(self)
+        cause = self.__cause__
+        if cause is not None:
+            shown = "".join(traceback.format_exception(cause)).rstrip()
+            message = f"{message}\n\nCaused by:\n{shown}"
+        return (type(self), (message,))
 
 
 class App:
@@ -170,19 +186,19 @@ def load_app(source: str) -> App:
             f"app {source!r}: module {module_name!r} does not import "
             f"({type(exc).__name__}: {exc}); is it installed or on PYTHONPATH "
             f"(sys.path: {sys.path[:4]}...)?"
-        ) from None
+        ) from exc
     value: Any = module
     for part in attr.split("."):
         try:
             value = getattr(value, part)
-        except AttributeError:
+        except AttributeError as exc:
             raise AppLoadError(
                 f"app {source!r}: module {module_name!r} has no attribute {attr!r}"
-            ) from None
+            ) from exc
     try:
         return as_app(value, source=source)
     except ConfigError as exc:
-        raise AppLoadError(f"app {source!r}: {exc}") from None
+        raise AppLoadError(f"app {source!r}: {exc}") from exc
 
 
 # --- conversation ids -------------------------------------------------------------------

@@ -131,7 +131,7 @@ class Config(pydantic.BaseModel):
         try:
             return validate_prices(value)
         except ConfigError as exc:
-            raise ValueError(str(exc)) from None
+            raise ValueError(str(exc)) from exc
 
     @pydantic.field_validator("namespace")
     @classmethod
@@ -172,6 +172,7 @@ class Config(pydantic.BaseModel):
                 f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})"
                 for e in exc.errors(include_url=False)
             )
+            # Not chained: ``problems`` is pydantic's whole report, which would print again.
             raise ConfigError(f"invalid {source}: {problems}") from None
         # Resolve here so a relative SQLite path means the caller's directory, not a worker's.
         resolved = resolve_store_url(config.store)
@@ -185,12 +186,12 @@ def load_config(path: str | Path, **overrides: Any) -> Config:
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from exc
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
     if set(data) == {"overstory"} and isinstance(data["overstory"], dict):
         data = data["overstory"]
     data.update({k: v for k, v in overrides.items() if v is not None})

@@ -151,9 +151,7 @@ class Ledger:
                 tuple(float(t) for t in data["starts"]),
             )
         except (ValueError, TypeError, KeyError, IndexError) as exc:
-            raise StoreError(
-                f"a stored quota ledger is unreadable ({exc}): {raw[:200]!r}"
-            ) from None
+            raise StoreError(f"a stored quota ledger is unreadable ({exc}): {raw[:200]!r}") from exc
 
     @property
     def reserved_tokens(self) -> int:
@@ -316,7 +314,7 @@ async def read_quota(store: HistoryStore, namespace: str, user: str) -> Quota | 
     try:
         return Quota.from_mapping(json.loads(raw), source="stored quota")
     except (ValueError, TypeError, ConfigError) as exc:
-        raise StoreError(f"the stored quota of a user is unreadable ({exc})") from None
+        raise StoreError(f"the stored quota of a user is unreadable ({exc})") from exc
 
 
 async def write_quota(store: HistoryStore, namespace: str, user: str, quota: Quota) -> None:

@@ -83,7 +83,7 @@ class Split:
         except (ValueError, TypeError) as exc:
             raise StoreError(
                 f"the stored rollout split is unreadable ({exc}): {raw[:200]!r}"
-            ) from None
+            ) from exc
         if not 0 <= split.percent <= 100 or split.generation < 0:
             raise StoreError(f"the stored rollout split is out of range: {raw[:200]!r}")
         return split
@@ -112,7 +112,7 @@ class Pin:
             data = json.loads(raw)
             return cls(str(data["version"]), int(data["generation"]))
         except (ValueError, TypeError, KeyError) as exc:
-            raise StoreError(f"a stored version pin is unreadable ({exc}): {raw[:200]!r}") from None
+            raise StoreError(f"a stored version pin is unreadable ({exc}): {raw[:200]!r}") from exc
 
 
 # --- pure decisions -------------------------------------------------------------------------
@@ -261,9 +261,7 @@ class Deployment:
         try:
             return cls(**json.loads(raw))
         except (ValueError, TypeError) as exc:
-            raise StoreError(
-                f"the stored deployment is unreadable ({exc}): {raw[:200]!r}"
-            ) from None
+            raise StoreError(f"the stored deployment is unreadable ({exc}): {raw[:200]!r}") from exc
 
 
 async def read_deployment(store: HistoryStore, namespace: str) -> Deployment | None:

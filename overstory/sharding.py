@@ -96,7 +96,7 @@ class ShardTable:
             data = json.loads(raw)
             table = cls(int(data["version"]), int(data["shards"]), tuple(data["hosts"]))
         except (ValueError, TypeError, KeyError) as exc:
-            raise ConfigError(f"stored shard table is not valid: {raw[:200]!r} ({exc})") from None
+            raise ConfigError(f"stored shard table is not valid: {raw[:200]!r} ({exc})") from exc
         if not all(isinstance(h, str) and h.startswith(HOST_PREFIX) for h in table.hosts):
             raise ConfigError(f"stored shard table names hosts that are not hosts: {table.hosts!r}")
         return table

@@ -80,7 +80,7 @@ def _document(document: object) -> str:
     try:
         text = json.dumps(document, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
-        raise VaultError(f"a document must be JSON: {exc}") from None
+        raise VaultError(f"a document must be JSON: {exc}") from exc
     if len(text.encode()) > MAX_DOCUMENT_BYTES:
         raise VaultError(
             f"a document is at most {MAX_DOCUMENT_BYTES} bytes as JSON, this one "

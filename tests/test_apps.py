@@ -195,6 +195,9 @@ def test_a_module_that_imports_here_but_not_on_the_nodes_exits_2(
     assert bad.returncode == 2, bad.stdout + bad.stderr
     assert "on node" in bad.stderr
     assert "does not import" in bad.stderr
+    # The node's own traceback of the import crossed Ray in the message (not dropped).
+    assert "Caused by:\nTraceback (most recent call last):" in bad.stderr
+    assert f"ModuleNotFoundError: No module named '{module}'" in bad.stderr
 
 
 def test_a_deployed_dedicated_app_and_a_tree_booted_again_from_its_record(

@@ -121,6 +121,28 @@ def test_a_bad_app_path_names_the_path_and_the_reason(
     assert reason in str(info.value)
 
 
+def test_an_import_error_keeps_its_cause_and_carries_its_traceback_across_ray(
+    app_dir: Path,
+) -> None:
+    _module(app_dir, "myapp_broken", "import json\n\ndef helper():\n    return 1 / 0\n\nhelper()\n")
+    with pytest.raises(AppLoadError) as info:
+        load_app("myapp_broken:app")
+    cause = info.value.__cause__
+    assert isinstance(cause, ZeroDivisionError)  # chained: the user's own error
+    # Ray sends an exception by pickling it, which drops __cause__: the message then
+    # carries the user's traceback (their file, the line, the function).
+    crossed = pickle.loads(pickle.dumps(info.value))
+    assert isinstance(crossed, AppLoadError)
+    text = str(crossed)
+    assert text.startswith(str(info.value))
+    assert "myapp_broken.py" in text
+    assert "in helper" in text
+    assert "return 1 / 0" in text
+    assert "ZeroDivisionError: division by zero" in text
+    # Crossing again adds nothing (the cause is gone, its text stays once).
+    assert str(pickle.loads(pickle.dumps(crossed))) == text
+
+
 def test_an_app_checks_names_versions_and_placement() -> None:
     app = App([_agent("a", "1"), _agent("b"), _agent("a", "2")])
     assert app.names == ["a", "b"]

@@ -18,13 +18,14 @@ from typing import Any
 
 import pytest
 import ray
-from conftest import WEBHOOK_SECRET, kill_namespace
+from conftest import WEBHOOK_SECRET, kill_namespace, on_store
 
 import overstory
 from overstory import Agent, JobFailed, OfflineModel, Runtime, UnknownAgent, UnknownJob
 from overstory.actors.jobs import JOBS
 from overstory.cli.main import main
 from overstory.exceptions import ConfigError, InvalidMessage, UsageError
+from overstory.jobs import JobBook
 from overstory.messages import Message
 
 pytestmark = pytest.mark.ray
@@ -137,6 +138,49 @@ def test_a_job_runs_once_is_listed_and_calls_back(
     assert json.loads(capsys.readouterr().out)["reply"] == "echo #1: summarise my week"
     assert main(["jobs", "job_0000000000000000000000000", *args]) == 2
     assert "no job" in capsys.readouterr().err
+
+
+def test_many_on_done_callbacks_share_one_watcher_and_a_deleted_job_is_reported(
+    rt: Runtime,
+) -> None:
+    statuses: dict[str, dict[str, Any]] = {}
+    lock = threading.Lock()
+    all_done = threading.Event()
+    users = [f"many-{i}" for i in range(8)]
+
+    def on_done(status: dict[str, Any]) -> None:
+        with lock:
+            statuses[status["id"]] = status
+            if len(statuses) == len(users) + 1:
+                all_done.set()
+
+    def watchers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "overstory-job-watcher"]
+
+    # Queued an hour ahead: it is still pending when its record is deleted.
+    doomed = rt.submit("doomed", "never runs", delay_s=3600, on_done=on_done)
+    jobs = [rt.submit(u, f"hello from {u}", on_done=on_done) for u in users]
+    assert len(watchers()) == 1  # nine jobs pending, one thread (none per job)
+    assert not [t for t in threading.enumerate() if t.name.startswith("on_done-")]
+
+    async def delete(store: Any) -> None:
+        book = JobBook(store, rt.config.namespace)
+        found = await book.get(doomed.id)
+        assert found is not None
+        assert await store.delete_setting(book.job_key(doomed.id), expected=found[0])
+
+    on_store(rt.config.store, delete)
+    assert all_done.wait(60), f"{len(statuses)} of {len(users) + 1} called back"
+    for job, user in zip(jobs, users, strict=True):
+        assert statuses[job.id]["state"] == "succeeded"
+        assert statuses[job.id]["reply"] == f"echo #1: hello from {user}"
+    gone = statuses[doomed.id]
+    assert gone["state"] == "failed"
+    assert "UnknownJob" in gone["error"]
+    # Nothing pending: the watcher's thread ends; the next submit starts it again.
+    wait_for(lambda: not watchers())
+    rt.close()  # drops what is pending, ends the thread
+    assert not watchers()
 
 
 def test_a_job_survives_a_sigkill_of_its_host_mid_turn(rt: Runtime) -> None:

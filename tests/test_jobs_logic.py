@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import threading
 from dataclasses import replace
 from hashlib import sha256
+from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import on_store
@@ -39,6 +42,7 @@ from overstory.jobs import (
     succeed,
     validate_webhook,
 )
+from overstory.runtime.jobwatch import JobWatcher, status_callback
 from overstory.store import HistoryStore
 
 T0 = 1_800_000_000.0
@@ -392,3 +396,139 @@ def test_cancel_in_the_book_is_one_compare_and_set(store_url: str) -> None:
             await book.cancel("job_0000000000000000000000000", T0)
 
     on_store(store_url, body)
+
+
+# --- on_done: one watcher per runtime -------------------------------------------------------
+
+
+def _watcher_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "overstory-job-watcher"]
+
+
+def test_one_watcher_thread_calls_back_every_job_once_it_ends(sqlite_url: str) -> None:
+    ns = "ns-watch-1"
+    jobs = [job(f"u{i}", at=T0 + i) for i in range(20)]
+    on_store(sqlite_url, lambda store: _add_all(JobBook(store, ns), jobs))
+    watcher = JobWatcher(sqlite_url, ns, pause_s=(0.01, 0.05))
+    got: dict[str, dict[str, Any]] = {}
+    lock = threading.Lock()
+    all_done = threading.Event()
+
+    def collect(status: dict[str, Any]) -> None:
+        with lock:
+            assert status["id"] not in got, "called back twice"
+            got[status["id"]] = status
+            if len(got) == len(jobs):
+                all_done.set()
+
+    for j in jobs:
+        watcher.watch(j.id, status_callback(j, collect))
+    assert len(_watcher_threads()) == 1  # twenty jobs pending, one thread
+    thread = watcher.thread
+    assert thread is not None
+    assert watcher.pending == len(jobs)
+    assert got == {}  # queued jobs have not ended
+
+    async def finish(store: HistoryStore) -> None:
+        book = JobBook(store, ns)
+        for i, j in enumerate(jobs):
+            found = await book.get(j.id)
+            assert found is not None
+            raw, record = found
+            ended = cancel(record, T0 + 50) if i % 2 else succeed(record, T0 + 50, f"reply {i}")
+            assert ended is not None
+            assert await book.move(raw, record, ended) is not None
+
+    on_store(sqlite_url, finish)
+    assert all_done.wait(30), f"only {len(got)} of {len(jobs)} called back"
+    for i, j in enumerate(jobs):
+        status = got[j.id]
+        if i % 2:
+            assert status["state"] == "cancelled"
+        else:
+            assert (status["state"], status["reply"]) == ("succeeded", f"reply {i}")
+    thread.join(10)  # nothing pending: the thread ends (and closes its store)
+    assert not thread.is_alive()
+    assert watcher.thread is None
+    assert _watcher_threads() == []
+    watcher.close()
+
+
+async def _add_all(book: JobBook, jobs: list[JobRecord]) -> None:
+    for j in jobs:
+        await book.add(j)
+
+
+def test_a_job_gone_from_the_store_is_reported_as_failed(sqlite_url: str) -> None:
+    ns = "ns-watch-2"
+    gone, kept = job("u1"), job("u2", at=T0 + 1)
+
+    async def add_then_delete(store: HistoryStore) -> None:
+        book = JobBook(store, ns)
+        await _add_all(book, [gone, kept])
+        found = await book.get(gone.id)
+        assert found is not None
+        assert await store.delete_setting(book.job_key(gone.id), expected=found[0])
+
+    on_store(sqlite_url, add_then_delete)
+    watcher = JobWatcher(sqlite_url, ns, pause_s=(0.01, 0.05))
+    statuses: list[dict[str, Any]] = []
+    called = threading.Event()
+
+    def raising(status: dict[str, Any]) -> None:
+        raise RuntimeError("a callback's own bug")
+
+    def record(status: dict[str, Any]) -> None:
+        statuses.append(status)
+        called.set()
+
+    kept_called: list[dict[str, Any]] = []
+    watcher.watch(kept.id, status_callback(kept, kept_called.append))  # queued: not called
+    watcher.watch(gone.id, status_callback(gone, raising))  # logged; the next still runs
+    watcher.watch(gone.id, status_callback(gone, record))
+    assert called.wait(30)
+    (status,) = statuses
+    assert status["id"] == gone.id
+    assert status["state"] == "failed"
+    assert "UnknownJob" in status["error"]
+    assert gone.id in status["error"]
+    assert set(status) == set(gone.public())  # the same keys as any status
+    # The job still in the store is still watched; close() drops it and ends the thread.
+    assert watcher.pending == 1
+    thread = watcher.thread
+    assert thread is not None
+    watcher.close(timeout_s=10)
+    assert not thread.is_alive()
+    assert watcher.pending == 0
+    assert kept_called == []
+    with pytest.raises(UsageError, match="closed"):
+        watcher.watch(kept.id, status_callback(kept, record))
+
+
+def test_an_unreachable_store_is_retried_not_fatal(tmp_path: Path) -> None:
+    # A SQLite file in a directory that does not exist yet cannot be opened; once it
+    # exists, the watcher's next attempt reads the (ended) job.
+    where = tmp_path / "later"
+    url = f"sqlite:///{where}/history.db"
+    watcher = JobWatcher(url, "ns-watch-3", pause_s=(0.01, 0.05))
+    ended = succeed(claim(job(), T0, "r1", 30), T0 + 1, "late but fine")
+    statuses: list[dict[str, Any]] = []
+    called = threading.Event()
+
+    def record(status: dict[str, Any]) -> None:
+        statuses.append(status)
+        called.set()
+
+    watcher.watch(ended.id, status_callback(ended, record))
+    assert not called.wait(0.3)  # the store is away: nothing delivered, the thread goes on
+    assert watcher.thread is not None
+    # The store appears whole (made aside, then renamed into place): an empty one seen
+    # first would rightly report the job as gone.
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    on_store(f"sqlite:///{aside}/history.db", lambda s: JobBook(s, "ns-watch-3").add(ended))
+    aside.rename(where)
+    assert called.wait(30)
+    assert statuses[0]["state"] == "succeeded"
+    assert statuses[0]["reply"] == "late but fine"
+    watcher.close()

@@ -315,3 +315,53 @@ def test_a_child_that_cannot_restart_counts_as_crashing_until_the_root_gives_up(
         assert "flaky" not in _live_names(ns)
     finally:
         kill_namespace(ns)
+
+
+def test_one_for_all_drains_the_siblings_it_stops(ray_cluster: str, tmp_path: Any) -> None:
+    class _Child:
+        """A permanent child that writes its pid to ``drained`` when asked to drain
+        (defined here: Ray pickles a local class by value)."""
+
+        def __init__(self, drained: str) -> None:
+            self.drained = drained
+
+        def ready(self) -> dict[str, Any]:
+            return {"pid": os.getpid()}
+
+        async def watch(self, incarnation: str | None = None) -> str:
+            await asyncio.Event().wait()
+            return "shutdown"
+
+        async def drain(self, timeout_s: float) -> bool:
+            await asyncio.to_thread(self._note)
+            return True
+
+        def _note(self) -> None:
+            with open(self.drained, "a") as f:
+                f.write(f"{os.getpid()}\n")
+
+        def pid(self) -> int:
+            return os.getpid()
+
+    ns = f"t-drain-{uuid.uuid4().hex[:8]}"
+    drained = {name: tmp_path / f"{name}.drained" for name in ("a", "b")}
+    children = tuple(
+        ChildSpec(name, start=NamedChild(ray.remote(_Child), name, (str(path),), SUPERVISED))
+        for name, path in drained.items()
+    )
+    spec = SupervisorSpec(strategy="one_for_all", max_restarts=3, period_s=60, children=children)
+    try:
+        root = boot(ns, spec)
+        assert ray.get(root.ready.remote(), timeout=60)["children"] == ["a", "b"]
+        a, b = (ray.get_actor(name, namespace=ns) for name in ("a", "b"))
+        pid_a, pid_b = ray.get([a.pid.remote(), b.pid.remote()], timeout=60)
+        os.kill(pid_b, signal.SIGKILL)  # b crashes: one_for_all stops a, then starts both
+        wait_for_condition(lambda: ray.get(root.status.remote())["restarts"] == 1, timeout=60)
+        ray.get(root.ready.remote(), timeout=60)  # holds the root's lock: the restart is done
+        # a was asked to drain before it was killed (b was dead: nothing to ask)
+        assert drained["a"].read_text().split() == [str(pid_a)]
+        assert not drained["b"].exists()
+        new_a = ray.get_actor("a", namespace=ns)
+        assert ray.get(new_a.pid.remote(), timeout=60) != pid_a  # a fresh process
+    finally:
+        kill_namespace(ns)

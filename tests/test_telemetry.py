@@ -631,3 +631,132 @@ def test_metrics_record_through_ray(ray_cluster: str) -> None:
     _record_everything(m)
     assert m._instruments is not None
     assert set(m._instruments) == set(METRICS)
+
+
+# --- a stopped child exports its spans first ------------------------------------------------
+
+_KILLED_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    from opentelemetry import trace
+    from overstory.telemetry import flush_async, setup_telemetry
+
+    assert setup_telemetry("overstory-killed") is True
+    with trace.get_tracer("t").start_as_current_span(sys.argv[1]):
+        pass
+
+    async def stopping() -> None:
+        ticks = 0
+
+        async def tick() -> None:  # the loop keeps serving while the spans go out
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.create_task(tick())
+        if sys.argv[2] == "flush":
+            assert await flush_async(10.0) is True
+            assert ticks > 0
+        ticker.cancel()
+
+    asyncio.run(stopping())
+    os._exit(0)  # as ray.kill ends a process: no exit handler runs
+    """
+)
+
+
+@pytest.mark.parametrize("flushed", [True, False], ids=["flush_async", "killed-unflushed"])
+def test_flush_async_exports_what_a_killed_process_would_lose(flushed: bool) -> None:
+    with OtlpReceiver() as receiver:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        env.update(
+            {
+                "OTEL_TRACES_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                "OTEL_BSP_SCHEDULE_DELAY": "600000",  # nothing leaves on its own schedule
+                "PYTHONPATH": str(ROOT),
+            }
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", _KILLED_SCRIPT, "last words", "flush" if flushed else "-"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        # The process is gone: whatever the receiver holds now is all it will get.
+        assert [s.name for s in receiver.spans] == (["last words"] if flushed else [])
+
+
+class _Buffering:
+    """An actor whose spans wait in a batch processor (for ten minutes, as configured)."""
+
+    def __init__(self) -> None:
+        from overstory.telemetry import setup_telemetry
+
+        assert setup_telemetry("overstory-drain-test")
+
+    def span(self, name: str) -> int:
+        with trace.get_tracer("drain-test").start_as_current_span(name):
+            pass
+        return os.getpid()
+
+
+class _Draining(_Buffering):
+    async def drain(self, timeout_s: float) -> bool:
+        from overstory.telemetry import flush_async
+
+        return await flush_async(timeout_s)
+
+
+class _Hung(_Buffering):
+    async def drain(self, timeout_s: float) -> bool:
+        import asyncio
+
+        await asyncio.Event().wait()  # never set: a host whose loop is stuck
+        return True
+
+
+@pytest.mark.ray
+def test_a_stopped_child_exports_its_spans_first_and_a_hung_one_is_killed(
+    ray_cluster: str,
+) -> None:
+    import asyncio
+
+    import ray
+    from ray.exceptions import RayActorError
+
+    from overstory.supervisors.watch import stop_child
+
+    with OtlpReceiver() as receiver:
+        env = {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "600000",  # nothing leaves on its own schedule
+            # A runtime_env of its own: the worker imports these classes from this file.
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        }
+        options: dict[str, object] = {"num_cpus": 0, "runtime_env": {"env_vars": env}}
+        draining = ray.remote(_Draining).options(**options).remote()
+        plain = ray.remote(_Buffering).options(**options).remote()  # no drain method
+        hung = ray.remote(_Hung).options(**options).remote()
+        ray.get(
+            [
+                draining.span.remote("kept"),
+                plain.span.remote("lost with its process"),
+                hung.span.remote("lost with the hung one"),
+            ],
+            timeout=120,
+        )
+        assert asyncio.run(stop_child(draining, 10.0)) is True
+        assert asyncio.run(stop_child(plain, 10.0)) is False
+        assert asyncio.run(stop_child(hung, 0.5)) is False  # killed all the same
+        names = {s.name for s in receiver.wait_for(lambda s: bool(s), timeout_s=30)}
+        for handle in (draining, plain, hung):
+            with pytest.raises(RayActorError):
+                ray.get(handle.span.remote("after"), timeout=60)
+        # Every process is dead: what the receiver holds now is all it will ever get.
+        assert {s.name for s in receiver.spans} == names == {"kept"}

@@ -41,7 +41,6 @@ from ..exceptions import Passivated
 from ..messages import Message, Reply, TurnEvent, TurnRequest
 from ..providers import Secret
 from ..supervisors.watch import RESTARTED, new_incarnation, watched_elsewhere
-from ..telemetry import flush as flush_telemetry
 from ..telemetry import setup_telemetry
 
 __all__ = ["ConversationActor"]
@@ -265,9 +264,7 @@ class ConversationActor(Shell):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         await self.services.store.close()
-        # The supervisor kills this process next: export its last spans first, off the
-        # event loop (the exporter blocks on the network for up to the timeout).
-        await asyncio.to_thread(flush_telemetry, 2.0)
+        await self.drain()  # the supervisor kills this process next: export its spans
         if self._stopped is not None:
             self._stopped.set()
         return True

@@ -57,8 +57,8 @@ from ..jobs import (
 from ..messages import TurnEvent
 from ..store import HistoryStore, open_store
 from ..store.settings import Backoff, SettingContended
-from ..supervisors.watch import new_incarnation, until_death
-from ..telemetry import metrics, setup_telemetry
+from ..supervisors.watch import DRAIN_TIMEOUT_S, new_incarnation, until_death
+from ..telemetry import flush_async, metrics, setup_telemetry
 
 __all__ = ["JOBS", "WEBHOOK_SECRET_ENV", "JobRunner", "JobTurns", "OpenTurns"]
 
@@ -107,7 +107,7 @@ class JobRunner:
         self._book = JobBook(self._store, namespace)
         self._turns: JobTurns | None = None  # made on first use (it attaches to the tree)
         self._running: dict[str, JobRecord] = {}  # job id -> the record as claimed
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._notifying: set[str] = set()  # jobs whose webhook is being delivered
         self._main: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
@@ -127,6 +127,12 @@ class JobRunner:
 
     async def watch(self, incarnation: str | None = None) -> str:
         return await until_death(incarnation, self.incarnation)
+
+    async def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
+        """Before the supervisor stops this runner (``stop_child``): export its buffered
+        spans, off the loop. Its jobs need nothing: their leases lapse and another
+        runner claims them."""
+        return await flush_async(timeout_s)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -205,10 +211,12 @@ class JobRunner:
                 self._spawn(self._run(claimed))
         metrics().jobs_running(len(self._running))
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """A task kept referenced until it ends (the loop holds tasks only weakly)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # --- one job ------------------------------------------------------------------------
 
@@ -218,7 +226,7 @@ class JobRunner:
         return self._turns
 
     async def _run(self, job: JobRecord) -> None:
-        heart = asyncio.get_running_loop().create_task(self._heartbeat(job.id))
+        heart = self._spawn(self._heartbeat(job.id))
         try:
             outcome = await self._attempt(job)
         finally:

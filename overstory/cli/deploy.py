@@ -92,16 +92,20 @@ def check_on_nodes(source: str, working_dir: str | None) -> dict[str, Any]:
             described = ray.get(ref, timeout=PROBE_TIMEOUT_S)
         except RayTaskError as exc:
             cause = unwrap_task_error(exc)
+            if not isinstance(cause, AppLoadError):  # Ray's error shows the remote traceback
+                raise AppLoadError(f"on node {address}: {type(cause).__name__}: {cause}") from exc
+            # Not chained: the cause crossed Ray with its own cause's traceback written
+            # into its message (AppLoadError.__reduce__), so chaining prints it twice.
             raise AppLoadError(f"on node {address}: {cause}") from None
-        except GetTimeoutError:
+        except GetTimeoutError as exc:
             ray.cancel(ref, force=True)
             raise AppLoadError(
                 f"app {source!r} did not import on node {address} within {PROBE_TIMEOUT_S:g} s"
-            ) from None
+            ) from exc
         except RayError as exc:  # e.g. the working dir could not be set up there
             raise AppLoadError(
                 f"app {source!r} cannot run on node {address}: {type(exc).__name__}: {exc}"
-            ) from None
+            ) from exc
     return described
 
 

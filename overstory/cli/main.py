@@ -113,8 +113,8 @@ def _parser() -> argparse.ArgumentParser:
 def _positive(raw: str) -> int:
     try:
         value = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {raw!r}") from None
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {raw!r}") from exc
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
@@ -482,7 +482,7 @@ def _jwt(args: argparse.Namespace) -> Any:
         except OSError as exc:
             raise ConfigError(
                 f"--jwt-public-key: cannot read {args.jwt_public_key}: {exc}"
-            ) from None
+            ) from exc
     return JwtSettings(
         issuer=args.jwt_issuer or "",
         audience=args.jwt_audience or "",
@@ -632,10 +632,10 @@ def _moment(text: str) -> float:
         pass
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
+    except ValueError as exc:
         raise argparse.ArgumentTypeError(
             f"an ISO 8601 time (2026-11-30T12:00) or epoch seconds, not {text!r}"
-        ) from None
+        ) from exc
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 

@@ -43,7 +43,8 @@ from ..providers import Secret
 from ..providers.pool import provider_namespace
 from ..quota import QuotaBook, Ticket, finish
 from ..store import HistoryStore, open_store
-from ..telemetry import attached, metrics
+from ..supervisors.watch import DRAIN_TIMEOUT_S
+from ..telemetry import attached, flush_async, metrics
 from ..validation import validate_message
 from .gate import TurnGate
 from .serving import Binding, Serving
@@ -429,6 +430,13 @@ class Shell(ABC):
             self.spawn(self._activate(cid, binding=entity.binding))
         else:
             log.warning("conversation %r quarantined: %s", cid, reason)
+
+    async def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
+        """Before this process is stopped or replaced on purpose
+        (:func:`~overstory.supervisors.watch.stop_child`): export the spans it still
+        buffers, off the event loop, for at most ``timeout_s``. Everything else it holds
+        is stored already."""
+        return await flush_async(timeout_s)
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run ``work`` in the background, referenced until it ends; its failure is

@@ -239,7 +239,7 @@ class Gateway:
                 )
             else:
                 self._unaudited += 1
-            raise ApiError(401, str(exc), code="invalid_api_key") from None
+            raise ApiError(401, str(exc), code="invalid_api_key") from exc
         await self._audit_success(principal, scheme)
         self._count(principal)
         return principal
@@ -445,7 +445,7 @@ class Gateway:
                 if version not in versions:
                     raise UnknownAgent(model, [f"{name}/{v}" for v in versions])
         except UnknownAgent as exc:
-            raise ApiError(400, str(exc), param=param, code="model_not_found") from None
+            raise ApiError(400, str(exc), param=param, code="model_not_found") from exc
         return name, (version or None)
 
 
@@ -463,7 +463,7 @@ def _metadata(value: Any) -> dict[str, str]:
     try:
         return validate_metadata(value)
     except UsageError as exc:
-        raise ApiError(400, str(exc), param="metadata") from None
+        raise ApiError(400, str(exc), param="metadata") from exc
 
 
 def _input_text(value: Any, max_chars: int) -> str:
@@ -489,7 +489,7 @@ def _input_text(value: Any, max_chars: int) -> str:
     try:
         return validate_message(text, max_chars=max_chars)
     except InvalidMessage as exc:
-        raise ApiError(400, f"input: {exc}", param="input") from None
+        raise ApiError(400, f"input: {exc}", param="input") from exc
 
 
 async def _json(request: Request, gateway: Gateway) -> dict[str, Any]:
@@ -504,8 +504,8 @@ async def _json(request: Request, gateway: Gateway) -> dict[str, Any]:
             raise ApiError(413, f"request body larger than {limit} bytes", code="body_too_large")
     try:
         body = json.loads(raw) if raw else {}
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from exc
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     return body
@@ -649,7 +649,7 @@ async def list_conversations(request: Request) -> Response:
     try:
         return JSONResponse(page(objects, after=query.get("after"), limit=limit, order=order))
     except UsageError as exc:
-        raise ApiError(400, str(exc), param="after") from None
+        raise ApiError(400, str(exc), param="after") from exc
 
 
 def _paging(query: Any) -> tuple[int, str]:
@@ -706,7 +706,7 @@ async def share(conversation_id: str, request: Request) -> Response:
     try:
         user = validate_user_id(user)
     except InvalidUserId as exc:
-        raise ApiError(400, f"user: {exc}", param="user") from None
+        raise ApiError(400, f"user: {exc}", param="user") from exc
     if level not in ("read", "write", "none"):
         raise ApiError(400, "access: 'read', 'write' or 'none'", param="access")
     if user == record.owner:
@@ -744,7 +744,7 @@ async def list_items(conversation_id: str, request: Request) -> Response:
     try:
         listed = page(items, after=query.get("after"), limit=limit, order=order)
     except UsageError as exc:
-        raise ApiError(400, str(exc), param="after") from None
+        raise ApiError(400, str(exc), param="after") from exc
     return JSONResponse(listed)
 
 
@@ -814,8 +814,8 @@ async def _response_target(
     principal = await gateway.principal(request)
     try:
         conversation_id = conversation_of(response_id)
-    except UsageError:
-        raise ApiError(404, f"Response with id '{response_id[:64]}' not found.") from None
+    except UsageError as exc:
+        raise ApiError(404, f"Response with id '{response_id[:64]}' not found.") from exc
     record = await gateway.reach(principal, conversation_id, need)
     if record.agent is None:
         raise ApiError(404, f"Response with id '{response_id[:64]}' not found.")
@@ -831,10 +831,10 @@ async def get_response(response_id: str, request: Request) -> Response:
         raw = query.get("starting_after") or request.headers.get("last-event-id") or "-1"
         try:
             after = int(raw)
-        except ValueError:
+        except ValueError as exc:
             raise ApiError(
                 400, "starting_after: a sequence number", param="starting_after"
-            ) from None
+            ) from exc
         if after < -1:
             raise ApiError(400, "starting_after: a sequence number", param="starting_after")
         await _started(gateway, conv, response_id)
@@ -902,9 +902,9 @@ async def _known_or_queued(
     job = await gateway.job_of(response_id)
     try:
         events, _ = await conv.events_async(response_id)
-    except UnknownTurn:
+    except UnknownTurn as exc:
         if job is None:
-            raise ApiError(404, f"Response with id '{response_id[:64]}' not found.") from None
+            raise ApiError(404, f"Response with id '{response_id[:64]}' not found.") from exc
         return None, job
     return list(events), job
 

@@ -60,7 +60,7 @@ class JwtSettings:
                     self.public_key
                 )
             except (ValueError, TypeError, jwt.InvalidKeyError) as exc:
-                raise ConfigError(f"JWT: the public key is not a usable PEM key: {exc}") from None
+                raise ConfigError(f"JWT: the public key is not a usable PEM key: {exc}") from exc
         if not 0 <= self.leeway_s <= 300:
             raise ConfigError(f"JWT: leeway_s must be 0..300, got {self.leeway_s!r}")
 
@@ -70,7 +70,8 @@ _JWKS: dict[str, jwt.PyJWKClient] = {}
 
 async def authenticate_jwt(settings: JwtSettings, token: str) -> Principal:
     """The principal a token stands for; :class:`AuthenticationFailed` naming what is
-    wrong with it (never quoting it)."""
+    wrong with it (never quoting it). A failed check is not chained (``from None``):
+    each message says which check failed, and the cause may quote the token's parts."""
     try:
         header = jwt.get_unverified_header(token)
     except jwt.InvalidTokenError:
@@ -83,7 +84,7 @@ async def authenticate_jwt(settings: JwtSettings, token: str) -> Principal:
         try:  # fetched (and cached) over HTTP: off the event loop
             key = (await asyncio.to_thread(client.get_signing_key_from_jwt, token)).key
         except jwt.PyJWKClientError as exc:
-            raise AuthenticationFailed(f"no signing key for this token: {exc}") from None
+            raise AuthenticationFailed(f"no signing key for this token: {exc}") from exc
     try:
         claims = jwt.decode(
             token,

@@ -152,7 +152,12 @@ class SDKModel(Model):
 
     @contextmanager
     def _sdk_errors(self, *, mid_stream: bool = False) -> Iterator[None]:
-        """The SDK's (and, mid-stream, the HTTP library's) exceptions as ModelErrors."""
+        """The SDK's (and, mid-stream, the HTTP library's) exceptions as ModelErrors.
+
+        Not chained (``from None``), here and where :func:`scrubbed` masks keys: an SDK
+        error holds the request and response (headers with the API key, bodies with the
+        user's text) and would carry them into logs and across Ray; the ModelError keeps
+        what a caller needs (kind, status, the vendor's message, retry-after)."""
         sdk = self.sdk
         lost = "connection lost mid-stream" if mid_stream else "connection failed"
         try:

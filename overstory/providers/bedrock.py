@@ -45,11 +45,11 @@ class BedrockModel(AnthropicModel):
             importlib.import_module("boto3")
             for module in ("botocore.auth", "botocore.eventstream", "botocore.parsers"):
                 importlib.import_module(module)
-        except ImportError:
+        except ImportError as exc:
             raise ConfigError(
                 f"model {endpoint.name!r} needs boto3 and botocore to sign requests and "
                 "read streams: pip install 'overstory[bedrock]'"
-            ) from None
+            ) from exc
         assert endpoint.key is not None  # resolved() filled them in
         assert endpoint.region is not None
         access_key_id, secret_access_key, session_token = aws_credentials(endpoint.key)
@@ -64,7 +64,7 @@ class BedrockModel(AnthropicModel):
                 timeout=endpoint.timeout_s,
             )
         except ValueError as exc:  # AWS_BEARER_TOKEN_BEDROCK set as well as the keys
-            raise ConfigError(f"model {endpoint.name!r}: {exc}") from None
+            raise ConfigError(f"model {endpoint.name!r}: {exc}") from exc
 
     def _arguments(
         self,

@@ -331,7 +331,7 @@ class Endpoint:
         try:
             key = aws_secret(values[AWS_KEY_VARS[0]], values[AWS_KEY_VARS[1]], token)
         except ConfigError as exc:
-            raise ConfigError(f"the AWS_* credentials in the environment: {exc}") from None
+            raise ConfigError(f"the AWS_* credentials in the environment: {exc}") from exc
         return replace(self, key=key)
 
     def __repr__(self) -> str:
@@ -355,7 +355,7 @@ def _check_url(url: str) -> None:
     try:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError as exc:
-        raise ConfigError(f"base URL {url!r} has a bad port: {exc}") from None
+        raise ConfigError(f"base URL {url!r} has a bad port: {exc}") from exc
 
 
 _URL_START = re.compile(r"@(?=[A-Za-z][A-Za-z0-9+.-]*://)")

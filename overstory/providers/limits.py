@@ -157,8 +157,8 @@ class AsyncRateLimiter:
         try:
             try:
                 await asyncio.wait_for(self._queue.acquire(), max(0.0, deadline - start))
-            except TimeoutError:
-                raise self._gave_up(name, start) from None
+            except TimeoutError as exc:
+                raise self._gave_up(name, start) from exc
             try:
                 while True:
                     now = self._clock()

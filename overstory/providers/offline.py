@@ -208,10 +208,10 @@ class OfflineModel(Model):
 def _seconds(raw: str, model: str) -> float:
     try:
         value = float(raw)
-    except ValueError:
+    except ValueError as exc:
         raise ModelError(
             f"!sleep needs seconds, got {raw!r}", model=model, retryable=False
-        ) from None
+        ) from exc
     if not 0 <= value <= 600:
         raise ModelError(
             f"!sleep seconds must be in [0, 600], got {value}", model=model, retryable=False

@@ -352,7 +352,7 @@ class RemoteModel(Model):
             except ConversationUnavailable as exc:
                 raise ModelError(
                     f"provider actor unavailable: {exc}", model=self.name, kind="connection"
-                ) from None
+                ) from exc
         return self._handle
 
     async def request(
@@ -370,7 +370,7 @@ class RemoteModel(Model):
                 )
                 return self._answered(result)
             except RayTaskError as exc:
-                raise self._task_error(exc) from None
+                raise self._task_error(exc) from exc
             except RayActorError as exc:
                 # The provider actor died under the call (Ray restarts it): look it up
                 # again once; the call may or may not have reached the vendor.
@@ -380,7 +380,7 @@ class RemoteModel(Model):
                         f"provider actor died during the call: {type(exc).__name__}",
                         model=self.name,
                         kind="connection",
-                    ) from None
+                    ) from exc
         raise AssertionError("unreachable")
 
     async def stream(
@@ -417,7 +417,7 @@ class RemoteModel(Model):
                 )
             except RayTaskError as exc:
                 ended = True
-                raise self._task_error(exc) from None
+                raise self._task_error(exc) from exc
             except RayActorError as exc:
                 ended = True
                 self._handle = None
@@ -426,7 +426,7 @@ class RemoteModel(Model):
                         f"provider actor died during the stream: {type(exc).__name__}",
                         model=self.name,
                         kind="connection",
-                    ) from None
+                    ) from exc
             finally:
                 if not ended:  # the reader stopped: stop the vendor call too
                     ray.cancel(refs)

@@ -32,6 +32,7 @@ from ..supervisors import ChildSpec, SupervisorSpec, add_child
 from ..supervisors.core import replace_child
 from ..supervisors.named import SUPERVISED, unwrap_task_error
 from ..supervisors.tree import HOSTS, ROOT, NamedChild, Supervisor
+from ..supervisors.watch import stop_child
 
 __all__ = [
     "HOST_OPTIONS",
@@ -182,8 +183,8 @@ class HostSupervisor(Supervisor):
                     self._stopping.add(child.id)
                     handle = self._handles.pop(child.id, None)
                     watcher = self._watchers.pop(child.id, None)
-                    if handle is not None:
-                        ray.kill(handle, no_restart=True)
+                    if handle is not None:  # its last spans exported first (bounded)
+                        await stop_child(handle)
                     if watcher is not None:  # it returns once the old process is gone
                         await asyncio.wait({watcher}, timeout=timeout_s)
                     await self._name_free(child.start.name, timeout_s)
@@ -220,16 +221,16 @@ def grow_hosts(namespace: str, hosts: int | None, timeout_s: float) -> dict[str,
     try:
         supervisor = ray.get_actor(HOSTS, namespace=namespace)
         table: Any = ray.get(supervisor.grow.remote(hosts), timeout=timeout_s)
-    except ValueError:
+    except ValueError as exc:
         raise ConversationUnavailable(
             f"no host supervisor in namespace {namespace!r}: is a hosted tree running there?"
-        ) from None
+        ) from exc
     except (RayActorError, GetTimeoutError) as exc:
         raise ConversationUnavailable(
             f"the host supervisor of {namespace!r} did not answer: {type(exc).__name__}"
-        ) from None
+        ) from exc
     except RayTaskError as exc:
-        raise unwrap_task_error(exc) from None
+        raise unwrap_task_error(exc) from exc
     return table
 
 
@@ -270,11 +271,11 @@ class HostRouter:
     def _lookup(self, name: str) -> Any:
         try:
             return ray.get_actor(name, namespace=self.namespace)
-        except ValueError:
+        except ValueError as exc:
             # Between a host's death for good and its supervisor starting it again.
             raise ConversationUnavailable(
                 f"host {name!r} is not running in namespace {self.namespace!r}"
-            ) from None
+            ) from exc
 
     def route_host(self, name: str) -> Any:
         """Host ``name``'s handle (looked up where not cached)."""

@@ -124,12 +124,12 @@ class Registry:
         mine = HOSTS if self.placement == "hosted" else CONVERSATIONS
         try:
             ray.get_actor(mine, namespace=self.namespace)
-        except ValueError:
+        except ValueError as exc:
             other = "dedicated" if self.placement == "hosted" else "hosted"
             raise ConfigError(
                 f"the tree running in namespace {self.namespace!r} serves {other} placement; "
                 f"this app asks for {self.placement}: use another namespace"
-            ) from None
+            ) from exc
         self._booted = True
 
     # --- the app the tree serves ------------------------------------------------------------
@@ -251,7 +251,7 @@ class Registry:
             raise ConversationUnavailable(
                 f"the supervisor {target!r} of {self.namespace!r} did not redeploy: "
                 f"{type(exc).__name__}"
-            ) from None
+            ) from exc
         self._served = None
         self.hosts.refresh()
         return result
@@ -293,7 +293,7 @@ class Registry:
                 raise ConversationUnavailable(
                     f"host {name!r} of {conversation_id!r} did not answer "
                     f"({type(exc).__name__}); it is restarting or gone"
-                ) from None
+                ) from exc
         raise ConversationUnavailable(
             f"no host of namespace {self.namespace!r} takes {conversation_id!r}"
         )
@@ -353,7 +353,7 @@ class Registry:
             raise ConversationUnavailable(
                 f"the host supervisor of namespace {self.namespace!r} does not answer: "
                 f"{type(exc).__name__}"
-            ) from None
+            ) from exc
         host_restarts = int(supervisor_status["restarts"])
         totals["entity_restarts"] = totals["restarts"]
         totals["host_restarts"] = host_restarts

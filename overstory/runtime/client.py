@@ -230,8 +230,8 @@ class Conversation:
                 target = await transport.target_async()
                 left = max(deadline - time.monotonic(), 0.001)
                 return await asyncio.wait_for(self._invoke(target, call, args, extra), timeout=left)
-            except TimeoutError:
-                raise self._late(call.__name__) from None
+            except TimeoutError as exc:
+                raise self._late(call.__name__) from exc
             except (RayTaskError, RayActorError, ConversationUnavailable) as exc:
                 error = self._retry_or_raise(call.__name__, exc, deadline)
                 if not await transport.lost_async(target, exc):
@@ -636,7 +636,9 @@ class Runtime:
         """Forget cached handles; stop Ray if :func:`connect` started it (actors included).
 
         Spans this process still buffers are exported first (when telemetry is set up).
+        Pending ``on_done`` callbacks are dropped (their jobs still run).
         """
+        self.jobs.close()
         self._conversations.clear()
         self._portal.close()
         flush_telemetry()

@@ -95,7 +95,7 @@ def init_ray(address: str | None, **options: Any) -> None:
                     f"cannot attach to the Ray cluster at {address!r}: its Ray Client "
                     f"server failed to start a server for this client {attempt} times "
                     f"(last: {reason}); see ray_client_server*.err in the head's Ray logs"
-                ) from None
+                ) from exc
             log.warning(
                 "Ray Client at %s failed to start a server for this client (%s); "
                 "trying again (%d of %d)",
@@ -142,7 +142,7 @@ def check_ray_client(address: str, timeout_s: float = RAY_CLIENT_TIMEOUT_S) -> N
                     grpc.StatusCode.UNAUTHENTICATED,
                     grpc.StatusCode.PERMISSION_DENIED,
                 ):
-                    raise ClusterAuthRefused(address, _auth_hint()) from None
+                    raise ClusterAuthRefused(address, _auth_hint()) from exc
                 last = f"{code.name}: {exc.details()}"
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 

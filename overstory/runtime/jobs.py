@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import builtins
 import math
-import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -30,6 +29,7 @@ from ..jobs import (
 )
 from ..store import run_on_store
 from ..validation import validate_message, validate_user_id
+from .jobwatch import JobWatcher, status_callback
 
 if TYPE_CHECKING:
     from .client import Runtime
@@ -42,6 +42,15 @@ class Jobs:
 
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
+        # One thread and one store connection for every submit(on_done=...), started on
+        # the first and ended when none is pending or on close().
+        config = runtime.config
+        self._watcher = JobWatcher(config.store, config.namespace)
+
+    def close(self) -> None:
+        """Stop watching for ``on_done`` callbacks (pending ones are dropped; their
+        jobs still run)."""
+        self._watcher.close()
 
     def submit(
         self,
@@ -63,7 +72,11 @@ class Jobs:
 
         When it ends, ``webhook`` (an http(s) URL) gets its status as a JSON ``POST``
         (signed when ``OVERSTORY_WEBHOOK_SECRET`` is set in the cluster), and
-        ``on_done(status)`` is called in a thread of this process (if it still runs).
+        ``on_done(status)`` is called in this process (if it still runs and this runtime
+        is not closed) by the runtime's one job watcher thread
+        (:mod:`overstory.runtime.jobwatch`); a job gone from the store before it was
+        seen ending gets a ``failed`` status naming the
+        :class:`~overstory.exceptions.UnknownJob`.
         """
         name, _ = self._runtime._cid(user_id, agent)
         validate_message(text, max_chars=self._runtime.config.max_message_chars)
@@ -84,12 +97,7 @@ class Jobs:
         self.poke()
         handle = Job(self, job.id, user_id, name)
         if on_done is not None:
-            threading.Thread(
-                target=_call_when_done,
-                args=(handle, on_done),
-                name=f"on_done-{job.id}",
-                daemon=True,
-            ).start()
+            self._watcher.watch(job.id, status_callback(job, on_done))
         return handle
 
     def poke(self) -> None:
@@ -191,13 +199,3 @@ class Job:
     def cancel(self) -> dict[str, Any]:
         """:meth:`Jobs.cancel` of this job."""
         return self._jobs.cancel(self.id)
-
-
-def _call_when_done(job: Job, on_done: Callable[[dict[str, Any]], None]) -> None:
-    status: dict[str, Any] | None = None
-    while status is None:
-        try:
-            status = job.wait()
-        except Exception:  # the store blinked, say: keep waiting
-            time.sleep(1.0)
-    on_done(status)

@@ -83,7 +83,7 @@ def attach_existing(
         raise ClusterUnavailable(
             f"cannot attach to a running Ray cluster at {target!r} "
             f"({type(exc).__name__}: {exc}); overstory's operator commands never start one"
-        ) from None
+        ) from exc
     return target
 
 
@@ -100,7 +100,7 @@ def _check_listening(target: str, timeout_s: float = 5.0) -> None:
         raise ClusterUnavailable(
             f"cannot attach to a running Ray cluster at {target!r}: nothing answers there "
             f"({exc}); overstory's operator commands never start one"
-        ) from None
+        ) from exc
 
 
 # --- status sections ----------------------------------------------------------------------

@@ -86,8 +86,8 @@ def _decode_key(key_id: str, text: str) -> bytes:
     text = text.strip().translate(str.maketrans("-_", "+/"))
     try:
         raw = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        raise DataKeyError(f"data key {key_id!r} is not standard or URL-safe base64") from None
+    except (binascii.Error, ValueError) as exc:
+        raise DataKeyError(f"data key {key_id!r} is not standard or URL-safe base64") from exc
     if len(raw) != 32:
         raise DataKeyError(
             f"data key {key_id!r} is {len(raw)} bytes; AES-256 needs 32 (make one with "
@@ -149,9 +149,7 @@ class DataKeys:
                 with open(path, encoding="utf-8") as f:
                     text = f.read()
             except OSError as exc:
-                raise DataKeyError(
-                    f"{KEY_FILE_ENV}: cannot read {path!r}: {exc.strerror}"
-                ) from None
+                raise DataKeyError(f"{KEY_FILE_ENV}: cannot read {path!r}: {exc.strerror}") from exc
             return cls.parse(text, source=f"{KEY_FILE_ENV} ({path})")
         return cls.parse(inline) if inline else None
 
@@ -193,7 +191,7 @@ class DataKeys:
                 f"message {seq} of {conversation_id!r} does not open with data key "
                 f"{key_id!r}: it was altered, moved from another conversation or position, "
                 f"or the key is wrong ({type(exc).__name__})"
-            ) from None
+            ) from exc
 
     def check_value(self, key_id: str) -> str:
         """A sealed constant for ``key_id``: stored once, it tells a wrong key at start."""

@@ -47,7 +47,7 @@ def _retryable(exc: BaseException) -> BaseException:
     if isinstance(exc, RayTaskError):
         cause = unwrap_task_error(exc)
         if not isinstance(cause, Passivated):
-            raise cause from None
+            raise cause from exc
         return cause
     if isinstance(exc, RayActorError | ValueError):
         return exc

@@ -39,7 +39,7 @@ from .._ray import get_actor_async
 from .core import Remove, Restart, Shutdown, SupervisorState, initial_state, on_exit
 from .named import SUPERVISED, get_or_create, get_or_create_sync
 from .spec import ChildSpec, ExitReason, SupervisorSpec
-from .watch import RESTARTED, new_incarnation, until_death
+from .watch import RESTARTED, new_incarnation, stop_child, until_death
 
 __all__ = [
     "CONVERSATIONS",
@@ -180,11 +180,13 @@ class Supervisor:
                 self._handles.pop(child_id, None)
                 return
             self.restarts += 1
+            stopped = []
             for other in decision.terminate:
                 self._stopping.add(other)
                 handle = self._handles.pop(other, None)  # None: its own start had failed
                 if handle is not None:
-                    ray.kill(handle, no_restart=True)
+                    stopped.append(stop_child(handle))  # drained (spans exported), killed
+            await asyncio.gather(*stopped)
             if isinstance(decision, Shutdown):
                 await self._give_up()
                 return

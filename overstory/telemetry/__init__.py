@@ -11,6 +11,7 @@ from .metrics import METRICS, CircuitState, Metrics, MetricSpec, metrics
 from .setup import (
     TelemetryPlan,
     flush,
+    flush_async,
     plan_telemetry,
     setup_telemetry,
     shutdown_telemetry,
@@ -50,6 +51,7 @@ __all__ = [
     "error_type",
     "execute_tool_span",
     "flush",
+    "flush_async",
     "inject",
     "invoke_agent_span",
     "mark_error",

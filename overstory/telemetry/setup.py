@@ -30,6 +30,7 @@ the SDK read the rest themselves from ``os.environ``: TLS files, timeouts, compr
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TelemetryPlan",
     "flush",
+    "flush_async",
     "plan_telemetry",
     "setup_telemetry",
     "shutdown_telemetry",
@@ -181,12 +183,34 @@ def telemetry_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith(_FORWARDED_PREFIX) or k == LOG_ENV}
 
 
-def flush(timeout_s: float = 5.0) -> None:
+def flush(timeout_s: float = 5.0) -> bool:
     """Export the spans still buffered by the provider :func:`setup_telemetry` installed
-    (call it before an actor exits on purpose); nothing without one."""
+    (call it before an actor exits on purpose); nothing without one. Blocks up to
+    ``timeout_s``: on an event loop, use :func:`flush_async`. Returns whether all were
+    exported in time (``True`` with nothing installed)."""
     provider = _provider
-    if provider is not None:
-        provider.force_flush(timeout_millis=max(0, int(timeout_s * 1000)))
+    if provider is None:
+        return True
+    return bool(provider.force_flush(timeout_millis=max(0, int(timeout_s * 1000))))
+
+
+async def flush_async(timeout_s: float = 2.0) -> bool:
+    """:func:`flush` off the event loop, waiting at most ``timeout_s``: what an actor
+    does before it is stopped or replaced (spans in the batch processor's buffer die
+    with a killed process; ``ray.kill`` runs no exit handler). The loop keeps serving
+    meanwhile, and an exporter that hangs past ``timeout_s`` is left to finish in its
+    thread: the caller is not held. Returns whether all were exported in time.
+
+    Ray's metrics (:mod:`.metrics`) have no flush: Ray's core worker reports them on its
+    own interval, so a process killed within one loses that interval's increments.
+    """
+    if _provider is None:
+        return True
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(flush, timeout_s), timeout_s)
+    except TimeoutError:
+        _log.warning("telemetry: spans not exported within %g s of a stop", timeout_s)
+        return False
 
 
 def shutdown_telemetry() -> None:

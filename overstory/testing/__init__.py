@@ -10,7 +10,9 @@ Completions and Anthropic Messages wire formats, for the official SDKs to talk t
         ...  # openai.AsyncOpenAI(base_url=server.base_url, api_key="sk-test")
 
 The names are imported on first use, so ``import overstory.testing`` costs nothing and
-``python -m overstory.testing.servers`` runs without a double import.
+``python -m overstory.testing.servers`` runs without a double import. The servers need
+the ``testing`` extra (``pip install 'overstory[testing]'``, for aiohttp);
+:mod:`overstory.testing.tools` needs nothing beyond overstory (hosts import it).
 """
 
 from __future__ import annotations

@@ -53,7 +53,12 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
-from aiohttp import web
+try:
+    from aiohttp import web
+except ImportError as exc:  # aiohttp is in the 'testing' extra, not a core dependency
+    raise ImportError(
+        f"overstory.testing's servers need aiohttp ({exc}): pip install 'overstory[testing]'"
+    ) from exc
 
 from ..exceptions import ConfigError, UsageError
 from ._anthropic import (
