@@ -270,13 +270,14 @@ def test_a_host_serves_two_agents_as_separate_histories_and_refuses_an_unknown_o
             b = await host.send(v, conversation_id("sales", "u"), "t1", "hi sales")
             with pytest.raises(UnknownAgent, match="served agents: 'support', 'sales'"):
                 await host.send(v, conversation_id("billing", "u"), "t1", "hi")
-            count = await host._store.count(conversation_id("billing", "u"))
+            count = await host.services.store.count(conversation_id("billing", "u"))
             histories = [
-                await host._store.load(conversation_id(n, "u")) for n in ("support", "sales")
+                await host.services.store.load(conversation_id(n, "u"))
+                for n in ("support", "sales")
             ]
             return a, b, count, histories
         finally:
-            await host._store.close()
+            await host.services.store.close()
 
     a, b, count, (support, sales) = asyncio.run(go())
     assert (a.agent, a.agent_version, b.agent) == ("support", "1", "sales")
@@ -291,7 +292,7 @@ def test_a_host_follows_rollout_stickiness_promote_and_rollback(sqlite_url: str)
     versions = ["1", "2"]
 
     async def change(fn: Any) -> None:
-        await update_split(host._store, "ns", "a", versions, fn)
+        await update_split(host.services.store, "ns", "a", versions, fn)
         host.forget_splits()
 
     async def turn(user: str, n: int) -> str:
@@ -322,7 +323,7 @@ def test_a_host_follows_rollout_stickiness_promote_and_rollback(sqlite_url: str)
                 "rolled": rolled,
             }
         finally:
-            await host._store.close()
+            await host.services.store.close()
 
     got = asyncio.run(go())
     assert got["old"] == ("1", "1")  # an existing conversation stays on live

@@ -31,6 +31,17 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
+async def ended(streams: TurnStreams, turn_id: str) -> TurnLog:
+    """Turn ``turn_id``'s log once it has ended (a terminal event), waiting on the log's
+    own wake-ups; fails the test after 5 s."""
+    log = streams.logs.get(turn_id)
+    assert log is not None
+    async with asyncio.timeout(5):
+        while not log.finished:
+            await log.wait_after(log.last_seq, timeout_s=5)
+    return log
+
+
 # --- the log ------------------------------------------------------------------------------
 
 
@@ -39,7 +50,7 @@ def test_a_log_numbers_events_wakes_readers_and_ends_at_a_terminal_event() -> No
         log = TurnLog("t")
         log.emit("started")
         waiting = asyncio.create_task(log.wait_after(0, timeout_s=5))
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # one step: the reader is now waiting
         log.emit("delta", text="hi")
         woken = await waiting
         nothing = await log.wait_after(1, timeout_s=0.05)
@@ -111,18 +122,14 @@ def test_a_failed_turn_started_again_runs_again_and_a_finished_one_is_joined() -
             return None
 
         assert streams.start("t1", -1, failing, history) == 0
-        await asyncio.sleep(0.01)
-        first = streams.logs.get("t1")
-        assert first is not None
+        first = await ended(streams, "t1")
         assert [e.type for e in first.events] == ["started", "failed"]
         assert first.events[-1].retryable is False  # bad input: another attempt won't help
         assert streams.will_run("t1", history)
         assert streams.start("t1", -1, answering, history) == 2  # after the failed 0..1
         assert not streams.will_run("t1", history)  # running: joined
         assert streams.start("t1", -1, failing, history) == 2
-        await asyncio.sleep(0.01)
-        log = streams.logs.get("t1")
-        assert log is not None
+        log = await ended(streams, "t1")
         assert streams.start("t1", -1, failing, history) == 2  # completed: joined
         return log.events
 
@@ -187,15 +194,24 @@ def _collect(model: Model, text: str) -> list[StreamItem]:
     return asyncio.run(go())
 
 
-def test_the_offline_model_streams_word_by_word_with_its_latency_spread() -> None:
-    started = time.monotonic()
+def test_the_offline_model_streams_word_by_word_with_its_latency_spread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pauses: list[float] = []  # the model's clock: what it waits, not how long the run took
+    wait = asyncio.sleep
+
+    async def clock(delay: float, result: Any = None) -> Any:
+        pauses.append(delay)
+        return await wait(0, result)
+
+    monkeypatch.setattr(asyncio, "sleep", clock)
     items = _collect(OfflineModel("w", latency_s=0.3), "one  two\nthree ")
-    took = time.monotonic() - started
     *deltas, response = items
     assert isinstance(response, ModelResponse)
     assert deltas == ["echo ", "#1: ", "one  ", "two\n", "three "]
     assert "".join(str(d) for d in deltas) == response.content
-    assert 0.25 <= took < 1.0  # the latency, once, over the words
+    # the latency, once, spread evenly over the words
+    assert pauses == pytest.approx([0.3 / len(deltas)] * len(deltas))
 
 
 class _CutShort(Model):
@@ -255,10 +271,10 @@ def _run_on_a_host(agent: Agent, text: str, url: str) -> tuple[list[TurnEvent], 
                 batch, _ = await host.events(v, CID, "t1", after, 5.0)
                 events += batch
                 after = events[-1].seq if events else after
-            stored = await host._store.load(CID)
+            stored = await host.services.store.load(CID)
             return events, stored, events[-1].reply
         finally:
-            await host._store.close()
+            await host.services.store.close()
 
     return asyncio.run(go())
 
@@ -314,9 +330,9 @@ def test_readers_resume_anywhere_and_a_turn_whose_log_is_gone_is_replayed_or_res
             assert agent.model.requests == asked  # type: ignore[attr-defined]
             # a turn whose process died after storing the user message: started again
             await host.passivate(v, CID)
-            await host._open_store()
-            epoch = await host._store.acquire(CID)
-            await host._store.append(
+            await host._open()
+            epoch = await host.services.store.acquire(CID)
+            await host.services.store.append(
                 CID, UserMessage(content="four five", seq=2, turn_id="t2"), epoch=epoch
             )
             again: list[TurnEvent] = []
@@ -326,7 +342,7 @@ def test_readers_resume_anywhere_and_a_turn_whose_log_is_gone_is_replayed_or_res
                 after = again[-1].seq
             with pytest.raises(UnknownTurn, match="has no turn 'nope'"):
                 await host.events(v, CID, "nope", -1, 1.0)
-            stored = await host._store.load(CID)
+            stored = await host.services.store.load(CID)
             return {
                 "first": first,
                 "resumed": resumed,
@@ -335,7 +351,7 @@ def test_readers_resume_anywhere_and_a_turn_whose_log_is_gone_is_replayed_or_res
                 "stored": stored,
             }
         finally:
-            await host._store.close()
+            await host.services.store.close()
 
     got = asyncio.run(go())
     first = got["first"]
@@ -368,14 +384,14 @@ def test_a_model_failing_after_its_first_token_ends_the_turn_incomplete_and_stor
             while not events or not events[-1].terminal:
                 events += (await host.events(v, CID, "t1", after, 5.0))[0]
                 after = events[-1].seq
-            stored = await host._store.load(CID)
+            stored = await host.services.store.load(CID)
             with pytest.raises(TurnIncomplete, match="failed mid-answer") as again:
                 await host.send(v, CID, "t1", "hello")  # a re-send: the same outcome
             await host.passivate(v, CID)
             replayed, _ = await host.events(v, CID, "t1", -1, 5.0)
             return events, stored, again.value, replayed
         finally:
-            await host._store.close()
+            await host.services.store.close()
 
     events, stored, again, replayed = asyncio.run(go())
     assert [e.type for e in events] == ["started", "delta", "delta", "incomplete"]
@@ -410,17 +426,15 @@ def test_cancel_stops_a_turn_at_the_next_delta_and_stores_what_was_shown(
             while not events[-1].terminal:
                 events += (await host.events(v, CID, "t1", events[-1].seq, 5.0))[0]
             assert not await host.cancel(v, CID, "t1")  # ended: nothing to cancel
-            return events, await host._store.load(CID)
+            return events, await host.services.store.load(CID)
         finally:
-            await host._store.close()
+            await host.services.store.close()
 
-    started = time.monotonic()
     events, stored = asyncio.run(go())
-    assert time.monotonic() - started < 1.5  # stopped well before the 2 s answer ended
     assert events[-1].type == "incomplete"
     assert events[-1].text == "cancelled"
     shown = "".join(e.text for e in events if e.type == "delta")
-    assert 3 <= len(shown.split()) < 42
+    assert 3 <= len(shown.split()) < 42  # stopped before the 2 s answer's 42 words ended
     assert stored[-1].content == shown
     assert stored[-1].incomplete == "cancelled"
 
