@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,30 @@ if not os.environ.get("OVERSTORY_DATA_KEYS") and not os.environ.get("OVERSTORY_D
 
 # Webhooks of background jobs are signed in this session (tests/test_jobs.py checks it).
 WEBHOOK_SECRET = os.environ.setdefault("OVERSTORY_WEBHOOK_SECRET", "test-webhook-secret-2c1e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the session's Ray (the ``ray_cluster`` fixture, directly or
+    through another fixture) is marked ``ray``, whether or not its module says so: the
+    fast subset (``-m "not ray and not slow"``) must never start Ray."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """Block until ``predicate()`` is true; fail the test, naming ``what``, if it is not
+    within ``timeout`` seconds. For conditions nothing signals (another process's state):
+    waiting on an event or a future is better where there is one."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    pause = 0.01
+    while not predicate():
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
 
 
 def _free_port() -> int:

@@ -10,7 +10,6 @@ import asyncio
 import os
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -187,13 +186,12 @@ def test_a_hanging_or_blocking_turn_delays_only_its_own_conversation(rt: Runtime
     hanger = threading.Thread(target=hang)
     hanger.start()
     wait_for_condition(lambda: rt.count_stored("slow") >= 2, timeout=10)  # the tool runs
-    took = []
-    for i in range(5):
-        started = time.monotonic()
-        quick.send(f"meanwhile {i}")
-        took.append(time.monotonic() - started)
+    # The sync tool holds a thread, not the host's loop: the quick conversation's turns
+    # all finish while the slow turn is still blocked (it ends at its 3 s deadline).
+    for i in range(3):
+        assert quick.send(f"meanwhile {i}").text.startswith("echo")
+        assert hanger.is_alive(), f"the slow turn ended before quick send {i}"
     hanger.join(timeout=30)
-    assert max(took) < 1.0, took  # the sync tool holds a thread, not the host's loop
     assert "deadline of 3 s" in str(outcome["error"])
     assert slow.send("after the deadline").text.startswith("echo")
 
@@ -439,9 +437,10 @@ def test_a_reader_that_stops_at_the_last_event_does_not_hold_up_the_next_turn(
     for event in events:
         if event.terminal:
             break
-    started = time.monotonic()
+    # Released at the last event: the next send goes to the gate as the lowest in flight
+    # and is not queued behind the open iterator's turn.
+    assert not conv._in_flight
     assert conv.send("second").text == "echo #2: second"
-    assert time.monotonic() - started < 5.0
     events.close()
 
 

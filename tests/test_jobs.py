@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import ray
-from conftest import WEBHOOK_SECRET, kill_namespace
+from conftest import WEBHOOK_SECRET, kill_namespace, wait_for
 
 import overstory
 from overstory import Agent, JobFailed, OfflineModel, Runtime, UnknownAgent, UnknownJob
@@ -64,13 +64,6 @@ def turn_of(history: list[Message], turn_id: str) -> list[Message]:
     return [m for m in history if m.turn_id == turn_id]
 
 
-def wait_for(check: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
-
-
 def test_a_job_runs_once_is_listed_and_calls_back(
     rt: Runtime, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -81,9 +74,10 @@ def test_a_job_runs_once_is_listed_and_calls_back(
         called.append(status)
         done.set()
 
-    started = time.monotonic()
-    job = rt.submit("alice", "summarise my week", on_done=on_done)
-    assert time.monotonic() - started < 2.0  # queued, not run, before it returns
+    # Its model takes 1.5 s: a submit that ran the job before returning would find it done.
+    job = rt.submit("alice", "!sleep 1.5 summarise my week", on_done=on_done)
+    assert rt.job(job.id)["state"] in ("queued", "running")  # queued, not run, by submit
+    assert not done.is_set()
     assert job.result(timeout=60) == "echo #1: summarise my week"
     status = rt.job(job.id)
     assert status["state"] == "succeeded"
@@ -142,7 +136,7 @@ def test_a_job_runs_once_is_listed_and_calls_back(
 def test_a_job_survives_a_sigkill_of_its_host_mid_turn(rt: Runtime) -> None:
     job = rt.submit("carol", "!sleep 2 a long report")
     # Its user message is stored before the model is called: the turn is under way.
-    wait_for(lambda: turn_of(rt.stored_history("carol"), job.turn_id))
+    wait_for(lambda: turn_of(rt.stored_history("carol"), job.turn_id), 30, "carol's job's turn")
     os.kill(rt.conversation("carol").info()["pid"], signal.SIGKILL)
     assert job.result(timeout=120) == "echo #1: a long report"
     history = rt.stored_history("carol")
@@ -152,7 +146,7 @@ def test_a_job_survives_a_sigkill_of_its_host_mid_turn(rt: Runtime) -> None:
 
 def test_a_job_survives_a_sigkill_of_the_runner_mid_turn(rt: Runtime) -> None:
     job = rt.submit("dave", "!sleep 2 a long report")
-    wait_for(lambda: turn_of(rt.stored_history("dave"), job.turn_id))
+    wait_for(lambda: turn_of(rt.stored_history("dave"), job.turn_id), 30, "dave's job's turn")
     before = runner_status(rt)
     assert before["running"] == [job.id]
     os.kill(before["pid"], signal.SIGKILL)
@@ -169,7 +163,7 @@ def test_a_job_survives_its_supervisors_and_the_runner_killed_at_once(rt: Runtim
     from overstory.supervisors.tree import HOSTS, ROOT
 
     job = rt.submit("ivan", "!sleep 2 a long report")
-    wait_for(lambda: turn_of(rt.stored_history("ivan"), job.turn_id))
+    wait_for(lambda: turn_of(rt.stored_history("ivan"), job.turn_id), 30, "ivan's job's turn")
     pids = [runner_status(rt)["pid"]]
     for name in (ROOT, HOSTS):
         actor = ray.get_actor(name, namespace=rt.config.namespace)
@@ -201,7 +195,11 @@ def test_failures_retry_with_backoff_then_end(rt: Runtime) -> None:
 def test_per_user_concurrency_and_cancel(rt: Runtime) -> None:
     a = [rt.submit("frank", f"!sleep 1 job {n}") for n in range(3)]
     b = rt.submit("grace", "!sleep 1 job of grace")
-    wait_for(lambda: rt.job(a[1].id)["state"] != "queued" or rt.job(a[0].id)["state"] == "running")
+    wait_for(
+        lambda: rt.job(a[1].id)["state"] != "queued" or rt.job(a[0].id)["state"] == "running",
+        30,
+        "the first job to start",
+    )
     assert rt.cancel_job(a[2].id)["state"] == "cancelled"  # still waiting its turn
     with pytest.raises(JobFailed, match="cancelled"):
         a[2].result(timeout=5)
@@ -242,7 +240,7 @@ def test_a_signed_webhook_is_delivered_and_retried(rt: Runtime) -> None:
         url = f"http://127.0.0.1:{server.server_address[1]}/hooks/jobs"
         job = rt.submit("heidi", "notify me", webhook=url)
         job.result(timeout=60)
-        wait_for(lambda: rt.job(job.id)["notified"], timeout=30)
+        wait_for(lambda: rt.job(job.id)["notified"], 30, "the job's webhook")
     finally:
         server.shutdown()
     status = rt.job(job.id)

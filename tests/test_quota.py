@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import kill_namespace
+from conftest import kill_namespace, wait_for
 
 import overstory
 from overstory import Agent, OfflineModel, QuotaExceeded, Runtime, TurnFailed
@@ -104,7 +104,7 @@ def test_turns_at_once_and_per_minute_are_refused_with_when_they_free(rt: Runtim
     a, b = rt.new_conversation("dan", agent="q"), rt.new_conversation("dan", agent="q")
     slow = threading.Thread(target=a.send, args=("!sleep 0.8 slow one",))
     slow.start()
-    time.sleep(0.3)
+    wait_for(lambda: a.info()["busy"], 30, "the slow turn to start")
     with pytest.raises(QuotaExceeded) as refused:
         b.send("meanwhile")
     assert (refused.value.limit, refused.value.value) == ("concurrent_turns", 1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -79,11 +78,9 @@ def test_a_server_still_starting_is_waited_for(serve: Any) -> None:
 
 def test_a_refused_client_fails_at_once_saying_what_to_set(serve: Any) -> None:
     address, driver = serve(["refuse"])
-    t0 = time.monotonic()
     with pytest.raises(ClusterAuthRefused) as caught:
         check_ray_client(address, timeout_s=60)
-    assert time.monotonic() - t0 < 30  # not the whole timeout: refusing is an answer
-    assert len(driver.calls) == 1
+    assert len(driver.calls) == 1  # asked once, not until the timeout: refusing is an answer
     assert address in str(caught.value)
     # the tests' Ray runs without token auth, so this client sends none: say so
     assert "RAY_AUTH_MODE=token" in str(caught.value)
