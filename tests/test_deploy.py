@@ -243,6 +243,7 @@ def test_cli_health_and_status_against_a_served_tree(
     assert "unhealthy: root supervisor is not running" in bad.stdout
 
 
+@pytest.mark.slow  # starts a Python process
 @pytest.mark.parametrize("command", ["health", "status", "serve", "rebalance"])
 def test_operator_commands_never_start_ray(command: str) -> None:
     # An address where nothing listens ("auto" would find any Ray running on this machine).

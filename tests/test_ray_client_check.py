@@ -120,6 +120,7 @@ print("answered")
 """
 
 
+@pytest.mark.slow  # starts a Python process
 @pytest.mark.parametrize(
     ("token", "expected"),
     [("the-cluster-token", "answered"), ("a-wrong-token", "refused:")],
@@ -182,6 +183,7 @@ except ClusterUnavailable as exc:
 """
 
 
+@pytest.mark.slow  # starts a Python process
 @pytest.mark.parametrize("close", [True, False], ids=["as-ray-closes", "answer-arrives"])
 def test_a_failed_client_server_start_is_retried_then_named(close: bool) -> None:
     """Ray's own client gives up on the first "Initialization failure from server"."""
@@ -208,6 +210,7 @@ def test_a_failed_client_server_start_is_retried_then_named(close: bool) -> None
     assert proc.stderr.count("trying again") == 2  # the retries are logged
 
 
+@pytest.mark.slow  # starts a Python process
 def test_importing_overstory_loads_no_grpc() -> None:
     """Conversation actors import the package; gRPC's bindings cost each ~2 MB (P4)."""
     code = "import sys, overstory, overstory.actors.conversation; print('grpc' in sys.modules)"

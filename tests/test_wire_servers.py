@@ -631,6 +631,7 @@ def test_restart_keeps_the_port(loop: asyncio.Runner) -> None:
         assert answer.content[0].text == "echo: again"
 
 
+@pytest.mark.slow  # starts a Python process
 def test_cli_serves_until_interrupted(loop: asyncio.Runner) -> None:
     # A RuntimeWarning (e.g. runpy's "found in sys.modules") would fail the run.
     env = {**os.environ, "PYTHONWARNINGS": "error::RuntimeWarning"}
