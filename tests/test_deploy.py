@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -139,9 +140,13 @@ def test_a_bad_store_in_the_environment_is_rejected_naming_it(
 # --- serve / status / health against the session's Ray -----------------------------------
 
 
-@pytest.fixture
-def served(ray_cluster: str, namespace: str, sqlite_url: str) -> Any:
-    config = Config.from_mapping({"namespace": namespace, "store": sqlite_url})
+@pytest.fixture(scope="module")
+def served(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One served tree for the module's tests (booting one takes seconds): only
+    ``test_status_reports_every_section`` talks to a conversation, so its counts hold."""
+    namespace = f"t-served-{uuid.uuid4().hex[:8]}"
+    store = f"sqlite:///{tmp_path_factory.mktemp('served')}/history.db"
+    config = Config.from_mapping({"namespace": namespace, "store": store})
     try:
         yield config, ops.serve(config)
     finally:

@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from hashlib import sha256
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,17 +31,16 @@ from overstory.runtime.cli import main
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture
-def rt(ray_cluster: str, namespace: str, sqlite_url: str) -> Iterator[Runtime]:
+def _connect(namespace: str, store: str) -> Runtime:
     agents = [
         Agent("helper", model=OfflineModel("helper", latency_s=0.02)),
         # Its first two requests fail (a retryable model error), the third answers.
         Agent("flaky", model=OfflineModel("flaky", fail_first=2)),
         Agent("cached", model=OfflineModel("cached"), cache_ttl_s=0.5),
     ]
-    runtime = overstory.connect(
+    return overstory.connect(
         agents,
-        store=sqlite_url,
+        store=store,
         namespace=namespace,
         hosts_per_node=1,
         jobs_poll_s=0.2,
@@ -48,6 +48,23 @@ def rt(ray_cluster: str, namespace: str, sqlite_url: str) -> Iterator[Runtime]:
         jobs_concurrency=3,
         jobs_per_user=1,
     )
+
+
+@pytest.fixture
+def rt(ray_cluster: str, namespace: str, sqlite_url: str) -> Iterator[Runtime]:
+    """A tree of its own, for a test that kills part of it or counts the runner's jobs."""
+    runtime = _connect(namespace, sqlite_url)
+    yield runtime
+    runtime.close()
+    kill_namespace(namespace)
+
+
+@pytest.fixture(scope="module")
+def shared(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    """One tree for the tests that neither kill nor count across users (booting one takes
+    seconds): each submits its own users' jobs."""
+    namespace = f"t-jobs-{uuid.uuid4().hex[:8]}"
+    runtime = _connect(namespace, f"sqlite:///{tmp_path_factory.mktemp('jobs')}/history.db")
     yield runtime
     runtime.close()
     kill_namespace(namespace)
@@ -175,43 +192,45 @@ def test_a_job_survives_its_supervisors_and_the_runner_killed_at_once(rt: Runtim
     assert runner_status(rt)["pid"] != pids[0]
 
 
-def test_failures_retry_with_backoff_then_end(rt: Runtime) -> None:
-    flaky = rt.submit("erin", "third time lucky", agent="flaky")
+def test_failures_retry_with_backoff_then_end(shared: Runtime) -> None:
+    flaky = shared.submit("erin", "third time lucky", agent="flaky")
     assert flaky.result(timeout=60) == "echo #1: third time lucky"
-    status = rt.job(flaky.id)
+    status = shared.job(flaky.id)
     assert status["attempts"] == 3
     assert status["error"] == ""
     # Two retries waited ~2 and ~4 s (±20 %).
     assert status["finished_at"] - status["started_at"] >= 1.6 + 3.2
-    assert [m.kind for m in rt.stored_history("erin", agent="flaky")] == ["user", "assistant"]
+    assert [m.kind for m in shared.stored_history("erin", agent="flaky")] == ["user", "assistant"]
     # A model that refuses the request itself: no retry.
-    fatal = rt.submit("erin", "!fatal bad request")
+    fatal = shared.submit("erin", "!fatal bad request")
     with pytest.raises(JobFailed, match="scripted fatal") as caught:
         fatal.result(timeout=60)
     assert caught.value.job["attempts"] == 1
-    assert rt.job(fatal.id)["state"] == "failed"
+    assert shared.job(fatal.id)["state"] == "failed"
 
 
-def test_per_user_concurrency_and_cancel(rt: Runtime) -> None:
-    a = [rt.submit("frank", f"!sleep 1 job {n}") for n in range(3)]
-    b = rt.submit("grace", "!sleep 1 job of grace")
+def test_per_user_concurrency_and_cancel(shared: Runtime) -> None:
+    a = [shared.submit("frank", f"!sleep 1 job {n}") for n in range(3)]
+    b = shared.submit("grace", "!sleep 1 job of grace")
     wait_for(
-        lambda: rt.job(a[1].id)["state"] != "queued" or rt.job(a[0].id)["state"] == "running",
+        lambda: (
+            shared.job(a[1].id)["state"] != "queued" or shared.job(a[0].id)["state"] == "running"
+        ),
         30,
         "the first job to start",
     )
-    assert rt.cancel_job(a[2].id)["state"] == "cancelled"  # still waiting its turn
+    assert shared.cancel_job(a[2].id)["state"] == "cancelled"  # still waiting its turn
     with pytest.raises(JobFailed, match="cancelled"):
         a[2].result(timeout=5)
     for job in (a[0], a[1], b):
         job.result(timeout=60)
-    spans = sorted((rt.job(j.id)["started_at"], rt.job(j.id)["finished_at"]) for j in a[:2])
+    spans = sorted((shared.job(j.id)["started_at"], shared.job(j.id)["finished_at"]) for j in a[:2])
     assert spans[0][1] <= spans[1][0]  # one of frank's at a time
-    grace = rt.job(b.id)
+    grace = shared.job(b.id)
     assert grace["started_at"] < spans[0][1]  # grace's ran beside frank's first
     with pytest.raises(UsageError, match="only a queued job"):
-        rt.cancel_job(a[0].id)
-    assert [m.content for m in rt.stored_history("frank") if m.kind == "user"] == [
+        shared.cancel_job(a[0].id)
+    assert [m.content for m in shared.stored_history("frank") if m.kind == "user"] == [
         "!sleep 1 job 0",
         "!sleep 1 job 1",
     ]
@@ -232,18 +251,18 @@ class _Hook(BaseHTTPRequestHandler):
         pass
 
 
-def test_a_signed_webhook_is_delivered_and_retried(rt: Runtime) -> None:
+def test_a_signed_webhook_is_delivered_and_retried(shared: Runtime) -> None:
     _Hook.received = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/hooks/jobs"
-        job = rt.submit("heidi", "notify me", webhook=url)
+        job = shared.submit("heidi", "notify me", webhook=url)
         job.result(timeout=60)
-        wait_for(lambda: rt.job(job.id)["notified"], 30, "the job's webhook")
+        wait_for(lambda: shared.job(job.id)["notified"], 30, "the job's webhook")
     finally:
         server.shutdown()
-    status = rt.job(job.id)
+    status = shared.job(job.id)
     assert status["deliveries"] == 2  # a 500 first, retried after a backoff
     assert status["webhook_error"] == ""
     assert len(_Hook.received) == 2
@@ -259,13 +278,13 @@ def test_a_signed_webhook_is_delivered_and_retried(rt: Runtime) -> None:
     assert abs(time.time() - int(t)) < 120
 
 
-def test_the_runners_upkeep_sweeps_expired_cache_entries(rt: Runtime) -> None:
+def test_the_runners_upkeep_sweeps_expired_cache_entries(shared: Runtime) -> None:
     """The response cache has no process of its own: the runner's hourly upkeep drops its
     expired entries (called here at once)."""
-    conv = rt.conversation("judy", agent="cached")
+    conv = shared.conversation("judy", agent="cached")
     conv.send("cache this answer")
     time.sleep(0.6)  # past its 0.5 s
-    runner = ray.get_actor(JOBS, namespace=rt.config.namespace)
+    runner = ray.get_actor(JOBS, namespace=shared.config.namespace)
     done = ray.get(runner.maintain.remote(), timeout=30)
     assert done["cache_swept"] == 1
     assert done["jobs_swept"] == 0  # none ended a week ago

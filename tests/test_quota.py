@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -20,12 +21,15 @@ BUDGET = 3_000
 OUTPUT = 60  # the answer's share of each call's reservation
 
 
-@pytest.fixture
-def rt(ray_cluster: str, namespace: str, sqlite_url: str) -> Iterator[Runtime]:
+@pytest.fixture(scope="module")
+def rt(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    """One tree for the module (booting one takes seconds): each test's quotas are its
+    own users'."""
+    namespace = f"t-quota-{uuid.uuid4().hex[:8]}"
     agent = Agent("q", model=OfflineModel("q", latency_s=0.05))
     runtime = overstory.connect(
         agent,
-        store=sqlite_url,
+        store=f"sqlite:///{tmp_path_factory.mktemp('quota')}/history.db",
         namespace=namespace,
         hosts_per_node=2,
         turn_timeout_s=1.0,
