@@ -39,12 +39,19 @@ WEBHOOK_SECRET = os.environ.setdefault("OVERSTORY_WEBHOOK_SECRET", "test-webhook
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test that uses the session's Ray (the ``ray_cluster`` fixture, directly or
-    through another fixture) is marked ``ray``, whether or not its module says so: the
-    fast subset (``-m "not ray and not slow"``) must never start Ray."""
+    """Mark by what a test uses (directly or through another fixture), whether or not its
+    module says so: ``ray`` for the session's Ray (``ray_cluster``), ``mongodb`` for the
+    MongoDB-wire server (``mongo_server``, or ``store_url``'s ``mongodb`` case: a process
+    started for the session). The fast
+    subset (``./scripts/test-fast``) leaves both out, so it never starts either."""
     for item in items:
-        if "ray_cluster" in getattr(item, "fixturenames", ()):
+        used = getattr(item, "fixturenames", ())
+        if "ray_cluster" in used:
             item.add_marker(pytest.mark.ray)
+        callspec = getattr(item, "callspec", None)
+        by_param = callspec is not None and callspec.params.get("store_url") == "mongodb"
+        if "mongo_server" in used or by_param:  # store_url asks for it only when it runs
+            item.add_marker(pytest.mark.mongodb)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
