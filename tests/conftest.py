@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,37 @@ if not os.environ.get("OVERSTORY_DATA_KEYS") and not os.environ.get("OVERSTORY_D
 
 # Webhooks of background jobs are signed in this session (tests/test_jobs.py checks it).
 WEBHOOK_SECRET = os.environ.setdefault("OVERSTORY_WEBHOOK_SECRET", "test-webhook-secret-2c1e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark by what a test uses (directly or through another fixture), whether or not its
+    module says so: ``ray`` for the session's Ray (``ray_cluster``), ``mongodb`` for the
+    MongoDB-wire server (``mongo_server``, or ``store_url``'s ``mongodb`` case: a process
+    started for the session). The fast
+    subset (``./scripts/test-fast``) leaves both out, so it never starts either."""
+    for item in items:
+        used = getattr(item, "fixturenames", ())
+        if "ray_cluster" in used:
+            item.add_marker(pytest.mark.ray)
+        callspec = getattr(item, "callspec", None)
+        by_param = callspec is not None and callspec.params.get("store_url") == "mongodb"
+        if "mongo_server" in used or by_param:  # store_url asks for it only when it runs
+            item.add_marker(pytest.mark.mongodb)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    """Block until ``predicate()`` is true; fail the test, naming ``what``, if it is not
+    within ``timeout`` seconds. For conditions nothing signals (another process's state):
+    waiting on an event or a future is better where there is one."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    pause = 0.01
+    while not predicate():
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
 
 
 def _free_port() -> int:

@@ -8,17 +8,19 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
+from chaos_oracle import Kill, TurnSpan, damage, mid_turn_kills
 from conftest import kill_namespace
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import overstory
-from overstory import Reply, Runtime
-from overstory.cli.demo import audit, demo_agent
+from overstory import Reply, Runtime, TurnEvent
+from overstory.cli.demo import demo_agent
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -44,7 +46,7 @@ steps = st.lists(
     st.tuples(st.sampled_from(["send", "send", "kill", "kill_mid_turn"]), st.integers(0, 1)),
     min_size=2,
     max_size=6,
-)
+).filter(lambda s: any(op == "kill_mid_turn" for op, _ in s))  # every example must strike
 
 
 @settings(
@@ -59,6 +61,9 @@ def test_random_sends_and_kills_keep_every_acknowledged_turn_exactly_once(
     run = uuid.uuid4().hex[:6]
     users = [f"prop-{run}-{i}" for i in range(2)]
     acked: dict[str, list[tuple[str, str]]] = {u: [] for u in users}
+    kills: list[Kill] = []
+    turns: list[TurnSpan] = []
+    ends: list[TurnEvent] = []  # each streamed turn's terminal event
 
     def send(user: str, text: str, n: int) -> None:
         turn_id = f"{user}-{n}"
@@ -66,25 +71,50 @@ def test_random_sends_and_kills_keep_every_acknowledged_turn_exactly_once(
         assert isinstance(reply, Reply)
         acked[user].append((turn_id, text))
 
+    def stream(user: str, text: str, n: int, pid: int, started: threading.Event) -> None:
+        """Read a streamed turn, noting when it started and ended and whether it was
+        started again after its process died."""
+        turn_id = f"{user}-{n}"
+        began, restarted = float("nan"), False
+        for event in rt.conversation(user).stream(text, turn_id=turn_id):
+            if event.type == "started":
+                began = time.monotonic()
+                started.set()
+            restarted = restarted or event.type == "restarted"
+            if event.terminal:
+                ends.append(event)
+                turns.append(TurnSpan(turn_id, pid, began, time.monotonic(), restarted))
+                if event.type == "completed":
+                    acked[user].append((turn_id, text))
+
     for n, (op, i) in enumerate(schedule):
         user = users[i]
         conv = rt.conversation(user)
         if op == "send":
             send(user, f"message {n}", n)
         elif op == "kill":
-            os.kill(conv.info()["pid"], signal.SIGKILL)
-        else:  # kill while a turn is inside the model call
             pid = conv.info()["pid"]
-            sender = threading.Thread(target=send, args=(user, f"!sleep 0.4 slow {n}", n))
-            sender.start()
-            sender.join(timeout=0.2)
+            kills.append(Kill(time.monotonic(), pid))
             os.kill(pid, signal.SIGKILL)
-            sender.join(timeout=60)
-            assert not sender.is_alive()
+        else:  # kill once the turn is running, inside its 0.5 s model call
+            pid = conv.info()["pid"]
+            started = threading.Event()
+            reader = threading.Thread(
+                target=stream, args=(user, f"!sleep 0.5 slow {n}", n, pid, started)
+            )
+            reader.start()
+            assert started.wait(timeout=60), "the streamed turn never started"
+            kills.append(Kill(time.monotonic(), pid))
+            os.kill(pid, signal.SIGKILL)
+            reader.join(timeout=60)
+            assert not reader.is_alive()
+            (end,) = [e for e in ends if e.turn_id == f"{user}-{n}"]  # read to its end
+            assert end.type == "completed", end
+    # Each kill_mid_turn must have struck a running turn, or this example tested nothing.
+    aimed = sum(1 for op, _ in schedule if op == "kill_mid_turn")
+    assert mid_turn_kills(turns, kills) == aimed, (turns, kills)
     for user in users:
-        stored = rt.stored_history(user)
-        assert audit(acked[user], stored) == (0, 0)
-        assert [m.seq for m in stored] == list(range(len(stored)))
+        assert damage(acked[user], rt.stored_history(user)).none
         assert rt.conversation(user).send("still there?").text.startswith("echo #")
 
 

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -140,9 +141,13 @@ def test_a_bad_store_in_the_environment_is_rejected_naming_it(
 # --- serve / status / health against the session's Ray -----------------------------------
 
 
-@pytest.fixture
-def served(ray_cluster: str, namespace: str, sqlite_url: str) -> Any:
-    config = Config.from_mapping({"namespace": namespace, "store": sqlite_url})
+@pytest.fixture(scope="module")
+def served(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One served tree for the module's tests (booting one takes seconds): only
+    ``test_status_reports_every_section`` talks to a conversation, so its counts hold."""
+    namespace = f"t-served-{uuid.uuid4().hex[:8]}"
+    store = f"sqlite:///{tmp_path_factory.mktemp('served')}/history.db"
+    config = Config.from_mapping({"namespace": namespace, "store": store})
     try:
         yield config, deploy.serve(config)
     finally:
@@ -244,6 +249,7 @@ def test_cli_health_and_status_against_a_served_tree(
     assert "unhealthy: root supervisor is not running" in bad.stdout
 
 
+@pytest.mark.slow  # starts a Python process
 @pytest.mark.parametrize("command", ["health", "status", "serve", "rebalance"])
 def test_operator_commands_never_start_ray(command: str) -> None:
     # An address where nothing listens ("auto" would find any Ray running on this machine).

@@ -28,6 +28,17 @@ def _host(sqlite_url: str, **settings: Any) -> HostActor:
     return HostActor("ns", table.hosts[0], table, App([agent]), config)
 
 
+async def until(condition: Callable[[], bool], what: str, within_s: float = 10.0) -> None:
+    """Wait (on the host's own loop) until ``condition()``; fail naming ``what`` after
+    ``within_s`` seconds. The host signals no event when its sweeper passivates."""
+    try:
+        async with asyncio.timeout(within_s):
+            while not condition():  # noqa: ASYNC110 - nothing to wait on but the state
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {within_s:g} s waiting for {what}") from None
+
+
 def run(host: HostActor, body: Callable[[HostActor], Awaitable[Any]]) -> Any:
     async def go() -> Any:
         try:
@@ -59,12 +70,13 @@ def test_the_sweeper_passivates_idle_conversations_and_keeps_busy_ones(sqlite_ur
         v = host.table.version
         await host.send(v, cid("idle"), TurnRequest("t1", "hello"))
         busy = asyncio.create_task(
-            host.send(v, cid("busy"), TurnRequest("t2", "!sleep 0.6 still talking"))
+            host.send(v, cid("busy"), TurnRequest("t2", "!sleep 1.0 still talking"))
         )
-        await asyncio.sleep(0.45)
+        await until(lambda: cid("idle") not in host.live(), "the idle one to be passivated")
         during = host.live()
+        assert not busy.done()  # still in its turn when the sweeper passed
         await busy
-        await asyncio.sleep(0.45)
+        await until(lambda: not host.live(), "the other one to be passivated once idle")
         return during, host.live(), host.counters["passivations"]
 
     during, after, passivated = run(_host(sqlite_url, idle_timeout_s=0.2), body)

@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from hashlib import sha256
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 import ray
-from conftest import WEBHOOK_SECRET, kill_namespace, on_store
+from conftest import WEBHOOK_SECRET, kill_namespace, on_store, wait_for
 
 import overstory
 from overstory import Agent, JobFailed, OfflineModel, Runtime, UnknownAgent, UnknownJob
@@ -31,17 +32,16 @@ from overstory.messages import Message
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture
-def rt(ray_cluster: str, namespace: str, sqlite_url: str) -> Iterator[Runtime]:
+def _connect(namespace: str, store: str) -> Runtime:
     agents = [
         Agent("helper", model=OfflineModel("helper", latency_s=0.02)),
         # Its first two requests fail (a retryable model error), the third answers.
         Agent("flaky", model=OfflineModel("flaky", fail_first=2)),
         Agent("cached", model=OfflineModel("cached"), cache_ttl_s=0.5),
     ]
-    runtime = overstory.connect(
+    return overstory.connect(
         agents,
-        store=sqlite_url,
+        store=store,
         namespace=namespace,
         hosts_per_node=1,
         jobs_poll_s=0.2,
@@ -49,6 +49,23 @@ def rt(ray_cluster: str, namespace: str, sqlite_url: str) -> Iterator[Runtime]:
         jobs_concurrency=3,
         jobs_per_user=1,
     )
+
+
+@pytest.fixture
+def rt(ray_cluster: str, namespace: str, sqlite_url: str) -> Iterator[Runtime]:
+    """A tree of its own, for a test that kills part of it or counts the runner's jobs."""
+    runtime = _connect(namespace, sqlite_url)
+    yield runtime
+    runtime.close()
+    kill_namespace(namespace)
+
+
+@pytest.fixture(scope="module")
+def shared(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    """One tree for the tests that neither kill nor count across users (booting one takes
+    seconds): each submits its own users' jobs."""
+    namespace = f"t-jobs-{uuid.uuid4().hex[:8]}"
+    runtime = _connect(namespace, f"sqlite:///{tmp_path_factory.mktemp('jobs')}/history.db")
     yield runtime
     runtime.close()
     kill_namespace(namespace)
@@ -65,13 +82,6 @@ def turn_of(history: list[Message], turn_id: str) -> list[Message]:
     return [m for m in history if m.turn_id == turn_id]
 
 
-def wait_for(check: Any, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
-
-
 def test_a_job_runs_once_is_listed_and_calls_back(
     rt: Runtime, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -82,9 +92,10 @@ def test_a_job_runs_once_is_listed_and_calls_back(
         called.append(status)
         done.set()
 
-    started = time.monotonic()
-    job = rt.jobs.submit("alice", "summarise my week", on_done=on_done)
-    assert time.monotonic() - started < 2.0  # queued, not run, before it returns
+    # Its model takes 1.5 s: a submit that ran the job before returning would find it done.
+    job = rt.jobs.submit("alice", "!sleep 1.5 summarise my week", on_done=on_done)
+    assert rt.jobs.get(job.id)["state"] in ("queued", "running")  # queued, not run, by submit
+    assert not done.is_set()
     assert job.result(timeout=60) == "echo #1: summarise my week"
     status = rt.jobs.get(job.id)
     assert status["state"] == "succeeded"
@@ -158,8 +169,8 @@ def test_many_on_done_callbacks_share_one_watcher_and_a_deleted_job_is_reported(
         return [t for t in threading.enumerate() if t.name == "overstory-job-watcher"]
 
     # Queued an hour ahead: it is still pending when its record is deleted.
-    doomed = rt.submit("doomed", "never runs", delay_s=3600, on_done=on_done)
-    jobs = [rt.submit(u, f"hello from {u}", on_done=on_done) for u in users]
+    doomed = rt.jobs.submit("doomed", "never runs", delay_s=3600, on_done=on_done)
+    jobs = [rt.jobs.submit(u, f"hello from {u}", on_done=on_done) for u in users]
     assert len(watchers()) == 1  # nine jobs pending, one thread (none per job)
     assert not [t for t in threading.enumerate() if t.name.startswith("on_done-")]
 
@@ -186,7 +197,7 @@ def test_many_on_done_callbacks_share_one_watcher_and_a_deleted_job_is_reported(
 def test_a_job_survives_a_sigkill_of_its_host_mid_turn(rt: Runtime) -> None:
     job = rt.jobs.submit("carol", "!sleep 2 a long report")
     # Its user message is stored before the model is called: the turn is under way.
-    wait_for(lambda: turn_of(rt.stored_history("carol"), job.turn_id))
+    wait_for(lambda: turn_of(rt.stored_history("carol"), job.turn_id), 30, "carol's job's turn")
     os.kill(rt.conversation("carol").info()["pid"], signal.SIGKILL)
     assert job.result(timeout=120) == "echo #1: a long report"
     history = rt.stored_history("carol")
@@ -196,7 +207,7 @@ def test_a_job_survives_a_sigkill_of_its_host_mid_turn(rt: Runtime) -> None:
 
 def test_a_job_survives_a_sigkill_of_the_runner_mid_turn(rt: Runtime) -> None:
     job = rt.jobs.submit("dave", "!sleep 2 a long report")
-    wait_for(lambda: turn_of(rt.stored_history("dave"), job.turn_id))
+    wait_for(lambda: turn_of(rt.stored_history("dave"), job.turn_id), 30, "dave's job's turn")
     before = runner_status(rt)
     assert before["running"] == [job.id]
     os.kill(before["pid"], signal.SIGKILL)
@@ -213,7 +224,7 @@ def test_a_job_survives_its_supervisors_and_the_runner_killed_at_once(rt: Runtim
     from overstory.supervisors.tree import HOSTS, ROOT
 
     job = rt.jobs.submit("ivan", "!sleep 2 a long report")
-    wait_for(lambda: turn_of(rt.stored_history("ivan"), job.turn_id))
+    wait_for(lambda: turn_of(rt.stored_history("ivan"), job.turn_id), 30, "ivan's job's turn")
     pids = [runner_status(rt)["pid"]]
     for name in (ROOT, HOSTS):
         actor = ray.get_actor(name, namespace=rt.config.namespace)
@@ -225,45 +236,48 @@ def test_a_job_survives_its_supervisors_and_the_runner_killed_at_once(rt: Runtim
     assert runner_status(rt)["pid"] != pids[0]
 
 
-def test_failures_retry_with_backoff_then_end(rt: Runtime) -> None:
-    flaky = rt.jobs.submit("erin", "third time lucky", agent="flaky")
+def test_failures_retry_with_backoff_then_end(shared: Runtime) -> None:
+    flaky = shared.jobs.submit("erin", "third time lucky", agent="flaky")
     assert flaky.result(timeout=60) == "echo #1: third time lucky"
-    status = rt.jobs.get(flaky.id)
+    status = shared.jobs.get(flaky.id)
     assert status["attempts"] == 3
     assert status["error"] == ""
     # Two retries waited ~2 and ~4 s (±20 %).
     assert status["finished_at"] - status["started_at"] >= 1.6 + 3.2
-    assert [m.kind for m in rt.stored_history("erin", agent="flaky")] == ["user", "assistant"]
+    assert [m.kind for m in shared.stored_history("erin", agent="flaky")] == ["user", "assistant"]
     # A model that refuses the request itself: no retry.
-    fatal = rt.jobs.submit("erin", "!fatal bad request")
+    fatal = shared.jobs.submit("erin", "!fatal bad request")
     with pytest.raises(JobFailed, match="scripted fatal") as caught:
         fatal.result(timeout=60)
     assert caught.value.job["attempts"] == 1
-    assert rt.jobs.get(fatal.id)["state"] == "failed"
+    assert shared.jobs.get(fatal.id)["state"] == "failed"
 
 
-def test_per_user_concurrency_and_cancel(rt: Runtime) -> None:
-    a = [rt.jobs.submit("frank", f"!sleep 1 job {n}") for n in range(3)]
-    b = rt.jobs.submit("grace", "!sleep 1 job of grace")
+def test_per_user_concurrency_and_cancel(shared: Runtime) -> None:
+    a = [shared.jobs.submit("frank", f"!sleep 1 job {n}") for n in range(3)]
+    b = shared.jobs.submit("grace", "!sleep 1 job of grace")
     wait_for(
         lambda: (
-            rt.jobs.get(a[1].id)["state"] != "queued" or rt.jobs.get(a[0].id)["state"] == "running"
-        )
+            shared.jobs.get(a[1].id)["state"] != "queued"
+            or shared.jobs.get(a[0].id)["state"] == "running"
+        ),
+        30,
+        "the first job to start",
     )
-    assert rt.jobs.cancel(a[2].id)["state"] == "cancelled"  # still waiting its turn
+    assert shared.jobs.cancel(a[2].id)["state"] == "cancelled"  # still waiting its turn
     with pytest.raises(JobFailed, match="cancelled"):
         a[2].result(timeout=5)
     for job in (a[0], a[1], b):
         job.result(timeout=60)
     spans = sorted(
-        (rt.jobs.get(j.id)["started_at"], rt.jobs.get(j.id)["finished_at"]) for j in a[:2]
+        (shared.jobs.get(j.id)["started_at"], shared.jobs.get(j.id)["finished_at"]) for j in a[:2]
     )
     assert spans[0][1] <= spans[1][0]  # one of frank's at a time
-    grace = rt.jobs.get(b.id)
+    grace = shared.jobs.get(b.id)
     assert grace["started_at"] < spans[0][1]  # grace's ran beside frank's first
     with pytest.raises(UsageError, match="only a queued job"):
-        rt.jobs.cancel(a[0].id)
-    assert [m.content for m in rt.stored_history("frank") if m.kind == "user"] == [
+        shared.jobs.cancel(a[0].id)
+    assert [m.content for m in shared.stored_history("frank") if m.kind == "user"] == [
         "!sleep 1 job 0",
         "!sleep 1 job 1",
     ]
@@ -284,18 +298,18 @@ class _Hook(BaseHTTPRequestHandler):
         pass
 
 
-def test_a_signed_webhook_is_delivered_and_retried(rt: Runtime) -> None:
+def test_a_signed_webhook_is_delivered_and_retried(shared: Runtime) -> None:
     _Hook.received = []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/hooks/jobs"
-        job = rt.jobs.submit("heidi", "notify me", webhook=url)
+        job = shared.jobs.submit("heidi", "notify me", webhook=url)
         job.result(timeout=60)
-        wait_for(lambda: rt.jobs.get(job.id)["notified"], timeout=30)
+        wait_for(lambda: shared.jobs.get(job.id)["notified"], 30, "the job's webhook")
     finally:
         server.shutdown()
-    status = rt.jobs.get(job.id)
+    status = shared.jobs.get(job.id)
     assert status["deliveries"] == 2  # a 500 first, retried after a backoff
     assert status["webhook_error"] == ""
     assert len(_Hook.received) == 2
@@ -311,13 +325,13 @@ def test_a_signed_webhook_is_delivered_and_retried(rt: Runtime) -> None:
     assert abs(time.time() - int(t)) < 120
 
 
-def test_the_runners_upkeep_sweeps_expired_cache_entries(rt: Runtime) -> None:
+def test_the_runners_upkeep_sweeps_expired_cache_entries(shared: Runtime) -> None:
     """The response cache has no process of its own: the runner's hourly upkeep drops its
     expired entries (called here at once)."""
-    conv = rt.conversation("judy", agent="cached")
+    conv = shared.conversation("judy", agent="cached")
     conv.send("cache this answer")
     time.sleep(0.6)  # past its 0.5 s
-    runner = ray.get_actor(JOBS, namespace=rt.config.namespace)
+    runner = ray.get_actor(JOBS, namespace=shared.config.namespace)
     done = ray.get(runner.maintain.remote(), timeout=30)
     assert done["cache_swept"] == 1
     assert done["jobs_swept"] == 0  # none ended a week ago

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
+from typing import Any
 
 import pytest
 
@@ -78,10 +78,17 @@ def test_fail_and_fatal_directives_raise_model_errors() -> None:
     assert not info.value.retryable
 
 
-def test_sleep_directive_and_latency_delay_the_answer() -> None:
-    started = time.perf_counter()
+def test_sleep_directive_and_latency_delay_the_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    pauses: list[float] = []  # the model's clock: what it waits
+    wait = asyncio.sleep
+
+    async def clock(delay: float, result: Any = None) -> Any:
+        pauses.append(delay)
+        return await wait(0, result)
+
+    monkeypatch.setattr(asyncio, "sleep", clock)
     assert ask(OfflineModel(latency_s=0.05), user("!sleep 0.1 hi")).content == "echo #1: hi"
-    assert time.perf_counter() - started >= 0.15
+    assert sorted(pauses) == [0.05, 0.1]  # the directive's delay and the model's latency
     with pytest.raises(ModelError, match="needs seconds"):
         ask(OfflineModel(), user("!sleep soon hi"))
 

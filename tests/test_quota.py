@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
-from conftest import kill_namespace
+from conftest import kill_namespace, wait_for
 
 import overstory
 from overstory import Agent, OfflineModel, QuotaExceeded, Runtime, TurnFailed
@@ -20,12 +21,15 @@ BUDGET = 3_000
 OUTPUT = 60  # the answer's share of each call's reservation
 
 
-@pytest.fixture
-def rt(ray_cluster: str, namespace: str, sqlite_url: str) -> Iterator[Runtime]:
+@pytest.fixture(scope="module")
+def rt(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    """One tree for the module (booting one takes seconds): each test's quotas are its
+    own users'."""
+    namespace = f"t-quota-{uuid.uuid4().hex[:8]}"
     agent = Agent("q", model=OfflineModel("q", latency_s=0.05))
     runtime = overstory.connect(
         agent,
-        store=sqlite_url,
+        store=f"sqlite:///{tmp_path_factory.mktemp('quota')}/history.db",
         namespace=namespace,
         hosts_per_node=2,
         turn_timeout_s=1.0,
@@ -104,7 +108,7 @@ def test_turns_at_once_and_per_minute_are_refused_with_when_they_free(rt: Runtim
     a, b = rt.new_conversation("dan", agent="q"), rt.new_conversation("dan", agent="q")
     slow = threading.Thread(target=a.send, args=("!sleep 0.8 slow one",))
     slow.start()
-    time.sleep(0.3)
+    wait_for(lambda: a.info()["busy"], 30, "the slow turn to start")
     with pytest.raises(QuotaExceeded) as refused:
         b.send("meanwhile")
     assert (refused.value.limit, refused.value.value) == ("concurrent_turns", 1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
@@ -79,11 +78,9 @@ def test_a_server_still_starting_is_waited_for(serve: Any) -> None:
 
 def test_a_refused_client_fails_at_once_saying_what_to_set(serve: Any) -> None:
     address, driver = serve(["refuse"])
-    t0 = time.monotonic()
     with pytest.raises(ClusterAuthRefused) as caught:
         check_ray_client(address, timeout_s=60)
-    assert time.monotonic() - t0 < 30  # not the whole timeout: refusing is an answer
-    assert len(driver.calls) == 1
+    assert len(driver.calls) == 1  # asked once, not until the timeout: refusing is an answer
     assert address in str(caught.value)
     # the tests' Ray runs without token auth, so this client sends none: say so
     assert "RAY_AUTH_MODE=token" in str(caught.value)
@@ -123,6 +120,7 @@ print("answered")
 """
 
 
+@pytest.mark.slow  # starts a Python process
 @pytest.mark.parametrize(
     ("token", "expected"),
     [("the-cluster-token", "answered"), ("a-wrong-token", "refused:")],
@@ -185,6 +183,7 @@ except ClusterUnavailable as exc:
 """
 
 
+@pytest.mark.slow  # starts a Python process
 @pytest.mark.parametrize("close", [True, False], ids=["as-ray-closes", "answer-arrives"])
 def test_a_failed_client_server_start_is_retried_then_named(close: bool) -> None:
     """Ray's own client gives up on the first "Initialization failure from server"."""
@@ -211,6 +210,7 @@ def test_a_failed_client_server_start_is_retried_then_named(close: bool) -> None
     assert proc.stderr.count("trying again") == 2  # the retries are logged
 
 
+@pytest.mark.slow  # starts a Python process
 def test_importing_overstory_loads_no_grpc() -> None:
     """Conversation actors import the package; gRPC's bindings cost each ~2 MB (P4)."""
     code = "import sys, overstory, overstory.actors.conversation; print('grpc' in sys.modules)"

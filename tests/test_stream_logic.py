@@ -38,6 +38,17 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
+async def ended(streams: TurnStreams, turn_id: str) -> TurnLog:
+    """Turn ``turn_id``'s log once it has ended (a terminal event), waiting on the log's
+    own wake-ups; fails the test after 5 s."""
+    log = streams.logs.get(turn_id)
+    assert log is not None
+    async with asyncio.timeout(5):
+        while not log.finished:
+            await log.wait_after(log.last_seq, timeout_s=5)
+    return log
+
+
 # --- the log ------------------------------------------------------------------------------
 
 
@@ -46,7 +57,7 @@ def test_a_log_numbers_events_wakes_readers_and_ends_at_a_terminal_event() -> No
         log = TurnLog("t")
         log.emit("started")
         waiting = asyncio.create_task(log.wait_after(0, timeout_s=5))
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # one step: the reader is now waiting
         log.emit("delta", text="hi")
         woken = await waiting
         nothing = await log.wait_after(1, timeout_s=0.05)
@@ -118,18 +129,14 @@ def test_a_failed_turn_started_again_runs_again_and_a_finished_one_is_joined() -
             return None
 
         assert streams.start("t1", -1, failing, history) == 0
-        await asyncio.sleep(0.01)
-        first = streams.logs.get("t1")
-        assert first is not None
+        first = await ended(streams, "t1")
         assert [e.type for e in first.events] == ["started", "failed"]
         assert first.events[-1].retryable is False  # bad input: another attempt won't help
         assert streams.will_run("t1", history)
         assert streams.start("t1", -1, answering, history) == 2  # after the failed 0..1
         assert not streams.will_run("t1", history)  # running: joined
         assert streams.start("t1", -1, failing, history) == 2
-        await asyncio.sleep(0.01)
-        log = streams.logs.get("t1")
-        assert log is not None
+        log = await ended(streams, "t1")
         assert streams.start("t1", -1, failing, history) == 2  # completed: joined
         return log.events
 
@@ -194,15 +201,24 @@ def _collect(model: Model, text: str) -> list[StreamItem]:
     return asyncio.run(go())
 
 
-def test_the_offline_model_streams_word_by_word_with_its_latency_spread() -> None:
-    started = time.monotonic()
+def test_the_offline_model_streams_word_by_word_with_its_latency_spread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pauses: list[float] = []  # the model's clock: what it waits, not how long the run took
+    wait = asyncio.sleep
+
+    async def clock(delay: float, result: Any = None) -> Any:
+        pauses.append(delay)
+        return await wait(0, result)
+
+    monkeypatch.setattr(asyncio, "sleep", clock)
     items = _collect(OfflineModel("w", latency_s=0.3), "one  two\nthree ")
-    took = time.monotonic() - started
     *deltas, response = items
     assert isinstance(response, ModelResponse)
     assert deltas == ["echo ", "#1: ", "one  ", "two\n", "three "]
     assert "".join(str(d) for d in deltas) == response.content
-    assert 0.25 <= took < 1.0  # the latency, once, over the words
+    # the latency, once, spread evenly over the words
+    assert pauses == pytest.approx([0.3 / len(deltas)] * len(deltas))
 
 
 class _CutShort(Model):
@@ -421,13 +437,11 @@ def test_cancel_stops_a_turn_at_the_next_delta_and_stores_what_was_shown(
         finally:
             await host.services.store.close()
 
-    started = time.monotonic()
     events, stored = asyncio.run(go())
-    assert time.monotonic() - started < 1.5  # stopped well before the 2 s answer ended
     assert events[-1].type == "incomplete"
     assert events[-1].text == "cancelled"
     shown = "".join(e.text for e in events if e.type == "delta")
-    assert 3 <= len(shown.split()) < 42
+    assert 3 <= len(shown.split()) < 42  # stopped before the 2 s answer's 42 words ended
     assert stored[-1].content == shown
     assert stored[-1].incomplete == "cancelled"
 

@@ -335,6 +335,7 @@ def _fresh_python(code: str) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+@pytest.mark.slow  # starts a Python process
 def test_the_helpers_never_install_a_global_provider() -> None:
     _fresh_python(
         """
@@ -507,6 +508,7 @@ def _client_span() -> tuple[dict[str, str], str, str]:
     return carrier, f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}"
 
 
+@pytest.mark.slow  # starts a Python process
 @pytest.mark.parametrize(
     "variables",
     [
@@ -601,6 +603,7 @@ def _record_everything(m: Metrics) -> None:
     m.rate_limit_wait("openai:m", 0.2, admitted=True)
 
 
+@pytest.mark.slow  # starts a Python process
 def test_metrics_are_no_ops_without_ray() -> None:
     _fresh_python(
         """

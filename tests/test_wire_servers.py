@@ -333,14 +333,11 @@ def test_malformed_body_raises_json_decode_error(oa: Wire, an: Wire) -> None:
 def test_stall_times_the_client_out(oa: Wire, an: Wire) -> None:
     oa.server.script(Fault.stall(5.0))
     an.server.script(Fault.stall(5.0))
-    started = time.monotonic()
+    # A timeout error is the client giving up: after the 5 s stall the server answers.
     with pytest.raises(openai.APITimeoutError):
         ask_openai(oa, timeout=0.2)
-    assert time.monotonic() - started < 4.0  # the client gave up, not the 5 s stall
-    started = time.monotonic()
     with pytest.raises(anthropic.APITimeoutError):
         ask_anthropic(an, timeout=0.2)
-    assert time.monotonic() - started < 4.0
     # A stall shorter than the timeout is only a slow answer; the server is not stuck.
     oa.server.script(Fault.stall(0.05))
     assert ask_openai(oa, timeout=2.0).choices[0].message.content == "echo: hello"
@@ -634,6 +631,7 @@ def test_restart_keeps_the_port(loop: asyncio.Runner) -> None:
         assert answer.content[0].text == "echo: again"
 
 
+@pytest.mark.slow  # starts a Python process
 def test_cli_serves_until_interrupted(loop: asyncio.Runner) -> None:
     # A RuntimeWarning (e.g. runpy's "found in sys.modules") would fail the run.
     env = {**os.environ, "PYTHONWARNINGS": "error::RuntimeWarning"}
