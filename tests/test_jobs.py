@@ -189,7 +189,7 @@ def test_many_on_done_callbacks_share_one_watcher_and_a_deleted_job_is_reported(
     assert gone["state"] == "failed"
     assert "UnknownJob" in gone["error"]
     # Nothing pending: the watcher's thread ends; the next submit starts it again.
-    wait_for(lambda: not watchers())
+    wait_for(lambda: not watchers(), 30, "the watcher's thread to end")
     rt.close()  # drops what is pending, ends the thread
     assert not watchers()
 
