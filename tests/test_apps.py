@@ -8,7 +8,9 @@ that shows the module's tool output proves the hosts imported the deployed code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -72,21 +74,24 @@ def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[st
     return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture
-def deployed(
-    ray_cluster: str, namespace: str, sqlite_url: str, tmp_path: Path, driver_env: dict[str, str]
-) -> Iterator[dict[str, Any]]:
+@contextlib.contextmanager
+def _deploy(ray_cluster: str, where: Path) -> Iterator[dict[str, Any]]:
+    """Serve a fresh app module from ``where`` in a namespace of its own (a CLI run of
+    ~10 s); the namespace is killed after."""
     module = f"app_{uuid.uuid4().hex[:8]}"
-    _write_app(tmp_path, module, 0.1)
+    namespace = f"t-{uuid.uuid4().hex[:12]}"
+    sqlite_url = f"sqlite:///{where}/history.db"
+    driver_env = {**os.environ, "RAY_ADDRESS": ray_cluster, "RAY_AUTH_MODE": "disabled"}
+    _write_app(where, module, 0.1)
     common = ["--namespace", namespace, "--store", sqlite_url]
     serve = _cli(
-        ["serve", f"{module}:app", "--working-dir", str(tmp_path), "--json", *common], driver_env
+        ["serve", f"{module}:app", "--working-dir", str(where), "--json", *common], driver_env
     )
     assert serve.returncode == 0, serve.stderr
     try:
         yield {
             "module": module,
-            "dir": tmp_path,
+            "dir": where,
             "common": common,
             "env": driver_env,
             "served": json.loads(serve.stdout.strip().splitlines()[-1]),
@@ -95,6 +100,22 @@ def deployed(
         }
     finally:
         kill_namespace(namespace)
+
+
+@pytest.fixture
+def deployed(ray_cluster: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A served app of the test's own (it may serve it again)."""
+    with _deploy(ray_cluster, tmp_path) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def deployed_once(
+    ray_cluster: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """One served app the module's tests share: they must leave it as it was served."""
+    with _deploy(ray_cluster, tmp_path_factory.mktemp("deployed")) as served:
+        yield served
 
 
 def test_serve_a_module_by_path_then_talk_to_its_agents_by_name(deployed: dict[str, Any]) -> None:
@@ -163,8 +184,9 @@ def test_serve_a_module_by_path_then_talk_to_its_agents_by_name(deployed: dict[s
     ],
 )
 def test_a_bad_app_path_exits_2_naming_it_and_changes_nothing(
-    deployed: dict[str, Any], path: str, reason: str
+    deployed_once: dict[str, Any], path: str, reason: str
 ) -> None:
+    deployed = deployed_once
     path = path.format(module=deployed["module"])
     bad = _cli(
         ["serve", path, "--working-dir", str(deployed["dir"]), *deployed["common"]],
@@ -184,9 +206,10 @@ def test_a_bad_app_path_exits_2_naming_it_and_changes_nothing(
 
 
 def test_a_module_that_imports_here_but_not_on_the_nodes_exits_2(
-    deployed: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+    deployed_once: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """On PYTHONPATH of the command only (no --working-dir): the nodes cannot import it."""
+    deployed = deployed_once
     elsewhere = tmp_path_factory.mktemp("local-only")
     module = f"app_{uuid.uuid4().hex[:8]}"
     _write_app(elsewhere, module, 0.3)
