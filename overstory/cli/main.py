@@ -24,6 +24,7 @@ from ..quota import UNSET
 from ..registry.hosts import grow_hosts
 from ..runtime import ops
 from ..runtime.client import Runtime, connect
+from ..store import run_on_store
 from ..telemetry.logs import setup_logging
 from . import deploy
 from .demo import demo_agent, run_demo
@@ -641,7 +642,6 @@ def _moment(text: str) -> float:
 
 def _audit(args: argparse.Namespace) -> int:
     from ..audit import records, verify
-    from ..store import run_on_store
 
     url = _store_config(args).store
     if args.verify:
@@ -675,7 +675,6 @@ def _audit(args: argparse.Namespace) -> int:
 
 def _vault(args: argparse.Namespace) -> int:
     from .. import vault
-    from ..store import run_on_store
     from ..validation import validate_user_id
 
     url = _store_config(args).store
@@ -719,7 +718,6 @@ def _vault(args: argparse.Namespace) -> int:
 
 
 def _usage(args: argparse.Namespace) -> int:
-    from ..store import run_on_store
     from ..usage import usage
     from ..validation import validate_user_id
 
@@ -747,7 +745,6 @@ def _usage(args: argparse.Namespace) -> int:
 
 def _jobs(args: argparse.Namespace) -> int:
     from ..jobs import JobBook
-    from ..store import run_on_store
     from ..validation import validate_user_id
 
     config = _store_config(args)
@@ -794,7 +791,6 @@ def _limit(text: str) -> int | None:
 
 def _quota(args: argparse.Namespace) -> int:
     from ..quota import change_quota, report
-    from ..store import run_on_store
     from ..validation import validate_user_id
 
     overrides = {"namespace": args.namespace} if args.namespace else {}
@@ -839,7 +835,6 @@ def _quota(args: argparse.Namespace) -> int:
 
 def _keys(args: argparse.Namespace) -> int:
     from ..gateway.keys import create_key, list_keys, revoke_key
-    from ..store import run_on_store
 
     url = _store_config(args).store
     if args.keys_command == "rotate-data":
@@ -894,7 +889,6 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from ..store import run_on_store
     from .deploy import adopt_histories
 
     config = _store_config(args)

@@ -335,26 +335,26 @@ class SQLiteStore(HistoryStore):
         return await self._write(swap)
 
     async def vault_document(self, space: tuple[str, str], collection: str, key: str) -> str | None:
-        def select(conn: sqlite3.Connection) -> str | None:
-            row = conn.execute(
-                "SELECT document FROM vault WHERE agent = ? AND owner = ? AND collection = ?"
-                " AND key = ?",
-                (*space, collection, key),
-            ).fetchone()
-            return None if row is None else str(row[0])
-
-        try:
-            return await self._run(select)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot read the vault in {self.url}: {exc}") from exc
+        return await self._vault_read(space, collection, key, live=False)
 
     async def vault_get(self, space: tuple[str, str], collection: str, key: str) -> str | None:
+        return await self._vault_read(space, collection, key, live=True)
+
+    async def _vault_read(
+        self, space: tuple[str, str], collection: str, key: str, *, live: bool
+    ) -> str | None:
+        """One document as stored; ``live``: ``None`` once it has expired."""
+        query = (
+            "SELECT document FROM vault WHERE agent = ? AND owner = ? AND collection = ?"
+            " AND key = ?"
+        )
+        args: tuple[object, ...] = (*space, collection, key)
+        if live:
+            query += " AND (expires_at IS NULL OR expires_at > ?)"
+            args = (*args, time.time())
+
         def select(conn: sqlite3.Connection) -> str | None:
-            row = conn.execute(
-                "SELECT document FROM vault WHERE agent = ? AND owner = ? AND collection = ?"
-                " AND key = ? AND (expires_at IS NULL OR expires_at > ?)",
-                (*space, collection, key, time.time()),
-            ).fetchone()
+            row = conn.execute(query, args).fetchone()
             return None if row is None else str(row[0])
 
         try:
