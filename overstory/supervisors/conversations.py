@@ -48,7 +48,7 @@ from .locks import KeyedLocks
 from .named import SUPERVISED, get_or_create, unwrap_task_error
 from .spec import ChildSpec, SupervisorSpec
 from .tree import ROOT
-from .watch import RESTARTED, new_incarnation, stop_child, until_death
+from .watch import RESTARTED, new_incarnation, until_death
 
 __all__ = ["ConversationSupervisor"]
 
@@ -341,13 +341,12 @@ class ConversationSupervisor:
                     log.warning("restart of conversation %r failed: %s", child.user_id, exc)
 
     async def _escalate(self) -> None:
-        """Too many restarts: shut every child down and exit. Each is drained (its spans
-        exported) and killed, all at once: one that hangs is killed after the drain's
-        timeout, and no child waits behind another's."""
-        children = sorted(self._children.values(), key=lambda c: c.started_at, reverse=True)
-        for child in children:
+        """Too many restarts: shut every child down (reverse start order) and exit. The
+        children are killed at once, not drained: this subtree is failing, and its
+        parent must hear of it without waiting on children that may be restarting."""
+        for child in sorted(self._children.values(), key=lambda c: c.started_at, reverse=True):
             child.stopping = True
-        await asyncio.gather(*(stop_child(c.handle) for c in children))
+            ray.kill(child.handle, no_restart=True)
         self._children.clear()
         # Escalate: ask the parent to take this supervisor down for good. Its pending
         # watch call on us then fails, and the parent's own policy decides what next.
