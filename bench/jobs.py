@@ -8,7 +8,7 @@ One tree on a local Ray (hosted, SQLite), the scripted offline model answering a
 * **one job's delay**: from submit to the runner storing its result (the record's
   ``finished_at - created_at``), p50 over jobs sent one at a time, against the p50 of a
   plain ``send`` of the same turn (the baseline);
-* **throughput**: ``--jobs`` turns of ``--users`` users, as jobs (``jobs_concurrency``
+* **throughput**: ``--jobs`` turns of ``--users`` users, as jobs (``jobs.concurrency``
   at once, one per user) and as sends from as many threads (the baseline): turns per
   second and the ratio.
 
@@ -49,9 +49,7 @@ def main() -> None:
         agent,
         store=f"sqlite:///{tmp}/history.db",
         namespace=f"bench-jobs-{uuid.uuid4().hex[:6]}",
-        jobs_concurrency=args.concurrency,
-        jobs_per_user=1,
-        jobs_poll_s=1.0,
+        jobs={"concurrency": args.concurrency, "per_user": 1, "poll_s": 1.0},
     )
     try:
         users = [f"u{i}" for i in range(args.users)]

@@ -149,7 +149,7 @@ def uss(pid: int) -> int:
 
 
 def s2_s4(url: str, live: int) -> dict[str, Any]:
-    rt = connect(url, hosts_per_node=1)
+    rt = connect(url, hosted={"hosts_per_node": 1})
     prefix = "dense"
     asyncio.run(seed_many(url, prefix, live, 10))
     warm = rt.conversation("warm-up")
@@ -237,7 +237,7 @@ def s2_s4(url: str, live: int) -> dict[str, Any]:
 
 
 def s3(url: str, samples: int) -> dict[str, Any]:
-    rt = connect(url, hosts_per_node=1)
+    rt = connect(url, hosted={"hosts_per_node": 1})
     asyncio.run(seed_many(url, "cold", samples, 100))
     cold, warm = [], []
     for i in range(samples):
@@ -259,7 +259,7 @@ def s3(url: str, samples: int) -> dict[str, Any]:
 
 
 def p1(url: str, tmp: str, turns: int) -> dict[str, Any]:
-    hosted = connect(url, hosts_per_node=1)
+    hosted = connect(url, hosted={"hosts_per_node": 1})
     dedicated = connect(url, placement="dedicated")
     ours_h, ours_d = hosted.conversation("p1-hosted"), dedicated.conversation("p1-dedicated")
     bare = foundation.BareConversation.remote(f"{tmp}/bare.db")

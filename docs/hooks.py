@@ -202,22 +202,33 @@ def _cell(text: str) -> str:
     return "`".join(p if i % 2 else p.replace("|", "\\|") for i, p in enumerate(pieces))
 
 
-def config_reference() -> str:
-    """Markdown: a table of every key, then the keys that have no docstring."""
-    config = find_config()
-    rows = list(config_rows(config))
-    lines = [
-        f"`{config.__module__}.{config.__qualname__}`: {len(rows)} keys.\n",
-        "| key | type | default | bounds | what |",
-        "|---|---|---|---|---|",
-    ]
+def _table(rows: list[tuple[str, str, str, str, str]]) -> list[str]:
+    lines = ["| key | type | default | bounds | what |", "|---|---|---|---|---|"]
     lines += [
         f"| `{key}` | `{kind}` | {default} | {bounds} | {_cell(doc) or '—'} |"
         for key, kind, default, bounds, doc in rows
     ]
+    return lines
+
+
+def config_reference() -> str:
+    """Markdown: the top-level keys, then a section per group of settings (its TOML
+    table, its docstring, its keys); fails the build on a key without a docstring."""
+    config = find_config()
+    rows = list(config_rows(config))
     undocumented = [key for key, *_, doc in rows if not doc]
     if undocumented:
         raise RuntimeError("config keys without a docstring: " + ", ".join(undocumented))
+    lines = [f"`{config.__module__}.{config.__qualname__}`: {len(rows)} keys.\n"]
+    top = [row for row in rows if "." not in row[0]]
+    lines += _table(top)
+    for name, field in config.model_fields.items():
+        group = _nested_model(field.annotation)
+        if group is None:
+            continue
+        doc = inspect.cleandoc(group.__doc__ or "")
+        lines += ["", f"## `{name}`", "", doc, ""]
+        lines += _table([row for row in rows if row[0].startswith(f"{name}.")])
     return "\n".join(lines) + "\n"
 
 

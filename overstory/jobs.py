@@ -35,9 +35,11 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from hashlib import sha256
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import urlsplit
 
+if TYPE_CHECKING:
+    from .config import JobSettings
 from .exceptions import ConfigError, DataKeyError, UnknownJob, UsageError
 from .store.base import HistoryStore
 from .store.crypto import DataKeys, is_sealed, key_id_of, register_resealer
@@ -57,7 +59,6 @@ __all__ = [
     "JOB_STATES",
     "TERMINAL",
     "JobBook",
-    "JobLimits",
     "JobRecord",
     "JobState",
     "backoff_s",
@@ -151,15 +152,6 @@ def _shown_url(url: str) -> str:
     parts = urlsplit(url)
     rest = "/…" if parts.path.strip("/") or parts.query else ""
     return f"{parts.scheme}://{parts.netloc}{rest}"
-
-
-@dataclass(frozen=True, slots=True)
-class JobLimits:
-    """How many jobs one runner runs at once, overall and per user, and its lease."""
-
-    concurrency: int = 4
-    per_user: int = 1
-    lease_s: float = 30.0
 
 
 # --- the pure rules -----------------------------------------------------------------------
@@ -323,7 +315,7 @@ def delivered(job: JobRecord, now: float, error: str = "", *, jitter: float = 0.
 
 
 def pick(
-    candidates: Iterable[JobRecord], running: Mapping[str, int], limits: JobLimits
+    candidates: Iterable[JobRecord], running: Mapping[str, int], limits: JobSettings
 ) -> list[JobRecord]:
     """Which ``candidates`` (in due order) to start, given how many jobs each user has
     ``running``: never more than ``limits.concurrency`` in all, nor ``limits.per_user``
@@ -433,7 +425,7 @@ class JobBook:
         self, *, user: str | None = None, state: str | None = None, limit: int = 100
     ) -> list[JobRecord]:
         """Jobs, newest first, of ``user`` / in ``state`` (a scan of every record: jobs
-        are kept ``jobs_keep_s`` after they end)."""
+        are kept ``jobs.keep_s`` after they end)."""
         if state is not None and state not in JOB_STATES:
             raise UsageError(f"state must be one of {', '.join(JOB_STATES)}, got {state!r}")
         found = [

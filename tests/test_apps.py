@@ -296,7 +296,9 @@ def _versioned(**kw: Any) -> App:
 
 @pytest.fixture
 def versioned(ray_cluster: str, namespace: str, sqlite_url: str) -> Iterator[Runtime]:
-    rt = overstory.connect(_versioned(), namespace=namespace, store=sqlite_url, hosts_per_node=2)
+    rt = overstory.connect(
+        _versioned(), namespace=namespace, store=sqlite_url, hosted={"hosts_per_node": 2}
+    )
     try:
         yield rt
     finally:

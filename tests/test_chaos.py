@@ -35,7 +35,10 @@ def rt(
     namespace = f"t-chaos-{request.param}-{uuid.uuid4().hex[:8]}"
     store = f"sqlite:///{tmp_path_factory.mktemp('chaos')}/history.db"
     runtime = overstory.connect(
-        demo_agent(placement=request.param), store=store, namespace=namespace, hosts_per_node=1
+        demo_agent(placement=request.param),
+        store=store,
+        namespace=namespace,
+        hosted={"hosts_per_node": 1},
     )
     yield runtime
     kill_namespace(namespace)

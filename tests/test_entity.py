@@ -161,7 +161,7 @@ def test_a_hanging_tool_meets_the_turn_deadline_and_the_conversation_serves_agai
         stored = [m.turn_id for m in await c.history("u") if isinstance(m, UserMessage)]
         return reply.text, c.restarts("u"), stored
 
-    text, restarts, stored = run(placement, sqlite_url, body, turn_timeout_s=0.5)
+    text, restarts, stored = run(placement, sqlite_url, body, conversations={"turn_timeout_s": 0.5})
     assert text.endswith("still there?")
     assert restarts == (1, 0)  # one crash, restarted from the store
     assert stored == ["t1", "t2"]  # the interrupted turn's message was kept
@@ -182,7 +182,7 @@ def test_crashes_restart_the_conversation_then_quarantine_it_alone(
         good = await c.send("good", "t", "hello")  # the others carry on
         return counts, good.text
 
-    counts, good = run(placement, sqlite_url, body, entity_max_restarts=1)
+    counts, good = run(placement, sqlite_url, body, conversations={"max_restarts": 1})
     assert counts == (1, 1)
     assert good.endswith("hello")
 
@@ -198,7 +198,7 @@ def test_the_quota_refuses_a_turn_before_anything_is_stored(
             await c.start_turn("q", "t3", "three")
         return [m.turn_id for m in await c.history("q") if isinstance(m, UserMessage)]
 
-    assert run(placement, sqlite_url, body, quota_requests_per_minute=1) == ["t1"]
+    assert run(placement, sqlite_url, body, quotas={"requests_per_minute": 1}) == ["t1"]
 
 
 def test_access_is_checked_again_where_the_conversation_lives(

@@ -62,7 +62,7 @@ def test_the_cap_evicts_the_least_recently_used_and_a_read_counts_as_use(
         await host.send(v, cid("d"), TurnRequest("t-d", "hello"))  # over the cap of 3: b goes
         return host.live()
 
-    assert run(_host(sqlite_url, max_live_per_host=3), body) == [cid(u) for u in "cad"]
+    assert run(_host(sqlite_url, hosted={"max_live_per_host": 3}), body) == [cid(u) for u in "cad"]
 
 
 def test_the_sweeper_passivates_idle_conversations_and_keeps_busy_ones(sqlite_url: str) -> None:
@@ -79,7 +79,7 @@ def test_the_sweeper_passivates_idle_conversations_and_keeps_busy_ones(sqlite_ur
         await until(lambda: not host.live(), "the other one to be passivated once idle")
         return during, host.live(), host.counters["passivations"]
 
-    during, after, passivated = run(_host(sqlite_url, idle_timeout_s=0.2), body)
+    during, after, passivated = run(_host(sqlite_url, conversations={"idle_timeout_s": 0.2}), body)
     assert during == [cid("busy")]  # the idle one went; the one in a turn stayed
     assert after == []
     assert passivated == 2

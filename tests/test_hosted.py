@@ -1,7 +1,7 @@
 """Hosted placement on the session's Ray: conversations as entities inside host actors.
 
 A test that crashes, kills, quarantines, fences or counts gets a tree of its own (one
-host: ``hosts_per_node=1``), so what it does never reaches another; the others share one
+host: ``hosted.hosts_per_node=1``), so what it does never reaches another; the others share one
 module tree (``shared``), each with conversations of its own.
 """
 
@@ -23,6 +23,7 @@ from ray._common.test_utils import wait_for_condition
 import overstory
 from overstory import Agent, ConversationQuarantined, Runtime, TurnFailed, UserMessage
 from overstory.cli.demo import DEMO_RULES, add, word_count
+from overstory.config import merge_settings
 from overstory.providers import OfflineModel
 from overstory.sharding import HOST_PREFIX
 from overstory.store import open_store
@@ -37,13 +38,13 @@ def hosted_agent() -> Agent:
 
 
 def _connect(namespace: str, store: str, **settings: Any) -> Runtime:
-    settings = {
-        "hosts_per_node": 1,
-        "turn_timeout_s": 3.0,
-        "entity_max_restarts": 2,
-        "entity_restart_period_s": 60.0,
-        **settings,
-    }
+    settings = merge_settings(
+        {
+            "hosted": {"hosts_per_node": 1},
+            "conversations": {"turn_timeout_s": 3.0, "max_restarts": 2, "restart_period_s": 60.0},
+        },
+        settings,
+    )
     return overstory.connect(hosted_agent(), store=store, namespace=namespace, **settings)
 
 
@@ -117,7 +118,7 @@ def test_two_drivers_reach_one_entity(shared: Runtime, driver_env: dict[str, str
         "import json, sys, overstory\n"
         "from test_hosted import hosted_agent\n"
         "shared = overstory.connect(hosted_agent(), store=sys.argv[1], namespace=sys.argv[2],"
-        " hosts_per_node=1)\n"
+        " hosted={'hosts_per_node': 1})\n"
         "c = shared.conversation('shared')\n"
         "c.send('hello from another driver')\n"
         "print(json.dumps(c.info()))\n"
@@ -169,7 +170,7 @@ def test_a_crashing_conversation_is_restarted_then_quarantined_alone(rt: Runtime
     bad, good = rt.conversation("bad"), rt.conversation("good")
     good.send("hello")
     pid = good.info()["pid"]
-    for i in range(3):  # entity_max_restarts=2: the third crash in the period is too many
+    for i in range(3):  # conversations.max_restarts=2: the third crash in the period is too many
         with pytest.raises(TurnFailed, match=r"crashed.*scripted crash"):
             bad.send(f"!crash bug {i}")
         assert good.send(f"still fine {i}").text.startswith("echo")
@@ -230,7 +231,12 @@ def test_a_fenced_entity_is_dropped_and_the_turn_lands_once(rt: Runtime) -> None
 def test_idle_conversations_are_passivated_and_the_cap_evicts_lru(
     ray_cluster: str, namespace: str, sqlite_url: str
 ) -> None:
-    rt = _connect(namespace, sqlite_url, idle_timeout_s=1.0, max_live_per_host=3)
+    rt = _connect(
+        namespace,
+        sqlite_url,
+        conversations={"idle_timeout_s": 1.0},
+        hosted={"max_live_per_host": 3},
+    )
     try:
         for i in range(5):
             rt.conversation(f"capped-{i}").send(f"hello {i}")
@@ -284,7 +290,9 @@ def test_unknown_placement_is_a_config_error() -> None:
 
 def test_a_send_has_one_overall_deadline(shared: Runtime) -> None:
     hurried = Runtime(
-        shared.config.model_copy(update={"send_timeout_s": 0.5}), shared.app, started_ray=False
+        shared.config.merged({"conversations": {"send_timeout_s": 0.5}}),
+        shared.app,
+        started_ray=False,
     )
     with pytest.raises(overstory.ConversationUnavailable, match=r"send_timeout_s=0\.5"):
         hurried.conversation("late").send("!sleep 2 too slow", turn_id="t-late")
@@ -303,7 +311,9 @@ def test_hosts_dying_too_often_escalate_and_the_root_starts_them_again(
 ) -> None:
     from overstory.supervisors.tree import HOSTS, ROOT
 
-    rt = _connect(namespace, sqlite_url, restart_intensity=1, restart_period_s=60.0)
+    rt = _connect(
+        namespace, sqlite_url, supervision={"restart_intensity": 1, "restart_period_s": 60.0}
+    )
     try:
         conv = rt.conversation("escalated")
         conv.send("before")

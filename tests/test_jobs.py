@@ -43,11 +43,8 @@ def _connect(namespace: str, store: str) -> Runtime:
         agents,
         store=store,
         namespace=namespace,
-        hosts_per_node=1,
-        jobs_poll_s=0.2,
-        jobs_lease_s=3.0,
-        jobs_concurrency=3,
-        jobs_per_user=1,
+        hosted={"hosts_per_node": 1},
+        jobs={"poll_s": 0.2, "lease_s": 3.0, "concurrency": 3, "per_user": 1},
     )
 
 

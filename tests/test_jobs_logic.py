@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from conftest import on_store
 
+from overstory.config import JobSettings
 from overstory.exceptions import (
     ConfigError,
     InvalidMessage,
@@ -26,7 +27,6 @@ from overstory.exceptions import (
 from overstory.jobs import (
     MAX_DELIVERIES,
     JobBook,
-    JobLimits,
     JobRecord,
     backoff_s,
     cancel,
@@ -136,11 +136,11 @@ def test_webhooks_are_retried_then_given_up() -> None:
 
 def test_pick_bounds_concurrency_overall_and_per_user() -> None:
     jobs = [job("a"), job("a"), job("b"), job("c"), job("b"), job("d")]
-    limits = JobLimits(concurrency=3, per_user=1)
+    limits = JobSettings(concurrency=3, per_user=1)
     assert [j.user for j in pick(jobs, {}, limits)] == ["a", "b", "c"]
     assert [j.user for j in pick(jobs, {"a": 1, "c": 1}, limits)] == ["b"]
     assert pick(jobs, {"x": 3}, limits) == []
-    two = JobLimits(concurrency=10, per_user=2)
+    two = JobSettings(concurrency=10, per_user=2)
     assert [j.user for j in pick(jobs, {"b": 1}, two)] == ["a", "a", "b", "c", "d"]
 
 

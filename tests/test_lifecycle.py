@@ -38,7 +38,7 @@ def _runtime(tmp_path_factory: pytest.TempPathFactory, **settings: Any) -> Runti
 
 @pytest.fixture(scope="module")
 def rt(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
-    runtime = _runtime(tmp_path_factory, idle_timeout_s=1.5)
+    runtime = _runtime(tmp_path_factory, conversations={"idle_timeout_s": 1.5})
     yield runtime
     kill_namespace(runtime.config.namespace)
 
@@ -82,7 +82,7 @@ def test_idle_conversations_passivate_and_come_back_transparently(rt: Runtime) -
 def test_the_live_cap_passivates_the_least_recently_used(
     ray_cluster: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    rt = _runtime(tmp_path_factory, max_live_per_node=3)
+    rt = _runtime(tmp_path_factory, dedicated={"max_live_per_node": 3})
     try:
         users = [f"cap-{i}" for i in range(6)]
         convs = [rt.conversation(u) for u in users[:3]]
@@ -236,7 +236,7 @@ def test_an_idle_orphan_is_still_passivated_after_its_supervisor_restarts(rt: Ru
 def test_exceeding_restart_intensity_escalates_to_the_root(
     ray_cluster: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    rt = _runtime(tmp_path_factory, restart_intensity=1, restart_period_s=60)
+    rt = _runtime(tmp_path_factory, supervision={"restart_intensity": 1, "restart_period_s": 60})
     try:
         ns = rt.config.namespace
         root = ray.get_actor(ROOT, namespace=ns)

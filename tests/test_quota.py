@@ -31,9 +31,9 @@ def rt(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[R
         agent,
         store=f"sqlite:///{tmp_path_factory.mktemp('quota')}/history.db",
         namespace=namespace,
-        hosts_per_node=2,
-        turn_timeout_s=1.0,
-        quota_output_tokens=OUTPUT,
+        hosted={"hosts_per_node": 2},
+        conversations={"turn_timeout_s": 1.0},
+        quotas={"output_tokens": OUTPUT},
     )
     yield runtime
     runtime.close()

@@ -45,7 +45,10 @@ def rt(
     namespace = f"t-runtime-{request.param}-{uuid.uuid4().hex[:8]}"
     store = f"sqlite:///{tmp_path_factory.mktemp('runtime')}/history.db"
     runtime = overstory.connect(
-        demo_agent(placement=request.param), store=store, namespace=namespace, hosts_per_node=1
+        demo_agent(placement=request.param),
+        store=store,
+        namespace=namespace,
+        hosted={"hosts_per_node": 1},
     )
     yield runtime
     kill_namespace(namespace)
@@ -124,7 +127,7 @@ def test_detached_actor_outlives_its_driver_and_a_second_driver_reaches_it(
         from overstory.cli.demo import demo_agent
         rt = overstory.connect(
             demo_agent(placement=sys.argv[3]), store=sys.argv[1], namespace=sys.argv[2],
-            hosts_per_node=1)
+            hosted={"hosts_per_node": 1})
         conv = rt.conversation("dora")
         reply = conv.send("first message from driver one")
         print(json.dumps({"pid": conv.info()["pid"], "reply": reply.text}))
@@ -151,7 +154,7 @@ def test_concurrent_get_or_start_yields_exactly_one_actor(
         from overstory.cli.demo import demo_agent
         rt = overstory.connect(
             demo_agent(placement=sys.argv[3]), store=sys.argv[1], namespace=sys.argv[2],
-            hosts_per_node=1)
+            hosted={"hosts_per_node": 1})
         print(json.dumps({"pid": rt.conversation("erin").info()["pid"]}))
     """
     env_args = (rt.config.store, rt.config.namespace, rt.registry.placement)
@@ -276,7 +279,7 @@ def test_bad_input_is_refused_at_the_boundary_and_changes_nothing(rt: Runtime) -
     conv = rt.conversation("max")
     conv.send("keep this")
     before = rt.stored_history("max")
-    for bad in ["", "   ", "x" * (rt.config.max_message_chars + 1), "nul\x00"]:
+    for bad in ["", "   ", "x" * (rt.config.limits.max_message_chars + 1), "nul\x00"]:
         with pytest.raises(InvalidMessage):
             conv.send(bad)
     for bad_id in ["", "x" * 300, "tab\there", "\x1b[2J"]:

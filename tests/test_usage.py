@@ -73,7 +73,7 @@ def test_prices_match_dated_and_prefixed_names_and_are_validated() -> None:
         with pytest.raises(ConfigError, match=problem):
             validate_prices(bad)
     with pytest.raises(ConfigError, match="prices"):
-        overstory.Config.from_mapping({"prices": {"m": {"input": "cheap", "output": 1}}})
+        overstory.Config.from_mapping({"usage": {"prices": {"m": {"input": "cheap", "output": 1}}}})
 
 
 def test_summarize_counts_turns_tools_tokens_and_cost_per_model_and_user() -> None:
@@ -120,7 +120,7 @@ def test_the_store_is_counted_per_user_with_their_http_conversations(
 
     config = tmp_path / "overstory.toml"
     config.write_text(
-        f'store = "{sqlite_url}"\n[prices]\n"gpt-4.1-mini" = {{ input = 0.4, output = 1.6 }}\n'
+        f'store = "{sqlite_url}"\n[usage.prices]\n"gpt-4.1-mini" = {{ input = 0.4, output = 1.6 }}\n'
     )
     assert main(["usage", "--user", "alice", "--json", "--config", str(config)]) == 0
     shown = json.loads(capsys.readouterr().out)
@@ -147,7 +147,7 @@ def rt(ray_cluster: str, namespace: str, sqlite_url: str) -> Iterator[Runtime]:
         agent,
         store=sqlite_url,
         namespace=namespace,
-        prices={"offline:q": {"input": 1, "output": 2}},
+        usage={"prices": {"offline:q": {"input": 1, "output": 2}}},
     )
     yield runtime
     runtime.close()

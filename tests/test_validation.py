@@ -114,10 +114,14 @@ def test_config_rejects_unknown_keys_by_name() -> None:
 @pytest.mark.parametrize(
     ("data", "problem"),
     [
-        ({"max_message_chars": 0}, "max_message_chars: Input should be greater than or equal to 1"),
-        ({"max_message_chars": "lots"}, "max_message_chars"),
+        (
+            {"limits": {"max_message_chars": 0}},
+            r"limits\.max_message_chars: Input should be greater than or equal to 1",
+        ),
+        ({"limits": {"max_message_chars": "lots"}}, r"limits\.max_message_chars"),
         ({"namespace": "has space"}, "namespace"),
-        ({"activation_timeout_s": -1}, "activation_timeout_s"),
+        ({"conversations": {"activation_timeout_s": -1}}, r"conversations\.activation_timeout_s"),
+        ({"jobs": "many"}, "jobs"),
     ],
 )
 def test_config_rejects_bad_values_by_key(data: dict[str, object], problem: str) -> None:
@@ -135,7 +139,7 @@ def test_config_file(tmp_path: Path) -> None:
     path.write_text('[overstory]\nstore = "sqlite:////tmp/h.db"\nnamespace = "prod"\n')
     config = load_config(path)
     assert (config.store, config.namespace) == ("sqlite:////tmp/h.db", "prod")
-    assert load_config(path, namespace="other").namespace == "other"
+    assert load_config(path, {"namespace": "other"}).namespace == "other"
 
 
 def test_config_file_errors_name_the_file_and_key(tmp_path: Path) -> None:
@@ -194,3 +198,30 @@ def test_errors_keep_their_fields_and_cause_across_pickling() -> None:
     quarantined = pickle.loads(pickle.dumps(ConversationQuarantined("c", 4, 1e9, "boom")))
     assert (quarantined.conversation_id, quarantined.crashes, quarantined.last) == ("c", 4, "boom")
     assert "'c' is quarantined" in str(quarantined)
+
+
+def test_a_key_of_the_flat_layout_is_refused_with_its_new_name() -> None:
+    with pytest.raises(ConfigError, match=r"'jobs_concurrency' is now 'jobs\.concurrency'"):
+        Config.from_mapping({"jobs_concurrency": 2})
+
+
+def test_an_unknown_key_inside_a_group_is_named_with_its_group() -> None:
+    with pytest.raises(ConfigError, match=r"'jobs\.concurency'.*known keys of 'jobs': concurrency"):
+        Config.from_mapping({"jobs": {"concurency": 2}})
+
+
+def test_overrides_change_only_the_keys_they_name() -> None:
+    base = Config.from_mapping({"jobs": {"concurrency": 8, "poll_s": 0.5}})
+    merged = base.merged({"jobs": {"per_user": 2}, "namespace": "other"})
+    assert (merged.jobs.concurrency, merged.jobs.poll_s, merged.jobs.per_user) == (8, 0.5, 2)
+    assert merged.namespace == "other"
+    assert base.jobs.per_user == 1  # the original is unchanged (frozen)
+    with pytest.raises(ConfigError, match=r"jobs\.per_user"):
+        base.merged({"jobs": {"per_user": 0}})
+
+
+def test_a_config_file_holds_a_group_in_its_own_table(tmp_path: Path) -> None:
+    path = tmp_path / "overstory.toml"
+    path.write_text('[overstory]\nnamespace = "n"\n[overstory.jobs]\nconcurrency = 9\n')
+    config = load_config(path, {"jobs": {"per_user": 3}})
+    assert (config.namespace, config.jobs.concurrency, config.jobs.per_user) == ("n", 9, 3)

@@ -11,7 +11,7 @@ itself. A crash of the entity (a turn past its deadline, an exception escaping t
 reloads it from the store in this same process; a process that dies is restarted by Ray
 and watched by the :class:`~overstory.supervisors.conversations.ConversationSupervisor`.
 
-Lifecycle (virtual actor): after ``idle_timeout_s`` without a turn the actor asks its
+Lifecycle (virtual actor): after ``conversations.idle_timeout_s`` without a turn the actor asks its
 supervisor to passivate it; the supervisor calls :meth:`passivate` (refused while a turn
 is running or waiting; afterwards new turns get
 :class:`~overstory.exceptions.Passivated`) and kills it. Everything is already stored,
@@ -67,9 +67,7 @@ class ConversationActor(Shell):
         setup_telemetry()  # exports spans when the OTEL_* variables reached this process
         self.services = Services.of(config.namespace, app, config)
         self.serving = self.services.serving
-        self.supervision = EntitySupervision(
-            config.entity_max_restarts, config.entity_restart_period_s, config.quarantine_s
-        )
+        self.supervision = EntitySupervision(config.conversations)
         self._tasks = set()
         self._binding = Binding.of(conversation_id, api_keys)  # survives entity restarts
         self._entity: Entity | None = None
@@ -145,9 +143,11 @@ class ConversationActor(Shell):
     def _arm_idle_timer(self) -> None:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        if self.config.idle_timeout_s is not None and self._supervisor is not None:
+        if self.config.conversations.idle_timeout_s is not None and self._supervisor is not None:
             loop = asyncio.get_running_loop()
-            self._idle_timer = loop.call_later(self.config.idle_timeout_s, self._on_idle)
+            self._idle_timer = loop.call_later(
+                self.config.conversations.idle_timeout_s, self._on_idle
+            )
 
     def _on_idle(self) -> None:
         if self._busy() or self._closing:

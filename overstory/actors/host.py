@@ -89,9 +89,7 @@ class HostActor(Shell):
         # One store client, app, quota book and record cache for all its conversations.
         self.services = Services.of(namespace, app, config)
         self.serving = self.services.serving
-        self.supervision = EntitySupervision(
-            config.entity_max_restarts, config.entity_restart_period_s, config.quarantine_s
-        )
+        self.supervision = EntitySupervision(config.conversations)
         self._tasks = set()
         self._store_open = False
         self._store_lock = asyncio.Lock()
@@ -379,8 +377,8 @@ class HostActor(Shell):
             del self._entities[entity.conversation_id]
 
     def _evict_over_cap(self) -> None:
-        """Over ``max_live_per_host``: passivate the least recently used idle entities."""
-        over = len(self._entities) - self.config.max_live_per_host
+        """Over ``hosted.max_live_per_host``: passivate the least recently used idle entities."""
+        over = len(self._entities) - self.config.hosted.max_live_per_host
         if over <= 0:
             return
         # Least recent first, and stop once enough are found: a host at its cap pays for
@@ -390,12 +388,12 @@ class HostActor(Shell):
             self._remove(entity, "evicted")
 
     def _start_sweeper(self) -> None:
-        if self._sweeper is None and self.config.idle_timeout_s is not None:
+        if self._sweeper is None and self.config.conversations.idle_timeout_s is not None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def _sweep(self) -> None:
-        """Passivate entities idle for ``idle_timeout_s`` (least recent first: stop early)."""
-        timeout = self.config.idle_timeout_s
+        """Passivate entities idle for ``conversations.idle_timeout_s`` (least recent first: stop early)."""
+        timeout = self.config.conversations.idle_timeout_s
         assert timeout is not None
         while True:
             await asyncio.sleep(min(max(timeout / 4, 0.05), 30.0))

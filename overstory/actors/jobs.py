@@ -2,7 +2,7 @@
 (:meth:`JobRunner.maintain`: old jobs, expired response-cache entries).
 
 It holds no job state of its own (:mod:`overstory.jobs` keeps everything in the
-store): it reads the due queue entries every ``jobs_poll_s`` (or at once, when a submit
+store): it reads the due queue entries every ``jobs.poll_s`` (or at once, when a submit
 pokes it), takes the ones :func:`~overstory.jobs.pick` allows by compare-and-set
 (:func:`~overstory.jobs.claim`), and runs each as a turn of its user's conversation
 through the same client every driver uses — so a host killed mid-turn is re-sent to,
@@ -14,7 +14,7 @@ one thing it needs, :class:`JobTurns` (stream a job's turn), and the client hand
 an :data:`OpenTurns` when it boots the tree
 (:class:`overstory.runtime.client.ClientTurns`, sent to the runner's process by
 reference); the runner opens it on its first job. While a turn runs, the job's lease is
-renewed every third of ``jobs_lease_s``; if this process dies, Ray (then the root)
+renewed every third of ``jobs.lease_s``; if this process dies, Ray (then the root)
 starts it again and the new incarnation adopts the jobs the old one held
 (:func:`~overstory.jobs.claimable`).
 """
@@ -100,7 +100,7 @@ class JobRunner:
     ) -> None:
         self.namespace, self.config, self.placement = namespace, config, placement
         self.open_turns = open_turns
-        self.limits = config.job_limits()
+        self.limits = config.jobs
         self.incarnation = new_incarnation()
         setup_telemetry()
         self._store: HistoryStore = open_store(config.store)
@@ -145,10 +145,10 @@ class JobRunner:
 
     async def maintain(self) -> dict[str, int]:
         """The namespace's hourly upkeep (also callable by operators and tests): jobs
-        ended more than ``jobs_keep_s`` ago, and expired response-cache entries."""
+        ended more than ``jobs.keep_s`` ago, and expired response-cache entries."""
         await self._store.open()
         done = {
-            "jobs_swept": await self._book.sweep(time.time(), self.config.jobs_keep_s),
+            "jobs_swept": await self._book.sweep(time.time(), self.config.jobs.keep_s),
             "cache_swept": await cache.sweep(self._store),
         }
         self.counters.update(done)
@@ -176,7 +176,7 @@ class JobRunner:
                 log.warning("job scan failed: %s: %s", type(exc).__name__, exc)
             assert self._wake is not None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.jobs_poll_s)
+                await asyncio.wait_for(self._wake.wait(), self.config.jobs.poll_s)
             self._wake.clear()
 
     async def _scan(self, adopt: bool) -> None:

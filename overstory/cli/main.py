@@ -123,23 +123,31 @@ def _positive(raw: str) -> int:
 
 def _config(args: argparse.Namespace) -> Config:
     overrides: dict[str, Any] = {
-        "store": args.store,
-        "namespace": args.namespace,
-        "ray_address": args.address,
-        "max_live_per_node": getattr(args, "max_live", None),
-        "idle_timeout_s": getattr(args, "idle_timeout", None),
+        k: v
+        for k, v in (
+            ("store", args.store),
+            ("namespace", args.namespace),
+            ("ray_address", args.address),
+        )
+        if v is not None
     }
-    if getattr(args, "placement", "dedicated") == "hosted":
+    cap = getattr(args, "max_live", None)
+    if cap is not None and getattr(args, "placement", "dedicated") == "hosted":
         # The same cap, where hosted conversations live: per host.
-        overrides["max_live_per_host"] = overrides.pop("max_live_per_node")
-    elif overrides["max_live_per_node"] is not None:
+        overrides["hosted"] = {"max_live_per_host": cap}
+    elif cap is not None:
+        overrides["dedicated"] = {"max_live_per_node": cap}
+    conversations: dict[str, Any] = {}
+    if getattr(args, "idle_timeout", None) is not None:
+        conversations["idle_timeout_s"] = args.idle_timeout
+    if "dedicated" in overrides:
         # With a cap, activations queue for room: give a queued user time to get in.
-        overrides["activation_timeout_s"] = 900.0
+        conversations["activation_timeout_s"] = 900.0
+    if conversations:
+        overrides["conversations"] = conversations
     if args.config is not None:
-        return load_config(args.config, **overrides)
-    return Config.from_mapping(
-        {k: v for k, v in overrides.items() if v is not None}, source="command line"
-    )
+        return load_config(args.config, overrides)
+    return Config.from_mapping(overrides, source="command line")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -621,7 +629,7 @@ def _rebalance(args: argparse.Namespace) -> int:
 def _store_config(args: argparse.Namespace) -> Config:
     """The config of a command that only needs a store (``--config``, ``--store``)."""
     if args.config is not None:
-        return load_config(args.config, store=args.store)
+        return load_config(args.config, {"store": args.store} if args.store else None)
     return Config.from_mapping({"store": args.store} if args.store else {}, source="command line")
 
 
@@ -724,7 +732,7 @@ def _usage(args: argparse.Namespace) -> int:
     config = _store_config(args)
     user = None if args.user is None else validate_user_id(args.user)
     counted = run_on_store(
-        config.store, lambda st: usage(st, config.prices, user=user, since=args.since)
+        config.store, lambda st: usage(st, config.usage.prices, user=user, since=args.since)
     )
     if args.json:
         print(json.dumps(counted, sort_keys=True))
@@ -795,13 +803,15 @@ def _quota(args: argparse.Namespace) -> int:
 
     overrides = {"namespace": args.namespace} if args.namespace else {}
     if args.config is not None:
-        config = load_config(args.config, store=args.store, **overrides)
+        config = load_config(
+            args.config, {**({"store": args.store} if args.store else {}), **overrides}
+        )
     else:
         config = Config.from_mapping(
             {**({"store": args.store} if args.store else {}), **overrides}, source="command line"
         )
-    user = validate_user_id(args.user, max_chars=config.max_user_id_chars)
-    default = config.default_quota()
+    user = validate_user_id(args.user, max_chars=config.limits.max_user_id_chars)
+    default = config.quotas.quota()
     ns = config.namespace
     if args.quota_command == "set":
         changes = {

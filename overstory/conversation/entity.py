@@ -15,7 +15,7 @@ and its shard region). What a conversation guarantees lives here, the same for b
 * **order**: turns run one at a time, each caller's in the order it sent them (a
   :class:`~overstory.conversation.gate.TurnGate`, made only while turns are in flight);
 * **the turn** (:func:`~overstory.conversation.turn.run_turn`) under its deadline
-  (``turn_timeout_s``); streamed turns run into event logs readers tail and resume
+  (``conversations.turn_timeout_s``); streamed turns run into event logs readers tail and resume
   (:class:`~overstory.conversation.turnlog.TurnStreams`) and can be cancelled;
 * **crash accounting**: a turn past its deadline, or an exception escaping the turn
   machinery, crashes *this entity only*: :meth:`Shell.crashed` drops it, and the shell's
@@ -78,11 +78,11 @@ class Services:
         quotas = QuotaBook(
             store,
             namespace,
-            config.default_quota(),
-            turn_timeout_s=config.turn_timeout_s,
-            output_tokens=config.quota_output_tokens,
+            config.quotas.quota(),
+            turn_timeout_s=config.conversations.turn_timeout_s,
+            output_tokens=config.quotas.output_tokens,
         )
-        serving = Serving(namespace, store, app, config.rollout_refresh_s)
+        serving = Serving(namespace, store, app, config.rollouts.refresh_s)
         return cls(namespace, config, store, serving, quotas, RecordCache())
 
 
@@ -217,7 +217,7 @@ class Entity:
         """One turn under the deadline; what escapes the turn machinery crashes the entity."""
         services = self.shell.services
         cid, turn_id = self.conversation_id, request.turn_id
-        timeout_s = services.config.turn_timeout_s
+        timeout_s = services.config.conversations.turn_timeout_s
         try:
             # asyncio.timeout, not wait_for: no extra task per turn on the process's loop.
             async with asyncio.timeout(timeout_s):
@@ -237,7 +237,7 @@ class Entity:
                         should_stop=should_stop,
                         ticket=ticket,
                         owner=owner,
-                        prices=services.config.prices,
+                        prices=services.config.usage.prices,
                     )
         except (TurnFailed, UsageError):
             raise  # the turn's own outcome (or the caller's mistake): the entity is fine
@@ -269,7 +269,7 @@ class Entity:
         """This conversation's streamed turns, made on first use."""
         if self.streams is None:
             config = self.shell.services.config
-            self.streams = TurnStreams(config.stream_keep_turns, config.stream_window_s)
+            self.streams = TurnStreams(config.streams.keep_turns, config.streams.window_s)
         return self.streams
 
     async def start_turn(self, request: TurnRequest, after: int = -1) -> int:
@@ -390,7 +390,7 @@ class Shell(ABC):
         self.supervision.check(conversation_id)
         await self._authorize(conversation_id, principal, need)
         if text is not None:
-            validate_message(text, max_chars=self.services.config.max_message_chars)
+            validate_message(text, max_chars=self.services.config.limits.max_message_chars)
         entity = await self._activate(conversation_id, api_keys=api_keys)
         if touch:
             self.touched(entity)

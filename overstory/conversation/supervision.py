@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from ..config import ConversationSettings
 from ..exceptions import ConversationQuarantined
 from ..supervisors.core import Restart, SupervisorState, initial_state, on_exit
 from ..supervisors.spec import ChildSpec, SupervisorSpec
@@ -24,7 +25,9 @@ __all__ = ["EntitySupervision"]
 
 
 class EntitySupervision:
-    """Crash accounting for the conversations of one process (see the module doc).
+    """Crash accounting for the conversations of one process (see the module doc), by
+    the ``[conversations]`` settings ``max_restarts``, ``restart_period_s`` and
+    ``quarantine_s``.
 
     ``clock`` (monotonic) times restart windows; ``wall`` stamps quarantines (their
     ``until`` is shown to callers, so it is wall-clock time). Both are injectable.
@@ -32,16 +35,14 @@ class EntitySupervision:
 
     def __init__(
         self,
-        max_restarts: int,
-        period_s: float,
-        quarantine_s: float,
+        settings: ConversationSettings,
         *,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
-        self.max_restarts = max_restarts
-        self.period_s = period_s
-        self.quarantine_s = quarantine_s
+        self.max_restarts = settings.max_restarts
+        self.period_s = settings.restart_period_s
+        self.quarantine_s = settings.quarantine_s
         self._clock = clock
         self._wall = wall
         self._crashes: dict[str, SupervisorState] = {}  # conversations with recent crashes

@@ -758,7 +758,7 @@ async def create_response(request: Request) -> Response:
     body = await _json(request, gateway)
     agent, version = await gateway.agent_of(body.get("model"))
     model = agent if version is None else f"{agent}/{version}"
-    text = _input_text(body.get("input"), gateway.runtime.config.max_message_chars)
+    text = _input_text(body.get("input"), gateway.runtime.config.limits.max_message_chars)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "stream: a boolean", param="stream")

@@ -2,7 +2,7 @@
 
 The shard table lives in the store (compare-and-set, :func:`~overstory.sharding.table_key`): the
 :class:`HostSupervisor` writes the first one sized for the cluster as it is
-(``hosts_per_node``, or each alive node's CPU count), supervises one
+(``hosted.hosts_per_node``, or each alive node's CPU count), supervises one
 :class:`~overstory.actors.host.HostActor` per entry as a permanent child, and
 :meth:`HostSupervisor.grow` writes a bigger one online. Clients read the table once,
 cache it with the host handles, and send straight to the host: no supervisor is on the
@@ -56,15 +56,15 @@ HOST_OPTIONS: dict[str, Any] = {
 
 async def count_hosts(config: Config) -> int:
     """Hosts for the cluster as it is now: per alive node that can hold one (it has the
-    ``actor_resources``), ``hosts_per_node`` or its CPU count."""
+    ``actor_resources``), ``hosted.hosts_per_node`` or its CPU count."""
     total = 0
     for node in await alive_nodes_async():
         resources = node.get("Resources", {})
         if any(resources.get(k, 0) < v for k, v in config.actor_resources.items()):
             continue
         cpus = int(resources.get("CPU", 1) or 1)
-        total += config.hosts_per_node or max(1, cpus)
-    return max(1, min(total, config.shards))
+        total += config.hosted.hosts_per_node or max(1, cpus)
+    return max(1, min(total, config.hosted.shards))
 
 
 def hosts_child(namespace: str, app: App | None, config: Config) -> ChildSpec:
@@ -91,7 +91,9 @@ class HostSupervisor(Supervisor):
     def __init__(
         self, namespace: str, app: App | None, config: Config, parent: tuple[str, str]
     ) -> None:
-        spec = SupervisorSpec("one_for_one", config.restart_intensity, config.restart_period_s)
+        spec = SupervisorSpec(
+            "one_for_one", config.supervision.restart_intensity, config.supervision.restart_period_s
+        )
         super().__init__(namespace, spec, parent)
         self.app = app
         self.config = config
@@ -124,7 +126,7 @@ class HostSupervisor(Supervisor):
                 table = await stored_table(self._store, self.namespace)
                 if table is None:
                     first = ShardTable.build(
-                        await count_hosts(self.config), shards=self.config.shards
+                        await count_hosts(self.config), shards=self.config.hosted.shards
                     )
                     await self._store.put_setting(key, first.to_json(), expected=None)
                     table = await stored_table(self._store, self.namespace)  # ours or a rival's

@@ -77,11 +77,11 @@ class Registry:
             placement = app.placement
         self.placement: Placement = placement
         self.store_url = config.store
-        self.max_message_chars = config.max_message_chars
+        self.max_message_chars = config.limits.max_message_chars
         self._supervisor: Any = None
         self._booted = False
         self._served: dict[str, Any] | None = None
-        self.hosts = HostRouter(self.namespace, config.activation_timeout_s)
+        self.hosts = HostRouter(self.namespace, config.conversations.activation_timeout_s)
 
     def tree_spec(self) -> SupervisorSpec:
         app = self.app
@@ -109,7 +109,7 @@ class Registry:
         """Boot the supervision tree, or attach to the running one (of this placement)."""
         if self._booted:
             return
-        timeout = self.config.activation_timeout_s
+        timeout = self.config.conversations.activation_timeout_s
         if self.adopt:
             running = running_placement(self.namespace)
             if running is not None:
@@ -149,7 +149,7 @@ class Registry:
                     else:
                         ref = self.hosts.route_host(name).app.remote()
                     described: dict[str, Any] = ray.get(
-                        ref, timeout=self.config.activation_timeout_s
+                        ref, timeout=self.config.conversations.activation_timeout_s
                     )
                 except RayTaskError as exc:  # it answered: the app cannot be served
                     cause = unwrap_task_error(exc)
@@ -204,7 +204,7 @@ class Registry:
             try:
                 return ray.get(
                     supervisor.start_child.remote(user_id, api_keys),
-                    timeout=self.config.activation_timeout_s,
+                    timeout=self.config.conversations.activation_timeout_s,
                 )
             except RayTaskError as exc:
                 cause = unwrap_task_error(exc)
@@ -225,7 +225,7 @@ class Registry:
             try:
                 return await asyncio.wait_for(
                     supervisor.start_child.remote(user_id, api_keys),
-                    timeout=self.config.activation_timeout_s,
+                    timeout=self.config.conversations.activation_timeout_s,
                 )
             except RayTaskError as exc:
                 cause = unwrap_task_error(exc)
@@ -258,7 +258,7 @@ class Registry:
 
     def splits_changed(self) -> int:
         """Tell whatever serves conversations that a rollout split changed (they would
-        read it again within ``rollout_refresh_s`` anyway). Returns how many heard."""
+        read it again within ``rollouts.refresh_s`` anyway). Returns how many heard."""
         self.boot()
         target = HOSTS if self.placement == "hosted" else CONVERSATIONS
         try:
@@ -266,7 +266,7 @@ class Registry:
             heard: int = ray.get(supervisor.forget_splits.remote(), timeout=60)
             return heard
         except (ValueError, RayActorError, RayTaskError, GetTimeoutError):
-            return 0  # each reads the split again within rollout_refresh_s
+            return 0  # each reads the split again within rollouts.refresh_s
 
     def passivate(self, user_id: str, reason: str = "stopped") -> bool:
         """Passivate ``user_id``'s conversation (history stays)."""
@@ -281,7 +281,7 @@ class Registry:
             try:
                 return ray.get(
                     getattr(handle, method).remote(version, conversation_id, *args),
-                    timeout=self.config.activation_timeout_s,
+                    timeout=self.config.conversations.activation_timeout_s,
                 )
             except RayTaskError as exc:
                 cause = unwrap_task_error(exc)
@@ -304,7 +304,7 @@ class Registry:
         if self.placement != "hosted":
             raise ConfigError("rebalance applies to hosted placement; this tree is dedicated")
         self.boot()
-        table = grow_hosts(self.namespace, hosts, self.config.activation_timeout_s)
+        table = grow_hosts(self.namespace, hosts, self.config.conversations.activation_timeout_s)
         self.hosts.refresh()
         return table
 
@@ -322,7 +322,7 @@ class Registry:
                 out.append({"host": name, "error": str(ref)})
                 continue
             try:
-                out.append(ray.get(ref, timeout=self.config.activation_timeout_s))
+                out.append(ray.get(ref, timeout=self.config.conversations.activation_timeout_s))
             except (RayActorError, RayTaskError, GetTimeoutError) as exc:
                 self.hosts.forget(name)
                 out.append({"host": name, "error": f"{type(exc).__name__}: {exc}"[:300]})

@@ -125,7 +125,7 @@ def _default_agent() -> Agent:
 class Conversation:
     """One user's conversation with one agent. Get it with :meth:`Runtime.conversation`.
 
-    Every call is retried under one deadline (``send_timeout_s``) when the process that
+    Every call is retried under one deadline (``conversations.send_timeout_s``) when the process that
     serves the conversation dies, is restarting, passivates it or is fenced out of it:
     re-sending is safe because turns are idempotent by id.
     """
@@ -221,8 +221,8 @@ class Conversation:
     async def _call_async(self, call: Call, *args: Any, **extra: Any) -> Any:
         """``call`` (a :class:`Transport` method) until it answers, re-sent after what a
         re-send may fix (a moved shard, a restarted or passivated conversation), within
-        ``send_timeout_s``."""
-        deadline = time.monotonic() + self._runtime.config.send_timeout_s
+        ``conversations.send_timeout_s``."""
+        deadline = time.monotonic() + self._runtime.config.conversations.send_timeout_s
         transport = self._transport
         for attempt in itertools.count():
             target = None
@@ -241,14 +241,14 @@ class Conversation:
     def _late(self, method: str) -> ConversationUnavailable:
         return ConversationUnavailable(
             f"{method} on the conversation {self.conversation_id!r} did not finish within "
-            f"send_timeout_s={self._runtime.config.send_timeout_s:g} s. A send may be retried "
+            f"conversations.send_timeout_s={self._runtime.config.conversations.send_timeout_s:g} s. A send may be retried "
             "with the same turn_id: it is never stored twice."
         )
 
     def _gave_up(self, method: str, exc: BaseException) -> ConversationUnavailable:
         return ConversationUnavailable(
             f"{method} on the conversation {self.conversation_id!r} failed: it could not be "
-            f"served within send_timeout_s={self._runtime.config.send_timeout_s:g} s "
+            f"served within conversations.send_timeout_s={self._runtime.config.conversations.send_timeout_s:g} s "
             f"(last: {type(exc).__name__}: {exc}). A send may be retried with the same "
             "turn_id: it is never stored twice."
         )
@@ -265,7 +265,7 @@ class Conversation:
             self._in_flight.discard(n)
 
     def _check(self, text: str, turn_id: str | None) -> str:
-        validate_message(text, max_chars=self._runtime.config.max_message_chars)
+        validate_message(text, max_chars=self._runtime.config.limits.max_message_chars)
         return turn_id or uuid.uuid4().hex
 
     def send(self, text: str, *, turn_id: str | None = None, version: str | None = None) -> Reply:
@@ -366,7 +366,7 @@ class Conversation:
     def resume(self, turn_id: str, *, after: int = -1) -> Iterator[TurnEvent]:
         """The events of turn ``turn_id`` after ``seq`` ``after`` — of a running turn as
         they happen, of a finished one at once — the same events a reader of
-        :meth:`stream` got (within ``stream_window_s`` of its end; after that, rebuilt
+        :meth:`stream` got (within ``streams.window_s`` of its end; after that, rebuilt
         from the stored messages, one delta per model answer)."""
         turn_id, after = _turn_id(turn_id), _cursor(after)  # refused here, at the call
         return self._portal.iterate(self._resume(turn_id, after))
@@ -483,7 +483,7 @@ class Runtime:
         """``(agent name, conversation id)`` of ``user_id``'s conversation with ``agent``
         (default: the app's first agent); :class:`~overstory.exceptions.UnknownAgent`
         when the tree does not serve it."""
-        validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
+        validate_user_id(user_id, max_chars=self.config.limits.max_user_id_chars)
         if agent is not None and not isinstance(agent, str):
             raise ConfigError(f"agent must be an agent's name (a string), got {agent!r}")
         name = self.registry.agent_name(agent)
@@ -549,7 +549,7 @@ class Runtime:
 
     def rebalance(self, hosts: int | None = None) -> dict[str, Any]:
         """Hosted placement: grow to ``hosts`` hosts (default: as many as the cluster holds
-        now — ``hosts_per_node`` or each node's CPUs), online. Moved conversations
+        now — ``hosted.hosts_per_node`` or each node's CPUs), online. Moved conversations
         re-activate from the store on their new host; nothing is copied or lost. Returns
         the shard table (``version``, ``shards``, ``hosts``). Never shrinks."""
         return self.registry.rebalance(hosts)
@@ -557,11 +557,11 @@ class Runtime:
     def usage(self, user_id: str | None = None, *, since: float | None = None) -> dict[str, Any]:
         """Turns, tool calls, tokens and cost — in total, per model and per user — read
         from the stored history (``user_id``: only theirs, their HTTP conversations
-        included; ``since``: messages from that epoch second), priced by ``prices`` in
+        included; ``since``: messages from that epoch second), priced by ``usage.prices`` in
         the config (:mod:`overstory.usage`)."""
         if user_id is not None:
-            validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
-        prices = self.config.prices
+            validate_user_id(user_id, max_chars=self.config.limits.max_user_id_chars)
+        prices = self.config.usage.prices
         counted: dict[str, Any] = run_on_store(
             self.config.store, lambda st: usage_of(st, prices, user=user_id, since=since)
         )
@@ -582,7 +582,7 @@ class Runtime:
         lists and reaches it); its handle's ``user_id`` is its ``conv_...`` id, by which
         ``conversation(conv_id, agent=...)`` reaches it again. ``metadata``: up to 16
         string pairs, as OpenAI's."""
-        validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
+        validate_user_id(user_id, max_chars=self.config.limits.max_user_id_chars)
         name, _ = self._cid(user_id, agent)
         meta = validate_metadata(None if metadata is None else dict(metadata))
 
@@ -598,7 +598,7 @@ class Runtime:
         """``user_id``'s conversations made by :meth:`new_conversation` or over HTTP,
         oldest first: ``{"id", "object", "created_at", "metadata", "agent"}`` each (their
         default conversation, :meth:`conversation`, is not among them)."""
-        validate_user_id(user_id, max_chars=self.config.max_user_id_chars)
+        validate_user_id(user_id, max_chars=self.config.limits.max_user_id_chars)
 
         async def listed(store: Any) -> list[ConversationRecord]:
             return await owned_records(store, user_id)
@@ -682,7 +682,8 @@ def connect(
     replace the deployed agents.
 
     ``settings`` are :class:`Config` keys (``store="sqlite:///chat.db"``,
-    ``namespace=...``, ``ray_address=...``); unknown keys raise ``ConfigError``. The store
+    ``namespace=...``, ``ray_address=...``; a group as a table of the keys it changes,
+    ``jobs={"concurrency": 8}``, or as its model); unknown keys raise ``ConfigError``. The store
     is opened once here, so a wrong or unreachable store fails now, not on first use.
 
     ``telemetry=True`` sets OpenTelemetry up from the standard ``OTEL_*`` variables (in
@@ -692,9 +693,7 @@ def connect(
     if config is None:
         config = Config.from_mapping(settings, source="connect() arguments")
     elif settings:
-        config = Config.from_mapping(
-            {**config.model_dump(), **settings}, source="connect() arguments"
-        )
+        config = config.merged(settings, source="connect() arguments")
     app = None if agent is None else as_app(agent)
     namespace = config.namespace
     deployed: Deployment | None = run_on_store(

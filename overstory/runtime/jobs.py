@@ -79,7 +79,7 @@ class Jobs:
         :class:`~overstory.exceptions.UnknownJob`.
         """
         name, _ = self._runtime._cid(user_id, agent)
-        validate_message(text, max_chars=self._runtime.config.max_message_chars)
+        validate_message(text, max_chars=self._runtime.config.limits.max_message_chars)
         hook = validate_webhook(webhook)
         if on_done is not None and not callable(on_done):
             raise ConfigError(f"on_done must be callable, got {on_done!r}")
@@ -101,7 +101,7 @@ class Jobs:
         return handle
 
     def poke(self) -> None:
-        """Wake the job runner (it would look within ``jobs_poll_s`` anyway)."""
+        """Wake the job runner (it would look within ``jobs.poll_s`` anyway)."""
         with suppress(ValueError, RayActorError):
             ray.get_actor(JOBS, namespace=self._runtime.config.namespace).poke.remote()
 
@@ -109,7 +109,7 @@ class Jobs:
         """Job ``job_id``'s status: ``state`` (queued, running, succeeded, failed,
         cancelled), ``attempts``, ``reply`` (its answer's text), ``error`` (its last
         failure), times, ``turn_id`` …; :class:`~overstory.exceptions.UnknownJob` if
-        there is none (jobs are kept ``jobs_keep_s`` after they end)."""
+        there is none (jobs are kept ``jobs.keep_s`` after they end)."""
         namespace = self._runtime.config.namespace
         job_id = validate_job_id(job_id)
         record: JobRecord = run_on_store(
@@ -122,7 +122,7 @@ class Jobs:
     ) -> builtins.list[dict[str, Any]]:
         """Jobs, newest first: ``user_id``'s, or everyone's; in ``state`` or any."""
         if user_id is not None:
-            validate_user_id(user_id, max_chars=self._runtime.config.max_user_id_chars)
+            validate_user_id(user_id, max_chars=self._runtime.config.limits.max_user_id_chars)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
             raise UsageError(f"limit must be an int 1..10000, got {limit!r}")
         namespace = self._runtime.config.namespace

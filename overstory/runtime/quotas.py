@@ -33,7 +33,7 @@ class Quotas:
         configured default, for a user without a quota of their own). It holds across
         every conversation of the user, on every host and node, within 5 s (hosts read a
         user's quota again after that). Returns :meth:`get`."""
-        validate_user_id(user_id, max_chars=self._runtime.config.max_user_id_chars)
+        validate_user_id(user_id, max_chars=self._runtime.config.limits.max_user_id_chars)
         changes = {
             name: value
             for name, value in (
@@ -52,13 +52,13 @@ class Quotas:
 
     def default(self) -> Quota:
         """The quota of users without one of their own (``quota_*`` in the config)."""
-        return self._runtime.config.default_quota()
+        return self._runtime.config.quotas.quota()
 
     def get(self, user_id: str) -> dict[str, Any]:
         """``user_id``'s quota and where they stand: ``{"user", "quota", "own" (whether
         it is theirs or the default), "usage": {"day", "tokens", "reserved_tokens",
         "running_turns", "turns_last_minute"}}``."""
-        validate_user_id(user_id, max_chars=self._runtime.config.max_user_id_chars)
+        validate_user_id(user_id, max_chars=self._runtime.config.limits.max_user_id_chars)
         namespace, default = self._runtime.config.namespace, self.default()
         result: dict[str, Any] = run_on_store(
             self._runtime.config.store, lambda st: report(st, namespace, user_id, default)

@@ -25,7 +25,7 @@ class Vault:
         """``agent``'s vault collections with their document counts: ``user_id``'s, or
         (``None``) every owner's (owner ``""``: the shared collections)."""
         if user_id:
-            validate_user_id(user_id, max_chars=self._runtime.config.max_user_id_chars)
+            validate_user_id(user_id, max_chars=self._runtime.config.limits.max_user_id_chars)
         listed: builtins.list[dict[str, Any]] = run_on_store(
             self._runtime.config.store, lambda st: vault_ops.listing(st, agent, user_id)
         )

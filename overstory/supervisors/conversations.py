@@ -10,8 +10,8 @@ is also the registry's single source of truth for which conversations are live.
   good (``ActorDiedError``) is started again by the supervisor. Either way the restart
   counts against the restart intensity; exceeding it shuts every child down in reverse
   start order and escalates: this supervisor exits and its parent decides.
-* Lifecycle: a child idle for ``idle_timeout_s`` asks to be passivated; with
-  ``max_live_per_node`` set, activating one more conversation on a full node passivates
+* Lifecycle: a child idle for ``conversations.idle_timeout_s`` asks to be passivated; with
+  ``dedicated.max_live_per_node`` set, activating one more conversation on a full node passivates
   the least recently used idle ones there. Passivation waits for a running turn.
 
 Which children to restart and when to give up are the pure functions of
@@ -93,7 +93,12 @@ class ConversationSupervisor:
         # What the OTP core knows: one transient child per live conversation, and the
         # restart window. Every restart decision below is core.on_exit's.
         self._state = SupervisorState(
-            SupervisorSpec("one_for_one", config.restart_intensity, config.restart_period_s), ()
+            SupervisorSpec(
+                "one_for_one",
+                config.supervision.restart_intensity,
+                config.supervision.restart_period_s,
+            ),
+            (),
         )
         self.counters = {"activations": 0, "passivations": 0, "restarts": 0, "evictions": 0}
         self._adopted = False
@@ -193,7 +198,7 @@ class ConversationSupervisor:
                 finally:
                     self._in_flight -= 1
             handle = child.handle
-        if self.config.max_live_per_node is not None:
+        if self.config.dedicated.max_live_per_node is not None:
             await self._enforce_cap(child.node_id, keep=user_id)
         return handle
 
@@ -208,7 +213,7 @@ class ConversationSupervisor:
         return True
 
     async def _spawn(self, user_id: str, api_keys: Mapping[str, Secret] | None) -> _Child:
-        options = {**SUPERVISED, "max_restarts": self.config.actor_max_restarts}
+        options = {**SUPERVISED, "max_restarts": self.config.dedicated.actor_max_restarts}
         if self.config.actor_resources:
             options["resources"] = dict(self.config.actor_resources)
         record = self._deployment
@@ -221,7 +226,7 @@ class ConversationSupervisor:
             self.namespace,
             (user_id, self.app, self.config, me, api_keys),
             options,
-            timeout_s=self.config.activation_timeout_s,
+            timeout_s=self.config.conversations.activation_timeout_s,
         )
         child = self._record(user_id, handle, info, api_keys)
         self.counters["activations"] += 1
@@ -247,7 +252,7 @@ class ConversationSupervisor:
             # must keep them.
             calls: list[Any] = [handle.ready.remote(), handle.own_keys.remote()]
             info, api_keys = await asyncio.wait_for(
-                asyncio.gather(*calls), timeout=self.config.activation_timeout_s
+                asyncio.gather(*calls), timeout=self.config.conversations.activation_timeout_s
             )
         except RayTaskError as exc:
             if isinstance(unwrap_task_error(exc), Passivated):
@@ -415,11 +420,11 @@ class ConversationSupervisor:
         """With a cap, wait until one more conversation fits, evicting idle ones to make room.
 
         The per-node cap can only be checked after Ray has placed an actor; before that,
-        the cluster-wide room is ``max_live_per_node`` times the number of alive nodes.
+        the cluster-wide room is ``dedicated.max_live_per_node`` times the number of alive nodes.
         While every live conversation is in a turn nothing can be evicted: wait for one
         to end (re-checked on every removal, and every half second).
         """
-        cap = self.config.max_live_per_node
+        cap = self.config.dedicated.max_live_per_node
         if cap is None:
             return
         room = cap * max(1, len(await alive_nodes_async()))
@@ -453,7 +458,7 @@ class ConversationSupervisor:
 
     async def _enforce_cap(self, node_id: str, keep: str) -> None:
         """After a placement: passivate LRU idle conversations on a node over its cap."""
-        cap = self.config.max_live_per_node
+        cap = self.config.dedicated.max_live_per_node
         assert cap is not None
         while sum(1 for c in self._children.values() if c.node_id == node_id) > cap:
             if not await self._evict_one(node_id, keep):
