@@ -34,14 +34,12 @@ from ray.exceptions import RayActorError, RayTaskError
 from ..access import Principal
 from ..app import App
 from ..config import Config
-from ..conversation.entity import Entity, Services, Shell, activate
+from ..conversation.entity import Entity, Shell
 from ..conversation.serving import Binding
-from ..conversation.supervision import EntitySupervision
 from ..exceptions import Passivated
 from ..messages import Message, Reply, TurnEvent, TurnRequest
 from ..providers import Secret
-from ..supervisors.watch import RESTARTED, new_incarnation, watched_elsewhere
-from ..telemetry import setup_telemetry
+from ..supervisors.watch import RESTARTED, watched_elsewhere
 
 __all__ = ["ConversationActor"]
 
@@ -57,23 +55,13 @@ class ConversationActor(Shell):
         supervisor: Any = None,
         api_keys: Mapping[str, Secret] | None = None,
     ) -> None:
-        self.conversation_id = conversation_id
-        self.config = config
         # The app's namespace (the actor's, not its job's): provider actors live there.
-        self.namespace = config.namespace
+        super().__init__(config.namespace, app, config)
+        self.conversation_id = conversation_id
         self.api_keys = api_keys
         self._supervisor = supervisor
-        self.incarnation = new_incarnation()  # a new one each time Ray restarts this actor
-        setup_telemetry()  # exports spans when the OTEL_* variables reached this process
-        self.services = Services.of(config.namespace, app, config)
-        self.serving = self.services.serving
-        self.supervision = EntitySupervision(config.conversations)
-        self._tasks = set()
         self._binding = Binding.of(conversation_id, api_keys)  # survives entity restarts
         self._entity: Entity | None = None
-        self._open_lock = asyncio.Lock()
-        self._load_lock = asyncio.Lock()
-        self._store_open = False
         self._started_at = time.time()
         self._pending = 0  # send / start_turn calls in progress (passivation waits)
         self._closing = False
@@ -82,40 +70,19 @@ class ConversationActor(Shell):
 
     # --- the shell ------------------------------------------------------------------------
 
-    async def _open(self) -> None:
-        if not self._store_open:
-            async with self._open_lock:
-                if not self._store_open:
-                    await self.services.store.open()
-                    self._store_open = True
-
     def _live(self, conversation_id: str) -> Entity | None:
         entity = self._entity
         return entity if entity is not None and not entity.closing else None
 
-    async def _activate(
-        self,
-        conversation_id: str,
-        *,
-        api_keys: Mapping[str, Secret] | None = None,
-        binding: Binding | None = None,
-    ) -> Entity:
-        """The entity, loaded from the store on first use and after a crash (the
-        user's keys were bound when this actor started: ``api_keys`` is ignored)."""
-        entity = self._live(conversation_id)
-        if entity is not None:
-            return entity
-        async with self._load_lock:
-            entity = self._live(conversation_id)
-            if entity is not None:
-                return entity
-            if self._closing:
-                raise Passivated(f"conversation {self.conversation_id!r} is passivating")
-            await self._open()
-            entity = await activate(self, self.conversation_id, binding or self._binding)
-            self._entity = entity
-            self._arm_idle_timer()
-            return entity
+    def _prepare(self, conversation_id: str, api_keys: Mapping[str, Secret] | None) -> Binding:
+        """The user's keys were bound when this actor started (``api_keys`` is ignored)."""
+        if self._closing:
+            raise Passivated(f"conversation {self.conversation_id!r} is passivating")
+        return self._binding
+
+    def _activated(self, entity: Entity) -> None:
+        self._entity = entity
+        self._arm_idle_timer()
 
     def _drop(self, entity: Entity) -> None:
         if self._entity is entity:

@@ -46,15 +46,14 @@ import ray
 from ..access import Principal
 from ..app import App
 from ..config import Config
-from ..conversation.entity import Entity, Services, Shell, activate
+from ..conversation.entity import Entity, Shell
 from ..conversation.serving import Binding
-from ..conversation.supervision import EntitySupervision
 from ..exceptions import StaleShardTable
 from ..messages import Message, Reply, TurnEvent, TurnRequest
 from ..providers import Secret
 from ..sharding import ShardTable, stored_table
-from ..supervisors.watch import new_incarnation, until_death
-from ..telemetry import metrics, setup_telemetry
+from ..supervisors.watch import until_death
+from ..telemetry import metrics
 
 __all__ = ["HostActor", "process_memory"]
 
@@ -80,21 +79,10 @@ class HostActor(Shell):
     def __init__(
         self, namespace: str, name: str, table: ShardTable, app: App | None, config: Config
     ) -> None:
-        self.namespace = namespace
+        super().__init__(namespace, app, config)
         self.name = name
         self.table = table
-        self.config = config
-        self.incarnation = new_incarnation()
-        setup_telemetry()
-        # One store client, app, quota book and record cache for all its conversations.
-        self.services = Services.of(namespace, app, config)
-        self.serving = self.services.serving
-        self.supervision = EntitySupervision(config.conversations)
-        self._tasks = set()
-        self._store_open = False
-        self._store_lock = asyncio.Lock()
         self._entities: OrderedDict[str, Entity] = OrderedDict()  # least recent first
-        self._activating: dict[str, asyncio.Future[Entity]] = {}
         self.counters = {
             "activations": 0,
             "passivations": 0,
@@ -162,8 +150,8 @@ class HostActor(Shell):
         version: int,
         conversation_id: str,
         request: TurnRequest,
-        api_keys: Mapping[str, Secret] | None = None,
         *,
+        api_keys: Mapping[str, Secret] | None = None,
         principal: Principal | None = None,
     ) -> Reply:
         """Run a turn of ``conversation_id``
@@ -177,9 +165,9 @@ class HostActor(Shell):
         version: int,
         conversation_id: str,
         request: TurnRequest,
-        api_keys: Mapping[str, Secret] | None = None,
         after: int = -1,
         *,
+        api_keys: Mapping[str, Secret] | None = None,
         principal: Principal | None = None,
     ) -> int:
         """Start a streamed turn of ``conversation_id``
@@ -193,8 +181,8 @@ class HostActor(Shell):
         version: int,
         conversation_id: str,
         turn_id: str,
-        api_keys: Mapping[str, Secret] | None = None,
         *,
+        api_keys: Mapping[str, Secret] | None = None,
         principal: Principal | None = None,
     ) -> bool:
         """Cancel streamed turn ``turn_id`` (:meth:`~overstory.conversation.entity.Shell.cancel_turn`);
@@ -209,8 +197,8 @@ class HostActor(Shell):
         turn_id: str,
         after: int = -1,
         wait_s: float = 10.0,
-        api_keys: Mapping[str, Secret] | None = None,
         *,
+        api_keys: Mapping[str, Secret] | None = None,
         principal: Principal | None = None,
     ) -> tuple[list[TurnEvent], bool]:
         """``(events, ended)`` of turn ``turn_id`` after ``after`` (a long poll:
@@ -223,8 +211,8 @@ class HostActor(Shell):
         self,
         version: int,
         conversation_id: str,
-        api_keys: Mapping[str, Secret] | None = None,
         *,
+        api_keys: Mapping[str, Secret] | None = None,
         principal: Principal | None = None,
     ) -> list[Message]:
         """The stored messages; during a turn, those of the turn stored so far."""
@@ -236,6 +224,7 @@ class HostActor(Shell):
         self,
         version: int,
         conversation_id: str,
+        *,
         api_keys: Mapping[str, Secret] | None = None,
     ) -> dict[str, Any]:
         """One conversation's entity (activated if needed) and this host's process."""
@@ -277,13 +266,8 @@ class HostActor(Shell):
         if version != table.version or not table.owns(self.name, conversation_id):
             raise StaleShardTable(table.version, table.shards, table.hosts)
 
-    async def _open(self) -> None:
-        if not self._store_open:
-            async with self._store_lock:
-                if not self._store_open:
-                    await self.services.store.open()
-                    self._store_open = True
-                    await self._read_table()  # this process may have been made long ago
+    async def _opened(self) -> None:
+        await self._read_table()  # this process may have been made long ago
 
     async def _read_table(self) -> bool:
         """Take the stored shard table if it is newer; shed what this host lost."""
@@ -305,41 +289,15 @@ class HostActor(Shell):
     def _live(self, conversation_id: str) -> Entity | None:
         return self._entities.get(conversation_id)
 
-    async def _activate(
-        self,
-        conversation_id: str,
-        *,
-        api_keys: Mapping[str, Secret] | None = None,
-        binding: Binding | None = None,
-    ) -> Entity:
-        """The live entity of ``conversation_id``, loaded from the store if needed;
-        concurrent calls for one conversation share one activation."""
-        entity = self._entities.get(conversation_id)
-        if entity is not None and not entity.closing:
-            return entity
-        pending = self._activating.get(conversation_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Entity] = asyncio.get_running_loop().create_future()
-        self._activating[conversation_id] = future
-        try:
-            self._start_sweeper()
-            await self._open()
-            if binding is None:
-                binding = Binding.of(conversation_id, api_keys)
-            entity = await activate(self, conversation_id, binding)
-            self._entities[conversation_id] = entity
-            self.counters["activations"] += 1
-            self._evict_over_cap()
-            self._report()
-            future.set_result(entity)
-            return entity
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: no "never retrieved" warning when nobody waits
-            raise
-        finally:
-            del self._activating[conversation_id]
+    def _prepare(self, conversation_id: str, api_keys: Mapping[str, Secret] | None) -> Binding:
+        self._start_sweeper()
+        return Binding.of(conversation_id, api_keys)
+
+    def _activated(self, entity: Entity) -> None:
+        self._entities[entity.conversation_id] = entity
+        self.counters["activations"] += 1
+        self._evict_over_cap()
+        self._report()
 
     def touched(self, entity: Entity) -> None:
         """Used just now: most recently used, so the sweeper and the LRU cap see it last

@@ -43,8 +43,8 @@ from ..providers import Secret
 from ..providers.pool import provider_namespace
 from ..quota import QuotaBook, Ticket, finish
 from ..store import HistoryStore, open_store
-from ..supervisors.watch import DRAIN_TIMEOUT_S
-from ..telemetry import attached, flush_async, metrics
+from ..supervisors.watch import DRAIN_TIMEOUT_S, new_incarnation
+from ..telemetry import attached, flush_async, metrics, setup_telemetry
 from ..validation import validate_message
 from .gate import TurnGate
 from .serving import Binding, Serving
@@ -328,32 +328,51 @@ class Entity:
 class Shell(ABC):
     """A process serving conversation entities: a host (many) or a dedicated actor (one).
 
-    Subclasses own activation (:meth:`_activate`), passivation and transport; the calls
-    below are what every placement does, written once. ``services`` and
-    ``supervision`` are set by the subclass's ``__init__``.
+    Subclasses own where entities live (:meth:`_activated`, :meth:`_live`,
+    :meth:`_drop`), passivation and transport; the calls below — opening the store and
+    activation included — are what every placement does, written once.
     """
 
-    services: Services
-    supervision: EntitySupervision
-    _tasks: set[asyncio.Task[Any]]
+    def __init__(self, namespace: str, app: App | None, config: Config) -> None:
+        """What every placement's process holds: its incarnation (new each time Ray
+        restarts it), telemetry (spans export when the ``OTEL_*`` variables reached
+        this process), one store client, app, quota book and record cache for all its
+        conversations, and crash accounting."""
+        self.namespace = namespace
+        self.config = config
+        self.incarnation = new_incarnation()
+        setup_telemetry()
+        self.services = Services.of(namespace, app, config)
+        self.serving = self.services.serving
+        self.supervision = EntitySupervision(config.conversations)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._activating: dict[str, asyncio.Future[Entity]] = {}  # id -> its activation
+        self._store_open = False
+        self._store_lock = asyncio.Lock()
 
     # --- what a placement provides ------------------------------------------------------
 
-    @abstractmethod
     async def _open(self) -> None:
-        """Open the process's store client (idempotent)."""
+        """Open the process's store client on first use (idempotent), then
+        :meth:`_opened`."""
+        if not self._store_open:
+            async with self._store_lock:
+                if not self._store_open:
+                    await self.services.store.open()
+                    self._store_open = True
+                    await self._opened()
+
+    async def _opened(self) -> None:  # noqa: B027 (a hook: most placements read nothing)
+        """The store client was just opened: what a placement reads first."""
+
+    def _prepare(self, conversation_id: str, api_keys: Mapping[str, Secret] | None) -> Binding:
+        """Before an activation: the binding the new entity gets (the agent it serves,
+        the user's ``api_keys``). A placement that may not activate now raises here."""
+        return Binding.of(conversation_id, api_keys)
 
     @abstractmethod
-    async def _activate(
-        self,
-        conversation_id: str,
-        *,
-        api_keys: Mapping[str, Secret] | None = None,
-        binding: Binding | None = None,
-    ) -> Entity:
-        """The live entity of ``conversation_id``, activated (:func:`activate`) if
-        needed. ``api_keys`` bind for the life of the entity; a restart passes the
-        crashed entity's ``binding`` so they survive it."""
+    def _activated(self, entity: Entity) -> None:
+        """A new entity was activated: hold it, so the next call finds it live."""
 
     @abstractmethod
     def _live(self, conversation_id: str) -> Entity | None:
@@ -391,10 +410,42 @@ class Shell(ABC):
         await self._authorize(conversation_id, principal, need)
         if text is not None:
             validate_message(text, max_chars=self.services.config.limits.max_message_chars)
-        entity = await self._activate(conversation_id, api_keys=api_keys)
+        entity = await self._activate(conversation_id, api_keys)
         if touch:
             self.touched(entity)
         return entity
+
+    async def _activate(
+        self,
+        conversation_id: str,
+        api_keys: Mapping[str, Secret] | None = None,
+        binding: Binding | None = None,
+    ) -> Entity:
+        """The live entity of ``conversation_id``, else one activated from the store
+        (:func:`activate`); concurrent calls for one conversation share one activation.
+        ``api_keys`` bind for the life of the entity; a restart passes the crashed
+        entity's ``binding``, so they survive it."""
+        entity = self._live(conversation_id)
+        if entity is not None and not entity.closing:
+            return entity
+        pending = self._activating.get(conversation_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Entity] = asyncio.get_running_loop().create_future()
+        self._activating[conversation_id] = future
+        try:
+            bound = binding or self._prepare(conversation_id, api_keys)
+            await self._open()
+            entity = await activate(self, conversation_id, bound)
+            self._activated(entity)
+            future.set_result(entity)
+            return entity
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody waits
+            raise
+        finally:
+            del self._activating[conversation_id]
 
     async def _authorize(
         self, conversation_id: str, principal: Principal | None, need: Need

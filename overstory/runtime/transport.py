@@ -65,16 +65,20 @@ class Transport(ABC):
         """The Ray actor serving it, as the dashboard shows it (its host, if hosted)."""
 
     @abstractmethod
-    def send(
-        self, target: Any, request: TurnRequest, *, principal: Principal | None = None
-    ) -> Any: ...
+    def _at(self, target: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+        """How ``target`` is called: the actor handle, the arguments every call to it
+        starts with, and the keywords every call carries."""
 
-    @abstractmethod
+    def send(self, target: Any, request: TurnRequest, *, principal: Principal | None = None) -> Any:
+        handle, head, keywords = self._at(target)
+        return handle.send.remote(*head, request, principal=principal, **keywords)
+
     def start_turn(
         self, target: Any, request: TurnRequest, after: int, *, principal: Principal | None = None
-    ) -> Any: ...
+    ) -> Any:
+        handle, head, keywords = self._at(target)
+        return handle.start_turn.remote(*head, request, after, principal=principal, **keywords)
 
-    @abstractmethod
     def events(
         self,
         target: Any,
@@ -83,16 +87,21 @@ class Transport(ABC):
         wait_s: float,
         *,
         principal: Principal | None = None,
-    ) -> Any: ...
+    ) -> Any:
+        handle, head, keywords = self._at(target)
+        return handle.events.remote(*head, turn_id, after, wait_s, principal=principal, **keywords)
+
+    def cancel(self, target: Any, turn_id: str, *, principal: Principal | None = None) -> Any:
+        handle, head, keywords = self._at(target)
+        return handle.cancel.remote(*head, turn_id, principal=principal, **keywords)
+
+    def history(self, target: Any, *, principal: Principal | None = None) -> Any:
+        handle, head, keywords = self._at(target)
+        return handle.history.remote(*head, principal=principal, **keywords)
 
     @abstractmethod
-    def cancel(self, target: Any, turn_id: str, *, principal: Principal | None = None) -> Any: ...
-
-    @abstractmethod
-    def history(self, target: Any, *, principal: Principal | None = None) -> Any: ...
-
-    @abstractmethod
-    def info(self, target: Any) -> Any: ...
+    def info(self, target: Any) -> Any:
+        """The conversation's description (placement, where it runs, its size)."""
 
 
 class HostedTransport(Transport):
@@ -118,55 +127,13 @@ class HostedTransport(Transport):
     def actor(self) -> str:
         return self.registry.hosts.table.host_for(self.conversation_id)
 
-    def send(self, target: Any, request: TurnRequest, *, principal: Principal | None = None) -> Any:
+    def _at(self, target: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
         version, _, host = target
-        return host.send.remote(
-            version, self.conversation_id, request, self.api_keys, principal=principal
-        )
-
-    def start_turn(
-        self, target: Any, request: TurnRequest, after: int, *, principal: Principal | None = None
-    ) -> Any:
-        version, _, host = target
-        return host.start_turn.remote(
-            version, self.conversation_id, request, self.api_keys, after, principal=principal
-        )
-
-    def events(
-        self,
-        target: Any,
-        turn_id: str,
-        after: int,
-        wait_s: float,
-        *,
-        principal: Principal | None = None,
-    ) -> Any:
-        version, _, host = target
-        return host.events.remote(
-            version,
-            self.conversation_id,
-            turn_id,
-            after,
-            wait_s,
-            self.api_keys,
-            principal=principal,
-        )
-
-    def cancel(self, target: Any, turn_id: str, *, principal: Principal | None = None) -> Any:
-        version, _, host = target
-        return host.cancel.remote(
-            version, self.conversation_id, turn_id, self.api_keys, principal=principal
-        )
-
-    def history(self, target: Any, *, principal: Principal | None = None) -> Any:
-        version, _, host = target
-        return host.history.remote(
-            version, self.conversation_id, self.api_keys, principal=principal
-        )
+        return host, (version, self.conversation_id), {"api_keys": self.api_keys}
 
     def info(self, target: Any) -> Any:
         version, _, host = target
-        return host.info.remote(version, self.conversation_id, self.api_keys)
+        return host.info.remote(version, self.conversation_id, api_keys=self.api_keys)
 
 
 class DedicatedTransport(Transport):
@@ -208,30 +175,8 @@ class DedicatedTransport(Transport):
     def actor(self) -> str:
         return actor_name(self.conversation_id)
 
-    def send(self, target: Any, request: TurnRequest, *, principal: Principal | None = None) -> Any:
-        return target.send.remote(request, principal=principal)
-
-    def start_turn(
-        self, target: Any, request: TurnRequest, after: int, *, principal: Principal | None = None
-    ) -> Any:
-        return target.start_turn.remote(request, after, principal=principal)
-
-    def events(
-        self,
-        target: Any,
-        turn_id: str,
-        after: int,
-        wait_s: float,
-        *,
-        principal: Principal | None = None,
-    ) -> Any:
-        return target.events.remote(turn_id, after, wait_s, principal=principal)
-
-    def cancel(self, target: Any, turn_id: str, *, principal: Principal | None = None) -> Any:
-        return target.cancel.remote(turn_id, principal=principal)
-
-    def history(self, target: Any, *, principal: Principal | None = None) -> Any:
-        return target.history.remote(principal=principal)
+    def _at(self, target: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+        return target, (), {}  # the actor holds its conversation and its user's keys
 
     def info(self, target: Any) -> Any:
         return target.ready.remote()
