@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import unicodedata
 
-from .exceptions import InvalidMessage, InvalidUserId
+from .exceptions import InvalidMessage, InvalidUserId, UsageError
 
 __all__ = ["MAX_MESSAGE_CHARS", "MAX_USER_ID_CHARS", "validate_message", "validate_user_id"]
 
@@ -28,22 +28,35 @@ def _control_chars(value: str, categories: tuple[str, ...], allow: str = "") -> 
     ]
 
 
+def _checked_text(
+    value: object,
+    error: type[UsageError],
+    name: str,
+    max_chars: int,
+    categories: tuple[str, ...],
+    *,
+    article: str = "",
+    allow: str = "",
+) -> str:
+    """``value`` if it is a non-blank string of at most ``max_chars`` characters with none
+    in the Unicode ``categories`` (but those in ``allow``), else ``error`` naming it."""
+    if not isinstance(value, str):
+        raise error(f"{article}{name} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise error(f"{article}{name} must not be empty or blank, got {value!r}")
+    if len(value) > max_chars:
+        raise error(f"{name} is {len(value)} characters, the limit is {max_chars}: {_show(value)}")
+    bad = _control_chars(value, categories, allow)
+    if bad:
+        raise error(
+            f"{name} contains control or invalid characters ({', '.join(bad[:5])}): {_show(value)}"
+        )
+    return value
+
+
 def validate_user_id(user_id: object, *, max_chars: int = MAX_USER_ID_CHARS) -> str:
     """The user id itself if it can name a conversation, else :class:`InvalidUserId`."""
-    if not isinstance(user_id, str):
-        raise InvalidUserId(f"user id must be a string, got {type(user_id).__name__}")
-    if not user_id.strip():
-        raise InvalidUserId(f"user id must not be empty or blank, got {user_id!r}")
-    if len(user_id) > max_chars:
-        raise InvalidUserId(
-            f"user id is {len(user_id)} characters, the limit is {max_chars}: {_show(user_id)}"
-        )
-    bad = _control_chars(user_id, ("Cc", "Cf", "Cs", "Co"))
-    if bad:
-        raise InvalidUserId(
-            f"user id contains control or invalid characters ({', '.join(bad[:5])}): "
-            f"{_show(user_id)}"
-        )
+    user_id = _checked_text(user_id, InvalidUserId, "user id", max_chars, ("Cc", "Cf", "Cs", "Co"))
     if user_id != user_id.strip():
         raise InvalidUserId(f"user id has leading or trailing whitespace: {user_id!r}")
     return user_id
@@ -56,17 +69,6 @@ def validate_message(text: object, *, max_chars: int = MAX_MESSAGE_CHARS) -> str
     surrogates are not. Format characters (zero-width joiners in emoji) are allowed in
     messages but not in user ids, where invisible characters would let two ids look alike.
     """
-    if not isinstance(text, str):
-        raise InvalidMessage(f"a message must be a string, got {type(text).__name__}")
-    if not text.strip():
-        raise InvalidMessage(f"a message must not be empty or blank, got {text!r}")
-    if len(text) > max_chars:
-        raise InvalidMessage(
-            f"message is {len(text)} characters, the limit is {max_chars}: {_show(text)}"
-        )
-    bad = _control_chars(text, ("Cc", "Cs"), allow="\n\r\t")
-    if bad:
-        raise InvalidMessage(
-            f"message contains control or invalid characters ({', '.join(bad[:5])}): {_show(text)}"
-        )
-    return text
+    return _checked_text(
+        text, InvalidMessage, "message", max_chars, ("Cc", "Cs"), article="a ", allow="\n\r\t"
+    )

@@ -24,12 +24,13 @@ key order.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Collection, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Collection, Coroutine, Mapping
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from .exceptions import VaultError
 from .store import HistoryStore
@@ -53,6 +54,7 @@ MAX_DOCUMENT_BYTES = 64 * 1024
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 _SCAN = 200
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 def vault_aad(agent: str, owner: str, collection: str, key: str) -> str:
@@ -187,41 +189,39 @@ class DataVault:
         return SyncVault(self, self._loop)
 
 
+def _blocking(
+    method: Callable[Concatenate[DataVault, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[SyncVault, P], T]:
+    """:class:`DataVault`'s ``method`` as a :class:`SyncVault` method: the same arguments,
+    run on the vault's loop and waited for."""
+
+    @functools.wraps(method)
+    def call(self: SyncVault, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._wait(method(self._vault, *args, **kwargs))
+
+    call.__qualname__ = f"SyncVault.{method.__name__}"
+    return call
+
+
 class SyncVault:
     """:class:`DataVault`'s calls, blocking, for sync tools."""
 
     def __init__(self, vault: DataVault, loop: asyncio.AbstractEventLoop) -> None:
         self._vault, self._loop = vault, loop
 
-    def _wait(self, call: Awaitable[T]) -> T:
+    def _wait(self, call: Coroutine[Any, Any, T]) -> T:
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
         if running is self._loop:
             raise VaultError("a sync vault call on the event loop would block it: await ctx.vault")
-        return asyncio.run_coroutine_threadsafe(call, self._loop).result()  # type: ignore[arg-type]
+        return asyncio.run_coroutine_threadsafe(call, self._loop).result()
 
-    def store(
-        self,
-        collection: str,
-        document: Mapping[str, Any],
-        key: str | None = None,
-        *,
-        ttl_s: float | None = None,
-    ) -> str:
-        return self._wait(self._vault.store(collection, document, key, ttl_s=ttl_s))
-
-    def retrieve(self, collection: str, key: str) -> dict[str, Any] | None:
-        return self._wait(self._vault.retrieve(collection, key))
-
-    def delete(self, collection: str, key: str) -> bool:
-        return self._wait(self._vault.delete(collection, key))
-
-    def query(
-        self, collection: str, filter: Mapping[str, Any] | None = None, limit: int = 100
-    ) -> list[tuple[str, dict[str, Any]]]:
-        return self._wait(self._vault.query(collection, filter, limit))
+    store = _blocking(DataVault.store)
+    retrieve = _blocking(DataVault.retrieve)
+    delete = _blocking(DataVault.delete)
+    query = _blocking(DataVault.query)
 
 
 # --- operators (the Python client and ``overstory vault``) ----------------------------------

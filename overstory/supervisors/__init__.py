@@ -4,48 +4,15 @@
 ``core``          which children restart, in what order, and when to give up — pure
 ``tree``          the root supervisor and :func:`boot` (one named tree per namespace)
 ``conversations`` the dynamic supervisor of conversation actors (and the live registry)
+
+The package exports what ``spec`` and ``core`` export (their ``__all__``); the Ray shells
+are imported from their own modules.
 """
 
-from .core import (
-    Decision,
-    Remove,
-    Restart,
-    Shutdown,
-    SupervisorState,
-    add_child,
-    initial_state,
-    on_exit,
-    remove_child,
-    restart_intensity,
-    should_restart,
-)
-from .spec import (
-    DEFAULT_MAX_RESTARTS,
-    DEFAULT_PERIOD_S,
-    ChildSpec,
-    ExitReason,
-    RestartType,
-    Strategy,
-    SupervisorSpec,
-)
+from . import core, spec
+from .core import *  # noqa: F403
+from .spec import *  # noqa: F403
 
-__all__ = [
-    "DEFAULT_MAX_RESTARTS",
-    "DEFAULT_PERIOD_S",
-    "ChildSpec",
-    "Decision",
-    "ExitReason",
-    "Remove",
-    "Restart",
-    "RestartType",
-    "Shutdown",
-    "Strategy",
-    "SupervisorSpec",
-    "SupervisorState",
-    "add_child",
-    "initial_state",
-    "on_exit",
-    "remove_child",
-    "restart_intensity",
-    "should_restart",
-]
+__all__: list[str] = []
+__all__ += core.__all__
+__all__ += spec.__all__
