@@ -30,6 +30,7 @@ from overstory.providers import (
     Endpoint,
     FallbackModel,
     Limits,
+    ModelRequest,
     RemoteModel,
     RetryPolicy,
     Secret,
@@ -55,7 +56,7 @@ class Caller:
                     for m in getattr(model, "models", ()):
                         m._open_until = 0.0
                 start = time.perf_counter()
-                await model.call("", MSGS, [])  # type: ignore[attr-defined]
+                await model.call(ModelRequest("", MSGS))  # type: ignore[attr-defined]
                 samples.append(time.perf_counter() - start)
         return samples
 
@@ -68,7 +69,7 @@ class Caller:
             with provider_namespace(self.namespace):
                 while time.time() < until:
                     try:
-                        await model.call("", MSGS, [])  # type: ignore[attr-defined]
+                        await model.call(ModelRequest("", MSGS))  # type: ignore[attr-defined]
                         done += 1
                     except Exception:
                         pass

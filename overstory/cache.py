@@ -23,36 +23,27 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from opentelemetry import trace
 
 from .exceptions import DataKeyError, StoreError
-from .messages import AssistantMessage, Message, ModelResponse, ToolCall, ToolReturn, Usage
-from .providers.base import Model, StreamItem
+from .messages import AssistantMessage, ModelResponse, ToolCall, ToolReturn, Usage
+from .providers.base import Model, ModelRequest, StreamItem
 from .store import HistoryStore
 from .store.settings import CACHE
 from .telemetry import metrics
-from .tools import ToolDefinition
 
 __all__ = ["CachingModel", "cache_key", "sweep"]
 
 _PREFIX = CACHE.prefix()
 
 
-def cache_key(
-    owner: str,
-    agent: str,
-    version: str,
-    model: str,
-    instructions: str,
-    tools: Sequence[ToolDefinition],
-    messages: Sequence[Message],
-) -> str:
-    """The setting that caches this call's answer (a digest of all that changes it)."""
+def cache_key(owner: str, agent: str, version: str, model: str, req: ModelRequest) -> str:
+    """The setting that caches ``req``'s answer (a digest of all that changes it)."""
     history: list[list[Any]] = []
-    for m in messages:  # what the model reads of each: never its usage, seq or time
+    for m in req.messages:  # what the model reads of each: never its usage, seq or time
         if isinstance(m, AssistantMessage):
             calls = [[c.id, c.name, c.arguments] for c in m.tool_calls]
             history.append(["assistant", m.content, calls, m.incomplete])
@@ -65,8 +56,8 @@ def cache_key(
             "agent": agent,
             "version": version,
             "model": model,
-            "instructions": instructions,
-            "tools": [[t.name, t.description, t.parameters] for t in tools],
+            "instructions": req.instructions,
+            "tools": [[t.name, t.description, t.parameters] for t in req.tools],
             "history": history,
         },
         sort_keys=True,
@@ -120,12 +111,8 @@ class CachingModel(Model):
     def name(self) -> str:
         return self.inner.name
 
-    def _key(
-        self, instructions: str, messages: Sequence[Message], tools: Sequence[ToolDefinition]
-    ) -> str:
-        return cache_key(
-            self.owner, self.agent, self.version, self.inner.name, instructions, tools, messages
-        )
+    def _key(self, req: ModelRequest) -> str:
+        return cache_key(self.owner, self.agent, self.version, self.inner.name, req)
 
     def _seal(self, key: str, value: str) -> str:
         keys = self.store.data_keys
@@ -162,28 +149,22 @@ class CachingModel(Model):
         metrics().cache(self.agent, "hit" if outcome == "hit" else "miss")
         trace.get_current_span().add_event("overstory.cache", {"outcome": outcome})
 
-    async def request(
-        self, instructions: str, messages: Sequence[Message], tools: Sequence[ToolDefinition]
-    ) -> ModelResponse:
-        return await self.call(instructions, messages, tools)
+    async def request(self, req: ModelRequest) -> ModelResponse:
+        return await self.call(req)
 
-    async def call(
-        self, instructions: str, messages: Sequence[Message], tools: Sequence[ToolDefinition]
-    ) -> ModelResponse:
-        key = self._key(instructions, messages, tools)
+    async def call(self, req: ModelRequest) -> ModelResponse:
+        key = self._key(req)
         cached, raw = await self._lookup(key)
         if cached is not None:
             self._outcome("hit")
             return cached
         self._outcome("miss")
-        response = await self.inner.call(instructions, messages, tools)
+        response = await self.inner.call(req)
         await self._keep(key, response, raw)
         return response
 
-    async def stream(  # type: ignore[override]
-        self, instructions: str, messages: Sequence[Message], tools: Sequence[ToolDefinition]
-    ) -> AsyncGenerator[StreamItem, None]:
-        key = self._key(instructions, messages, tools)
+    async def stream(self, req: ModelRequest) -> AsyncGenerator[StreamItem, None]:
+        key = self._key(req)
         cached, raw = await self._lookup(key)
         if cached is not None:
             self._outcome("hit")
@@ -192,7 +173,7 @@ class CachingModel(Model):
             yield cached
             return
         self._outcome("miss")
-        inner = self.inner.stream(instructions, messages, tools)
+        inner = self.inner.stream(req)
         try:
             async for item in inner:
                 if isinstance(item, ModelResponse):

@@ -26,13 +26,12 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .messages import AssistantMessage, Message, ModelResponse, ToolCall, ToolReturn, UserMessage
-from .providers.base import Model, StreamItem
-from .tools import ToolDefinition
+from .providers.base import Model, ModelRequest, StreamItem
 
 __all__ = ["Finding", "Placeholders", "RedactingModel", "Redactor", "Restorer", "redactor"]
 
@@ -258,13 +257,13 @@ class RedactingModel(Model):
     def name(self) -> str:
         return self.inner.name
 
-    def _prepare(
-        self, instructions: str, messages: Sequence[Message]
-    ) -> tuple[Placeholders, str, list[Message]]:
+    def _prepare(self, req: ModelRequest) -> tuple[Placeholders, ModelRequest]:
+        """The placeholders of ``req``'s conversation, and ``req`` redacted with them."""
         placeholders = Placeholders(self._finder)
         # History first, in order: a value's number is fixed by its first appearance.
-        redacted = [placeholders.redact_message(m) for m in messages]
-        return placeholders, placeholders.redact(instructions), redacted
+        messages = tuple(placeholders.redact_message(m) for m in req.messages)
+        instructions = placeholders.redact(req.instructions)
+        return placeholders, replace(req, instructions=instructions, messages=messages)
 
     @staticmethod
     def _restored(response: ModelResponse, placeholders: Placeholders) -> ModelResponse:
@@ -274,33 +273,18 @@ class RedactingModel(Model):
         )
         return replace(response, content=placeholders.restore(response.content), tool_calls=calls)
 
-    async def request(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> ModelResponse:
-        placeholders, redacted_instructions, redacted = self._prepare(instructions, messages)
-        response = await self.inner.call(redacted_instructions, redacted, tools)
+    async def request(self, req: ModelRequest) -> ModelResponse:
+        placeholders, redacted = self._prepare(req)
+        response = await self.inner.call(redacted)
         return self._restored(response, placeholders)
 
-    async def call(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> ModelResponse:
-        return await self.request(instructions, messages, tools)
+    async def call(self, req: ModelRequest) -> ModelResponse:
+        return await self.request(req)
 
-    async def stream(  # type: ignore[override]
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> AsyncGenerator[StreamItem, None]:
-        placeholders, redacted_instructions, redacted = self._prepare(instructions, messages)
+    async def stream(self, req: ModelRequest) -> AsyncGenerator[StreamItem, None]:
+        placeholders, redacted = self._prepare(req)
         restorer = Restorer(placeholders)
-        inner = self.inner.stream(redacted_instructions, redacted, tools)
+        inner = self.inner.stream(redacted)
         try:
             async for item in inner:
                 if isinstance(item, str):

@@ -37,7 +37,7 @@ from overstory.providers import (
     parse_model,
     resolve_model,
 )
-from overstory.providers.base import StreamItem
+from overstory.providers.base import ModelRequest, StreamItem
 from overstory.providers.breaker import BreakerModel
 from overstory.providers.endpoint import BreakerPolicy, aws_credentials
 from overstory.providers.pool import provider_actor_name, vendor_model
@@ -90,7 +90,7 @@ def endpoint_for(server: BedrockServer, model: str = MODEL, **kw: Any) -> Endpoi
 def collect(model: Model) -> tuple[list[StreamItem], ModelError | None]:
     async def go() -> tuple[list[StreamItem], ModelError | None]:
         items: list[StreamItem] = []
-        stream = model.stream("", HISTORY, [])
+        stream = model.stream(ModelRequest("", HISTORY))
         try:
             async for item in stream:
                 items.append(item)
@@ -106,7 +106,7 @@ def collect(model: Model) -> tuple[list[StreamItem], ModelError | None]:
 
 def failure(model: Model) -> ModelError:
     with pytest.raises(ModelError) as info:
-        run(model.request("", HISTORY, []))
+        run(model.request(ModelRequest("", HISTORY)))
     return info.value
 
 
@@ -190,7 +190,7 @@ def test_without_a_region_resolving_fails_and_without_credentials_the_call_does(
     monkeypatch.setenv("AWS_REGION", REGION)
     model = resolve_model(f"bedrock:{MODEL}")  # users may bring their own credentials
     with pytest.raises(ModelError, match="AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY") as info:
-        run(model.request("", HISTORY, []))
+        run(model.request(ModelRequest("", HISTORY)))
     assert info.value.kind == "auth"
     own = model.with_api_keys(api_keys({"bedrock": f"{KEY_ID}:{SECRET}"}))
     assert isinstance(own, RemoteModel)
@@ -244,7 +244,7 @@ def test_requests_are_signed_for_bedrock_in_the_region_over_the_invoke_path(
     server: BedrockServer,
 ) -> None:
     response = run(
-        vendor_model(endpoint_for(server, token=TOKEN)).request("Be brief.", HISTORY, [])
+        vendor_model(endpoint_for(server, token=TOKEN)).request(ModelRequest("Be brief.", HISTORY))
     )
     assert response.content == "echo: hello there"
     assert response.model == MODEL
@@ -282,7 +282,7 @@ def test_a_model_id_is_percent_encoded_in_the_path_and_decoded_by_the_server(
     server: BedrockServer,
 ) -> None:
     arn = "arn:aws:bedrock:eu-central-1:123456789012:inference-profile/eu.anthropic.claude-v1:0"
-    response = run(vendor_model(endpoint_for(server, arn)).request("", HISTORY, []))
+    response = run(vendor_model(endpoint_for(server, arn)).request(ModelRequest("", HISTORY)))
     assert response.model == arn  # the server read the id back out of one path segment
     assert server.requests[0].path == f"/model/{arn}/invoke"
 
@@ -360,7 +360,7 @@ def test_throttling_is_the_sdks_rate_limit_error_and_the_taxonomys_rate_limited(
     assert (error.kind, error.retry_after, len(server.requests)) == ("rate_limited", None, 1)
     server.reset()
     server.script(Fault.rate_limited(retry_after=0.01))
-    assert run(breaker.request("", HISTORY, [])).content == "echo: hello there"
+    assert run(breaker.request(ModelRequest("", HISTORY))).content == "echo: hello there"
     assert len(server.requests) == 2
     assert breaker.breaker.snapshot(0.0)["recent_failures"] == 0
 

@@ -13,6 +13,7 @@ from overstory import (
     FallbackModel,
     Message,
     ModelError,
+    ModelRequest,
     ModelResponse,
     OfflineModel,
     Rule,
@@ -23,7 +24,7 @@ from overstory.providers import resolve_model
 
 
 def ask(model: OfflineModel | FallbackModel, *messages: Message) -> ModelResponse:
-    return asyncio.run(model.request("be brief", list(messages), []))
+    return asyncio.run(model.request(ModelRequest("be brief", messages)))
 
 
 def user(text: str, seq: int = 0) -> UserMessage:

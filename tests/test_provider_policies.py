@@ -4,15 +4,15 @@ endpoints and keys. No Ray and no network: scripted models and an injected clock
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import pickle
 import random
 import time
-from collections.abc import Sequence
 
 import pytest
 
 from overstory.exceptions import AllModelsFailed, ConfigError, ModelError, ModelErrorKind
-from overstory.messages import Message, ModelResponse, Usage, UserMessage
+from overstory.messages import ModelResponse, Usage, UserMessage
 from overstory.providers import (
     BreakerModel,
     BreakerPolicy,
@@ -22,6 +22,7 @@ from overstory.providers import (
     LimitedModel,
     Limits,
     Model,
+    ModelRequest,
     RateLimiter,
     RetryingModel,
     RetryPolicy,
@@ -60,9 +61,7 @@ class Scripted(Model):
     def name(self) -> str:
         return f"scripted:{self.label}"
 
-    async def request(
-        self, instructions: str, messages: Sequence[Message], tools: Sequence[ToolDefinition]
-    ) -> ModelResponse:
+    async def request(self, req: ModelRequest) -> ModelResponse:
         self.calls += 1
         if self.kinds:
             kind = self.kinds.pop(0)
@@ -71,7 +70,24 @@ class Scripted(Model):
 
 
 def run(model: Model) -> ModelResponse:
-    return asyncio.run(model.request("", HI, []))
+    return asyncio.run(model.request(ModelRequest("", HI)))
+
+
+def test_a_model_request_is_a_frozen_value_that_crosses_ray() -> None:
+    add = ToolDefinition("add", "Add.", {"type": "object"})
+    req = ModelRequest("be brief", HI, [add])  # lists in, tuples kept
+    assert req.messages == tuple(HI)
+    assert req.tools == (add,)
+    assert ModelRequest("be brief", HI).tools == ()
+    assert pickle.loads(pickle.dumps(req)) == req  # to the provider actor
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        req.instructions = "ramble"  # type: ignore[misc]
+    redacted = dataclasses.replace(req, instructions="<REDACTED>")
+    assert (redacted.instructions, redacted.messages, redacted.tools) == (
+        "<REDACTED>",
+        req.messages,
+        req.tools,
+    )
 
 
 # --- taxonomy --------------------------------------------------------------------------
@@ -322,7 +338,7 @@ def test_waiters_are_served_in_arrival_order_and_a_bounded_wait_falls_through() 
         async def call(i: int) -> None:
             await asyncio.sleep(i * 0.01)  # arrive in order 0, 1, 2, ...
             try:
-                await model.request("", HI, [])
+                await model.request(ModelRequest("", HI))
                 order.append(i)
             except ModelError as exc:
                 errors.append(exc.kind)
@@ -342,18 +358,16 @@ def test_in_flight_limit_with_concurrent_callers() -> None:
         peak = 0
         now = 0
 
-        async def request(
-            self, instructions: str, messages: Sequence[Message], tools: Sequence[ToolDefinition]
-        ) -> ModelResponse:
+        async def request(self, req: ModelRequest) -> ModelResponse:
             Slow.now += 1
             Slow.peak = max(Slow.peak, Slow.now)
             await asyncio.sleep(0.02)
             Slow.now -= 1
-            return await super().request(instructions, messages, tools)
+            return await super().request(req)
 
     async def main() -> None:
         model = LimitedModel(Slow(), Limits(max_in_flight=3, max_wait_s=5))
-        await asyncio.gather(*(model.request("", HI, []) for _ in range(20)))
+        await asyncio.gather(*(model.request(ModelRequest("", HI)) for _ in range(20)))
 
     asyncio.run(main())
     assert Slow.peak == 3

@@ -30,6 +30,7 @@ from overstory.providers import (
     BreakerPolicy,
     Endpoint,
     Limits,
+    ModelRequest,
     RemoteModel,
     RetryPolicy,
     Secret,
@@ -234,7 +235,7 @@ def test_the_breaker_opens_once_for_every_conversation_then_calls_skip_the_prima
         with provider_namespace(namespace):
             msgs = [UserMessage(content="x", seq=0)]
             try:
-                await model.request("", msgs, [])
+                await model.request(ModelRequest("", msgs))
                 return "ok"
             except overstory.ModelError as exc:
                 return exc.kind
@@ -288,7 +289,7 @@ class Caller:
 
         async def one() -> float:
             with provider_namespace(namespace):
-                await model.request("", msgs, [])
+                await model.request(ModelRequest("", msgs))
             return time.time()
 
         return list(await asyncio.gather(*(one() for _ in range(n))))

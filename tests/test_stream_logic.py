@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import pytest
@@ -26,9 +26,8 @@ from overstory.messages import (
     UserMessage,
 )
 from overstory.providers import FallbackModel, Model, OfflineModel, Rule
-from overstory.providers.base import FallThrough, StreamItem
+from overstory.providers.base import FallThrough, ModelRequest, StreamItem
 from overstory.sharding import ShardTable
-from overstory.tools import ToolDefinition
 
 CID = conversation_id("s", "u")
 
@@ -196,7 +195,7 @@ def test_replay_rebuilds_a_finished_turn_from_its_messages(sqlite_url: str) -> N
 def _collect(model: Model, text: str) -> list[StreamItem]:
     async def go() -> list[StreamItem]:
         history: list[Message] = [UserMessage(content=text, seq=0, turn_id="t")]
-        return [item async for item in model.stream("", history, ())]
+        return [item async for item in model.stream(ModelRequest("", history))]
 
     return asyncio.run(go())
 
@@ -231,14 +230,10 @@ class _CutShort(Model):
     def name(self) -> str:
         return "test:cut-short"
 
-    async def request(
-        self, instructions: str, messages: Sequence[Message], tools: Sequence[ToolDefinition]
-    ) -> ModelResponse:
+    async def request(self, req: ModelRequest) -> ModelResponse:
         raise ModelError("request is not used", model=self.name)
 
-    async def stream(
-        self, instructions: str, messages: Sequence[Message], tools: Sequence[ToolDefinition]
-    ) -> AsyncGenerator[StreamItem, None]:
+    async def stream(self, req: ModelRequest) -> AsyncGenerator[StreamItem, None]:
         for i in range(self.after):
             yield f"part{i} "
         raise ModelError("connection reset mid-stream", model=self.name)

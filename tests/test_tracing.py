@@ -14,11 +14,10 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from overstory import (
     Agent,
-    Message,
     Model,
+    ModelRequest,
     ModelResponse,
     OfflineModel,
-    ToolDefinition,
     TurnFailed,
 )
 from overstory.conversation.turn import run_turn
@@ -44,10 +43,8 @@ class TwoTools(Model):
     def name(self) -> str:
         return "scripted:two-tools"
 
-    async def request(
-        self, instructions: str, messages: Sequence[Message], tools: Sequence[ToolDefinition]
-    ) -> ModelResponse:
-        if isinstance(messages[-1], ToolReturn):
+    async def request(self, req: ModelRequest) -> ModelResponse:
+        if isinstance(req.messages[-1], ToolReturn):
             return ModelResponse(content="done", usage=Usage(20, 2), model="two-tools-v1")
         calls = (
             ToolCall(id="call_a", name="add", arguments={"a": 2, "b": 3}),

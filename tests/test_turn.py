@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -15,11 +14,11 @@ from overstory import (
     Message,
     Model,
     ModelError,
+    ModelRequest,
     ModelResponse,
     OfflineModel,
     Rule,
     ToolCall,
-    ToolDefinition,
     ToolReturn,
     TurnFailed,
     UserMessage,
@@ -48,11 +47,9 @@ class StoreSpy(Model):
     def name(self) -> str:
         return "spy:" + self.inner.name
 
-    async def request(
-        self, instructions: str, messages: Sequence[Message], tools: Sequence[ToolDefinition]
-    ) -> ModelResponse:
-        self.stored_at_call.append((len(messages), await self.store.count("c")))
-        return await self.inner.request(instructions, messages, tools)
+    async def request(self, req: ModelRequest) -> ModelResponse:
+        self.stored_at_call.append((len(req.messages), await self.store.count("c")))
+        return await self.inner.request(req)
 
 
 def turn(

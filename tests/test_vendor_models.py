@@ -19,7 +19,7 @@ from overstory import Agent
 from overstory.conversation.turn import run_turn
 from overstory.exceptions import ModelError
 from overstory.messages import AssistantMessage, ToolReturn, UserMessage
-from overstory.providers import Endpoint, Model, Secret, aws_secret
+from overstory.providers import Endpoint, Model, ModelRequest, Secret, aws_secret
 from overstory.providers.pool import vendor_model
 from overstory.store import open_store
 from overstory.testing import AnthropicServer, BedrockServer, Fault, OpenAIServer, WireServer
@@ -69,7 +69,7 @@ def key_sent(server: WireServer) -> str:
 
 
 def ask(model: Model, text: str = "hello") -> Any:
-    return asyncio.run(model.request("Be brief.", [UserMessage(content=text, seq=0)], []))
+    return asyncio.run(model.request(ModelRequest("Be brief.", [UserMessage(content=text, seq=0)])))
 
 
 def test_a_text_answer_with_usage_and_the_key_sent(server: WireServer) -> None:

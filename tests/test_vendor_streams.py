@@ -19,7 +19,7 @@ from overstory.exceptions import AllModelsFailed, ModelError
 from overstory.messages import ModelResponse, UserMessage
 from overstory.providers import Endpoint, Model, RetryPolicy, Secret, aws_secret
 from overstory.providers.anthropic import AnthropicStream
-from overstory.providers.base import FallThrough, StreamItem, traced_stream
+from overstory.providers.base import FallThrough, ModelRequest, StreamItem, traced_stream
 from overstory.providers.breaker import BreakerModel
 from overstory.providers.endpoint import BreakerPolicy, Limits
 from overstory.providers.fallback import FallbackModel
@@ -124,9 +124,9 @@ def test_deltas_join_to_the_stored_answer_wherever_the_text_is_cut(
     server: WireServer, piece: int
 ) -> None:
     model = model_for(server)
-    whole = run(model.request("Be brief.", HISTORY, []))
+    whole = run(model.request(ModelRequest("Be brief.", HISTORY)))
     server.piece_chars = piece
-    items, error = collect(model.stream("Be brief.", HISTORY, []))
+    items, error = collect(model.stream(ModelRequest("Be brief.", HISTORY)))
     assert error is None
     *deltas, last = items
     assert isinstance(last, ModelResponse)
@@ -153,7 +153,7 @@ def test_tool_call_arguments_cut_at_awkward_points_assemble_exactly(
 ) -> None:
     server.piece_chars = piece
     history = [UserMessage(content=f"say {AWKWARD}", seq=0)]
-    items, error = collect(model_for(server).stream("", history, [SAY]))
+    items, error = collect(model_for(server).stream(ModelRequest("", history, [SAY])))
     assert error is None
     assert texts(items) == []  # a tool call has no text to show
     response = items[-1]
@@ -199,7 +199,7 @@ def test_an_error_event_before_the_first_delta_shows_no_text(
     server: WireServer, status: int, kind: str
 ) -> None:
     server.script(Fault.stream_error(after=0, status=status))
-    items, error = collect(model_for(server).stream("", HISTORY, []))
+    items, error = collect(model_for(server).stream(ModelRequest("", HISTORY)))
     assert items == []
     assert error is not None
     assert error.kind == kind
@@ -215,7 +215,7 @@ def test_a_break_after_n_deltas_keeps_exactly_those_n(
     server.piece_chars = 3
     fault = Fault.stream_drop(after) if drop else Fault.stream_error(after, status=529)
     server.script(fault)
-    items, error = collect(model_for(server).stream("", HISTORY, []))
+    items, error = collect(model_for(server).stream(ModelRequest("", HISTORY)))
     full = "echo: hello there, wörld 🌍"
     assert items == [full[i : i + 3] for i in range(0, 3 * after, 3)]
     assert error is not None
@@ -233,7 +233,7 @@ def test_a_stream_fault_on_a_request_that_does_not_stream_is_its_status(
 ) -> None:
     server.script(Fault.stream_error(after=2, status=500))
     with pytest.raises(ModelError) as caught:
-        run(model_for(server).request("", HISTORY, []))
+        run(model_for(server).request(ModelRequest("", HISTORY)))
     assert caught.value.status == 500
 
 
@@ -246,7 +246,7 @@ FAST = RetryPolicy(attempts=3, base_s=0.001, max_backoff_s=0.002)
 def test_a_stream_is_retried_only_before_its_first_delta(server: WireServer) -> None:
     retrying = RetryingModel(model_for(server), FAST)
     server.script(Fault.stream_error(after=0, status=500))
-    items, error = collect(retrying.stream("", HISTORY, []))
+    items, error = collect(retrying.stream(ModelRequest("", HISTORY)))
     assert error is None
     assert retrying.retries == 1
     assert len(server.requests) == 2
@@ -254,7 +254,7 @@ def test_a_stream_is_retried_only_before_its_first_delta(server: WireServer) -> 
 
     server.reset()
     server.script(Fault.stream_error(after=2, status=500))
-    items, error = collect(retrying.stream("", HISTORY, []))
+    items, error = collect(retrying.stream(ModelRequest("", HISTORY)))
     assert error is not None
     assert error.kind == "server_error"
     assert len(texts(items)) == 2
@@ -268,13 +268,13 @@ def test_a_reader_closing_a_stream_frees_its_limiter_slot_and_tells_the_breaker_
     server.stream_interval_s = 0.02
     limited = LimitedModel(model_for(server), Limits(max_in_flight=1))
     breaker = BreakerModel(limited, BreakerPolicy(failures=1, window_s=60, cooldown_s=60))
-    items, error = collect(breaker.stream("", HISTORY, []), upto=2)
+    items, error = collect(breaker.stream(ModelRequest("", HISTORY)), upto=2)
     assert error is None
     assert len(items) == 2
     assert limited.limiter.core.in_flight == 0  # released at once, not at GC
     assert breaker.breaker.snapshot(0.0)["recent_failures"] == 0
     # With max_in_flight=1, a leaked slot would make this wait and fail (limit_wait).
-    items, error = collect(breaker.stream("", HISTORY, []))
+    items, error = collect(breaker.stream(ModelRequest("", HISTORY)))
     assert error is None
     assert isinstance(items[-1], ModelResponse)
 
@@ -282,10 +282,10 @@ def test_a_reader_closing_a_stream_frees_its_limiter_slot_and_tells_the_breaker_
 def test_a_failure_after_the_first_delta_counts_against_the_endpoint(server: WireServer) -> None:
     breaker = BreakerModel(model_for(server), BreakerPolicy(failures=1, window_s=60, cooldown_s=60))
     server.script(Fault.stream_drop(after=1))
-    _, error = collect(breaker.stream("", HISTORY, []))
+    _, error = collect(breaker.stream(ModelRequest("", HISTORY)))
     assert error is not None
     assert error.kind == "connection"
-    items, error = collect(breaker.stream("", HISTORY, []))
+    items, error = collect(breaker.stream(ModelRequest("", HISTORY)))
     assert items == []
     assert error is not None
     assert error.kind == "circuit_open"
@@ -303,7 +303,7 @@ def test_fallback_falls_through_before_the_first_delta_and_never_after(
     backup.reset()
     chain = FallbackModel(model_for(server, "primary"), model_for(backup, "backup"))
     server.script(Fault.stream_error(after=0, status=500))
-    items, error = collect(chain.stream("", HISTORY, []))
+    items, error = collect(chain.stream(ModelRequest("", HISTORY)))
     assert error is None
     [fell] = [i for i in items if isinstance(i, FallThrough)]
     assert fell.model.startswith(f"{server.vendor}:primary@")
@@ -316,7 +316,7 @@ def test_fallback_falls_through_before_the_first_delta_and_never_after(
 
     backup.reset()
     server.script(Fault.stream_error(after=2, status=500))
-    items, error = collect(chain.stream("", HISTORY, []))
+    items, error = collect(chain.stream(ModelRequest("", HISTORY)))
     assert isinstance(error, ModelError)
     assert not isinstance(error, AllModelsFailed)
     assert len(texts(items)) == 2
@@ -333,7 +333,9 @@ def test_a_streamed_chat_span_records_its_time_to_first_token(
     server.latency_s = 0.05
     try:
         model = model_for(server)
-        items, error = collect(traced_stream(model.stream, "v", "test-model", "", HISTORY, []))
+        items, error = collect(
+            traced_stream(model.stream, "v", "test-model", ModelRequest("", HISTORY))
+        )
         assert error is None
         assert isinstance(items[-1], ModelResponse)
         [span] = [s for s in exporter.get_finished_spans() if s.name == "chat test-model"]
@@ -342,7 +344,7 @@ def test_a_streamed_chat_span_records_its_time_to_first_token(
         assert span.attributes["gen_ai.usage.output_tokens"] > 0
 
         exporter.clear()
-        collect(traced_stream(model.stream, "v", "test-model", "", HISTORY, []), upto=1)
+        collect(traced_stream(model.stream, "v", "test-model", ModelRequest("", HISTORY)), upto=1)
         [span] = exporter.get_finished_spans()
         assert span.attributes is not None
         assert span.attributes[ERROR_TYPE] == "cancelled"

@@ -41,7 +41,7 @@ from ..messages import (
     placed,
 )
 from ..providers import Model
-from ..providers.base import FallThrough
+from ..providers.base import FallThrough, ModelRequest
 from ..quota import Ticket, call_texts
 from ..redaction import RedactingModel
 from ..store import HistoryStore
@@ -175,7 +175,7 @@ class _CutShort(Exception):
 async def _streamed(
     agent: Agent,
     model: Model,
-    history: Sequence[Message],
+    req: ModelRequest,
     emit: Emit,
     should_stop: Callable[[], bool],
 ) -> ModelResponse:
@@ -184,7 +184,7 @@ async def _streamed(
     :class:`_CutShort` when it fails after a delta or a stop is asked between deltas."""
     started: float | None = time.monotonic()
     shown: list[str] = []
-    stream = model.stream(agent.instructions, history, agent.tool_definitions)
+    stream = model.stream(req)
     try:
         async for item in stream:
             if isinstance(item, str):
@@ -343,10 +343,11 @@ async def _run_turn(
         try:
             if ticket is not None:
                 await ticket.before_call(call_texts(agent.instructions, history))
+            req = ModelRequest(agent.instructions, history, agent.tool_definitions)
             if emit is None:
-                response = await model.call(agent.instructions, history, agent.tool_definitions)
+                response = await model.call(req)
             else:
-                response = await _streamed(agent, model, history, emit, stop)
+                response = await _streamed(agent, model, req, emit, stop)
         except _CutShort as cut:
             if ticket is not None:  # what it used is unknown: its estimate counts
                 await ticket.after_call(ticket.estimate_of_open())

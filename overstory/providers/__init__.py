@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from ..exceptions import ConfigError
-from .base import Model
+from .base import Model, ModelRequest
 from .breaker import BreakerModel, CircuitBreaker
 from .endpoint import (
     KEY_ENV,
@@ -42,6 +42,7 @@ __all__ = [
     "LimitedModel",
     "Limits",
     "Model",
+    "ModelRequest",
     "ModelSpec",
     "OfflineModel",
     "ProviderActor",

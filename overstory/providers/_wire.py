@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 from abc import abstractmethod
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any, ClassVar, Protocol, TypeVar
@@ -25,9 +25,8 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import httpx2
 
 from ..exceptions import ModelError
-from ..messages import Message, ModelResponse, ToolCall
-from ..tools import ToolDefinition
-from .base import Model, StreamItem
+from ..messages import ModelResponse, ToolCall
+from .base import Model, ModelRequest, StreamItem
 from .endpoint import Endpoint
 from .taxonomy import (
     is_context_overflow,
@@ -91,12 +90,7 @@ class SDKModel(Model):
     stream_arguments: ClassVar[dict[str, Any]] = {"stream": True}
 
     @abstractmethod
-    def _arguments(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> dict[str, Any]:
+    def _arguments(self, req: ModelRequest) -> dict[str, Any]:
         """The request in the vendor's format, as the SDK's keyword arguments."""
 
     @abstractmethod
@@ -111,32 +105,22 @@ class SDKModel(Model):
     def _assembler(self) -> Assembler:
         """A fresh assembler for one streamed answer."""
 
-    async def request(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> ModelResponse:
+    async def request(self, req: ModelRequest) -> ModelResponse:
         try:
             with self._sdk_errors():
-                answer = await self._create(**self._arguments(instructions, messages, tools))
+                answer = await self._create(**self._arguments(req))
             return self._parsed(self._read, answer)
         except ModelError as exc:
             raise scrubbed(exc, *self._secrets) from None
 
-    async def stream(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> AsyncGenerator[StreamItem, None]:
+    async def stream(self, req: ModelRequest) -> AsyncGenerator[StreamItem, None]:
         """The vendor's stream: each text delta as it arrives, then the answer assembled
         from all events (tool calls and usage included). Closing the generator closes
         the HTTP response."""
         assembler = self._assembler()
         try:
             with self._sdk_errors():
-                arguments = self._arguments(instructions, messages, tools)
+                arguments = self._arguments(req)
                 events = await self._create(**arguments, **self.stream_arguments)
             with self._sdk_errors(mid_stream=True):
                 try:

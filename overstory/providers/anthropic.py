@@ -13,8 +13,8 @@ import anthropic
 
 from ..exceptions import ModelError
 from ..messages import AssistantMessage, Message, ModelResponse, ToolReturn, Usage, UserMessage
-from ..tools import ToolDefinition
 from ._wire import Assembler, SDKModel, tool_call
+from .base import ModelRequest
 from .endpoint import Endpoint
 
 __all__ = ["AnthropicModel", "AnthropicStream"]
@@ -40,23 +40,18 @@ class AnthropicModel(SDKModel):
     def _assembler(self) -> Assembler:
         return AnthropicStream(self.name, self.endpoint.model)
 
-    def _arguments(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> dict[str, Any]:
+    def _arguments(self, req: ModelRequest) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "model": self.endpoint.model,
             "max_tokens": self.endpoint.max_tokens,
-            "messages": to_anthropic_messages(messages),
+            "messages": to_anthropic_messages(req.messages),
         }
-        if instructions:
-            kwargs["system"] = instructions
-        if tools:
+        if req.instructions:
+            kwargs["system"] = req.instructions
+        if req.tools:
             kwargs["tools"] = [
                 {"name": t.name, "description": t.description, "input_schema": t.parameters}
-                for t in tools
+                for t in req.tools
             ]
         return kwargs
 

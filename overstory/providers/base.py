@@ -1,9 +1,9 @@
 """The interface every model provider implements.
 
-A :class:`Model` turns (instructions, messages, tool definitions) into one
-:class:`~overstory.messages.ModelResponse`. Vendors (issue: providers) and the scripted
-:class:`~overstory.providers.offline.OfflineModel` implement it; policies such as
-:class:`~overstory.providers.fallback.FallbackModel` wrap it.
+A :class:`Model` turns one :class:`ModelRequest` (instructions, messages, tool
+definitions) into one :class:`~overstory.messages.ModelResponse`. Vendors (issue:
+providers) and the scripted :class:`~overstory.providers.offline.OfflineModel` implement
+it; policies such as :class:`~overstory.providers.fallback.FallbackModel` wrap it.
 
 Implementations raise :class:`~overstory.exceptions.ModelError` (never a vendor SDK's
 own exception) so wrappers can decide what to do without knowing the vendor.
@@ -38,12 +38,38 @@ if TYPE_CHECKING:
 __all__ = [
     "FallThrough",
     "Model",
+    "ModelRequest",
     "PolicyModel",
     "StreamItem",
     "record_response",
     "traced_request",
     "traced_stream",
 ]
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class ModelRequest:
+    """What one model call is asked: the instructions, the history as the model sees it,
+    and the tools it may call. Every :class:`Model` method takes one; a wrapper that
+    changes what is sent (redaction) sends a copy made with :func:`dataclasses.replace`.
+
+    Later per-call options (an output schema, a cap on output tokens, ...) will be
+    fields of it. Any sequences are accepted and stored as tuples.
+    """
+
+    instructions: str
+    messages: tuple[Message, ...]
+    tools: tuple[ToolDefinition, ...] = ()
+
+    def __init__(
+        self,
+        instructions: str,
+        messages: Sequence[Message],
+        tools: Sequence[ToolDefinition] = (),
+    ) -> None:
+        object.__setattr__(self, "instructions", instructions)
+        object.__setattr__(self, "messages", tuple(messages))
+        object.__setattr__(self, "tools", tuple(tools))
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,20 +95,10 @@ class Model(ABC):
         """``provider:model`` as users write it, e.g. ``offline:demo``. Never holds a key."""
 
     @abstractmethod
-    async def request(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> ModelResponse:
+    async def request(self, req: ModelRequest) -> ModelResponse:
         """One model call. Raises :class:`~overstory.exceptions.ModelError` on failure."""
 
-    async def call(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> ModelResponse:
+    async def call(self, req: ModelRequest) -> ModelResponse:
         """:meth:`request` inside a ``chat {model}`` span, with token metrics.
 
         What the turn loop calls. Policies that delegate (fallback) or models whose
@@ -90,14 +106,9 @@ class Model(ABC):
         implements :meth:`request`.
         """
         provider, _, model = self.name.partition(":")
-        return await traced_request(self.request, provider, model, instructions, messages, tools)
+        return await traced_request(self.request, provider, model, req)
 
-    async def stream(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> AsyncGenerator[StreamItem, None]:
+    async def stream(self, req: ModelRequest) -> AsyncGenerator[StreamItem, None]:
         """The answer as it arrives: text deltas, then the whole response, whose content
         is exactly the deltas joined. A :class:`~overstory.exceptions.ModelError` before
         the first delta means nothing was shown (a chain may fall through); after it,
@@ -106,7 +117,7 @@ class Model(ABC):
         This default answers in one piece (:meth:`call`, then its text as one delta);
         a model that can stream overrides it.
         """
-        response = await self.call(instructions, messages, tools)
+        response = await self.call(req)
         if response.content:
             yield response.content
         yield response
@@ -130,20 +141,18 @@ class PolicyModel(Model):
         return self.model.name
 
 
-Request = Callable[[str, Sequence[Message], Sequence[ToolDefinition]], Awaitable[ModelResponse]]
+Request = Callable[[ModelRequest], Awaitable[ModelResponse]]
 
 
 async def traced_request(
     request: Request,
     provider: str,
     model: str,
-    instructions: str,
-    messages: Sequence[Message],
-    tools: Sequence[ToolDefinition],
+    req: ModelRequest,
     server_address: str | None = None,
     server_port: int | None = None,
 ) -> ModelResponse:
-    """``request(...)`` inside a ``chat {model}`` span: its answer recorded on the span
+    """``request(req)`` inside a ``chat {model}`` span: its answer recorded on the span
     (contents only with capture on) and in the token metrics; every call, answered or
     not, in ``model_calls_total`` and ``model_call_seconds`` (outcome ``ok`` or the
     error's kind)."""
@@ -151,11 +160,11 @@ async def traced_request(
     outcome = "error"
     try:
         with chat_span(provider, model, server_address, server_port) as span:
-            response = await request(instructions, messages, tools)
+            response = await request(req)
             outcome = "ok"
             record_response(span, provider, model, response)
             record_chat_content(
-                span, messages=messages, response=response, instructions=instructions
+                span, messages=req.messages, response=response, instructions=req.instructions
             )
             return response
     except ModelError as exc:
@@ -165,22 +174,18 @@ async def traced_request(
         metrics().model_call(provider, model, outcome, time.monotonic() - started)
 
 
-Stream = Callable[
-    [str, Sequence[Message], Sequence[ToolDefinition]], AsyncGenerator[StreamItem, None]
-]
+Stream = Callable[[ModelRequest], AsyncGenerator[StreamItem, None]]
 
 
 async def traced_stream(
     stream: Stream,
     provider: str,
     model: str,
-    instructions: str,
-    messages: Sequence[Message],
-    tools: Sequence[ToolDefinition],
+    req: ModelRequest,
     server_address: str | None = None,
     server_port: int | None = None,
 ) -> AsyncGenerator[StreamItem, None]:
-    """``stream(...)``'s items inside a ``chat {model}`` span, as :func:`traced_request`
+    """``stream(req)``'s items inside a ``chat {model}`` span, as :func:`traced_request`
     does for one answer, plus the time to the first text delta on the span
     (``overstory.time_to_first_token_s``). A reader that stops early ends the span
     with ``error.type=cancelled`` and the call's outcome ``cancelled``.
@@ -192,7 +197,7 @@ async def traced_stream(
     try:
         with chat_span(provider, model, server_address, server_port) as span:
             first = True
-            async with aclosing(stream(instructions, messages, tools)) as items:
+            async with aclosing(stream(req)) as items:
                 async for item in items:
                     if first and isinstance(item, str):
                         first = False
@@ -201,7 +206,10 @@ async def traced_stream(
                         outcome = "ok"
                         record_response(span, provider, model, item)
                         record_chat_content(
-                            span, messages=messages, response=item, instructions=instructions
+                            span,
+                            messages=req.messages,
+                            response=item,
+                            instructions=req.instructions,
                         )
                     yield item
     except ModelError as exc:

@@ -13,15 +13,13 @@ Imported only inside provider actors: conversation actors never load a vendor SD
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
 from typing import Any
 
 import anthropic
 
 from ..exceptions import ConfigError
-from ..messages import Message
-from ..tools import ToolDefinition
 from .anthropic import AnthropicModel
+from .base import ModelRequest
 from .endpoint import Endpoint, aws_credentials
 
 __all__ = ["BEDROCK_VERSION", "BedrockModel"]
@@ -66,11 +64,6 @@ class BedrockModel(AnthropicModel):
         except ValueError as exc:  # AWS_BEARER_TOKEN_BEDROCK set as well as the keys
             raise ConfigError(f"model {endpoint.name!r}: {exc}") from exc
 
-    def _arguments(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> dict[str, Any]:
-        arguments = super()._arguments(instructions, messages, tools)
+    def _arguments(self, req: ModelRequest) -> dict[str, Any]:
+        arguments = super()._arguments(req)
         return {**arguments, "extra_body": {"anthropic_version": BEDROCK_VERSION}}

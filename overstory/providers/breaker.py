@@ -16,14 +16,13 @@ the fallback chain moves on without waiting.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any, Literal
 
 from ..exceptions import ModelError
-from ..messages import Message, ModelResponse
-from ..tools import ToolDefinition
-from .base import Model, PolicyModel, StreamItem
+from ..messages import ModelResponse
+from .base import Model, ModelRequest, PolicyModel, StreamItem
 from .endpoint import BreakerPolicy
 from .taxonomy import policy
 
@@ -121,15 +120,10 @@ class BreakerModel(PolicyModel):
         self._clock = clock
         self._on_change = on_change
 
-    async def request(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> ModelResponse:
+    async def request(self, req: ModelRequest) -> ModelResponse:
         before = self._admit()
         try:
-            response = await self.model.request(instructions, messages, tools)
+            response = await self.model.request(req)
         except ModelError as exc:
             self._failed(exc, before)
             raise
@@ -139,18 +133,13 @@ class BreakerModel(PolicyModel):
         self._succeeded(before)
         return response
 
-    async def stream(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> AsyncGenerator[StreamItem, None]:
+    async def stream(self, req: ModelRequest) -> AsyncGenerator[StreamItem, None]:
         """Admitted as :meth:`request` is; the stream's end decides: its answer is a
         success, a failure (before or after the first delta) counts by its kind, and a
         reader closing it early tells nothing about the endpoint."""
         before = self._admit()
         try:
-            async with aclosing(self.model.stream(instructions, messages, tools)) as items:
+            async with aclosing(self.model.stream(req)) as items:
                 async for item in items:
                     yield item
         except ModelError as exc:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 
 from opentelemetry import trace
 
 from ..exceptions import AllModelsFailed, ConfigError, ModelError
-from ..messages import Message, ModelResponse
+from ..messages import ModelResponse
 from ..telemetry import metrics, record_fallback
-from ..tools import ToolDefinition
-from .base import FallThrough, Model, StreamItem
+from .base import FallThrough, Model, ModelRequest, StreamItem
 from .endpoint import Secret
 
 __all__ = ["FallbackModel"]
@@ -46,30 +45,15 @@ class FallbackModel(Model):
     def name(self) -> str:
         return " -> ".join(m.name for m in self.models)
 
-    async def request(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> ModelResponse:
-        return await self._chain(False, instructions, messages, tools)
+    async def request(self, req: ModelRequest) -> ModelResponse:
+        return await self._chain(False, req)
 
-    async def call(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> ModelResponse:
+    async def call(self, req: ModelRequest) -> ModelResponse:
         """Each model's own :meth:`~Model.call` (its ``chat`` span); a fall-through is an
         ``overstory.fallback`` event on the current span and a metric."""
-        return await self._chain(True, instructions, messages, tools)
+        return await self._chain(True, req)
 
-    async def stream(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> AsyncGenerator[StreamItem, None]:
+    async def stream(self, req: ModelRequest) -> AsyncGenerator[StreamItem, None]:
         """Each model's stream in turn: a failure *before its first delta* falls through
         (one :class:`FallThrough` item, nothing of it shown); a failure after it ends
         the stream with that error — never a second answer appended to a partial one."""
@@ -77,7 +61,7 @@ class FallbackModel(Model):
         for i, model in enumerate(self.models):
             shown = False
             try:
-                async with aclosing(model.stream(instructions, messages, tools)) as items:
+                async with aclosing(model.stream(req)) as items:
                     async for item in items:
                         shown = shown or isinstance(item, str)
                         yield item
@@ -106,19 +90,13 @@ class FallbackModel(Model):
         if self.on_fallback is not None:
             self.on_fallback(model, exc, following)
 
-    async def _chain(
-        self,
-        traced: bool,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> ModelResponse:
+    async def _chain(self, traced: bool, req: ModelRequest) -> ModelResponse:
         failures: list[ModelError] = []
         for i, model in enumerate(self.models):
             try:
                 if traced:
-                    return await model.call(instructions, messages, tools)
-                return await model.request(instructions, messages, tools)
+                    return await model.call(req)
+                return await model.request(req)
             except ModelError as exc:
                 if not exc.model:
                     exc.model = model.name

@@ -19,22 +19,21 @@ import contextlib
 import math
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
 from typing import Any
 
 from ..exceptions import ModelError
-from ..messages import Message, ModelResponse
-from ..tools import ToolDefinition
-from .base import Model, PolicyModel, StreamItem
+from ..messages import ModelResponse
+from .base import Model, ModelRequest, PolicyModel, StreamItem
 from .endpoint import Limits
 
 __all__ = ["AsyncRateLimiter", "LimitedModel", "RateLimiter", "estimate_tokens"]
 
 
-def estimate_tokens(instructions: str, messages: Sequence[Message]) -> int:
-    """A prompt's token estimate before the call: characters / 4 (+1)."""
-    return (len(instructions) + sum(len(m.content) for m in messages)) // 4 + 1
+def estimate_tokens(req: ModelRequest) -> int:
+    """A request's prompt token estimate before the call: characters / 4 (+1)."""
+    return (len(req.instructions) + sum(len(m.content) for m in req.messages)) // 4 + 1
 
 
 class RateLimiter:
@@ -219,17 +218,12 @@ class LimitedModel(PolicyModel):
         super().__init__(model)
         self.limiter = AsyncRateLimiter(limits, clock=clock, on_wait=on_wait)
 
-    async def request(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> ModelResponse:
-        estimate = estimate_tokens(instructions, messages)
+    async def request(self, req: ModelRequest) -> ModelResponse:
+        estimate = estimate_tokens(req)
         entry = await self.limiter.acquire(estimate, self.name)
         used = estimate
         try:
-            response = await self.model.request(instructions, messages, tools)
+            response = await self.model.request(req)
             used = _used(response)
             return response
         except ModelError as exc:
@@ -238,19 +232,14 @@ class LimitedModel(PolicyModel):
         finally:
             self.limiter.release(entry, used)
 
-    async def stream(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> AsyncGenerator[StreamItem, None]:
+    async def stream(self, req: ModelRequest) -> AsyncGenerator[StreamItem, None]:
         """Admitted as :meth:`request` is; the admission is settled when the stream ends,
         fails or is closed by its reader (a cancelled turn frees its slot at once)."""
-        estimate = estimate_tokens(instructions, messages)
+        estimate = estimate_tokens(req)
         entry = await self.limiter.acquire(estimate, self.name)
         used = estimate
         try:
-            async with aclosing(self.model.stream(instructions, messages, tools)) as items:
+            async with aclosing(self.model.stream(req)) as items:
                 async for item in items:
                     if isinstance(item, ModelResponse):
                         used = _used(item)

@@ -36,8 +36,7 @@ from ..messages import (
     Usage,
     UserMessage,
 )
-from ..tools import ToolDefinition
-from .base import Model, StreamItem, traced_stream
+from .base import Model, ModelRequest, StreamItem, traced_stream
 
 __all__ = ["OfflineModel", "Rule"]
 
@@ -90,35 +89,20 @@ class OfflineModel(Model):
     def name(self) -> str:
         return f"offline:{self.model}"
 
-    async def request(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> ModelResponse:
+    async def request(self, req: ModelRequest) -> ModelResponse:
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
-        return await self._answer(instructions, messages, tools)
+        return await self._answer(req)
 
-    def stream(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> AsyncGenerator[StreamItem, None]:
+    def stream(self, req: ModelRequest) -> AsyncGenerator[StreamItem, None]:
         """Word by word (each word with the whitespace after it), ``latency_s`` spread
         evenly over the words; a tool call, which has no text, after all of it. In a
         ``chat`` span, as :meth:`call` is."""
         provider, _, model = self.name.partition(":")
-        return traced_stream(self._words, provider, model, instructions, messages, tools)
+        return traced_stream(self._words, provider, model, req)
 
-    async def _words(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> AsyncGenerator[StreamItem, None]:
-        response = await self._answer(instructions, messages, tools)
+    async def _words(self, req: ModelRequest) -> AsyncGenerator[StreamItem, None]:
+        response = await self._answer(req)
         words = _WORDS.findall(response.content)
         pause = self.latency_s / max(1, len(words))
         if not words and self.latency_s:
@@ -129,16 +113,12 @@ class OfflineModel(Model):
             yield word
         yield response
 
-    async def _answer(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> ModelResponse:
+    async def _answer(self, req: ModelRequest) -> ModelResponse:
         """The scripted answer, at once (``request`` and ``stream`` add the latency)."""
         self.requests += 1
         if self.requests <= self.fail_first:
             raise ModelError(f"scripted failure {self.requests}/{self.fail_first}", model=self.name)
+        messages = req.messages
         user_index = next(
             (i for i in range(len(messages) - 1, -1, -1) if messages[i].kind == "user"), -1
         )
@@ -155,7 +135,7 @@ class OfflineModel(Model):
         since_user = messages[user_index + 1 :]
         last = messages[-1]
         n_user = [m.kind for m in messages].count("user")
-        prompt_chars = len(instructions) + sum(map(len, [m.content for m in messages]))
+        prompt_chars = len(req.instructions) + sum(map(len, [m.content for m in messages]))
 
         if isinstance(last, ToolReturn) and not (match and match["verb"] == "loop"):
             return self._text(_summarise(since_user), prompt_chars)

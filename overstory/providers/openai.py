@@ -17,6 +17,7 @@ from ..exceptions import ModelError
 from ..messages import AssistantMessage, Message, ModelResponse, ToolReturn, Usage, UserMessage
 from ..tools import ToolDefinition
 from ._wire import Assembler, SDKModel, tool_call
+from .base import ModelRequest
 from .endpoint import Endpoint
 
 __all__ = ["OpenAIModel", "OpenAIStream"]
@@ -44,18 +45,13 @@ class OpenAIModel(SDKModel):
     def _assembler(self) -> Assembler:
         return OpenAIStream(self.name, self.endpoint.model)
 
-    def _arguments(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> dict[str, Any]:
+    def _arguments(self, req: ModelRequest) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "model": self.endpoint.model,
-            "messages": to_openai_messages(instructions, messages),
+            "messages": to_openai_messages(req.instructions, req.messages),
         }
-        if tools:
-            kwargs["tools"] = [to_openai_tool(t) for t in tools]
+        if req.tools:
+            kwargs["tools"] = [to_openai_tool(t) for t in req.tools]
         # OpenAI's own API wants max_completion_tokens; compatible servers know max_tokens.
         limit = "max_tokens" if self.endpoint.base_url else "max_completion_tokens"
         kwargs[limit] = self.endpoint.max_tokens

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from contextlib import aclosing, contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -29,7 +29,7 @@ from opentelemetry import trace
 from ray.exceptions import RayActorError, RayTaskError
 
 from ..exceptions import ConversationUnavailable, ModelError
-from ..messages import Message, ModelResponse
+from ..messages import ModelResponse
 from ..telemetry import (
     attached,
     inject,
@@ -37,8 +37,7 @@ from ..telemetry import (
     record_retry,
     setup_telemetry,
 )
-from ..tools import ToolDefinition
-from .base import FallThrough, Model, StreamItem, traced_request, traced_stream
+from .base import FallThrough, Model, ModelRequest, StreamItem, traced_request, traced_stream
 from .breaker import BreakerModel
 from .endpoint import KEY_ENV, Endpoint, Secret
 from .limits import LimitedModel
@@ -146,11 +145,7 @@ class ProviderActor:
         return {"name": self.endpoint.name, "id": self.endpoint.id}
 
     async def request(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-        carrier: Mapping[str, str] | None = None,
+        self, req: ModelRequest, carrier: Mapping[str, str] | None = None
     ) -> ModelResponse | ModelError:
         """One call through breaker, retries and limiter, in a ``chat {model}`` span
         whose parent is the caller's span (``carrier``).
@@ -165,25 +160,14 @@ class ProviderActor:
         try:
             with attached(carrier):
                 return await traced_request(
-                    self.breaker.request,
-                    endpoint.vendor,
-                    endpoint.model,
-                    instructions,
-                    messages,
-                    tools,
-                    host,
-                    port,
+                    self.breaker.request, endpoint.vendor, endpoint.model, req, host, port
                 )
         except ModelError as exc:
             self.failures[exc.kind] = self.failures.get(exc.kind, 0) + 1
             return exc
 
     async def stream(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-        carrier: Mapping[str, str] | None = None,
+        self, req: ModelRequest, carrier: Mapping[str, str] | None = None
     ) -> AsyncGenerator[StreamItem | ModelError, None]:
         """One streamed call through breaker, retries and limiter: a Ray streaming
         generator of text deltas, then the answer or the :class:`ModelError` (returned as
@@ -203,7 +187,7 @@ class ProviderActor:
             buffer.append(item)
             arrived.set()
 
-        reader = asyncio.create_task(self._read_stream(put, instructions, messages, tools, carrier))
+        reader = asyncio.create_task(self._read_stream(put, req, carrier))
         try:
             while True:
                 await arrived.wait()
@@ -222,9 +206,7 @@ class ProviderActor:
     async def _read_stream(
         self,
         put: Callable[[StreamItem | ModelError], None],
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
+        req: ModelRequest,
         carrier: Mapping[str, str] | None,
     ) -> None:
         endpoint = self.endpoint
@@ -233,14 +215,7 @@ class ProviderActor:
             with attached(carrier):
                 async with aclosing(
                     traced_stream(
-                        self.breaker.stream,
-                        endpoint.vendor,
-                        endpoint.model,
-                        instructions,
-                        messages,
-                        tools,
-                        host,
-                        port,
+                        self.breaker.stream, endpoint.vendor, endpoint.model, req, host, port
                     )
                 ) as items:
                     async for item in items:
@@ -314,14 +289,9 @@ class RemoteModel(Model):
     def name(self) -> str:
         return self.endpoint.name
 
-    async def call(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> ModelResponse:
+    async def call(self, req: ModelRequest) -> ModelResponse:
         """The ``chat`` span is made where the request goes out: in the provider actor."""
-        return await self.request(instructions, messages, tools)
+        return await self.request(req)
 
     def with_api_keys(self, keys: Mapping[str, Secret]) -> Model:
         key = keys.get(self.endpoint.vendor)
@@ -355,19 +325,12 @@ class RemoteModel(Model):
                 ) from exc
         return self._handle
 
-    async def request(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> ModelResponse:
+    async def request(self, req: ModelRequest) -> ModelResponse:
         self._refuse_early()
         for attempt in (1, 2):
             handle = await self.handle()
             try:
-                result: ModelResponse | ModelError = await handle.request.remote(
-                    instructions, list(messages), list(tools), inject()
-                )
+                result: ModelResponse | ModelError = await handle.request.remote(req, inject())
                 return self._answered(result)
             except RayTaskError as exc:
                 raise self._task_error(exc) from exc
@@ -383,12 +346,7 @@ class RemoteModel(Model):
                     ) from exc
         raise AssertionError("unreachable")
 
-    async def stream(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> AsyncGenerator[StreamItem, None]:
+    async def stream(self, req: ModelRequest) -> AsyncGenerator[StreamItem, None]:
         """The provider actor's stream (a Ray streaming generator), item by item.
 
         A provider actor that dies before the first delta is asked again once (Ray
@@ -399,7 +357,7 @@ class RemoteModel(Model):
         for attempt in (1, 2):
             handle = await self.handle()
             shown = ended = False
-            refs = handle.stream.remote(instructions, list(messages), list(tools), inject())
+            refs = handle.stream.remote(req, inject())
             try:
                 async for ref in refs:
                     item: StreamItem | ModelError = await ref

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 
 from ..exceptions import ModelError
-from ..messages import Message, ModelResponse
-from ..tools import ToolDefinition
-from .base import Model, PolicyModel, StreamItem
+from ..messages import ModelResponse
+from .base import Model, ModelRequest, PolicyModel, StreamItem
 from .endpoint import RetryPolicy
 from .taxonomy import policy
 
@@ -64,33 +63,23 @@ class RetryingModel(PolicyModel):
         self._on_retry = on_retry
         self.retries = 0
 
-    async def request(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> ModelResponse:
+    async def request(self, req: ModelRequest) -> ModelResponse:
         attempt = 1
         while True:
             try:
-                return await self.model.request(instructions, messages, tools)
+                return await self.model.request(req)
             except ModelError as exc:
                 await self._before_retry(attempt, exc)
                 attempt += 1
 
-    async def stream(
-        self,
-        instructions: str,
-        messages: Sequence[Message],
-        tools: Sequence[ToolDefinition],
-    ) -> AsyncGenerator[StreamItem, None]:
+    async def stream(self, req: ModelRequest) -> AsyncGenerator[StreamItem, None]:
         """Retried as :meth:`request` is, but only while nothing was shown: a stream that
         fails after its first delta is never started again (that would repeat text)."""
         attempt = 1
         while True:
             shown = False
             try:
-                async with aclosing(self.model.stream(instructions, messages, tools)) as items:
+                async with aclosing(self.model.stream(req)) as items:
                     async for item in items:
                         shown = shown or isinstance(item, str)
                         yield item
