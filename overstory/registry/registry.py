@@ -193,32 +193,10 @@ class Registry:
                 ) from exc
         return self._supervisor
 
-    def get_or_start(self, user_id: str, api_keys: Mapping[str, Secret] | None = None) -> Any:
-        """A live handle to conversation ``user_id``'s actor, started if needed.
-
-        ``api_keys`` (vendor -> the user's own key) apply when the actor is started.
-        """
-        last: BaseException | None = None
-        for _ in range(_ATTEMPTS):
-            supervisor = self.supervisor()
-            try:
-                return ray.get(
-                    supervisor.start_child.remote(user_id, api_keys),
-                    timeout=self.config.conversations.activation_timeout_s,
-                )
-            except RayTaskError as exc:
-                cause = unwrap_task_error(exc)
-                raise cause from cause.__cause__
-            except RayActorError as exc:  # the supervisor died: its parent restarts it
-                self._supervisor, last = None, exc
-            except GetTimeoutError as exc:
-                raise self._unavailable(user_id, "it did not become ready in time") from exc
-        raise self._unavailable(user_id, f"{type(last).__name__}: {last}") from last
-
-    async def get_or_start_async(
-        self, user_id: str, api_keys: Mapping[str, Secret] | None = None
-    ) -> Any:
-        """Async form of :meth:`get_or_start`."""
+    async def get_or_start(self, user_id: str, api_keys: Mapping[str, Secret] | None = None) -> Any:
+        """A live handle to conversation ``user_id``'s actor, started if needed (dedicated
+        placement). ``api_keys`` (vendor -> the user's own key) apply when the actor is
+        started."""
         last: BaseException | None = None
         for _ in range(_ATTEMPTS):
             supervisor = self._supervisor or await asyncio.to_thread(self.supervisor)

@@ -227,14 +227,14 @@ class Conversation:
         for attempt in itertools.count():
             target = None
             try:
-                target = await transport.target_async()
+                target = await transport.target()
                 left = max(deadline - time.monotonic(), 0.001)
                 return await asyncio.wait_for(self._invoke(target, call, args, extra), timeout=left)
             except TimeoutError as exc:
                 raise self._late(call.__name__) from exc
             except (RayTaskError, RayActorError, ConversationUnavailable) as exc:
                 error = self._retry_or_raise(call.__name__, exc, deadline)
-                if not await transport.lost_async(target, exc):
+                if not await transport.lost(target, exc):
                     await asyncio.sleep(self._pause(attempt, error, deadline))
         raise AssertionError("unreachable")
 
@@ -525,7 +525,7 @@ class Runtime:
             return self._remember(conv)  # most recently used now
         handle = None
         if self.registry.placement == "dedicated":  # the registry's transport choice
-            handle = await self.registry.get_or_start_async(cid, keys)
+            handle = await self.registry.get_or_start(cid, keys)
         return self._remember(Conversation(self, user_id, name, handle, keys))
 
     def _remember(self, conv: Conversation) -> Conversation:

@@ -10,8 +10,6 @@ owns only how a placement is addressed and what to do when its target is lost
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -44,21 +42,13 @@ class Transport(ABC):
         self.api_keys = api_keys
 
     @abstractmethod
-    def target(self) -> Any:
-        """What the next call goes to (resolving it may block briefly)."""
+    async def target(self) -> Any:
+        """What the next call goes to."""
 
     @abstractmethod
-    async def target_async(self) -> Any:
-        """Async form of :meth:`target`."""
-
-    @abstractmethod
-    def lost(self, target: Any, exc: BaseException) -> bool:
+    async def lost(self, target: Any, exc: BaseException) -> bool:
         """A call to ``target`` failed with ``exc`` in a way a re-send may fix: forget
         what is stale. ``True`` when the next target is ready at once (no back-off)."""
-
-    async def lost_async(self, target: Any, exc: BaseException) -> bool:
-        """Async form of :meth:`lost` (the default runs it in a thread)."""
-        return await asyncio.to_thread(self.lost, target, exc)
 
     @abstractmethod
     def actor(self) -> str:
@@ -111,13 +101,10 @@ class HostedTransport(Transport):
 
     placement: Placement = "hosted"
 
-    def target(self) -> Any:
-        return self.registry.hosts.route(self.conversation_id)
-
-    async def target_async(self) -> Any:
+    async def target(self) -> Any:
         return await self.registry.hosts.route_async(self.conversation_id)
 
-    def lost(self, target: Any, exc: BaseException) -> bool:
+    async def lost(self, target: Any, exc: BaseException) -> bool:
         if isinstance(exc, ActorDiedError | ConversationUnavailable):
             # The host is gone for good, or not there: read the table again (a tree booted
             # again may have other hosts) and look the host up again.
@@ -151,23 +138,15 @@ class DedicatedTransport(Transport):
     ) -> None:
         super().__init__(registry, conversation_id, api_keys)
         self.handle = handle
-        self._lock = threading.Lock()
 
-    def target(self) -> Any:
+    async def target(self) -> Any:
         return self.handle
 
-    async def target_async(self) -> Any:
-        return self.handle
-
-    def lost(self, target: Any, exc: BaseException) -> bool:
-        with self._lock:  # the actor is gone: get (or start) it again, once for all callers
-            if self.handle is target:
-                self.handle = self.registry.get_or_start(self.conversation_id, self.api_keys)
-        return True
-
-    async def lost_async(self, target: Any, exc: BaseException) -> bool:
+    async def lost(self, target: Any, exc: BaseException) -> bool:
+        """The actor is gone: get (or start) it again; concurrent callers that lost the
+        same handle start it once (the supervisor serialises starts per user)."""
         if self.handle is target:
-            handle = await self.registry.get_or_start_async(self.conversation_id, self.api_keys)
+            handle = await self.registry.get_or_start(self.conversation_id, self.api_keys)
             if self.handle is target:
                 self.handle = handle
         return True

@@ -302,22 +302,27 @@ class ConversationSupervisor:
                 return
             except RayActorError as exc:
                 died = exc
-            if child.stopping or self._children.get(child.user_id) is not child:
-                return  # stopped on purpose, or another incarnation is watched now
-            if not self._restart_allowed(child.user_id):
-                await self._escalate()
-                return
-            if isinstance(died, ActorDiedError):
-                # Dead for good: start it again under the same name.
-                await self._restart_dead(child)
-                return
-            # Ray restarts it in place; wait until it serves again, keep watching.
-            try:
-                info = await child.handle.ready.remote()
-            except (RayActorError, RayTaskError):
-                await self._restart_dead(child)
-                return
-            child.pid, child.incarnation = info["pid"], info["incarnation"]
+            while True:  # each pass: one crash, counted
+                if child.stopping or self._children.get(child.user_id) is not child:
+                    return  # stopped on purpose, or another incarnation is watched now
+                if not self._restart_allowed(child.user_id):
+                    await self._escalate()
+                    return
+                if isinstance(died, ActorDiedError):
+                    # Dead for good: start it again under the same name.
+                    await self._restart_dead(child)
+                    return
+                # Ray restarts it in place; wait until it serves again, keep watching.
+                try:
+                    info = await child.handle.ready.remote()
+                except RayTaskError:
+                    await self._restart_dead(child)
+                    return
+                except RayActorError as exc:
+                    died = exc  # it crashed again before it served: that crash counts too
+                    continue
+                child.pid, child.incarnation = info["pid"], info["incarnation"]
+                break
 
     def _restart_allowed(self, user_id: str) -> bool:
         """The child crashed: ask the core. ``False``: intensity exceeded, give up."""

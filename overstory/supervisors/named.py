@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
 import ray
-from ray.exceptions import ActorAlreadyExistsError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorAlreadyExistsError, RayActorError, RayTaskError
 
 from ..exceptions import ConversationUnavailable, Passivated
 
@@ -59,15 +60,13 @@ class _Tries:
     """What the attempts of one get-or-create share: the deadline, the backoff between
     attempts, and the last retryable failure (the final error names it).
 
-    Each attempt runs inside ``with tries:``, which gives up at once on ``timeout`` (the
+    Each attempt runs inside ``with tries:``, which gives up at once on a ``TimeoutError`` (the
     wait for ``ready`` ran out of time) and keeps and swallows a failure another attempt
     may get past (:func:`_retryable`); any other error passes through.
     """
 
-    def __init__(
-        self, name: str, namespace: str, timeout_s: float, timeout: type[BaseException]
-    ) -> None:
-        self.name, self.namespace, self.timeout = name, namespace, timeout
+    def __init__(self, name: str, namespace: str, timeout_s: float) -> None:
+        self.name, self.namespace = name, namespace
         self.deadline = time.monotonic() + timeout_s
         self.last: BaseException | None = None
 
@@ -96,7 +95,7 @@ class _Tries:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> bool:
-        if isinstance(exc, self.timeout):
+        if isinstance(exc, TimeoutError):
             message = f"actor {self.name!r} did not become ready in time"
             raise ConversationUnavailable(message) from exc
         if isinstance(exc, RayTaskError | RayActorError | ValueError):
@@ -129,7 +128,7 @@ async def get_or_create(
     attempts: int = 8,
 ) -> tuple[Any, Any]:
     """``(handle, handle.ready())`` of the live actor ``name``, created if absent."""
-    tries = _Tries(name, namespace, timeout_s, TimeoutError)
+    tries = _Tries(name, namespace, timeout_s)
     for attempt in range(attempts):
         with tries:
             # GCS lookups and registration block: off the caller's event loop.
@@ -145,23 +144,11 @@ async def get_or_create(
 
 
 def get_or_create_sync(
-    remote_cls: Any,
-    name: str,
-    namespace: str,
-    args: tuple[Any, ...] = (),
-    options: dict[str, Any] | None = None,
-    *,
-    timeout_s: float = 60.0,
-    attempts: int = 8,
+    remote_cls: Any, name: str, namespace: str, *args: Any, **kwargs: Any
 ) -> tuple[Any, Any]:
-    """Blocking form of :func:`get_or_create` for drivers."""
-    tries = _Tries(name, namespace, timeout_s, GetTimeoutError)
-    for attempt in range(attempts):
-        with tries:
-            handle = _lookup_or_create(remote_cls, name, namespace, args, options or {})
-            info = ray.get(handle.ready.remote(), timeout=tries.left())
-            return handle, info
-        if (pause := tries.pause(attempt)) is None:
-            break
-        time.sleep(pause)
-    raise tries.gave_up() from tries.last
+    """Blocking form of :func:`get_or_create` for drivers: the same tries, on an event
+    loop of their own in a thread of their own (so a caller inside an event loop blocks
+    only itself, never that loop's other work for good)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="overstory-get-or-create") as pool:
+        work = pool.submit(asyncio.run, get_or_create(remote_cls, name, namespace, *args, **kwargs))
+        return work.result()
