@@ -17,7 +17,8 @@ follows the agent's placement) and refuses a tree of the other placement by name
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import ray
@@ -43,6 +44,131 @@ _RemoteJobRunner: Any = ray.remote(JobRunner)
 
 #: How often a request is re-sent after the supervisor itself died under it.
 _ATTEMPTS = 3
+
+
+class _Placed:
+    """What differs between the placements where the registry meets them, chosen once
+    (:data:`_PLACED`): the actor supervising the conversations, how the tree's child
+    for them is made, who says which app is served, and how one is passivated."""
+
+    placement: Placement
+    supervisor: str  # the named actor supervising the conversations
+
+    def child(self, registry: Registry) -> ChildSpec:
+        raise NotImplementedError
+
+    def app_sources(self, registry: Registry) -> list[tuple[str, Callable[[], Any]]]:
+        """``(actor name, ask)`` pairs whose ``ask()`` gives an ``ObjectRef`` of the app
+        the tree serves, in the order to ask them."""
+        raise NotImplementedError
+
+    def passivate(self, registry: Registry, user_id: str, reason: str) -> bool:
+        raise NotImplementedError
+
+    def status(self, registry: Registry) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def rebalance(self, registry: Registry, hosts: int | None) -> dict[str, Any]:
+        raise ConfigError(f"rebalance applies to hosted placement; this tree is {self.placement}")
+
+    async def handle(
+        self, registry: Registry, cid: str, api_keys: Mapping[str, Secret] | None
+    ) -> Any:
+        """What a new conversation handle holds to reach ``cid`` (its transport's
+        ``handle``): the dedicated actor, started if needed; ``None`` when hosted."""
+        return None
+
+
+class _Hosted(_Placed):
+    placement: Placement = "hosted"
+    supervisor = HOSTS
+
+    def child(self, registry: Registry) -> ChildSpec:
+        return hosts_child(registry.namespace, registry.app, registry.config)
+
+    def app_sources(self, registry: Registry) -> list[tuple[str, Callable[[], Any]]]:
+        route = registry.hosts.route_host
+        return [
+            (n, partial(lambda n: route(n).app.remote(), n)) for n in registry.hosts.table.hosts
+        ]
+
+    def passivate(self, registry: Registry, user_id: str, reason: str) -> bool:
+        return bool(registry.call_host(user_id, "passivate", reason))
+
+    def rebalance(self, registry: Registry, hosts: int | None) -> dict[str, Any]:
+        registry.boot()
+        timeout_s = registry.config.conversations.activation_timeout_s
+        table = grow_hosts(registry.namespace, hosts, timeout_s)
+        registry.hosts.refresh()
+        return table
+
+    def status(self, registry: Registry) -> dict[str, Any]:
+        registry.boot()
+        hosts = registry.host_statuses()
+        per_node: dict[str, int] = {}
+        totals = dict.fromkeys(
+            ("activations", "passivations", "evictions", "restarts", "quarantined", "fenced"), 0
+        )
+        for host in hosts:
+            if "error" in host:
+                continue
+            per_node[host["node_id"]] = per_node.get(host["node_id"], 0) + host["live"]
+            for key in totals:
+                totals[key] += host.get(key, 0)
+        live = sum(h.get("live", 0) for h in hosts)
+        try:
+            supervisor = ray.get_actor(HOSTS, namespace=registry.namespace)
+            supervisor_status: Any = ray.get(supervisor.status.remote(), timeout=30)
+        except (ValueError, RayActorError, GetTimeoutError) as exc:
+            raise ConversationUnavailable(
+                f"the host supervisor of namespace {registry.namespace!r} does not answer: "
+                f"{type(exc).__name__}"
+            ) from exc
+        host_restarts = int(supervisor_status["restarts"])
+        totals["entity_restarts"] = totals["restarts"]
+        totals["host_restarts"] = host_restarts
+        totals["restarts"] += host_restarts
+        return {
+            "placement": self.placement,
+            "live": live,
+            "live_conversations": live,
+            "per_node": per_node,
+            "shard_table_version": registry.hosts.table.version,
+            "hosts": hosts,
+            **totals,
+        }
+
+
+class _Dedicated(_Placed):
+    placement: Placement = "dedicated"
+    supervisor = CONVERSATIONS
+
+    def child(self, registry: Registry) -> ChildSpec:
+        start = NamedChild(
+            _RemoteConversations,
+            CONVERSATIONS,
+            (registry.namespace, registry.app, registry.config),
+            SUPERVISED,
+        )
+        return ChildSpec("conversations", start=start, restart="permanent")
+
+    def app_sources(self, registry: Registry) -> list[tuple[str, Callable[[], Any]]]:
+        return [(CONVERSATIONS, lambda: registry.supervisor().app_info.remote())]
+
+    def passivate(self, registry: Registry, user_id: str, reason: str) -> bool:
+        return bool(ray.get(registry.supervisor().passivate.remote(user_id, reason)))
+
+    def status(self, registry: Registry) -> dict[str, Any]:
+        status: dict[str, Any] = ray.get(registry.supervisor().status.remote())
+        return {"placement": self.placement, "live_conversations": status["live"], **status}
+
+    async def handle(
+        self, registry: Registry, cid: str, api_keys: Mapping[str, Secret] | None
+    ) -> Any:
+        return await registry.get_or_start(cid, api_keys)
+
+
+_PLACED: dict[str, _Placed] = {p.placement: p for p in (_Hosted(), _Dedicated())}
 
 
 class Registry:
@@ -75,7 +201,7 @@ class Registry:
             if app is None:
                 raise ConfigError("a registry needs an app or a placement")
             placement = app.placement
-        self.placement: Placement = placement
+        self.placed = _PLACED[placement]
         self.store_url = config.store
         self.max_message_chars = config.limits.max_message_chars
         self._supervisor: Any = None
@@ -83,18 +209,13 @@ class Registry:
         self._served: dict[str, Any] | None = None
         self.hosts = HostRouter(self.namespace, config.conversations.activation_timeout_s)
 
+    @property
+    def placement(self) -> Placement:
+        """The placement of the conversations this registry reaches."""
+        return self.placed.placement
+
     def tree_spec(self) -> SupervisorSpec:
-        app = self.app
-        if self.placement == "hosted":
-            child = hosts_child(self.namespace, app, self.config)
-        else:
-            conversations = NamedChild(
-                _RemoteConversations,
-                CONVERSATIONS,
-                (self.namespace, app, self.config),
-                SUPERVISED,
-            )
-            child = ChildSpec("conversations", start=conversations, restart="permanent")
+        child = self.placed.child(self)
         # Started after the conversations' supervisor: it sends their turns.
         runner = NamedChild(
             _RemoteJobRunner,
@@ -113,7 +234,7 @@ class Registry:
         if self.adopt:
             running = running_placement(self.namespace)
             if running is not None:
-                self.placement = running
+                self.placed = _PLACED[running]
         root = boot(self.namespace, self.tree_spec(), timeout_s=timeout)
         try:
             ray.get(root.ready.remote(), timeout=timeout)
@@ -121,14 +242,12 @@ class Registry:
             raise ConversationUnavailable(
                 f"the supervision tree in namespace {self.namespace!r} is not available: {exc}"
             ) from exc
-        mine = HOSTS if self.placement == "hosted" else CONVERSATIONS
         try:
-            ray.get_actor(mine, namespace=self.namespace)
+            ray.get_actor(self.placed.supervisor, namespace=self.namespace)
         except ValueError as exc:
-            other = "dedicated" if self.placement == "hosted" else "hosted"
             raise ConfigError(
-                f"the tree running in namespace {self.namespace!r} serves {other} placement; "
-                f"this app asks for {self.placement}: use another namespace"
+                f"the tree running in namespace {self.namespace!r} serves the other "
+                f"placement; this app asks for {self.placement}: use another namespace"
             ) from exc
         self._booted = True
 
@@ -140,14 +259,10 @@ class Registry:
         conversation supervisor (dedicated), then cached."""
         if self._served is None or refresh:
             self.boot()
-            names = [CONVERSATIONS] if self.placement == "dedicated" else self.hosts.table.hosts
             last: BaseException | None = None
-            for name in names:
+            for name, ask in self.placed.app_sources(self):
                 try:
-                    if name == CONVERSATIONS:
-                        ref = self.supervisor().app_info.remote()
-                    else:
-                        ref = self.hosts.route_host(name).app.remote()
+                    ref = ask()
                     described: dict[str, Any] = ray.get(
                         ref, timeout=self.config.conversations.activation_timeout_s
                     )
@@ -218,7 +333,7 @@ class Registry:
         """A new app was recorded in the store: move the running tree onto it (hosts are
         replaced one by one; dedicated conversations passivate and restart on it)."""
         self.boot()
-        target = HOSTS if self.placement == "hosted" else CONVERSATIONS
+        target = self.placed.supervisor
         try:
             supervisor: Any = ray.get_actor(target, namespace=self.namespace)
             result: dict[str, Any] = ray.get(supervisor.redeploy.remote(), timeout=600)
@@ -238,9 +353,8 @@ class Registry:
         """Tell whatever serves conversations that a rollout split changed (they would
         read it again within ``rollouts.refresh_s`` anyway). Returns how many heard."""
         self.boot()
-        target = HOSTS if self.placement == "hosted" else CONVERSATIONS
         try:
-            supervisor: Any = ray.get_actor(target, namespace=self.namespace)
+            supervisor: Any = ray.get_actor(self.placed.supervisor, namespace=self.namespace)
             heard: int = ray.get(supervisor.forget_splits.remote(), timeout=60)
             return heard
         except (ValueError, RayActorError, RayTaskError, GetTimeoutError):
@@ -248,9 +362,7 @@ class Registry:
 
     def passivate(self, user_id: str, reason: str = "stopped") -> bool:
         """Passivate ``user_id``'s conversation (history stays)."""
-        if self.placement == "hosted":
-            return bool(self.call_host(user_id, "passivate", reason))
-        return bool(ray.get(self.supervisor().passivate.remote(user_id, reason)))
+        return self.placed.passivate(self, user_id, reason)
 
     def call_host(self, conversation_id: str, method: str, *args: Any) -> Any:
         """One call to the host of ``conversation_id``, following a newer shard table."""
@@ -279,12 +391,7 @@ class Registry:
     def rebalance(self, hosts: int | None = None) -> dict[str, Any]:
         """Grow the hosts to ``hosts`` (default: what the cluster holds now); the shard
         table that results (``version``, ``shards``, ``hosts``). Hosted placement only."""
-        if self.placement != "hosted":
-            raise ConfigError("rebalance applies to hosted placement; this tree is dedicated")
-        self.boot()
-        table = grow_hosts(self.namespace, hosts, self.config.conversations.activation_timeout_s)
-        self.hosts.refresh()
-        return table
+        return self.placed.rebalance(self, hosts)
 
     def host_statuses(self) -> list[dict[str, Any]]:
         """Each host's status (an ``error`` entry for a host that does not answer)."""
@@ -308,43 +415,7 @@ class Registry:
 
     def status(self) -> dict[str, Any]:
         """Live conversations (total, per node, per host) and lifecycle counters."""
-        if self.placement == "dedicated":
-            status: dict[str, Any] = ray.get(self.supervisor().status.remote())
-            return {"placement": "dedicated", "live_conversations": status["live"], **status}
-        self.boot()
-        hosts = self.host_statuses()
-        per_node: dict[str, int] = {}
-        totals = dict.fromkeys(
-            ("activations", "passivations", "evictions", "restarts", "quarantined", "fenced"), 0
-        )
-        for host in hosts:
-            if "error" in host:
-                continue
-            per_node[host["node_id"]] = per_node.get(host["node_id"], 0) + host["live"]
-            for key in totals:
-                totals[key] += host.get(key, 0)
-        live = sum(h.get("live", 0) for h in hosts)
-        try:
-            supervisor = ray.get_actor(HOSTS, namespace=self.namespace)
-            supervisor_status: Any = ray.get(supervisor.status.remote(), timeout=30)
-        except (ValueError, RayActorError, GetTimeoutError) as exc:
-            raise ConversationUnavailable(
-                f"the host supervisor of namespace {self.namespace!r} does not answer: "
-                f"{type(exc).__name__}"
-            ) from exc
-        host_restarts = int(supervisor_status["restarts"])
-        totals["entity_restarts"] = totals["restarts"]
-        totals["host_restarts"] = host_restarts
-        totals["restarts"] += host_restarts
-        return {
-            "placement": "hosted",
-            "live": live,
-            "live_conversations": live,
-            "per_node": per_node,
-            "shard_table_version": self.hosts.table.version,
-            "hosts": hosts,
-            **totals,
-        }
+        return self.placed.status(self)
 
     def _unavailable(self, user_id: str, why: str) -> ConversationUnavailable:
         return ConversationUnavailable(

@@ -523,9 +523,7 @@ class Runtime:
             conv = self._conversations.get(cid)
         if conv is not None and conv._api_keys == keys:
             return self._remember(conv)  # most recently used now
-        handle = None
-        if self.registry.placement == "dedicated":  # the registry's transport choice
-            handle = await self.registry.get_or_start(cid, keys)
+        handle = await self.registry.placed.handle(self.registry, cid, keys)
         return self._remember(Conversation(self, user_id, name, handle, keys))
 
     def _remember(self, conv: Conversation) -> Conversation:

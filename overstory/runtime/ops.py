@@ -121,6 +121,14 @@ def _placement(probe: Probe) -> str:
     return running_placement(probe.namespace) or "dedicated"
 
 
+def _ask_tree(probe: Probe, *, on_host: str, on_supervisor: str) -> tuple[bool, Any]:
+    """Ask the running tree: the first host that answers ``on_host`` (hosted), else the
+    conversation supervisor ``on_supervisor`` (dedicated)."""
+    if _placement(probe) == "hosted":
+        return _call_a_host(on_host, probe)
+    return _call(CONVERSATIONS, on_supervisor, probe)
+
+
 def tree_section(probe: Probe) -> dict[str, Any]:
     """Whether the root supervisor and the supervisor of the conversations answer."""
     root = _answer(ROOT, probe)
@@ -227,10 +235,7 @@ def conversations_section(probe: Probe) -> dict[str, Any]:
 def apps_section(probe: Probe) -> dict[str, Any]:
     """The app the tree serves — its source, agents and versions — and each agent's
     rollout split (read from the tree's store, from inside the cluster)."""
-    if _placement(probe) == "hosted":
-        alive, app = _call_a_host("app", probe)
-    else:
-        alive, app = _call(CONVERSATIONS, "app_info", probe)
+    alive, app = _ask_tree(probe, on_host="app", on_supervisor="app_info")
     if not alive:
         return {"error": app}
     url = tree_store(probe) or probe.fallback_store
@@ -275,10 +280,7 @@ def store_section(probe: Probe) -> dict[str, Any]:
 def providers_section(probe: Probe) -> dict[str, Any]:
     """The default chain in fallback order — each endpoint's circuit and limiter headroom
     — and every other provider actor (users' own keys)."""
-    if _placement(probe) == "hosted":
-        alive, chain = _call_a_host("models", probe)
-    else:
-        alive, chain = _call(CONVERSATIONS, "models", probe)
+    alive, chain = _ask_tree(probe, on_host="models", on_supervisor="models")
     if not alive:
         return {"error": chain}
     endpoints = {s["actor"]: s for s in provider_statuses(probe.namespace, probe.timeout_s)}
