@@ -27,6 +27,7 @@ __all__ = [
     "named_actors_async",
     "quiet_worker_notices",
     "ray_client_ping",
+    "restarts_of_this_actor",
     "serve_listening",
     "token_auth_enabled",
 ]
@@ -35,6 +36,17 @@ __all__ = [
 def actor_id(handle: Any) -> str:
     """The hex id of the actor behind ``handle`` (the handle keeps it privately)."""
     return str(handle._actor_id.hex())
+
+
+def restarts_of_this_actor() -> int:
+    """How many times Ray has restarted the actor running this code (0 for its first
+    process: then the GCS is not asked)."""
+    context = ray.get_runtime_context()
+    if not context.was_current_actor_reconstructed:
+        return 0
+    from ray._private import state
+
+    return int(state.actors(context.get_actor_id())["NumRestarts"])
 
 
 def is_head() -> bool:

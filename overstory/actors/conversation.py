@@ -31,6 +31,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from .._ray import restarts_of_this_actor
 from ..access import Principal
 from ..app import App
 from ..config import Config
@@ -60,6 +61,9 @@ class ConversationActor(Shell):
         self.conversation_id = conversation_id
         self.api_keys = api_keys
         self._supervisor = supervisor
+        # Ray's own count of this actor's restarts in place: how its supervisor counts
+        # crashes it may not have seen one by one.
+        self.restarts = restarts_of_this_actor()
         self._binding = Binding.of(conversation_id, api_keys)  # survives entity restarts
         self._entity: Entity | None = None
         self._started_at = time.time()
@@ -158,6 +162,7 @@ class ConversationActor(Shell):
             **(entity.info() if entity is not None else {}),
             "pid": os.getpid(),
             "incarnation": self.incarnation,
+            "restarts": self.restarts,
             "node_id": ray.get_runtime_context().get_node_id(),
             "started_at": self._started_at,
             "placement": "dedicated",

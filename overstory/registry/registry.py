@@ -245,9 +245,10 @@ class Registry:
         try:
             ray.get_actor(self.placed.supervisor, namespace=self.namespace)
         except ValueError as exc:
+            other = running_placement(self.namespace) or "another"
             raise ConfigError(
-                f"the tree running in namespace {self.namespace!r} serves the other "
-                f"placement; this app asks for {self.placement}: use another namespace"
+                f"the tree running in namespace {self.namespace!r} serves {other} placement; "
+                f"this app asks for {self.placement}: use another namespace"
             ) from exc
         self._booted = True
 

@@ -66,6 +66,7 @@ class _Child:
     pid: int = 0
     api_keys: Mapping[str, Secret] | None = None  # the user's own vendor keys
     incarnation: str | None = None  # the process last seen serving (watch.py)
+    restarts: int = 0  # Ray's count of its restarts in place, as last seen
     watcher: asyncio.Task[None] | None = None
     stopping: bool = False
 
@@ -283,6 +284,7 @@ class ConversationSupervisor:
             info["pid"],
             api_keys,
             info["incarnation"],
+            int(info.get("restarts", 0)),
         )
         self._children[user_id] = child
         if all(c.id != user_id for c in self._state.children):
@@ -293,6 +295,12 @@ class ConversationSupervisor:
     # --- watching and restarting ----------------------------------------------------------
 
     async def _watch(self, child: _Child) -> None:
+        """Count ``child``'s crashes against the restart intensity until it ends.
+
+        A crash is seen as the pending ``watch`` call failing or answering that a new
+        process serves; how many crashes that was is Ray's own restart count (the new
+        process reports it), so crashes in a row faster than this supervisor looks —
+        one while it still waits for the last restart — each count."""
         while self._children.get(child.user_id) is child:
             try:
                 if await child.handle.watch.remote(child.incarnation) != RESTARTED:
@@ -302,27 +310,38 @@ class ConversationSupervisor:
                 return
             except RayActorError as exc:
                 died = exc
-            while True:  # each pass: one crash, counted
-                if child.stopping or self._children.get(child.user_id) is not child:
-                    return  # stopped on purpose, or another incarnation is watched now
+            if child.stopping or self._children.get(child.user_id) is not child:
+                return  # stopped on purpose, or another incarnation is watched now
+            # Dead for good (one crash), or restarted in place by Ray: wait until it serves.
+            info = None if isinstance(died, ActorDiedError) else await self._served_again(child)
+            crashes = 1 if info is None else max(1, int(info["restarts"]) - child.restarts)
+            for _ in range(crashes):
                 if not self._restart_allowed(child.user_id):
                     await self._escalate()
                     return
-                if isinstance(died, ActorDiedError):
-                    # Dead for good: start it again under the same name.
-                    await self._restart_dead(child)
-                    return
-                # Ray restarts it in place; wait until it serves again, keep watching.
-                try:
-                    info = await child.handle.ready.remote()
-                except RayTaskError:
-                    await self._restart_dead(child)
-                    return
-                except RayActorError as exc:
-                    died = exc  # it crashed again before it served: that crash counts too
-                    continue
-                child.pid, child.incarnation = info["pid"], info["incarnation"]
-                break
+            if info is None:
+                await self._restart_dead(child)  # start it again under the same name
+                return
+            child.pid, child.incarnation = info["pid"], info["incarnation"]
+            child.restarts = int(info["restarts"])
+
+    async def _served_again(self, child: _Child) -> dict[str, Any] | None:
+        """``child``'s ``ready`` answer once Ray has restarted it in place; ``None`` when
+        it is dead for good, its start fails, or it is not back within the activation
+        timeout."""
+        deadline = time.monotonic() + self.config.conversations.activation_timeout_s
+        pause = 0.05
+        while True:
+            try:
+                info: dict[str, Any] = await child.handle.ready.remote()
+                return info
+            except (ActorDiedError, RayTaskError):
+                return None
+            except RayActorError:  # unavailable while Ray restarts it: ask again
+                if time.monotonic() + pause > deadline:
+                    return None
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
 
     def _restart_allowed(self, user_id: str) -> bool:
         """The child crashed: ask the core. ``False``: intensity exceeded, give up."""
