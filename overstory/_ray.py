@@ -40,9 +40,12 @@ def actor_id(handle: Any) -> str:
 
 def restarts_of_this_actor() -> int:
     """How many times Ray has restarted the actor running this code (0 for its first
-    process: then the GCS is not asked)."""
+    process: then the GCS is not asked; 0 outside an actor, e.g. a shell built
+    in-process by a test)."""
+    if not ray.is_initialized():
+        return 0
     context = ray.get_runtime_context()
-    if not context.was_current_actor_reconstructed:
+    if context.get_actor_id() is None or not context.was_current_actor_reconstructed:
         return 0
     from ray._private import state
 

@@ -20,8 +20,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-import ray
-
 from .._ray import quiet_worker_notices
 from ..agent import Agent, Placement
 from ..context import RunContext
@@ -286,11 +284,7 @@ def _settled(runtime: Runtime, quiet_s: float = 1.0, limit_s: float = 6.0) -> di
 
 def _serving_pids(runtime: Runtime) -> list[int]:
     """The processes that serve conversations now."""
-    registry = runtime.registry
-    if registry.placement == "hosted":
-        return [h["pid"] for h in registry.host_statuses() if h.get("pid")]
-    children = ray.get(registry.supervisor().children.remote(), timeout=10)
-    return [c["pid"] for c in children if c["pid"]]
+    return runtime.registry.serving_pids()
 
 
 def run_demo(

@@ -236,14 +236,9 @@ def _chat(args: argparse.Namespace) -> int:
             if not line.strip():
                 continue
             try:
-                if conv.placement == "hosted":
-                    _print_streamed(conv.stream(line))
-                    continue
-                reply = conv.send(line)
+                _print_streamed(conv.stream(line))
             except (UsageError, TurnFailed) as exc:
                 print(f"error: {exc}")
-                continue
-            print(f"assistant> {reply.text}")
     finally:
         runtime.close()
     return 0

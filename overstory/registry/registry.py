@@ -68,6 +68,10 @@ class _Placed:
     def status(self, registry: Registry) -> dict[str, Any]:
         raise NotImplementedError
 
+    def serving_pids(self, registry: Registry) -> list[int]:
+        """The processes serving conversations now (what a chaos monkey strikes)."""
+        raise NotImplementedError
+
     def rebalance(self, registry: Registry, hosts: int | None) -> dict[str, Any]:
         raise ConfigError(f"rebalance applies to hosted placement; this tree is {self.placement}")
 
@@ -101,6 +105,9 @@ class _Hosted(_Placed):
         table = grow_hosts(registry.namespace, hosts, timeout_s)
         registry.hosts.refresh()
         return table
+
+    def serving_pids(self, registry: Registry) -> list[int]:
+        return [h["pid"] for h in registry.host_statuses() if h.get("pid")]
 
     def status(self, registry: Registry) -> dict[str, Any]:
         registry.boot()
@@ -157,6 +164,10 @@ class _Dedicated(_Placed):
 
     def passivate(self, registry: Registry, user_id: str, reason: str) -> bool:
         return bool(ray.get(registry.supervisor().passivate.remote(user_id, reason)))
+
+    def serving_pids(self, registry: Registry) -> list[int]:
+        children = ray.get(registry.supervisor().children.remote(), timeout=10)
+        return [c["pid"] for c in children if c["pid"]]
 
     def status(self, registry: Registry) -> dict[str, Any]:
         status: dict[str, Any] = ray.get(registry.supervisor().status.remote())
@@ -417,6 +428,10 @@ class Registry:
     def status(self) -> dict[str, Any]:
         """Live conversations (total, per node, per host) and lifecycle counters."""
         return self.placed.status(self)
+
+    def serving_pids(self) -> list[int]:
+        """The processes serving conversations now: the hosts, or the dedicated actors."""
+        return self.placed.serving_pids(self)
 
     def _unavailable(self, user_id: str, why: str) -> ConversationUnavailable:
         return ConversationUnavailable(
