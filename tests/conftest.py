@@ -53,8 +53,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "mongo_server" in used or by_param:  # store_url asks for it only when it runs
             item.add_marker(pytest.mark.mongodb)
     # Longest first: modules with slow tests, then those on Ray, then the pure ones, so
-    # that with two workers (``-n 2 --dist loadfile``) the short modules fill the gaps
-    # at the end instead of one long module running alone. A stable sort: the order
+    # that with two workers (``-n 2 --dist loadfile --no-loadscope-reorder``, which keeps
+    # this order) the short modules fill the gaps at the end instead of one long module
+    # running alone. A stable sort: the order
     # within a module, and among modules of one kind, stays as collected.
     rank: dict[str, int] = {}
     for item in items:
