@@ -32,7 +32,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
-from .._ray import alive_nodes_async, get_actor_async, named_actors_async
+from .._ray import actor_id, alive_nodes_async, get_actor_async, named_actors_async
 from ..actors.conversation import ConversationActor
 from ..actors.names import NAME_PREFIX, actor_name
 from ..app import App
@@ -312,16 +312,23 @@ class ConversationSupervisor:
                 died = exc
             if child.stopping or self._children.get(child.user_id) is not child:
                 return  # stopped on purpose, or another incarnation is watched now
-            # Dead for good (one crash), or restarted in place by Ray: wait until it serves.
-            info = None if isinstance(died, ActorDiedError) else await self._served_again(child)
-            crashes = 1 if info is None else max(1, int(info["restarts"]) - child.restarts)
-            for _ in range(crashes):
+            if not self._restart_allowed(child.user_id):  # the crash just seen
+                await self._escalate()
+                return
+            if isinstance(died, ActorDiedError):
+                await self._restart_dead(child)  # dead for good: start it again, same name
+                return
+            # Ray restarts it in place: wait until it serves again, keep watching.
+            info = await self._served_again(child)
+            if child.stopping or self._children.get(child.user_id) is not child:
+                return  # passivated or replaced meanwhile: no longer this watcher's
+            if info is None:
+                await self._restart_dead(child)
+                return
+            for _ in range(int(info["restarts"]) - child.restarts - 1):  # crashes since
                 if not self._restart_allowed(child.user_id):
                     await self._escalate()
                     return
-            if info is None:
-                await self._restart_dead(child)  # start it again under the same name
-                return
             child.pid, child.incarnation = info["pid"], info["incarnation"]
             child.restarts = int(info["restarts"])
 
@@ -359,15 +366,25 @@ class ConversationSupervisor:
             self._state = remove_child(self._state, user_id)
 
     async def _restart_dead(self, child: _Child) -> None:
+        """Start ``child`` again under its name (waiting, if Ray is restarting it in
+        place, until it serves). If the actor serving then is the same one, every
+        restart Ray made of it beyond the crash already counted is a crash too."""
         async with self._locks(child.user_id):
-            if self._children.get(child.user_id) is child:
-                del self._children[child.user_id]
-                try:
-                    await self._spawn(child.user_id, child.api_keys)
-                except (OverstoryError, RayActorError) as exc:
-                    # Not fatal: the next start_child for this user tries again, from the store.
-                    self._forget(child.user_id)
-                    log.warning("restart of conversation %r failed: %s", child.user_id, exc)
+            if self._children.get(child.user_id) is not child:
+                return
+            del self._children[child.user_id]
+            try:
+                again = await self._spawn(child.user_id, child.api_keys)
+            except (OverstoryError, RayActorError) as exc:
+                # Not fatal: the next start_child for this user tries again, from the store.
+                self._forget(child.user_id)
+                log.warning("restart of conversation %r failed: %s", child.user_id, exc)
+                return
+        if actor_id(again.handle) == actor_id(child.handle):
+            for _ in range(again.restarts - child.restarts - 1):
+                if not self._restart_allowed(child.user_id):
+                    await self._escalate()
+                    return
 
     async def _escalate(self) -> None:
         """Too many restarts: shut every child down (reverse start order) and exit. The
