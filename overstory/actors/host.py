@@ -350,7 +350,8 @@ class HostActor(Shell):
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def _sweep(self) -> None:
-        """Passivate entities idle for ``conversations.idle_timeout_s`` (least recent first: stop early)."""
+        """Passivate entities idle for ``conversations.idle_timeout_s`` (least recent
+        first: stop early)."""
         timeout = self.config.conversations.idle_timeout_s
         assert timeout is not None
         while True:

@@ -125,9 +125,9 @@ def _default_agent() -> Agent:
 class Conversation:
     """One user's conversation with one agent. Get it with :meth:`Runtime.conversation`.
 
-    Every call is retried under one deadline (``conversations.send_timeout_s``) when the process that
-    serves the conversation dies, is restarting, passivates it or is fenced out of it:
-    re-sending is safe because turns are idempotent by id.
+    Every call is retried under one deadline (``conversations.send_timeout_s``) when the
+    process that serves the conversation dies, is restarting, passivates it or is fenced
+    out of it: re-sending is safe because turns are idempotent by id.
     """
 
     def __init__(
@@ -239,16 +239,18 @@ class Conversation:
         raise AssertionError("unreachable")
 
     def _late(self, method: str) -> ConversationUnavailable:
+        limit = self._runtime.config.conversations.send_timeout_s
         return ConversationUnavailable(
             f"{method} on the conversation {self.conversation_id!r} did not finish within "
-            f"conversations.send_timeout_s={self._runtime.config.conversations.send_timeout_s:g} s. A send may be retried "
-            "with the same turn_id: it is never stored twice."
+            f"conversations.send_timeout_s={limit:g} s. A send may be retried with the same "
+            "turn_id: it is never stored twice."
         )
 
     def _gave_up(self, method: str, exc: BaseException) -> ConversationUnavailable:
+        limit = self._runtime.config.conversations.send_timeout_s
         return ConversationUnavailable(
             f"{method} on the conversation {self.conversation_id!r} failed: it could not be "
-            f"served within conversations.send_timeout_s={self._runtime.config.conversations.send_timeout_s:g} s "
+            f"served within conversations.send_timeout_s={limit:g} s "
             f"(last: {type(exc).__name__}: {exc}). A send may be retried with the same "
             "turn_id: it is never stored twice."
         )
