@@ -52,16 +52,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         by_param = callspec is not None and callspec.params.get("store_url") == "mongodb"
         if "mongo_server" in used or by_param:  # store_url asks for it only when it runs
             item.add_marker(pytest.mark.mongodb)
+
     # Longest first: modules with slow tests, then those on Ray, then the pure ones, so
     # that with two workers (``-n 2 --dist loadfile --no-loadscope-reorder``, which keeps
     # this order) the short modules fill the gaps at the end instead of one long module
-    # running alone. A stable sort: the order
-    # within a module, and among modules of one kind, stays as collected.
+    # running alone. A stable sort: the order within a module, and among modules of one
+    # kind, stays as collected.
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::")[0]
+
     rank: dict[str, int] = {}
     for item in items:
         here = 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("ray") else 2
-        rank[item.nodeid.split("::")[0]] = min(here, rank.get(item.nodeid.split("::")[0], 2))
-    items.sort(key=lambda item: rank[item.nodeid.split("::")[0]])
+        rank[module(item)] = min(here, rank.get(module(item), 2))
+    items.sort(key=lambda item: rank[module(item)])
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> None:

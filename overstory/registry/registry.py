@@ -17,6 +17,7 @@ follows the agent's placement) and refuses a tree of the other placement by name
 from __future__ import annotations
 
 import asyncio
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -46,31 +47,32 @@ _RemoteJobRunner: Any = ray.remote(JobRunner)
 _ATTEMPTS = 3
 
 
-class _Placed:
+class _Placed(ABC):
     """What differs between the placements where the registry meets them, chosen once
     (:data:`_PLACED`): the actor supervising the conversations, how the tree's child
-    for them is made, who says which app is served, and how one is passivated."""
+    for them is made, who says which app is served, passivation, status, the serving
+    processes, rebalancing, and what a new handle targets."""
 
     placement: Placement
     supervisor: str  # the named actor supervising the conversations
 
-    def child(self, registry: Registry) -> ChildSpec:
-        raise NotImplementedError
+    @abstractmethod
+    def child(self, registry: Registry) -> ChildSpec: ...
 
+    @abstractmethod
     def app_sources(self, registry: Registry) -> list[tuple[str, Callable[[], Any]]]:
         """``(actor name, ask)`` pairs whose ``ask()`` gives an ``ObjectRef`` of the app
         the tree serves, in the order to ask them."""
-        raise NotImplementedError
 
-    def passivate(self, registry: Registry, user_id: str, reason: str) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def passivate(self, registry: Registry, user_id: str, reason: str) -> bool: ...
 
-    def status(self, registry: Registry) -> dict[str, Any]:
-        raise NotImplementedError
+    @abstractmethod
+    def status(self, registry: Registry) -> dict[str, Any]: ...
 
+    @abstractmethod
     def serving_pids(self, registry: Registry) -> list[int]:
         """The processes serving conversations now (what a chaos monkey strikes)."""
-        raise NotImplementedError
 
     def rebalance(self, registry: Registry, hosts: int | None) -> dict[str, Any]:
         raise ConfigError(f"rebalance applies to hosted placement; this tree is {self.placement}")

@@ -325,10 +325,8 @@ class ConversationSupervisor:
             if info is None:
                 await self._restart_dead(child)
                 return
-            for _ in range(int(info["restarts"]) - child.restarts - 1):  # crashes since
-                if not self._restart_allowed(child.user_id):
-                    await self._escalate()
-                    return
+            if not await self._crashed(child.user_id, int(info["restarts"]) - child.restarts - 1):
+                return  # restarts beyond the crash counted above, each one a crash too
             child.pid, child.incarnation = info["pid"], info["incarnation"]
             child.restarts = int(info["restarts"])
 
@@ -349,6 +347,15 @@ class ConversationSupervisor:
                     return None
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 1.0)
+
+    async def _crashed(self, user_id: str, crashes: int) -> bool:
+        """Count ``crashes`` more crashes of ``user_id``; ``False`` once one is too many
+        (this supervisor has then escalated)."""
+        for _ in range(crashes):
+            if not self._restart_allowed(user_id):
+                await self._escalate()
+                return False
+        return True
 
     def _restart_allowed(self, user_id: str) -> bool:
         """The child crashed: ask the core. ``False``: intensity exceeded, give up."""
@@ -381,10 +388,7 @@ class ConversationSupervisor:
                 log.warning("restart of conversation %r failed: %s", child.user_id, exc)
                 return
         if actor_id(again.handle) == actor_id(child.handle):
-            for _ in range(again.restarts - child.restarts - 1):
-                if not self._restart_allowed(child.user_id):
-                    await self._escalate()
-                    return
+            await self._crashed(child.user_id, again.restarts - child.restarts - 1)
 
     async def _escalate(self) -> None:
         """Too many restarts: shut every child down (reverse start order) and exit. The

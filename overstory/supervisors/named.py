@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from types import TracebackType
 from typing import Any
 
 import ray
@@ -56,52 +55,11 @@ def _retryable(exc: BaseException) -> BaseException:
     raise exc
 
 
-class _Tries:
-    """What the attempts of one get-or-create share: the deadline, the backoff between
-    attempts, and the last retryable failure (the final error names it).
-
-    Each attempt runs inside ``with tries:``, which gives up at once on a ``TimeoutError`` (the
-    wait for ``ready`` ran out of time) and keeps and swallows a failure another attempt
-    may get past (:func:`_retryable`); any other error passes through.
-    """
-
-    def __init__(self, name: str, namespace: str, timeout_s: float) -> None:
-        self.name, self.namespace = name, namespace
-        self.deadline = time.monotonic() + timeout_s
-        self.last: BaseException | None = None
-
-    def left(self) -> float:
-        """Seconds until the deadline."""
-        return max(0.0, self.deadline - time.monotonic())
-
-    def pause(self, attempt: int) -> float | None:
-        """How long to back off after failed ``attempt`` (``None``: the deadline passed)."""
-        if time.monotonic() >= self.deadline:
-            return None
-        return min(0.05 * 2.0**attempt, 1.0)
-
-    def gave_up(self) -> ConversationUnavailable:
-        return ConversationUnavailable(
-            f"cannot reach or start actor {self.name!r} in namespace {self.namespace!r}: "
-            f"{type(self.last).__name__}: {self.last}"
-        )
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> bool:
-        if isinstance(exc, TimeoutError):
-            message = f"actor {self.name!r} did not become ready in time"
-            raise ConversationUnavailable(message) from exc
-        if isinstance(exc, RayTaskError | RayActorError | ValueError):
-            self.last = _retryable(exc)
-            return True
-        return False
+def _gave_up(name: str, namespace: str, last: BaseException | None) -> ConversationUnavailable:
+    return ConversationUnavailable(
+        f"cannot reach or start actor {name!r} in namespace {namespace!r}: "
+        f"{type(last).__name__}: {last}"
+    )
 
 
 def _lookup_or_create(
@@ -128,19 +86,26 @@ async def get_or_create(
     attempts: int = 8,
 ) -> tuple[Any, Any]:
     """``(handle, handle.ready())`` of the live actor ``name``, created if absent."""
-    tries = _Tries(name, namespace, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    last: BaseException | None = None
     for attempt in range(attempts):
-        with tries:
+        try:
             # GCS lookups and registration block: off the caller's event loop.
             handle = await asyncio.to_thread(
                 _lookup_or_create, remote_cls, name, namespace, args, options or {}
             )
-            info = await asyncio.wait_for(handle.ready.remote(), timeout=tries.left())
+            info = await asyncio.wait_for(
+                handle.ready.remote(), timeout=max(0.0, deadline - time.monotonic())
+            )
             return handle, info
-        if (pause := tries.pause(attempt)) is None:
+        except TimeoutError as exc:
+            raise ConversationUnavailable(f"actor {name!r} did not become ready in time") from exc
+        except (RayTaskError, RayActorError, ValueError) as exc:
+            last = _retryable(exc)
+        if time.monotonic() >= deadline:
             break
-        await asyncio.sleep(pause)
-    raise tries.gave_up() from tries.last
+        await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+    raise _gave_up(name, namespace, last) from last
 
 
 def get_or_create_sync(
