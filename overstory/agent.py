@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
+from .compaction import ContextPolicy, Trim, check_policy
 from .context import RunContext
 from .exceptions import ConfigError
 from .messages import ToolCall, ToolReturn
@@ -65,6 +66,11 @@ class Agent:
     and tool-call arguments (:mod:`overstory.redaction`). ``cache_ttl_s``: answers are
     cached that long per conversation owner, keyed on everything that changes them;
     answers calling tools only with ``cache_tool_calls`` (:mod:`overstory.cache`).
+
+    ``context``: what a model call sees of a long conversation (:mod:`overstory.compaction`):
+    :class:`~overstory.compaction.Trim` (default: the most recent whole turns that fit
+    the model's window), :class:`~overstory.compaction.Compact` (those plus a durable
+    summary of the rest), or a function ``(ctx, messages) -> messages``.
     """
 
     def __init__(
@@ -81,6 +87,7 @@ class Agent:
         cache_ttl_s: float | None = None,
         cache_tool_calls: bool = False,
         vault_shared: Iterable[str] = (),
+        context: ContextPolicy | None = None,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"an agent needs a non-empty name, got {name!r}")
@@ -130,6 +137,7 @@ class Agent:
         self.instructions = instructions
         self.model: Model = resolve_model(model)
         self.max_round_trips = max_round_trips
+        self.context: ContextPolicy = Trim() if context is None else check_policy(context)
         self.redact_pii = redact_pii
         self.cache_ttl_s = None if cache_ttl_s is None else float(cache_ttl_s)
         self.cache_tool_calls = cache_tool_calls

@@ -36,6 +36,7 @@ from typing import Any
 
 from ..access import Need, Principal, RecordCache, check_access, user_of
 from ..app import App
+from ..compaction import fit
 from ..config import Config
 from ..exceptions import Fenced, Passivated, SequenceConflict, TurnFailed, UsageError
 from ..messages import Message, Reply, TurnEvent, TurnRequest
@@ -51,6 +52,7 @@ from .serving import Binding, Serving
 from .supervision import EntitySupervision
 from .turn import Emit, run_turn
 from .turnlog import TurnStreams
+from .window import Memory
 
 __all__ = ["Entity", "Services", "Shell", "activate"]
 
@@ -113,6 +115,7 @@ class Entity:
         "in_turn",
         "last_active",
         "last_active_at",
+        "memory",
         "shell",
         "streams",
         "turns",
@@ -133,6 +136,7 @@ class Entity:
         self.epoch = epoch
         self.gate: TurnGate | None = None  # only while turns are in flight
         self.streams: TurnStreams | None = None  # only once a turn has been streamed
+        self.memory = Memory(shell.spawn)  # what model calls see: window, summary
         self.in_turn = 0
         self.closing = False  # passivated, crashed or fenced: queued turns get Passivated
         self.turns = 0
@@ -201,9 +205,14 @@ class Entity:
     async def _admit(self, user: str, turn_id: str, text: str) -> Ticket | None:
         """``user``'s quota admits turn ``turn_id`` (``None``: no limit applies)."""
         services = self.shell.services
-        instructions = services.serving.app.get(self.binding.agent).instructions
+        agent = services.serving.app.get(self.binding.agent)
+        # The first call's estimate: what the context policy will send, not all history.
+        budget = agent.model.budget()
+        history = self.history
+        if budget is not None:
+            history = history[fit(history, budget.prompt, budget.count, len(history)) :]
         return await services.quotas.admit_turn(
-            user, self.conversation_id, turn_id, text, self.history, instructions
+            user, self.conversation_id, turn_id, text, history, agent.instructions
         )
 
     async def _turn(
@@ -238,6 +247,7 @@ class Entity:
                         ticket=ticket,
                         owner=owner,
                         prices=services.config.usage.prices,
+                        memory=self.memory,
                     )
         except (TurnFailed, UsageError):
             raise  # the turn's own outcome (or the caller's mistake): the entity is fine

@@ -19,12 +19,15 @@ from typing import Any, Protocol
 
 from ..agent import Agent
 from ..cache import CachingModel
+from ..compaction import Compact, Trim
 from ..context import RunContext
 from ..exceptions import (
+    Fenced,
     InvalidMessage,
     MaxRoundTripsExceeded,
     ModelError,
     QuotaExceeded,
+    SequenceConflict,
     TurnFailed,
     TurnIncomplete,
 )
@@ -56,6 +59,7 @@ from ..telemetry import (
 )
 from ..usage import Prices, cost_of
 from ..vault import DataVault
+from .window import Memory, is_overflow
 
 __all__ = ["Emit", "is_complete", "reply_of", "run_turn"]
 
@@ -113,6 +117,7 @@ async def run_turn(
     ticket: Ticket | None = None,
     owner: str | None = None,
     prices: Prices | None = None,
+    memory: Memory | None = None,
 ) -> Reply:
     """Run (or resume, or replay) turn ``turn_id``; ``history`` is extended in place.
 
@@ -153,6 +158,7 @@ async def run_turn(
                 should_stop,
                 ticket,
                 owner,
+                memory or Memory(),
             )
             set_turn_usage(span, reply.usage.input_tokens, reply.usage.output_tokens)
             if prices:
@@ -161,6 +167,29 @@ async def run_turn(
             return reply
     finally:
         metrics().turn(agent.name, outcome, time.monotonic() - started, agent.version)
+
+
+async def _request(
+    agent: Agent,
+    store: HistoryStore,
+    conversation_id: str,
+    history: list[Message],
+    turn: list[Message],
+    context: RunContext,
+    memory: Memory,
+) -> ModelRequest:
+    """The next call's request (:meth:`Memory.request`); a context processor that fails
+    fails the turn, naming it (the agent's code, not the conversation, is at fault)."""
+    start = len(history) - len(turn)  # the turn is the history's tail
+    try:
+        return await memory.request(agent, store, conversation_id, history, start, context)
+    except (ModelError, Fenced, SequenceConflict):
+        raise
+    except Exception as exc:
+        if isinstance(agent.context, Trim | Compact):
+            raise
+        reason = f"the agent's context processor failed: {type(exc).__name__}: {exc}"[:300]
+        raise TurnFailed(conversation_id, context.turn_id, reason, exc) from exc
 
 
 class _CutShort(Exception):
@@ -261,8 +290,9 @@ async def _run_turn(
     epoch: int | None,
     emit: Emit | None,
     should_stop: Callable[[], bool] | None,
-    ticket: Ticket | None = None,
-    owner: str | None = None,
+    ticket: Ticket | None,
+    owner: str | None,
+    memory: Memory,
 ) -> Reply:
     turn = [m for m in history if m.turn_id == turn_id]
     stop = should_stop or _never
@@ -292,6 +322,7 @@ async def _run_turn(
     else:
         await commit(UserMessage(content=text))
 
+    memory.cap = None  # an overflow's cap holds for the turn it happened in
     round_trips = sum(isinstance(m, AssistantMessage) for m in turn)
     progress = None if emit is None else (lambda text: emit("progress", text=text))
     user = owner if owner is not None else _user_part(conversation_id)
@@ -320,6 +351,14 @@ async def _run_turn(
     # With redact_pii the model sees placeholders and its answers come back restored.
     if agent.redact_pii:
         model = RedactingModel(model)
+
+    async def ask(req: ModelRequest) -> ModelResponse:
+        if ticket is not None:
+            await ticket.before_call(call_texts(req.instructions, req.messages))
+        if emit is None:
+            return await model.call(req)
+        return await _streamed(agent, model, req, emit, stop)
+
     while True:
         last = turn[-1]
         if isinstance(last, AssistantMessage) and last.tool_calls:
@@ -341,13 +380,18 @@ async def _run_turn(
             )
             raise TurnFailed(conversation_id, turn_id, str(reason), reason) from reason
         try:
-            if ticket is not None:
-                await ticket.before_call(call_texts(agent.instructions, history))
-            req = ModelRequest(agent.instructions, history, agent.tool_definitions)
-            if emit is None:
-                response = await model.call(req)
-            else:
-                response = await _streamed(agent, model, req, emit, stop)
+            req = await _request(agent, store, conversation_id, history, turn, context, memory)
+            try:
+                response = await ask(req)
+            except ModelError as exc:
+                if not is_overflow(exc) or memory.cap is not None:
+                    raise
+                # Too long for the model after all: fit it to what the error says, once.
+                memory.overflowed(exc, req, agent.model.budget())
+                if ticket is not None:
+                    await ticket.after_call(None)
+                req = await _request(agent, store, conversation_id, history, turn, context, memory)
+                response = await ask(req)
         except _CutShort as cut:
             if ticket is not None:  # what it used is unknown: its estimate counts
                 await ticket.after_call(ticket.estimate_of_open())

@@ -97,6 +97,9 @@ def _from_string(spec: str) -> Model:
     if vendor == "offline":
         if base_url is not None:
             raise ConfigError(f"the offline model takes no base URL: {spec!r}")
+        name, at, window = model.rpartition("@")
+        if at and window.isdigit():  # offline:NAME@WINDOW: a context window, in tokens
+            return OfflineModel(name, context_window=int(window))
         return OfflineModel(model)
     assert vendor in KEY_ENV
     return resolve_model(Endpoint(vendor, model, base_url))

@@ -31,6 +31,7 @@ from ..telemetry import (
     record_first_token,
 )
 from ..tools import ToolDefinition
+from .windows import Budget
 
 if TYPE_CHECKING:
     from .endpoint import Secret
@@ -126,6 +127,11 @@ class Model(ABC):
         """This model using the user's own keys (vendor -> key) where it calls a vendor."""
         return self
 
+    def budget(self) -> Budget | None:
+        """What a call may send this model (:mod:`.windows`); ``None`` while its window
+        is unknown. This default knows only a window an overflow error named here."""
+        return Budget.of(self.name, None)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
@@ -139,6 +145,9 @@ class PolicyModel(Model):
     @property
     def name(self) -> str:
         return self.model.name
+
+    def budget(self) -> Budget | None:
+        return self.model.budget()
 
 
 Request = Callable[[ModelRequest], Awaitable[ModelResponse]]

@@ -224,6 +224,9 @@ class Endpoint:
     timeout_s: float = 60.0
     max_tokens: int = 1024
     region: str | None = None  # Bedrock only: the AWS region requests are signed for
+    #: Tokens the model reads, prompt and answer (``None``: the built-in table's, if it
+    #: knows the model; :mod:`.windows`). Prompts are fitted to it less ``max_tokens``.
+    context_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.vendor not in KEY_ENV:
@@ -246,6 +249,15 @@ class Endpoint:
             raise ConfigError(f"timeout_s must be in (0, 3600], got {self.timeout_s}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ConfigError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if self.context_window is not None and (
+            isinstance(self.context_window, bool)
+            or not isinstance(self.context_window, int)
+            or not self.max_tokens < self.context_window <= 100_000_000
+        ):
+            raise ConfigError(
+                f"context_window must be an int of tokens above max_tokens "
+                f"({self.max_tokens}) and at most 100,000,000, got {self.context_window!r}"
+            )
 
     @property
     def name(self) -> str:

@@ -12,6 +12,7 @@ from ..messages import ModelResponse
 from ..telemetry import metrics, record_fallback
 from .base import FallThrough, Model, ModelRequest, StreamItem
 from .endpoint import Secret
+from .windows import Budget
 
 __all__ = ["FallbackModel"]
 
@@ -44,6 +45,12 @@ class FallbackModel(Model):
     @property
     def name(self) -> str:
         return " -> ".join(m.name for m in self.models)
+
+    def budget(self) -> Budget | None:
+        """The member's with the least room for a prompt (every member is sent the same
+        request, so it must fit them all); members whose window is unknown don't count."""
+        budgets = [b for m in self.models if (b := m.budget()) is not None]
+        return min(budgets, key=lambda b: b.prompt, default=None)
 
     async def request(self, req: ModelRequest) -> ModelResponse:
         return await self._chain(False, req)

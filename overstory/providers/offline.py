@@ -37,6 +37,7 @@ from ..messages import (
     UserMessage,
 )
 from .base import Model, ModelRequest, StreamItem, traced_stream
+from .windows import Budget
 
 __all__ = ["OfflineModel", "Rule"]
 
@@ -65,7 +66,10 @@ class Rule:
 
 class OfflineModel(Model):
     """The scripted offline model. ``latency_s`` delays every answer; ``fail_first``
-    makes the first N requests fail (to exercise fallback and error paths)."""
+    makes the first N requests fail (to exercise fallback and error paths);
+    ``context_window`` (tokens, counted as characters / 4 like its usage) refuses a
+    longer prompt with OpenAI's overflow error (``context_overflow``), as a vendor
+    would. ``offline:NAME@WINDOW`` is the same from a model string."""
 
     def __init__(
         self,
@@ -74,7 +78,16 @@ class OfflineModel(Model):
         rules: Sequence[Rule] = (),
         latency_s: float = 0.0,
         fail_first: int = 0,
+        context_window: int | None = None,
     ) -> None:
+        if context_window is not None and (
+            isinstance(context_window, bool)
+            or not isinstance(context_window, int)
+            or not 0 < context_window <= 100_000_000
+        ):
+            raise ConfigError(
+                f"context_window must be an int of tokens > 0, got {context_window!r}"
+            )
         if latency_s < 0:
             raise ConfigError(f"latency_s must be >= 0, got {latency_s}")
         if fail_first < 0:
@@ -83,11 +96,15 @@ class OfflineModel(Model):
         self.rules = tuple(rules)
         self.latency_s = latency_s
         self.fail_first = fail_first
+        self.context_window = context_window
         self.requests = 0
 
     @property
     def name(self) -> str:
         return f"offline:{self.model}"
+
+    def budget(self) -> Budget | None:
+        return Budget.of(self.name, self.context_window)
 
     async def request(self, req: ModelRequest) -> ModelResponse:
         if self.latency_s:
@@ -118,6 +135,7 @@ class OfflineModel(Model):
         self.requests += 1
         if self.requests <= self.fail_first:
             raise ModelError(f"scripted failure {self.requests}/{self.fail_first}", model=self.name)
+        self._fits(req)
         messages = req.messages
         user_index = next(
             (i for i in range(len(messages) - 1, -1, -1) if messages[i].kind == "user"), -1
@@ -163,6 +181,28 @@ class OfflineModel(Model):
             if found:
                 return self._call(rule.tool, found.groupdict(), last.seq, prompt_chars)
         return self._text(f"echo #{n_user}: {text}", prompt_chars)
+
+    def _fits(self, req: ModelRequest) -> None:
+        """Refuse a prompt longer than the window, as OpenAI does (its code and wording)."""
+        if self.context_window is None:
+            return
+        texts = [req.instructions, *(m.content for m in req.messages)]
+        texts += [
+            json.dumps(c.arguments)
+            for m in req.messages
+            if isinstance(m, AssistantMessage)
+            for c in m.tool_calls
+        ]
+        tokens = sum(len(t) for t in texts) // 4 + 3 * len(req.messages)
+        if tokens > self.context_window:
+            raise ModelError(
+                f"This model's maximum context length is {self.context_window} tokens. "
+                f"However, your messages resulted in {tokens} tokens. Please reduce the "
+                "length of the messages.",
+                model=self.name,
+                kind="context_overflow",
+                status=400,
+            )
 
     def _text(self, content: str, prompt_chars: int) -> ModelResponse:
         return ModelResponse(

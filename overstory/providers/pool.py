@@ -42,6 +42,7 @@ from .breaker import BreakerModel
 from .endpoint import KEY_ENV, Endpoint, Secret
 from .limits import LimitedModel
 from .retry import RetryingModel
+from .windows import Budget, known_window
 
 __all__ = [
     "PROVIDER_PREFIX",
@@ -292,6 +293,13 @@ class RemoteModel(Model):
     async def call(self, req: ModelRequest) -> ModelResponse:
         """The ``chat`` span is made where the request goes out: in the provider actor."""
         return await self.request(req)
+
+    def budget(self) -> Budget | None:
+        """The endpoint's window (its own ``context_window``, else the built-in table),
+        ``max_tokens`` of it kept for the answer, counted with the vendor's tokenizer."""
+        endpoint = self.endpoint
+        window = endpoint.context_window or known_window(endpoint.model)
+        return Budget.of(self.name, window, endpoint.max_tokens, endpoint.vendor, endpoint.model)
 
     def with_api_keys(self, keys: Mapping[str, Secret]) -> Model:
         key = keys.get(self.endpoint.vendor)

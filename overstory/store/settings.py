@@ -180,6 +180,11 @@ IDEMPOTENCY = _key(
     "overstory.gateway.app",
     "<scope digest>: an Idempotency-Key claim (the id its first request made)",
 )
+SUMMARY = _key(
+    "overstory.summary:",
+    "overstory.compaction",
+    "<conversation id>: the summary of a conversation's earliest messages (seq range, sealed text)",
+)
 READYZ = _key(
     "overstory.readyz",
     "overstory.gateway.app",
@@ -209,6 +214,7 @@ KEYS: dict[str, SettingsKey] = {
         OWNED,
         OWNED_LEGACY,
         IDEMPOTENCY,
+        SUMMARY,
         READYZ,
     )
 }

@@ -41,12 +41,17 @@ def _anthropic_error(type_: str, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": type_, "message": message}}
 
 
+def _anthropic_overflow(tokens: int, window: int) -> tuple[int, Any]:
+    """Anthropic's refusal of a prompt of ``tokens`` over a ``window``-token model."""
+    message = f"prompt is too long: {tokens} tokens > {window} maximum"
+    return 400, _anthropic_error("invalid_request_error", message)
+
+
 def _anthropic_fault(fault: Fault) -> tuple[int, Any]:
     if fault.body is not None:
         return fault.status, fault.body
     if fault.kind == "context_overflow":
-        message = "prompt is too long: 250000 tokens > 200000 maximum"
-        return 400, _anthropic_error("invalid_request_error", message)
+        return _anthropic_overflow(250_000, 200_000)
     default = (
         ("api_error", "Internal server error")
         if fault.status >= 500

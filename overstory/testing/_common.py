@@ -188,6 +188,28 @@ def _pieces(text: str, size: int) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)]
 
 
+def _text_chars(value: Any) -> int:
+    """The characters of every string value in a JSON value (keys not counted)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_chars(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_text_chars(v) for v in value)
+    return 0
+
+
+def _prompt_tokens(body: Any) -> int:
+    """A request's prompt tokens as the loopback servers count them: the characters of
+    its messages, system prompt and tools / 4, plus 3 per message."""
+    if not isinstance(body, dict):
+        return 0
+    messages = body.get("messages")
+    n = len(messages) if isinstance(messages, list) else 0
+    chars = sum(_text_chars(body.get(k)) for k in ("messages", "system", "tools"))
+    return chars // 4 + 3 * n
+
+
 def _tokens(chars: int) -> int:
     return chars // 4 + 1
 

@@ -37,18 +37,23 @@ def _openai_error(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def _openai_overflow(tokens: int, window: int) -> tuple[int, Any]:
+    """OpenAI's refusal of a prompt of ``tokens`` over a ``window``-token model."""
+    message = (
+        f"This model's maximum context length is {window} tokens. However, your messages "
+        f"resulted in {tokens} tokens. Please reduce the length of the messages."
+    )
+    return 400, _openai_error(
+        message, "invalid_request_error", "messages", "context_length_exceeded"
+    )
+
+
 def _openai_fault(fault: Fault) -> tuple[int, Any]:
     status = 503 if fault.kind == "overloaded" else fault.status
     if fault.body is not None:
         return status, fault.body
     if fault.kind == "context_overflow":
-        message = (
-            "This model's maximum context length is 128000 tokens. However, your messages "
-            "resulted in 250000 tokens. Please reduce the length of the messages."
-        )
-        return 400, _openai_error(
-            message, "invalid_request_error", "messages", "context_length_exceeded"
-        )
+        return _openai_overflow(250_000, 128_000)
     type_, message, code = "invalid_request_error", f"HTTP {status}", None
     if status == 400:
         message = "invalid request"

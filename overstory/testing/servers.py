@@ -66,6 +66,7 @@ from ._anthropic import (
     _anthropic_answer,
     _anthropic_error,
     _anthropic_fault,
+    _anthropic_overflow,
     _anthropic_problem,
     _anthropic_stream,
     _anthropic_stream_error,
@@ -81,12 +82,22 @@ from ._bedrock import (
     _sigv4_access_key,
     _sigv4_problem,
 )
-from ._common import DEFAULT_RULES, Fault, FaultKind, Recorded, _Event, _Problem, _Rules
+from ._common import (
+    DEFAULT_RULES,
+    Fault,
+    FaultKind,
+    Recorded,
+    _Event,
+    _Problem,
+    _prompt_tokens,
+    _Rules,
+)
 from ._openai import (
     _OPENAI_DONE,
     _openai_answer,
     _openai_error,
     _openai_fault,
+    _openai_overflow,
     _openai_problem,
     _openai_stream,
     _openai_stream_error,
@@ -123,6 +134,9 @@ class WireServer:
     serves from the caller's loop. ``port=0`` picks a free port, kept across restarts.
     ``model`` overrides the model named in answers; ``latency_s`` delays every answer
     (a stream's first byte); ``piece_chars`` and ``stream_interval_s`` shape streams.
+    ``context_window`` (tokens) refuses a longer prompt with the vendor's own
+    prompt-too-long error; a prompt's tokens are its text's characters / 4 plus 3 per
+    message (roughly the vendors' own count for English).
     ``script``, ``fail_always`` and ``reset`` may be called from any thread.
     """
 
@@ -141,6 +155,7 @@ class WireServer:
         latency_s: float = 0.0,
         piece_chars: int = 4,
         stream_interval_s: float = 0.0,
+        context_window: int | None = None,
     ) -> None:
         if not self.vendor:
             raise UsageError("WireServer is a base class: use OpenAIServer or AnthropicServer")
@@ -152,6 +167,12 @@ class WireServer:
             raise ConfigError(f"piece_chars must be an int >= 1, got {piece_chars!r}")
         if stream_interval_s < 0:
             raise ConfigError(f"stream_interval_s must be >= 0, got {stream_interval_s!r}")
+        if context_window is not None and (
+            isinstance(context_window, bool)
+            or not isinstance(context_window, int)
+            or context_window < 1
+        ):
+            raise ConfigError(f"context_window must be an int >= 1, got {context_window!r}")
         compiled: list[tuple[re.Pattern[str], str]] = []
         for pattern, tool in rules:
             try:
@@ -163,6 +184,7 @@ class WireServer:
         self.latency_s = latency_s
         self.piece_chars = piece_chars
         self.stream_interval_s = stream_interval_s
+        self.context_window = context_window
         self.requests: list[Recorded] = []
         self._rules: _Rules = tuple(compiled)
         self._port = port
@@ -199,6 +221,10 @@ class WireServer:
         raise NotImplementedError
 
     def _stream_error(self, fault: Fault) -> _Event:
+        raise NotImplementedError
+
+    def _overflow(self, tokens: int, window: int) -> tuple[int, Any]:
+        """The vendor's status and body refusing a prompt of ``tokens`` over ``window``."""
         raise NotImplementedError
 
     _stream_end: ClassVar[_Event | None] = None
@@ -447,6 +473,11 @@ class WireServer:
         problem = self._header_problem(headers) or refusal or self._problem(body)
         if problem is not None:
             return problem.status, self._error(problem), {}
+        if self.context_window is not None:
+            tokens = _prompt_tokens(body)
+            if tokens > self.context_window:
+                status, payload = self._overflow(tokens, self.context_window)
+                return status, payload, {}
         return 200, self._answer(body, self.model or body["model"], n), {}
 
 
@@ -486,6 +517,9 @@ class OpenAIServer(WireServer):
 
     def _stream_error(self, fault: Fault) -> _Event:
         return _openai_stream_error(fault)
+
+    def _overflow(self, tokens: int, window: int) -> tuple[int, Any]:
+        return _openai_overflow(tokens, window)
 
     _stream_end = _OPENAI_DONE
 
@@ -531,6 +565,9 @@ class AnthropicServer(WireServer):
     def _stream_error(self, fault: Fault) -> _Event:
         return _anthropic_stream_error(fault)
 
+    def _overflow(self, tokens: int, window: int) -> tuple[int, Any]:
+        return _anthropic_overflow(tokens, window)
+
 
 class BedrockServer(AnthropicServer):
     """Amazon Bedrock's runtime for Anthropic models: ``POST /model/{modelId}/invoke``
@@ -554,6 +591,9 @@ class BedrockServer(AnthropicServer):
 
     def _fault(self, fault: Fault) -> tuple[int, Any]:
         return _bedrock_fault(fault)
+
+    def _overflow(self, tokens: int, window: int) -> tuple[int, Any]:
+        return _bedrock_fault(Fault.context_overflow())  # Bedrock names no numbers
 
     def _error(self, problem: _Problem) -> Any:
         return {"message": problem.message}

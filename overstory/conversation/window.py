@@ -1,0 +1,203 @@
+"""The request each model call of a turn sends: the agent's context policy, applied.
+
+:class:`Memory` is one conversation's context state — its summary, read from the store
+on first need, and the background compaction in flight — held by the entity in either
+placement. :meth:`Memory.request` builds a call's
+:class:`~overstory.providers.ModelRequest` from the history with the pure rules of
+:mod:`overstory.compaction`; :meth:`Memory.overflowed` is what a turn does when a
+provider still refuses the prompt as too long.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from ..agent import Agent
+from ..compaction import (
+    Compact,
+    Summary,
+    Trim,
+    cut_summary,
+    fit,
+    overflowed,
+    read_summary,
+    summary_now,
+    summary_request,
+    with_summary,
+    write_summary,
+)
+from ..context import RunContext
+from ..exceptions import AllModelsFailed, ModelError
+from ..messages import Message, UserMessage
+from ..providers import Model, ModelRequest
+from ..providers.windows import Budget, estimate_text, fixed_tokens, request_tokens
+from ..store import HistoryStore
+
+__all__ = ["Memory", "is_overflow"]
+
+log = logging.getLogger(__name__)
+
+Spawn = Callable[[Coroutine[Any, Any, Any]], None]
+
+
+def is_overflow(exc: ModelError) -> bool:
+    """Whether ``exc`` (or, for a chain, any of its failures) says the prompt is too long."""
+    if isinstance(exc, AllModelsFailed):
+        return any(f.kind == "context_overflow" for f in exc.failures)
+    return exc.kind == "context_overflow"
+
+
+class Memory:
+    """One conversation's context state (small: a host holds thousands).
+
+    ``spawn`` runs background work in the entity's process (a background compaction);
+    ``None`` runs it inline (tests of the turn alone)."""
+
+    __slots__ = ("_loaded", "cap", "compacting", "spawn", "summary")
+
+    def __init__(self, spawn: Spawn | None = None) -> None:
+        self.spawn = spawn
+        self.summary: Summary | None = None
+        self._loaded = False
+        self.compacting = False
+        self.cap: int | None = None  # a turn's prompt cap after an overflow (one retry)
+
+    async def _summary(self, store: HistoryStore, conversation_id: str) -> Summary | None:
+        if not self._loaded:
+            self.summary = await read_summary(store, conversation_id)
+            self._loaded = True
+        return self.summary
+
+    async def request(
+        self,
+        agent: Agent,
+        store: HistoryStore,
+        conversation_id: str,
+        history: Sequence[Message],
+        turn_start: int,
+        context: RunContext,
+    ) -> ModelRequest:
+        """What the next model call of the turn starting at ``history[turn_start]``
+        sends under ``agent.context``. A :class:`~overstory.compaction.Compact` policy
+        that has dropped turns and has no summary yet writes the first one now (the
+        turn does not fit without it); later ones are recomputed in the background."""
+        policy = agent.context
+        messages: Sequence[Message] = history
+        keep_from: int | None = turn_start
+        if not isinstance(policy, Trim | Compact):
+            messages = await _processed(policy, context, list(history))
+            keep_from = None  # the processor's own last user message starts the turn
+        budget = agent.model.budget()
+        room = None if budget is None else budget.prompt
+        if self.cap is not None:
+            room = self.cap if room is None else min(room, self.cap)
+        if room is None:
+            return ModelRequest(agent.instructions, messages, agent.tool_definitions)
+        count = budget.count if budget is not None else estimate_text
+        room -= fixed_tokens(agent.instructions, agent.tool_definitions, count)
+        if not isinstance(policy, Compact):
+            first = fit(messages, room, count, keep_from)
+            return ModelRequest(agent.instructions, messages[first:], agent.tool_definitions)
+        summary = await self._summary(store, conversation_id)
+        first = self._fit_after(summary, messages, room, count, keep_from)
+        if first and summary is None:
+            summary = await self._compact(agent, policy, store, conversation_id, messages[:first])
+            first = self._fit_after(summary, messages, room, count, keep_from)
+        elif summary is not None and _since(summary, messages, first) >= policy.every:
+            work = self._compact(agent, policy, store, conversation_id, messages[:first])
+            if self.spawn is None:
+                await work
+            elif not self.compacting:
+                self.compacting = True
+                self.spawn(work)
+            else:
+                work.close()
+        instructions = with_summary(agent.instructions, summary)
+        return ModelRequest(instructions, messages[first:], agent.tool_definitions)
+
+    @staticmethod
+    def _fit_after(
+        summary: Summary | None,
+        messages: Sequence[Message],
+        room: int,
+        count: Callable[[str], int],
+        keep_from: int | None,
+    ) -> int:
+        """:func:`~overstory.compaction.fit` with the summary's room taken, never
+        starting before the summary's end (what it covers is not sent twice)."""
+        if summary is None:
+            return fit(messages, room, count, keep_from)
+        room -= count(with_summary("", summary))
+        first = fit(messages, room, count, keep_from)
+        after = next((i for i, m in enumerate(messages) if m.seq >= summary.upto), len(messages))
+        limit = len(messages) if keep_from is None else keep_from
+        return max(first, min(after, limit))
+
+    async def _compact(
+        self,
+        agent: Agent,
+        policy: Compact,
+        store: HistoryStore,
+        conversation_id: str,
+        dropped: Sequence[Message],
+    ) -> Summary | None:
+        """Summarise the summary so far and the ``dropped`` messages after it, store the
+        new summary (covering up to the first message not dropped) and keep it."""
+        try:
+            previous = self.summary
+            upto = dropped[-1].seq + 1 if dropped else 0
+            if previous is not None and previous.upto >= upto:
+                return previous
+            start = 0 if previous is None else previous.upto
+            new = [m for m in dropped if m.seq >= start]
+            model: Model = policy.model or agent.model
+            instructions, ask = summary_request(previous, new, policy, model.budget())
+            answer = await model.call(ModelRequest(instructions, ask))
+            text = cut_summary(answer.content, policy)
+            stored = await write_summary(
+                store, conversation_id, summary_now(upto, text, answer.model or model.name)
+            )
+            self.summary = stored
+            return stored
+        except ModelError as exc:  # the turn goes on without it (trimmed); tried again later
+            log.warning("compacting %r failed: %s", conversation_id, exc)
+            return self.summary
+        finally:
+            self.compacting = False
+
+    def overflowed(self, exc: ModelError, sent: ModelRequest, budget: Budget | None) -> None:
+        """A provider refused ``sent`` as too long: remember the window its error names
+        (or less than what was sent) for each model that refused, and cap the turn's
+        next request to fit it (:meth:`request`)."""
+        count = budget.count if budget is not None else estimate_text
+        tokens = request_tokens(sent, count)
+        failures = exc.failures if isinstance(exc, AllModelsFailed) else [exc]
+        windows = [
+            overflowed(f.model, str(f), tokens)
+            for f in failures
+            if f.kind == "context_overflow" and f.model
+        ]
+        self.cap = min(windows, default=max(1, (tokens * 3) // 4))
+
+
+def _since(summary: Summary, messages: Sequence[Message], first: int) -> int:
+    """How many messages before ``messages[first]`` the summary does not cover."""
+    return sum(1 for m in messages[:first] if m.seq >= summary.upto)
+
+
+async def _processed(processor: Any, context: RunContext, messages: list[Message]) -> list[Message]:
+    """A user processor's messages, checked: a list of messages ending in a turn."""
+    name = getattr(processor, "__name__", repr(processor))
+    result = processor(context, messages)
+    if inspect.isawaitable(result):
+        result = await result
+    if not isinstance(result, list | tuple) or not all(isinstance(m, Message) for m in result):
+        raise TypeError(
+            f"context processor {name} must return a list of messages, got {type(result).__name__}"
+        )
+    if not any(isinstance(m, UserMessage) for m in result):
+        raise TypeError(f"context processor {name} returned no user message to answer")
+    return list(result)
