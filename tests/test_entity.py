@@ -21,6 +21,7 @@ from overstory.access import Principal, create_record
 from overstory.actors.conversation import ConversationActor
 from overstory.actors.host import HostActor
 from overstory.app import App, conversation_id
+from overstory.compaction import Compact, read_summary
 from overstory.config import Config
 from overstory.conversation.entity import Shell
 from overstory.exceptions import NotPermitted, UnknownConversation
@@ -48,10 +49,12 @@ class Placed:
     :class:`ConversationActor` per conversation (as its supervisor would start them).
     """
 
-    def __init__(self, placement: str, sqlite_url: str, **settings: Any) -> None:
+    def __init__(
+        self, placement: str, sqlite_url: str, agent: Agent | None = None, **settings: Any
+    ) -> None:
         self.placement = placement
         self.config = Config.from_mapping({"store": sqlite_url, **settings})
-        agent = Agent(AGENT, model=OfflineModel("offline:entity"), tools=[hang])
+        agent = agent or Agent(AGENT, model=OfflineModel("offline:entity"), tools=[hang])
         self.app = App([agent])
         self.table = ShardTable.build(1, shards=4)
         self.host = HostActor("ns", self.table.hosts[0], self.table, self.app, self.config)
@@ -95,11 +98,17 @@ class Placed:
             return await self.host.cancel(v, cid(user), turn_id, principal=principal)
         return await self.actors_of(user).cancel(turn_id, principal=principal)
 
-    async def history(self, user: str, principal: Principal | None = None) -> list[Any]:
+    async def history(
+        self,
+        user: str,
+        principal: Principal | None = None,
+        after: int = -1,
+        limit: int | None = None,
+    ) -> list[Any]:
         if self.placement == "hosted":
             v = self.table.version
-            return await self.host.history(v, cid(user), principal=principal)
-        return await self.actors_of(user).history(principal=principal)
+            return await self.host.history(v, cid(user), after, limit, principal=principal)
+        return await self.actors_of(user).history(after, limit, principal=principal)
 
     def actors_of(self, user: str) -> ConversationActor:
         shell = self.shell(user)
@@ -139,10 +148,11 @@ def run(
     placement: str,
     sqlite_url: str,
     body: Callable[[Placed], Awaitable[Any]],
+    agent: Agent | None = None,
     **settings: Any,
 ) -> Any:
     async def go() -> Any:
-        placed = Placed(placement, sqlite_url, **settings)
+        placed = Placed(placement, sqlite_url, agent, **settings)
         try:
             return await body(placed)
         finally:
@@ -255,3 +265,61 @@ def test_cancel_stops_a_streamed_turn_with_what_it_produced_stored(
     assert (events[-1].type, events[-1].text) == ("incomplete", "cancelled")
     assert kinds == ["user", "assistant"]  # what was shown is stored, marked incomplete
     assert not again
+
+
+def test_a_long_conversation_holds_a_tail_pages_its_history_and_finds_old_turns(
+    placement: str, sqlite_url: str
+) -> None:
+    """A conversation far longer than its tail: the entity holds at most the tail, every
+    call fits the window with a durable summary, history pages from the store, and a
+    turn id older than the tail is replayed (send and stream) from the store."""
+    agent = Agent(AGENT, model="offline:entity@500", context=Compact(every=4))
+
+    async def body(c: Placed) -> dict[str, Any]:
+        first = await c.send("long", "t0", "remember: the code is 4711")
+        for n in range(1, 30):
+            await c.send("long", f"t{n}", f"message {n} " + "x" * 100)
+        entity = c.shell("long")._live(cid("long"))
+        assert entity is not None
+        again = await c.send("long", "t0", "remember: the code is 4711")
+        events, ended = await c.events("long", "t1", wait_s=0)
+        page = await c.history("long", after=9, limit=5)
+        return {
+            "info": entity.info(),
+            "first": first,
+            "again": again,
+            "replayed": (ended, events[-1].type),
+            "page": [m.seq for m in page],
+            "all": len(await c.history("long")),
+            "summary": await read_summary(c.shell("long").services.store, cid("long")),
+        }
+
+    out = run(placement, sqlite_url, body, agent, conversations={"tail_messages": 10})
+    assert out["info"]["messages"] == 60
+    assert out["info"]["messages_held"] <= 10
+    assert out["again"].text == out["first"].text  # replayed from the store, not re-run
+    assert out["all"] == 60  # nothing stored again, nothing compacted away
+    assert out["replayed"] == (True, "completed")
+    assert out["page"] == [10, 11, 12, 13, 14]
+    assert out["summary"] is not None
+    assert out["summary"].upto > 0
+
+
+def test_activation_reads_only_the_tail_and_seqs_stay_dense(
+    placement: str, sqlite_url: str
+) -> None:
+    async def fill(c: Placed) -> None:
+        for n in range(20):
+            await c.send("act", f"t{n}", f"hello {n}")
+
+    async def reopen(c: Placed) -> tuple[int, list[int]]:
+        await c.send("act", "t20", "after reopening")
+        entity = c.shell("act")._live(cid("act"))
+        assert entity is not None
+        held = entity.info()["messages_held"]
+        return held, [m.seq for m in await c.history("act", after=37)]
+
+    run(placement, sqlite_url, fill)
+    held, seqs = run(placement, sqlite_url, reopen, conversations={"tail_messages": 10})
+    assert held <= 10
+    assert seqs == [38, 39, 40, 41]

@@ -64,6 +64,35 @@ def test_round_trip_every_message_kind_in_order(store_url: str) -> None:
     assert with_store(store_url, body) == messages
 
 
+def test_pages_tails_and_turns_are_read_without_the_whole_history(store_url: str) -> None:
+    messages = [m for n in range(5) for m in sample_turn(f"t{n}", 4 * n)]
+
+    async def body(store: HistoryStore) -> tuple[Any, ...]:
+        for m in messages:
+            await store.append("alice", m)
+        await store.append("bob", UserMessage(content="b", seq=0, turn_id="t1"))
+        return (
+            await store.load("alice", after=5, limit=3),
+            await store.load("alice", after=17),
+            await store.load("alice", limit=2),
+            await store.load_last("alice", 6),
+            await store.load_last("alice", 100),
+            await store.load_last("nobody", 3),
+            await store.load_turn("alice", "t1"),
+            await store.load_turn("alice", "missing"),
+        )
+
+    page, end, head, tail, everything, none, turn, missing = with_store(store_url, body)
+    assert [m.seq for m in page] == [6, 7, 8]
+    assert [m.seq for m in end] == [18, 19]
+    assert head == messages[:2]
+    assert tail == messages[-6:]
+    assert everything == messages
+    assert none == []
+    assert turn == messages[4:8]  # alice's turn t1 only, not bob's
+    assert missing == []
+
+
 def test_duplicate_seq_is_rejected_and_nothing_is_overwritten(store_url: str) -> None:
     original = UserMessage(content="first", seq=0, turn_id="t1")
     intruder = UserMessage(content="second", seq=0, turn_id="t2")

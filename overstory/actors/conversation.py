@@ -217,10 +217,13 @@ class ConversationActor(Shell):
         self.serving.forget_splits()
         return True
 
-    async def history(self, *, principal: Principal | None = None) -> list[Message]:
-        """The stored messages; during a turn, those of the turn stored so far."""
+    async def history(
+        self, after: int = -1, limit: int | None = None, *, principal: Principal | None = None
+    ) -> list[Message]:
+        """The stored messages after seq ``after``, at most ``limit`` (during a turn,
+        those of the turn stored so far): :meth:`Entity.history_page`."""
         entity = await self.enter(self.conversation_id, principal, "read")
-        return list(entity.history)
+        return await entity.history_page(after, limit)
 
     async def passivate(self) -> bool:
         """Stop taking turns; ``False`` while a turn is running or waiting.

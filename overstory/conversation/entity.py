@@ -93,12 +93,14 @@ async def activate(shell: Shell, conversation_id: str, binding: Binding) -> Enti
 
     The app must serve its agent (else :class:`~overstory.exceptions.UnknownAgent`,
     before anything is read or written); the entity takes a new epoch from the store,
-    so every older incarnation is fenced out of its appends, then loads the history.
+    so every older incarnation is fenced out of its appends, then loads the tail of
+    the history (``conversations.tail_messages``), not all of it.
     """
     services = shell.services
     (await services.serving.load()).check(binding.agent)
     epoch = await services.store.acquire(conversation_id)
-    history = await services.store.load(conversation_id)
+    tail = services.config.conversations.tail_messages
+    history = await services.store.load_last(conversation_id, tail)
     return Entity(shell, conversation_id, binding, history, epoch)
 
 
@@ -147,7 +149,8 @@ class Entity:
         return {
             "conversation_id": self.conversation_id,
             "epoch": self.epoch,
-            "messages": len(self.history),
+            "messages": self.history[-1].seq + 1 if self.history else 0,
+            "messages_held": len(self.history),
             "turns_served": self.turns,
             "idle_s": time.monotonic() - self.last_active,
             "last_active_at": self.last_active_at,
@@ -159,6 +162,25 @@ class Entity:
     def touch(self) -> None:
         self.last_active = time.monotonic()
         self.last_active_at = time.time()
+
+    def _trim(self) -> None:
+        """Keep only the tail in memory (in place: turn logs hold this list)."""
+        over = len(self.history) - self.shell.services.config.conversations.tail_messages
+        if over > 0:
+            del self.history[:over]
+
+    async def history_page(self, after: int = -1, limit: int | None = None) -> list[Message]:
+        """Stored messages with seq above ``after``, at most ``limit``: read from the
+        store (everything a turn stored so far is there), not from the tail held here."""
+        return await self.shell.services.store.load(self.conversation_id, after=after, limit=limit)
+
+    async def _stored_turn(self, turn_id: str) -> list[Message]:
+        """Turn ``turn_id``'s messages: from the tail held here, else (a turn older than
+        the tail) from the store, by its index."""
+        held = [m for m in self.history if m.turn_id == turn_id]
+        if held or not self.history or self.history[0].seq == 0:
+            return held
+        return await self.shell.services.store.load_turn(self.conversation_id, turn_id)
 
     def _refuse_if_closing(self) -> None:
         if self.closing:
@@ -199,6 +221,7 @@ class Entity:
             self.in_turn -= 1
             if not self.in_turn:
                 self.gate = None  # a fresh gate orders by each caller's ``low``: no loss
+                self._trim()
             self.shell.touched(self)
             self.shell.turn_ended(self)
 
@@ -260,7 +283,8 @@ class Entity:
         except SequenceConflict:
             # Someone else wrote this conversation: our copy is stale. Reload it in
             # place (turn logs hold this list) and let the caller re-send.
-            self.history[:] = await services.store.load(cid)
+            tail = services.config.conversations.tail_messages
+            self.history[:] = await services.store.load_last(cid, tail)
             raise
         except TimeoutError as exc:
             reason = f"the turn exceeded its deadline of {timeout_s:g} s"
@@ -324,12 +348,16 @@ class Entity:
             return self.start_turn(TurnRequest(turn_id, text), after)
 
         binding = self.binding
-        return await self.turn_streams().events(
+        streams = self.turn_streams()
+        history: list[Message] = self.history
+        if streams.logs.get(turn_id) is None and not any(m.turn_id == turn_id for m in history):
+            history = await self._stored_turn(turn_id)  # older than the tail held here
+        return await streams.events(
             self.conversation_id,
             turn_id,
             after,
             wait_s,
-            self.history,
+            history,
             (binding.agent, binding.version or ""),
             restart,
         )

@@ -119,7 +119,9 @@ async def run_turn(
     prices: Prices | None = None,
     memory: Memory | None = None,
 ) -> Reply:
-    """Run (or resume, or replay) turn ``turn_id``; ``history`` is extended in place.
+    """Run (or resume, or replay) turn ``turn_id``; ``history`` — all of it, or its most
+    recent part (the entity's tail; a turn older than it is looked up in the store) — is
+    extended in place.
 
     Every write carries ``epoch`` (see :meth:`HistoryStore.acquire`), so a superseded
     incarnation gets :class:`~overstory.exceptions.Fenced` instead of writing. Raises
@@ -295,10 +297,12 @@ async def _run_turn(
     memory: Memory,
 ) -> Reply:
     turn = [m for m in history if m.turn_id == turn_id]
+    if not turn and history and history[0].seq > 0:  # ``history`` is a tail: ask the store
+        turn = await store.load_turn(conversation_id, turn_id)
     stop = should_stop or _never
 
     async def commit(message: Message) -> Message:
-        stored = placed(message, seq=len(history), turn_id=turn_id)
+        stored = placed(message, seq=history[-1].seq + 1 if history else 0, turn_id=turn_id)
         await store.append(conversation_id, stored, epoch=epoch)
         history.append(stored)
         turn.append(stored)

@@ -40,6 +40,10 @@ __all__ = ["Memory", "is_overflow"]
 
 log = logging.getLogger(__name__)
 
+#: The most messages one compaction reads (the newest of those its summary lags behind:
+#: a policy switched on for a conversation already long summarises its recent part).
+MAX_COMPACT_READ = 2000
+
 Spawn = Callable[[Coroutine[Any, Any, Any]], None]
 
 
@@ -103,18 +107,20 @@ class Memory:
             return ModelRequest(agent.instructions, messages[first:], agent.tool_definitions)
         summary = await self._summary(store, conversation_id)
         first = self._fit_after(summary, messages, room, count, keep_from)
-        if first and summary is None:
-            summary = await self._compact(agent, policy, store, conversation_id, messages[:first])
+        # Everything before the first message sent is out of the window: the part the
+        # tail no longer holds as well as the part the fit left out.
+        upto = messages[first].seq if first < len(messages) else _next_seq(messages)
+        covered = 0 if summary is None else summary.upto
+        if summary is None and upto > 0:
+            summary = await self._compact(agent, policy, store, conversation_id, upto, messages)
             first = self._fit_after(summary, messages, room, count, keep_from)
-        elif summary is not None and _since(summary, messages, first) >= policy.every:
-            work = self._compact(agent, policy, store, conversation_id, messages[:first])
+        elif upto - covered >= policy.every and not self.compacting:
+            work = self._compact(agent, policy, store, conversation_id, upto, messages)
             if self.spawn is None:
                 await work
-            elif not self.compacting:
+            else:
                 self.compacting = True
                 self.spawn(work)
-            else:
-                work.close()
         instructions = with_summary(agent.instructions, summary)
         return ModelRequest(instructions, messages[first:], agent.tool_definitions)
 
@@ -142,17 +148,21 @@ class Memory:
         policy: Compact,
         store: HistoryStore,
         conversation_id: str,
-        dropped: Sequence[Message],
+        upto: int,
+        held: Sequence[Message],
     ) -> Summary | None:
-        """Summarise the summary so far and the ``dropped`` messages after it, store the
-        new summary (covering up to the first message not dropped) and keep it."""
+        """Summarise the summary so far and the messages after it up to seq ``upto``
+        (those ``held`` in memory, the older ones read from the store — at most
+        :data:`MAX_COMPACT_READ` of them), store the new summary and keep it."""
         try:
             previous = self.summary
-            upto = dropped[-1].seq + 1 if dropped else 0
             if previous is not None and previous.upto >= upto:
                 return previous
-            start = 0 if previous is None else previous.upto
-            new = [m for m in dropped if m.seq >= start]
+            start = max(0 if previous is None else previous.upto, upto - MAX_COMPACT_READ)
+            new = [m for m in held if start <= m.seq < upto]
+            end = new[0].seq if new else upto
+            if end > start:  # older than the tail held here
+                new = await store.load(conversation_id, after=start - 1, limit=end - start) + new
             model: Model = policy.model or agent.model
             instructions, ask = summary_request(previous, new, policy, model.budget())
             answer = await model.call(ModelRequest(instructions, ask))
@@ -183,9 +193,8 @@ class Memory:
         self.cap = min(windows, default=max(1, (tokens * 3) // 4))
 
 
-def _since(summary: Summary, messages: Sequence[Message], first: int) -> int:
-    """How many messages before ``messages[first]`` the summary does not cover."""
-    return sum(1 for m in messages[:first] if m.seq >= summary.upto)
+def _next_seq(messages: Sequence[Message]) -> int:
+    return messages[-1].seq + 1 if messages else 0
 
 
 async def _processed(processor: Any, context: RunContext, messages: list[Message]) -> list[Message]:

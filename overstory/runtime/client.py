@@ -412,13 +412,19 @@ class Conversation:
         )
         return found
 
-    def history(self) -> list[Message]:
-        """Every stored message of the conversation, in order."""
-        return self._portal.run(self.history_async())
+    def history(self, *, after: int = -1, limit: int | None = None) -> list[Message]:
+        """The conversation's stored messages in order: every one, or a page — those
+        with ``seq`` above ``after``, at most ``limit`` (read from the store, however
+        long the conversation; compaction never removes any)."""
+        return self._portal.run(self.history_async(after=after, limit=limit))
 
-    async def history_async(self) -> list[Message]:
+    async def history_async(self, *, after: int = -1, limit: int | None = None) -> list[Message]:
         """Async form of :meth:`history`."""
-        messages: list[Message] = await self._call_async(Transport.history)
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100_000
+        ):
+            raise UsageError(f"limit must be an int in [1, 100000] or None, got {limit!r}")
+        messages: list[Message] = await self._call_async(Transport.history, _cursor(after), limit)
         return messages
 
     def info(self) -> dict[str, Any]:

@@ -85,9 +85,16 @@ class Transport(ABC):
         handle, head, keywords = self._at(target)
         return handle.cancel.remote(*head, turn_id, principal=principal, **keywords)
 
-    def history(self, target: Any, *, principal: Principal | None = None) -> Any:
+    def history(
+        self,
+        target: Any,
+        after: int = -1,
+        limit: int | None = None,
+        *,
+        principal: Principal | None = None,
+    ) -> Any:
         handle, head, keywords = self._at(target)
-        return handle.history.remote(*head, principal=principal, **keywords)
+        return handle.history.remote(*head, after, limit, principal=principal, **keywords)
 
     @abstractmethod
     def info(self, target: Any) -> Any:

@@ -114,8 +114,20 @@ class HistoryStore(ABC):
         """
 
     @abstractmethod
-    async def load(self, conversation_id: str) -> list[Message]:
-        """Every stored message of the conversation, ordered by seq (empty if none)."""
+    async def load(
+        self, conversation_id: str, *, after: int = -1, limit: int | None = None
+    ) -> list[Message]:
+        """The conversation's stored messages with seq above ``after``, ordered by seq,
+        at most ``limit`` of them (``None``: all): a page of its history."""
+
+    @abstractmethod
+    async def load_last(self, conversation_id: str, n: int) -> list[Message]:
+        """The conversation's last ``n`` stored messages, ordered by seq: its tail."""
+
+    @abstractmethod
+    async def load_turn(self, conversation_id: str, turn_id: str) -> list[Message]:
+        """The stored messages of turn ``turn_id``, ordered by seq (indexed: a turn older
+        than any tail a process holds is found without reading the history)."""
 
     @abstractmethod
     async def count(self, conversation_id: str | None = None) -> int:

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument, WriteConcern
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument, WriteConcern
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from ..exceptions import Fenced, SequenceConflict, StoreError, StoreUnavailable
@@ -93,6 +93,9 @@ class MongoStore(HistoryStore):
                 [("conversation_id", ASCENDING), ("seq", ASCENDING)],
                 unique=True,
                 name="conversation_seq_unique",
+            )
+            await client[self.database]["messages"].create_index(
+                [("conversation_id", ASCENDING), ("turn_id", ASCENDING)], name="conversation_turn"
             )
             vault = client[self.database]["vault"]
             await vault.create_index(
@@ -348,11 +351,31 @@ class MongoStore(HistoryStore):
             raise StoreError(f"cannot read the vault in {self.url}: {exc}") from exc
         return [(o, c, n) for (o, c), n in sorted(counts.items())]
 
-    async def load(self, conversation_id: str) -> list[Message]:
+    async def load(
+        self, conversation_id: str, *, after: int = -1, limit: int | None = None
+    ) -> list[Message]:
+        query = {"conversation_id": conversation_id, "seq": {"$gt": after}}
+        return await self._find(conversation_id, query, ASCENDING, limit)
+
+    async def load_last(self, conversation_id: str, n: int) -> list[Message]:
+        found = await self._find(
+            conversation_id, {"conversation_id": conversation_id}, DESCENDING, n
+        )
+        return found[::-1]
+
+    async def load_turn(self, conversation_id: str, turn_id: str) -> list[Message]:
+        query = {"conversation_id": conversation_id, "turn_id": turn_id}
+        return await self._find(conversation_id, query, ASCENDING, None)
+
+    async def _find(
+        self, conversation_id: str, query: dict[str, Any], order: int, limit: int | None
+    ) -> list[Message]:
+        if limit is not None and limit <= 0:
+            return []
         try:
-            cursor = self._messages.find(
-                {"conversation_id": conversation_id}, {"_id": 0, "conversation_id": 0}
-            ).sort("seq", ASCENDING)
+            cursor = self._messages.find(query, {"_id": 0, "conversation_id": 0}).sort("seq", order)
+            if limit is not None:
+                cursor = cursor.limit(limit)
             docs = [doc async for doc in cursor]
         except PyMongoError as exc:
             raise StoreError(f"cannot read history from {self.url}: {exc}") from exc

@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS messages (
     body            TEXT NOT NULL,
     PRIMARY KEY (conversation_id, seq)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS messages_turn ON messages (conversation_id, turn_id);
 CREATE TABLE IF NOT EXISTS conversations (
     conversation_id TEXT PRIMARY KEY,
     epoch           INTEGER NOT NULL
@@ -437,12 +438,36 @@ class SQLiteStore(HistoryStore):
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read the vault in {self.url}: {exc}") from exc
 
-    async def load(self, conversation_id: str) -> list[Message]:
+    async def load(
+        self, conversation_id: str, *, after: int = -1, limit: int | None = None
+    ) -> list[Message]:
+        return await self._select(
+            "WHERE conversation_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (conversation_id, after, -1 if limit is None else limit),
+            conversation_id,
+        )
+
+    async def load_last(self, conversation_id: str, n: int) -> list[Message]:
+        found = await self._select(
+            "WHERE conversation_id = ? ORDER BY seq DESC LIMIT ?",
+            (conversation_id, n),
+            conversation_id,
+        )
+        return found[::-1]
+
+    async def load_turn(self, conversation_id: str, turn_id: str) -> list[Message]:
+        return await self._select(
+            "WHERE conversation_id = ? AND turn_id = ? ORDER BY seq",
+            (conversation_id, turn_id),
+            conversation_id,
+        )
+
+    async def _select(
+        self, where: str, args: tuple[Any, ...], conversation_id: str
+    ) -> list[Message]:
         def select(conn: sqlite3.Connection) -> list[Any]:
             return conn.execute(
-                "SELECT seq, turn_id, kind, created_at, body FROM messages"
-                " WHERE conversation_id = ? ORDER BY seq",
-                (conversation_id,),
+                "SELECT seq, turn_id, kind, created_at, body FROM messages " + where, args
             ).fetchall()
 
         try:
