@@ -11,6 +11,7 @@ print(conv.send("hello").text)
 
 from .agent import Agent, Placement
 from .app import App, AppLoadError
+from .compaction import Compact, Trim
 from .context import RunContext
 from .exceptions import (
     AllModelsFailed,
@@ -63,6 +64,7 @@ from .providers import (
     Limits,
     Model,
     ModelRequest,
+    ModelSettings,
     OfflineModel,
     RetryPolicy,
     Rule,
@@ -83,6 +85,7 @@ __all__ = [
     "BreakerPolicy",
     "ClusterAuthRefused",
     "ClusterUnavailable",
+    "Compact",
     "Config",
     "ConfigError",
     "Conversation",
@@ -103,6 +106,7 @@ __all__ = [
     "ModelErrorKind",
     "ModelRequest",
     "ModelResponse",
+    "ModelSettings",
     "NotPermitted",
     "OfflineModel",
     "OverstoryError",
@@ -123,6 +127,7 @@ __all__ = [
     "ToolDefinition",
     "ToolDefinitionError",
     "ToolReturn",
+    "Trim",
     "TurnEvent",
     "TurnFailed",
     "TurnIncomplete",

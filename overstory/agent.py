@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 from .compaction import ContextPolicy, Trim, check_policy
 from .context import RunContext
-from .exceptions import ConfigError
+from .exceptions import ConfigError, UsageError
 from .messages import ToolCall, ToolReturn
-from .providers import Model, ModelSpec, Secret, resolve_model
+from .providers import Model, ModelSettings, ModelSpec, Secret, resolve_model
 from .tools import Tool, ToolDefinition, unknown_tool
 
 __all__ = [
@@ -67,6 +67,13 @@ class Agent:
     cached that long per conversation owner, keyed on everything that changes them;
     answers calling tools only with ``cache_tool_calls`` (:mod:`overstory.cache`).
 
+    ``models``: other models a turn may choose, by name (``send(text, model="fast")``;
+    ``"default"`` is ``model``); ``route(ctx, text) -> name | None`` (sync or async)
+    chooses one for each new turn that names none (e.g. by the message's complexity).
+    ``model_settings``: temperature, max output tokens, stop sequences, seed
+    (:class:`~overstory.providers.ModelSettings`, or a mapping of them); a turn's own
+    ``settings`` are merged over them.
+
     ``context``: what a model call sees of a long conversation (:mod:`overstory.compaction`):
     :class:`~overstory.compaction.Trim` (default: the most recent whole turns that fit
     the model's window), :class:`~overstory.compaction.Compact` (those plus a durable
@@ -88,6 +95,9 @@ class Agent:
         cache_tool_calls: bool = False,
         vault_shared: Iterable[str] = (),
         context: ContextPolicy | None = None,
+        models: Mapping[str, ModelSpec] | None = None,
+        route: Callable[[RunContext, str], Any] | None = None,
+        model_settings: ModelSettings | Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"an agent needs a non-empty name, got {name!r}")
@@ -138,6 +148,18 @@ class Agent:
         self.model: Model = resolve_model(model)
         self.max_round_trips = max_round_trips
         self.context: ContextPolicy = Trim() if context is None else check_policy(context)
+        self.models: dict[str, Model] = {}
+        for alias, spec in (models or {}).items():
+            if not is_plain_name(alias) or alias == "default":
+                raise ConfigError(
+                    f"agent {name!r}: a model's name in models= must be 1-64 letters, digits, "
+                    f"'_', '.' or '-' and not 'default' (the agent's own model), got {alias!r}"
+                )
+            self.models[alias] = resolve_model(spec)
+        if route is not None and not callable(route):
+            raise ConfigError(f"route must be a function (ctx, text) -> model name, got {route!r}")
+        self.route = route
+        self.model_settings = ModelSettings.of(model_settings)
         self.redact_pii = redact_pii
         self.cache_ttl_s = None if cache_ttl_s is None else float(cache_ttl_s)
         self.cache_tool_calls = cache_tool_calls
@@ -162,7 +184,49 @@ class Agent:
             return self
         clone = copy.copy(self)
         clone.model = self.model.with_api_keys(keys)
+        clone.models = {alias: m.with_api_keys(keys) for alias, m in self.models.items()}
         return clone
+
+    def choose(self, model: str | None) -> Model:
+        """The model a turn runs on: ``model`` (a name in ``models``, or ``"default"``),
+        else the agent's own. An unknown name is refused, naming those allowed."""
+        if model is None or model == "default":
+            return self.model
+        found = self.models.get(model)
+        if found is None:
+            allowed = ", ".join(["default", *self.models])
+            raise UsageError(
+                f"agent {self.name!r} has no model {model!r} for a turn to choose; "
+                f"it allows: {allowed}"
+            )
+        return found
+
+    def for_turn(self, model: Model, settings: ModelSettings | None) -> Agent:
+        """This agent as one turn runs it: on ``model``, with ``settings`` over its own."""
+        if model is self.model and settings is None:
+            return self
+        clone = copy.copy(self)
+        clone.model = model
+        if settings is not None:
+            clone.model_settings = settings.over(self.model_settings)
+        return clone
+
+    def output_cap(
+        self, settings: ModelSettings | None = None, model: str | None = None
+    ) -> int | None:
+        """The most tokens one answer may take (``None``: unknown): the settings' cap,
+        else the largest the turn's model — any model the agent may route to — is
+        configured to give. What a quota reserves for an answer."""
+        merged = self.model_settings if settings is None else settings.over(self.model_settings)
+        if merged.max_output_tokens is not None:
+            return merged.max_output_tokens
+        candidates = (
+            [self.choose(model)]
+            if model or self.route is None
+            else [self.model, *self.models.values()]
+        )
+        reserves = [b.reserve for m in candidates if (b := m.budget()) is not None and b.reserve]
+        return max(reserves, default=None)
 
     def __repr__(self) -> str:
         return (

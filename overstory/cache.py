@@ -51,15 +51,18 @@ def cache_key(owner: str, agent: str, version: str, model: str, req: ModelReques
             history.append(["tool", m.tool_call_id, m.tool_name, m.content, m.is_error])
         else:
             history.append([m.kind, m.content])
+    what: dict[str, Any] = {
+        "agent": agent,
+        "version": version,
+        "model": model,
+        "instructions": req.instructions,
+        "tools": [[t.name, t.description, t.parameters] for t in req.tools],
+        "history": history,
+    }
+    if req.settings.as_dict():  # absent when unset: keys made before settings existed hold
+        what["settings"] = req.settings.as_dict()
     material = json.dumps(
-        {
-            "agent": agent,
-            "version": version,
-            "model": model,
-            "instructions": req.instructions,
-            "tools": [[t.name, t.description, t.parameters] for t in req.tools],
-            "history": history,
-        },
+        what,
         sort_keys=True,
         ensure_ascii=False,
         default=str,

@@ -204,6 +204,11 @@ class TurnRequest:
     """The caller's trace context (W3C): the turn's spans become its children."""
     agent_version: str | None = None
     """The agent version the caller chose for this turn (else the rollout's)."""
+    model: str | None = None
+    """The model the caller chose for this turn: a name in the agent's ``models``
+    (else the agent's ``route``'s choice, else its own model)."""
+    settings: dict[str, Any] | None = None
+    """This turn's model settings (``ModelSettings`` fields), over the agent's."""
 
 
 @dataclass(frozen=True, slots=True)

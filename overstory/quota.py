@@ -440,19 +440,27 @@ class QuotaBook:
         text: str,
         history: Sequence[Message],
         instructions: str,
+        output_tokens: int | None = None,
     ) -> Ticket | None:
         """:meth:`admit` for a turn about to run on ``history`` (a turn id already in it
-        is resumed, never refused); a refusal is written to the audit trail first."""
+        is resumed, never refused); a refusal is written to the audit trail first.
+        ``output_tokens``: the cap on each answer (else the configured estimate)."""
         new = not any(m.turn_id == turn_id for m in history)
         texts = [*call_texts(instructions, history), text]
         try:
-            return await self.admit(user, conversation_id, turn_id, texts, new)
+            return await self.admit(user, conversation_id, turn_id, texts, new, output_tokens)
         except QuotaExceeded as exc:
             await audited_refusal(self.store, user, conversation_id, exc)
             raise
 
     async def admit(
-        self, user: str, conversation_id: str, turn_id: str, texts: Sequence[str], new: bool
+        self,
+        user: str,
+        conversation_id: str,
+        turn_id: str,
+        texts: Sequence[str],
+        new: bool,
+        output_tokens: int | None = None,
     ) -> Ticket | None:
         """Admit turn ``turn_id`` of ``conversation_id``, a conversation of ``user``
         (``None`` when no limit applies to them), reserving its first call's estimate
@@ -463,7 +471,7 @@ class QuotaBook:
             return None
         # Turn ids are unique within a conversation only: the ledger names turns by both.
         ticket = Ticket(self, user, quota, f"{conversation_id}/{turn_id}")
-        await ticket.admit(texts, new)
+        await ticket.admit(texts, new, output_tokens)
         return ticket
 
 
@@ -487,19 +495,23 @@ class Ticket:
     async def _apply(self, *steps: Step) -> None:
         await apply(self.book.store, self.book.namespace, self.user, self.quota, steps)
 
-    def _estimate(self, texts: Sequence[str]) -> int:
-        return estimate_tokens(texts, self.book.output_tokens)
+    def _estimate(self, texts: Sequence[str], output_tokens: int | None) -> int:
+        """The input's estimate plus the answer's cap (``None``: the configured guess)."""
+        return estimate_tokens(texts, output_tokens or self.book.output_tokens)
 
-    async def admit(self, texts: Sequence[str], new: bool) -> None:
-        call, estimate = self._next_call(), self._estimate(texts)
+    async def admit(
+        self, texts: Sequence[str], new: bool, output_tokens: int | None = None
+    ) -> None:
+        call, estimate = self._next_call(), self._estimate(texts, output_tokens)
         await self._apply(Admit(self.turn_id, call, estimate, self._expiry(), new))
         self.open, self._open_estimate = call, estimate
 
-    async def before_call(self, texts: Sequence[str]) -> None:
-        """Reserve the next model call's estimate (the first call's was reserved at
-        admission). Raises :class:`QuotaExceeded`."""
+    async def before_call(self, texts: Sequence[str], output_tokens: int | None = None) -> None:
+        """Reserve the next model call's estimate — its input, plus ``output_tokens``, the
+        cap on its answer — (the first call's was reserved at admission). Raises
+        :class:`QuotaExceeded`."""
         if self.open is None:
-            call, estimate = self._next_call(), self._estimate(texts)
+            call, estimate = self._next_call(), self._estimate(texts, output_tokens)
             await self._apply(Reserve(call, estimate, self._expiry()))
             self.open, self._open_estimate = call, estimate
 

@@ -24,7 +24,7 @@ from overstory.app import App, conversation_id
 from overstory.compaction import Compact, read_summary
 from overstory.config import Config
 from overstory.conversation.entity import Shell
-from overstory.exceptions import NotPermitted, UnknownConversation
+from overstory.exceptions import NotPermitted, UnknownConversation, UsageError
 from overstory.messages import Reply, TurnEvent, TurnRequest, UserMessage
 from overstory.providers import OfflineModel
 from overstory.sharding import ShardTable
@@ -68,14 +68,18 @@ class Placed:
         return self.actors[user]
 
     async def send(
-        self, user: str, turn_id: str, text: str, principal: Principal | None = None
+        self,
+        user: str,
+        turn_id: str,
+        text: str,
+        principal: Principal | None = None,
+        **options: Any,
     ) -> Reply:
+        request = TurnRequest(turn_id, text, **options)
         if self.placement == "hosted":
             v = self.table.version
-            return await self.host.send(
-                v, cid(user), TurnRequest(turn_id, text), principal=principal
-            )
-        return await self.actors_of(user).send(TurnRequest(turn_id, text), principal=principal)
+            return await self.host.send(v, cid(user), request, principal=principal)
+        return await self.actors_of(user).send(request, principal=principal)
 
     async def start_turn(self, user: str, turn_id: str, text: str) -> int:
         if self.placement == "hosted":
@@ -323,3 +327,25 @@ def test_activation_reads_only_the_tail_and_seqs_stay_dense(
     held, seqs = run(placement, sqlite_url, reopen, conversations={"tail_messages": 10})
     assert held <= 10
     assert seqs == [38, 39, 40, 41]
+
+
+def test_a_turn_chooses_its_model_and_settings_in_either_placement(
+    placement: str, sqlite_url: str
+) -> None:
+    agent = Agent(AGENT, model="offline:main", models={"fast": "offline:fast"})
+
+    async def body(c: Placed) -> tuple[Reply, Reply, Exception, list[Any]]:
+        fast = await c.send("m", "t1", "x" * 100, model="fast", settings={"max_output_tokens": 3})
+        main = await c.send("m", "t2", "hello")
+        try:
+            await c.send("m", "t3", "hello", model="missing")
+        except UsageError as exc:
+            refused: Exception = exc
+        return fast, main, refused, await c.history("m")
+
+    fast, main, refused, history = run(placement, sqlite_url, body, agent)
+    assert fast.messages[-1].model == "offline:fast"
+    assert len(fast.text) == 12  # 3 tokens of 4 characters
+    assert main.messages[-1].model == "offline:main"
+    assert "allows: default, fast" in str(refused)
+    assert len(history) == 4  # the refused turn stored nothing

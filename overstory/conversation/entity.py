@@ -40,7 +40,7 @@ from ..compaction import fit
 from ..config import Config
 from ..exceptions import Fenced, Passivated, SequenceConflict, TurnFailed, UsageError
 from ..messages import Message, Reply, TurnEvent, TurnRequest
-from ..providers import Secret
+from ..providers import ModelSettings, Secret
 from ..providers.pool import provider_namespace
 from ..quota import QuotaBook, Ticket, finish
 from ..store import HistoryStore, open_store
@@ -207,7 +207,7 @@ class Entity:
         # Whose conversation: the quota's user, the cache's scope, the user a tool is told.
         user = await user_of(services.store, self.conversation_id, services.records)
         if not admitted:
-            ticket = await self._admit(user, request.turn_id, request.text)
+            ticket = await self._admit(user, request)
         self.in_turn += 1
         try:
             if self.gate is None:
@@ -225,17 +225,29 @@ class Entity:
             self.shell.touched(self)
             self.shell.turn_ended(self)
 
-    async def _admit(self, user: str, turn_id: str, text: str) -> Ticket | None:
-        """``user``'s quota admits turn ``turn_id`` (``None``: no limit applies)."""
+    async def _admit(self, user: str, request: TurnRequest) -> Ticket | None:
+        """``user``'s quota admits ``request``'s turn (``None``: no limit applies),
+        reserving its first call: the input its context policy will send (not all the
+        history) and the most its answer may take."""
         services = self.shell.services
         agent = services.serving.app.get(self.binding.agent)
-        # The first call's estimate: what the context policy will send, not all history.
+        settings = None if request.settings is None else ModelSettings.of(request.settings)
+        try:
+            cap = agent.output_cap(settings, request.model)
+        except UsageError:
+            cap = None  # the turn refuses the name itself, before storing anything
         budget = agent.model.budget()
         history = self.history
         if budget is not None:
             history = history[fit(history, budget.prompt, budget.count, len(history)) :]
         return await services.quotas.admit_turn(
-            user, self.conversation_id, turn_id, text, history, agent.instructions
+            user,
+            self.conversation_id,
+            request.turn_id,
+            request.text,
+            history,
+            agent.instructions,
+            cap,
         )
 
     async def _turn(
@@ -271,6 +283,8 @@ class Entity:
                         owner=owner,
                         prices=services.config.usage.prices,
                         memory=self.memory,
+                        model=request.model,
+                        settings=request.settings,
                     )
         except (TurnFailed, UsageError):
             raise  # the turn's own outcome (or the caller's mistake): the entity is fine
@@ -324,7 +338,7 @@ class Entity:
         async def admit() -> Ticket | None:
             services = self.shell.services
             user = await user_of(services.store, self.conversation_id, services.records)
-            return await self._admit(user, request.turn_id, request.text)
+            return await self._admit(user, request)
 
         streams = self.turn_streams()
         return await streams.start_admitted(request.turn_id, after, run, self.history, admit)

@@ -13,8 +13,9 @@ user's message twice.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from ..agent import Agent
@@ -44,7 +45,7 @@ from ..messages import (
     placed,
 )
 from ..providers import Model
-from ..providers.base import FallThrough, ModelRequest
+from ..providers.base import FallThrough, ModelRequest, ModelSettings
 from ..quota import Ticket, call_texts
 from ..redaction import RedactingModel
 from ..store import HistoryStore
@@ -118,6 +119,8 @@ async def run_turn(
     owner: str | None = None,
     prices: Prices | None = None,
     memory: Memory | None = None,
+    model: str | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> Reply:
     """Run (or resume, or replay) turn ``turn_id``; ``history`` — all of it, or its most
     recent part (the entity's tail; a turn older than it is looked up in the store) — is
@@ -161,6 +164,8 @@ async def run_turn(
                 ticket,
                 owner,
                 memory or Memory(),
+                model,
+                settings,
             )
             set_turn_usage(span, reply.usage.input_tokens, reply.usage.output_tokens)
             if prices:
@@ -169,6 +174,21 @@ async def run_turn(
             return reply
     finally:
         metrics().turn(agent.name, outcome, time.monotonic() - started, agent.version)
+
+
+async def _routed(agent: Agent, context: RunContext, text: str) -> Model:
+    """The model ``agent.route`` chooses for this turn; a route that fails, or names a
+    model the agent does not allow, fails the turn (the agent's code is at fault)."""
+    try:
+        name = agent.route(context, text)  # type: ignore[misc]
+        if inspect.isawaitable(name):
+            name = await name
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"it returned {type(name).__name__}, not a model's name or None")
+        return agent.choose(name)
+    except Exception as exc:
+        reason = f"the agent's route failed: {type(exc).__name__}: {exc}"[:300]
+        raise TurnFailed(context.conversation_id, context.turn_id, reason, exc) from exc
 
 
 async def _request(
@@ -295,7 +315,12 @@ async def _run_turn(
     ticket: Ticket | None,
     owner: str | None,
     memory: Memory,
+    model_name: str | None,
+    settings: Mapping[str, Any] | None,
 ) -> Reply:
+    # The caller's choices are checked before anything is stored (UsageError).
+    chosen = agent.choose(model_name) if model_name is not None else None
+    per_turn = None if settings is None else ModelSettings.of(settings)
     turn = [m for m in history if m.turn_id == turn_id]
     if not turn and history and history[0].seq > 0:  # ``history`` is a tail: ask the store
         turn = await store.load_turn(conversation_id, turn_id)
@@ -341,6 +366,9 @@ async def _run_turn(
         progress,
         loop,
     )
+    if chosen is None and agent.route is not None:
+        chosen = await _routed(agent, context, text)
+    agent = agent.for_turn(chosen or agent.model, per_turn)
     model = agent.model
     if agent.cache_ttl_s is not None and owner is not None:  # keyed on what is sent
         model = CachingModel(
@@ -356,9 +384,11 @@ async def _run_turn(
     if agent.redact_pii:
         model = RedactingModel(model)
 
+    cap = agent.output_cap(model="default")  # the turn's model: what an answer may take
+
     async def ask(req: ModelRequest) -> ModelResponse:
         if ticket is not None:
-            await ticket.before_call(call_texts(req.instructions, req.messages))
+            await ticket.before_call(call_texts(req.instructions, req.messages), cap)
         if emit is None:
             return await model.call(req)
         return await _streamed(agent, model, req, emit, stop)

@@ -99,12 +99,16 @@ class Memory:
         if self.cap is not None:
             room = self.cap if room is None else min(room, self.cap)
         if room is None:
-            return ModelRequest(agent.instructions, messages, agent.tool_definitions)
+            return ModelRequest(
+                agent.instructions, messages, agent.tool_definitions, agent.model_settings
+            )
         count = budget.count if budget is not None else estimate_text
         room -= fixed_tokens(agent.instructions, agent.tool_definitions, count)
         if not isinstance(policy, Compact):
             first = fit(messages, room, count, keep_from)
-            return ModelRequest(agent.instructions, messages[first:], agent.tool_definitions)
+            return ModelRequest(
+                agent.instructions, messages[first:], agent.tool_definitions, agent.model_settings
+            )
         summary = await self._summary(store, conversation_id)
         first = self._fit_after(summary, messages, room, count, keep_from)
         # Everything before the first message sent is out of the window: the part the
@@ -122,7 +126,9 @@ class Memory:
                 self.compacting = True
                 self.spawn(work)
         instructions = with_summary(agent.instructions, summary)
-        return ModelRequest(instructions, messages[first:], agent.tool_definitions)
+        return ModelRequest(
+            instructions, messages[first:], agent.tool_definitions, agent.model_settings
+        )
 
     @staticmethod
     def _fit_after(

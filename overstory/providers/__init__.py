@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from ..exceptions import ConfigError
-from .base import Model, ModelRequest
+from .base import Model, ModelRequest, ModelSettings
 from .breaker import BreakerModel, CircuitBreaker
 from .endpoint import (
     KEY_ENV,
@@ -43,6 +43,7 @@ __all__ = [
     "Limits",
     "Model",
     "ModelRequest",
+    "ModelSettings",
     "ModelSpec",
     "OfflineModel",
     "ProviderActor",

@@ -20,7 +20,12 @@ from .endpoint import Endpoint
 __all__ = ["AnthropicModel", "AnthropicStream"]
 
 #: The Messages API normalises stop reasons; the rest of overstory speaks OpenAI's words.
-_FINISH = {"end_turn": "stop", "tool_use": "tool_calls", "max_tokens": "length"}
+_FINISH = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "tool_use": "tool_calls",
+    "max_tokens": "length",
+}
 
 
 class AnthropicModel(SDKModel):
@@ -41,11 +46,24 @@ class AnthropicModel(SDKModel):
         return AnthropicStream(self.name, self.endpoint.model)
 
     def _arguments(self, req: ModelRequest) -> dict[str, Any]:
+        settings = req.settings
+        if settings.seed is not None:
+            raise ModelError(
+                f"{self.name} takes no seed (Anthropic's API has none): leave seed unset "
+                "for this model",
+                model=self.name,
+                kind="bad_request",
+            )
         kwargs: dict[str, Any] = {
             "model": self.endpoint.model,
-            "max_tokens": self.endpoint.max_tokens,
+            "max_tokens": settings.max_output_tokens or self.endpoint.max_tokens,
             "messages": to_anthropic_messages(req.messages),
         }
+        if settings.temperature is not None:
+            # The SDK's create() no longer names temperature; the API still takes it.
+            kwargs["extra_body"] = {"temperature": settings.temperature}
+        if settings.stop:
+            kwargs["stop_sequences"] = list(settings.stop)
         if req.instructions:
             kwargs["system"] = req.instructions
         if req.tools:

@@ -16,12 +16,12 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeAlias
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from opentelemetry.trace import Span
 
-from ..exceptions import ModelError
+from ..exceptions import ConfigError, ModelError
 from ..messages import Message, ModelResponse
 from ..telemetry import (
     chat_span,
@@ -40,6 +40,7 @@ __all__ = [
     "FallThrough",
     "Model",
     "ModelRequest",
+    "ModelSettings",
     "PolicyModel",
     "StreamItem",
     "record_response",
@@ -48,29 +49,113 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    """How a model answers: each setting ``None`` (or empty) leaves the vendor's default.
+
+    ``temperature`` (0-2; Anthropic takes 0-1 and refuses more), ``max_output_tokens``
+    (the answer's cap: the vendor stops there, and a quota reserves exactly this for the
+    answer), ``stop`` (up to 4 sequences that end the answer), ``seed`` (OpenAI-format
+    endpoints; Anthropic and Bedrock have none and refuse a call that sets one). Set
+    per agent (``Agent(model_settings=...)``) and per turn (``send(settings=...)``,
+    merged over the agent's)."""
+
+    temperature: float | None = None
+    max_output_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if t is not None and (
+            isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 2
+        ):
+            raise ConfigError(f"temperature must be a number in [0, 2] or None, got {t!r}")
+        m = self.max_output_tokens
+        if m is not None and (
+            isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= 1_000_000
+        ):
+            raise ConfigError(
+                f"max_output_tokens must be an int in [1, 1000000] or None, got {m!r}"
+            )
+        stop = self.stop
+        if isinstance(stop, str) or not isinstance(stop, tuple | list):
+            raise ConfigError(f"stop must be a list of up to 4 strings, got {stop!r}")
+        if len(stop) > 4 or not all(isinstance(x, str) and 0 < len(x) <= 200 for x in stop):
+            raise ConfigError(f"stop must be up to 4 strings of 1-200 characters, got {stop!r}")
+        object.__setattr__(self, "stop", tuple(stop))
+        seed = self.seed
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, int) or abs(seed) >= 2**63
+        ):
+            raise ConfigError(f"seed must be a 64-bit int or None, got {seed!r}")
+
+    @classmethod
+    def of(cls, value: ModelSettings | Mapping[str, Any] | None) -> ModelSettings:
+        """Settings from a :class:`ModelSettings`, a mapping of its fields (an unknown
+        key is refused by name) or ``None`` (all defaults)."""
+        if value is None:
+            return _DEFAULT_SETTINGS
+        if isinstance(value, ModelSettings):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"model settings are a ModelSettings or a mapping, got {value!r}")
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(
+                f"unknown model setting(s) {', '.join(map(repr, unknown))}; known: "
+                "temperature, max_output_tokens, stop, seed"
+            )
+        return cls(**value)
+
+    def over(self, base: ModelSettings) -> ModelSettings:
+        """These settings where set, ``base``'s elsewhere (a turn's over its agent's)."""
+        return ModelSettings(
+            self.temperature if self.temperature is not None else base.temperature,
+            self.max_output_tokens
+            if self.max_output_tokens is not None
+            else base.max_output_tokens,
+            self.stop or base.stop,
+            self.seed if self.seed is not None else base.seed,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings that are set (for cache keys and spans)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if getattr(self, f.name) not in (None, ())
+        }
+
+
+_DEFAULT_SETTINGS = ModelSettings()
+
+
 @dataclass(frozen=True, slots=True, init=False)
 class ModelRequest:
     """What one model call is asked: the instructions, the history as the model sees it,
-    and the tools it may call. Every :class:`Model` method takes one; a wrapper that
-    changes what is sent (redaction) sends a copy made with :func:`dataclasses.replace`.
-
-    Later per-call options (an output schema, a cap on output tokens, ...) will be
-    fields of it. Any sequences are accepted and stored as tuples.
+    the tools it may call, and how to answer (:class:`ModelSettings`). Every
+    :class:`Model` method takes one; a wrapper that changes what is sent (redaction)
+    sends a copy made with :func:`dataclasses.replace`. Any sequences are accepted and
+    stored as tuples.
     """
 
     instructions: str
     messages: tuple[Message, ...]
     tools: tuple[ToolDefinition, ...] = ()
+    settings: ModelSettings = _DEFAULT_SETTINGS
 
     def __init__(
         self,
         instructions: str,
         messages: Sequence[Message],
         tools: Sequence[ToolDefinition] = (),
+        settings: ModelSettings | None = None,
     ) -> None:
         object.__setattr__(self, "instructions", instructions)
         object.__setattr__(self, "messages", tuple(messages))
         object.__setattr__(self, "tools", tuple(tools))
+        object.__setattr__(self, "settings", settings or _DEFAULT_SETTINGS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,4 +66,5 @@ class BedrockModel(AnthropicModel):
 
     def _arguments(self, req: ModelRequest) -> dict[str, Any]:
         arguments = super()._arguments(req)
-        return {**arguments, "extra_body": {"anthropic_version": BEDROCK_VERSION}}
+        extra = {**arguments.get("extra_body", {}), "anthropic_version": BEDROCK_VERSION}
+        return {**arguments, "extra_body": extra}

@@ -21,6 +21,7 @@ Token usage is counted as characters / 4, so it is deterministic too.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 from collections.abc import AsyncGenerator, Sequence
@@ -36,7 +37,7 @@ from ..messages import (
     Usage,
     UserMessage,
 )
-from .base import Model, ModelRequest, StreamItem, traced_stream
+from .base import Model, ModelRequest, ModelSettings, StreamItem, traced_stream
 from .windows import Budget
 
 __all__ = ["OfflineModel", "Rule"]
@@ -131,7 +132,11 @@ class OfflineModel(Model):
         yield response
 
     async def _answer(self, req: ModelRequest) -> ModelResponse:
-        """The scripted answer, at once (``request`` and ``stream`` add the latency)."""
+        """The scripted answer, at once (``request`` and ``stream`` add the latency),
+        ended at the first ``stop`` sequence and cut to ``max_output_tokens``."""
+        return _settled(await self._scripted(req), req.settings)
+
+    async def _scripted(self, req: ModelRequest) -> ModelResponse:
         self.requests += 1
         if self.requests <= self.fail_first:
             raise ModelError(f"scripted failure {self.requests}/{self.fail_first}", model=self.name)
@@ -223,6 +228,31 @@ class OfflineModel(Model):
             model=self.name,
             finish_reason="tool_calls",
         )
+
+
+def _settled(response: ModelResponse, settings: ModelSettings) -> ModelResponse:
+    """``response`` as the settings shape it, as a vendor would: the text ends before
+    the first stop sequence (finish ``stop``) and holds at most ``max_output_tokens``
+    (4 characters each; finish ``length``)."""
+    text, finish = response.content, response.finish_reason
+    for stop in settings.stop:
+        at = text.find(stop)
+        if at >= 0:
+            text, finish = text[:at], "stop"
+    cap = settings.max_output_tokens
+    if cap is not None and len(text) > cap * 4:
+        text, finish = text[: cap * 4], "length"
+    out = response.usage.output_tokens if text == response.content else len(text) // 4 + 1
+    if cap is not None:
+        out = min(out, cap)  # never more than the cap, which is what a quota reserved
+    if (text, finish, out) == (
+        response.content,
+        response.finish_reason,
+        response.usage.output_tokens,
+    ):
+        return response
+    usage = Usage(response.usage.input_tokens, out)
+    return dataclasses.replace(response, content=text, finish_reason=finish, usage=usage)
 
 
 def _seconds(raw: str, model: str) -> float:

@@ -54,7 +54,14 @@ class OpenAIModel(SDKModel):
             kwargs["tools"] = [to_openai_tool(t) for t in req.tools]
         # OpenAI's own API wants max_completion_tokens; compatible servers know max_tokens.
         limit = "max_tokens" if self.endpoint.base_url else "max_completion_tokens"
-        kwargs[limit] = self.endpoint.max_tokens
+        settings = req.settings
+        kwargs[limit] = settings.max_output_tokens or self.endpoint.max_tokens
+        if settings.temperature is not None:
+            kwargs["temperature"] = settings.temperature
+        if settings.stop:
+            kwargs["stop"] = list(settings.stop)
+        if settings.seed is not None:
+            kwargs["seed"] = settings.seed
         return kwargs
 
     def _read(self, completion: Any) -> ModelResponse:

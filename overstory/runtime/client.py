@@ -33,7 +33,7 @@ from ..access import (
     owned_records,
     validate_metadata,
 )
-from ..agent import Agent, Placement
+from ..agent import Agent, Placement, is_plain_name
 from ..app import App, as_app, conversation_id
 from ..config import Config
 from ..exceptions import (
@@ -46,7 +46,7 @@ from ..exceptions import (
     UsageError,
 )
 from ..messages import Message, Reply, TurnEvent, TurnRequest
-from ..providers import Secret
+from ..providers import ModelSettings, Secret
 from ..providers import api_keys as api_key_map
 from ..registry import Registry
 from ..rollout import (
@@ -104,6 +104,24 @@ def _version(version: object) -> str | None:
     if not isinstance(version, str) or not 0 < len(version) <= 64 or not version.isprintable():
         raise ConfigError(f"version must be an agent version's name, got {version!r}")
     return version
+
+
+_Options = tuple[str | None, str | None, dict[str, Any] | None]
+
+
+def _options(version: object, model: object, settings: object) -> _Options:
+    """A turn's choices, checked here, before anything is sent: the agent version, the
+    model's name (the agent checks it is one it allows) and the model settings."""
+    if model is not None and not is_plain_name(model):
+        raise UsageError(
+            f"model must name one of the agent's models (1-64 letters, digits, '_', '.', "
+            f"'-'), got {model!r}"
+        )
+    try:
+        checked = ModelSettings.of(settings)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+    return _version(version), model, checked.as_dict() or None  # type: ignore[return-value]
 
 
 def _cursor(after: object) -> int:
@@ -270,29 +288,48 @@ class Conversation:
         validate_message(text, max_chars=self._runtime.config.limits.max_message_chars)
         return turn_id or uuid.uuid4().hex
 
-    def send(self, text: str, *, turn_id: str | None = None, version: str | None = None) -> Reply:
+    def send(
+        self,
+        text: str,
+        *,
+        turn_id: str | None = None,
+        version: str | None = None,
+        model: str | None = None,
+        settings: ModelSettings | Mapping[str, Any] | None = None,
+    ) -> Reply:
         """Send ``text``; returns the assistant's reply once it is stored.
 
         ``turn_id`` makes a retry safe: sending the same id again never stores the message
         twice. ``version`` runs this turn on that version of the agent (one the app
         serves) instead of the one the rollout gives the conversation; the next turn
-        without it is the rollout's again. Raises
+        without it is the rollout's again. ``model`` runs this turn on one of the
+        models the agent allows by name (``Agent(models=...)``); ``settings``
+        (:class:`~overstory.providers.ModelSettings` or a mapping: temperature,
+        max_output_tokens, stop, seed) apply to this turn over the agent's. Raises
         :class:`~overstory.exceptions.InvalidMessage` for bad input,
         :class:`~overstory.exceptions.UnknownAgent` for a version not served and
         :class:`~overstory.exceptions.TurnFailed` when the model could not answer.
         """
-        return self._portal.run(self.send_async(text, turn_id=turn_id, version=version))
+        return self._portal.run(
+            self.send_async(text, turn_id=turn_id, version=version, model=model, settings=settings)
+        )
 
     async def send_async(
-        self, text: str, *, turn_id: str | None = None, version: str | None = None
+        self,
+        text: str,
+        *,
+        turn_id: str | None = None,
+        version: str | None = None,
+        model: str | None = None,
+        settings: ModelSettings | Mapping[str, Any] | None = None,
     ) -> Reply:
         """Async form of :meth:`send`."""
         turn_id = self._check(text, turn_id)
-        version = _version(version)
+        options = _options(version, model, settings)
         n, low = self._number()
         try:
             with self._span():
-                request = TurnRequest(turn_id, text, self._caller, n, low, inject(), version)
+                request = TurnRequest(turn_id, text, self._caller, n, low, inject(), *options)
                 reply: Reply = await self._call_async(Transport.send, request)
         finally:
             self._done(n)
@@ -301,7 +338,13 @@ class Conversation:
     # --- streamed turns ----------------------------------------------------------------------
 
     def stream(
-        self, text: str, *, turn_id: str | None = None, version: str | None = None
+        self,
+        text: str,
+        *,
+        turn_id: str | None = None,
+        version: str | None = None,
+        model: str | None = None,
+        settings: ModelSettings | Mapping[str, Any] | None = None,
     ) -> Iterator[TurnEvent]:
         """Send ``text`` and iterate over the turn's events as they happen (each with
         its ``seq``): ``started``, text ``delta`` s, ``tool_call`` / ``tool_result``,
@@ -312,27 +355,34 @@ class Conversation:
         :meth:`resume` reads it again from any ``seq``. If the process running it dies,
         the turn is started again where the conversation lives next (a ``restarted``
         event: text since the last stored message is void) and the events go on.
-        ``version``: as for :meth:`send`.
+        ``version``, ``model``, ``settings``: as for :meth:`send`.
         """
         turn_id = self._check(text, turn_id)  # refused here, before the first read
-        return self._portal.iterate(self._stream(text, turn_id, _version(version)))
+        options = _options(version, model, settings)
+        return self._portal.iterate(self._stream(text, turn_id, options))
 
     async def stream_async(
-        self, text: str, *, turn_id: str | None = None, version: str | None = None
+        self,
+        text: str,
+        *,
+        turn_id: str | None = None,
+        version: str | None = None,
+        model: str | None = None,
+        settings: ModelSettings | Mapping[str, Any] | None = None,
     ) -> AsyncGenerator[TurnEvent, None]:
         """Async form of :meth:`stream`."""
         turn_id = self._check(text, turn_id)
-        async for event in self._stream(text, turn_id, _version(version)):
+        async for event in self._stream(text, turn_id, _options(version, model, settings)):
             yield event
 
     async def _stream(
-        self, text: str, turn_id: str, version: str | None
+        self, text: str, turn_id: str, options: _Options
     ) -> AsyncGenerator[TurnEvent, None]:
         n, low = self._number()  # in flight until the turn ends: later sends queue behind
         after = -1
         try:
             with self._span():
-                request = TurnRequest(turn_id, text, self._caller, n, low, inject(), version)
+                request = TurnRequest(turn_id, text, self._caller, n, low, inject(), *options)
                 await self._call_async(Transport.start_turn, request, after)
             while True:
                 try:

@@ -13,7 +13,17 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ._common import _TOOL_NAME, Fault, _Event, _match_rule, _pieces, _Problem, _Rules, _tokens
+from ._common import (
+    _TOOL_NAME,
+    Fault,
+    _Event,
+    _match_rule,
+    _pieces,
+    _Problem,
+    _Rules,
+    _shaped,
+    _tokens,
+)
 
 _ANTHROPIC_TYPES = {
     400: ("invalid_request_error", "invalid request"),
@@ -170,6 +180,16 @@ def _anthropic_problem(body: Any) -> _Problem | None:
     max_tokens = body["max_tokens"]
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         return _Problem(f"max_tokens: Input should be an integer >= 1 (got {max_tokens!r})")
+    t = body.get("temperature")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 1):
+        return _Problem(f"temperature: Input should be less than or equal to 1 (got {t!r})")
+    stops = body.get("stop_sequences")
+    if stops is not None and not (
+        isinstance(stops, list) and all(isinstance(x, str) and x.strip() for x in stops)
+    ):
+        return _Problem("stop_sequences: Input should be a valid list of non-empty strings")
+    if "seed" in body:
+        return _Problem("seed: Extra inputs are not permitted")
     if not isinstance(body["messages"], list):
         return _Problem("messages: Input should be a valid list")
     if not body["messages"]:
@@ -214,9 +234,11 @@ def _anthropic_answer(body: dict[str, Any], model: str, rules: _Rules, n: int) -
         user_text = _anthropic_text(user["content"]) if user else ""
         call = _match_rule(user_text, rules, offered)
         text = f"echo: {user_text}"
+    text, cut, matched = _shaped(text, body.get("stop_sequences"), body.get("max_tokens"))
+    reason = {"stop": "stop_sequence", "length": "max_tokens"}.get(cut or "", "end_turn")
     if call is None:
         content: list[dict[str, Any]] = [{"type": "text", "text": text}]
-        out = _tokens(len(text))
+        out = min(_tokens(len(text)), body["max_tokens"])  # never billed past the cap
     else:
         content = [
             {"type": "tool_use", "id": f"toolu_{made + 1}", "name": call[0], "input": call[1]}
@@ -228,8 +250,8 @@ def _anthropic_answer(body: dict[str, Any], model: str, rules: _Rules, n: int) -
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": "end_turn" if call is None else "tool_use",
-        "stop_sequence": None,
+        "stop_reason": reason if call is None else "tool_use",
+        "stop_sequence": matched if call is None else None,
         "usage": {
             "input_tokens": _tokens(chars),
             "output_tokens": out,
@@ -285,7 +307,10 @@ def _anthropic_stream(message: dict[str, Any], piece: int) -> list[_Event]:
             "message_delta",
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
+                "delta": {
+                    "stop_reason": message["stop_reason"],
+                    "stop_sequence": message.get("stop_sequence"),
+                },
                 "usage": {"output_tokens": usage["output_tokens"]},
             },
         )

@@ -210,6 +210,20 @@ def _prompt_tokens(body: Any) -> int:
     return chars // 4 + 3 * n
 
 
+def _shaped(text: str, stops: Any, max_tokens: Any) -> tuple[str, str | None, str | None]:
+    """``text`` ended before the first of ``stops`` (reason ``"stop"``, with the one
+    matched) and cut to ``max_tokens`` (4 characters each; reason ``"length"``), as
+    the vendors' ``stop`` / ``stop_sequences`` and ``max_tokens`` shape an answer."""
+    reason, matched = None, None
+    for stop in [stops] if isinstance(stops, str) else list(stops or ()):
+        at = text.find(stop) if isinstance(stop, str) and stop else -1
+        if at >= 0:
+            text, reason, matched = text[:at], "stop", stop
+    if isinstance(max_tokens, int) and len(text) > max_tokens * 4:
+        text, reason, matched = text[: max_tokens * 4], "length", None
+    return text, reason, matched
+
+
 def _tokens(chars: int) -> int:
     return chars // 4 + 1
 

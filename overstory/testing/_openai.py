@@ -25,6 +25,7 @@ from ._common import (
     _pieces,
     _Problem,
     _Rules,
+    _shaped,
     _tokens,
 )
 
@@ -222,6 +223,42 @@ def _openai_message_problem(i: int, m: Any) -> _Problem | None:
     return None
 
 
+def _openai_settings_problem(body: dict[str, Any]) -> _Problem | None:
+    """Why OpenAI would refuse the request's sampling settings, or None."""
+    t = body.get("temperature")
+    if t is not None:
+        if isinstance(t, bool) or not isinstance(t, int | float):
+            return _Problem(
+                f"Invalid type for 'temperature': expected a decimal, but got {_json_type(t)} "
+                "instead.",
+                "temperature",
+                "invalid_type",
+            )
+        if not 0 <= t <= 2:
+            return _Problem(
+                f"Invalid 'temperature': decimal above maximum value. Expected a value <= 2, "
+                f"but got {t} instead.",
+                "temperature",
+                "decimal_above_max_value",
+            )
+    stop = body.get("stop")
+    if stop is not None and not (
+        isinstance(stop, str)
+        or (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(x, str) for x in stop))
+    ):
+        return _Problem("Invalid 'stop': expected a string or an array of up to 4 strings.", "stop")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        return _Problem("Invalid type for 'seed': expected an integer.", "seed", "invalid_type")
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            return _Problem(f"Invalid '{key}': expected an integer >= 1, got {value!r}.", key)
+    return None
+
+
 def _openai_problem(body: Any) -> _Problem | None:
     """Why OpenAI would refuse this chat completion request, or None."""
     if not isinstance(body, dict):
@@ -251,6 +288,9 @@ def _openai_problem(body: Any) -> _Problem | None:
                 "stream_options.include_usage",
                 "invalid_type",
             )
+    problem = _openai_settings_problem(body)
+    if problem is not None:
+        return problem
     model = body.get("model")
     if model is None:
         return _Problem("you must provide a model parameter")
@@ -370,6 +410,8 @@ def _openai_answer(body: dict[str, Any], model: str, rules: _Rules, n: int) -> d
         user_text = _openai_text(user["content"]) if user else ""
         call = _match_rule(user_text, rules, offered)
         text = f"echo: {user_text}"
+    cap = body.get("max_completion_tokens", body.get("max_tokens"))
+    text, cut, _ = _shaped(text, body.get("stop"), cap)
     message: dict[str, Any] = {
         "role": "assistant",
         "content": text,
@@ -390,6 +432,8 @@ def _openai_answer(body: dict[str, Any], model: str, rules: _Rules, n: int) -> d
         out = _tokens(len(call[0]) + len(arguments))
     else:
         out = _tokens(len(text))
+    if isinstance(cap, int) and not isinstance(cap, bool):
+        out = min(out, cap)  # a vendor never bills more than the cap it was given
     prompt = _tokens(chars)
     return {
         "id": f"chatcmpl-{n}",
@@ -401,7 +445,7 @@ def _openai_answer(body: dict[str, Any], model: str, rules: _Rules, n: int) -> d
                 "index": 0,
                 "message": message,
                 "logprobs": None,
-                "finish_reason": "stop" if call is None else "tool_calls",
+                "finish_reason": "tool_calls" if call is not None else cut or "stop",
             }
         ],
         "usage": {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out},
