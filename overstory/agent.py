@@ -17,7 +17,9 @@ from .compaction import ContextPolicy, Trim, check_policy
 from .context import RunContext
 from .exceptions import ConfigError, UsageError
 from .messages import ToolCall, ToolReturn
+from .output import check_output_type
 from .providers import Model, ModelSettings, ModelSpec, Secret, resolve_model
+from .providers.schema import OutputSchema
 from .tools import Tool, ToolDefinition, unknown_tool
 
 __all__ = [
@@ -74,6 +76,11 @@ class Agent:
     (:class:`~overstory.providers.ModelSettings`, or a mapping of them); a turn's own
     ``settings`` are merged over them.
 
+    ``output_type``: the answer is structured (:mod:`overstory.output`): a pydantic
+    model, dataclass or TypedDict the final answer's JSON must match — asked for
+    natively from each vendor, validated, asked again with the error up to
+    ``output_retries`` times; ``Reply.output`` holds the value.
+
     ``context``: what a model call sees of a long conversation (:mod:`overstory.compaction`):
     :class:`~overstory.compaction.Trim` (default: the most recent whole turns that fit
     the model's window), :class:`~overstory.compaction.Compact` (those plus a durable
@@ -98,6 +105,8 @@ class Agent:
         models: Mapping[str, ModelSpec] | None = None,
         route: Callable[[RunContext, str], Any] | None = None,
         model_settings: ModelSettings | Mapping[str, Any] | None = None,
+        output_type: Any = None,
+        output_retries: int = 2,
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"an agent needs a non-empty name, got {name!r}")
@@ -160,6 +169,17 @@ class Agent:
             raise ConfigError(f"route must be a function (ctx, text) -> model name, got {route!r}")
         self.route = route
         self.model_settings = ModelSettings.of(model_settings)
+        if (
+            isinstance(output_retries, bool)
+            or not isinstance(output_retries, int)
+            or not 0 <= output_retries <= 10
+        ):
+            raise ConfigError(f"output_retries must be an int in [0, 10], got {output_retries!r}")
+        self.output_retries = output_retries
+        self.output_type: Any = None
+        self.output: OutputSchema | None = None
+        if output_type is not None:
+            self.output_type, self.output = output_type, check_output_type(output_type)
         self.redact_pii = redact_pii
         self.cache_ttl_s = None if cache_ttl_s is None else float(cache_ttl_s)
         self.cache_tool_calls = cache_tool_calls
@@ -200,6 +220,14 @@ class Agent:
                 f"it allows: {allowed}"
             )
         return found
+
+    def with_output(self, output_type: Any) -> Agent:
+        """This agent answering ``output_type`` (a turn's own choice; ``None``: its own)."""
+        if output_type is None or output_type is self.output_type:
+            return self
+        clone = copy.copy(self)
+        clone.output_type, clone.output = output_type, check_output_type(output_type)
+        return clone
 
     def for_turn(self, model: Model, settings: ModelSettings | None) -> Agent:
         """This agent as one turn runs it: on ``model``, with ``settings`` over its own."""

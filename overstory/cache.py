@@ -61,6 +61,8 @@ def cache_key(owner: str, agent: str, version: str, model: str, req: ModelReques
     }
     if req.settings.as_dict():  # absent when unset: keys made before settings existed hold
         what["settings"] = req.settings.as_dict()
+    if req.output is not None:
+        what["output"] = req.output.digest
     material = json.dumps(
         what,
         sort_keys=True,

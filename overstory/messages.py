@@ -209,6 +209,8 @@ class TurnRequest:
     (else the agent's ``route``'s choice, else its own model)."""
     settings: dict[str, Any] | None = None
     """This turn's model settings (``ModelSettings`` fields), over the agent's."""
+    output_type: Any = None
+    """The structured output this turn's answer must be (else the agent's, if any)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +227,9 @@ class Reply:
     incomplete: str = ""
     """Why the answer was cut short (see :attr:`AssistantMessage.incomplete`); empty
     when it is whole."""
+    output: Any = None
+    """With structured output (``output_type``): the answer, validated (``text`` is its
+    JSON); else ``None``."""
 
     def __str__(self) -> str:
         return self.text

@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pydantic
 import pytest
 
 from overstory import Agent, ConversationQuarantined, QuotaExceeded, TurnFailed
@@ -349,3 +350,24 @@ def test_a_turn_chooses_its_model_and_settings_in_either_placement(
     assert main.messages[-1].model == "offline:main"
     assert "allows: default, fast" in str(refused)
     assert len(history) == 4  # the refused turn stored nothing
+
+
+class Answer(pydantic.BaseModel):
+    city: str
+    rank: int
+
+
+def test_structured_output_in_either_placement(placement: str, sqlite_url: str) -> None:
+    async def body(c: Placed) -> tuple[Reply, Reply, list[TurnEvent]]:
+        sent = await c.send("s", "t1", "best city?", output_type=Answer)
+        replayed = await c.send("s", "t1", "best city?", output_type=Answer)
+        await c.start_turn("s", "t2", "and now?")
+        return sent, replayed, await c.tail("s", "t2")
+
+    agent = Agent(AGENT, output_type=None)
+    sent, replayed, events = run(placement, sqlite_url, body, agent)
+    assert isinstance(sent.output, Answer)
+    assert replayed.output == sent.output  # a replay parses the stored answer again
+    completed = events[-1].reply
+    assert completed is not None
+    assert completed.output is None  # that turn asked for no structure

@@ -285,6 +285,7 @@ class Entity:
                         memory=self.memory,
                         model=request.model,
                         settings=request.settings,
+                        output_type=request.output_type,
                     )
         except (TurnFailed, UsageError):
             raise  # the turn's own outcome (or the caller's mistake): the entity is fine

@@ -13,9 +13,11 @@ user's message twice.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
+import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from ..agent import Agent
@@ -44,6 +46,7 @@ from ..messages import (
     UserMessage,
     placed,
 )
+from ..output import OutputInvalid, parse_output, retry_prompt
 from ..providers import Model
 from ..providers.base import FallThrough, ModelRequest, ModelSettings
 from ..quota import Ticket, call_texts
@@ -63,6 +66,8 @@ from ..vault import DataVault
 from .window import Memory, is_overflow
 
 __all__ = ["Emit", "is_complete", "reply_of", "run_turn"]
+
+log = logging.getLogger(__name__)
 
 
 class Emit(Protocol):
@@ -93,11 +98,56 @@ def reply_of(turn_id: str, turn: Sequence[Message], agent: str, version: str) ->
 
 
 def _ended(agent: Agent, conversation_id: str, turn_id: str, turn: list[Message]) -> Reply:
-    """The reply of a turn that has ended; :class:`TurnIncomplete` if it ended cut short."""
+    """The reply of a turn that has ended (with its structured output, when the agent
+    asks for one); :class:`TurnIncomplete` if it ended cut short."""
     reply = reply_of(turn_id, turn, agent.name, agent.version)
     if reply.incomplete:
         raise TurnIncomplete(conversation_id, turn_id, reply.incomplete, reply)
+    if agent.output_type is not None:
+        try:
+            reply = dataclasses.replace(reply, output=parse_output(agent.output_type, reply.text))
+        except OutputInvalid as exc:  # stored before the type changed: the text stands
+            log.warning(
+                "turn %r of %r: the stored answer does not parse: %s", turn_id, conversation_id, exc
+            )
     return reply
+
+
+async def _structured(
+    agent: Agent,
+    ask: Callable[[ModelRequest], Awaitable[ModelResponse]],
+    req: ModelRequest,
+    response: ModelResponse,
+    turn_id: str,
+    conversation_id: str,
+) -> ModelResponse:
+    """``response`` if its text is a valid ``agent.output_type``; else the model is
+    asked again — shown its answer and the validation error, neither stored — up to
+    ``agent.output_retries`` times. The answer returned carries every attempt's usage."""
+    assert agent.output is not None
+    spent = Usage()
+    for attempt in range(agent.output_retries + 1):
+        try:
+            parse_output(agent.output_type, response.content)
+            return dataclasses.replace(response, usage=spent + response.usage)
+        except OutputInvalid as exc:
+            if attempt == agent.output_retries:
+                raise TurnFailed(
+                    conversation_id,
+                    turn_id,
+                    f"the model's answer is not a valid {agent.output.name} after "
+                    f"{attempt + 1} attempt(s): {exc}",
+                    exc,
+                ) from exc
+            spent += response.usage
+            seq = req.messages[-1].seq + 1 if req.messages else 0
+            again = (
+                AssistantMessage(content=response.content, seq=seq, turn_id=turn_id),
+                UserMessage(content=retry_prompt(agent.output, exc), seq=seq + 1, turn_id=turn_id),
+            )
+            req = dataclasses.replace(req, messages=req.messages + again)
+            response = await ask(req)
+    raise AssertionError("unreachable")
 
 
 def _never() -> bool:
@@ -121,6 +171,7 @@ async def run_turn(
     memory: Memory | None = None,
     model: str | None = None,
     settings: Mapping[str, Any] | None = None,
+    output_type: Any = None,
 ) -> Reply:
     """Run (or resume, or replay) turn ``turn_id``; ``history`` — all of it, or its most
     recent part (the entity's tail; a turn older than it is looked up in the store) — is
@@ -146,6 +197,17 @@ async def run_turn(
     cache (:mod:`overstory.cache`; no cache without it). ``prices``: the price table
     the turn's cost is recorded by (``overstory.cost_usd`` on its span, the
     ``overstory_cost_usd_total`` metric per model; :mod:`overstory.usage`).
+
+    ``memory``: the conversation's context state (:class:`~.window.Memory`): each call
+    sends what ``agent.context`` fits into the model's window; a prompt the provider
+    still refuses as too long is fitted to the window its error names and sent again,
+    once (``None``: a fresh one, compacting inline). ``model``: the name of one of the
+    agent's ``models`` the caller chose for this turn — an unknown one is refused before
+    anything is stored — else ``agent.route`` chooses, else the agent's own model.
+    ``settings``: this turn's :class:`~overstory.providers.ModelSettings` fields, over
+    the agent's. ``output_type``: this turn's structured output (else the agent's;
+    :mod:`overstory.output`): the answer is asked for whole (a streamed turn gets it as
+    one delta, once valid), validated, and asked for again on a mismatch.
     """
     started = time.monotonic()
     outcome = "error"
@@ -166,6 +228,7 @@ async def run_turn(
                 memory or Memory(),
                 model,
                 settings,
+                output_type,
             )
             set_turn_usage(span, reply.usage.input_tokens, reply.usage.output_tokens)
             if prices:
@@ -317,8 +380,10 @@ async def _run_turn(
     memory: Memory,
     model_name: str | None,
     settings: Mapping[str, Any] | None,
+    output_type: Any,
 ) -> Reply:
     # The caller's choices are checked before anything is stored (UsageError).
+    agent = agent.with_output(output_type)
     chosen = agent.choose(model_name) if model_name is not None else None
     per_turn = None if settings is None else ModelSettings.of(settings)
     turn = [m for m in history if m.turn_id == turn_id]
@@ -389,7 +454,7 @@ async def _run_turn(
     async def ask(req: ModelRequest) -> ModelResponse:
         if ticket is not None:
             await ticket.before_call(call_texts(req.instructions, req.messages), cap)
-        if emit is None:
+        if emit is None or agent.output is not None:  # structured: asked for whole
             return await model.call(req)
         return await _streamed(agent, model, req, emit, stop)
 
@@ -426,6 +491,10 @@ async def _run_turn(
                     await ticket.after_call(None)
                 req = await _request(agent, store, conversation_id, history, turn, context, memory)
                 response = await ask(req)
+            if agent.output is not None and not response.tool_calls:
+                response = await _structured(agent, ask, req, response, turn_id, conversation_id)
+                if emit is not None:
+                    emit("delta", text=response.content)
         except _CutShort as cut:
             if ticket is not None:  # what it used is unknown: its estimate counts
                 await ticket.after_call(ticket.estimate_of_open())

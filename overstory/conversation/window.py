@@ -99,16 +99,12 @@ class Memory:
         if self.cap is not None:
             room = self.cap if room is None else min(room, self.cap)
         if room is None:
-            return ModelRequest(
-                agent.instructions, messages, agent.tool_definitions, agent.model_settings
-            )
+            return _asked(agent, agent.instructions, messages)
         count = budget.count if budget is not None else estimate_text
         room -= fixed_tokens(agent.instructions, agent.tool_definitions, count)
         if not isinstance(policy, Compact):
             first = fit(messages, room, count, keep_from)
-            return ModelRequest(
-                agent.instructions, messages[first:], agent.tool_definitions, agent.model_settings
-            )
+            return _asked(agent, agent.instructions, messages[first:])
         summary = await self._summary(store, conversation_id)
         first = self._fit_after(summary, messages, room, count, keep_from)
         # Everything before the first message sent is out of the window: the part the
@@ -126,9 +122,7 @@ class Memory:
                 self.compacting = True
                 self.spawn(work)
         instructions = with_summary(agent.instructions, summary)
-        return ModelRequest(
-            instructions, messages[first:], agent.tool_definitions, agent.model_settings
-        )
+        return _asked(agent, instructions, messages[first:])
 
     @staticmethod
     def _fit_after(
@@ -197,6 +191,13 @@ class Memory:
             if f.kind == "context_overflow" and f.model
         ]
         self.cap = min(windows, default=max(1, (tokens * 3) // 4))
+
+
+def _asked(agent: Agent, instructions: str, messages: Sequence[Message]) -> ModelRequest:
+    """The request of one of ``agent``'s calls: its tools, settings and output schema."""
+    return ModelRequest(
+        instructions, messages, agent.tool_definitions, agent.model_settings, agent.output
+    )
 
 
 def _next_seq(messages: Sequence[Message]) -> int:

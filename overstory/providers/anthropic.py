@@ -5,6 +5,7 @@ Imported only inside provider actors: conversation actors never load a vendor SD
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Sequence
 from types import ModuleType
 from typing import Any, ClassVar
@@ -16,6 +17,7 @@ from ..messages import AssistantMessage, Message, ModelResponse, ToolReturn, Usa
 from ._wire import Assembler, SDKModel, tool_call
 from .base import ModelRequest
 from .endpoint import Endpoint
+from .schema import OUTPUT_TOOL
 
 __all__ = ["AnthropicModel", "AnthropicStream"]
 
@@ -66,11 +68,25 @@ class AnthropicModel(SDKModel):
             kwargs["stop_sequences"] = list(settings.stop)
         if req.instructions:
             kwargs["system"] = req.instructions
-        if req.tools:
-            kwargs["tools"] = [
-                {"name": t.name, "description": t.description, "input_schema": t.parameters}
-                for t in req.tools
-            ]
+        tools = [
+            {"name": t.name, "description": t.description, "input_schema": t.parameters}
+            for t in req.tools
+        ]
+        if req.output is not None:
+            # Structured output: the answer is the input of a tool the model must call
+            # (when the agent has tools of its own, any tool: its own first, if it needs).
+            tools.append(
+                {
+                    "name": OUTPUT_TOOL,
+                    "description": f"Give the final answer as a {req.output.name}.",
+                    "input_schema": req.output.schema,
+                }
+            )
+            kwargs["tool_choice"] = (
+                {"type": "any"} if req.tools else {"type": "tool", "name": OUTPUT_TOOL}
+            )
+        if tools:
+            kwargs["tools"] = tools
         return kwargs
 
     def _read(self, reply: Any) -> ModelResponse:
@@ -79,9 +95,13 @@ class AnthropicModel(SDKModel):
         for block in reply.content:
             if block.type == "text":
                 texts.append(block.text)
+            elif block.type == "tool_use" and block.name == OUTPUT_TOOL:
+                texts.append(json.dumps(block.input))  # the structured answer, as its JSON
             elif block.type == "tool_use":
                 calls.append(tool_call(self.name, block.id, block.name, block.input))
         stop = str(reply.stop_reason or ("tool_use" if calls else "end_turn"))
+        if stop == "tool_use" and not calls:
+            stop = "end_turn"
         return ModelResponse(
             content="".join(texts),
             tool_calls=tuple(calls),

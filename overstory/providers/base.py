@@ -31,6 +31,7 @@ from ..telemetry import (
     record_first_token,
 )
 from ..tools import ToolDefinition
+from .schema import OutputSchema
 from .windows import Budget
 
 if TYPE_CHECKING:
@@ -134,7 +135,8 @@ _DEFAULT_SETTINGS = ModelSettings()
 @dataclass(frozen=True, slots=True, init=False)
 class ModelRequest:
     """What one model call is asked: the instructions, the history as the model sees it,
-    the tools it may call, and how to answer (:class:`ModelSettings`). Every
+    the tools it may call, how to answer (:class:`ModelSettings`) and, for structured
+    output, the schema the answer's JSON must match (:class:`~.schema.OutputSchema`). Every
     :class:`Model` method takes one; a wrapper that changes what is sent (redaction)
     sends a copy made with :func:`dataclasses.replace`. Any sequences are accepted and
     stored as tuples.
@@ -144,6 +146,7 @@ class ModelRequest:
     messages: tuple[Message, ...]
     tools: tuple[ToolDefinition, ...] = ()
     settings: ModelSettings = _DEFAULT_SETTINGS
+    output: OutputSchema | None = None
 
     def __init__(
         self,
@@ -151,11 +154,13 @@ class ModelRequest:
         messages: Sequence[Message],
         tools: Sequence[ToolDefinition] = (),
         settings: ModelSettings | None = None,
+        output: OutputSchema | None = None,
     ) -> None:
         object.__setattr__(self, "instructions", instructions)
         object.__setattr__(self, "messages", tuple(messages))
         object.__setattr__(self, "tools", tuple(tools))
         object.__setattr__(self, "settings", settings or _DEFAULT_SETTINGS)
+        object.__setattr__(self, "output", output)
 
 
 @dataclass(frozen=True, slots=True)

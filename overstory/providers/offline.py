@@ -12,7 +12,8 @@ history it always gives the same answer:
   ``!tool NAME {"json": "args"}`` (call a tool once), ``!loop NAME {...}`` (call it on
   every round trip, to hit the agent's ``max_round_trips``), ``!crash why`` (raise a
   plain ``RuntimeError``: a bug escaping the turn machinery, which crashes the
-  conversation — for supervision tests and chaos);
+  conversation — for supervision tests and chaos); with structured output asked for,
+  ``!malformed`` answers JSON that matches no schema (to exercise the re-ask);
 * anything else is echoed back with its position in the conversation.
 
 Token usage is counted as characters / 4, so it is deterministic too.
@@ -38,6 +39,7 @@ from ..messages import (
     UserMessage,
 )
 from .base import Model, ModelRequest, ModelSettings, StreamItem, traced_stream
+from .schema import example_of
 from .windows import Budget
 
 __all__ = ["OfflineModel", "Rule"]
@@ -134,7 +136,10 @@ class OfflineModel(Model):
     async def _answer(self, req: ModelRequest) -> ModelResponse:
         """The scripted answer, at once (``request`` and ``stream`` add the latency),
         ended at the first ``stop`` sequence and cut to ``max_output_tokens``."""
-        return _settled(await self._scripted(req), req.settings)
+        response = await self._scripted(req)
+        if req.output is not None and not response.tool_calls:
+            response = _structured(response, req)
+        return _settled(response, req.settings)
 
     async def _scripted(self, req: ModelRequest) -> ModelResponse:
         self.requests += 1
@@ -228,6 +233,20 @@ class OfflineModel(Model):
             model=self.name,
             finish_reason="tool_calls",
         )
+
+
+def _structured(response: ModelResponse, req: ModelRequest) -> ModelResponse:
+    """The answer as JSON matching ``req.output``'s schema (an instance built from it,
+    its strings the user's last message); ``!malformed`` in that message answers JSON
+    that matches no schema, once — the re-ask that follows is another user message."""
+    assert req.output is not None
+    user = next((m for m in reversed(req.messages) if isinstance(m, UserMessage)), None)
+    text = user.content if user is not None else ""
+    if text.startswith("!malformed"):
+        content = json.dumps({"malformed": True})
+    else:
+        content = json.dumps(example_of(req.output.schema, response.content))
+    return dataclasses.replace(response, content=content)
 
 
 def _settled(response: ModelResponse, settings: ModelSettings) -> ModelResponse:

@@ -62,6 +62,11 @@ class OpenAIModel(SDKModel):
             kwargs["stop"] = list(settings.stop)
         if settings.seed is not None:
             kwargs["seed"] = settings.seed
+        if req.output is not None:
+            kwargs["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": req.output.name, "schema": req.output.schema},
+            }
         return kwargs
 
     def _read(self, completion: Any) -> ModelResponse:

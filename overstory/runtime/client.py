@@ -46,6 +46,7 @@ from ..exceptions import (
     UsageError,
 )
 from ..messages import Message, Reply, TurnEvent, TurnRequest
+from ..output import check_output_type
 from ..providers import ModelSettings, Secret
 from ..providers import api_keys as api_key_map
 from ..registry import Registry
@@ -106,12 +107,13 @@ def _version(version: object) -> str | None:
     return version
 
 
-_Options = tuple[str | None, str | None, dict[str, Any] | None]
+_Options = tuple[str | None, str | None, dict[str, Any] | None, Any]
 
 
-def _options(version: object, model: object, settings: object) -> _Options:
+def _options(version: object, model: object, settings: object, output_type: object) -> _Options:
     """A turn's choices, checked here, before anything is sent: the agent version, the
-    model's name (the agent checks it is one it allows) and the model settings."""
+    model's name (the agent checks it is one it allows), the model settings and the
+    structured output's type."""
     if model is not None and not is_plain_name(model):
         raise UsageError(
             f"model must name one of the agent's models (1-64 letters, digits, '_', '.', "
@@ -119,9 +121,11 @@ def _options(version: object, model: object, settings: object) -> _Options:
         )
     try:
         checked = ModelSettings.of(settings)  # type: ignore[arg-type]
+        if output_type is not None:
+            check_output_type(output_type)
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
-    return _version(version), model, checked.as_dict() or None  # type: ignore[return-value]
+    return _version(version), model, checked.as_dict() or None, output_type  # type: ignore[return-value]
 
 
 def _cursor(after: object) -> int:
@@ -296,6 +300,7 @@ class Conversation:
         version: str | None = None,
         model: str | None = None,
         settings: ModelSettings | Mapping[str, Any] | None = None,
+        output_type: Any = None,
     ) -> Reply:
         """Send ``text``; returns the assistant's reply once it is stored.
 
@@ -305,13 +310,22 @@ class Conversation:
         without it is the rollout's again. ``model`` runs this turn on one of the
         models the agent allows by name (``Agent(models=...)``); ``settings``
         (:class:`~overstory.providers.ModelSettings` or a mapping: temperature,
-        max_output_tokens, stop, seed) apply to this turn over the agent's. Raises
+        max_output_tokens, stop, seed) apply to this turn over the agent's;
+        ``output_type`` (a pydantic model, dataclass or TypedDict) makes this turn's
+        answer structured (``Reply.output``; :mod:`overstory.output`). Raises
         :class:`~overstory.exceptions.InvalidMessage` for bad input,
         :class:`~overstory.exceptions.UnknownAgent` for a version not served and
         :class:`~overstory.exceptions.TurnFailed` when the model could not answer.
         """
         return self._portal.run(
-            self.send_async(text, turn_id=turn_id, version=version, model=model, settings=settings)
+            self.send_async(
+                text,
+                turn_id=turn_id,
+                version=version,
+                model=model,
+                settings=settings,
+                output_type=output_type,
+            )
         )
 
     async def send_async(
@@ -322,10 +336,11 @@ class Conversation:
         version: str | None = None,
         model: str | None = None,
         settings: ModelSettings | Mapping[str, Any] | None = None,
+        output_type: Any = None,
     ) -> Reply:
         """Async form of :meth:`send`."""
         turn_id = self._check(text, turn_id)
-        options = _options(version, model, settings)
+        options = _options(version, model, settings, output_type)
         n, low = self._number()
         try:
             with self._span():
@@ -345,6 +360,7 @@ class Conversation:
         version: str | None = None,
         model: str | None = None,
         settings: ModelSettings | Mapping[str, Any] | None = None,
+        output_type: Any = None,
     ) -> Iterator[TurnEvent]:
         """Send ``text`` and iterate over the turn's events as they happen (each with
         its ``seq``): ``started``, text ``delta`` s, ``tool_call`` / ``tool_result``,
@@ -358,7 +374,7 @@ class Conversation:
         ``version``, ``model``, ``settings``: as for :meth:`send`.
         """
         turn_id = self._check(text, turn_id)  # refused here, before the first read
-        options = _options(version, model, settings)
+        options = _options(version, model, settings, output_type)
         return self._portal.iterate(self._stream(text, turn_id, options))
 
     async def stream_async(
@@ -369,10 +385,13 @@ class Conversation:
         version: str | None = None,
         model: str | None = None,
         settings: ModelSettings | Mapping[str, Any] | None = None,
+        output_type: Any = None,
     ) -> AsyncGenerator[TurnEvent, None]:
         """Async form of :meth:`stream`."""
         turn_id = self._check(text, turn_id)
-        async for event in self._stream(text, turn_id, _options(version, model, settings)):
+        async for event in self._stream(
+            text, turn_id, _options(version, model, settings, output_type)
+        ):
             yield event
 
     async def _stream(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..providers.schema import example_of
 from ._common import (
     _TOOL_NAME,
     Fault,
@@ -228,12 +229,22 @@ def _anthropic_answer(body: dict[str, Any], model: str, rules: _Rules, n: int) -
     if isinstance(body.get("tool_choice"), dict) and body["tool_choice"].get("type") == "none":
         offered = []
     call = None
+    user_text = _anthropic_text(user["content"]) if user else ""
     if results:
         text = "tool results: " + "; ".join(_anthropic_text(b.get("content", "")) for b in results)
     else:
-        user_text = _anthropic_text(user["content"]) if user else ""
         call = _match_rule(user_text, rules, offered)
         text = f"echo: {user_text}"
+    raw_choice = body.get("tool_choice")
+    choice: dict[str, Any] = raw_choice if isinstance(raw_choice, dict) else {}
+    forced = choice.get("name") if choice.get("type") == "tool" else None
+    if choice.get("type") == "any" and call is None and offered:
+        forced = offered[-1]  # made to call a tool, with none of its rules matching
+    if forced is not None:  # the forced tool's input is an instance of its schema
+        schema: Any = next(
+            (t.get("input_schema", {}) for t in body["tools"] if t.get("name") == forced), {}
+        )
+        call = (forced, example_of(schema, text))
     text, cut, matched = _shaped(text, body.get("stop_sequences"), body.get("max_tokens"))
     reason = {"stop": "stop_sequence", "length": "max_tokens"}.get(cut or "", "end_turn")
     if call is None:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from ..providers.schema import example_of
 from ._common import (
     _TOOL_NAME,
     Fault,
@@ -250,6 +251,26 @@ def _openai_settings_problem(body: dict[str, Any]) -> _Problem | None:
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         return _Problem("Invalid type for 'seed': expected an integer.", "seed", "invalid_type")
+    fmt = body.get("response_format")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind not in ("text", "json_object", "json_schema"):
+            return _Problem(
+                "Invalid 'response_format.type': expected one of 'text', 'json_object' or "
+                f"'json_schema', got {kind!r}.",
+                "response_format.type",
+            )
+        spec = fmt.get("json_schema")
+        if kind == "json_schema" and not (
+            isinstance(spec, dict)
+            and isinstance(spec.get("name"), str)
+            and isinstance(spec.get("schema", {}), dict)
+        ):
+            return _Problem(
+                "Missing required parameter: 'response_format.json_schema' (with a 'name' "
+                "and a 'schema' object).",
+                "response_format.json_schema",
+            )
     for key in ("max_tokens", "max_completion_tokens"):
         value = body.get(key)
         if value is not None and (
@@ -410,6 +431,9 @@ def _openai_answer(body: dict[str, Any], model: str, rules: _Rules, n: int) -> d
         user_text = _openai_text(user["content"]) if user else ""
         call = _match_rule(user_text, rules, offered)
         text = f"echo: {user_text}"
+    fmt = body.get("response_format") or {}
+    if call is None and fmt.get("type") == "json_schema":  # the answer is an instance of it
+        text = json.dumps(example_of(fmt["json_schema"].get("schema", {}), text))
     cap = body.get("max_completion_tokens", body.get("max_tokens"))
     text, cut, _ = _shaped(text, body.get("stop"), cap)
     message: dict[str, Any] = {
