@@ -239,6 +239,14 @@ class Agent:
             clone.model_settings = settings.over(self.model_settings)
         return clone
 
+    def context_tokens(self) -> int | None:
+        """The most prompt tokens any model this agent may run on can read (``None``
+        when one of them has no known window): what a conversation holds in memory."""
+        budgets = [m.budget() for m in (self.model, *self.models.values())]
+        if any(b is None for b in budgets):
+            return None
+        return max(b.prompt for b in budgets if b is not None)
+
     def output_cap(
         self, settings: ModelSettings | None = None, model: str | None = None
     ) -> int | None:

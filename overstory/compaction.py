@@ -55,6 +55,7 @@ __all__ = [
     "Summary",
     "Trim",
     "check_policy",
+    "cover",
     "cut_summary",
     "fit",
     "overflowed",
@@ -162,6 +163,20 @@ def fit(
                 break
             used, cost, first = used + cost, 0, i
     return first
+
+
+def cover(
+    messages: Sequence[Message], room: int, count: Callable[[str], int] = estimate_text
+) -> int:
+    """The index of the first message of the shortest suffix of ``messages`` whose tokens
+    reach ``room`` (0 when all of them do not): what a conversation must hold in memory
+    for a call to fill a window of ``room`` tokens."""
+    tokens = 0
+    for i in range(len(messages) - 1, -1, -1):
+        tokens += message_tokens(messages[i], count)
+        if tokens >= room:
+            return i
+    return 0
 
 
 def overflowed(model: str, message: str, sent: int) -> int:

@@ -36,7 +36,7 @@ from typing import Any
 
 from ..access import Need, Principal, RecordCache, check_access, user_of
 from ..app import App
-from ..compaction import fit
+from ..compaction import cover, fit
 from ..config import Config
 from ..exceptions import Fenced, Passivated, SequenceConflict, TurnFailed, UsageError
 from ..messages import Message, Reply, TurnEvent, TurnRequest
@@ -52,7 +52,7 @@ from .serving import Binding, Serving
 from .supervision import EntitySupervision
 from .turn import Emit, run_turn
 from .turnlog import TurnStreams
-from .window import Memory
+from .window import TAIL_PAGE, Memory, read_tail
 
 __all__ = ["Entity", "Services", "Shell", "activate"]
 
@@ -93,15 +93,17 @@ async def activate(shell: Shell, conversation_id: str, binding: Binding) -> Enti
 
     The app must serve its agent (else :class:`~overstory.exceptions.UnknownAgent`,
     before anything is read or written); the entity takes a new epoch from the store,
-    so every older incarnation is fenced out of its appends, then loads the tail of
-    the history (``conversations.tail_messages``), not all of it.
+    so every older incarnation is fenced out of its appends, then reads the tail of
+    the history — what its models' windows can hold, at most
+    ``conversations.tail_messages`` — not all of it (:func:`~.window.read_tail`).
     """
     services = shell.services
     (await services.serving.load()).check(binding.agent)
     epoch = await services.store.acquire(conversation_id)
-    tail = services.config.conversations.tail_messages
-    history = await services.store.load_last(conversation_id, tail)
-    return Entity(shell, conversation_id, binding, history, epoch)
+    room = services.serving.app.get(binding.agent).context_tokens()
+    cap = services.config.conversations.tail_messages
+    history = await read_tail(services.store, conversation_id, cap, room)
+    return Entity(shell, conversation_id, binding, history, epoch, room)
 
 
 class Entity:
@@ -130,6 +132,7 @@ class Entity:
         binding: Binding,
         history: list[Message],
         epoch: int,
+        room: int | None = None,
     ) -> None:
         self.shell = shell
         self.conversation_id = conversation_id
@@ -138,7 +141,7 @@ class Entity:
         self.epoch = epoch
         self.gate: TurnGate | None = None  # only while turns are in flight
         self.streams: TurnStreams | None = None  # only once a turn has been streamed
-        self.memory = Memory(shell.spawn)  # what model calls see: window, summary
+        self.memory = Memory(shell.spawn, room)  # what model calls see: window, summary
         self.in_turn = 0
         self.closing = False  # passivated, crashed or fenced: queued turns get Passivated
         self.turns = 0
@@ -164,10 +167,18 @@ class Entity:
         self.last_active_at = time.time()
 
     def _trim(self) -> None:
-        """Keep only the tail in memory (in place: turn logs hold this list)."""
-        over = len(self.history) - self.shell.services.config.conversations.tail_messages
+        """Keep only the tail in memory (in place: turn logs hold this list): at most
+        ``conversations.tail_messages``, and no more than covers what the models can
+        read (a page of slack, so it is not cut after every turn)."""
+        history = self.history
+        over = len(history) - self.shell.services.config.conversations.tail_messages
         if over > 0:
-            del self.history[:over]
+            del history[:over]
+        room = self.memory.room
+        if room is not None and len(history) > 2 * TAIL_PAGE:
+            first = cover(history, room)
+            if first > TAIL_PAGE:
+                del history[:first]
 
     async def history_page(self, after: int = -1, limit: int | None = None) -> list[Message]:
         """Stored messages with seq above ``after``, at most ``limit``: read from the
@@ -298,8 +309,8 @@ class Entity:
         except SequenceConflict:
             # Someone else wrote this conversation: our copy is stale. Reload it in
             # place (turn logs hold this list) and let the caller re-send.
-            tail = services.config.conversations.tail_messages
-            self.history[:] = await services.store.load_last(cid, tail)
+            cap = services.config.conversations.tail_messages
+            self.history[:] = await read_tail(services.store, cid, cap, self.memory.room)
             raise
         except TimeoutError as exc:
             reason = f"the turn exceeded its deadline of {timeout_s:g} s"

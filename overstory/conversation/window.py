@@ -33,10 +33,16 @@ from ..context import RunContext
 from ..exceptions import AllModelsFailed, ModelError
 from ..messages import Message, UserMessage
 from ..providers import Model, ModelRequest
-from ..providers.windows import Budget, estimate_text, fixed_tokens, request_tokens
+from ..providers.windows import (
+    Budget,
+    estimate_text,
+    fixed_tokens,
+    message_tokens,
+    request_tokens,
+)
 from ..store import HistoryStore
 
-__all__ = ["Memory", "is_overflow"]
+__all__ = ["Memory", "is_overflow", "read_tail"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,31 @@ log = logging.getLogger(__name__)
 MAX_COMPACT_READ = 2000
 
 Spawn = Callable[[Coroutine[Any, Any, Any]], None]
+
+
+#: Messages read per page when a conversation's tail is read from the store.
+TAIL_PAGE = 64
+
+
+async def read_tail(
+    store: HistoryStore, conversation_id: str, cap: int, room: int | None
+) -> list[Message]:
+    """The tail a live conversation holds: its last messages, page by page from the
+    end, until they reach ``room`` tokens (what its models can read; ``None``:
+    unknown) or ``cap`` messages — a short conversation in one read."""
+    if room is None:
+        return await store.load_last(conversation_id, cap)
+    held: list[Message] = []
+    tokens, before = 0, None
+    while len(held) < cap:
+        want = min(TAIL_PAGE, cap - len(held))
+        batch = await store.load_last(conversation_id, want, before=before)
+        held[:0] = batch
+        tokens += sum(message_tokens(m) for m in batch)
+        if len(batch) < want or tokens >= room:
+            break
+        before = batch[0].seq
+    return held
 
 
 def is_overflow(exc: ModelError) -> bool:
@@ -60,10 +91,11 @@ class Memory:
     ``spawn`` runs background work in the entity's process (a background compaction);
     ``None`` runs it inline (tests of the turn alone)."""
 
-    __slots__ = ("_loaded", "cap", "compacting", "spawn", "summary")
+    __slots__ = ("_loaded", "cap", "compacting", "room", "spawn", "summary")
 
-    def __init__(self, spawn: Spawn | None = None) -> None:
+    def __init__(self, spawn: Spawn | None = None, room: int | None = None) -> None:
         self.spawn = spawn
+        self.room = room  # prompt tokens its models can read: what the tail must cover
         self.summary: Summary | None = None
         self._loaded = False
         self.compacting = False

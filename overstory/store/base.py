@@ -121,8 +121,11 @@ class HistoryStore(ABC):
         at most ``limit`` of them (``None``: all): a page of its history."""
 
     @abstractmethod
-    async def load_last(self, conversation_id: str, n: int) -> list[Message]:
-        """The conversation's last ``n`` stored messages, ordered by seq: its tail."""
+    async def load_last(
+        self, conversation_id: str, n: int, *, before: int | None = None
+    ) -> list[Message]:
+        """The conversation's last ``n`` stored messages (with seq below ``before``, when
+        given), ordered by seq: its tail, or the page before a part already read."""
 
     @abstractmethod
     async def load_turn(self, conversation_id: str, turn_id: str) -> list[Message]:

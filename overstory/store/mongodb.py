@@ -357,10 +357,13 @@ class MongoStore(HistoryStore):
         query = {"conversation_id": conversation_id, "seq": {"$gt": after}}
         return await self._find(conversation_id, query, ASCENDING, limit)
 
-    async def load_last(self, conversation_id: str, n: int) -> list[Message]:
-        found = await self._find(
-            conversation_id, {"conversation_id": conversation_id}, DESCENDING, n
-        )
+    async def load_last(
+        self, conversation_id: str, n: int, *, before: int | None = None
+    ) -> list[Message]:
+        query: dict[str, Any] = {"conversation_id": conversation_id}
+        if before is not None:
+            query["seq"] = {"$lt": before}
+        found = await self._find(conversation_id, query, DESCENDING, n)
         return found[::-1]
 
     async def load_turn(self, conversation_id: str, turn_id: str) -> list[Message]:

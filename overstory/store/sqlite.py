@@ -447,17 +447,22 @@ class SQLiteStore(HistoryStore):
             conversation_id,
         )
 
-    async def load_last(self, conversation_id: str, n: int) -> list[Message]:
+    async def load_last(
+        self, conversation_id: str, n: int, *, before: int | None = None
+    ) -> list[Message]:
+        below = 2**63 - 1 if before is None else before
         found = await self._select(
-            "WHERE conversation_id = ? ORDER BY seq DESC LIMIT ?",
-            (conversation_id, n),
+            "WHERE conversation_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+            (conversation_id, below, n),
             conversation_id,
         )
         return found[::-1]
 
     async def load_turn(self, conversation_id: str, turn_id: str) -> list[Message]:
+        # Named: without statistics the planner would rather walk the primary key in
+        # seq order (no sort) than seek the index — the whole conversation, every turn.
         return await self._select(
-            "WHERE conversation_id = ? AND turn_id = ? ORDER BY seq",
+            "INDEXED BY messages_turn WHERE conversation_id = ? AND turn_id = ? ORDER BY seq",
             (conversation_id, turn_id),
             conversation_id,
         )
