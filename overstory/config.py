@@ -94,11 +94,12 @@ class ConversationSettings(_Group):
     quarantine_s: float = pydantic.Field(default=300.0, gt=0)
     """How long a quarantined conversation is refused."""
     tail_messages: int = pydantic.Field(default=500, ge=10, le=1_000_000)
-    """The most recent messages a live conversation holds in memory (activation reads
-    only these): a model call sends at most these, fitted to its window
-    (:mod:`overstory.compaction`); older ones stay stored, paged with
-    ``history(after=..., limit=...)``, and a turn id older than them is looked up in
-    the store."""
+    """The most messages a live conversation holds in memory. Activation reads the
+    history's end page by page until it covers what the agent's models can read, at
+    most this many (this many when a window is unknown). A model call sends at most
+    these, fitted to its window (:mod:`overstory.compaction`). Older ones stay stored,
+    paged with ``history(after=..., limit=...)``; a turn id older than them is looked
+    up in the store."""
 
 
 class HostedSettings(_Group):
