@@ -350,3 +350,31 @@ def test_a_streamed_turn_in_either_placement(rt: Runtime) -> None:
     assert (
         rt.count_stored("stella") == 6
     )  # two turns: user, assistant, tool, assistant; user, assistant
+
+
+def test_a_turn_chooses_settings_and_structure_and_history_pages(rt: Runtime) -> None:
+    """Settings, an output type and paging cross Ray to either placement; a bad choice is
+    refused by name before anything is sent or stored."""
+    from overstory import UsageError
+    from overstory.testing.tools import Forecast
+
+    conv = rt.conversation("choices")
+    capped = conv.send("x" * 200, settings={"max_output_tokens": 5})
+    assert len(capped.text) == 20
+    structured = conv.send("weather in Oslo?", output_type=Forecast)
+    assert isinstance(structured.output, Forecast)
+    assert json.loads(structured.text) == structured.output.model_dump()
+    events = list(conv.stream("and in Bergen?", output_type=Forecast))
+    deltas = [e.text for e in events if e.type == "delta"]
+    assert len(deltas) == 1
+    assert events[-1].reply is not None
+    assert isinstance(events[-1].reply.output, Forecast)
+    with pytest.raises(UsageError, match="top_k"):
+        conv.send("hi", settings={"top_k": 1})
+    with pytest.raises(UsageError, match="allows: default"):
+        conv.send("hi", model="gpt-9")
+    everything = conv.history()
+    assert len(everything) == 6  # three turns; the refused ones stored nothing
+    assert [m.seq for m in conv.history(after=1, limit=3)] == [2, 3, 4]
+    with pytest.raises(UsageError, match="limit"):
+        conv.history(limit=0)
