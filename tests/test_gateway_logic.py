@@ -26,6 +26,7 @@ from overstory.gateway.wire import (
     ResponseStream,
     conversation_items,
     conversation_of,
+    items_read,
     new_response_id,
     page,
     sse,
@@ -210,6 +211,50 @@ def test_items_are_the_stored_messages_and_pages_walk_them_both_ways() -> None:
     assert [i["id"] for i in newest["data"]] == ["item_5", "item_4"]
     with pytest.raises(UsageError, match="no item"):
         page(items, after="item_99", limit=2, order="asc")
+
+
+def history_at(start: int) -> list[Any]:
+    """Six messages from seq ``start``; one answer has both text and a call (2 items)."""
+    turn = f"t{start}"
+    return [
+        UserMessage(content="what is 2 + 3?", seq=start, turn_id=turn),
+        AssistantMessage(content="let me add", tool_calls=(CALL,), seq=start + 1, turn_id=turn),
+        ToolReturn(
+            tool_call_id="call_1", tool_name="add", content="5", seq=start + 2, turn_id=turn
+        ),
+        AssistantMessage(content="add returned 5", seq=start + 3, turn_id=turn),
+        UserMessage(content="thanks", seq=start + 4, turn_id=turn + "u"),
+        AssistantMessage(content="echo", seq=start + 5, turn_id=turn + "u"),
+    ]
+
+
+def test_an_items_page_is_read_from_the_store_not_the_whole_history() -> None:
+    """``items_read`` names the messages one page needs; walking every page both ways
+    over just those gives what paging the whole history gives."""
+    stored = [m for n in range(7) for m in history_at(6 * n)]
+
+    def read(after: int, limit: int, before: int | None) -> list[Any]:  # the store's pages
+        if before is not None:
+            return [m for m in stored if m.seq < before][-limit:]
+        return [m for m in stored if m.seq > after][:limit]
+
+    everything = conversation_items(stored)
+    for order in ("asc", "desc"):
+        seen, after = [], None
+        while True:
+            wanted = items_read(after, 4, order)
+            assert wanted["limit"] == 6  # a page and a bit, never the history
+            part = page(conversation_items(read(**wanted)), after=after, limit=4, order=order)  # type: ignore[arg-type]
+            whole = page(everything, after=after, limit=4, order=order)
+            assert part == whole
+            seen += [i["id"] for i in part["data"]]
+            if not part["has_more"]:
+                break
+            after = part["last_id"]
+        expected = [i["id"] for i in everything]
+        assert seen == (expected if order == "asc" else expected[::-1])
+    with pytest.raises(UsageError, match="no item"):
+        items_read("msg_3", 4, "asc")
 
 
 # --- JWT bearer tokens ------------------------------------------------------------------------

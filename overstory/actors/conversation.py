@@ -218,12 +218,17 @@ class ConversationActor(Shell):
         return True
 
     async def history(
-        self, after: int = -1, limit: int | None = None, *, principal: Principal | None = None
+        self,
+        after: int = -1,
+        limit: int | None = None,
+        before: int | None = None,
+        *,
+        principal: Principal | None = None,
     ) -> list[Message]:
-        """The stored messages after seq ``after``, at most ``limit`` (during a turn,
-        those of the turn stored so far): :meth:`Entity.history_page`."""
+        """A page of the stored messages (during a turn, those of the turn stored so
+        far): :meth:`Entity.history_page`."""
         entity = await self.enter(self.conversation_id, principal, "read")
-        return await entity.history_page(after, limit)
+        return await entity.history_page(after, limit, before)
 
     async def passivate(self) -> bool:
         """Stop taking turns; ``False`` while a turn is running or waiting.

@@ -213,15 +213,16 @@ class HostActor(Shell):
         conversation_id: str,
         after: int = -1,
         limit: int | None = None,
+        before: int | None = None,
         *,
         api_keys: Mapping[str, Secret] | None = None,
         principal: Principal | None = None,
     ) -> list[Message]:
-        """The stored messages after seq ``after``, at most ``limit`` (during a turn,
-        those of the turn stored so far): :meth:`Entity.history_page`."""
+        """A page of the stored messages (during a turn, those of the turn stored so
+        far): :meth:`Entity.history_page`."""
         await self._route(version, conversation_id)
         entity = await self.enter(conversation_id, principal, "read", api_keys)
-        return await entity.history_page(after, limit)
+        return await entity.history_page(after, limit, before)
 
     async def info(
         self,

@@ -180,10 +180,16 @@ class Entity:
             if first > TAIL_PAGE:
                 del history[:first]
 
-    async def history_page(self, after: int = -1, limit: int | None = None) -> list[Message]:
-        """Stored messages with seq above ``after``, at most ``limit``: read from the
-        store (everything a turn stored so far is there), not from the tail held here."""
-        return await self.shell.services.store.load(self.conversation_id, after=after, limit=limit)
+    async def history_page(
+        self, after: int = -1, limit: int | None = None, before: int | None = None
+    ) -> list[Message]:
+        """Stored messages with seq above ``after`` (the first ``limit`` of them) or,
+        with ``before``, below it (the last ``limit`` of them), in seq order: read from
+        the store (everything a turn stored so far is there), not the tail held here."""
+        store = self.shell.services.store
+        if before is not None:
+            return await store.load_last(self.conversation_id, limit or 2**31, before=before)
+        return await store.load(self.conversation_id, after=after, limit=limit)
 
     async def _stored_turn(self, turn_id: str) -> list[Message]:
         """Turn ``turn_id``'s messages: from the tail held here, else (a turn older than

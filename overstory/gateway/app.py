@@ -66,6 +66,7 @@ from .wire import (
     ResponseStream,
     conversation_items,
     conversation_of,
+    items_read,
     new_response_id,
     page,
     sse,
@@ -738,10 +739,11 @@ async def list_items(conversation_id: str, request: Request) -> Response:
     query = request.query_params
     limit, order = _paging(query)
     items: list[dict[str, Any]] = []
-    if record.agent is not None:
-        conv = await gateway.conversation(record, principal)
-        items = conversation_items(await conv.history_async())
     try:
+        if record.agent is not None:  # one page read from the store, not the history
+            conv = await gateway.conversation(record, principal)
+            read = items_read(query.get("after"), limit, order)
+            items = conversation_items(await conv.history_async(**read))  # type: ignore[arg-type]
         listed = page(items, after=query.get("after"), limit=limit, order=order)
     except UsageError as exc:
         raise ApiError(400, str(exc), param="after") from exc

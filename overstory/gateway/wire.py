@@ -301,6 +301,26 @@ def _message_item(m: Message, role: str, part: str) -> dict[str, Any]:
     }
 
 
+_ITEM_ID = re.compile(r"^item_(\d{1,12})(?:_\d{1,6})?$")
+
+
+def items_read(after: str | None, limit: int, order: str) -> dict[str, int | None]:
+    """What to read from the store for one page of items (the ``history`` arguments):
+    every message yields at least one item, so ``limit`` + 2 messages from the one the
+    ``after`` item belongs to (forward for ``asc``, backward for ``desc``) hold the
+    page and tell whether there is more. An ``after`` that names no item of ours is
+    refused."""
+    seq = -1
+    if after is not None:
+        found = _ITEM_ID.match(after)
+        if found is None:
+            raise UsageError(f"after: no item {after!r:.60} in this conversation")
+        seq = int(found.group(1))
+    if order == "asc":
+        return {"after": seq - 1 if after is not None else -1, "limit": limit + 2, "before": None}
+    return {"after": -1, "limit": limit + 2, "before": seq + 1 if after is not None else 2**62}
+
+
 def page(
     items: list[dict[str, Any]], *, after: str | None, limit: int, order: str
 ) -> dict[str, Any]:

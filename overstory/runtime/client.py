@@ -481,19 +481,31 @@ class Conversation:
         )
         return found
 
-    def history(self, *, after: int = -1, limit: int | None = None) -> list[Message]:
-        """The conversation's stored messages in order: every one, or a page — those
-        with ``seq`` above ``after``, at most ``limit`` (read from the store, however
-        long the conversation; compaction never removes any)."""
-        return self._portal.run(self.history_async(after=after, limit=limit))
+    def history(
+        self, *, after: int = -1, limit: int | None = None, before: int | None = None
+    ) -> list[Message]:
+        """The conversation's stored messages in seq order: every one, or a page — the
+        first ``limit`` with ``seq`` above ``after``, or with ``before``, the last
+        ``limit`` below it (read from the store, however long the conversation;
+        compaction never removes any)."""
+        return self._portal.run(self.history_async(after=after, limit=limit, before=before))
 
-    async def history_async(self, *, after: int = -1, limit: int | None = None) -> list[Message]:
+    async def history_async(
+        self, *, after: int = -1, limit: int | None = None, before: int | None = None
+    ) -> list[Message]:
         """Async form of :meth:`history`."""
         if limit is not None and (
             isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100_000
         ):
             raise UsageError(f"limit must be an int in [1, 100000] or None, got {limit!r}")
-        messages: list[Message] = await self._call_async(Transport.history, _cursor(after), limit)
+        if before is not None:
+            if isinstance(before, bool) or not isinstance(before, int) or before < 0:
+                raise UsageError(f"before must be an int >= 0 (a seq) or None, got {before!r}")
+            if after != -1:
+                raise UsageError("give after or before, not both")
+        messages: list[Message] = await self._call_async(
+            Transport.history, _cursor(after), limit, before
+        )
         return messages
 
     def info(self) -> dict[str, Any]:

@@ -90,11 +90,12 @@ class Transport(ABC):
         target: Any,
         after: int = -1,
         limit: int | None = None,
+        before: int | None = None,
         *,
         principal: Principal | None = None,
     ) -> Any:
         handle, head, keywords = self._at(target)
-        return handle.history.remote(*head, after, limit, principal=principal, **keywords)
+        return handle.history.remote(*head, after, limit, before, principal=principal, **keywords)
 
     @abstractmethod
     def info(self, target: Any) -> Any:
