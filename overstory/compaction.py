@@ -183,12 +183,11 @@ def overflowed(model: str, message: str, sent: int) -> int:
     """The window to remember for ``model`` after it refused a prompt we counted at
     ``sent`` tokens as too long with ``message``: the window the error names, or three
     quarters of what was sent when that is less (the vendor counts more than our
-    estimate did, or names no window). Remembered for the endpoint in this process
-    (:func:`~overstory.providers.windows.learn_window`); returned."""
+    estimate did); half of what was sent when the error names none. Remembered for the
+    endpoint in this process (:func:`~overstory.providers.windows.learn_window`);
+    returned."""
     named = parse_window(message)
-    window = max(1, (sent * 3) // 4)
-    if named is not None:
-        window = min(window, named)
+    window = max(1, sent // 2) if named is None else min(named, max(1, (sent * 3) // 4))
     learn_window(model, window)
     return window
 

@@ -372,3 +372,65 @@ def test_a_vendor_overflow_error_is_a_context_overflow(sqlite_url: str) -> None:
         exc = asyncio.run(go(server))
     assert exc.kind == "context_overflow"
     assert parse_window(str(exc)) == 100
+
+
+def test_bedrock_names_no_window_and_the_turn_still_fits_by_halving(sqlite_url: str) -> None:
+    from overstory.providers import aws_secret
+    from overstory.testing import BedrockServer
+
+    with BedrockServer(context_window=400) as server:
+        endpoint = Endpoint(
+            "bedrock",
+            "anthropic.custom-model-v1:0",  # no table knows it
+            server.base_url,
+            key=aws_secret("AKIATESTWIRE0123456", "wire/Secret+Access0123456789abcdefKEY"),
+            region="us-east-1",
+            max_tokens=50,
+        )
+        model = Recorder(vendor_model(endpoint), hide=True)
+        texts = [f"turn {i} " + "b" * 300 for i in range(12)]
+        replies, stored, _ = run(sqlite_url, Agent("a", model=model), texts)
+    assert all(not isinstance(r, Exception) for r in replies), replies
+    assert len(stored) == 24
+    window = learned_window(endpoint.name)
+    assert window is not None
+    assert window <= 400 * 2  # halved from what was sent until it fit
+
+
+def test_a_streamed_turn_on_a_chain_recovers_when_every_member_overflows(
+    sqlite_url: str,
+) -> None:
+    first = Recorder(OfflineModel("chain-a", context_window=500), hide=True)
+    second = Recorder(OfflineModel("chain-b", context_window=300), hide=True)
+    agent = Agent("a", model=[first, second])
+    events: list[str] = []
+
+    async def go() -> list[Any]:
+        store = open_store(sqlite_url, data_keys=None)
+        await store.open()
+        try:
+            history: list[Message] = []
+            out = []
+            for i in range(15):
+                out.append(
+                    await run_turn(
+                        agent,
+                        store,
+                        "c",
+                        history,
+                        f"s{i}",
+                        f"stream {i} " + "s" * 150,
+                        emit=lambda type, **fields: events.append(type),
+                    )
+                )
+            return out
+        finally:
+            await store.close()
+
+    replies = asyncio.run(go())
+    assert all(r.text.startswith("echo") for r in replies)
+    assert learned_window("offline:chain-a") == 500
+    assert learned_window("offline:chain-b") == 300
+    assert "fallback" in events  # the first member's refusal fell through, visibly
+    # fitted to the chain's least room from then on: the first member answers again
+    assert all(request_tokens(r) <= 300 for r in first.requests[-3:])

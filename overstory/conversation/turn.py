@@ -69,6 +69,10 @@ __all__ = ["Emit", "is_complete", "reply_of", "run_turn"]
 
 log = logging.getLogger(__name__)
 
+#: The most times one call is fitted and sent again after a ``context_overflow`` whose
+#: error names no window (halving what is sent each time); a named window: once.
+MAX_SHRINKS = 4
+
 
 class Emit(Protocol):
     """Where a streamed turn reports what happens (a turn's event log appends it)."""
@@ -483,14 +487,25 @@ async def _run_turn(
             try:
                 response = await ask(req)
             except ModelError as exc:
-                if not is_overflow(exc) or memory.cap is not None:
+                if not is_overflow(exc):
                     raise
-                # Too long for the model after all: fit it to what the error says, once.
-                memory.overflowed(exc, req, agent.model.budget())
-                if ticket is not None:
-                    await ticket.after_call(None)
-                req = await _request(agent, store, conversation_id, history, turn, context, memory)
-                response = await ask(req)
+                # Too long for the model after all: fitted to the window the error
+                # names and sent again once; an error naming none halves what is sent,
+                # up to MAX_SHRINKS times.
+                for attempt in range(1, MAX_SHRINKS + 1):
+                    named = memory.overflowed(exc, req, agent.model.budget())
+                    if ticket is not None:
+                        await ticket.after_call(None)
+                    req = await _request(
+                        agent, store, conversation_id, history, turn, context, memory
+                    )
+                    try:
+                        response = await ask(req)
+                        break
+                    except ModelError as again:
+                        if named or attempt == MAX_SHRINKS or not is_overflow(again):
+                            raise
+                        exc = again
             if agent.output is not None and not response.tool_calls:
                 response = await _structured(agent, ask, req, response, turn_id, conversation_id)
                 if emit is not None:

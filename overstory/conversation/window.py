@@ -38,6 +38,7 @@ from ..providers.windows import (
     estimate_text,
     fixed_tokens,
     message_tokens,
+    parse_window,
     request_tokens,
 )
 from ..store import HistoryStore
@@ -210,19 +211,17 @@ class Memory:
         finally:
             self.compacting = False
 
-    def overflowed(self, exc: ModelError, sent: ModelRequest, budget: Budget | None) -> None:
-        """A provider refused ``sent`` as too long: remember the window its error names
-        (or less than what was sent) for each model that refused, and cap the turn's
-        next request to fit it (:meth:`request`)."""
+    def overflowed(self, exc: ModelError, sent: ModelRequest, budget: Budget | None) -> bool:
+        """A provider refused ``sent`` as too long: remember a window for each model
+        that refused (the one its error names, else half of what was sent) and cap the
+        turn's next request to fit it (:meth:`request`). Whether an error named one."""
         count = budget.count if budget is not None else estimate_text
         tokens = request_tokens(sent, count)
         failures = exc.failures if isinstance(exc, AllModelsFailed) else [exc]
-        windows = [
-            overflowed(f.model, str(f), tokens)
-            for f in failures
-            if f.kind == "context_overflow" and f.model
-        ]
-        self.cap = min(windows, default=max(1, (tokens * 3) // 4))
+        refused = [f for f in failures if f.kind == "context_overflow" and f.model]
+        windows = [overflowed(f.model, str(f), tokens) for f in refused]
+        self.cap = min(windows, default=max(1, tokens // 2))
+        return any(parse_window(str(f)) is not None for f in refused)
 
 
 def _asked(agent: Agent, instructions: str, messages: Sequence[Message]) -> ModelRequest:
