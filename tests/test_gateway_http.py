@@ -729,3 +729,57 @@ def test_a_background_response_is_a_durable_job_the_sdk_polls(door: Door) -> Non
     )
     assert status == 400
     assert error["error"]["param"] == "background"
+
+
+def test_responses_take_settings_and_text_format_and_refuse_what_they_cannot_do(
+    door: Door,
+) -> None:
+    """temperature, max_output_tokens and text.format have their effect; a parameter the
+    door does not support is a 400 naming it, never accepted and ignored."""
+    client = door.client()
+    capped = client.responses.create(
+        model="helper", input="x" * 200, max_output_tokens=16, temperature=0.2
+    )
+    assert len(capped.output_text) == 64  # 16 tokens of 4 characters: the cap held
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "rank": {"type": "integer"}},
+        "required": ["city", "rank"],
+        "additionalProperties": False,
+    }
+    structured = client.responses.create(
+        model="helper",
+        input="best city?",
+        text={"format": {"type": "json_schema", "name": "Ranking", "schema": schema}},
+    )
+    value = json.loads(structured.output_text)
+    assert set(value) == {"city", "rank"}
+    assert isinstance(value["rank"], int)
+    for extra, param in (
+        ({"instructions": "be terse"}, "instructions"),
+        ({"previous_response_id": "resp_x"}, "previous_response_id"),
+        ({"top_k": 3}, "top_k"),
+        ({"temperature": 5}, "temperature"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "X", "schema": {"type": 7}}}},
+            "text.format.schema",
+        ),
+    ):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.create(model="helper", input="hi", extra_body=extra)
+        assert info.value.body["param"] == param  # type: ignore[index]
+    # what asks for nothing the door does not do anyway is accepted
+    plain = client.responses.create(model="helper", input="hi", store=True, truncation="auto")
+    assert plain.status == "completed"
+
+
+def test_hostile_bodies_and_wrong_methods_get_clear_answers(door: Door) -> None:
+    deep = b'{"model": "helper", "input": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    status, _, body = door.raw("POST", "/v1/responses", deep)
+    assert status == 400
+    assert body["error"]["code"] == "invalid_json"
+    assert "deeper than 64" in body["error"]["message"]
+    status, headers, body = door.raw("PUT", "/v1/responses")
+    assert status == 405
+    assert "POST" in headers["allow"]
+    assert body["error"]["message"].startswith("method PUT")

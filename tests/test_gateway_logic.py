@@ -589,3 +589,39 @@ def test_a_flood_of_bad_keys_is_audited_at_a_bounded_rate_and_counted(tmp_path: 
     trail = asyncio.run(body())
     assert [r.action for r in trail] == ["auth.failed"] * 4
     assert [r.detail.get("unaudited_before") for r in trail] == [None, None, None, 7]
+
+
+def test_deep_json_is_caught_before_parsing_and_strings_do_not_count() -> None:
+    from overstory.gateway.wire import too_deep
+
+    assert too_deep(b"[" * 65 + b"]" * 65, 64)
+    assert not too_deep(b"[" * 64 + b"]" * 64, 64)
+    assert not too_deep(b'{"a": "' + b"[" * 500 + b'"}', 64)  # inside a string
+    assert not too_deep(b'{"a": "\\"' + b"[" * 100 + b'"}', 64)  # an escaped quote
+
+
+def test_turn_options_map_what_they_can_and_refuse_the_rest_by_name() -> None:
+    from overstory.gateway.wire import ParamError, turn_options
+
+    options = turn_options(
+        {"model": "m", "input": "hi", "temperature": 0.5, "max_output_tokens": 100, "store": True}
+    )
+    assert options.settings == {"temperature": 0.5, "max_output_tokens": 100}
+    assert options.output is None
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    fmt = {"format": {"type": "json_schema", "name": "P", "schema": schema}}
+    assert turn_options({"text": fmt}).output.schema == schema  # type: ignore[union-attr]
+    assert turn_options({"text": {"format": {"type": "text"}}}).output is None
+    for body, param in (
+        ({"tools": [{"type": "function", "name": "f"}]}, "tools"),
+        ({"store": False}, "store"),
+        ({"truncation": "disabled"}, "truncation"),
+        ({"parallel_tool_calls": 1}, "parallel_tool_calls"),
+        ({"max_output_tokens": 0}, "max_output_tokens"),
+        ({"text": {"format": {"type": "xml"}}}, "text.format.type"),
+        ({"text": {"verbosity": "low"}}, "text.verbosity"),
+        ({"frequency_penalty": 1}, "frequency_penalty"),
+    ):
+        with pytest.raises(ParamError) as info:
+            turn_options(body)
+        assert info.value.param == param

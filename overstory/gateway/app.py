@@ -63,6 +63,8 @@ from ..validation import validate_message, validate_user_id
 from .keys import KEY_PREFIX, authenticate_key
 from .tokens import JwtSettings, authenticate_jwt
 from .wire import (
+    MAX_JSON_DEPTH,
+    ParamError,
     ResponseStream,
     conversation_items,
     conversation_of,
@@ -70,6 +72,8 @@ from .wire import (
     new_response_id,
     page,
     sse,
+    too_deep,
+    turn_options,
 )
 
 __all__ = ["ApiError", "DoorLimits", "Gateway", "RequestRate", "app", "install"]
@@ -503,6 +507,10 @@ async def _json(request: Request, gateway: Gateway) -> dict[str, Any]:
         raw += chunk
         if len(raw) > limit:
             raise ApiError(413, f"request body larger than {limit} bytes", code="body_too_large")
+    if too_deep(raw, MAX_JSON_DEPTH):  # before the parser recurses into it
+        raise ApiError(
+            400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json"
+        )
     try:
         body = json.loads(raw) if raw else {}
     except (ValueError, UnicodeDecodeError) as exc:
@@ -562,7 +570,10 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 @app.exception_handler(405)
 async def _not_allowed(request: Request, exc: Exception) -> Response:
-    return ApiError(405, f"method {request.method} not allowed here").response()
+    # Starlette names the route's methods in its exception's Allow header: keep it.
+    allow = dict(getattr(exc, "headers", None) or {}).get("Allow")
+    headers = {"allow": allow} if allow else None
+    return ApiError(405, f"method {request.method} not allowed here", headers=headers).response()
 
 
 @app.get("/")
@@ -767,6 +778,17 @@ async def create_response(request: Request) -> Response:
     background = body.get("background", False)
     if not isinstance(background, bool):
         raise ApiError(400, "background: a boolean", param="background")
+    try:
+        options = turn_options(body)
+    except ParamError as exc:
+        raise ApiError(400, str(exc), param=exc.param) from exc
+    if background and options.any:
+        raise ApiError(
+            400,
+            "a background response takes no temperature, max_output_tokens or text.format "
+            "(yet): send it in the foreground",
+            param="background",
+        )
     if background and stream:
         raise ApiError(
             400,
@@ -800,7 +822,15 @@ async def create_response(request: Request) -> Response:
         return JSONResponse(_job_snapshot(response_id, model, job))
     conv = await gateway.conversation(record, principal)
     # The turn starts (or is refused, as an HTTP error) before any byte is sent.
-    events = await _primed(conv.stream_async(text, turn_id=response_id, version=version))
+    events = await _primed(
+        conv.stream_async(
+            text,
+            turn_id=response_id,
+            version=version,
+            settings=options.settings,
+            output_type=options.output,
+        )
+    )
     if stream:
         return _sse(_translated(ResponseStream(response_id, model), events, -1))
     reader = ResponseStream(response_id, model)

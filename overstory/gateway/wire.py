@@ -15,20 +15,174 @@ import re
 import secrets
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ..access import CONVERSATION_ID
 from ..exceptions import UsageError
 from ..messages import AssistantMessage, Message, ToolReturn, TurnEvent, UserMessage
+from ..output import check_output_type
+from ..providers.base import ModelSettings
+from ..providers.schema import OutputSchema
 
 __all__ = [
+    "MAX_JSON_DEPTH",
+    "ParamError",
     "ResponseStream",
+    "TurnOptions",
     "conversation_items",
     "conversation_of",
     "new_response_id",
     "page",
     "sse",
+    "too_deep",
+    "turn_options",
 ]
+
+
+#: The deepest nesting a request body may have (OpenAI's own bodies need under 10).
+MAX_JSON_DEPTH = 64
+
+
+def too_deep(raw: bytes, limit: int) -> bool:
+    """Whether JSON text ``raw`` nests arrays and objects deeper than ``limit`` (strings
+    skipped): checked before parsing, whose recursion a hostile body would exhaust.
+    Bodies with fewer brackets than ``limit`` are not scanned."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    depth, in_string, escaped = 0, False, False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
+
+
+class ParamError(UsageError):
+    """A request parameter the door refuses; ``param`` names it (OpenAI's ``param``)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+@dataclass(frozen=True)
+class TurnOptions:
+    """What a Responses request asks of its turn beyond the text: model settings (the
+    fields set) and the structured output's schema."""
+
+    settings: dict[str, Any] | None = None
+    output: OutputSchema | None = None
+
+    @property
+    def any(self) -> bool:
+        return self.settings is not None or self.output is not None
+
+
+#: Parameters the door handles itself (model, input, stream, background, conversation)
+#: or maps to the turn (temperature, max_output_tokens, text).
+_TAKEN = frozenset(
+    {
+        "model",
+        "input",
+        "stream",
+        "background",
+        "conversation",
+        "temperature",
+        "max_output_tokens",
+        "text",
+    }
+)
+
+#: Parameters accepted only at the value that asks for nothing (what the door does
+#: anyway); any other value is refused by name, never accepted and ignored.
+_DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
+    "previous_response_id": (None,),
+    "instructions": (None, ""),
+    "tools": (None, []),
+    "tool_choice": (None, "auto"),
+    "top_p": (None, 1, 1.0),
+    "truncation": (None, "auto"),  # the context is always fitted to the model's window
+    "store": (None, True),
+    "parallel_tool_calls": (None, True),
+    "metadata": (None, {}),
+    "include": (None, []),
+    "reasoning": (None,),
+    "user": (None,),
+    "stream_options": (None,),
+}
+
+
+def turn_options(body: dict[str, Any]) -> TurnOptions:
+    """The turn options a Responses body asks for; :class:`ParamError` naming the first
+    parameter the door does not support (or a value it does not take)."""
+    for key, value in body.items():
+        if key in _TAKEN:
+            continue
+        if key not in _DEFAULT_ONLY:
+            raise ParamError(key, f"unknown parameter {key!r} (not supported by this door)")
+        if (
+            not any(
+                value == allowed and type(value) is type(allowed) for allowed in _DEFAULT_ONLY[key]
+            )
+            and value is not None
+        ):
+            raise ParamError(
+                key, f"{value!r:.80} is not supported by this door (see the compatibility table)"
+            )
+    settings: dict[str, Any] = {}
+    for key in ("temperature", "max_output_tokens"):
+        if body.get(key) is not None:
+            try:
+                ModelSettings.of({key: body[key]})
+            except UsageError as exc:
+                raise ParamError(key, str(exc)) from exc
+            settings[key] = body[key]
+    return TurnOptions(settings or None, _text_format(body.get("text")))
+
+
+def _text_format(text: Any) -> OutputSchema | None:
+    """``text.format`` as an output schema: ``text`` none, ``json_object`` any JSON
+    object, ``json_schema`` its schema (by its name)."""
+    if text is None:
+        return None
+    if not isinstance(text, dict):
+        raise ParamError("text", "an object with a 'format'")
+    extra = sorted(k for k, v in text.items() if k != "format" and v is not None)
+    if extra:
+        raise ParamError(f"text.{extra[0]}", "not supported by this door")
+    fmt = text.get("format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return OutputSchema("json_object", {"type": "object"})
+    if kind != "json_schema":
+        raise ParamError("text.format.type", "one of 'text', 'json_object', 'json_schema'")
+    name, schema = fmt.get("name"), fmt.get("schema")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        raise ParamError("text.format.name", "1-64 letters, digits, '_' or '-'")
+    if not isinstance(schema, dict):
+        raise ParamError("text.format.schema", "a JSON schema object")
+    try:
+        return check_output_type(OutputSchema(name, schema))
+    except UsageError as exc:
+        raise ParamError("text.format.schema", str(exc)) from exc
+
 
 _RESP = re.compile(r"resp_(?P<conv>[0-9a-f]{24})(?P<turn>[0-9a-f]{16})")
 
