@@ -156,3 +156,23 @@ def test_each_vendor_is_asked_natively_over_http(sqlite_url: str, server_type: A
         assert body["tool_choice"] == {"type": "any"}  # its own tools stay callable
         assert body["tools"][-1]["name"] == "final_output"
         assert body["tools"][-1]["input_schema"] == Weather.model_json_schema()
+
+
+def test_a_bare_json_schema_is_an_output_type_too(sqlite_url: str) -> None:
+    """What an HTTP client's text.format gives: a named JSON schema, checked with
+    jsonschema; the value is the parsed JSON."""
+    from overstory.output import OutputInvalid, parse_output
+    from overstory.providers.schema import OutputSchema
+
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},
+        "required": ["name", "age"],
+    }
+    ranking = OutputSchema("Person", schema)
+    reply, _, _ = turn(sqlite_url, Agent("a"), "who?", output_type=ranking)
+    assert reply.output == {"name": json.loads(reply.text)["name"], "age": 1}
+    with pytest.raises(OutputInvalid, match="age"):
+        parse_output(ranking, '{"name": "x", "age": -1}')
+    with pytest.raises(ConfigError, match="not a JSON schema"):
+        Agent("a", output_type=OutputSchema("Bad", {"type": 12}))
