@@ -783,3 +783,37 @@ def test_hostile_bodies_and_wrong_methods_get_clear_answers(door: Door) -> None:
     assert status == 405
     assert "POST" in headers["allow"]
     assert body["error"]["message"].startswith("method PUT")
+
+
+def test_a_background_response_cancelled_right_after_create_never_completes(
+    door: Door,
+) -> None:
+    """Cancel at once, wherever the job is — queued, claimed, its turn just started:
+    the answer is never ``in_progress`` with the turn left to run."""
+    client = door.client()
+    for i in range(3):
+        made = client.responses.create(model="slow", input=f"cancel me {i}", background=True)
+        try:
+            cancelled = client.responses.cancel(made.id)
+        except openai.ConflictError:  # "could not cancel yet": said, not pretended
+            continue
+        assert cancelled.status in ("cancelled", "incomplete"), cancelled.status
+        later = client.responses.retrieve(made.id)
+        assert later.status != "completed"
+
+
+def test_a_body_shorter_than_its_content_length_times_out_at_the_door(door: Door) -> None:
+    host, port = door.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/responses HTTP/1.1\r\nHost: door\r\n"
+            + f"Authorization: Bearer {door.keys['alice']}\r\n".encode()
+            + b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+            + b'{"model": "helper",'
+        )
+        started = time.monotonic()
+        answer = sock.recv(65536)
+        waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"did not arrive within" in answer
+    assert waited < 15

@@ -96,6 +96,9 @@ class DoorLimits:
     #: rest are counted and the count goes into the next record written, so a flood of
     #: bad keys cannot turn into a flood of audit writes.
     audit_failures_per_minute: int = 60
+    #: How long a request's body may take to arrive once its headers have: a client
+    #: that declares more than it sends gets 408 then, not a replica waiting for ever.
+    body_timeout_s: float = 5.0
 
 
 class RequestRate:
@@ -503,10 +506,21 @@ async def _json(request: Request, gateway: Gateway) -> dict[str, Any]:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, f"request body larger than {limit} bytes", code="body_too_large")
     raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > limit:
-            raise ApiError(413, f"request body larger than {limit} bytes", code="body_too_large")
+    try:
+        async with asyncio.timeout(gateway.limits.body_timeout_s):
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > limit:
+                    raise ApiError(
+                        413, f"request body larger than {limit} bytes", code="body_too_large"
+                    )
+    except TimeoutError as exc:
+        raise ApiError(
+            408,
+            f"the request body did not arrive within {gateway.limits.body_timeout_s:g} s "
+            f"({len(raw)} bytes came; the Content-Length was {declared})",
+            code="body_timeout",
+        ) from exc
     if too_deep(raw, MAX_JSON_DEPTH):  # before the parser recurses into it
         raise ApiError(
             400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json"
@@ -892,7 +906,19 @@ async def cancel_response(response_id: str, request: Request) -> Response:
     events, job = await _known_or_queued(gateway, conv, response_id)
     if events is None:  # a background response not started: its job is cancelled
         assert job is not None
-        return JSONResponse(_job_snapshot(response_id, agent, await gateway.cancel_job(job)))
+        job = await gateway.cancel_job(job)
+        if job.state != "running":  # cancelled now, or it ended before it could start
+            return JSONResponse(_job_snapshot(response_id, agent, job))
+        # A runner claimed it: its turn starts in a moment; cancel that turn instead of
+        # answering in_progress and letting it run.
+        events = await _turn_started(gateway, conv, response_id)
+        if events is None:
+            raise ApiError(
+                409,
+                f"Response {response_id[:64]} is starting and could not be cancelled yet: "
+                "try again",
+                code="cancel_conflict",
+            )
     await conv.cancel_async(response_id)
     events, ended = await conv.events_async(response_id)
     deadline = time.monotonic() + 5.0
@@ -939,6 +965,23 @@ async def _known_or_queued(
             raise ApiError(404, f"Response with id '{response_id[:64]}' not found.") from exc
         return None, job
     return list(events), job
+
+
+async def _turn_started(
+    gateway: Gateway, conv: Any, response_id: str, within_s: float = 10.0
+) -> list[Any] | None:
+    """The events of a claimed background response once its turn has started (polling
+    the store, the only thing the door shares with the runner), ``None`` when it did
+    not within ``within_s`` or its job ended first."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        events, job = await _known_or_queued(gateway, conv, response_id)
+        if events is not None:
+            return events
+        if job is None or job.state != "running":
+            return None
+        await asyncio.sleep(0.05)
+    return None
 
 
 async def _started(gateway: Gateway, conv: Any, response_id: str) -> None:
