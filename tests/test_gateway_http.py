@@ -771,6 +771,12 @@ def test_responses_take_settings_and_text_format_and_refuse_what_they_cannot_do(
     # what asks for nothing the door does not do anyway is accepted
     plain = client.responses.create(model="helper", input="hi", store=True, truncation="auto")
     assert plain.status == "completed"
+    one = [{"role": "user", "content": [{"type": "input_text", "text": "one item"}]}]
+    assert client.responses.create(model="helper", input=one).output_text == "echo #1: one item"
+    context = [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "ok"}]
+    with pytest.raises(openai.BadRequestError) as info:  # refused, not cut to its last
+        client.responses.create(model="helper", input=[*context, *one])  # type: ignore[list-item]
+    assert info.value.body["param"] == "input"  # type: ignore[index]
 
 
 def test_hostile_bodies_and_wrong_methods_get_clear_answers(door: Door) -> None:

@@ -475,8 +475,10 @@ def _metadata(value: Any) -> dict[str, str]:
 
 
 def _input_text(value: Any, max_chars: int) -> str:
-    """The user's text of a response's ``input``: a string, or the last user message of a
-    list of input items (its text parts joined)."""
+    """The user's text of a response's ``input``: a string, or a list of one input item,
+    a user message (its text parts joined). A longer list — a client sending its own
+    history as the context — is refused, not cut to its last message: the door does not
+    take a stateless context yet, and the conversation already holds its history."""
     text: Any = value
     if isinstance(value, list):
         users = [
@@ -486,6 +488,14 @@ def _input_text(value: Any, max_chars: int) -> str:
         ]
         if not users:
             raise ApiError(400, "input: no message with role 'user'", param="input")
+        if len(value) != 1:
+            raise ApiError(
+                400,
+                f"input: {len(value)} items given; the door takes one user message per "
+                "response (the conversation holds the history; a client-sent context is "
+                "not supported yet)",
+                param="input",
+            )
         content = users[-1]["content"]
         if isinstance(content, list):
             parts = [p.get("text") for p in content if isinstance(p, dict)]
