@@ -828,3 +828,71 @@ def test_a_body_shorter_than_its_content_length_times_out_at_the_door(door: Door
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"did not arrive within" in answer
     assert waited < 15
+
+
+def test_chat_completions_are_stateless_run_the_agents_tools_and_stream(door: Door) -> None:
+    """POST /v1/chat/completions with the official SDK: the request's messages are the
+    context (the offline model numbers its answer by the user messages it was sent),
+    nothing is stored, the agent's tools run on the server, and a stream ends with the
+    usage when asked."""
+    client = door.client()
+    stored = _store(door.store, lambda s: s.count())
+    messages: list[Any] = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "echo #1: first"},
+        {"role": "user", "content": "second"},
+    ]
+    done = client.chat.completions.create(model="helper", messages=messages)
+    assert done.choices[0].message.content == "echo #2: second"
+    assert done.choices[0].finish_reason == "stop"
+    assert done.usage is not None
+    assert done.usage.prompt_tokens > 0
+    chunks = list(
+        client.chat.completions.create(
+            model="helper", messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "echo #2: second"
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens > 0
+    tool = client.chat.completions.create(
+        model="helper", messages=[{"role": "user", "content": "what is 2 + 3?"}]
+    )
+    assert tool.choices[0].message.content == "add returned 5"  # run server-side
+    capped = client.chat.completions.create(
+        model="helper", messages=[{"role": "user", "content": "y" * 100}], max_tokens=4
+    )
+    assert len(capped.choices[0].message.content or "") == 16
+    shaped = client.chat.completions.create(
+        model="helper",
+        messages=[{"role": "user", "content": "a point"}],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {
+                "name": "Point",
+                "schema": {
+                    "type": "object",
+                    "properties": {"x": {"type": "integer"}, "y": {"type": "integer"}},
+                    "required": ["x", "y"],
+                },
+            },
+        },
+    )
+    assert json.loads(shaped.choices[0].message.content or "") == {"x": 1, "y": 1}
+    assert _store(door.store, lambda s: s.count()) == stored  # nothing was stored
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="helper",
+            messages=[{"role": "user", "content": "hi"}],
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )
+    assert info.value.body["param"] == "tools"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="nobody", messages=[{"role": "user", "content": "x"}])
+    assert info.value.body["code"] == "model_not_found"  # type: ignore[index]
+    with pytest.raises(openai.AuthenticationError):
+        door.client("nobody-key").chat.completions.create(
+            model="helper", messages=[{"role": "user", "content": "x"}]
+        )

@@ -625,3 +625,78 @@ def test_turn_options_map_what_they_can_and_refuse_the_rest_by_name() -> None:
         with pytest.raises(ParamError) as info:
             turn_options(body)
         assert info.value.param == param
+
+
+def test_a_chat_request_is_its_context_its_text_and_its_options() -> None:
+    from overstory.gateway.chat import chat_request
+    from overstory.gateway.wire import ParamError
+
+    chat = chat_request(
+        {
+            "model": "helper",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": [{"type": "text", "text": "and now?"}]},
+            ],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "temperature": 0.3,
+            "max_tokens": 50,
+            "stop": "END",
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "P", "schema": {"type": "object"}},
+            },
+        }
+    )
+    assert [(m.kind, m.content, m.seq) for m in chat.context] == [
+        ("user", "hi", 0),
+        ("assistant", "hello", 1),
+    ]
+    assert (chat.text, chat.system) == ("and now?", "Be brief.")
+    assert (chat.stream, chat.include_usage) == (True, True)
+    assert chat.settings == {"temperature": 0.3, "max_output_tokens": 50, "stop": ["END"]}
+    assert chat.output is not None
+    assert chat.output.name == "P"
+    for body, param in (
+        ({"messages": [{"role": "assistant", "content": "x"}]}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "tool", "content": "4", "tool_call_id": "c"}]}, "messages[0].role"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"n": 2}, "n"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "P"}}},
+            "response_format.schema",
+        ),
+        ({"functions": []}, "functions"),
+    ):
+        full = {"model": "m", "messages": [{"role": "user", "content": "q"}], **body}
+        with pytest.raises(ParamError) as info:
+            chat_request(full)
+        assert info.value.param == param
+
+
+def test_chat_chunks_end_with_usage_and_done() -> None:
+    from overstory.gateway.chat import ChatChunks, chat_completion
+    from overstory.messages import Usage
+
+    reply = Reply("hi there", "t", (), Usage(7, 3))
+    chunks = ChatChunks("chatcmpl-1", "helper", include_usage=True)
+    lines = chunks.start() + chunks.delta("hi ") + chunks.delta("there") + chunks.end(reply)
+    events = [line[len(b"data: ") :] for line in lines.split(b"\n\n") if line]
+    assert events[-1] == b"[DONE]"
+    parsed = [json.loads(e) for e in events[:-1]]
+    assert "".join(p["choices"][0]["delta"].get("content", "") for p in parsed if p["choices"]) == (
+        "hi there"
+    )
+    assert parsed[-2]["choices"][0]["finish_reason"] == "stop"
+    assert parsed[-1]["choices"] == []
+    assert parsed[-1]["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    whole = chat_completion("chatcmpl-2", "helper", reply, 1)
+    assert whole["choices"][0]["message"]["content"] == "hi there"
+    assert whole["usage"]["total_tokens"] == 10

@@ -128,10 +128,14 @@ class HostActor(Shell):
         models: list[dict[str, Any]] = (await self.serving.load()).describe()["models"]
         return models
 
-    async def app(self) -> dict[str, Any]:
-        """The app this host serves (:meth:`~overstory.app.App.describe`)."""
+    async def app(self, whole: bool = False) -> Any:
+        """The app this host serves (:meth:`~overstory.app.App.describe`); ``whole``:
+        the :class:`~overstory.app.App` itself (for a process that runs its agents
+        without a conversation: the door's stateless turns)."""
         await self._open()
         app = await self.serving.load()
+        if whole:
+            return app
         return {**app.describe(), "deployment": self.serving.deployment}
 
     def forget_splits(self) -> bool:

@@ -176,6 +176,7 @@ async def run_turn(
     model: str | None = None,
     settings: Mapping[str, Any] | None = None,
     output_type: Any = None,
+    persist: bool = True,
 ) -> Reply:
     """Run (or resume, or replay) turn ``turn_id``; ``history`` — all of it, or its most
     recent part (the entity's tail; a turn older than it is looked up in the store) — is
@@ -212,6 +213,8 @@ async def run_turn(
     the agent's. ``output_type``: this turn's structured output (else the agent's;
     :mod:`overstory.output`): the answer is asked for whole (a streamed turn gets it as
     one delta, once valid), validated, and asked for again on a mismatch.
+    ``persist=False``: a stateless turn (:mod:`.stateless`): its messages go into
+    ``history`` only, nothing is written to the store's history.
     """
     started = time.monotonic()
     outcome = "error"
@@ -233,6 +236,7 @@ async def run_turn(
                 model,
                 settings,
                 output_type,
+                persist,
             )
             set_turn_usage(span, reply.usage.input_tokens, reply.usage.output_tokens)
             if prices:
@@ -385,19 +389,21 @@ async def _run_turn(
     model_name: str | None,
     settings: Mapping[str, Any] | None,
     output_type: Any,
+    persist: bool = True,
 ) -> Reply:
     # The caller's choices are checked before anything is stored (UsageError).
     agent = agent.with_output(output_type)
     chosen = agent.choose(model_name) if model_name is not None else None
     per_turn = None if settings is None else ModelSettings.of(settings)
     turn = [m for m in history if m.turn_id == turn_id]
-    if not turn and history and history[0].seq > 0:  # ``history`` is a tail: ask the store
+    if persist and not turn and history and history[0].seq > 0:  # a tail: ask the store
         turn = await store.load_turn(conversation_id, turn_id)
     stop = should_stop or _never
 
     async def commit(message: Message) -> Message:
         stored = placed(message, seq=history[-1].seq + 1 if history else 0, turn_id=turn_id)
-        await store.append(conversation_id, stored, epoch=epoch)
+        if persist:
+            await store.append(conversation_id, stored, epoch=epoch)
         history.append(stored)
         turn.append(stored)
         return stored

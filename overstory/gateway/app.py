@@ -43,7 +43,9 @@ from ..access import (
     update_record,
     validate_metadata,
 )
+from ..app import App
 from ..audit import note
+from ..conversation.stateless import StatelessTurns
 from ..exceptions import (
     AuthenticationFailed,
     InvalidMessage,
@@ -51,15 +53,19 @@ from ..exceptions import (
     NotPermitted,
     OverstoryError,
     QuotaExceeded,
+    TurnIncomplete,
     UnknownAgent,
     UnknownConversation,
     UnknownTurn,
     UsageError,
 )
 from ..jobs import JobBook, JobRecord, new_job
+from ..messages import Reply
 from ..store import HistoryStore, open_store
 from ..store.settings import IDEMPOTENCY, READYZ
+from ..telemetry import inject
 from ..validation import validate_message, validate_user_id
+from .chat import ChatChunks, chat_completion, chat_request, new_completion_id
 from .keys import KEY_PREFIX, authenticate_key
 from .tokens import JwtSettings, authenticate_jwt
 from .wire import (
@@ -187,6 +193,20 @@ class Gateway:
         self._unaudited = 0  # failures past that rate since the last one written
         self._sweeper: asyncio.Task[None] | None = None
         self._audited: dict[str, float] = {}  # key -> when its success was last audited
+        self._stateless: StatelessTurns | None = None
+
+    def stateless(self) -> StatelessTurns:
+        """This replica's stateless turns (Chat Completions), made on first use."""
+        if self._stateless is None:
+            config = self.runtime.config
+            registry = self.runtime.registry
+
+            async def fetch_app() -> App:
+                app: App = await asyncio.to_thread(registry.served_app)
+                return app
+
+            self._stateless = StatelessTurns(config.namespace, config, fetch_app)
+        return self._stateless
 
     async def store(self) -> HistoryStore:
         async with self._opening:
@@ -783,6 +803,86 @@ async def list_items(conversation_id: str, request: Request) -> Response:
     except UsageError as exc:
         raise ApiError(400, str(exc), param="after") from exc
     return JSONResponse(listed)
+
+
+# --- chat completions (stateless) -------------------------------------------------------------
+
+
+@app.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    """OpenAI's Chat Completions: the request's ``messages`` are the context and nothing
+    is stored (:mod:`overstory.conversation.stateless`); ``model`` is an agent (or
+    ``agent/version``)."""
+    gateway = _gateway(request)
+    principal = await gateway.principal(request)
+    body = await _json(request, gateway)
+    name, version = await gateway.agent_of(body.get("model"))
+    model = name if version is None else f"{name}/{version}"
+    try:
+        chat = chat_request(body)
+        text = validate_message(
+            chat.text, max_chars=gateway.runtime.config.limits.max_message_chars
+        )
+    except ParamError as exc:
+        raise ApiError(400, str(exc), param=exc.param) from exc
+    except InvalidMessage as exc:
+        raise ApiError(400, f"messages: {exc}", param="messages") from exc
+    turns = gateway.stateless()
+    agent = await turns.agent(name, version)
+    completion_id = new_completion_id()
+    options: dict[str, Any] = {
+        "system": chat.system,
+        "settings": chat.settings,
+        "output_type": chat.output,
+        "carrier": inject(),
+    }
+    if not chat.stream:
+        reply = await turns.run(principal.user, agent, chat.context, text, **options)
+        return JSONResponse(chat_completion(completion_id, model, reply, int(time.time())))
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+    stopped = False
+
+    def emit(type: str, /, **fields: Any) -> None:
+        if type == "delta":
+            queue.put_nowait(fields["text"])
+
+    task = asyncio.create_task(
+        turns.run(
+            principal.user,
+            agent,
+            chat.context,
+            text,
+            emit=emit,  # type: ignore[arg-type]
+            should_stop=lambda: stopped,
+            **options,
+        )
+    )
+    task.add_done_callback(lambda _: queue.put_nowait(None))
+    first = await queue.get()  # what fails before the first delta is an HTTP error
+    if first is None:
+        reply = task.result()  # raises the turn's error (the handlers answer it)
+    chunks = ChatChunks(completion_id, model, chat.include_usage)
+
+    async def body_of() -> AsyncIterator[bytes]:
+        nonlocal stopped
+        try:
+            yield chunks.start()
+            item = first
+            while item is not None:
+                yield chunks.delta(item)
+                item = await queue.get()
+            exc = task.exception()
+            if exc is None:
+                yield chunks.end(task.result())
+            elif isinstance(exc, TurnIncomplete) and isinstance(exc.reply, Reply):
+                yield chunks.end(exc.reply)  # cut short: what was shown, finish "length"
+            else:
+                yield ChatChunks.error(str(exc)[:300]) + b"data: [DONE]\n\n"
+        finally:
+            if not task.done():  # the client went away: the turn stops at a safe point
+                stopped = True
+
+    return _sse(body_of())
 
 
 # --- responses ------------------------------------------------------------------------------

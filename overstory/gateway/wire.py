@@ -150,10 +150,10 @@ def turn_options(body: dict[str, Any]) -> TurnOptions:
             except UsageError as exc:
                 raise ParamError(key, str(exc)) from exc
             settings[key] = body[key]
-    return TurnOptions(settings or None, _text_format(body.get("text")))
+    return TurnOptions(settings or None, text_format(body.get("text")))
 
 
-def _text_format(text: Any) -> OutputSchema | None:
+def text_format(text: Any) -> OutputSchema | None:
     """``text.format`` as an output schema: ``text`` none, ``json_object`` any JSON
     object, ``json_schema`` its schema (by its name)."""
     if text is None:

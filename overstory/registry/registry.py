@@ -60,9 +60,12 @@ class _Placed(ABC):
     def child(self, registry: Registry) -> ChildSpec: ...
 
     @abstractmethod
-    def app_sources(self, registry: Registry) -> list[tuple[str, Callable[[], Any]]]:
+    def app_sources(
+        self, registry: Registry, whole: bool = False
+    ) -> list[tuple[str, Callable[[], Any]]]:
         """``(actor name, ask)`` pairs whose ``ask()`` gives an ``ObjectRef`` of the app
-        the tree serves, in the order to ask them."""
+        the tree serves (its description; ``whole``: the app itself), in the order to
+        ask them."""
 
     @abstractmethod
     def passivate(self, registry: Registry, user_id: str, reason: str) -> bool: ...
@@ -92,10 +95,13 @@ class _Hosted(_Placed):
     def child(self, registry: Registry) -> ChildSpec:
         return hosts_child(registry.namespace, registry.app, registry.config)
 
-    def app_sources(self, registry: Registry) -> list[tuple[str, Callable[[], Any]]]:
+    def app_sources(
+        self, registry: Registry, whole: bool = False
+    ) -> list[tuple[str, Callable[[], Any]]]:
         route = registry.hosts.route_host
         return [
-            (n, partial(lambda n: route(n).app.remote(), n)) for n in registry.hosts.table.hosts
+            (n, partial(lambda n: route(n).app.remote(whole), n))
+            for n in registry.hosts.table.hosts
         ]
 
     def passivate(self, registry: Registry, user_id: str, reason: str) -> bool:
@@ -161,8 +167,10 @@ class _Dedicated(_Placed):
         )
         return ChildSpec("conversations", start=start, restart="permanent")
 
-    def app_sources(self, registry: Registry) -> list[tuple[str, Callable[[], Any]]]:
-        return [(CONVERSATIONS, lambda: registry.supervisor().app_info.remote())]
+    def app_sources(
+        self, registry: Registry, whole: bool = False
+    ) -> list[tuple[str, Callable[[], Any]]]:
+        return [(CONVERSATIONS, lambda: registry.supervisor().app_info.remote(whole))]
 
     def passivate(self, registry: Registry, user_id: str, reason: str) -> bool:
         return bool(ray.get(registry.supervisor().passivate.remote(user_id, reason)))
@@ -272,30 +280,34 @@ class Registry:
         the first host that answers (hosted: one may be restarting) or of the
         conversation supervisor (dedicated), then cached."""
         if self._served is None or refresh:
-            self.boot()
-            last: BaseException | None = None
-            for name, ask in self.placed.app_sources(self):
-                try:
-                    ref = ask()
-                    described: dict[str, Any] = ray.get(
-                        ref, timeout=self.config.conversations.activation_timeout_s
-                    )
-                except RayTaskError as exc:  # it answered: the app cannot be served
-                    cause = unwrap_task_error(exc)
-                    raise cause from cause.__cause__
-                except (RayActorError, GetTimeoutError, ConversationUnavailable) as exc:
-                    last = exc
-                    self.hosts.forget(name)
-                    continue
-                self._served = described
-                break
-            else:
-                raise ConversationUnavailable(
-                    f"cannot ask the tree of {self.namespace!r} which app it serves: "
-                    f"none answered (last: {type(last).__name__}: {last})"
-                )
+            self._served = self._ask_app(whole=False)
         assert self._served is not None
         return self._served
+
+    def served_app(self) -> App:
+        """The :class:`~overstory.app.App` the running tree serves (its agents, tools
+        and all), asked as :meth:`served` is: for a process that runs its agents without
+        a conversation (the door's stateless turns). Not cached: ask again after a
+        deployment."""
+        app: App = self._ask_app(whole=True)
+        return app
+
+    def _ask_app(self, whole: bool) -> Any:
+        self.boot()
+        last: BaseException | None = None
+        for name, ask in self.placed.app_sources(self, whole):
+            try:
+                return ray.get(ask(), timeout=self.config.conversations.activation_timeout_s)
+            except RayTaskError as exc:  # it answered: the app cannot be served
+                cause = unwrap_task_error(exc)
+                raise cause from cause.__cause__
+            except (RayActorError, GetTimeoutError, ConversationUnavailable) as exc:
+                last = exc
+                self.hosts.forget(name)
+        raise ConversationUnavailable(
+            f"cannot ask the tree of {self.namespace!r} which app it serves: "
+            f"none answered (last: {type(last).__name__}: {last})"
+        )
 
     def agent_name(self, agent: str | None) -> str:
         """``agent`` if the tree serves it (default: the app's first), else

@@ -35,7 +35,7 @@ from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 from .._ray import actor_id, alive_nodes_async, get_actor_async, named_actors_async
 from ..actors.conversation import ConversationActor
 from ..actors.names import NAME_PREFIX, actor_name
-from ..app import App
+from ..app import App, load_app
 from ..config import Config
 from ..conversation.serving import Binding
 from ..exceptions import ConfigError, OverstoryError, Passivated, UnknownAgent
@@ -132,9 +132,15 @@ class ConversationSupervisor:
             "incarnation": self.incarnation,
         }
 
-    async def app_info(self) -> dict[str, Any]:
+    async def app_info(self, whole: bool = False) -> Any:
         """The app the conversations serve (:meth:`~overstory.app.App.describe`), read
-        once from the deployment record (or the local app) and again on redeploy."""
+        once from the deployment record (or the local app) and again on redeploy;
+        ``whole``: the :class:`~overstory.app.App` itself."""
+        if whole:
+            await self.app_info()
+            if self._deployment is not None:
+                return load_app(self._deployment.source)
+            return self.app
         if self._described is None:
             if not self._store_open:
                 await self._store.open()
