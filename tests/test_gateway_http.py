@@ -896,3 +896,23 @@ def test_chat_completions_are_stateless_run_the_agents_tools_and_stream(door: Do
         door.client("nobody-key").chat.completions.create(
             model="helper", messages=[{"role": "user", "content": "x"}]
         )
+
+
+def test_langchain_chat_completions_mode_invokes_and_streams(door: Door) -> None:
+    """LangChain's ``ChatOpenAI(use_responses_api=False)`` — its default mode, which
+    failed with a 404 before the door had /v1/chat/completions."""
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        model="helper",
+        base_url=f"{door.url}/v1",
+        api_key=door.keys["alice"],  # type: ignore[arg-type]
+        use_responses_api=False,
+        max_retries=0,
+    )
+    answer = llm.invoke(
+        [("system", "be brief"), ("human", "first"), ("ai", "echo #1: first"), ("human", "second")]
+    )
+    assert answer.content == "echo #2: second"
+    streamed = "".join(str(chunk.content) for chunk in llm.stream("hello there"))
+    assert streamed == "echo #1: hello there"
