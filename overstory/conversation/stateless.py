@@ -62,6 +62,7 @@ class StatelessTurns:
         self._generation = -1
         self._checked = 0.0
         self._lock = asyncio.Lock()
+        self._closing: set[asyncio.Task[None]] = set()  # replaced stores, closed later
 
     async def services(self) -> Services:
         """The services, with the app the tree serves now."""
@@ -84,9 +85,15 @@ class StatelessTurns:
                 )
             await made.serving.load()
             self._services, self._generation = made, 0 if record is None else record.generation
-            if current is not None:
-                await current.store.close()
+            if current is not None:  # turns still running on it finish first
+                task = asyncio.create_task(self._close_later(current))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
             return made
+
+    async def _close_later(self, old: Services) -> None:
+        await asyncio.sleep(self.config.conversations.turn_timeout_s)
+        await old.store.close()
 
     async def agent(self, name: str, version: str | None) -> Agent:
         """Agent ``name`` at ``version`` (else the rollout's choice for a new

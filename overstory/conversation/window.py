@@ -100,7 +100,7 @@ class Memory:
         self.summary: Summary | None = None
         self._loaded = False
         self.compacting = False
-        self.cap: int | None = None  # a turn's prompt cap after an overflow (one retry)
+        self.cap: int | None = None  # the prompt cap after an overflow, for this turn
 
     async def _summary(self, store: HistoryStore, conversation_id: str) -> Summary | None:
         if not self._loaded:
