@@ -70,7 +70,9 @@ def test_idle_conversations_passivate_and_come_back_transparently(rt: Runtime) -
     conv = rt.conversation("idle-ida")
     conv.send("before the nap")
     wait_for_condition(lambda: actor_name(cid("idle-ida")) not in _live_names(ns), timeout=15)
-    assert rt.status()["passivations"] > before
+    # The supervisor frees the name (ray.kill) before it counts the passivation: it waits
+    # for the child's watcher first (up to 10 s), so the count may come a moment later.
+    wait_for_condition(lambda: rt.status()["passivations"] > before, timeout=15)
     assert cid("idle-ida") not in [
         c["user_id"] for c in ray.get(rt.registry.supervisor().children.remote())
     ]

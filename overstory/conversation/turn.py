@@ -205,8 +205,9 @@ async def run_turn(
 
     ``memory``: the conversation's context state (:class:`~.window.Memory`): each call
     sends what ``agent.context`` fits into the model's window; a prompt the provider
-    still refuses as too long is fitted to the window its error names and sent again,
-    once (``None``: a fresh one, compacting inline). ``model``: the name of one of the
+    still refuses as too long is fitted to the window its error names and sent again
+    once, or halved up to :data:`MAX_SHRINKS` times when it names none (``None``: a
+    fresh one, compacting inline). ``model``: the name of one of the
     agent's ``models`` the caller chose for this turn — an unknown one is refused before
     anything is stored — else ``agent.route`` chooses, else the agent's own model.
     ``settings``: this turn's :class:`~overstory.providers.ModelSettings` fields, over
