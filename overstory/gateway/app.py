@@ -22,7 +22,7 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -46,6 +46,7 @@ from ..access import (
 from ..app import App
 from ..audit import note
 from ..conversation.stateless import StatelessTurns
+from ..conversation.turnlog import TurnLog
 from ..exceptions import (
     AuthenticationFailed,
     InvalidMessage,
@@ -53,14 +54,15 @@ from ..exceptions import (
     NotPermitted,
     OverstoryError,
     QuotaExceeded,
+    TurnFailed,
     TurnIncomplete,
     UnknownAgent,
     UnknownConversation,
     UnknownTurn,
     UsageError,
 )
-from ..jobs import JobBook, JobRecord, new_job
-from ..messages import Reply
+from ..jobs import JobBook, JobRecord, is_permanent, new_job
+from ..messages import Reply, TurnEvent
 from ..store import HistoryStore, open_store
 from ..store.settings import IDEMPOTENCY, READYZ
 from ..telemetry import inject
@@ -839,50 +841,81 @@ async def chat_completions(request: Request) -> Response:
     if not chat.stream:
         reply = await turns.run(principal.user, agent, chat.context, text, **options)
         return JSONResponse(chat_completion(completion_id, model, reply, int(time.time())))
-    queue: asyncio.Queue[str | None] = asyncio.Queue()
-    stopped = False
-
-    def emit(type: str, /, **fields: Any) -> None:
-        if type == "delta":
-            queue.put_nowait(fields["text"])
-
-    task = asyncio.create_task(
-        turns.run(
-            principal.user,
-            agent,
-            chat.context,
-            text,
-            emit=emit,  # type: ignore[arg-type]
-            should_stop=lambda: stopped,
-            **options,
-        )
+    run = _StatelessRun(
+        lambda emit, stop: turns.run(
+            principal.user, agent, chat.context, text, emit=emit, should_stop=stop, **options
+        ),
+        completion_id,
+        gateway.runtime.config.conversations.turn_timeout_s,
     )
-    task.add_done_callback(lambda _: queue.put_nowait(None))
-    first = await queue.get()  # what fails before the first delta is an HTTP error
-    if first is None:
-        reply = task.result()  # raises the turn's error (the handlers answer it)
+    await run.primed()  # what fails before the first delta is an HTTP error
     chunks = ChatChunks(completion_id, model, chat.include_usage)
 
     async def body_of() -> AsyncIterator[bytes]:
-        nonlocal stopped
-        try:
-            yield chunks.start()
-            item = first
-            while item is not None:
-                yield chunks.delta(item)
-                item = await queue.get()
-            exc = task.exception()
-            if exc is None:
-                yield chunks.end(task.result())
-            elif isinstance(exc, TurnIncomplete) and isinstance(exc.reply, Reply):
-                yield chunks.end(exc.reply)  # cut short: what was shown, finish "length"
-            else:
-                yield ChatChunks.error(str(exc)[:300]) + b"data: [DONE]\n\n"
-        finally:
-            if not task.done():  # the client went away: the turn stops at a safe point
-                stopped = True
+        yield chunks.start()
+        async for event in run.events():
+            if event.type == "delta":
+                yield chunks.delta(event.text)
+            elif event.type in ("completed", "incomplete") and isinstance(event.reply, Reply):
+                yield chunks.end(event.reply)  # cut short: what was shown, finish "length"
+            elif event.type == "failed":
+                yield ChatChunks.error(event.text[:300]) + b"data: [DONE]\n\n"
 
     return _sse(body_of())
+
+
+class _StatelessRun:
+    """A stateless turn running in this replica (:mod:`overstory.conversation.stateless`),
+    its events in a :class:`~overstory.conversation.turnlog.TurnLog` as a conversation's
+    streamed turn has them: what both APIs' readers translate."""
+
+    def __init__(
+        self,
+        run: Callable[[Any, Callable[[], bool]], Coroutine[Any, Any, Reply]],
+        turn_id: str,
+        timeout_s: float,
+    ) -> None:
+        self.log = TurnLog(turn_id)
+        self.log.emit("started")
+        self.timeout_s = timeout_s
+        self.task = asyncio.create_task(run(self.log.emit, lambda: self.log.cancelled))
+        self.task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[Reply]) -> None:
+        if task.cancelled():
+            self.log.emit("failed", text="cancelled")
+            return
+        exc = task.exception()
+        if exc is None:
+            self.log.emit("completed", reply=task.result())
+        elif isinstance(exc, TurnIncomplete):
+            self.log.emit("incomplete", text=exc.reason, reply=exc.reply)
+        else:
+            self.log.emit("failed", text=str(exc)[:500], retryable=not is_permanent(exc))
+
+    async def primed(self) -> None:
+        """Wait for its first news; a turn that could not start (quota, bad input)
+        raises here, where the request can still be answered with an error status."""
+        while not await self.log.wait_after(0, self.timeout_s) and not self.log.finished:
+            pass
+        exc = self.task.exception() if self.task.done() else None
+        if exc is not None and not isinstance(exc, TurnFailed):
+            raise exc
+
+    async def events(self) -> AsyncIterator[TurnEvent]:
+        """Its events as they come, until the last; a reader that stops early asks the
+        turn to stop at its next safe point."""
+        after = -1
+        try:
+            while True:
+                for event in await self.log.wait_after(after, self.timeout_s):
+                    yield event
+                    after = event.seq
+                if self.log.finished and after >= self.log.last_seq:
+                    return
+        finally:
+            if not self.task.done():
+                self.log.cancelled = True
 
 
 # --- responses ------------------------------------------------------------------------------
