@@ -916,3 +916,43 @@ def test_langchain_chat_completions_mode_invokes_and_streams(door: Door) -> None
     assert answer.content == "echo #2: second"
     streamed = "".join(str(chunk.content) for chunk in llm.stream("hello there"))
     assert streamed == "echo #1: hello there"
+
+
+def test_a_store_false_response_is_stateless_its_input_the_context(door: Door) -> None:
+    """``store=false``: the input items are the context (the offline model numbers its
+    answer by the user messages sent), nothing is stored, and the response is in no
+    conversation, so it cannot be retrieved later (404, as OpenAI answers)."""
+    client = door.client()
+    stored = _store(door.store, lambda s: s.count())
+    owned = len(client.get("/conversations", cast_to=object)["data"])  # type: ignore[index]
+    context: list[Any] = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "echo #1: first"}]},
+        {"role": "user", "content": [{"type": "input_text", "text": "second"}]},
+    ]
+    done = client.responses.create(model="helper", input=context, store=False)
+    assert done.status == "completed"
+    assert done.output_text == "echo #2: second"
+    assert done.store is False
+    assert done.conversation is None
+    streamed = client.responses.create(model="helper", input="just this", store=False, stream=True)
+    kinds = [event.type for event in streamed]
+    assert kinds[0] == "response.created"
+    assert kinds[-1] == "response.completed"
+    assert "response.output_text.delta" in kinds
+    tool = client.responses.create(model="helper", input="what is 2 + 3?", store=False)
+    assert tool.output_text == "add returned 5"
+    assert _store(door.store, lambda s: s.count()) == stored  # nothing stored
+    assert len(client.get("/conversations", cast_to=object)["data"]) == owned  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(done.id)
+    calls: list[Any] = [{"type": "function_call_output", "call_id": "c1", "output": "4"}]
+    for extra, param in (
+        ({"input": calls}, "input[0].type"),
+        ({"input": [{"role": "assistant", "content": "hi"}]}, "input"),
+        ({"background": True, "input": "x"}, "background"),
+    ):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.create(model="helper", store=False, **extra)
+        assert info.value.body["param"] == param  # type: ignore[index]

@@ -614,7 +614,7 @@ def test_turn_options_map_what_they_can_and_refuse_the_rest_by_name() -> None:
     assert turn_options({"text": {"format": {"type": "text"}}}).output is None
     for body, param in (
         ({"tools": [{"type": "function", "name": "f"}]}, "tools"),
-        ({"store": False}, "store"),
+        ({"store": "no"}, "store"),
         ({"truncation": "disabled"}, "truncation"),
         ({"parallel_tool_calls": 1}, "parallel_tool_calls"),
         ({"max_output_tokens": 0}, "max_output_tokens"),

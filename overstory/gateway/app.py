@@ -67,7 +67,13 @@ from ..store import HistoryStore, open_store
 from ..store.settings import IDEMPOTENCY, READYZ
 from ..telemetry import inject
 from ..validation import validate_message, validate_user_id
-from .chat import ChatChunks, chat_completion, chat_request, new_completion_id
+from .chat import (
+    ChatChunks,
+    chat_completion,
+    chat_request,
+    new_completion_id,
+    responses_context,
+)
 from .keys import KEY_PREFIX, authenticate_key
 from .tokens import JwtSettings, authenticate_jwt
 from .wire import (
@@ -928,7 +934,6 @@ async def create_response(request: Request) -> Response:
     body = await _json(request, gateway)
     agent, version = await gateway.agent_of(body.get("model"))
     model = agent if version is None else f"{agent}/{version}"
-    text = _input_text(body.get("input"), gateway.runtime.config.limits.max_message_chars)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "stream: a boolean", param="stream")
@@ -953,6 +958,9 @@ async def create_response(request: Request) -> Response:
             "GET /v1/responses/{id}?stream=true",
             param="stream",
         )
+    if body.get("store") is False:  # stateless: the input is the context, nothing stored
+        return await _stateless_response(request, gateway, principal, body, agent, version)
+    text = _input_text(body.get("input"), gateway.runtime.config.limits.max_message_chars)
     target = body.get("conversation")
     if isinstance(target, dict):
         target = target.get("id")
@@ -992,6 +1000,66 @@ async def create_response(request: Request) -> Response:
         return _sse(_translated(ResponseStream(response_id, model), events, -1))
     reader = ResponseStream(response_id, model)
     async for event in events:
+        reader.feed(event)
+    return JSONResponse(reader.snapshot())
+
+
+async def _stateless_response(
+    request: Request,
+    gateway: Gateway,
+    principal: Principal,
+    body: dict[str, Any],
+    agent_name: str,
+    version: str | None,
+) -> Response:
+    """``store=false``: the response runs as a stateless turn (as a Chat Completion
+    does) on ``input`` as its context; nothing is stored, so it cannot be retrieved,
+    continued, cancelled or resumed later (404, as OpenAI answers for one it did not
+    store)."""
+    for param, refused in (
+        ("conversation", body.get("conversation") is not None),
+        ("background", body.get("background") is True),
+    ):
+        if refused:
+            raise ApiError(400, f"{param}: not with store=false (it would be stored)", param=param)
+    if request.headers.get("idempotency-key"):
+        raise ApiError(
+            400, "Idempotency-Key: not with store=false (its claim would be stored)", param="store"
+        )
+    try:
+        context, raw, system = responses_context(body.get("input"))
+        text = validate_message(raw, max_chars=gateway.runtime.config.limits.max_message_chars)
+        options = turn_options(body)
+    except ParamError as exc:
+        raise ApiError(400, str(exc), param=exc.param) from exc
+    except InvalidMessage as exc:
+        raise ApiError(400, f"input: {exc}", param="input") from exc
+    turns = gateway.stateless()
+    agent = await turns.agent(agent_name, version)
+    model = agent_name if version is None else f"{agent_name}/{version}"
+    response_id = new_response_id(new_conversation_id())  # a conversation never made
+    run = _StatelessRun(
+        lambda emit, stop: turns.run(
+            principal.user,
+            agent,
+            context,
+            text,
+            system=system,
+            emit=emit,
+            should_stop=stop,
+            settings=options.settings,
+            output_type=options.output,
+            carrier=inject(),
+        ),
+        response_id,
+        gateway.runtime.config.conversations.turn_timeout_s,
+    )
+    await run.primed()
+    if body.get("stream", False):
+        stream = ResponseStream(response_id, model, store=False)
+        return _sse(_translated(stream, run.events(), -1))
+    reader = ResponseStream(response_id, model, store=False)
+    async for event in run.events():
         reader.feed(event)
     return JSONResponse(reader.snapshot())
 

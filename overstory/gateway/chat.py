@@ -1,5 +1,6 @@
 """OpenAI's Chat Completions shapes (pure): a request's context and options, and the
-``chat.completion`` object and stream chunks built from a stateless turn.
+``chat.completion`` object and stream chunks built from a stateless turn; and the
+context of a stateless Responses request (``store=false``), read the same way.
 
 A Chat Completions request carries its whole conversation, and nothing is stored
 (:mod:`overstory.conversation.stateless`):
@@ -28,7 +29,7 @@ from ..providers.base import ModelSettings
 from ..providers.schema import OutputSchema
 from .wire import ParamError, text_format
 
-__all__ = ["ChatChunks", "ChatRequest", "chat_completion", "chat_request"]
+__all__ = ["ChatChunks", "ChatRequest", "chat_completion", "chat_request", "responses_context"]
 
 _TAKEN = frozenset(
     {
@@ -140,12 +141,44 @@ def _messages(messages: Any) -> tuple[list[Message], str, str]:
     return context, last.content, "\n\n".join(system)
 
 
+def responses_context(items: Any) -> tuple[list[Message], str, str]:
+    """A stateless Responses request's ``input`` (``store=false``): a string (the user's
+    text, no context) or a list of message items (any role; content a string or
+    ``input_text`` / ``output_text`` parts) whose last is the user's — as for Chat
+    Completions, ``(context, text, system)``. ``function_call`` items and their
+    outputs are refused by name: client-side tools are not supported yet."""
+    if isinstance(items, str):
+        return [], items, ""
+    if not isinstance(items, list) or not items:
+        raise ParamError("input", "a string or a non-empty list of items")
+    messages = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise ParamError(f"input[{i}]", "an item object")
+        kind = item.get("type", "message")
+        if kind != "message":
+            raise ParamError(
+                f"input[{i}].type", f"{kind!r:.40} items are not supported by this door yet"
+            )
+        messages.append({"role": item.get("role"), "content": item.get("content")})
+    try:
+        return _messages(messages)
+    except ParamError as exc:
+        raise ParamError(
+            exc.param.replace("messages", "input"), str(exc).replace("messages", "input")
+        ) from exc
+
+
 def _content(content: Any, where: str) -> str:
     """A message's text: a string, or text parts joined."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        texts = [
+            p.get("text")
+            for p in content
+            if isinstance(p, dict) and p.get("type") in ("text", "input_text", "output_text")
+        ]
         if len(texts) == len(content) and all(isinstance(t, str) for t in texts):
             return "\n".join(texts)  # type: ignore[arg-type]
         raise ParamError(f"{where}.content", "only text parts are supported by this door")

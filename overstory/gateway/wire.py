@@ -115,7 +115,7 @@ _DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
     "tool_choice": (None, "auto"),
     "top_p": (None, 1, 1.0),
     "truncation": (None, "auto"),  # the context is always fitted to the model's window
-    "store": (None, True),
+    "store": (None, True, False),  # false: a stateless response (the door runs it so)
     "parallel_tool_calls": (None, True),
     "metadata": (None, {}),
     "include": (None, []),
@@ -218,8 +218,9 @@ class ResponseStream:
     ``completed``, ``incomplete``, ``cancelled`` or ``failed``.
     """
 
-    def __init__(self, response_id: str, model: str) -> None:
+    def __init__(self, response_id: str, model: str, *, store: bool = True) -> None:
         self.id = response_id
+        self.store = store  # False: a stateless response, in no conversation
         self.conversation = conversation_of(response_id)
         self.model = model
         self.created_at = int(response_id[-16:-8], 16)
@@ -243,7 +244,8 @@ class ResponseStream:
             "status": self.status,
             "model": self.model,
             "output": [dict(item) for item in self.output],
-            "conversation": {"id": self.conversation},
+            "conversation": {"id": self.conversation} if self.store else None,
+            "store": self.store,
             "usage": self.usage,
             "error": self.error,
             "incomplete_details": incomplete,
