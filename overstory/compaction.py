@@ -44,8 +44,8 @@ from .providers.windows import (
     parse_window,
 )
 from .store import HistoryStore
-from .store.crypto import DataKeys, is_sealed, key_id_of, register_resealer
-from .store.settings import SUMMARY, Backoff, SettingContended, update
+from .store.crypto import DataKeys, is_sealed, key_id_of, register_resealer, reseal_settings
+from .store.settings import SUMMARY, update
 
 __all__ = [
     "SUMMARY_INSTRUCTIONS",
@@ -318,27 +318,15 @@ def summary_now(upto: int, text: str, model: str) -> Summary:
 
 async def reseal_summaries(store: HistoryStore, keys: DataKeys, batch: int) -> dict[str, int]:
     """Seal every summary under the primary data key (``keys rotate-data``)."""
-    counts = {"examined": 0, "resealed": 0, "skipped": 0}
     prefix = SUMMARY.prefix()
-    after = ""
-    while page := await store.settings(prefix, after=after, limit=batch):
-        for key, _raw in page:
-            counts["examined"] += 1
-            cid = key[len(prefix) :]
 
-            def resealed(raw: str | None, cid: str = cid) -> str | None:
-                if raw is None or key_id_of(json.loads(raw)["text"]) == keys.primary:
-                    return None
-                return encode(decode(raw, cid, keys), cid, keys)
+    def resealed(key: str, raw: str | None) -> str | None:
+        if raw is None or key_id_of(json.loads(raw)["text"]) == keys.primary:
+            return None
+        cid = key[len(prefix) :]
+        return encode(decode(raw, cid, keys), cid, keys)
 
-            try:
-                done = await update(store, key, resealed, backoff=Backoff(attempts=8))
-            except SettingContended:
-                counts["skipped"] += 1
-                continue
-            counts["resealed"] += done.changed
-        after = page[-1][0]
-    return counts
+    return await reseal_settings(store, prefix, batch, resealed)
 
 
 register_resealer("summaries", reseal_summaries)

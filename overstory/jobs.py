@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from .config import JobSettings
 from .exceptions import ConfigError, DataKeyError, UnknownJob, UsageError
 from .store.base import HistoryStore
-from .store.crypto import DataKeys, is_sealed, key_id_of, register_resealer
+from .store.crypto import DataKeys, is_sealed, key_id_of, register_resealer, reseal_settings
 from .store.settings import (
     CONFLICT,
     JOB,
@@ -50,9 +50,7 @@ from .store.settings import (
     JOB_TURN,
     Backoff,
     Conflict,
-    SettingContended,
     contend,
-    update,
 )
 
 __all__ = [
@@ -579,30 +577,18 @@ async def reseal_jobs(store: HistoryStore, keys: DataKeys, batch: int) -> dict[s
     """Seal every job record's text and reply under the primary data key (plain ones,
     and those under an older key), each by compare-and-set, again if a runner changed
     the record meanwhile: for ``keys rotate-data`` (registered with the store's crypto)."""
-    counts = {"examined": 0, "resealed": 0, "skipped": 0}
-    after = ""
-    while page := await store.settings(_JOBS_PREFIX, after=after, limit=batch):
-        for key, _raw in page:
-            counts["examined"] += 1
-            book = JobBook(store, key[len(_JOBS_PREFIX) :].partition(":")[0])
 
-            def resealed(raw: str | None, book: JobBook = book) -> str | None:
-                if raw is None:
-                    return None  # swept meanwhile
-                record = json.loads(raw)
-                fields = [record["text"]] + ([record["reply"]] if record["reply"] else [])
-                if all(key_id_of(f) == keys.primary for f in fields):
-                    return None
-                return book.encode(book.decode(raw))
+    def resealed(key: str, raw: str | None) -> str | None:
+        if raw is None:
+            return None  # swept meanwhile
+        record = json.loads(raw)
+        fields = [record["text"]] + ([record["reply"]] if record["reply"] else [])
+        if all(key_id_of(f) == keys.primary for f in fields):
+            return None
+        book = JobBook(store, key[len(_JOBS_PREFIX) :].partition(":")[0])
+        return book.encode(book.decode(raw))
 
-            try:
-                done = await update(store, key, resealed, backoff=Backoff(attempts=8))
-            except SettingContended:
-                counts["skipped"] += 1
-                continue
-            counts["resealed"] += done.changed
-        after = page[-1][0]
-    return counts
+    return await reseal_settings(store, _JOBS_PREFIX, batch, resealed)
 
 
 register_resealer("jobs", reseal_jobs)

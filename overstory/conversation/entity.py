@@ -247,6 +247,8 @@ class Entity:
         reserving its first call: the input its context policy will send (not all the
         history) and the most its answer may take."""
         services = self.shell.services
+        if not (await services.quotas.quota(user)).limited:
+            return None  # no limit applies: nothing below is needed (the quota is cached)
         agent = services.serving.app.get(self.binding.agent)
         settings = None if request.settings is None else ModelSettings.of(request.settings)
         try:

@@ -22,7 +22,7 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -43,6 +43,7 @@ from ..access import (
     update_record,
     validate_metadata,
 )
+from ..agent import Agent
 from ..app import App
 from ..audit import note
 from ..conversation.stateless import StatelessTurns
@@ -62,7 +63,7 @@ from ..exceptions import (
     UsageError,
 )
 from ..jobs import JobBook, JobRecord, is_permanent, new_job
-from ..messages import Reply, TurnEvent
+from ..messages import Message, Reply, TurnEvent
 from ..store import HistoryStore, open_store
 from ..store.settings import IDEMPOTENCY, READYZ
 from ..telemetry import inject
@@ -848,11 +849,14 @@ async def chat_completions(request: Request) -> Response:
         reply = await turns.run(principal.user, agent, chat.context, text, **options)
         return JSONResponse(chat_completion(completion_id, model, reply, int(time.time())))
     run = _StatelessRun(
-        lambda emit, stop: turns.run(
-            principal.user, agent, chat.context, text, emit=emit, should_stop=stop, **options
-        ),
+        turns,
+        principal.user,
+        agent,
+        chat.context,
+        text,
         completion_id,
         gateway.runtime.config.conversations.turn_timeout_s,
+        options,
     )
     await run.primed()  # what fails before the first delta is an HTTP error
     chunks = ChatChunks(completion_id, model, chat.include_usage)
@@ -877,15 +881,29 @@ class _StatelessRun:
 
     def __init__(
         self,
-        run: Callable[[Any, Callable[[], bool]], Coroutine[Any, Any, Reply]],
+        turns: StatelessTurns,
+        user: str,
+        agent: Agent,
+        context: Sequence[Message],
+        text: str,
         turn_id: str,
         timeout_s: float,
+        options: dict[str, Any],
     ) -> None:
+        """Start ``user``'s turn of ``agent`` on ``text`` after ``context``
+        (:meth:`~overstory.conversation.stateless.StatelessTurns.run`, its keyword
+        ``options``), its events logged under ``turn_id``."""
         self.log = TurnLog(turn_id)
         self.log.emit("started")
         self.timeout_s = timeout_s
-        self.task = asyncio.create_task(run(self.log.emit, lambda: self.log.cancelled))
+        run = turns.run(
+            user, agent, context, text, emit=self.log.emit, should_stop=self._stopping, **options
+        )
+        self.task = asyncio.create_task(run)
         self.task.add_done_callback(self._ended)
+
+    def _stopping(self) -> bool:
+        return self.log.cancelled
 
     def _ended(self, task: asyncio.Task[Reply]) -> None:
         if task.cancelled():
@@ -1039,20 +1057,19 @@ async def _stateless_response(
     model = agent_name if version is None else f"{agent_name}/{version}"
     response_id = new_response_id(new_conversation_id())  # a conversation never made
     run = _StatelessRun(
-        lambda emit, stop: turns.run(
-            principal.user,
-            agent,
-            context,
-            text,
-            system=system,
-            emit=emit,
-            should_stop=stop,
-            settings=options.settings,
-            output_type=options.output,
-            carrier=inject(),
-        ),
+        turns,
+        principal.user,
+        agent,
+        context,
+        text,
         response_id,
         gateway.runtime.config.conversations.turn_timeout_s,
+        {
+            "system": system,
+            "settings": options.settings,
+            "output_type": options.output,
+            "carrier": inject(),
+        },
     )
     await run.primed()
     if body.get("stream", False):

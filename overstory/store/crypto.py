@@ -36,13 +36,14 @@ import os
 import re
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..exceptions import DataKeyError
-from .settings import DATA_KEYS, SettingsStore, update
+from .settings import DATA_KEYS, Backoff, SettingContended, SettingsStore, update
 
 __all__ = [
     "CHECKS_SETTING",
@@ -56,6 +57,7 @@ __all__ = [
     "key_id_of",
     "register_resealer",
     "reseal",
+    "reseal_settings",
     "resealers",
     "verify_checks",
 ]
@@ -267,6 +269,31 @@ def register_resealer(name: str, resealer: Resealer) -> None:
 def resealers() -> tuple[str, ...]:
     """The names of the registered re-sealers, in the order they run."""
     return tuple(_RESEALERS)
+
+
+async def reseal_settings(
+    store: Any,
+    prefix: str,
+    batch: int,
+    resealed: Callable[[str, str | None], str | None],
+) -> dict[str, int]:
+    """The re-sealer of a family of settings (keys starting with ``prefix``), page by
+    page: each value becomes ``resealed(key, value)`` by compare-and-set (``None``:
+    nothing to do — gone, or under the primary key already), read again if a writer
+    changed it meanwhile; one that kept changing is counted ``skipped``."""
+    counts = {"examined": 0, "resealed": 0, "skipped": 0}
+    after = ""
+    while page := await store.settings(prefix, after=after, limit=batch):
+        for key, _raw in page:
+            counts["examined"] += 1
+            try:
+                done = await update(store, key, partial(resealed, key), backoff=Backoff(attempts=8))
+            except SettingContended:
+                counts["skipped"] += 1
+                continue
+            counts["resealed"] += done.changed
+        after = page[-1][0]
+    return counts
 
 
 async def reseal(
