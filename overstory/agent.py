@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from .compaction import ContextPolicy, Trim, check_policy
@@ -21,6 +21,9 @@ from .output import check_output_type
 from .providers import Model, ModelSettings, ModelSpec, Secret, resolve_model
 from .providers.schema import OutputSchema
 from .tools import Tool, ToolDefinition, unknown_tool
+
+#: What a client tool may be called (OpenAI's rule for function names).
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 __all__ = [
     "DEFAULT_MAX_ROUND_TRIPS",
@@ -193,6 +196,9 @@ class Agent:
         self.tool_definitions: tuple[ToolDefinition, ...] = tuple(
             t.definition for t in self.tools.values()
         )
+        #: The names of the client tools a turn offers beside the agent's own
+        #: (:meth:`with_client_tools`): the caller runs them, not the agent.
+        self.client_tools: frozenset[str] = frozenset()
 
     def with_api_keys(self, keys: Mapping[str, Secret]) -> Agent:
         """This agent calling vendors with the user's own keys (bring-your-own-key).
@@ -227,6 +233,29 @@ class Agent:
             return self
         clone = copy.copy(self)
         clone.output_type, clone.output = output_type, check_output_type(output_type)
+        return clone
+
+    def with_client_tools(self, tools: Sequence[ToolDefinition]) -> Agent:
+        """This agent offering ``tools`` (a caller's, for one turn) beside its own: a
+        call to one ends the turn for the caller to run it. A name one of the agent's
+        own tools has, or given twice, is refused."""
+        if not tools:
+            return self
+        names = [t.name for t in tools]
+        for name in names:
+            if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+                raise UsageError(
+                    f"a client tool's name must be 1-64 letters, digits, '_' or '-', got {name!r:.80}"
+                )
+            if name in self.tools:
+                raise UsageError(
+                    f"client tool {name!r}: agent {self.name!r} has a tool of that name"
+                )
+            if names.count(name) > 1:
+                raise UsageError(f"client tool {name!r} is given twice")
+        clone = copy.copy(self)
+        clone.tool_definitions = self.tool_definitions + tuple(tools)
+        clone.client_tools = frozenset(names)
         return clone
 
     def for_turn(self, model: Model, settings: ModelSettings | None) -> Agent:

@@ -25,6 +25,8 @@ __all__ = [
     "ModelResponse",
     "Reply",
     "ToolCall",
+    "ToolDefinition",
+    "ToolOutput",
     "ToolReturn",
     "TurnEvent",
     "TurnEventType",
@@ -52,12 +54,34 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolDefinition:
+    """What a model is told about a tool: its name, description and JSON schema."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
 class ToolCall:
-    """The model asking for one tool to be run with ``arguments`` (a JSON object)."""
+    """The model asking for one tool to be run with ``arguments`` (a JSON object).
+    ``client``: a tool the caller offered for this turn (not the agent's own), which
+    the caller runs: the turn ends on it, and the caller's next turn brings its output
+    (:class:`ToolOutput`)."""
 
     id: str
     name: str
     arguments: dict[str, Any] = field(default_factory=dict)
+    client: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ToolOutput:
+    """What the caller's run of a client tool returned, for the call ``call_id``."""
+
+    call_id: str
+    output: str
+    is_error: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +150,7 @@ def to_record(message: Message) -> dict[str, Any]:
     elif isinstance(message, AssistantMessage):
         body = {
             "content": message.content,
-            "tool_calls": [
-                {"id": c.id, "name": c.name, "arguments": c.arguments} for c in message.tool_calls
-            ],
+            "tool_calls": [_call_record(c) for c in message.tool_calls],
             "usage": [message.usage.input_tokens, message.usage.output_tokens],
             "model": message.model,
         }
@@ -150,6 +172,13 @@ def to_record(message: Message) -> dict[str, Any]:
     }
 
 
+def _call_record(call: ToolCall) -> dict[str, Any]:
+    record: dict[str, Any] = {"id": call.id, "name": call.name, "arguments": call.arguments}
+    if call.client:  # only then: records of the agent's own calls stay as they were
+        record["client"] = True
+    return record
+
+
 def from_record(record: dict[str, Any]) -> Message:
     """Rebuild a message from :func:`to_record`'s dict (as read back from a store)."""
     body = json.loads(record["body"])
@@ -165,7 +194,12 @@ def from_record(record: dict[str, Any]) -> Message:
         return AssistantMessage(
             content=body["content"],
             tool_calls=tuple(
-                ToolCall(id=c["id"], name=c["name"], arguments=c["arguments"])
+                ToolCall(
+                    id=c["id"],
+                    name=c["name"],
+                    arguments=c["arguments"],
+                    client=bool(c.get("client", False)),
+                )
                 for c in body["tool_calls"]
             ),
             usage=Usage(*body["usage"]),
@@ -211,6 +245,12 @@ class TurnRequest:
     """This turn's model settings (``ModelSettings`` fields), over the agent's."""
     output_type: Any = None
     """The structured output this turn's answer must be (else the agent's, if any)."""
+    tools: tuple[ToolDefinition, ...] = ()
+    """Client tools offered to the model beside the agent's own for this turn: a call
+    to one ends the turn (:attr:`Reply.awaiting`), for the caller to run."""
+    tool_outputs: tuple[ToolOutput, ...] = ()
+    """The outputs of the client calls the conversation's last turn ended on: this turn
+    continues from them (its ``text`` is empty)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +270,9 @@ class Reply:
     output: Any = None
     """With structured output (``output_type``): the answer, validated (``text`` is its
     JSON); else ``None``."""
+    awaiting: tuple[ToolCall, ...] = ()
+    """The client tools' calls the turn ended on (``TurnRequest.tools``): the caller
+    runs them and continues with their outputs (``TurnRequest.tool_outputs``)."""
 
     def __str__(self) -> str:
         return self.text

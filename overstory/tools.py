@@ -12,27 +12,17 @@ import asyncio
 import inspect
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, get_type_hints
 
 import pydantic
 
 from .context import RunContext
 from .exceptions import ToolDefinitionError
-from .messages import ToolCall, ToolReturn
+from .messages import ToolCall, ToolDefinition, ToolReturn
 
 __all__ = ["Tool", "ToolDefinition"]
 
 _MAX_ERROR_CHARS = 2_000
-
-
-@dataclass(frozen=True, slots=True)
-class ToolDefinition:
-    """What a model is told about a tool: its name, description and JSON schema."""
-
-    name: str
-    description: str
-    parameters: dict[str, Any]
 
 
 class Tool:

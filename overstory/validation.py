@@ -6,11 +6,22 @@ the problem and shows (a prefix of) the offending value.
 
 from __future__ import annotations
 
+import re
 import unicodedata
+from typing import TYPE_CHECKING
 
 from .exceptions import InvalidMessage, InvalidUserId, UsageError
 
-__all__ = ["MAX_MESSAGE_CHARS", "MAX_USER_ID_CHARS", "validate_message", "validate_user_id"]
+if TYPE_CHECKING:
+    from .messages import TurnRequest
+
+__all__ = [
+    "MAX_MESSAGE_CHARS",
+    "MAX_USER_ID_CHARS",
+    "validate_message",
+    "validate_turn",
+    "validate_user_id",
+]
 
 MAX_USER_ID_CHARS = 256
 MAX_MESSAGE_CHARS = 32_000
@@ -72,3 +83,34 @@ def validate_message(text: object, *, max_chars: int = MAX_MESSAGE_CHARS) -> str
     return _checked_text(
         text, InvalidMessage, "message", max_chars, ("Cc", "Cs"), article="a ", allow="\n\r\t"
     )
+
+
+#: A tool call's id as vendors make them (OpenAI ``call_...``, Anthropic ``toolu_...``).
+_CALL_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+#: The most client tools one turn may offer (OpenAI's own limit).
+MAX_CLIENT_TOOLS = 128
+
+
+def validate_turn(request: TurnRequest, *, max_chars: int = MAX_MESSAGE_CHARS) -> None:
+    """:class:`InvalidMessage` unless ``request`` can run: its text is a message, or —
+    a turn continuing from client tools' outputs — it has no text and each output is a
+    call id and a text of at most ``max_chars``; at most :data:`MAX_CLIENT_TOOLS` client
+    tools, each with a JSON-schema object."""
+    if len(request.tools) > MAX_CLIENT_TOOLS:
+        raise InvalidMessage(f"at most {MAX_CLIENT_TOOLS} client tools, got {len(request.tools)}")
+    for tool in request.tools:
+        if not isinstance(tool.parameters, dict) or not isinstance(tool.description, str):
+            raise InvalidMessage(f"client tool {tool.name!r:.64}: parameters must be an object")
+    if not request.tool_outputs:
+        validate_message(request.text, max_chars=max_chars)
+        return
+    if request.text:
+        raise InvalidMessage("a turn continuing from tool outputs has no text of its own")
+    for output in request.tool_outputs:
+        if not isinstance(output.call_id, str) or not _CALL_ID.fullmatch(output.call_id):
+            raise InvalidMessage(f"tool output: not a call id: {output.call_id!r:.80}")
+        if not isinstance(output.output, str) or len(output.output) > max_chars:
+            raise InvalidMessage(
+                f"tool output for {output.call_id}: a text of at most {max_chars} characters"
+            )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 import pytest
@@ -96,8 +96,8 @@ def test_a_restart_that_lands_elsewhere_sends_the_reader_to_ask_again() -> None:
     history = [UserMessage(content="hello", seq=0, turn_id="t1")]
     restarted: list[str] = []
 
-    async def elsewhere(text: str) -> int:
-        restarted.append(text)  # started on a fresh entity: this one has no log
+    async def elsewhere(turn: Sequence[Message]) -> int:
+        restarted.append(turn[0].content)  # started on a fresh entity: this one has no log
         return 0
 
     async def go() -> None:

@@ -179,7 +179,7 @@ class ConversationActor(Shell):
         """Run a turn (:meth:`~overstory.conversation.entity.Entity.send`)."""
         self._pending += 1
         try:
-            entity = await self.enter(self.conversation_id, principal, "write", text=request.text)
+            entity = await self.enter(self.conversation_id, principal, "write", request=request)
             return await entity.send(request)
         finally:
             self._pending -= 1
@@ -190,7 +190,7 @@ class ConversationActor(Shell):
         """Start a streamed turn (:meth:`~overstory.conversation.entity.Entity.start_turn`)."""
         self._pending += 1
         try:
-            entity = await self.enter(self.conversation_id, principal, "write", text=request.text)
+            entity = await self.enter(self.conversation_id, principal, "write", request=request)
             return await entity.start_turn(request, after)
         finally:
             self._pending -= 1

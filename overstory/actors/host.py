@@ -161,7 +161,7 @@ class HostActor(Shell):
         """Run a turn of ``conversation_id``
         (:meth:`~overstory.conversation.entity.Entity.send`)."""
         await self._route(version, conversation_id)
-        entity = await self.enter(conversation_id, principal, "write", api_keys, request.text)
+        entity = await self.enter(conversation_id, principal, "write", api_keys, request)
         return await entity.send(request)
 
     async def start_turn(
@@ -177,7 +177,7 @@ class HostActor(Shell):
         """Start a streamed turn of ``conversation_id``
         (:meth:`~overstory.conversation.entity.Entity.start_turn`)."""
         await self._route(version, conversation_id)
-        entity = await self.enter(conversation_id, principal, "write", api_keys, request.text)
+        entity = await self.enter(conversation_id, principal, "write", api_keys, request)
         return await entity.start_turn(request, after)
 
     async def cancel(

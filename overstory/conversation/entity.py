@@ -30,7 +30,7 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,11 +46,11 @@ from ..quota import QuotaBook, Ticket, finish
 from ..store import HistoryStore, open_store
 from ..supervisors.watch import DRAIN_TIMEOUT_S, new_incarnation
 from ..telemetry import attached, flush_async, metrics, setup_telemetry
-from ..validation import validate_message
+from ..validation import validate_turn
 from .gate import TurnGate
 from .serving import Binding, Serving
 from .supervision import EntitySupervision
-from .turn import Emit, run_turn
+from .turn import Emit, restarted, run_turn
 from .turnlog import TurnStreams
 from .window import TAIL_PAGE, Memory, read_tail
 
@@ -305,6 +305,8 @@ class Entity:
                         model=request.model,
                         settings=request.settings,
                         output_type=request.output_type,
+                        client_tools=request.tools,
+                        tool_outputs=request.tool_outputs,
                     )
         except (TurnFailed, UsageError):
             raise  # the turn's own outcome (or the caller's mistake): the entity is fine
@@ -378,8 +380,8 @@ class Entity:
         the store when it is complete, and started again (from its stored message, after
         a ``restarted`` event) when its process died mid-turn."""
 
-        def restart(text: str) -> Awaitable[int]:
-            return self.start_turn(TurnRequest(turn_id, text), after)
+        def restart(first: Sequence[Message]) -> Awaitable[int]:
+            return self.start_turn(restarted(turn_id, first), after)
 
         binding = self.binding
         streams = self.turn_streams()
@@ -470,18 +472,18 @@ class Shell(ABC):
         principal: Principal | None,
         need: Need,
         api_keys: Mapping[str, Secret] | None = None,
-        text: str | None = None,
+        request: TurnRequest | None = None,
         *,
         touch: bool = True,
     ) -> Entity:
         """The entity a call for ``conversation_id`` goes to, once the filters let it
         through: not quarantined, ``principal`` (an HTTP caller) may ``need`` it, and
-        ``text`` (a message) is valid — all before anything is activated or stored.
+        ``request`` (a turn) is valid — all before anything is activated or stored.
         ``touch``: the call counts as use (idle passivation and the LRU cap see it)."""
         self.supervision.check(conversation_id)
         await self._authorize(conversation_id, principal, need)
-        if text is not None:
-            validate_message(text, max_chars=self.services.config.limits.max_message_chars)
+        if request is not None:
+            validate_turn(request, max_chars=self.services.config.limits.max_message_chars)
         entity = await self._activate(conversation_id, api_keys)
         if touch:
             self.touched(entity)

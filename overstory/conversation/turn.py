@@ -40,8 +40,11 @@ from ..messages import (
     ModelResponse,
     Reply,
     ToolCall,
+    ToolDefinition,
+    ToolOutput,
     ToolReturn,
     TurnEventType,
+    TurnRequest,
     Usage,
     UserMessage,
     placed,
@@ -65,7 +68,7 @@ from ..usage import Prices, cost_of
 from ..vault import DataVault
 from .window import Memory, is_overflow
 
-__all__ = ["Emit", "is_complete", "reply_of", "run_turn"]
+__all__ = ["Emit", "awaiting", "continued", "is_complete", "reply_of", "restarted", "run_turn"]
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +83,35 @@ class Emit(Protocol):
     def __call__(self, type: TurnEventType, /, **fields: Any) -> object: ...
 
 
-def is_complete(turn: list[Message]) -> bool:
-    """A turn is complete when its last message is a reply asking for no tools."""
-    return bool(turn) and isinstance(turn[-1], AssistantMessage) and not turn[-1].tool_calls
+def awaiting(messages: Sequence[Message]) -> tuple[ToolCall, ...]:
+    """The client tools' calls ``messages`` (a turn, or a history) end on: the last
+    answer's calls that have no output yet, when every one of them is a client's (the
+    agent's own calls run first); else none."""
+    for i in range(len(messages) - 1, -1, -1):
+        message = messages[i]
+        if isinstance(message, AssistantMessage):
+            returned = {m.tool_call_id for m in messages[i + 1 :] if isinstance(m, ToolReturn)}
+            open_calls = tuple(c for c in message.tool_calls if c.id not in returned)
+            return open_calls if open_calls and all(c.client for c in open_calls) else ()
+        if not isinstance(message, ToolReturn):
+            return ()
+    return ()
+
+
+def is_complete(turn: Sequence[Message]) -> bool:
+    """A turn is complete when its last message is a reply asking for no tools, or it
+    ended on client tools' calls (:func:`awaiting`): the caller runs those."""
+    if not turn:
+        return False
+    last = turn[-1]
+    if isinstance(last, AssistantMessage) and not last.tool_calls:
+        return True
+    return bool(awaiting(turn))
 
 
 def reply_of(turn_id: str, turn: Sequence[Message], agent: str, version: str) -> Reply:
     """The :class:`Reply` of a complete turn, from its stored messages."""
-    last = turn[-1]
-    assert isinstance(last, AssistantMessage)
+    last = next(m for m in reversed(turn) if isinstance(m, AssistantMessage))
     usage = sum((m.usage for m in turn if isinstance(m, AssistantMessage)), Usage())
     return Reply(
         text=last.content,
@@ -98,6 +121,69 @@ def reply_of(turn_id: str, turn: Sequence[Message], agent: str, version: str) ->
         agent=agent,
         agent_version=version,
         incomplete=last.incomplete,
+        awaiting=awaiting(turn),
+    )
+
+
+def continued(history: Sequence[Message], outputs: Sequence[ToolOutput]) -> list[ToolReturn]:
+    """The tool returns a turn continuing from ``outputs`` stores: one per client call
+    the history ends on (:func:`awaiting`), in the calls' order. Outputs for calls that
+    are not awaited, given twice, or missing one of the calls are refused (nothing is
+    stored): the model must see a result for every call it made."""
+    pending = {c.id: c for c in awaiting(history)}
+    if not pending:
+        raise InvalidMessage("no client tool call awaits an output in this conversation")
+    given: dict[str, ToolOutput] = {}
+    for output in outputs:
+        if output.call_id not in pending:
+            raise InvalidMessage(
+                f"tool output for {output.call_id!r:.80}: no such call awaits an output "
+                f"(awaiting: {', '.join(pending)})"
+            )
+        if output.call_id in given:
+            raise InvalidMessage(f"tool output for {output.call_id!r:.80} is given twice")
+        given[output.call_id] = output
+    missing = [call_id for call_id in pending if call_id not in given]
+    if missing:
+        raise InvalidMessage(f"no output given for the call(s) {', '.join(missing)}")
+    return [
+        ToolReturn(
+            tool_call_id=call.id,
+            tool_name=call.name,
+            content=given[call.id].output,
+            is_error=given[call.id].is_error,
+        )
+        for call in pending.values()
+    ]
+
+
+def restarted(turn_id: str, turn: Sequence[Message]) -> TurnRequest:
+    """The request that starts stored ``turn`` again (its process died mid-turn): its
+    user message, or the tool outputs it continued from."""
+    first = turn[0]
+    if isinstance(first, UserMessage):
+        return TurnRequest(turn_id, first.content)
+    outputs = []
+    for m in turn:
+        if not isinstance(m, ToolReturn):
+            break
+        outputs.append(ToolOutput(m.tool_call_id, m.content, m.is_error))
+    return TurnRequest(turn_id, "", tool_outputs=tuple(outputs))
+
+
+def _same_outputs(turn: Sequence[Message], outputs: Sequence[ToolOutput]) -> bool:
+    """Whether stored ``turn`` began with exactly ``outputs`` (a retried continuation)."""
+    head = turn[: len(outputs)]
+    stored = {(m.tool_call_id, m.content) for m in head if isinstance(m, ToolReturn)}
+    return len(stored) == len(outputs) == len(head) and stored == {
+        (o.call_id, o.output) for o in outputs
+    }
+
+
+def _marked(agent: Agent, calls: Sequence[ToolCall]) -> tuple[ToolCall, ...]:
+    """The model's calls, those of the turn's client tools marked ``client``."""
+    return tuple(
+        dataclasses.replace(c, client=True) if c.name in agent.client_tools else c for c in calls
     )
 
 
@@ -177,6 +263,8 @@ async def run_turn(
     settings: Mapping[str, Any] | None = None,
     output_type: Any = None,
     persist: bool = True,
+    client_tools: Sequence[ToolDefinition] = (),
+    tool_outputs: Sequence[ToolOutput] = (),
 ) -> Reply:
     """Run (or resume, or replay) turn ``turn_id``; ``history`` — all of it, or its most
     recent part (the entity's tail; a turn older than it is looked up in the store) — is
@@ -216,6 +304,13 @@ async def run_turn(
     one delta, once valid), validated, and asked for again on a mismatch.
     ``persist=False``: a stateless turn (:mod:`.stateless`): its messages go into
     ``history`` only, nothing is written to the store's history.
+
+    ``client_tools``: tools the caller offers beside the agent's own. A call to one
+    is stored marked ``client`` and ends the turn (once the agent's own calls of the
+    same answer have run): :attr:`Reply.awaiting` holds the calls for the caller to
+    run. ``tool_outputs``: the caller's results for the calls the history ends on
+    (:func:`continued`); the turn starts from them instead of a user message (``text``
+    is empty) and goes on as any turn does.
     """
     started = time.monotonic()
     outcome = "error"
@@ -238,6 +333,8 @@ async def run_turn(
                 settings,
                 output_type,
                 persist,
+                client_tools,
+                tool_outputs,
             )
             set_turn_usage(span, reply.usage.input_tokens, reply.usage.output_tokens)
             if prices:
@@ -275,6 +372,8 @@ async def _request(
     """The next call's request (:meth:`Memory.request`); a context processor that fails
     fails the turn, naming it (the agent's code, not the conversation, is at fault)."""
     start = len(history) - len(turn)  # the turn is the history's tail
+    while start > 0 and not isinstance(history[start], UserMessage):
+        start -= 1  # a turn continuing from tool outputs: sent with the calls it answers
     try:
         return await memory.request(agent, store, conversation_id, history, start, context)
     except (ModelError, Fenced, SequenceConflict):
@@ -391,9 +490,11 @@ async def _run_turn(
     settings: Mapping[str, Any] | None,
     output_type: Any,
     persist: bool = True,
+    client_tools: Sequence[ToolDefinition] = (),
+    tool_outputs: Sequence[ToolOutput] = (),
 ) -> Reply:
     # The caller's choices are checked before anything is stored (UsageError).
-    agent = agent.with_output(output_type)
+    agent = agent.with_output(output_type).with_client_tools(client_tools)
     chosen = agent.choose(model_name) if model_name is not None else None
     per_turn = None if settings is None else ModelSettings.of(settings)
     turn = [m for m in history if m.turn_id == turn_id]
@@ -411,7 +512,11 @@ async def _run_turn(
 
     if turn:
         first = turn[0]
-        if not isinstance(first, UserMessage) or first.content != text:
+        if (
+            not _same_outputs(turn, tool_outputs)
+            if tool_outputs
+            else not isinstance(first, UserMessage) or first.content != text
+        ):
             raise InvalidMessage(
                 f"turn id {turn_id!r} was already used for a different message in "
                 f"conversation {conversation_id!r}"
@@ -424,6 +529,9 @@ async def _run_turn(
                 turn_id,
                 "the turn was interrupted and later turns have run since; send the message again",
             )
+    elif tool_outputs:
+        for result in continued(history, tool_outputs):
+            await commit(result)
     else:
         await commit(UserMessage(content=text))
 
@@ -474,7 +582,7 @@ async def _run_turn(
         if isinstance(last, AssistantMessage) and last.tool_calls:
             done = {m.tool_call_id for m in turn if isinstance(m, ToolReturn)}
             for call in last.tool_calls:
-                if call.id not in done:
+                if call.id not in done and not call.client:
                     if emit is not None:
                         emit("tool_call", tool_call=call)
                     stored = await commit(await _run_tool(agent, call, context))
@@ -483,6 +591,12 @@ async def _run_turn(
                     if stop():
                         await commit(AssistantMessage(incomplete="cancelled"))
                         return _ended(agent, conversation_id, turn_id, turn)
+            calls = awaiting(turn)
+            if calls:  # the caller runs these: the turn ends on them
+                for call in calls:
+                    if emit is not None:
+                        emit("tool_call", tool_call=call)
+                return _ended(agent, conversation_id, turn_id, turn)
         if round_trips >= agent.max_round_trips:
             reason = MaxRoundTripsExceeded(
                 f"the model asked for tools on all {agent.max_round_trips} round trips "
@@ -530,10 +644,10 @@ async def _run_turn(
         await commit(
             AssistantMessage(
                 content=response.content,
-                tool_calls=response.tool_calls,
+                tool_calls=_marked(agent, response.tool_calls),
                 usage=response.usage,
                 model=response.model,
             )
         )
-        if is_complete(turn):
+        if isinstance(turn[-1], AssistantMessage) and not turn[-1].tool_calls:
             return _ended(agent, conversation_id, turn_id, turn)

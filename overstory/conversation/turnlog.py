@@ -34,7 +34,6 @@ from ..messages import (
     ToolReturn,
     TurnEvent,
     TurnEventType,
-    UserMessage,
 )
 from ..quota import Ticket, finish
 from .turn import Emit, is_complete, reply_of
@@ -254,15 +253,16 @@ class TurnStreams:
         wait_s: float,
         history: Sequence[Message],
         agent: tuple[str, str],
-        restart: Callable[[str], Awaitable[object]],
+        restart: Callable[[Sequence[Message]], Awaitable[object]],
     ) -> tuple[list[TurnEvent], bool]:
         """``(events after after, ended)`` (see ``HostActor.events``). ``agent`` is
-        ``(name, version)`` for a replayed reply; ``restart(text)`` starts the turn
-        again from its stored user message."""
+        ``(name, version)`` for a replayed reply; ``restart(turn)`` starts the turn
+        again from its stored messages (its user message, or the tool outputs it
+        continued from)."""
         log = self.logs.get(turn_id)
         if log is None:
             turn = [m for m in history if m.turn_id == turn_id]
-            if not turn or not isinstance(turn[0], UserMessage):
+            if not turn or isinstance(turn[0], AssistantMessage):
                 raise UnknownTurn(conversation_id, turn_id)
             if is_complete(turn):
                 replayed = replay(turn_id, turn, reply_of(turn_id, turn, *agent))
@@ -273,7 +273,7 @@ class TurnStreams:
                     # gets the outcome, numbered after what it saw.
                     later = [dataclasses.replace(replayed[-1], seq=after + 1)]
                 return later, True
-            await restart(turn[0].content)
+            await restart(turn)
             log = self.logs.get(turn_id)
             if log is None:
                 # The restart landed elsewhere: the entity was passivated (or replaced)

@@ -31,7 +31,7 @@ from ..compaction import (
 )
 from ..context import RunContext
 from ..exceptions import AllModelsFailed, ModelError
-from ..messages import Message, UserMessage
+from ..messages import AssistantMessage, Message, ToolCall, ToolReturn, UserMessage
 from ..providers import Model, ModelRequest
 from ..providers.windows import (
     Budget,
@@ -43,7 +43,7 @@ from ..providers.windows import (
 )
 from ..store import HistoryStore
 
-__all__ = ["Memory", "is_overflow", "read_tail"]
+__all__ = ["NO_OUTPUT", "Memory", "answered", "is_overflow", "read_tail"]
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +227,44 @@ class Memory:
 def _asked(agent: Agent, instructions: str, messages: Sequence[Message]) -> ModelRequest:
     """The request of one of ``agent``'s calls: its tools, settings and output schema."""
     return ModelRequest(
-        instructions, messages, agent.tool_definitions, agent.model_settings, agent.output
+        instructions,
+        answered(messages),
+        agent.tool_definitions,
+        agent.model_settings,
+        agent.output,
     )
+
+
+#: What the model is shown for a client tool's call the caller never returned.
+NO_OUTPUT = "no output: the caller went on without returning this call's result"
+
+
+def answered(messages: Sequence[Message]) -> Sequence[Message]:
+    """``messages`` with a result for every tool call: a client tool's call that the
+    caller left unanswered (it sent a new message instead) is shown with an error
+    return, :data:`NO_OUTPUT` — vendors refuse a call without one. Nothing is stored."""
+    out: list[Message] = []
+    pending: list[ToolCall] = []
+    for m in messages:
+        if pending and not isinstance(m, ToolReturn):
+            out += [
+                ToolReturn(
+                    tool_call_id=c.id,
+                    tool_name=c.name,
+                    content=NO_OUTPUT,
+                    is_error=True,
+                    seq=m.seq,
+                    turn_id=m.turn_id,
+                )
+                for c in pending
+            ]
+            pending = []
+        if isinstance(m, AssistantMessage):
+            pending = list(m.tool_calls)
+        elif isinstance(m, ToolReturn):
+            pending = [c for c in pending if c.id != m.tool_call_id]
+        out.append(m)
+    return messages if len(out) == len(messages) else out
 
 
 def _next_seq(messages: Sequence[Message]) -> int:

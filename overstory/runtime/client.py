@@ -18,7 +18,14 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -45,7 +52,7 @@ from ..exceptions import (
     UnknownTurn,
     UsageError,
 )
-from ..messages import Message, Reply, TurnEvent, TurnRequest
+from ..messages import Message, Reply, ToolDefinition, ToolOutput, TurnEvent, TurnRequest
 from ..output import check_output_type
 from ..providers import ModelSettings, Secret
 from ..providers import api_keys as api_key_map
@@ -60,7 +67,7 @@ from ..telemetry import flush as flush_telemetry
 from ..telemetry import inject, setup_telemetry, telemetry_env, tracer
 from ..telemetry.logs import LOG_ENV
 from ..usage import usage as usage_of
-from ..validation import validate_message, validate_user_id
+from ..validation import validate_turn, validate_user_id
 from ._portal import Portal
 from .cluster import attach, detach
 from .jobs import Jobs
@@ -107,13 +114,31 @@ def _version(version: object) -> str | None:
     return version
 
 
-_Options = tuple[str | None, str | None, dict[str, Any] | None, Any]
+_Options = tuple[
+    str | None,
+    str | None,
+    dict[str, Any] | None,
+    Any,
+    tuple[ToolDefinition, ...],
+    tuple[ToolOutput, ...],
+]
 
 
-def _options(version: object, model: object, settings: object, output_type: object) -> _Options:
+def _options(
+    version: object,
+    model: object,
+    settings: object,
+    output_type: object,
+    tools: Sequence[ToolDefinition] = (),
+    tool_outputs: Sequence[ToolOutput] = (),
+) -> _Options:
     """A turn's choices, checked here, before anything is sent: the agent version, the
-    model's name (the agent checks it is one it allows), the model settings and the
-    structured output's type."""
+    model's name (the agent checks it is one it allows), the model settings, the
+    structured output's type, the client tools offered and the outputs continued from."""
+    if not all(isinstance(t, ToolDefinition) for t in tools):
+        raise UsageError("tools must be ToolDefinition objects (name, description, parameters)")
+    if not all(isinstance(o, ToolOutput) for o in tool_outputs):
+        raise UsageError("tool_outputs must be ToolOutput objects (call_id, output)")
     if model is not None and not is_plain_name(model):
         raise UsageError(
             f"model must name one of the agent's models (1-64 letters, digits, '_', '.', "
@@ -125,7 +150,14 @@ def _options(version: object, model: object, settings: object, output_type: obje
             check_output_type(output_type)
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
-    return _version(version), model, checked.as_dict() or None, output_type  # type: ignore[return-value]
+    return (
+        _version(version),
+        model,  # type: ignore[return-value]
+        checked.as_dict() or None,
+        output_type,
+        tuple(tools),
+        tuple(tool_outputs),
+    )
 
 
 def _cursor(after: object) -> int:
@@ -288,9 +320,11 @@ class Conversation:
         with self._lock:
             self._in_flight.discard(n)
 
-    def _check(self, text: str, turn_id: str | None) -> str:
-        validate_message(text, max_chars=self._runtime.config.limits.max_message_chars)
-        return turn_id or uuid.uuid4().hex
+    def _check(self, text: str, turn_id: str | None, options: _Options) -> str:
+        turn_id = turn_id or uuid.uuid4().hex
+        request = TurnRequest(turn_id, text, tools=options[4], tool_outputs=options[5])
+        validate_turn(request, max_chars=self._runtime.config.limits.max_message_chars)
+        return turn_id
 
     def send(
         self,
@@ -301,6 +335,8 @@ class Conversation:
         model: str | None = None,
         settings: ModelSettings | Mapping[str, Any] | None = None,
         output_type: Any = None,
+        tools: Sequence[ToolDefinition] = (),
+        tool_outputs: Sequence[ToolOutput] = (),
     ) -> Reply:
         """Send ``text``; returns the assistant's reply once it is stored.
 
@@ -312,7 +348,11 @@ class Conversation:
         (:class:`~overstory.providers.ModelSettings` or a mapping: temperature,
         max_output_tokens, stop, seed) apply to this turn over the agent's;
         ``output_type`` (a pydantic model, dataclass or TypedDict) makes this turn's
-        answer structured (``Reply.output``; :mod:`overstory.output`). Raises
+        answer structured (``Reply.output``; :mod:`overstory.output`). ``tools``
+        (:class:`~overstory.ToolDefinition` s) are offered beside the agent's own and run
+        by the caller: a call to one ends the turn with it in ``Reply.awaiting``; the
+        next turn sends their ``tool_outputs`` (:class:`~overstory.ToolOutput` s) and an
+        empty ``text``, and goes on from them. Raises
         :class:`~overstory.exceptions.InvalidMessage` for bad input,
         :class:`~overstory.exceptions.UnknownAgent` for a version not served and
         :class:`~overstory.exceptions.TurnFailed` when the model could not answer.
@@ -325,6 +365,8 @@ class Conversation:
                 model=model,
                 settings=settings,
                 output_type=output_type,
+                tools=tools,
+                tool_outputs=tool_outputs,
             )
         )
 
@@ -337,10 +379,12 @@ class Conversation:
         model: str | None = None,
         settings: ModelSettings | Mapping[str, Any] | None = None,
         output_type: Any = None,
+        tools: Sequence[ToolDefinition] = (),
+        tool_outputs: Sequence[ToolOutput] = (),
     ) -> Reply:
         """Async form of :meth:`send`."""
-        turn_id = self._check(text, turn_id)
-        options = _options(version, model, settings, output_type)
+        options = _options(version, model, settings, output_type, tools, tool_outputs)
+        turn_id = self._check(text, turn_id, options)
         n, low = self._number()
         try:
             with self._span():
@@ -361,6 +405,8 @@ class Conversation:
         model: str | None = None,
         settings: ModelSettings | Mapping[str, Any] | None = None,
         output_type: Any = None,
+        tools: Sequence[ToolDefinition] = (),
+        tool_outputs: Sequence[ToolOutput] = (),
     ) -> Iterator[TurnEvent]:
         """Send ``text`` and iterate over the turn's events as they happen (each with
         its ``seq``): ``started``, text ``delta`` s, ``tool_call`` / ``tool_result``,
@@ -371,10 +417,11 @@ class Conversation:
         :meth:`resume` reads it again from any ``seq``. If the process running it dies,
         the turn is started again where the conversation lives next (a ``restarted``
         event: text since the last stored message is void) and the events go on.
-        ``version``, ``model``, ``settings``: as for :meth:`send`.
+        ``version``, ``model``, ``settings``, ``tools``, ``tool_outputs``: as for
+        :meth:`send`.
         """
-        turn_id = self._check(text, turn_id)  # refused here, before the first read
-        options = _options(version, model, settings, output_type)
+        options = _options(version, model, settings, output_type, tools, tool_outputs)
+        turn_id = self._check(text, turn_id, options)  # refused here, before the first read
         return self._portal.iterate(self._stream(text, turn_id, options))
 
     async def stream_async(
@@ -386,12 +433,13 @@ class Conversation:
         model: str | None = None,
         settings: ModelSettings | Mapping[str, Any] | None = None,
         output_type: Any = None,
+        tools: Sequence[ToolDefinition] = (),
+        tool_outputs: Sequence[ToolOutput] = (),
     ) -> AsyncGenerator[TurnEvent, None]:
         """Async form of :meth:`stream`."""
-        turn_id = self._check(text, turn_id)
-        async for event in self._stream(
-            text, turn_id, _options(version, model, settings, output_type)
-        ):
+        options = _options(version, model, settings, output_type, tools, tool_outputs)
+        turn_id = self._check(text, turn_id, options)
+        async for event in self._stream(text, turn_id, options):
             yield event
 
     async def _stream(
