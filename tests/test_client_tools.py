@@ -283,3 +283,36 @@ def test_a_continued_turn_restarts_from_its_outputs() -> None:
     request = restarted("t2", turn)
     assert (request.text, request.tool_outputs) == ("", (ToolOutput("c1", "sunny"),))
     assert restarted("t1", [UserMessage(content="hi", turn_id="t1")]).text == "hi"
+
+
+def test_tool_choice_forces_the_first_call_only_so_the_turn_ends(sqlite_url: str) -> None:
+    agent = Agent("a", model=OfflineModel(), tools=[add])
+    out, _stored = run(
+        sqlite_url,
+        agent,
+        ("t1", "Paris", {"client_tools": [WEATHER], "settings": {"tool_choice": "weather"}}),
+        ("t2", "go", {"settings": {"tool_choice": "required"}}),
+    )
+    assert out[0].awaiting[0].arguments == {"city": "echo #1: Paris"}  # from its answer
+    # The agent's own tool, forced: it runs, and the next call may answer in text.
+    assert [m.kind for m in out[1].messages] == ["user", "assistant", "tool", "assistant"]
+    assert out[1].text.startswith("add returned")
+
+
+def test_tool_choice_none_answers_without_tools(sqlite_url: str) -> None:
+    agent = Agent("a", model=OfflineModel())
+    out, _ = run(
+        sqlite_url,
+        agent,
+        ("t1", ASK, {"client_tools": [WEATHER], "settings": {"tool_choice": "none"}}),
+    )
+    assert out[0].awaiting == ()
+    assert out[0].text.startswith("echo #1: !tool weather")
+
+
+def test_tool_choice_naming_no_offered_tool_is_refused_before_storing(sqlite_url: str) -> None:
+    agent = Agent("a", model=OfflineModel())
+    out, stored = run(sqlite_url, agent, ("t1", "hi", {"settings": {"tool_choice": "nope"}}))
+    assert isinstance(out[0], UsageError)
+    assert "no such tool is offered" in str(out[0])
+    assert stored == []

@@ -33,6 +33,7 @@ from ..exceptions import (
     SequenceConflict,
     TurnFailed,
     TurnIncomplete,
+    UsageError,
 )
 from ..messages import (
     AssistantMessage,
@@ -497,6 +498,13 @@ async def _run_turn(
     agent = agent.with_output(output_type).with_client_tools(client_tools)
     chosen = agent.choose(model_name) if model_name is not None else None
     per_turn = None if settings is None else ModelSettings.of(settings)
+    forced = (per_turn or ModelSettings()).over(agent.model_settings).forced()
+    offered = {t.name for t in agent.tool_definitions}
+    if forced not in (None, "required", *offered):
+        raise UsageError(
+            f"tool_choice {forced!r}: no such tool is offered to the model "
+            f"(offered: {', '.join(sorted(offered)) or 'none'})"
+        )
     turn = [m for m in history if m.turn_id == turn_id]
     if persist and not turn and history and history[0].seq > 0:  # a tail: ask the store
         turn = await store.load_turn(conversation_id, turn_id)
@@ -641,6 +649,8 @@ async def _run_turn(
         if ticket is not None:
             await ticket.after_call(response.usage.input_tokens + response.usage.output_tokens)
         round_trips += 1
+        if agent.model_settings.forced() is not None:  # the first call only: the turn can end
+            agent = agent.for_turn(agent.model, ModelSettings(tool_choice="auto"))
         await commit(
             AssistantMessage(
                 content=response.content,

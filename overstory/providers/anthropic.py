@@ -85,6 +85,10 @@ class AnthropicModel(SDKModel):
             kwargs["tool_choice"] = (
                 {"type": "any"} if req.tools else {"type": "tool", "name": OUTPUT_TOOL}
             )
+        if req.tools and "tool_choice" not in kwargs:
+            choice = _tool_choice(settings.tool_choice, settings.parallel_tool_calls)
+            if choice is not None:
+                kwargs["tool_choice"] = choice
         if tools:
             kwargs["tools"] = tools
         return kwargs
@@ -219,3 +223,18 @@ def to_anthropic_messages(messages: Sequence[Message]) -> list[dict[str, Any]]:
             # The API refuses empty turns and empty text blocks.
             add("assistant", blocks or [{"type": "text", "text": "(no answer)"}])
     return out
+
+
+def _tool_choice(choice: str | None, parallel: bool | None) -> dict[str, Any] | None:
+    """OpenAI's ``tool_choice`` and ``parallel_tool_calls`` in Anthropic's words."""
+    if choice is None and parallel is None:
+        return None
+    kinds = {"auto": "auto", "none": "none", "required": "any"}
+    shaped: dict[str, Any] = (
+        {"type": kinds.get(choice or "auto")}
+        if (choice or "auto") in kinds
+        else {"type": "tool", "name": choice}
+    )
+    if parallel is False and shaped["type"] != "none":
+        shaped["disable_parallel_tool_use"] = True
+    return shaped

@@ -12,6 +12,7 @@ own exception) so wrappers can decide what to do without knowing the vendor.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
@@ -50,6 +51,10 @@ __all__ = [
 ]
 
 
+#: ``tool_choice``: a mode, or a tool's name (OpenAI's rule for function names).
+_TOOL_CHOICE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 @dataclass(frozen=True, slots=True)
 class ModelSettings:
     """How a model answers: each setting ``None`` (or empty) leaves the vendor's default.
@@ -57,14 +62,19 @@ class ModelSettings:
     ``temperature`` (0-2; Anthropic takes 0-1 and refuses more), ``max_output_tokens``
     (the answer's cap: the vendor stops there, and a quota reserves exactly this for the
     answer), ``stop`` (up to 4 sequences that end the answer), ``seed`` (OpenAI-format
-    endpoints; Anthropic and Bedrock have none and refuse a call that sets one). Set
-    per agent (``Agent(model_settings=...)``) and per turn (``send(settings=...)``,
-    merged over the agent's)."""
+    endpoints; Anthropic and Bedrock have none and refuse a call that sets one),
+    ``tool_choice`` (``"auto"``, ``"none"``: answer without tools, ``"required"``: call
+    one, or a tool's name: call that one — ``required`` and a name hold for the turn's
+    first call only, so the turn can end), ``parallel_tool_calls`` (``False``: at most
+    one call per answer). Set per agent (``Agent(model_settings=...)``) and per turn
+    (``send(settings=...)``, merged over the agent's)."""
 
     temperature: float | None = None
     max_output_tokens: int | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    tool_choice: str | None = None
+    parallel_tool_calls: bool | None = None
 
     def __post_init__(self) -> None:
         t = self.temperature
@@ -90,6 +100,18 @@ class ModelSettings:
             isinstance(seed, bool) or not isinstance(seed, int) or abs(seed) >= 2**63
         ):
             raise ConfigError(f"seed must be a 64-bit int or None, got {seed!r}")
+        choice = self.tool_choice
+        if choice is not None and (
+            not isinstance(choice, str) or not _TOOL_CHOICE.fullmatch(choice)
+        ):
+            raise ConfigError(
+                "tool_choice must be 'auto', 'none', 'required' or a tool's name, "
+                f"got {choice!r:.80}"
+            )
+        if self.parallel_tool_calls is not None and not isinstance(self.parallel_tool_calls, bool):
+            raise ConfigError(
+                f"parallel_tool_calls must be a bool or None, got {self.parallel_tool_calls!r}"
+            )
 
     @classmethod
     def of(cls, value: ModelSettings | Mapping[str, Any] | None) -> ModelSettings:
@@ -105,7 +127,7 @@ class ModelSettings:
         if unknown:
             raise ConfigError(
                 f"unknown model setting(s) {', '.join(map(repr, unknown))}; known: "
-                "temperature, max_output_tokens, stop, seed"
+                "temperature, max_output_tokens, stop, seed, tool_choice, parallel_tool_calls"
             )
         return cls(**value)
 
@@ -118,7 +140,15 @@ class ModelSettings:
             else base.max_output_tokens,
             self.stop or base.stop,
             self.seed if self.seed is not None else base.seed,
+            self.tool_choice if self.tool_choice is not None else base.tool_choice,
+            self.parallel_tool_calls
+            if self.parallel_tool_calls is not None
+            else base.parallel_tool_calls,
         )
+
+    def forced(self) -> str | None:
+        """The tool the model must call (``required``: any), else ``None``."""
+        return None if self.tool_choice in (None, "auto", "none") else self.tool_choice
 
     def as_dict(self) -> dict[str, Any]:
         """The settings that are set (for cache keys and spans)."""

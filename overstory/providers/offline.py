@@ -137,6 +137,9 @@ class OfflineModel(Model):
         """The scripted answer, at once (``request`` and ``stream`` add the latency),
         ended at the first ``stop`` sequence and cut to ``max_output_tokens``."""
         response = await self._scripted(req)
+        forced = req.settings.forced()
+        if forced is not None and req.tools and not response.tool_calls:
+            response = _forced(response, req, forced)
         if req.output is not None and not response.tool_calls:
             response = _structured(response, req)
         return _settled(response, req.settings)
@@ -167,6 +170,8 @@ class OfflineModel(Model):
 
         if isinstance(last, ToolReturn) and not (match and match["verb"] == "loop"):
             return self._text(_summarise(since_user), prompt_chars)
+        if req.settings.tool_choice == "none" and match and match["verb"] in ("tool", "loop"):
+            match = None  # asked to answer without tools: the directive is text
         if match and match["verb"] == "crash":
             raise RuntimeError(f"scripted crash: {match['rest'].strip() or 'no reason given'}")
         if match and match["verb"] in ("fail", "fatal"):
@@ -186,7 +191,7 @@ class OfflineModel(Model):
                     retryable=False,
                 ) from exc
             return self._call(name, arguments, last.seq, prompt_chars)
-        for rule in self.rules:
+        for rule in self.rules if req.settings.tool_choice != "none" else ():
             found = re.search(rule.pattern, text)
             if found:
                 return self._call(rule.tool, found.groupdict(), last.seq, prompt_chars)
@@ -233,6 +238,21 @@ class OfflineModel(Model):
             model=self.name,
             finish_reason="tool_calls",
         )
+
+
+def _forced(response: ModelResponse, req: ModelRequest, forced: str) -> ModelResponse:
+    """A call instead of ``response``'s text, as ``tool_choice`` demands: to the tool
+    it names (``required``: the first offered), its arguments an instance of the
+    tool's schema built from the text."""
+    tool = next((t for t in req.tools if forced in ("required", t.name)), req.tools[0])
+    arguments = example_of(tool.parameters, response.content)
+    seq = req.messages[-1].seq if req.messages else -1
+    call = ToolCall(
+        id=f"call_{seq + 1}_0",
+        name=tool.name,
+        arguments=arguments if isinstance(arguments, dict) else {"value": arguments},
+    )
+    return dataclasses.replace(response, content="", tool_calls=(call,), finish_reason="tool_calls")
 
 
 def _structured(response: ModelResponse, req: ModelRequest) -> ModelResponse:

@@ -62,6 +62,15 @@ class OpenAIModel(SDKModel):
             kwargs["stop"] = list(settings.stop)
         if settings.seed is not None:
             kwargs["seed"] = settings.seed
+        if req.tools and settings.tool_choice is not None:
+            choice = settings.tool_choice
+            kwargs["tool_choice"] = (
+                choice
+                if choice in ("auto", "none", "required")
+                else {"type": "function", "function": {"name": choice}}
+            )
+        if req.tools and settings.parallel_tool_calls is not None:
+            kwargs["parallel_tool_calls"] = settings.parallel_tool_calls
         if req.output is not None:
             kwargs["response_format"] = {
                 "type": "json_schema",
