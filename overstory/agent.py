@@ -88,6 +88,11 @@ class Agent:
     :class:`~overstory.compaction.Trim` (default: the most recent whole turns that fit
     the model's window), :class:`~overstory.compaction.Compact` (those plus a durable
     summary of the rest), or a function ``(ctx, messages) -> messages``.
+
+    ``caller_instructions``: what a turn's own instructions (the HTTP door's
+    ``instructions`` and system messages) do: ``"append"`` (default: added after the
+    agent's), ``"replace"`` (used instead of the agent's) or ``"refuse"`` (a turn that
+    sends some is refused).
     """
 
     def __init__(
@@ -110,6 +115,7 @@ class Agent:
         model_settings: ModelSettings | Mapping[str, Any] | None = None,
         output_type: Any = None,
         output_retries: int = 2,
+        caller_instructions: Literal["append", "replace", "refuse"] = "append",
     ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"an agent needs a non-empty name, got {name!r}")
@@ -183,6 +189,12 @@ class Agent:
         self.output: OutputSchema | None = None
         if output_type is not None:
             self.output_type, self.output = output_type, check_output_type(output_type)
+        if caller_instructions not in ("append", "replace", "refuse"):
+            raise ConfigError(
+                "caller_instructions must be 'append', 'replace' or 'refuse', "
+                f"got {caller_instructions!r}"
+            )
+        self.caller_instructions = caller_instructions
         self.redact_pii = redact_pii
         self.cache_ttl_s = None if cache_ttl_s is None else float(cache_ttl_s)
         self.cache_tool_calls = cache_tool_calls
@@ -233,6 +245,20 @@ class Agent:
             return self
         clone = copy.copy(self)
         clone.output_type, clone.output = output_type, check_output_type(output_type)
+        return clone
+
+    def with_instructions(self, extra: str) -> Agent:
+        """This agent with a turn's own instructions, as ``caller_instructions`` says:
+        after its own, instead of them, or refused (:class:`UsageError`)."""
+        if not extra:
+            return self
+        if self.caller_instructions == "refuse":
+            raise UsageError(f"agent {self.name!r} takes no instructions from its callers")
+        clone = copy.copy(self)
+        if self.caller_instructions == "replace" or not self.instructions:
+            clone.instructions = extra
+        else:
+            clone.instructions = f"{self.instructions}\n\n{extra}"
         return clone
 
     def with_client_tools(self, tools: Sequence[ToolDefinition]) -> Agent:

@@ -251,6 +251,13 @@ class TurnRequest:
     tool_outputs: tuple[ToolOutput, ...] = ()
     """The outputs of the client calls the conversation's last turn ended on: this turn
     continues from them (its ``text`` is empty)."""
+    instructions: str = ""
+    """This turn's own instructions, with the agent's as its ``caller_instructions``
+    says (after them, instead of them, or refused)."""
+    append: tuple[Message, ...] = ()
+    """Messages to store after the history as this turn, with no model call (a
+    caller's items: its own history, or a conversation's first messages); its ``text``
+    is empty. Idempotent as any turn: the same ``turn_id`` is stored once."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,6 +91,10 @@ _CALL_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 #: The most client tools one turn may offer (OpenAI's own limit).
 MAX_CLIENT_TOOLS = 128
 
+#: The most messages one append may store (OpenAI's items.create takes 20 items; a
+#: caller's history sent as a response's input may be longer).
+MAX_APPENDED = 1000
+
 
 def validate_turn(request: TurnRequest, *, max_chars: int = MAX_MESSAGE_CHARS) -> None:
     """:class:`InvalidMessage` unless ``request`` can run: its text is a message, or —
@@ -102,6 +106,17 @@ def validate_turn(request: TurnRequest, *, max_chars: int = MAX_MESSAGE_CHARS) -
     for tool in request.tools:
         if not isinstance(tool.parameters, dict) or not isinstance(tool.description, str):
             raise InvalidMessage(f"client tool {tool.name!r:.64}: parameters must be an object")
+    if request.append:
+        if request.text or request.tool_outputs:
+            raise InvalidMessage("a turn that appends messages has no text or tool outputs")
+        if len(request.append) > MAX_APPENDED:
+            raise InvalidMessage(
+                f"at most {MAX_APPENDED} messages at once, got {len(request.append)}"
+            )
+        for message in request.append:
+            if len(message.content) > max_chars:
+                raise InvalidMessage(f"a message of at most {max_chars} characters")
+        return
     if not request.tool_outputs:
         validate_message(request.text, max_chars=max_chars)
         return

@@ -124,7 +124,7 @@ def test_the_sdk_makes_a_conversation_and_a_response_and_reads_both_back(door: D
     response = client.responses.create(model="helper", conversation=conv.id, input="what is 2 + 3?")
     assert response.status == "completed"
     assert response.output_text == "add returned 5"
-    assert [o.type for o in response.output] == ["function_call", "function_call_output", "message"]
+    assert [o.type for o in response.output] == ["mcp_call", "message"]  # run on the server
     assert response.usage is not None
     assert response.usage.input_tokens > 0
     again = client.responses.retrieve(response.id)
@@ -133,13 +133,13 @@ def test_the_sdk_makes_a_conversation_and_a_response_and_reads_both_back(door: D
 
     second = client.responses.create(model="helper", conversation=conv.id, input="thanks")
     assert second.output_text == "echo #2: thanks"
-    items = client.conversations.items.list(conv.id, order="asc", limit=3)
-    assert [i.type for i in items.data] == ["message", "function_call", "function_call_output"]
+    items = client.conversations.items.list(conv.id, order="asc", limit=2)
+    assert [i.type for i in items.data] == ["message", "mcp_call"]
     assert items.has_more
     rest = client.conversations.items.list(conv.id, order="asc", limit=10, after=items.last_id)
     assert [getattr(i, "role", None) for i in rest.data] == ["assistant", "user", "assistant"]
     every = list(client.conversations.items.list(conv.id, order="asc", limit=2))  # the SDK pages
-    assert len(every) == 6
+    assert len(every) == 5
 
     updated = client.conversations.update(conv.id, metadata={"topic": "sums"})
     assert updated.metadata == {"topic": "sums"}
@@ -756,9 +756,9 @@ def test_responses_take_settings_and_text_format_and_refuse_what_they_cannot_do(
     assert set(value) == {"city", "rank"}
     assert isinstance(value["rank"], int)
     for extra, param in (
-        ({"instructions": "be terse"}, "instructions"),
-        ({"previous_response_id": "resp_x"}, "previous_response_id"),
         ({"top_k": 3}, "top_k"),
+        ({"include": ["message.output_text.logprobs"]}, "include"),
+        ({"truncation": "disabled"}, "truncation"),
         ({"temperature": 5}, "temperature"),
         (
             {"text": {"format": {"type": "json_schema", "name": "X", "schema": {"type": 7}}}},
@@ -773,10 +773,17 @@ def test_responses_take_settings_and_text_format_and_refuse_what_they_cannot_do(
     assert plain.status == "completed"
     one = [{"role": "user", "content": [{"type": "input_text", "text": "one item"}]}]
     assert client.responses.create(model="helper", input=one).output_text == "echo #1: one item"
+    # A longer input is the caller's history: stored first, then answered after it.
     context = [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "ok"}]
-    with pytest.raises(openai.BadRequestError) as info:  # refused, not cut to its last
-        client.responses.create(model="helper", input=[*context, *one])  # type: ignore[list-item]
-    assert info.value.body["param"] == "input"  # type: ignore[index]
+    both = client.responses.create(model="helper", input=[*context, *one])  # type: ignore[list-item]
+    assert both.output_text == "echo #2: one item"
+    items = client.conversations.items.list(both.conversation.id, order="asc")  # type: ignore[union-attr]
+    assert [i.content[0].text for i in items.data] == [  # type: ignore[union-attr]
+        "earlier",
+        "ok",
+        "one item",
+        "echo #2: one item",
+    ]
 
 
 def test_hostile_bodies_and_wrong_methods_get_clear_answers(door: Door) -> None:
@@ -886,9 +893,9 @@ def test_chat_completions_are_stateless_run_the_agents_tools_and_stream(door: Do
         client.chat.completions.create(
             model="helper",
             messages=[{"role": "user", "content": "hi"}],
-            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            tools=[{"type": "web_search"}],  # type: ignore[list-item]
         )
-    assert info.value.body["param"] == "tools"  # type: ignore[index]
+    assert info.value.body["param"] == "tools[0].type"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="nobody", messages=[{"role": "user", "content": "x"}])
     assert info.value.body["code"] == "model_not_found"  # type: ignore[index]
@@ -949,10 +956,211 @@ def test_a_store_false_response_is_stateless_its_input_the_context(door: Door) -
         client.responses.retrieve(done.id)
     calls: list[Any] = [{"type": "function_call_output", "call_id": "c1", "output": "4"}]
     for extra, param in (
-        ({"input": calls}, "input[0].type"),
+        ({"input": calls}, "input[0].call_id"),
         ({"input": [{"role": "assistant", "content": "hi"}]}, "input"),
+        ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
         ({"background": True, "input": "x"}, "background"),
     ):
         with pytest.raises(openai.BadRequestError) as info:
             client.responses.create(model="helper", store=False, **extra)
         assert info.value.body["param"] == param  # type: ignore[index]
+
+
+# --- client tools, chaining, items: what real clients do --------------------------------------
+
+WEATHER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "name": "weather",
+    "description": "The weather in a city.",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string"}},
+        "required": ["city"],
+    },
+}
+ASK_WEATHER = '!tool weather {"city": "Paris"}'
+
+
+def test_chat_completions_end_on_a_client_tool_and_continue_from_its_output(door: Door) -> None:
+    """A request's own function tools: the model's call ends the completion
+    (``finish_reason: tool_calls``), and the next request with the ``tool`` message
+    continues the turn; streamed, the call arrives as a ``tool_calls`` delta."""
+    client = door.client()
+    tools: Any = [
+        {"type": "function", "function": {k: v for k, v in WEATHER_TOOL.items() if k != "type"}}
+    ]
+    asked: Any = [{"role": "user", "content": ASK_WEATHER}]
+    first = client.chat.completions.create(model="helper", messages=asked, tools=tools)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls or []
+    assert (call.function.name, json.loads(call.function.arguments)) == (
+        "weather",
+        {"city": "Paris"},
+    )
+    answered = [
+        *asked,
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+    ]
+    second = client.chat.completions.create(model="helper", messages=answered, tools=tools)
+    assert second.choices[0].message.content == "weather returned sunny"
+    assert second.choices[0].finish_reason == "stop"
+    chunks = list(
+        client.chat.completions.create(model="helper", messages=asked, tools=tools, stream=True)
+    )
+    deltas = [
+        c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls
+    ]
+    assert [(d[0].function.name, d[0].index) for d in deltas] == [("weather", 0)]  # type: ignore[union-attr]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    none = client.chat.completions.create(
+        model="helper", messages=asked, tools=tools, tool_choice="none"
+    )
+    assert none.choices[0].message.tool_calls is None  # tool_choice had its effect
+    with pytest.raises(openai.BadRequestError) as info:  # an output for no call
+        client.chat.completions.create(
+            model="helper",
+            messages=[*asked, {"role": "tool", "tool_call_id": "call_x", "content": "?"}],
+            tools=tools,
+        )
+    assert info.value.body["param"] == "messages[1].call_id"  # type: ignore[index]
+
+
+def test_responses_end_on_a_client_tool_and_chain_with_previous_response_id(door: Door) -> None:
+    """The model's call to a request's tool ends the response with a ``function_call``
+    item (status completed); ``previous_response_id`` with its ``function_call_output``
+    continues that conversation's turn. The agent's own calls are ``mcp_call`` items."""
+    client = door.client()
+    first = client.responses.create(
+        model="helper",
+        input=ASK_WEATHER,
+        tools=[WEATHER_TOOL],
+        instructions="Answer in French.",
+        metadata={"ticket": "42"},
+    )
+    assert first.status == "completed"
+    assert [o.type for o in first.output] == ["function_call"]
+    call = first.output[0]
+    assert (call.name, call.status) == ("weather", "completed")  # type: ignore[union-attr]
+    assert (first.instructions, first.metadata) == ("Answer in French.", {"ticket": "42"})
+    assert [t.name for t in first.tools] == ["weather"]  # type: ignore[union-attr]
+    again = client.responses.retrieve(first.id)
+    assert again.metadata == {"ticket": "42"}  # stored and returned
+    output: Any = [{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]  # type: ignore[union-attr]
+    second = client.responses.create(
+        model="helper", previous_response_id=first.id, input=output, tools=[WEATHER_TOOL]
+    )
+    assert second.output_text == "weather returned sunny"
+    assert second.conversation.id == first.conversation.id  # type: ignore[union-attr]
+    assert second.previous_response_id == first.id
+    chained = client.responses.create(model="helper", previous_response_id=second.id, input="and?")
+    assert chained.output_text == "echo #2: and?"  # the history carried on
+    with pytest.raises(openai.BadRequestError) as info:  # an older response: would branch
+        client.responses.create(model="helper", previous_response_id=first.id, input="x")
+    assert info.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError):  # another user's response does not exist
+        door.client("bob").responses.create(
+            model="helper", previous_response_id=chained.id, input="x"
+        )
+    # Streamed, the call arrives as a whole function_call item and the response ends.
+    with client.responses.create(
+        model="helper", input=ASK_WEATHER, tools=[WEATHER_TOOL], stream=True
+    ) as stream:
+        events = list(stream)
+    added = [e.item.type for e in events if e.type == "response.output_item.added"]
+    assert added == ["function_call"]
+    assert events[-1].type == "response.completed"
+
+
+def test_stateless_responses_take_a_client_tool_round_trip_as_input(door: Door) -> None:
+    client = door.client()
+    stored = _store(door.store, lambda s: s.count())
+    first = client.responses.create(
+        model="helper", input=ASK_WEATHER, tools=[WEATHER_TOOL], store=False
+    )
+    call = first.output[0]
+    context: Any = [
+        {"role": "user", "content": ASK_WEATHER},
+        call.model_dump(exclude_none=True),
+        {"type": "function_call_output", "call_id": call.call_id, "output": "rain"},  # type: ignore[union-attr]
+    ]
+    second = client.responses.create(
+        model="helper", input=context, tools=[WEATHER_TOOL], store=False
+    )
+    assert second.output_text == "weather returned rain"
+    server = client.responses.create(model="helper", input="what is 2 + 3?", store=False)
+    replayed: Any = [
+        {"role": "user", "content": "what is 2 + 3?"},
+        *[o.model_dump(exclude_none=True) for o in server.output],
+        {"role": "user", "content": "thanks"},
+    ]
+    third = client.responses.create(model="helper", input=replayed, store=False)
+    assert third.output_text == "echo #2: thanks"  # mcp_call items read back as context
+    assert _store(door.store, lambda s: s.count()) == stored
+
+
+def test_the_agents_sdk_runs_a_function_tool_round_trip_through_the_door(door: Door) -> None:
+    """The OpenAI Agents SDK's Runner against the door: a ``@function_tool`` the model
+    calls is run by the SDK and the turn continues — by conversation, by
+    ``previous_response_id``, and stateless (the SDK sends the history itself)."""
+    from agents import Agent as SdkAgent
+    from agents import OpenAIResponsesModel, RunConfig, Runner, function_tool
+
+    ran: list[str] = []
+
+    @function_tool
+    def weather(city: str) -> str:
+        """The weather in a city."""
+        ran.append(city)
+        return f"sunny in {city}"
+
+    async def go() -> list[str]:
+        client = openai.AsyncOpenAI(
+            base_url=f"{door.url}/v1", api_key=door.keys["alice"], max_retries=0
+        )
+        model = OpenAIResponsesModel(model="helper", openai_client=client)
+        agent = SdkAgent(name="a", instructions="Be helpful.", model=model, tools=[weather])
+        config = RunConfig(tracing_disabled=True)
+        conv = await client.conversations.create()
+        out = []
+        first = await Runner.run(agent, ASK_WEATHER, conversation_id=conv.id, run_config=config)
+        out.append(str(first.final_output))
+        chained = await Runner.run(
+            agent, ASK_WEATHER, previous_response_id=first.last_response_id, run_config=config
+        )
+        out.append(str(chained.final_output))
+        stateless = await Runner.run(agent, ASK_WEATHER, run_config=config)
+        out.append(str(stateless.final_output))
+        return out
+
+    finals = asyncio.run(go())
+    assert finals == ["weather returned sunny in Paris"] * 3
+    assert ran == ["Paris"] * 3
+
+
+def test_langchain_bind_tools_completes_a_tool_round_trip(door: Door) -> None:
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def weather(city: str) -> str:
+        """The weather in a city."""
+        return f"windy in {city}"
+
+    for responses_api in (False, True):
+        llm = ChatOpenAI(
+            model="helper",
+            base_url=f"{door.url}/v1",
+            api_key=door.keys["alice"],  # type: ignore[arg-type]
+            use_responses_api=responses_api,
+            max_retries=0,
+        ).bind_tools([weather])
+        history: list[Any] = [HumanMessage(ASK_WEATHER)]
+        asked = llm.invoke(history)
+        (call,) = asked.tool_calls  # type: ignore[attr-defined]
+        assert (call["name"], call["args"]) == ("weather", {"city": "Paris"})
+        history += [asked, ToolMessage(weather.invoke(call["args"]), tool_call_id=call["id"])]
+        answer = llm.invoke(history)
+        assert answer.text == "weather returned windy in Paris"

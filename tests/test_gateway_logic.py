@@ -129,7 +129,16 @@ def test_a_turn_becomes_the_sdks_response_and_stream_events_numbered_in_order() 
     assert response.output_text == "add returned 5"
     assert response.usage is not None
     assert response.usage.total_tokens == 19
-    assert [o.type for o in response.output] == ["function_call", "function_call_output", "message"]
+    # The agent's own call ran here: an MCP call holding its result (a function_call
+    # would ask the client to run it).
+    assert [o.type for o in response.output] == ["mcp_call", "message"]
+    call = response.output[0]
+    assert (call.name, call.output, call.status, call.server_label) == (
+        "add",
+        "5",
+        "completed",
+        "overstory",
+    )
     # A second reader of the same events gets the same bytes (resume is a replay).
     again = ResponseStream(rid, "helper")
     assert [sse(e) for event in turn(rid) for e in again.feed(event)] == [sse(e) for e in out]
@@ -189,22 +198,17 @@ def history() -> list[Any]:
 
 def test_items_are_the_stored_messages_and_pages_walk_them_both_ways() -> None:
     items = conversation_items(history())
-    assert [i["id"] for i in items] == [
-        "item_0",
-        "item_1_0",
-        "item_2",
-        "item_3",
-        "item_4",
-        "item_5",
-    ]
-    assert [i["type"] for i in items][:3] == ["message", "function_call", "function_call_output"]
+    # The agent's own call and its return are one mcp_call item (the return makes none).
+    assert [i["id"] for i in items] == ["item_0", "item_1_0", "item_3", "item_4", "item_5"]
+    assert [i["type"] for i in items][:3] == ["message", "mcp_call", "message"]
     assert json.loads(items[1]["arguments"]) == {"a": 2, "b": 3}
+    assert items[1]["output"] == "5"
     assert items[-1]["status"] == "incomplete"
 
-    first = page(items, after=None, limit=4, order="asc")
-    assert [i["id"] for i in first["data"]] == ["item_0", "item_1_0", "item_2", "item_3"]
+    first = page(items, after=None, limit=3, order="asc")
+    assert [i["id"] for i in first["data"]] == ["item_0", "item_1_0", "item_3"]
     assert first["has_more"] is True
-    rest = page(items, after=first["last_id"], limit=4, order="asc")
+    rest = page(items, after=first["last_id"], limit=3, order="asc")
     assert [i["id"] for i in rest["data"]] == ["item_4", "item_5"]
     assert rest["has_more"] is False
     newest = page(items, after=None, limit=2, order="desc")
@@ -243,7 +247,7 @@ def test_an_items_page_is_read_from_the_store_not_the_whole_history() -> None:
         seen, after = [], None
         while True:
             wanted = items_read(after, 4, order)
-            assert wanted["limit"] == 6  # a page and a bit, never the history
+            assert wanted["limit"] == 10  # two pages and a bit, never the history
             part = page(conversation_items(read(**wanted)), after=after, limit=4, order=order)  # type: ignore[arg-type]
             whole = page(everything, after=after, limit=4, order=order)
             assert part == whole
@@ -612,8 +616,20 @@ def test_turn_options_map_what_they_can_and_refuse_the_rest_by_name() -> None:
     fmt = {"format": {"type": "json_schema", "name": "P", "schema": schema}}
     assert turn_options({"text": fmt}).output.schema == schema  # type: ignore[union-attr]
     assert turn_options({"text": {"format": {"type": "text"}}}).output is None
+    chosen = turn_options(
+        {
+            "tool_choice": {"type": "function", "name": "f"},
+            "parallel_tool_calls": False,
+            "instructions": "Be brief.",
+            "include": ["reasoning.encrypted_content"],
+        }
+    )
+    assert chosen.settings == {"tool_choice": "f", "parallel_tool_calls": False}
+    assert chosen.instructions == "Be brief."
     for body, param in (
-        ({"tools": [{"type": "function", "name": "f"}]}, "tools"),
+        ({"tool_choice": {"type": "web_search"}}, "tool_choice"),
+        ({"include": ["message.output_text.logprobs"]}, "include"),
+        ({"instructions": 3}, "instructions"),
         ({"store": "no"}, "store"),
         ({"truncation": "disabled"}, "truncation"),
         ({"parallel_tool_calls": 1}, "parallel_tool_calls"),
@@ -651,11 +667,11 @@ def test_a_chat_request_is_its_context_its_text_and_its_options() -> None:
             },
         }
     )
-    assert [(m.kind, m.content, m.seq) for m in chat.context] == [
+    assert [(m.kind, m.content, m.seq) for m in chat.context.messages] == [
         ("user", "hi", 0),
         ("assistant", "hello", 1),
     ]
-    assert (chat.text, chat.system) == ("and now?", "Be brief.")
+    assert (chat.context.text, chat.context.system) == ("and now?", "Be brief.")
     assert (chat.stream, chat.include_usage) == (True, True)
     assert chat.settings == {"temperature": 0.3, "max_output_tokens": 50, "stop": ["END"]}
     assert chat.output is not None
@@ -663,8 +679,13 @@ def test_a_chat_request_is_its_context_its_text_and_its_options() -> None:
     for body, param in (
         ({"messages": [{"role": "assistant", "content": "x"}]}, "messages"),
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "tool", "content": "4", "tool_call_id": "c"}]}, "messages[0].role"),
-        ({"tools": [{"type": "function"}]}, "tools"),
+        (
+            {"messages": [{"role": "tool", "content": "4", "tool_call_id": "c"}]},
+            "messages[0].call_id",
+        ),
+        ({"tools": [{"type": "function"}]}, "tools[0].name"),
+        ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+        ({"tool_choice": "always"}, "tool_choice"),
         ({"n": 2}, "n"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),
         ({"max_tokens": 0}, "max_tokens"),

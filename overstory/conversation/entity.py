@@ -50,7 +50,7 @@ from ..validation import validate_turn
 from .gate import TurnGate
 from .serving import Binding, Serving
 from .supervision import EntitySupervision
-from .turn import Emit, restarted, run_turn
+from .turn import Emit, append_messages, restarted, run_turn
 from .turnlog import TurnStreams
 from .window import TAIL_PAGE, Memory, read_tail
 
@@ -223,7 +223,7 @@ class Entity:
         services = self.shell.services
         # Whose conversation: the quota's user, the cache's scope, the user a tool is told.
         user = await user_of(services.store, self.conversation_id, services.records)
-        if not admitted:
+        if not admitted and not request.append:  # an append calls no model: no quota
             ticket = await self._admit(user, request)
         self.in_turn += 1
         try:
@@ -285,6 +285,15 @@ class Entity:
             # asyncio.timeout, not wait_for: no extra task per turn on the process's loop.
             async with asyncio.timeout(timeout_s):
                 with attached(request.carrier), provider_namespace(services.namespace):
+                    if request.append:  # the caller's messages: no agent, no model call
+                        return await append_messages(
+                            services.store,
+                            cid,
+                            self.history,
+                            turn_id,
+                            request.append,
+                            epoch=self.epoch,
+                        )
                     agent = await services.serving.agent_for(
                         cid, self.binding, bool(self.history), request.agent_version
                     )
@@ -307,6 +316,7 @@ class Entity:
                         output_type=request.output_type,
                         client_tools=request.tools,
                         tool_outputs=request.tool_outputs,
+                        instructions=request.instructions,
                     )
         except (TurnFailed, UsageError):
             raise  # the turn's own outcome (or the caller's mistake): the entity is fine

@@ -33,7 +33,7 @@ from ..agent import Agent
 from ..app import App
 from ..compaction import Compact, Trim
 from ..config import Config
-from ..messages import Message, Reply
+from ..messages import Message, Reply, ToolDefinition, ToolOutput
 from ..providers import ModelSettings
 from ..providers.pool import provider_namespace
 from ..quota import finish
@@ -117,13 +117,17 @@ class StatelessTurns:
         settings: dict[str, Any] | None = None,
         output_type: Any = None,
         carrier: dict[str, str] | None = None,
+        client_tools: Sequence[ToolDefinition] = (),
+        tool_outputs: Sequence[ToolOutput] = (),
     ) -> Reply:
         """``agent``'s answer to ``text`` after ``context`` (earlier messages, oldest
         first), as ``user`` — whose quota admits and pays for it. ``system`` is added
-        to the agent's instructions. Raises as a conversation's turn does
-        (``TurnFailed``, ``QuotaExceeded``, ``UsageError``)."""
+        to the agent's instructions (as its ``caller_instructions`` says). ``client_tools`` and ``tool_outputs``: as for
+        :func:`~.turn.run_turn` (``text`` is then empty, the context ending on the
+        calls answered). Raises as a conversation's turn does (``TurnFailed``,
+        ``QuotaExceeded``, ``UsageError``)."""
         services = await self.services()
-        agent = _stateless(agent, system)
+        agent = _stateless(agent)
         conversation_id = f"stateless:{user}"  # a user part for tools; never stored
         turn_id = uuid.uuid4().hex
         history = list(context)
@@ -151,6 +155,9 @@ class StatelessTurns:
                         settings=settings,
                         output_type=output_type,
                         persist=False,
+                        client_tools=client_tools,
+                        tool_outputs=tool_outputs,
+                        instructions=system,
                     )
         finally:
             if ticket is not None:
@@ -162,15 +169,11 @@ class StatelessTurns:
             self._services = None
 
 
-def _stateless(agent: Agent, system: str) -> Agent:
-    """``agent`` as a stateless turn runs it: ``system`` after its instructions, and a
-    :class:`~overstory.compaction.Compact` policy as :class:`Trim` (a summary would be
-    stored)."""
-    if not system and not isinstance(agent.context, Compact):
+def _stateless(agent: Agent) -> Agent:
+    """``agent`` as a stateless turn runs it: a :class:`~overstory.compaction.Compact`
+    policy as :class:`Trim` (a summary would be stored)."""
+    if not isinstance(agent.context, Compact):
         return agent
     clone = copy.copy(agent)
-    if system:
-        clone.instructions = f"{agent.instructions}\n\n{system}" if agent.instructions else system
-    if isinstance(agent.context, Compact):
-        clone.context = Trim()
+    clone.context = Trim()
     return clone

@@ -69,7 +69,16 @@ from ..usage import Prices, cost_of
 from ..vault import DataVault
 from .window import Memory, is_overflow
 
-__all__ = ["Emit", "awaiting", "continued", "is_complete", "reply_of", "restarted", "run_turn"]
+__all__ = [
+    "Emit",
+    "append_messages",
+    "awaiting",
+    "continued",
+    "is_complete",
+    "reply_of",
+    "restarted",
+    "run_turn",
+]
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +250,36 @@ async def _structured(
     raise AssertionError("unreachable")
 
 
+async def append_messages(
+    store: HistoryStore,
+    conversation_id: str,
+    history: list[Message],
+    turn_id: str,
+    messages: Sequence[Message],
+    *,
+    epoch: int | None = None,
+) -> Reply:
+    """Store ``messages`` after ``history`` (extended in place) as turn ``turn_id``,
+    with no model call: a caller's items. Sent again, the stored turn is returned
+    (:class:`InvalidMessage` if it held other messages)."""
+    turn = [m for m in history if m.turn_id == turn_id]
+    if not turn and history and history[0].seq > 0:  # a tail: ask the store
+        turn = await store.load_turn(conversation_id, turn_id)
+    if turn:
+        if [(m.kind, m.content) for m in turn] != [(m.kind, m.content) for m in messages]:
+            raise InvalidMessage(
+                f"turn id {turn_id!r} was already used for other messages in "
+                f"conversation {conversation_id!r}"
+            )
+    else:
+        for message in messages:
+            stored = placed(message, seq=history[-1].seq + 1 if history else 0, turn_id=turn_id)
+            await store.append(conversation_id, stored, epoch=epoch)
+            history.append(stored)
+            turn.append(stored)
+    return Reply(text="", turn_id=turn_id, messages=tuple(turn), usage=Usage())
+
+
 def _never() -> bool:
     return False
 
@@ -266,6 +305,7 @@ async def run_turn(
     persist: bool = True,
     client_tools: Sequence[ToolDefinition] = (),
     tool_outputs: Sequence[ToolOutput] = (),
+    instructions: str = "",
 ) -> Reply:
     """Run (or resume, or replay) turn ``turn_id``; ``history`` — all of it, or its most
     recent part (the entity's tail; a turn older than it is looked up in the store) — is
@@ -311,7 +351,8 @@ async def run_turn(
     same answer have run): :attr:`Reply.awaiting` holds the calls for the caller to
     run. ``tool_outputs``: the caller's results for the calls the history ends on
     (:func:`continued`); the turn starts from them instead of a user message (``text``
-    is empty) and goes on as any turn does.
+    is empty) and goes on as any turn does. ``instructions``: this turn's own, with the
+    agent's as its ``caller_instructions`` says (:meth:`Agent.with_instructions`).
     """
     started = time.monotonic()
     outcome = "error"
@@ -336,6 +377,7 @@ async def run_turn(
                 persist,
                 client_tools,
                 tool_outputs,
+                instructions,
             )
             set_turn_usage(span, reply.usage.input_tokens, reply.usage.output_tokens)
             if prices:
@@ -493,9 +535,11 @@ async def _run_turn(
     persist: bool = True,
     client_tools: Sequence[ToolDefinition] = (),
     tool_outputs: Sequence[ToolOutput] = (),
+    instructions: str = "",
 ) -> Reply:
     # The caller's choices are checked before anything is stored (UsageError).
     agent = agent.with_output(output_type).with_client_tools(client_tools)
+    agent = agent.with_instructions(instructions)
     chosen = agent.choose(model_name) if model_name is not None else None
     per_turn = None if settings is None else ModelSettings.of(settings)
     forced = (per_turn or ModelSettings()).over(agent.model_settings).forced()

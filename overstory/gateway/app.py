@@ -63,21 +63,17 @@ from ..exceptions import (
     UsageError,
 )
 from ..jobs import JobBook, JobRecord, is_permanent, new_job
-from ..messages import Message, Reply, TurnEvent
+from ..messages import Message, Reply, ToolDefinition, TurnEvent, TurnRequest
 from ..store import HistoryStore, open_store
-from ..store.settings import IDEMPOTENCY, READYZ
+from ..store.settings import IDEMPOTENCY, READYZ, RESPONSE
 from ..telemetry import inject
-from ..validation import validate_message, validate_user_id
-from .chat import (
-    ChatChunks,
-    chat_completion,
-    chat_request,
-    new_completion_id,
-    responses_context,
-)
+from ..validation import validate_turn, validate_user_id
+from .chat import ChatChunks, chat_completion, chat_request, new_completion_id
+from .items import Context, client_tools, input_context, names
 from .keys import KEY_PREFIX, authenticate_key
 from .tokens import JwtSettings, authenticate_jwt
 from .wire import (
+    DEFAULT_ECHO,
     MAX_JSON_DEPTH,
     ParamError,
     ResponseStream,
@@ -395,6 +391,19 @@ class Gateway:
         """Cancel a background response's job if it is still queued; its state after."""
         return (await self.jobs(await self.store()).cancel(job.id, time.time()))[0]
 
+    async def remember(self, response_id: str, echo: dict[str, Any]) -> None:
+        """Keep what a stored response repeats of its request (its metadata,
+        instructions, tools...: :data:`~.wire.DEFAULT_ECHO` unless set), for whoever
+        reads it later; written once (a retried create keeps the first)."""
+        store = await self.store()
+        await store.put_setting(RESPONSE.key(response_id), json.dumps(echo), expected=None)
+
+    async def recall(self, response_id: str) -> dict[str, Any]:
+        """What :meth:`remember` kept of a response's request (the defaults: ``{}``)."""
+        raw = await (await self.store()).get_setting(RESPONSE.key(response_id))
+        echo = json.loads(raw) if raw else {}
+        return {k: v for k, v in echo.items() if k in DEFAULT_ECHO}
+
     async def job_of(self, response_id: str) -> JobRecord | None:
         """The background job of a response, if it is one."""
         return await self.jobs(await self.store()).for_turn(response_id)
@@ -501,42 +510,6 @@ def _metadata(value: Any) -> dict[str, str]:
         return validate_metadata(value)
     except UsageError as exc:
         raise ApiError(400, str(exc), param="metadata") from exc
-
-
-def _input_text(value: Any, max_chars: int) -> str:
-    """The user's text of a response's ``input``: a string, or a list of one input item,
-    a user message (its text parts joined). A longer list — a client sending its own
-    history as the context — is refused, not cut to its last message: the door does not
-    take a stateless context yet, and the conversation already holds its history."""
-    text: Any = value
-    if isinstance(value, list):
-        users = [
-            item
-            for item in value
-            if isinstance(item, dict) and item.get("role") == "user" and "content" in item
-        ]
-        if not users:
-            raise ApiError(400, "input: no message with role 'user'", param="input")
-        if len(value) != 1:
-            raise ApiError(
-                400,
-                f"input: {len(value)} items given; the door takes one user message per "
-                "response (the conversation holds the history; a client-sent context is "
-                "not supported yet)",
-                param="input",
-            )
-        content = users[-1]["content"]
-        if isinstance(content, list):
-            parts = [p.get("text") for p in content if isinstance(p, dict)]
-            texts = [p for p in parts if isinstance(p, str)]
-            if not texts or len(texts) != len(content):
-                raise ApiError(400, "input: content parts must be input_text", param="input")
-            content = "\n".join(texts)
-        text = content
-    try:
-        return validate_message(text, max_chars=max_chars)
-    except InvalidMessage as exc:
-        raise ApiError(400, f"input: {exc}", param="input") from exc
 
 
 async def _json(request: Request, gateway: Gateway) -> dict[str, Any]:
@@ -829,31 +802,22 @@ async def chat_completions(request: Request) -> Response:
     model = name if version is None else f"{name}/{version}"
     try:
         chat = chat_request(body)
-        text = validate_message(
-            chat.text, max_chars=gateway.runtime.config.limits.max_message_chars
-        )
     except ParamError as exc:
         raise ApiError(400, str(exc), param=exc.param) from exc
-    except InvalidMessage as exc:
-        raise ApiError(400, f"messages: {exc}", param="messages") from exc
+    context = _checked(gateway, chat.context, chat.tools, "messages")
     turns = gateway.stateless()
     agent = await turns.agent(name, version)
     completion_id = new_completion_id()
-    options: dict[str, Any] = {
-        "system": chat.system,
-        "settings": chat.settings,
-        "output_type": chat.output,
-        "carrier": inject(),
-    }
+    options = _stateless_options(context, chat.tools, chat.settings, chat.output)
     if not chat.stream:
-        reply = await turns.run(principal.user, agent, chat.context, text, **options)
+        reply = await turns.run(principal.user, agent, context.messages, context.text, **options)
         return JSONResponse(chat_completion(completion_id, model, reply, int(time.time())))
     run = _StatelessRun(
         turns,
         principal.user,
         agent,
-        chat.context,
-        text,
+        context.messages,
+        context.text,
         completion_id,
         gateway.runtime.config.conversations.turn_timeout_s,
         options,
@@ -866,12 +830,45 @@ async def chat_completions(request: Request) -> Response:
         async for event in run.events():
             if event.type == "delta":
                 yield chunks.delta(event.text)
+            elif event.type == "tool_call" and event.tool_call and event.tool_call.client:
+                yield chunks.tool_call(event.tool_call)
             elif event.type in ("completed", "incomplete") and isinstance(event.reply, Reply):
                 yield chunks.end(event.reply)  # cut short: what was shown, finish "length"
             elif event.type == "failed":
                 yield ChatChunks.error(event.text[:300]) + b"data: [DONE]\n\n"
 
     return _sse(body_of())
+
+
+def _checked(
+    gateway: Gateway, context: Context, tools: tuple[ToolDefinition, ...], param: str
+) -> Context:
+    """A request's context once its turn is checked as any turn is (its text a message,
+    or its tool outputs well formed; its tools well formed): a 400 naming ``param``."""
+    limit = gateway.runtime.config.limits.max_message_chars
+    request = TurnRequest("", context.text, tools=tools, tool_outputs=context.outputs)
+    try:
+        validate_turn(request, max_chars=limit)
+    except InvalidMessage as exc:
+        raise ApiError(400, f"{param}: {exc}", param=param) from exc
+    return context
+
+
+def _stateless_options(
+    context: Context,
+    tools: tuple[ToolDefinition, ...],
+    settings: dict[str, Any] | None,
+    output: Any,
+) -> dict[str, Any]:
+    """The keyword options of a stateless turn (:meth:`StatelessTurns.run`)."""
+    return {
+        "system": context.system,
+        "settings": settings,
+        "output_type": output,
+        "carrier": inject(),
+        "client_tools": tools,
+        "tool_outputs": context.outputs,
+    }
 
 
 class _StatelessRun:
@@ -960,13 +957,21 @@ async def create_response(request: Request) -> Response:
         raise ApiError(400, "background: a boolean", param="background")
     try:
         options = turn_options(body)
+        tools = client_tools(body.get("tools"))
+        context = input_context(
+            body.get("input"), names(tools), stored=body.get("store") is not False
+        )
     except ParamError as exc:
         raise ApiError(400, str(exc), param=exc.param) from exc
-    if background and options.any:
+    context = _checked(gateway, context, tools, "input")
+    instructions = "\n\n".join(t for t in (options.instructions, context.system) if t)
+    metadata = _metadata(body.get("metadata"))
+    shown = _echo(body, instructions, tools, metadata)
+    if background and (options.any or tools or instructions or context.outputs):
         raise ApiError(
             400,
-            "a background response takes no temperature, max_output_tokens or text.format "
-            "(yet): send it in the foreground",
+            "a background response takes a user message only (no tools, instructions, "
+            "temperature, max_output_tokens or text.format yet): send it in the foreground",
             param="background",
         )
     if background and stream:
@@ -977,21 +982,10 @@ async def create_response(request: Request) -> Response:
             param="stream",
         )
     if body.get("store") is False:  # stateless: the input is the context, nothing stored
-        return await _stateless_response(request, gateway, principal, body, agent, version)
-    text = _input_text(body.get("input"), gateway.runtime.config.limits.max_message_chars)
-    target = body.get("conversation")
-    if isinstance(target, dict):
-        target = target.get("id")
-    if target is None:  # a conversation of its own, made once however often this is retried
-        response_id = await gateway.idempotent(
-            principal, request, body, new_response_id(new_conversation_id())
+        return await _stateless_response(
+            request, gateway, principal, body, (agent, version), context, tools, shown
         )
-        record = await gateway.create(principal, agent, None, conversation_of(response_id))
-    elif isinstance(target, str):
-        record = await gateway.reach(principal, target, "write")
-        response_id = await gateway.idempotent(principal, request, body, new_response_id(record.id))
-    else:
-        raise ApiError(400, "conversation: a conversation id", param="conversation")
+    record, response_id = await _conversation_for(gateway, principal, request, body, agent)
     if record.agent is None:
         record = await gateway.update(record, agent=agent)
     elif record.agent != agent:
@@ -1000,26 +994,148 @@ async def create_response(request: Request) -> Response:
             f"conversation {record.id} talks to agent {record.agent!r}, not {agent!r}",
             param="model",
         )
-    if background:  # a durable job runs the turn; the caller polls the response
-        job = await gateway.background(record, text, response_id, version)
-        return JSONResponse(_job_snapshot(response_id, model, job))
     conv = await gateway.conversation(record, principal)
+    if context.messages:  # the caller's history first: appended as items are
+        await _append(conv, context.messages, f"{response_id}:input")
+    if shown != DEFAULT_ECHO:  # what its readers repeat later, as this one does
+        await gateway.remember(response_id, shown)
+    if background:  # a durable job runs the turn; the caller polls the response
+        job = await gateway.background(record, context.text, response_id, version)
+        return JSONResponse(_job_snapshot(response_id, model, job))
     # The turn starts (or is refused, as an HTTP error) before any byte is sent.
     events = await _primed(
         conv.stream_async(
-            text,
+            context.text,
             turn_id=response_id,
             version=version,
             settings=options.settings,
             output_type=options.output,
+            tools=tools,
+            tool_outputs=context.outputs,
+            instructions=instructions,
         )
     )
     if stream:
-        return _sse(_translated(ResponseStream(response_id, model), events, -1))
-    reader = ResponseStream(response_id, model)
+        return _sse(_translated(ResponseStream(response_id, model, echo=shown), events, -1))
+    reader = ResponseStream(response_id, model, echo=shown)
     async for event in events:
         reader.feed(event)
     return JSONResponse(reader.snapshot())
+
+
+async def _conversation_for(
+    gateway: Gateway,
+    principal: Principal,
+    request: Request,
+    body: dict[str, Any],
+    agent: str,
+) -> tuple[ConversationRecord, str]:
+    """The conversation a stored response goes into and the response's id: the one
+    ``conversation`` names, the one ``previous_response_id`` is the latest response of,
+    or a new one (made once however often the request is retried)."""
+    target, previous = body.get("conversation"), body.get("previous_response_id")
+    if target is not None and previous is not None:
+        raise ApiError(
+            400,
+            "conversation and previous_response_id: send one of them",
+            param="previous_response_id",
+        )
+    if isinstance(target, dict):
+        target = target.get("id")
+    if previous is not None:
+        record = await _previous(gateway, principal, previous)
+    elif target is None:
+        response_id = await gateway.idempotent(
+            principal, request, body, new_response_id(new_conversation_id())
+        )
+        return await gateway.create(principal, agent, None, conversation_of(response_id)), (
+            response_id
+        )
+    elif isinstance(target, str):
+        record = await gateway.reach(principal, target, "write")
+    else:
+        raise ApiError(400, "conversation: a conversation id", param="conversation")
+    return record, await gateway.idempotent(principal, request, body, new_response_id(record.id))
+
+
+async def _append(conv: Any, messages: Sequence[Message], turn_id: str) -> None:
+    """Store a caller's messages in the conversation (no model call), once however
+    often ``turn_id`` comes; a 400 when that id stored other messages."""
+    try:
+        await conv.append_async(messages, turn_id=turn_id)
+    except InvalidMessage as exc:
+        raise ApiError(400, f"input: {exc}", param="input") from exc
+
+
+async def _previous(gateway: Gateway, principal: Principal, response_id: Any) -> ConversationRecord:
+    """The conversation ``previous_response_id`` continues: the response must be its
+    latest (404 for a response the caller cannot reach, as for any other id; a 400 for
+    an older one: continuing it would branch the conversation, which the door does not
+    do)."""
+    missing = ApiError(
+        404,
+        f"Response with id '{str(response_id)[:64]}' not found.",
+        param="previous_response_id",
+        code="not_found",
+    )
+    try:
+        conversation_id = conversation_of(response_id)
+    except UsageError as exc:
+        raise missing from exc
+    try:
+        record = await gateway.reach(principal, conversation_id, "write")
+    except ApiError as exc:
+        if exc.status == 404:
+            raise missing from exc
+        raise
+    if record.agent is None:
+        raise missing
+    conv = await gateway.conversation(record, principal)
+    last = await conv.history_async(after=-1, limit=1, before=2**62)
+    if not last or last[-1].turn_id != response_id:
+        try:
+            await conv.events_async(response_id)
+        except UnknownTurn as exc:
+            raise missing from exc
+        raise ApiError(
+            400,
+            f"previous_response_id: {response_id} is not the latest response of its "
+            "conversation; continuing an older one would branch it, which this door does "
+            "not do (continue the latest, or start a new conversation)",
+            param="previous_response_id",
+        )
+    return record
+
+
+def _echo(
+    body: dict[str, Any],
+    instructions: str,
+    tools: tuple[ToolDefinition, ...],
+    metadata: dict[str, str],
+) -> dict[str, Any]:
+    """What a response object repeats of its request (OpenAI's echo of its settings)."""
+    text = body.get("text")
+    return {
+        "instructions": instructions or None,
+        "metadata": metadata,
+        "previous_response_id": body.get("previous_response_id"),
+        "tools": [
+            {
+                "type": "function",
+                "name": t.name,
+                "description": t.description,
+                "parameters": t.parameters,
+                "strict": False,
+            }
+            for t in tools
+        ],
+        "tool_choice": body.get("tool_choice") or "auto",
+        "parallel_tool_calls": body.get("parallel_tool_calls") is not False,
+        "temperature": body.get("temperature"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "text": text if isinstance(text, dict) else {"format": {"type": "text"}},
+        "truncation": body.get("truncation") or "auto",
+    }
 
 
 async def _stateless_response(
@@ -1027,8 +1143,10 @@ async def _stateless_response(
     gateway: Gateway,
     principal: Principal,
     body: dict[str, Any],
-    agent_name: str,
-    version: str | None,
+    chosen: tuple[str, str | None],
+    context: Context,
+    tools: tuple[ToolDefinition, ...],
+    shown: dict[str, Any],
 ) -> Response:
     """``store=false``: the response runs as a stateless turn (as a Chat Completion
     does) on ``input`` as its context; nothing is stored, so it cannot be retrieved,
@@ -1036,7 +1154,9 @@ async def _stateless_response(
     store)."""
     for param, refused in (
         ("conversation", body.get("conversation") is not None),
+        ("previous_response_id", body.get("previous_response_id") is not None),
         ("background", body.get("background") is True),
+        ("metadata", bool(shown["metadata"])),
     ):
         if refused:
             raise ApiError(400, f"{param}: not with store=false (it would be stored)", param=param)
@@ -1044,38 +1164,29 @@ async def _stateless_response(
         raise ApiError(
             400, "Idempotency-Key: not with store=false (its claim would be stored)", param="store"
         )
-    try:
-        context, raw, system = responses_context(body.get("input"))
-        text = validate_message(raw, max_chars=gateway.runtime.config.limits.max_message_chars)
-        options = turn_options(body)
-    except ParamError as exc:
-        raise ApiError(400, str(exc), param=exc.param) from exc
-    except InvalidMessage as exc:
-        raise ApiError(400, f"input: {exc}", param="input") from exc
+    options = turn_options(body)
     turns = gateway.stateless()
-    agent = await turns.agent(agent_name, version)
-    model = agent_name if version is None else f"{agent_name}/{version}"
+    name, version = chosen
+    agent = await turns.agent(name, version)
+    model = name if version is None else f"{name}/{version}"
     response_id = new_response_id(new_conversation_id())  # a conversation never made
     run = _StatelessRun(
         turns,
         principal.user,
         agent,
-        context,
-        text,
+        context.messages,
+        context.text,
         response_id,
         gateway.runtime.config.conversations.turn_timeout_s,
         {
-            "system": system,
-            "settings": options.settings,
-            "output_type": options.output,
-            "carrier": inject(),
+            **_stateless_options(context, tools, options.settings, options.output),
+            "system": shown["instructions"] or "",
         },
     )
     await run.primed()
+    reader = ResponseStream(response_id, model, store=False, echo=shown)
     if body.get("stream", False):
-        stream = ResponseStream(response_id, model, store=False)
-        return _sse(_translated(stream, run.events(), -1))
-    reader = ResponseStream(response_id, model, store=False)
+        return _sse(_translated(reader, run.events(), -1))
     async for event in run.events():
         reader.feed(event)
     return JSONResponse(reader.snapshot())
@@ -1112,14 +1223,13 @@ async def get_response(response_id: str, request: Request) -> Response:
         if after < -1:
             raise ApiError(400, "starting_after: a sequence number", param="starting_after")
         await _started(gateway, conv, response_id)
-        return _sse(
-            _translated(ResponseStream(response_id, agent), conv.resume_async(response_id), after)
-        )
+        reader = ResponseStream(response_id, agent, echo=await gateway.recall(response_id))
+        return _sse(_translated(reader, conv.resume_async(response_id), after))
     events, job = await _known_or_queued(gateway, conv, response_id)
     if events is None:
         assert job is not None
         return JSONResponse(_job_snapshot(response_id, agent, job))
-    reader = ResponseStream(response_id, agent)
+    reader = ResponseStream(response_id, agent, echo=await gateway.recall(response_id))
     for event in events:
         reader.feed(event)
     shown = reader.snapshot()
@@ -1155,7 +1265,7 @@ async def cancel_response(response_id: str, request: Request) -> Response:
             response_id, after=events[-1].seq if events else -1, wait_s=1.0
         )
         events += more
-    reader = ResponseStream(response_id, agent)
+    reader = ResponseStream(response_id, agent, echo=await gateway.recall(response_id))
     for event in events:
         reader.feed(event)
     return JSONResponse(reader.snapshot())

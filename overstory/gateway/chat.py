@@ -1,18 +1,20 @@
 """OpenAI's Chat Completions shapes (pure): a request's context and options, and the
-``chat.completion`` object and stream chunks built from a stateless turn; and the
-context of a stateless Responses request (``store=false``), read the same way.
+``chat.completion`` object and stream chunks built from a stateless turn.
 
 A Chat Completions request carries its whole conversation, and nothing is stored
-(:mod:`overstory.conversation.stateless`):
+(:mod:`overstory.conversation.stateless`); its ``messages`` are read by
+:func:`~.items.chat_context`:
 
-- the last message must be the user's: it is the turn's text;
+- the last message is the user's (the turn's text), or ``tool`` messages answering the
+  last assistant message's calls (the turn continues from those outputs);
 - the messages before it are the context;
 - system and developer messages are added to the agent's instructions.
 
-The agent's own tools run on the server. Their calls are not shown: in this API a tool
-call in an answer asks the client to run it. Client-side tools (``tools``, ``tool``
-messages, an assistant's ``tool_calls``) are refused by name, for now. As for
-Responses, a parameter either has its effect or is refused naming it.
+The agent's own tools run on the server and their calls are not shown: in this API a
+tool call in an answer asks the client to run it. The request's ``tools`` (client
+tools) are offered beside the agent's; a call to one ends the completion with
+``finish_reason: "tool_calls"``. As for Responses, a parameter either has its effect
+or is refused naming it.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..exceptions import UsageError
-from ..messages import AssistantMessage, Message, Reply, UserMessage
+from ..messages import Reply, ToolCall, ToolDefinition
 from ..providers.base import ModelSettings
 from ..providers.schema import OutputSchema
-from .wire import ParamError, text_format
+from .items import Context, chat_context, client_tools
+from .wire import ParamError, text_format, tool_choice
 
-__all__ = ["ChatChunks", "ChatRequest", "chat_completion", "chat_request", "responses_context"]
+__all__ = ["ChatChunks", "ChatRequest", "chat_completion", "chat_request"]
 
 _TAKEN = frozenset(
     {
@@ -43,15 +46,15 @@ _TAKEN = frozenset(
         "stop",
         "seed",
         "response_format",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
     }
 )
 
 #: Accepted only at the value that asks for nothing the door does not do anyway.
 _DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
     "n": (None, 1),
-    "tools": (None, []),
-    "tool_choice": (None, "auto", "none"),
-    "parallel_tool_calls": (None, True),
     "logprobs": (None, False),
     "top_logprobs": (None,),
     "top_p": (None, 1, 1.0),
@@ -68,12 +71,12 @@ _DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
 
 @dataclass(frozen=True)
 class ChatRequest:
-    """What one Chat Completions request asks: the context (earlier messages), the
-    user's text, system text for the instructions, and the turn's options."""
+    """What one Chat Completions request asks: its context (earlier messages, and the
+    user's text or the tool outputs the turn continues from), the client tools, and
+    the turn's options."""
 
-    context: list[Message]
-    text: str
-    system: str
+    context: Context
+    tools: tuple[ToolDefinition, ...]
     stream: bool
     include_usage: bool
     settings: dict[str, Any] | None
@@ -98,93 +101,16 @@ def chat_request(body: dict[str, Any]) -> ChatRequest:
     if options is not None and (not stream or not isinstance(options, dict)):
         raise ParamError("stream_options", "only with stream=true, an object")
     include_usage = bool((options or {}).get("include_usage", False))
-    context, text, system = _messages(body.get("messages"))
+    tools = client_tools(body.get("tools"))
+    context = chat_context(body.get("messages"), frozenset(t.name for t in tools))
     return ChatRequest(
         context,
-        text,
-        system,
+        tools,
         stream,
         include_usage,
         _settings(body),
         _response_format(body.get("response_format")),
     )
-
-
-def _messages(messages: Any) -> tuple[list[Message], str, str]:
-    if not isinstance(messages, list) or not messages:
-        raise ParamError("messages", "a non-empty list of messages")
-    context: list[Message] = []
-    system: list[str] = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise ParamError(where, "a message object")
-        role = m.get("role")
-        if m.get("tool_calls") or role in ("tool", "function"):
-            raise ParamError(
-                f"{where}.tool_calls" if m.get("tool_calls") else f"{where}.role",
-                "client-side tools are not supported by this door yet",
-            )
-        text = _content(m.get("content"), where)
-        if role in ("system", "developer"):
-            system.append(text)
-        elif role == "user":
-            context.append(UserMessage(content=text, seq=len(context), turn_id=f"ctx{i}"))
-        elif role == "assistant":
-            turn = context[-1].turn_id if context else f"ctx{i}"
-            context.append(AssistantMessage(content=text, seq=len(context), turn_id=turn))
-        else:
-            raise ParamError(f"{where}.role", "one of system, developer, user, assistant")
-    last = context.pop() if context else None
-    if not isinstance(last, UserMessage) or messages[-1].get("role") != "user":
-        raise ParamError("messages", "the last message must be the user's (the turn's text)")
-    return context, last.content, "\n\n".join(system)
-
-
-def responses_context(items: Any) -> tuple[list[Message], str, str]:
-    """A stateless Responses request's ``input`` (``store=false``): a string (the user's
-    text, no context) or a list of message items (any role; content a string or
-    ``input_text`` / ``output_text`` parts) whose last is the user's — as for Chat
-    Completions, ``(context, text, system)``. ``function_call`` items and their
-    outputs are refused by name: client-side tools are not supported yet."""
-    if isinstance(items, str):
-        return [], items, ""
-    if not isinstance(items, list) or not items:
-        raise ParamError("input", "a string or a non-empty list of items")
-    messages = []
-    for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise ParamError(f"input[{i}]", "an item object")
-        kind = item.get("type", "message")
-        if kind != "message":
-            raise ParamError(
-                f"input[{i}].type", f"{kind!r:.40} items are not supported by this door yet"
-            )
-        messages.append({"role": item.get("role"), "content": item.get("content")})
-    try:
-        return _messages(messages)
-    except ParamError as exc:
-        raise ParamError(
-            exc.param.replace("messages", "input"), str(exc).replace("messages", "input")
-        ) from exc
-
-
-def _content(content: Any, where: str) -> str:
-    """A message's text: a string, or text parts joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = [
-            p.get("text")
-            for p in content
-            if isinstance(p, dict) and p.get("type") in ("text", "input_text", "output_text")
-        ]
-        if len(texts) == len(content) and all(isinstance(t, str) for t in texts):
-            return "\n".join(texts)  # type: ignore[arg-type]
-        raise ParamError(f"{where}.content", "only text parts are supported by this door")
-    if content is None:
-        return ""
-    raise ParamError(f"{where}.content", "a string or a list of text parts")
 
 
 def _settings(body: dict[str, Any]) -> dict[str, Any] | None:
@@ -198,6 +124,8 @@ def _settings(body: dict[str, Any]) -> dict[str, Any] | None:
         ),
         "stop": ("stop", [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop")),
         "seed": ("seed", body.get("seed")),
+        "tool_choice": ("tool_choice", tool_choice(body.get("tool_choice"))),
+        "parallel_tool_calls": ("parallel_tool_calls", body.get("parallel_tool_calls")),
     }
     for name, (param, value) in chosen.items():
         if value is None:
@@ -242,23 +170,37 @@ def _usage(reply: Reply) -> dict[str, int]:
 
 
 def _finish(reply: Reply) -> str:
+    if reply.awaiting:
+        return "tool_calls"
     return "length" if reply.incomplete else "stop"
 
 
+def _call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
+    shaped: dict[str, Any] = {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
+    }
+    return shaped if index is None else {"index": index, **shaped}
+
+
 def chat_completion(completion_id: str, model: str, reply: Reply, created: int) -> dict[str, Any]:
-    """The ``chat.completion`` object of a finished turn."""
+    """The ``chat.completion`` object of a finished turn (its client tools' calls as
+    ``tool_calls``)."""
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": reply.text if reply.text or not reply.awaiting else None,
+        "refusal": None,
+    }
+    if reply.awaiting:
+        message["tool_calls"] = [_call(c) for c in reply.awaiting]
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
         "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": reply.text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": _finish(reply),
-            }
+            {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(reply)}
         ],
         "usage": _usage(reply),
     }
@@ -270,6 +212,7 @@ class ChatChunks:
     def __init__(self, completion_id: str, model: str, include_usage: bool) -> None:
         self.id, self.model, self.include_usage = completion_id, model, include_usage
         self.created = int(time.time())
+        self.calls = 0
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -292,6 +235,11 @@ class ChatChunks:
 
     def delta(self, text: str) -> bytes:
         return self._chunk({"content": text})
+
+    def tool_call(self, call: ToolCall) -> bytes:
+        """A client tool's call, whole, as the next ``tool_calls`` index."""
+        self.calls += 1
+        return self._chunk({"tool_calls": [_call(call, self.calls - 1)]})
 
     def end(self, reply: Reply) -> bytes:
         out = self._chunk({}, _finish(reply))

@@ -211,13 +211,26 @@ def chat_context(messages: Any, client: frozenset[str] = frozenset()) -> Context
     return reader.context("messages")
 
 
-def input_context(items: Any, client: frozenset[str] = frozenset()) -> Context:
+def input_context(
+    items: Any, client: frozenset[str] = frozenset(), *, stored: bool = False
+) -> Context:
     """A Responses request's ``input`` as a context: a string (the user's text), or a
-    list of items."""
+    list of items. ``stored``: the response goes into a conversation, whose calls an
+    input of ``function_call_output`` items alone answers (the turn continues)."""
     if isinstance(items, str):
         return Context([], items)
     if not isinstance(items, list) or not items:
         raise ParamError("input", "a string or a non-empty list of items")
+    if stored and all(
+        isinstance(i, dict) and i.get("type") == "function_call_output" for i in items
+    ):
+        outputs = []
+        for i, item in enumerate(items):
+            call_id = item.get("call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise ParamError(f"input[{i}].call_id", "the id of the call answered")
+            outputs.append(ToolOutput(call_id, _text(item.get("output"), f"input[{i}].output")))
+        return Context([], "", tuple(outputs))
     reader = Reader(client)
     for i, item in enumerate(items):
         where = f"input[{i}]"

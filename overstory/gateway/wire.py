@@ -20,13 +20,15 @@ from typing import Any
 
 from ..access import CONVERSATION_ID
 from ..exceptions import UsageError
-from ..messages import AssistantMessage, Message, ToolReturn, TurnEvent, UserMessage
+from ..messages import AssistantMessage, Message, ToolCall, ToolReturn, TurnEvent, UserMessage
 from ..output import check_output_type
 from ..providers.base import ModelSettings
 from ..providers.schema import OutputSchema
 
 __all__ = [
+    "DEFAULT_ECHO",
     "MAX_JSON_DEPTH",
+    "SERVER_LABEL",
     "ParamError",
     "ResponseStream",
     "TurnOptions",
@@ -36,6 +38,7 @@ __all__ = [
     "page",
     "sse",
     "too_deep",
+    "tool_choice",
     "turn_options",
 ]
 
@@ -85,14 +88,15 @@ class TurnOptions:
 
     settings: dict[str, Any] | None = None
     output: OutputSchema | None = None
+    instructions: str = ""
 
     @property
     def any(self) -> bool:
-        return self.settings is not None or self.output is not None
+        return self.settings is not None or self.output is not None or bool(self.instructions)
 
 
-#: Parameters the door handles itself (model, input, stream, background, conversation)
-#: or maps to the turn (temperature, max_output_tokens, text).
+#: Parameters the door handles itself (model, input, stream, background, conversation,
+#: previous_response_id, store, metadata, tools) or maps to the turn (the rest).
 _TAKEN = frozenset(
     {
         "model",
@@ -100,36 +104,50 @@ _TAKEN = frozenset(
         "stream",
         "background",
         "conversation",
+        "previous_response_id",
+        "store",
+        "metadata",
+        "tools",
+        "instructions",
         "temperature",
         "max_output_tokens",
         "text",
+        "tool_choice",
+        "parallel_tool_calls",
     }
 )
 
-#: Parameters accepted only at the value that asks for nothing (what the door does
-#: anyway); any other value is refused by name, never accepted and ignored.
+#: Parameters accepted only at the value that asks for nothing the door does not do;
+#: any other value is refused by name, never accepted and ignored.
 _DEFAULT_ONLY: dict[str, tuple[Any, ...]] = {
-    "previous_response_id": (None,),
-    "instructions": (None, ""),
-    "tools": (None, []),
-    "tool_choice": (None, "auto"),
     "top_p": (None, 1, 1.0),
     "truncation": (None, "auto"),  # the context is always fitted to the model's window
-    "store": (None, True, False),  # false: a stateless response (the door runs it so)
-    "parallel_tool_calls": (None, True),
-    "metadata": (None, {}),
-    "include": (None, []),
     "reasoning": (None,),
     "user": (None,),
     "stream_options": (None,),
 }
+
+#: ``include`` values: those naming what the door never makes (reasoning, hosted
+#: tools' results) include nothing, as for any response without such items; the rest
+#: (log probabilities) are refused.
+_INCLUDE_NOTHING = frozenset(
+    {
+        "reasoning.encrypted_content",
+        "file_search_call.results",
+        "web_search_call.results",
+        "web_search_call.action.sources",
+        "code_interpreter_call.outputs",
+        "computer_call_output.output.image_url",
+        "message.input_image.image_url",
+    }
+)
 
 
 def turn_options(body: dict[str, Any]) -> TurnOptions:
     """The turn options a Responses body asks for; :class:`ParamError` naming the first
     parameter the door does not support (or a value it does not take)."""
     for key, value in body.items():
-        if key in _TAKEN:
+        if key in _TAKEN or key == "include":
             continue
         if key not in _DEFAULT_ONLY:
             raise ParamError(key, f"unknown parameter {key!r} (not supported by this door)")
@@ -142,15 +160,46 @@ def turn_options(body: dict[str, Any]) -> TurnOptions:
             raise ParamError(
                 key, f"{value!r:.80} is not supported by this door (see the compatibility table)"
             )
+    include = body.get("include") or []
+    if not isinstance(include, list) or not all(isinstance(i, str) for i in include):
+        raise ParamError("include", "a list of strings")
+    for value in include:
+        if value not in _INCLUDE_NOTHING:
+            raise ParamError("include", f"{value!r:.80} is not supported by this door")
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise ParamError("instructions", "a string")
+    if body.get("store") not in (None, True, False):
+        raise ParamError("store", "a boolean")
     settings: dict[str, Any] = {}
-    for key in ("temperature", "max_output_tokens"):
-        if body.get(key) is not None:
+    chosen = {
+        "temperature": body.get("temperature"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "tool_choice": tool_choice(body.get("tool_choice")),
+        "parallel_tool_calls": body.get("parallel_tool_calls"),
+    }
+    for key, value in chosen.items():
+        if value is not None:
             try:
-                ModelSettings.of({key: body[key]})
+                ModelSettings.of({key: value})
             except UsageError as exc:
                 raise ParamError(key, str(exc)) from exc
-            settings[key] = body[key]
-    return TurnOptions(settings or None, text_format(body.get("text")))
+            settings[key] = value
+    return TurnOptions(settings or None, text_format(body.get("text")), instructions or "")
+
+
+def tool_choice(value: Any, param: str = "tool_choice") -> str | None:
+    """``tool_choice`` in either API's shape as a setting: a mode, or the name of the
+    function to call (``{"type": "function", "name": ...}``, or Chat Completions'
+    ``{"type": "function", "function": {"name": ...}}``)."""
+    if value is None or value in ("auto", "none", "required"):
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, dict) and value.get("type") == "function":
+        spec = value.get("function") if "function" in value else value
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if isinstance(name, str) and name:
+            return name
+    raise ParamError(param, "'auto', 'none', 'required' or {'type': 'function', 'name': NAME}")
 
 
 def text_format(text: Any) -> OutputSchema | None:
@@ -205,6 +254,21 @@ def conversation_of(response_id: str) -> str:
     return f"conv_{match['conv']}"
 
 
+#: What a response repeats of a request that set nothing (OpenAI's defaults).
+DEFAULT_ECHO: dict[str, Any] = {
+    "instructions": None,
+    "metadata": {},
+    "previous_response_id": None,
+    "tools": [],
+    "tool_choice": "auto",
+    "parallel_tool_calls": True,
+    "temperature": None,
+    "max_output_tokens": None,
+    "text": {"format": {"type": "text"}},
+    "truncation": "auto",
+}
+
+
 class ResponseStream:
     """One response's output and stream events, fed its turn's events in order.
 
@@ -218,9 +282,17 @@ class ResponseStream:
     ``completed``, ``incomplete``, ``cancelled`` or ``failed``.
     """
 
-    def __init__(self, response_id: str, model: str, *, store: bool = True) -> None:
+    def __init__(
+        self,
+        response_id: str,
+        model: str,
+        *,
+        store: bool = True,
+        echo: dict[str, Any] | None = None,
+    ) -> None:
         self.id = response_id
         self.store = store  # False: a stateless response, in no conversation
+        self.echo = echo or {}  # what it repeats of its request (instructions, tools...)
         self.conversation = conversation_of(response_id)
         self.model = model
         self.created_at = int(response_id[-16:-8], 16)
@@ -230,6 +302,7 @@ class ResponseStream:
         self.error: dict[str, str] | None = None
         self.reason = ""
         self._open: dict[str, Any] | None = None  # the message item growing now
+        self._calls: dict[str, dict[str, Any]] = {}  # the agent's calls still running
         self._seq = -1
         self._messages = 0
 
@@ -249,13 +322,13 @@ class ResponseStream:
             "usage": self.usage,
             "error": self.error,
             "incomplete_details": incomplete,
-            "metadata": {"overstory_reason": self.reason} if self.reason else {},
-            "instructions": None,
-            "parallel_tool_calls": False,
-            "tool_choice": "auto",
-            "tools": [],
-            "temperature": None,
+            **DEFAULT_ECHO,
             "top_p": None,
+            **self.echo,
+            "metadata": {
+                **self.echo.get("metadata", {}),
+                **({"overstory_reason": self.reason} if self.reason else {}),
+            },
         }
 
     # -- events -- #
@@ -284,29 +357,38 @@ class ResponseStream:
         elif kind == "tool_call" and event.tool_call is not None:
             out += self._close_message("completed")
             call = event.tool_call
-            item = {
-                "type": "function_call",
-                "id": f"fc_{call.id}",
-                "call_id": call.id,
-                "name": call.name,
-                "arguments": json.dumps(call.arguments),
-                "status": "completed",
-            }
-            out += self._whole_item(item)
+            if call.client:  # the caller runs it: the response ends on it
+                out += self._whole_item(function_call(call, f"fc_{call.id}"))
+            else:  # one of the agent's own, run here: an MCP call, as OpenAI shows those
+                item = mcp_call(call, f"mcp_{call.id}", None)
+                self.output.append(item)
+                self._calls[call.id] = item
+                out.append(
+                    self._event(
+                        "response.output_item.added",
+                        output_index=len(self.output) - 1,
+                        item=dict(item),
+                    )
+                )
         elif kind == "tool_result" and event.tool_call is not None:
-            result = event.tool_return
-            item = {
-                "type": "function_call_output",
-                "id": f"fco_{event.tool_call.id}",
-                "call_id": event.tool_call.id,
-                "output": result.content if result is not None else "",
-                "status": "incomplete" if result is not None and result.is_error else "completed",
-            }
-            out += self._whole_item(item)
+            running = self._calls.pop(event.tool_call.id, None)
+            if running is not None:
+                item = running
+                item.update(_mcp_result(event.tool_return))
+                out.append(
+                    self._event(
+                        "response.output_item.done",
+                        output_index=self.output.index(item),
+                        item=dict(item),
+                    )
+                )
         elif kind == "restarted":
             if self._open is not None:  # its text is void: the turn runs that part again
                 self.output.remove(self._open)
                 self._open = None
+            for item in self._calls.values():  # run again, shown again
+                self.output.remove(item)
+            self._calls.clear()
             out.append(self._event("response.restarted", reason=event.text))
         elif kind == "completed":
             out += self._close_message("completed")
@@ -410,8 +492,61 @@ def sse(event: dict[str, Any]) -> bytes:
 # --- conversation items -----------------------------------------------------------------
 
 
+#: The ``server_label`` of the agent's own tools' calls, shown as MCP calls.
+SERVER_LABEL = "overstory"
+
+
+def function_call(call: ToolCall, item_id: str) -> dict[str, Any]:
+    """A client tool's call: a ``function_call`` item, for the caller to run."""
+    return {
+        "type": "function_call",
+        "id": item_id,
+        "call_id": call.id,
+        "name": call.name,
+        "arguments": json.dumps(call.arguments),
+        "status": "completed",
+    }
+
+
+def mcp_call(call: ToolCall, item_id: str, result: ToolReturn | None) -> dict[str, Any]:
+    """One of the agent's own calls, run on the server: an ``mcp_call`` item (how
+    OpenAI shows a tool it ran itself; a ``function_call`` would ask the caller to run
+    it), with its result once there is one."""
+    item = {
+        "type": "mcp_call",
+        "id": item_id,
+        "server_label": SERVER_LABEL,
+        "name": call.name,
+        "arguments": json.dumps(call.arguments),
+        "output": None,
+        "error": None,
+        "status": "in_progress",
+    }
+    if result is not None:
+        item.update(_mcp_result(result))
+    return item
+
+
+def _mcp_result(result: ToolReturn | None) -> dict[str, Any]:
+    if result is None:
+        return {"status": "completed", "output": ""}
+    if result.is_error:
+        error = {
+            "type": "mcp_tool_execution_error",
+            "content": [{"type": "text", "text": result.content}],
+        }
+        return {"status": "failed", "error": error}
+    return {"status": "completed", "output": result.content}
+
+
 def conversation_items(messages: Sequence[Message]) -> list[dict[str, Any]]:
-    """A conversation's stored messages as items, oldest first; ids from their ``seq``."""
+    """A conversation's stored messages as items, oldest first; ids from their ``seq``.
+    A client tool's call and its output are ``function_call`` and
+    ``function_call_output`` items; the agent's own call is one ``mcp_call`` item
+    holding its result (its return makes no item of its own)."""
+    results = {m.tool_call_id: m for m in messages if isinstance(m, ToolReturn)}
+    calls = {c.id for m in messages if isinstance(m, AssistantMessage) for c in m.tool_calls}
+    client: set[str] = set()
     items: list[dict[str, Any]] = []
     for m in messages:
         if isinstance(m, UserMessage):
@@ -419,18 +554,15 @@ def conversation_items(messages: Sequence[Message]) -> list[dict[str, Any]]:
         elif isinstance(m, AssistantMessage):
             if m.content or not m.tool_calls:
                 items.append(_message_item(m, "assistant", "output_text"))
-            items.extend(
-                {
-                    "type": "function_call",
-                    "id": f"item_{m.seq}_{k}",
-                    "call_id": c.id,
-                    "name": c.name,
-                    "arguments": json.dumps(c.arguments),
-                    "status": "completed",
-                }
-                for k, c in enumerate(m.tool_calls)
-            )
-        elif isinstance(m, ToolReturn):
+            for k, c in enumerate(m.tool_calls):
+                if c.client:
+                    client.add(c.id)
+                    items.append(function_call(c, f"item_{m.seq}_{k}"))
+                else:
+                    items.append(mcp_call(c, f"item_{m.seq}_{k}", results.get(c.id)))
+        elif isinstance(m, ToolReturn) and (
+            m.tool_call_id in client or m.tool_call_id not in calls
+        ):
             items.append(
                 {
                     "type": "function_call_output",
@@ -462,10 +594,11 @@ _ITEM_ID = re.compile(r"^item_(\d{1,12})(?:_\d{1,6})?$")
 
 def items_read(after: str | None, limit: int, order: str) -> dict[str, int | None]:
     """What to read from the store for one page of items (the ``history`` arguments):
-    every message yields at least one item, so ``limit`` + 2 messages from the one the
-    ``after`` item belongs to (forward for ``asc``, backward for ``desc``) hold the
-    page and tell whether there is more. An ``after`` that names no item of ours is
-    refused."""
+    every message yields an item but the return of one of the agent's own calls (shown
+    in its call's ``mcp_call`` item), which follows its call, so twice ``limit``, plus 2,
+    messages from the one the ``after`` item belongs to (forward for ``asc``, backward
+    for ``desc``) hold the page and tell whether there is more. An ``after`` that names
+    no item of ours is refused."""
     seq = -1
     if after is not None:
         found = _ITEM_ID.match(after)
@@ -473,8 +606,12 @@ def items_read(after: str | None, limit: int, order: str) -> dict[str, int | Non
             raise UsageError(f"after: no item {after!r:.60} in this conversation")
         seq = int(found.group(1))
     if order == "asc":
-        return {"after": seq - 1 if after is not None else -1, "limit": limit + 2, "before": None}
-    return {"after": -1, "limit": limit + 2, "before": seq + 1 if after is not None else 2**62}
+        return {
+            "after": seq - 1 if after is not None else -1,
+            "limit": 2 * limit + 2,
+            "before": None,
+        }
+    return {"after": -1, "limit": 2 * limit + 2, "before": seq + 1 if after is not None else 2**62}
 
 
 def page(

@@ -121,6 +121,7 @@ _Options = tuple[
     Any,
     tuple[ToolDefinition, ...],
     tuple[ToolOutput, ...],
+    str,
 ]
 
 
@@ -131,6 +132,7 @@ def _options(
     output_type: object,
     tools: Sequence[ToolDefinition] = (),
     tool_outputs: Sequence[ToolOutput] = (),
+    instructions: str = "",
 ) -> _Options:
     """A turn's choices, checked here, before anything is sent: the agent version, the
     model's name (the agent checks it is one it allows), the model settings, the
@@ -139,6 +141,8 @@ def _options(
         raise UsageError("tools must be ToolDefinition objects (name, description, parameters)")
     if not all(isinstance(o, ToolOutput) for o in tool_outputs):
         raise UsageError("tool_outputs must be ToolOutput objects (call_id, output)")
+    if not isinstance(instructions, str):
+        raise UsageError(f"instructions must be a string, got {type(instructions).__name__}")
     if model is not None and not is_plain_name(model):
         raise UsageError(
             f"model must name one of the agent's models (1-64 letters, digits, '_', '.', "
@@ -157,6 +161,7 @@ def _options(
         output_type,
         tuple(tools),
         tuple(tool_outputs),
+        instructions,
     )
 
 
@@ -337,6 +342,7 @@ class Conversation:
         output_type: Any = None,
         tools: Sequence[ToolDefinition] = (),
         tool_outputs: Sequence[ToolOutput] = (),
+        instructions: str = "",
     ) -> Reply:
         """Send ``text``; returns the assistant's reply once it is stored.
 
@@ -352,7 +358,8 @@ class Conversation:
         (:class:`~overstory.ToolDefinition` s) are offered beside the agent's own and run
         by the caller: a call to one ends the turn with it in ``Reply.awaiting``; the
         next turn sends their ``tool_outputs`` (:class:`~overstory.ToolOutput` s) and an
-        empty ``text``, and goes on from them. Raises
+        empty ``text``, and goes on from them. ``instructions``: this turn's own, with the
+        agent's as its ``caller_instructions`` says. Raises
         :class:`~overstory.exceptions.InvalidMessage` for bad input,
         :class:`~overstory.exceptions.UnknownAgent` for a version not served and
         :class:`~overstory.exceptions.TurnFailed` when the model could not answer.
@@ -367,6 +374,7 @@ class Conversation:
                 output_type=output_type,
                 tools=tools,
                 tool_outputs=tool_outputs,
+                instructions=instructions,
             )
         )
 
@@ -381,14 +389,40 @@ class Conversation:
         output_type: Any = None,
         tools: Sequence[ToolDefinition] = (),
         tool_outputs: Sequence[ToolOutput] = (),
+        instructions: str = "",
     ) -> Reply:
         """Async form of :meth:`send`."""
-        options = _options(version, model, settings, output_type, tools, tool_outputs)
+        options = _options(version, model, settings, output_type, tools, tool_outputs, instructions)
         turn_id = self._check(text, turn_id, options)
         n, low = self._number()
         try:
             with self._span():
                 request = TurnRequest(turn_id, text, self._caller, n, low, inject(), *options)
+                reply: Reply = await self._call_async(Transport.send, request)
+        finally:
+            self._done(n)
+        return reply
+
+    def append(self, messages: Sequence[Message], *, turn_id: str | None = None) -> Reply:
+        """Store ``messages`` (user and assistant messages, tool calls and their
+        returns) after the history, with no model call: history a caller brings (the
+        HTTP door's conversation items). ``turn_id`` makes a retry safe, as for
+        :meth:`send`; the reply holds the messages as stored (their ``seq``)."""
+        return self._portal.run(self.append_async(messages, turn_id=turn_id))
+
+    async def append_async(
+        self, messages: Sequence[Message], *, turn_id: str | None = None
+    ) -> Reply:
+        """Async form of :meth:`append`."""
+        if not messages or not all(isinstance(m, Message) for m in messages):
+            raise UsageError("append takes a non-empty list of messages")
+        turn_id = turn_id or uuid.uuid4().hex
+        request = TurnRequest(turn_id, "", self._caller, append=tuple(messages))
+        validate_turn(request, max_chars=self._runtime.config.limits.max_message_chars)
+        n, low = self._number()
+        try:
+            with self._span():
+                request = replace(request, n=n, low=low, carrier=inject())
                 reply: Reply = await self._call_async(Transport.send, request)
         finally:
             self._done(n)
@@ -407,6 +441,7 @@ class Conversation:
         output_type: Any = None,
         tools: Sequence[ToolDefinition] = (),
         tool_outputs: Sequence[ToolOutput] = (),
+        instructions: str = "",
     ) -> Iterator[TurnEvent]:
         """Send ``text`` and iterate over the turn's events as they happen (each with
         its ``seq``): ``started``, text ``delta`` s, ``tool_call`` / ``tool_result``,
@@ -417,10 +452,10 @@ class Conversation:
         :meth:`resume` reads it again from any ``seq``. If the process running it dies,
         the turn is started again where the conversation lives next (a ``restarted``
         event: text since the last stored message is void) and the events go on.
-        ``version``, ``model``, ``settings``, ``tools``, ``tool_outputs``: as for
-        :meth:`send`.
+        ``version``, ``model``, ``settings``, ``tools``, ``tool_outputs``,
+        ``instructions``: as for :meth:`send`.
         """
-        options = _options(version, model, settings, output_type, tools, tool_outputs)
+        options = _options(version, model, settings, output_type, tools, tool_outputs, instructions)
         turn_id = self._check(text, turn_id, options)  # refused here, before the first read
         return self._portal.iterate(self._stream(text, turn_id, options))
 
@@ -435,9 +470,10 @@ class Conversation:
         output_type: Any = None,
         tools: Sequence[ToolDefinition] = (),
         tool_outputs: Sequence[ToolOutput] = (),
+        instructions: str = "",
     ) -> AsyncGenerator[TurnEvent, None]:
         """Async form of :meth:`stream`."""
-        options = _options(version, model, settings, output_type, tools, tool_outputs)
+        options = _options(version, model, settings, output_type, tools, tool_outputs, instructions)
         turn_id = self._check(text, turn_id, options)
         async for event in self._stream(text, turn_id, options):
             yield event

@@ -185,6 +185,11 @@ SUMMARY = _key(
     "overstory.compaction",
     "<conversation id>: the summary of a conversation's earliest messages (seq range, sealed text)",
 )
+RESPONSE = _key(
+    "overstory.response:",
+    "overstory.gateway.app",
+    "<response id>: what a stored response repeats of its request (metadata, instructions)",
+)
 READYZ = _key(
     "overstory.readyz",
     "overstory.gateway.app",
@@ -215,6 +220,7 @@ KEYS: dict[str, SettingsKey] = {
         OWNED_LEGACY,
         IDEMPOTENCY,
         SUMMARY,
+        RESPONSE,
         READYZ,
     )
 }
