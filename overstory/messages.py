@@ -100,6 +100,9 @@ class _Stored:
     seq: int = -1
     turn_id: str = ""
     created_at: float = field(default_factory=time.time)
+    hidden: bool = False
+    """Deleted by its owner (a tombstone): kept in the store for audit, never shown to
+    the model or listed as an item again."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -186,6 +189,7 @@ def from_record(record: dict[str, Any]) -> Message:
         "seq": int(record["seq"]),
         "turn_id": str(record["turn_id"]),
         "created_at": float(record["created_at"]),
+        "hidden": bool(record.get("hidden", False)),
     }
     kind = record["kind"]
     if kind == "user":
@@ -254,6 +258,9 @@ class TurnRequest:
     instructions: str = ""
     """This turn's own instructions, with the agent's as its ``caller_instructions``
     says (after them, instead of them, or refused)."""
+    hide: tuple[int, ...] = ()
+    """The ``seq`` s of stored messages to hide (tombstones: kept for audit, never
+    shown again); its ``text`` is empty."""
     append: tuple[Message, ...] = ()
     """Messages to store after the history as this turn, with no model call (a
     caller's items: its own history, or a conversation's first messages); its ``text``

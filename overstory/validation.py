@@ -106,6 +106,14 @@ def validate_turn(request: TurnRequest, *, max_chars: int = MAX_MESSAGE_CHARS) -
     for tool in request.tools:
         if not isinstance(tool.parameters, dict) or not isinstance(tool.description, str):
             raise InvalidMessage(f"client tool {tool.name!r:.64}: parameters must be an object")
+    if request.hide:
+        if request.text or request.tool_outputs or request.append:
+            raise InvalidMessage("a turn that hides messages does nothing else")
+        if len(request.hide) > MAX_APPENDED or not all(
+            isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 for seq in request.hide
+        ):
+            raise InvalidMessage(f"hide takes up to {MAX_APPENDED} message seqs (ints >= 0)")
+        return
     if request.append:
         if request.text or request.tool_outputs:
             raise InvalidMessage("a turn that appends messages has no text or tool outputs")

@@ -1164,3 +1164,91 @@ def test_langchain_bind_tools_completes_a_tool_round_trip(door: Door) -> None:
         history += [asked, ToolMessage(weather.invoke(call["args"]), tool_call_id=call["id"])]
         answer = llm.invoke(history)
         assert answer.text == "weather returned windy in Paris"
+
+
+def test_conversation_items_are_created_read_and_deleted_as_tombstones(door: Door) -> None:
+    """items.create appends with no model call; retrieve reads one; delete hides it
+    (kept in the store for audit, never shown to the model or listed again);
+    conversations.create(items=...) starts a conversation with them."""
+    client = door.client()
+    conv = client.conversations.create(
+        items=[
+            {"type": "message", "role": "user", "content": "my name is Ada"},
+            {"type": "message", "role": "assistant", "content": "noted"},
+        ],
+        extra_body={"agent": "helper"},
+    )
+    added = client.conversations.items.create(
+        conv.id,
+        items=[
+            {"type": "message", "role": "user", "content": "secret: 1234"},
+            {"type": "message", "role": "assistant", "content": "ok"},
+        ],
+    )
+    assert [i.type for i in added.data] == ["message", "message"]
+    secret = added.data[0]
+    got = client.conversations.items.retrieve(secret.id, conversation_id=conv.id)
+    assert got.content[0].text == "secret: 1234"  # type: ignore[union-attr]
+    answer = client.responses.create(model="helper", conversation=conv.id, input="hello")
+    assert answer.output_text == "echo #3: hello"  # two user messages came before it
+    client.conversations.items.delete(secret.id, conversation_id=conv.id)
+    listed = [i.id for i in client.conversations.items.list(conv.id, order="asc", limit=100).data]
+    assert secret.id not in listed
+    assert len(listed) == 5
+    with pytest.raises(openai.NotFoundError):
+        client.conversations.items.retrieve(secret.id, conversation_id=conv.id)
+    after = client.responses.create(model="helper", conversation=conv.id, input="again")
+    assert after.output_text == "echo #3: again"  # the model no longer sees the deleted one
+    stored = door.rt.conversation(conv.id, agent="helper").history()
+    kept = [m for m in stored if m.hidden]
+    assert [m.content for m in kept] == ["secret: 1234"]  # the record stays, marked
+    with pytest.raises(openai.NotFoundError):  # another user's items do not exist
+        door.client("bob").conversations.items.retrieve(listed[0], conversation_id=conv.id)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.conversations.items.create(conv.id, items=[])
+    assert info.value.body["param"] == "items"  # type: ignore[index]
+
+
+def test_a_response_is_deleted_and_its_input_items_listed(door: Door) -> None:
+    client = door.client()
+    context: Any = [
+        {"role": "user", "content": "earlier"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "now"},
+    ]
+    response = client.responses.create(model="helper", input=context)
+    listed = client.responses.input_items.list(response.id, order="asc")
+    assert [i.content[0].text for i in listed.data] == ["earlier", "ok", "now"]  # type: ignore[union-attr]
+    client.responses.delete(response.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(response.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.delete(response.id)
+    conversation = response.conversation.id  # type: ignore[union-attr]
+    assert client.conversations.items.list(conversation).data == []  # every message hidden
+
+
+def test_the_agents_sdk_conversations_session_carries_history(door: Door) -> None:
+    """The Agents SDK's ``OpenAIConversationsSession`` keeps the history in a door
+    conversation (items create and list); two runs, the second sees the first."""
+    from agents import Agent as SdkAgent
+    from agents import OpenAIConversationsSession, OpenAIResponsesModel, RunConfig, Runner
+
+    async def go() -> tuple[str, str, int]:
+        client = openai.AsyncOpenAI(
+            base_url=f"{door.url}/v1", api_key=door.keys["alice"], max_retries=0
+        )
+        conv = await client.conversations.create(extra_body={"agent": "helper"})
+        session = OpenAIConversationsSession(conversation_id=conv.id, openai_client=client)
+        model = OpenAIResponsesModel(model="helper", openai_client=client)
+        agent = SdkAgent(name="a", model=model)
+        config = RunConfig(tracing_disabled=True)
+        first = await Runner.run(agent, "hello", session=session, run_config=config)
+        second = await Runner.run(agent, "again", session=session, run_config=config)
+        items = await session.get_items()
+        return str(first.final_output), str(second.final_output), len(items)
+
+    first, second, kept = asyncio.run(go())
+    assert first == "echo #1: hello"
+    assert second == "echo #2: again"  # the first run's messages were its context
+    assert kept == 4

@@ -447,3 +447,48 @@ def test_vault_replace_is_compare_and_set_and_keeps_the_expiry(store_url: str) -
     got = with_store(store_url, body)
     assert got[:6] == [None, "one", False, True, False, None]
     assert got[6] == [("agent", "u1", "c", "k", "two", 1.0)]  # the expiry untouched
+
+
+def test_a_hidden_message_keeps_its_record_and_reads_back_hidden(store_url: str) -> None:
+    """A tombstone: ``hide`` marks the message, every read returns it marked, its body
+    intact (kept for audit); an epoch no longer current is fenced; a missing seq says so."""
+    messages = sample_turn("t1", 0)
+
+    async def body(store: HistoryStore) -> tuple[Any, ...]:
+        for m in messages:
+            await store.append("alice", m)
+        epoch = await store.acquire("alice")
+        hid = await store.hide("alice", 2, epoch=epoch)
+        again = await store.hide("alice", 2)  # idempotent
+        missing = await store.hide("alice", 99)
+        newer = await store.acquire("alice")
+        with pytest.raises(Fenced):
+            await store.hide("alice", 1, epoch=epoch)
+        assert newer > epoch
+        return hid, again, missing, await store.load("alice"), await store.load_turn("alice", "t1")
+
+    hid, again, missing, loaded, turn = with_store(store_url, body)
+    assert (hid, again, missing) == (True, True, False)
+    assert [m.hidden for m in loaded] == [False, False, True, False]
+    assert loaded[2].content == "5"  # the record is kept
+    assert turn == loaded
+
+
+def test_a_store_made_before_tombstones_gains_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE messages (conversation_id TEXT NOT NULL, seq INTEGER NOT NULL, "
+        "turn_id TEXT NOT NULL, kind TEXT NOT NULL, created_at REAL NOT NULL, "
+        "body TEXT NOT NULL, PRIMARY KEY (conversation_id, seq)) WITHOUT ROWID;"
+        "INSERT INTO messages VALUES ('alice', 0, 't', 'user', 1.0, '{\"content\":\"hi\"}');"
+    )
+    conn.commit()
+    conn.close()
+
+    async def body(store: HistoryStore) -> tuple[bool, list[Message]]:
+        return await store.hide("alice", 0), await store.load("alice")
+
+    hid, loaded = with_store(f"sqlite:///{path}", body)
+    assert hid
+    assert [(m.content, m.hidden) for m in loaded] == [("hi", True)]

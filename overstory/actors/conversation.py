@@ -222,13 +222,14 @@ class ConversationActor(Shell):
         after: int = -1,
         limit: int | None = None,
         before: int | None = None,
+        turn: str | None = None,
         *,
         principal: Principal | None = None,
     ) -> list[Message]:
         """A page of the stored messages (during a turn, those of the turn stored so
         far): :meth:`Entity.history_page`."""
         entity = await self.enter(self.conversation_id, principal, "read")
-        return await entity.history_page(after, limit, before)
+        return await entity.history_page(after, limit, before, turn)
 
     async def passivate(self) -> bool:
         """Stop taking turns; ``False`` while a turn is running or waiting.

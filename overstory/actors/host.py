@@ -218,6 +218,7 @@ class HostActor(Shell):
         after: int = -1,
         limit: int | None = None,
         before: int | None = None,
+        turn: str | None = None,
         *,
         api_keys: Mapping[str, Secret] | None = None,
         principal: Principal | None = None,
@@ -226,7 +227,7 @@ class HostActor(Shell):
         far): :meth:`Entity.history_page`."""
         await self._route(version, conversation_id)
         entity = await self.enter(conversation_id, principal, "read", api_keys)
-        return await entity.history_page(after, limit, before)
+        return await entity.history_page(after, limit, before, turn)
 
     async def info(
         self,

@@ -50,7 +50,7 @@ from ..validation import validate_turn
 from .gate import TurnGate
 from .serving import Binding, Serving
 from .supervision import EntitySupervision
-from .turn import Emit, append_messages, restarted, run_turn
+from .turn import Emit, append_messages, hide_messages, restarted, run_turn
 from .turnlog import TurnStreams
 from .window import TAIL_PAGE, Memory, read_tail
 
@@ -181,11 +181,18 @@ class Entity:
                 del history[:first]
 
     async def history_page(
-        self, after: int = -1, limit: int | None = None, before: int | None = None
+        self,
+        after: int = -1,
+        limit: int | None = None,
+        before: int | None = None,
+        turn: str | None = None,
     ) -> list[Message]:
         """Stored messages with seq above ``after`` (the first ``limit`` of them) or,
         with ``before``, below it (the last ``limit`` of them), in seq order: read from
-        the store (everything a turn stored so far is there), not the tail held here."""
+        the store (everything a turn stored so far is there), not the tail held here.
+        ``turn``: that turn's messages only."""
+        if turn is not None:
+            return await self._stored_turn(turn)
         store = self.shell.services.store
         if before is not None:
             return await store.load_last(self.conversation_id, limit or 2**31, before=before)
@@ -223,7 +230,7 @@ class Entity:
         services = self.shell.services
         # Whose conversation: the quota's user, the cache's scope, the user a tool is told.
         user = await user_of(services.store, self.conversation_id, services.records)
-        if not admitted and not request.append:  # an append calls no model: no quota
+        if not admitted and not (request.append or request.hide):  # no model call: no quota
             ticket = await self._admit(user, request)
         self.in_turn += 1
         try:
@@ -285,6 +292,15 @@ class Entity:
             # asyncio.timeout, not wait_for: no extra task per turn on the process's loop.
             async with asyncio.timeout(timeout_s):
                 with attached(request.carrier), provider_namespace(services.namespace):
+                    if request.hide:  # tombstones: no agent, no model call
+                        return await hide_messages(
+                            services.store,
+                            cid,
+                            self.history,
+                            turn_id,
+                            request.hide,
+                            epoch=self.epoch,
+                        )
                     if request.append:  # the caller's messages: no agent, no model call
                         return await append_messages(
                             services.store,

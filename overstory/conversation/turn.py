@@ -280,6 +280,30 @@ async def append_messages(
     return Reply(text="", turn_id=turn_id, messages=tuple(turn), usage=Usage())
 
 
+async def hide_messages(
+    store: HistoryStore,
+    conversation_id: str,
+    history: list[Message],
+    turn_id: str,
+    seqs: Sequence[int],
+    *,
+    epoch: int | None = None,
+) -> Reply:
+    """Hide stored messages ``seqs`` (tombstones: their records stay for audit, the
+    model and the item lists never see them again), those ``history`` holds marked in
+    place; :class:`InvalidMessage` naming a seq the conversation does not have (those
+    before it are hidden already: hiding is idempotent)."""
+    hidden = []
+    for seq in seqs:
+        if not await store.hide(conversation_id, seq, epoch=epoch):
+            raise InvalidMessage(f"conversation {conversation_id!r} has no message {seq}")
+        for i, m in enumerate(history):
+            if m.seq == seq:
+                history[i] = dataclasses.replace(m, hidden=True)
+                hidden.append(history[i])
+    return Reply(text="", turn_id=turn_id, messages=tuple(hidden), usage=Usage())
+
+
 def _never() -> bool:
     return False
 

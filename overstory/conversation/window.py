@@ -240,12 +240,19 @@ NO_OUTPUT = "no output: the caller went on without returning this call's result"
 
 
 def answered(messages: Sequence[Message]) -> Sequence[Message]:
-    """``messages`` with a result for every tool call: a client tool's call that the
-    caller left unanswered (it sent a new message instead) is shown with an error
-    return, :data:`NO_OUTPUT` — vendors refuse a call without one. Nothing is stored."""
+    """``messages`` as the model is shown them: without those their owner deleted
+    (``hidden``; a hidden call's return goes with it), and with a result for every tool
+    call — a client tool's call that the caller left unanswered (it sent a new message
+    instead), or whose return was deleted, is shown with an error return,
+    :data:`NO_OUTPUT`: vendors refuse a call without one. Nothing is stored."""
     out: list[Message] = []
     pending: list[ToolCall] = []
+    gone: set[str] = set()  # the ids of hidden calls
     for m in messages:
+        if m.hidden or (isinstance(m, ToolReturn) and m.tool_call_id in gone):
+            if isinstance(m, AssistantMessage):
+                gone.update(c.id for c in m.tool_calls)
+            continue
         if pending and not isinstance(m, ToolReturn):
             out += [
                 ToolReturn(
@@ -264,6 +271,11 @@ def answered(messages: Sequence[Message]) -> Sequence[Message]:
         elif isinstance(m, ToolReturn):
             pending = [c for c in pending if c.id != m.tool_call_id]
         out.append(m)
+    if pending and messages and messages[-1].hidden:  # the calls' returns were the last
+        out += [
+            ToolReturn(tool_call_id=c.id, tool_name=c.name, content=NO_OUTPUT, is_error=True)
+            for c in pending
+        ]
     return messages if len(out) == len(messages) else out
 
 

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -63,13 +64,13 @@ from ..exceptions import (
     UsageError,
 )
 from ..jobs import JobBook, JobRecord, is_permanent, new_job
-from ..messages import Message, Reply, ToolDefinition, TurnEvent, TurnRequest
+from ..messages import AssistantMessage, Message, Reply, ToolDefinition, TurnEvent, TurnRequest
 from ..store import HistoryStore, open_store
 from ..store.settings import IDEMPOTENCY, READYZ, RESPONSE
 from ..telemetry import inject
 from ..validation import validate_turn, validate_user_id
 from .chat import ChatChunks, chat_completion, chat_request, new_completion_id
-from .items import Context, client_tools, input_context, names
+from .items import Context, client_tools, conversation_messages, input_context, names
 from .keys import KEY_PREFIX, authenticate_key
 from .tokens import JwtSettings, authenticate_jwt
 from .wire import (
@@ -79,6 +80,7 @@ from .wire import (
     ResponseStream,
     conversation_items,
     conversation_of,
+    item_seq,
     items_read,
     new_response_id,
     page,
@@ -399,10 +401,21 @@ class Gateway:
         await store.put_setting(RESPONSE.key(response_id), json.dumps(echo), expected=None)
 
     async def recall(self, response_id: str) -> dict[str, Any]:
-        """What :meth:`remember` kept of a response's request (the defaults: ``{}``)."""
+        """What :meth:`remember` kept of a response's request (the defaults: ``{}``),
+        and ``deleted`` once :meth:`forget` marked it."""
         raw = await (await self.store()).get_setting(RESPONSE.key(response_id))
         echo = json.loads(raw) if raw else {}
-        return {k: v for k, v in echo.items() if k in DEFAULT_ECHO}
+        return {k: v for k, v in echo.items() if k in DEFAULT_ECHO or k == "deleted"}
+
+    async def forget(self, response_id: str) -> None:
+        """Mark a response deleted (its readers get 404 from then on)."""
+        store = await self.store()
+        key = RESPONSE.key(response_id)
+        while True:
+            raw = await store.get_setting(key)
+            marked = json.dumps({**(json.loads(raw) if raw else {}), "deleted": True})
+            if await store.put_setting(key, marked, expected=raw):
+                return
 
     async def job_of(self, response_id: str) -> JobRecord | None:
         """The background job of a response, if it is one."""
@@ -471,6 +484,20 @@ class Gateway:
                 code="idempotency_key_reused",
             )
         return str(first["id"])
+
+    async def only_agent(self) -> str:
+        """The agent a conversation that names none talks to when it must have one now
+        (items stored before its first response): the app's only agent; a 400 when it
+        serves several."""
+        served = list((await asyncio.to_thread(self.runtime.served))["agents"])
+        if len(served) != 1:
+            raise ApiError(
+                400,
+                f"agent: this door serves {len(served)} agents ({', '.join(served[:5])}): name "
+                "the conversation's agent when creating it (extra_body={'agent': NAME})",
+                param="agent",
+            )
+        return str(served[0])
 
     async def agent_of(self, model: Any, param: str = "model") -> tuple[str, str | None]:
         """``(agent, version)`` of ``model``: a served agent's name, or ``name/version``
@@ -642,10 +669,12 @@ async def create_conversation(request: Request) -> Response:
     gateway = _gateway(request)
     principal = await gateway.principal(request)
     body = await _json(request, gateway)
+    messages: list[Message] = []
     if body.get("items"):
-        raise ApiError(
-            400, "items: starting a conversation with items is not supported", param="items"
-        )
+        try:
+            messages = conversation_messages(body["items"])
+        except ParamError as exc:
+            raise ApiError(400, str(exc), param=exc.param) from exc
     agent = None
     if body.get("agent") is not None:
         agent, version = await gateway.agent_of(body.get("agent"), "agent")
@@ -657,7 +686,11 @@ async def create_conversation(request: Request) -> Response:
                 param="agent",
             )
     chosen = await gateway.idempotent(principal, request, body, new_conversation_id())
+    if messages and agent is None:
+        agent = await gateway.only_agent()
     record = await gateway.create(principal, agent, body.get("metadata"), chosen)
+    if messages:  # its first items, stored once however often this is retried
+        await _append(await gateway.conversation(record, principal), messages, f"{record.id}:items")
     return JSONResponse(record.public())
 
 
@@ -785,6 +818,86 @@ async def list_items(conversation_id: str, request: Request) -> Response:
     except UsageError as exc:
         raise ApiError(400, str(exc), param="after") from exc
     return JSONResponse(listed)
+
+
+async def _holding(
+    gateway: Gateway, principal: Principal, record: ConversationRecord
+) -> tuple[ConversationRecord, Any]:
+    """A conversation that is to hold items, and its handle: one with no agent yet
+    talks to the app's only agent (:meth:`Gateway.only_agent`)."""
+    if record.agent is None:
+        record = await gateway.update(record, agent=await gateway.only_agent())
+    return record, await gateway.conversation(record, principal)
+
+
+@app.post("/v1/conversations/{conversation_id}/items")
+async def create_items(conversation_id: str, request: Request) -> Response:
+    """Append up to 20 items (messages, tool calls and their outputs) with no model
+    call; answers them as stored (their ids)."""
+    gateway = _gateway(request)
+    principal = await gateway.principal(request)
+    record = await gateway.reach(principal, conversation_id, "write")
+    body = await _json(request, gateway)
+    try:
+        messages = conversation_messages(body.get("items"))
+    except ParamError as exc:
+        raise ApiError(400, str(exc), param=exc.param) from exc
+    record, conv = await _holding(gateway, principal, record)
+    turn_id = await gateway.idempotent(principal, request, body, f"items_{uuid.uuid4().hex}")
+    try:
+        reply = await conv.append_async(messages, turn_id=turn_id)
+    except InvalidMessage as exc:
+        raise ApiError(400, f"items: {exc}", param="items") from exc
+    data = conversation_items(reply.messages)
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": False,
+        }
+    )
+
+
+async def _item(
+    request: Request, conversation_id: str, item_id: str, need: Need
+) -> tuple[Gateway, ConversationRecord, Any, dict[str, Any], int]:
+    """``(gateway, record, handle, the item, its message's seq)``; 404 for an item the
+    conversation does not have (or has deleted)."""
+    gateway = _gateway(request)
+    principal = await gateway.principal(request)
+    record = await gateway.reach(principal, conversation_id, need)
+    missing = ApiError(404, f"Item with id '{item_id[:64]}' not found.", code="not_found")
+    seq = item_seq(item_id)
+    if seq is None or record.agent is None:
+        raise missing
+    conv = await gateway.conversation(record, principal)
+    messages = await conv.history_async(after=seq - 1, limit=_ITEM_READ)
+    found = [i for i in conversation_items(messages) if i["id"] == item_id]
+    if not found:
+        raise missing
+    return gateway, record, conv, found[0], seq
+
+
+#: Messages read to find one item: its message and the returns an mcp_call shows.
+_ITEM_READ = 17
+
+
+@app.get("/v1/conversations/{conversation_id}/items/{item_id}")
+async def get_item(conversation_id: str, item_id: str, request: Request) -> Response:
+    item = (await _item(request, conversation_id, item_id, "read"))[3]
+    return JSONResponse(item)
+
+
+@app.delete("/v1/conversations/{conversation_id}/items/{item_id}")
+async def delete_item(conversation_id: str, item_id: str, request: Request) -> Response:
+    """Delete an item: its message becomes a tombstone (its record stays, for audit;
+    the model and the lists see it no more). A tool call's item takes the whole answer
+    that made it (its text and every call) with it."""
+    _, record, conv, _, seq = await _item(request, conversation_id, item_id, "write")
+    await conv.hide_async([seq])
+    return JSONResponse(record.public())
 
 
 # --- chat completions (stateless) -------------------------------------------------------------
@@ -1211,6 +1324,9 @@ async def _response_target(
 @app.get("/v1/responses/{response_id}")
 async def get_response(response_id: str, request: Request) -> Response:
     gateway, conv, agent = await _response_target(request, response_id, "read")
+    echo = await gateway.recall(response_id)
+    if echo.pop("deleted", False):
+        raise ApiError(404, f"Response with id '{response_id[:64]}' not found.")
     query = request.query_params
     if query.get("stream", "false").lower() == "true":
         raw = query.get("starting_after") or request.headers.get("last-event-id") or "-1"
@@ -1223,13 +1339,13 @@ async def get_response(response_id: str, request: Request) -> Response:
         if after < -1:
             raise ApiError(400, "starting_after: a sequence number", param="starting_after")
         await _started(gateway, conv, response_id)
-        reader = ResponseStream(response_id, agent, echo=await gateway.recall(response_id))
+        reader = ResponseStream(response_id, agent, echo=echo)
         return _sse(_translated(reader, conv.resume_async(response_id), after))
     events, job = await _known_or_queued(gateway, conv, response_id)
     if events is None:
         assert job is not None
         return JSONResponse(_job_snapshot(response_id, agent, job))
-    reader = ResponseStream(response_id, agent, echo=await gateway.recall(response_id))
+    reader = ResponseStream(response_id, agent, echo=echo)
     for event in events:
         reader.feed(event)
     shown = reader.snapshot()
@@ -1269,6 +1385,44 @@ async def cancel_response(response_id: str, request: Request) -> Response:
     for event in events:
         reader.feed(event)
     return JSONResponse(reader.snapshot())
+
+
+@app.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str, request: Request) -> Response:
+    """Delete a response: its messages (its input and its output) become tombstones —
+    kept for audit, never shown to the model or listed again — and it is a 404 after."""
+    gateway, conv, _ = await _response_target(request, response_id, "write")
+    await _known_or_queued(gateway, conv, response_id)  # 404 for one that does not exist
+    if (await gateway.recall(response_id)).get("deleted"):
+        raise ApiError(404, f"Response with id '{response_id[:64]}' not found.")
+    messages = [
+        *await conv.history_async(turn=f"{response_id}:input"),
+        *await conv.history_async(turn=response_id),
+    ]
+    if messages:
+        await conv.hide_async([m.seq for m in messages])
+    await gateway.forget(response_id)
+    return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+@app.get("/v1/responses/{response_id}/input_items")
+async def list_input_items(response_id: str, request: Request) -> Response:
+    """A response's input as items: the history it was sent with (an input list) and
+    its user message, or the tool outputs it continued from."""
+    gateway, conv, _ = await _response_target(request, response_id, "read")
+    await _known_or_queued(gateway, conv, response_id)
+    if (await gateway.recall(response_id)).get("deleted"):
+        raise ApiError(404, f"Response with id '{response_id[:64]}' not found.")
+    query = request.query_params
+    limit, order = _paging(query)
+    turn = await conv.history_async(turn=response_id)
+    answered = next((i for i, m in enumerate(turn) if isinstance(m, AssistantMessage)), len(turn))
+    given = [*await conv.history_async(turn=f"{response_id}:input"), *turn[:answered]]
+    try:
+        listed = page(conversation_items(given), after=query.get("after"), limit=limit, order=order)
+    except UsageError as exc:
+        raise ApiError(400, str(exc), param="after") from exc
+    return JSONResponse(listed)
 
 
 def _job_snapshot(response_id: str, model: str, job: JobRecord) -> dict[str, Any]:

@@ -34,7 +34,15 @@ from ..messages import (
 )
 from .wire import ParamError
 
-__all__ = ["Context", "Reader", "chat_context", "client_tools", "input_context"]
+__all__ = [
+    "Context",
+    "Reader",
+    "chat_context",
+    "client_tools",
+    "conversation_messages",
+    "input_context",
+    "read_items",
+]
 
 #: The most tools one request may offer (OpenAI's own limit).
 MAX_TOOLS = 128
@@ -232,8 +240,27 @@ def input_context(
             outputs.append(ToolOutput(call_id, _text(item.get("output"), f"input[{i}].output")))
         return Context([], "", tuple(outputs))
     reader = Reader(client)
+    read_items(reader, items, "input")
+    return reader.context("input")
+
+
+def conversation_messages(items: Any, limit: int = 20) -> list[Message]:
+    """The ``items`` a caller adds to a conversation (at most ``limit``), as messages
+    to store; system and developer messages are refused (instructions are given per
+    response)."""
+    if not isinstance(items, list) or not 1 <= len(items) <= limit:
+        raise ParamError("items", f"a list of 1 to {limit} items")
+    reader = Reader()
+    read_items(reader, items, "items")
+    if reader.system:
+        raise ParamError("items", "system and developer messages are not stored: send instructions")
+    return reader.messages
+
+
+def read_items(reader: Reader, items: list[Any], param: str) -> None:
+    """Read Responses items (``param[i]`` in errors) into ``reader``."""
     for i, item in enumerate(items):
-        where = f"input[{i}]"
+        where = f"{param}[{i}]"
         if not isinstance(item, dict):
             raise ParamError(where, "an item object")
         kind = item.get("type", "message")
@@ -250,7 +277,6 @@ def input_context(
             reader.result(where, item.get("id"), shown or "", is_error=error is not None)
         else:
             raise ParamError(f"{where}.type", f"{kind!r:.40} items are not supported by this door")
-    return reader.context("input")
 
 
 def client_tools(tools: Any) -> tuple[ToolDefinition, ...]:

@@ -34,6 +34,7 @@ __all__ = [
     "TurnOptions",
     "conversation_items",
     "conversation_of",
+    "item_seq",
     "new_response_id",
     "page",
     "sse",
@@ -549,6 +550,8 @@ def conversation_items(messages: Sequence[Message]) -> list[dict[str, Any]]:
     client: set[str] = set()
     items: list[dict[str, Any]] = []
     for m in messages:
+        if m.hidden:  # deleted by its owner: kept for audit, listed no more
+            continue
         if isinstance(m, UserMessage):
             items.append(_message_item(m, "user", "input_text"))
         elif isinstance(m, AssistantMessage):
@@ -590,6 +593,12 @@ def _message_item(m: Message, role: str, part: str) -> dict[str, Any]:
 
 
 _ITEM_ID = re.compile(r"^item_(\d{1,12})(?:_\d{1,6})?$")
+
+
+def item_seq(item_id: str) -> int | None:
+    """The ``seq`` of the message an item id names (``None``: not an item id of ours)."""
+    found = _ITEM_ID.match(item_id) if isinstance(item_id, str) else None
+    return None if found is None else int(found.group(1))
 
 
 def items_read(after: str | None, limit: int, order: str) -> dict[str, int | None]:

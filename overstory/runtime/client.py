@@ -394,10 +394,14 @@ class Conversation:
         """Async form of :meth:`send`."""
         options = _options(version, model, settings, output_type, tools, tool_outputs, instructions)
         turn_id = self._check(text, turn_id, options)
+        return await self._sent(TurnRequest(turn_id, text, self._caller, 0, None, None, *options))
+
+    async def _sent(self, request: TurnRequest) -> Reply:
+        """Send ``request`` as this handle's next turn (numbered, in its span)."""
         n, low = self._number()
         try:
             with self._span():
-                request = TurnRequest(turn_id, text, self._caller, n, low, inject(), *options)
+                request = replace(request, n=n, low=low, carrier=inject())
                 reply: Reply = await self._call_async(Transport.send, request)
         finally:
             self._done(n)
@@ -419,14 +423,19 @@ class Conversation:
         turn_id = turn_id or uuid.uuid4().hex
         request = TurnRequest(turn_id, "", self._caller, append=tuple(messages))
         validate_turn(request, max_chars=self._runtime.config.limits.max_message_chars)
-        n, low = self._number()
-        try:
-            with self._span():
-                request = replace(request, n=n, low=low, carrier=inject())
-                reply: Reply = await self._call_async(Transport.send, request)
-        finally:
-            self._done(n)
-        return reply
+        return await self._sent(request)
+
+    def hide(self, seqs: Sequence[int]) -> Reply:
+        """Delete stored messages ``seqs`` as their owner may: each becomes a
+        tombstone — its record stays in the store (``hidden``, for audit), and neither
+        the model nor the HTTP door's item lists see it again. Idempotent."""
+        return self._portal.run(self.hide_async(seqs))
+
+    async def hide_async(self, seqs: Sequence[int]) -> Reply:
+        """Async form of :meth:`hide`."""
+        request = TurnRequest(uuid.uuid4().hex, "", self._caller, hide=tuple(seqs))
+        validate_turn(request, max_chars=self._runtime.config.limits.max_message_chars)
+        return await self._sent(request)
 
     # --- streamed turns ----------------------------------------------------------------------
 
@@ -566,18 +575,36 @@ class Conversation:
         return found
 
     def history(
-        self, *, after: int = -1, limit: int | None = None, before: int | None = None
+        self,
+        *,
+        after: int = -1,
+        limit: int | None = None,
+        before: int | None = None,
+        turn: str | None = None,
     ) -> list[Message]:
         """The conversation's stored messages in seq order: every one, or a page — the
         first ``limit`` with ``seq`` above ``after``, or with ``before``, the last
         ``limit`` below it (read from the store, however long the conversation;
-        compaction never removes any)."""
-        return self._portal.run(self.history_async(after=after, limit=limit, before=before))
+        compaction never removes any) — or ``turn``'s messages. Deleted messages
+        (:meth:`hide`) are among them, marked ``hidden``."""
+        return self._portal.run(
+            self.history_async(after=after, limit=limit, before=before, turn=turn)
+        )
 
     async def history_async(
-        self, *, after: int = -1, limit: int | None = None, before: int | None = None
+        self,
+        *,
+        after: int = -1,
+        limit: int | None = None,
+        before: int | None = None,
+        turn: str | None = None,
     ) -> list[Message]:
         """Async form of :meth:`history`."""
+        if turn is not None:
+            if not isinstance(turn, str) or not turn or len(turn) > 256:
+                raise UsageError(f"turn must be a turn id, got {turn!r:.80}")
+            if (after, limit, before) != (-1, None, None):
+                raise UsageError("give turn alone: a turn's messages are read whole")
         if limit is not None and (
             isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100_000
         ):
@@ -588,7 +615,7 @@ class Conversation:
             if after != -1:
                 raise UsageError("give after or before, not both")
         messages: list[Message] = await self._call_async(
-            Transport.history, _cursor(after), limit, before
+            Transport.history, _cursor(after), limit, before, turn
         )
         return messages
 

@@ -91,11 +91,14 @@ class Transport(ABC):
         after: int = -1,
         limit: int | None = None,
         before: int | None = None,
+        turn: str | None = None,
         *,
         principal: Principal | None = None,
     ) -> Any:
         handle, head, keywords = self._at(target)
-        return handle.history.remote(*head, after, limit, before, principal=principal, **keywords)
+        return handle.history.remote(
+            *head, after, limit, before, turn, principal=principal, **keywords
+        )
 
     @abstractmethod
     def info(self, target: Any) -> Any:

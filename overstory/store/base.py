@@ -86,6 +86,12 @@ class HistoryStore(ABC):
         (conversation, seq) order, bodies as stored (sealed or not): for re-sealing."""
 
     @abstractmethod
+    async def hide(self, conversation_id: str, seq: int, *, epoch: int | None = None) -> bool:
+        """Mark message ``seq`` hidden (a tombstone: its record stays, read back with
+        ``hidden``); ``False`` when there is no such message. With ``epoch``, only if it
+        is still the conversation's current epoch (else ``Fenced``)."""
+
+    @abstractmethod
     async def replace_body(self, conversation_id: str, seq: int, old: str, new: str) -> bool:
         """Compare-and-set one message's stored body (only ``rotate-data`` rewrites)."""
 

@@ -408,6 +408,30 @@ class MongoStore(HistoryStore):
         except PyMongoError as exc:
             raise StoreError(f"cannot read messages from {self.url}: {exc}") from exc
 
+    async def hide(self, conversation_id: str, seq: int, *, epoch: int | None = None) -> bool:
+        where = {"conversation_id": conversation_id, "seq": seq}
+        try:
+            if epoch is None or not self.atomic_fencing:
+                if epoch is not None:
+                    await self._fence(conversation_id, epoch)
+                result = await self._messages.update_one(where, {"$set": {"hidden": True}})
+                return bool(result.matched_count == 1)
+            assert self._client is not None
+            matched: list[bool] = []
+
+            async def fenced_hide(session: Any) -> None:
+                await self._fence(conversation_id, epoch, session)
+                result = await self._messages.update_one(
+                    where, {"$set": {"hidden": True}}, session=session
+                )
+                matched[:] = [result.matched_count == 1]
+
+            async with self._client.start_session() as session:
+                await session.with_transaction(fenced_hide)
+            return bool(matched and matched[0])
+        except PyMongoError as exc:
+            raise StoreError(f"cannot hide a message in {self.url}: {exc}") from exc
+
     async def replace_body(self, conversation_id: str, seq: int, old: str, new: str) -> bool:
         try:
             result = await self._messages.update_one(

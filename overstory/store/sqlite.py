@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS messages (
     kind            TEXT NOT NULL,
     created_at      REAL NOT NULL,
     body            TEXT NOT NULL,
+    hidden          INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (conversation_id, seq)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS messages_turn ON messages (conversation_id, turn_id);
@@ -181,6 +182,9 @@ class SQLiteStore(HistoryStore):
                 raise sqlite3.OperationalError(f"WAL mode refused (journal_mode={mode})")
             conn.execute("PRAGMA synchronous = FULL")
             conn.executescript(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+            if "hidden" not in columns:  # a store made before tombstones
+                conn.execute("ALTER TABLE messages ADD COLUMN hidden INTEGER NOT NULL DEFAULT 0")
         except BaseException:
             conn.close()
             raise
@@ -472,7 +476,7 @@ class SQLiteStore(HistoryStore):
     ) -> list[Message]:
         def select(conn: sqlite3.Connection) -> list[Any]:
             return conn.execute(
-                "SELECT seq, turn_id, kind, created_at, body FROM messages " + where, args
+                "SELECT seq, turn_id, kind, created_at, body, hidden FROM messages " + where, args
             ).fetchall()
 
         try:
@@ -482,7 +486,14 @@ class SQLiteStore(HistoryStore):
         return [
             self._from_record(
                 conversation_id,
-                {"seq": r[0], "turn_id": r[1], "kind": r[2], "created_at": r[3], "body": r[4]},
+                {
+                    "seq": r[0],
+                    "turn_id": r[1],
+                    "kind": r[2],
+                    "created_at": r[3],
+                    "body": r[4],
+                    "hidden": bool(r[5]),
+                },
             )
             for r in rows
         ]
@@ -504,6 +515,27 @@ class SQLiteStore(HistoryStore):
             return await self._run(select)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read messages from {self.url}: {exc}") from exc
+
+    async def hide(self, conversation_id: str, seq: int, *, epoch: int | None = None) -> bool:
+        def mark(conn: sqlite3.Connection) -> bool:
+            try:
+                if epoch is not None:
+                    found = conn.execute(
+                        "SELECT epoch FROM conversations WHERE conversation_id = ?",
+                        (conversation_id,),
+                    ).fetchone()
+                    current = int(found[0]) if found else 0
+                    if current != epoch:
+                        raise Fenced(conversation_id, epoch, current)
+                cursor = conn.execute(
+                    "UPDATE messages SET hidden = 1 WHERE conversation_id = ? AND seq = ?",
+                    (conversation_id, seq),
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot hide a message in {self.url}: {exc}") from exc
+            return cursor.rowcount == 1
+
+        return await self._write(mark)
 
     async def replace_body(self, conversation_id: str, seq: int, old: str, new: str) -> bool:
         def swap(conn: sqlite3.Connection) -> bool:
