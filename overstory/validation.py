@@ -88,6 +88,9 @@ def validate_message(text: object, *, max_chars: int = MAX_MESSAGE_CHARS) -> str
 #: A tool call's id as vendors make them (OpenAI ``call_...``, Anthropic ``toolu_...``).
 _CALL_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
+#: What a client tool may be called (OpenAI's rule for function names).
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
 #: The most client tools one turn may offer (OpenAI's own limit).
 MAX_CLIENT_TOOLS = 128
 
@@ -103,7 +106,16 @@ def validate_turn(request: TurnRequest, *, max_chars: int = MAX_MESSAGE_CHARS) -
     tools, each with a JSON-schema object."""
     if len(request.tools) > MAX_CLIENT_TOOLS:
         raise InvalidMessage(f"at most {MAX_CLIENT_TOOLS} client tools, got {len(request.tools)}")
+    seen: set[str] = set()
     for tool in request.tools:
+        if not isinstance(tool.name, str) or not _TOOL_NAME.fullmatch(tool.name):
+            raise InvalidMessage(
+                f"a client tool's name must be 1-64 letters, digits, '_' or '-', "
+                f"got {tool.name!r:.80}"
+            )
+        if tool.name in seen:
+            raise InvalidMessage(f"client tool {tool.name!r} is given twice")
+        seen.add(tool.name)
         if not isinstance(tool.parameters, dict) or not isinstance(tool.description, str):
             raise InvalidMessage(f"client tool {tool.name!r:.64}: parameters must be an object")
     if request.hide:

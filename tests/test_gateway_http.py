@@ -1252,3 +1252,68 @@ def test_the_agents_sdk_conversations_session_carries_history(door: Door) -> Non
     assert first == "echo #1: hello"
     assert second == "echo #2: again"  # the first run's messages were its context
     assert kept == 4
+
+
+@pytest.mark.slow
+def test_the_openapi_document_describes_the_door_and_schemathesis_finds_nothing(
+    door: Door, tmp_path: Path
+) -> None:
+    """``/openapi.json`` (3.1) and ``/docs`` are served; schemathesis runs every check
+    over the document for a bounded number of examples per operation: no 5xx, no answer
+    that breaks the document."""
+    import subprocess
+    import sys
+
+    status, _, document = door.raw("GET", "/openapi.json", who=None)
+    assert status == 200
+    assert document["openapi"] == "3.1.0"
+    assert document["paths"]["/v1/responses"]["post"]["requestBody"]
+    assert door.raw("GET", "/docs", who=None)[0] == 200
+    # The run reads the document as served, but for the slow agent (3 s an answer) left
+    # out of the models it may choose: it would only make the run slower.
+    for schema in document["paths"].values():
+        for operation in schema.values():
+            body = operation.get("requestBody", {}).get("content", {}).get("application/json")
+            model = (body or {}).get("schema", {}).get("properties", {}).get("model")
+            if model is not None:
+                model["enum"] = ["helper"]
+    served = tmp_path / "openapi.json"
+    served.write_text(json.dumps(document))
+    st = str(Path(sys.executable).with_name("st"))
+    common = [
+        "--url",
+        door.url,
+        "--max-examples",
+        "4",
+        "--workers",
+        "1",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "-H",
+        f"Authorization: Bearer {door.keys['alice']}",
+        "--no-color",
+    ]
+    # Every check on every operation but creating a response; that one without the two
+    # checks of which bodies are taken: the document gives its input in the common form
+    # (a text, one user message) while the door takes a whole history, and it cannot say
+    # that tool names must differ (docs/guides/compatibility.md).
+    for checks in (
+        ["--checks", "all", "--exclude-path-regex", "^/v1/responses$"],
+        [
+            "--checks",
+            "all",
+            "--exclude-checks",
+            "positive_data_acceptance,negative_data_rejection",
+            "--include-path-regex",
+            "^/v1/responses$",
+        ],
+    ):
+        run = subprocess.run(
+            [st, "run", str(served), *checks, *common],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        assert run.returncode == 0, run.stdout[run.stdout.find("FAILURES") :][:5000]
+        assert " generated" in run.stdout

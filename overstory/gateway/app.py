@@ -29,7 +29,10 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
+from starlette.routing import Match
 
 from ..access import (
     ConversationRecord,
@@ -72,6 +75,7 @@ from ..validation import validate_turn, validate_user_id
 from .chat import ChatChunks, chat_completion, chat_request, new_completion_id
 from .items import Context, client_tools, conversation_messages, input_context, names
 from .keys import KEY_PREFIX, authenticate_key
+from .openapi import openapi
 from .tokens import JwtSettings, authenticate_jwt
 from .wire import (
     DEFAULT_ECHO,
@@ -490,12 +494,14 @@ class Gateway:
         (items stored before its first response): the app's only agent; a 400 when it
         serves several."""
         served = list((await asyncio.to_thread(self.runtime.served))["agents"])
-        if len(served) != 1:
+        if len(served) != 1:  # the conversation's state, not the request, is wanting
             raise ApiError(
-                400,
-                f"agent: this door serves {len(served)} agents ({', '.join(served[:5])}): name "
-                "the conversation's agent when creating it (extra_body={'agent': NAME})",
+                409,
+                f"the conversation has no agent yet and this door serves {len(served)} "
+                f"({', '.join(served[:5])}): name it when creating the conversation "
+                "(extra_body={'agent': NAME}), or send a response first",
                 param="agent",
+                code="conversation_has_no_agent",
             )
         return str(served[0])
 
@@ -539,6 +545,14 @@ def _metadata(value: Any) -> dict[str, str]:
         raise ApiError(400, str(exc), param="metadata") from exc
 
 
+def _only(body: dict[str, Any], *allowed: str) -> dict[str, Any]:
+    """``body`` if it has no field but ``allowed``; a 400 naming the first other one."""
+    for key in body:
+        if key not in allowed:
+            raise ApiError(400, f"unknown parameter {key!r:.60}", param=str(key)[:60])
+    return body
+
+
 async def _json(request: Request, gateway: Gateway) -> dict[str, Any]:
     limit = gateway.limits.max_body_bytes
     declared = request.headers.get("content-length")
@@ -574,6 +588,21 @@ async def _json(request: Request, gateway: Gateway) -> dict[str, Any]:
 
 
 app = FastAPI(title="overstory", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@app.get("/openapi.json")
+async def openapi_document(request: Request) -> Response:
+    """The OpenAPI 3.1 document of this door (:mod:`.openapi`), for its served agents."""
+    gateway = _gateway(request)
+    served = await asyncio.to_thread(gateway.runtime.served)
+    limit = gateway.runtime.config.limits.max_message_chars
+    return JSONResponse(openapi(list(served["agents"]), limit))
+
+
+@app.get("/docs")
+async def api_docs() -> Response:
+    """Swagger UI over ``/openapi.json`` (its scripts come from a CDN)."""
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="overstory API")
 
 
 #: The replica's gateway. A module global, not ``app.state``: Serve runs a copy of the
@@ -623,9 +652,19 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 @app.exception_handler(405)
 async def _not_allowed(request: Request, exc: Exception) -> Response:
-    # Starlette names the route's methods in its exception's Allow header: keep it.
-    allow = dict(getattr(exc, "headers", None) or {}).get("Allow")
-    headers = {"allow": allow} if allow else None
+    # Starlette's own Allow names the first matching route's methods only: every route
+    # on this path counts (GET and DELETE of one resource are two routes).
+    scope = {"type": "http", "path": request.url.path, "method": request.method}
+    methods = sorted(
+        {
+            method
+            for route in request.app.routes
+            if isinstance(route, APIRoute) and route.matches(scope)[0] != Match.NONE
+            for method in route.methods or ()
+            if method != "HEAD"
+        }
+    )
+    headers = {"allow": ", ".join(methods)} if methods else None
     return ApiError(405, f"method {request.method} not allowed here", headers=headers).response()
 
 
@@ -668,7 +707,7 @@ async def readyz(request: Request) -> Response:
 async def create_conversation(request: Request) -> Response:
     gateway = _gateway(request)
     principal = await gateway.principal(request)
-    body = await _json(request, gateway)
+    body = _only(await _json(request, gateway), "metadata", "items", "agent")
     messages: list[Message] = []
     if body.get("items"):
         try:
@@ -744,7 +783,7 @@ async def get_conversation(conversation_id: str, request: Request) -> Response:
 async def update_conversation(conversation_id: str, request: Request) -> Response:
     gateway = _gateway(request)
     record = await gateway.reach(await gateway.principal(request), conversation_id, "own")
-    body = await _json(request, gateway)
+    body = _only(await _json(request, gateway), "metadata")
     record = await gateway.update(record, metadata=_metadata(body.get("metadata")))
     return JSONResponse(record.public())
 
@@ -772,7 +811,7 @@ async def share(conversation_id: str, request: Request) -> Response:
     gateway = _gateway(request)
     principal = await gateway.principal(request)
     record = await gateway.reach(principal, conversation_id, "own")
-    body = await _json(request, gateway)
+    body = _only(await _json(request, gateway), "user", "access")
     user, level = body.get("user"), body.get("access")
     try:
         user = validate_user_id(user)
@@ -815,8 +854,8 @@ async def list_items(conversation_id: str, request: Request) -> Response:
             read = items_read(query.get("after"), limit, order)
             items = conversation_items(await conv.history_async(**read))  # type: ignore[arg-type]
         listed = page(items, after=query.get("after"), limit=limit, order=order)
-    except UsageError as exc:
-        raise ApiError(400, str(exc), param="after") from exc
+    except UsageError as exc:  # a cursor naming no item of this conversation
+        raise ApiError(404, str(exc), param="after", code="not_found") from exc
     return JSONResponse(listed)
 
 
@@ -837,7 +876,7 @@ async def create_items(conversation_id: str, request: Request) -> Response:
     gateway = _gateway(request)
     principal = await gateway.principal(request)
     record = await gateway.reach(principal, conversation_id, "write")
-    body = await _json(request, gateway)
+    body = _only(await _json(request, gateway), "items")
     try:
         messages = conversation_messages(body.get("items"))
     except ParamError as exc:
@@ -964,6 +1003,11 @@ def _checked(
         validate_turn(request, max_chars=limit)
     except InvalidMessage as exc:
         raise ApiError(400, f"{param}: {exc}", param=param) from exc
+    for i, message in enumerate(context.messages):
+        if len(message.content) > limit:
+            raise ApiError(400, f"{param}: message {i} is over {limit} characters", param=param)
+    if len(context.system) > limit:
+        raise ApiError(400, f"{param}: the system text is over {limit} characters", param=param)
     return context
 
 
@@ -1062,10 +1106,10 @@ async def create_response(request: Request) -> Response:
     body = await _json(request, gateway)
     agent, version = await gateway.agent_of(body.get("model"))
     model = agent if version is None else f"{agent}/{version}"
-    stream = body.get("stream", False)
+    stream = False if body.get("stream") is None else body["stream"]
     if not isinstance(stream, bool):
         raise ApiError(400, "stream: a boolean", param="stream")
-    background = body.get("background", False)
+    background = False if body.get("background") is None else body["background"]
     if not isinstance(background, bool):
         raise ApiError(400, "background: a boolean", param="background")
     try:
@@ -1107,6 +1151,11 @@ async def create_response(request: Request) -> Response:
             f"conversation {record.id} talks to agent {record.agent!r}, not {agent!r}",
             param="model",
         )
+    if tools:  # a name the agent's own tool has is refused now, not once the turn runs
+        try:
+            (await gateway.stateless().agent(agent, version)).with_client_tools(tools)
+        except UsageError as exc:
+            raise ApiError(400, f"tools: {exc}", param="tools") from exc
     conv = await gateway.conversation(record, principal)
     if context.messages:  # the caller's history first: appended as items are
         await _append(conv, context.messages, f"{response_id}:input")
@@ -1154,7 +1203,9 @@ async def _conversation_for(
             param="previous_response_id",
         )
     if isinstance(target, dict):
-        target = target.get("id")
+        if set(target) != {"id"} or not isinstance(target["id"], str):
+            raise ApiError(400, "conversation: an id, or {'id': ID}", param="conversation")
+        target = target["id"]
     if previous is not None:
         record = await _previous(gateway, principal, previous)
     elif target is None:
@@ -1328,16 +1379,17 @@ async def get_response(response_id: str, request: Request) -> Response:
     if echo.pop("deleted", False):
         raise ApiError(404, f"Response with id '{response_id[:64]}' not found.")
     query = request.query_params
-    if query.get("stream", "false").lower() == "true":
-        raw = query.get("starting_after") or request.headers.get("last-event-id") or "-1"
-        try:
-            after = int(raw)
-        except ValueError as exc:
-            raise ApiError(
-                400, "starting_after: a sequence number", param="starting_after"
-            ) from exc
-        if after < -1:
-            raise ApiError(400, "starting_after: a sequence number", param="starting_after")
+    streamed = query.get("stream", "false").lower()
+    if streamed not in ("true", "false"):
+        raise ApiError(400, "stream: 'true' or 'false'", param="stream")
+    raw = query.get("starting_after") or request.headers.get("last-event-id") or "-1"
+    try:
+        after = int(raw)
+    except ValueError as exc:
+        raise ApiError(400, "starting_after: a sequence number", param="starting_after") from exc
+    if after < -1:
+        raise ApiError(400, "starting_after: a sequence number", param="starting_after")
+    if streamed == "true":
         await _started(gateway, conv, response_id)
         reader = ResponseStream(response_id, agent, echo=echo)
         return _sse(_translated(reader, conv.resume_async(response_id), after))
@@ -1420,8 +1472,8 @@ async def list_input_items(response_id: str, request: Request) -> Response:
     given = [*await conv.history_async(turn=f"{response_id}:input"), *turn[:answered]]
     try:
         listed = page(conversation_items(given), after=query.get("after"), limit=limit, order=order)
-    except UsageError as exc:
-        raise ApiError(400, str(exc), param="after") from exc
+    except UsageError as exc:  # a cursor naming no item of this response
+        raise ApiError(404, str(exc), param="after", code="not_found") from exc
     return JSONResponse(listed)
 
 

@@ -30,7 +30,7 @@ from ..messages import Reply, ToolCall, ToolDefinition
 from ..providers.base import ModelSettings
 from ..providers.schema import OutputSchema
 from .items import Context, chat_context, client_tools
-from .wire import ParamError, text_format, tool_choice
+from .wire import ParamError, json_int, text_format, tool_choice
 
 __all__ = ["ChatChunks", "ChatRequest", "chat_completion", "chat_request"]
 
@@ -94,7 +94,7 @@ def chat_request(body: dict[str, Any]) -> ChatRequest:
         allowed = _DEFAULT_ONLY[key]
         if value is not None and not any(value == a and type(value) is type(a) for a in allowed):
             raise ParamError(key, f"{value!r:.80} is not supported by this door")
-    stream = body.get("stream", False)
+    stream = False if body.get("stream") is None else body["stream"]
     if not isinstance(stream, bool):
         raise ParamError("stream", "a boolean")
     options = body.get("stream_options")
@@ -115,7 +115,7 @@ def chat_request(body: dict[str, Any]) -> ChatRequest:
 
 def _settings(body: dict[str, Any]) -> dict[str, Any] | None:
     settings: dict[str, Any] = {}
-    cap = body.get("max_completion_tokens", body.get("max_tokens"))
+    cap = json_int(body.get("max_completion_tokens", body.get("max_tokens")))
     chosen = {
         "temperature": ("temperature", body.get("temperature")),
         "max_output_tokens": (
@@ -123,7 +123,7 @@ def _settings(body: dict[str, Any]) -> dict[str, Any] | None:
             cap,
         ),
         "stop": ("stop", [body["stop"]] if isinstance(body.get("stop"), str) else body.get("stop")),
-        "seed": ("seed", body.get("seed")),
+        "seed": ("seed", json_int(body.get("seed"))),
         "tool_choice": ("tool_choice", tool_choice(body.get("tool_choice"))),
         "parallel_tool_calls": ("parallel_tool_calls", body.get("parallel_tool_calls")),
     }

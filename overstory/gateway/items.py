@@ -47,6 +47,17 @@ __all__ = [
 #: The most tools one request may offer (OpenAI's own limit).
 MAX_TOOLS = 128
 
+#: A chat message's fields; those ``_ECHOED`` come back in an assistant message a client
+#: sends back (the door never sets them) and are taken empty only.
+_CHAT_FIELDS = frozenset(
+    {"role", "content", "tool_calls", "tool_call_id", "refusal", "annotations", "audio", "name"}
+)
+_ECHOED = frozenset({"refusal", "annotations", "audio", "name"})
+
+#: A function tool's fields (``strict``: the vendor's schema enforcement; the model is
+#: given the schema either way).
+_TOOL_FIELDS = frozenset({"type", "name", "description", "parameters", "strict"})
+
 
 @dataclass(frozen=True)
 class Context:
@@ -198,6 +209,9 @@ def chat_context(messages: Any, client: frozenset[str] = frozenset()) -> Context
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise ParamError(where, "a message object")
+        for key, value in m.items():
+            if key not in _CHAT_FIELDS or (key in _ECHOED and value not in (None, [])):
+                raise ParamError(f"{where}.{key}", "not supported by this door")
         role = m.get("role")
         if role == "tool":
             reader.result(where, m.get("tool_call_id"), m.get("content"))
@@ -263,7 +277,7 @@ def read_items(reader: Reader, items: list[Any], param: str) -> None:
         where = f"{param}[{i}]"
         if not isinstance(item, dict):
             raise ParamError(where, "an item object")
-        kind = item.get("type", "message")
+        kind = item.get("type") or "message"
         if kind == "message":
             _message(reader, where, item.get("role"), item.get("content"))
         elif kind == "function_call":
@@ -298,8 +312,17 @@ def client_tools(tools: Any) -> tuple[ToolDefinition, ...]:
         spec = tool.get("function", tool)
         if not isinstance(spec, dict):
             raise ParamError(f"{where}.function", "an object with a name and parameters")
-        name, description = spec.get("name"), spec.get("description") or ""
-        parameters = spec.get("parameters") or {"type": "object", "properties": {}}
+        outer = set(tool) - ({"type", "function"} if "function" in tool else _TOOL_FIELDS)
+        inner = set(spec) - _TOOL_FIELDS if "function" in tool else set()
+        for extra in sorted(outer | inner):
+            raise ParamError(f"{where}.{extra}", "not a field of a function tool")
+        if spec.get("strict") is not None and not isinstance(spec.get("strict"), bool):
+            raise ParamError(f"{where}.strict", "a boolean")
+        name, description = spec.get("name"), spec.get("description")
+        description = "" if description is None else description
+        parameters = spec.get("parameters")
+        if parameters is None:
+            parameters = {"type": "object", "properties": {}}
         if not isinstance(name, str) or not name:
             raise ParamError(f"{where}.name", "the tool's name")
         if not isinstance(description, str):

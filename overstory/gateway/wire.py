@@ -35,6 +35,7 @@ __all__ = [
     "conversation_items",
     "conversation_of",
     "item_seq",
+    "json_int",
     "new_response_id",
     "page",
     "sse",
@@ -161,7 +162,7 @@ def turn_options(body: dict[str, Any]) -> TurnOptions:
             raise ParamError(
                 key, f"{value!r:.80} is not supported by this door (see the compatibility table)"
             )
-    include = body.get("include") or []
+    include = [] if body.get("include") is None else body["include"]
     if not isinstance(include, list) or not all(isinstance(i, str) for i in include):
         raise ParamError("include", "a list of strings")
     for value in include:
@@ -175,7 +176,7 @@ def turn_options(body: dict[str, Any]) -> TurnOptions:
     settings: dict[str, Any] = {}
     chosen = {
         "temperature": body.get("temperature"),
-        "max_output_tokens": body.get("max_output_tokens"),
+        "max_output_tokens": json_int(body.get("max_output_tokens")),
         "tool_choice": tool_choice(body.get("tool_choice")),
         "parallel_tool_calls": body.get("parallel_tool_calls"),
     }
@@ -187,6 +188,14 @@ def turn_options(body: dict[str, Any]) -> TurnOptions:
                 raise ParamError(key, str(exc)) from exc
             settings[key] = value
     return TurnOptions(settings or None, text_format(body.get("text")), instructions or "")
+
+
+def json_int(value: Any) -> Any:
+    """A JSON number that is an integer (``854.0`` is one, as JSON Schema counts) as an
+    int; anything else as it is (the setting's own check then refuses what is wrong)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
 
 
 def tool_choice(value: Any, param: str = "tool_choice") -> str | None:
