@@ -74,6 +74,7 @@ __all__ = [
     "append_messages",
     "awaiting",
     "continued",
+    "hide_messages",
     "is_complete",
     "reply_of",
     "restarted",
