@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import time
 import urllib.error
@@ -1284,7 +1285,7 @@ def test_the_openapi_document_describes_the_door_and_schemathesis_finds_nothing(
         "--url",
         door.url,
         "--max-examples",
-        "4",
+        os.environ.get("OVERSTORY_SCHEMATHESIS_EXAMPLES", "4"),  # more: a longer run
         "--workers",
         "1",
         "--phases",

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -115,7 +116,23 @@ class JobRunner:
         self._started_at = time.time()
         # Ray restarts this process in place after a crash, and its supervisor may be
         # down too (nobody would call ready): start the loop by calling it ourselves.
-        ray.get_runtime_context().current_actor.ready.remote()
+        # Not one call fired and forgotten: one sent while the restart is still being
+        # recorded can go to the dead incarnation and be lost (seen: a runner that never
+        # started its loop, its job held until someone called ready). A thread asks
+        # until the loop runs.
+        threading.Thread(target=self._start_itself, name="runner-start", daemon=True).start()
+
+    def _start_itself(self, attempts: int = 120) -> None:
+        handle = ray.get_runtime_context().current_actor
+        for _ in range(attempts):
+            if self._main is not None:
+                return
+            try:
+                ray.get(handle.ready.remote(), timeout=30)
+                return
+            except Exception as exc:  # the actor is between incarnations: ask again
+                log.warning("the runner could not start its loop yet (%s): asking again", exc)
+                time.sleep(1.0)
 
     # --- supervision protocol -----------------------------------------------------------
 
