@@ -53,6 +53,18 @@ class Door:
         key = self.keys.get(who, who)
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **options)
 
+    def langchain(self, responses_api: bool, who: str = "alice") -> Any:
+        """LangChain's ``ChatOpenAI`` on the door, in either of its modes."""
+        from langchain_openai import ChatOpenAI
+
+        return ChatOpenAI(
+            model="helper",
+            base_url=f"{self.url}/v1",
+            api_key=self.keys[who],  # type: ignore[arg-type]
+            use_responses_api=responses_api,
+            max_retries=0,
+        )
+
     def raw(
         self, method: str, path: str, body: bytes | None = None, who: str | None = "alice"
     ) -> tuple[int, dict[str, str], Any]:
@@ -909,15 +921,8 @@ def test_chat_completions_are_stateless_run_the_agents_tools_and_stream(door: Do
 def test_langchain_chat_completions_mode_invokes_and_streams(door: Door) -> None:
     """LangChain's ``ChatOpenAI(use_responses_api=False)`` — its default mode, which
     failed with a 404 before the door had /v1/chat/completions."""
-    from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(
-        model="helper",
-        base_url=f"{door.url}/v1",
-        api_key=door.keys["alice"],  # type: ignore[arg-type]
-        use_responses_api=False,
-        max_retries=0,
-    )
+    llm = door.langchain(responses_api=False)
     answer = llm.invoke(
         [("system", "be brief"), ("human", "first"), ("ai", "echo #1: first"), ("human", "second")]
     )
@@ -1143,7 +1148,6 @@ def test_the_agents_sdk_runs_a_function_tool_round_trip_through_the_door(door: D
 def test_langchain_bind_tools_completes_a_tool_round_trip(door: Door) -> None:
     from langchain_core.messages import HumanMessage, ToolMessage
     from langchain_core.tools import tool
-    from langchain_openai import ChatOpenAI
 
     @tool
     def weather(city: str) -> str:
@@ -1151,13 +1155,7 @@ def test_langchain_bind_tools_completes_a_tool_round_trip(door: Door) -> None:
         return f"windy in {city}"
 
     for responses_api in (False, True):
-        llm = ChatOpenAI(
-            model="helper",
-            base_url=f"{door.url}/v1",
-            api_key=door.keys["alice"],  # type: ignore[arg-type]
-            use_responses_api=responses_api,
-            max_retries=0,
-        ).bind_tools([weather])
+        llm = door.langchain(responses_api=responses_api).bind_tools([weather])
         history: list[Any] = [HumanMessage(ASK_WEATHER)]
         asked = llm.invoke(history)
         (call,) = asked.tool_calls  # type: ignore[attr-defined]
@@ -1318,3 +1316,4 @@ def test_the_openapi_document_describes_the_door_and_schemathesis_finds_nothing(
         )
         assert run.returncode == 0, run.stdout[run.stdout.find("FAILURES") :][:5000]
         assert " generated" in run.stdout
+        print(run.stdout[run.stdout.rfind("Test cases:") :][:120])  # the run's size

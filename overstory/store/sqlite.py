@@ -74,6 +74,19 @@ CREATE INDEX IF NOT EXISTS vault_expiry ON vault (expires_at) WHERE expires_at I
 _Write = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
 
 
+def _fence(conn: sqlite3.Connection, conversation_id: str, epoch: int | None) -> None:
+    """:class:`Fenced` unless ``epoch`` is still the conversation's (``None``: no check);
+    run inside the write it guards (one writer at a time)."""
+    if epoch is None:
+        return
+    found = conn.execute(
+        "SELECT epoch FROM conversations WHERE conversation_id = ?", (conversation_id,)
+    ).fetchone()
+    current = int(found[0]) if found else 0
+    if current != epoch:
+        raise Fenced(conversation_id, epoch, current)
+
+
 class SQLiteStore(HistoryStore):
     """History in one SQLite file at ``path``."""
 
@@ -220,14 +233,7 @@ class SQLiteStore(HistoryStore):
 
         def insert(conn: sqlite3.Connection) -> None:
             try:
-                if epoch is not None:
-                    found = conn.execute(
-                        "SELECT epoch FROM conversations WHERE conversation_id = ?",
-                        (conversation_id,),
-                    ).fetchone()
-                    current = int(found[0]) if found else 0
-                    if current != epoch:
-                        raise Fenced(conversation_id, epoch, current)
+                _fence(conn, conversation_id, epoch)
                 conn.execute(
                     "INSERT INTO messages (conversation_id, seq, turn_id, kind, created_at, body)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
@@ -519,14 +525,7 @@ class SQLiteStore(HistoryStore):
     async def hide(self, conversation_id: str, seq: int, *, epoch: int | None = None) -> bool:
         def mark(conn: sqlite3.Connection) -> bool:
             try:
-                if epoch is not None:
-                    found = conn.execute(
-                        "SELECT epoch FROM conversations WHERE conversation_id = ?",
-                        (conversation_id,),
-                    ).fetchone()
-                    current = int(found[0]) if found else 0
-                    if current != epoch:
-                        raise Fenced(conversation_id, epoch, current)
+                _fence(conn, conversation_id, epoch)
                 cursor = conn.execute(
                     "UPDATE messages SET hidden = 1 WHERE conversation_id = ? AND seq = ?",
                     (conversation_id, seq),
