@@ -331,8 +331,15 @@ def test_hosts_dying_too_often_escalate_and_the_root_starts_them_again(
             os.kill(pid, signal.SIGKILL)
             wait_for_condition(lambda pid=pid: conv.info()["pid"] != pid, timeout=60)
         wait_for_condition(lambda: ray.get(root.status.remote())["restarts"] >= 1, timeout=60)
-        supervisor = ray.get_actor(HOSTS, namespace=namespace)
-        assert supervisor._actor_id != old_supervisor._actor_id  # a new host supervisor
+
+        def replaced() -> bool:  # the root counts its restart before the new one's name
+            try:
+                supervisor = ray.get_actor(HOSTS, namespace=namespace)
+            except ValueError:
+                return False  # not registered yet
+            return bool(supervisor._actor_id != old_supervisor._actor_id)
+
+        wait_for_condition(replaced, timeout=60)  # a new host supervisor
         assert conv.send("after").text == "echo #2: after"
         assert [m.content for m in conv.history() if isinstance(m, UserMessage)] == [
             "before",
