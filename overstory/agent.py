@@ -21,9 +21,7 @@ from .output import check_output_type
 from .providers import Model, ModelSettings, ModelSpec, Secret, resolve_model
 from .providers.schema import OutputSchema
 from .tools import Tool, ToolDefinition, unknown_tool
-
-#: What a client tool may be called (OpenAI's rule for function names).
-_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+from .validation import check_client_tools
 
 __all__ = [
     "DEFAULT_MAX_ROUND_TRIPS",
@@ -267,18 +265,13 @@ class Agent:
         own tools has, or given twice, is refused."""
         if not tools:
             return self
+        check_client_tools(tools)
         names = [t.name for t in tools]
         for name in names:
-            if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
-                raise UsageError(
-                    f"a client tool's name must be 1-64 letters, digits, '_' or '-', got {name!r:.80}"
-                )
             if name in self.tools:
                 raise UsageError(
                     f"client tool {name!r}: agent {self.name!r} has a tool of that name"
                 )
-            if names.count(name) > 1:
-                raise UsageError(f"client tool {name!r} is given twice")
         clone = copy.copy(self)
         clone.tool_definitions = self.tool_definitions + tuple(tools)
         clone.client_tools = frozenset(names)

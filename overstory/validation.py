@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING
 from .exceptions import InvalidMessage, InvalidUserId, UsageError
 
 if TYPE_CHECKING:
-    from .messages import TurnRequest
+    from collections.abc import Sequence
+
+    from .messages import ToolDefinition, TurnRequest
 
 __all__ = [
     "MAX_MESSAGE_CHARS",
     "MAX_USER_ID_CHARS",
+    "check_client_tools",
     "validate_message",
     "validate_turn",
     "validate_user_id",
@@ -99,15 +102,14 @@ MAX_CLIENT_TOOLS = 128
 MAX_APPENDED = 1000
 
 
-def validate_turn(request: TurnRequest, *, max_chars: int = MAX_MESSAGE_CHARS) -> None:
-    """:class:`InvalidMessage` unless ``request`` can run: its text is a message, or —
-    a turn continuing from client tools' outputs — it has no text and each output is a
-    call id and a text of at most ``max_chars``; at most :data:`MAX_CLIENT_TOOLS` client
-    tools, each with a JSON-schema object."""
-    if len(request.tools) > MAX_CLIENT_TOOLS:
-        raise InvalidMessage(f"at most {MAX_CLIENT_TOOLS} client tools, got {len(request.tools)}")
+def check_client_tools(tools: Sequence[ToolDefinition]) -> None:
+    """:class:`InvalidMessage` unless ``tools`` can be offered for a turn: at most
+    :data:`MAX_CLIENT_TOOLS`, each named by OpenAI's rule, no name twice, a
+    JSON-schema object for each."""
+    if len(tools) > MAX_CLIENT_TOOLS:
+        raise InvalidMessage(f"at most {MAX_CLIENT_TOOLS} client tools, got {len(tools)}")
     seen: set[str] = set()
-    for tool in request.tools:
+    for tool in tools:
         if not isinstance(tool.name, str) or not _TOOL_NAME.fullmatch(tool.name):
             raise InvalidMessage(
                 f"a client tool's name must be 1-64 letters, digits, '_' or '-', "
@@ -118,6 +120,14 @@ def validate_turn(request: TurnRequest, *, max_chars: int = MAX_MESSAGE_CHARS) -
         seen.add(tool.name)
         if not isinstance(tool.parameters, dict) or not isinstance(tool.description, str):
             raise InvalidMessage(f"client tool {tool.name!r:.64}: parameters must be an object")
+
+
+def validate_turn(request: TurnRequest, *, max_chars: int = MAX_MESSAGE_CHARS) -> None:
+    """:class:`InvalidMessage` unless ``request`` can run: its text is a message, or —
+    a turn continuing from client tools' outputs — it has no text and each output is a
+    call id and a text of at most ``max_chars``; at most :data:`MAX_CLIENT_TOOLS` client
+    tools, each with a JSON-schema object."""
+    check_client_tools(request.tools)
     if request.hide:
         if request.text or request.tool_outputs or request.append:
             raise InvalidMessage("a turn that hides messages does nothing else")

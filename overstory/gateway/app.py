@@ -82,6 +82,7 @@ from .wire import (
     MAX_JSON_DEPTH,
     ParamError,
     ResponseStream,
+    TurnOptions,
     conversation_items,
     conversation_of,
     item_seq,
@@ -960,7 +961,7 @@ async def chat_completions(request: Request) -> Response:
     turns = gateway.stateless()
     agent = await turns.agent(name, version)
     completion_id = new_completion_id()
-    options = _stateless_options(context, chat.tools, chat.settings, chat.output)
+    options = _stateless_options(context, chat.tools, chat.settings, chat.output, context.system)
     if not chat.stream:
         reply = await turns.run(principal.user, agent, context.messages, context.text, **options)
         return JSONResponse(chat_completion(completion_id, model, reply, int(time.time())))
@@ -968,8 +969,7 @@ async def chat_completions(request: Request) -> Response:
         turns,
         principal.user,
         agent,
-        context.messages,
-        context.text,
+        context,
         completion_id,
         gateway.runtime.config.conversations.turn_timeout_s,
         options,
@@ -1016,10 +1016,12 @@ def _stateless_options(
     tools: tuple[ToolDefinition, ...],
     settings: dict[str, Any] | None,
     output: Any,
+    system: str,
 ) -> dict[str, Any]:
-    """The keyword options of a stateless turn (:meth:`StatelessTurns.run`)."""
+    """The keyword options of a stateless turn (:meth:`StatelessTurns.run`): ``system``
+    is the text added to the agent's instructions."""
     return {
-        "system": context.system,
+        "system": system,
         "settings": settings,
         "output_type": output,
         "carrier": inject(),
@@ -1038,20 +1040,25 @@ class _StatelessRun:
         turns: StatelessTurns,
         user: str,
         agent: Agent,
-        context: Sequence[Message],
-        text: str,
+        context: Context,
         turn_id: str,
         timeout_s: float,
         options: dict[str, Any],
     ) -> None:
-        """Start ``user``'s turn of ``agent`` on ``text`` after ``context``
-        (:meth:`~overstory.conversation.stateless.StatelessTurns.run`, its keyword
-        ``options``), its events logged under ``turn_id``."""
+        """Start ``user``'s turn of ``agent`` on ``context`` (its messages, then its text
+        or tool outputs; :meth:`~overstory.conversation.stateless.StatelessTurns.run`,
+        its keyword ``options``), its events logged under ``turn_id``."""
         self.log = TurnLog(turn_id)
         self.log.emit("started")
         self.timeout_s = timeout_s
         run = turns.run(
-            user, agent, context, text, emit=self.log.emit, should_stop=self._stopping, **options
+            user,
+            agent,
+            context.messages,
+            context.text,
+            emit=self.log.emit,
+            should_stop=self._stopping,
+            **options,
         )
         self.task = asyncio.create_task(run)
         self.task.add_done_callback(self._ended)
@@ -1140,7 +1147,7 @@ async def create_response(request: Request) -> Response:
         )
     if body.get("store") is False:  # stateless: the input is the context, nothing stored
         return await _stateless_response(
-            request, gateway, principal, body, (agent, version), context, tools, shown
+            request, gateway, principal, body, (agent, version), context, tools, options, shown
         )
     record, response_id = await _conversation_for(gateway, principal, request, body, agent)
     if record.agent is None:
@@ -1310,6 +1317,7 @@ async def _stateless_response(
     chosen: tuple[str, str | None],
     context: Context,
     tools: tuple[ToolDefinition, ...],
+    options: TurnOptions,
     shown: dict[str, Any],
 ) -> Response:
     """``store=false``: the response runs as a stateless turn (as a Chat Completion
@@ -1328,7 +1336,6 @@ async def _stateless_response(
         raise ApiError(
             400, "Idempotency-Key: not with store=false (its claim would be stored)", param="store"
         )
-    options = turn_options(body)
     turns = gateway.stateless()
     name, version = chosen
     agent = await turns.agent(name, version)
@@ -1338,14 +1345,12 @@ async def _stateless_response(
         turns,
         principal.user,
         agent,
-        context.messages,
-        context.text,
+        context,
         response_id,
         gateway.runtime.config.conversations.turn_timeout_s,
-        {
-            **_stateless_options(context, tools, options.settings, options.output),
-            "system": shown["instructions"] or "",
-        },
+        _stateless_options(
+            context, tools, options.settings, options.output, shown["instructions"] or ""
+        ),
     )
     await run.primed()
     reader = ResponseStream(response_id, model, store=False, echo=shown)

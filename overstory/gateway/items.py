@@ -32,6 +32,7 @@ from ..messages import (
     ToolReturn,
     UserMessage,
 )
+from ..validation import MAX_CLIENT_TOOLS
 from .wire import ParamError
 
 __all__ = [
@@ -43,9 +44,6 @@ __all__ = [
     "input_context",
     "read_items",
 ]
-
-#: The most tools one request may offer (OpenAI's own limit).
-MAX_TOOLS = 128
 
 #: A chat message's fields; those ``_ECHOED`` come back in an assistant message a client
 #: sends back (the door never sets them) and are taken empty only.
@@ -299,8 +297,8 @@ def client_tools(tools: Any) -> tuple[ToolDefinition, ...]:
     the top). Other kinds (hosted tools: web search, files...) are refused by name."""
     if tools is None:
         return ()
-    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
-        raise ParamError("tools", f"a list of at most {MAX_TOOLS} tools")
+    if not isinstance(tools, list) or len(tools) > MAX_CLIENT_TOOLS:
+        raise ParamError("tools", f"a list of at most {MAX_CLIENT_TOOLS} tools")
     out: list[ToolDefinition] = []
     for i, tool in enumerate(tools):
         where = f"tools[{i}]"

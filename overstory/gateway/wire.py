@@ -116,6 +116,7 @@ _TAKEN = frozenset(
         "text",
         "tool_choice",
         "parallel_tool_calls",
+        "include",
     }
 )
 
@@ -149,7 +150,7 @@ def turn_options(body: dict[str, Any]) -> TurnOptions:
     """The turn options a Responses body asks for; :class:`ParamError` naming the first
     parameter the door does not support (or a value it does not take)."""
     for key, value in body.items():
-        if key in _TAKEN or key == "include":
+        if key in _TAKEN:
             continue
         if key not in _DEFAULT_ONLY:
             raise ParamError(key, f"unknown parameter {key!r} (not supported by this door)")
