@@ -31,6 +31,7 @@ from overstory.providers import (
     parse_model,
     resolve_model,
 )
+from overstory.providers.lease import Gate
 from overstory.providers.pool import RemoteModel, provider_actor_name
 from overstory.providers.retry import backoff_s
 from overstory.providers.taxonomy import (
@@ -498,3 +499,55 @@ def test_byok_gives_each_key_its_own_endpoint_id() -> None:
 def test_bad_policies_are_refused_when_built(make: object, problem: str) -> None:
     with pytest.raises(ConfigError, match=problem):
         make()  # type: ignore[operator]
+
+
+# --- the gate: leases for calls made in other processes ------------------------------------
+
+
+def test_a_call_abandoned_while_it_queued_never_holds_a_slot() -> None:
+    limited = LimitedModel(Scripted(), Limits(max_in_flight=1, max_wait_s=30))
+    gate = Gate(BreakerModel(limited, BreakerPolicy()), limited)
+
+    async def go() -> ModelError | None:
+        assert await gate.admit("first", 1) is None
+        queued = asyncio.ensure_future(gate.admit("second", 1))
+        await asyncio.sleep(0.01)
+        assert not queued.done()  # waits for the one slot
+        gate.judge("second", None, abandoned=True)  # its caller went away
+        gate.release("first", 1, None)
+        gate.judge("first", None, abandoned=False)
+        return await queued
+
+    refused = asyncio.run(go())
+    assert refused is not None  # granted after its caller left: given back at once
+    assert limited.limiter.core.in_flight == 0
+    assert gate.leases == {}
+
+
+def test_a_lease_whose_caller_died_is_freed_after_its_ttl_with_its_probe() -> None:
+    now = [0.0]
+    limited = LimitedModel(Scripted(), Limits(max_in_flight=1))
+    breaker = BreakerModel(
+        limited, BreakerPolicy(failures=1, window_s=60, cooldown_s=5), clock=lambda: now[0]
+    )
+    gate = Gate(breaker, limited, ttl_s=100, clock=lambda: now[0])
+
+    async def go() -> None:
+        assert await gate.admit("a", 1) is None
+        gate.release("a", 1, ModelError("boom", model="m", kind="server_error"))
+        gate.judge("a", ModelError("boom", model="m", kind="server_error"))  # opens
+        now[0] = 10.0  # past the cooldown: the next call is the half-open probe
+        assert await gate.admit("probe", 1) is None  # its caller dies holding it
+        assert breaker.breaker.state(now[0]) == "half_open"
+        assert await gate.admit("other", 1) is not None  # one probe at a time
+
+    asyncio.run(go())
+    assert gate.sweep(now[0] + 50) == 0
+    assert gate.sweep(now[0] + 101) == 1
+    assert limited.limiter.core.in_flight == 0
+    assert gate.leases == {}
+
+    async def again() -> ModelError | None:
+        return await gate.admit("next", 1)
+
+    assert asyncio.run(again()) is None  # the probe was given back: a new one may go out

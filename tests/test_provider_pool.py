@@ -88,21 +88,68 @@ def _healthy(servers: tuple[OpenAIServer, AnthropicServer]) -> Iterator[None]:
     return
 
 
-def test_a_turn_with_tools_goes_through_the_provider_actor(
-    rt: Runtime, servers: tuple[OpenAIServer, AnthropicServer]
+def test_a_turn_with_tools_is_called_from_the_host_under_the_provider_actors_leases(
+    rt: Runtime, servers: tuple[OpenAIServer, AnthropicServer], chain: tuple[Endpoint, Endpoint]
 ) -> None:
     primary, backup = servers
     conv = rt.conversation(f"tools-{uuid.uuid4().hex[:6]}")
+    before = _status(rt, chain[0])["calls"] if _has_actor(rt, chain[0]) else 0
     reply = conv.send("what is 20 + 22?")
     assert reply.text == "tool results: 42"
     assert len(primary.requests) == 2
     assert backup.requests == []
     assert reply.usage.input_tokens > 0
-    # The conversation actor never loaded a vendor SDK: the provider actor did.
-    assert conv.info()["vendor_sdks"] == []
-    names = {s["actor"] for s in provider_statuses(rt.config.namespace)}
-    assert any(n.startswith("provider:openai:primary-model:") for n in names)
+    # The host called the vendor itself (its SDK is loaded there) ...
+    assert conv.info()["vendor_sdks"] == ["openai"]
+    # ... each call admitted by the endpoint's provider actor, every lease settled.
+    status = _status(rt, chain[0])
+    assert status["calls"] - before == 2
+    assert status["leases"] == 0
+    assert status["limits"]["in_flight"] == 0
+    assert status["limits"]["admitted"] >= 2
     assert all(OPERATOR_KEY not in json.dumps(s) for s in provider_statuses(rt.config.namespace))
+
+
+def test_a_dedicated_conversation_streams_through_the_provider_actor_and_loads_no_sdk(
+    ray_cluster: str,
+    tmp_path: Path,
+    servers: tuple[OpenAIServer, AnthropicServer],
+    chain: tuple[Endpoint, Endpoint],
+) -> None:
+    """One conversation per process: its calls go to the provider actor whole."""
+    primary, _ = servers
+    namespace = f"t-pool-dedicated-{uuid.uuid4().hex[:8]}"
+    agent = Agent("pool-dedicated", model=list(chain), placement="dedicated")
+    runtime = overstory.connect(agent, store=f"sqlite:///{tmp_path}/h.db", namespace=namespace)
+    primary.stream_interval_s = 0.02
+    try:
+        conv = runtime.conversation("solo")
+        events = list(conv.stream("say something"))
+        assert events[-1].type == "completed"
+        deltas = [e.text for e in events if e.type == "delta"]
+        assert "".join(deltas) == events[-1].reply.text == "echo: say something"  # type: ignore[union-attr]
+        assert conv.info()["vendor_sdks"] == []
+        (status,) = provider_statuses(namespace)
+        assert status["calls"] == 1
+        assert status["leases"] == 0
+    finally:
+        primary.stream_interval_s = 0.0
+        kill_namespace(namespace)
+
+
+def _has_actor(rt: Runtime, endpoint: Endpoint) -> bool:
+    return any(
+        s["actor"] == provider_actor_name(endpoint) for s in provider_statuses(rt.config.namespace)
+    )
+
+
+def _status(rt: Runtime, endpoint: Endpoint) -> dict[str, Any]:
+    (status,) = [
+        s
+        for s in provider_statuses(rt.config.namespace)
+        if s["actor"] == provider_actor_name(endpoint)
+    ]
+    return status
 
 
 def test_a_streamed_turn_reads_the_vendors_deltas_through_the_provider_actor(

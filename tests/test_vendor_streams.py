@@ -23,6 +23,7 @@ from overstory.providers.base import FallThrough, ModelRequest, StreamItem, trac
 from overstory.providers.breaker import BreakerModel
 from overstory.providers.endpoint import BreakerPolicy, Limits
 from overstory.providers.fallback import FallbackModel
+from overstory.providers.lease import Gate, LeasedModel
 from overstory.providers.limits import LimitedModel
 from overstory.providers.openai import OpenAIStream
 from overstory.providers.pool import coalesced, vendor_model
@@ -359,3 +360,79 @@ def test_coalesced_joins_only_consecutive_text() -> None:
     assert coalesced(["a", "b", "c", answer]) == ["abc", answer]
     assert coalesced(["a", error]) == ["a", error]
     assert coalesced([answer, "a", "b"]) == [answer, "ab"]
+
+
+# --- leased calls: the vendor read here, admitted by a gate (the provider actor's side) ----
+
+
+class InProcessGate:
+    """The provider actor's :class:`Gate` called in this process (over Ray in a host)."""
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    async def admit(self, call: str, tokens: int) -> ModelError | None:
+        return await self.gate.admit(call, tokens)
+
+    def release(self, call: str, used: int, error: ModelError | None) -> None:
+        self.gate.release(call, used, error)
+
+    def judge(self, call: str, error: ModelError | None, abandoned: bool) -> None:
+        self.gate.judge(call, error, abandoned)
+
+
+def leased(
+    server: WireServer, limits: Limits | None = None, failures: int = 1
+) -> tuple[LeasedModel, Gate]:
+    model = model_for(server)
+    limited = LimitedModel(model, limits or Limits())
+    breaker = BreakerModel(limited, BreakerPolicy(failures=failures, window_s=60, cooldown_s=60))
+    gate = Gate(breaker, limited)
+    return LeasedModel(model, InProcessGate(gate), FAST), gate
+
+
+def test_a_leased_stream_is_retried_before_its_first_delta_each_attempt_admitted(
+    server: WireServer,
+) -> None:
+    model, gate = leased(server, failures=2)
+    server.script(Fault.stream_error(after=0, status=500))
+    items, error = collect(model.stream(ModelRequest("", HISTORY)))
+    assert error is None
+    assert "".join(texts(items)) == "echo: hello there, wörld 🌍"
+    assert len(server.requests) == 2
+    limiter = gate.limited.limiter.core
+    assert limiter.admitted == 2  # one admission per attempt
+    assert limiter.in_flight == 0
+    assert gate.leases == {}
+    assert gate.breaker.breaker.snapshot(0.0)["recent_failures"] == 0  # the call succeeded
+
+
+def test_a_reader_closing_a_leased_stream_frees_its_slot_and_tells_the_breaker_nothing(
+    server: WireServer,
+) -> None:
+    server.stream_interval_s = 0.02
+    model, gate = leased(server, Limits(max_in_flight=1))
+    items, error = collect(model.stream(ModelRequest("", HISTORY)), upto=2)
+    assert error is None
+    assert len(items) == 2
+    assert gate.limited.limiter.core.in_flight == 0
+    assert gate.leases == {}
+    assert gate.breaker.breaker.snapshot(0.0)["recent_failures"] == 0
+    items, error = collect(model.stream(ModelRequest("", HISTORY)))  # a leaked slot would wait
+    assert error is None
+    assert isinstance(items[-1], ModelResponse)
+
+
+def test_a_leased_failure_after_the_first_delta_opens_the_gates_breaker(server: WireServer) -> None:
+    model, gate = leased(server)
+    server.script(Fault.stream_drop(after=1))
+    _, error = collect(model.stream(ModelRequest("", HISTORY)))
+    assert error is not None
+    assert error.kind == "connection"
+    sent = len(server.requests)
+    items, error = collect(model.stream(ModelRequest("", HISTORY)))
+    assert items == []
+    assert error is not None
+    assert error.kind == "circuit_open"
+    assert len(server.requests) == sent  # refused by the gate: nothing went out
+    assert gate.limited.limiter.core.in_flight == 0

@@ -51,6 +51,7 @@ from ..conversation.serving import Binding
 from ..exceptions import StaleShardTable
 from ..messages import Message, Reply, TurnEvent, TurnRequest
 from ..providers import Secret
+from ..providers.pool import call_vendors_here
 from ..sharding import ShardTable, stored_table
 from ..supervisors.watch import until_death
 from ..telemetry import metrics
@@ -92,6 +93,9 @@ class HostActor(Shell):
         self._started_at = time.time()
         self._sweeper: asyncio.Task[None] | None = None
         self._reported_at = 0.0
+        # Many conversations share this process: its vendor calls are made here, under
+        # leases from the provider actors, one SDK client per endpoint for all of them.
+        call_vendors_here()
 
     # --- supervision protocol (the host supervisor watches hosts) -------------------------
 

@@ -82,6 +82,10 @@ class SDKModel(Model):
     def name(self) -> str:
         return self.endpoint.name
 
+    async def aclose(self) -> None:
+        """Close the client's connections (a process that drops this model)."""
+        await self._client.close()
+
     @abstractmethod
     def _make_client(self, endpoint: Endpoint, key: str) -> Any:
         """The SDK's async client, built with ``max_retries=0``."""

@@ -121,37 +121,40 @@ class BreakerModel(PolicyModel):
         self._on_change = on_change
 
     async def request(self, req: ModelRequest) -> ModelResponse:
-        before = self._admit()
+        before = self.admit()
         try:
             response = await self.model.request(req)
         except ModelError as exc:
-            self._failed(exc, before)
+            self.judge(before, exc)
             raise
         except BaseException:
-            self.breaker.abandon_probe()  # cancelled: the probe tells nothing
+            self.abandon()  # cancelled: the probe tells nothing
             raise
-        self._succeeded(before)
+        self.judge(before, None)
         return response
 
     async def stream(self, req: ModelRequest) -> AsyncGenerator[StreamItem, None]:
         """Admitted as :meth:`request` is; the stream's end decides: its answer is a
         success, a failure (before or after the first delta) counts by its kind, and a
         reader closing it early tells nothing about the endpoint."""
-        before = self._admit()
+        before = self.admit()
         try:
             async with aclosing(self.model.stream(req)) as items:
                 async for item in items:
                     yield item
         except ModelError as exc:
-            self._failed(exc, before)
+            self.judge(before, exc)
             raise
         except BaseException:
-            self.breaker.abandon_probe()
+            self.abandon()
             raise
-        self._succeeded(before)
+        self.judge(before, None)
 
-    def _admit(self) -> CircuitState:
-        """The state before the call; raises ``circuit_open`` when no call may go out."""
+    def admit(self) -> CircuitState:
+        """The state before the call; raises ``circuit_open`` when no call may go out.
+        Every admitted call is then judged (:meth:`judge`) or abandoned (:meth:`abandon`):
+        here around the wrapped model, or by a provider actor for a call made elsewhere
+        under its lease."""
         breaker, now = self.breaker, self._clock()
         before = breaker.state(now)
         if not breaker.allow(now):
@@ -163,19 +166,25 @@ class BreakerModel(PolicyModel):
             )
         return before
 
-    def _failed(self, error: ModelError, before: CircuitState) -> None:
-        rule, breaker = policy(error.kind), self.breaker
-        if rule.trip:
-            breaker.trip(self._clock(), f"{error.kind}: {error}")
-        elif rule.breaker:
-            breaker.failure(self._clock(), f"{error.kind}: {error}")
+    def judge(self, before: CircuitState, error: ModelError | None) -> None:
+        """An admitted call ended: answered (``error`` is ``None``) or failed with
+        ``error``, counted by its kind (:mod:`.taxonomy`)."""
+        breaker = self.breaker
+        if error is None:
+            breaker.success(self._clock())
         else:
-            breaker.abandon_probe()
+            rule = policy(error.kind)
+            if rule.trip:
+                breaker.trip(self._clock(), f"{error.kind}: {error}")
+            elif rule.breaker:
+                breaker.failure(self._clock(), f"{error.kind}: {error}")
+            else:
+                breaker.abandon_probe()
         self._changed(before)
 
-    def _succeeded(self, before: CircuitState) -> None:
-        self.breaker.success(self._clock())
-        self._changed(before)
+    def abandon(self) -> None:
+        """An admitted call ended telling nothing about the endpoint (its reader went away)."""
+        self.breaker.abandon_probe()
 
     def _changed(self, before: CircuitState) -> None:
         after = self.breaker.state(self._clock())

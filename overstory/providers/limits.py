@@ -28,7 +28,7 @@ from ..messages import ModelResponse
 from .base import Model, ModelRequest, PolicyModel, StreamItem
 from .endpoint import Limits
 
-__all__ = ["AsyncRateLimiter", "LimitedModel", "RateLimiter", "estimate_tokens"]
+__all__ = ["AsyncRateLimiter", "LimitedModel", "RateLimiter", "estimate_tokens", "used_tokens"]
 
 
 def estimate_tokens(req: ModelRequest) -> int:
@@ -224,10 +224,10 @@ class LimitedModel(PolicyModel):
         used = estimate
         try:
             response = await self.model.request(req)
-            used = _used(response)
+            used = used_tokens(response)
             return response
         except ModelError as exc:
-            self._failed(exc)
+            self.failed(exc)
             raise
         finally:
             self.limiter.release(entry, used)
@@ -242,18 +242,20 @@ class LimitedModel(PolicyModel):
             async with aclosing(self.model.stream(req)) as items:
                 async for item in items:
                     if isinstance(item, ModelResponse):
-                        used = _used(item)
+                        used = used_tokens(item)
                     yield item
         except ModelError as exc:
-            self._failed(exc)
+            self.failed(exc)
             raise
         finally:
             self.limiter.release(entry, used)
 
-    def _failed(self, error: ModelError) -> None:
+    def failed(self, error: ModelError) -> None:
+        """An admitted call failed: a 429 with ``Retry-After`` pauses every admission."""
         if error.kind == "rate_limited" and error.retry_after:
             self.limiter.pause(error.retry_after)
 
 
-def _used(response: ModelResponse) -> int:
+def used_tokens(response: ModelResponse) -> int:
+    """What a call used against the TPM: its prompt and answer tokens."""
     return response.usage.input_tokens + response.usage.output_tokens

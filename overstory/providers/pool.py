@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from contextlib import aclosing, contextmanager
 from contextvars import ContextVar
@@ -40,6 +40,7 @@ from ..telemetry import (
 from .base import FallThrough, Model, ModelRequest, StreamItem, traced_request, traced_stream
 from .breaker import BreakerModel
 from .endpoint import KEY_ENV, Endpoint, Secret
+from .lease import Gate, LeasedModel
 from .limits import LimitedModel
 from .retry import RetryingModel
 from .windows import Budget, known_window
@@ -48,6 +49,7 @@ __all__ = [
     "PROVIDER_PREFIX",
     "ProviderActor",
     "RemoteModel",
+    "call_vendors_here",
     "chain_of",
     "coalesced",
     "provider_actor_name",
@@ -141,6 +143,11 @@ class ProviderActor:
             endpoint.breaker,
             on_change=lambda state: metrics().circuit_state(label, state),
         )
+        self.gate = Gate(self.breaker, self.limited, on_failure=self._count_failure)
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def _count_failure(self, exc: ModelError) -> None:
+        self.failures[exc.kind] = self.failures.get(exc.kind, 0) + 1
 
     def ready(self) -> dict[str, Any]:
         return {"name": self.endpoint.name, "id": self.endpoint.id}
@@ -238,6 +245,28 @@ class ProviderActor:
                 )
             )
 
+    async def admit(self, call: str, tokens: int) -> ModelError | None:
+        """Lease one attempt of a call made in the caller's process (:mod:`.lease`):
+        ``None`` when it may go out, else the refusal."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_leases())
+        if call not in self.gate.leases:
+            self.calls += 1
+        return await self.gate.admit(call, tokens)
+
+    def release(self, call: str, used: int, error: ModelError | None) -> None:
+        """An attempt under a lease ended (:meth:`Gate.release`)."""
+        self.gate.release(call, used, error)
+
+    def judge(self, call: str, error: ModelError | None, abandoned: bool) -> None:
+        """A call under a lease ended (:meth:`Gate.judge`)."""
+        self.gate.judge(call, error, abandoned)
+
+    async def _sweep_leases(self) -> None:
+        while True:
+            await asyncio.sleep(min(60.0, self.gate.ttl_s / 4))
+            self.gate.sweep()
+
     def status(self) -> dict[str, Any]:
         """Circuit state, limiter headroom and counters (for ``overstory status``)."""
         now = time.monotonic()
@@ -250,6 +279,8 @@ class ProviderActor:
             "calls": self.calls,
             "retries": self.retrying.retries,
             "failures": dict(self.failures),
+            "leases": len(self.gate.leases),
+            "leases_expired": self.gate.expired,
             "started_at": self.started_at,
         }
 
@@ -270,6 +301,93 @@ def _record_retry(attempt: int, error: ModelError, delay_s: float) -> None:
 
 
 _RemoteProvider: Any = ray.remote(ProviderActor)
+
+#: Whether this process calls vendors itself, under leases from the provider actors
+#: (:func:`call_vendors_here`), or sends each call to them.
+_CALLS_HERE = False
+#: This process's vendor clients (one per endpoint: its connection pool), most recent last.
+_VENDORS: OrderedDict[str, Model] = OrderedDict()
+_VENDORS_KEPT = 64
+_BUILDING: dict[str, asyncio.Future[Model]] = {}
+
+
+def call_vendors_here(enabled: bool = True) -> None:
+    """Make this process's vendor calls itself, under leases (:mod:`.lease`).
+
+    A host actor does: it serves many conversations, so one SDK client per endpoint is
+    shared by all of them, and a streamed answer's pieces no longer cross a provider
+    actor. A dedicated conversation actor does not: one conversation per process, where
+    loading a vendor SDK would cost more memory than the hop saves. The limiter and the
+    breaker stay in the provider actor either way.
+    """
+    global _CALLS_HERE
+    _CALLS_HERE = enabled
+
+
+async def _vendor_here(endpoint: Endpoint) -> Model:
+    """This process's client for ``endpoint`` (at most ``_VENDORS_KEPT`` kept, the least
+    recently used closed first). The first is built off the event loop: importing a
+    vendor SDK takes a while, and no other conversation's stream should wait on it."""
+    model = _VENDORS.get(endpoint.id)
+    if model is None:
+        building = _BUILDING.get(endpoint.id)
+        if building is None:
+            building = _BUILDING[endpoint.id] = asyncio.ensure_future(
+                asyncio.to_thread(vendor_model, endpoint)
+            )
+        try:
+            model = await asyncio.shield(building)
+        finally:
+            if building.done():
+                _BUILDING.pop(endpoint.id, None)
+        model = _VENDORS.setdefault(endpoint.id, model)
+        while len(_VENDORS) > _VENDORS_KEPT:
+            _, old = _VENDORS.popitem(last=False)
+            closing = getattr(old, "aclose", None)
+            if closing is not None:
+                asyncio.get_running_loop().create_task(closing())
+    _VENDORS.move_to_end(endpoint.id)
+    return model
+
+
+class _ActorGate:
+    """A :class:`~.lease.GateClient` over a :class:`RemoteModel`'s provider actor."""
+
+    def __init__(self, model: RemoteModel) -> None:
+        self.model = model
+
+    async def admit(self, call: str, tokens: int) -> ModelError | None:
+        try:
+            handle = await self.model.handle()
+            ref = handle.admit.remote(call, tokens)
+        except RayActorError as exc:
+            self.model._handle = None
+            raise self.model._gone(exc) from exc
+        try:
+            refused: ModelError | None = await ref
+        except asyncio.CancelledError:
+            ray.cancel(ref)
+            raise
+        except RayTaskError as exc:
+            raise self.model._task_error(exc) from exc
+        except RayActorError as exc:
+            self.model._handle = None
+            raise self.model._gone(exc) from exc
+        return refused
+
+    def release(self, call: str, used: int, error: ModelError | None) -> None:
+        self._tell("release", call, used, error)
+
+    def judge(self, call: str, error: ModelError | None, abandoned: bool) -> None:
+        self._tell("judge", call, error, abandoned)
+
+    def _tell(self, method: str, *args: Any) -> None:
+        """A message that needs no answer (a provider actor that restarted has no
+        lease to settle: it started afresh)."""
+        handle = self.model._handle
+        if handle is not None:
+            with contextlib.suppress(RayActorError):
+                getattr(handle, method).remote(*args)
 
 
 class RemoteModel(Model):
@@ -333,8 +451,28 @@ class RemoteModel(Model):
                 ) from exc
         return self._handle
 
+    async def _leased(self) -> LeasedModel:
+        """The call made in this process under the provider actor's leases."""
+        return LeasedModel(
+            await _vendor_here(self.endpoint),
+            _ActorGate(self),
+            self.endpoint.retry,
+            on_retry=_record_retry,
+        )
+
     async def request(self, req: ModelRequest) -> ModelResponse:
         self._refuse_early()
+        if _CALLS_HERE:
+            endpoint = self.endpoint
+            host, port = endpoint.server
+            leased = await self._leased()
+            try:
+                return await traced_request(
+                    leased.request, endpoint.vendor, endpoint.model, req, host, port
+                )
+            except ModelError as exc:
+                self._remember_open(exc)
+                raise
         for attempt in (1, 2):
             handle = await self.handle()
             try:
@@ -362,6 +500,20 @@ class RemoteModel(Model):
         stays what it is. Closing this generator cancels the actor's side.
         """
         self._refuse_early()
+        if _CALLS_HERE:
+            endpoint = self.endpoint
+            host, port = endpoint.server
+            leased = await self._leased()
+            try:
+                async with aclosing(
+                    traced_stream(leased.stream, endpoint.vendor, endpoint.model, req, host, port)
+                ) as items:
+                    async for piece in items:
+                        yield piece
+            except ModelError as exc:
+                self._remember_open(exc)
+                raise
+            return
         for attempt in (1, 2):
             handle = await self.handle()
             shown = ended = False
@@ -421,12 +573,21 @@ class RemoteModel(Model):
                 kind="circuit_open",
             )
 
+    def _remember_open(self, error: ModelError) -> None:
+        """An open circuit is remembered here until its probe time."""
+        if error.kind == "circuit_open" and error.retry_after:
+            self._open_until = time.monotonic() + error.retry_after
+
+    def _gone(self, exc: RayActorError) -> ModelError:
+        return ModelError(
+            f"provider actor unavailable: {type(exc).__name__}", model=self.name, kind="connection"
+        )
+
     def _answered(self, result: ModelResponse | FallThrough | ModelError) -> ModelResponse:
         """The provider actor's last word: its answer, or its error raised (an open
         circuit remembered here until its probe time)."""
         if isinstance(result, ModelError):
-            if result.kind == "circuit_open" and result.retry_after:
-                self._open_until = time.monotonic() + result.retry_after
+            self._remember_open(result)
             raise result
         if not isinstance(result, ModelResponse):
             raise ModelError(
