@@ -144,6 +144,10 @@ class StreamSettings(_Group):
     window_s: float = pydantic.Field(default=300.0, gt=0, le=86_400)
     """How long a finished turn's event log is kept; after it, ``resume`` replays the
     turn from its stored messages (one delta per model answer)."""
+    batch_s: float = pydantic.Field(default=0.05, ge=0, le=1.0)
+    """After a reader's first delta, the text that arrives within this many seconds
+    reaches it in one answer (0: each piece as it comes). The first delta is never
+    held back; a larger window spares every hop work per piece under load."""
 
 
 class RolloutSettings(_Group):
@@ -300,6 +304,7 @@ _MOVED = {
     "restart_period_s": "supervision.restart_period_s",
     "stream_keep_turns": "streams.keep_turns",
     "stream_window_s": "streams.window_s",
+    "stream_batch_s": "streams.batch_s",
     "rollout_refresh_s": "rollouts.refresh_s",
     "quota_tokens_per_day": "quotas.tokens_per_day",
     "quota_requests_per_minute": "quotas.requests_per_minute",

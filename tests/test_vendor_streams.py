@@ -167,16 +167,16 @@ def test_tool_call_arguments_cut_at_awkward_points_assemble_exactly(
 @pytest.mark.parametrize("vendor", ["openai", "anthropic"])
 @pytest.mark.parametrize("piece", [1, 3])
 def test_a_stream_that_ends_without_its_end_event_is_cut_short(vendor: str, piece: int) -> None:
-    """The assemblers, fed the vendors' real event objects (no HTTP): without OpenAI's
-    finish chunk or Anthropic's message_stop, the answer is not whole."""
+    """The assemblers, fed the vendors' real events (no HTTP; OpenAI's chunks as the JSON
+    its SSE carries, Anthropic's as the SDK's event objects): without OpenAI's finish
+    chunk or Anthropic's message_stop, the answer is not whole."""
     body = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 9}
     if vendor == "openai":
-        from openai.types.chat import ChatCompletionChunk
-
-        raw = [e.data for e in _openai_stream(_openai_answer(body, "m", (), 1), piece, True)]
-        events: list[Any] = [ChatCompletionChunk.model_validate(d) for d in raw]
+        events: list[Any] = [
+            e.data for e in _openai_stream(_openai_answer(body, "m", (), 1), piece, True)
+        ]
         assembler: OpenAIStream | AnthropicStream = OpenAIStream("openai:m", "m")
-        cut = [e for e in events if not (e.choices and e.choices[0].finish_reason)]
+        cut = [e for e in events if not (e["choices"] and e["choices"][0]["finish_reason"])]
     else:
         from anthropic.types import RawMessageStreamEvent
 
@@ -377,8 +377,8 @@ class InProcessGate:
     def release(self, call: str, used: int, error: ModelError | None) -> None:
         self.gate.release(call, used, error)
 
-    def judge(self, call: str, error: ModelError | None, abandoned: bool) -> None:
-        self.gate.judge(call, error, abandoned)
+    def judge(self, call: str, error: ModelError | None, abandoned: bool, used: int | None) -> None:
+        self.gate.judge(call, error, abandoned, used)
 
 
 def leased(

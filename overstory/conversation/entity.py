@@ -365,7 +365,9 @@ class Entity:
         """This conversation's streamed turns, made on first use."""
         if self.streams is None:
             config = self.shell.services.config
-            self.streams = TurnStreams(config.streams.keep_turns, config.streams.window_s)
+            self.streams = TurnStreams(
+                config.streams.keep_turns, config.streams.window_s, config.streams.batch_s
+            )
         return self.streams
 
     async def start_turn(self, request: TurnRequest, after: int = -1) -> int:

@@ -977,17 +977,23 @@ async def chat_completions(request: Request) -> Response:
     await run.primed()  # what fails before the first delta is an HTTP error
     chunks = ChatChunks(completion_id, model, chat.include_usage)
 
+    def chunk_of(event: TurnEvent) -> bytes:
+        if event.type == "delta":
+            return chunks.delta(event.text)
+        if event.type == "tool_call" and event.tool_call and event.tool_call.client:
+            return chunks.tool_call(event.tool_call)
+        if event.type in ("completed", "incomplete") and isinstance(event.reply, Reply):
+            return chunks.end(event.reply)  # cut short: what was shown, finish "length"
+        if event.type == "failed":
+            return ChatChunks.error(event.text[:300]) + b"data: [DONE]\n\n"
+        return b""
+
     async def body_of() -> AsyncIterator[bytes]:
         yield chunks.start()
-        async for event in run.events():
-            if event.type == "delta":
-                yield chunks.delta(event.text)
-            elif event.type == "tool_call" and event.tool_call and event.tool_call.client:
-                yield chunks.tool_call(event.tool_call)
-            elif event.type in ("completed", "incomplete") and isinstance(event.reply, Reply):
-                yield chunks.end(event.reply)  # cut short: what was shown, finish "length"
-            elif event.type == "failed":
-                yield ChatChunks.error(event.text[:300]) + b"data: [DONE]\n\n"
+        async for batch in run.batches():  # what arrived together goes out in one write
+            chunk = b"".join(chunk_of(event) for event in batch)
+            if chunk:
+                yield chunk
 
     return _sse(body_of())
 
@@ -1051,6 +1057,7 @@ class _StatelessRun:
         self.log = TurnLog(turn_id)
         self.log.emit("started")
         self.timeout_s = timeout_s
+        self.batch_s = turns.config.streams.batch_s
         run = turns.run(
             user,
             agent,
@@ -1087,15 +1094,16 @@ class _StatelessRun:
         if exc is not None and not isinstance(exc, TurnFailed):
             raise exc
 
-    async def events(self) -> AsyncIterator[TurnEvent]:
-        """Its events as they come, until the last; a reader that stops early asks the
-        turn to stop at its next safe point."""
+    async def batches(self) -> AsyncIterator[list[TurnEvent]]:
+        """Its events as they come, in the groups they arrived in, until the last; a
+        reader that stops early asks the turn to stop at its next safe point."""
         after = -1
         try:
             while True:
-                for event in await self.log.wait_after(after, self.timeout_s):
-                    yield event
-                    after = event.seq
+                events = await self.log.wait_after(after, self.timeout_s, self.batch_s)
+                if events:
+                    after = events[-1].seq
+                    yield events
                 if self.log.finished and after >= self.log.last_seq:
                     return
         finally:
@@ -1172,8 +1180,8 @@ async def create_response(request: Request) -> Response:
         job = await gateway.background(record, context.text, response_id, version)
         return JSONResponse(_job_snapshot(response_id, model, job))
     # The turn starts (or is refused, as an HTTP error) before any byte is sent.
-    events = await _primed(
-        conv.stream_async(
+    batches = await _primed(
+        conv.stream_batches_async(
             context.text,
             turn_id=response_id,
             version=version,
@@ -1185,10 +1193,11 @@ async def create_response(request: Request) -> Response:
         )
     )
     if stream:
-        return _sse(_translated(ResponseStream(response_id, model, echo=shown), events, -1))
+        return _sse(_translated(ResponseStream(response_id, model, echo=shown), batches, -1))
     reader = ResponseStream(response_id, model, echo=shown)
-    async for event in events:
-        reader.feed(event)
+    async for batch in batches:
+        for event in batch:
+            reader.feed(event)
     return JSONResponse(reader.snapshot())
 
 
@@ -1355,9 +1364,10 @@ async def _stateless_response(
     await run.primed()
     reader = ResponseStream(response_id, model, store=False, echo=shown)
     if body.get("stream", False):
-        return _sse(_translated(reader, run.events(), -1))
-    async for event in run.events():
-        reader.feed(event)
+        return _sse(_translated(reader, run.batches(), -1))
+    async for batch in run.batches():
+        for event in batch:
+            reader.feed(event)
     return JSONResponse(reader.snapshot())
 
 
@@ -1397,7 +1407,7 @@ async def get_response(response_id: str, request: Request) -> Response:
     if streamed == "true":
         await _started(gateway, conv, response_id)
         reader = ResponseStream(response_id, agent, echo=echo)
-        return _sse(_translated(reader, conv.resume_async(response_id), after))
+        return _sse(_translated(reader, _one_by_one(conv.resume_async(response_id)), after))
     events, job = await _known_or_queued(gateway, conv, response_id)
     if events is None:
         assert job is not None
@@ -1565,15 +1575,27 @@ async def _primed(events: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 
 async def _translated(
-    reader: ResponseStream, events: AsyncIterator[Any], after: int
+    reader: ResponseStream, batches: AsyncIterator[list[TurnEvent]], after: int
 ) -> AsyncIterator[bytes]:
     """The turn's events as the response's stream events, those after ``after`` only.
-    What one turn event becomes (a first delta: the item, its content part and the delta)
-    goes out as one chunk: under Serve each chunk is an object the proxy fetches."""
-    async for event in events:
-        chunk = b"".join(sse(out) for out in reader.feed(event) if out["sequence_number"] > after)
+    What one group of turn events becomes (a first delta: the item, its content part and
+    the delta) goes out as one chunk: under Serve each chunk is an object the proxy
+    fetches, so a group that arrived together is written together."""
+    async for batch in batches:
+        chunk = b"".join(
+            sse(out)
+            for event in batch
+            for out in reader.feed(event)
+            if out["sequence_number"] > after
+        )
         if chunk:
             yield chunk
+
+
+async def _one_by_one(events: AsyncIterator[TurnEvent]) -> AsyncIterator[list[TurnEvent]]:
+    """``events`` as groups of one."""
+    async for event in events:
+        yield [event]
 
 
 def _sse(body: AsyncIterator[bytes]) -> StreamingResponse:

@@ -9,13 +9,16 @@ only decides (once per attempt) whether the call may go out:
     host process ── admit(call, tokens) ──> ProviderActor (the Gate: breaker + limiter)
          │  <── None, or the refusal (circuit open, limiter wait over)
          │── HTTP to the vendor, its stream read here ──>
-         │── release(call, used, error) ──>        an attempt ended (slot freed, tokens)
-         └── judge(call, error, abandoned) ──>     the call ended (the breaker counts it)
+         │── release(call, tokens, error) ──>   an attempt failed (its slot freed)
+         └── judge(call, error, abandoned, used) ──>  the call ended: the breaker counts
+                                                      it, the last slot is freed
 
 :class:`Gate` is the provider actor's side: the same :class:`~.breaker.BreakerModel` and
 :class:`~.limits.LimitedModel` decide as for a call made inside the actor, so the limits
 and the breaker hold for the cluster as before. :class:`LeasedModel` is the caller's side:
 the retry loop runs there (:class:`~.retry.RetryingModel`), each attempt admitted anew.
+A process gathers what its calls say to one gate in one event-loop turn into one message
+(the provider actor's ``admit_many``, :meth:`Gate.settle`): a burst of streams costs a few Ray calls.
 
 A lease whose caller died before releasing it is freed by :meth:`Gate.sweep` after
 ``ttl_s`` (a half-open probe with it); a release or judgment that arrives for a call the
@@ -27,10 +30,10 @@ from __future__ import annotations
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..exceptions import ModelError
 from ..messages import ModelResponse
@@ -40,7 +43,7 @@ from .endpoint import RetryPolicy
 from .limits import LimitedModel, estimate_tokens, used_tokens
 from .retry import RetryingModel
 
-__all__ = ["LEASE_TTL_S", "Gate", "GateClient", "LeasedModel"]
+__all__ = ["LEASE_TTL_S", "Gate", "GateClient", "LeasedModel", "Note"]
 
 #: A lease not released within this is taken for lost (its caller died) and freed.
 LEASE_TTL_S = 900.0
@@ -85,6 +88,8 @@ class Gate:
         """Let one attempt of ``call`` go out: the breaker (on its first attempt), then
         the limiter (FIFO, bounded wait). ``None`` when it may; the refusal otherwise
         (returned, not raised: a Ray task error costs a traceback to build and ship)."""
+        if call in self._judged:  # its caller gave up before this arrived
+            return _abandoned(self.limited.name)
         lease = self.leases.get(call)
         if lease is None:
             try:
@@ -100,9 +105,7 @@ class Gate:
         if call in self._judged or self.leases.get(call) is not lease:
             # Its caller gave up while it queued (and judged it): free the slot now.
             self.limited.limiter.release(entry, 0)
-            return ModelError(
-                "the call was abandoned while it queued", model=self.limited.name, kind="limit_wait"
-            )
+            return _abandoned(self.limited.name)
         lease.entry, lease.tokens = entry, tokens
         return None
 
@@ -117,17 +120,33 @@ class Gate:
         if error is not None:
             self.limited.failed(error)
 
-    def judge(self, call: str, error: ModelError | None, abandoned: bool = False) -> None:
+    def settle(self, notes: Sequence[Note]) -> None:
+        """One caller's releases and judgments, gathered, in the order it made them."""
+        for note in notes:
+            if note[0] == "release":
+                self.release(*note[1:])
+            else:
+                self.judge(*note[1:])
+
+    def judge(
+        self,
+        call: str,
+        error: ModelError | None,
+        abandoned: bool = False,
+        used: int | None = None,
+    ) -> None:
         """``call`` ended: answered, failed with ``error`` (the breaker counts it by its
-        kind), or ``abandoned`` by its reader (tells nothing about the endpoint)."""
+        kind), or ``abandoned`` by its reader (tells nothing about the endpoint). An
+        attempt still admitted is released with ``used`` tokens (its estimate if ``None``):
+        a call that succeeded says so once, not with a release and then a judgment."""
         self._judged[call] = None
         while len(self._judged) > _JUDGED_KEPT:
             self._judged.popitem(last=False)
         lease = self.leases.pop(call, None)
         if lease is None:
             return
-        if lease.entry is not None:  # the caller went away without releasing its attempt
-            self.limited.limiter.release(lease.entry, lease.tokens)
+        if lease.entry is not None:
+            self.limited.limiter.release(lease.entry, lease.tokens if used is None else used)
         if abandoned:
             self.breaker.abandon()
             return
@@ -145,6 +164,14 @@ class Gate:
         return len(stale)
 
 
+def _abandoned(model: str) -> ModelError:
+    return ModelError("the call was abandoned while it queued", model=model, kind="limit_wait")
+
+
+#: A release or a judgment, as :meth:`Gate.settle` takes them.
+Note = tuple[Any, ...]
+
+
 class GateClient(Protocol):
     """How a caller reaches its endpoint's :class:`Gate` (a provider actor, over Ray)."""
 
@@ -152,7 +179,9 @@ class GateClient(Protocol):
 
     def release(self, call: str, used: int, error: ModelError | None) -> None: ...
 
-    def judge(self, call: str, error: ModelError | None, abandoned: bool) -> None: ...
+    def judge(
+        self, call: str, error: ModelError | None, abandoned: bool, used: int | None
+    ) -> None: ...
 
 
 class LeasedModel(Model):
@@ -182,33 +211,37 @@ class LeasedModel(Model):
         )
 
     async def request(self, req: ModelRequest) -> ModelResponse:
-        call, error, done = uuid.uuid4().hex, None, False
+        call, error, done, used = uuid.uuid4().hex, None, False, None
         try:
             response = await self._attempts(call).request(req)
-            done = True
+            done, used = True, used_tokens(response)
             return response
         except ModelError as exc:
             error, done = exc, True
             raise
         finally:
-            self.gate.judge(call, error, not done)
+            self.gate.judge(call, error, not done, used)
 
     async def stream(self, req: ModelRequest) -> AsyncGenerator[StreamItem, None]:
-        call, error, done = uuid.uuid4().hex, None, False
+        call, error, done, used = uuid.uuid4().hex, None, False, None
         try:
             async with aclosing(self._attempts(call).stream(req)) as items:
                 async for item in items:
+                    if isinstance(item, ModelResponse):
+                        used = used_tokens(item)
                     yield item
             done = True
         except ModelError as exc:
             error, done = exc, True
             raise
         finally:
-            self.gate.judge(call, error, not done)
+            self.gate.judge(call, error, not done, used)
 
 
 class _Attempts(Model):
-    """One attempt of a leased call: admitted, sent, released."""
+    """One attempt of a leased call: admitted, then sent. A failed attempt is released
+    at once (the next may need the slot); the one that answered, or that its reader
+    left, is released by the call's judgment."""
 
     def __init__(self, vendor: Model, gate: GateClient, call: str) -> None:
         self.vendor = vendor
@@ -224,31 +257,21 @@ class _Attempts(Model):
         refused = await self.gate.admit(self.call_id, tokens)
         if refused is not None:
             raise refused
-        used, error = tokens, None
         try:
-            response = await self.vendor.request(req)
-            used = used_tokens(response)
-            return response
+            return await self.vendor.request(req)
         except ModelError as exc:
-            error = exc
+            self.gate.release(self.call_id, tokens, exc)
             raise
-        finally:
-            self.gate.release(self.call_id, used, error)
 
     async def stream(self, req: ModelRequest) -> AsyncGenerator[StreamItem, None]:
         tokens = estimate_tokens(req)
         refused = await self.gate.admit(self.call_id, tokens)
         if refused is not None:
             raise refused
-        used, error = tokens, None
         try:
             async with aclosing(self.vendor.stream(req)) as items:
                 async for item in items:
-                    if isinstance(item, ModelResponse):
-                        used = used_tokens(item)
                     yield item
         except ModelError as exc:
-            error = exc
+            self.gate.release(self.call_id, tokens, exc)
             raise
-        finally:
-            self.gate.release(self.call_id, used, error)

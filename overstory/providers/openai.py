@@ -1,7 +1,8 @@
 """OpenAI Chat Completions, and every server that speaks it (vLLM, Ollama, LM Studio,
 llama.cpp server) through the official ``openai`` async SDK.
 
-Imported only inside provider actors: conversation actors never load a vendor SDK.
+Imported where vendor calls are made: in host actors (under the provider actors' leases)
+and in provider actors; a dedicated conversation actor never loads it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,19 @@ class OpenAIModel(SDKModel):
     }
 
     def _create(self, **arguments: Any) -> Awaitable[Any]:
-        return self._client.chat.completions.create(**arguments)  # type: ignore[no-any-return]
+        """The SDK's own POST (its HTTP client, auth, errors and SSE decoding) with the
+        body as this module built it, answered as plain JSON: ``chat.completions.create``
+        would walk the body through its typed transforms and build a pydantic model per
+        chunk, a third of a host's CPU per streamed answer under load, for values this
+        module reads as JSON anyway."""
+        stream = bool(arguments.get("stream"))
+        return self._client.post(  # type: ignore[no-any-return]
+            "/chat/completions",
+            cast_to=object,
+            body=arguments,
+            stream=stream,
+            stream_cls=openai.AsyncStream[object] if stream else None,
+        )
 
     def _assembler(self) -> Assembler:
         return OpenAIStream(self.name, self.endpoint.model)
@@ -79,23 +92,32 @@ class OpenAIModel(SDKModel):
         return kwargs
 
     def _read(self, completion: Any) -> ModelResponse:
-        choice = completion.choices[0]
-        message = choice.message
+        choice = completion["choices"][0]
+        message = choice["message"]
         calls = tuple(
-            tool_call(self.name, c.id, c.function.name, c.function.arguments)
-            for c in (message.tool_calls or ())
+            tool_call(self.name, c["id"], c["function"]["name"], c["function"]["arguments"])
+            for c in (message.get("tool_calls") or ())
         )
-        usage = completion.usage
+        usage = completion.get("usage")
         return ModelResponse(
-            content=message.content or "",
+            content=_text(message.get("content")),
             tool_calls=calls,
             usage=Usage(
-                int(usage.prompt_tokens) if usage else 0,
-                int(usage.completion_tokens) if usage else 0,
+                int(usage["prompt_tokens"]) if usage else 0,
+                int(usage["completion_tokens"]) if usage else 0,
             ),
-            model=str(completion.model or self.endpoint.model),
-            finish_reason=str(choice.finish_reason or ("tool_calls" if calls else "stop")),
+            model=str(completion.get("model") or self.endpoint.model),
+            finish_reason=str(choice.get("finish_reason") or ("tool_calls" if calls else "stop")),
         )
+
+
+def _text(content: Any) -> str:
+    """A message's or a delta's ``content``: text, or nothing."""
+    if content is None:
+        return ""
+    if not isinstance(content, str):
+        raise TypeError(f"content is {type(content).__name__}, not text")
+    return content
 
 
 class OpenAIStream:
@@ -116,29 +138,31 @@ class OpenAIStream:
         self.usage = Usage()
 
     def feed(self, chunk: Any) -> str:
-        if chunk.model:
-            self.model = str(chunk.model)
-        if chunk.usage is not None:
+        """Take one chunk (its JSON); the text it adds."""
+        if chunk.get("model"):
+            self.model = str(chunk["model"])
+        usage = chunk.get("usage")
+        if usage is not None:
             self.usage = Usage(
-                int(chunk.usage.prompt_tokens or 0), int(chunk.usage.completion_tokens or 0)
+                int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
             )
         text = ""
-        for choice in chunk.choices or ():
-            if choice.index != 0:
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) != 0:
                 continue
-            delta = choice.delta
+            delta = choice.get("delta")
             if delta is not None:
-                text = delta.content or ""
-                for call in delta.tool_calls or ():
-                    entry = self.calls.setdefault(int(call.index), [None, None, []])
-                    entry[0] = entry[0] or call.id
-                    fn = call.function
+                text = _text(delta.get("content"))
+                for call in delta.get("tool_calls") or ():
+                    entry = self.calls.setdefault(int(call.get("index", 0)), [None, None, []])
+                    entry[0] = entry[0] or call.get("id")
+                    fn = call.get("function")
                     if fn is not None:
-                        entry[1] = entry[1] or fn.name
-                        if fn.arguments:
-                            entry[2].append(fn.arguments)
-            if choice.finish_reason:
-                self.finish = str(choice.finish_reason)
+                        entry[1] = entry[1] or fn.get("name")
+                        if fn.get("arguments"):
+                            entry[2].append(str(fn["arguments"]))
+            if choice.get("finish_reason"):
+                self.finish = str(choice["finish_reason"])
         if text:
             self.text.append(text)
         return text

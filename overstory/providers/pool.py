@@ -40,7 +40,7 @@ from ..telemetry import (
 from .base import FallThrough, Model, ModelRequest, StreamItem, traced_request, traced_stream
 from .breaker import BreakerModel
 from .endpoint import KEY_ENV, Endpoint, Secret
-from .lease import Gate, LeasedModel
+from .lease import Gate, LeasedModel, Note
 from .limits import LimitedModel
 from .retry import RetryingModel
 from .windows import Budget, known_window
@@ -245,22 +245,20 @@ class ProviderActor:
                 )
             )
 
-    async def admit(self, call: str, tokens: int) -> ModelError | None:
-        """Lease one attempt of a call made in the caller's process (:mod:`.lease`):
-        ``None`` when it may go out, else the refusal."""
+    async def admit_many(self, calls: list[tuple[str, int]]) -> list[ModelError | None]:
+        """Lease one attempt of each ``(call, tokens)``, calls made in the caller's
+        process (:mod:`.lease`; one process's, gathered): ``None`` for one that may go
+        out, else its refusal."""
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_leases())
-        if call not in self.gate.leases:
-            self.calls += 1
-        return await self.gate.admit(call, tokens)
+        self.calls += sum(1 for call, _ in calls if call not in self.gate.leases)
+        return list(
+            await asyncio.gather(*(self.gate.admit(call, tokens) for call, tokens in calls))
+        )
 
-    def release(self, call: str, used: int, error: ModelError | None) -> None:
-        """An attempt under a lease ended (:meth:`Gate.release`)."""
-        self.gate.release(call, used, error)
-
-    def judge(self, call: str, error: ModelError | None, abandoned: bool) -> None:
-        """A call under a lease ended (:meth:`Gate.judge`)."""
-        self.gate.judge(call, error, abandoned)
+    def settle(self, notes: list[Note]) -> None:
+        """One process's releases and judgments, gathered (:meth:`Gate.settle`)."""
+        self.gate.settle(notes)
 
     async def _sweep_leases(self) -> None:
         while True:
@@ -351,43 +349,75 @@ async def _vendor_here(endpoint: Endpoint) -> Model:
 
 
 class _ActorGate:
-    """A :class:`~.lease.GateClient` over a :class:`RemoteModel`'s provider actor."""
+    """A :class:`~.lease.GateClient` over one endpoint's provider actor, shared by every
+    call of this process: what its calls say in one event-loop turn goes as one message
+    (a burst of streams starting together is admitted in one round trip)."""
 
     def __init__(self, model: RemoteModel) -> None:
         self.model = model
+        self._admits: list[tuple[str, int, asyncio.Future[ModelError | None]]] = []
+        self._notes: list[Note] = []
 
     async def admit(self, call: str, tokens: int) -> ModelError | None:
+        loop = asyncio.get_running_loop()
+        if not self._admits:
+            loop.call_soon(lambda: loop.create_task(self._send_admits()))
+        answer: asyncio.Future[ModelError | None] = loop.create_future()
+        self._admits.append((call, tokens, answer))
+        return await answer
+
+    async def _send_admits(self) -> None:
+        asked, self._admits = self._admits, []
+        asked = [a for a in asked if not a[2].done()]  # cancelled meanwhile: judged, not asked
+        if not asked:
+            return
         try:
             handle = await self.model.handle()
-            ref = handle.admit.remote(call, tokens)
-        except RayActorError as exc:
-            self.model._handle = None
-            raise self.model._gone(exc) from exc
-        try:
-            refused: ModelError | None = await ref
-        except asyncio.CancelledError:
-            ray.cancel(ref)
-            raise
-        except RayTaskError as exc:
-            raise self.model._task_error(exc) from exc
-        except RayActorError as exc:
-            self.model._handle = None
-            raise self.model._gone(exc) from exc
-        return refused
+            answers = await handle.admit_many.remote([(call, tokens) for call, tokens, _ in asked])
+        except (RayActorError, RayTaskError, ModelError) as exc:
+            failure = self._failure(exc)
+            for *_, answer in asked:
+                if not answer.done():
+                    answer.set_exception(failure)
+            return
+        for (*_, answer), refused in zip(asked, answers, strict=True):
+            if not answer.done():
+                answer.set_result(refused)
+
+    def _failure(self, exc: BaseException) -> ModelError:
+        if isinstance(exc, ModelError):
+            return exc
+        if isinstance(exc, RayTaskError):
+            return self.model._task_error(exc)
+        self.model._handle = None  # it died: looked up (restarted) on the next call
+        return ModelError(
+            f"provider actor unavailable: {type(exc).__name__}",
+            model=self.model.name,
+            kind="connection",
+        )
 
     def release(self, call: str, used: int, error: ModelError | None) -> None:
-        self._tell("release", call, used, error)
+        self._note(("release", call, used, error))
 
-    def judge(self, call: str, error: ModelError | None, abandoned: bool) -> None:
-        self._tell("judge", call, error, abandoned)
+    def judge(self, call: str, error: ModelError | None, abandoned: bool, used: int | None) -> None:
+        self._note(("judge", call, error, abandoned, used))
 
-    def _tell(self, method: str, *args: Any) -> None:
-        """A message that needs no answer (a provider actor that restarted has no
-        lease to settle: it started afresh)."""
-        handle = self.model._handle
-        if handle is not None:
+    def _note(self, note: Note) -> None:
+        """A message that needs no answer, sent with the others of this loop turn."""
+        if not self._notes:
+            asyncio.get_running_loop().call_soon(self._send_notes)
+        self._notes.append(note)
+
+    def _send_notes(self) -> None:
+        notes, self._notes = self._notes, []
+        handle = self.model._handle  # a provider actor that restarted has no lease to settle
+        if handle is not None and notes:
             with contextlib.suppress(RayActorError):
-                getattr(handle, method).remote(*args)
+                handle.settle.remote(notes)
+
+
+#: This process's gate clients, one per endpoint (see :func:`call_vendors_here`).
+_GATES: dict[str, _ActorGate] = {}
 
 
 class RemoteModel(Model):
@@ -453,9 +483,12 @@ class RemoteModel(Model):
 
     async def _leased(self) -> LeasedModel:
         """The call made in this process under the provider actor's leases."""
+        gate = _GATES.get(self.endpoint.id)
+        if gate is None:
+            gate = _GATES[self.endpoint.id] = _ActorGate(self)
         return LeasedModel(
             await _vendor_here(self.endpoint),
-            _ActorGate(self),
+            gate,
             self.endpoint.retry,
             on_retry=_record_retry,
         )
@@ -577,11 +610,6 @@ class RemoteModel(Model):
         """An open circuit is remembered here until its probe time."""
         if error.kind == "circuit_open" and error.retry_after:
             self._open_until = time.monotonic() + error.retry_after
-
-    def _gone(self, exc: RayActorError) -> ModelError:
-        return ModelError(
-            f"provider actor unavailable: {type(exc).__name__}", model=self.name, kind="connection"
-        )
 
     def _answered(self, result: ModelResponse | FallThrough | ModelError) -> ModelResponse:
         """The provider actor's last word: its answer, or its error raised (an open

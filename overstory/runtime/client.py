@@ -26,7 +26,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, aclosing
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -487,9 +487,39 @@ class Conversation:
         async for event in self._stream(text, turn_id, options):
             yield event
 
+    async def stream_batches_async(
+        self,
+        text: str,
+        *,
+        turn_id: str | None = None,
+        version: str | None = None,
+        model: str | None = None,
+        settings: ModelSettings | Mapping[str, Any] | None = None,
+        output_type: Any = None,
+        tools: Sequence[ToolDefinition] = (),
+        tool_outputs: Sequence[ToolOutput] = (),
+        instructions: str = "",
+    ) -> AsyncGenerator[list[TurnEvent], None]:
+        """:meth:`stream_async`, its events in the groups they arrived in (each a
+        non-empty list): for a relay that forwards a group in one write instead of one
+        write per event (the HTTP door does)."""
+        options = _options(version, model, settings, output_type, tools, tool_outputs, instructions)
+        turn_id = self._check(text, turn_id, options)
+        async with aclosing(self._batches(text, turn_id, options)) as batches:
+            async for batch in batches:
+                yield batch
+
     async def _stream(
         self, text: str, turn_id: str, options: _Options
     ) -> AsyncGenerator[TurnEvent, None]:
+        async with aclosing(self._batches(text, turn_id, options)) as batches:
+            async for batch in batches:
+                for event in batch:
+                    yield event
+
+    async def _batches(
+        self, text: str, turn_id: str, options: _Options
+    ) -> AsyncGenerator[list[TurnEvent], None]:
         n, low = self._number()  # in flight until the turn ends: later sends queue behind
         after = -1
         try:
@@ -507,9 +537,9 @@ class Conversation:
                     continue
                 if ended:  # done before the last yield: a reader may stop at the end
                     self._done(n)
-                for event in events:
-                    yield event
-                    after = event.seq
+                if events:
+                    after = events[-1].seq
+                    yield events
                 if ended:
                     return
         finally:
