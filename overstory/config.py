@@ -145,9 +145,9 @@ class StreamSettings(_Group):
     """How long a finished turn's event log is kept; after it, ``resume`` replays the
     turn from its stored messages (one delta per model answer)."""
     batch_s: float = pydantic.Field(default=0.05, ge=0, le=1.0)
-    """After a reader's first delta, the text that arrives within this many seconds
-    reaches it in one answer (0: each piece as it comes). The first delta is never
-    held back; a larger window spares every hop work per piece under load."""
+    """Events that arrive within this many seconds reach a streamed turn's reader in one
+    answer (0: each as it comes). The first text delta and the turn's end are never held
+    back; a larger window spares every hop work per event under load."""
 
 
 class RolloutSettings(_Group):

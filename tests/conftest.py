@@ -195,6 +195,13 @@ def ray_cluster() -> Iterator[str]:
     """The session's Ray instance; yields its GCS address for subprocess drivers."""
     import ray
 
+    from overstory.runtime.cluster import serve_ingress_env
+
+    # The door's ingress as a Ray started by overstory has it (HAProxy when installed).
+    # A replica that stops waits Serve's draining period for load balancers to notice
+    # (30 s); here nothing but the test is routed to it.
+    os.environ.update(serve_ingress_env())
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     ray.init(
         include_dashboard=False,
         num_cpus=2,

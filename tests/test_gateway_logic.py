@@ -721,3 +721,27 @@ def test_chat_chunks_end_with_usage_and_done() -> None:
     whole = chat_completion("chatcmpl-2", "helper", reply, 1)
     assert whole["choices"][0]["message"]["content"] == "hi there"
     assert whole["usage"]["total_tokens"] == 10
+
+
+def test_the_doors_ingress_is_haproxy_when_installed_and_named_when_asked_for(
+    tmp_path: Path,
+) -> None:
+    from overstory.exceptions import ConfigError
+    from overstory.runtime.cluster import HIGH_THROUGHPUT_SERVE, INGRESS_ENV, serve_ingress_env
+
+    empty, found = tmp_path / "empty", tmp_path / "found"
+    empty.mkdir()
+    found.mkdir()
+    binary = found / "haproxy"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    assert serve_ingress_env({"PATH": str(found)}) == HIGH_THROUGHPUT_SERVE
+    assert serve_ingress_env({"PATH": str(empty)}) == {}  # auto: Serve's own proxy
+    assert serve_ingress_env({"PATH": str(found), INGRESS_ENV: "proxy"}) == {}
+    # Serve's own variables, set already, win.
+    mine = {"PATH": str(found), "RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in serve_ingress_env(mine)
+    with pytest.raises(ConfigError, match="no haproxy binary"):
+        serve_ingress_env({"PATH": str(empty), INGRESS_ENV: "haproxy"})
+    with pytest.raises(ConfigError, match="auto, haproxy or proxy"):
+        serve_ingress_env({"PATH": str(found), INGRESS_ENV: "nginx"})

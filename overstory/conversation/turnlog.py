@@ -89,11 +89,11 @@ class TurnLog:
         """The events after ``seq``, waiting up to ``timeout_s`` for one if there are
         none yet (an empty list: nothing new within the time).
 
-        ``batch_s`` > 0: a reader that has had text already (its cursor is past the
-        first delta) gets what arrives within ``batch_s`` of its first news in one
-        answer, or sooner when the turn ends. The first delta is never held back: time
-        to first token is what a reader waits on; after it, one answer per ``batch_s``
-        instead of one per piece spares every hop a call per piece."""
+        ``batch_s`` > 0: what arrives within ``batch_s`` of the first news reaches the
+        reader in one answer, except that the first text delta and the turn's end go at
+        once. Time to first token is what a reader waits on, so nothing holds it back;
+        before it (``started``, tool events) and after it, one answer per ``batch_s``
+        instead of one per event spares every hop a call per event."""
         news = self.after(seq)
         if not news and not self.finished:
             try:
@@ -101,16 +101,23 @@ class TurnLog:
             except TimeoutError:
                 return []
             news = self.after(seq)
-        if batch_s > 0 and news and self.first_text is not None and self.first_text <= seq:
+        if batch_s > 0 and news:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + batch_s
-            while not self.finished and (left := deadline - loop.time()) > 0:
+            while not self.finished and not self._first_text_after(seq):
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
                 try:
                     await asyncio.wait_for(self._changed.wait(), left)
                 except TimeoutError:
                     break
             news = self.after(seq)
         return news
+
+    def _first_text_after(self, seq: int) -> bool:
+        """Whether the first text delta is among the events after ``seq``."""
+        return self.first_text is not None and self.first_text > seq
 
 
 class TurnLogs:

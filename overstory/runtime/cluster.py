@@ -5,21 +5,26 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import ray
 
 from .._ray import is_head, ray_client_ping, token_auth_enabled
-from ..exceptions import ClusterAuthRefused, ClusterUnavailable
+from ..exceptions import ClusterAuthRefused, ClusterUnavailable, ConfigError
 
 __all__ = [
+    "HIGH_THROUGHPUT_SERVE",
+    "INGRESS_ENV",
     "RAY_CLIENT_ATTEMPTS",
     "RAY_CLIENT_TIMEOUT_S",
     "attach",
     "check_ray_client",
     "detach",
     "init_ray",
+    "serve_ingress_env",
 ]
 
 log = logging.getLogger(__name__)
@@ -31,6 +36,36 @@ RAY_CLIENT_ATTEMPTS = 3
 """How many times attaching to a ``ray://`` address tries Ray Client's connect."""
 
 _PING_TIMEOUT_S = 10.0
+
+
+#: Ray Serve's high-throughput ingress (Ray >= 2.55): HAProxy on each node forwards
+#: straight to the door's replicas, which serve HTTP themselves (direct ingress, user
+#: code on the replica's own loop), instead of every request and every streamed chunk
+#: crossing Serve's Python proxy actor. Read by Serve's processes when they start.
+HIGH_THROUGHPUT_SERVE = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+
+#: ``auto`` (HAProxy when its binary is installed), ``haproxy`` or ``proxy`` (Serve's
+#: Python proxy): the front door's ingress in a Ray this process starts.
+INGRESS_ENV = "OVERSTORY_SERVE_INGRESS"
+
+
+def serve_ingress_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """What a Ray started here needs in its environment for the door's ingress
+    (:data:`INGRESS_ENV`): Serve's high-throughput settings, or nothing. Serve's own
+    variables, when set already, are left as they are."""
+    choice = environ.get(INGRESS_ENV, "auto")
+    if choice not in ("auto", "haproxy", "proxy"):
+        raise ConfigError(f"{INGRESS_ENV} must be auto, haproxy or proxy, got {choice!r}")
+    if choice == "proxy":
+        return {}
+    if shutil.which("haproxy", path=environ.get("PATH")) is None:
+        if choice == "haproxy":
+            raise ConfigError(
+                f"{INGRESS_ENV}=haproxy, but no haproxy binary is on PATH "
+                "(apt-get install haproxy), or set it to proxy"
+            )
+        return {}
+    return {k: v for k, v in HIGH_THROUGHPUT_SERVE.items() if k not in environ}
 
 
 def attach(
@@ -50,6 +85,10 @@ def attach(
     """
     if ray.is_initialized():
         return False
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        # A Ray started here (or one already running on this machine, which keeps its
+        # own environment) serves the door through the ingress chosen above.
+        os.environ.update(serve_ingress_env())
     init_ray(
         address or os.environ.get("RAY_ADDRESS") or None,
         namespace=namespace,
