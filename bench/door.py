@@ -32,14 +32,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -157,39 +158,38 @@ def door_processes() -> dict[str, list[int]]:
         "providers": "ray::ProviderActor",
     }
     roles: dict[str, list[int]] = {role: [] for role in prefixes}
-    for proc in psutil.process_iter(["pid", "cmdline"]):
+    roles["haproxy"] = []
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
         title = " ".join(proc.info["cmdline"] or ())
         for role, prefix in prefixes.items():
             if title.startswith(prefix):
                 roles[role].append(proc.info["pid"])
+        if proc.info["name"] == "haproxy":
+            roles["haproxy"].append(proc.info["pid"])
     return roles
 
 
 def cpu_s(pids: list[int]) -> float:
     total = 0.0
     for pid in pids:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             t = psutil.Process(pid).cpu_times()
             total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
     return total
 
 
 def rss_mb(pids: list[int]) -> float:
     total = 0
     for pid in pids:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             total += psutil.Process(pid).memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
     return round(total / 2**20, 1)
 
 
 def start_litellm(path: str, vendor_url: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    config = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-    config.write(
+    config = Path(tempfile.mkdtemp(prefix="bench-litellm-")) / "config.yaml"
+    config.write_text(
         "model_list:\n"
         "  - model_name: m\n"
         "    litellm_params:\n"
@@ -199,9 +199,8 @@ def start_litellm(path: str, vendor_url: str, workers: int) -> tuple[subprocess.
         "litellm_settings:\n"
         "  drop_params: true\n"
     )
-    config.close()
     proc = subprocess.Popen(
-        [path, "--config", config.name, "--port", str(port), "--num_workers", str(workers)],
+        [path, "--config", str(config), "--port", str(port), "--num_workers", str(workers)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -256,11 +255,15 @@ def main() -> None:
     report: dict[str, Any] = {"cases": [], "memory": {}, "cpu": {}}
     try:
         model: Any = (
-            Endpoint("openai", "m", vendor_url, key=Secret(VENDOR_KEY)) if args.vendor else "offline:echo"
+            Endpoint("openai", "m", vendor_url, key=Secret(VENDOR_KEY))
+            if args.vendor
+            else "offline:echo"
         )
         agent = Agent("door-bench", model=model, placement="hosted")
         rt = overstory.connect(
-            agent, store=f"sqlite:///{tmp}/history.db", namespace=f"bench-door-{uuid.uuid4().hex[:6]}"
+            agent,
+            store=f"sqlite:///{tmp}/history.db",
+            namespace=f"bench-door-{uuid.uuid4().hex[:6]}",
         )
         door_url = serve_http(rt.config.namespace, rt.config.store, "127.0.0.1", free_port())
         most = max([args.samples, *args.concurrency])
@@ -357,7 +360,9 @@ def main() -> None:
                 await asyncio.gather(*(litellm_first(lites[u])() for u in users[:50]))
                 for c in args.concurrency:
                     group = users[:c]
-                    got = await run_users(lambda u: litellm_first(lites[u])(), group, args.responses)
+                    got = await run_users(
+                        lambda u: litellm_first(lites[u])(), group, args.responses
+                    )
                     report["cases"].append({"case": f"{c} concurrent", "litellm": got})
 
             asyncio.run(against_litellm())
