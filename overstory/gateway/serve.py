@@ -40,8 +40,12 @@ class GatewayDeployment:
         limits: dict[str, Any] | None = None,
         jwt: JwtSettings | None = None,
     ) -> None:
+        from ..providers.pool import call_vendors_here
         from ..runtime.client import connect
 
+        # Stateless turns (chat completions) run here, for many users: their vendor
+        # calls are made here too, under leases, as a host makes its conversations'.
+        call_vendors_here()
         runtime = connect(namespace=namespace, store=store)
         install(Gateway(runtime, DoorLimits(**(limits or {})), jwt))
 
