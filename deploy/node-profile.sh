@@ -24,10 +24,11 @@ case ":$PATH:" in
   *":$HOME/overstory/venv/bin:"*) ;;
   *) export PATH="$HOME/overstory/venv/bin:$PATH" ;;
 esac
-# The door's ingress (docs/guides/http.md "The ingress"): Ray Serve's high-throughput mode
-# when haproxy is installed (cluster.yaml installs it), as a Ray started by overstory
-# picks it; OVERSTORY_SERVE_INGRESS=proxy keeps Serve's Python proxy.
-if [ "${OVERSTORY_SERVE_INGRESS:-auto}" != proxy ] && command -v haproxy > /dev/null; then
+# The door's ingress (docs/guides/http.md "The ingress"): Ray Serve's high-throughput mode,
+# HAProxy (the binary ray[serve] bundles) in front of replicas that serve HTTP themselves,
+# as a Ray started by overstory has it; OVERSTORY_SERVE_INGRESS=proxy keeps Serve's
+# Python proxy.
+if [ "${OVERSTORY_SERVE_INGRESS:-auto}" != proxy ]; then
   export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}"
   export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
 fi

@@ -23,6 +23,7 @@ __all__ = [
     "alive_nodes_async",
     "get_actor_async",
     "grpc_channel",
+    "in_actor",
     "is_head",
     "named_actors_async",
     "quiet_worker_notices",
@@ -56,6 +57,17 @@ def is_head() -> bool:
     """Whether this process started the Ray instance it is attached to."""
     node = getattr(ray._private.worker, "_global_node", None)
     return bool(getattr(node, "head", False))
+
+
+def in_actor() -> bool:
+    """Whether this process is a Ray actor's worker (not a driver, not a test process
+    that builds an actor's class in place)."""
+    worker = ray._private.worker.global_worker
+    return bool(
+        ray.is_initialized()
+        and worker.mode == ray._private.worker.WORKER_MODE
+        and not worker.actor_id.is_nil()
+    )
 
 
 def serve_listening() -> tuple[str, int] | None:

@@ -87,7 +87,12 @@ class Door:
 def door(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Door]:
     from ray import serve
 
-    from overstory.gateway.serve import GATEWAY_APP, serve_http
+    from overstory.gateway.serve import (
+        GATEWAY_APP,
+        MAX_ONGOING_REQUESTS,
+        autoscaling_config,
+        serve_http,
+    )
 
     namespace = f"t-door-{uuid.uuid4().hex[:8]}"
     store = f"sqlite:///{tmp_path_factory.mktemp('door')}/history.db"
@@ -111,7 +116,10 @@ def door(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     )
     jwt = JwtSettings("https://idp.test", "overstory", public_key=public.decode())
     port = _free_port()
-    url = serve_http(namespace, store, "127.0.0.1", port, jwt=jwt)
+    # Deployed autoscaled (as `overstory serve --min-replicas ...` does), held at one
+    # replica by a target no test reaches: the tests that kill the replica kill the one.
+    scaling = autoscaling_config(1, 2, MAX_ONGOING_REQUESTS)
+    url = serve_http(namespace, store, "127.0.0.1", port, jwt=jwt, autoscaling=scaling)
     deadline = time.monotonic() + 120
     while True:
         try:

@@ -480,6 +480,37 @@ def test_serve_http_wants_host_and_port(capsys: pytest.CaptureFixture[str]) -> N
         assert "HOST:PORT" in capsys.readouterr().err
 
 
+def test_the_doors_replicas_are_a_count_or_serves_autoscaling_never_both(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from overstory.cli.main import main
+    from overstory.exceptions import ConfigError
+    from overstory.gateway.serve import autoscaling_config
+
+    assert autoscaling_config(2, 6, 300) == {
+        "min_replicas": 2,
+        "initial_replicas": 2,
+        "max_replicas": 6,
+        "target_ongoing_requests": 300,
+    }
+    assert autoscaling_config()["max_replicas"] == 2
+    with pytest.raises(ConfigError, match="below min_replicas"):
+        autoscaling_config(3, 2)
+    with pytest.raises(ConfigError, match="target_ongoing_requests"):
+        autoscaling_config(1, 2, 10**6)
+    # Refused before anything is deployed (no cluster is reached: the options fail first).
+    assert main(["serve", "--replicas", "2", "--max-replicas", "4", "--http", "h:80"]) == 2
+    assert "--replicas is a fixed count" in capsys.readouterr().err
+    assert main(["serve", "--min-replicas", "2"]) == 2
+    assert "need --http" in capsys.readouterr().err
+    assert main(["serve", "--min-replicas", "3", "--max-replicas", "2", "--http", "h:80"]) == 2
+    assert "below min_replicas" in capsys.readouterr().err
+    for bad in ("0", "-1", "x"):
+        with pytest.raises(SystemExit):
+            main(["serve", "--max-replicas", bad])
+        assert "positive integer" in capsys.readouterr().err
+
+
 def test_the_record_cache_serves_a_read_for_its_ttl_then_reads_again(tmp_path: Path) -> None:
     from overstory.access import RECORD_PREFIX, ConversationRecord, RecordCache
 
@@ -727,21 +758,28 @@ def test_the_doors_ingress_is_haproxy_when_installed_and_named_when_asked_for(
     tmp_path: Path,
 ) -> None:
     from overstory.exceptions import ConfigError
-    from overstory.runtime.cluster import HIGH_THROUGHPUT_SERVE, INGRESS_ENV, serve_ingress_env
+    from overstory.runtime.cluster import (
+        HIGH_THROUGHPUT_SERVE,
+        INGRESS_ENV,
+        haproxy_binary,
+        serve_ingress_env,
+    )
 
-    empty, found = tmp_path / "empty", tmp_path / "found"
-    empty.mkdir()
-    found.mkdir()
-    binary = found / "haproxy"
+    # ray[serve] bundles a binary on Linux (what a fresh install of overstory gets).
+    assert haproxy_binary({}) is not None
+    binary = tmp_path / "haproxy"
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)
-    assert serve_ingress_env({"PATH": str(found)}) == HIGH_THROUGHPUT_SERVE
-    assert serve_ingress_env({"PATH": str(empty)}) == {}  # auto: Serve's own proxy
-    assert serve_ingress_env({"PATH": str(found), INGRESS_ENV: "proxy"}) == {}
+    found = {"RAY_SERVE_HAPROXY_BINARY_PATH": str(binary)}
+    assert serve_ingress_env(found) == HIGH_THROUGHPUT_SERVE
+    assert serve_ingress_env({**found, INGRESS_ENV: "proxy"}) == {}
     # Serve's own variables, set already, win.
-    mine = {"PATH": str(found), "RAY_SERVE_ENABLE_HA_PROXY": "0"}
-    assert "RAY_SERVE_ENABLE_HA_PROXY" not in serve_ingress_env(mine)
-    with pytest.raises(ConfigError, match="no haproxy binary"):
-        serve_ingress_env({"PATH": str(empty), INGRESS_ENV: "haproxy"})
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in serve_ingress_env(
+        {**found, "RAY_SERVE_ENABLE_HA_PROXY": "0"}
+    )
+    missing = {"RAY_SERVE_HAPROXY_BINARY_PATH": str(tmp_path / "nowhere")}
+    assert haproxy_binary(missing) is None
+    with pytest.raises(ConfigError, match="no HAProxy binary"):
+        serve_ingress_env(missing)  # an explicit path that names nothing is named
     with pytest.raises(ConfigError, match="auto, haproxy or proxy"):
-        serve_ingress_env({"PATH": str(found), INGRESS_ENV: "nginx"})
+        serve_ingress_env({**found, INGRESS_ENV: "nginx"})

@@ -195,6 +195,23 @@ class ConversationActor(Shell):
         finally:
             self._pending -= 1
 
+    async def start_and_read(
+        self,
+        request: TurnRequest,
+        after: int = -1,
+        wait_s: float = 10.0,
+        *,
+        principal: Principal | None = None,
+    ) -> tuple[list[TurnEvent], bool]:
+        """Start a streamed turn and return its first events
+        (:meth:`~overstory.conversation.entity.Entity.start_and_read`)."""
+        self._pending += 1
+        try:
+            entity = await self.enter(self.conversation_id, principal, "write", request=request)
+            return await entity.start_and_read(request, after, wait_s)
+        finally:
+            self._pending -= 1
+
     async def cancel(self, turn_id: str, *, principal: Principal | None = None) -> bool:
         """Cancel streamed turn ``turn_id`` (:meth:`~overstory.conversation.entity.Shell.cancel_turn`)."""
         return await self.cancel_turn(self.conversation_id, turn_id, principal)

@@ -43,6 +43,7 @@ from typing import Any
 
 import ray
 
+from .._ray import in_actor
 from ..access import Principal
 from ..app import App
 from ..config import Config
@@ -93,9 +94,10 @@ class HostActor(Shell):
         self._started_at = time.time()
         self._sweeper: asyncio.Task[None] | None = None
         self._reported_at = 0.0
-        # Many conversations share this process: its vendor calls are made here, under
-        # leases from the provider actors, one SDK client per endpoint for all of them.
-        call_vendors_here()
+        if in_actor():
+            # Many conversations share this process: its vendor calls are made here,
+            # under leases from the provider actors, one SDK client per endpoint for all.
+            call_vendors_here()
 
     # --- supervision protocol (the host supervisor watches hosts) -------------------------
 
@@ -183,6 +185,23 @@ class HostActor(Shell):
         await self._route(version, conversation_id)
         entity = await self.enter(conversation_id, principal, "write", api_keys, request)
         return await entity.start_turn(request, after)
+
+    async def start_and_read(
+        self,
+        version: int,
+        conversation_id: str,
+        request: TurnRequest,
+        after: int = -1,
+        wait_s: float = 10.0,
+        *,
+        api_keys: Mapping[str, Secret] | None = None,
+        principal: Principal | None = None,
+    ) -> tuple[list[TurnEvent], bool]:
+        """Start a streamed turn and return its first events
+        (:meth:`~overstory.conversation.entity.Entity.start_and_read`)."""
+        await self._route(version, conversation_id)
+        entity = await self.enter(conversation_id, principal, "write", api_keys, request)
+        return await entity.start_and_read(request, after, wait_s)
 
     async def cancel(
         self,

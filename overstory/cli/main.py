@@ -310,6 +310,22 @@ def _add_ops_commands(sub: Any) -> None:
         type=_host_port,
         help="also deploy the HTTP front door (OpenAI-shaped API, Ray Serve) on HOST:PORT",
     )
+    serve.add_argument(
+        "--replicas", type=_positive, metavar="N", help="the door's replicas (default 1)"
+    )
+    serve.add_argument(
+        "--min-replicas",
+        type=_positive,
+        metavar="N",
+        help="autoscale the door (Ray Serve): at least N replicas",
+    )
+    serve.add_argument("--max-replicas", type=_positive, metavar="N", help="... at most N replicas")
+    serve.add_argument(
+        "--target-ongoing-requests",
+        type=_positive,
+        metavar="R",
+        help="... aiming at R open requests per replica (an open stream is one; default 500)",
+    )
     serve.add_argument("--jwt-issuer", metavar="ISS", help="accept JWTs from this issuer")
     serve.add_argument("--jwt-audience", metavar="AUD", help="... for this audience")
     serve.add_argument("--jwt-public-key", type=Path, metavar="PEM", help="... signed by this key")
@@ -505,16 +521,43 @@ def _host_port(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _door_scaling(args: argparse.Namespace) -> dict[str, Any]:
+    """``serve_http``'s ``replicas`` or ``autoscaling`` from the options; a mix, or
+    either without ``--http``, is refused by name."""
+    from ..gateway.serve import autoscaling_config
+
+    auto = {
+        "min_replicas": args.min_replicas,
+        "max_replicas": args.max_replicas,
+        "target_ongoing_requests": args.target_ongoing_requests,
+    }
+    asked = [f"--{k.replace('_', '-')}" for k, v in auto.items() if v is not None]
+    if args.replicas is not None:
+        asked.insert(0, "--replicas")
+    if asked and args.http is None:
+        raise UsageError(f"{', '.join(asked)}: the door's replicas need --http")
+    if args.replicas is not None and len(asked) > 1:
+        raise UsageError(
+            f"--replicas is a fixed count: give it or {', '.join(asked[1:])}, not both"
+        )
+    if args.replicas is not None:
+        return {"replicas": args.replicas}
+    if asked:
+        return {"autoscaling": autoscaling_config(**auto)}
+    return {}
+
+
 def _serve(args: argparse.Namespace) -> int:
     config = _config(args)
     jwt = _jwt(args)  # a bad option fails here, before anything is deployed
+    scaling = _door_scaling(args)
     result = deploy.serve(config, args.app, args.working_dir)
     if args.http is not None:
         from ..gateway.serve import serve_http
         from ..runtime.ops import store_of_tree
 
         store = store_of_tree(result["namespace"], config.store)
-        result["http"] = serve_http(result["namespace"], store, *args.http, jwt=jwt)
+        result["http"] = serve_http(result["namespace"], store, *args.http, jwt=jwt, **scaling)
     if args.json:
         print(json.dumps(result, sort_keys=True))
         return 0

@@ -393,6 +393,14 @@ class Entity:
         streams = self.turn_streams()
         return await streams.start_admitted(request.turn_id, after, run, self.history, admit)
 
+    async def start_and_read(
+        self, request: TurnRequest, after: int = -1, wait_s: float = 10.0
+    ) -> tuple[list[TurnEvent], bool]:
+        """:meth:`start_turn`, then :meth:`events` after ``after``: a streamed turn's
+        start and its first events in one call where a reader would make two."""
+        await self.start_turn(request, after)
+        return await self.events(request.turn_id, after, wait_s)
+
     def cancel(self, turn_id: str) -> bool:
         """Ask streamed turn ``turn_id`` to stop at its next safe point (between deltas,
         after a tool returns); it ends ``incomplete`` with what it produced stored.

@@ -17,7 +17,7 @@ from ..exceptions import ConfigError
 from .app import DoorLimits, Gateway, app, install
 from .tokens import JwtSettings
 
-__all__ = ["GATEWAY_APP", "GatewayDeployment", "serve_http"]
+__all__ = ["GATEWAY_APP", "GatewayDeployment", "autoscaling_config", "serve_http"]
 
 #: The Serve application's name (``serve status`` shows it).
 GATEWAY_APP = "overstory-gateway"
@@ -50,6 +50,38 @@ class GatewayDeployment:
         install(Gateway(runtime, DoorLimits(**(limits or {})), jwt))
 
 
+#: What an autoscaled door aims at per replica when not told: open requests (an open
+#: stream counts for its whole turn) a replica serves without falling behind on 2 cores.
+DEFAULT_TARGET_ONGOING = 500
+
+
+def autoscaling_config(
+    min_replicas: int | None = None,
+    max_replicas: int | None = None,
+    target_ongoing_requests: int | None = None,
+) -> dict[str, Any]:
+    """Ray Serve's ``autoscaling_config`` for the door: between ``min_replicas``
+    (default 1) and ``max_replicas`` (default ``min_replicas``, at least 2), aiming at
+    ``target_ongoing_requests`` open requests per replica (default 500)."""
+    low = 1 if min_replicas is None else min_replicas
+    high = max(low, 2) if max_replicas is None else max_replicas
+    target = DEFAULT_TARGET_ONGOING if target_ongoing_requests is None else target_ongoing_requests
+    if low < 1:
+        raise ConfigError(f"min_replicas must be >= 1 (the door must answer), got {low}")
+    if high < low:
+        raise ConfigError(f"max_replicas ({high}) is below min_replicas ({low})")
+    if not 0 < target <= MAX_ONGOING_REQUESTS:
+        raise ConfigError(
+            f"target_ongoing_requests must be in 1..{MAX_ONGOING_REQUESTS}, got {target}"
+        )
+    return {
+        "min_replicas": low,
+        "initial_replicas": low,
+        "max_replicas": high,
+        "target_ongoing_requests": target,
+    }
+
+
 def serve_http(
     namespace: str,
     store: str,
@@ -57,10 +89,12 @@ def serve_http(
     port: int,
     *,
     replicas: int = 1,
+    autoscaling: dict[str, Any] | None = None,
     limits: dict[str, Any] | None = None,
     jwt: JwtSettings | None = None,
 ) -> str:
-    """Deploy (or update) the front door; returns its base URL.
+    """Deploy (or update) the front door; returns its base URL. ``replicas`` is a fixed
+    count; ``autoscaling`` (:func:`autoscaling_config`) lets Serve choose instead.
 
     Ray Serve's HTTP address is the cluster's, fixed when Serve first starts: if it runs
     already on another address, this refuses (ConfigError naming it) rather than deploy
@@ -75,7 +109,10 @@ def serve_http(
         )
     serve.start(http_options={"host": host, "port": port})
     deployment: Any = GatewayDeployment
-    deployment = deployment.options(num_replicas=replicas)
+    if autoscaling is not None:
+        deployment = deployment.options(autoscaling_config=autoscaling)
+    else:
+        deployment = deployment.options(num_replicas=replicas)
     serve.run(
         deployment.bind(namespace, store, limits, jwt),
         name=GATEWAY_APP,

@@ -94,7 +94,9 @@ class Gate:
         if lease is None:
             try:
                 before = self.breaker.admit()
-            except ModelError as exc:
+            except ModelError as exc:  # no lease: counted here, not by a judgment
+                if self._on_failure is not None:
+                    self._on_failure(exc)
                 return exc
             lease = self.leases[call] = _Lease(before, self._clock())
         lease.attempts += 1

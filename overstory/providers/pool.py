@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from contextlib import aclosing, contextmanager
@@ -303,10 +304,29 @@ _RemoteProvider: Any = ray.remote(ProviderActor)
 #: Whether this process calls vendors itself, under leases from the provider actors
 #: (:func:`call_vendors_here`), or sends each call to them.
 _CALLS_HERE = False
-#: This process's vendor clients (one per endpoint: its connection pool), most recent last.
-_VENDORS: OrderedDict[str, Model] = OrderedDict()
 _VENDORS_KEPT = 64
-_BUILDING: dict[str, asyncio.Future[Model]] = {}
+
+
+class _Here:
+    """What one event loop of this process keeps for its leased calls: a vendor client
+    per endpoint (its connection pool; most recent last) and a gate client per endpoint.
+    Both are bound to the loop (connections, futures), so each loop has its own."""
+
+    def __init__(self) -> None:
+        self.vendors: OrderedDict[str, Model] = OrderedDict()
+        self.building: dict[str, asyncio.Future[Model]] = {}
+        self.gates: dict[str, _ActorGate] = {}
+
+
+_LOOPS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Here] = weakref.WeakKeyDictionary()
+
+
+def _here() -> _Here:
+    loop = asyncio.get_running_loop()
+    here = _LOOPS.get(loop)
+    if here is None:
+        here = _LOOPS[loop] = _Here()
+    return here
 
 
 def call_vendors_here(enabled: bool = True) -> None:
@@ -323,28 +343,29 @@ def call_vendors_here(enabled: bool = True) -> None:
 
 
 async def _vendor_here(endpoint: Endpoint) -> Model:
-    """This process's client for ``endpoint`` (at most ``_VENDORS_KEPT`` kept, the least
+    """This loop's client for ``endpoint`` (at most ``_VENDORS_KEPT`` kept, the least
     recently used closed first). The first is built off the event loop: importing a
     vendor SDK takes a while, and no other conversation's stream should wait on it."""
-    model = _VENDORS.get(endpoint.id)
+    here = _here()
+    model = here.vendors.get(endpoint.id)
     if model is None:
-        building = _BUILDING.get(endpoint.id)
+        building = here.building.get(endpoint.id)
         if building is None:
-            building = _BUILDING[endpoint.id] = asyncio.ensure_future(
+            building = here.building[endpoint.id] = asyncio.ensure_future(
                 asyncio.to_thread(vendor_model, endpoint)
             )
         try:
             model = await asyncio.shield(building)
         finally:
             if building.done():
-                _BUILDING.pop(endpoint.id, None)
-        model = _VENDORS.setdefault(endpoint.id, model)
-        while len(_VENDORS) > _VENDORS_KEPT:
-            _, old = _VENDORS.popitem(last=False)
+                here.building.pop(endpoint.id, None)
+        model = here.vendors.setdefault(endpoint.id, model)
+        while len(here.vendors) > _VENDORS_KEPT:
+            _, old = here.vendors.popitem(last=False)
             closing = getattr(old, "aclose", None)
             if closing is not None:
                 asyncio.get_running_loop().create_task(closing())
-    _VENDORS.move_to_end(endpoint.id)
+    here.vendors.move_to_end(endpoint.id)
     return model
 
 
@@ -374,7 +395,7 @@ class _ActorGate:
         try:
             handle = await self.model.handle()
             answers = await handle.admit_many.remote([(call, tokens) for call, tokens, _ in asked])
-        except (RayActorError, RayTaskError, ModelError) as exc:
+        except Exception as exc:  # every caller waiting here gets an answer
             failure = self._failure(exc)
             for *_, answer in asked:
                 if not answer.done():
@@ -384,16 +405,22 @@ class _ActorGate:
             if not answer.done():
                 answer.set_result(refused)
 
-    def _failure(self, exc: BaseException) -> ModelError:
+    def _failure(self, exc: Exception) -> ModelError:
         if isinstance(exc, ModelError):
             return exc
         if isinstance(exc, RayTaskError):
             return self.model._task_error(exc)
-        self.model._handle = None  # it died: looked up (restarted) on the next call
+        if isinstance(exc, RayActorError):
+            self.model._handle = None  # it died: looked up (restarted) on the next call
+            return ModelError(
+                f"provider actor unavailable: {type(exc).__name__}",
+                model=self.model.name,
+                kind="connection",
+            )
         return ModelError(
-            f"provider actor unavailable: {type(exc).__name__}",
+            f"asking the provider actor failed: {type(exc).__name__}: {exc}",
             model=self.model.name,
-            kind="connection",
+            kind="server_error",
         )
 
     def release(self, call: str, used: int, error: ModelError | None) -> None:
@@ -414,10 +441,6 @@ class _ActorGate:
         if handle is not None and notes:
             with contextlib.suppress(RayActorError):
                 handle.settle.remote(notes)
-
-
-#: This process's gate clients, one per endpoint (see :func:`call_vendors_here`).
-_GATES: dict[str, _ActorGate] = {}
 
 
 class RemoteModel(Model):
@@ -483,9 +506,10 @@ class RemoteModel(Model):
 
     async def _leased(self) -> LeasedModel:
         """The call made in this process under the provider actor's leases."""
-        gate = _GATES.get(self.endpoint.id)
+        gates = _here().gates
+        gate = gates.get(self.endpoint.id)
         if gate is None:
-            gate = _GATES[self.endpoint.id] = _ActorGate(self)
+            gate = gates[self.endpoint.id] = _ActorGate(self)
         return LeasedModel(
             await _vendor_here(self.endpoint),
             gate,

@@ -94,7 +94,7 @@ _MAX_CACHED_HANDLES = 10_000
 
 #: The calls a conversation checks against a principal (the others carry none).
 #: The transport calls the conversation checks a principal's access for.
-_CHECKED = frozenset({"send", "start_turn", "events", "cancel", "history"})
+_CHECKED = frozenset({"send", "start_turn", "start_and_read", "events", "cancel", "history"})
 #: One call of a conversation: a :class:`Transport` method, given the transport first.
 Call = Callable[..., Any]
 
@@ -525,16 +525,20 @@ class Conversation:
         try:
             with self._span():
                 request = TurnRequest(turn_id, text, self._caller, n, low, inject(), *options)
-                await self._call_async(Transport.start_turn, request, after)
+                # Started, and its first events read, in one call.
+                answer: tuple[list[TurnEvent], bool] | None = await self._call_async(
+                    Transport.start_and_read, request, after, _POLL_S
+                )
             while True:
-                try:
-                    events, ended = await self._call_async(
-                        Transport.events, turn_id, after, _POLL_S
-                    )
-                except UnknownTurn:  # its process died before storing the message: again
-                    request = replace(request, carrier=None)
-                    await self._call_async(Transport.start_turn, request, after)
-                    continue
+                if answer is None:
+                    try:
+                        answer = await self._call_async(Transport.events, turn_id, after, _POLL_S)
+                    except UnknownTurn:  # its process died before storing the message: again
+                        request = replace(request, carrier=None)
+                        await self._call_async(Transport.start_turn, request, after)
+                        continue
+                events, ended = answer
+                answer = None
                 if ended:  # done before the last yield: a reader may stop at the end
                     self._done(n)
                 if events:

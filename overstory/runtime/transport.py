@@ -69,6 +69,20 @@ class Transport(ABC):
         handle, head, keywords = self._at(target)
         return handle.start_turn.remote(*head, request, after, principal=principal, **keywords)
 
+    def start_and_read(
+        self,
+        target: Any,
+        request: TurnRequest,
+        after: int,
+        wait_s: float,
+        *,
+        principal: Principal | None = None,
+    ) -> Any:
+        handle, head, keywords = self._at(target)
+        return handle.start_and_read.remote(
+            *head, request, after, wait_s, principal=principal, **keywords
+        )
+
     def events(
         self,
         target: Any,
