@@ -64,6 +64,7 @@ from overstory.store import run_on_store
 
 TEXT = "tell me something in a few words please"
 VENDOR_KEY = "sk-bench-door-vendor-000001"
+LITELLM_KEY = "sk-bench-litellm-master-000001"
 
 floor_app = FastAPI()
 
@@ -198,11 +199,15 @@ def start_litellm(path: str, vendor_url: str, workers: int) -> tuple[subprocess.
         f"      api_key: {VENDOR_KEY}\n"
         "litellm_settings:\n"
         "  drop_params: true\n"
+        "general_settings:\n"
+        f"  master_key: {LITELLM_KEY}\n"
     )
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # no network here
     proc = subprocess.Popen(
         [path, "--config", str(config), "--port", str(port), "--num_workers", str(workers)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=env,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -218,6 +223,8 @@ def start_litellm(path: str, vendor_url: str, workers: int) -> tuple[subprocess.
 
 
 def litellm_first(client: openai.AsyncOpenAI) -> Any:
+    """Time to first text of one streamed chat completion (LiteLLM, or the vendor)."""
+
     async def one() -> float:
         started = time.perf_counter()
         first = 0.0
@@ -347,13 +354,29 @@ def main() -> None:
             report["memory"]["settled"] = {r: rss_mb(p) for r, p in roles.items()}
 
         asyncio.run(measure())
+        if args.vendor:
+
+            async def direct() -> None:
+                sdks = {
+                    u: openai.AsyncOpenAI(
+                        base_url=vendor_url, api_key=VENDOR_KEY, max_retries=0, timeout=300
+                    )
+                    for u in users
+                }
+                for c in args.concurrency:
+                    got = await run_users(
+                        lambda u: litellm_first(sdks[u])(), users[:c], args.responses
+                    )
+                    report["cases"].append({"case": f"{c} concurrent", "sdk direct": got})
+
+            asyncio.run(direct())
         if args.litellm:
             lite, lite_url = start_litellm(args.litellm, vendor_url, os.cpu_count() or 1)
 
             async def against_litellm() -> None:
                 lites = {
                     u: openai.AsyncOpenAI(
-                        base_url=f"{lite_url}/v1", api_key="x", max_retries=0, timeout=300
+                        base_url=f"{lite_url}/v1", api_key=LITELLM_KEY, max_retries=0, timeout=300
                     )
                     for u in users
                 }
@@ -384,7 +407,7 @@ def main() -> None:
     )
     for case in report["cases"]:
         print(f"  {case['case']}:")
-        for who in ("floor", "door", "litellm"):
+        for who in ("floor", "door", "sdk direct", "litellm"):
             if who in case:
                 r = case[who]
                 extra = (
@@ -393,7 +416,7 @@ def main() -> None:
                     else ""
                 )
                 tail = f" / p99 {r['first_p99_ms']}" if "first_p99_ms" in r else ""
-                print(f"    {who:>8}: first text p50 {r['first_p50_ms']}{tail} ms{extra}")
+                print(f"    {who:>10}: first text p50 {r['first_p50_ms']}{tail} ms{extra}")
         for key in ("added_p50_ms", "first_p50_ratio", "door_cpu_ms_per_response"):
             if key in case:
                 print(f"    {key}: {case[key]}")

@@ -166,7 +166,7 @@ class ConversationActor(Shell):
             "node_id": ray.get_runtime_context().get_node_id(),
             "started_at": self._started_at,
             "placement": "dedicated",
-            # Vendor SDKs belong in provider actors; this shows none leaked in here.
+            # The vendor SDKs this process loaded: none (its calls go to provider actors).
             "vendor_sdks": sorted(m for m in ("anthropic", "openai") if m in sys.modules),
         }
 

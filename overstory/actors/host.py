@@ -269,7 +269,7 @@ class HostActor(Shell):
             "pid": os.getpid(),
             "incarnation": self.incarnation,
             "node_id": ray.get_runtime_context().get_node_id(),
-            # Vendor SDKs belong in provider actors; this shows none leaked in here.
+            # The vendor SDKs this process loaded (a host calls vendors itself).
             "vendor_sdks": sorted(m for m in ("anthropic", "openai") if m in sys.modules),
         }
 

@@ -1,6 +1,7 @@
 """Anthropic Messages API through the official ``anthropic`` async SDK.
 
-Imported only inside provider actors: conversation actors never load a vendor SDK.
+Imported where vendor calls are made (hosts, the door's replicas, provider actors); a
+dedicated conversation actor never loads it.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ AWS event-stream messages, both through botocore (``pip install 'overstory[bedro
 So this is :class:`~overstory.providers.anthropic.AnthropicModel` with another client:
 the same arguments, answer reading, stream assembly and error translation.
 
-Imported only inside provider actors: conversation actors never load a vendor SDK.
+Imported where vendor calls are made (hosts, the door's replicas, provider actors); a
+dedicated conversation actor never loads it.
 """
 
 from __future__ import annotations

@@ -1,16 +1,20 @@
 """The provider actor pool: one Ray actor per endpoint, and the handle models use.
 
-A :class:`ProviderActor` owns one endpoint's SDK client, rate limiter and circuit
-breaker; it is named after the endpoint's id (vendor + model + base URL + a one-way
-fingerprint of the key), detached and restarted in place by Ray, so every conversation
-in the cluster that uses the endpoint goes through the same limiter and breaker:
+A :class:`ProviderActor` owns one endpoint's rate limiter and circuit breaker; it is
+named after the endpoint's id (vendor + model + base URL + a one-way fingerprint of the
+key), detached and restarted in place by Ray, so every conversation in the cluster that
+uses the endpoint goes through the same limiter and breaker. How a call reaches the
+vendor depends on the process making it (:func:`call_vendors_here`):
 
-    conversation actor ── RemoteModel ──> ProviderActor  [Breaker(Retrying(Limited(vendor)))]
-                                          one per endpoint, cluster-wide
+    host actor ── RemoteModel ── admit / settle ──> ProviderActor  [Gate: breaker, limiter]
+        └── the vendor's SDK, called here, under the lease (:mod:`.lease`)
+    dedicated conversation actor ── RemoteModel ──> ProviderActor
+                                         [Breaker(Retrying(Limited(vendor)))], the call whole
 
 :class:`RemoteModel` is the :class:`~overstory.providers.base.Model` the agent holds: a
 small picklable value (the endpoint) that finds or starts its provider actor on first
-use. The vendor SDKs are imported only inside provider actors.
+use. A vendor SDK is imported by provider actors and by the processes that call vendors
+themselves (hosts, the door's replicas); never by a dedicated conversation actor.
 """
 
 from __future__ import annotations
@@ -378,14 +382,20 @@ class _ActorGate:
         self.model = model
         self._admits: list[tuple[str, int, asyncio.Future[ModelError | None]]] = []
         self._notes: list[Note] = []
+        self._sending: set[asyncio.Task[None]] = set()  # held: the loop keeps weak refs
 
     async def admit(self, call: str, tokens: int) -> ModelError | None:
         loop = asyncio.get_running_loop()
         if not self._admits:
-            loop.call_soon(lambda: loop.create_task(self._send_admits()))
+            loop.call_soon(self._start_sending)
         answer: asyncio.Future[ModelError | None] = loop.create_future()
         self._admits.append((call, tokens, answer))
         return await answer
+
+    def _start_sending(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._send_admits())
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     async def _send_admits(self) -> None:
         asked, self._admits = self._admits, []
