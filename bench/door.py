@@ -352,6 +352,7 @@ def main() -> None:
             report["memory"]["after"] = {r: rss_mb(p) for r, p in roles.items()}
             await asyncio.sleep(args.settle)
             report["memory"]["settled"] = {r: rss_mb(p) for r, p in roles.items()}
+            await asyncio.gather(*(c.close() for c in [*clients.values(), *floors.values()]))
 
         asyncio.run(measure())
         if args.vendor:
@@ -363,11 +364,14 @@ def main() -> None:
                     )
                     for u in users
                 }
+                # Warm: every client connected, as the door's and LiteLLM's are.
+                await asyncio.gather(*(litellm_first(sdks[u])() for u in users))
                 for c in args.concurrency:
                     got = await run_users(
                         lambda u: litellm_first(sdks[u])(), users[:c], args.responses
                     )
                     report["cases"].append({"case": f"{c} concurrent", "sdk direct": got})
+                await asyncio.gather(*(client.close() for client in sdks.values()))
 
             asyncio.run(direct())
         if args.litellm:
@@ -380,13 +384,14 @@ def main() -> None:
                     )
                     for u in users
                 }
-                await asyncio.gather(*(litellm_first(lites[u])() for u in users[:50]))
+                await asyncio.gather(*(litellm_first(lites[u])() for u in users))  # warm
                 for c in args.concurrency:
                     group = users[:c]
                     got = await run_users(
                         lambda u: litellm_first(lites[u])(), group, args.responses
                     )
                     report["cases"].append({"case": f"{c} concurrent", "litellm": got})
+                await asyncio.gather(*(client.close() for client in lites.values()))
 
             asyncio.run(against_litellm())
         serve.shutdown()
