@@ -31,4 +31,12 @@ esac
 if [ "${OVERSTORY_SERVE_INGRESS:-auto}" != proxy ]; then
   export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}"
   export RAY_SERVE_THROUGHPUT_OPTIMIZED="${RAY_SERVE_THROUGHPUT_OPTIMIZED:-1}"
+  # HAProxy's files in a directory of this user's: Serve's default, /tmp/haproxy-serve,
+  # belongs to whichever user of the machine made it first.
+  haproxy_dir="${TMPDIR:-/tmp}/overstory-haproxy-$(id -u)"
+  export RAY_SERVE_HAPROXY_CONFIG_FILE_LOC="${RAY_SERVE_HAPROXY_CONFIG_FILE_LOC:-$haproxy_dir/haproxy.cfg}"
+  export RAY_SERVE_HAPROXY_SOCKET_PATH="${RAY_SERVE_HAPROXY_SOCKET_PATH:-$haproxy_dir/admin.sock}"
+  export RAY_SERVE_HAPROXY_SERVER_STATE_BASE="${RAY_SERVE_HAPROXY_SERVER_STATE_BASE:-$haproxy_dir}"
+  export RAY_SERVE_HAPROXY_SERVER_STATE_FILE="${RAY_SERVE_HAPROXY_SERVER_STATE_FILE:-$haproxy_dir/server-state}"
+  export RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH="${RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH:-$haproxy_dir/metrics.sock}"
 fi

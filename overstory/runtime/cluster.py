@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -24,6 +25,7 @@ __all__ = [
     "check_ray_client",
     "detach",
     "haproxy_binary",
+    "haproxy_paths",
     "init_ray",
     "serve_ingress_env",
 ]
@@ -84,7 +86,25 @@ def serve_ingress_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]
                 f"executable); or set {INGRESS_ENV}=proxy"
             )
         return {}
-    return {k: v for k, v in HIGH_THROUGHPUT_SERVE.items() if k not in environ}
+    return {
+        k: v for k, v in {**HIGH_THROUGHPUT_SERVE, **haproxy_paths()}.items() if k not in environ
+    }
+
+
+def haproxy_paths(base: str | None = None) -> dict[str, str]:
+    """Where Serve keeps HAProxy's config, sockets and server state: under ``base``
+    (default: a directory of this user's in the temp dir). Serve's default,
+    ``/tmp/haproxy-serve``, is one directory for every user of the machine: whoever
+    made it first owns it, and another user's Serve cannot start HAProxy."""
+    if base is None:
+        base = os.path.join(tempfile.gettempdir(), f"overstory-haproxy-{os.getuid()}")
+    return {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(base, "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(base, "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": base,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(base, "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(base, "metrics.sock"),
+    }
 
 
 def attach(
