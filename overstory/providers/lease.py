@@ -32,7 +32,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..exceptions import ModelError
@@ -59,7 +59,6 @@ class _Lease:
     at: float
     entry: list[float] | None = None  # the limiter's entry of the running attempt
     tokens: int = 0
-    attempts: int = field(default=0)
 
 
 class Gate:
@@ -99,7 +98,6 @@ class Gate:
                     self._on_failure(exc)
                 return exc
             lease = self.leases[call] = _Lease(before, self._clock())
-        lease.attempts += 1
         try:
             entry = await self.limited.limiter.acquire(tokens, self.limited.name)
         except ModelError as exc:
@@ -150,7 +148,8 @@ class Gate:
         if lease.entry is not None:
             self.limited.limiter.release(lease.entry, lease.tokens if used is None else used)
         if abandoned:
-            self.breaker.abandon()
+            if lease.before == "half_open":  # it was the probe: another may go
+                self.breaker.abandon()
             return
         if error is not None and self._on_failure is not None:
             self._on_failure(error)
