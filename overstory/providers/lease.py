@@ -27,6 +27,7 @@ gate does not know (it restarted, or the call was refused) changes nothing.
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from collections import OrderedDict
@@ -51,6 +52,9 @@ LEASE_TTL_S = 900.0
 #: Calls judged recently, remembered so an admission granted after its caller gave up
 #: (cancelled while queued) is released at once instead of holding a slot.
 _JUDGED_KEPT = 4096
+
+#: The backoff jitter of every leased call's retry loop.
+_JITTER = random.Random()
 
 
 @dataclass
@@ -208,7 +212,10 @@ class LeasedModel(Model):
 
     def _attempts(self, call: str) -> RetryingModel:
         return RetryingModel(
-            _Attempts(self.vendor, self.gate, call), self.retry, on_retry=self.on_retry
+            _Attempts(self.vendor, self.gate, call),
+            self.retry,
+            rng=_JITTER,  # one for the process: a fresh Random per call reads os.urandom
+            on_retry=self.on_retry,
         )
 
     async def request(self, req: ModelRequest) -> ModelResponse:

@@ -176,7 +176,7 @@ class ProviderActor:
                     self.breaker.request, endpoint.vendor, endpoint.model, req, host, port
                 )
         except ModelError as exc:
-            self.failures[exc.kind] = self.failures.get(exc.kind, 0) + 1
+            self._count_failure(exc)
             return exc
 
     async def stream(
@@ -239,7 +239,7 @@ class ProviderActor:
                 "the stream ended without an answer", model=endpoint.name, kind="server_error"
             )
         except ModelError as exc:
-            self.failures[exc.kind] = self.failures.get(exc.kind, 0) + 1
+            self._count_failure(exc)
             put(exc)
         except Exception as exc:  # a bug here must still end the reader's stream
             put(
