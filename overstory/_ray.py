@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "quiet_worker_notices",
     "ray_client_ping",
     "restarts_of_this_actor",
+    "serve_haproxy_ingress",
     "serve_listening",
     "token_auth_enabled",
 ]
@@ -70,16 +72,29 @@ def in_actor() -> bool:
     )
 
 
-def serve_listening() -> tuple[str, int] | None:
-    """``(host, port)`` Ray Serve's HTTP proxies listen on in this cluster, or None when
-    Serve is not running (they are fixed when Serve starts)."""
+def serve_listening() -> tuple[str, int, str | None] | None:
+    """``(host, port, certificate file)`` Ray Serve's HTTP proxies listen with in this
+    cluster (the file None for plain HTTP), or None when Serve is not running (all three
+    are fixed when Serve starts)."""
     from ray.serve.context import _get_global_client
 
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None:
         return None
     options = client.http_config
-    return str(options.host), int(options.port)
+    return str(options.host), int(options.port), options.ssl_certfile or None
+
+
+def serve_haproxy_ingress() -> bool:
+    """Whether Ray Serve in this cluster runs its HAProxy ingress: read where Serve's
+    controller reads it, in a worker's environment (the nodes' ``ray start`` one)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def flag() -> str:
+        return os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "0")
+
+    return bool(ray.get(flag.remote(), timeout=60) == "1")
 
 
 def grpc_channel(target: str) -> Any:

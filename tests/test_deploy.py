@@ -100,7 +100,7 @@ def test_nodes_install_the_shipped_wheel_and_start_with_token_auth(path: Path) -
     # gRPC's fork handlers crash the per-client server Ray Client's proxy forks
     assert "export GRPC_ENABLE_FORK_SUPPORT=0" in profile
     # the tree booted on the head, and the HTTP front door beside it
-    assert head[-1].endswith("overstory serve --address auto --http 0.0.0.0:8000")
+    assert head[-1].endswith("overstory serve --address auto --http 0.0.0.0:8000 --plain-http")
     # ... serving $OVERSTORY_APP (cluster.env), imported from the mounted app directory
     assert "~/overstory/app" in config["file_mounts"]
     assert 'PYTHONPATH="$HOME/overstory/app' in profile

@@ -1334,3 +1334,22 @@ def test_the_openapi_document_describes_the_door_and_schemathesis_finds_nothing(
         assert run.returncode == 0, run.stdout[run.stdout.find("FAILURES") :][:5000]
         assert " generated" in run.stdout
         print(run.stdout[run.stdout.rfind("Test cases:") :][:120])  # the run's size
+
+
+def test_tls_is_refused_by_name_where_serve_cannot_give_it(door: Door, tmp_path: Path) -> None:
+    """Serve's HTTP settings are the cluster's: asking a cluster whose Serve runs plain
+    HTTP (or runs the HAProxy ingress, which cannot terminate TLS) for HTTPS is refused,
+    naming why, and the door already deployed keeps serving."""
+    from tls_certs import make_certificates
+
+    from overstory._ray import serve_haproxy_ingress
+    from overstory.exceptions import ConfigError
+    from overstory.gateway.serve import Tls, serve_http
+
+    certs = make_certificates(tmp_path)
+    host, port = door.url.removeprefix("http://").rsplit(":", 1)
+    tls = Tls(str(certs["cert"]), str(certs["key"]))
+    why = "HAProxy ingress" if serve_haproxy_ingress() else "already serves plain HTTP"
+    with pytest.raises(ConfigError, match=why):
+        serve_http("t-unused", door.store, host, int(port), tls=tls)
+    assert door.raw("GET", "/healthz", who=None)[0] == 200

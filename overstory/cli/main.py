@@ -326,6 +326,16 @@ def _add_ops_commands(sub: Any) -> None:
         metavar="R",
         help="... aiming at R open requests per replica (an open stream is one; default 500)",
     )
+    serve.add_argument(
+        "--tls-cert", type=Path, metavar="PEM", help="serve HTTPS: the certificate chain"
+    )
+    serve.add_argument("--tls-key", type=Path, metavar="PEM", help="... and its private key")
+    serve.add_argument(
+        "--plain-http",
+        action="store_true",
+        help="serve plain HTTP on an address other machines reach (e.g. behind a TLS "
+        "load balancer); loopback needs no flag",
+    )
     serve.add_argument("--jwt-issuer", metavar="ISS", help="accept JWTs from this issuer")
     serve.add_argument("--jwt-audience", metavar="AUD", help="... for this audience")
     serve.add_argument("--jwt-public-key", type=Path, metavar="PEM", help="... signed by this key")
@@ -547,17 +557,56 @@ def _door_scaling(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
+def _door_tls(args: argparse.Namespace) -> Any:
+    """``serve_http``'s ``tls`` from the options, or None for plain HTTP, which an
+    address other machines reach gets only when ``--plain-http`` asks for it."""
+    import ipaddress
+
+    from ..gateway.serve import Tls
+
+    given = [f for f, v in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)) if v]
+    if args.http is None:
+        if given or args.plain_http:
+            named = ", ".join(given + (["--plain-http"] if args.plain_http else []))
+            raise UsageError(f"{named}: the door's TLS settings need --http")
+        return None
+    if given and args.plain_http:
+        raise UsageError(f"--plain-http serves without TLS: give it or {' and '.join(given)}")
+    if len(given) == 1:
+        missing = "--tls-key" if given == ["--tls-cert"] else "--tls-cert"
+        raise UsageError(f"{given[0]} needs {missing} too")
+    if given:
+        tls = Tls(str(args.tls_cert), str(args.tls_key))
+        tls.check()  # here, before anything is deployed
+        return tls
+    host = args.http[0]
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not args.plain_http:
+        raise UsageError(
+            f"--http {host}:{args.http[1]} would serve plain HTTP where other machines reach "
+            "it: give --tls-cert and --tls-key for HTTPS, or --plain-http to ask for plain "
+            "HTTP (e.g. behind a load balancer that terminates TLS)"
+        )
+    return None
+
+
 def _serve(args: argparse.Namespace) -> int:
     config = _config(args)
     jwt = _jwt(args)  # a bad option fails here, before anything is deployed
     scaling = _door_scaling(args)
+    tls = _door_tls(args)
     result = deploy.serve(config, args.app, args.working_dir)
     if args.http is not None:
         from ..gateway.serve import serve_http
         from ..runtime.ops import store_of_tree
 
         store = store_of_tree(result["namespace"], config.store)
-        result["http"] = serve_http(result["namespace"], store, *args.http, jwt=jwt, **scaling)
+        result["http"] = serve_http(
+            result["namespace"], store, *args.http, jwt=jwt, tls=tls, **scaling
+        )
     if args.json:
         print(json.dumps(result, sort_keys=True))
         return 0

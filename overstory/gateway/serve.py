@@ -8,16 +8,19 @@ replica holds thousands; ``max_ongoing_requests`` is raised far above Serve's de
 
 from __future__ import annotations
 
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ray import serve
 
-from .._ray import serve_listening
+from .._ray import serve_haproxy_ingress, serve_listening
 from ..exceptions import ConfigError
 from .app import DoorLimits, Gateway, app, install
 from .tokens import JwtSettings
 
-__all__ = ["GATEWAY_APP", "GatewayDeployment", "autoscaling_config", "serve_http"]
+__all__ = ["GATEWAY_APP", "GatewayDeployment", "Tls", "autoscaling_config", "serve_http"]
 
 #: The Serve application's name (``serve status`` shows it).
 GATEWAY_APP = "overstory-gateway"
@@ -82,6 +85,30 @@ def autoscaling_config(
     }
 
 
+@dataclass(frozen=True)
+class Tls:
+    """The door's TLS certificate chain and private key (PEM files). Serve's proxies
+    read them on every node that runs one, so the paths must hold there too."""
+
+    cert: str
+    key: str
+
+    def check(self) -> None:
+        """Refuse (ConfigError naming the file) a file that is missing or unreadable, or
+        a certificate and key that do not load as a pair, before anything is deployed."""
+        for what, path in (("certificate", self.cert), ("key", self.key)):
+            if not Path(path).is_file():
+                raise ConfigError(f"TLS {what} file {path!r} does not exist")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.cert, self.key)
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(
+                f"TLS certificate {self.cert!r} and key {self.key!r} do not load as a PEM "
+                f"certificate chain and its private key: {e}"
+            ) from None
+
+
 def serve_http(
     namespace: str,
     store: str,
@@ -92,22 +119,40 @@ def serve_http(
     autoscaling: dict[str, Any] | None = None,
     limits: dict[str, Any] | None = None,
     jwt: JwtSettings | None = None,
+    tls: Tls | None = None,
 ) -> str:
     """Deploy (or update) the front door; returns its base URL. ``replicas`` is a fixed
-    count; ``autoscaling`` (:func:`autoscaling_config`) lets Serve choose instead.
+    count; ``autoscaling`` (:func:`autoscaling_config`) lets Serve choose instead;
+    ``tls`` serves HTTPS.
 
-    Ray Serve's HTTP address is the cluster's, fixed when Serve first starts: if it runs
-    already on another address, this refuses (ConfigError naming it) rather than deploy
-    somewhere other than asked.
+    Ray Serve's HTTP address and certificate are the cluster's, fixed when Serve first
+    starts: if it runs already otherwise, this refuses (ConfigError naming it) rather
+    than deploy somewhere other than asked. Serve's HAProxy ingress cannot terminate TLS
+    (Ray 2.60): HTTPS needs the Python proxy ingress, and is refused by name without it.
     """
+    if tls is not None:
+        tls.check()
+        if serve_haproxy_ingress():
+            raise ConfigError(
+                "TLS at the door needs Ray Serve's Python proxy ingress; this cluster runs "
+                "the HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1), which cannot terminate "
+                "TLS: start the cluster with OVERSTORY_SERVE_INGRESS=proxy, or terminate TLS "
+                "in a load balancer in front of the door and serve it with --plain-http"
+            )
+    cert = None if tls is None else tls.cert
     running = serve_listening()
-    if running is not None and running != (host, port):
+    if running is not None and running != (host, port, cert):
+        listening = "HTTPS" if running[2] else "plain HTTP"
         raise ConfigError(
-            f"Ray Serve already listens on {running[0]}:{running[1]} in this cluster (its "
-            f"address is fixed when it starts), not {host}:{port}: use that address, or "
-            "stop it first (serve shutdown)"
+            f"Ray Serve already serves {listening} on {running[0]}:{running[1]} in this "
+            f"cluster{f' with {running[2]!r}' if running[2] else ''} (fixed when it starts), "
+            f"not {'HTTPS' if tls else 'plain HTTP'} on {host}:{port}: ask for that, or stop "
+            "it first (serve shutdown)"
         )
-    serve.start(http_options={"host": host, "port": port})
+    options: dict[str, Any] = {"host": host, "port": port}
+    if tls is not None:
+        options.update(ssl_certfile=tls.cert, ssl_keyfile=tls.key)
+    serve.start(http_options=options)
     deployment: Any = GatewayDeployment
     if autoscaling is not None:
         deployment = deployment.options(autoscaling_config=autoscaling)
@@ -120,4 +165,4 @@ def serve_http(
         blocking=False,
     )
     shown = f"[{host}]" if ":" in host else host
-    return f"http://{shown}:{port}"
+    return f"{'https' if tls else 'http'}://{shown}:{port}"
