@@ -85,6 +85,7 @@ __all__ = [
     "UnknownTurn",
     "UsageError",
     "VaultError",
+    "store_failed",
 ]
 
 
@@ -189,6 +190,12 @@ class RuntimeFailure(OverstoryError, RuntimeError):
 
 class StoreError(RuntimeFailure):
     """The history store failed."""
+
+
+def store_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is the store failing (what an operator is alerted on), not the
+    store refusing a write by design (:class:`Fenced`, :class:`SequenceConflict`)."""
+    return isinstance(exc, StoreError) and not isinstance(exc, Fenced | SequenceConflict)
 
 
 class StoreUnavailable(StoreError):

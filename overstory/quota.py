@@ -42,6 +42,7 @@ from .exceptions import ConfigError, QuotaExceeded, StoreError
 from .messages import AssistantMessage, Message
 from .store import HistoryStore
 from .store.settings import LEDGER, QUOTA, Backoff, SettingContended, update
+from .telemetry import metrics
 
 __all__ = [
     "UNSET",
@@ -351,6 +352,9 @@ async def apply(
 
     try:
         await update(store, ledger_key(namespace, user), stepped, backoff=_CAS)
+    except QuotaExceeded as exc:
+        metrics().quota_refusal(exc.limit)
+        raise
     except SettingContended as exc:
         raise StoreError(
             "a user's quota ledger kept changing while writing it (too much contention)"

@@ -299,3 +299,37 @@ def exporter() -> Iterator[Any]:
     with use_tracer_provider(provider):
         yield memory
     provider.shutdown()
+
+
+class RecordedMetrics:
+    """What this process recorded through ``overstory.telemetry.metrics()`` (as Ray's
+    instruments would have been given it): ``(metric key, value, tags)``."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, float, dict[str, str]]] = []
+
+    def of(self, key: str) -> list[tuple[float, dict[str, str]]]:
+        return [(v, t) for k, v, t in self.records if k == key]
+
+
+@pytest.fixture
+def recorded_metrics(monkeypatch: pytest.MonkeyPatch) -> RecordedMetrics:
+    """Metrics recorded in this process without Ray: each instrument is a recorder."""
+    import importlib
+
+    module = importlib.import_module("overstory.telemetry.metrics")
+
+    recorded = RecordedMetrics()
+
+    class Instrument:
+        def __init__(self, key: str) -> None:
+            self.key = key
+
+        def _record(self, value: float, tags: dict[str, str]) -> None:
+            recorded.records.append((self.key, value, dict(tags)))
+
+        inc = observe = set = _record
+
+    instruments = {key: Instrument(key) for key in module.METRICS}
+    monkeypatch.setattr(module._metrics, "_get", lambda: instruments)
+    return recorded

@@ -80,6 +80,10 @@ def test_every_alert_is_complete_and_reads_exported_metrics() -> None:
         "OverstoryCircuitOpen",
         "OverstoryRestarts",
         "OverstoryJobBacklog",
+        "OverstoryJobQueueAge",
+        "OverstoryQuarantines",
+        "OverstoryQuotaRefusals",
+        "OverstoryStoreErrors",
     }
     for rule in rules:
         assert rule["labels"]["severity"] in ("page", "warn"), rule["alert"]

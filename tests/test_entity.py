@@ -183,7 +183,7 @@ def test_a_hanging_tool_meets_the_turn_deadline_and_the_conversation_serves_agai
 
 
 def test_crashes_restart_the_conversation_then_quarantine_it_alone(
-    placement: str, sqlite_url: str
+    placement: str, sqlite_url: str, recorded_metrics: Any
 ) -> None:
     async def body(c: Placed) -> tuple[tuple[int, int], str]:
         for i in range(2):
@@ -200,10 +200,11 @@ def test_crashes_restart_the_conversation_then_quarantine_it_alone(
     counts, good = run(placement, sqlite_url, body, conversations={"max_restarts": 1})
     assert counts == (1, 1)
     assert good.endswith("hello")
+    assert recorded_metrics.of("quarantines") == [(1, {})]  # what the alert counts
 
 
 def test_the_quota_refuses_a_turn_before_anything_is_stored(
-    placement: str, sqlite_url: str
+    placement: str, sqlite_url: str, recorded_metrics: Any
 ) -> None:
     async def body(c: Placed) -> list[str]:
         await c.send("q", "t1", "one")
@@ -214,6 +215,8 @@ def test_the_quota_refuses_a_turn_before_anything_is_stored(
         return [m.turn_id for m in await c.history("q") if isinstance(m, UserMessage)]
 
     assert run(placement, sqlite_url, body, quotas={"requests_per_minute": 1}) == ["t1"]
+    refused = recorded_metrics.of("quota_refusals")
+    assert refused == [(1, {"limit": "requests_per_minute"})] * 2
 
 
 def test_access_is_checked_again_where_the_conversation_lives(

@@ -421,7 +421,7 @@ def test_serving_the_door_on_another_address_is_refused_naming_the_one_in_use(
     from overstory.gateway.serve import serve_http
 
     port = int(door.url.rsplit(":", 1)[1])
-    with pytest.raises(ConfigError, match=f"already listens on 127.0.0.1:{port}"):
+    with pytest.raises(ConfigError, match=f"already serves plain HTTP on 127.0.0.1:{port}"):
         serve_http("elsewhere", door.store, "127.0.0.1", _free_port())
     assert door.raw("GET", "/healthz", who=None)[0] == 200  # the running door is untouched
 
@@ -1353,3 +1353,68 @@ def test_tls_is_refused_by_name_where_serve_cannot_give_it(door: Door, tmp_path:
     with pytest.raises(ConfigError, match=why):
         serve_http("t-unused", door.store, host, int(port), tls=tls)
     assert door.raw("GET", "/healthz", who=None)[0] == 200
+
+
+def test_the_per_key_rate_holds_across_two_replicas(door: Door) -> None:
+    """Two replicas of the door behind Serve's balancer refuse a key at the count one
+    replica would: the windows are the cluster's (one rates actor), not each replica's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+    from ray import serve
+
+    from overstory.gateway.rates import rates_actor
+    from overstory.gateway.serve import GatewayDeployment
+
+    namespace = door.rt.config.namespace
+    limit, window = 40, 30.0
+    deployment: Any = GatewayDeployment.options(num_replicas=2, name="rates-door")
+    limits = {"requests_per_minute": limit, "rate_window_s": window}
+    serve.run(
+        deployment.bind(namespace, door.store, limits, None),
+        name="rates-door",
+        route_prefix="/two",
+        blocking=False,
+    )
+    secret, _ = _store(door.store, lambda s: create_key(s, "rita"))
+    warm, _ = _store(door.store, lambda s: create_key(s, "rita"))  # another key: own window
+
+    def ask(key: str) -> int:
+        request = urllib.request.Request(
+            f"{door.url}/two/v1/models", headers={"authorization": f"Bearer {key}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return int(answer.status)
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    try:
+        deadline = time.monotonic() + 120
+        while serve.status().applications["rates-door"].status != "RUNNING":
+            assert time.monotonic() < deadline, "the two-replica door did not come up"
+            time.sleep(0.5)
+        counter = rates_actor(namespace)
+        first = ray.get(counter.status.remote())["requests_by_replica"]
+        with ThreadPoolExecutor(16) as pool:
+            # Until the balancer routes to both replicas (each has counted a request).
+            while True:
+                list(pool.map(ask, [warm] * 4))
+                seen = ray.get(counter.status.remote())["requests_by_replica"]
+                if sum(n > first.get(r, 0) for r, n in seen.items()) == 2:
+                    break
+                assert time.monotonic() < deadline, f"one replica took every request: {seen}"
+                time.sleep(0.5)
+            before = seen
+            started = time.monotonic()
+            answers = list(pool.map(ask, [secret] * (3 * limit)))
+        took = time.monotonic() - started
+        after = ray.get(counter.status.remote())["requests_by_replica"]
+    finally:
+        serve.delete("rates-door")
+    assert took < window, f"the burst took {took:.1f} s, longer than the window"
+    assert sorted(set(answers)) == [200, 429]
+    assert answers.count(200) == limit  # exactly: one window for the cluster
+    asked = {r: n - before.get(r, 0) for r, n in after.items() if n > before.get(r, 0)}
+    assert len(asked) == 2, asked  # both replicas took some of the burst
+    assert sum(asked.values()) == 3 * limit

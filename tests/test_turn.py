@@ -200,3 +200,34 @@ def test_seq_is_dense_across_turns(sqlite_url: str, n: int) -> None:
     sends = [(f"t{i}", f"message {i}") for i in range(n)]
     _, _, stored = turn(sqlite_url, Agent("a"), *sends)
     assert [m.seq for m in stored] == list(range(2 * n))
+
+
+def test_a_store_failure_is_the_turns_outcome_and_counted_but_a_fence_is_not(
+    sqlite_url: str, recorded_metrics: Any
+) -> None:
+    """The alert on store errors reads what the turn records: the store failing, not
+    the store refusing a write by design (a fenced zombie)."""
+    from overstory.exceptions import Fenced, StoreError
+
+    agent = Agent("a", model=OfflineModel("m"))
+
+    async def go(failure: Exception) -> None:
+        store = open_store(sqlite_url)
+        await store.open()
+        epoch = await store.acquire("c")
+
+        async def failing(*_: Any, **__: Any) -> None:
+            raise failure
+
+        store.append = failing  # type: ignore[method-assign]
+        try:
+            with pytest.raises(type(failure)):
+                await run_turn(agent, store, "c", [], "t1", "hi", epoch=epoch)
+        finally:
+            await store.close()
+
+    asyncio.run(go(StoreError("disk full")))
+    asyncio.run(go(Fenced("c", 1, 2)))
+    outcomes = [tags["outcome"] for _, tags in recorded_metrics.of("turns")]
+    assert outcomes == ["store_error", "error"]
+    assert recorded_metrics.of("store_errors") == [(1, {"where": "turn"})]

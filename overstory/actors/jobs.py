@@ -40,7 +40,7 @@ import ray
 from .. import cache
 from ..agent import Placement
 from ..config import Config
-from ..exceptions import QuotaExceeded
+from ..exceptions import QuotaExceeded, store_failed
 from ..jobs import (
     TERMINAL,
     JobBook,
@@ -190,6 +190,8 @@ class JobRunner:
                     swept = time.time()
                     await self.maintain()
             except Exception as exc:  # the store is down, say: keep polling
+                if store_failed(exc):
+                    metrics().store_error("jobs")
                 log.warning("job scan failed: %s: %s", type(exc).__name__, exc)
             assert self._wake is not None
             with contextlib.suppress(TimeoutError):
@@ -204,7 +206,9 @@ class JobRunner:
             return
         now = time.time()
         entries = await self._book.due(math.inf if adopt else now, limit=_SCAN)
-        metrics().jobs_due(sum(due <= now for _, due, _ in entries))
+        overdue = [due for _, due, _ in entries if due <= now]
+        metrics().jobs_due(len(overdue))
+        metrics().jobs_oldest_due(now - min(overdue) if overdue else 0.0)
         users = Counter(job.user for job in self._running.values())
         for entry, due, job_id in entries:  # soonest first; read no more than it takes
             if len(self._running) >= self.limits.concurrency:

@@ -590,6 +590,7 @@ class Shell(ABC):
             metrics().restart("entities")
             self.spawn(self._activate(cid, binding=entity.binding))
         else:
+            metrics().quarantine()
             log.warning("conversation %r quarantined: %s", cid, reason)
 
     async def drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> bool:

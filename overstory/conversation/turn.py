@@ -31,9 +31,11 @@ from ..exceptions import (
     ModelError,
     QuotaExceeded,
     SequenceConflict,
+    StoreError,
     TurnFailed,
     TurnIncomplete,
     UsageError,
+    store_failed,
 )
 from ..messages import (
     AssistantMessage,
@@ -409,6 +411,11 @@ async def run_turn(
                 _record_cost(span, reply.messages, prices)
             outcome = "ok"
             return reply
+    except StoreError as exc:
+        if store_failed(exc):
+            outcome = "store_error"
+            metrics().store_error("turn")
+        raise
     finally:
         metrics().turn(agent.name, outcome, time.monotonic() - started, agent.version)
 

@@ -22,8 +22,7 @@ import json
 import math
 import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -54,6 +53,7 @@ from ..conversation.stateless import StatelessTurns
 from ..conversation.turnlog import TurnLog
 from ..exceptions import (
     AuthenticationFailed,
+    ConfigError,
     InvalidMessage,
     InvalidUserId,
     NotPermitted,
@@ -65,17 +65,19 @@ from ..exceptions import (
     UnknownConversation,
     UnknownTurn,
     UsageError,
+    store_failed,
 )
 from ..jobs import JobBook, JobRecord, is_permanent, new_job
 from ..messages import AssistantMessage, Message, Reply, ToolDefinition, TurnEvent, TurnRequest
 from ..store import HistoryStore, open_store
 from ..store.settings import IDEMPOTENCY, READYZ, RESPONSE
-from ..telemetry import inject
+from ..telemetry import inject, metrics
 from ..validation import validate_turn, validate_user_id
 from .chat import ChatChunks, chat_completion, chat_request, new_completion_id
 from .items import Context, client_tools, conversation_messages, input_context, names
 from .keys import KEY_PREFIX, authenticate_key
 from .openapi import openapi
+from .rates import LocalRates, Rates, RequestRate
 from .tokens import JwtSettings, authenticate_jwt
 from .wire import (
     DEFAULT_ECHO,
@@ -117,37 +119,18 @@ class DoorLimits:
     #: How long a request's body may take to arrive once its headers have: a client
     #: that declares more than it sends gets 408 then, not a replica waiting for ever.
     body_timeout_s: float = 5.0
+    #: The window ``requests_per_minute`` counts in (seconds; a minute unless told).
+    rate_window_s: float = 60.0
 
-
-class RequestRate:
-    """At most ``limit`` requests per key in any ``window_s`` (a sliding window of
-    timestamps per key; keys idle for a window are forgotten, so memory follows the
-    active keys, not every key ever seen)."""
-
-    def __init__(
-        self, limit: int, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.limit, self.window_s, self._clock = limit, window_s, clock
-        self._seen: dict[str, deque[float]] = {}
-        self._sweep_at = clock() + window_s
-
-    def admit(self, key: str) -> float | None:
-        """None: admitted (and counted); else the seconds until room for one more."""
-        now = self._clock()
-        if now >= self._sweep_at:
-            horizon = now - self.window_s
-            self._seen = {k: w for k, w in self._seen.items() if w and w[-1] > horizon}
-            self._sweep_at = now + self.window_s
-        window = self._seen.setdefault(key, deque())
-        while window and window[0] <= now - self.window_s:
-            window.popleft()
-        if len(window) >= self.limit:
-            return window[0] + self.window_s - now
-        window.append(now)
-        return None
-
-    def __len__(self) -> int:
-        return len(self._seen)
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "requests_per_minute", "audit_failures_per_minute"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"door limit {name} must be an integer >= 1")
+        for name in ("idempotency_ttl_s", "idempotency_sweep_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"door limit {name} must be > 0")
+        if not 0 < self.rate_window_s <= 86_400:
+            raise ConfigError("door limit rate_window_s must be in (0, 86400] seconds")
 
 
 class ApiError(Exception):
@@ -193,14 +176,20 @@ class Gateway:
     conversation records), and the per-key request windows."""
 
     def __init__(
-        self, runtime: Any, limits: DoorLimits | None = None, jwt: JwtSettings | None = None
+        self,
+        runtime: Any,
+        limits: DoorLimits | None = None,
+        jwt: JwtSettings | None = None,
+        rates: Rates | None = None,
     ) -> None:
         self.runtime = runtime
         self.limits = limits or DoorLimits()
         self.jwt = jwt
         self._store: HistoryStore | None = None
         self._opening = asyncio.Lock()
-        self._rate = RequestRate(self.limits.requests_per_minute)
+        #: Where the per-key rate is counted: the cluster's (the Serve deployment passes
+        #: :class:`~.rates.ClusterRates`), else this process's own windows.
+        self.rates = rates or LocalRates(self.limits.requests_per_minute, self.limits.rate_window_s)
         self._failures = RequestRate(self.limits.audit_failures_per_minute)
         self._unaudited = 0  # failures past that rate since the last one written
         self._sweeper: asyncio.Task[None] | None = None
@@ -281,7 +270,7 @@ class Gateway:
                 self._unaudited += 1
             raise ApiError(401, str(exc), code="invalid_api_key") from exc
         await self._audit_success(principal, scheme)
-        self._count(principal)
+        await self._count(principal)
         return principal
 
     async def audit(self, **fields: Any) -> None:
@@ -306,13 +295,15 @@ class Gateway:
             detail={"scheme": scheme, "admin": principal.admin},
         )
 
-    def _count(self, principal: Principal) -> None:
-        """The per-key request rate (429 with ``Retry-After``)."""
-        wait = self._rate.admit(principal.key_id or f"user:{principal.user}")
+    async def _count(self, principal: Principal) -> None:
+        """The per-key request rate, cluster-wide (429 with ``Retry-After``)."""
+        wait = await self.rates.admit(principal.key_id or f"user:{principal.user}")
         if wait is not None:
+            window = self.limits.rate_window_s
+            per = "minute" if window == 60 else f"{window:g} seconds"
             raise ApiError(
                 429,
-                f"Rate limit reached: {self.limits.requests_per_minute} requests per minute "
+                f"Rate limit reached: {self.limits.requests_per_minute} requests per {per} "
                 "per API key.",
                 type_="requests",
                 code="rate_limit_exceeded",
@@ -643,6 +634,8 @@ async def _overstory_error(request: Request, exc: OverstoryError) -> Response:
         ).response()
     if isinstance(exc, UsageError):
         return ApiError(400, str(exc)).response()
+    if store_failed(exc):
+        metrics().store_error("door")
     return ApiError(503, f"{type(exc).__name__}: {exc}", type_="server_error").response()
 
 

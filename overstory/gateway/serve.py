@@ -18,6 +18,7 @@ from ray import serve
 from .._ray import serve_haproxy_ingress, serve_listening
 from ..exceptions import ConfigError
 from .app import DoorLimits, Gateway, app, install
+from .rates import ClusterRates
 from .tokens import JwtSettings
 
 __all__ = ["GATEWAY_APP", "GatewayDeployment", "Tls", "autoscaling_config", "serve_http"]
@@ -50,7 +51,9 @@ class GatewayDeployment:
         # calls are made here too, under leases, as a host makes its conversations'.
         call_vendors_here()
         runtime = connect(namespace=namespace, store=store)
-        install(Gateway(runtime, DoorLimits(**(limits or {})), jwt))
+        door = DoorLimits(**(limits or {}))
+        rates = ClusterRates(namespace, door.requests_per_minute, door.rate_window_s)
+        install(Gateway(runtime, door, jwt, rates))
 
 
 #: What an autoscaled door aims at per replica when not told: open requests (an open

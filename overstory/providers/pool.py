@@ -33,6 +33,7 @@ import ray
 from opentelemetry import trace
 from ray.exceptions import RayActorError, RayTaskError
 
+from ..batching import TurnBatch
 from ..exceptions import ConversationUnavailable, ModelError
 from ..messages import ModelResponse
 from ..telemetry import (
@@ -380,40 +381,19 @@ class _ActorGate:
 
     def __init__(self, model: RemoteModel) -> None:
         self.model = model
-        self._admits: list[tuple[str, int, asyncio.Future[ModelError | None]]] = []
+        self._admits: TurnBatch[tuple[str, int], ModelError | None] = TurnBatch(self._send)
         self._notes: list[Note] = []
-        self._sending: set[asyncio.Task[None]] = set()  # held: the loop keeps weak refs
 
     async def admit(self, call: str, tokens: int) -> ModelError | None:
-        loop = asyncio.get_running_loop()
-        if not self._admits:
-            loop.call_soon(self._start_sending)
-        answer: asyncio.Future[ModelError | None] = loop.create_future()
-        self._admits.append((call, tokens, answer))
-        return await answer
+        return await self._admits.ask((call, tokens))
 
-    def _start_sending(self) -> None:
-        task = asyncio.get_running_loop().create_task(self._send_admits())
-        self._sending.add(task)
-        task.add_done_callback(self._sending.discard)
-
-    async def _send_admits(self) -> None:
-        asked, self._admits = self._admits, []
-        asked = [a for a in asked if not a[2].done()]  # cancelled meanwhile: judged, not asked
-        if not asked:
-            return
+    async def _send(self, asked: list[tuple[str, int]]) -> list[ModelError | None]:
         try:
             handle = await self.model.handle()
-            answers = await handle.admit_many.remote([(call, tokens) for call, tokens, _ in asked])
-        except Exception as exc:  # every caller waiting here gets an answer
-            failure = self._failure(exc)
-            for *_, answer in asked:
-                if not answer.done():
-                    answer.set_exception(failure)
-            return
-        for (*_, answer), refused in zip(asked, answers, strict=True):
-            if not answer.done():
-                answer.set_result(refused)
+            answers: list[ModelError | None] = await handle.admit_many.remote(asked)
+        except Exception as exc:  # every caller waiting on this batch gets it
+            raise self._failure(exc) from None
+        return answers
 
     def _failure(self, exc: Exception) -> ModelError:
         if isinstance(exc, ModelError):

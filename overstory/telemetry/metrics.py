@@ -122,6 +122,30 @@ METRICS: dict[str, MetricSpec] = {
         "Background jobs due at the runner's last look (at most 200 counted).",
         (),
     ),
+    "jobs_oldest_due": MetricSpec(
+        "overstory_jobs_oldest_due_seconds",
+        "gauge",
+        "Seconds the oldest due background job has waited, at the runner's last look.",
+        (),
+    ),
+    "quota_refusals": MetricSpec(
+        "overstory_quota_refusals_total",
+        "counter",
+        "Turns or model calls a user's quota refused, by the limit that refused.",
+        ("limit",),
+    ),
+    "store_errors": MetricSpec(
+        "overstory_store_errors_total",
+        "counter",
+        "Store failures that reached a turn or a request, by where (turn, door, jobs).",
+        ("where",),
+    ),
+    "quarantines": MetricSpec(
+        "overstory_quarantines_total",
+        "counter",
+        "Conversations quarantined for crashing past their restart intensity.",
+        (),
+    ),
     "restarts": MetricSpec(
         "overstory_restarts_total",
         "counter",
@@ -257,6 +281,23 @@ class Metrics:
 
     def jobs_due(self, n: int) -> None:
         self._set("jobs_due", n, {})
+
+    def jobs_oldest_due(self, seconds: float) -> None:
+        self._set("jobs_oldest_due", max(0.0, seconds), {})
+
+    # --- refusals and failures -----------------------------------------------------------
+
+    def quota_refusal(self, limit: str) -> None:
+        """A user's quota refused a turn or a call: ``limit`` names which one."""
+        self._inc("quota_refusals", 1, {"limit": _tag(limit)})
+
+    def store_error(self, where: Literal["turn", "door", "jobs"]) -> None:
+        """A store failure reached a turn, a request at the door, or the job runner."""
+        self._inc("store_errors", 1, {"where": where})
+
+    def quarantine(self) -> None:
+        """A conversation crashed past its restart intensity and is refused for now."""
+        self._inc("quarantines", 1, {})
 
     # --- lifecycle ---------------------------------------------------------------------
 
