@@ -250,7 +250,8 @@ def test_every_ray_container_gets_the_secrets_and_only_known_variables() -> None
 
 
 def test_the_app_named_is_in_the_image() -> None:
-    module = head_container(cluster_specs()[0])["env"][0]["value"].split(":")[0]
+    env = {e["name"]: e["value"] for e in head_container(cluster_specs()[0])["env"]}
+    module = env[APP_ENV].split(":")[0]
     assert re.search(r"^COPY .* examples/apps /home/ray/overstory/app$", dockerfile(), re.M)
     assert (ROOT / "examples" / "apps" / f"{module}.py").is_file()
 
