@@ -173,6 +173,11 @@ def test_kuberay_objects_pass_the_crd_schemas(kind: str) -> None:
     (doc,) = by_kind(kind)
     assert doc["apiVersion"] == "ray.io/v1"
     assert kuberay_errors(doc) == []
+    # the CRD schema leaves metadata to the API server: check it as any object's
+    carrier = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": doc["metadata"]}
+    assert core_errors(carrier, KUBERNETES_VERSIONS[0]) == []
+    carrier["metadata"] = {**doc["metadata"], "label": {}}  # misspelt: refused
+    assert core_errors(carrier, KUBERNETES_VERSIONS[0])
 
 
 @pytest.mark.parametrize(
