@@ -300,7 +300,7 @@ def _parse(name: str, number: int, line: bytes) -> Any:
 
 def _check_header(name: str, header: Any) -> dict[str, Any]:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise BackupInvalid(f"{name!r} is not an overstory backup (no {FORMAT!r} header)")
+        raise BackupInvalid(f"backup {name!r} is not an overstory backup (no {FORMAT!r} header)")
     version = header.get("version")
     if version != VERSION:
         raise BackupInvalid(
@@ -453,7 +453,7 @@ async def restore_backup(
     return Restored(manifest, counts, status)
 
 
-def counts_line(counts: Mapping[str, int]) -> str:
+def counts_line(counts: Mapping[RecordKind, int]) -> str:
     """``12 settings, 40 messages, 3 vault documents, 2 conversation epochs``."""
     names = {
         "setting": "settings",
