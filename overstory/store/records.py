@@ -20,8 +20,8 @@ a reader can check that a file's records are sorted and unique.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Literal, cast
 
 from ..exceptions import BackupInvalid
 from .settings import owner_of
@@ -72,7 +72,7 @@ def _moment(value: object) -> bool:
     return value is None or _number(value)
 
 
-_Check = Any  # a predicate of one field's value
+_Check = Callable[[object], bool]  # a predicate of one field's value
 
 #: Each kind's fields, in order, and what each must be.
 FIELDS: Mapping[RecordKind, Mapping[str, _Check]] = {
@@ -117,7 +117,7 @@ def check_record(kind: object, record: object, where: str) -> tuple[RecordKind, 
     :class:`BackupInvalid` naming ``where`` (a file and line) and the problem."""
     if kind not in FIELDS:
         raise BackupInvalid(f"{where}: unknown record kind {kind!r:.60}")
-    fields = FIELDS[kind]  # type: ignore[index]
+    fields = FIELDS[cast(RecordKind, kind)]
     if not isinstance(record, dict):
         raise BackupInvalid(f"{where}: a {kind} record must be a JSON object")
     if set(record) != set(fields):
@@ -137,7 +137,7 @@ def check_record(kind: object, record: object, where: str) -> tuple[RecordKind, 
             f"{where}: setting {record['key']!r:.120} is not declared by this overstory "
             "(a backup made by a newer version? restore it with that version)"
         )
-    return kind, record  # type: ignore[return-value]
+    return cast(RecordKind, kind), record
 
 
 class StoreSnapshot(ABC):
