@@ -9,6 +9,8 @@ both sides subclass the stdlib exceptions users already catch::
     │   ├── StoreURLError                   a store URL overstory cannot parse or does not support
     │   ├── VaultError                      a DataVault call with a bad collection, key, document or filter
     │   ├── DataKeyError                    a data key missing, malformed or wrong; a sealed record altered or moved
+    │   ├── BackupInvalid                   a backup file truncated, corrupted, tampered or of another format version
+    │   ├── StoreNotEmpty                   a restore into a store that already holds records (names them)
     │   ├── InvalidUserId                   empty, too long, or control characters
     │   ├── InvalidMessage                  empty, oversized, or not text
     │   ├── ToolDefinitionError             a tool function that cannot be described to a model
@@ -52,6 +54,7 @@ from typing import Literal
 __all__ = [
     "AllModelsFailed",
     "AuthenticationFailed",
+    "BackupInvalid",
     "ClusterAuthRefused",
     "ClusterUnavailable",
     "ConfigError",
@@ -73,6 +76,7 @@ __all__ = [
     "SequenceConflict",
     "StaleShardTable",
     "StoreError",
+    "StoreNotEmpty",
     "StoreURLError",
     "StoreUnavailable",
     "ToolDefinitionError",
@@ -107,6 +111,17 @@ class ConfigError(UsageError):
 class DataKeyError(ConfigError):
     """A data key (encryption at rest) is missing, malformed or wrong, or a sealed
     message does not open with it (altered, or moved to another conversation or seq)."""
+
+
+class BackupInvalid(UsageError):
+    """A backup file that cannot be restored: missing, truncated, corrupted, altered after
+    it was written (its checksum), or of a format version this overstory does not read.
+    The message names the file and what is wrong; nothing was written."""
+
+
+class StoreNotEmpty(UsageError):
+    """A restore into a store that already holds records (the message says which): a
+    restore writes only into an empty store, never over another deployment's state."""
 
 
 class VaultError(UsageError):

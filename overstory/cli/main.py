@@ -1,5 +1,6 @@
 """The ``overstory`` command: ``demo`` and ``chat``; ``serve``, ``status``, ``health``,
-``rebalance``; ``rollout``, ``promote``, ``rollback``; ``migrate``; ``keys``."""
+``rebalance``; ``rollout``, ``promote``, ``rollback``; ``migrate``; ``keys``; ``backup``
+and ``restore`` (:mod:`.backup`)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from ..runtime import ops
 from ..runtime.client import Runtime, connect
 from ..store import run_on_store
 from ..telemetry.logs import setup_logging
-from . import deploy
+from . import backup, deploy
 from .demo import demo_agent, run_demo
 
 __all__ = ["APP_ENV", "main"]
@@ -454,6 +455,7 @@ def _add_ops_commands(sub: Any) -> None:
     migrate.add_argument("--config", type=Path, help="TOML config file (its store)")
     migrate.add_argument("--dry-run", action="store_true", help="report, copy nothing")
     migrate.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    backup.add_commands(sub)
     keys = sub.add_parser(
         "keys",
         help="API keys of the HTTP front door (create, list, revoke) and the data keys of "
@@ -1006,6 +1008,10 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _backup(args: argparse.Namespace) -> int:
+    return backup.backup(args, _store_config(args).store)
+
+
 _OPS = {
     "serve": _serve,
     "status": _status,
@@ -1015,6 +1021,8 @@ _OPS = {
     "promote": _split_command,
     "rollback": _split_command,
     "migrate": _migrate,
+    "backup": _backup,
+    "restore": backup.restore,
     "keys": _keys,
     "quota": _quota,
     "audit": _audit,

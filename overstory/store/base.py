@@ -16,17 +16,25 @@ higher epoch; an append that carries an older epoch raises
 :class:`~overstory.exceptions.Fenced` and stores nothing. The check and the insert are
 one atomic step (a SQLite transaction; a MongoDB transaction that also writes the
 conversation's epoch document, so a concurrent takeover conflicts with it).
+
+Backup and restore (:mod:`.backup`) read a store whole through :meth:`HistoryStore.snapshot`
+and write one through :meth:`HistoryStore.import_records`, records as stored
+(:mod:`.records`): written once here over three per-store primitives (the snapshot,
+:meth:`HistoryStore.census` and :meth:`HistoryStore._insert_records`).
 """
 
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from ..exceptions import DataKeyError
+from ..exceptions import DataKeyError, StoreNotEmpty
 from ..messages import Message, from_record, to_record
 from .crypto import DataKeys, is_sealed, key_id_of, register_resealer, verify_checks
+from .records import KINDS, Record, RecordKind, StoreSnapshot
 from .settings import DATA_KEYS, Backoff, SettingContended, check_key, update
 
 __all__ = ["HistoryStore"]
@@ -42,6 +50,10 @@ class HistoryStore(ABC):
     """
 
     data_keys: DataKeys | None = None
+    #: ``False`` for a store opened *raw* (``open_store(url, raw=True)``: backup and
+    #: restore): its data keys are neither checked nor recorded at open, so opening
+    #: writes nothing; it copies records as stored and never opens a sealed one.
+    verify_keys: bool = True
 
     # --- encryption at rest: what both stores call ---------------------------------------
 
@@ -68,6 +80,9 @@ class HistoryStore(ABC):
     async def _verify_data_keys(self) -> None:
         """At open: the configured keys against the store's check values (a missing or
         wrong key fails here, naming its id, not on some later read)."""
+
+        if not self.verify_keys:
+            return
 
         def checked(stored: str | None) -> str | None:
             checks = verify_checks(self.data_keys, stored, self.url)
@@ -227,6 +242,62 @@ class HistoryStore(ABC):
     @abstractmethod
     async def vault_collections(self, agent: str, owner: str | None) -> list[tuple[str, str, int]]:
         """``(owner, collection, unexpired documents)`` of ``agent`` (one owner's, or all)."""
+
+    # --- backup and restore: every record, as stored (.records) ---------------------------
+
+    @abstractmethod
+    def snapshot(self) -> AbstractAsyncContextManager[StoreSnapshot]:
+        """A consistent read of the whole store while it serves (how consistent:
+        :attr:`StoreSnapshot.consistency`); held open until the context ends."""
+
+    @abstractmethod
+    async def census(self) -> dict[RecordKind, int]:
+        """How many records of each kind the store holds."""
+
+    @abstractmethod
+    async def _insert_records(self, kind: RecordKind, records: Sequence[Record]) -> None:
+        """Insert ``records`` of ``kind`` as they are (no sealing, no compare-and-set),
+        durably; a record whose key is taken fails the call (``StoreError``)."""
+
+    async def require_empty(self) -> None:
+        """:class:`~overstory.exceptions.StoreNotEmpty`, naming what it holds, unless the
+        store holds no record of any kind."""
+        held = {kind: n for kind, n in (await self.census()).items() if n}
+        if not held:
+            return
+        what = ", ".join(f"{n} {kind} record(s)" for kind, n in held.items())
+        sample = ""
+        if held.get("setting"):
+            keys = [key for key, _ in await self.settings("", limit=3)]
+            sample = f" (settings such as {', '.join(map(repr, keys))})"
+        raise StoreNotEmpty(
+            f"store {self.url} is not empty: it holds {what}{sample}. A restore writes only "
+            "into an empty store: name a new database or file"
+        )
+
+    async def import_records(
+        self, records: AsyncIterable[tuple[RecordKind, Record]], *, batch: int = 500
+    ) -> dict[RecordKind, int]:
+        """Write ``records`` (checked already: :func:`~.records.check_record`) into this
+        store, which must be empty (else :class:`~overstory.exceptions.StoreNotEmpty`
+        and nothing is written), ``batch`` at a time. Returns the counts per kind. A
+        failure part-way leaves the records written so far: discard the store."""
+        await self.require_empty()
+        counts: dict[RecordKind, int] = dict.fromkeys(KINDS, 0)
+        pending: list[Record] = []
+        pending_kind: RecordKind | None = None
+        async for kind, record in records:
+            if pending and (kind != pending_kind or len(pending) >= batch):
+                assert pending_kind is not None
+                await self._insert_records(pending_kind, pending)
+                pending = []
+            pending_kind = kind
+            pending.append(record)
+            counts[kind] += 1
+        if pending:
+            assert pending_kind is not None
+            await self._insert_records(pending_kind, pending)
+        return counts
 
     @abstractmethod
     async def close(self) -> None:

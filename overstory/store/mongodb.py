@@ -18,16 +18,19 @@ says which one you have.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument, WriteConcern
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from ..exceptions import Fenced, SequenceConflict, StoreError, StoreUnavailable
 from ..messages import Message
 from .base import HistoryStore
+from .records import Consistency, Record, RecordKind, StoreSnapshot
 from .url import redact_url
 
 __all__ = ["MongoStore"]
@@ -39,6 +42,92 @@ def _epoch(moment: datetime) -> float:
 
 
 DEFAULT_DATABASE = "overstory"
+
+#: Each record kind's collection and sort order (the order of .records).
+_COLLECTIONS: dict[RecordKind, tuple[str, list[tuple[str, int]]]] = {
+    "setting": ("settings", [("_id", ASCENDING)]),
+    "message": ("messages", [("conversation_id", ASCENDING), ("seq", ASCENDING)]),
+    "vault": (
+        "vault",
+        [("agent", ASCENDING), ("owner", ASCENDING), ("collection", ASCENDING), ("key", ASCENDING)],
+    ),
+    "conversation": ("conversations", [("_id", ASCENDING)]),
+}
+
+
+def _record(kind: RecordKind, d: dict[str, Any]) -> Record:
+    """A stored document in the shape of :mod:`.records`."""
+    if kind == "setting":
+        return {"key": str(d["_id"]), "value": str(d["value"])}
+    if kind == "message":
+        return {
+            "conversation_id": str(d["conversation_id"]),
+            "seq": int(d["seq"]),
+            "turn_id": str(d["turn_id"]),
+            "kind": str(d["kind"]),
+            "created_at": float(d["created_at"]),
+            "body": str(d["body"]),
+            "hidden": bool(d.get("hidden", False)),
+        }
+    if kind == "vault":
+        expires = d.get("expires_at")
+        return {
+            "agent": str(d["agent"]),
+            "owner": str(d["owner"]),
+            "collection": str(d["collection"]),
+            "key": str(d["key"]),
+            "document": str(d["document"]),
+            "expires_at": None if expires is None else _epoch(expires),
+        }
+    return {"conversation_id": str(d["_id"]), "epoch": int(d["epoch"])}
+
+
+def _document(kind: RecordKind, record: Record) -> dict[str, Any]:
+    """A record of :mod:`.records` as the document this store keeps for it."""
+    if kind == "setting":
+        return {"_id": record["key"], "value": record["value"]}
+    if kind == "message":
+        doc = {k: v for k, v in record.items() if k != "hidden"}
+        return {**doc, "hidden": True} if record["hidden"] else doc  # as append/hide write it
+    if kind == "vault":
+        expires = record["expires_at"]
+        return {
+            **record,
+            "expires_at": None if expires is None else datetime.fromtimestamp(expires, UTC),
+        }
+    return {"_id": record["conversation_id"], "epoch": record["epoch"]}
+
+
+class _Snapshot(StoreSnapshot):
+    """The store read through one snapshot session when the server offers one (a replica
+    set: every read at one cluster time), plain reads otherwise; either way each
+    conversation's messages are read up to a bound taken first (see :meth:`records`)."""
+
+    def __init__(self, store: MongoStore, session: Any, consistency: Consistency) -> None:
+        self._store, self._session, self.consistency = store, session, consistency
+
+    async def _bounds(self) -> dict[str, int]:
+        """Each conversation's highest seq, now (after the settings were read)."""
+        pipeline = [{"$group": {"_id": "$conversation_id", "last": {"$max": "$seq"}}}]
+        cursor = await self._store._messages.aggregate(pipeline, session=self._session)
+        return {str(d["_id"]): int(d["last"]) async for d in cursor}
+
+    async def records(self, kind: RecordKind) -> AsyncIterator[Record]:
+        name, order = _COLLECTIONS[kind]
+        try:
+            # A conversation's messages are appended one at a time in seq order (each
+            # durable before the next is written) and never deleted: all those up to the
+            # highest seq seen at one instant exist, and reading up to it gives the
+            # prefix the conversation had then, whatever is appended meanwhile.
+            bounds = await self._bounds() if kind == "message" else {}
+            cursor = self._store._collection(name).find({}, session=self._session).sort(order)
+            async for d in cursor:
+                record = _record(kind, d)
+                if kind == "message" and record["seq"] > bounds.get(record["conversation_id"], -1):
+                    continue  # appended after the bounds were taken
+                yield record
+        except PyMongoError as exc:
+            raise StoreError(f"cannot read {name} from {self._store.url}: {exc}") from exc
 
 
 class MongoStore(HistoryStore):
@@ -455,6 +544,41 @@ class MongoStore(HistoryStore):
         except PyMongoError as exc:
             raise StoreError(f"cannot list conversations in {self.url}: {exc}") from exc
         return sorted(str(i) for i in ids)
+
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[StoreSnapshot]:
+        if self._client is None:
+            raise StoreError(f"store {self.url} is not open; call open() first")
+        if not self.atomic_fencing:  # a standalone server has no snapshot reads
+            yield _Snapshot(self, None, "per-conversation")
+            return
+        async with self._client.start_session(snapshot=True) as session:
+            chosen: tuple[Any, Consistency] = (session, "snapshot-session")
+            try:  # the first read fixes the session's cluster time
+                await self._settings.find_one({}, session=session)
+            except OperationFailure:  # a server too old for snapshot reads outside a transaction
+                chosen = (None, "per-conversation")
+            except PyMongoError as exc:
+                raise StoreError(f"cannot start a snapshot read of {self.url}: {exc}") from exc
+            yield _Snapshot(self, *chosen)
+
+    async def census(self) -> dict[RecordKind, int]:
+        try:
+            return {
+                kind: int(await self._collection(name).count_documents({}))
+                for kind, (name, _) in _COLLECTIONS.items()
+            }
+        except PyMongoError as exc:
+            raise StoreError(f"cannot count records in {self.url}: {exc}") from exc
+
+    async def _insert_records(self, kind: RecordKind, records: Sequence[Record]) -> None:
+        name, _ = _COLLECTIONS[kind]
+        try:
+            await self._collection(name).insert_many([_document(kind, r) for r in records])
+        except PyMongoError as exc:
+            raise StoreError(
+                f"cannot restore {kind} records into {self.url}: {str(exc)[:300]}"
+            ) from exc
 
     async def close(self) -> None:
         client, self._client = self._client, None

@@ -27,12 +27,13 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 from ..exceptions import Fenced, SequenceConflict, StoreError, StoreUnavailable
 from ..messages import Message
 from .base import HistoryStore
+from .records import Consistency, Record, RecordKind, StoreSnapshot
 
 __all__ = ["SQLiteStore"]
 
@@ -69,6 +70,55 @@ CREATE TABLE IF NOT EXISTS vault (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS vault_expiry ON vault (expires_at) WHERE expires_at IS NOT NULL;
 """
+
+
+#: Each record kind's table and columns (in the shape of .records), in read order.
+_TABLES: dict[RecordKind, tuple[str, tuple[str, ...], str]] = {
+    "setting": ("settings", ("key", "value"), "key"),
+    "message": (
+        "messages",
+        ("conversation_id", "seq", "turn_id", "kind", "created_at", "body", "hidden"),
+        "conversation_id, seq",
+    ),
+    "vault": (
+        "vault",
+        ("agent", "owner", "collection", "key", "document", "expires_at"),
+        "agent, owner, collection, key",
+    ),
+    "conversation": ("conversations", ("conversation_id", "epoch"), "conversation_id"),
+}
+
+
+def _record(kind: RecordKind, columns: tuple[str, ...], row: tuple[Any, ...]) -> Record:
+    record = dict(zip(columns, row, strict=True))
+    if kind == "message":
+        record["created_at"], record["hidden"] = float(record["created_at"]), bool(record["hidden"])
+    elif kind == "vault" and record["expires_at"] is not None:
+        record["expires_at"] = float(record["expires_at"])
+    return record
+
+
+class _Snapshot(StoreSnapshot):
+    """One read transaction on a connection of its own: in WAL mode it sees the file as
+    it was at its first read, whatever is committed meanwhile, and blocks no writer."""
+
+    consistency: Consistency = "transaction"
+
+    def __init__(self, conn: sqlite3.Connection, url: str, page: int = 500) -> None:
+        self._conn, self._url, self._page = conn, url, page
+
+    async def records(self, kind: RecordKind) -> AsyncIterator[Record]:
+        table, columns, order = _TABLES[kind]
+        try:
+            cursor = self._conn.execute(
+                f"SELECT {', '.join(columns)} FROM {table} ORDER BY {order}"
+            )
+            while rows := cursor.fetchmany(self._page):
+                for row in rows:
+                    yield _record(kind, columns, row)
+                await asyncio.sleep(0)  # one page at a time: the loop's other work goes on
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read {table} from {self._url}: {exc}") from exc
 
 
 _Write = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
@@ -576,6 +626,51 @@ class SQLiteStore(HistoryStore):
             return await self._run(select)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot list conversations in {self.url}: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[StoreSnapshot]:
+        if self._conn is None:
+            raise StoreError(f"store {self.url} is not open; call open() first")
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+            conn.execute("BEGIN")
+            conn.execute("SELECT COUNT(*) FROM settings").fetchone()  # the snapshot starts
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot start a read transaction on {self.url}: {exc}") from exc
+        try:
+            yield _Snapshot(conn, self.url)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            conn.close()
+
+    async def census(self) -> dict[RecordKind, int]:
+        def select(conn: sqlite3.Connection) -> dict[RecordKind, int]:
+            return {
+                kind: int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+                for kind, (table, _, _) in _TABLES.items()
+            }
+
+        try:
+            return await self._run(select)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot count records in {self.url}: {exc}") from exc
+
+    async def _insert_records(self, kind: RecordKind, records: Sequence[Record]) -> None:
+        table, columns, _ = _TABLES[kind]
+        rows = [tuple(record[c] for c in columns) for record in records]
+        statement = (
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        )
+
+        def insert(conn: sqlite3.Connection) -> None:
+            try:
+                conn.executemany(statement, rows)
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot restore {kind} records into {self.url}: {exc}") from exc
+
+        await self._write(insert)
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
