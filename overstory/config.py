@@ -108,12 +108,27 @@ class HostedSettings(_Group):
 
     hosts_per_node: int | None = pydantic.Field(default=None, ge=1, le=256)
     """Host actors per node (``None``: the node's CPU count), counted over the nodes
-    alive when the namespace first boots and at each ``rebalance``."""
+    alive when the namespace first boots, at each ``rebalance``, and when the
+    membership changes (``auto_rebalance``)."""
     shards: int = pydantic.Field(default=1024, ge=1, le=1_000_000)
     """Shards conversation ids hash to (fixed for a namespace)."""
     max_live_per_host: int = pydantic.Field(default=25_000, ge=1)
     """Live conversations per host; the least recently used idle ones are passivated
     beyond it, so memory stays bounded however many users there are."""
+    auto_rebalance: bool = True
+    """Follow the cluster's membership: when nodes join or leave (the Ray autoscaler,
+    or ``ray start``/``ray stop``), add or retire hosts as ``overstory rebalance``
+    would, once the new count has held for ``rebalance_settle_s``."""
+    rebalance_poll_s: float = pydantic.Field(default=5.0, gt=0, le=3600)
+    """How often the host supervisor looks at the alive nodes."""
+    rebalance_settle_s: float = pydantic.Field(default=30.0, ge=0)
+    """How long a new host count must hold before the hosts follow it (a node that
+    flaps never settles, so nothing moves)."""
+    rebalance_cooldown_s: float = pydantic.Field(default=120.0, ge=0)
+    """The least time between two automatic resizes."""
+    retire_grace_s: float = pydantic.Field(default=30.0, ge=0)
+    """How long a retired host may finish the turns it runs before it is stopped (a
+    turn cut short resumes on the new host from the store)."""
 
 
 class DedicatedSettings(_Group):

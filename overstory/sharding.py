@@ -31,6 +31,7 @@ from .store.settings import SHARD_TABLE
 __all__ = [
     "DEFAULT_SHARDS",
     "HOST_PREFIX",
+    "MembershipDamper",
     "ShardTable",
     "host_name",
     "shard_of",
@@ -81,9 +82,10 @@ class ShardTable:
             raise ConfigError(f"the number of hosts must be an int >= 1, got {hosts!r}")
         return cls(version, shards, tuple(host_name(i) for i in range(hosts)))
 
-    def grown(self, hosts: int) -> ShardTable:
-        """This table with ``hosts`` hosts (the first ones keep their names), one version
-        later. Shards move to ``shard % hosts``; their state stays in the store."""
+    def resized(self, hosts: int) -> ShardTable:
+        """This table with ``hosts`` hosts, more or fewer (the first ones keep their
+        names; a smaller table retires the last ones), one version later. Shards move to
+        ``shard % hosts``; their state stays in the store."""
         return ShardTable.build(hosts, shards=self.shards, version=self.version + 1)
 
     def to_json(self) -> str:
@@ -111,6 +113,41 @@ class ShardTable:
     def owns(self, host: str, conversation_id: str) -> bool:
         """Whether ``host`` serves ``conversation_id`` under this table."""
         return self.host_for(conversation_id) == host
+
+
+class MembershipDamper:
+    """When the hosts should follow the cluster's membership, with hysteresis.
+
+    :meth:`observe` is given the host count the cluster holds now (from the alive
+    nodes) at each look. Its first look is the baseline. A different count is acted on
+    only once it has held for ``settle_s`` (a node that flaps never settles, so nothing
+    moves), and never sooner than ``cooldown_s`` after the last resize; then
+    :meth:`observe` returns it, once. A count that goes back to the settled one before
+    it settles is forgotten. Manual resizes are not undone: only a change of membership
+    moves the hosts.
+    """
+
+    def __init__(self, settle_s: float, cooldown_s: float) -> None:
+        if settle_s < 0 or cooldown_s < 0:
+            raise ConfigError("settle_s and cooldown_s must be >= 0")
+        self.settle_s, self.cooldown_s = settle_s, cooldown_s
+        self.settled: int | None = None
+        self.pending: int | None = None
+        self._since = 0.0
+        self._resized_at = float("-inf")
+
+    def observe(self, hosts: int, now: float) -> int | None:
+        """The count to resize to now, or None."""
+        if self.settled is None or hosts == self.settled:
+            self.settled = hosts if self.settled is None else self.settled
+            self.pending = None
+            return None
+        if hosts != self.pending:
+            self.pending, self._since = hosts, now
+        if now - self._since < self.settle_s or now - self._resized_at < self.cooldown_s:
+            return None
+        self.settled, self.pending, self._resized_at = hosts, None, now
+        return hosts
 
 
 def table_key(namespace: str) -> str:

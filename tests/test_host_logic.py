@@ -91,7 +91,7 @@ def test_a_grown_table_makes_the_host_shed_what_moved(sqlite_url: str) -> None:
         users = [cid(f"u{i}") for i in range(12)]
         for user in users:
             await host.send(v, user, TurnRequest("t", "hello"))
-        bigger = host.table.grown(2)
+        bigger = host.table.resized(2)
         await host.services.store.put_setting(table_key("ns"), bigger.to_json(), expected=None)
         version = await host.adopt_table()
         kept = host.live()

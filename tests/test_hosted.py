@@ -371,7 +371,6 @@ def test_growing_a_running_tree_moves_shards_and_loses_nothing(
         assert rt.status()["live_conversations"] == 30  # the old host shed what moved
         # A client that still routes by the old table is told the new one and follows.
         assert stale_conv.send("from an old client").text == "echo #3: from an old client"
-        assert rt.rebalance(hosts=1)["hosts"] == table["hosts"]  # never shrinks
 
         # The table is in the store: a restarted host supervisor serves both hosts again.
         root = ray.get_actor(ROOT, namespace=namespace)
@@ -387,8 +386,25 @@ def test_growing_a_running_tree_moves_shards_and_loses_nothing(
                 "before",
                 "after",
             ]
+
+        # Shrinking retires the last host for good; the first takes its shards.
+        small = rt.rebalance(hosts=1)
+        assert (small["version"], small["hosts"]) == (3, table["hosts"][:1])
+        for user in users:
+            assert rt.conversation(user).send("smaller").text.endswith(": smaller")
+        assert stale_conv.send("old client again").text.endswith(": old client again")
+        assert ray.get(supervisor.status.remote())["children"] == small["hosts"]
+
+        def retired_gone() -> bool:
+            try:
+                ray.get_actor(table["hosts"][1], namespace=namespace)
+            except ValueError:
+                return True
+            return False
+
+        wait_for_condition(retired_gone, timeout=30)  # stopped, not restarted
         turns = [m.turn_id for u in users for m in rt.stored_history(u) if m.kind == "user"]
-        assert len(turns) == len(set(turns)) == 61  # every turn stored once
+        assert len(turns) == len(set(turns)) == 92  # every turn stored once
     finally:
         kill_namespace(namespace)
 

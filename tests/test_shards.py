@@ -77,8 +77,47 @@ def test_stale_table_error_carries_the_table_across_pickling() -> None:
 def test_tables_round_trip_through_the_store_format_and_bad_ones_are_refused() -> None:
     table = ShardTable.build(3, shards=64, version=4)
     assert ShardTable.from_json(table.to_json()) == table
-    grown = table.grown(5)
+    grown = table.resized(5)
     assert (grown.version, grown.shards, grown.hosts[:3]) == (5, 64, table.hosts)
     for raw in ("{", '{"version": 1}', '{"version": 1, "shards": 4, "hosts": ["x"]}'):
         with pytest.raises(ConfigError, match="stored shard table"):
             ShardTable.from_json(raw)
+
+
+def test_a_smaller_table_retires_the_last_hosts_and_their_shards_go_to_the_rest() -> None:
+    table = ShardTable.build(4, shards=64, version=2)
+    smaller = table.resized(2)
+    assert (smaller.version, smaller.hosts) == (3, table.hosts[:2])
+    moved = [f"c{i}" for i in range(200) if table.host_for(f"c{i}") in table.hosts[2:]]
+    assert moved  # some conversations lived on the retired hosts...
+    assert {smaller.host_for(c) for c in moved} <= set(smaller.hosts)  # ...and have a home
+
+
+def test_the_hosts_follow_membership_only_once_a_change_settles() -> None:
+    from overstory.sharding import MembershipDamper
+
+    damper = MembershipDamper(settle_s=30, cooldown_s=120)
+    assert damper.observe(2, now=0) is None  # the baseline
+    assert damper.observe(3, now=10) is None  # a node joined: not settled yet
+    assert damper.observe(3, now=39) is None
+    assert damper.observe(3, now=40) == 3  # held for 30 s: resize, once
+    assert damper.observe(3, now=41) is None
+    # A flapping node: the count never holds for 30 s, nothing moves.
+    flaps = [damper.observe(4 if i % 2 else 3, now=200 + 20 * i) for i in range(10)]
+    assert flaps == [None] * 10
+    # A node left for good, but within the cooldown of the last resize: it waits.
+    damper = MembershipDamper(settle_s=5, cooldown_s=120)
+    damper.observe(2, now=0)
+    assert damper.observe(1, now=1) is None
+    assert damper.observe(1, now=6) == 1
+    assert damper.observe(2, now=10) is None
+    assert damper.observe(2, now=100) is None  # settled, but 94 s after the last resize
+    assert damper.observe(2, now=126) == 2
+    # A change that reverts before settling is forgotten.
+    assert damper.observe(3, now=300) is None
+    assert damper.observe(2, now=301) is None
+    assert damper.observe(3, now=302) is None  # counts from here again
+    assert damper.observe(3, now=306) is None
+    assert damper.observe(3, now=307) == 3
+    with pytest.raises(ConfigError):
+        MembershipDamper(settle_s=-1, cooldown_s=0)

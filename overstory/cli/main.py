@@ -22,7 +22,7 @@ from ..exceptions import ConfigError, OverstoryError, RuntimeFailure, TurnFailed
 from ..jobs import JOB_STATES
 from ..messages import TurnEvent
 from ..quota import UNSET
-from ..registry.hosts import grow_hosts
+from ..registry.hosts import resize_hosts
 from ..runtime import ops
 from ..runtime.client import Runtime, connect
 from ..store import run_on_store
@@ -353,11 +353,15 @@ def _add_ops_commands(sub: Any) -> None:
     serve.add_argument("--idle-timeout", type=float, metavar="S", help="passivate after S s idle")
     rebalance = sub.add_parser(
         "rebalance",
-        help="hosted placement: grow the hosts to what the cluster holds now (online)",
+        help="hosted placement: resize the hosts to what the cluster holds now, or to N "
+        "(online; the tree also follows nodes joining and leaving by itself)",
     )
     attach_args(rebalance)
     rebalance.add_argument(
-        "--hosts", type=_positive, metavar="N", help="grow to N hosts (default: per node)"
+        "--hosts",
+        type=_positive,
+        metavar="N",
+        help="serve with N hosts, more or fewer (default: per node)",
     )
     rebalance.add_argument("--json", action="store_true", help="one JSON object on stdout")
     rollout = sub.add_parser(
@@ -704,7 +708,7 @@ def _health(args: argparse.Namespace) -> int:
 def _rebalance(args: argparse.Namespace) -> int:
     namespace = args.namespace or DEFAULT_NAMESPACE
     ops.attach_existing(args.address, namespace)
-    table = grow_hosts(namespace, args.hosts, timeout_s=120.0)
+    table = resize_hosts(namespace, args.hosts, timeout_s=120.0)
     if args.json:
         print(json.dumps(table, sort_keys=True))
     else:

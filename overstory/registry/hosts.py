@@ -4,7 +4,8 @@ The shard table lives in the store (compare-and-set, :func:`~overstory.sharding.
 :class:`HostSupervisor` writes the first one sized for the cluster as it is
 (``hosted.hosts_per_node``, or each alive node's CPU count), supervises one
 :class:`~overstory.actors.host.HostActor` per entry as a permanent child, and
-:meth:`HostSupervisor.grow` writes a bigger one online. Clients read the table once,
+:meth:`HostSupervisor.resize` writes a bigger or smaller one online (asked, or by itself
+when nodes join or leave: ``hosted.auto_rebalance``). Clients read the table once,
 cache it with the host handles, and send straight to the host: no supervisor is on the
 path of a send.
 """
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -26,10 +29,10 @@ from ..app import App
 from ..config import Config
 from ..exceptions import ConfigError, ConversationUnavailable, StaleShardTable
 from ..rollout import Deployment, read_deployment
-from ..sharding import ShardTable, stored_table, table_key
+from ..sharding import MembershipDamper, ShardTable, stored_table, table_key
 from ..store import open_store
 from ..supervisors import ChildSpec, SupervisorSpec, add_child
-from ..supervisors.core import replace_child
+from ..supervisors.core import remove_child, replace_child
 from ..supervisors.named import SUPERVISED, unwrap_task_error
 from ..supervisors.tree import HOSTS, ROOT, NamedChild, Supervisor
 from ..supervisors.watch import stop_child
@@ -39,9 +42,11 @@ __all__ = [
     "HostRouter",
     "HostSupervisor",
     "count_hosts",
-    "grow_hosts",
     "hosts_child",
+    "resize_hosts",
 ]
+
+log = logging.getLogger(__name__)
 
 _RemoteHost: Any = ray.remote(HostActor)
 
@@ -83,9 +88,10 @@ class HostSupervisor(Supervisor):
 
     The shard table lives in the store (compare-and-set), not in this actor: when this
     process (re)starts it reads the table — or, on the namespace's first boot, writes one
-    sized for the cluster as it is — and supervises one host per entry. :meth:`grow`
-    writes a bigger table, starts the new hosts and tells the old ones, which shed the
-    shards they lost; clients learn it from the first host they reach.
+    sized for the cluster as it is — and supervises one host per entry. :meth:`resize`
+    writes a bigger or smaller table, starts the new hosts or retires the last ones, and
+    tells the hosts, which shed the shards they lost; clients learn it from the first
+    host they reach. With ``hosted.auto_rebalance`` it follows the alive nodes itself.
     """
 
     def __init__(
@@ -100,6 +106,7 @@ class HostSupervisor(Supervisor):
         self.deployment: Deployment | None = None
         self._store = open_store(config.store)
         self._table_lock = asyncio.Lock()
+        self._follower: asyncio.Task[None] | None = None
 
     def _host_spec(self, name: str, table: ShardTable) -> ChildSpec:
         options = dict(HOST_OPTIONS)
@@ -132,40 +139,106 @@ class HostSupervisor(Supervisor):
                     table = await stored_table(self._store, self.namespace)  # ours or a rival's
                     assert table is not None
                 self._adopt(table)
+                if self.config.hosted.auto_rebalance and self._follower is None:
+                    self._follower = asyncio.get_running_loop().create_task(
+                        self._follow_membership()
+                    )
         return await super().ready()
 
-    async def grow(self, hosts: int | None = None) -> dict[str, Any]:
+    async def resize(self, hosts: int | None = None) -> dict[str, Any]:
         """Serve the namespace with ``hosts`` hosts (default: as many as the cluster holds
-        now, see :func:`count_hosts`); never fewer than today. Returns the table."""
+        now, see :func:`count_hosts`), more or fewer than today. Returns the table.
+
+        Growing starts the new hosts; every old host then sheds the shards it lost.
+        Shrinking retires the last hosts: the rest take their shards, the retired ones
+        shed everything, may finish their running turns for ``hosted.retire_grace_s``,
+        and are stopped for good. Either way a moved conversation re-activates from the
+        store on its new host, and its old entity is fenced (it can never write again);
+        clients learn the new table from the first host they reach."""
         await self.ready()
         async with self._table_lock:
             current: ShardTable = self.meta["shard_table"]
             want = hosts if hosts is not None else await count_hosts(self.config)
-            want = min(want, current.shards)
-            if want > len(current.hosts):
-                bigger = current.grown(want)
+            want = max(1, min(want, current.shards))
+            if want != len(current.hosts):
+                resized = current.resized(want)
                 key = table_key(self.namespace)
                 if not await self._store.put_setting(
-                    key, bigger.to_json(), expected=current.to_json()
+                    key, resized.to_json(), expected=current.to_json()
                 ):
                     raise ConversationUnavailable(
-                        f"the shard table of {self.namespace!r} changed while growing it; ask again"
+                        f"the shard table of {self.namespace!r} changed while resizing it; "
+                        "ask again"
                     )
-                self._adopt(bigger)
+                log.info(
+                    "shard table of %r: %d hosts -> %d (version %d)",
+                    self.namespace,
+                    len(current.hosts),
+                    want,
+                    resized.version,
+                )
+                self._adopt(resized)
                 async with self._lock:
                     assert self._state is not None
                     for child in self.spec.children:
                         if all(c.id != child.id for c in self._state.children):
                             self._state = add_child(self._state, child)
                             await self._start(child)
-                # The old hosts shed the shards they lost (clients learn on their own).
+                # Every host of either table reads the new one: the old shed what they
+                # lost, the kept take what they gained (clients learn on their own).
                 for name in current.hosts:
                     handle = self._handles.get(name)
                     if handle is not None:
                         with contextlib.suppress(RayActorError, RayTaskError):
                             await handle.adopt_table.remote()
+                await self._retire(current.hosts[want:])
             table: ShardTable = self.meta["shard_table"]
             return {"version": table.version, "shards": table.shards, "hosts": list(table.hosts)}
+
+    async def _retire(self, names: tuple[str, ...]) -> None:
+        """Stop hosts the table no longer names, for good: first let the turns they
+        run end (at most ``hosted.retire_grace_s``; a turn cut short resumes from the
+        store where its caller re-sends), then drain and kill them without restart."""
+        if not names:
+            return
+        deadline = time.monotonic() + self.config.hosted.retire_grace_s
+        for name in names:
+            handle = self._handles.get(name)
+            while handle is not None and time.monotonic() < deadline:
+                try:
+                    if (await handle.status.remote())["busy"] == 0:
+                        break
+                except (RayActorError, RayTaskError):
+                    break
+                await asyncio.sleep(0.2)
+        async with self._lock:
+            assert self._state is not None
+            stopping = []
+            for name in names:
+                self._stopping.add(name)
+                if any(c.id == name for c in self._state.children):
+                    self._state = remove_child(self._state, name)
+                self._watchers.pop(name, None)
+                handle = self._handles.pop(name, None)
+                self._watching.pop(name, None)
+                if handle is not None:
+                    stopping.append(stop_child(handle))
+            await asyncio.gather(*stopping)
+
+    async def _follow_membership(self) -> None:
+        """``hosted.auto_rebalance``: look at the alive nodes every
+        ``rebalance_poll_s``; when the host count they hold changes and the change
+        settles (:class:`~overstory.sharding.MembershipDamper`), resize to it."""
+        hosted = self.config.hosted
+        damper = MembershipDamper(hosted.rebalance_settle_s, hosted.rebalance_cooldown_s)
+        while True:
+            try:
+                target = damper.observe(await count_hosts(self.config), time.monotonic())
+                if target is not None:
+                    await self.resize(target)
+            except Exception as exc:  # the store or the GCS away: look again later
+                log.warning("following the membership failed: %s: %s", type(exc).__name__, exc)
+            await asyncio.sleep(hosted.rebalance_poll_s)
 
     async def redeploy(self, timeout_s: float = 60.0) -> dict[str, Any]:
         """A new app was deployed: replace the hosts one at a time, each a fresh process
@@ -216,13 +289,13 @@ class HostSupervisor(Supervisor):
 _RemoteHostSupervisor: Any = ray.remote(HostSupervisor)
 
 
-def grow_hosts(namespace: str, hosts: int | None, timeout_s: float) -> dict[str, Any]:
-    """Ask the running host supervisor of ``namespace`` to grow (driver side, blocking)."""
+def resize_hosts(namespace: str, hosts: int | None, timeout_s: float) -> dict[str, Any]:
+    """Ask the running host supervisor of ``namespace`` to resize (driver side, blocking)."""
     if hosts is not None and (isinstance(hosts, bool) or not isinstance(hosts, int) or hosts < 1):
         raise ConfigError(f"hosts must be an int >= 1, got {hosts!r}")
     try:
         supervisor = ray.get_actor(HOSTS, namespace=namespace)
-        table: Any = ray.get(supervisor.grow.remote(hosts), timeout=timeout_s)
+        table: Any = ray.get(supervisor.resize.remote(hosts), timeout=timeout_s)
     except ValueError as exc:
         raise ConversationUnavailable(
             f"no host supervisor in namespace {namespace!r}: is a hosted tree running there?"

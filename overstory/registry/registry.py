@@ -36,7 +36,7 @@ from ..supervisors import ChildSpec, SupervisorSpec
 from ..supervisors.conversations import ConversationSupervisor
 from ..supervisors.named import SUPERVISED, unwrap_task_error
 from ..supervisors.tree import CONVERSATIONS, HOSTS, NamedChild, boot, running_placement
-from .hosts import HostRouter, grow_hosts, hosts_child
+from .hosts import HostRouter, hosts_child, resize_hosts
 
 __all__ = ["Registry", "actor_name"]
 
@@ -110,7 +110,7 @@ class _Hosted(_Placed):
     def rebalance(self, registry: Registry, hosts: int | None) -> dict[str, Any]:
         registry.boot()
         timeout_s = registry.config.conversations.activation_timeout_s
-        table = grow_hosts(registry.namespace, hosts, timeout_s)
+        table = resize_hosts(registry.namespace, hosts, timeout_s)
         registry.hosts.refresh()
         return table
 

@@ -780,10 +780,13 @@ class Runtime:
         return self.registry.status()
 
     def rebalance(self, hosts: int | None = None) -> dict[str, Any]:
-        """Hosted placement: grow to ``hosts`` hosts (default: as many as the cluster holds
-        now — ``hosted.hosts_per_node`` or each node's CPUs), online. Moved conversations
-        re-activate from the store on their new host; nothing is copied or lost. Returns
-        the shard table (``version``, ``shards``, ``hosts``). Never shrinks."""
+        """Hosted placement: serve with ``hosts`` hosts (default: as many as the cluster
+        holds now — ``hosted.hosts_per_node`` or each node's CPUs), more or fewer, online.
+        Moved conversations re-activate from the store on their new host; nothing is
+        copied or lost; retired hosts finish their turns (``hosted.retire_grace_s``) and
+        stop. Returns the shard table (``version``, ``shards``, ``hosts``). With
+        ``hosted.auto_rebalance`` the tree also does this by itself when nodes join or
+        leave; a count given here holds until the membership next changes."""
         return self.registry.rebalance(hosts)
 
     def usage(self, user_id: str | None = None, *, since: float | None = None) -> dict[str, Any]:
