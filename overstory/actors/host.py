@@ -349,6 +349,12 @@ class HostActor(Shell):
     def fenced(self, entity: Entity) -> None:
         """Another entity took the conversation over (this host lost the shard, or this
         is a zombie): drop this one; the caller re-resolves and re-sends."""
+        log.warning(
+            "conversation %r fenced on host %s: a newer incarnation serves it; this one "
+            "never writes again",
+            entity.conversation_id,
+            self.name,
+        )
         self.counters["fenced"] += 1
         self._drop(entity)
 
