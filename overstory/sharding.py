@@ -62,6 +62,10 @@ class ShardTable:
     version: int
     shards: int
     hosts: tuple[str, ...]
+    #: The host count the alive nodes held when this table was written (what automatic
+    #: rebalancing compares the membership with, across supervisor restarts); None in a
+    #: table written before it was kept.
+    members: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.shards, bool) or not isinstance(self.shards, int) or self.shards < 1:
@@ -76,28 +80,49 @@ class ShardTable:
             raise ConfigError(f"duplicate host names in shard table: {self.hosts!r}")
 
     @classmethod
-    def build(cls, hosts: int, *, shards: int = DEFAULT_SHARDS, version: int = 1) -> ShardTable:
+    def build(
+        cls,
+        hosts: int,
+        *,
+        shards: int = DEFAULT_SHARDS,
+        version: int = 1,
+        members: int | None = None,
+    ) -> ShardTable:
         """A table over hosts ``0 .. hosts-1``, named by :func:`host_name`."""
         if isinstance(hosts, bool) or not isinstance(hosts, int) or hosts < 1:
             raise ConfigError(f"the number of hosts must be an int >= 1, got {hosts!r}")
-        return cls(version, shards, tuple(host_name(i) for i in range(hosts)))
+        return cls(version, shards, tuple(host_name(i) for i in range(hosts)), members)
 
-    def resized(self, hosts: int) -> ShardTable:
+    def resized(self, hosts: int, *, members: int | None = None) -> ShardTable:
         """This table with ``hosts`` hosts, more or fewer (the first ones keep their
         names; a smaller table retires the last ones), one version later. Shards move to
         ``shard % hosts``; their state stays in the store."""
-        return ShardTable.build(hosts, shards=self.shards, version=self.version + 1)
+        return ShardTable.build(
+            hosts, shards=self.shards, version=self.version + 1, members=members
+        )
 
     def to_json(self) -> str:
-        return json.dumps({"version": self.version, "shards": self.shards, "hosts": self.hosts})
+        data: dict[str, object] = {"version": self.version, "shards": self.shards}
+        data["hosts"] = self.hosts
+        if self.members is not None:
+            data["members"] = self.members
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, raw: str) -> ShardTable:
         """A table read back from the store, validated like any outside input."""
         try:
             data = json.loads(raw)
-            table = cls(int(data["version"]), int(data["shards"]), tuple(data["hosts"]))
-        except (ValueError, TypeError, KeyError) as exc:
+            members = data.get("members")
+            if members is not None and (isinstance(members, bool) or int(members) < 1):
+                raise ValueError(f"members must be an int >= 1, got {members!r}")
+            table = cls(
+                int(data["version"]),
+                int(data["shards"]),
+                tuple(data["hosts"]),
+                None if members is None else int(members),
+            )
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ConfigError(f"stored shard table is not valid: {raw[:200]!r} ({exc})") from exc
         if not all(isinstance(h, str) and h.startswith(HOST_PREFIX) for h in table.hosts):
             raise ConfigError(f"stored shard table names hosts that are not hosts: {table.hosts!r}")
@@ -119,7 +144,8 @@ class MembershipDamper:
     """When the hosts should follow the cluster's membership, with hysteresis.
 
     :meth:`observe` is given the host count the cluster holds now (from the alive
-    nodes) at each look. Its first look is the baseline. A different count is acted on
+    nodes) at each look. The baseline is what the table was sized for (or the first
+    look). A different count is acted on
     only once it has held for ``settle_s`` (a node that flaps never settles, so nothing
     moves), and never sooner than ``cooldown_s`` after the last resize; then
     :meth:`observe` returns it, once. A count that goes back to the settled one before
@@ -127,11 +153,14 @@ class MembershipDamper:
     moves the hosts.
     """
 
-    def __init__(self, settle_s: float, cooldown_s: float) -> None:
+    def __init__(self, settle_s: float, cooldown_s: float, baseline: int | None = None) -> None:
         if settle_s < 0 or cooldown_s < 0:
             raise ConfigError("settle_s and cooldown_s must be >= 0")
         self.settle_s, self.cooldown_s = settle_s, cooldown_s
-        self.settled: int | None = None
+        #: The count the hosts follow now: ``baseline`` (what the stored table was sized
+        #: for, so a change that happened while no supervisor looked is still acted on),
+        #: else the first look.
+        self.settled: int | None = baseline
         self.pending: int | None = None
         self._since = 0.0
         self._resized_at = float("-inf")

@@ -30,9 +30,16 @@ def hosts() -> list[str]:
     return list(status["meta"]["shard_table"].hosts)
 
 
+def _hosts_or_none() -> list[str] | None:
+    try:  # the host supervisor may be restarting (its node went)
+        return hosts()
+    except (ray.exceptions.RayError, ValueError):
+        return None
+
+
 def until(count: int, timeout_s: float) -> float:
     started = time.monotonic()
-    while len(hosts()) != count:
+    while len(_hosts_or_none() or ()) != count:
         if time.monotonic() - started > timeout_s:
             raise TimeoutError(f"hosts stayed {hosts()}, not {count}")
         time.sleep(0.25)

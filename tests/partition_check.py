@@ -8,13 +8,13 @@ then healed and started again. Prints one JSON line.
 RUN_DIR holds the store and each node's Ray temp dir. The namespaces are
 ``ovs-<RUN_DIR's name>-{head,w1,w2}`` with ``eth0`` at 10.77.0.1, .2 and .3.
 
-While 9 users talk to a fast agent, 3 users whose conversations live on w1's host start
-a slow turn (20 s), and w1's link goes down. Ray declares w1 dead in a few seconds; its
-hosts restart on the others and the tree shrinks to the nodes alive; the slow turns'
-callers re-send to the new hosts. The cut-off host, still running, finishes its slow
-turns and tries to store them: those writes must be fenced. The link comes back, w1's
-old raylet learns it was declared dead and exits, and w1 starts Ray again and rejoins;
-the hosts follow it back.
+While 9 users talk to a fast agent, 3 users whose conversations live on a worker's host
+start a slow turn (``SLOW_S``), and that worker's link goes down. Ray declares it dead in
+a few seconds; its hosts restart on the others and the tree shrinks to the nodes alive;
+the slow turns' callers re-send to the new hosts. The cut-off host, still running,
+finishes its slow turns and tries to store them: those writes must be fenced. The link
+comes back, the node's old raylet learns it was declared dead and exits, and the node
+starts Ray again and rejoins; the hosts follow it back.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from overstory.supervisors.tree import HOSTS
 
 NAMESPACE = "partition"
 ADDRESSES = {"head": "10.77.0.1", "w1": "10.77.0.2", "w2": "10.77.0.3"}
-SLOW_S = 20.0
+SLOW_S = 14.0  # longer than Ray's failure detection (about 6 s here) and the re-send
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -77,8 +77,17 @@ def alive_at(address: str) -> bool:
 
 
 def wait(what: str, condition: Any, timeout_s: float) -> float:
+    """Seconds until ``condition()``; an actor it asks may be restarting meanwhile (the
+    host supervisor itself, if it lived on the node cut off): that is a no."""
+
+    def holds() -> bool:
+        try:
+            return bool(condition())
+        except (ray.exceptions.RayError, ValueError):
+            return False
+
     started = time.monotonic()
-    while not condition():
+    while not holds():
         if time.monotonic() - started > timeout_s:
             raise TimeoutError(f"{what}: not within {timeout_s} s")
         time.sleep(0.25)
@@ -102,17 +111,20 @@ def main(run: Path, gcs_port: int) -> None:
         },
     )
     wait("three hosts", lambda: len(hosts()) == 3, 60)
-    w1_node = next(n["NodeID"] for n in ray.nodes() if n["NodeManagerAddress"] == ADDRESSES["w1"])
-    supervisor = ray.get_actor(HOSTS, namespace=NAMESPACE)
-    on_w1 = {
-        name
+    # The node cut off: a worker that runs a host (SPREAD places them, not always one
+    # on each node).
+    node_of = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+    placed = {
+        name: node_of[ray.get(ray.get_actor(name, namespace=NAMESPACE).status.remote())["node_id"]]
         for name in hosts()
-        if ray.get(ray.get_actor(name, namespace=NAMESPACE).status.remote())["node_id"] == w1_node
     }
-    assert on_w1, "no host on w1"
+    victim = next((w for w in ("w1", "w2") if ADDRESSES[w] in placed.values()), None)
+    assert victim is not None, f"no host on a worker node: {placed}"
+    on_victim = {name for name, address in placed.items() if address == ADDRESSES[victim]}
     slow_users = [u for u in (f"slow-{i}" for i in range(60)) if
-                  rt.conversation(u, agent="slow").actor_name in on_w1][:3]  # fmt: skip
+                  rt.conversation(u, agent="slow").actor_name in on_victim][:3]  # fmt: skip
     assert len(slow_users) == 3, slow_users
+    supervisor = ray.get_actor(HOSTS, namespace=NAMESPACE)
 
     users = [f"user-{i}" for i in range(9)]
     acked: dict[str, list[str]] = {u: [] for u in users + slow_users}
@@ -150,13 +162,13 @@ def main(run: Path, gcs_port: int) -> None:
     slow_threads = [threading.Thread(target=slow_turn, args=(u,)) for u in slow_users]
     for t in slow_threads:
         t.start()
-    time.sleep(1.5)  # the slow turns are running on w1's host
+    time.sleep(1.5)  # the slow turns are running on the victim's host
 
-    link(run, "w1", "down")
+    link(run, victim, "down")
     cut = time.monotonic()
-    detected_s = wait("w1 declared dead", lambda: not alive_at(ADDRESSES["w1"]), 60)
+    detected_s = wait("the node declared dead", lambda: not alive_at(ADDRESSES[victim]), 60)
     shrunk_s = wait("hosts shrink to the nodes alive", lambda: len(hosts()) == 2, 60)
-    # Serving again: every fast user has had a turn that started after w1 was declared dead.
+    # Serving again: every fast user has had a turn that started after the node was declared dead.
     dead_at = cut + detected_s
     wait(
         "every user served again",
@@ -168,11 +180,11 @@ def main(run: Path, gcs_port: int) -> None:
         t.join(timeout=120)
     # The cut-off host finished its slow turns at about cut + SLOW_S, after they moved.
     time.sleep(max(0.0, cut + SLOW_S + 3 - time.monotonic()))
-    link(run, "w1", "up")
+    link(run, victim, "up")
     healed = time.monotonic()
     time.sleep(5)  # its raylet hears it was declared dead, and exits
-    start_worker(run, "w1", gcs_port)
-    rejoined_s = wait("w1 rejoins", lambda: alive_at(ADDRESSES["w1"]), 60)
+    start_worker(run, victim, gcs_port)
+    rejoined_s = wait("the node rejoins", lambda: alive_at(ADDRESSES[victim]), 60)
     regrown_s = wait("hosts follow it back", lambda: len(hosts()) == 3, 60)
     time.sleep(2)
     stop.set()
@@ -189,7 +201,7 @@ def main(run: Path, gcs_port: int) -> None:
         answers = Counter(m.turn_id for m in history if m.kind == "assistant")
         duplicated += sum(n - 1 for n in answers.values() if n > 1)
     fenced = 0
-    for log in (run / "w1").rglob("worker-*.err"):
+    for log in (run / victim).rglob("worker-*.err"):
         fenced += log.read_text(errors="replace").count("fenced on host")
     status = ray.get(supervisor.status.remote())
     print(

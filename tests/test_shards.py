@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from collections import Counter
 
@@ -121,3 +122,24 @@ def test_the_hosts_follow_membership_only_once_a_change_settles() -> None:
     assert damper.observe(3, now=307) == 3
     with pytest.raises(ConfigError):
         MembershipDamper(settle_s=-1, cooldown_s=0)
+
+
+def test_a_table_remembers_the_membership_it_was_sized_for_and_old_tables_still_read() -> None:
+    from overstory.sharding import MembershipDamper
+
+    table = ShardTable.build(3, shards=64, members=3)
+    assert ShardTable.from_json(table.to_json()) == table
+    old = '{"version": 2, "shards": 64, "hosts": ["overstory:host:0"]}'
+    assert ShardTable.from_json(old).members is None
+    assert ShardTable.from_json(old).to_json() == old  # a stored table compares equal
+    for bad in (0, -1, "x", True):
+        raw = json.dumps(
+            {"version": 1, "shards": 4, "hosts": ["overstory:host:0"]} | {"members": bad}
+        )
+        with pytest.raises(ConfigError, match="stored shard table"):
+            ShardTable.from_json(raw)
+    # A supervisor restarted after a node left sees the change against the table's
+    # membership (3), not against its own first look (2), and acts on it.
+    damper = MembershipDamper(settle_s=2, cooldown_s=0, baseline=table.members)
+    assert damper.observe(2, now=0) is None
+    assert damper.observe(2, now=2) == 2

@@ -132,8 +132,9 @@ class HostSupervisor(Supervisor):
                 key = table_key(self.namespace)
                 table = await stored_table(self._store, self.namespace)
                 if table is None:
+                    members = await count_hosts(self.config)
                     first = ShardTable.build(
-                        await count_hosts(self.config), shards=self.config.hosted.shards
+                        members, shards=self.config.hosted.shards, members=members
                     )
                     await self._store.put_setting(key, first.to_json(), expected=None)
                     table = await stored_table(self._store, self.namespace)  # ours or a rival's
@@ -158,10 +159,11 @@ class HostSupervisor(Supervisor):
         await self.ready()
         async with self._table_lock:
             current: ShardTable = self.meta["shard_table"]
-            want = hosts if hosts is not None else await count_hosts(self.config)
+            members = await count_hosts(self.config)
+            want = hosts if hosts is not None else members
             want = max(1, min(want, current.shards))
             if want != len(current.hosts):
-                resized = current.resized(want)
+                resized = current.resized(want, members=members)
                 key = table_key(self.namespace)
                 if not await self._store.put_setting(
                     key, resized.to_json(), expected=current.to_json()
@@ -230,7 +232,12 @@ class HostSupervisor(Supervisor):
         ``rebalance_poll_s``; when the host count they hold changes and the change
         settles (:class:`~overstory.sharding.MembershipDamper`), resize to it."""
         hosted = self.config.hosted
-        damper = MembershipDamper(hosted.rebalance_settle_s, hosted.rebalance_cooldown_s)
+        table: ShardTable = self.meta["shard_table"]
+        damper = MembershipDamper(
+            hosted.rebalance_settle_s,
+            hosted.rebalance_cooldown_s,
+            baseline=table.members if table.members is not None else len(table.hosts),
+        )
         while True:
             try:
                 target = damper.observe(await count_hosts(self.config), time.monotonic())
