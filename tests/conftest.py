@@ -172,15 +172,16 @@ def run_in_module_loop(coro: Any) -> Any:
     return _MODULE_LOOPS[-1].run(coro)
 
 
-def on_store(url: str, body: Any, keys: Any = "environment") -> Any:
+def on_store(url: str, body: Any, keys: Any = "environment", *, raw: bool = False) -> Any:
     """``await body(store)`` on a store opened for it (``keys``: its data keys; by
-    default the environment's), closed after."""
+    default the environment's; ``raw``: opened as backup and restore open it, with no
+    key), closed after."""
     import asyncio
 
     from overstory.store import open_store
 
     async def go() -> Any:
-        store = open_store(url, data_keys=keys)
+        store = open_store(url, data_keys=keys, raw=raw)
         await store.open()
         try:
             return await body(store)
@@ -333,3 +334,51 @@ def recorded_metrics(monkeypatch: pytest.MonkeyPatch) -> RecordedMetrics:
     instruments = {key: Instrument(key) for key in module.METRICS}
     monkeypatch.setattr(module._metrics, "_get", lambda: instruments)
     return recorded
+
+
+#: Ray declares a node dead after about 3 missed health checks a second apart (its
+#: defaults take about 15 s more: a test that loses a node would only be slower).
+FAST_FAILURE_DETECTION = {
+    "RAY_health_check_initial_delay_ms": "1000",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
+
+
+def run_check(
+    script: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    without: str | None = None,
+    prefix: tuple[str, ...] = (),
+    timeout: float = 400,
+) -> dict[str, Any]:
+    """Run ``tests/<script>`` (a driver with a Ray cluster of its own: no RAY_ADDRESS,
+    its own temp dir, token auth off, none of the variables starting with ``without``,
+    plus ``env``) under ``prefix`` (e.g. ``ip netns exec NS``); fail showing its stderr
+    unless it exits 0; its last stdout line, JSON."""
+    import json
+    import subprocess
+    import sys
+
+    environ = {
+        k: v
+        for k, v in os.environ.items()
+        if k != "RAY_ADDRESS" and not (without and k.startswith(without))
+    }
+    environ["RAY_AUTH_MODE"] = "disabled"
+    environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ovs-", dir="/tmp")
+    environ.update(env or {})
+    path = Path(__file__).with_name(script)
+    proc = subprocess.run(
+        [*prefix, sys.executable, str(path), *args],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result

@@ -5,7 +5,6 @@ nothing written, a non-empty target refused, and the two commands end to end."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import gzip
 import json
@@ -27,7 +26,7 @@ from overstory.gateway.keys import create_key, revoke_key
 from overstory.jobs import JobBook, new_job
 from overstory.messages import AssistantMessage, Message, Usage, UserMessage
 from overstory.quota import Quota, change_quota
-from overstory.store import HistoryStore, open_store
+from overstory.store import HistoryStore
 from overstory.store.backup import _records, read_manifest, restore_backup, write_backup
 from overstory.store.crypto import DataKeys, key_id_of
 from overstory.store.records import KINDS
@@ -46,16 +45,7 @@ def run(url: str, body: Callable[[HistoryStore], Awaitable[Any]], keys: Any = KE
 
 def raw(url: str, body: Callable[[HistoryStore], Awaitable[Any]]) -> Any:
     """``body`` on the store opened raw (no data key), as the commands open it."""
-
-    async def go() -> Any:
-        store = open_store(url, raw=True)
-        await store.open()
-        try:
-            return await body(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(go())
+    return on_store(url, body, raw=True)
 
 
 def _turn(seq: int, turn: str) -> list[Message]:

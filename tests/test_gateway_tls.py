@@ -3,14 +3,10 @@ options' refusals, and plain HTTP only where asked for (or on loopback)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import run_check
 from tls_certs import make_certificates
 
 from overstory.cli.main import main
@@ -65,23 +61,12 @@ def test_serve_refuses_tls_options_by_name_and_plain_http_where_others_reach_it(
 def test_the_openai_sdk_reaches_the_door_over_https_with_a_ca_bundle(
     certs: dict[str, Path],
 ) -> None:
-    env = {
-        k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_SERVE_")
-    }
-    env["OVERSTORY_SERVE_INGRESS"] = "proxy"  # the ingress that terminates TLS
-    env["RAY_AUTH_MODE"] = "disabled"
-    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ovs-", dir="/tmp")  # its own Ray
-    script = Path(__file__).with_name("tls_check.py")
-    proc = subprocess.run(
-        [sys.executable, str(script), str(certs["ca"]), str(certs["cert"]), str(certs["key"])],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=400,
-        check=False,
+    result = run_check(
+        "tls_check.py",
+        *(str(certs[k]) for k in ("ca", "cert", "key")),
+        env={"OVERSTORY_SERVE_INGRESS": "proxy"},  # the ingress that terminates TLS
+        without="RAY_SERVE_",  # none of the session's Serve settings
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["url"].startswith("https://127.0.0.1:")
     assert "over TLS" in result["reply"]
     assert "streamed" in result["streamed"]

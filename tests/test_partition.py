@@ -6,7 +6,6 @@ The driver, in the head's namespace, is ``partition_check.py``."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -19,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import FAST_FAILURE_DETECTION, run_check
 
 pytestmark = [
     pytest.mark.slow,
@@ -30,14 +30,6 @@ pytestmark = [
 
 NODES = {"head": "10.77.0.1", "w1": "10.77.0.2", "w2": "10.77.0.3"}
 RAY = str(Path(sys.executable).with_name("ray"))
-#: Ray declares a node dead after about 3 missed health checks a second apart (its
-#: defaults take about 15 s more; the test would only be slower).
-FAST_DETECTION = {
-    "RAY_health_check_initial_delay_ms": "1000",
-    "RAY_health_check_period_ms": "1000",
-    "RAY_health_check_timeout_ms": "1000",
-    "RAY_health_check_failure_threshold": "3",
-}
 
 
 def _ip(*args: str) -> None:
@@ -84,7 +76,7 @@ def test_a_node_cut_off_then_healed_loses_no_turn_and_its_writes_are_fenced(
 ) -> None:
     run = network
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(FAST_DETECTION, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env.update(FAST_FAILURE_DETECTION, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
@@ -101,26 +93,14 @@ def test_a_node_cut_off_then_healed_loses_no_turn_and_its_writes_are_fenced(
             "--num-cpus=1", f"--temp-dir={run / node}", "--disable-usage-stats",
         ]  # fmt: skip
         subprocess.run(worker, env=env, check=True, capture_output=True, timeout=120)
-    script = Path(__file__).with_name("partition_check.py")
-    proc = subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            f"ovs-{run.name}-head",
-            sys.executable,
-            str(script),
-            str(run),
-            str(port),
-        ],
+    result = run_check(
+        "partition_check.py",
+        str(run),
+        str(port),
         env=env,
-        capture_output=True,
-        text=True,
+        prefix=("ip", "netns", "exec", f"ovs-{run.name}-head"),
         timeout=500,
-        check=False,
     )
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
     print(result)  # the figures the docs quote
     assert result["acknowledged"] > 100
     assert result["slow_acknowledged"] == 3  # re-sent to the new hosts, answered
