@@ -43,6 +43,7 @@ class GatewayDeployment:
         store: str,
         limits: dict[str, Any] | None = None,
         jwt: JwtSettings | None = None,
+        shared_rates: bool = True,
     ) -> None:
         from ..providers.pool import call_vendors_here
         from ..runtime.client import connect
@@ -52,7 +53,13 @@ class GatewayDeployment:
         call_vendors_here()
         runtime = connect(namespace=namespace, store=store)
         door = DoorLimits(**(limits or {}))
-        rates = ClusterRates(namespace, door.requests_per_minute, door.rate_window_s)
+        # The per-key windows: the cluster's rates actor when replicas may be several;
+        # a lone replica's own windows are the cluster's, without a Ray call per batch.
+        rates = (
+            ClusterRates(namespace, door.requests_per_minute, door.rate_window_s)
+            if shared_rates
+            else None
+        )
         install(Gateway(runtime, door, jwt, rates))
 
 
@@ -162,7 +169,9 @@ def serve_http(
     else:
         deployment = deployment.options(num_replicas=replicas)
     serve.run(
-        deployment.bind(namespace, store, limits, jwt),
+        # One replica, for good: its own windows are the cluster's (a redeploy's old and
+        # new replica overlap for seconds, each counting on its own meanwhile).
+        deployment.bind(namespace, store, limits, jwt, autoscaling is not None or replicas > 1),
         name=GATEWAY_APP,
         route_prefix="/",
         blocking=False,
