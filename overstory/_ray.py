@@ -88,7 +88,6 @@ def serve_listening() -> tuple[str, int, str | None] | None:
 def serve_haproxy_ingress() -> bool:
     """Whether Ray Serve in this cluster runs its HAProxy ingress: read where Serve's
     controller reads it, in a worker's environment (the nodes' ``ray start`` one)."""
-    import ray
 
     @ray.remote(num_cpus=0)
     def flag() -> str:

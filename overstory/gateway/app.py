@@ -104,7 +104,9 @@ _MAX_IDEMPOTENCY_KEY = 255
 
 @dataclass(frozen=True, slots=True)
 class DoorLimits:
-    """What the door refuses before anything runs (per replica)."""
+    """What the door refuses before anything runs: body size and time, the per-key
+    request rate (counted for the cluster: :mod:`.rates`), idempotency claims' life, and
+    how many failed authentications each replica writes to the audit trail."""
 
     max_body_bytes: int = 1 << 20
     requests_per_minute: int = 600  # per API key
