@@ -167,8 +167,9 @@ class MembershipDamper:
 
     def observe(self, hosts: int, now: float) -> int | None:
         """The count to resize to now, or None."""
-        if self.settled is None or hosts == self.settled:
-            self.settled = hosts if self.settled is None else self.settled
+        if self.settled is None:
+            self.settled = hosts
+        if hosts == self.settled:
             self.pending = None
             return None
         if hosts != self.pending:
