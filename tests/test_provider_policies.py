@@ -31,7 +31,7 @@ from overstory.providers import (
     parse_model,
     resolve_model,
 )
-from overstory.providers.lease import Gate
+from overstory.providers.lease import Gate, renew_every
 from overstory.providers.pool import RemoteModel, provider_actor_name
 from overstory.providers.retry import backoff_s
 from overstory.providers.taxonomy import (
@@ -490,6 +490,7 @@ def test_byok_gives_each_key_its_own_endpoint_id() -> None:
     [
         (lambda: Limits(rpm=0), "rpm must be a positive integer"),
         (lambda: Limits(max_wait_s=-1), "max_wait_s"),
+        (lambda: Limits(lease_ttl_s=0.5), "lease_ttl_s must be in"),
         (lambda: BreakerPolicy(failures=0), "failures"),
         (lambda: RetryPolicy(attempts=0), "attempts"),
         (lambda: Endpoint("openai", "m", timeout_s=0), "timeout_s"),
@@ -551,3 +552,26 @@ def test_a_lease_whose_caller_died_is_freed_after_its_ttl_with_its_probe() -> No
         return await gate.admit("next", 1)
 
     assert asyncio.run(again()) is None  # the probe was given back: a new one may go out
+
+
+def test_a_renewed_lease_outlives_its_ttl_and_a_lapsed_one_is_freed() -> None:
+    now = [0.0]
+    limited = LimitedModel(Scripted(), Limits(max_in_flight=2))
+    gate = Gate(BreakerModel(limited, BreakerPolicy()), limited, ttl_s=30, clock=lambda: now[0])
+
+    async def go() -> None:
+        assert await gate.admit("long", 1) is None  # a stream that runs for minutes
+        assert await gate.admit("orphan", 1) is None  # its process dies now
+
+    asyncio.run(go())
+    for t in range(10, 130, 10):  # the live process renews every third of the ttl
+        now[0] = float(t)
+        gate.settle([("renew", ("long", "unknown-call"))])
+        gate.sweep()
+    assert set(gate.leases) == {"long"}  # the orphan lapsed 30 s after its admission
+    assert gate.expired == 1
+    assert limited.limiter.core.in_flight == 1
+    now[0] += 31  # its process died too: nothing renews it
+    assert gate.sweep() == 1
+    assert gate.leases == {} and limited.limiter.core.in_flight == 0
+    assert renew_every(30) == 10  # two renewals may be late before a lease lapses

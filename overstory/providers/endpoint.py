@@ -146,6 +146,9 @@ class Limits:
     may queue (callers are served in arrival order) before it falls through instead.
     Tokens are the prompt's estimate (characters / 4) at admission, corrected to the
     provider's reported usage (prompt + completion) when the answer arrives.
+    ``lease_ttl_s``: a call made in another process (a host reading the vendor itself)
+    holds its slot under a lease its process renews every third of this; the slot of a
+    process that died holding it is freed within this (plus a quarter of it).
     """
 
     rpm: int | None = None
@@ -153,6 +156,7 @@ class Limits:
     max_in_flight: int | None = None
     max_wait_s: float = 10.0
     window_s: float = 60.0
+    lease_ttl_s: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm", "max_in_flight"):
@@ -163,6 +167,8 @@ class Limits:
             raise ConfigError(f"limit max_wait_s must be in [0, 3600], got {self.max_wait_s}")
         if not 0 < self.window_s <= 3600:
             raise ConfigError(f"limit window_s must be in (0, 3600], got {self.window_s}")
+        if not 1 <= self.lease_ttl_s <= 3600:
+            raise ConfigError(f"limit lease_ttl_s must be in [1, 3600], got {self.lease_ttl_s}")
 
 
 @dataclass(frozen=True, slots=True)

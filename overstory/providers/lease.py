@@ -20,9 +20,12 @@ the retry loop runs there (:class:`~.retry.RetryingModel`), each attempt admitte
 A process gathers what its calls say to one gate in one event-loop turn into one message
 (the provider actor's ``admit_many``, :meth:`Gate.settle`): a burst of streams costs a few Ray calls.
 
-A lease whose caller died before releasing it is freed by :meth:`Gate.sweep` after
-``ttl_s`` (a half-open probe with it); a release or judgment that arrives for a call the
-gate does not know (it restarted, or the call was refused) changes nothing.
+A lease lives ``ttl_s`` past its last renewal: the caller's process renews all its open
+calls in one message every third of it (:meth:`Gate.renew`), so a stream may run as long
+as it runs, while the leases of a process that died (SIGKILL, its node lost) are freed
+by :meth:`Gate.sweep` within ``ttl_s`` of its last renewal (a half-open probe with them).
+A release, renewal or judgment that arrives for a call the gate does not know (it
+restarted, or the call was refused) changes nothing.
 """
 
 from __future__ import annotations
@@ -44,10 +47,17 @@ from .endpoint import RetryPolicy
 from .limits import LimitedModel, estimate_tokens, used_tokens
 from .retry import RetryingModel
 
-__all__ = ["LEASE_TTL_S", "Gate", "GateClient", "LeasedModel", "Note"]
+__all__ = ["LEASE_TTL_S", "Gate", "GateClient", "LeasedModel", "Note", "renew_every"]
 
-#: A lease not released within this is taken for lost (its caller died) and freed.
-LEASE_TTL_S = 900.0
+#: A lease not renewed within this is taken for lost (its caller died) and freed
+#: (:attr:`~.endpoint.Limits.lease_ttl_s` sets it per endpoint).
+LEASE_TTL_S = 30.0
+
+
+def renew_every(ttl_s: float) -> float:
+    """How often a caller renews its open leases: a third of their ``ttl_s``, so that a
+    renewal may be late (a busy loop, a slow Ray call) twice before a lease lapses."""
+    return ttl_s / 3
 
 #: Calls judged recently, remembered so an admission granted after its caller gave up
 #: (cancelled while queued) is released at once instead of holding a slot.
@@ -113,6 +123,14 @@ class Gate:
         lease.entry, lease.tokens = entry, tokens
         return None
 
+    def renew(self, calls: Sequence[str]) -> None:
+        """``calls`` are still running in a live process: their leases start again."""
+        now = self._clock()
+        for call in calls:
+            lease = self.leases.get(call)
+            if lease is not None:
+                lease.at = now
+
     def release(self, call: str, used: int, error: ModelError | None) -> None:
         """An attempt of ``call`` ended: its limiter slot is freed and its tokens
         corrected to ``used``; a 429 with ``Retry-After`` pauses every admission."""
@@ -125,10 +143,13 @@ class Gate:
             self.limited.failed(error)
 
     def settle(self, notes: Sequence[Note]) -> None:
-        """One caller's releases and judgments, gathered, in the order it made them."""
+        """One caller's releases, renewals and judgments, gathered, in the order it made
+        them."""
         for note in notes:
             if note[0] == "release":
                 self.release(*note[1:])
+            elif note[0] == "renew":
+                self.renew(note[1])
             else:
                 self.judge(*note[1:])
 
@@ -160,7 +181,8 @@ class Gate:
         self.breaker.judge(lease.before, error)
 
     def sweep(self, now: float | None = None) -> int:
-        """Free the leases older than ``ttl_s`` (their callers died holding them); how many."""
+        """Free the leases not renewed for ``ttl_s`` (their callers died holding them);
+        how many."""
         now = self._clock() if now is None else now
         stale = [call for call, lease in self.leases.items() if now - lease.at > self.ttl_s]
         for call in stale:
@@ -173,7 +195,7 @@ def _abandoned(model: str) -> ModelError:
     return ModelError("the call was abandoned while it queued", model=model, kind="limit_wait")
 
 
-#: A release or a judgment, as :meth:`Gate.settle` takes them.
+#: A release, a renewal or a judgment, as :meth:`Gate.settle` takes them.
 Note = tuple[Any, ...]
 
 

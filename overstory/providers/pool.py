@@ -46,7 +46,7 @@ from ..telemetry import (
 from .base import FallThrough, Model, ModelRequest, StreamItem, traced_request, traced_stream
 from .breaker import BreakerModel
 from .endpoint import KEY_ENV, Endpoint, Secret
-from .lease import Gate, LeasedModel, Note
+from .lease import Gate, LeasedModel, Note, renew_every
 from .limits import LimitedModel
 from .retry import RetryingModel
 from .windows import Budget, known_window
@@ -149,7 +149,12 @@ class ProviderActor:
             endpoint.breaker,
             on_change=lambda state: metrics().circuit_state(label, state),
         )
-        self.gate = Gate(self.breaker, self.limited, on_failure=self._count_failure)
+        self.gate = Gate(
+            self.breaker,
+            self.limited,
+            ttl_s=endpoint.limits.lease_ttl_s,
+            on_failure=self._count_failure,
+        )
         self._sweeper: asyncio.Task[None] | None = None
 
     def _count_failure(self, exc: ModelError) -> None:
@@ -268,7 +273,7 @@ class ProviderActor:
 
     async def _sweep_leases(self) -> None:
         while True:
-            await asyncio.sleep(min(60.0, self.gate.ttl_s / 4))
+            await asyncio.sleep(self.gate.ttl_s / 4)
             self.gate.sweep()
 
     def status(self) -> dict[str, Any]:
@@ -377,15 +382,33 @@ async def _vendor_here(endpoint: Endpoint) -> Model:
 class _ActorGate:
     """A :class:`~.lease.GateClient` over one endpoint's provider actor, shared by every
     call of this process: what its calls say in one event-loop turn goes as one message
-    (a burst of streams starting together is admitted in one round trip)."""
+    (a burst of streams starting together is admitted in one round trip). While any of
+    its calls holds a lease, one message every :func:`~.lease.renew_every` renews them
+    all, so only a process that died loses its leases."""
 
     def __init__(self, model: RemoteModel) -> None:
         self.model = model
         self._admits: TurnBatch[tuple[str, int], ModelError | None] = TurnBatch(self._send)
         self._notes: list[Note] = []
+        self._open: set[str] = set()  # calls admitted and not yet judged
+        self._renewer: asyncio.Task[None] | None = None
 
     async def admit(self, call: str, tokens: int) -> ModelError | None:
-        return await self._admits.ask((call, tokens))
+        refused = await self._admits.ask((call, tokens))
+        if refused is None:
+            self._open.add(call)
+            if self._renewer is None:
+                self._renewer = asyncio.get_running_loop().create_task(self._renew())
+        return refused
+
+    async def _renew(self) -> None:
+        every = renew_every(self.model.endpoint.limits.lease_ttl_s)
+        while True:
+            await asyncio.sleep(every)
+            if not self._open:  # checked and cleared in one step: admit starts another
+                self._renewer = None
+                return
+            self._note(("renew", tuple(self._open)))
 
     async def _send(self, asked: list[tuple[str, int]]) -> list[ModelError | None]:
         try:
@@ -417,6 +440,7 @@ class _ActorGate:
         self._note(("release", call, used, error))
 
     def judge(self, call: str, error: ModelError | None, abandoned: bool, used: int | None) -> None:
+        self._open.discard(call)
         self._note(("judge", call, error, abandoned, used))
 
     def _note(self, note: Note) -> None:
