@@ -573,5 +573,6 @@ def test_a_renewed_lease_outlives_its_ttl_and_a_lapsed_one_is_freed() -> None:
     assert limited.limiter.core.in_flight == 1
     now[0] += 31  # its process died too: nothing renews it
     assert gate.sweep() == 1
-    assert gate.leases == {} and limited.limiter.core.in_flight == 0
+    assert gate.leases == {}
+    assert limited.limiter.core.in_flight == 0
     assert renew_every(30) == 10  # two renewals may be late before a lease lapses

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -519,3 +521,65 @@ def test_a_bedrock_agent_answers_and_streams_through_its_provider_actor(
         finally:
             runtime.close()
             kill_namespace(namespace)
+
+
+def test_a_host_killed_holding_the_endpoints_only_slot_frees_it_within_the_lease_ttl(
+    ray_cluster: str, tmp_path: Path, servers: tuple[OpenAIServer, AnthropicServer]
+) -> None:
+    """The host reads the vendor's stream itself under a lease on the endpoint's one slot
+    (``max_in_flight=1``). A stream longer than the lease's TTL keeps its slot (the host
+    renews it); a host SIGKILLed mid-stream frees it within the TTL, so the turn Ray
+    restarts on the new host process gets the slot and finishes, instead of waiting out
+    its queue (``max_wait_s``) behind a dead caller's lease."""
+    primary, _ = servers
+    endpoint = Endpoint(
+        "openai",
+        "lease-model",
+        primary.base_url,
+        key=Secret(OPERATOR_KEY),
+        retry=RetryPolicy(attempts=1),
+        limits=Limits(max_in_flight=1, max_wait_s=60, lease_ttl_s=1.5),
+    )
+    namespace = f"t-lease-{uuid.uuid4().hex[:8]}"
+    agent = Agent("lease-agent", model=[endpoint])
+    runtime = overstory.connect(
+        agent, store=f"sqlite:///{tmp_path}/history.db", namespace=namespace
+    )
+    text = "a long answer that keeps on coming " * 3  # ~30 pieces of 4 characters
+    try:
+        # A stream of ~3 s, twice the TTL: renewed, never taken for lost.
+        primary.stream_interval_s = 0.1
+        conv = runtime.conversation("holder")
+        events = list(conv.stream(text))
+        assert events[-1].type == "completed"
+        status = _status(runtime, endpoint)
+        assert status["leases_expired"] == 0
+        assert status["leases"] == 0
+        assert status["limits"]["in_flight"] == 0
+
+        # SIGKILL the host mid-stream: its lease holds the only slot until it lapses.
+        pid = conv.info()["pid"]
+        primary.stream_interval_s = 0.3
+        events, killed_at = [], 0.0
+        for event in conv.stream(text):
+            events.append(event)
+            if event.type == "delta" and not killed_at:
+                assert _status(runtime, endpoint)["leases"] == 1
+                os.kill(pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+                primary.stream_interval_s = 0.0
+        types = [e.type for e in events]
+        assert "restarted" in types
+        assert types[-1] == "completed"
+        after = events[types.index("restarted") :]
+        assert "".join(e.text for e in after if e.type == "delta") == "echo: " + text
+        status = _status(runtime, endpoint)
+        assert status["leases_expired"] == 1  # the dead host's lease, and only it
+        assert status["leases"] == 0
+        assert status["limits"]["in_flight"] == 0
+        assert conv.info()["pid"] != pid
+        stored = runtime.stored_history("holder")
+        assert [m.kind for m in stored] == ["user", "assistant"] * 2  # each turn once
+    finally:
+        primary.stream_interval_s = 0.0
+        kill_namespace(namespace)

@@ -59,6 +59,7 @@ def renew_every(ttl_s: float) -> float:
     renewal may be late (a busy loop, a slow Ray call) twice before a lease lapses."""
     return ttl_s / 3
 
+
 #: Calls judged recently, remembered so an admission granted after its caller gave up
 #: (cancelled while queued) is released at once instead of holding a slot.
 _JUDGED_KEPT = 4096
