@@ -107,3 +107,30 @@ def test_a_grown_table_makes_the_host_shed_what_moved(sqlite_url: str) -> None:
     assert version == 2
     assert type(refused).__name__ == "StaleShardTable"
     assert refused.version == 2
+
+
+def test_the_sweep_drops_a_finished_turns_events_after_the_window_without_a_new_turn(
+    sqlite_url: str,
+) -> None:
+    """A conversation that streamed a turn and then fell silent (but is not yet idle long
+    enough to be passivated) gives its turn's events back after ``streams.window_s``:
+    the sweep prunes them, not the conversation's next turn."""
+
+    async def body(host: HostActor) -> tuple[int, int]:
+        v = host.table.version
+        events, ended = await host.start_and_read(v, cid("quiet"), TurnRequest("t1", "hello"))
+        while not ended:
+            more, ended = await host.events(v, cid("quiet"), "t1", events[-1].seq)
+            events += more
+        (entity,) = host._entities.values()
+        assert entity.streams is not None
+        kept = len(entity.streams.logs)
+        await until(lambda: len(entity.streams.logs) == 0, "the sweep to drop the turn's log")
+        return kept, len(host.live())
+
+    kept, live = run(
+        _host(sqlite_url, conversations={"idle_timeout_s": 60}, streams={"window_s": 0.2}),
+        body,
+    )
+    assert kept == 1
+    assert live == 1  # still live: its events went, the conversation stayed

@@ -50,6 +50,7 @@ from ..config import Config
 from ..conversation.entity import Entity, Shell
 from ..conversation.serving import Binding
 from ..exceptions import StaleShardTable
+from ..memory import QuietTrim, trim
 from ..messages import Message, Reply, TurnEvent, TurnRequest
 from ..providers import Secret
 from ..providers.pool import call_vendors_here
@@ -94,6 +95,8 @@ class HostActor(Shell):
         self._started_at = time.time()
         self._sweeper: asyncio.Task[None] | None = None
         self._reported_at = 0.0
+        self._quiet = QuietTrim()
+        self._emptied_at = 0.0  # when the sweep last passivated (its memory freed)
         if in_actor():
             # Many conversations share this process: its vendor calls are made here,
             # under leases from the provider actors, one SDK client per endpoint for all.
@@ -384,35 +387,48 @@ class HostActor(Shell):
             self._remove(entity, "evicted")
 
     def _start_sweeper(self) -> None:
-        if self._sweeper is None and self.config.conversations.idle_timeout_s is not None:
+        if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def _sweep(self) -> None:
-        """Passivate entities idle for ``conversations.idle_timeout_s`` (least recent
-        first: stop early)."""
-        timeout = self.config.conversations.idle_timeout_s
-        assert timeout is not None
+        """The host's upkeep, on one timer: passivate entities idle for
+        ``conversations.idle_timeout_s``, drop finished turns' events past
+        ``streams.window_s``, give a burst's freed memory back once it is over."""
+        idle_s = self.config.conversations.idle_timeout_s
+        every = min(idle_s or 120.0, self.config.streams.window_s) / 4
         while True:
-            await asyncio.sleep(min(max(timeout / 4, 0.05), 30.0))
+            await asyncio.sleep(min(max(every, 0.05), 30.0))
             try:
-                self._sweep_once(timeout)
+                self._sweep_once(idle_s)
             except Exception:  # a sweep must never end the sweeper: log, go on
                 log.exception("idle sweep of host %s failed", self.name)
 
-    def _sweep_once(self, timeout: float) -> None:
-        """One sweep: the least recently used come first, so it stops at the first one
-        used within ``timeout`` (one in a long turn is skipped, not passivated)."""
-        cutoff = time.monotonic() - timeout
+    def _sweep_once(self, idle_s: float | None) -> None:
+        """One sweep: the least recently used come first, so passivation stops at the
+        first one used within ``idle_s`` (one in a long turn is skipped, not passivated;
+        ``None``: none is)."""
+        now = time.monotonic()
         expired = []
-        for entity in self._entities.values():
-            if entity.last_active > cutoff:
-                break
-            if not entity.in_turn:
-                expired.append(entity)
+        if idle_s is not None:
+            cutoff = now - idle_s
+            for entity in self._entities.values():
+                if entity.last_active > cutoff:
+                    break
+                if not entity.in_turn:
+                    expired.append(entity)
         for entity in expired:
             self._remove(entity, "idle")
+        for entity in self._entities.values():  # a finished turn's events leave on time,
+            if entity.streams is not None:  # not at the conversation's next turn
+                entity.streams.logs.prune(now)
         self._report(force=True)
         self.supervision.prune()
+        if expired:
+            self._emptied_at = now
+        newest = next(reversed(self._entities.values()), None)
+        last_active = max(newest.last_active if newest else 0.0, self._emptied_at)
+        if self._quiet.due(last_active, now):
+            trim()  # a burst's freed memory back to the OS, once it is over
 
     def _report(self, force: bool = False) -> None:
         """The live gauge, at most once a second (an activation burst would otherwise

@@ -68,6 +68,7 @@ from ..exceptions import (
     store_failed,
 )
 from ..jobs import JobBook, JobRecord, is_permanent, new_job
+from ..memory import QuietTrim, trim
 from ..messages import AssistantMessage, Message, Reply, ToolDefinition, TurnEvent, TurnRequest
 from ..store import HistoryStore, open_store
 from ..store.settings import IDEMPOTENCY, READYZ, RESPONSE
@@ -197,6 +198,9 @@ class Gateway:
         self._sweeper: asyncio.Task[None] | None = None
         self._audited: dict[str, float] = {}  # key -> when its success was last audited
         self._stateless: StatelessTurns | None = None
+        self.last_active = 0.0  # monotonic: the latest request's arrival
+        self._quiet = QuietTrim()
+        self._trimmer: asyncio.Task[None] | None = None
 
     def stateless(self) -> StatelessTurns:
         """This replica's stateless turns (Chat Completions), made on first use."""
@@ -218,7 +222,16 @@ class Gateway:
                 await store.open()
                 self._store = store
                 self._sweeper = asyncio.create_task(self._sweep_forever())
+                self._trimmer = asyncio.create_task(self._trim_when_quiet())
         return self._store
+
+    async def _trim_when_quiet(self) -> None:
+        """A burst's freed memory back to the OS once requests have stopped
+        (:mod:`overstory.memory`): checked every few seconds, done once per burst."""
+        while True:
+            await asyncio.sleep(self._quiet.quiet_s / 2)
+            if self._quiet.due(self.last_active, time.monotonic()):
+                trim()
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -240,6 +253,7 @@ class Gateway:
         return swept
 
     async def principal(self, request: Request) -> Principal:
+        self.last_active = time.monotonic()
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():

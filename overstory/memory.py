@@ -1,0 +1,64 @@
+"""Giving freed memory back to the operating system once a busy process goes quiet.
+
+A burst of 500 streams leaves a host or the door's replica holding memory it has freed:
+CPython returns its small-object arenas only when they are wholly empty, and glibc's
+allocator keeps freed pages in its heaps, so the resident size stays at the burst's
+high-water mark long after the burst (measured on this machine: +20 MB per host, +26 MB
+on the replica, flat 330 s later). ``malloc_trim(0)`` hands those pages back
+(``madvise(MADV_DONTNEED)`` on every free page of every heap, not only the top one);
+Dask's workers do the same after a task. It costs a few milliseconds for a heap of a few
+hundred megabytes, so a process calls it once per busy spell, when it has gone quiet
+(:class:`QuietTrim`), never per request.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+from collections.abc import Callable
+
+__all__ = ["QuietTrim", "trim"]
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        fn = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim with
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
+def trim() -> bool:
+    """Give the allocator's free pages back to the OS; ``False`` where it cannot (no
+    glibc) or had nothing to give."""
+    fn = _malloc_trim()
+    return fn is not None and bool(fn(0))
+
+
+class QuietTrim:
+    """When to :func:`trim`: once per busy spell, after ``quiet_s`` without activity.
+
+    ``due(last_active, now)`` is asked on a timer (a host's idle sweep, the door's
+    upkeep) with the time of the process's latest activity; it says yes at most once
+    for the activity before it, so a process that stays idle trims once, not every tick.
+    """
+
+    def __init__(self, quiet_s: float = 10.0) -> None:
+        if quiet_s <= 0:
+            raise ValueError(f"quiet_s must be > 0, got {quiet_s!r}")
+        self.quiet_s = quiet_s
+        self._trimmed_at = float("-inf")
+        self.trims = 0
+
+    def due(self, last_active: float, now: float) -> bool:
+        if last_active <= self._trimmed_at or now - last_active < self.quiet_s:
+            return False
+        self._trimmed_at = now
+        self.trims += 1
+        return True
