@@ -17,7 +17,9 @@ once, each making ``--responses`` streamed responses in a row). Printed per case
 text p50/p99, wall time, responses/s, errors; the ratios door/floor. At the largest
 concurrency also the door's CPU per response (its processes: the Serve proxy and
 replica, the hosts, the provider actors, summed from /proc) and the resident memory of
-the replica, the proxy and the hosts before, right after, and ``--settle`` seconds after.
+the replica, the proxy and the hosts before, right after, and ``--settle`` seconds after
+(``--idle-timeout`` and ``--window`` shorten how long the hosts keep idle conversations
+and finished turns' events, to see the memory they held given back within the run).
 
 ``--vendor``: the same door and floor runs with the agent on a loopback OpenAI-format
 server (``--server-ttft`` to its first byte, then a 4-character piece every
@@ -247,6 +249,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[200, 500])
     parser.add_argument("--responses", type=int, default=2)
     parser.add_argument("--settle", type=float, default=15.0)
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=None,
+        help="conversations.idle_timeout_s (default: the runtime's, 600 s)",
+    )
+    parser.add_argument(
+        "--window",
+        type=float,
+        default=None,
+        help="streams.window_s (default: the runtime's, 300 s)",
+    )
     parser.add_argument("--vendor", action="store_true")
     parser.add_argument("--litellm", default=None)
     parser.add_argument("--server-ttft", type=float, default=0.2)
@@ -267,10 +281,16 @@ def main() -> None:
             else "offline:echo"
         )
         agent = Agent("door-bench", model=model, placement="hosted")
+        settings: dict[str, Any] = {}
+        if args.idle_timeout is not None:
+            settings["conversations"] = {"idle_timeout_s": args.idle_timeout}
+        if args.window is not None:
+            settings["streams"] = {"window_s": args.window}
         rt = overstory.connect(
             agent,
             store=f"sqlite:///{tmp}/history.db",
             namespace=f"bench-door-{uuid.uuid4().hex[:6]}",
+            **settings,
         )
         door_url = serve_http(rt.config.namespace, rt.config.store, "127.0.0.1", free_port())
         most = max([args.samples, *args.concurrency])

@@ -538,7 +538,7 @@ def test_a_host_killed_holding_the_endpoints_only_slot_frees_it_within_the_lease
         primary.base_url,
         key=Secret(OPERATOR_KEY),
         retry=RetryPolicy(attempts=1),
-        limits=Limits(max_in_flight=1, max_wait_s=60, lease_ttl_s=1.5),
+        limits=Limits(max_in_flight=1, max_wait_s=60, lease_ttl_s=1.0),
     )
     namespace = f"t-lease-{uuid.uuid4().hex[:8]}"
     agent = Agent("lease-agent", model=[endpoint])
@@ -547,8 +547,8 @@ def test_a_host_killed_holding_the_endpoints_only_slot_frees_it_within_the_lease
     )
     text = "a long answer that keeps on coming " * 3  # ~30 pieces of 4 characters
     try:
-        # A stream of ~3 s, twice the TTL: renewed, never taken for lost.
-        primary.stream_interval_s = 0.1
+        # A stream of ~2 s, twice the TTL: renewed, never taken for lost.
+        primary.stream_interval_s = 0.07
         conv = runtime.conversation("holder")
         events = list(conv.stream(text))
         assert events[-1].type == "completed"
