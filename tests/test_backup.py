@@ -1,7 +1,8 @@
 """Backup and restore (no Ray): round trips SQLite → SQLite and SQLite → MongoDB →
-SQLite comparing every record of every kind (sealed bodies as stored, the audit chain
-verified), a snapshot taken while a writer appends, damaged files refused by name with
-nothing written, a non-empty target refused, and the two commands end to end."""
+SQLite comparing every record of every kind (sealed bodies as stored: enc2 bytes, and
+enc1 text from a version-1 backup made before enc2; the audit chain verified), a
+snapshot taken while a writer appends, damaged files refused by name with nothing
+written, a non-empty target refused, and the two commands end to end."""
 
 from __future__ import annotations
 
@@ -148,9 +149,10 @@ def test_sqlite_round_trip_keeps_every_record_sealed_and_the_audit_chain(
         "conversation": 3,
     }
     manifest = backup(sqlite_url, tmp_path / "one.backup")
-    assert (manifest.source, manifest.consistency) == ("sqlite", "transaction")
+    assert (manifest.source, manifest.consistency, manifest.version) == ("sqlite", "transaction", 2)
     assert manifest.data_keys["k1"]["records"] == 12 + 3 + 1  # messages, vault, the job
-    assert CANARY.encode() not in gzip.decompress((tmp_path / "one.backup").read_bytes())
+    text = gzip.decompress((tmp_path / "one.backup").read_bytes())
+    assert CANARY.encode() not in text
 
     target = f"sqlite:///{tmp_path}/restored.db"
     restored = restore(tmp_path / "one.backup", target)
@@ -250,7 +252,7 @@ def test_damaged_backups_are_refused_by_name_before_anything_is_written(
         "half-line": "is truncated: line",
         "altered": "was altered: its records' sha256",
         "not-json": "line 3: not JSON",
-        "version": "is format version 2; this overstory reads version 1",
+        "version": "is format version 3; this overstory reads versions 1, 2",
         "counts": "holds",
         "reordered": "record out of order or repeated",
         "unknown-key": "is not declared by this overstory",
@@ -262,7 +264,7 @@ def test_damaged_backups_are_refused_by_name_before_anything_is_written(
         "half-line": lambda ls: [*ls[:-1], ls[-1][:-5]],
         "altered": lambda ls: [_touch(ln) for ln in ls],
         "not-json": lambda ls: [*ls[:2], b"{not json\n", *ls[3:]],
-        "version": lambda ls: [ls[0].replace(b'"version":1', b'"version":2'), *ls[1:]],
+        "version": lambda ls: [ls[0].replace(b'"version":2', b'"version":3'), *ls[1:]],
         "counts": lambda ls: _end(ls, lambda e: e["counts"].update(message=11)),
         "reordered": lambda ls: [ls[0], ls[2], ls[1], *ls[3:]],
         "unknown-key": lambda ls: [
@@ -423,3 +425,57 @@ def test_the_backup_and_restore_commands_end_to_end(
     assert proc.returncode == 0, proc.stderr
     checked = json.loads(proc.stdout)
     assert (checked["intact"], checked["counts"]) == (True, made["counts"])
+
+
+#: tests/data/backup-v1.jsonl: a backup made by overstory before message bodies were
+#: sealed as bytes (format version 1, ef35a84), ungzipped so it reads in review: a body
+#: stored in the clear, three sealed as enc1 text, an enc1 vault document. Made with
+#: this (test-only) key.
+OLD_BACKUP = Path(__file__).resolve().parent / "data" / "backup-v1.jsonl"
+OLD_KEYS = DataKeys.parse("k1:+5b3w8K3TUdwW09sIXGa3KteFgz0ZRmL4lo4ZjyKXZ8=")
+OLD_HISTORIES = {
+    "a:alice": [
+        UserMessage(content="before encryption", seq=0, turn_id="t0", created_at=1.5),
+        AssistantMessage(
+            content="sealed as enc1 text",
+            usage=Usage(3, 4),
+            model="m",
+            seq=1,
+            turn_id="t0",
+            created_at=2.25,
+        ),
+    ],
+    "a:bob": [
+        UserMessage(content="bob's question", seq=0, turn_id="t0", created_at=3.0, hidden=True),
+        AssistantMessage(
+            content="bob's answer",
+            usage=Usage(1, 2),
+            model="m",
+            seq=1,
+            turn_id="t0",
+            created_at=3.5,
+        ),
+    ],
+}
+
+
+def test_a_version_1_backup_with_enc1_text_bodies_restores(store_url: str, tmp_path: Path) -> None:
+    """The old file restores into either store as it is (text bodies stay text) and opens
+    with its key."""
+    old = tmp_path / "v1.backup"
+    old.write_bytes(gzip.compress(OLD_BACKUP.read_bytes()))
+    manifest = read_manifest(old)
+    assert (manifest.version, manifest.counts["message"]) == (1, 4)
+    assert manifest.data_keys["k1"]["records"] == 4  # three bodies and the vault document
+    restored = restore(old, store_url, keys=OLD_KEYS)
+    assert restored.keys == {"k1": "verified"}
+    stored = raw(store_url, dump)
+    assert stored["message"] == [r for kind, r in _records(old, []) if kind == "message"]
+    assert [type(r["body"]) for r in stored["message"]] == [str] * 4
+    assert [key_id_of(r["body"]) for r in stored["message"]] == [None, "k1", "k1", "k1"]
+
+    async def read(store: HistoryStore) -> tuple[dict[str, list[Message]], Any]:
+        histories = {cid: await store.load(cid) for cid in await store.conversation_ids()}
+        return histories, await DataVault(store, "a", "alice").retrieve("notes", "n1")
+
+    assert run(store_url, read, keys=OLD_KEYS) == (OLD_HISTORIES, {"text": "a note"})
