@@ -1,7 +1,8 @@
 """Backup and restore (no Ray): round trips SQLite → SQLite and SQLite → MongoDB →
-SQLite comparing every record of every kind (sealed bodies as stored, the audit chain
-verified), a snapshot taken while a writer appends, damaged files refused by name with
-nothing written, a non-empty target refused, and the two commands end to end."""
+SQLite comparing every record of every kind (sealed bodies as stored: enc2 bytes, and
+enc1 text from a version-1 backup made before enc2; the audit chain verified), a
+snapshot taken while a writer appends, damaged files refused by name with nothing
+written, a non-empty target refused, and the two commands end to end."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from overstory.messages import AssistantMessage, Message, Usage, UserMessage
 from overstory.quota import Quota, change_quota
 from overstory.store import HistoryStore
 from overstory.store.backup import _records, read_manifest, restore_backup, write_backup
-from overstory.store.crypto import DataKeys, key_id_of
+from overstory.store.crypto import DataKeys, key_id_of, reseal
 from overstory.store.records import KINDS
 from overstory.store.settings import LEDGER
 from overstory.vault import DataVault
@@ -148,9 +149,17 @@ def test_sqlite_round_trip_keeps_every_record_sealed_and_the_audit_chain(
         "conversation": 3,
     }
     manifest = backup(sqlite_url, tmp_path / "one.backup")
-    assert (manifest.source, manifest.consistency) == ("sqlite", "transaction")
+    assert (manifest.source, manifest.consistency, manifest.version) == ("sqlite", "transaction", 2)
     assert manifest.data_keys["k1"]["records"] == 12 + 3 + 1  # messages, vault, the job
-    assert CANARY.encode() not in gzip.decompress((tmp_path / "one.backup").read_bytes())
+    text = gzip.decompress((tmp_path / "one.backup").read_bytes())
+    assert CANARY.encode() not in text
+    # a bytes body (enc2) is a {"bytes": base64} object in the file, byte for byte
+    assert all(isinstance(r["body"], bytes) for r in original["message"])
+    lines = [json.loads(line) for line in text.splitlines()]
+    bodies = [line["message"]["body"] for line in lines if "message" in line]
+    assert [base64.b64decode(b["bytes"]) for b in bodies] == [
+        r["body"] for r in original["message"]
+    ]
 
     target = f"sqlite:///{tmp_path}/restored.db"
     restored = restore(tmp_path / "one.backup", target)
@@ -220,6 +229,37 @@ def _end(lines: list[bytes], change: Callable[[dict[str, Any]], None]) -> list[b
     return [*lines[:-1], (json.dumps(end) + "\n").encode()]
 
 
+_BASE64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def _body(
+    lines: list[bytes], change: Callable[[str], str | None], *, extra: bool = False
+) -> list[bytes]:
+    """``lines`` with the first message body (``{"bytes": ...}``) that ``change`` takes
+    (``None``: it does not) changed, and with ``extra``, a field besides ``bytes``."""
+    out = list(lines)
+    for n, line in enumerate(lines):
+        record = json.loads(line)
+        if "message" not in record:
+            continue
+        changed = change(record["message"]["body"]["bytes"])
+        if changed is None:
+            continue
+        record["message"]["body"] = {"bytes": changed, **({"text": "x"} if extra else {})}
+        out[n] = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        return out
+    raise AssertionError("no message body to change")
+
+
+def _padding_bit(text: str) -> str | None:
+    """Base64 ending in ``=`` with the last data character's lowest bit (a padding bit,
+    zero in canonical base64) set; ``None`` when there is no padding."""
+    if not text.endswith("="):
+        return None
+    last = len(text.rstrip("=")) - 1
+    return text[:last] + _BASE64[_BASE64.index(text[last]) | 1] + text[last + 1 :]
+
+
 def _touch(line: bytes) -> bytes:
     return line.replace(b'"turn_id":"t0"', b'"turn_id":"t9"', 1)
 
@@ -250,7 +290,11 @@ def test_damaged_backups_are_refused_by_name_before_anything_is_written(
         "half-line": "is truncated: line",
         "altered": "was altered: its records' sha256",
         "not-json": "line 3: not JSON",
-        "version": "is format version 2; this overstory reads version 1",
+        "version": "is format version 3; this overstory reads versions 1, 2",
+        "v1-bytes": "line 16: message field 'body' has a bad value {'bytes'",
+        "not-base64": "line 16: message body is not base64",
+        "not-canonical": "message body is not canonical base64",
+        "bytes-shape": "line 16: message field 'body' has a bad value {'bytes'",
         "counts": "holds",
         "reordered": "record out of order or repeated",
         "unknown-key": "is not declared by this overstory",
@@ -262,7 +306,13 @@ def test_damaged_backups_are_refused_by_name_before_anything_is_written(
         "half-line": lambda ls: [*ls[:-1], ls[-1][:-5]],
         "altered": lambda ls: [_touch(ln) for ln in ls],
         "not-json": lambda ls: [*ls[:2], b"{not json\n", *ls[3:]],
-        "version": lambda ls: [ls[0].replace(b'"version":1', b'"version":2'), *ls[1:]],
+        "version": lambda ls: [ls[0].replace(b'"version":2', b'"version":3'), *ls[1:]],
+        # a version-1 file had text bodies only
+        "v1-bytes": lambda ls: [ls[0].replace(b'"version":2', b'"version":1'), *ls[1:]],
+        "not-base64": lambda ls: _body(ls, lambda b: "*" + b[1:]),
+        # a padding bit set: it decodes, but is not the text it was written as
+        "not-canonical": lambda ls: _body(ls, _padding_bit),
+        "bytes-shape": lambda ls: _body(ls, lambda b: b, extra=True),
         "counts": lambda ls: _end(ls, lambda e: e["counts"].update(message=11)),
         "reordered": lambda ls: [ls[0], ls[2], ls[1], *ls[3:]],
         "unknown-key": lambda ls: [
@@ -423,3 +473,79 @@ def test_the_backup_and_restore_commands_end_to_end(
     assert proc.returncode == 0, proc.stderr
     checked = json.loads(proc.stdout)
     assert (checked["intact"], checked["counts"]) == (True, made["counts"])
+
+
+#: tests/data/backup-v1.jsonl: a backup made by overstory before message bodies were
+#: sealed as bytes (format version 1, ef35a84), ungzipped so it reads in review: a body
+#: stored in the clear, three sealed as enc1 text, an enc1 vault document. Made with
+#: this (test-only) key.
+OLD_BACKUP = Path(__file__).resolve().parent / "data" / "backup-v1.jsonl"
+OLD_KEYS = DataKeys.parse("k1:+5b3w8K3TUdwW09sIXGa3KteFgz0ZRmL4lo4ZjyKXZ8=")
+OLD_HISTORIES = {
+    "a:alice": [
+        UserMessage(content="before encryption", seq=0, turn_id="t0", created_at=1.5),
+        AssistantMessage(
+            content="sealed as enc1 text",
+            usage=Usage(3, 4),
+            model="m",
+            seq=1,
+            turn_id="t0",
+            created_at=2.25,
+        ),
+    ],
+    "a:bob": [
+        UserMessage(content="bob's question", seq=0, turn_id="t0", created_at=3.0, hidden=True),
+        AssistantMessage(
+            content="bob's answer",
+            usage=Usage(1, 2),
+            model="m",
+            seq=1,
+            turn_id="t0",
+            created_at=3.5,
+        ),
+    ],
+}
+
+
+def test_a_version_1_backup_with_enc1_text_bodies_restores_and_round_trips(
+    store_url: str, tmp_path: Path
+) -> None:
+    """The old file restores into either store as it is (text bodies stay text) and opens
+    with its key; with a new message beside them (enc2 bytes), a version-2 backup keeps
+    both forms byte for byte; ``rotate-data`` then turns the old bodies into enc2."""
+    old = tmp_path / "v1.backup"
+    old.write_bytes(gzip.compress(OLD_BACKUP.read_bytes()))
+    manifest = read_manifest(old)
+    assert (manifest.version, manifest.counts["message"]) == (1, 4)
+    assert manifest.data_keys["k1"]["records"] == 4  # three bodies and the vault document
+    restored = restore(old, store_url, keys=OLD_KEYS)
+    assert restored.keys == {"k1": "verified"}
+    stored = raw(store_url, dump)
+    assert stored["message"] == [r for kind, r in _records(old, []) if kind == "message"]
+    assert [type(r["body"]) for r in stored["message"]] == [str] * 4
+    assert [key_id_of(r["body"]) for r in stored["message"]] == [None, "k1", "k1", "k1"]
+
+    async def read(store: HistoryStore) -> tuple[dict[str, list[Message]], Any]:
+        histories = {cid: await store.load(cid) for cid in await store.conversation_ids()}
+        return histories, await DataVault(store, "a", "alice").retrieve("notes", "n1")
+
+    assert run(store_url, read, keys=OLD_KEYS) == (OLD_HISTORIES, {"text": "a note"})
+
+    new = UserMessage(content=f"{CANARY} new", seq=2, turn_id="t1", created_at=4.0)
+    run(store_url, lambda s: s.append("a:bob", new), keys=OLD_KEYS)
+    mixed = raw(store_url, dump)
+    assert [type(r["body"]) for r in mixed["message"]] == [str] * 4 + [bytes]
+    manifest = backup(store_url, tmp_path / "v2.backup")
+    assert (manifest.version, manifest.data_keys["k1"]["records"]) == (2, 5)
+    again = f"sqlite:///{tmp_path}/again.db"
+    assert restore(tmp_path / "v2.backup", again, keys=OLD_KEYS).keys == {"k1": "verified"}
+    assert raw(again, dump) == mixed
+    histories = {**OLD_HISTORIES, "a:bob": [*OLD_HISTORIES["a:bob"], new]}
+    assert run(again, read, keys=OLD_KEYS) == (histories, {"text": "a note"})
+
+    counts = run(again, reseal, keys=OLD_KEYS)
+    assert counts["skipped"] == 0
+    bodies = [r["body"] for r in raw(again, dump)["message"]]
+    assert all(isinstance(b, bytes) and b.startswith(b"enc2:k1:") for b in bodies)
+    assert bodies[4] == mixed["message"][4]["body"]  # enc2 under the first key already
+    assert run(again, read, keys=OLD_KEYS) == (histories, {"text": "a note"})

@@ -1,5 +1,6 @@
-"""Encryption at rest (no Ray): keys, sealing, what the raw store holds, tampering, wrong
-and missing keys, rotation — against SQLite and the MongoDB-wire server both."""
+"""Encryption at rest (no Ray): keys, sealing, what the raw store holds (enc2 bytes: a
+SQLite BLOB, BSON binary), tampering, wrong and missing keys, rotation, bodies sealed as
+enc1 text by earlier versions — against SQLite and the MongoDB-wire server both."""
 
 from __future__ import annotations
 
@@ -15,9 +16,17 @@ import pytest
 from conftest import on_store
 
 from overstory.exceptions import DataKeyError
-from overstory.messages import AssistantMessage, Message, ToolCall, ToolReturn, Usage, UserMessage
+from overstory.messages import (
+    AssistantMessage,
+    Message,
+    ToolCall,
+    ToolReturn,
+    Usage,
+    UserMessage,
+    to_record,
+)
 from overstory.store import HistoryStore
-from overstory.store.crypto import DataKeys, reseal
+from overstory.store.crypto import DataKeys, key_id_of, reseal
 
 CANARY = "CANARY-7f3a-secret-text"
 
@@ -64,19 +73,52 @@ async def _write(store: HistoryStore, cid: str, messages: list[Message]) -> None
         await store.append(cid, message)
 
 
-def _raw_bodies(url: str) -> list[str]:
-    """Every stored body, read past the store (the SQLite file, the MongoDB documents)."""
-    if url.startswith("sqlite"):
-        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
-            return [str(r[0]) for r in conn.execute("SELECT body FROM messages")]
+def _mongo(url: str, body: Callable[[Any], Any]) -> Any:
+    """``body(messages)`` on the MongoDB store's messages collection, past the store."""
     from pymongo import MongoClient
 
     client: MongoClient[dict[str, Any]] = MongoClient(url)
     try:
-        db = client.get_default_database()
-        return [json.dumps(d, default=str) for d in db["messages"].find()]
+        return body(client.get_default_database()["messages"])
     finally:
         client.close()
+
+
+def _raw_rows(url: str) -> list[tuple[str, str | bytes]]:
+    """Every stored body, read past the store, in (conversation, seq) order, with how it
+    is stored: SQLite's ``typeof(body)``; for MongoDB, what PyMongo decodes it to (BSON
+    binary data comes back as ``bytes``, a string as ``str``)."""
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            rows = conn.execute(
+                "SELECT typeof(body), body FROM messages ORDER BY conversation_id, seq"
+            )
+            return [(str(t), b) for t, b in rows]
+    docs = _mongo(url, lambda c: list(c.find().sort([("conversation_id", 1), ("seq", 1)])))
+    return [(type(d["body"]).__name__, d["body"]) for d in docs]
+
+
+def _raw_bodies(url: str) -> list[str | bytes]:
+    return [body for _, body in _raw_rows(url)]
+
+
+def _shows(body: str | bytes, text: str) -> bool:
+    return (text.encode() if isinstance(body, bytes) else text) in body
+
+
+def _put_raw(url: str, cid: str, message: Message, body: str | bytes) -> None:
+    """``message`` stored with ``body`` as it is, past the store (as an earlier version of
+    overstory would have written it)."""
+    record = {**to_record(message), "body": body}
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            conn.execute(
+                "INSERT INTO messages (conversation_id, seq, turn_id, kind, created_at, body)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (cid, *(record[f] for f in ("seq", "turn_id", "kind", "created_at", "body"))),
+            )
+    else:
+        _mongo(url, lambda c: c.insert_one({"conversation_id": cid, **record}))
 
 
 def test_data_keys_parse_both_base64_alphabets_and_name_every_mistake(tmp_path: Path) -> None:
@@ -119,54 +161,119 @@ def test_no_message_text_reaches_the_store_and_history_reads_back_whole(store_ur
         return await store.load("a:alice")
 
     loaded = run(store_url, keys, body)
-    raw = _raw_bodies(store_url)
-    assert len(raw) == 8
-    assert all(CANARY not in body and "my text" not in body for body in raw)
-    assert all("enc1:k1:" in body for body in raw)
+    rows = _raw_rows(store_url)
+    assert len(rows) == 8
+    # stored as bytes: a BLOB in SQLite's TEXT-declared column, BSON binary in MongoDB
+    assert {kind for kind, _ in rows} == {"blob" if store_url.startswith("sqlite") else "bytes"}
+    raw = [body for _, body in rows]
+    assert all(isinstance(b, bytes) and b.startswith(b"enc2:k1:") for b in raw)
+    assert all(not _shows(b, CANARY) and not _shows(b, "my text") for b in raw)
+    # no base64: the prefix, a nonce and a tag (8 + 12 + 16 bytes) over the JSON text
+    assert [len(b) for b in raw] == [len(to_record(m)["body"].encode()) + 36 for m in messages]
     assert loaded == messages
+    if store_url.startswith("mongodb"):  # nowhere in the documents either
+        docs = _mongo(store_url, lambda c: list(c.find()))
+        assert all(CANARY not in repr(d) for d in docs)
     if store_url.startswith("sqlite"):  # the file's bytes, its write-ahead log included
         path = Path(store_url.removeprefix("sqlite:///"))
         files = [p for p in (path, path.with_name(path.name + "-wal")) if p.exists()]
         assert all(CANARY.encode() not in p.read_bytes() for p in files)
 
 
-def test_a_record_moved_or_altered_does_not_open(store_url: str) -> None:
+def test_a_record_moved_altered_or_cut_short_does_not_open(store_url: str) -> None:
     keys = DataKeys.parse(f"k1:{K1}")
 
-    async def body(store: HistoryStore) -> list[str]:
+    async def body(store: HistoryStore) -> list[str | bytes]:
         await _write(store, "a:alice", _turn(0))
         await _write(store, "a:bob", [UserMessage(content="bob's", seq=0, turn_id="b")])
         rows = await store.bodies()
         return [b for _, _, b in rows]
 
     bodies = run(store_url, keys, body)  # a:alice 0-3, then a:bob 0
+    assert all(isinstance(b, bytes) for b in bodies)  # as stored
     alice_0, alice_1, bob_0 = bodies[0], bodies[1], bodies[4]
+    assert isinstance(alice_0, bytes)
+    nonce_end = len(b"enc2:k1:") + 12
+    cases = {
+        # one bit of the ciphertext flipped
+        "flipped": alice_0[:40] + bytes([alice_0[40] ^ 1]) + alice_0[41:],
+        # the tag's last byte gone; cut inside the nonce (shorter than a nonce and a tag)
+        "tag cut": alice_0[:-1],
+        "nonce cut": alice_0[: nonce_end - 4],
+        "header only": b"enc2:k1:",
+        # bytes that are no enc2 record: plain JSON, a bad key id, an old prefix
+        "plain bytes": b'{"content":"hello"}',
+        "bad key id": b"enc2:k 1:" + alice_0[len(b"enc2:k1:") :],
+        "enc1 bytes": b"enc1:k1:" + alice_0[len(b"enc2:k1:") :],
+        "unknown key": b"enc2:k9:" + alice_0[len(b"enc2:k1:") :],
+    }
 
-    async def tamper(store: HistoryStore) -> list[str]:
-        errors = []
-        # alice's first message copied over bob's (another conversation, the same seq)
-        assert await store.replace_body("a:bob", 0, bob_0, alice_0)
-        # alice's first message copied to her second position
-        assert await store.replace_body("a:alice", 1, alice_1, alice_0)
-        for cid in ("a:bob", "a:alice"):
+    async def tamper(store: HistoryStore) -> dict[str, str]:
+        errors: dict[str, str] = {}
+
+        async def refused(name: str, cid: str) -> None:
             with pytest.raises(DataKeyError) as caught:
                 await store.load(cid)
-            errors.append(str(caught.value))
-        # one character of a body changed
-        mid = len(alice_0) // 2  # inside the ciphertext (the ends may be padding bits)
-        flipped = alice_0[:mid] + ("A" if alice_0[mid] != "A" else "B") + alice_0[mid + 1 :]
+            errors[name] = str(caught.value)
+
+        # text never matches a stored bytes body: compare-and-set sees the body as stored
+        assert not await store.replace_body("a:alice", 0, alice_0.decode("latin-1"), alice_1)
+        # alice's first message copied over bob's (another conversation, the same seq)
+        assert await store.replace_body("a:bob", 0, bob_0, alice_0)
+        await refused("other conversation", "a:bob")
+        # alice's first message copied to her second position
+        assert await store.replace_body("a:alice", 1, alice_1, alice_0)
+        await refused("other seq", "a:alice")
         assert await store.replace_body("a:alice", 1, alice_0, alice_1)
-        assert await store.replace_body("a:alice", 0, alice_0, flipped)
-        with pytest.raises(DataKeyError) as caught:
-            await store.load("a:alice")
-        errors.append(str(caught.value))
+        current: str | bytes = alice_0
+        for name, damaged in cases.items():
+            assert await store.replace_body("a:alice", 0, current, damaged)
+            current = damaged
+            await refused(name, "a:alice")
+        assert await store.replace_body("a:alice", 0, current, alice_0)  # put back: it opens
+        assert await store.load("a:alice") == _turn(0)
         return errors
 
     errors = run(store_url, keys, tamper)
-    assert "message 0 of 'a:bob' does not open" in errors[0]
-    assert "message 1 of 'a:alice' does not open" in errors[1]
-    assert "message 0 of 'a:alice' does not open" in errors[2]
-    assert all("altered, moved" in e and CANARY not in e for e in errors)
+    assert "message 0 of 'a:bob' does not open" in errors["other conversation"]
+    assert "message 1 of 'a:alice' does not open" in errors["other seq"]
+    for name in ("other conversation", "other seq", "flipped", "tag cut", "nonce cut"):
+        assert "with data key 'k1': it was altered, moved" in errors[name], name
+    assert "message 0 of 'a:alice' does not open" in errors["flipped"]
+    assert "(ValueError)" in errors["nonce cut"]  # cut short: no tag to check
+    assert "(ValueError)" in errors["header only"]
+    for name in ("plain bytes", "bad key id", "enc1 bytes"):
+        assert errors[name].startswith(
+            "message 0 of 'a:alice' is stored as bytes but is not a sealed record"
+        ), name
+    assert "sealed with data key 'k9', which is not configured" in errors["unknown key"]
+    assert all(CANARY not in e for e in errors.values())
+
+
+def test_bodies_sealed_as_enc1_text_by_earlier_versions_still_open(store_url: str) -> None:
+    """A store written before enc2: its sealed bodies are enc1 text (base64) beside the
+    new bytes ones; both open, and the raw records keep their forms until re-sealed."""
+    keys = DataKeys.parse(f"k1:{K1}")
+    run(store_url, keys, lambda s: _write(s, "a:alice", _turn(0)))
+    for message in _turn(4):
+        body = keys.seal(to_record(message)["body"], "a:alice", message.seq)
+        assert body.startswith("enc1:k1:")
+        _put_raw(store_url, "a:alice", message, body)
+    forms = [type(b).__name__ for b in _raw_bodies(store_url)]
+    assert forms == ["bytes"] * 4 + ["str"] * 4
+    assert run(store_url, keys, lambda s: s.load("a:alice")) == _turn(0) + _turn(4)
+    assert run(store_url, keys, lambda s: s.load_turn("a:alice", "t4")) == _turn(4)
+    # an enc1 record moved to another position does not open either
+    enc1_4 = _raw_bodies(store_url)[4]
+    assert isinstance(enc1_4, str)
+
+    async def move(store: HistoryStore) -> None:
+        old = _raw_bodies(store_url)[5]
+        assert await store.replace_body("a:alice", 5, old, enc1_4)
+        with pytest.raises(DataKeyError, match="message 5 of 'a:alice' does not open"):
+            await store.load("a:alice")
+
+    run(store_url, keys, move)
 
 
 def test_a_wrong_or_missing_key_fails_at_open_naming_the_key(store_url: str) -> None:
@@ -185,21 +292,31 @@ def test_rotation_seals_plain_and_old_records_with_the_new_key_then_old_keys_may
     store_url: str,
 ) -> None:
     run(store_url, None, lambda s: _write(s, "a:alice", _turn(0)))  # before encryption
-    assert sum(CANARY in b for b in _raw_bodies(store_url)) == 4  # in the clear, as before
+    assert sum(_shows(b, CANARY) for b in _raw_bodies(store_url)) == 4  # in the clear
+    assert all(isinstance(b, str) for b in _raw_bodies(store_url))  # plain bodies: text
     k1 = DataKeys.parse(f"k1:{K1}")
     run(store_url, k1, lambda s: _write(s, "a:alice", _turn(4)))  # turned on: mixed
-    assert run(store_url, k1, lambda s: s.load("a:alice")) == _turn(0) + _turn(4)
+    for message in _turn(8):  # and sealed as enc1 text, as overstory did before enc2
+        body = k1.seal(to_record(message)["body"], "a:alice", message.seq)
+        _put_raw(store_url, "a:alice", message, body)
+    history = _turn(0) + _turn(4) + _turn(8)
+    assert run(store_url, k1, lambda s: s.load("a:alice")) == history
+    # plain, enc2 under k1 and enc1 under k1: all but the enc2 ones are re-sealed
     first = run(store_url, k1, reseal)
-    assert (first["examined"], first["resealed"], first["skipped"]) == (8, 4, 0)
-    assert all(CANARY not in b for b in _raw_bodies(store_url))
+    assert (first["examined"], first["resealed"], first["skipped"]) == (12, 8, 0)
+    raw = _raw_bodies(store_url)
+    assert all(isinstance(b, bytes) and b.startswith(b"enc2:k1:") for b in raw)
+    assert not any(_shows(b, CANARY) for b in raw)
+    assert run(store_url, k1, lambda s: s.load("a:alice")) == history
 
     k2_then_k1 = DataKeys.parse(f"k2:{K2},k1:{K1}")
     second = run(store_url, k2_then_k1, reseal)
-    assert (second["resealed"], second["key"]) == (8, "k2")
+    assert (second["resealed"], second["key"]) == (12, "k2")
     assert run(store_url, k2_then_k1, reseal)["resealed"] == 0  # nothing left to do
+    assert {key_id_of(b) for b in _raw_bodies(store_url)} == {"k2"}
     # every record is under k2 now, and k1's check value was dropped: k1 may go
     only_k2 = DataKeys.parse(f"k2:{K2}")
-    assert run(store_url, only_k2, lambda s: s.load("a:alice")) == _turn(0) + _turn(4)
+    assert run(store_url, only_k2, lambda s: s.load("a:alice")) == history
     with pytest.raises(DataKeyError, match="no key is configured"):
         run(store_url, None, lambda s: s.count())
 

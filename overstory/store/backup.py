@@ -7,15 +7,21 @@ bodies, vault documents and job texts stay sealed, and no data key is needed or 
 store of either kind — so moving from SQLite to MongoDB (or back) is a backup and a
 restore.
 
-The file (format version 1) is gzip'd JSON lines, ASCII::
+The file (format version 2) is gzip'd JSON lines, ASCII::
 
-    {"format": "overstory-backup", "version": 1, "created_at": "...Z", "source": "sqlite",
+    {"format": "overstory-backup", "version": 2, "created_at": "...Z", "source": "sqlite",
      "consistency": "transaction"}
     {"setting": {"key": "...", "value": "..."}}              # every setting, in key order
     {"message": {"conversation_id": "...", "seq": 0, ...}}    # then messages, vault, epochs
     ...
     {"end": {"counts": {"setting": 12, ...}, "data_keys": {"k1": {"check": "...",
      "records": 40}}, "sha256": "..."}}
+
+A message body stored as bytes (a sealed ``enc2`` record, :mod:`.crypto`) is written as
+``{"bytes": "<standard base64, padded>"}``, a JSON object where a text body is a JSON
+string, so the two never mix up; a reader takes only that exact shape, in canonical
+base64, so it comes back byte for byte. Version 1 (before bytes bodies) has text bodies
+only; it is still read.
 
 ``sha256`` is over every line before the last, as written (newlines included): a file cut
 short, corrupted or edited is refused, naming it, before anything is written. It is a
@@ -28,6 +34,8 @@ configured where it runs are the right ones.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import dataclasses
 import gzip
@@ -44,12 +52,13 @@ from typing import Any, Literal
 
 from ..exceptions import BackupInvalid, DataKeyError, UsageError
 from .base import HistoryStore
-from .crypto import SEALED_PREFIX, DataKeys
+from .crypto import SEALED_PREFIX, DataKeys, key_id_of
 from .records import KINDS, Record, RecordKind, check_record, order_key
 from .settings import DATA_KEYS
 
 __all__ = [
     "FORMAT",
+    "READS",
     "VERSION",
     "KeyStatus",
     "Manifest",
@@ -62,7 +71,9 @@ __all__ = [
 ]
 
 FORMAT = "overstory-backup"
-VERSION = 1
+VERSION = 2
+#: The format versions a reader accepts (1: text bodies only).
+READS = (1, 2)
 #: The longest line a reader accepts (a record with a very large body still fits).
 MAX_LINE = 64 * 1024 * 1024
 _SOURCES = ("sqlite", "mongodb")
@@ -125,7 +136,39 @@ def _line(obj: object) -> bytes:
 def _key_ids(kind: RecordKind, record: Record) -> set[str]:
     """The data key ids that sealed (parts of) a record."""
     text = {"message": "body", "vault": "document", "setting": "value"}.get(kind)
-    return set(_SEALED.findall(record[text])) if text else set()
+    if text is None:
+        return set()
+    value = record[text]
+    if isinstance(value, bytes):  # one enc2 record
+        key_id = key_id_of(value)
+        return set() if key_id is None else {key_id}
+    return set(_SEALED.findall(value))
+
+
+def _portable(kind: RecordKind, record: Record) -> Record:
+    """``record`` as a backup line holds it: a bytes body as ``{"bytes": BASE64}``."""
+    if kind == "message" and isinstance(record["body"], bytes):
+        return {**record, "body": {"bytes": base64.b64encode(record["body"]).decode("ascii")}}
+    return record
+
+
+def _from_portable(kind: object, value: object, version: int, where: str) -> object:
+    """A line's record with a ``{"bytes": BASE64}`` body back as bytes (version 2 on),
+    strictly: exactly that shape, canonical padded base64 — else :class:`BackupInvalid`.
+    Anything else is left for :func:`~.records.check_record`."""
+    if kind != "message" or not isinstance(value, dict) or not isinstance(value.get("body"), dict):
+        return value
+    body = value["body"]
+    encoded = body.get("bytes")
+    if version < 2 or set(body) != {"bytes"} or not isinstance(encoded, str):
+        raise BackupInvalid(f"{where}: message field 'body' has a bad value {body!r:.80}")
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BackupInvalid(f"{where}: message body is not base64 ({exc})") from exc
+    if base64.b64encode(raw).decode("ascii") != encoded:
+        raise BackupInvalid(f"{where}: message body is not canonical base64")
+    return {**value, "body": raw}
 
 
 class _Tally:
@@ -179,7 +222,7 @@ async def write_backup(
             for kind in KINDS:
                 async for record in snapshot.records(kind):
                     out.tally.add(kind, record)
-                    out.emit({kind: record})
+                    out.emit({kind: _portable(kind, record)})
         manifest = Manifest(
             str(out.path),
             VERSION,
@@ -302,10 +345,10 @@ def _check_header(name: str, header: Any) -> dict[str, Any]:
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise BackupInvalid(f"backup {name!r} is not an overstory backup (no {FORMAT!r} header)")
     version = header.get("version")
-    if version != VERSION:
+    if type(version) is not int or version not in READS:
         raise BackupInvalid(
             f"backup {name!r} is format version {version!r:.20}; this overstory reads "
-            f"version {VERSION}"
+            f"versions {', '.join(map(str, READS))}"
         )
     if header.get("source") not in _SOURCES or header.get("consistency") not in _CONSISTENCIES:
         raise BackupInvalid(f"backup {name!r}: header names no known source or consistency")
@@ -362,7 +405,9 @@ def _records(
         if kind_name == "end":
             end = _check_trailer(name, value, tally)
             continue
-        kind, record = check_record(kind_name, value, f"backup {name!r}, line {number}")
+        where = f"backup {name!r}, line {number}"
+        value = _from_portable(kind_name, value, int(header["version"]), where)
+        kind, record = check_record(kind_name, value, where)
         place = (KINDS.index(kind), order_key(kind, record))
         if last is not None and place <= last:
             raise BackupInvalid(

@@ -60,16 +60,21 @@ class HistoryStore(ABC):
     def _to_record(self, conversation_id: str, message: Message) -> dict[str, Any]:
         record = to_record(message)
         if self.data_keys is not None:
-            record["body"] = self.data_keys.seal(record["body"], conversation_id, message.seq)
+            record["body"] = self.data_keys.seal_bytes(record["body"], conversation_id, message.seq)
         return record
 
     def _from_record(self, conversation_id: str, record: dict[str, Any]) -> Message:
-        body = str(record["body"])
+        body: str | bytes = record["body"]
         if is_sealed(body):
             if self.data_keys is None:
+                key_id = key_id_of(body)
                 raise DataKeyError(
-                    f"message {record['seq']} of {conversation_id!r} is encrypted (data key "
-                    f"{key_id_of(body)!r}) and no data key is configured"
+                    f"message {record['seq']} of {conversation_id!r} is "
+                    + (
+                        "stored as bytes but is not a sealed record"
+                        if key_id is None
+                        else f"encrypted (data key {key_id!r}) and no data key is configured"
+                    )
                 )
             record = {
                 **record,
@@ -96,9 +101,10 @@ class HistoryStore(ABC):
     @abstractmethod
     async def bodies(
         self, after: tuple[str, int] | None = None, limit: int = 500
-    ) -> list[tuple[str, int, str]]:
+    ) -> list[tuple[str, int, str | bytes]]:
         """Up to ``limit`` stored ``(conversation id, seq, body)`` after ``after``, in
-        (conversation, seq) order, bodies as stored (sealed or not): for re-sealing."""
+        (conversation, seq) order, bodies as stored (plain JSON text, ``enc1`` text or
+        ``enc2`` bytes: :mod:`.crypto`): for re-sealing."""
 
     @abstractmethod
     async def hide(self, conversation_id: str, seq: int, *, epoch: int | None = None) -> bool:
@@ -107,8 +113,11 @@ class HistoryStore(ABC):
         is still the conversation's current epoch (else ``Fenced``)."""
 
     @abstractmethod
-    async def replace_body(self, conversation_id: str, seq: int, old: str, new: str) -> bool:
-        """Compare-and-set one message's stored body (only ``rotate-data`` rewrites)."""
+    async def replace_body(
+        self, conversation_id: str, seq: int, old: str | bytes, new: str | bytes
+    ) -> bool:
+        """Compare-and-set one message's stored body (only ``rotate-data`` rewrites): text
+        and bytes never compare equal, so ``old`` is the body exactly as stored."""
 
     @property
     @abstractmethod
@@ -309,15 +318,16 @@ class HistoryStore(ABC):
 
 async def reseal_messages(store: HistoryStore, keys: DataKeys, batch: int) -> dict[str, int]:
     """Seal every message body not under the primary key with it (plain bodies, and
-    those sealed with an older key), page by page, each by compare-and-set: messages are
-    never rewritten otherwise, so one that changed meanwhile is another rotation's."""
+    those sealed with an older key or as ``enc1`` text: each becomes ``enc2`` bytes), page
+    by page, each by compare-and-set: messages are never rewritten otherwise, so one that
+    changed meanwhile is another rotation's."""
     counts = {"examined": 0, "resealed": 0, "skipped": 0}
     after: tuple[str, int] | None = None
     while rows := await store.bodies(after, batch):
         for cid, seq, body in rows:
             counts["examined"] += 1
-            if key_id_of(body) != keys.primary:
-                fresh = keys.seal(keys.open(body, cid, seq), cid, seq)
+            if not isinstance(body, bytes) or key_id_of(body) != keys.primary:
+                fresh = keys.seal_bytes(keys.open(body, cid, seq), cid, seq)
                 if await store.replace_body(cid, seq, body, fresh):
                     counts["resealed"] += 1
                 else:

@@ -4,7 +4,8 @@ Motor, the older async driver, reached end of life on 2026-05-14; PyMongo Async 
 official successor. One document per message in the ``messages`` collection, with a
 unique index on ``(conversation_id, seq)`` — never one growing document per
 conversation, which would hit MongoDB's 16 MB document limit. Writes use majority write
-concern with journaling, so a message is durable when :meth:`append` returns.
+concern with journaling, so a message is durable when :meth:`append` returns. A sealed
+message body (``enc2``, :mod:`.crypto`) is BSON binary data, read back as ``bytes``.
 
 Fencing keeps one document per conversation in ``conversations`` holding its epoch. A
 fenced append runs in a transaction that first updates that document *conditioned on
@@ -55,6 +56,12 @@ _COLLECTIONS: dict[RecordKind, tuple[str, list[tuple[str, int]]]] = {
 }
 
 
+def _body(stored: object) -> str | bytes:
+    """A stored message body as read: JSON or ``enc1`` text, or ``enc2`` bytes (BSON
+    binary, which PyMongo reads back as ``bytes``)."""
+    return stored if isinstance(stored, bytes) else str(stored)
+
+
 def _record(kind: RecordKind, d: dict[str, Any]) -> Record:
     """A stored document in the shape of :mod:`.records`."""
     if kind == "setting":
@@ -66,7 +73,7 @@ def _record(kind: RecordKind, d: dict[str, Any]) -> Record:
             "turn_id": str(d["turn_id"]),
             "kind": str(d["kind"]),
             "created_at": float(d["created_at"]),
-            "body": str(d["body"]),
+            "body": _body(d["body"]),
             "hidden": bool(d.get("hidden", False)),
         }
     if kind == "vault":
@@ -475,7 +482,7 @@ class MongoStore(HistoryStore):
 
     async def bodies(
         self, after: tuple[str, int] | None = None, limit: int = 500
-    ) -> list[tuple[str, int, str]]:
+    ) -> list[tuple[str, int, str | bytes]]:
         query: dict[str, Any] = {}
         if after is not None:
             cid, seq = after
@@ -492,7 +499,7 @@ class MongoStore(HistoryStore):
                 .limit(limit)
             )
             return [
-                (str(d["conversation_id"]), int(d["seq"]), str(d["body"])) async for d in cursor
+                (str(d["conversation_id"]), int(d["seq"]), _body(d["body"])) async for d in cursor
             ]
         except PyMongoError as exc:
             raise StoreError(f"cannot read messages from {self.url}: {exc}") from exc
@@ -521,7 +528,11 @@ class MongoStore(HistoryStore):
         except PyMongoError as exc:
             raise StoreError(f"cannot hide a message in {self.url}: {exc}") from exc
 
-    async def replace_body(self, conversation_id: str, seq: int, old: str, new: str) -> bool:
+    async def replace_body(
+        self, conversation_id: str, seq: int, old: str | bytes, new: str | bytes
+    ) -> bool:
+        # BSON compares a string and binary data as unequal types: ``old`` matches only
+        # the body as stored.
         try:
             result = await self._messages.update_one(
                 {"conversation_id": conversation_id, "seq": seq, "body": old},

@@ -6,7 +6,9 @@ sees a data key), and a setting's value is copied as the string its owner wrote.
 
 * ``setting``: ``key``, ``value`` — every setting (:mod:`.settings`), in key order.
 * ``message``: ``conversation_id``, ``seq``, ``turn_id``, ``kind``, ``created_at``,
-  ``body``, ``hidden`` — in (conversation, seq) order.
+  ``body``, ``hidden`` — in (conversation, seq) order. ``body`` is ``str`` (the message's
+  JSON, or an ``enc1`` sealed text) or ``bytes`` (an ``enc2`` sealed record: :mod:`.crypto`);
+  a backup file writes bytes as ``{"bytes": BASE64}`` (:mod:`.backup`).
 * ``vault``: ``agent``, ``owner``, ``collection``, ``key``, ``document``, ``expires_at``
   (epoch seconds or ``None``) — in that order, expired documents included.
 * ``conversation``: ``conversation_id``, ``epoch`` — the fencing epochs, in id order.
@@ -56,6 +58,10 @@ def _text(value: object) -> bool:
     return isinstance(value, str)
 
 
+def _text_or_bytes(value: object) -> bool:
+    return isinstance(value, str | bytes)
+
+
 def _count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -83,7 +89,7 @@ FIELDS: Mapping[RecordKind, Mapping[str, _Check]] = {
         "turn_id": _text,
         "kind": _text,
         "created_at": _number,
-        "body": _text,
+        "body": _text_or_bytes,
         "hidden": _flag,
     },
     "vault": {

@@ -39,6 +39,10 @@ __all__ = ["SQLiteStore"]
 
 T = TypeVar("T")
 
+# ``messages.body`` is a message's JSON text, or its sealed record (.crypto): ``enc2``
+# bytes, stored as a BLOB — a TEXT column converts only numbers to text, so a BLOB bound
+# into it stays a BLOB (no schema change; older files hold ``enc1`` text, which still
+# opens, beside them).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     conversation_id TEXT NOT NULL,
@@ -556,16 +560,16 @@ class SQLiteStore(HistoryStore):
 
     async def bodies(
         self, after: tuple[str, int] | None = None, limit: int = 500
-    ) -> list[tuple[str, int, str]]:
+    ) -> list[tuple[str, int, str | bytes]]:
         cid, seq = after if after is not None else ("", -1)
 
-        def select(conn: sqlite3.Connection) -> list[tuple[str, int, str]]:
+        def select(conn: sqlite3.Connection) -> list[tuple[str, int, str | bytes]]:
             rows = conn.execute(
                 "SELECT conversation_id, seq, body FROM messages"
                 " WHERE (conversation_id, seq) > (?, ?) ORDER BY conversation_id, seq LIMIT ?",
                 (cid, seq, limit),
             ).fetchall()
-            return [(str(c), int(n), str(b)) for c, n, b in rows]
+            return [(str(c), int(n), b if isinstance(b, bytes) else str(b)) for c, n, b in rows]
 
         try:
             return await self._run(select)
@@ -586,7 +590,11 @@ class SQLiteStore(HistoryStore):
 
         return await self._write(mark)
 
-    async def replace_body(self, conversation_id: str, seq: int, old: str, new: str) -> bool:
+    async def replace_body(
+        self, conversation_id: str, seq: int, old: str | bytes, new: str | bytes
+    ) -> bool:
+        # A BLOB never equals a TEXT (the column's TEXT affinity leaves a bound BLOB a
+        # BLOB): ``old`` matches only the body as stored, in its storage class.
         def swap(conn: sqlite3.Connection) -> bool:
             try:
                 cursor = conn.execute(
