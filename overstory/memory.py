@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 from collections.abc import Callable
 
 __all__ = ["QuietTrim", "trim"]
@@ -34,11 +35,27 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return fn  # type: ignore[no-any-return]
 
 
-def trim() -> bool:
-    """Give the allocator's free pages back to the OS; ``False`` where it cannot (no
-    glibc) or had nothing to give."""
+def _resident() -> int:
+    """This process's resident set in bytes (``/proc/self/statm``; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def trim() -> int | None:
+    """Give the allocator's free pages back to the OS: the bytes the resident set fell
+    by (0: nothing to give), ``None`` where it cannot (no glibc)."""
     fn = _malloc_trim()
-    return fn is not None and bool(fn(0))
+    if fn is None:
+        return None
+    before = _resident()
+    fn(0)
+    return max(0, before - _resident())
 
 
 class QuietTrim:

@@ -427,8 +427,10 @@ class HostActor(Shell):
             self._emptied_at = now
         newest = next(reversed(self._entities.values()), None)
         last_active = max(newest.last_active if newest else 0.0, self._emptied_at)
-        if self._quiet.due(last_active, now):
-            trim()  # a burst's freed memory back to the OS, once it is over
+        if self._quiet.due(last_active, now):  # a burst's freed memory back to the OS
+            given = trim()
+            if given:
+                log.info("host %s gave back %.1f MB after a busy spell", self.name, given / 2**20)
 
     def _report(self, force: bool = False) -> None:
         """The live gauge, at most once a second (an activation burst would otherwise

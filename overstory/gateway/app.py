@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import time
 import uuid
@@ -98,6 +99,8 @@ from .wire import (
 )
 
 __all__ = ["ApiError", "DoorLimits", "Gateway", "RequestRate", "app", "install"]
+
+log = logging.getLogger(__name__)
 
 _IDEMPOTENT = IDEMPOTENCY.prefix()
 _MAX_IDEMPOTENCY_KEY = 255
@@ -231,7 +234,9 @@ class Gateway:
         while True:
             await asyncio.sleep(self._quiet.quiet_s / 2)
             if self._quiet.due(self.last_active, time.monotonic()):
-                trim()
+                given = trim()
+                if given:
+                    log.info("the door gave back %.1f MB after a busy spell", given / 2**20)
 
     async def _sweep_forever(self) -> None:
         while True:
