@@ -3,12 +3,13 @@
 A burst of 500 streams leaves a host or the door's replica holding memory it has freed:
 CPython returns its small-object arenas only when they are wholly empty, and glibc's
 allocator keeps freed pages in its heaps, so the resident size stays at the burst's
-high-water mark long after the burst (measured on this machine: +20 MB per host, +26 MB
-on the replica, flat 330 s later). ``malloc_trim(0)`` hands those pages back
-(``madvise(MADV_DONTNEED)`` on every free page of every heap, not only the top one);
-Dask's workers do the same after a task. It costs a few milliseconds for a heap of a few
-hundred megabytes, so a process calls it once per busy spell, when it has gone quiet
-(:class:`QuietTrim`), never per request.
+high-water mark long after the burst (measured on this machine: +20 MB over two hosts,
++26 MB on the replica, flat 330 s later). ``malloc_trim(0)`` hands glibc's free pages
+back (``madvise(MADV_DONTNEED)`` on every free page of every heap, not only the top
+one); Dask's workers do the same. It costs a few milliseconds for a heap of a few hundred
+megabytes, so a process calls it a few times per busy spell, once it has gone quiet
+(:class:`QuietTrim`), never per request. What CPython's arenas still hold (a page with
+one live object keeps its arena) stays: that part of a burst is not given back.
 """
 
 from __future__ import annotations
@@ -59,23 +60,27 @@ def trim() -> int | None:
 
 
 class QuietTrim:
-    """When to :func:`trim`: once per busy spell, after ``quiet_s`` without activity.
+    """When to :func:`trim`: after ``quiet_s`` without activity, then again each time the
+    quiet has lasted twice as long (memory freed late, a connection closed, a cache
+    aged out, is given back too), up to ``last_s``; a new spell of activity starts over.
 
-    ``due(last_active, now)`` is asked on a timer (a host's idle sweep, the door's
-    upkeep) with the time of the process's latest activity; it says yes at most once
-    for the activity before it, so a process that stays idle trims once, not every tick.
+    ``due(last_active, now)`` is asked on a timer (a host's sweep, the door's upkeep) with
+    the time of the process's latest activity (both monotonic seconds).
     """
 
-    def __init__(self, quiet_s: float = 10.0) -> None:
-        if quiet_s <= 0:
-            raise ValueError(f"quiet_s must be > 0, got {quiet_s!r}")
-        self.quiet_s = quiet_s
-        self._trimmed_at = float("-inf")
+    def __init__(self, quiet_s: float = 10.0, last_s: float = 640.0) -> None:
+        if not 0 < quiet_s <= last_s:
+            raise ValueError(f"0 < quiet_s <= last_s, got quiet_s={quiet_s!r}, last_s={last_s!r}")
+        self.quiet_s, self.last_s = quiet_s, last_s
+        self._spell = float("-inf")  # the activity the waits count from
+        self._wait = quiet_s
         self.trims = 0
 
     def due(self, last_active: float, now: float) -> bool:
-        if last_active <= self._trimmed_at or now - last_active < self.quiet_s:
+        if last_active != self._spell:
+            self._spell, self._wait = last_active, self.quiet_s
+        if self._wait > self.last_s or now - last_active < self._wait:
             return False
-        self._trimmed_at = now
+        self._wait *= 2
         self.trims += 1
         return True

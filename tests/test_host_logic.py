@@ -11,6 +11,7 @@ from overstory import Agent
 from overstory.actors.host import HostActor
 from overstory.app import App, conversation_id
 from overstory.config import Config
+from overstory.memory import QuietTrim
 from overstory.messages import TurnRequest
 from overstory.providers import OfflineModel
 from overstory.sharding import ShardTable, table_key
@@ -79,10 +80,13 @@ def test_the_sweeper_passivates_idle_conversations_and_keeps_busy_ones(sqlite_ur
         await until(lambda: not host.live(), "the other one to be passivated once idle")
         return during, host.live(), host.counters["passivations"]
 
-    during, after, passivated = run(_host(sqlite_url, conversations={"idle_timeout_s": 0.2}), body)
+    host = _host(sqlite_url, conversations={"idle_timeout_s": 0.2})
+    host._quiet = QuietTrim(quiet_s=0.1)
+    during, after, passivated = run(host, body)
     assert during == [cid("busy")]  # the idle one went; the one in a turn stayed
     assert after == []
     assert passivated == 2
+    assert host._quiet.trims >= 1  # the burst's memory was given back once it was over
 
 
 def test_a_grown_table_makes_the_host_shed_what_moved(sqlite_url: str) -> None:

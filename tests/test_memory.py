@@ -26,14 +26,16 @@ def test_trim_gives_a_freed_heap_back_to_the_os() -> None:
     assert len(top) == 4096
 
 
-def test_a_busy_spell_is_trimmed_once_after_it_has_been_quiet_for_quiet_s() -> None:
-    quiet = QuietTrim(quiet_s=10)
-    assert not quiet.due(last_active=float("-inf"), now=0.0)  # never busy: nothing to give
+def test_a_quiet_process_trims_after_quiet_s_then_at_doubling_waits_until_last_s() -> None:
+    quiet = QuietTrim(quiet_s=10, last_s=40)
     assert not quiet.due(last_active=100.0, now=105.0)  # still within the spell
-    assert quiet.due(last_active=100.0, now=110.0)
-    assert not quiet.due(last_active=100.0, now=140.0)  # idle since: once, not every tick
-    assert not quiet.due(last_active=150.0, now=155.0)  # a new spell ...
-    assert quiet.due(last_active=150.0, now=170.0)  # ... trimmed once it is over
-    assert quiet.trims == 2
-    with pytest.raises(ValueError, match="quiet_s must be > 0"):
+    assert quiet.due(last_active=100.0, now=110.0)  # quiet for 10 s
+    assert not quiet.due(last_active=100.0, now=115.0)
+    assert quiet.due(last_active=100.0, now=121.0)  # 20 s
+    assert quiet.due(last_active=100.0, now=141.0)  # 40 s: the last of this spell
+    assert not quiet.due(last_active=100.0, now=1000.0)
+    assert not quiet.due(last_active=1000.0, now=1005.0)  # a new spell ...
+    assert quiet.due(last_active=1000.0, now=1010.0)  # ... starts over
+    assert quiet.trims == 4
+    with pytest.raises(ValueError, match="quiet_s"):
         QuietTrim(quiet_s=0)

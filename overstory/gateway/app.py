@@ -230,7 +230,7 @@ class Gateway:
 
     async def _trim_when_quiet(self) -> None:
         """A burst's freed memory back to the OS once requests have stopped
-        (:mod:`overstory.memory`): checked every few seconds, done once per burst."""
+        (:mod:`overstory.memory`: after 10 s of quiet, then at doubling waits)."""
         while True:
             await asyncio.sleep(self._quiet.quiet_s / 2)
             if self._quiet.due(self.last_active, time.monotonic()):
