@@ -37,15 +37,23 @@ class Portal:
                 self._loop, self._thread = loop, thread
             return self._loop
 
-    def run(self, work: Coroutine[Any, Any, T]) -> T:
-        """Run ``work`` on the portal's loop and return its result (or raise its error)."""
-        loop = self._running()
+    def refuse_own_thread(self) -> None:
+        """Raise if called on the portal's own thread: a sync method there would wait on
+        the loop it blocks."""
         if threading.current_thread() is self._thread:
-            work.close()
             raise RuntimeError(
                 "a sync client method was called from the client's own event loop: "
                 "await its async form (..._async) instead"
             )
+
+    def run(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run ``work`` on the portal's loop and return its result (or raise its error)."""
+        loop = self._running()
+        try:
+            self.refuse_own_thread()
+        except RuntimeError:
+            work.close()
+            raise
         # run_coroutine_threadsafe schedules the task from this thread: it starts in a
         # copy of this thread's context (contextvars), so the caller's span is its parent.
         future = asyncio.run_coroutine_threadsafe(work, loop)

@@ -69,6 +69,7 @@ from ..telemetry.logs import LOG_ENV
 from ..usage import usage as usage_of
 from ..validation import validate_turn, validate_user_id
 from ._portal import Portal
+from ._steps import Get, Lost, Sleep, Steps, Target, drive_async, drive_sync
 from .cluster import attach, detach
 from .jobs import Jobs
 from .quotas import Quotas
@@ -277,25 +278,35 @@ class Conversation:
             return 0.0
         return min(_backoff(attempt), max(0.0, deadline - time.monotonic()))
 
-    async def _call_async(self, call: Call, *args: Any, **extra: Any) -> Any:
+    def _attempts(self, call: Call, args: tuple[Any, ...], extra: dict[str, Any]) -> Steps:
         """``call`` (a :class:`Transport` method) until it answers, re-sent after what a
         re-send may fix (a moved shard, a restarted or passivated conversation), within
-        ``conversations.send_timeout_s``."""
+        ``conversations.send_timeout_s``: the steps, as effects (:mod:`._steps`) that
+        :meth:`_call_async` awaits and :meth:`_call` blocks on."""
         deadline = time.monotonic() + self._runtime.config.conversations.send_timeout_s
-        transport = self._transport
         for attempt in itertools.count():
             target = None
             try:
-                target = await transport.target()
+                target = yield Target()
                 left = max(deadline - time.monotonic(), 0.001)
-                return await asyncio.wait_for(self._invoke(target, call, args, extra), timeout=left)
+                return (yield Get(self._invoke(target, call, args, extra), left))
             except TimeoutError as exc:
                 raise self._late(call.__name__) from exc
             except (RayTaskError, RayActorError, ConversationUnavailable) as exc:
                 error = self._retry_or_raise(call.__name__, exc, deadline)
-                if not await transport.lost(target, exc):
-                    await asyncio.sleep(self._pause(attempt, error, deadline))
+                if not (yield Lost(target, exc)):
+                    yield Sleep(self._pause(attempt, error, deadline))
         raise AssertionError("unreachable")
+
+    async def _call_async(self, call: Call, *args: Any, **extra: Any) -> Any:
+        """:meth:`_attempts`, awaited (the async face, and the sync face's streams)."""
+        return await drive_async(self._attempts(call, args, extra), self._transport)
+
+    def _call(self, call: Call, *args: Any, **extra: Any) -> Any:
+        """:meth:`_attempts` on the caller's thread, blocking in ``ray.get``: the sync
+        face's calls cross no thread and no event loop (a target that must be looked up
+        again is, on the portal's loop)."""
+        return drive_sync(self._attempts(call, args, extra), self._transport, self._portal)
 
     def _late(self, method: str) -> ConversationUnavailable:
         limit = self._runtime.config.conversations.send_timeout_s
@@ -364,19 +375,10 @@ class Conversation:
         :class:`~overstory.exceptions.UnknownAgent` for a version not served and
         :class:`~overstory.exceptions.TurnFailed` when the model could not answer.
         """
-        return self._portal.run(
-            self.send_async(
-                text,
-                turn_id=turn_id,
-                version=version,
-                model=model,
-                settings=settings,
-                output_type=output_type,
-                tools=tools,
-                tool_outputs=tool_outputs,
-                instructions=instructions,
-            )
-        )
+        options = _options(version, model, settings, output_type, tools, tool_outputs, instructions)
+        request = self._request(text, turn_id, options)
+        reply: Reply = drive_sync(self._sending(request), self._transport, self._portal)
+        return reply
 
     async def send_async(
         self,
@@ -393,19 +395,26 @@ class Conversation:
     ) -> Reply:
         """Async form of :meth:`send`."""
         options = _options(version, model, settings, output_type, tools, tool_outputs, instructions)
+        return await self._sent(self._request(text, turn_id, options))
+
+    def _request(self, text: str, turn_id: str | None, options: _Options) -> TurnRequest:
+        """The turn to send, checked (its number and span context are set by :meth:`_sending`)."""
         turn_id = self._check(text, turn_id, options)
-        return await self._sent(TurnRequest(turn_id, text, self._caller, 0, None, None, *options))
+        return TurnRequest(turn_id, text, self._caller, 0, None, None, *options)
 
     async def _sent(self, request: TurnRequest) -> Reply:
         """Send ``request`` as this handle's next turn (numbered, in its span)."""
+        reply: Reply = await drive_async(self._sending(request), self._transport)
+        return reply
+
+    def _sending(self, request: TurnRequest) -> Steps:
         n, low = self._number()
         try:
             with self._span():
                 request = replace(request, n=n, low=low, carrier=inject())
-                reply: Reply = await self._call_async(Transport.send, request)
+                return (yield from self._attempts(Transport.send, (request,), {}))
         finally:
             self._done(n)
-        return reply
 
     def append(self, messages: Sequence[Message], *, turn_id: str | None = None) -> Reply:
         """Store ``messages`` (user and assistant messages, tool calls and their

@@ -46,6 +46,10 @@ class Transport(ABC):
         """What the next call goes to."""
 
     @abstractmethod
+    def target_now(self) -> Any:
+        """:meth:`target`, blocking the calling thread where it must ask the GCS."""
+
+    @abstractmethod
     async def lost(self, target: Any, exc: BaseException) -> bool:
         """A call to ``target`` failed with ``exc`` in a way a re-send may fix: forget
         what is stale. ``True`` when the next target is ready at once (no back-off)."""
@@ -129,6 +133,9 @@ class HostedTransport(Transport):
     async def target(self) -> Any:
         return await self.registry.hosts.route_async(self.conversation_id)
 
+    def target_now(self) -> Any:
+        return self.registry.hosts.route(self.conversation_id)
+
     async def lost(self, target: Any, exc: BaseException) -> bool:
         if isinstance(exc, ActorDiedError | ConversationUnavailable):
             # The host is gone for good, or not there: read the table again (a tree booted
@@ -165,6 +172,9 @@ class DedicatedTransport(Transport):
         self.handle = handle
 
     async def target(self) -> Any:
+        return self.handle
+
+    def target_now(self) -> Any:
         return self.handle
 
     async def lost(self, target: Any, exc: BaseException) -> bool:
