@@ -1,7 +1,9 @@
 """The client's sync face: one event loop on a daemon thread runs the async core.
 
-The client is written once, async (:meth:`Conversation.send_async`, ...); each sync method
-hands its coroutine to the :class:`Portal` and waits for it. The caller's context
+The client is written once, async (:meth:`Conversation.send_async`, ...); a sync method
+hands its coroutine to the :class:`Portal` and waits for it. A call that is one actor
+call with retries (``send``, ``history``, ``info``, ``cancel``) is written once as steps
+instead (:mod:`._steps`) and runs on the caller's thread, blocking in ``ray.get``. The caller's context
 variables (the current span, above all) travel with the call: the loop starts the task
 in a copy of the caller's context. An async generator (a streamed turn) is driven step
 by step on the portal's loop and closed there when the caller stops reading.

@@ -563,7 +563,8 @@ class Conversation:
         deltas, or after a tool returns): it ends ``incomplete`` (reason
         ``"cancelled"``), what it produced stored as its answer. ``False`` when it is
         not running (finished already, or not a streamed turn)."""
-        return self._portal.run(self.cancel_async(turn_id))
+        cancelled: bool = self._call(Transport.cancel, _turn_id(turn_id))
+        return cancelled
 
     async def cancel_async(self, turn_id: str) -> bool:
         """Async form of :meth:`cancel`."""
@@ -630,9 +631,10 @@ class Conversation:
         ``limit`` below it (read from the store, however long the conversation;
         compaction never removes any) — or ``turn``'s messages. Deleted messages
         (:meth:`hide`) are among them, marked ``hidden``."""
-        return self._portal.run(
-            self.history_async(after=after, limit=limit, before=before, turn=turn)
+        messages: list[Message] = self._call(
+            Transport.history, *_history_args(after, limit, before, turn)
         )
+        return messages
 
     async def history_async(
         self,
@@ -643,33 +645,41 @@ class Conversation:
         turn: str | None = None,
     ) -> list[Message]:
         """Async form of :meth:`history`."""
-        if turn is not None:
-            if not isinstance(turn, str) or not turn or len(turn) > 256:
-                raise UsageError(f"turn must be a turn id, got {turn!r:.80}")
-            if (after, limit, before) != (-1, None, None):
-                raise UsageError("give turn alone: a turn's messages are read whole")
-        if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100_000
-        ):
-            raise UsageError(f"limit must be an int in [1, 100000] or None, got {limit!r}")
-        if before is not None:
-            if isinstance(before, bool) or not isinstance(before, int) or before < 0:
-                raise UsageError(f"before must be an int >= 0 (a seq) or None, got {before!r}")
-            if after != -1:
-                raise UsageError("give after or before, not both")
         messages: list[Message] = await self._call_async(
-            Transport.history, _cursor(after), limit, before, turn
+            Transport.history, *_history_args(after, limit, before, turn)
         )
         return messages
 
     def info(self) -> dict[str, Any]:
         """The actor's pid, message count and turns served (for operators and tests)."""
-        return self._portal.run(self.info_async())
+        info: dict[str, Any] = self._call(Transport.info)
+        return info
 
     async def info_async(self) -> dict[str, Any]:
         """Async form of :meth:`info`."""
         info: dict[str, Any] = await self._call_async(Transport.info)
         return info
+
+
+def _history_args(
+    after: int, limit: int | None, before: int | None, turn: str | None
+) -> tuple[int, int | None, int | None, str | None]:
+    """:meth:`Conversation.history`'s arguments, checked, as the transport takes them."""
+    if turn is not None:
+        if not isinstance(turn, str) or not turn or len(turn) > 256:
+            raise UsageError(f"turn must be a turn id, got {turn!r:.80}")
+        if (after, limit, before) != (-1, None, None):
+            raise UsageError("give turn alone: a turn's messages are read whole")
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 100_000
+    ):
+        raise UsageError(f"limit must be an int in [1, 100000] or None, got {limit!r}")
+    if before is not None:
+        if isinstance(before, bool) or not isinstance(before, int) or before < 0:
+            raise UsageError(f"before must be an int >= 0 (a seq) or None, got {before!r}")
+        if after != -1:
+            raise UsageError("give after or before, not both")
+    return _cursor(after), limit, before, turn
 
 
 class Runtime:
