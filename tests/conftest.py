@@ -310,6 +310,11 @@ class RecordedMetrics:
         self.records: list[tuple[str, float, dict[str, str]]] = []
 
     def of(self, key: str) -> list[tuple[float, dict[str, str]]]:
+        """What ``key`` recorded (counter increments summed per tag set: the process
+        hands them over in one ``inc`` each, flushed here first)."""
+        from overstory.telemetry.metrics import metrics
+
+        metrics().flush()
         return [(v, t) for k, v, t in self.records if k == key]
 
 

@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import RecordedMetrics
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -763,3 +764,25 @@ def test_a_stopped_child_exports_its_spans_first_and_a_hung_one_is_killed(
                 ray.get(handle.span.remote("after"), timeout=60)
         # Every process is dead: what the receiver holds now is all it will ever get.
         assert {s.name for s in receiver.spans} == names == {"kept"}
+
+
+def test_counter_increments_are_summed_per_tag_set_and_flushed_once(
+    recorded_metrics: RecordedMetrics,
+) -> None:
+    """A host records four counter increments a turn: they are summed in the process and
+    reach Ray's counters in one ``inc`` per tag set per flush, not one each."""
+    from overstory.telemetry.metrics import metrics
+
+    m = metrics()
+    for _ in range(100):
+        m.turn("agent", "ok", 0.01)
+        m.tokens("openai", "gpt", 3, 5)
+    m.turn("agent", "error", 0.02)
+    turns = recorded_metrics.of("turns")
+    assert turns == [
+        (100, {"agent": "agent", "version": "1", "outcome": "ok"}),
+        (1, {"agent": "agent", "version": "1", "outcome": "error"}),
+    ]
+    assert sorted(v for v, _ in recorded_metrics.of("tokens")) == [300, 500]
+    assert len(recorded_metrics.of("turn_latency")) == 101  # histograms: each observation
+    assert recorded_metrics.of("turns") == turns  # handed over once: a flush adds nothing

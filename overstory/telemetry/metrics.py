@@ -17,12 +17,16 @@ tag with a user id, a conversation id or message text.
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["METRICS", "CircuitState", "MetricSpec", "Metrics", "metrics"]
+__all__ = ["COUNTER_FLUSH_S", "METRICS", "CircuitState", "MetricSpec", "Metrics", "metrics"]
+
+log = logging.getLogger(__name__)
 
 CircuitState = Literal["closed", "half_open", "open"]
 
@@ -197,12 +201,26 @@ def _tag(value: str) -> str:
     return value[:_MAX_TAG_CHARS] if value else "unknown"
 
 
+#: How long counter increments are summed in the process before they reach Ray's
+#: counters (one ``inc`` per metric and tag set per interval): a Ray ``inc`` costs tens
+#: of microseconds of a host's loop, four of them a turn; Ray reports every 10 s anyway.
+COUNTER_FLUSH_S = 1.0
+
+_Pending = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
 class Metrics:
-    """Records overstory's metrics in this process; see :data:`METRICS` for each one."""
+    """Records overstory's metrics in this process; see :data:`METRICS` for each one.
+
+    Counter increments are summed here and handed to Ray's counters every
+    :data:`COUNTER_FLUSH_S` by a daemon thread (and by :meth:`flush`, which a process
+    stopping on purpose calls); histograms and gauges are recorded at once."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._instruments: dict[str, Any] | None = None
+        self._pending: _Pending = {}
+        self._flusher: threading.Thread | None = None
 
     def _get(self) -> dict[str, Any] | None:
         if not _ray_initialized():
@@ -218,9 +236,33 @@ class Metrics:
     def _inc(self, key: str, value: float, tags: dict[str, str]) -> None:
         if value <= 0:  # Ray's counters refuse 0 and negatives
             return
-        instruments = self._get()
+        if self._get() is None:
+            return
+        at = (key, tuple(sorted(tags.items())))
+        with self._lock:
+            self._pending[at] = self._pending.get(at, 0.0) + value
+            if self._flusher is None:
+                self._flusher = threading.Thread(
+                    target=self._flush_forever, name="overstory-metrics", daemon=True
+                )
+                self._flusher.start()
+
+    def _flush_forever(self) -> None:
+        while True:
+            time.sleep(COUNTER_FLUSH_S)
+            try:
+                self.flush()
+            except Exception:  # a metric must never end the flusher: drop, go on
+                log.exception("metrics: counter increments could not be recorded")
+
+    def flush(self) -> None:
+        """Hand the counter increments summed so far to Ray's counters."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        instruments = self._get() if pending else None
         if instruments is not None:
-            instruments[key].inc(value, tags=tags)
+            for (key, tags), value in pending.items():
+                instruments[key].inc(value, tags=dict(tags))
 
     def _observe(self, key: str, value: float, tags: dict[str, str]) -> None:
         instruments = self._get()

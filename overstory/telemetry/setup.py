@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Literal
 
 from ..exceptions import ConfigError
 from .logs import LOG_ENV, setup_logging
+from .metrics import metrics
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -188,6 +189,7 @@ def flush(timeout_s: float = 5.0) -> bool:
     (call it before an actor exits on purpose); nothing without one. Blocks up to
     ``timeout_s``: on an event loop, use :func:`flush_async`. Returns whether all were
     exported in time (``True`` with nothing installed)."""
+    metrics().flush()  # the counters summed in this process, to Ray's
     provider = _provider
     if provider is None:
         return True
@@ -201,9 +203,11 @@ async def flush_async(timeout_s: float = 2.0) -> bool:
     meanwhile, and an exporter that hangs past ``timeout_s`` is left to finish in its
     thread: the caller is not held. Returns whether all were exported in time.
 
-    Ray's metrics (:mod:`.metrics`) have no flush: Ray's core worker reports them on its
-    own interval, so a process killed within one loses that interval's increments.
+    The counter increments this process has summed reach Ray's counters here too; Ray's
+    own reporting has no flush: its core worker reports on its own interval, so a process
+    killed within one loses that interval's increments.
     """
+    metrics().flush()
     if _provider is None:
         return True
     try:
