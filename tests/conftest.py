@@ -319,11 +319,14 @@ class RecordedMetrics:
 
 
 @pytest.fixture
-def recorded_metrics(monkeypatch: pytest.MonkeyPatch) -> RecordedMetrics:
-    """Metrics recorded in this process without Ray: each instrument is a recorder."""
+def recorded_metrics(monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordedMetrics]:
+    """Metrics recorded in this process without Ray: each instrument is a recorder.
+    Counter increments an earlier test left summed (not yet flushed) go where they were
+    meant to first, and this test's go to its recorder before the next test."""
     import importlib
 
     module = importlib.import_module("overstory.telemetry.metrics")
+    module._metrics.flush()
 
     recorded = RecordedMetrics()
 
@@ -338,7 +341,8 @@ def recorded_metrics(monkeypatch: pytest.MonkeyPatch) -> RecordedMetrics:
 
     instruments = {key: Instrument(key) for key in module.METRICS}
     monkeypatch.setattr(module._metrics, "_get", lambda: instruments)
-    return recorded
+    yield recorded
+    module._metrics.flush()
 
 
 #: Ray declares a node dead after about 3 missed health checks a second apart (its
