@@ -27,7 +27,8 @@ NAMESPACE = "membership"
 def hosts() -> list[str]:
     supervisor = ray.get_actor(HOSTS, namespace=NAMESPACE)
     status: dict[str, Any] = ray.get(supervisor.status.remote(), timeout=30)
-    return list(status["meta"]["shard_table"].hosts)
+    table = status["meta"].get("shard_table")  # None: a restarted supervisor not ready yet
+    return [] if table is None else list(table.hosts)
 
 
 def _hosts_or_none() -> list[str] | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -69,7 +70,15 @@ def hosts() -> list[str]:
     status: dict[str, Any] = ray.get(
         ray.get_actor(HOSTS, namespace=NAMESPACE).status.remote(), timeout=30
     )
-    return list(status["meta"]["shard_table"].hosts)
+    table = status["meta"].get("shard_table")  # None: a restarted supervisor not ready yet
+    return [] if table is None else list(table.hosts)
+
+
+def host_status(name: str) -> dict[str, Any]:
+    status: dict[str, Any] = ray.get(
+        ray.get_actor(name, namespace=NAMESPACE).status.remote(), timeout=30
+    )
+    return status
 
 
 def alive_at(address: str) -> bool:
@@ -111,14 +120,20 @@ def main(run: Path, gcs_port: int) -> None:
         },
     )
     wait("three hosts", lambda: len(hosts()) == 3, 60)
-    # The node cut off: a worker that runs a host (SPREAD places them, not always one
-    # on each node).
-    node_of = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
-    placed = {
-        name: node_of[ray.get(ray.get_actor(name, namespace=NAMESPACE).status.remote())["node_id"]]
-        for name in hosts()
-    }
-    victim = next((w for w in ("w1", "w2") if ADDRESSES[w] in placed.values()), None)
+    # The node cut off: a worker that runs a host. SPREAD places them, not always one on
+    # each node, and has put all three on the head: then a host there is killed for Ray
+    # to place it again (a precondition of the test, not what it checks).
+    victim, placed = None, {}
+    for _ in range(5):
+        node_of = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]}
+        placed = {name: node_of[host_status(name)["node_id"]] for name in hosts()}
+        victim = next((w for w in ("w1", "w2") if ADDRESSES[w] in placed.values()), None)
+        if victim is not None:
+            break
+        moved = max(placed)
+        pid = host_status(moved)["pid"]
+        os.kill(pid, signal.SIGKILL)  # the head is this namespace's own node
+        wait("the killed host back", lambda m=moved, p=pid: host_status(m)["pid"] != p, 60)
     assert victim is not None, f"no host on a worker node: {placed}"
     on_victim = {name for name, address in placed.items() if address == ADDRESSES[victim]}
     slow_users = [u for u in (f"slow-{i}" for i in range(60)) if

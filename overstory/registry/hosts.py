@@ -341,7 +341,12 @@ class HostRouter:
                 f"the host supervisor of namespace {self.namespace!r} does not answer: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-        table: ShardTable = status["meta"]["shard_table"]
+        table: ShardTable | None = status["meta"].get("shard_table")
+        if table is None:  # it restarted and has not read the table from the store yet
+            raise ConversationUnavailable(
+                f"the host supervisor of namespace {self.namespace!r} is starting: "
+                "its shard table is not loaded yet"
+            )
         return table
 
     def route(self, conversation_id: str) -> tuple[int, str, Any]:

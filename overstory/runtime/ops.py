@@ -153,7 +153,8 @@ def tree_section(probe: Probe) -> dict[str, Any]:
 def _host_names(probe: Probe) -> list[str]:
     """The hosts of the running tree's shard table (empty when its supervisor is silent)."""
     alive, info = _answer(HOSTS, probe)
-    return list(info["meta"]["shard_table"].hosts) if alive else []
+    table = info["meta"].get("shard_table") if alive else None  # None: it is starting
+    return list(table.hosts) if table is not None else []
 
 
 def _call_a_host(method: str, probe: Probe) -> tuple[bool, Any]:
