@@ -35,6 +35,7 @@ from overstory.rollout import (
 )
 from overstory.sharding import ShardTable
 from overstory.store import open_store
+from overstory.wire import reply_of_wire, request_wire
 
 V = ["1", "2", "3"]
 
@@ -289,10 +290,22 @@ def test_a_host_serves_two_agents_as_separate_histories_and_refuses_an_unknown_o
     async def go() -> tuple[Any, ...]:
         v = host.table.version
         try:
-            a = await host.send(v, conversation_id("support", "u"), TurnRequest("t1", "hi support"))
-            b = await host.send(v, conversation_id("sales", "u"), TurnRequest("t1", "hi sales"))
+            a = reply_of_wire(
+                await host.send(
+                    v,
+                    conversation_id("support", "u"),
+                    request_wire(TurnRequest("t1", "hi support")),
+                )
+            )
+            b = reply_of_wire(
+                await host.send(
+                    v, conversation_id("sales", "u"), request_wire(TurnRequest("t1", "hi sales"))
+                )
+            )
             with pytest.raises(UnknownAgent, match="served agents: 'support', 'sales'"):
-                await host.send(v, conversation_id("billing", "u"), TurnRequest("t1", "hi"))
+                await host.send(
+                    v, conversation_id("billing", "u"), request_wire(TurnRequest("t1", "hi"))
+                )
             count = await host.services.store.count(conversation_id("billing", "u"))
             histories = [
                 await host.services.store.load(conversation_id(n, "u"))
@@ -319,8 +332,12 @@ def test_a_host_follows_rollout_stickiness_promote_and_rollback(sqlite_url: str)
         host.forget_splits()
 
     async def turn(user: str, n: int) -> str:
-        reply = await host.send(
-            host.table.version, conversation_id("a", user), TurnRequest(f"t{n}", "hi")
+        reply = reply_of_wire(
+            await host.send(
+                host.table.version,
+                conversation_id("a", user),
+                request_wire(TurnRequest(f"t{n}", "hi")),
+            )
         )
         return reply.agent_version
 

@@ -29,6 +29,7 @@ from overstory.exceptions import NotPermitted, UnknownConversation, UsageError
 from overstory.messages import Reply, TurnEvent, TurnRequest, UserMessage
 from overstory.providers import OfflineModel
 from overstory.sharding import ShardTable
+from overstory.wire import events_of_wire, messages_of_wire, reply_of_wire, request_wire
 
 AGENT = "entity"
 
@@ -76,26 +77,26 @@ class Placed:
         principal: Principal | None = None,
         **options: Any,
     ) -> Reply:
-        request = TurnRequest(turn_id, text, **options)
+        request = request_wire(TurnRequest(turn_id, text, **options))
         if self.placement == "hosted":
             v = self.table.version
-            return await self.host.send(v, cid(user), request, principal=principal)
-        return await self.actors_of(user).send(request, principal=principal)
+            return reply_of_wire(await self.host.send(v, cid(user), request, principal=principal))
+        return reply_of_wire(await self.actors_of(user).send(request, principal=principal))
 
     async def start_turn(self, user: str, turn_id: str, text: str) -> int:
         if self.placement == "hosted":
             return await self.host.start_turn(
-                self.table.version, cid(user), TurnRequest(turn_id, text)
+                self.table.version, cid(user), request_wire(TurnRequest(turn_id, text))
             )
-        return await self.actors_of(user).start_turn(TurnRequest(turn_id, text))
+        return await self.actors_of(user).start_turn(request_wire(TurnRequest(turn_id, text)))
 
     async def events(
         self, user: str, turn_id: str, after: int = -1, wait_s: float = 5.0
     ) -> tuple[list[TurnEvent], bool]:
         if self.placement == "hosted":
             v = self.table.version
-            return await self.host.events(v, cid(user), turn_id, after, wait_s)
-        return await self.actors_of(user).events(turn_id, after, wait_s)
+            return events_of_wire(await self.host.events(v, cid(user), turn_id, after, wait_s))
+        return events_of_wire(await self.actors_of(user).events(turn_id, after, wait_s))
 
     async def cancel(self, user: str, turn_id: str, principal: Principal | None = None) -> bool:
         if self.placement == "hosted":
@@ -112,8 +113,10 @@ class Placed:
     ) -> list[Any]:
         if self.placement == "hosted":
             v = self.table.version
-            return await self.host.history(v, cid(user), after, limit, principal=principal)
-        return await self.actors_of(user).history(after, limit, principal=principal)
+            page = await self.host.history(v, cid(user), after, limit, principal=principal)
+        else:
+            page = await self.actors_of(user).history(after, limit, principal=principal)
+        return messages_of_wire(page)
 
     def actors_of(self, user: str) -> ConversationActor:
         shell = self.shell(user)

@@ -15,6 +15,7 @@ from overstory.memory import QuietTrim
 from overstory.messages import TurnRequest
 from overstory.providers import OfflineModel
 from overstory.sharding import ShardTable, table_key
+from overstory.wire import events_of_wire, request_wire
 
 
 def cid(user: str) -> str:
@@ -58,9 +59,11 @@ def test_the_cap_evicts_the_least_recently_used_and_a_read_counts_as_use(
     async def body(host: HostActor) -> list[str]:
         v = host.table.version
         for user in ("a", "b", "c"):
-            await host.send(v, cid(user), TurnRequest(f"t-{user}", "hello"))
+            await host.send(v, cid(user), request_wire(TurnRequest(f"t-{user}", "hello")))
         await host.history(v, cid("a"))  # a is now the most recently used
-        await host.send(v, cid("d"), TurnRequest("t-d", "hello"))  # over the cap of 3: b goes
+        await host.send(
+            v, cid("d"), request_wire(TurnRequest("t-d", "hello"))
+        )  # over the cap of 3: b goes
         return host.live()
 
     assert run(_host(sqlite_url, hosted={"max_live_per_host": 3}), body) == [cid(u) for u in "cad"]
@@ -69,9 +72,9 @@ def test_the_cap_evicts_the_least_recently_used_and_a_read_counts_as_use(
 def test_the_sweeper_passivates_idle_conversations_and_keeps_busy_ones(sqlite_url: str) -> None:
     async def body(host: HostActor) -> tuple[list[str], list[str], int]:
         v = host.table.version
-        await host.send(v, cid("idle"), TurnRequest("t1", "hello"))
+        await host.send(v, cid("idle"), request_wire(TurnRequest("t1", "hello")))
         busy = asyncio.create_task(
-            host.send(v, cid("busy"), TurnRequest("t2", "!sleep 1.0 still talking"))
+            host.send(v, cid("busy"), request_wire(TurnRequest("t2", "!sleep 1.0 still talking")))
         )
         await until(lambda: cid("idle") not in host.live(), "the idle one to be passivated")
         during = host.live()
@@ -94,13 +97,13 @@ def test_a_grown_table_makes_the_host_shed_what_moved(sqlite_url: str) -> None:
         v = host.table.version
         users = [cid(f"u{i}") for i in range(12)]
         for user in users:
-            await host.send(v, user, TurnRequest("t", "hello"))
+            await host.send(v, user, request_wire(TurnRequest("t", "hello")))
         bigger = host.table.resized(2)
         await host.services.store.put_setting(table_key("ns"), bigger.to_json(), expected=None)
         version = await host.adopt_table()
         kept = host.live()
         try:
-            await host.send(v, users[0], TurnRequest("t2", "old route"))
+            await host.send(v, users[0], request_wire(TurnRequest("t2", "old route")))
         except Exception as exc:  # the old version is refused, with the new table
             return kept, [u for u in users if bigger.owns(host.name, u)], (version, exc)
         raise AssertionError("an old route was served")
@@ -122,9 +125,11 @@ def test_the_sweep_drops_a_finished_turns_events_after_the_window_without_a_new_
 
     async def body(host: HostActor) -> tuple[int, int]:
         v = host.table.version
-        events, ended = await host.start_and_read(v, cid("quiet"), TurnRequest("t1", "hello"))
+        events, ended = events_of_wire(
+            await host.start_and_read(v, cid("quiet"), request_wire(TurnRequest("t1", "hello")))
+        )
         while not ended:
-            more, ended = await host.events(v, cid("quiet"), "t1", events[-1].seq)
+            more, ended = events_of_wire(await host.events(v, cid("quiet"), "t1", events[-1].seq))
             events += more
         (entity,) = host._entities.values()
         assert entity.streams is not None

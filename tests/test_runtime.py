@@ -5,6 +5,7 @@ detached actor per conversation) — the same calls, the same guarantees."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import subprocess
@@ -33,6 +34,7 @@ from overstory.app import conversation_id
 from overstory.cli.demo import demo_agent
 from overstory.messages import TurnRequest
 from overstory.registry import actor_name
+from overstory.wire import request_wire
 
 pytestmark = pytest.mark.ray
 
@@ -295,15 +297,20 @@ def test_the_actor_checks_input_too(rt: Runtime) -> None:
     conv = rt.conversation("ned")
     if conv.placement == "hosted":
         version, _, host = rt.registry.hosts.route("ned")
-        ref = host.send.remote(version, "ned", TurnRequest("t1", "\x00"))
+        send = functools.partial(host.send.remote, version, "ned")
     else:
         handle = ray.get_actor(
             actor_name(conversation_id("demo-assistant", "ned")), namespace=rt.config.namespace
         )
-        ref = handle.send.remote(TurnRequest("t1", "\x00"))
+        send = handle.send.remote
     # Ray re-raises the actor's error as a subclass of it.
     with pytest.raises(InvalidMessage, match="U\\+0000"):
-        ray.get(ref)
+        ray.get(send(request_wire(TurnRequest("t1", "\x00"))))
+    # A request not laid out as the wire module does (an older client's dataclass).
+    with pytest.raises(InvalidMessage, match=r"a list of 9\), got TurnRequest"):
+        ray.get(send(TurnRequest("t1", "hello")))
+    with pytest.raises(InvalidMessage, match="other fields must be among"):
+        ray.get(send(["t1", "hello", None, 0, None, None, None, None, {"colour": "red"}]))
     assert rt.count_stored("ned") == 0
 
 

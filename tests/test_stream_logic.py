@@ -28,6 +28,7 @@ from overstory.messages import (
 from overstory.providers import FallbackModel, Model, OfflineModel, Rule
 from overstory.providers.base import FallThrough, ModelRequest, StreamItem
 from overstory.sharding import ShardTable
+from overstory.wire import events_of_wire, request_wire
 
 CID = conversation_id("s", "u")
 
@@ -258,6 +259,12 @@ def _host(agent: Agent, url: str) -> HostActor:
     return HostActor("ns", table.hosts[0], table, App([agent]), Config.from_mapping({"store": url}))
 
 
+async def _events(
+    host: HostActor, v: int, turn_id: str, after: int, wait_s: float
+) -> tuple[list[TurnEvent], bool]:
+    return events_of_wire(await host.events(v, CID, turn_id, after, wait_s))
+
+
 def _run_on_a_host(agent: Agent, text: str, url: str) -> tuple[list[TurnEvent], list[Message], Any]:
     """One streamed turn on an in-process host: every event a reader sees, what is
     stored, and the reply."""
@@ -266,11 +273,11 @@ def _run_on_a_host(agent: Agent, text: str, url: str) -> tuple[list[TurnEvent], 
     async def go() -> tuple[list[TurnEvent], list[Message], Any]:
         try:
             v = host.table.version
-            await host.start_turn(v, CID, TurnRequest("t1", text))
+            await host.start_turn(v, CID, request_wire(TurnRequest("t1", text)))
             events: list[TurnEvent] = []
             after = -1
             while not events or not events[-1].terminal:
-                batch, _ = await host.events(v, CID, "t1", after, 5.0)
+                batch, _ = await _events(host, v, "t1", after, 5.0)
                 events += batch
                 after = events[-1].seq if events else after
             stored = await host.services.store.load(CID)
@@ -311,23 +318,25 @@ def test_readers_resume_anywhere_and_a_turn_whose_log_is_gone_is_replayed_or_res
     async def go() -> dict[str, Any]:
         v = host.table.version
         try:
-            await host.start_turn(v, CID, TurnRequest("t1", "one two three"))
+            await host.start_turn(v, CID, request_wire(TurnRequest("t1", "one two three")))
             first = []
             after = -1
             while not first or not first[-1].terminal:
-                first += (await host.events(v, CID, "t1", after, 5.0))[0]
+                first += (await _events(host, v, "t1", after, 5.0))[0]
                 after = first[-1].seq
             # every resume position sees exactly the rest of what the first reader saw
-            resumed = {n: await host.events(v, CID, "t1", n, 5.0) for n in range(-1, len(first))}
+            resumed = {n: await _events(host, v, "t1", n, 5.0) for n in range(-1, len(first))}
             # the log is gone (passivated): a finished turn is replayed from the store,
             # also when a reader streams the same turn id again (the model is not asked)
             await host.passivate(v, CID)
-            replayed, ended = await host.events(v, CID, "t1", -1, 5.0)
+            replayed, ended = await _events(host, v, "t1", -1, 5.0)
             assert ended
             await host.passivate(v, CID)
             asked = agent.model.requests  # type: ignore[attr-defined]
-            assert await host.start_turn(v, CID, TurnRequest("t1", "one two three")) == 0
-            again_events, _ = await host.events(v, CID, "t1", -1, 5.0)
+            assert (
+                await host.start_turn(v, CID, request_wire(TurnRequest("t1", "one two three"))) == 0
+            )
+            again_events, _ = await _events(host, v, "t1", -1, 5.0)
             assert again_events == replayed
             assert agent.model.requests == asked  # type: ignore[attr-defined]
             # a turn whose process died after storing the user message: started again
@@ -340,10 +349,10 @@ def test_readers_resume_anywhere_and_a_turn_whose_log_is_gone_is_replayed_or_res
             again: list[TurnEvent] = []
             after = 3  # the reader had seen up to seq 3 before the crash
             while not again or not again[-1].terminal:
-                again += (await host.events(v, CID, "t2", after, 5.0))[0]
+                again += (await _events(host, v, "t2", after, 5.0))[0]
                 after = again[-1].seq
             with pytest.raises(UnknownTurn, match="has no turn 'nope'"):
-                await host.events(v, CID, "nope", -1, 1.0)
+                await _events(host, v, "nope", -1, 1.0)
             stored = await host.services.store.load(CID)
             return {
                 "first": first,
@@ -380,17 +389,19 @@ def test_a_model_failing_after_its_first_token_ends_the_turn_incomplete_and_stor
     async def go() -> tuple[Any, ...]:
         v = host.table.version
         try:
-            await host.start_turn(v, CID, TurnRequest("t1", "hello"))
+            await host.start_turn(v, CID, request_wire(TurnRequest("t1", "hello")))
             events = []
             after = -1
             while not events or not events[-1].terminal:
-                events += (await host.events(v, CID, "t1", after, 5.0))[0]
+                events += (await _events(host, v, "t1", after, 5.0))[0]
                 after = events[-1].seq
             stored = await host.services.store.load(CID)
             with pytest.raises(TurnIncomplete, match="failed mid-answer") as again:
-                await host.send(v, CID, TurnRequest("t1", "hello"))  # a re-send: the same outcome
+                await host.send(
+                    v, CID, request_wire(TurnRequest("t1", "hello"))
+                )  # a re-send: the same outcome
             await host.passivate(v, CID)
-            replayed, _ = await host.events(v, CID, "t1", -1, 5.0)
+            replayed, _ = await _events(host, v, "t1", -1, 5.0)
             return events, stored, again.value, replayed
         finally:
             await host.services.store.close()
@@ -419,14 +430,14 @@ def test_cancel_stops_a_turn_at_the_next_delta_and_stores_what_was_shown(
     async def go() -> tuple[Any, ...]:
         v = host.table.version
         try:
-            await host.start_turn(v, CID, TurnRequest("t1", words))
+            await host.start_turn(v, CID, request_wire(TurnRequest("t1", words)))
             seen: list[TurnEvent] = []
             while sum(e.type == "delta" for e in seen) < 3:
-                seen += (await host.events(v, CID, "t1", seen[-1].seq if seen else -1, 5.0))[0]
+                seen += (await _events(host, v, "t1", seen[-1].seq if seen else -1, 5.0))[0]
             assert await host.cancel(v, CID, "t1")
             events = seen
             while not events[-1].terminal:
-                events += (await host.events(v, CID, "t1", events[-1].seq, 5.0))[0]
+                events += (await _events(host, v, "t1", events[-1].seq, 5.0))[0]
             assert not await host.cancel(v, CID, "t1")  # ended: nothing to cancel
             return events, await host.services.store.load(CID)
         finally:

@@ -17,6 +17,10 @@ is running or waiting; afterwards new turns get
 :class:`~overstory.exceptions.Passivated`) and kills it. Everything is already stored,
 so nothing is lost. Users never see this class; they hold a
 :class:`~overstory.runtime.client.Conversation`.
+
+Requests, replies, events and history pages cross Ray as :mod:`overstory.wire` lays
+them out (lists msgpack packs, instead of pickled dataclasses): the entry points below
+take a ``wire`` and answer one.
 """
 
 from __future__ import annotations
@@ -38,9 +42,9 @@ from ..config import Config
 from ..conversation.entity import Entity, Shell
 from ..conversation.serving import Binding
 from ..exceptions import Passivated
-from ..messages import Message, Reply, TurnEvent, TurnRequest
 from ..providers import Secret
 from ..supervisors.watch import RESTARTED, watched_elsewhere
+from ..wire import Wire, events_wire, messages_wire, reply_wire, request_of_wire
 
 __all__ = ["ConversationActor"]
 
@@ -175,21 +179,23 @@ class ConversationActor(Shell):
         them for restarts)."""
         return self.api_keys
 
-    async def send(self, request: TurnRequest, *, principal: Principal | None = None) -> Reply:
+    async def send(self, wire: Wire, *, principal: Principal | None = None) -> Wire:
         """Run a turn (:meth:`~overstory.conversation.entity.Entity.send`)."""
         self._pending += 1
         try:
+            request = request_of_wire(wire)
             entity = await self.enter(self.conversation_id, principal, "write", request=request)
-            return await entity.send(request)
+            return reply_wire(await entity.send(request))
         finally:
             self._pending -= 1
 
     async def start_turn(
-        self, request: TurnRequest, after: int = -1, *, principal: Principal | None = None
+        self, wire: Wire, after: int = -1, *, principal: Principal | None = None
     ) -> int:
         """Start a streamed turn (:meth:`~overstory.conversation.entity.Entity.start_turn`)."""
         self._pending += 1
         try:
+            request = request_of_wire(wire)
             entity = await self.enter(self.conversation_id, principal, "write", request=request)
             return await entity.start_turn(request, after)
         finally:
@@ -197,18 +203,19 @@ class ConversationActor(Shell):
 
     async def start_and_read(
         self,
-        request: TurnRequest,
+        wire: Wire,
         after: int = -1,
         wait_s: float = 10.0,
         *,
         principal: Principal | None = None,
-    ) -> tuple[list[TurnEvent], bool]:
+    ) -> Wire:
         """Start a streamed turn and return its first events
         (:meth:`~overstory.conversation.entity.Entity.start_and_read`)."""
         self._pending += 1
         try:
+            request = request_of_wire(wire)
             entity = await self.enter(self.conversation_id, principal, "write", request=request)
-            return await entity.start_and_read(request, after, wait_s)
+            return events_wire(await entity.start_and_read(request, after, wait_s))
         finally:
             self._pending -= 1
 
@@ -223,11 +230,11 @@ class ConversationActor(Shell):
         wait_s: float = 10.0,
         *,
         principal: Principal | None = None,
-    ) -> tuple[list[TurnEvent], bool]:
+    ) -> Wire:
         """``(events after after, ended)`` of turn ``turn_id`` (a long poll:
         :meth:`~overstory.conversation.entity.Entity.events`)."""
         entity = await self.enter(self.conversation_id, principal, "read")
-        return await entity.events(turn_id, after, wait_s)
+        return events_wire(await entity.events(turn_id, after, wait_s))
 
     def forget_splits(self) -> bool:
         """A rollout command changed a split: read it again before the next turn."""
@@ -242,11 +249,11 @@ class ConversationActor(Shell):
         turn: str | None = None,
         *,
         principal: Principal | None = None,
-    ) -> list[Message]:
+    ) -> Wire:
         """A page of the stored messages (during a turn, those of the turn stored so
         far): :meth:`Entity.history_page`."""
         entity = await self.enter(self.conversation_id, principal, "read")
-        return await entity.history_page(after, limit, before, turn)
+        return messages_wire(await entity.history_page(after, limit, before, turn))
 
     async def passivate(self) -> bool:
         """Stop taking turns; ``False`` while a turn is running or waiting.

@@ -27,6 +27,10 @@ every other conversation carry on.
 
 One store client per host, shared by all its conversations; one sweeper task per host
 does idle passivation (no timer per conversation).
+
+Requests, replies, events and history pages cross Ray as :mod:`overstory.wire` lays
+them out (lists msgpack packs, instead of pickled dataclasses): the entry points below
+take a ``wire`` and answer one.
 """
 
 from __future__ import annotations
@@ -51,12 +55,12 @@ from ..conversation.entity import Entity, Shell
 from ..conversation.serving import Binding
 from ..exceptions import StaleShardTable
 from ..memory import QuietTrim, trim
-from ..messages import Message, Reply, TurnEvent, TurnRequest
 from ..providers import Secret
 from ..providers.pool import call_vendors_here
 from ..sharding import ShardTable, stored_table
 from ..supervisors.watch import until_death
 from ..telemetry import metrics
+from ..wire import Wire, events_wire, messages_wire, reply_wire, request_of_wire
 
 __all__ = ["HostActor", "process_memory"]
 
@@ -162,22 +166,23 @@ class HostActor(Shell):
         self,
         version: int,
         conversation_id: str,
-        request: TurnRequest,
+        wire: Wire,
         *,
         api_keys: Mapping[str, Secret] | None = None,
         principal: Principal | None = None,
-    ) -> Reply:
+    ) -> Wire:
         """Run a turn of ``conversation_id``
         (:meth:`~overstory.conversation.entity.Entity.send`)."""
         await self._route(version, conversation_id)
+        request = request_of_wire(wire)
         entity = await self.enter(conversation_id, principal, "write", api_keys, request)
-        return await entity.send(request)
+        return reply_wire(await entity.send(request))
 
     async def start_turn(
         self,
         version: int,
         conversation_id: str,
-        request: TurnRequest,
+        wire: Wire,
         after: int = -1,
         *,
         api_keys: Mapping[str, Secret] | None = None,
@@ -186,6 +191,7 @@ class HostActor(Shell):
         """Start a streamed turn of ``conversation_id``
         (:meth:`~overstory.conversation.entity.Entity.start_turn`)."""
         await self._route(version, conversation_id)
+        request = request_of_wire(wire)
         entity = await self.enter(conversation_id, principal, "write", api_keys, request)
         return await entity.start_turn(request, after)
 
@@ -193,18 +199,19 @@ class HostActor(Shell):
         self,
         version: int,
         conversation_id: str,
-        request: TurnRequest,
+        wire: Wire,
         after: int = -1,
         wait_s: float = 10.0,
         *,
         api_keys: Mapping[str, Secret] | None = None,
         principal: Principal | None = None,
-    ) -> tuple[list[TurnEvent], bool]:
+    ) -> Wire:
         """Start a streamed turn and return its first events
         (:meth:`~overstory.conversation.entity.Entity.start_and_read`)."""
         await self._route(version, conversation_id)
+        request = request_of_wire(wire)
         entity = await self.enter(conversation_id, principal, "write", api_keys, request)
-        return await entity.start_and_read(request, after, wait_s)
+        return events_wire(await entity.start_and_read(request, after, wait_s))
 
     async def cancel(
         self,
@@ -230,12 +237,12 @@ class HostActor(Shell):
         *,
         api_keys: Mapping[str, Secret] | None = None,
         principal: Principal | None = None,
-    ) -> tuple[list[TurnEvent], bool]:
+    ) -> Wire:
         """``(events, ended)`` of turn ``turn_id`` after ``after`` (a long poll:
         :meth:`~overstory.conversation.entity.Entity.events`)."""
         await self._route(version, conversation_id)
         entity = await self.enter(conversation_id, principal, "read", api_keys)
-        return await entity.events(turn_id, after, wait_s)
+        return events_wire(await entity.events(turn_id, after, wait_s))
 
     async def history(
         self,
@@ -248,12 +255,12 @@ class HostActor(Shell):
         *,
         api_keys: Mapping[str, Secret] | None = None,
         principal: Principal | None = None,
-    ) -> list[Message]:
+    ) -> Wire:
         """A page of the stored messages (during a turn, those of the turn stored so
         far): :meth:`Entity.history_page`."""
         await self._route(version, conversation_id)
         entity = await self.enter(conversation_id, principal, "read", api_keys)
-        return await entity.history_page(after, limit, before, turn)
+        return messages_wire(await entity.history_page(after, limit, before, turn))
 
     async def info(
         self,

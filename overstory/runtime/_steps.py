@@ -73,8 +73,9 @@ async def drive_async(steps: Steps, transport: Transport) -> Any:
             return stop.value
         outcome, error = None, None
         try:
-            if isinstance(effect, Get):
-                outcome = await asyncio.wait_for(effect.ref, timeout=effect.timeout_s)
+            if isinstance(effect, Get):  # asyncio.timeout: no task of its own, as wait_for's
+                async with asyncio.timeout(effect.timeout_s):
+                    outcome = await effect.ref
             elif isinstance(effect, Target):
                 outcome = await transport.target()
             elif isinstance(effect, Lost):

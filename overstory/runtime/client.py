@@ -68,6 +68,7 @@ from ..telemetry import inject, setup_telemetry, telemetry_env, tracer
 from ..telemetry.logs import LOG_ENV
 from ..usage import usage as usage_of
 from ..validation import validate_turn, validate_user_id
+from ..wire import events_of_wire, messages_of_wire, reply_of_wire
 from ._portal import Portal
 from ._steps import Get, Lost, Sleep, Steps, Target, drive_async, drive_sync
 from .cluster import attach, detach
@@ -98,6 +99,13 @@ _MAX_CACHED_HANDLES = 10_000
 _CHECKED = frozenset({"send", "start_turn", "start_and_read", "events", "cancel", "history"})
 #: One call of a conversation: a :class:`Transport` method, given the transport first.
 Call = Callable[..., Any]
+#: What the calls that answer with values (:mod:`overstory.wire`) answer, rebuilt.
+_ANSWERS: dict[Call, Callable[[Any], Any]] = {
+    Transport.send: reply_of_wire,
+    Transport.start_and_read: events_of_wire,
+    Transport.events: events_of_wire,
+    Transport.history: messages_of_wire,
+}
 
 
 def _turn_id(turn_id: object) -> str:
@@ -289,7 +297,9 @@ class Conversation:
             try:
                 target = yield Target()
                 left = max(deadline - time.monotonic(), 0.001)
-                return (yield Get(self._invoke(target, call, args, extra), left))
+                answer = yield Get(self._invoke(target, call, args, extra), left)
+                rebuild = _ANSWERS.get(call)
+                return answer if rebuild is None else rebuild(answer)
             except TimeoutError as exc:
                 raise self._late(call.__name__) from exc
             except (RayTaskError, RayActorError, ConversationUnavailable) as exc:
@@ -399,8 +409,11 @@ class Conversation:
 
     def _request(self, text: str, turn_id: str | None, options: _Options) -> TurnRequest:
         """The turn to send, checked (its number and span context are set by :meth:`_sending`)."""
-        turn_id = self._check(text, turn_id, options)
-        return TurnRequest(turn_id, text, self._caller, 0, None, None, *options)
+        request = TurnRequest(
+            turn_id or uuid.uuid4().hex, text, self._caller, 0, None, None, *options
+        )
+        validate_turn(request, max_chars=self._runtime.config.limits.max_message_chars)
+        return request
 
     async def _sent(self, request: TurnRequest) -> Reply:
         """Send ``request`` as this handle's next turn (numbered, in its span)."""

@@ -21,6 +21,7 @@ from ..agent import Placement
 from ..exceptions import ConversationUnavailable
 from ..messages import TurnRequest
 from ..providers import Secret
+from ..wire import request_wire
 
 if TYPE_CHECKING:
     from ..access import Principal
@@ -33,6 +34,9 @@ class Transport(ABC):
     """The calls of one conversation, as its placement addresses them."""
 
     placement: Placement
+    #: Whether each call carries the user's own vendor keys (a host serves many users;
+    #: a dedicated actor was started with its user's).
+    carries_keys: bool = False
 
     def __init__(
         self, registry: Registry, conversation_id: str, api_keys: Mapping[str, Secret] | None
@@ -58,20 +62,33 @@ class Transport(ABC):
     def actor(self) -> str:
         """The Ray actor serving it, as the dashboard shows it (its host, if hosted)."""
 
-    @abstractmethod
-    def _at(self, target: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    def _at(
+        self, target: Any, principal: Principal | None
+    ) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
         """How ``target`` is called: the actor handle, the arguments every call to it
-        starts with, and the keywords every call carries."""
+        starts with, and its keywords: only those that are set, since each argument
+        costs a Ray call its own serialization (the actors default them to ``None``)."""
+        handle, head = self._address(target)
+        keywords: dict[str, Any] = {}
+        if principal is not None:
+            keywords["principal"] = principal
+        if self.api_keys is not None and self.carries_keys:
+            keywords["api_keys"] = self.api_keys
+        return handle, head, keywords
+
+    @abstractmethod
+    def _address(self, target: Any) -> tuple[Any, tuple[Any, ...]]:
+        """The actor handle of ``target`` and the arguments every call to it starts with."""
 
     def send(self, target: Any, request: TurnRequest, *, principal: Principal | None = None) -> Any:
-        handle, head, keywords = self._at(target)
-        return handle.send.remote(*head, request, principal=principal, **keywords)
+        handle, head, keywords = self._at(target, principal)
+        return handle.send.remote(*head, request_wire(request), **keywords)
 
     def start_turn(
         self, target: Any, request: TurnRequest, after: int, *, principal: Principal | None = None
     ) -> Any:
-        handle, head, keywords = self._at(target)
-        return handle.start_turn.remote(*head, request, after, principal=principal, **keywords)
+        handle, head, keywords = self._at(target, principal)
+        return handle.start_turn.remote(*head, request_wire(request), after, **keywords)
 
     def start_and_read(
         self,
@@ -82,10 +99,8 @@ class Transport(ABC):
         *,
         principal: Principal | None = None,
     ) -> Any:
-        handle, head, keywords = self._at(target)
-        return handle.start_and_read.remote(
-            *head, request, after, wait_s, principal=principal, **keywords
-        )
+        handle, head, keywords = self._at(target, principal)
+        return handle.start_and_read.remote(*head, request_wire(request), after, wait_s, **keywords)
 
     def events(
         self,
@@ -96,12 +111,12 @@ class Transport(ABC):
         *,
         principal: Principal | None = None,
     ) -> Any:
-        handle, head, keywords = self._at(target)
-        return handle.events.remote(*head, turn_id, after, wait_s, principal=principal, **keywords)
+        handle, head, keywords = self._at(target, principal)
+        return handle.events.remote(*head, turn_id, after, wait_s, **keywords)
 
     def cancel(self, target: Any, turn_id: str, *, principal: Principal | None = None) -> Any:
-        handle, head, keywords = self._at(target)
-        return handle.cancel.remote(*head, turn_id, principal=principal, **keywords)
+        handle, head, keywords = self._at(target, principal)
+        return handle.cancel.remote(*head, turn_id, **keywords)
 
     def history(
         self,
@@ -113,10 +128,8 @@ class Transport(ABC):
         *,
         principal: Principal | None = None,
     ) -> Any:
-        handle, head, keywords = self._at(target)
-        return handle.history.remote(
-            *head, after, limit, before, turn, principal=principal, **keywords
-        )
+        handle, head, keywords = self._at(target, principal)
+        return handle.history.remote(*head, after, limit, before, turn, **keywords)
 
     @abstractmethod
     def info(self, target: Any) -> Any:
@@ -129,6 +142,7 @@ class HostedTransport(Transport):
     already told the router the newer table (see the handle's retry)."""
 
     placement: Placement = "hosted"
+    carries_keys = True
 
     async def target(self) -> Any:
         return await self.registry.hosts.route_async(self.conversation_id)
@@ -146,9 +160,9 @@ class HostedTransport(Transport):
     def actor(self) -> str:
         return self.registry.hosts.table.host_for(self.conversation_id)
 
-    def _at(self, target: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
+    def _address(self, target: Any) -> tuple[Any, tuple[Any, ...]]:
         version, _, host = target
-        return host, (version, self.conversation_id), {"api_keys": self.api_keys}
+        return host, (version, self.conversation_id)
 
     def info(self, target: Any) -> Any:
         version, _, host = target
@@ -189,8 +203,8 @@ class DedicatedTransport(Transport):
     def actor(self) -> str:
         return actor_name(self.conversation_id)
 
-    def _at(self, target: Any) -> tuple[Any, tuple[Any, ...], dict[str, Any]]:
-        return target, (), {}  # the actor holds its conversation and its user's keys
+    def _address(self, target: Any) -> tuple[Any, tuple[Any, ...]]:
+        return target, ()  # the actor holds its conversation and its user's keys
 
     def info(self, target: Any) -> Any:
         return target.ready.remote()
