@@ -325,12 +325,19 @@ class HostRouter:
         self._table: ShardTable | None = None
         self._handles: dict[str, Any] = {}
         self._lock = threading.Lock()
+        # One reader at a time: after a host dies, thousands of calls find the table
+        # gone at once, and the first to read it answers them all.
+        self._reading = threading.Lock()
 
     @property
     def table(self) -> ShardTable:
-        if self._table is None:
-            self._table = self._read_table()
-        return self._table
+        table = self._table
+        if table is None:
+            with self._reading:
+                table = self._table
+                if table is None:
+                    table = self._table = self._read_table()
+        return table
 
     def _read_table(self) -> ShardTable:
         try:
@@ -387,10 +394,15 @@ class HostRouter:
         with self._lock:
             self._handles.pop(name, None)
 
-    def refresh(self) -> None:
+    def refresh(self, failed: Any = None) -> None:
         """Read the table again from the host supervisor (a host died for good, or is
-        not there: a tree booted again may have other hosts)."""
+        not there: a tree booted again may have other hosts). ``failed``: the host
+        handle a call failed on; the table is dropped only while that handle is still
+        the one held, so the calls that failed together drop it once, not once each
+        (each drop costs a read of the table and a lookup of every host)."""
         with self._lock:
+            if failed is not None and not any(h is failed for h in self._handles.values()):
+                return  # dropped already since that call was routed
             self._table = None
             self._handles.clear()
 

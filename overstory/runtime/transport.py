@@ -153,8 +153,9 @@ class HostedTransport(Transport):
     async def lost(self, target: Any, exc: BaseException) -> bool:
         if isinstance(exc, ActorDiedError | ConversationUnavailable):
             # The host is gone for good, or not there: read the table again (a tree booted
-            # again may have other hosts) and look the host up again.
-            self.registry.hosts.refresh()
+            # again may have other hosts) and look the host up again, once for all the
+            # calls that failed on the same handle.
+            self.registry.hosts.refresh(None if target is None else target[2])
         return False
 
     def actor(self) -> str:
