@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from pathlib import Path
 
 import pytest
 
 from overstory import Config, ConfigError, InvalidMessage, InvalidUserId, StoreURLError, load_config
 from overstory.store import redact_url, resolve_store_url
-from overstory.validation import validate_message, validate_user_id
+from overstory.validation import MESSAGE_REFUSED, validate_message, validate_user_id
 
 
 @pytest.mark.parametrize("user_id", ["alice", "user-42", "ünïcödé", "a" * 256, "a b"])
@@ -225,3 +226,16 @@ def test_a_config_file_holds_a_group_in_its_own_table(tmp_path: Path) -> None:
     path.write_text('[overstory]\nnamespace = "n"\n[overstory.jobs]\nconcurrency = 9\n')
     config = load_config(path, {"jobs": {"per_user": 3}})
     assert (config.namespace, config.jobs.concurrency, config.jobs.per_user) == ("n", 9, 3)
+
+
+def test_the_message_pattern_refuses_exactly_the_control_and_surrogate_characters() -> None:
+    # The fast path (one regex search) and the rule it stands for (the Unicode categories
+    # Cc and Cs, but newline, carriage return and tab), over every code point.
+    refused = [
+        cp
+        for cp in range(0x110000)
+        if chr(cp) not in "\n\r\t" and unicodedata.category(chr(cp)) in ("Cc", "Cs")
+    ]
+    found = [cp for cp in range(0x110000) if MESSAGE_REFUSED.fullmatch(chr(cp))]
+    assert found == refused
+    assert len(refused) == 65 - 3 + 2048

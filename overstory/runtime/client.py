@@ -26,11 +26,11 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from contextlib import AbstractContextManager, aclosing
+from contextlib import AbstractContextManager, aclosing, nullcontext
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 from ray.exceptions import RayActorError, RayTaskError
 
 from ..access import (
@@ -64,7 +64,7 @@ from ..rollout import (
 from ..store import run_on_store
 from ..supervisors.named import unwrap_task_error
 from ..telemetry import flush as flush_telemetry
-from ..telemetry import inject, setup_telemetry, telemetry_env, tracer
+from ..telemetry import inject, recording, setup_telemetry, telemetry_env, tracer
 from ..telemetry.logs import LOG_ENV
 from ..usage import usage as usage_of
 from ..validation import validate_turn, validate_user_id
@@ -609,7 +609,10 @@ class Conversation:
                 return
 
     def _span(self) -> AbstractContextManager[Span]:
-        """The client's span of one send: the parent of the turn's spans in the actor."""
+        """The client's span of one send: the parent of the turn's spans in the actor
+        (none where no tracer provider is installed: :func:`~overstory.telemetry.recording`)."""
+        if not recording():
+            return nullcontext(INVALID_SPAN)
         return tracer().start_as_current_span(
             "overstory.send",
             kind=SpanKind.CLIENT,
