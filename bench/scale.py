@@ -13,7 +13,9 @@ S4  SIGKILL of the host holding S2's conversations: time until the first and unt
 P1  Turn overhead, zero-latency model, SQLite: hosted and dedicated vs. a bare
     driver -> actor doing the same two store writes, and vs. the chain driver -> actor
     -> actor with those writes (foundation.py's two baselines), side by side. Target
-    <= 1.5x for hosted.
+    <= 1.5x for hosted. Also against a bare *async* actor storing the turn through
+    overstory's store, as a host does (bench/turns.py's floor): what the kind of actor
+    a host must be costs, apart from overstory's own code.
 
 Run: .venv/bin/python bench/scale.py [--users 1000] [--live 10000] [--json]
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -37,6 +40,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import foundation
 import psutil
 import ray
+import turns as turns_bench
 from _common import median_ms
 
 import overstory
@@ -49,6 +53,7 @@ from overstory.store import open_store
 
 # foundation.py's bare actors travel by value: workers cannot import the bench folder.
 ray.cloudpickle.register_pickle_by_value(foundation)
+ray.cloudpickle.register_pickle_by_value(turns_bench)
 
 
 def agent(latency_s: float = 0.0, placement: str = "hosted") -> Agent:
@@ -265,30 +270,37 @@ def p1(url: str, tmp: str, turns: int) -> dict[str, Any]:
     bare = foundation.BareConversation.remote(f"{tmp}/bare.db")
     echo = foundation.Echo.remote()
     chain = foundation.BareConversation.remote(f"{tmp}/chain.db", echo)
+    # An async actor storing the turn as a host does (bench/turns.py's floor): two fenced,
+    # group-committed appends through overstory's SQLite store, no other overstory code.
+    bare_async = turns_bench.BareHost.remote(f"sqlite:///{tmp}/bare-async.db")
     ray.get([bare.pid.remote(), chain.pid.remote()])
+    numbers = itertools.count()
     timed = foundation.time_turns(
         {
             "hosted": ours_h.send,
             "dedicated": ours_d.send,
             "bare": lambda t: ray.get(bare.send.remote(t)),
             "chain": lambda t: ray.get(chain.send.remote(t)),
+            "bare_async": lambda t: ray.get(bare_async.send.remote("p1", f"t{next(numbers)}", t)),
         },
         turns,
     )
-    for handle in (bare, echo, chain):
+    for handle in (bare, echo, chain, bare_async):
         ray.kill(handle)
     hosted.close()
     dedicated.close()
-    b, c = median_ms(timed["bare"]), median_ms(timed["chain"])
+    b, c, a = median_ms(timed["bare"]), median_ms(timed["chain"]), median_ms(timed["bare_async"])
     h, d = median_ms(timed["hosted"]), median_ms(timed["dedicated"])
     return {
         "hosted_p50_ms": round(h, 3),
         "dedicated_p50_ms": round(d, 3),
         "bare_same_writes_p50_ms": round(b, 3),
         "bare_chain_p50_ms": round(c, 3),
+        "bare_async_same_writes_p50_ms": round(a, 3),
         "hosted_ratio": round(h / b, 3),
         "dedicated_ratio": round(d / b, 3),
         "hosted_ratio_vs_chain": round(h / c, 3),
+        "hosted_ratio_vs_async": round(h / a, 3),
         "target": "<= 1.5 (hosted)",
     }
 
