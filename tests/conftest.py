@@ -366,7 +366,7 @@ def run_check(
     """Run ``tests/<script>`` (a driver with a Ray cluster of its own: no RAY_ADDRESS,
     its own temp dir, token auth off, none of the variables starting with ``without``,
     plus ``env``) under ``prefix`` (e.g. ``ip netns exec NS``); fail showing its stderr
-    unless it exits 0; its last stdout line, JSON."""
+    unless it exits 0; its result, the last stdout line that is a JSON object."""
     import json
     import subprocess
     import sys
@@ -389,5 +389,10 @@ def run_check(
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return result
+    # The result is the last line that is a JSON object: Ray's log monitor may still
+    # stream another process's output (a cut-off node's raylet exiting) after it.
+    for line in reversed(proc.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            result: dict[str, Any] = json.loads(line)
+            return result
+    raise AssertionError(f"{script} printed no JSON result: {proc.stdout[-3000:]}")
