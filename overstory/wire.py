@@ -18,10 +18,11 @@ to one version of overstory: client and actors of a cluster run the same code.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields
-from typing import Any
+from typing import Any, TypeVar
 
-from .exceptions import InvalidMessage
+from .exceptions import InvalidMessage, UsageError
 from .messages import (
     AssistantMessage,
     Message,
@@ -42,6 +43,7 @@ __all__ = [
     "message_wire",
     "messages_of_wire",
     "messages_wire",
+    "of_wire",
     "reply_of_wire",
     "reply_wire",
     "request_of_wire",
@@ -50,6 +52,20 @@ __all__ = [
 
 #: A value as a call carries it: a list of plain values (see the module).
 Wire = list[Any]
+T = TypeVar("T")
+
+
+def of_wire(answer: Any, rebuild: Callable[[Wire], T], what: str) -> T:
+    """``rebuild(answer)``, the value ``what`` (a call) answered; :class:`UsageError`
+    when the answer is not a wire: the actor that gave it runs another version."""
+    if not isinstance(answer, list):
+        raise UsageError(
+            f"{what} answered a {type(answer).__name__}, not the list overstory.wire lays "
+            "out: its actors run another version of overstory (`overstory serve` with this "
+            "one replaces them)"
+        )
+    return rebuild(answer)
+
 
 # A request's fields after the first eight, sent by name only when not their default.
 _REQUEST_REST = {f.name: f.default for f in fields(TurnRequest)[8:]}

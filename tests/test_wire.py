@@ -10,7 +10,7 @@ import msgpack
 import pytest
 from pydantic import BaseModel
 
-from overstory.exceptions import InvalidMessage
+from overstory.exceptions import InvalidMessage, UsageError
 from overstory.messages import (
     AssistantMessage,
     Reply,
@@ -28,6 +28,7 @@ from overstory.wire import (
     events_wire,
     messages_of_wire,
     messages_wire,
+    of_wire,
     reply_of_wire,
     reply_wire,
     request_of_wire,
@@ -156,3 +157,10 @@ def test_a_polls_events_are_plain_and_come_back_equal() -> None:
     assert plain(wire)
     assert events_of_wire(wire) == (events, True)
     assert events_of_wire(events_wire(([], False))) == ([], False)
+
+
+def test_an_answer_that_is_not_a_wire_is_refused_naming_the_version_mismatch() -> None:
+    reply = Reply("hi", "t0", (), Usage())
+    assert of_wire(reply_wire(reply), reply_of_wire, "send") == reply
+    with pytest.raises(UsageError, match="send on c answered a Reply, not the list"):
+        of_wire(reply, reply_of_wire, "send on c")  # an older actor's pickled Reply

@@ -68,7 +68,7 @@ from ..telemetry import inject, recording, setup_telemetry, telemetry_env, trace
 from ..telemetry.logs import LOG_ENV
 from ..usage import usage as usage_of
 from ..validation import validate_turn, validate_user_id
-from ..wire import events_of_wire, messages_of_wire, reply_of_wire
+from ..wire import events_of_wire, messages_of_wire, of_wire, reply_of_wire
 from ._portal import Portal
 from ._steps import Get, Lost, Sleep, Steps, Target, drive_async, drive_sync
 from .cluster import attach, detach
@@ -299,7 +299,10 @@ class Conversation:
                 left = max(deadline - time.monotonic(), 0.001)
                 answer = yield Get(self._invoke(target, call, args, extra), left)
                 rebuild = _ANSWERS.get(call)
-                return answer if rebuild is None else rebuild(answer)
+                if rebuild is None:
+                    return answer
+                what = f"{call.__name__} on the conversation {self.conversation_id!r}"
+                return of_wire(answer, rebuild, what)
             except TimeoutError as exc:
                 raise self._late(call.__name__) from exc
             except (RayTaskError, RayActorError, ConversationUnavailable) as exc:
