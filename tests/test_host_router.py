@@ -1,6 +1,7 @@
-"""The client's cache of the shard table and host handles (HostRouter), no Ray: the
-calls that failed on one host's handle drop the cache once, and one reader refills it
-for all of them."""
+"""What a client caches to reach conversations, no Ray: the shard table and host handles
+(HostRouter: the calls that failed on one host's handle drop the cache once, and one
+reader refills it for all of them) and what the tree serves (an agent known from it is
+named without a call)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
+
+from overstory import Config
+from overstory.exceptions import UnknownAgent
+from overstory.registry import Registry
 from overstory.registry.hosts import HostRouter
 from overstory.sharding import ShardTable
 
@@ -58,3 +64,28 @@ def test_calls_that_failed_on_one_handle_drop_the_cache_once_and_one_read_refill
     router.route("conv-1")
     router.refresh()
     assert router._table is None
+
+
+def test_the_agent_is_named_without_a_call_once_what_the_tree_serves_is_cached() -> None:
+    registry = Registry(
+        config=Config.from_mapping({"store": "sqlite:///x.db"}),
+        app=None,
+        placement="hosted",
+        job_turns=None,  # type: ignore[arg-type]
+    )
+    asked: list[bool] = []
+
+    def ask_app(whole: bool) -> dict[str, object]:
+        asked.append(whole)
+        return {"default": "support", "agents": {"support": ["1"], "sales": ["1"]}}
+
+    registry._ask_app = ask_app  # type: ignore[method-assign]
+    assert registry.known_agent(None) is None  # nothing cached: the caller must ask
+    assert registry.agent_name(None) == "support"
+    assert asked == [False]
+    assert registry.known_agent(None) == "support"
+    assert registry.known_agent("sales") == "sales"
+    assert registry.known_agent("billing") is None  # not cached as served: ask again
+    with pytest.raises(UnknownAgent, match="billing"):
+        registry.agent_name("billing")
+    assert asked == [False, False]  # asked once more, in case of a redeploy

@@ -309,10 +309,23 @@ class Registry:
             f"none answered (last: {type(last).__name__}: {last})"
         )
 
+    def known_agent(self, agent: str | None) -> str | None:
+        """:meth:`agent_name`'s answer when it needs no call (what the tree serves is
+        cached and names ``agent``); else ``None``."""
+        served = self._served
+        if served is None:
+            return None
+        if agent is None:
+            return str(served["default"])
+        return agent if agent in served["agents"] else None
+
     def agent_name(self, agent: str | None) -> str:
         """``agent`` if the tree serves it (default: the app's first), else
         :class:`UnknownAgent` listing the served ones (asked again once, in case the
         app was re-deployed since)."""
+        known = self.known_agent(agent)
+        if known is not None:
+            return known
         served = self.served()
         if agent is None:
             return str(served["default"])

@@ -788,8 +788,10 @@ class Runtime:
         api_keys: Mapping[str, str] | None = None,
     ) -> Conversation:
         """Async form of :meth:`conversation`."""
-        # The app's agents may have to be read from the tree: a blocking call, off the loop.
-        name, cid = await asyncio.to_thread(self._cid, user_id, agent)
+        if self.registry.known_agent(agent) is not None:  # no call to make: on the loop
+            name, cid = self._cid(user_id, agent)
+        else:  # the app's agents are read from the tree: a blocking call, off the loop
+            name, cid = await asyncio.to_thread(self._cid, user_id, agent)
         keys = api_key_map(api_keys) if api_keys else None
         with self._lock:
             conv = self._conversations.get(cid)
