@@ -151,33 +151,31 @@ def message_wire(m: Message) -> Wire:
 
 
 def message_of_wire(wire: Wire) -> Message:
-    kind, seq, turn_id, created_at, hidden = wire[:5]
+    kind = wire[0]
+    meta: dict[str, Any] = {
+        "seq": wire[1],
+        "turn_id": wire[2],
+        "created_at": wire[3],
+        "hidden": wire[4],
+    }
     if kind == _USER:
-        return UserMessage(
-            seq=seq, turn_id=turn_id, created_at=created_at, hidden=hidden, content=wire[5]
-        )
+        return UserMessage(content=wire[5], **meta)
     if kind == _ASSISTANT:
         return AssistantMessage(
-            seq=seq,
-            turn_id=turn_id,
-            created_at=created_at,
-            hidden=hidden,
             content=wire[5],
             tool_calls=tuple(_call_of_wire(c) for c in wire[6]),
             usage=Usage(wire[7], wire[8]),
             model=wire[9],
             incomplete=wire[10],
+            **meta,
         )
     if kind == _TOOL:
         return ToolReturn(
-            seq=seq,
-            turn_id=turn_id,
-            created_at=created_at,
-            hidden=hidden,
             tool_call_id=wire[5],
             tool_name=wire[6],
             content=wire[7],
             is_error=wire[8],
+            **meta,
         )
     raise ValueError(f"unknown message kind {kind!r} on the wire")
 

@@ -350,10 +350,8 @@ class Conversation:
             self._in_flight.discard(n)
 
     def _check(self, text: str, turn_id: str | None, options: _Options) -> str:
-        turn_id = turn_id or uuid.uuid4().hex
-        request = TurnRequest(turn_id, text, tools=options[4], tool_outputs=options[5])
-        validate_turn(request, max_chars=self._runtime.config.limits.max_message_chars)
-        return turn_id
+        """The id of the turn ``text`` would be, once :meth:`_request` has checked it."""
+        return self._request(text, turn_id, options).turn_id
 
     def send(
         self,
