@@ -465,6 +465,33 @@ def test_bad_turn_ids_and_cursors_are_refused_naming_them() -> None:
             _cursor(bad_cursor)
 
 
+def test_a_reader_holding_a_batch_open_is_not_woken_by_each_event() -> None:
+    """Under load a stream's pieces come every few milliseconds: its readers sleep out
+    the window (woken only by the first delta or the end), not once per piece."""
+
+    async def go() -> None:
+        log = TurnLog("t")
+        log.emit("started")
+        log.emit("delta", text="a")
+        batched = asyncio.ensure_future(log.wait_after(1, 5.0, batch_s=0.2))
+
+        async def settle() -> None:  # a woken reader runs, and waits again, meanwhile
+            for _ in range(5):
+                await asyncio.sleep(0)
+
+        await settle()
+        for i in range(50):
+            log.emit("delta", text=str(i))
+            await settle()
+            # Nothing waits on "any event" any more: only on what ends the window.
+            assert not log._changed._waiters  # type: ignore[attr-defined]
+            assert len(log._urgent._waiters) == 1  # type: ignore[attr-defined]
+        assert not batched.done()
+        assert len(await batched) == 50
+
+    asyncio.run(go())
+
+
 def test_a_batch_window_never_holds_back_the_first_delta_or_the_end() -> None:
     async def go() -> None:
         log = TurnLog("t")

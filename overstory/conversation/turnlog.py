@@ -12,6 +12,7 @@ pieces).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections import OrderedDict
@@ -56,7 +57,8 @@ class TurnLog:
         self.finished_at: float | None = None
         self.cancelled = False  # asked to stop: the turn stops at its next safe point
         self.first_text: int | None = None  # the seq of the first delta
-        self._changed = asyncio.Event()
+        self._changed = asyncio.Event()  # set by every event
+        self._urgent = asyncio.Event()  # set by the first delta and the last event
 
     @property
     def finished(self) -> bool:
@@ -73,12 +75,16 @@ class TurnLog:
             raise RuntimeError(f"turn {self.turn_id!r} has ended; no {type!r} event after it")
         event = TurnEvent(self.turn_id, self.first_seq + len(self.events), type, **fields)
         self.events.append(event)
+        urgent = event.terminal or (type == "delta" and self.first_text is None)
         if type == "delta" and self.first_text is None:
             self.first_text = event.seq
         if event.terminal:
             self.finished_at = time.monotonic()
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()  # wake every reader waiting for news
+        if urgent:  # and every reader holding a batch open: this one ends it
+            woken, self._urgent = self._urgent, asyncio.Event()
+            woken.set()
         return event
 
     def after(self, seq: int) -> list[TurnEvent]:
@@ -93,7 +99,12 @@ class TurnLog:
         reader in one answer, except that the first text delta and the turn's end go at
         once. Time to first token is what a reader waits on, so nothing holds it back;
         before it (``started``, tool events) and after it, one answer per ``batch_s``
-        instead of one per event spares every hop a call per event."""
+        instead of one per event spares every hop a call per event.
+
+        A reader holding a batch open is woken only by what ends it early (the first
+        delta, the last event), not by every event: under load a stream's pieces come
+        every few milliseconds, and waking each of its readers for each of them cost
+        more than forwarding them did."""
         news = self.after(seq)
         if not news and not self.finished:
             try:
@@ -101,17 +112,9 @@ class TurnLog:
             except TimeoutError:
                 return []
             news = self.after(seq)
-        if batch_s > 0 and news:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + batch_s
-            while not self.finished and not self._first_text_after(seq):
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(self._changed.wait(), left)
-                except TimeoutError:
-                    break
+        if batch_s > 0 and news and not self.finished and not self._first_text_after(seq):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._urgent.wait(), batch_s)
             news = self.after(seq)
         return news
 
