@@ -261,6 +261,12 @@ def main() -> None:
         default=None,
         help="streams.window_s (default: the runtime's, 300 s)",
     )
+    parser.add_argument(
+        "--batch",
+        type=float,
+        default=None,
+        help="streams.batch_s (default: the runtime's, 0.05 s)",
+    )
     parser.add_argument("--vendor", action="store_true")
     parser.add_argument("--litellm", default=None)
     parser.add_argument("--server-ttft", type=float, default=0.2)
@@ -284,8 +290,13 @@ def main() -> None:
         settings: dict[str, Any] = {}
         if args.idle_timeout is not None:
             settings["conversations"] = {"idle_timeout_s": args.idle_timeout}
+        streams: dict[str, float] = {}
         if args.window is not None:
-            settings["streams"] = {"window_s": args.window}
+            streams["window_s"] = args.window
+        if args.batch is not None:
+            streams["batch_s"] = args.batch
+        if streams:
+            settings["streams"] = streams
         rt = overstory.connect(
             agent,
             store=f"sqlite:///{tmp}/history.db",

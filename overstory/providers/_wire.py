@@ -39,6 +39,7 @@ from .taxonomy import (
 __all__ = [
     "Assembler",
     "SDKModel",
+    "aiohttp_client",
     "http_error",
     "scrubbed",
     "stream_error",
@@ -47,6 +48,46 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+
+try:  # the SDKs' aiohttp transport (aiohttp_client) raises these underneath
+    from aiohttp import ClientError as _AiohttpError
+
+    _AIOHTTP_ERRORS: tuple[type[BaseException], ...] = (_AiohttpError,)
+except ImportError:  # pragma: no cover - without aiohttp the SDKs use httpx
+    _AIOHTTP_ERRORS = ()
+
+
+def aiohttp_client(sdk: ModuleType) -> Any:
+    """The SDK's own aiohttp transport (``DefaultAioHttpClient``: its defaults, its
+    proxies and CA bundle from the environment, aiohttp's errors mapped to the ones its
+    default transport raises), or ``None`` for its default (httpx over h11) when this
+    SDK or install has none.
+
+    A host reads every vendor stream it serves: with h11 and httpx's pure-Python reads a
+    streamed answer of 15 pieces cost 2.5 ms of the host's CPU, with aiohttp's C parser
+    1.2-1.75 ms (``bench/vendor_http.py``)."""
+    make = getattr(sdk, "DefaultAioHttpClient", None)
+    if make is None:
+        return None
+    try:
+        return make()
+    except RuntimeError:  # the SDK's stand-in when aiohttp is not installed
+        return None
+
+
+def _not_a_timeout(exc: BaseException) -> BaseException | None:
+    """The aiohttp error behind a "timeout" that was none (``None`` for a real one).
+
+    The SDKs' aiohttp transport maps every ``aiohttp.ClientConnectionError`` it has no
+    closer entry for to ``ConnectTimeout``: a refused connection, or a server that hung
+    up mid-answer, would reach us as a timeout. aiohttp's own timeouts are
+    ``TimeoutError`` s; any other aiohttp error in the chain is the connection's."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, _AIOHTTP_ERRORS) and not isinstance(seen, TimeoutError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 class Assembler(Protocol):
@@ -157,7 +198,12 @@ class SDKModel(Model):
             raise http_error(
                 self.name, exc.status_code, exc.response.headers, exc.message, code
             ) from None
-        except (sdk.APITimeoutError, httpx2.TimeoutException):
+        except (sdk.APITimeoutError, httpx2.TimeoutException) as exc:
+            cut = _not_a_timeout(exc)
+            if cut is not None:
+                raise ModelError(
+                    f"{lost}: {type(cut).__name__}: {cut}", model=self.name, kind="connection"
+                ) from None
             raise ModelError(
                 f"no answer within {self.endpoint.timeout_s:g} s", model=self.name, kind="timeout"
             ) from None

@@ -15,7 +15,7 @@ import anthropic
 
 from ..exceptions import ModelError
 from ..messages import AssistantMessage, Message, ModelResponse, ToolReturn, Usage, UserMessage
-from ._wire import Assembler, SDKModel, tool_call
+from ._wire import Assembler, SDKModel, aiohttp_client, tool_call
 from .base import ModelRequest
 from .endpoint import Endpoint
 from .schema import OUTPUT_TOOL
@@ -39,7 +39,11 @@ class AnthropicModel(SDKModel):
 
     def _make_client(self, endpoint: Endpoint, key: str) -> Any:
         return anthropic.AsyncAnthropic(
-            api_key=key, base_url=endpoint.base_url, max_retries=0, timeout=endpoint.timeout_s
+            api_key=key,
+            base_url=endpoint.base_url,
+            max_retries=0,
+            timeout=endpoint.timeout_s,
+            http_client=aiohttp_client(anthropic),
         )
 
     def _create(self, **arguments: Any) -> Awaitable[Any]:

@@ -19,6 +19,7 @@ from typing import Any
 import anthropic
 
 from ..exceptions import ConfigError
+from ._wire import aiohttp_client
 from .anthropic import AnthropicModel
 from .base import ModelRequest
 from .endpoint import Endpoint, aws_credentials
@@ -61,6 +62,7 @@ class BedrockModel(AnthropicModel):
                 base_url=endpoint.base_url,
                 max_retries=0,
                 timeout=endpoint.timeout_s,
+                http_client=aiohttp_client(anthropic),
             )
         except ValueError as exc:  # AWS_BEARER_TOKEN_BEDROCK set as well as the keys
             raise ConfigError(f"model {endpoint.name!r}: {exc}") from exc

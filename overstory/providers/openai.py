@@ -17,7 +17,7 @@ import openai
 from ..exceptions import ModelError
 from ..messages import AssistantMessage, Message, ModelResponse, ToolReturn, Usage, UserMessage
 from ..tools import ToolDefinition
-from ._wire import Assembler, SDKModel, tool_call
+from ._wire import Assembler, SDKModel, aiohttp_client, tool_call
 from .base import ModelRequest
 from .endpoint import Endpoint
 
@@ -32,7 +32,11 @@ class OpenAIModel(SDKModel):
 
     def _make_client(self, endpoint: Endpoint, key: str) -> Any:
         return openai.AsyncOpenAI(
-            api_key=key, base_url=endpoint.base_url, max_retries=0, timeout=endpoint.timeout_s
+            api_key=key,
+            base_url=endpoint.base_url,
+            max_retries=0,
+            timeout=endpoint.timeout_s,
+            http_client=aiohttp_client(openai),
         )
 
     stream_arguments: ClassVar[dict[str, Any]] = {
