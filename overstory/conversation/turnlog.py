@@ -75,14 +75,14 @@ class TurnLog:
             raise RuntimeError(f"turn {self.turn_id!r} has ended; no {type!r} event after it")
         event = TurnEvent(self.turn_id, self.first_seq + len(self.events), type, **fields)
         self.events.append(event)
-        urgent = event.terminal or (type == "delta" and self.first_text is None)
-        if type == "delta" and self.first_text is None:
+        first = type == "delta" and self.first_text is None
+        if first:
             self.first_text = event.seq
         if event.terminal:
             self.finished_at = time.monotonic()
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()  # wake every reader waiting for news
-        if urgent:  # and every reader holding a batch open: this one ends it
+        if first or event.terminal:  # and every reader holding a batch open: it ends it
             woken, self._urgent = self._urgent, asyncio.Event()
             woken.set()
         return event
